@@ -1,0 +1,52 @@
+# fedvox: every target sets up what it needs (idempotent) and then runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedvox-installed
+
+# Flower and Ray must never call out to the internet from anything we start.
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: setup sim test test-quick bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if ! command -v espeak-ng >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing espeak-ng (synthetic speakers)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends espeak-ng >/dev/null) \
+	      || echo "warning: espeak-ng could not be installed; simulations fall back to pseudo-speech"; \
+	  elif command -v sudo >/dev/null 2>&1; then \
+	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends espeak-ng >/dev/null \
+	      || echo "warning: espeak-ng could not be installed; simulations fall back to pseudo-speech"; \
+	  else \
+	    echo "warning: espeak-ng missing and not root; simulations fall back to pseudo-speech"; \
+	  fi; \
+	fi
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+# The main job: a small federated simulation on embedded defaults.
+sim: $(STAMP)
+	$(BIN)/python -m shared.models.smoke
+
+# The whole test suite (what CI runs).
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+# The fast inner loop: everything except end-to-end process tests.
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: $(STAMP)
+	@echo "see bench/README.md for one command per figure"
+
+clean:
+	rm -rf $(VENV) .pytest_cache

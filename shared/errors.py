@@ -1,0 +1,45 @@
+"""Exception types users see.
+
+Every error fedvox raises on bad input is a :class:`FedvoxError`: its message says what went
+wrong, where, and how to fix it, so command-line tools can print it as one line and exit.
+"""
+
+
+class FedvoxError(Exception):
+    """Base class: an error a user can act on (bad input, missing file, refused request)."""
+
+
+class ConfigError(FedvoxError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+class CheckpointError(FedvoxError):
+    """A checkpoint cannot be read, does not match the model, or cannot be written."""
+
+
+class DataError(FedvoxError):
+    """Input data (a list file, audio, a feature cache) is unusable."""
+
+
+class TextError(DataError):
+    """Text cannot be turned into phoneme ids (empty, unsupported language, unphonemizable)."""
+
+
+class PrivacyError(FedvoxError):
+    """A privacy invariant would be violated (ledger, accountant)."""
+
+
+class BudgetExceededError(PrivacyError):
+    """Training would take a client past its epsilon budget; nothing was trained or charged."""
+
+
+class LedgerIntegrityError(PrivacyError):
+    """A privacy ledger is malformed or has been tampered with."""
+
+
+class DeviceError(FedvoxError):
+    """The device cannot run what was asked (unsupported backend, out of memory)."""
+
+
+class UpdateRejected(FedvoxError):
+    """A client update failed validation (keys, shapes, dtypes, finite values, norm)."""
