@@ -1,0 +1,1 @@
+"""fedvox device side: hardware probe, resource profiles, private data, DP training, ClientApp."""

@@ -1,0 +1,1 @@
+"""fedvox coordinating side: ServerApp, strategy, central DP, checkpoints, launcher."""

@@ -1,0 +1,1 @@
+"""fedvox simulations: synthetic speakers, device fleets, simulation runner and reports."""
