@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from shared.cli import run_cli
+
 app = typer.Typer(
     name="fedvox-client",
     help="Probe this device, prepare private recordings, train locally and join a federation.",
@@ -14,4 +16,4 @@ app = typer.Typer(
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    run_cli(app)
