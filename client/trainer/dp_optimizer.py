@@ -1,0 +1,142 @@
+"""Opacus's DP optimizer, extended for mixed precision, robustness and monitoring.
+
+:class:`FedvoxDPOptimizer` keeps Opacus's DP-SGD step (per-sample clipping to ``max_grad_norm``,
+one Gaussian noise draw of std ``noise_multiplier * max_grad_norm`` per logical batch) and adds
+what fedvox needs around the clipping:
+
+* **fp16 loss scaling done right.** With a plain ``GradScaler`` Opacus clips the *scaled*
+  per-sample gradients and the update comes out ``scale`` times too large. Here per-sample
+  gradients are divided by the (static, data-independent) loss scale before they are clipped.
+* **Non-finite samples.** A sample whose gradient has a NaN/inf contributes zero instead of
+  poisoning the batch. That is a function of the sample alone, so the sensitivity stays
+  ``max_grad_norm`` and the guarantee holds; the count is reported.
+* **Statistics** of the pre-clip per-sample norms (quantiles, clipped fraction). They stay on
+  the device: they are computed from private data without noise.
+* **Empty Poisson batches** still release noise (skipping them would reveal that the batch was
+  empty).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
+
+NORM_QUANTILES = (0.1, 0.5, 0.9, 0.99)
+
+
+@dataclass
+class ClipStats:
+    """Per-sample gradient statistics of one logical batch (local monitoring only)."""
+
+    samples: int = 0
+    nonfinite_samples: int = 0
+    clipped_samples: int = 0
+    norms: list[torch.Tensor] = field(default_factory=list)
+
+    def quantiles(self) -> dict[str, float]:
+        if not self.norms:
+            return {}
+        norms = torch.cat(self.norms).float()
+        values = torch.quantile(norms, torch.tensor(NORM_QUANTILES, dtype=norms.dtype))
+        return {f"grad_norm_q{int(q * 100)}": float(v) for q, v in zip(NORM_QUANTILES, values)}
+
+    @property
+    def clipped_fraction(self) -> float:
+        finite = self.samples - self.nonfinite_samples
+        return self.clipped_samples / finite if finite else 0.0
+
+
+class FedvoxDPOptimizer(DPOptimizer):
+    """``DPOptimizer`` with per-sample unscaling, non-finite guarding and clip statistics.
+
+    Use ``loss_reduction="sum"`` models (per-sample losses summed) and ``loss_reduction="mean"``
+    here: the noisy sum of clipped per-sample gradients is divided by the *expected* logical
+    batch size, exactly as in DP-SGD with Poisson sampling.
+    """
+
+    def __init__(self, *args, loss_scale: float = 1.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss_scale = float(loss_scale)
+        self.stats = ClipStats()
+        self.skipped_nonfinite_steps = 0
+
+    def clip_and_accumulate(self) -> None:
+        grad_samples = self.grad_samples
+        batch = len(grad_samples[0]) if grad_samples else 0
+        device = grad_samples[0].device if grad_samples else torch.device("cpu")
+        bad = None
+        if batch == 0:
+            clip_factor = torch.zeros(0, device=device)
+        else:
+            squared = torch.zeros(batch, device=device, dtype=torch.float32)
+            for g in grad_samples:
+                squared += g.reshape(batch, -1).float().pow(2).sum(dim=1)
+            norms = squared.sqrt() / self.loss_scale
+            finite = torch.isfinite(norms)
+            clip_factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            clip_factor = torch.where(finite, clip_factor, torch.zeros_like(clip_factor))
+            self.stats.samples += batch
+            self.stats.nonfinite_samples += int((~finite).sum())
+            self.stats.clipped_samples += int((finite & (norms > self.max_grad_norm)).sum())
+            self.stats.norms.append(norms[finite].detach().cpu())
+            clip_factor = clip_factor / self.loss_scale
+            if not bool(finite.all()):
+                bad = ~finite
+
+        for p, g in zip(self.params, grad_samples):
+            _check_processed_flag(p.grad_sample)
+            g = g.to(p.dtype)
+            if bad is not None:
+                # Zero the rows of non-finite samples before the weighted sum: 0 * inf is NaN.
+                g = torch.where(bad.view(-1, *([1] * (g.dim() - 1))), torch.zeros_like(g), g)
+            grad = torch.einsum("i,i...", clip_factor.to(device=g.device, dtype=p.dtype), g)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            _mark_as_processed(p.grad_sample)
+
+    def step(self, closure=None):
+        """Clip/accumulate; on the last physical batch add noise and apply the update.
+
+        A noisy update that is not finite (which finite clipped sums plus Gaussian noise cannot
+        produce unless something upstream is broken) is never applied; it is counted instead.
+        Skipping it is post-processing of the release, so privacy is unaffected.
+        """
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        if not self.pre_step():
+            return None
+        if not bool(torch.stack([torch.isfinite(p.grad).all() for p in self.params]).all()):
+            self.skipped_nonfinite_steps += 1
+            return None
+        return self.original_optimizer.step()
+
+    def step_without_samples(self) -> None:
+        """Release noise for an empty logical batch (every parameter's clipped sum is zero)."""
+        for p in self.params:
+            p.grad_sample = None
+            p.summed_grad = torch.zeros_like(p)
+        self.add_noise()
+        if self.loss_reduction == "mean":
+            for p in self.params:
+                p.grad /= self.expected_batch_size
+        if self.step_hook:
+            self.step_hook(self)
+        self.original_optimizer.step()
+        self._is_last_step_skipped = False
+
+    def reset_logical_batch(self) -> None:
+        """Drop everything accumulated for the current logical batch (e.g. after an OOM)."""
+        self._step_skip_queue.clear()
+        self._is_last_step_skipped = False
+        for p in self.params:
+            p.grad_sample = None
+            p.summed_grad = None
+            p.grad = None
+        self.stats = ClipStats()
+
+    def take_stats(self) -> ClipStats:
+        """Return and reset the statistics gathered since the last call."""
+        stats, self.stats = self.stats, ClipStats()
+        return stats
