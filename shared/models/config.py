@@ -27,10 +27,17 @@ PHONEME_VOCAB = {"v1": 322, "v2": 732}
 
 @dataclass(frozen=True)
 class S1Config:
-    """GPT text-to-semantic decoder (``Text2SemanticDecoder``)."""
+    """GPT text-to-semantic decoder (``Text2SemanticDecoder``); fields map to ``s1longer*.yaml``.
+
+    ``phoneme_vocab_size`` is the embedding size of the official yaml, which is larger than the
+    v1 symbol table (512 rows for 322 symbols); ``symbols_version`` picks the symbol table.
+    ``dropout`` is the rate GPT-SoVITS hard-codes in the positional embeddings and every layer
+    (the yaml's own ``dropout: 0`` is a token-embedding dropout that no official config enables).
+    """
 
     name: str
     symbols_version: str = "v2"
+    phoneme_vocab_size: int = PHONEME_VOCAB["v2"]
     dim: int = 512
     heads: int = 16
     layers: int = 24
@@ -40,12 +47,13 @@ class S1Config:
     layer_norm_eps: float = 1e-5
     semantic_vocab: int = SEMANTIC_CODES + 1
     eos: int = EOS
-    max_semantic_tokens: int = 54 * 25
+    max_sec: int = 54
     top_k: int = 15
 
     @property
-    def phoneme_vocab(self) -> int:
-        return PHONEME_VOCAB[self.symbols_version]
+    def max_semantic_tokens(self) -> int:
+        """Longest semantic sequence trained on (``max_sec`` at 25 Hz), as in GPT-SoVITS's filter."""
+        return self.max_sec * 25
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,9 +84,11 @@ class S2Config:
     window_size: int = 4
     mrte_hidden: int = 512
     mrte_heads: int = 4
-    # global (speaker/style) embedding
+    # global (speaker/style) embedding; ref_enc is upstream's MelStyleEncoder (hidden 128, dropout 0.1)
     gin_channels: int = 512
     sv_dim: int | None = None
+    style_hidden: int = 128
+    style_dropout: float = 0.1
     # posterior encoder and flow
     posterior_layers: int = 16
     posterior_kernel: int = 5
@@ -99,6 +109,7 @@ class S2Config:
     c_mel: float = 45.0
     c_kl: float = 1.0
     c_fm: float = 2.0
+    text_low_lr_rate: float = 0.4  # lr factor of enc_p.text_embedding/encoder_text/mrte (s2_train.py)
 
     @property
     def phoneme_vocab(self) -> int:
@@ -117,7 +128,7 @@ class S2Config:
 
 
 _S1 = {
-    "v1": S1Config(name="v1", symbols_version="v1", top_k=5),
+    "v1": S1Config(name="v1", symbols_version="v1", phoneme_vocab_size=512, top_k=5),
     "v2": S1Config(name="v2"),
     "tiny": S1Config(name="tiny", dim=64, heads=4, layers=2, ffn_dim=256),
 }
@@ -139,7 +150,7 @@ _S2 = {
     "tiny": S2Config(
         name="tiny", version="v2",
         inter_channels=32, hidden_channels=32, filter_channels=64, n_layers=2,
-        mrte_hidden=32, mrte_heads=2, gin_channels=32,
+        mrte_hidden=32, mrte_heads=2, gin_channels=32, style_hidden=16,
         posterior_layers=2, flow_count=2, flow_layers=2,
         resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1, 3),),
         upsample_initial_channel=64,
