@@ -1,0 +1,10 @@
+"""SoVITS (GPT-SoVITS stage 2): generator, multi-period discriminator, per-sample losses, interop."""
+
+from shared.models.s2.discriminator import MultiPeriodDiscriminator
+from shared.models.s2.gan import discriminator_losses, frozen, generator_losses
+from shared.models.s2.generator import S2Forward, SynthesizerTrn, draw_slice_starts
+
+__all__ = [
+    "MultiPeriodDiscriminator", "S2Forward", "SynthesizerTrn", "discriminator_losses",
+    "draw_slice_starts", "frozen", "generator_losses",
+]
