@@ -1,0 +1,1 @@
+"""``fedvox-audit``: privacy-ledger audits (recompute every epsilon, detect tampering, plots)."""

@@ -1,0 +1,133 @@
+"""``fedvox-audit``: check privacy ledgers without trusting the code that wrote them.
+
+``fedvox-audit LEDGER...`` is shorthand for ``fedvox-audit ledger LEDGER...``: any first argument
+that is not a subcommand name is a ledger path, so further subcommands (the empirical canary
+audit) can join the group without changing how the ledger audit is called. Exit status: 0 when
+nothing is flagged, 1 when anything is, 2 on unusable input.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from shared.cli import progress, run_cli, setup_logging
+from shared.errors import LedgerIntegrityError
+from shared.privacy.audit import DEFAULT_TOLERANCE, LedgerAudit, audit_ledger
+from shared.privacy.ledger import LEDGER_FILENAME
+from simulations.audit.plots import plot_accounts
+from simulations.audit.report import render, to_json
+
+app = typer.Typer(
+    name="fedvox-audit",
+    help=(
+        "Audit privacy budgets. `fedvox-audit LEDGER...` (short for `fedvox-audit ledger "
+        "LEDGER...`) recomputes every epsilon in the given ledgers."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _group() -> None:
+    """Audit privacy budgets: recompute every recorded epsilon, check ledgers for tampering."""
+
+
+@app.command("ledger")
+def ledger(
+    ledgers: Annotated[
+        list[Path],
+        typer.Argument(
+            help=f"Ledger files, or folders searched for {LEDGER_FILENAME} (a simulation's output).",
+            show_default=False,
+        ),
+    ],
+    delta: Annotated[
+        float | None, typer.Option(help="Recompute epsilon at this delta (default: each ledger's own).")
+    ] = None,
+    budget: Annotated[
+        float | None, typer.Option(help="Epsilon budget for every client and unit (default: the recorded ones).")
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the audit as JSON instead of tables.")] = False,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write PNG plots of epsilon over rounds into this folder.")
+    ] = None,
+    tolerance: Annotated[
+        float, typer.Option(help="Allowed shortfall of a recorded epsilon (relative; absolute below 1).")
+    ] = DEFAULT_TOLERANCE,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
+) -> None:
+    """Check privacy ledgers and recompute every epsilon in them.
+
+    Checks each ledger is intact and append-only, recomputes every client's and unit's epsilon
+    with dp-accounting (PLD, RDP) beside Opacus, and flags under-reported epsilons, budget
+    overruns and mechanisms it cannot account. Exit status 1 when anything is flagged.
+    """
+    setup_logging(verbose)
+    files = _ledger_files(ledgers)
+    audits: list[LedgerAudit] = []
+    with progress() as bar:
+        task = bar.add_task("auditing ledgers", total=len(files))
+        for file in files:
+            bar.update(task, description=f"auditing {file.parent.name}/{file.name}")
+            audits.append(
+                audit_ledger(
+                    file,
+                    delta=delta,
+                    budget=budget,
+                    tolerance=tolerance,
+                    on_account=lambda a: bar.update(task, description=f"auditing {a.client_id} ({a.unit})"),
+                )
+            )
+            bar.advance(task)
+    out = Console()
+    if not out.is_terminal:  # piped: wide enough for the table, no terminal to fit
+        out = Console(width=160)
+    if json_output:
+        out.print_json(json.dumps(to_json(audits, delta=delta, tolerance=tolerance)))
+    else:
+        render(audits, out)
+    if plot is not None:
+        written = plot_accounts([account for audit in audits for account in audit.accounts], plot)
+        if not json_output:
+            out.print(f"wrote {len(written)} plot(s) to {plot}")
+    if any(audit.all_findings for audit in audits):
+        raise typer.Exit(1)
+
+
+def _ledger_files(paths: list[Path]) -> list[Path]:
+    """Each path as a ledger file; a folder without one directly inside is searched recursively."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_file():
+            files.append(path)
+        elif (path / LEDGER_FILENAME).is_file():
+            files.append(path / LEDGER_FILENAME)
+        elif path.is_dir():
+            found = sorted(path.rglob(LEDGER_FILENAME))
+            if not found:
+                raise LedgerIntegrityError(f"no {LEDGER_FILENAME} under {path}; pass a ledger file or its folder")
+            files.extend(found)
+        else:
+            raise LedgerIntegrityError(f"no privacy ledger at {path}: the path does not exist")
+    return list(dict.fromkeys(files))
+
+
+def route(args: list[str]) -> list[str]:
+    """Arguments for the command group: a leading non-subcommand means ``ledger``."""
+    commands = {command.name for command in app.registered_commands}
+    if args and args[0] not in commands and args[0] not in ("--help", "-h"):
+        return ["ledger", *args]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    args = route(list(sys.argv[1:] if argv is None else argv))
+    run_cli(lambda: app(args=args, prog_name="fedvox-audit"))
