@@ -66,7 +66,7 @@ def generator_losses(
         "feature_matching": feature_matching_loss(fmap_real, fmap_fake) * config.c_fm,
         "mel": mel_loss(spec, out.wave_hat) * config.c_mel,
         "kl": kl_loss(out.z_p, out.logs_q, out.m_p, out.logs_p, out.mask) * config.c_kl,
-        "commitment": out.commitment.float(),
+        "commitment": out.commitment,
     }
     losses["total"] = sum(losses.values())
     return losses

@@ -16,8 +16,13 @@ from shared.audio import mel_from_linear, mel_spectrogram
 from shared.models.s2.discriminator import FeatureMaps, Scores
 
 
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """Losses are computed in at least fp32 (as upstream under autocast); float64 stays float64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
-    return x.float().flatten(1).mean(dim=1)
+    return _fp32(x).flatten(1).mean(dim=1)
 
 
 def discriminator_loss(real: Scores, fake: Scores) -> torch.Tensor:
@@ -48,8 +53,8 @@ def mel_loss(spec_slice: torch.Tensor, wave_hat: torch.Tensor) -> torch.Tensor:
     As upstream: the target mel comes from the utterance's spectrogram slice (``spec_to_mel``),
     the prediction's from the generated waveform (``mel_spectrogram``).
     """
-    target = mel_from_linear(spec_slice.float())
-    predicted = mel_spectrogram(wave_hat.squeeze(1).float())
+    target = mel_from_linear(_fp32(spec_slice))
+    predicted = mel_spectrogram(_fp32(wave_hat.squeeze(1)))
     return _per_sample_mean((target - predicted).abs())
 
 
@@ -59,7 +64,7 @@ def kl_loss(
 ) -> torch.Tensor:
     """KL(q || p) of the flowed posterior sample, summed over channels and each sample's frames,
     divided by that sample's frame count (upstream divides by the batch's frame count)."""
-    z_p, logs_q, m_p, logs_p, mask = (t.float() for t in (z_p, logs_q, m_p, logs_p, mask))
+    z_p, logs_q, m_p, logs_p, mask = (_fp32(t) for t in (z_p, logs_q, m_p, logs_p, mask))
     kl = logs_p - logs_q - 0.5 + 0.5 * (z_p - m_p) ** 2 * torch.exp(-2.0 * logs_p)
     return (kl * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2))
 
