@@ -22,7 +22,15 @@ class DataError(FedvoxError):
 
 
 class TextError(DataError):
-    """Text cannot be turned into phoneme ids (empty, unsupported language, unphonemizable)."""
+    """Text cannot be turned into phoneme ids (empty, unsupported language, unphonemizable).
+
+    ``reason`` is machine-readable: ``"empty_text"``, ``"unsupported_language"`` or
+    ``"unphonemizable_text"``.
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class PrivacyError(FedvoxError):
@@ -43,3 +51,11 @@ class DeviceError(FedvoxError):
 
 class UpdateRejected(FedvoxError):
     """A client update failed validation (keys, shapes, dtypes, finite values, norm)."""
+
+
+class ProtocolError(FedvoxError):
+    """A federation message does not follow the fedvox protocol (missing or mistyped record)."""
+
+
+class FederationError(FedvoxError):
+    """A federated run cannot go on (too few clients connected or able to train)."""
