@@ -1,4 +1,8 @@
-"""Audio constants and spectra exactly as GPT-SoVITS computes them (32 kHz, n_fft 2048, hop 640).
+"""Audio I/O, resampling, and spectra exactly as GPT-SoVITS computes them (32 kHz, n_fft 2048, hop 640).
+
+Files are decoded with soundfile (any format libsndfile reads: wav, flac, ogg, ...; any sample rate;
+channels averaged to mono, as ffmpeg's ``-ac 1`` does in GPT-SoVITS's loader) and resampled with
+torchaudio's windowed-sinc resampler.
 
 The linear spectrogram pads ``(n_fft - hop) / 2`` samples on each side by reflection and runs the
 STFT without centring, so ``frames == samples // hop``: 50 frames per second, two per 25 Hz
@@ -8,10 +12,16 @@ semantic token. The mel spectrogram (loss only) is a Slaney-scale, Slaney-normal
 
 from __future__ import annotations
 
+import io
+import os
 from functools import lru_cache
 
+import soundfile as sf
 import torch
 import torchaudio.functional as AF
+import torchaudio.transforms as T
+
+from shared.errors import DataError
 
 SAMPLE_RATE = 32_000
 SSL_SAMPLE_RATE = 16_000
@@ -22,6 +32,44 @@ N_MELS = 128
 SPEC_CHANNELS = N_FFT // 2 + 1
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 50
 SEMANTIC_RATE = FRAMES_PER_SECOND // 2  # 25 Hz
+
+
+def read_audio(
+    source: str | os.PathLike[str] | bytes, name: str | None = None
+) -> tuple[torch.Tensor, int]:
+    """Decode ``source`` (a path, or a file's bytes) to a mono float32 waveform ``[samples]`` and its rate.
+
+    The file is only ever opened for reading. Integer formats come back in [-1, 1); float formats
+    come back as stored (they may hold NaN, inf or values beyond full scale: callers check).
+    ``name`` labels the audio in error messages when ``source`` is bytes.
+    """
+    label = name or ("<bytes>" if isinstance(source, bytes) else os.fspath(source))
+    try:
+        stream = io.BytesIO(source) if isinstance(source, bytes) else os.fspath(source)
+        with sf.SoundFile(stream, mode="r") as fh:
+            data = fh.read(dtype="float32", always_2d=True)
+            sample_rate = fh.samplerate
+    except sf.LibsndfileError as exc:
+        raise DataError(
+            f"cannot decode audio {label}: {exc.error_string.rstrip('.')}; "
+            "use a format libsndfile reads (wav, flac, ogg)"
+        ) from None
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise DataError(f"cannot decode audio {label}: {exc}") from None
+    return torch.from_numpy(data).mean(dim=1), int(sample_rate)
+
+
+def resample(wave: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
+    """Resample a float32 ``wave [..., samples]`` from ``orig_rate`` to ``new_rate`` Hz (band-limited sinc)."""
+    if orig_rate == new_rate:
+        return wave
+    return _resampler(orig_rate, new_rate)(wave)
+
+
+@lru_cache(maxsize=16)
+def _resampler(orig_rate: int, new_rate: int) -> T.Resample:
+    # Building the sinc kernel costs as much as applying it to a few seconds of audio: keep it.
+    return T.Resample(orig_rate, new_rate)
 
 
 @lru_cache(maxsize=8)
