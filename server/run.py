@@ -1,0 +1,205 @@
+"""One federated run in its run directory: start or resume it, commit every round, stop cleanly.
+
+A round is *committed* when its checkpoint's JSON is written (:mod:`server.checkpoints`); that is
+also when the round's speaker-level release counts as published. Commit order, and what a crash
+at each point leaves behind:
+
+1. checkpoint (tensors, then JSON with the round's metrics and the speakers it charges)
+   - crash before the JSON: the round never happened; a restart redoes it from the previous one
+     and charges nothing for the lost attempt (its noised aggregate never left the process).
+2. speaker-level ledger rows for the round
+   - crash before them: the restart re-appends them from the checkpoint's JSON; the ledger is
+     idempotent per (run, round, client), so nothing is charged twice or missed.
+3. the metrics line
+   - crash before it: the restart re-logs it from the checkpoint's JSON.
+
+Clients are a different matter: a round redone after a crash is trained and released again by
+its clients, who charge their own utterance-level ledgers again (the plan's ``attempt`` changes),
+because their first updates did leave the device.
+
+Run directory layout::
+
+    <run>/checkpoints/round-NNNNN.{safetensors,json}, best.json
+    <run>/privacy_ledger.sqlite      speaker-level ledger (with speaker-level DP)
+    <run>/metrics.jsonl, <run>/tensorboard/
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp import Grid
+
+from server.checkpoints import Checkpoint, CheckpointStore
+from server.metrics import RoundLog
+from server.speaker_accounting import SpeakerAccounting
+from server.strategy import FedvoxRound, build_strategy
+from shared.errors import BudgetExceededError, ConfigError
+from shared.privacy.ledger import Ledger
+from shared.runconfig import RunConfig
+from shared.wire import from_record, to_record
+
+log = logging.getLogger(__name__)
+
+RESUMABLE_KEYS = frozenset({"num-server-rounds", "round-timeout", "keep-checkpoints", "checkpoint-dir", "evaluate"})
+"""Run-configuration keys a resumed run may change; any other change needs a new run."""
+
+
+def run_directory(config: RunConfig) -> Path:
+    """``checkpoint-dir``, or a fresh folder under ``$FEDVOX_HOME/runs`` (default ``~/.fedvox``)."""
+    if config.checkpoint_dir:
+        return Path(config.checkpoint_dir).expanduser().resolve()
+    home = Path(os.environ.get("FEDVOX_HOME", Path.home() / ".fedvox")).expanduser()
+    return home / "runs" / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+class FederatedRun:
+    """Drive a strategy through ``config.num_server_rounds`` rounds, resuming where it stopped.
+
+    ``initial_state`` is the global trainable subset a fresh run starts from; ``base`` names the
+    frozen model it belongs to (written into every checkpoint). ``seed`` makes sampling and
+    noise reproducible (tests, simulations); by default it is drawn from the OS and never stored.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        initial_state: Mapping[str, torch.Tensor],
+        *,
+        base: Mapping[str, Any] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.config = config
+        self.initial_state = dict(initial_state)
+        self.base = dict(base or {})
+        self.seed = secrets.randbits(63) if seed is None else seed
+        self.run_dir = run_directory(config)
+        self.store = CheckpointStore(self.run_dir / "checkpoints", config.keep_checkpoints)
+        self.attempt = uuid.uuid4().hex
+        self.completed = -1  # last committed round; -1 before the initial checkpoint
+        self.strategy: FedvoxRound | None = None
+        self.speaker: SpeakerAccounting | None = None
+        self.round_log: RoundLog | None = None
+
+    def execute(self, grid: Grid) -> int:
+        """Run (or finish) the federation on ``grid``; returns the last committed round."""
+        latest = self.store.latest()
+        meta = latest.meta if latest else {}
+        if latest is not None:
+            _check_resumable(meta["run-config"], self.config)
+            self.completed = latest.round
+        self.run_id = meta.get("run-id", uuid.uuid4().hex)
+        ledger = Ledger(self.run_dir) if self.config.speaker_dp.enabled else None
+        if ledger is not None:
+            self.speaker = SpeakerAccounting(ledger, self.run_id, self.config.stage, self.config.speaker_dp)
+            self.speaker.sample_rate = meta.get("sample-rate")
+        self.round_log = RoundLog(self.run_dir, first_round=self.completed + 1)
+        try:
+            if latest is not None:
+                self._catch_up(latest)
+            if self.completed >= self.config.num_server_rounds:
+                log.info("run %s is complete (round %d); nothing to do", self.run_dir, self.completed)
+                return self.completed
+            self.strategy = build_strategy(
+                self.config,
+                run_id=self.run_id,
+                attempt=self.attempt,
+                seed=self.seed,
+                completed_round=max(self.completed, 0),
+                population=meta.get("population"),
+                speaker=self.speaker,
+            )
+            if latest is not None:
+                self.strategy.load_strategy_state(latest.strategy_state)
+            state = latest.state if latest is not None else self.initial_state
+            log.info(
+                "%s run %s in %s at round %d of %d",
+                "resuming" if latest else "starting", self.run_id, self.run_dir,
+                max(self.completed, 0) + 1, self.config.num_server_rounds,
+            )
+            try:
+                self.strategy.start(
+                    grid,
+                    to_record(state, "fp32"),
+                    num_rounds=self.config.num_server_rounds,
+                    timeout=self.config.round_timeout,
+                    evaluate_fn=self._commit,
+                )
+            except BudgetExceededError as exc:
+                log.warning("stopping after round %d: %s", self.completed, exc)
+        finally:
+            self.round_log.close()
+            if ledger is not None:
+                ledger.close()
+        return self.completed
+
+    # ------------------------------------------------------------------ commit
+    def _commit(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's ``evaluate_fn``: called after every round (and with round 0 before the first)."""
+        if server_round <= self.completed:
+            return None
+        record = self.strategy.records.get(server_round)
+        metrics = record.summary() if record else {}
+        charged: list[str] = []
+        if self.speaker is not None and record is not None and record.release is not None:
+            charged = record.eligible_clients
+            epsilons = [self.speaker.epsilon_after_round(client) for client in charged]
+            if epsilons:
+                metrics["epsilon-speaker-max"] = max(epsilons)
+                metrics["epsilon-speaker-mean"] = sum(epsilons) / len(epsilons)
+        meta = {
+            "run-id": self.run_id,
+            "attempt": self.attempt,
+            "run-config": self.config.to_flat(),
+            "base": self.base,
+            "strategy": type(self.strategy).__name__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "metrics": metrics,
+            "population": self.strategy.population,
+            "sample-rate": self.speaker.sample_rate if self.speaker else None,
+            "speaker-charged": charged,
+        }
+        started = time.monotonic()
+        self.store.save(server_round, from_record(arrays), meta, self.strategy.strategy_state())
+        self.completed = server_round
+        if charged:
+            self.speaker.charge(server_round, charged)
+        if record is not None:
+            self.round_log.write(server_round, metrics)
+        log.info("round %d committed in %.2f s", server_round, time.monotonic() - started)
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return MetricRecord(numbers)
+
+    def _catch_up(self, latest: Checkpoint) -> None:
+        """Finish a commit a crash interrupted: the round's ledger rows and metrics line."""
+        charged = latest.meta.get("speaker-charged", [])
+        if charged:
+            self.speaker.charge(latest.round, charged)
+        if latest.round > 0:
+            self.round_log.catch_up(latest.round, latest.meta["metrics"])
+
+
+def _check_resumable(stored: Mapping[str, Any], config: RunConfig) -> None:
+    current = config.to_flat()
+    keys = (set(stored) | set(current)) - RESUMABLE_KEYS
+    changed = sorted(k for k in keys if stored.get(k) != current.get(k))
+    if changed:
+        raise ConfigError(
+            f"the run in {config.checkpoint_dir} was started with a different configuration "
+            f"({', '.join(f'{k}: {stored.get(k)!r} -> {current.get(k)!r}' for k in changed)}); "
+            f"only {', '.join(sorted(RESUMABLE_KEYS))} may change on resume. Restore the original "
+            "values or choose a new checkpoint-dir"
+        )
+
+
+__all__ = ["RESUMABLE_KEYS", "FederatedRun", "run_directory"]

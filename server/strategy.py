@@ -1,0 +1,514 @@
+"""The fedvox round, layered into Flower's own strategies (FedAvg, FedProx, FedAdam, median, ...).
+
+:class:`FedvoxRound` is a ``FedAvg`` that adds what a privacy-preserving voice federation needs
+around Flower's aggregation rule:
+
+- selection (``configure_train``): query nodes it has not heard from, keep only clients whose
+  reported budget covers the round, sample them (Poisson under speaker-level DP), and send the
+  global trainable subset in the wire precision with the round plan;
+- screening (``aggregate_train``): parse every reply's status, validate its update against what
+  was sent (keys, shapes, dtypes, finite values, norm), count and log rejects, and re-base each
+  accepted update onto the fp32 global model (clients received it rounded to fp16);
+- aggregation: Flower's rule on the accepted updates, or, under speaker-level DP, the clipped,
+  noised DP-FedAvg mean (:mod:`server.speaker_dp`);
+- a :class:`RoundRecord` per round that :mod:`server.run` commits with the checkpoint.
+
+It sits *directly above* the aggregation rule in the method resolution order and *below* any
+server optimizer or config injector, so each Flower strategy keeps its own job:
+``FedvoxFedAdam(FedAdam, FedvoxRound)`` runs Adam on the (noised) fedvox mean,
+``FedvoxMedian(FedvoxRound, FedMedian)`` takes the median of screened updates.
+
+Resume: ``Strategy.start`` always counts rounds from 1. Rounds up to ``completed_round`` (the
+last committed checkpoint) are configured with no messages and aggregate to nothing, so Flower's
+loop walks through them for free and every hook sees the true round number (FedAdam's bias
+correction included).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
+
+from server.selection import ClientBook, Selection, poisson_rate, select_clients
+from server.speaker_accounting import SpeakerAccounting
+from server.speaker_dp import Release, noised_mean
+from shared.errors import BudgetExceededError, ConfigError, FederationError, ProtocolError, UpdateRejected
+from shared.protocol import ARRAYS, CONFIG, EVALUATE_METRICS, METRICS, STATUS, TRAIN_METRICS, ClientStatus, Plan
+from shared.runconfig import RunConfig
+from shared.wire import from_record, record_bytes, to_record, validate_update
+
+log = logging.getLogger(__name__)
+
+NODE_POLL_S = 0.5
+
+
+@dataclass
+class Accepted:
+    """A screened train reply: who sent it, its update relative to what it was sent."""
+
+    reply: Message
+    status: ClientStatus
+    delta: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+
+
+@dataclass
+class RoundRecord:
+    """Everything one round did, for its checkpoint, the metrics log and the ledger."""
+
+    server_round: int
+    started: float = field(default_factory=time.monotonic)
+    selection: Selection | None = None
+    eligible_clients: list[str] = field(default_factory=list)
+    participants: list[str] = field(default_factory=list)
+    rejects: Counter[str] = field(default_factory=Counter)
+    ineligible: Counter[str] = field(default_factory=Counter)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    train: dict[str, float] = field(default_factory=dict)
+    evaluate: dict[str, float] = field(default_factory=dict)
+    utterance_epsilons: list[float] = field(default_factory=list)
+    release: Release | None = None
+    aggregated: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        """Flat, JSON-ready metrics of the round (speaker epsilons are added at commit)."""
+        out: dict[str, Any] = {
+            "round-time-s": time.monotonic() - self.started,
+            "participants": len(self.participants),
+            "selected": len(self.selection.node_ids) if self.selection else 0,
+            "eligible": self.selection.eligible if self.selection else 0,
+            "sample-rate": self.selection.sample_rate if self.selection else 0.0,
+            "rejects": dict(self.rejects),
+            "rejected": sum(self.rejects.values()),
+            "ineligible": dict(self.ineligible),
+            "bytes-down": self.bytes_down,
+            "bytes-up": self.bytes_up,
+            "aggregated": self.aggregated,
+            **self.train,
+            **self.evaluate,
+        }
+        if self.utterance_epsilons:
+            out["epsilon-utterance-max"] = max(self.utterance_epsilons)
+            out["epsilon-utterance-mean"] = sum(self.utterance_epsilons) / len(self.utterance_epsilons)
+        if self.release is not None:
+            out["speaker-dp"] = {
+                "noise-std": self.release.noise_std,
+                "expected-clients": self.release.expected_clients,
+                "clipped": self.release.clipped,
+            }
+        return out
+
+
+class FedvoxRound(FedAvg):
+    """Selection, screening and speaker-level DP around a Flower aggregation rule.
+
+    Build it with :meth:`create`: Flower's constructors are cooperative and accept only their
+    own keyword arguments, so the fedvox state is attached after construction.
+    """
+
+    config: RunConfig
+    run_id: str
+    attempt: str
+    seed: int
+    completed_round: int
+    population: int | None
+    speaker: SpeakerAccounting | None
+    book: ClientBook
+    records: dict[int, RoundRecord]
+
+    @classmethod
+    def create(
+        cls,
+        config: RunConfig,
+        *,
+        run_id: str,
+        attempt: str,
+        seed: int,
+        completed_round: int = 0,
+        population: int | None = None,
+        speaker: SpeakerAccounting | None = None,
+        **flower_kwargs: Any,
+    ) -> Self:
+        """A strategy for ``config``; ``completed_round``/``population`` restore a resumed run.
+
+        ``seed`` derives each round's sampling and noise randomness (see :func:`_derive`): keep
+        it secret, since noise an adversary can predict is no noise.
+        """
+        if config.speaker_dp.enabled and speaker is None:
+            raise ConfigError("speaker-level DP is on but no speaker accounting was given")
+        strategy = cls(
+            min_train_nodes=config.min_clients,
+            min_available_nodes=config.min_clients,
+            min_evaluate_nodes=1,
+            fraction_evaluate=1.0 if config.evaluate else 0.0,
+            train_metrics_aggr_fn=summarize_train,
+            evaluate_metrics_aggr_fn=summarize_evaluate,
+            **flower_kwargs,
+        )
+        strategy.config = config
+        strategy.run_id = run_id
+        strategy.attempt = attempt
+        strategy.seed = seed
+        strategy.completed_round = completed_round
+        strategy.population = population
+        strategy.speaker = speaker
+        strategy.book = ClientBook()
+        strategy.records = {}
+        strategy._global = {}  # the fp32 global subset of the round in progress
+        strategy._sent = {}  # the same, as clients received it (rounded to the wire precision)
+        return strategy
+
+    def plan(self, server_round: int) -> Plan:
+        return Plan(self.config, server_round, self.run_id, self.attempt)
+
+    # ------------------------------------------------------------------ state for checkpoints
+    def strategy_state(self) -> dict[str, torch.Tensor]:
+        """Tensors a resumed run needs to continue exactly (none for stateless rules)."""
+        return {}
+
+    def load_strategy_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`strategy_state`."""
+
+    # ------------------------------------------------------------------ training
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if server_round <= self.completed_round:
+            log.info("round %d: already committed before a restart, skipping", server_round)
+            return []
+        record = self.records[server_round] = RoundRecord(server_round)
+        nodes = self._connected_nodes(grid)
+        self._query(grid, self.book.unknown(nodes), server_round)
+        if self.population is None:
+            self.population = len(nodes)
+        rate = None
+        if self.speaker is not None:
+            rate = self.speaker.sample_rate = poisson_rate(self.config.clients_per_round, self.population)
+
+        eligible = self.book.eligible(nodes, self.speaker.can_afford_round if self.speaker else _always)
+        eligible.sort(key=self.book.client_id)  # node ids change across restarts, client ids do not
+        for node in set(nodes) - set(eligible):
+            record.ineligible[_ineligibility(self.book.statuses.get(node))] += 1
+        if len(eligible) < self.config.min_clients:
+            raise BudgetExceededError(
+                f"round {server_round}: only {len(eligible)} of {len(nodes)} connected clients can "
+                f"afford another round (min-clients = {self.config.min_clients}); the federation "
+                "has spent its budgets: raise client budgets or start a new run"
+            )
+        record.selection = select_clients(eligible, self.config.clients_per_round, rate, self._rng(server_round))
+        record.eligible_clients = sorted(self.book.client_id(n) for n in eligible)
+
+        self._global = from_record(arrays)
+        wire = to_record(self._global, self.config.wire_precision)
+        self._sent = from_record(wire)
+        plan = self.plan(server_round).to_record()
+        plan.update(config)  # e.g. FedProx's proximal-mu (the same value the run config holds)
+        record.bytes_down += record_bytes(wire) * len(record.selection.node_ids)
+        log.info(
+            "round %d: %d of %d eligible clients selected (rate %.3f, %d connected)",
+            server_round, len(record.selection.node_ids), len(eligible),
+            record.selection.sample_rate, len(nodes),
+        )
+        content = RecordDict({ARRAYS: wire, CONFIG: plan})
+        return [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in record.selection.node_ids]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if server_round <= self.completed_round:
+            return None, None
+        record = self.records[server_round]
+        replies = list(replies)
+        if missing := len(record.selection.node_ids) - len(replies):
+            record.rejects["no-reply"] += missing
+        accepted = [a for a in (self._screen_train(r, record) for r in replies) if a is not None]
+        record.participants = sorted(a.status.client_id for a in accepted)
+        record.utterance_epsilons = [a.status.epsilon_spent for a in accepted]
+        for reason, count in record.rejects.items():
+            if count:
+                log.warning("round %d: %d update(s) not used: %s", server_round, count, reason)
+
+        if self.config.speaker_dp.enabled:
+            arrays, metrics = self._speaker_dp_mean(accepted, record)
+        elif len(accepted) < self.config.min_clients:
+            log.warning(
+                "round %d: only %d valid update(s) (min-clients = %d); the global model is unchanged",
+                server_round, len(accepted), self.config.min_clients,
+            )
+            return None, None
+        else:
+            arrays, metrics = super().aggregate_train(server_round, [self._rebased(a) for a in accepted])
+        record.aggregated = arrays is not None
+        record.train = _numbers(metrics)
+        return arrays, metrics
+
+    # ------------------------------------------------------------------ evaluation
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if server_round <= self.completed_round or not self.config.evaluate:
+            return []
+        nodes = [n for n in grid.get_node_ids() if n in self.book.statuses and self.book.statuses[n].num_examples > 0]
+        wire = to_record(from_record(arrays), self.config.wire_precision)
+        self.records[server_round].bytes_down += record_bytes(wire) * len(nodes)
+        plan = self.plan(server_round).to_record()
+        plan.update(config)
+        content = RecordDict({ARRAYS: wire, CONFIG: plan})
+        return [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        if server_round <= self.completed_round:
+            return None
+        usable = []
+        for reply in replies:
+            status = self._status(reply)
+            metrics = _required_metrics(reply, EVALUATE_METRICS) if status and status.ok else None
+            if metrics is not None and metrics["num-examples"] > 0:
+                reply.content = RecordDict({METRICS: MetricRecord(metrics)})
+                usable.append(reply)
+        metrics = super().aggregate_evaluate(server_round, usable) if usable else None
+        self.records[server_round].evaluate = _numbers(metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ pieces
+    def _connected_nodes(self, grid: Grid) -> list[int]:
+        """Connected node ids, waiting up to ``round_timeout`` for ``min_clients`` of them."""
+        deadline = time.monotonic() + self.config.round_timeout
+        while len(nodes := sorted(grid.get_node_ids())) < self.config.min_clients:
+            if time.monotonic() > deadline:
+                raise FederationError(
+                    f"only {len(nodes)} client(s) connected after {self.config.round_timeout:.0f} s "
+                    f"(min-clients = {self.config.min_clients}); start more SuperNodes or lower min-clients"
+                )
+            time.sleep(NODE_POLL_S)
+        return nodes
+
+    def _query(self, grid: Grid, nodes: list[int], server_round: int) -> None:
+        """Ask ``nodes`` for their status (profile, data, budget under the next round's plan)."""
+        if not nodes:
+            return
+        plan = self.plan(server_round).to_record()
+        messages = [
+            Message(RecordDict({CONFIG: plan}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes
+        ]
+        replies = list(grid.send_and_receive(messages, timeout=self.config.round_timeout))
+        for reply in replies:
+            self._status(reply)
+        log.info("queried %d new client(s), %d answered", len(nodes), len(replies))
+
+    def _status(self, reply: Message) -> ClientStatus | None:
+        """The reply's status (recorded in the book), or ``None`` if it has none or is an error."""
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("node %d replied with an error: %s", node, reply.error.reason)
+            self.book.statuses.pop(node, None)  # unknown again: re-queried next round
+            return None
+        try:
+            status = ClientStatus.from_record(reply.content.config_records[STATUS])
+        except (KeyError, ProtocolError) as exc:
+            log.warning("node %d sent no valid status: %s", node, exc)
+            self.book.statuses.pop(node, None)
+            return None
+        self.book.update(node, status)
+        return status
+
+    def _screen_train(self, reply: Message, record: RoundRecord) -> Accepted | None:
+        status = self._status(reply)
+        if status is None:
+            record.rejects["error" if reply.has_error() else "protocol"] += 1
+            return None
+        if not status.ok:
+            record.rejects["refused-" + status.reason] += 1
+            log.info("round %d: %s refused: %s", record.server_round, status.client_id, status.detail)
+            return None
+        metrics = _required_metrics(reply, TRAIN_METRICS)
+        if metrics is None or ARRAYS not in reply.content.array_records:
+            record.rejects["protocol"] += 1
+            return None
+        arrays = reply.content.array_records[ARRAYS]
+        record.bytes_up += record_bytes(arrays)
+        try:
+            update = _tensors(arrays)
+            validate_update(self._sent, update, self.config.max_update_norm)
+        except UpdateRejected as exc:
+            reason = str(exc).split(":", 1)[0]
+            record.rejects[reason] += 1
+            log.warning("round %d: rejected update from %s: %s", record.server_round, status.client_id, exc)
+            return None
+        delta = {name: update[name].float() - self._sent[name] for name in self._sent}
+        return Accepted(reply, status, delta, metrics)
+
+    def _rebased(self, accepted: Accepted) -> Message:
+        """The reply made canonical: its update applied to the fp32 global model, its metrics."""
+        arrays = {name: self._global[name] + accepted.delta[name] for name in self._global}
+        content = {ARRAYS: to_record(arrays, "fp32"), METRICS: MetricRecord(accepted.metrics)}
+        accepted.reply.content = RecordDict(content)
+        return accepted.reply
+
+    def _speaker_dp_mean(
+        self, accepted: list[Accepted], record: RoundRecord
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        dp = self.config.speaker_dp
+        release = noised_mean(
+            [a.delta for a in accepted],
+            self._global,
+            clip_norm=dp.clip_norm,
+            noise_multiplier=dp.noise_multiplier,
+            expected_clients=record.selection.expected_clients,
+            generator=self._noise_generator(record.server_round),
+        )
+        record.release = release
+        log.info(
+            "round %d: speaker-level DP mean of %d update(s), %d clipped to %.3g, noise std %.3g",
+            record.server_round, release.participants, release.clipped, dp.clip_norm, release.noise_std,
+        )
+        arrays = {name: self._global[name] + release.mean_update[name] for name in self._global}
+        rows = [RecordDict({METRICS: MetricRecord(a.metrics)}) for a in accepted]
+        metrics = self.train_metrics_aggr_fn(rows, self.weighted_by_key) if rows else MetricRecord()
+        return to_record(arrays, "fp32"), metrics
+
+    def _rng(self, server_round: int) -> random.Random:
+        return random.Random(_derive(self.seed, "sample", server_round))
+
+    def _noise_generator(self, server_round: int) -> torch.Generator:
+        return torch.Generator().manual_seed(_derive(self.seed, "noise", server_round))
+
+
+class FedvoxFedAvg(FedvoxRound):
+    """FedAvg (weighted by ``num-examples``) of screened updates."""
+
+
+class FedvoxFedProx(FedProx, FedvoxRound):
+    """FedProx: clients add ``proximal-mu / 2 * ||w - w_global||^2`` (sent in the plan)."""
+
+
+class FedvoxMedian(FedvoxRound, FedMedian):
+    """Coordinate-wise median of screened updates (robust to a minority of bad clients)."""
+
+
+class FedvoxTrimmedMean(FedvoxRound, FedTrimmedAvg):
+    """Coordinate-wise trimmed mean of screened updates."""
+
+
+class FedvoxFedAdam(FedAdam, FedvoxRound):
+    """FedAdam's server step on the fedvox (possibly noised) mean update."""
+
+    def strategy_state(self) -> dict[str, torch.Tensor]:
+        state = {}
+        for moment in ("m_t", "v_t"):
+            for name, value in (getattr(self, moment) or {}).items():
+                state[f"{moment}/{name}"] = torch.from_numpy(np.ascontiguousarray(value))
+        return state
+
+    def load_strategy_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        for moment in ("m_t", "v_t"):
+            values = {k.split("/", 1)[1]: v.numpy() for k, v in state.items() if k.startswith(moment + "/")}
+            setattr(self, moment, values or None)
+
+
+STRATEGIES: dict[str, type[FedvoxRound]] = {
+    "fedavg": FedvoxFedAvg,
+    "fedprox": FedvoxFedProx,
+    "fedadam": FedvoxFedAdam,
+    "median": FedvoxMedian,
+    "trimmed-mean": FedvoxTrimmedMean,
+}
+
+
+def build_strategy(config: RunConfig, **fedvox: Any) -> FedvoxRound:
+    """The strategy ``config.aggregation`` names; ``fedvox`` goes to :meth:`FedvoxRound.create`."""
+    flower_kwargs: dict[str, Any] = {
+        "fedprox": {"proximal_mu": config.proximal_mu},
+        "fedadam": {"eta": config.server_learning_rate, "eta_l": config.learning_rate},
+        "trimmed-mean": {"beta": config.trim_fraction},
+    }.get(config.aggregation, {})
+    return STRATEGIES[config.aggregation].create(config, **fedvox, **flower_kwargs)
+
+
+# ---------------------------------------------------------------------- metric aggregation
+def summarize_train(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Round summary of train replies: weighted loss, max memory, mean step time, total examples."""
+    rows, weights = _rows(records, weight_key)
+    return MetricRecord({
+        "train-loss": _weighted_mean(rows, weights, "train-loss"),
+        "peak-memory-bytes-max": max(float(m["peak-memory-bytes"]) for m in rows),
+        "step-time-s-mean": _weighted_mean(rows, [1.0] * len(rows), "step-time-s"),
+        "train-examples": int(sum(weights)),
+    })
+
+
+def summarize_evaluate(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted validation loss and accuracy over the evaluating clients."""
+    rows, weights = _rows(records, weight_key)
+    return MetricRecord({
+        "val-loss": _weighted_mean(rows, weights, "val-loss"),
+        "val-accuracy": _weighted_mean(rows, weights, "val-accuracy"),
+        "val-examples": int(sum(weights)),
+    })
+
+
+def _rows(records: list[RecordDict], weight_key: str) -> tuple[list[MetricRecord], list[float]]:
+    rows = [next(iter(r.metric_records.values())) for r in records]
+    return rows, [float(m[weight_key]) for m in rows]
+
+
+def _weighted_mean(rows: list[MetricRecord], weights: list[float], key: str) -> float:
+    return sum(w * float(m[key]) for w, m in zip(weights, rows, strict=True)) / (sum(weights) or 1.0)
+
+
+# ---------------------------------------------------------------------- helpers
+def _required_metrics(reply: Message, keys: tuple[str, ...]) -> dict[str, float] | None:
+    """The reply's ``metrics`` restricted to ``keys``, or ``None`` if one is missing or not finite."""
+    record = reply.content.metric_records.get(METRICS)
+    if record is None or any(k not in record for k in keys):
+        return None
+    values = {k: record[k] for k in keys}
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values.values()):
+        return None
+    return values
+
+
+def _tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    """An ArrayRecord as tensors without casting (validation checks the dtypes)."""
+    try:
+        return {name: torch.from_numpy(np.array(array.numpy())) for name, array in arrays.items()}
+    except (TypeError, ValueError) as exc:
+        raise UpdateRejected(f"dtype: the update cannot be decoded ({exc})") from exc
+
+
+def _numbers(metrics: MetricRecord | None) -> dict[str, float]:
+    return {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+
+
+def _always(_: str) -> bool:
+    return True
+
+
+def _ineligibility(status: ClientStatus | None) -> str:
+    if status is None:
+        return "silent"
+    if not status.ok:
+        return status.reason
+    if status.num_examples == 0:
+        return "data"
+    return "budget"
+
+
+def _derive(seed: int, purpose: str, server_round: int) -> int:
+    """A 63-bit seed for one round and purpose, so a resumed run draws what it would have."""
+    digest = hashlib.sha256(f"{seed}:{purpose}:{server_round}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1

@@ -1,0 +1,170 @@
+"""The fedvox strategy end to end on an in-process grid: selection, screening, speaker-level DP."""
+
+import json
+
+import pytest
+import torch
+from flwr.serverapp import RdpAccountant
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian
+from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
+
+from server.run import FederatedRun
+from server.speaker_dp import noised_mean
+from server.strategy import FedvoxFedAdam, FedvoxMedian, FedvoxRound, build_strategy
+from shared.errors import ConfigError
+from shared.privacy.accounting import Mechanism, epsilon
+from shared.privacy.ledger import Ledger
+from shared.runconfig import RunConfig
+from tests.federation_kit import (
+    LocalGrid,
+    client_data,
+    gradient_step,
+    initial_state,
+    make_client_app,
+)
+
+
+def _config(tmp_path, **overrides):
+    flat = {
+        "checkpoint-dir": str(tmp_path / "run"), "num-server-rounds": 1, "learning-rate": 0.05,
+        "local-steps": 3, "min-clients": 2, "wire-precision": "fp32", "keep-checkpoints": 2,
+    }
+    flat.update(overrides)
+    return RunConfig.from_flat(flat)
+
+
+def _run(config, grid, seed=0):
+    run = FederatedRun(config, initial_state(), seed=seed)
+    run.execute(grid)
+    return run
+
+
+def _metrics(config):
+    path = f"{config.checkpoint_dir}/metrics.jsonl"
+    return [json.loads(line) for line in open(path)]
+
+
+def _local_model(partition, config):
+    state = initial_state()
+    x, y, _, _ = client_data(partition)
+    for _ in range(config.local_steps):
+        state = gradient_step(state, x, y, config.learning_rate)
+    return state
+
+
+def test_malformed_updates_are_rejected_with_their_reason_and_the_round_completes(tmp_path):
+    config = _config(tmp_path)
+    behaviours = {2: "nan", 3: "shape", 4: "huge"}
+    run = _run(config, LocalGrid(make_client_app(tmp_path / "clients", behaviours), num_nodes=5))
+
+    (row,) = _metrics(config)
+    assert row["rejects"] == {"nonfinite": 1, "shape": 1, "norm": 1}
+    assert row["participants"] == 2 and row["aggregated"] is True
+    # FedAvg of the two good clients only (equal example counts), applied to the fp32 global.
+    good = [_local_model(p, config) for p in (0, 1)]
+    final = run.store.latest()
+    assert final.round == 1
+    for name, value in final.state.items():
+        torch.testing.assert_close(value, (good[0][name] + good[1][name]) / 2)
+
+
+def test_too_few_valid_updates_leave_the_global_model_unchanged(tmp_path):
+    config = _config(tmp_path, **{"min-clients": 2})
+    run = _run(config, LocalGrid(make_client_app(tmp_path / "clients", {1: "nan", 2: "crash"}), num_nodes=3))
+
+    (row,) = _metrics(config)
+    assert row["aggregated"] is False and row["participants"] == 1
+    assert row["rejects"] == {"nonfinite": 1, "error": 1}
+    for name, value in run.store.latest().state.items():
+        torch.testing.assert_close(value, initial_state()[name])
+
+
+def test_a_client_over_budget_is_neither_selected_nor_charged(tmp_path):
+    config = _config(tmp_path, **{"num-server-rounds": 2, "client-budget-epsilon": 50.0})
+    grid = LocalGrid(make_client_app(tmp_path / "clients", budgets={2: 0.5}), num_nodes=3)
+    _run(config, grid)
+
+    over_budget = grid.node_ids[2]
+    trained = [m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"]
+    assert over_budget not in trained and len(trained) == 4
+    with Ledger(tmp_path / "clients" / "client-2") as ledger:
+        assert ledger.rows() == []
+    for partition in (0, 1):
+        with Ledger(tmp_path / "clients" / f"client-{partition}") as ledger:
+            assert [r.round for r in ledger.rows(unit="utterance")] == [1, 2]
+    assert [row["ineligible"] for row in _metrics(config)] == [{"budget": 1}, {"budget": 1}]
+
+
+def test_speaker_level_dp_noise_has_the_calibrated_scale_and_clipping_bounds_each_speaker():
+    like = {"w": torch.zeros(200_000)}
+    big = {"w": torch.full((200_000,), 10.0)}  # norm ~4472, clipped to 2
+    small = {"w": torch.full((200_000,), 1e-4)}  # norm ~0.045, kept
+    generator = torch.Generator().manual_seed(0)
+    release = noised_mean(
+        [big, small], like, clip_norm=2.0, noise_multiplier=0.8, expected_clients=4.0, generator=generator
+    )
+
+    clipped_sum = big["w"] * (2.0 / float(big["w"].norm())) + small["w"]
+    noise = release.mean_update["w"] - clipped_sum / 4.0
+    assert release.clipped == 1 and release.noise_std == pytest.approx(0.8 * 2.0 / 4.0)
+    assert float(noise.std()) == pytest.approx(release.noise_std, rel=0.01)
+    assert abs(float(noise.mean())) < 3 * release.noise_std / 200_000**0.5
+
+
+def test_speaker_level_dp_charges_every_eligible_speaker_once_per_round(tmp_path):
+    config = _config(tmp_path, **{
+        "num-server-rounds": 2, "clients-per-round": 2, "client-budget-epsilon": 50.0,
+        "speaker-dp.enabled": True, "speaker-dp.noise-multiplier": 0.7, "speaker-dp.clip-norm": 0.5,
+    })
+    grid = LocalGrid(make_client_app(tmp_path / "clients", budgets={3: 0.5}), num_nodes=4)
+    _run(config, grid, seed=3)
+
+    q = 2 / 4  # clients-per-round / population, fixed at the first selection
+    with Ledger(config.checkpoint_dir) as ledger:
+        rows = ledger.rows(unit="speaker")
+    # speaker-3 cannot afford a round, so it is never eligible and never charged.
+    assert sorted((r.round, r.client_id) for r in rows) == [(r, f"speaker-{p}") for r in (1, 2) for p in (0, 1, 2)]
+    for row in rows:
+        assert (row.noise_multiplier, row.sample_rate, row.steps, row.clip_norm) == (0.7, q, 1, 0.5)
+        assert row.epsilon == pytest.approx(epsilon([Mechanism(0.7, q, 1)] * row.round, config.speaker_dp.delta))
+    # Flower's own RDP accountant for the same Poisson subsampled Gaussian is an independent,
+    # looser bound: it must not fall below the ledger's PRV value, nor be far above it.
+    flower = RdpAccountant(PrivacyConfig(
+        target_delta=config.speaker_dp.delta, population_size=4,
+        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE, sampling_method=SamplingMethod.POISSON,
+    ))
+    flower.compose(GaussianPrivacyEvent(0.7, 2, 4), count=2)
+    ledger_epsilon = rows[-1].epsilon
+    assert ledger_epsilon <= flower.get_epsilon(config.speaker_dp.delta) <= 1.3 * ledger_epsilon
+
+    metrics = _metrics(config)
+    assert [m["epsilon-speaker-max"] for m in metrics] == pytest.approx([rows[0].epsilon, rows[-1].epsilon])
+    assert all(m["speaker-dp"]["noise-std"] == pytest.approx(0.7 * 0.5 / (q * 3)) for m in metrics)
+    assert all(m["sample-rate"] == q and m["eligible"] == 3 for m in metrics)
+
+
+def test_flower_rules_sit_around_fedvox_screening_in_the_right_order(tmp_path):
+    adam = build_strategy(_config(tmp_path, aggregation="fedadam"), run_id="r", attempt="a", seed=0)
+    median = build_strategy(_config(tmp_path, aggregation="median"), run_id="r", attempt="a", seed=0)
+    assert isinstance(adam, FedvoxFedAdam) and adam.eta == 0.01
+    assert isinstance(median, FedvoxMedian)
+    # FedAdam's server step runs on the mean FedvoxRound makes; the median on screened updates.
+    adam_mro, median_mro = type(adam).__mro__, type(median).__mro__
+    assert adam_mro.index(FedAdam) < adam_mro.index(FedvoxRound) < adam_mro.index(FedAvg)
+    assert median_mro.index(FedvoxRound) < median_mro.index(FedMedian)
+
+
+def test_median_ignores_a_rejected_client_and_tolerates_a_bad_but_valid_one(tmp_path):
+    config = _config(tmp_path, aggregation="median")
+    run = _run(config, LocalGrid(make_client_app(tmp_path / "clients", {3: "nan"}), num_nodes=4))
+    locals_ = [_local_model(p, config) for p in (0, 1, 2)]
+    for name, value in run.store.latest().state.items():
+        torch.testing.assert_close(value, torch.stack([m[name] for m in locals_]).median(0).values)
+
+
+def test_a_resumed_run_refuses_a_changed_privacy_configuration(tmp_path):
+    config = _config(tmp_path)
+    _run(config, LocalGrid(make_client_app(tmp_path / "clients"), num_nodes=2))
+    changed = config.with_overrides({"dp.noise-multiplier": 0.5, "num-server-rounds": 3})
+    with pytest.raises(ConfigError, match="dp.noise-multiplier: 1.0 -> 0.5"):
+        _run(changed, LocalGrid(make_client_app(tmp_path / "clients"), num_nodes=2))
