@@ -42,6 +42,7 @@ class SpeakerDP:
     noise_multiplier: float = 1.0
     clip_norm: float = 1.0
     delta: float = 1e-5
+    budget_epsilon: float = 0.0  # > 0: never select a speaker whose epsilon would pass this
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,8 @@ class RunConfig:
             _positive("speaker-dp.noise-multiplier", self.speaker_dp.noise_multiplier)
             _positive("speaker-dp.clip-norm", self.speaker_dp.clip_norm)
             _probability("speaker-dp.delta", self.speaker_dp.delta)
+            if self.speaker_dp.budget_epsilon < 0:
+                raise ConfigError("speaker-dp.budget-epsilon must be >= 0 (0: no speaker-level cap)")
             if self.aggregation in ("median", "trimmed-mean"):
                 raise ConfigError(
                     "speaker-level DP needs a mean aggregation (fedavg, fedadam, fedprox): the "
