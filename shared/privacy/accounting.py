@@ -123,6 +123,8 @@ def _epsilon(entries: tuple[tuple[float, float, int], ...], delta: float, accoun
         with warnings.catch_warnings():
             # RDP at tiny epsilon: "optimal order is the largest alpha" only says the bound is loose.
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            # PRV at sample_rate 1 evaluates log(1 - q) = -inf on purpose.
+            warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"opacus\.accountants")
             value = float(engine.get_epsilon(delta))
     except (ArithmeticError, RuntimeError, ValueError) as exc:
         # Opacus's PRV discretisation overflows only far beyond any useful epsilon (e.g.
