@@ -93,3 +93,10 @@ def test_reference_free_and_restores_training_mode(model: Text2SemanticDecoder) 
 def test_rejects_empty_text(model: Text2SemanticDecoder) -> None:
     with pytest.raises(DataError, match="non-empty"):
         generate(model, torch.empty(0, dtype=torch.long), None, torch.empty(0, dtype=torch.long))
+
+
+def test_generates_under_bf16_autocast(model: Text2SemanticDecoder) -> None:
+    phonemes, bert, prompt = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = generate(model, phonemes, bert, prompt, max_new_tokens=6, min_new_tokens=6)
+    assert tokens.numel() == 6 and ((tokens >= 0) & (tokens < EOS)).all()

@@ -75,15 +75,20 @@ def _alpha_grad_sample(
 
 
 class KVCache:
-    """Pre-allocated keys and values of one layer, so each decoding step appends without copying."""
+    """Keys and values of one layer, pre-allocated for ``max_len`` positions on the first call
+    (in the dtype the projections produce, e.g. bf16 under autocast), so decoding never copies."""
 
-    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, like: torch.Tensor) -> None:
-        shape = (batch, heads, max_len, head_dim)
-        self.keys = like.new_empty(shape)
-        self.values = like.new_empty(shape)
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
         self.length = 0
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
 
     def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is None or self.values is None:
+            batch, heads, _, head_dim = keys.shape
+            self.keys = keys.new_empty(batch, heads, self.max_len, head_dim)
+            self.values = values.new_empty(batch, heads, self.max_len, head_dim)
         end = self.length + keys.shape[2]
         self.keys[:, :, self.length:end] = keys
         self.values[:, :, self.length:end] = values
@@ -351,11 +356,7 @@ def generate(
         x = model.embed_phonemes(phonemes, lengths, bert)
         y = model.embed_semantic(prompt, start=0)
         mask = prefix_lm_mask(lengths, width, torch.tensor([prefix], device=device), prefix)
-        head_dim = config.dim // config.heads
-        caches = [
-            KVCache(1, config.heads, width + prefix + max_new_tokens, head_dim, like=x)
-            for _ in range(config.layers)
-        ]
+        caches = [KVCache(width + prefix + max_new_tokens) for _ in range(config.layers)]
         hidden = model.h(torch.cat([x, y], dim=1), mask, caches)
         history = prompt[0]
         new_tokens: list[int] = []
