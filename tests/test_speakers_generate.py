@@ -1,0 +1,195 @@
+"""``fedvox-sim speakers``: layout, list files, determinism, distinctness, fallback, refusals."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from typer.testing import CliRunner
+
+from shared.errors import ConfigError
+from simulations.cli import app, main
+from simulations.speakers import MIN_UTTERANCES, SpeakersConfig, generate_speakers, utterance_counts
+
+HAS_ESPEAK = shutil.which("espeak-ng") is not None
+needs_espeak = pytest.mark.skipif(not HAS_ESPEAK, reason="espeak-ng is NOT installed: the espeak-ng "
+                                  "speaker tests are skipped (apt-get install espeak-ng); pseudo-speech is tested")
+SMALL = SpeakersConfig(n_speakers=4, utterances=3, language="mix", seed=5, heldout_utterances=1,
+                       unseen_speakers=1)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _read_list(path: Path) -> list[tuple[str, str, str, str]]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert all(line.count("|") == 3 for line in lines), path
+    return [tuple(line.split("|")) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def espeak_set(tmp_path_factory):
+    if not HAS_ESPEAK:
+        pytest.skip("espeak-ng is NOT installed (apt-get install espeak-ng)")
+    out = tmp_path_factory.mktemp("espeak") / "speakers"
+    manifest = generate_speakers(out, SpeakersConfig(**{**SMALL.__dict__, "workers": 2}))
+    return out, manifest
+
+
+@needs_espeak
+def test_layout_lists_and_audio_follow_the_contract(espeak_set):
+    out, manifest = espeak_set
+    assert manifest["complete"] and manifest["engine"] == {"name": "espeak-ng", "version": manifest["engine"]["version"],
+                                                          "fallback": False}
+    assert sorted(p.name for p in out.iterdir()) == ["clients", "heldout_seen.list", "heldout_unseen.list",
+                                                     "manifest.json", "train.list", "unseen"]
+    speakers = {s["name"]: s for s in manifest["speakers"]}
+    assert [s["role"] for s in speakers.values()] == ["client"] * 4 + ["unseen"]
+    assert {s["language"] for s in speakers.values()} == {"en", "zh"}
+    for speaker in speakers.values():
+        folder = out / speaker["folder"]
+        splits = ["train", "heldout"] if speaker["role"] == "client" else ["heldout"]
+        assert sorted(p.name for p in folder.glob("*.list")) == sorted(f"{s}.list" for s in splits)
+        for split in splits:
+            rows = _read_list(folder / f"{split}.list")
+            assert len(rows) == speaker[split]["utterances"] == (3 if split == "train" else 1)
+            for path, name, language, text in rows:
+                assert name == speaker["name"] and language == speaker["language"] and text
+                info = sf.info(folder / path)  # relative to the list's own folder
+                assert (info.samplerate, info.channels, info.subtype) == (32000, 1, "PCM_16")
+                assert 0.6 <= info.duration <= 12.0
+                if language == "zh":
+                    assert not any(c.isascii() and c.isalpha() for c in text)  # characters, not pinyin
+    top = {name: _read_list(out / name) for name in ("train.list", "heldout_seen.list", "heldout_unseen.list")}
+    assert len(top["train.list"]) == 12 and len(top["heldout_seen.list"]) == 4 and len(top["heldout_unseen.list"]) == 1
+    assert all((out / path).is_file() for rows in top.values() for path, *_ in rows)
+    train_texts = {text for *_, text in top["train.list"]}
+    assert not train_texts & {text for *_, text in top["heldout_seen.list"] + top["heldout_unseen.list"]}
+    assert manifest["totals"]["bytes"] == sum(p.stat().st_size for p in out.rglob("*.wav"))
+    assert "variant_file" in speakers["spk000"]["voice"] and "language variant" not in speakers["spk000"]["voice"]["variant_file"]
+
+
+@needs_espeak
+def test_same_seed_gives_identical_files_whatever_the_workers_and_another_seed_differs(espeak_set, tmp_path):
+    out, _ = espeak_set
+    again = tmp_path / "again"
+    generate_speakers(again, SpeakersConfig(**{**SMALL.__dict__, "workers": 1}))
+    assert _files(again) == _files(out)
+    other = tmp_path / "other"
+    generate_speakers(other, SpeakersConfig(**{**SMALL.__dict__, "seed": 6, "workers": 1}))
+    first, second = _files(out), _files(other)
+    assert first.keys() == second.keys()
+    assert all(first[k] != second[k] for k in first if k.endswith(".wav"))
+    assert first["train.list"] != second["train.list"]
+
+
+@needs_espeak
+def test_espeak_speakers_are_distinct(espeak_set):
+    out, manifest = espeak_set
+    check = manifest["speaker_check"]
+    assert check["speakers"] == 5 and check["accuracy"] >= 0.75 > 3 * check["chance"]
+    pitch = {s["name"]: int(s["voice"]["variant_file"].split("pitch ")[1].split()[0]) for s in manifest["speakers"]}
+    f0 = {name: _median_f0(out, name, manifest) for name in ("spk000", "spk001")}  # a man and a woman
+    assert f0["spk001"] > 1.3 * f0["spk000"]
+    assert abs(f0["spk000"] / pitch["spk000"] - 1) < 0.6
+
+
+def _median_f0(out: Path, name: str, manifest: dict) -> float:
+    """Autocorrelation F0 of the louder 40 ms frames, 60-400 Hz."""
+    folder = next(out / s["folder"] for s in manifest["speakers"] if s["name"] == name)
+    estimates = []
+    for wav in folder.glob("*.wav"):
+        wave, rate = sf.read(wav)
+        frames = wave[: len(wave) // 1280 * 1280].reshape(-1, 1280)
+        for frame in frames[np.abs(frames).mean(axis=1) > 0.1]:
+            ac = np.correlate(frame, frame, "full")[1279:]
+            lag = np.argmax(ac[rate // 400 : rate // 60]) + rate // 400
+            estimates.append(rate / lag)
+    return float(np.median(estimates))
+
+
+def test_zipf_counts_are_unequal_with_the_minimum_and_the_total_kept():
+    counts = utterance_counts(20, 10, 1.5, np.random.default_rng(0))
+    assert sum(counts) == 200 and min(counts) >= MIN_UTTERANCES
+    assert max(counts) >= 5 * min(counts)
+    assert counts == utterance_counts(20, 10, 1.5, np.random.default_rng(0))
+    assert counts != utterance_counts(20, 10, 1.5, np.random.default_rng(1))
+    assert utterance_counts(5, 7, 0.0, np.random.default_rng(0)) == [7] * 5
+    assert sorted(utterance_counts(3, MIN_UTTERANCES, 3.0, np.random.default_rng(0))) == [MIN_UTTERANCES] * 3
+
+
+def test_without_espeak_it_falls_back_to_pseudo_speech_and_says_so(tmp_path, monkeypatch, caplog):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    out = tmp_path / "out"
+    config = SpeakersConfig(n_speakers=3, utterances=4, language="mix", zipf=2.0, heldout_utterances=1,
+                            unseen_speakers=0, workers=1)
+    manifest = generate_speakers(out, config)
+    assert manifest["engine"] == {"name": "pseudo-speech", "fallback": True, "reason": "espeak-ng not found on PATH"}
+    assert "FALLING BACK TO PSEUDO-SPEECH" in caplog.text
+    counts = [s["train"]["utterances"] for s in manifest["speakers"]]
+    assert sum(counts) == 12 and min(counts) >= MIN_UTTERANCES and len(set(counts)) > 1
+    for speaker in manifest["speakers"]:
+        rows = _read_list(out / speaker["train"]["list"])
+        assert len(rows) == speaker["train"]["utterances"]
+        assert "pseudo_speech" in speaker["voice"]
+        assert all(sf.info(out / speaker["folder"] / path).samplerate == 32000 for path, *_ in rows)
+    with pytest.raises(ConfigError, match="not on PATH"):
+        generate_speakers(tmp_path / "strict", SpeakersConfig(n_speakers=1, utterances=1, engine="espeak-ng"))
+
+
+def test_refuses_a_foreign_folder_and_replaces_only_its_own_output(tmp_path):
+    foreign = tmp_path / "recordings"
+    foreign.mkdir()
+    (foreign / "me.wav").write_bytes(b"precious")
+    with pytest.raises(ConfigError, match="not empty"):
+        generate_speakers(foreign, SpeakersConfig(n_speakers=1, utterances=1, engine="pseudo-speech"))
+    assert _files(foreign) == {"me.wav": b"precious"}
+
+    out = tmp_path / "sim"
+    tiny = SpeakersConfig(n_speakers=2, utterances=2, heldout_utterances=1, unseen_speakers=1,
+                          engine="pseudo-speech", workers=1)
+    generate_speakers(out, tiny)
+    (out / "notes.txt").write_text("mine")
+    generate_speakers(out, SpeakersConfig(**{**tiny.__dict__, "n_speakers": 1, "unseen_speakers": 0}))
+    assert sorted(p.name for p in (out / "clients").iterdir()) == ["spk000"]
+    assert not (out / "unseen").exists() and (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recordings", "sim"]  # nothing written elsewhere
+    assert not (out / ".espeak").exists()
+
+
+@pytest.mark.parametrize("change, option", [
+    ({"n_speakers": 0}, "--n"), ({"utterances": 0}, "--utterances"), ({"language": "fr"}, "--lang"),
+    ({"zipf": -1.0}, "--zipf"), ({"zipf": 1.0, "utterances": 2}, "--utterances"), ({"seed": -1}, "--seed"),
+    ({"heldout_utterances": 0, "unseen_speakers": 1}, "--unseen-speakers"), ({"engine": "say"}, "--engine"),
+    ({"workers": 0}, "--workers"),
+])
+def test_bad_options_are_one_config_error_naming_the_option(change, option, tmp_path):
+    with pytest.raises(ConfigError, match=option):
+        generate_speakers(tmp_path / "x", SpeakersConfig(**{**SpeakersConfig().__dict__, **change}))
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_generates_and_reports(tmp_path):
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(app, ["speakers", "--n", "2", "--utterances", "2", "--out", str(out),
+                                      "--lang", "en", "--unseen-speakers", "1", "--heldout-utterances", "1",
+                                      "--engine", "pseudo-speech", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "2 clients + 1 unseen speakers, 7 utterances" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["language"] == "en" and manifest["totals"]["utterances"] == 7
+
+
+def test_cli_bad_option_is_one_red_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["fedvox-sim", "speakers", "--out", str(tmp_path / "o"), "--lang", "fr"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "--lang" in err and len(err.splitlines()) == 1
