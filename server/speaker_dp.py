@@ -67,9 +67,9 @@ def noised_mean(
         for name in total:
             total[name] += bounded[name].float()
     std = noise_multiplier * clip_norm / denominator
-    mean = {
-        name: t / denominator + std * torch.randn(t.shape, generator=generator, dtype=torch.float32)
-        for name, t in total.items()
+    mean = {  # noise drawn in name order, so a given generator state gives the same release
+        name: total[name] / denominator + std * torch.randn(total[name].shape, generator=generator)
+        for name in sorted(total)
     }
     return Release(mean, len(deltas), clipped, denominator, std)
 

@@ -407,6 +407,13 @@ class FedvoxTrimmedMean(FedvoxRound, FedTrimmedAvg):
 class FedvoxFedAdam(FedAdam, FedvoxRound):
     """FedAdam's server step on the fedvox (possibly noised) mean update."""
 
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAdam's step, with the global model kept in float32 (Flower's step yields float64)."""
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        return (None if arrays is None else to_record(from_record(arrays), "fp32")), metrics
+
     def strategy_state(self) -> dict[str, torch.Tensor]:
         state = {}
         for moment in ("m_t", "v_t"):

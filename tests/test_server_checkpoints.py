@@ -1,0 +1,68 @@
+"""Per-round checkpoints: the JSON is the commit mark, last k and the best are kept, tampering is caught."""
+
+import json
+
+import pytest
+import torch
+
+from server.checkpoints import CheckpointStore
+from server.metrics import RoundLog
+from shared.errors import CheckpointError
+
+
+def _state(value: float) -> dict[str, torch.Tensor]:
+    return {"layer.lora_A": torch.full((2, 3), value), "layer.lora_B": torch.zeros(3, 2)}
+
+
+def _save(store: CheckpointStore, server_round: int, val_loss: float | None) -> None:
+    metrics = {} if val_loss is None else {"val-loss": val_loss}
+    store.save(server_round, _state(server_round), {"metrics": metrics}, {"m_t/layer.lora_A": torch.ones(2, 3)})
+
+
+def test_the_last_k_rounds_and_the_best_by_validation_loss_are_kept(tmp_path):
+    store = CheckpointStore(tmp_path, keep=2)
+    for server_round, loss in [(0, None), (1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5), (5, 2.2)]:
+        _save(store, server_round, loss)
+
+    assert store.rounds() == [2, 4, 5]
+    assert store.best_round() == 2
+    assert sorted(p.name for p in tmp_path.glob("round-*")) == [
+        f"round-0000{r}.{ext}" for r in (2, 4, 5) for ext in ("json", "safetensors")
+    ]
+    latest = store.latest()
+    assert latest.round == 5 and latest.meta["metrics"] == {"val-loss": 2.2}
+    torch.testing.assert_close(latest.state["layer.lora_A"], torch.full((2, 3), 5.0))
+    torch.testing.assert_close(latest.strategy_state["m_t/layer.lora_A"], torch.ones(2, 3))
+
+
+def test_tensors_without_their_json_are_not_a_committed_round(tmp_path):
+    store = CheckpointStore(tmp_path, keep=3)
+    _save(store, 1, 1.0)
+    _save(store, 2, 1.0)
+    store.meta_path(2).unlink()  # a crash between the tensors and the commit mark
+
+    assert store.rounds() == [1]
+    assert store.latest().round == 1
+
+
+def test_a_changed_tensor_file_is_refused_with_the_round_named(tmp_path):
+    store = CheckpointStore(tmp_path, keep=3)
+    _save(store, 1, 1.0)
+    path = store.tensors_path(1)
+    path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")
+
+    with pytest.raises(CheckpointError, match="round-00001.safetensors does not match the SHA-256"):
+        store.latest()
+
+
+def test_the_metrics_log_catches_up_a_round_lost_to_a_crash_and_never_duplicates(tmp_path):
+    log = RoundLog(tmp_path)
+    log.write(1, {"train-loss": 2.0, "rejects": {"norm": 1}})
+    log.catch_up(1, {"train-loss": 2.0})
+    log.catch_up(2, {"train-loss": 1.5})
+    log.close()
+
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[0]["rejects"] == {"norm": 1}
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
