@@ -1,0 +1,77 @@
+"""The fedvox ServerApp: ``flwr run .`` (``[tool.flwr.app.components] serverapp``) starts here.
+
+Under ``flwr run`` the run configuration arrives in ``context.run_config`` (the defaults of
+``[tool.flwr.app.config]`` plus ``--run-config`` overrides). An in-process simulation does not
+pass one through the context, so :func:`make_server_app` binds a :class:`RunConfig` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.model import base_identity, export_gpt_sovits, initial_subset
+from server.run import FederatedRun
+from shared.cli import set_offline_env
+from shared.errors import CheckpointError
+from shared.runconfig import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def serve(
+    grid: Grid,
+    config: RunConfig,
+    *,
+    initial_state: Mapping[str, torch.Tensor] | None = None,
+    seed: int | None = None,
+    export: bool = True,
+) -> FederatedRun:
+    """Run the federation described by ``config`` on ``grid`` and export its best model.
+
+    ``initial_state`` replaces the model the config describes (tests use tiny stand-ins, and
+    then ``export`` must be off); ``seed`` fixes sampling and noise (reproducible simulations).
+    """
+    set_offline_env()
+    state = initial_subset(config) if initial_state is None else initial_state
+    run = FederatedRun(config, state, base=base_identity(config), seed=seed)
+    run.execute(grid)
+    if export and run.completed > 0:
+        best = run.store.best_round() or run.completed
+        try:
+            export_gpt_sovits(config, run.store.load(best).state, run.run_dir / "export")
+        except CheckpointError as exc:
+            log.warning("no GPT-SoVITS export (the fedvox checkpoints are complete): %s", exc)
+    return run
+
+
+def make_server_app(
+    config: RunConfig,
+    *,
+    initial_state: Mapping[str, torch.Tensor] | None = None,
+    seed: int | None = None,
+    export: bool = True,
+) -> ServerApp:
+    """A ServerApp bound to ``config`` (for ``flwr.simulation.run_simulation`` in process)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        serve(grid, config, initial_state=initial_state, seed=seed, export=export)
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    serve(grid, RunConfig.from_flat(context.run_config))
+
+
+__all__ = ["app", "make_server_app", "serve"]

@@ -1,0 +1,46 @@
+"""The ServerApp's configuration and model: pyproject defaults, the initial subset, the export."""
+
+from pathlib import Path
+
+import torch
+from flwr.common.config import fuse_dicts, get_fused_config_from_dir, parse_config_args
+
+from server.model import build_global_model, export_gpt_sovits, initial_subset
+from shared.models.s1_checkpoint import load_official_s1
+from shared.models.subsets import load_trainable_state_dict, merged_state_dict
+from shared.runconfig import RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_pyproject_run_config_is_exactly_runconfigs_defaults():
+    flat = get_fused_config_from_dir(ROOT, {})  # what `flwr run .` puts in context.run_config
+    assert set(flat) == set(RunConfig().to_flat())
+    assert RunConfig.from_flat(flat) == RunConfig()
+
+
+def test_flwr_run_config_overrides_reach_the_validated_config():
+    overrides = parse_config_args(["num-server-rounds=5 speaker-dp.enabled=true aggregation='fedadam'"])
+    config = RunConfig.from_flat(fuse_dicts(get_fused_config_from_dir(ROOT, {}), overrides))
+    assert (config.num_server_rounds, config.speaker_dp.enabled, config.aggregation) == (5, True, "fedadam")
+
+
+def test_the_initial_subset_is_what_every_client_rebuilds_from_the_model_seed():
+    config = RunConfig()
+    first, again = initial_subset(config), initial_subset(config)
+    other_seed = initial_subset(config.with_overrides({"model-seed": 1}))
+    assert first.keys() == again.keys() == other_seed.keys() and all("lora" in k for k in first)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other_seed[k]) for k in first)
+
+
+def test_the_global_subset_exports_as_a_gpt_sovits_s1_checkpoint_with_lora_merged(tmp_path):
+    config = RunConfig()
+    subset = {k: v + 0.01 * torch.randn_like(v) for k, v in initial_subset(config).items()}  # B != 0
+    (path,) = export_gpt_sovits(config, subset, tmp_path)
+
+    reference = build_global_model(config)
+    load_trainable_state_dict(reference, subset)
+    loaded = load_official_s1(path).state_dict()
+    for key, value in merged_state_dict(reference).items():
+        torch.testing.assert_close(loaded[key], value.half().float(), rtol=0, atol=0)
