@@ -1,0 +1,115 @@
+"""Text -> GPT-SoVITS phonemes: the one entry point of the text frontend.
+
+:func:`phonemize` is GPT-SoVITS's ``clean_text`` followed by ``cleaned_text_to_sequence``:
+normalise, g2p, map phones outside the symbol table to ``UNK``, look up ids. zh returns
+``word2ph`` (phones per character of ``norm_text``, what per-character BERT features are
+repeated by); en returns ``None`` there, as GPT-SoVITS does. Heavy resources (jieba, pypinyin,
+CMUdict, wordsegment, the OOV model) load on first use, once per process.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+from shared.errors import TextError
+from shared.text import en, en_normalize, zh, zh_normalize
+from shared.text.symbols import PUNCTUATION, UNK, check_symbols_version, phones_to_ids, symbol_to_id
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_LANGUAGES = ("zh", "en")
+GPT_SOVITS_LANGUAGES = ("zh", "en", "ja", "ko", "yue")
+_ALIASES = {"jp": "ja"}  # GPT-SoVITS v1 list files write JP
+_UNSUPPORTED_WHY = {
+    "ja": "GPT-SoVITS reads Japanese with pyopenjtalk (OpenJTalk dictionary), which fedvox does not ship",
+    "ko": "GPT-SoVITS reads Korean with g2pk2 and a MeCab dictionary, which fedvox does not ship",
+    "yue": "GPT-SoVITS reads Cantonese with ToJyutping, which fedvox does not ship",
+}
+# Pause marks of clean_text's special zh symbols: "￥" -> SP2, "^" -> SP3.
+_ZH_PAUSE_MARKS = (("￥", "SP2"), ("^", "SP3"))
+_SILENT = frozenset(PUNCTUATION) | {"SP", "SP2", "SP3"}
+_MIN_EN_PHONES = 4
+
+
+@dataclass(frozen=True)
+class Phonemes:
+    """Phonemized text: ``ids[i]`` is the symbol-table id of ``phones[i]``."""
+
+    ids: list[int]
+    phones: list[str]
+    word2ph: list[int] | None  # zh only: phones per character of norm_text
+    norm_text: str
+
+
+def normalize_language(language: str) -> str:
+    """GPT-SoVITS language code, v1 spellings included: "ZH" -> "zh", "JP" -> "ja", "Yue" -> "yue"."""
+    code = language.strip().lower()
+    return _ALIASES.get(code, code)
+
+
+def _check_language(language: str) -> str:
+    code = normalize_language(language)
+    if code in SUPPORTED_LANGUAGES:
+        return code
+    supported = " and ".join(SUPPORTED_LANGUAGES)
+    if code in _UNSUPPORTED_WHY:
+        message = f"language {language!r} is not supported: {_UNSUPPORTED_WHY[code]}; fedvox phonemizes {supported}"
+    else:
+        message = (
+            f"unknown language code {language!r}: fedvox phonemizes {supported} "
+            "(GPT-SoVITS codes zh, en, ja, ko, yue; v1 list files may write ZH, EN, JP)"
+        )
+    raise TextError(message, reason="unsupported_language")
+
+
+def _zh(text: str, symbols_version: str) -> tuple[list[str], list[int], str]:
+    pause = next(((mark, phone) for mark, phone in _ZH_PAUSE_MARKS if mark in text), None)
+    if pause:  # clean_special: the mark is read as a comma, then every comma becomes the pause
+        text = text.replace(pause[0], ",")
+    norm_text = zh_normalize.normalize(text)
+    phones, word2ph = zh.g2p(norm_text, symbols_version)
+    if pause:
+        phones = [pause[1] if phone == "," else phone for phone in phones]
+    return phones, word2ph, norm_text
+
+
+def _en(text: str) -> tuple[list[str], None, str]:
+    norm_text = en_normalize.normalize(text)
+    phones = en.g2p(norm_text)
+    if len(phones) < _MIN_EN_PHONES:  # GPT-SoVITS pads very short English with a leading pause
+        phones = [","] + phones
+    return phones, None, norm_text
+
+
+def phonemize(text: str, language: str, symbols_version: str = "v2") -> Phonemes:
+    """Phoneme ids of ``text`` as GPT-SoVITS's frontend makes them (g2pW-free zh path).
+
+    ``language`` is a GPT-SoVITS code (``zh``, ``en``; v1 ``ZH``, ``EN`` accepted);
+    ``symbols_version`` is ``v1`` or ``v2`` (v2, v2Pro and v2ProPlus models). Raises
+    :class:`TextError` with ``reason`` ``empty_text``, ``unsupported_language`` or
+    ``unphonemizable_text``, and :class:`ConfigError` for an unknown ``symbols_version``.
+    """
+    check_symbols_version(symbols_version)
+    code = _check_language(language)
+    if not text.strip():
+        raise TextError("the text is empty: write the transcript of the recording", reason="empty_text")
+    phones, word2ph, norm_text = _zh(text, symbols_version) if code == "zh" else _en(text)
+    if all(phone in _SILENT for phone in phones):
+        hint = ""
+        if code == "zh" and re.search("[A-Za-z]", text):
+            hint = " (Latin letters are not read in zh text: is it English? use language 'en')"
+        elif code == "en" and re.search("[\u4e00-\u9fff]", text):
+            hint = " (Chinese characters are not read in en text: use language 'zh')"
+        raise TextError(
+            f"nothing to pronounce in {code} text {text!r}: after normalisation ({norm_text!r}) only "
+            f"punctuation is left{hint}; fix the transcript or its language",
+            reason="unphonemizable_text",
+        )
+    table = symbol_to_id(symbols_version)
+    unknown = sorted({phone for phone in phones if phone not in table})
+    if unknown:
+        log.debug("phones %s are not in the %s table; mapped to UNK", unknown, symbols_version)
+        phones = [phone if phone in table else UNK for phone in phones]
+    return Phonemes(phones_to_ids(phones, symbols_version), phones, word2ph, norm_text)
