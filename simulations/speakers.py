@@ -5,30 +5,31 @@ procedurally generated voice. With espeak-ng each speaker is a private voice-var
 (pitch, formant scaling = vocal-tract length, roughness, breath, flutter, spectral tone) in a
 private, pruned copy of espeak-ng's data, plus an accent and a speaking rate; Mandarin is read
 from pypinyin syllables through ``cmn-latn-pinyin`` (espeak-ng 1.51 misreads Chinese characters).
-Without espeak-ng the seeded formant synthesiser in :mod:`simulations.pseudo_speech` stands in,
-loudly. Sentences come from the ``hsk-sentences-audio`` dataset (Mandarin and its English
-translations, CC-BY-SA-4.0), two or three joined where needed so most utterances last 2-8 s.
+Without espeak-ng the seeded formant synthesiser of :mod:`simulations.pseudo_speech` stands in,
+loudly. Sentences come from the ``hsk-sentences-audio`` dataset (Mandarin sentences and their
+English translations, CC-BY-SA-4.0), joined two or three at a time where needed so that most
+utterances last 2-8 s.
 
-Layout of ``out`` (list paths relative to the list file's folder, GPT-SoVITS format
-``path|speaker|language|text``)::
+Layout of ``out`` (GPT-SoVITS lists ``path|speaker|language|text``, each path relative to the
+folder of its list file)::
 
-    manifest.json                  everything: speakers, voices, counts, durations, seed, engine
-    train.list                     all clients' training utterances (centralised baseline)
+    manifest.json                  speakers, voices, counts, durations, seed, engine, check
+    train.list                     every client's training utterances (centralised baseline)
     heldout_seen.list              the clients' held-out utterances (seen-speaker validation)
     heldout_unseen.list            the unseen speakers' utterances (unseen-speaker validation)
-    clients/spk000/train.list      one federated client: its private training data ...
+    clients/spk000/train.list      one federated client's private training data ...
     clients/spk000/heldout.list    ... and its own held-out utterances
     clients/spk000/spk000_train_0000.wav ...
-    unseen/unseen000/heldout.list  speakers no client has (held-out only)
+    unseen/unseen000/heldout.list  a speaker no client has (held-out utterances only)
 
-Every value is drawn from generators keyed by (seed, role, speaker index), so a speaker's voice
-and sentences do not depend on how many speakers are generated, and the same seed gives
-byte-identical files on the same espeak-ng version. Work is spread over processes per utterance;
-the workers never import torch (its OpenMP threads would fight the espeak-ng children).
+Every random value comes from a generator keyed by (seed, role, speaker index, purpose), so a
+speaker's voice and sentences do not depend on how many speakers are generated, and one seed
+gives byte-identical files on one espeak-ng version whatever the number of worker processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -36,8 +37,8 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from io import BytesIO
 from pathlib import Path
@@ -50,7 +51,7 @@ from shared.atomic import atomic_path, atomic_write_text
 from shared.cli import progress
 from shared.errors import ConfigError, DataError
 from simulations.pseudo_speech import SAMPLE_RATE, PseudoVoice, synthesize
-from simulations.speaker_id import mfcc_statistics, similar_speaker_pairs, speaker_id_accuracy
+from simulations.speaker_id import FEATURE_SIZE, mfcc_statistics, similar_speaker_pairs, speaker_id_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -60,59 +61,62 @@ MANIFEST = "manifest.json"
 LANGUAGES = ("en", "zh", "mix")
 ENGINES = ("auto", "espeak-ng", "pseudo-speech")
 MIN_UTTERANCES = 3  # a Zipf draw never leaves a client with fewer training utterances
-MAX_SENTENCES = 3  # sentences joined into one utterance
-TARGET_SECONDS = (2.5, 7.0)  # each utterance aims at a duration drawn from this range
-HELDOUT_TEXT_SHARE = 0.1  # sentences reserved for held-out utterances (never in training)
 MAX_SPEAKERS = 1000
 MAX_UTTERANCES = 2000
+MAX_SENTENCES = 3  # sentences joined into one utterance
+TARGET_SECONDS = (2.5, 7.0)  # each utterance aims at a reading time drawn from this range
+HELDOUT_TEXT_SHARE = 0.1  # sentences reserved for held-out utterances, never trained on
 # English accents that honour voice variants (plain "en-gb" silently ignores them).
 ENGLISH_ACCENTS = ("en-us", "en", "en-gb-scotland", "en-029", "en-us-nyc", "en-gb-x-rp",
                    "en-gb-x-gbclan", "en-gb-x-gbcwmd")
 MANDARIN_VOICE = "cmn-latn-pinyin"
-# The part of espeak-ng's data the accents above need (2.5 MB of 13 MB); a private copy
-# holds only these, so the voice list stays far below espeak-ng's 349-entry cap.
-_ESPEAK_FILES = ("phontab", "phonindex", "phondata", "intonations", "en_dict", "cmn_dict")
-_ESPEAK_LANGS = ("lang/gmw/en", "lang/sit/cmn")  # file-name prefixes
-_OUTPUTS = (MANIFEST, "train.list", "heldout_seen.list", "heldout_unseen.list", "clients", "unseen",
-            ".espeak")
-_SECONDS_PER_UNIT = {"en": 0.36, "zh": 0.30}  # espeak-ng at 175 wpm: per word / per character
-_TEXT_SOURCE = {
+TEXT_SOURCE = {
     "name": "hsk-sentences-audio", "version": "1.0.0", "licence": "CC-BY-SA-4.0",
     "url": "https://github.com/no7z/hsk-sentences-audio",
     "fields": "chinese (zh), translation.en (en)",
 }
 
+# What the accents above need of espeak-ng's data (2.5 of 13 MB).
+_ESPEAK_FILES = ("phontab", "phonindex", "phondata", "intonations", "en_dict", "cmn_dict")
+_ESPEAK_LANGUAGE_FILES = ("lang/gmw/en*", "lang/sit/cmn*")
+_SECONDS_PER_UNIT = {"en": 0.36, "zh": 0.30}  # espeak-ng at 175 wpm, per word / per character
+_ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+_TOP_LISTS = ("train.list", "heldout_seen.list", "heldout_unseen.list")
+_OUTPUTS = (MANIFEST, *_TOP_LISTS, "clients", "unseen", ".espeak")  # what a re-run replaces
+
 
 @dataclass(frozen=True)
 class SpeakersConfig:
-    """What to generate; every field has a command-line option of the same meaning."""
+    """What to generate; each field is the command-line option of the same name."""
 
-    n_speakers: int = 8
+    n_speakers: int = 8  # clients
     utterances: int = 20  # training utterances per client (the mean when zipf > 0)
     language: str = "mix"  # en | zh | mix (half the clients each, both sexes in each)
     seed: int = 0
-    zipf: float = 0.0  # 0: equal counts; > 0: client k of rank r gets ~ r**-zipf of the total
+    zipf: float = 0.0  # 0: equal counts; > 0: the client of rank r gets ~ r**-zipf of the total
     heldout_utterances: int = 2  # per client and per unseen speaker
     unseen_speakers: int = 2
-    engine: str = "auto"  # auto | espeak-ng | pseudo-speech
+    engine: str = "auto"  # auto (espeak-ng, else pseudo-speech) | espeak-ng | pseudo-speech
     workers: int | None = None  # processes; default: the CPUs this process may use
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first bad option and its valid range."""
+        """Raise :class:`ConfigError` naming the first bad option and what it accepts."""
         checks = [
             (1 <= self.n_speakers <= MAX_SPEAKERS, f"--n must be 1..{MAX_SPEAKERS}, got {self.n_speakers}"),
             (1 <= self.utterances <= MAX_UTTERANCES,
              f"--utterances must be 1..{MAX_UTTERANCES}, got {self.utterances}"),
             (self.language in LANGUAGES, f"--lang must be one of {', '.join(LANGUAGES)}, got {self.language!r}"),
             (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
-            (0.0 <= self.zipf <= 5.0 and np.isfinite(self.zipf), f"--zipf must be 0..5 (0 = equal counts), got {self.zipf}"),
+            (0.0 <= self.zipf <= 5.0, f"--zipf must be 0..5 (0 = equal amounts), got {self.zipf}"),
             (self.zipf == 0.0 or self.utterances >= MIN_UTTERANCES,
-             f"--utterances must be >= {MIN_UTTERANCES} with --zipf (each client keeps at least "
+             f"--utterances must be >= {MIN_UTTERANCES} with --zipf (every client keeps at least "
              f"{MIN_UTTERANCES}), got {self.utterances}"),
-            (0 <= self.heldout_utterances <= 100, f"--heldout-utterances must be 0..100, got {self.heldout_utterances}"),
-            (0 <= self.unseen_speakers <= MAX_SPEAKERS, f"--unseen-speakers must be 0..{MAX_SPEAKERS}, got {self.unseen_speakers}"),
+            (0 <= self.heldout_utterances <= 100,
+             f"--heldout-utterances must be 0..100, got {self.heldout_utterances}"),
+            (0 <= self.unseen_speakers <= MAX_SPEAKERS,
+             f"--unseen-speakers must be 0..{MAX_SPEAKERS}, got {self.unseen_speakers}"),
             (self.unseen_speakers == 0 or self.heldout_utterances > 0,
-             "--unseen-speakers needs --heldout-utterances >= 1 (unseen speakers only have held-out utterances)"),
+             "--unseen-speakers needs --heldout-utterances >= 1 (unseen speakers have held-out data only)"),
             (self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}"),
             (self.workers is None or self.workers >= 1, f"--workers must be >= 1, got {self.workers}"),
         ]
@@ -123,7 +127,7 @@ class SpeakersConfig:
 
 @dataclass(frozen=True)
 class Speaker:
-    """One synthetic speaker and how each engine renders it."""
+    """One synthetic speaker, as each engine renders it."""
 
     name: str  # spk000 (a client) or unseen000
     role: str  # client | unseen
@@ -141,93 +145,95 @@ class Speaker:
 
 
 @dataclass(frozen=True)
-class _Job:
+class _Utterance:
     """One utterance to synthesise (picklable: it crosses into the worker processes)."""
 
-    path: str  # absolute WAV path
-    text: str  # as written in the list file
     speaker: Speaker
-    seed: tuple[int, ...]
-    engine: str
-    espeak_root: str  # folder holding the private espeak-ng-data
-
-
-@dataclass
-class _Result:
-    speaker: str
     split: str  # train | heldout
-    wav: str  # path relative to the speaker's folder
-    text: str
-    seconds: float = 0.0
-    features: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    wav: str  # file name in the speaker's folder
+    text: str  # as written in the list file
+    seed: tuple[int, ...]
 
 
 def generate_speakers(out: str | os.PathLike[str], config: SpeakersConfig) -> dict:
-    """Generate the speakers, their WAVs, list files and manifest under ``out``; return the manifest.
+    """Write the speakers' WAVs, list files and manifest under ``out``; return the manifest.
 
-    Refuses a non-empty ``out`` that is not a previous output of this command; a previous
+    Refuses a non-empty ``out`` that is not an earlier output of this command; an earlier
     output is replaced (only the entries this command writes are removed).
     """
     config.validate()
     out = Path(out).absolute()
     _claim_output_folder(out)
-    engine, engine_info = _choose_engine(config.engine)
+    engine = _choose_engine(config.engine)
     speakers = [_make_speaker(config, "client", i) for i in range(config.n_speakers)]
     speakers += [_make_speaker(config, "unseen", j) for j in range(config.unseen_speakers)]
     counts = utterance_counts(config.n_speakers, config.utterances, config.zipf,
                               np.random.default_rng([config.seed, 2]))
-    atomic_write_text(out / MANIFEST, _dump({"generator": GENERATOR, "complete": False, "config": asdict(config)}))
+    utterances = _plan(config, speakers, counts)
+    # Marks the folder as ours at once, so an interrupted run can simply be re-run.
+    atomic_write_text(out / MANIFEST, _dump({"generator": GENERATOR, "complete": False}))
 
     espeak_root = out / ".espeak"
-    if engine == "espeak-ng":
+    if engine["name"] == "espeak-ng":
         _prepare_espeak_data(espeak_root, speakers)
-    jobs, results = _plan(out, config, speakers, counts, engine, espeak_root)
-    workers = min(config.workers or _available_cpus(), len(jobs))
-    log.info("synthesising %d utterances of %d speakers with %s on %d process%s", len(jobs),
-             len(speakers), engine, workers, "" if workers == 1 else "es")
+    workers = min(config.workers or _available_cpus(), len(utterances))
+    log.info("synthesising %d utterances of %d speakers with %s on %d process(es)",
+             len(utterances), len(speakers), engine["name"], workers)
+    seconds = np.zeros(len(utterances))
+    features = np.zeros((len(utterances), FEATURE_SIZE))
+    tasks = [(k, u, str(out / u.speaker.folder / u.wav), engine["name"], str(espeak_root))
+             for k, u in enumerate(utterances)]
     with progress() as bar:
-        task = bar.add_task("speakers", total=len(jobs))
-        for index, seconds, features in _run_jobs(jobs, workers):
-            results[index].seconds, results[index].features = seconds, features
+        task = bar.add_task("speakers", total=len(tasks))
+        for k, duration, stats in _run(tasks, workers):
+            seconds[k], features[k] = duration, stats
             bar.advance(task)
-    shutil.rmtree(espeak_root, ignore_errors=True)  # the variants are kept in the manifest
+    shutil.rmtree(espeak_root, ignore_errors=True)  # the variant files are kept in the manifest
 
-    manifest = _write_lists_and_manifest(out, config, speakers, results, engine_info)
+    manifest = _write_outputs(out, config, engine, speakers, utterances, seconds, features)
     log.info("wrote %d speakers, %.1f min of audio (%.1f MB) to %s", len(speakers),
              manifest["totals"]["seconds"] / 60, manifest["totals"]["bytes"] / 1e6, out)
     return manifest
 
 
 def utterance_counts(n: int, mean: int, zipf: float, rng: np.random.Generator) -> list[int]:
-    """Training utterances per client: ``mean`` each, or a Zipf split of ``n * mean`` in total.
+    """Training utterances per client: ``mean`` each, or a Zipf split of ``n * mean`` in all.
 
     With ``zipf > 0`` the client at (random) rank r gets a share proportional to r**-zipf of
-    what is left after every client has its :data:`MIN_UTTERANCES`, apportioned by largest
-    remainders, so the total is exactly ``n * mean`` and no client falls below the minimum.
+    what is left once every client has :data:`MIN_UTTERANCES`, apportioned by largest
+    remainders: the total stays ``n * mean`` and no client falls below the minimum.
     """
     if zipf == 0.0:
         return [mean] * n
     weights = np.arange(1, n + 1, dtype=np.float64) ** -zipf
     weights = weights[rng.permutation(n)] / weights.sum()
-    spare = n * mean - n * MIN_UTTERANCES
+    spare = n * (mean - MIN_UTTERANCES)
     exact = weights * spare
     counts = np.floor(exact).astype(int)
-    counts[np.argsort(-(exact - counts), kind="stable")[: spare - counts.sum()]] += 1
+    counts[np.argsort(counts - exact, kind="stable")[: spare - counts.sum()]] += 1
     return [int(c) + MIN_UTTERANCES for c in counts]
 
 
-# ---------------------------------------------------------------------------- speakers
+# ------------------------------------------------------------------ speakers and texts
 
 
 def _make_speaker(config: SpeakersConfig, role: str, index: int) -> Speaker:
-    """Draw speaker ``index`` of ``role`` from its own generator (independent of the others)."""
-    rng = np.random.default_rng([config.seed, 0 if role == "client" else 1, index, 0])
+    """Draw speaker ``index`` of ``role`` from its own generator (independent of the others).
+
+    Sex alternates and, for ``mix``, language alternates in pairs (en, en, zh, zh, ...), so
+    both are balanced and not confounded. Voice ranges follow adult male / female vocal-tract
+    scales and F0 (speech-data reference, recipe A1).
+    """
+    role_code = 0 if role == "client" else 1
+    rng = np.random.default_rng([config.seed, role_code, index, 0])
     name = f"spk{index:03d}" if role == "client" else f"unseen{index:03d}"
     sex = "female" if index % 2 else "male"
     language = config.language if config.language != "mix" else ("zh" if (index // 2) % 2 else "en")
     female = sex == "female"
     tract = rng.uniform(1.08, 1.24) if female else rng.uniform(0.86, 1.02)
     f0 = rng.uniform(165, 235) if female else rng.uniform(78, 135)
+    # No "language variant" line: espeak-ng then leaves the file out of its voice list (capped
+    # at 349 entries, which is how ~100 speakers broke it) but still loads it as "<accent>+<name>".
     lines = [f"name {name}", f"pitch {int(f0)} {int(f0 * rng.uniform(1.3, 1.9))}", "formant 0 100 100 100"]
     for k in range(1, 6):
         lines.append(f"formant {k} {int(100 * tract * rng.uniform(0.97, 1.03))} "
@@ -237,67 +243,58 @@ def _make_speaker(config: SpeakersConfig, role: str, index: int) -> Speaker:
     breath = int(rng.choice([0, 0, 0, 1, 2, 4]))
     if breath:
         lines.append("breath " + " ".join([str(breath)] * 6))
-    # No "language variant" line: espeak-ng then leaves the file out of its voice list (capped
-    # at 349 entries) but still loads it by path for "<accent>+<name>".
     accent = str(rng.choice(ENGLISH_ACCENTS)) if language == "en" else MANDARIN_VOICE
     speed = int(rng.integers(140, 196))
-    pseudo = PseudoVoice.from_seed([config.seed, 0 if role == "client" else 1, index, 3], sex=sex)
+    pseudo = PseudoVoice.from_seed([config.seed, role_code, index, 3], sex=sex)
     return Speaker(name, role, index, sex, language, accent, speed, "\n".join(lines) + "\n", pseudo)
 
 
-def _plan(out: Path, config: SpeakersConfig, speakers: list[Speaker], counts: list[int], engine: str,
-          espeak_root: Path) -> tuple[list[_Job], list[_Result]]:
-    """Every utterance's text, path and seed, in a fixed order."""
-    jobs: list[_Job] = []
-    results: list[_Result] = []
-    for k, speaker in enumerate(speakers):
-        role_code, index = (0 if speaker.role == "client" else 1), speaker.index
+def _plan(config: SpeakersConfig, speakers: list[Speaker], counts: list[int]) -> list[_Utterance]:
+    """Every utterance's text, file name and seed, in a fixed order."""
+    utterances: list[_Utterance] = []
+    for speaker in speakers:
+        role_code = 0 if speaker.role == "client" else 1
+        rng = np.random.default_rng([config.seed, role_code, speaker.index, 1])
         train_pool, heldout_pool = _sentence_pools(speaker.language, config.seed)
-        rng = np.random.default_rng([config.seed, role_code, index, 1])
         splits = [("heldout", config.heldout_utterances, heldout_pool)]
         if speaker.role == "client":
-            splits.insert(0, ("train", counts[k], train_pool))
+            splits.insert(0, ("train", counts[speaker.index], train_pool))
         for split, count, pool in splits:
-            stream = _sentence_stream(pool, rng)
-            for u in range(count):
-                text = _utterance_text(stream, speaker, rng)
-                wav = f"{speaker.name}_{split}_{u:04d}.wav"
-                seed = (config.seed, role_code, index, 2, 0 if split == "train" else 1, u)
-                jobs.append(_Job(str(out / speaker.folder / wav), text, speaker, seed, engine, str(espeak_root)))
-                results.append(_Result(speaker.name, split, wav, text))
-    return jobs, results
+            sentences = _sentence_stream(pool, rng)
+            for number in range(count):
+                text = _utterance_text(sentences, speaker, rng)
+                seed = (config.seed, role_code, speaker.index, 2, int(split == "heldout"), number)
+                utterances.append(_Utterance(speaker, split, f"{speaker.name}_{split}_{number:04d}.wav", text, seed))
+    return utterances
 
 
-def _sentence_stream(pool: tuple[str, ...], rng: np.random.Generator):
+def _sentence_stream(pool: tuple[str, ...], rng: np.random.Generator) -> Iterator[str]:
     """Sentences in a fresh random order, pass after pass (no repeat within a pass)."""
     while True:
         for i in rng.permutation(len(pool)):
             yield pool[i]
 
 
-def _utterance_text(stream, speaker: Speaker, rng: np.random.Generator) -> str:
+def _utterance_text(sentences: Iterator[str], speaker: Speaker, rng: np.random.Generator) -> str:
     """Join 1-3 sentences until the estimated reading time reaches a drawn target."""
     target = rng.uniform(*TARGET_SECONDS)
     per_unit = _SECONDS_PER_UNIT[speaker.language] * 175.0 / speaker.speed_wpm
-    sentences: list[str] = []
-    while len(sentences) < MAX_SENTENCES:
-        sentences.append(next(stream))
-        units = sum(_text_units(s, speaker.language) for s in sentences)
+    chosen: list[str] = []
+    while len(chosen) < MAX_SENTENCES:
+        chosen.append(next(sentences))
+        units = sum(len(re.findall(r"[\u4e00-\u9fff]", s)) if speaker.language == "zh" else len(s.split())
+                    for s in chosen)
         if units * per_unit >= target:
             break
-    return ("" if speaker.language == "zh" else " ").join(sentences)
-
-
-def _text_units(text: str, language: str) -> int:
-    return len(re.findall(r"[\u4e00-\u9fff]", text)) if language == "zh" else len(text.split())
+    return ("" if speaker.language == "zh" else " ").join(chosen)
 
 
 @lru_cache(maxsize=4)
 def _sentences(language: str) -> tuple[str, ...]:
     """Clean, distinct sentences of one language from the HSK dataset, in dataset order.
 
-    English keeps only plain ASCII sentences without digits (a dash becomes a comma), so the
-    audio says exactly what the transcript says; Mandarin keeps Han characters and 。，？！、.
+    English keeps plain ASCII sentences without digits (a dash becomes a comma) so the audio
+    says exactly what the transcript says; Mandarin keeps Han characters and 。，？！、 only.
     """
     from hsk_sentences_audio import load_sentences
 
@@ -305,7 +302,7 @@ def _sentences(language: str) -> tuple[str, ...]:
     for row in load_sentences():
         if language == "zh":
             text = row["chinese"].strip()
-            ok = re.fullmatch(r"[\u4e00-\u9fff，、][\u4e00-\u9fff，、]*[。？！]", text) is not None
+            ok = re.fullmatch(r"[\u4e00-\u9fff][\u4e00-\u9fff，、]*[。？！]", text) is not None
         else:
             text = re.sub(r"\s*—\s*", ", ", row["translation"]["en"].strip())
             ok = re.fullmatch(r"[A-Za-z][A-Za-z ,;'\-]*[.?!]", text) is not None
@@ -314,8 +311,9 @@ def _sentences(language: str) -> tuple[str, ...]:
     return tuple(keep)
 
 
+@lru_cache(maxsize=8)
 def _sentence_pools(language: str, seed: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Split the sentences into a training and a held-out pool (seeded, the same for all speakers)."""
+    """Training and held-out sentence pools (seeded; the same split for every speaker)."""
     sentences = _sentences(language)
     order = np.random.default_rng([seed, 3, LANGUAGES.index(language)]).permutation(len(sentences))
     cut = int(len(sentences) * HELDOUT_TEXT_SHARE)
@@ -325,22 +323,24 @@ def _sentence_pools(language: str, seed: int) -> tuple[tuple[str, ...], tuple[st
 # ----------------------------------------------------------------------------- engines
 
 
-def _choose_engine(requested: str) -> tuple[str, dict]:
+def _choose_engine(requested: str) -> dict:
+    """The engine's manifest entry; without espeak-ng, ``auto`` falls back (and says so, loudly)."""
     if requested == "pseudo-speech":
-        return "pseudo-speech", {"name": "pseudo-speech", "fallback": False}
+        return {"name": "pseudo-speech", "fallback": False}
     if shutil.which("espeak-ng") is not None:
-        return "espeak-ng", {"name": "espeak-ng", "version": _espeak_version()[0], "fallback": False}
+        return {"name": "espeak-ng", "version": _espeak_version()[0], "fallback": False}
     if requested == "espeak-ng":
-        raise ConfigError("--engine espeak-ng: espeak-ng is not on PATH; install it "
-                          "(apt-get install espeak-ng) or use --engine auto to fall back to pseudo-speech")
+        raise ConfigError("--engine espeak-ng: espeak-ng is not on PATH; install it (apt-get install "
+                          "espeak-ng) or use --engine auto to fall back to pseudo-speech")
     reason = "espeak-ng not found on PATH"
-    log.warning("%s: FALLING BACK TO PSEUDO-SPEECH (a formant caricature, not intelligible speech). "
-                "Install espeak-ng (apt-get install espeak-ng) for real synthetic speech.", reason)
-    return "pseudo-speech", {"name": "pseudo-speech", "fallback": True, "reason": reason}
+    log.warning("%s: FALLING BACK TO PSEUDO-SPEECH (a formant caricature that follows the text, not "
+                "intelligible speech). Install espeak-ng (apt-get install espeak-ng) for synthetic speech.",
+                reason)
+    return {"name": "pseudo-speech", "fallback": True, "reason": reason}
 
 
 def _espeak_version() -> tuple[str, Path]:
-    """espeak-ng's version and its data folder, from ``espeak-ng --version``."""
+    """espeak-ng's version and data folder, from ``espeak-ng --version``."""
     done = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True, check=False)
     match = re.search(r"text-to-speech:\s*(\S+)\s+Data at:\s*(.+)", done.stdout)
     if done.returncode != 0 or match is None:
@@ -350,86 +350,103 @@ def _espeak_version() -> tuple[str, Path]:
 
 
 def _prepare_espeak_data(root: Path, speakers: list[Speaker]) -> None:
-    """A private, pruned copy of espeak-ng's data with one voice-variant file per speaker."""
+    """A private, pruned copy of espeak-ng's data holding one voice-variant file per speaker."""
     source = _espeak_version()[1]
     target = root / "espeak-ng-data"
     shutil.rmtree(root, ignore_errors=True)
     try:
+        target.mkdir(parents=True)
         for name in _ESPEAK_FILES:
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source / name, target / name)
-        for prefix in _ESPEAK_LANGS:
-            folder, stem = prefix.rsplit("/", 1)
-            (target / folder).mkdir(parents=True, exist_ok=True)
-            for path in sorted((source / folder).glob(stem + "*")):
-                shutil.copyfile(path, target / folder / path.name)
+        for pattern in _ESPEAK_LANGUAGE_FILES:
+            for path in sorted(source.glob(pattern)):
+                (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target / path.relative_to(source))
     except OSError as exc:
-        raise DataError(f"cannot copy espeak-ng data from {source}: {exc}; is espeak-ng-data complete?") from exc
+        raise DataError(f"cannot copy espeak-ng's data from {source}: {exc}; reinstall espeak-ng-data") from exc
     variants = target / "voices" / "!v"
-    variants.mkdir(parents=True, exist_ok=True)
+    variants.mkdir(parents=True)
     for speaker in speakers:
         (variants / speaker.name).write_text(speaker.variant, encoding="utf-8")
 
 
-def _espeak(job: _Job) -> np.ndarray:
-    speaker = job.speaker
-    spoken = _pinyin_for_espeak(job.text) if speaker.language == "zh" else job.text
-    command = ["espeak-ng", f"--path={job.espeak_root}", "--stdout", "--stdin",
-               "-v", f"{speaker.accent}+{speaker.name}", "-s", str(speaker.speed_wpm)]
+def _espeak(utterance: _Utterance, espeak_root: str) -> np.ndarray:
+    """espeak-ng's 22,050 Hz output for one utterance, resampled to 32 kHz."""
+    speaker = utterance.speaker
+    spoken = _pinyin_for_espeak(utterance.text) if speaker.language == "zh" else utterance.text
+    voice = f"{speaker.accent}+{speaker.name}"
+    command = ["espeak-ng", f"--path={espeak_root}", "--stdout", "--stdin", "-v", voice,
+               "-s", str(speaker.speed_wpm)]
     done = subprocess.run(command, input=spoken.encode("utf-8"), capture_output=True, check=False)
+    problem = done.stderr.decode(errors="replace").strip()
     try:
         wave, rate = sf.read(BytesIO(done.stdout), dtype="float64")
     except (sf.LibsndfileError, RuntimeError) as exc:
-        raise DataError(f"espeak-ng produced no audio for {speaker.name} ({' '.join(command[3:])}, exit "
-                        f"{done.returncode}): {done.stderr.decode(errors='replace').strip() or exc}") from exc
+        wave, rate, problem = np.zeros(0), 0, problem or str(exc)
     if done.returncode != 0 or len(wave) == 0:
-        raise DataError(f"espeak-ng failed for {speaker.name} (exit {done.returncode}): "
-                        f"{done.stderr.decode(errors='replace').strip()}")
+        raise DataError(f"espeak-ng made no audio for {speaker.name} (voice {voice}, exit {done.returncode}): "
+                        f"{problem or 'no output'}; check that `espeak-ng -v {speaker.accent} hello` works")
     g = np.gcd(SAMPLE_RATE, rate)
     return resample_poly(wave, SAMPLE_RATE // g, rate // g)
 
 
 def _pinyin_for_espeak(text: str) -> str:
-    """Numbered pinyin with ASCII punctuation: espeak-ng 1.51 cannot read Chinese characters."""
+    """Numbered pinyin with ASCII punctuation (espeak-ng 1.51 misreads Chinese characters)."""
     from pypinyin import Style, lazy_pinyin
 
     punctuation = {"，": ",", "、": ",", "。": ".", "？": "?", "！": "!"}
     spoken = ""
     for token in lazy_pinyin(text, style=Style.TONE3, neutral_tone_with_five=True):
-        mapped = "".join(punctuation.get(ch, "") for ch in token)
-        spoken += mapped if mapped or not token.strip() else f" {token}"
+        marks = "".join(punctuation.get(ch, "") for ch in token)
+        spoken += marks if marks or not token.strip() else f" {token}"
     return spoken.strip()
 
 
-def _synthesise(indexed: tuple[int, _Job]) -> tuple[int, float, np.ndarray]:
-    """Worker: render one utterance, write it atomically as 16-bit 32 kHz WAV."""
-    index, job = indexed
-    if job.engine == "espeak-ng":
-        wave = _espeak(job)
+# --------------------------------------------------------------------------- processes
+
+
+def _synthesise(task: tuple[int, _Utterance, str, str, str]) -> tuple[int, float, np.ndarray]:
+    """Worker: render one utterance, write it atomically (32 kHz 16-bit WAV), measure it."""
+    k, utterance, path, engine, espeak_root = task
+    if engine == "espeak-ng":
+        wave = _espeak(utterance, espeak_root)
     else:
-        wave = synthesize(job.text, job.speaker.language, job.speaker.pseudo_voice, job.seed)
+        speaker = utterance.speaker
+        wave = synthesize(utterance.text, speaker.language, speaker.pseudo_voice, utterance.seed)
     wave = (0.9 * wave / max(float(np.abs(wave).max()), 1e-6)).astype(np.float32)
-    path = Path(job.path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         sf.write(tmp, wave, SAMPLE_RATE, subtype="PCM_16", format="WAV")
-    return index, len(wave) / SAMPLE_RATE, mfcc_statistics(wave, SAMPLE_RATE)
+    return k, len(wave) / SAMPLE_RATE, mfcc_statistics(wave, SAMPLE_RATE)
 
 
-def _init_worker() -> None:
-    """If torch was imported anyway (fork start), keep its threads off the espeak-ng cores."""
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
-
-
-def _run_jobs(jobs: list[_Job], workers: int):
-    indexed = list(enumerate(jobs))
+def _run(tasks: list, workers: int) -> Iterator[tuple[int, float, np.ndarray]]:
+    """Results as they finish: in this process for one worker, else in spawned processes."""
     if workers == 1:
-        yield from map(_synthesise, indexed)
+        yield from map(_synthesise, tasks)
         return
-    # spawn: a fresh interpreter per worker, safe whatever threads the parent runs (torch, Ray).
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
-        yield from pool.imap_unordered(_synthesise, indexed, chunksize=2)
+    # spawn: a fresh interpreter per worker, safe whatever threads the parent runs (torch, Ray);
+    # workers import only numpy/scipy/soundfile. One BLAS/OpenMP thread each: the workers and
+    # their espeak-ng children already fill the cores (threads would only contend).
+    with _environment(_ONE_THREAD):
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+    with pool:
+        yield from pool.imap_unordered(_synthesise, tasks, chunksize=2)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables while worker processes start (they copy it), then restore."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _available_cpus() -> int:
@@ -440,7 +457,7 @@ def _available_cpus() -> int:
 
 
 def _claim_output_folder(out: Path) -> None:
-    """Make ``out`` ours: empty, new, or a previous speakers output (whose entries are removed)."""
+    """Make ``out`` ours: new, empty, or an earlier speakers output (whose entries are removed)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder (new or empty)")
     if not out.exists() or not any(out.iterdir()):
@@ -451,7 +468,7 @@ def _claim_output_folder(out: Path) -> None:
     except (OSError, ValueError, AttributeError):
         previous = None
     if previous != GENERATOR:
-        raise ConfigError(f"--out {out} is not empty and is not an earlier `{GENERATOR}` output "
+        raise ConfigError(f"--out {out} is not empty and holds no earlier `{GENERATOR}` output "
                           f"(no {MANIFEST} of ours); choose a new or empty folder")
     log.info("replacing the earlier speakers output in %s", out)
     for name in _OUTPUTS:
@@ -462,75 +479,75 @@ def _claim_output_folder(out: Path) -> None:
             path.unlink()
 
 
-def _list_line(path: str, speaker: str, language: str, text: str) -> str:
-    return f"{path}|{speaker}|{language}|{text}\n"
-
-
-def _write_lists_and_manifest(out: Path, config: SpeakersConfig, speakers: list[Speaker],
-                              results: list[_Result], engine_info: dict) -> dict:
-    by_speaker = {s.name: s for s in speakers}
-    top: dict[str, list[str]] = {"train.list": [], "heldout_seen.list": [], "heldout_unseen.list": []}
+def _write_outputs(out: Path, config: SpeakersConfig, engine: dict, speakers: list[Speaker],
+                   utterances: list[_Utterance], seconds: np.ndarray, features: np.ndarray) -> dict:
+    """Per-speaker lists, the three top-level lists and the manifest (written last)."""
+    top: dict[str, list[str]] = {name: [] for name in _TOP_LISTS}
     entries = []
     for speaker in speakers:
-        mine = [r for r in results if r.speaker == speaker.name]
-        entry = {"name": speaker.name, "role": speaker.role, "sex": speaker.sex, "language": speaker.language,
-                 "folder": speaker.folder}
-        if engine_info["name"] == "espeak-ng":
-            entry["voice"] = {"espeak_voice": f"{speaker.accent}+{speaker.name}", "speed_wpm": speaker.speed_wpm,
-                              "variant_file": speaker.variant}
-        else:
-            entry["voice"] = {"pseudo_speech": asdict(speaker.pseudo_voice)}
-        for split in ("train", "heldout"):
-            rows = [r for r in mine if r.split == split]
-            if speaker.role == "unseen" and split == "train":
-                continue
-            lines = [_list_line(r.wav, r.speaker, by_speaker[r.speaker].language, r.text) for r in rows]
+        entry = {"name": speaker.name, "role": speaker.role, "sex": speaker.sex,
+                 "language": speaker.language, "folder": speaker.folder, "voice": _voice_entry(speaker, engine)}
+        for split in ("train", "heldout") if speaker.role == "client" else ("heldout",):
+            mine = [k for k, u in enumerate(utterances) if u.speaker is speaker and u.split == split]
+            lines = [f"{utterances[k].wav}|{speaker.name}|{speaker.language}|{utterances[k].text}\n" for k in mine]
             atomic_write_text(out / speaker.folder / f"{split}.list", "".join(lines))
-            key = "train.list" if split == "train" else f"heldout_{'seen' if speaker.role == 'client' else 'unseen'}.list"
-            top[key] += [_list_line(f"{speaker.folder}/{r.wav}", r.speaker, speaker.language, r.text) for r in rows]
-            entry[split] = {"list": f"{speaker.folder}/{split}.list", "utterances": len(rows),
-                            "seconds": round(sum(r.seconds for r in rows), 3)}
+            top_list = "train.list" if split == "train" else ("heldout_seen.list" if speaker.role == "client"
+                                                              else "heldout_unseen.list")
+            top[top_list] += [f"{speaker.folder}/{line}" for line in lines]
+            entry[split] = {"list": f"{speaker.folder}/{split}.list", "utterances": len(mine),
+                            "seconds": round(float(seconds[mine].sum()), 3)}
         entries.append(entry)
     for name, lines in top.items():
         atomic_write_text(out / name, "".join(lines))
 
-    seconds = np.array([r.seconds for r in results])
-    labels = [r.speaker for r in results]
-    features = np.stack([r.features for r in results])
-    check: dict = {"method": "leave-one-out nearest speaker centroid, cosine on z-scored mean+std of MFCC 1-19",
-                   "speakers": len(speakers), "chance": round(1 / len(speakers), 4)}
-    if len(speakers) > 1 and any(labels.count(s.name) > 1 for s in speakers):
-        check["accuracy"] = round(speaker_id_accuracy(features, labels), 4)
-        check["near_duplicates"] = similar_speaker_pairs(features, labels)
-        for a, b, similarity in check["near_duplicates"]:
-            log.warning("speakers %s and %s sound alike (centroid cosine %.3f)", a, b, similarity)
     short = int((seconds < 0.6).sum())
     if short:
-        log.warning("%d utterances are shorter than 0.6 s (the data pipeline rejects them)", short)
+        log.warning("%d utterances are shorter than 0.6 s, which the data pipeline rejects", short)
     manifest = {
         "generator": GENERATOR,
         "layout_version": LAYOUT_VERSION,
         "complete": True,
         "config": {k: v for k, v in asdict(config).items() if k != "workers"},  # workers change nothing
-        "engine": engine_info,
+        "engine": engine,
         "sample_rate": SAMPLE_RATE,
-        "format": "WAV PCM_16 mono",
-        "list_format": "path|speaker|language|text, path relative to the list file's folder",
-        "text_source": _TEXT_SOURCE,
-        "lists": {"train": "train.list", "heldout_seen": "heldout_seen.list", "heldout_unseen": "heldout_unseen.list"},
+        "audio_format": "WAV, PCM 16-bit, mono, peak 0.9",
+        "list_format": "path|speaker|language|text; path relative to the list file's folder",
+        "lists": {"train": "train.list", "heldout_seen": "heldout_seen.list",
+                  "heldout_unseen": "heldout_unseen.list"},
+        "text_source": TEXT_SOURCE,
         "totals": {
-            "speakers": len(speakers), "clients": config.n_speakers, "unseen_speakers": config.unseen_speakers,
-            "utterances": len(results), "seconds": round(float(seconds.sum()), 3),
-            "utterance_seconds": {"min": round(float(seconds.min()), 3), "median": round(float(np.median(seconds)), 3),
-                                  "max": round(float(seconds.max()), 3)},
+            "clients": config.n_speakers, "unseen_speakers": config.unseen_speakers,
+            "utterances": len(utterances), "seconds": round(float(seconds.sum()), 3),
+            "utterance_seconds": {q: round(float(f(seconds)), 3)
+                                  for q, f in (("min", np.min), ("median", np.median), ("max", np.max))},
             "under_0.6_s": short,
-            "bytes": sum((out / by_speaker[r.speaker].folder / r.wav).stat().st_size for r in results),
+            "bytes": sum((out / u.speaker.folder / u.wav).stat().st_size for u in utterances),
         },
-        "speaker_check": check,
+        "speaker_check": _speaker_check(features, [u.speaker.name for u in utterances], len(speakers)),
         "speakers": entries,
     }
     atomic_write_text(out / MANIFEST, _dump(manifest))
     return manifest
+
+
+def _voice_entry(speaker: Speaker, engine: dict) -> dict:
+    if engine["name"] == "espeak-ng":
+        return {"espeak_voice": f"{speaker.accent}+{speaker.name}", "speed_wpm": speaker.speed_wpm,
+                "variant_file": speaker.variant}
+    return {"pseudo_speech": asdict(speaker.pseudo_voice)}
+
+
+def _speaker_check(features: np.ndarray, labels: list[str], n_speakers: int) -> dict:
+    """Speaker-ID accuracy against chance, and near-duplicate voices (logged as warnings)."""
+    check: dict = {"method": "leave-one-out nearest speaker centroid, cosine on z-scored mean and std "
+                             "of MFCC 1-19", "speakers": n_speakers, "chance": round(1 / n_speakers, 4)}
+    if n_speakers < 2 or all(labels.count(name) < 2 for name in set(labels)):
+        return check  # nothing to tell apart, or no speaker with two utterances
+    check["accuracy"] = round(speaker_id_accuracy(features, labels), 4)
+    check["near_duplicates"] = similar_speaker_pairs(features, labels)
+    for a, b, similarity in check["near_duplicates"]:
+        log.warning("speakers %s and %s sound alike (centroid cosine %.3f)", a, b, similarity)
+    return check
 
 
 def _dump(document: dict) -> str:
