@@ -69,13 +69,18 @@ def main(
     if not skip_train:
         batch = _batch(batch_size, phonemes, tokens, cfg.phoneme_vocab_size)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        for mode, module in (("plain", model), ("opacus_hooks", GradSampleModule(model, loss_reduction="sum"))):
-            def step() -> None:
+        for mode, module in (
+            ("plain", model),
+            ("opacus_hooks", GradSampleModule(model, loss_reduction="sum")),
+        ):
+
+            def step(module: torch.nn.Module = module) -> None:
                 optimizer.zero_grad(set_to_none=True)
                 s1_loss(module, batch).per_sample.sum().backward()
                 optimizer.step()
                 for param in model.parameters():
                     param.grad_sample = None
+
             result[f"train_step_s_{mode}"] = round(_median_seconds(step, repeats), 4)
             if isinstance(module, GradSampleModule):
                 module._close()
@@ -84,11 +89,22 @@ def main(
     text = torch.randint(1, cfg.phoneme_vocab_size, (phonemes,))
     reference = torch.randint(0, EOS, (prompt,))
     seconds = _median_seconds(
-        lambda: generate(model, text, None, reference, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         generator=torch.Generator().manual_seed(0)),
+        lambda: generate(
+            model,
+            text,
+            None,
+            reference,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            generator=torch.Generator().manual_seed(0),
+        ),
         repeats,
     )
-    result["generate"] = {"prompt": prompt, "new_tokens": new_tokens, "tokens_per_s": round(new_tokens / seconds, 1)}
+    result["generate"] = {
+        "prompt": prompt,
+        "new_tokens": new_tokens,
+        "tokens_per_s": round(new_tokens / seconds, 1),
+    }
     print(json.dumps(result))
 
 

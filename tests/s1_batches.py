@@ -28,8 +28,12 @@ def random_s1_batch(
     bert = torch.zeros(batch, width, config.bert_dim, dtype=dtype)
     semantic_ids = torch.full((batch, steps), EOS, dtype=torch.long)
     for i, (x_len, y_len) in enumerate(zip(phoneme_lengths, semantic_lengths, strict=True)):
-        phoneme_ids[i, width - x_len:] = torch.randint(1, config.phoneme_vocab_size, (x_len,), generator=generator)
-        bert[i, width - x_len:] = torch.randn(x_len, config.bert_dim, generator=generator, dtype=dtype)
+        phoneme_ids[i, width - x_len :] = torch.randint(
+            1, config.phoneme_vocab_size, (x_len,), generator=generator
+        )
+        bert[i, width - x_len :] = torch.randn(
+            x_len, config.bert_dim, generator=generator, dtype=dtype
+        )
         semantic_ids[i, :y_len] = torch.randint(0, EOS, (y_len,), generator=generator)
     return S1Batch(
         phoneme_ids=phoneme_ids,
@@ -46,9 +50,9 @@ def unpadded(batch: S1Batch, index: int) -> S1Batch:
     y_len = int(batch.semantic_lengths[index])
     width = batch.phoneme_ids.shape[1]
     return S1Batch(
-        phoneme_ids=batch.phoneme_ids[index : index + 1, width - x_len:],
+        phoneme_ids=batch.phoneme_ids[index : index + 1, width - x_len :],
         phoneme_lengths=batch.phoneme_lengths[index : index + 1],
-        bert_features=batch.bert_features[index : index + 1, width - x_len:],
+        bert_features=batch.bert_features[index : index + 1, width - x_len :],
         semantic_ids=batch.semantic_ids[index : index + 1, :y_len],
         semantic_lengths=batch.semantic_lengths[index : index + 1],
     )

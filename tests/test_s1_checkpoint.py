@@ -1,4 +1,4 @@
-"""s1 interop: official .ckpt files built from the manifests import strictly and export bit-exactly."""
+"""s1 interop: manifest-built official .ckpt files import strictly and export bit-exactly."""
 
 from __future__ import annotations
 
@@ -9,11 +9,23 @@ import torch
 
 from shared.errors import CheckpointError
 from shared.models.config import CONFIG_NAMES, s1_config
-from shared.models.interop import manifest, random_official_state_dict, read_torch_file, write_torch_file
+from shared.models.interop import (
+    manifest,
+    random_official_state_dict,
+    read_torch_file,
+    write_torch_file,
+)
 from shared.models.s1 import Text2SemanticDecoder
 from shared.models.s1_checkpoint import (
-    config_from_official, fedvox_to_official, load_official_s1, load_s1_safetensors,
-    official_config, official_shapes, official_to_fedvox, read_official_s1, save_official_s1,
+    config_from_official,
+    fedvox_to_official,
+    load_official_s1,
+    load_s1_safetensors,
+    official_config,
+    official_shapes,
+    official_to_fedvox,
+    read_official_s1,
+    save_official_s1,
     save_s1_safetensors,
 )
 from shared.models.subsets import SubsetSpec, apply_subset
@@ -21,27 +33,58 @@ from shared.models.subsets import SubsetSpec, apply_subset
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def _official_file(path: Path, version: str, dtype: torch.dtype, with_config: bool = True) -> dict:
-    weight = {k: t.to(dtype) for k, t in random_official_state_dict(f"s1_{version}", seed=1).items()}
-    content = {"weight": weight, "info": "GPT-e15"}
-    if with_config:
-        content["config"] = official_config(s1_config(version))
+OFFICIAL = {"v2": torch.float16, "v1": torch.float32}
+"""Full-size files built from both manifests, covering both export dtypes."""
+
+
+def _official_file(path: Path, version: str, dtype: torch.dtype) -> dict:
+    weight = {
+        k: t.to(dtype) for k, t in random_official_state_dict(f"s1_{version}", seed=1).items()
+    }
+    content = {"weight": weight, "config": official_config(s1_config(version)), "info": "GPT-e15"}
     write_torch_file(content, path)
     return content
 
 
+def _tiny_file(path: Path, drop: str | None = None, with_config: bool = True) -> None:
+    """An official-format file of the tiny config (cheap), optionally without key ``drop``."""
+    weight = fedvox_to_official(Text2SemanticDecoder(s1_config("tiny")).state_dict())
+    weight.pop(drop, None)
+    content = {"weight": weight, "info": "GPT-e1"}
+    if with_config:
+        content["config"] = official_config(s1_config("tiny"))
+    write_torch_file(content, path)
+
+
+@pytest.fixture(scope="module")
+def official_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:
+    folder = tmp_path_factory.mktemp("official")
+    return {
+        version: (
+            folder / f"{version}.ckpt",
+            _official_file(folder / f"{version}.ckpt", version, dtype),
+        )
+        for version, dtype in OFFICIAL.items()
+    }
+
+
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_official_keys_and_shapes_match_manifest(version: str) -> None:
-    expected = {key: tuple(spec["shape"]) for key, spec in manifest(f"s1_{version}")["tensors"].items()}
+    expected = {
+        key: tuple(spec["shape"]) for key, spec in manifest(f"s1_{version}")["tensors"].items()
+    }
     shapes = official_shapes(s1_config(version))
     assert list(shapes) == list(expected)  # same keys in the same order
     assert shapes == expected
 
 
-@pytest.mark.parametrize(("version", "dtype"), [("v2", torch.float16), ("v2", torch.float32), ("v1", torch.float16)])
-def test_import_then_export_is_bit_exact(tmp_path: Path, version: str, dtype: torch.dtype) -> None:
-    original = _official_file(tmp_path / "in.ckpt", version, dtype)
-    model = load_official_s1(tmp_path / "in.ckpt")
+@pytest.mark.parametrize("version", list(OFFICIAL))
+def test_import_then_export_is_bit_exact(
+    official_files: dict[str, tuple[Path, dict]], tmp_path: Path, version: str
+) -> None:
+    path, original = official_files[version]
+    dtype = OFFICIAL[version]
+    model = load_official_s1(path)
     assert model.config.name == version
     save_official_s1(model, tmp_path / "out.ckpt", dtype=dtype, info="GPT-e15")
     exported, tag = read_torch_file(tmp_path / "out.ckpt")
@@ -67,7 +110,9 @@ def test_split_order_is_q_k_v_like_torch_multihead_attention() -> None:
     }
     model = Text2SemanticDecoder(config).eval()
     attention = model.h.layers[0].self_attn
-    state = {k.removeprefix("h.layers.0.self_attn."): v for k, v in official_to_fedvox(official).items()}
+    state = {
+        k.removeprefix("h.layers.0.self_attn."): v for k, v in official_to_fedvox(official).items()
+    }
     attention.load_state_dict(state, strict=True)
     x = torch.randn(2, 5, config.dim)
     causal = torch.ones(5, 5, dtype=torch.bool).tril()
@@ -82,10 +127,11 @@ def test_key_mapping_round_trips() -> None:
     assert all(torch.equal(back[k], v) for k, v in state.items())
 
 
-def test_wrong_config_names_key_shapes_and_the_right_config(tmp_path: Path) -> None:
-    _official_file(tmp_path / "v1.ckpt", "v1", torch.float16)
+def test_wrong_config_names_key_shapes_and_the_right_config(
+    official_files: dict[str, tuple[Path, dict]],
+) -> None:
     with pytest.raises(CheckpointError) as error:
-        load_official_s1(tmp_path / "v1.ckpt", config=s1_config("v2"))
+        load_official_s1(official_files["v1"][0], config=s1_config("v2"))
     message = str(error.value)
     assert "model.ar_text_embedding.word_embeddings.weight" in message
     assert "(512, 512)" in message and "(732, 512)" in message
@@ -93,20 +139,19 @@ def test_wrong_config_names_key_shapes_and_the_right_config(tmp_path: Path) -> N
 
 
 def test_missing_key_is_named(tmp_path: Path) -> None:
-    content = _official_file(tmp_path / "in.ckpt", "v2", torch.float16)
-    del content["weight"]["model.h.layers.3.linear1.bias"]
-    write_torch_file(content, tmp_path / "broken.ckpt")
-    with pytest.raises(CheckpointError, match=r"1 missing keys.*h\.layers\.3\.linear1\.bias"):
+    _tiny_file(tmp_path / "broken.ckpt", drop="model.h.layers.1.linear1.bias")
+    with pytest.raises(CheckpointError, match=r"1 missing keys.*h\.layers\.1\.linear1\.bias"):
         load_official_s1(tmp_path / "broken.ckpt")
 
 
 def test_config_inferred_from_shapes_without_config_entry(tmp_path: Path) -> None:
-    _official_file(tmp_path / "bare.ckpt", "v1", torch.float32, with_config=False)
-    assert load_official_s1(tmp_path / "bare.ckpt").config == s1_config("v1")
+    _tiny_file(tmp_path / "bare.ckpt", with_config=False)
+    assert load_official_s1(tmp_path / "bare.ckpt").config == s1_config("tiny")
 
 
 def test_rejects_sovits_and_non_checkpoint_files(tmp_path: Path) -> None:
-    write_torch_file({"weight": random_official_state_dict("s2D_v2")}, tmp_path / "d.pth")
+    sovits = {key: torch.zeros(1) for key in list(manifest("s2G_v2")["tensors"])[:5]}
+    write_torch_file({"weight": sovits}, tmp_path / "d.pth")
     with pytest.raises(CheckpointError, match="SoVITS"):
         read_official_s1(tmp_path / "d.pth")
     (tmp_path / "notes.txt").write_text("hello")
@@ -138,11 +183,17 @@ def test_lora_model_exports_merged_weights(tmp_path: Path) -> None:
     save_official_s1(model, tmp_path / "merged.ckpt", dtype=torch.float32)
     save_s1_safetensors(model, tmp_path / "merged.safetensors")
     batch_inputs = (
-        torch.randint(1, 700, (1, 6)), torch.tensor([6]), torch.randn(1, 6, 1024),
-        torch.randint(0, 1024, (1, 5)), torch.tensor([5]),
+        torch.randint(1, 700, (1, 6)),
+        torch.tensor([6]),
+        torch.randn(1, 6, 1024),
+        torch.randint(0, 1024, (1, 5)),
+        torch.tensor([5]),
     )
     expected = model.eval()(*batch_inputs)
-    for loaded in (load_official_s1(tmp_path / "merged.ckpt"), load_s1_safetensors(tmp_path / "merged.safetensors")):
+    for loaded in (
+        load_official_s1(tmp_path / "merged.ckpt"),
+        load_s1_safetensors(tmp_path / "merged.safetensors"),
+    ):
         torch.testing.assert_close(loaded.eval()(*batch_inputs), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -154,6 +205,8 @@ def test_safetensors_round_trip_and_stage_check(tmp_path: Path) -> None:
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
     from shared.models.interop import save_safetensors
 
-    save_safetensors({"x": torch.zeros(1)}, tmp_path / "other.safetensors", metadata={"stage": "s2"})
+    save_safetensors(
+        {"x": torch.zeros(1)}, tmp_path / "other.safetensors", metadata={"stage": "s2"}
+    )
     with pytest.raises(CheckpointError, match="not a fedvox s1 model file"):
         load_s1_safetensors(tmp_path / "other.safetensors")

@@ -20,7 +20,9 @@ def model() -> Text2SemanticDecoder:
     return Text2SemanticDecoder(CONFIG)
 
 
-def _inputs(seed: int = 0, phonemes: int = 12, prompt: int = 9) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _inputs(
+    seed: int = 0, phonemes: int = 12, prompt: int = 9
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return (
         torch.randint(1, CONFIG.phoneme_vocab_size, (phonemes,), generator=g),
@@ -41,17 +43,28 @@ def _always_eos(model: Text2SemanticDecoder) -> None:
 
 def test_greedy_decoding_with_kv_cache_matches_full_forward(model: Text2SemanticDecoder) -> None:
     phonemes, bert, prompt = _inputs()
-    tokens = generate(model, phonemes, bert, prompt, max_new_tokens=15, top_k=1,
-                      repetition_penalty=1.0, min_new_tokens=15)
+    tokens = generate(
+        model,
+        phonemes,
+        bert,
+        prompt,
+        max_new_tokens=15,
+        top_k=1,
+        repetition_penalty=1.0,
+        min_new_tokens=15,
+    )
     assert tokens.shape == (15,)
     sequence = torch.cat([prompt, tokens]).unsqueeze(0)
     with torch.no_grad():
         logits = model.eval()(
-            phonemes.unsqueeze(0), torch.tensor([phonemes.numel()]), bert.unsqueeze(0),
-            sequence, torch.tensor([sequence.shape[1]]),
+            phonemes.unsqueeze(0),
+            torch.tensor([phonemes.numel()]),
+            bert.unsqueeze(0),
+            sequence,
+            torch.tensor([sequence.shape[1]]),
         )
     # row t predicts semantic token t; the new tokens start at row len(prompt)
-    predicted = logits[0, prompt.numel():-1, :EOS].argmax(-1)
+    predicted = logits[0, prompt.numel() : -1, :EOS].argmax(-1)
     assert torch.equal(predicted, tokens)
 
 
@@ -59,11 +72,15 @@ def test_stops_at_eos_once_allowed(model: Text2SemanticDecoder) -> None:
     _always_eos(model)
     phonemes, bert, prompt = _inputs()
     assert generate(model, phonemes, bert, prompt, min_new_tokens=0).numel() == 0
-    tokens = generate(model, phonemes, bert, prompt, min_new_tokens=3, generator=torch.Generator().manual_seed(0))
+    tokens = generate(
+        model, phonemes, bert, prompt, min_new_tokens=3, generator=torch.Generator().manual_seed(0)
+    )
     assert tokens.numel() == 3 and (tokens < EOS).all()
 
 
-def test_respects_max_new_tokens(model: Text2SemanticDecoder, caplog: pytest.LogCaptureFixture) -> None:
+def test_respects_max_new_tokens(
+    model: Text2SemanticDecoder, caplog: pytest.LogCaptureFixture
+) -> None:
     phonemes, bert, prompt = _inputs()
     with caplog.at_level(logging.WARNING, logger="shared.models.s1"):
         tokens = generate(model, phonemes, bert, prompt, max_new_tokens=7, min_new_tokens=7)
@@ -75,8 +92,18 @@ def test_same_seed_same_tokens(model: Text2SemanticDecoder) -> None:
     phonemes, bert, prompt = _inputs()
 
     def run(seed: int) -> torch.Tensor:
-        return generate(model, phonemes, bert, prompt, max_new_tokens=30, min_new_tokens=30,
-                        top_k=50, top_p=0.9, temperature=1.2, generator=torch.Generator().manual_seed(seed))
+        return generate(
+            model,
+            phonemes,
+            bert,
+            prompt,
+            max_new_tokens=30,
+            min_new_tokens=30,
+            top_k=50,
+            top_p=0.9,
+            temperature=1.2,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     assert torch.equal(run(3), run(3))
     assert not torch.equal(run(3), run(4))
@@ -85,7 +112,9 @@ def test_same_seed_same_tokens(model: Text2SemanticDecoder) -> None:
 def test_reference_free_and_restores_training_mode(model: Text2SemanticDecoder) -> None:
     phonemes, _, _ = _inputs()
     model.train()
-    tokens = generate(model, phonemes, None, torch.empty(0, dtype=torch.long), max_new_tokens=5, min_new_tokens=5)
+    tokens = generate(
+        model, phonemes, None, torch.empty(0, dtype=torch.long), max_new_tokens=5, min_new_tokens=5
+    )
     assert tokens.numel() == 5
     assert model.training
 

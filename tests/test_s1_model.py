@@ -46,7 +46,9 @@ def test_prefix_lm_mask_structure() -> None:
 def test_per_sample_loss_does_not_depend_on_batch_padding() -> None:
     torch.manual_seed(0)
     model = Text2SemanticDecoder(TINY).double().eval()
-    batch = random_s1_batch(TINY, [9, 4, 1], [12, 5, 0], seed=1, dtype=torch.float64, extra_padding=3)
+    batch = random_s1_batch(
+        TINY, [9, 4, 1], [12, 5, 0], seed=1, dtype=torch.float64, extra_padding=3
+    )
     together = s1_loss(model, batch).per_sample
     for i in range(len(batch)):
         alone = s1_loss(model, unpadded(batch, i)).per_sample
@@ -79,7 +81,10 @@ class _FixedLogits(nn.Module):
 
 def test_targets_and_top3_accuracy() -> None:
     batch = random_s1_batch(TINY, [2, 2], [2, 1], seed=3)
-    targets = [[*batch.semantic_ids[0, :2].tolist(), EOS], [batch.semantic_ids[1, 0].item(), EOS, EOS]]
+    targets = [
+        [*batch.semantic_ids[0, :2].tolist(), EOS],
+        [batch.semantic_ids[1, 0].item(), EOS, EOS],
+    ]
     logits = torch.zeros(2, 3, EOS + 1)
     logits[0, 0, targets[0][0]] = 10.0  # rank 1: hit
     logits[0, 1, :4] = 10.0  # target ranked below four others: miss (unless it is one of them)

@@ -1,4 +1,4 @@
-"""Trainable subsets: what each kind trains, that applying one changes nothing, and the wire state."""
+"""Trainable subsets: what each kind trains, that applying one changes nothing, wire state."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ from shared.errors import CheckpointError, ConfigError
 from shared.models.config import s1_config
 from shared.models.s1 import Text2SemanticDecoder, s1_loss
 from shared.models.subsets import (
-    SubsetSpec, apply_subset, load_trainable_state_dict, merged_state_dict, trainable_state_dict,
+    SubsetSpec,
+    apply_subset,
+    load_trainable_state_dict,
+    merged_state_dict,
+    trainable_state_dict,
 )
 from tests.s1_batches import random_s1_batch
 
@@ -50,7 +54,9 @@ class _WithFrozenQuantizer(nn.Module):
 
 
 def test_full_trains_everything_but_frozen_prefixes() -> None:
-    assert len(_trainable(apply_subset(_model(), SubsetSpec("full")))) == len(list(_model().parameters()))
+    assert len(_trainable(apply_subset(_model(), SubsetSpec("full")))) == len(
+        list(_model().parameters())
+    )
     model = apply_subset(_WithFrozenQuantizer(), SubsetSpec("full"))
     assert _trainable(model) == ["encoder.weight", "encoder.bias", "head.weight", "head.bias"]
 
@@ -63,7 +69,12 @@ def test_lora_trains_only_adapters_of_the_targets() -> None:
     assert "h.layers.1.self_attn.out_proj.lora_B.weight" in names
     assert "h.layers.0.linear2.lora_A.weight" in names
     frozen = apply_subset(_WithFrozenQuantizer(), SubsetSpec("lora", lora_rank=2, groups=("head",)))
-    assert _trainable(frozen) == ["encoder.lora_A.weight", "encoder.lora_B.weight", "head.weight", "head.bias"]
+    assert _trainable(frozen) == [
+        "encoder.lora_A.weight",
+        "encoder.lora_B.weight",
+        "head.weight",
+        "head.bias",
+    ]
     assert isinstance(frozen.quantizer, nn.Linear)  # frozen prefixes never get adapters
 
 
@@ -128,7 +139,9 @@ def test_trainable_state_round_trips_between_models() -> None:
     load_trainable_state_dict(receiver, state)
     sender.eval()
     receiver.eval()
-    torch.testing.assert_close(s1_loss(receiver, BATCH).per_sample, s1_loss(sender, BATCH).per_sample)
+    torch.testing.assert_close(
+        s1_loss(receiver, BATCH).per_sample, s1_loss(sender, BATCH).per_sample
+    )
     snapshot = {k: v.clone() for k, v in state.items()}
     with torch.no_grad():
         for p in sender.parameters():
@@ -163,5 +176,6 @@ def test_merged_state_loads_into_a_plain_model_with_the_same_outputs() -> None:
     plain.load_state_dict(merged, strict=True)
     plain.eval()
     adapted.eval()
-    torch.testing.assert_close(s1_loss(plain, BATCH).per_sample, s1_loss(adapted, BATCH).per_sample,
-                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        s1_loss(plain, BATCH).per_sample, s1_loss(adapted, BATCH).per_sample, rtol=1e-5, atol=1e-4
+    )

@@ -61,8 +61,15 @@ class LoRAConv1d(nn.Module):
         factory = {"device": weight.device, "dtype": weight.dtype}
         self.base = base.requires_grad_(False)
         self.lora_A = nn.Conv1d(
-            base.in_channels, rank, base.kernel_size, stride=base.stride, padding=base.padding,
-            dilation=base.dilation, padding_mode=base.padding_mode, bias=False, **factory,
+            base.in_channels,
+            rank,
+            base.kernel_size,
+            stride=base.stride,
+            padding=base.padding,
+            dilation=base.dilation,
+            padding_mode=base.padding_mode,
+            bias=False,
+            **factory,
         )
         self.lora_B = nn.Conv1d(rank, base.out_channels, 1, bias=False, **factory)
         nn.init.zeros_(self.lora_B.weight)
@@ -73,7 +80,10 @@ class LoRAConv1d(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The adapter as a dense ``[out, in, kernel]`` weight update."""
-        return torch.einsum("or,rik->oik", self.lora_B.weight[:, :, 0], self.lora_A.weight) * self.scaling
+        return (
+            torch.einsum("or,rik->oik", self.lora_B.weight[:, :, 0], self.lora_A.weight)
+            * self.scaling
+        )
 
 
 LoRALayer = LoRALinear | LoRAConv1d
@@ -121,5 +131,9 @@ def _check_rank(rank: int, alpha: float) -> None:
 
 
 __all__ = [
-    "LoRAConv1d", "LoRALayer", "LoRALinear", "merged_base_state", "wrap_with_lora",
+    "LoRAConv1d",
+    "LoRALayer",
+    "LoRALinear",
+    "merged_base_state",
+    "wrap_with_lora",
 ]

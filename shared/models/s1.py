@@ -56,7 +56,8 @@ class SinePositionalEmbedding(nn.Module):
     def table(self, positions: torch.Tensor) -> torch.Tensor:
         """The unscaled sine table ``[..., dim]`` at ``positions``."""
         exponent = torch.arange(0, self.dim, 2, device=positions.device, dtype=torch.float32)
-        angles = positions.unsqueeze(-1).float() * torch.exp(exponent * (-math.log(10000.0) / self.dim))
+        inv_freq = torch.exp(exponent * (-math.log(10000.0) / self.dim))
+        angles = positions.unsqueeze(-1).float() * inv_freq
         return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
@@ -90,8 +91,8 @@ class KVCache:
             self.keys = keys.new_empty(batch, heads, self.max_len, head_dim)
             self.values = values.new_empty(batch, heads, self.max_len, head_dim)
         end = self.length + keys.shape[2]
-        self.keys[:, :, self.length:end] = keys
-        self.values[:, :, self.length:end] = values
+        self.keys[:, :, self.length : end] = keys
+        self.values[:, :, self.length : end] = values
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
@@ -121,7 +122,9 @@ class SelfAttention(nn.Module):
             nn.init.zeros_(proj.bias)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None
+    ) -> torch.Tensor:
         batch, length, dim = x.shape
         q, k, v = (
             proj(x).view(batch, length, self.heads, -1).transpose(1, 2)
@@ -137,7 +140,9 @@ class SelfAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float
+) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
@@ -153,7 +158,9 @@ class TransformerLayer(nn.Module):
         self.norm2 = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None
+    ) -> torch.Tensor:
         x = self.norm1(x + self.dropout(self.self_attn(x, mask, cache)))
         ffn = self.linear2(self.dropout(F.relu(self.linear1(x))))
         return self.norm2(x + self.dropout(ffn))
@@ -166,7 +173,9 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.layers))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, caches: list[KVCache] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, caches: list[KVCache] | None = None
+    ) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, None if caches is None else caches[i])
         return x
@@ -212,9 +221,11 @@ class Text2SemanticDecoder(nn.Module):
         y = self.embed_semantic(semantic_ids, start=0)
         mask = prefix_lm_mask(phoneme_lengths, width, semantic_lengths, semantic_ids.shape[1])
         hidden = self.h(torch.cat([x, y], dim=1), mask)
-        return self.ar_predict_layer(hidden[:, width - 1:])
+        return self.ar_predict_layer(hidden[:, width - 1 :])
 
-    def embed_phonemes(self, phoneme_ids: torch.Tensor, phoneme_lengths: torch.Tensor, bert_features: torch.Tensor) -> torch.Tensor:
+    def embed_phonemes(
+        self, phoneme_ids: torch.Tensor, phoneme_lengths: torch.Tensor, bert_features: torch.Tensor
+    ) -> torch.Tensor:
         """``[B, X, dim]`` phoneme inputs; position 0 is each sample's first real phoneme."""
         width = phoneme_ids.shape[1]
         columns = torch.arange(width, device=phoneme_ids.device)
@@ -225,16 +236,23 @@ class Text2SemanticDecoder(nn.Module):
     def embed_semantic(self, semantic_ids: torch.Tensor, start: int) -> torch.Tensor:
         """``[B, Y, dim]`` semantic inputs at positions ``start, start + 1, ...``."""
         batch, length = semantic_ids.shape
-        positions = torch.arange(start, start + length, device=semantic_ids.device).expand(batch, length)
-        return self.dropout(self.ar_audio_embedding(semantic_ids) + self.ar_audio_position(positions))
+        positions = torch.arange(start, start + length, device=semantic_ids.device).expand(
+            batch, length
+        )
+        return self.dropout(
+            self.ar_audio_embedding(semantic_ids) + self.ar_audio_position(positions)
+        )
 
     # ------------------------------------------------------------------ subset protocol
     def module_groups(self) -> dict[str, tuple[str, ...]]:
         layers = range(self.config.layers)
         return {
             "embeddings": (
-                "bert_proj", "ar_text_embedding", "ar_text_position",
-                "ar_audio_embedding", "ar_audio_position",
+                "bert_proj",
+                "ar_text_embedding",
+                "ar_text_position",
+                "ar_audio_embedding",
+                "ar_audio_position",
             ),
             "attention": tuple(f"h.layers.{i}.self_attn" for i in layers),
             "ffn": tuple(f"h.layers.{i}.{name}" for i in layers for name in ("linear1", "linear2")),
@@ -250,7 +268,10 @@ class Text2SemanticDecoder(nn.Module):
 
 
 def prefix_lm_mask(
-    phoneme_lengths: torch.Tensor, phoneme_width: int, semantic_lengths: torch.Tensor, semantic_width: int
+    phoneme_lengths: torch.Tensor,
+    phoneme_width: int,
+    semantic_lengths: torch.Tensor,
+    semantic_width: int,
 ) -> torch.Tensor:
     """Boolean attention mask ``[B, 1, S, S]`` (True = may attend) over ``[phonemes ; semantic]``.
 
@@ -262,8 +283,12 @@ def prefix_lm_mask(
     total = phoneme_width + semantic_width
     rows = torch.arange(total, device=device)
     is_phoneme = rows < phoneme_width
-    structure = is_phoneme.unsqueeze(0) | (~is_phoneme.unsqueeze(1) & (rows.unsqueeze(0) <= rows.unsqueeze(1)))
-    phoneme_real = rows[:phoneme_width].unsqueeze(0) >= (phoneme_width - phoneme_lengths).unsqueeze(1)
+    structure = is_phoneme.unsqueeze(0) | (
+        ~is_phoneme.unsqueeze(1) & (rows.unsqueeze(0) <= rows.unsqueeze(1))
+    )
+    phoneme_real = rows[:phoneme_width].unsqueeze(0) >= (phoneme_width - phoneme_lengths).unsqueeze(
+        1
+    )
     semantic_real = rows[:semantic_width].unsqueeze(0) < semantic_lengths.unsqueeze(1)
     key_real = torch.cat([phoneme_real, semantic_real], dim=1)
     return (structure.unsqueeze(0) & key_real.unsqueeze(1)).unsqueeze(1)
@@ -285,7 +310,9 @@ class S1Loss:
     top3_total: torch.Tensor  # long scalar
 
 
-def s1_targets(semantic_ids: torch.Tensor, semantic_lengths: torch.Tensor, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+def s1_targets(
+    semantic_ids: torch.Tensor, semantic_lengths: torch.Tensor, eos: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(targets [B, Y + 1], real [B, Y + 1])``: each sample's tokens, then EOS, then padding."""
     columns = torch.arange(semantic_ids.shape[1] + 1, device=semantic_ids.device)
     targets = F.pad(semantic_ids, (0, 1), value=eos)
@@ -296,8 +323,11 @@ def s1_targets(semantic_ids: torch.Tensor, semantic_lengths: torch.Tensor, eos: 
 def s1_loss(model: nn.Module, batch: S1Batch) -> S1Loss:
     """Run ``model`` (a :class:`Text2SemanticDecoder`, possibly wrapped by Opacus) on ``batch``."""
     logits = model(
-        batch.phoneme_ids, batch.phoneme_lengths, batch.bert_features,
-        batch.semantic_ids, batch.semantic_lengths,
+        batch.phoneme_ids,
+        batch.phoneme_lengths,
+        batch.bert_features,
+        batch.semantic_ids,
+        batch.semantic_lengths,
     )
     eos = logits.shape[-1] - 1
     targets, real = s1_targets(batch.semantic_ids, batch.semantic_lengths, eos)
@@ -338,7 +368,10 @@ def generate(
     """
     config = model.config
     if phoneme_ids.ndim != 1 or phoneme_ids.numel() == 0:
-        raise DataError(f"generate() needs a non-empty 1-D phoneme id tensor, got shape {tuple(phoneme_ids.shape)}")
+        raise DataError(
+            "generate() needs a non-empty 1-D phoneme id tensor, got shape "
+            f"{tuple(phoneme_ids.shape)}"
+        )
     device = model.ar_predict_layer.weight.device
     max_new_tokens = config.max_semantic_tokens if max_new_tokens is None else max_new_tokens
     top_k = config.top_k if top_k is None else top_k
@@ -361,16 +394,21 @@ def generate(
         history = prompt[0]
         new_tokens: list[int] = []
         for step in range(max_new_tokens):
+            if step:  # feed the previous token, at semantic position prefix + step - 1
+                step_input = model.embed_semantic(
+                    history[-1:].unsqueeze(0), start=prefix + step - 1
+                )
+                hidden = model.h(step_input, None, caches)
             logits = model.ar_predict_layer(hidden[0, -1]).float()
             if step < min_new_tokens:
                 logits[config.eos] = -math.inf
-            token = _sample(logits, history, top_k, top_p, temperature, repetition_penalty, generator)
+            token = _sample(
+                logits, history, top_k, top_p, temperature, repetition_penalty, generator
+            )
             if token == config.eos or int(logits.argmax()) == config.eos:
                 break
             new_tokens.append(token)
             history = torch.cat([history, history.new_tensor([token])])
-            step_input = model.embed_semantic(history[-1:].unsqueeze(0), start=prefix + step)
-            hidden = model.h(step_input, None, caches)
         else:
             log.warning("s1 generation stopped at max_new_tokens=%d without EOS", max_new_tokens)
     finally:
@@ -394,7 +432,9 @@ def _sample(
     """
     if repetition_penalty != 1.0 and history.numel():
         seen = logits[history]
-        logits = logits.scatter(0, history, torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty))
+        logits = logits.scatter(
+            0, history, torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty)
+        )
     if top_p < 1.0:
         sorted_logits, order = logits.sort(descending=True)
         drop = sorted_logits.softmax(-1).cumsum(-1) > top_p
@@ -409,7 +449,16 @@ def _sample(
 
 
 __all__ = [
-    "EOS_BARRED_STEPS", "KVCache", "S1Loss", "SelfAttention", "SinePositionalEmbedding",
-    "Text2SemanticDecoder", "TransformerEncoder", "TransformerLayer", "generate",
-    "prefix_lm_mask", "s1_loss", "s1_targets",
+    "EOS_BARRED_STEPS",
+    "KVCache",
+    "S1Loss",
+    "SelfAttention",
+    "SinePositionalEmbedding",
+    "Text2SemanticDecoder",
+    "TransformerEncoder",
+    "TransformerLayer",
+    "generate",
+    "prefix_lm_mask",
+    "s1_loss",
+    "s1_targets",
 ]

@@ -21,7 +21,11 @@ import torch
 from shared.errors import CheckpointError
 from shared.models.config import CONFIG_NAMES, S1Config, s1_config
 from shared.models.interop import (
-    load_safetensors, read_torch_file, rename_keys, save_safetensors, write_torch_file,
+    load_safetensors,
+    read_torch_file,
+    rename_keys,
+    save_safetensors,
+    write_torch_file,
 )
 from shared.models.s1 import Text2SemanticDecoder
 from shared.models.subsets import merged_state_dict
@@ -40,10 +44,20 @@ _PACKED = "self_attn.in_proj_"  # + "weight" | "bias"
 # Sections of s1longer-v2.yaml that GPT-SoVITS inference does not read, kept so the exported
 # config has the official layout.
 _YAML_TRAIN = {
-    "seed": 1234, "epochs": 20, "batch_size": 8, "save_every_n_epoch": 1,
-    "precision": "16-mixed", "gradient_clip": 1.0,
+    "seed": 1234,
+    "epochs": 20,
+    "batch_size": 8,
+    "save_every_n_epoch": 1,
+    "precision": "16-mixed",
+    "gradient_clip": 1.0,
 }
-_YAML_OPTIMIZER = {"lr": 0.01, "lr_init": 1e-5, "lr_end": 1e-4, "warmup_steps": 2000, "decay_steps": 40000}
+_YAML_OPTIMIZER = {
+    "lr": 0.01,
+    "lr_init": 1e-5,
+    "lr_end": 1e-4,
+    "warmup_steps": 2000,
+    "decay_steps": 40000,
+}
 
 
 # ---------------------------------------------------------------------- key mapping
@@ -82,7 +96,12 @@ def official_config(config: S1Config) -> dict[str, Any]:
     return {
         "train": dict(_YAML_TRAIN),
         "optimizer": dict(_YAML_OPTIMIZER),
-        "data": {"max_eval_sample": 8, "max_sec": config.max_sec, "num_workers": 4, "pad_val": config.eos},
+        "data": {
+            "max_eval_sample": 8,
+            "max_sec": config.max_sec,
+            "num_workers": 4,
+            "pad_val": config.eos,
+        },
         "model": {
             "vocab_size": config.semantic_vocab,
             "phoneme_vocab_size": config.phoneme_vocab_size,
@@ -117,9 +136,13 @@ def config_from_official(yaml_config: Mapping[str, Any]) -> S1Config:
         }
         embedding_dim = int(model["embedding_dim"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint config has no usable 'model' section ({exc!r})") from None
+        raise CheckpointError(
+            f"checkpoint config has no usable 'model' section ({exc!r})"
+        ) from None
     if embedding_dim != fields["dim"]:
-        raise CheckpointError(f"checkpoint config has embedding_dim {embedding_dim} != hidden_dim {fields['dim']}")
+        raise CheckpointError(
+            f"checkpoint config has embedding_dim {embedding_dim} != hidden_dim {fields['dim']}"
+        )
     if vocab not in SYMBOLS_FOR_VOCAB:
         raise CheckpointError(
             f"checkpoint config has phoneme_vocab_size {vocab}; fedvox's text frontend knows "
@@ -141,13 +164,21 @@ def official_shapes(config: S1Config) -> dict[str, tuple[int, ...]]:
 
 
 # ---------------------------------------------------------------------- official .ckpt
-def read_official_s1(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, str | None]:
-    """``(weight, yaml config or None, info or None)`` of a GPT-SoVITS s1 ``.ckpt`` (official keys)."""
+def read_official_s1(
+    path: str | Path,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, str | None]:
+    """``(weight, yaml config or None, info or None)`` of a GPT-SoVITS s1 ``.ckpt``."""
     obj, _ = read_torch_file(path)
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a GPT-SoVITS s1 checkpoint dict")
-    weight = obj.get("weight", obj.get("state_dict"))  # exported .ckpt, or a Lightning training ckpt
-    if not isinstance(weight, Mapping) or not all(isinstance(t, torch.Tensor) for t in weight.values()):
+        raise CheckpointError(
+            f"{path} holds a {type(obj).__name__}, not a GPT-SoVITS s1 checkpoint dict"
+        )
+    weight = obj.get(
+        "weight", obj.get("state_dict")
+    )  # exported .ckpt, or a Lightning training ckpt
+    if not isinstance(weight, Mapping) or not all(
+        isinstance(t, torch.Tensor) for t in weight.values()
+    ):
         raise CheckpointError(
             f"{path} has no 'weight' tensor dict (keys: {sorted(obj)[:6]}); pass a GPT-SoVITS s1 "
             "(GPT) .ckpt such as s1bert25hz-5kh-longer-epoch=12-step=369668.ckpt"
@@ -156,7 +187,11 @@ def read_official_s1(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         raise CheckpointError(f"{path} is a SoVITS (s2) checkpoint; s1 needs a GPT .ckpt")
     config = obj.get("config")
     info = obj.get("info")
-    return dict(weight), (dict(config) if isinstance(config, Mapping) else None), (str(info) if info is not None else None)
+    return (
+        dict(weight),
+        (dict(config) if isinstance(config, Mapping) else None),
+        (str(info) if info is not None else None),
+    )
 
 
 def load_official_s1(path: str | Path, config: S1Config | None = None) -> Text2SemanticDecoder:
@@ -166,7 +201,11 @@ def load_official_s1(path: str | Path, config: S1Config | None = None) -> Text2S
     """
     weight, yaml_config, _ = read_official_s1(path)
     if config is None:
-        config = config_from_official(yaml_config) if yaml_config is not None else _config_from_shapes(weight, path)
+        config = (
+            config_from_official(yaml_config)
+            if yaml_config is not None
+            else _config_from_shapes(weight, path)
+        )
     _check_official_keys(weight, config, path)
     model = _build(config, official_to_fedvox(weight))
     log.info("loaded GPT-SoVITS s1 checkpoint %s (config %s)", path, config.name)
@@ -186,13 +225,17 @@ def save_official_s1(
     ``yaml_config`` is the imported file's config, to keep it unchanged; by default it is derived
     from ``model.config``.
     """
-    weight = OrderedDict((k, t.to(dtype)) for k, t in fedvox_to_official(merged_state_dict(model)).items())
+    weight = OrderedDict(
+        (k, t.to(dtype)) for k, t in fedvox_to_official(merged_state_dict(model)).items()
+    )
     config = dict(yaml_config) if yaml_config is not None else official_config(model.config)
     write_torch_file({"weight": weight, "config": config, "info": info}, path)
 
 
 # ---------------------------------------------------------------------- fedvox safetensors
-def save_s1_safetensors(model: Text2SemanticDecoder, path: str | Path, dtype: torch.dtype | None = None) -> None:
+def save_s1_safetensors(
+    model: Text2SemanticDecoder, path: str | Path, dtype: torch.dtype | None = None
+) -> None:
     """Write ``model`` (LoRA merged, fedvox key names) and its config as safetensors."""
     state = merged_state_dict(model)
     if dtype is not None:
@@ -211,13 +254,17 @@ def load_s1_safetensors(path: str | Path) -> Text2SemanticDecoder:
     try:
         config = S1Config(**metadata["config"])
     except TypeError as exc:
-        raise CheckpointError(f"{path} has an s1 config this fedvox version cannot read: {exc}") from None
+        raise CheckpointError(
+            f"{path} has an s1 config this fedvox version cannot read: {exc}"
+        ) from None
     _check_fedvox_keys(config, state, path)
     return _build(config, state)
 
 
 # ---------------------------------------------------------------------- checks
-def _check_official_keys(weight: Mapping[str, torch.Tensor], config: S1Config, path: str | Path) -> None:
+def _check_official_keys(
+    weight: Mapping[str, torch.Tensor], config: S1Config, path: str | Path
+) -> None:
     expected = official_shapes(config)
     missing = [key for key in expected if key not in weight]
     unexpected = [key for key in weight if key not in expected]
@@ -261,7 +308,9 @@ def _shapes_match(weight: Mapping[str, torch.Tensor], config: S1Config) -> bool:
     )
 
 
-def _check_fedvox_keys(config: S1Config, state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+def _check_fedvox_keys(
+    config: S1Config, state: Mapping[str, torch.Tensor], path: str | Path
+) -> None:
     with torch.device("meta"):
         expected = Text2SemanticDecoder(config).state_dict()
     missing = sorted(expected.keys() - state.keys())
@@ -288,7 +337,14 @@ def _build(config: S1Config, state: Mapping[str, torch.Tensor]) -> Text2Semantic
 
 
 __all__ = [
-    "config_from_official", "fedvox_to_official", "load_official_s1", "load_s1_safetensors",
-    "official_config", "official_shapes", "official_to_fedvox", "read_official_s1",
-    "save_official_s1", "save_s1_safetensors",
+    "config_from_official",
+    "fedvox_to_official",
+    "load_official_s1",
+    "load_s1_safetensors",
+    "official_config",
+    "official_shapes",
+    "official_to_fedvox",
+    "read_official_s1",
+    "save_official_s1",
+    "save_s1_safetensors",
 ]

@@ -66,7 +66,9 @@ class SubsetSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in SUBSET_KINDS:
-            raise ConfigError(f"unknown subset kind {self.kind!r}; use one of {', '.join(SUBSET_KINDS)}")
+            raise ConfigError(
+                f"unknown subset kind {self.kind!r}; use one of {', '.join(SUBSET_KINDS)}"
+            )
         if self.kind == "groups" and not self.groups:
             raise ConfigError("a 'groups' subset needs at least one group name")
         if self.kind == "full" and self.groups:
@@ -85,7 +87,9 @@ def apply_subset(model: nn.Module, spec: SubsetSpec) -> nn.Module:
             "frozen_prefixes(); see shared/models/subsets.py"
         )
     if any(isinstance(m, LoRALayer) for m in model.modules()):
-        raise ConfigError("LoRA adapters are already in this model; apply a subset to a fresh model")
+        raise ConfigError(
+            "LoRA adapters are already in this model; apply a subset to a fresh model"
+        )
     frozen = model.frozen_prefixes()
     group_prefixes = _group_prefixes(model, spec.groups)
 
@@ -96,7 +100,8 @@ def apply_subset(model: nn.Module, spec: SubsetSpec) -> nn.Module:
     _unfreeze(model, group_prefixes, frozen)
     if spec.kind == "lora":
         targets = [
-            name for name, _ in model.named_modules()
+            name
+            for name, _ in model.named_modules()
             if name and _matches_any(name, model.lora_targets()) and not _under(name, frozen)
         ]
         if not targets:
@@ -109,7 +114,9 @@ def apply_subset(model: nn.Module, spec: SubsetSpec) -> nn.Module:
             )
         for name in targets:
             parent, attr = _parent(model, name)
-            setattr(parent, attr, wrap_with_lora(getattr(parent, attr), spec.lora_rank, spec.lora_alpha))
+            setattr(
+                parent, attr, wrap_with_lora(getattr(parent, attr), spec.lora_rank, spec.lora_alpha)
+            )
     return model
 
 
@@ -152,7 +159,11 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     formats. The model is not modified.
     """
     model = _unwrap(model)
-    adapted = {f"{name}.": module for name, module in model.named_modules() if isinstance(module, LoRALayer)}
+    adapted = {
+        f"{name}.": module
+        for name, module in model.named_modules()
+        if isinstance(module, LoRALayer)
+    }
     merged: dict[str, torch.Tensor] = {}
     emitted: set[str] = set()
     for key, tensor in model.state_dict().items():
@@ -202,6 +213,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 __all__ = [
-    "SUBSET_KINDS", "SubsetKind", "SubsetModel", "SubsetSpec", "apply_subset",
-    "load_trainable_state_dict", "merged_state_dict", "trainable_state_dict",
+    "SUBSET_KINDS",
+    "SubsetKind",
+    "SubsetModel",
+    "SubsetSpec",
+    "apply_subset",
+    "load_trainable_state_dict",
+    "merged_state_dict",
+    "trainable_state_dict",
 ]
