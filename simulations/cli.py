@@ -28,14 +28,20 @@ def _options(verbose: bool = typer.Option(False, "--verbose", help="Show debug m
 @app.command()
 def speakers(
     n: int = typer.Option(8, "--n", help="Speakers that become federated clients."),
-    utterances: int = typer.Option(20, "--utterances", help="Training utterances per client (the mean with --zipf)."),
-    out: Path = typer.Option(..., "--out", help="Output folder (new, empty, or an earlier speakers output)."),
+    utterances: int = typer.Option(
+        20, "--utterances", help="Training utterances per client (the mean with --zipf)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Output folder: new, empty, or an earlier speakers output."),
     lang: str = typer.Option("mix", "--lang", help="en, zh, or mix (half the clients each)."),
-    seed: int = typer.Option(0, "--seed", help="Same seed, same files (on the same espeak-ng version)."),
-    zipf: float = typer.Option(0.0, "--zipf", help="Zipf exponent for unequal amounts per client (0 = equal)."),
-    heldout_utterances: int = typer.Option(2, "--heldout-utterances", help="Held-out utterances per speaker."),
-    unseen_speakers: int = typer.Option(2, "--unseen-speakers", help="Extra speakers with held-out utterances only."),
-    engine: str = typer.Option("auto", "--engine", help="auto (espeak-ng, else pseudo-speech), espeak-ng, pseudo-speech."),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same files (on one espeak-ng version)."),
+    zipf: float = typer.Option(
+        0.0, "--zipf", help="Zipf exponent for unequal amounts per client (0 = equal)."),
+    heldout_utterances: int = typer.Option(
+        2, "--heldout-utterances", help="Held-out utterances per client and per unseen speaker."),
+    unseen_speakers: int = typer.Option(
+        2, "--unseen-speakers", help="Extra speakers with held-out utterances only."),
+    engine: str = typer.Option(
+        "auto", "--engine", help="auto (espeak-ng, else pseudo-speech), espeak-ng or pseudo-speech."),
     workers: int | None = typer.Option(None, "--workers", help="Processes (default: all usable CPUs)."),
 ) -> None:
     """Generate distinct synthetic speakers: 32 kHz WAVs, GPT-SoVITS lists and a manifest."""

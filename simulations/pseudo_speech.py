@@ -32,8 +32,9 @@ _WIN = 1024  # analysis window: 32 ms, Hann at hop WIN/4 sums to exactly 2
 _NFFT = 2048  # room for the resonators' impulse-response tails (no circular wrap)
 _SILENCE = (0.0, 0.0, 0.0)
 
-# Vowel targets (F1, F2, F3 in Hz) for a reference adult male vocal tract, after Peterson &
-# Barney (1952) and Hillenbrand et al. (1995); a voice scales them by its vocal-tract length.
+# Vowel targets (F1, F2, F3 in Hz) for a reference adult male vocal tract: Peterson & Barney
+# (1952) averages, e and o from Hillenbrand et al. (1995), schwa (@), Mandarin ü (y) and
+# e (7) approximated; a voice scales them by its vocal-tract length.
 _VOWELS: dict[str, tuple[float, float, float]] = {
     "i": (270, 2290, 3010), "I": (390, 1990, 2550), "e": (480, 2090, 2690),
     "E": (530, 1840, 2480), "ae": (660, 1720, 2410), "a": (730, 1090, 2440),
@@ -54,7 +55,7 @@ class _Consonant:
     aspirated: bool = False
 
 
-_LABIAL, _ALVEOLAR, _POSTALV, _PALATAL, _VELAR = (
+_LABIAL, _ALVEOLAR, _POSTALVEOLAR, _PALATAL, _VELAR = (
     (300.0, 900.0, 2200.0), (350.0, 1700.0, 2600.0), (350.0, 1900.0, 2400.0),
     (300.0, 2200.0, 2900.0), (350.0, 1900.0, 2100.0),
 )
@@ -63,12 +64,16 @@ _PINYIN_INITIALS: dict[str, _Consonant] = {
     "b": _Consonant("stop", 900, _LABIAL), "p": _Consonant("stop", 900, _LABIAL, aspirated=True),
     "d": _Consonant("stop", 4000, _ALVEOLAR), "t": _Consonant("stop", 4000, _ALVEOLAR, aspirated=True),
     "g": _Consonant("stop", 2200, _VELAR), "k": _Consonant("stop", 2200, _VELAR, aspirated=True),
-    "z": _Consonant("affricate", 6000, _ALVEOLAR), "c": _Consonant("affricate", 6000, _ALVEOLAR, aspirated=True),
-    "zh": _Consonant("affricate", 3200, _POSTALV), "ch": _Consonant("affricate", 3200, _POSTALV, aspirated=True),
-    "j": _Consonant("affricate", 4200, _PALATAL), "q": _Consonant("affricate", 4200, _PALATAL, aspirated=True),
+    "z": _Consonant("affricate", 6000, _ALVEOLAR),
+    "c": _Consonant("affricate", 6000, _ALVEOLAR, aspirated=True),
+    "zh": _Consonant("affricate", 3200, _POSTALVEOLAR),
+    "ch": _Consonant("affricate", 3200, _POSTALVEOLAR, aspirated=True),
+    "j": _Consonant("affricate", 4200, _PALATAL),
+    "q": _Consonant("affricate", 4200, _PALATAL, aspirated=True),
     "f": _Consonant("fricative", 7000, _LABIAL), "s": _Consonant("fricative", 6000, _ALVEOLAR),
-    "sh": _Consonant("fricative", 3200, _POSTALV), "x": _Consonant("fricative", 4200, _PALATAL),
-    "h": _Consonant("aspirate", 0, _VELAR), "r": _Consonant("approximant", 0, (350, 1300, 1700), voiced=True),
+    "sh": _Consonant("fricative", 3200, _POSTALVEOLAR), "x": _Consonant("fricative", 4200, _PALATAL),
+    "h": _Consonant("aspirate", 0, _VELAR),
+    "r": _Consonant("approximant", 0, (350, 1300, 1700), voiced=True),
     "m": _Consonant("nasal", 0, _LABIAL, voiced=True), "n": _Consonant("nasal", 0, _ALVEOLAR, voiced=True),
     "l": _Consonant("approximant", 0, (360, 1300, 2700), voiced=True),
     "y": _Consonant("approximant", 0, (270, 2200, 3000), voiced=True),
@@ -78,7 +83,8 @@ _PINYIN_INITIALS: dict[str, _Consonant] = {
 _LETTERS: dict[str, _Consonant] = {
     **{c: _PINYIN_INITIALS[c] for c in "bpdtgkfsmnlrwyh"},
     "c": _PINYIN_INITIALS["k"], "q": _PINYIN_INITIALS["k"], "x": _PINYIN_INITIALS["s"],
-    "v": _Consonant("fricative", 7000, _LABIAL, voiced=True), "z": _Consonant("fricative", 6000, _ALVEOLAR, voiced=True),
+    "v": _Consonant("fricative", 7000, _LABIAL, voiced=True),
+    "z": _Consonant("fricative", 6000, _ALVEOLAR, voiced=True),
     "j": _PINYIN_INITIALS["zh"], "sh": _PINYIN_INITIALS["sh"], "ch": _PINYIN_INITIALS["ch"],
     "th": _Consonant("fricative", 7500, _ALVEOLAR), "ng": _PINYIN_INITIALS["n"],
 }
@@ -121,7 +127,7 @@ class PseudoVoice:
     open_quotient: float  # glottal open phase: higher is softer/breathier, steeper tilt
     pulse_skew: float  # opening share of the open phase: higher is a more abrupt closure
     breathiness: float  # aspiration noise mixed into voicing
-    jitter: float  # cycle-to-cycle F0 perturbation (fraction)
+    jitter: float  # random F0 perturbation from frame to frame (fraction)
     rate: float  # speaking-rate factor (durations are divided by it)
 
     @classmethod
@@ -163,8 +169,12 @@ def synthesize(text: str, language: str, voice: PseudoVoice, seed: int | Sequenc
     syllables = _mandarin_syllables(text) if language == "zh" else _english_syllables(text)
     if not syllables:
         raise ConfigError(f"pseudo-speech: no speakable syllables in {text!r}")
-    tracks = _phone_tracks(syllables, voice, rng, sample_rate)
-    return _render(tracks, voice, rng, sample_rate)
+    timeline = _Timeline(voice, rng, sample_rate)
+    timeline.silence(float(rng.uniform(0.12, 0.25)))
+    for syllable in syllables:
+        timeline.syllable(syllable)
+    timeline.silence(float(rng.uniform(0.15, 0.3)))
+    return _render(timeline.tracks(), voice, rng, sample_rate)
 
 
 # ------------------------------------------------------------------------------------ text
@@ -188,7 +198,7 @@ def _mandarin_syllables(text: str) -> list[_Syllable]:
             final = "v" + final[1:]  # ju = jü
         if initial in ("y", "w") and final not in _FINAL_VOWELS:
             final = {"y": "i", "w": "u"}[initial] + final
-        if final in ("i",) and initial in ("z", "c", "s", "zh", "ch", "sh", "r"):
+        if final == "i" and initial in ("z", "c", "s", "zh", "ch", "sh", "r"):
             vowels = ("r",) if initial in ("zh", "ch", "sh", "r") else ("@",)  # apical vowels
         else:
             vowels = tuple(_FINAL_VOWELS.get(final, "@").split())
@@ -236,85 +246,85 @@ def _add_pause(syllables: list[_Syllable], token: str) -> None:
 # ------------------------------------------------------------------------------ rendering
 
 
+class _Timeline:
+    """Phone targets laid out on the control grid (one row per ``_HOP`` samples)."""
+
+    def __init__(self, voice: PseudoVoice, rng: np.random.Generator, sample_rate: int):
+        self.voice, self.rng, self.frame_s = voice, rng, _HOP / sample_rate
+        self.rows: list[tuple[int, float, float, float, float, float, float, float]] = []
+        self.pitch: list[np.ndarray] = []  # semitones per frame; NaN while silent
+
+    def add(self, seconds: float, formants: tuple[float, float, float], voicing: float = 0.0,
+            aspiration: float = 0.0, frication: float = 0.0, noise_hz: float = 0.0) -> int:
+        """Hold one target for ``seconds`` (stretched by the rate and this reading); its frames."""
+        stretch = float(self.rng.lognormal(0.0, 0.12)) / self.voice.rate
+        frames = max(1, round(seconds * stretch / self.frame_s))
+        self.rows.append((frames, *formants, voicing, aspiration, frication, noise_hz))
+        return frames
+
+    def silence(self, seconds: float) -> None:
+        self.pitch.append(np.full(self.add(seconds, _SILENCE), np.nan))
+
+    def syllable(self, syllable: _Syllable) -> None:
+        frames = 0
+        if syllable.onset is not None:
+            frames += _consonant_phones(self, syllable.onset, _VOWELS[syllable.vowels[0]], onset=True)
+        for v in syllable.vowels:
+            frames += self.add(0.1 / len(syllable.vowels) + 0.03, _VOWELS[v], voicing=1.0)
+        if syllable.coda is not None:
+            frames += _consonant_phones(self, syllable.coda, _VOWELS[syllable.vowels[-1]], onset=False)
+        targets = np.asarray(syllable.pitch, dtype=np.float64)
+        self.pitch.append(np.interp(np.linspace(0, 1, frames), np.linspace(0, 1, len(targets)), targets))
+        if syllable.pause_after:
+            self.silence(syllable.pause_after)
+
+    def tracks(self) -> _Tracks:
+        table = np.array(self.rows, dtype=np.float64)
+        table = np.repeat(table[:, 1:], table[:, 0].astype(int), axis=0)
+        formants, (voicing, aspiration, frication, noise_hz) = table[:, :3], table[:, 3:].T
+        formants[np.all(formants == 0.0, axis=1)] = _VOWELS["@"]  # a neutral tract while silent
+        pitch = np.concatenate(self.pitch)
+        voiced = ~np.isnan(pitch)
+        # Declination: F0 drifts down over the utterance, as in read speech; plus a reading offset.
+        pitch[voiced] += np.linspace(1.5, -2.5, int(voiced.sum())) + self.rng.normal(0.0, 0.7)
+        pitch = np.interp(np.arange(len(pitch)), np.flatnonzero(voiced), pitch[voiced])
+        return _Tracks(formants=_smooth(formants, 7), voicing=_smooth(voicing, 3),
+                       aspiration=_smooth(aspiration, 3), frication=_smooth(frication, 2),
+                       noise_hz=np.maximum(noise_hz, 1000.0), pitch=_smooth(pitch * self.voice.f0_range, 5))
+
+
 @dataclass
 class _Tracks:
-    """Control tracks at one value per ``_HOP`` samples."""
+    """Control tracks, one value per ``_HOP`` samples."""
 
-    formants: np.ndarray  # [frames, 3] Hz, reference vocal tract
+    formants: np.ndarray  # [frames, 3] F1-F3 in Hz for the reference vocal tract
     voicing: np.ndarray  # [frames] amplitude of the glottal source
     aspiration: np.ndarray  # [frames] noise through the formants
-    frication: np.ndarray  # [frames] noise through the frication resonance
-    noise_hz: np.ndarray  # [frames] frication centre
+    frication: np.ndarray  # [frames] noise in the frication band
+    noise_hz: np.ndarray  # [frames] frication band centre
     pitch: np.ndarray  # [frames] semitones around the speaker's median F0
 
 
-def _phone_tracks(syllables: list[_Syllable], voice: PseudoVoice, rng: np.random.Generator,
-                  sample_rate: int) -> _Tracks:
-    frame_s = _HOP / sample_rate
-    rows: list[tuple[int, tuple[float, float, float], float, float, float, float]] = []
-    pitch_rows: list[np.ndarray] = []
-
-    def add(seconds: float, formants, voicing=0.0, aspiration=0.0, frication=0.0, noise_hz=0.0):
-        stretch = float(rng.lognormal(0.0, 0.12)) / voice.rate
-        frames = max(1, round(seconds * stretch / frame_s))
-        rows.append((frames, formants, voicing, aspiration, frication, noise_hz))
-        return frames
-
-    def silence(seconds: float) -> None:
-        pitch_rows.append(np.full(add(seconds, _SILENCE), np.nan))
-
-    silence(float(rng.uniform(0.12, 0.25)))
-    for syllable in syllables:
-        frames = 0
-        onset = syllable.onset
-        first = _VOWELS[syllable.vowels[0]]
-        if onset is not None:
-            frames += _add_consonant(add, onset, first, onset_position=True)
-        for v in syllable.vowels:
-            frames += add(0.1 / len(syllable.vowels) + 0.03, _VOWELS[v], voicing=1.0)
-        if syllable.coda is not None:
-            frames += _add_consonant(add, syllable.coda, _VOWELS[syllable.vowels[-1]], onset_position=False)
-        targets = np.asarray(syllable.pitch, dtype=np.float64)
-        pitch_rows.append(np.interp(np.linspace(0, 1, frames), np.linspace(0, 1, len(targets)), targets))
-        if syllable.pause_after:
-            silence(syllable.pause_after)
-    silence(float(rng.uniform(0.15, 0.3)))
-
-    counts = np.array([r[0] for r in rows])
-    expand = lambda k: np.repeat(np.array([r[k] for r in rows], dtype=np.float64), counts, axis=0)  # noqa: E731
-    pitch = np.concatenate(pitch_rows)
-    voiced = ~np.isnan(pitch)
-    # Declination: F0 drifts down over each breath group, as in read speech.
-    pitch[voiced] += np.linspace(1.5, -2.5, int(voiced.sum())) + rng.normal(0.0, 0.7)
-    pitch = np.interp(np.arange(len(pitch)), np.flatnonzero(voiced), pitch[voiced])
-    formants = expand(1)
-    silent = np.all(formants == 0.0, axis=1)
-    formants[silent] = np.asarray(_VOWELS["@"])  # neutral tract while silent
-    return _Tracks(
-        formants=_smooth(formants, 7), voicing=_smooth(expand(2), 3), aspiration=_smooth(expand(3), 3),
-        frication=_smooth(expand(4), 2), noise_hz=np.maximum(expand(5), 1000.0),
-        pitch=_smooth(pitch * voice.f0_range, 5),
-    )
-
-
-def _add_consonant(add, c: _Consonant, vowel: tuple[float, float, float], onset_position: bool) -> int:
-    """Append a consonant's phones; formants sit at the consonant's locus so vowels glide in."""
+def _consonant_phones(timeline: _Timeline, c: _Consonant, vowel: tuple[float, float, float],
+                      onset: bool) -> int:
+    """Add a consonant's phones; formants sit between its locus and the vowel, so vowels glide."""
     locus = tuple(0.5 * (np.asarray(c.locus) + np.asarray(vowel)))
     voicing = 0.35 if c.voiced else 0.0
     if c.manner in ("stop", "affricate"):
-        frames = add(0.05, locus, voicing=voicing)  # closure
-        frames += add(0.012 if c.manner == "stop" else 0.07, locus, frication=0.6, noise_hz=c.noise_hz)
-        if c.aspirated and onset_position:
-            frames += add(0.05, vowel, aspiration=0.5)
+        frames = timeline.add(0.05, locus, voicing=voicing)  # closure, then burst or frication
+        frames += timeline.add(0.012 if c.manner == "stop" else 0.07, locus, frication=0.6,
+                               noise_hz=c.noise_hz)
+        if c.aspirated and onset:
+            frames += timeline.add(0.05, vowel, aspiration=0.5)
         return frames
     if c.manner == "fricative":
-        return add(0.08, locus, voicing=voicing, frication=0.8 if c.noise_hz < 5000 else 0.45,
-                   noise_hz=c.noise_hz)
+        return timeline.add(0.08, locus, voicing=voicing, frication=0.8 if c.noise_hz < 5000 else 0.45,
+                            noise_hz=c.noise_hz)
     if c.manner == "aspirate":
-        return add(0.06, vowel, aspiration=0.6)
+        return timeline.add(0.06, vowel, aspiration=0.6)
     if c.manner == "nasal":
-        return add(0.055, (260.0, c.locus[1], 2500.0), voicing=0.45)
-    return add(0.045, c.locus, voicing=0.7)  # approximant
+        return timeline.add(0.055, (260.0, c.locus[1], 2500.0), voicing=0.45)
+    return timeline.add(0.045, c.locus, voicing=0.7)  # approximant
 
 
 def _smooth(x: np.ndarray, width: int) -> np.ndarray:
@@ -330,44 +340,43 @@ def _smooth(x: np.ndarray, width: int) -> np.ndarray:
 def _render(tracks: _Tracks, voice: PseudoVoice, rng: np.random.Generator, sample_rate: int) -> np.ndarray:
     frames = len(tracks.pitch)
     n = frames * _HOP
-    centres = (np.arange(frames) + 0.5) * _HOP
+    centres = (np.arange(frames) + 0.5) * _HOP  # where each control value holds
     t = np.arange(n, dtype=np.float64)
 
     # Glottal source: a Rosenberg flow pulse per period (slow opening, abrupt closure),
     # differentiated (the flow derivative includes lip radiation); the open quotient and the
-    # opening share set the spectral tilt.
+    # opening share set the spectral tilt. F0 wobbles a little from frame to frame (jitter).
     jitter = _smooth(rng.normal(0.0, voice.jitter, frames), 2)
-    f0 = voice.f0_hz * 2.0 ** (tracks.pitch / 12.0) * (1.0 + jitter)
-    phase = np.cumsum(np.interp(t, centres, f0) / sample_rate)
+    f0 = np.interp(t, centres, voice.f0_hz * 2.0 ** (tracks.pitch / 12.0) * (1.0 + jitter))
+    phase = np.cumsum(f0 / sample_rate)
     frac = phase - np.floor(phase)
-    oq = voice.open_quotient
-    x = np.minimum(frac / oq, 1.0)
+    x = np.minimum(frac / voice.open_quotient, 1.0)
     opening = voice.pulse_skew
     flow = np.where(x < opening, 0.5 * (1.0 - np.cos(np.pi * x / opening)),
                     np.cos(0.5 * np.pi * (x - opening) / (1.0 - opening)))
-    glottal = np.diff(flow, prepend=0.0) * (sample_rate / (np.interp(t, centres, f0) * 40.0))
+    glottal = np.diff(flow, prepend=0.0) * sample_rate / (40.0 * f0)  # level independent of F0
     noise = rng.standard_normal((2, n))
-    gate = np.where(frac < oq, 1.0, 0.4)  # aspiration is louder while the glottis is open
+    gate = np.where(frac < voice.open_quotient, 1.0, 0.4)  # aspiration peaks while the glottis is open
     voicing = np.interp(t, centres, tracks.voicing)
     aspiration = np.interp(t, centres, tracks.aspiration) + voice.breathiness * voicing
     tract_source = glottal * voicing + 0.25 * noise[0] * gate * aspiration
     frication_source = 0.12 * noise[1] * np.interp(t, centres, tracks.frication)
 
-    # Time-varying filters, one response per analysis frame (centred at i * hop + win / 2).
-    n_frames = n // _HOP
-    at = lambda track: np.interp((np.arange(n_frames) * _HOP + _WIN / 2), centres, track)  # noqa: E731
+    # Filters, one response per analysis block (block i is centred at i * hop + win / 2).
+    block_centres = np.arange(frames) * _HOP + _WIN / 2
     scale = voice.vocal_tract * np.asarray(voice.formant_shift)
-    formants = np.stack([at(tracks.formants[:, k]) * scale[k] for k in range(3)]
-                        + [np.full(n_frames, 3500.0 * scale[3]), np.full(n_frames, 4500.0 * scale[0])], axis=1)
+    moving = [np.interp(block_centres, centres, tracks.formants[:, k]) * scale[k] for k in range(3)]
+    fixed = [np.full(frames, 3500.0 * scale[3]), np.full(frames, 4500.0 * scale[0])]  # F4, F5
+    formants = np.stack(moving + fixed, axis=1)
     bandwidths = voice.bandwidth * np.array([60.0, 90.0, 130.0, 180.0, 250.0])
     tract = _all_pole_response(formants, bandwidths, sample_rate)
-    # Frication: noise in a band about half an octave wide around the constriction's resonance.
-    centre = at(tracks.noise_hz) * voice.vocal_tract
-    octaves = np.log2(np.maximum(np.fft.rfftfreq(_NFFT, 1.0 / sample_rate), 1.0)[None, :] / centre[:, None])
-    fric = np.exp(-0.5 * (octaves / 0.5) ** 2)
+    # Frication: noise in a band about an octave wide around the constriction's resonance.
+    centre = np.interp(block_centres, centres, tracks.noise_hz) * voice.vocal_tract
+    bins = np.maximum(np.fft.rfftfreq(_NFFT, 1.0 / sample_rate), 1.0)
+    frication = np.exp(-0.5 * (np.log2(bins[None, :] / centre[:, None]) / 0.5) ** 2)
 
-    out = _filter_blocks([(tract_source, tract), (frication_source, fric)], n_frames)
-    out = out[:n] + rng.normal(0.0, 3e-4 * np.std(out[:n]) + 1e-7, n)  # room/mic noise floor
+    out = _filter_blocks([(tract_source, tract), (frication_source, frication)], frames)[:n]
+    out += rng.normal(0.0, 3e-4 * np.std(out) + 1e-7, n)  # a faint room/microphone noise floor
     return (0.9 * out / max(float(np.abs(out).max()), 1e-6)).astype(np.float32)
 
 

@@ -105,7 +105,8 @@ class SpeakersConfig:
             (1 <= self.n_speakers <= MAX_SPEAKERS, f"--n must be 1..{MAX_SPEAKERS}, got {self.n_speakers}"),
             (1 <= self.utterances <= MAX_UTTERANCES,
              f"--utterances must be 1..{MAX_UTTERANCES}, got {self.utterances}"),
-            (self.language in LANGUAGES, f"--lang must be one of {', '.join(LANGUAGES)}, got {self.language!r}"),
+            (self.language in LANGUAGES,
+             f"--lang must be one of {', '.join(LANGUAGES)}, got {self.language!r}"),
             (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
             (0.0 <= self.zipf <= 5.0, f"--zipf must be 0..5 (0 = equal amounts), got {self.zipf}"),
             (self.zipf == 0.0 or self.utterances >= MIN_UTTERANCES,
@@ -264,7 +265,8 @@ def _plan(config: SpeakersConfig, speakers: list[Speaker], counts: list[int]) ->
             for number in range(count):
                 text = _utterance_text(sentences, speaker, rng)
                 seed = (config.seed, role_code, speaker.index, 2, int(split == "heldout"), number)
-                utterances.append(_Utterance(speaker, split, f"{speaker.name}_{split}_{number:04d}.wav", text, seed))
+                wav = f"{speaker.name}_{split}_{number:04d}.wav"
+                utterances.append(_Utterance(speaker, split, wav, text, seed))
     return utterances
 
 
@@ -363,7 +365,8 @@ def _prepare_espeak_data(root: Path, speakers: list[Speaker]) -> None:
                 (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, target / path.relative_to(source))
     except OSError as exc:
-        raise DataError(f"cannot copy espeak-ng's data from {source}: {exc}; reinstall espeak-ng-data") from exc
+        raise DataError(f"cannot copy espeak-ng's data from {source}: {exc}; "
+                        "reinstall espeak-ng-data") from exc
     variants = target / "voices" / "!v"
     variants.mkdir(parents=True)
     for speaker in speakers:
@@ -384,8 +387,9 @@ def _espeak(utterance: _Utterance, espeak_root: str) -> np.ndarray:
     except (sf.LibsndfileError, RuntimeError) as exc:
         wave, rate, problem = np.zeros(0), 0, problem or str(exc)
     if done.returncode != 0 or len(wave) == 0:
-        raise DataError(f"espeak-ng made no audio for {speaker.name} (voice {voice}, exit {done.returncode}): "
-                        f"{problem or 'no output'}; check that `espeak-ng -v {speaker.accent} hello` works")
+        raise DataError(f"espeak-ng made no audio for {speaker.name} (voice {voice}, exit "
+                        f"{done.returncode}): {problem or 'no output'}; check that "
+                        f"`espeak-ng -v {speaker.accent} hello` works")
     g = np.gcd(SAMPLE_RATE, rate)
     return resample_poly(wave, SAMPLE_RATE // g, rate // g)
 
@@ -485,11 +489,12 @@ def _write_outputs(out: Path, config: SpeakersConfig, engine: dict, speakers: li
     top: dict[str, list[str]] = {name: [] for name in _TOP_LISTS}
     entries = []
     for speaker in speakers:
-        entry = {"name": speaker.name, "role": speaker.role, "sex": speaker.sex,
-                 "language": speaker.language, "folder": speaker.folder, "voice": _voice_entry(speaker, engine)}
+        entry = {"name": speaker.name, "role": speaker.role, "sex": speaker.sex, "language": speaker.language,
+                 "folder": speaker.folder, "voice": _voice_entry(speaker, engine)}
         for split in ("train", "heldout") if speaker.role == "client" else ("heldout",):
             mine = [k for k, u in enumerate(utterances) if u.speaker is speaker and u.split == split]
-            lines = [f"{utterances[k].wav}|{speaker.name}|{speaker.language}|{utterances[k].text}\n" for k in mine]
+            lines = [f"{utterances[k].wav}|{speaker.name}|{speaker.language}|{utterances[k].text}\n"
+                     for k in mine]
             atomic_write_text(out / speaker.folder / f"{split}.list", "".join(lines))
             top_list = "train.list" if split == "train" else ("heldout_seen.list" if speaker.role == "client"
                                                               else "heldout_unseen.list")
