@@ -8,7 +8,7 @@ Two tokenizers, never mixed in one feature cache (each has a ``name`` the cache 
   (stride 2 -> 25 Hz) and frozen VQ codebook. :func:`load_hubert` reads a Hugging Face
   checkpoint into torchaudio's HuBERT architecture, so ``transformers`` is not needed.
 * :class:`FallbackTokenizer` needs no weights: a BEST-RQ-style random-projection quantizer over
-  per-utterance normalised log-mel frames stacked to 25 Hz. Its projection and codebook come
+  per-utterance normalised cepstra, two 50 Hz frames per 25 Hz token. Its projection and codebook come
   from a fixed seed, so every client and the server derive the same codes offline. Its codes
   carry phonetic and prosodic structure but are not HuBERT units; models trained on them only
   work with this tokenizer.
@@ -25,13 +25,13 @@ from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file
+from torchaudio.functional import create_dct
 from torchaudio.models import Wav2Vec2Model, wav2vec2_model
 
-from shared.audio import SAMPLE_RATE, SSL_SAMPLE_RATE, mel_spectrogram, resample
+from shared.audio import N_MELS, SAMPLE_RATE, SSL_SAMPLE_RATE, mel_spectrogram, resample
 from shared.errors import CheckpointError, ConfigError
 from shared.models.config import SEMANTIC_CODES
 from shared.models.interop import rename_keys
-from shared.models.s2.checkpoint import load_generator
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ HUBERT_INPUT_SCALE = 1145.14
 """GPT-SoVITS feeds HuBERT the 32 kHz waveform times this constant (``2-get-hubert-wav32k.py``)."""
 
 FALLBACK_SEED = 20_240_125
+FALLBACK_CEPSTRA = 20
 FALLBACK_DIM = 16
 FALLBACK_RANGE = 8.0  # natural-log mel floor below the utterance's peak (about 70 dB)
 FRAMES_PER_TOKEN = 2  # 50 Hz mel frames stacked into one 25 Hz token
@@ -56,34 +57,40 @@ class SemanticTokenizer(Protocol):
 
 
 class FallbackTokenizer:
-    """Random-projection quantizer over log-mel frames (offline, seeded, 1024 codes at 25 Hz).
+    """Random-projection quantizer over cepstra (offline, seeded, 1024 codes at 25 Hz).
 
-    Each 25 Hz step stacks two 50 Hz log-mel frames (256 values), floored 70 dB below the
-    utterance's peak and each mel bin normalised to zero mean and unit variance over the utterance,
-    so gain and channel offsets cancel. The stack is
-    projected by a fixed Gaussian matrix to 16 dimensions, L2-normalised, and assigned to the
-    nearest of 1024 fixed unit-norm codewords (largest cosine), as in BEST-RQ (Chiu et al., 2022).
+    HuBERT's own first training targets were clusters of MFCCs; without data to cluster on, we
+    quantize with fixed random directions instead, as BEST-RQ (Chiu et al., 2022) does. Per 50 Hz
+    frame: the log-mel spectrum floored 70 dB below the utterance's peak, its first 20 cepstra
+    (orthonormal DCT), each normalised to zero mean and unit variance over the utterance (gain and
+    channel cancel). Two frames are stacked per 25 Hz token (40 values), projected by a fixed
+    Gaussian matrix to 16 dimensions, L2-normalised, and assigned to the nearest of 1024 fixed
+    unit-norm codewords (largest cosine).
     """
 
     def __init__(self, seed: int = FALLBACK_SEED):
         generator = torch.Generator().manual_seed(seed)
-        stacked = 128 * FRAMES_PER_TOKEN
+        stacked = FALLBACK_CEPSTRA * FRAMES_PER_TOKEN
+        self.dct = create_dct(FALLBACK_CEPSTRA, N_MELS, norm="ortho")  # [128, 20]
         self.projection = torch.randn(stacked, FALLBACK_DIM, generator=generator) / stacked**0.5
         codebook = torch.randn(SEMANTIC_CODES, FALLBACK_DIM, generator=generator)
         self.codebook = torch.nn.functional.normalize(codebook, dim=1)
-        params = json.dumps([seed, FALLBACK_DIM, FALLBACK_RANGE, FRAMES_PER_TOKEN]).encode()
+        params = json.dumps([seed, FALLBACK_CEPSTRA, FALLBACK_DIM, FALLBACK_RANGE, FRAMES_PER_TOKEN])
         digest = hashlib.sha256(
-            params + self.projection.numpy().tobytes() + self.codebook.numpy().tobytes()
+            params.encode() + self.projection.numpy().tobytes() + self.codebook.numpy().tobytes()
         ).hexdigest()[:12]
         self.name = f"fallback-rpq-v1-{digest}"
 
     def encode(self, wave: torch.Tensor) -> torch.Tensor:
         mel = mel_spectrogram(wave.float())  # [128, T50]
         tokens = mel.shape[-1] // FRAMES_PER_TOKEN
+        if tokens == 0:
+            return torch.zeros(0, dtype=torch.long)
         mel = mel[:, : tokens * FRAMES_PER_TOKEN]
-        mel = mel.clamp_min(mel.max() - FALLBACK_RANGE)  # floor relative to the peak: gain-invariant
-        mel = (mel - mel.mean(dim=1, keepdim=True)) / mel.std(dim=1, keepdim=True).clamp_min(1e-3)
-        stacked = mel.T.reshape(tokens, -1)  # [T25, 256]: frame 2t then frame 2t+1
+        mel = mel.clamp_min(mel.max() - FALLBACK_RANGE)
+        cepstra = mel.T @ self.dct  # [T50, 20]
+        cepstra = (cepstra - cepstra.mean(dim=0)) / cepstra.std(dim=0).clamp_min(1e-3)
+        stacked = cepstra.reshape(tokens, FRAMES_PER_TOKEN * FALLBACK_CEPSTRA)  # frame 2t, then 2t+1
         z = torch.nn.functional.normalize(stacked @ self.projection, dim=1)
         return (z @ self.codebook.T).argmax(dim=1)
 
@@ -276,6 +283,9 @@ class TokenizerSpec:
     def build(self) -> SemanticTokenizer:
         if self.hubert is None or self.s2 is None:
             return FallbackTokenizer()
+        # The s2 stack imports Opacus (seconds): load it only when HuBERT tokens are asked for.
+        from shared.models.s2.checkpoint import load_generator
+
         return HubertTokenizer(load_hubert(self.hubert), load_generator(self.s2).eval(), self.name)
 
 

@@ -1,0 +1,182 @@
+"""The on-device feature cache: one safetensors file per accepted utterance, plus an index.
+
+Layout of ``DIR``::
+
+    items/<id>.safetensors   wave (int16, 32 kHz), semantic_ids, phoneme_ids (+ metadata)
+    index.json               settings and the accepted items, in list order (datasets read this)
+    report.json, report.txt  what ``prepare`` accepted and rejected, and why
+
+An item's id hashes the recording's bytes, its language and transcript, and every setting that
+changes features (tokenizer, symbol table, cache format). A changed recording or setting gets a
+new id and is featurised again; an unchanged one is found and skipped, which is also how a
+killed run resumes. Every file is written atomically, so a kill leaves only whole files (and
+perhaps a stray ``.tmp``, removed on the next run). ``index.json`` names exactly one tokenizer:
+its items were all made by it, and items of earlier settings are deleted once a new index is in
+place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from client.data.features import Features
+from shared.atomic import atomic_write_text
+from shared.errors import CheckpointError, DataError
+from shared.models.interop import load_safetensors, save_safetensors
+
+CACHE_FORMAT = 1
+ITEM_SUFFIX = ".safetensors"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything besides the recording and its transcript that decides an item's features."""
+
+    tokenizer: str
+    symbols_version: str
+    format: int = CACHE_FORMAT
+
+
+@dataclass(frozen=True)
+class CachedItem:
+    """One accepted utterance as ``index.json`` lists it."""
+
+    id: str
+    source: str  # the audio path as the list file writes it
+    line: int
+    speaker: str
+    language: str
+    duration_s: float  # of the recording as submitted
+    semantic_tokens: int
+    phonemes: int
+
+
+@dataclass(frozen=True)
+class CacheIndex:
+    settings: Settings
+    items: tuple[CachedItem, ...]
+
+
+def item_id(audio_sha256: str, language: str, text: str, settings: Settings) -> str:
+    """The cache key of an utterance under ``settings``."""
+    payload = json.dumps([audio_sha256, language, text, asdict(settings)], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
+
+
+class FeatureCache:
+    """Reads and writes the feature cache under ``root``."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+        self.items_dir = self.root / "items"
+        self.index_path = self.root / "index.json"
+
+    def item_path(self, item: str) -> Path:
+        return self.items_dir / f"{item}{ITEM_SUFFIX}"
+
+    # ------------------------------------------------------------ items
+
+    def write_item(self, item: str, features: Features, metadata: dict[str, Any]) -> None:
+        tensors = {
+            "wave": features.wave,
+            "semantic_ids": features.semantic_ids,
+            "phoneme_ids": features.phoneme_ids,
+        }
+        try:  # one metadata entry: safetensors writes several in a random order, one is reproducible
+            save_safetensors(tensors, self.item_path(item), {"item": {"id": item, **metadata}})
+        except OSError as exc:
+            raise DataError(
+                f"cannot write the feature cache under {self.root}: {exc.strerror}; free disk "
+                "space or choose another --out (finished items are kept; run prepare again)"
+            ) from None
+
+    def item_header(self, item: str) -> dict[str, Any] | None:
+        """An item's metadata and tensor lengths without reading its tensors; None if unusable."""
+        path = self.item_path(item)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = json.loads((fh.metadata() or {})["item"])
+                lengths = {name: fh.get_slice(name).get_shape()[0] for name in fh.keys()}
+        except Exception:  # a file we cannot parse is re-made, whatever the parser's complaint
+            return None
+        if meta.get("id") != item or set(lengths) != {"wave", "semantic_ids", "phoneme_ids"}:
+            return None
+        return {**meta, "lengths": lengths}
+
+    def load_item(self, item: str) -> dict[str, torch.Tensor]:
+        try:
+            tensors, _ = load_safetensors(self.item_path(item))
+        except CheckpointError as exc:
+            raise DataError(f"feature cache {self.root} is damaged ({exc}); run prepare again") from None
+        return tensors
+
+    # ------------------------------------------------------------ index
+
+    def write_index(self, settings: Settings, items: Sequence[CachedItem]) -> None:
+        index = {"settings": asdict(settings), "items": [asdict(item) for item in items]}
+        atomic_write_text(self.index_path, json.dumps(index, indent=1, ensure_ascii=False) + "\n")
+
+    def read_index(self) -> CacheIndex:
+        """The prepared utterances; raises :class:`DataError` if ``prepare`` has not completed here."""
+        try:
+            raw = json.loads(self.index_path.read_text(encoding="utf-8"))
+            settings = Settings(**raw["settings"])
+            items = tuple(CachedItem(**item) for item in raw["items"])
+        except FileNotFoundError:
+            raise DataError(
+                f"no feature cache at {self.root} (index.json missing); run "
+                f"`fedvox-client prepare LIST --out {self.root}` first"
+            ) from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{self.index_path} is damaged ({exc}); run prepare again") from None
+        if settings.format != CACHE_FORMAT:
+            raise DataError(
+                f"feature cache {self.root} has format {settings.format}, this fedvox reads "
+                f"{CACHE_FORMAT}; run prepare again with a new --out folder"
+            )
+        return CacheIndex(settings, items)
+
+    # ------------------------------------------------------------ housekeeping
+
+    def prune(self, keep: set[str]) -> int:
+        """Delete item files not in ``keep`` and stray temporary files; returns how many."""
+        removed = 0
+        if not self.items_dir.is_dir():
+            return removed
+        for path in self.items_dir.iterdir():
+            stale = path.name.endswith(".tmp") or (
+                path.name.endswith(ITEM_SUFFIX) and path.name[: -len(ITEM_SUFFIX)] not in keep
+            )
+            if stale:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the cache for writing; a second ``prepare`` on the same folder is refused."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DataError(
+                    f"another prepare is writing {self.root}; wait for it or choose another --out"
+                ) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
