@@ -20,6 +20,7 @@ from shared.models.s1_checkpoint import (
     config_from_official,
     fedvox_to_official,
     load_official_s1,
+    load_official_s1_into,
     load_s1_safetensors,
     official_config,
     official_shapes,
@@ -210,3 +211,18 @@ def test_safetensors_round_trip_and_stage_check(tmp_path: Path) -> None:
     )
     with pytest.raises(CheckpointError, match="not a fedvox s1 model file"):
         load_s1_safetensors(tmp_path / "other.safetensors")
+
+
+def test_load_into_an_existing_model_before_the_subset(tmp_path: Path) -> None:
+    _tiny_file(tmp_path / "tiny.ckpt")
+    expected = load_official_s1(tmp_path / "tiny.ckpt").state_dict()
+    model = Text2SemanticDecoder(s1_config("tiny"))
+    load_official_s1_into(model, tmp_path / "tiny.ckpt")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+    with pytest.raises(CheckpointError, match="use config 'tiny'"):
+        load_official_s1_into(
+            Text2SemanticDecoder(s1_config("tiny", layers=1)), tmp_path / "tiny.ckpt"
+        )
+    apply_subset(model, SubsetSpec("lora"))
+    with pytest.raises(CheckpointError, match="first, then apply"):
+        load_official_s1_into(model, tmp_path / "tiny.ckpt")

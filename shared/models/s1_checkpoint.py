@@ -27,6 +27,7 @@ from shared.models.interop import (
     save_safetensors,
     write_torch_file,
 )
+from shared.models.lora import LoRALayer
 from shared.models.s1 import Text2SemanticDecoder
 from shared.models.subsets import merged_state_dict
 
@@ -212,6 +213,22 @@ def load_official_s1(path: str | Path, config: S1Config | None = None) -> Text2S
     return model
 
 
+def load_official_s1_into(model: Text2SemanticDecoder, path: str | Path) -> None:
+    """Load a GPT-SoVITS s1 ``.ckpt`` into an existing decoder, strictly, before ``apply_subset``.
+
+    The file must match ``model.config``; the error names the config that would fit.
+    """
+    if any(isinstance(module, LoRALayer) for module in model.modules()):
+        raise CheckpointError(
+            f"cannot load {path} into a model with LoRA adapters; load the pretrained weights "
+            "first, then apply the trainable subset"
+        )
+    weight, _, _ = read_official_s1(path)
+    _check_official_keys(weight, model.config, path)
+    model.load_state_dict(official_to_fedvox(weight), strict=True)
+    log.info("loaded GPT-SoVITS s1 checkpoint %s into config %s", path, model.config.name)
+
+
 def save_official_s1(
     model: Text2SemanticDecoder,
     path: str | Path,
@@ -272,7 +289,7 @@ def _check_official_keys(
         raise CheckpointError(
             f"{path} does not match s1 config {config.name!r}: {len(missing)} missing keys "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); "
-            "pass a GPT-SoVITS s1 .ckpt exported by GPT-SoVITS or fedvox"
+            f"{_suggest_config(weight)}"
         )
     for key, shape in expected.items():
         found = tuple(weight[key].shape)
@@ -298,7 +315,10 @@ def _suggest_config(weight: Mapping[str, torch.Tensor]) -> str:
     matching = [name for name in CONFIG_NAMES if _shapes_match(weight, s1_config(name))]
     if matching:
         return f"use config {matching[0]!r}"
-    return f"no s1 config ({', '.join(CONFIG_NAMES)}) matches this file"
+    return (
+        f"no s1 config ({', '.join(CONFIG_NAMES)}) matches this file; pass a GPT-SoVITS s1 "
+        ".ckpt exported by GPT-SoVITS or fedvox"
+    )
 
 
 def _shapes_match(weight: Mapping[str, torch.Tensor], config: S1Config) -> bool:
@@ -340,6 +360,7 @@ __all__ = [
     "config_from_official",
     "fedvox_to_official",
     "load_official_s1",
+    "load_official_s1_into",
     "load_s1_safetensors",
     "official_config",
     "official_shapes",
