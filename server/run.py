@@ -148,7 +148,7 @@ class FederatedRun:
         """Flower's ``evaluate_fn``: called after every round (and with round 0 before the first)."""
         if server_round <= self.completed:
             return None
-        record = self.strategy.records.get(server_round)
+        record = self.strategy.records.pop(server_round, None)  # consumed here: memory stays flat
         metrics = record.summary() if record else {}
         charged: list[str] = []
         if self.speaker is not None and record is not None and record.release is not None:

@@ -53,6 +53,9 @@ from shared.wire import from_record, record_bytes, to_record, validate_update
 log = logging.getLogger(__name__)
 
 NODE_POLL_S = 0.5
+QUERY_TIMEOUT_S = 120.0
+"""How long a status query waits (a deployed ClientApp answers in ~10 s: process start, torch
+import, one accountant call); nodes that miss it are asked again next round, never selected."""
 
 
 @dataclass
@@ -305,7 +308,8 @@ class FedvoxRound(FedAvg):
         messages = [
             Message(RecordDict({CONFIG: plan}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes
         ]
-        replies = list(grid.send_and_receive(messages, timeout=self.config.round_timeout))
+        timeout = min(QUERY_TIMEOUT_S, self.config.round_timeout)
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
         for reply in replies:
             self._status(reply)
         log.info("queried %d new client(s), %d answered", len(nodes), len(replies))
