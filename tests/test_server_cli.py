@@ -1,0 +1,40 @@
+"""``fedvox-server status`` and ``export`` on real run directories."""
+
+import json
+
+from typer.testing import CliRunner
+
+from server.checkpoints import CheckpointStore
+from server.cli import app
+from server.model import initial_subset
+from server.run import FederatedRun
+from shared.models.s1_checkpoint import load_official_s1
+from shared.runconfig import RunConfig
+from tests.federation_kit import LocalGrid, initial_state, make_client_app
+
+runner = CliRunner()
+
+
+def test_status_reports_the_newest_round_and_every_speakers_epsilon(tmp_path):
+    config = RunConfig.from_flat({
+        "checkpoint-dir": str(tmp_path / "run"), "num-server-rounds": 2, "learning-rate": 0.05,
+        "speaker-dp.enabled": True, "client-budget-epsilon": 50.0,
+    })
+    FederatedRun(config, initial_state(), seed=0).execute(LocalGrid(make_client_app(tmp_path / "c"), num_nodes=2))
+
+    result = runner.invoke(app, ["status", str(tmp_path / "run"), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["latest"]["round"] == 2 and summary["num-server-rounds"] == 2
+    assert set(summary["speakers"]) == {"speaker-0", "speaker-1"}
+    assert summary["speakers"]["speaker-0"] == summary["latest"]["metrics"]["epsilon-speaker-max"]
+
+
+def test_export_writes_the_chosen_round_as_a_gpt_sovits_checkpoint(tmp_path):
+    config = RunConfig()
+    store = CheckpointStore(tmp_path / "checkpoints", keep=3)
+    store.save(1, initial_subset(config), {"run-config": config.to_flat(), "metrics": {"val-loss": 1.0}})
+
+    result = runner.invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert load_official_s1(tmp_path / "out" / "s1.ckpt").config.name == "tiny"
