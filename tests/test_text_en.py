@@ -71,6 +71,7 @@ def test_compounds_and_possessives():
     assert phones("doomscrolling") == ["D", "UW1", "M", "S", "K", "R", "OW1", "L", "IH0", "NG"]
     assert phones("fedvox's")[-3:] == ["S", "AH0", "Z"]  # sibilant + 's
     assert phones("chatgpt") == ["CH", "AE1", "T", "JH", "IY1", "P", "IY1", "T", "IY1"]
+    assert phones("k-pop") == ["K", "EY1", "P", "AA1", "P"]  # unknown hyphenated word, part by part
 
 
 @pytest.mark.parametrize(
