@@ -10,6 +10,7 @@ from torch import nn
 
 from shared.models.config import EOS, s1_config
 from shared.models.s1 import S1Loss, Text2SemanticDecoder, prefix_lm_mask, s1_loss
+from shared.models.subsets import SubsetSpec, apply_subset
 from tests.s1_batches import random_s1_batch, unpadded
 
 TINY = s1_config("tiny")
@@ -102,15 +103,22 @@ def test_targets_and_top3_accuracy() -> None:
     assert result.top3_correct.item() == 2 + second_hit
 
 
-def test_deepcopy_is_independent() -> None:
+@pytest.mark.parametrize("subset", [None, SubsetSpec("lora", lora_rank=2)], ids=["plain", "lora"])
+def test_deepcopy_is_independent(subset: SubsetSpec | None) -> None:
     torch.manual_seed(0)
-    model = Text2SemanticDecoder(TINY).eval()
+    model = Text2SemanticDecoder(TINY, attention_checkpointing=True).eval()
+    if subset is not None:
+        apply_subset(model, subset)
     batch = random_s1_batch(TINY, [5, 3], [4, 6], seed=4)
     twin = copy.deepcopy(model)
     torch.testing.assert_close(s1_loss(twin, batch).per_sample, s1_loss(model, batch).per_sample)
+    assert twin.h.layers[0].self_attn.checkpoint
     with torch.no_grad():
-        twin.ar_predict_layer.weight.add_(1.0)
-    assert not torch.equal(twin.ar_predict_layer.weight, model.ar_predict_layer.weight)
+        for param in twin.parameters():
+            param.add_(1.0)
+    assert all(
+        not torch.equal(a, b) for a, b in zip(twin.parameters(), model.parameters(), strict=True)
+    )
 
 
 def test_bf16_autocast_forward_and_backward() -> None:
