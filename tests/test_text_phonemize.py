@@ -1,9 +1,11 @@
 """phonemize(): the contract (ids, phones, word2ph, norm_text), language codes, errors, coverage."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -132,9 +134,10 @@ def test_deterministic_across_processes():
         "import json,sys; from shared.text import phonemize; t=json.loads(sys.argv[1]);"
         "print(json.dumps([phonemize(x, 'zh' if i < 4 else 'en').ids for i, x in enumerate(t)]))"
     )
-    import json
-
-    out = subprocess.run([sys.executable, "-c", script, json.dumps(texts)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(texts)], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == here
     assert [phonemize(t, "zh" if i < 4 else "en").ids for i, t in enumerate(texts)] == here
 

@@ -27,7 +27,9 @@ def test_v2_extends_v1_so_shared_phones_keep_their_ids():
         (".", 3),
         ("?", 4),
         ("AA", 5),
-        ("_", 95),  # after the 90 upper-case symbols (3 c + 10 E/En finals + I N U + SP* UNK + 71 ARPAbet - N)
+        # "_" follows 5 punctuation marks and 90 upper-case symbols: AA EE OO, E1-5 En1-5,
+        # I N U, SP SP2 SP3 UNK and the 71 ARPAbet symbols, N counted once
+        ("_", 95),
         ("…", 321),  # U+2026 sorts after every ASCII symbol
     ],
 )

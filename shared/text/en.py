@@ -5,9 +5,9 @@ letters is kept as itself (punctuation), a single letter is read from CMUdict ("
 EY1), a homograph takes its verb or other reading (g2p_en's list), and any other word goes
 through :func:`lookup`: CMUdict (first pronunciation) -> letters spelled out when at most
 three characters -> possessive 's -> hyphenated words part by part -> a compound of
-dictionary words (wordsegment's split) -> g2p_en's neural model (:mod:`shared.text.en_oov`). Phones keep their stress digits.
-Afterwards unstressed ``UW`` and tokens outside the symbol table are dropped and ' becomes the
-pause phone ``-``, as GPT-SoVITS does.
+dictionary words (wordsegment's split) -> g2p_en's neural model (:mod:`shared.text.en_oov`).
+Phones keep their stress digits. Afterwards unstressed ``UW`` and tokens outside the symbol
+table are dropped and ' becomes the pause phone ``-``, as GPT-SoVITS does.
 
 Differences from GPT-SoVITS: the dictionary is the ``cmudict`` package (the current CMUdict;
 GPT-SoVITS ships its own copy of an older release); there is no name dictionary
@@ -29,7 +29,7 @@ from functools import cache, lru_cache
 
 from shared.text import en_oov
 from shared.text.package_data import package_file
-from shared.text.symbols import symbols
+from shared.text.symbols import symbol_to_id
 
 # GPT-SoVITS removes these misread abbreviations from the dictionary and adds engdict-hot.rep.
 _REMOVED = ("ae", "ai", "ar", "ios", "hud", "os")
@@ -37,7 +37,7 @@ _ADDED = {"chatgpt": ("CH", "AE1", "T", "JH", "IY1", "P", "IY1", "T", "IY1")}
 # GPT-SoVITS's corrections to g2p_en's homograph list: (verb-tag reading, other reading, tag).
 _HOMOGRAPH_FIXES = {
     "read": (("R", "IY1", "D"), ("R", "EH1", "D"), "VBP"),
-    "complex": (("K", "AH0", "M", "P", "L", "EH1", "K", "S"), ("K", "AA1", "M", "P", "L", "EH0", "K", "S"), "JJ"),
+    "complex": (tuple("K AH0 M P L EH1 K S".split()), tuple("K AA1 M P L EH0 K S".split()), "JJ"),
 }
 _VERB_CONTEXT = frozenset(
     "to will would shall should can could may might must i you we they "
@@ -46,7 +46,7 @@ _VERB_CONTEXT = frozenset(
 _VOICELESS = ("P", "T", "K", "F", "TH", "HH")
 _SIBILANTS = ("S", "Z", "SH", "ZH", "CH", "JH")
 _POSSESSIVE = re.compile(r"^([a-z]+)('s)$")
-_DROPPED = frozenset({" ", "<pad>", "UW", "</s>", "<s>"})
+_DROPPED = frozenset({"<pad>", "UW", "</s>", "<s>"})  # model symbols, unstressed UW (not in the table)
 _MIN_COMPOUND_PART = 3
 
 
@@ -137,7 +137,7 @@ def lookup(word: str) -> tuple[str, ...]:
 
 def g2p(norm_text: str) -> list[str]:
     """Phones of normalised English text (before the short-sequence padding)."""
-    allowed = set(symbols("v2"))
+    allowed = symbol_to_id("v2")  # english.py filters with the v2 table in both versions
     phones: list[str] = []
     previous = ""
     for token in _tokenizer()(norm_text):

@@ -55,7 +55,10 @@ def _check_language(language: str) -> str:
         return code
     supported = " and ".join(SUPPORTED_LANGUAGES)
     if code in _UNSUPPORTED_WHY:
-        message = f"language {language!r} is not supported: {_UNSUPPORTED_WHY[code]}; fedvox phonemizes {supported}"
+        message = (
+            f"language {language!r} is not supported: {_UNSUPPORTED_WHY[code]}; "
+            f"fedvox phonemizes {supported}"
+        )
     else:
         message = (
             f"unknown language code {language!r}: fedvox phonemizes {supported} "

@@ -9,13 +9,15 @@ everything that is neither a CJK character nor one of them is dropped. The resul
 Deliberate differences from GPT-SoVITS, each a bug there (see docs/text.md): units are written
 out only right after a number and longest first ("5mm" -> 五毫米, not 五米米; the letter "s" in
 an English word is not turned into 秒); the second half of a time range says 半 only for its
-own ":30"; traditional characters are simplified with OpenCC's phrase-aware table instead of a
-character table.
+own ":30"; 摄氏度 is kept (GPT-SoVITS compares the wrong regex group and always says 度);
+traditional characters are simplified with OpenCC's phrase-aware table instead of a character
+table.
 """
 
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Callable
 from functools import cache
 
@@ -27,15 +29,15 @@ _SPLIT_DROP = re.compile(r"[—《》【】<>{}()（）#&@“”^_|\\]")
 _FINAL_DROP = re.compile(r"[-—《》【】<=>{}()（）#&@“”^_|\\]")
 
 # Full-width ASCII letters and digits -> half-width; the ideographic space -> space.
-_FULL_TO_HALF = {
-    **{ord(c) + 0xFEE0: ord(c) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"},
-    0x3000: ord(" "),
-}
+_FULL_TO_HALF = {**{ord(c) + 0xFEE0: ord(c) for c in string.ascii_letters + string.digits}, 0x3000: ord(" ")}
 
 _NUM = r"(-?)((\d+)(\.\d+)?)"  # signed integer or decimal, the shape of RE_NUMBER's first branch
+_NUM_GROUP = rf"({_NUM})"
 _SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹ˣʸⁿ"
 _POWER_DIGITS = dict(zip(_SUPERSCRIPTS, "0123456789xyn"))
-_OPERAND = rf"((-?)((\d+)(\.\d+)?[{_SUPERSCRIPTS}]*)|(\.\d+[{_SUPERSCRIPTS}]*)|([A-Za-z][{_SUPERSCRIPTS}]*))"
+_OPERAND = (  # a number, a bare decimal or a letter, each with optional superscripts
+    rf"((-?)((\d+)(\.\d+)?[{_SUPERSCRIPTS}]*)|(\.\d+[{_SUPERSCRIPTS}]*)|([A-Za-z][{_SUPERSCRIPTS}]*))"
+)
 _OPERATORS = {"+": "加", "-": "减", "×": "乘", "÷": "除", "=": "等于"}
 _UNIT_WORDS = {
     "cm2": "平方厘米", "cm²": "平方厘米", "cm3": "立方厘米", "cm³": "立方厘米", "cm": "厘米",
@@ -69,8 +71,9 @@ _PUNCTUATION_MAP = {
     "...": "…", "$": ".", "/": ",", "—": "-", "~": "…", "～": "…",
 }
 _PUNCTUATION_RE = re.compile("|".join(re.escape(p) for p in _PUNCTUATION_MAP))
-_NOT_KEPT = re.compile(r"[^\u4e00-\u9fa5" + re.escape("".join(PUNCTUATION)) + r"]+")
-_REPEATED_PUNCTUATION = re.compile(rf"([{re.escape(''.join(PUNCTUATION))}])[{re.escape(''.join(PUNCTUATION))}]+")
+_NOT_KEPT = re.compile(r"[^\u4e00-\u9fa5" + re.escape("".join(PUNCTUATION)) + "]+")
+_PUNCTUATION_CLASS = "[" + re.escape("".join(PUNCTUATION)) + "]"
+_REPEATED_PUNCTUATION = re.compile(f"({_PUNCTUATION_CLASS}){_PUNCTUATION_CLASS}+")
 
 
 def _signed(sign: str, text: str, word: str = "负") -> str:
@@ -168,30 +171,36 @@ def _unit(m: re.Match) -> str:
     return _UNIT_WORDS[m.group(0)]
 
 
-# (pattern, replacement) in GPT-SoVITS's order; earlier rules see the raw digits first.
-_RULES: tuple[tuple[re.Pattern, Callable[[re.Match], str]], ...] = (
+_CLOCK = r"([0-1]?[0-9]|2[0-3]):([0-5][0-9])(:([0-5][0-9]))?"  # groups: hour, minute, (:second), second
+_MEASURED = rf"({_NUM}|(\.(\d+))){_RANGE_UNITS}"  # a number with a unit: 5kg, .5m, 30%
+_UNIT = "|".join(sorted(map(re.escape, _UNIT_WORDS), key=len, reverse=True))  # longest first
+_ARITHMETIC = re.compile(_OPERAND + r"([\+\-\×÷=])" + _OPERAND)
+_NO_OPERATOR_AROUND = r"[\d\+\-\×÷=]"
+
+Rule = tuple[re.Pattern, Callable[[re.Match], str]]
+# GPT-SoVITS's order matters: dates and times see the raw digits before any number rule.
+_BEFORE_ARITHMETIC: tuple[Rule, ...] = (
     (re.compile(r"(\d{4}|\d{2})年((0?[1-9]|1[0-2])月)?(((0?[1-9])|((1|2)[0-9])|30|31)([日号]))?"), _date),
     (re.compile(r"(\d{4})([- /.])(0[1-9]|1[012])\2(0[1-9]|[12][0-9]|3[01])"), _iso_date),
-    (re.compile(r"([0-1]?[0-9]|2[0-3]):([0-5][0-9])(:([0-5][0-9]))?(~|-)([0-1]?[0-9]|2[0-3]):([0-5][0-9])(:([0-5][0-9]))?"), _time_range),
-    (re.compile(r"([0-1]?[0-9]|2[0-3]):([0-5][0-9])(:([0-5][0-9]))?"), _time),
-    (re.compile(rf"({_NUM}|(\.(\d+))){_RANGE_UNITS}~({_NUM}|(\.(\d+))){_RANGE_UNITS}"), lambda m: m.group(0).replace("~", "至")),
+    (re.compile(_CLOCK + r"(~|-)" + _CLOCK), _time_range),
+    (re.compile(_CLOCK), _time),
+    (re.compile(_MEASURED + "~" + _MEASURED), lambda m: m.group(0).replace("~", "至")),
     (re.compile(r"(-?)(\d+(\.\d+)?)(°C|℃|度|摄氏度)"), _temperature),
-    (re.compile(r"(?<=\d)(" + "|".join(sorted(map(re.escape, _UNIT_WORDS), key=len, reverse=True)) + r")(?![A-Za-z])"), _unit),
+    (re.compile(rf"(?<=\d)({_UNIT})(?![A-Za-z])"), _unit),
 )
-_ARITHMETIC = re.compile(_OPERAND + r"([\+\-\×÷=])" + _OPERAND)
-_RULES_AFTER_ARITHMETIC: tuple[tuple[re.Pattern, Callable[[re.Match], str]], ...] = (
+_AFTER_ARITHMETIC: tuple[Rule, ...] = (
     (re.compile(rf"[{_SUPERSCRIPTS}]+"), _power),
     (re.compile(r"(-?)(\d+)/(\d+)"), _fraction),
     (re.compile(r"(-?)(\d+(\.\d+)?)%"), _percentage),
-    (re.compile(r"(?<!\d)((\+?86 ?)?1([38]\d|5[0-35-9]|7[678]|9[89])\d{8})(?!\d)"), _phone),
-    (re.compile(r"(?<!\d)((0(10|2[1-3]|[3-9]\d{2})-?)?[1-9]\d{6,7})(?!\d)"), _phone),
-    (re.compile(r"(400)(-)?\d{3}(-)?\d{4}"), _phone),
-    (re.compile(r"(?<![\d\+\-\×÷=])((-?)((\d+)(\.\d+)?))[-~]((-?)((\d+)(\.\d+)?))(?![\d\+\-\×÷=])"), _range),
+    (re.compile(r"(?<!\d)((\+?86 ?)?1([38]\d|5[0-35-9]|7[678]|9[89])\d{8})(?!\d)"), _phone),  # mobile
+    (re.compile(r"(?<!\d)((0(10|2[1-3]|[3-9]\d{2})-?)?[1-9]\d{6,7})(?!\d)"), _phone),  # land line
+    (re.compile(r"(400)(-)?\d{3}(-)?\d{4}"), _phone),  # national 400 numbers
+    (re.compile(rf"(?<!{_NO_OPERATOR_AROUND}){_NUM_GROUP}[-~]{_NUM_GROUP}(?!{_NO_OPERATOR_AROUND})"), _range),
     (re.compile(r"(-)(\d+)"), lambda m: "负" + num.number(m.group(2))),
     (re.compile(r"((\d+)(\.\d+)(\.\d+)?(\.\d+)+)"), _version),
-    (re.compile(r"(-?)((\d+)(\.\d+))|(\.(\d+))"), _plain_number),
+    (re.compile(r"(-?)((\d+)(\.\d+))|(\.(\d+))"), _plain_number),  # decimals
     (re.compile(r"(\d+)([多余几\+])?" + _MEASURE), _counted),
-    (re.compile(r"\d{3}\d*"), lambda m: num.digit_by_digit(m.group(0), yao=True)),
+    (re.compile(r"\d{3}\d*"), lambda m: num.digit_by_digit(m.group(0), yao=True)),  # codes, ids
     (_NUMBER_RE, _plain_number),
 )
 
@@ -213,11 +222,11 @@ def split_sentences(text: str) -> list[str]:
 def verbalize(sentence: str) -> str:
     """Write out numbers and symbols of one sentence in characters (``normalize_sentence``)."""
     sentence = _to_simplified()(sentence).translate(_FULL_TO_HALF)
-    for pattern, replace in _RULES:
+    for pattern, replace in _BEFORE_ARITHMETIC:
         sentence = pattern.sub(replace, sentence)
     while _ARITHMETIC.search(sentence):
         sentence = _ARITHMETIC.sub(_arithmetic, sentence)
-    for pattern, replace in _RULES_AFTER_ARITHMETIC:
+    for pattern, replace in _AFTER_ARITHMETIC:
         sentence = pattern.sub(replace, sentence)
     for symbol, word in _SYMBOL_WORDS.items():
         sentence = sentence.replace(symbol, word)
