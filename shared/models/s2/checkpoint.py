@@ -158,9 +158,21 @@ def to_fedvox(weight: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str,
 
 
 def to_official(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model``'s state dict under official GPT-SoVITS key names (LoRA adapters merged in)."""
-    rules = G_EXPORT_RULES if isinstance(model, SynthesizerTrn) else _WEIGHT_NORM_OUT
-    return rename_keys(merged_state_dict(model), rules)
+    """``model``'s state dict under official key names (LoRA adapters merged in).
+
+    Keys follow the official files' order when the model has an official architecture, so an
+    imported file exports to the same bytes.
+    """
+    if isinstance(model, SynthesizerTrn):
+        state = rename_keys(merged_state_dict(model), G_EXPORT_RULES)
+        reference = f"s2G_{model.config.version}"
+    else:
+        state = rename_keys(merged_state_dict(model), _WEIGHT_NORM_OUT)
+        reference = f"s2D_{_discriminator_version(state)}"
+    order = manifest(reference)["tensors"]
+    if not state.keys() <= order.keys():
+        return state
+    return {key: state[key] for key in order if key in state}
 
 
 def load_official_state(
