@@ -44,7 +44,7 @@ from server.checkpoints import Checkpoint, CheckpointStore
 from server.metrics import RoundLog
 from server.speaker_accounting import SpeakerAccounting
 from server.strategy import FedvoxRound, build_strategy
-from shared.errors import BudgetExceededError, ConfigError
+from shared.errors import ConfigError, FederationError
 from shared.privacy.ledger import Ledger
 from shared.runconfig import RunConfig
 from shared.wire import from_record, to_record
@@ -135,7 +135,7 @@ class FederatedRun:
                     timeout=self.config.round_timeout,
                     evaluate_fn=self._commit,
                 )
-            except BudgetExceededError as exc:
+            except FederationError as exc:
                 log.warning("stopping after round %d: %s", self.completed, exc)
         finally:
             self.round_log.close()

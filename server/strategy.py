@@ -45,8 +45,18 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 from server.selection import ClientBook, Selection, poisson_rate, select_clients
 from server.speaker_accounting import SpeakerAccounting
 from server.speaker_dp import Release, noised_mean
-from shared.errors import BudgetExceededError, ConfigError, FederationError, ProtocolError, UpdateRejected
-from shared.protocol import ARRAYS, CONFIG, EVALUATE_METRICS, METRICS, STATUS, TRAIN_METRICS, ClientStatus, Plan
+from shared.errors import ConfigError, FederationError, ProtocolError, UpdateRejected
+from shared.protocol import (
+    ARRAYS,
+    CONFIG,
+    EVALUATE_METRICS,
+    METRICS,
+    OPTIONAL_EVALUATE_METRICS,
+    STATUS,
+    TRAIN_METRICS,
+    ClientStatus,
+    Plan,
+)
 from shared.runconfig import RunConfig
 from shared.wire import from_record, record_bytes, to_record, validate_update
 
@@ -207,10 +217,12 @@ class FedvoxRound(FedAvg):
         for node in set(nodes) - set(eligible):
             record.ineligible[_ineligibility(self.book.statuses.get(node))] += 1
         if len(eligible) < self.config.min_clients:
-            raise BudgetExceededError(
+            why = ", ".join(f"{reason}: {count}" for reason, count in sorted(record.ineligible.items()))
+            raise FederationError(
                 f"round {server_round}: only {len(eligible)} of {len(nodes)} connected clients can "
-                f"afford another round (min-clients = {self.config.min_clients}); the federation "
-                "has spent its budgets: raise client budgets or start a new run"
+                f"train another round (min-clients = {self.config.min_clients}; not eligible: {why}). "
+                "'budget' means spent privacy budgets (raise them or start a new run); other reasons "
+                "are in the clients' refusals in the log"
             )
         record.selection = select_clients(eligible, self.config.clients_per_round, rate, self._rng(server_round))
         record.eligible_clients = sorted(self.book.client_id(n) for n in eligible)
@@ -279,11 +291,10 @@ class FedvoxRound(FedAvg):
         usable = []
         for reply in replies:
             status = self._status(reply)
-            metrics = _required_metrics(reply, EVALUATE_METRICS) if status and status.ok else None
+            metrics = _required_metrics(reply, EVALUATE_METRICS, OPTIONAL_EVALUATE_METRICS) if status else None
             if metrics is not None and metrics["num-examples"] > 0:
-                reply.content = RecordDict({METRICS: MetricRecord(metrics)})
-                usable.append(reply)
-        metrics = super().aggregate_evaluate(server_round, usable) if usable else None
+                usable.append(RecordDict({METRICS: MetricRecord(metrics)}))
+        metrics = self.evaluate_metrics_aggr_fn(usable, self.weighted_by_key) if usable else None
         self.records[server_round].evaluate = _numbers(metrics)
         return metrics
 
@@ -463,13 +474,13 @@ def summarize_train(records: list[RecordDict], weight_key: str) -> MetricRecord:
 
 
 def summarize_evaluate(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted validation loss and accuracy over the evaluating clients."""
+    """Example-weighted validation loss (and accuracy, over the clients that report one)."""
     rows, weights = _rows(records, weight_key)
-    return MetricRecord({
-        "val-loss": _weighted_mean(rows, weights, "val-loss"),
-        "val-accuracy": _weighted_mean(rows, weights, "val-accuracy"),
-        "val-examples": int(sum(weights)),
-    })
+    summary = MetricRecord({"val-loss": _weighted_mean(rows, weights, "val-loss"), "val-examples": int(sum(weights))})
+    scored = [(w, m) for w, m in zip(weights, rows, strict=True) if "val-accuracy" in m]
+    if scored:
+        summary["val-accuracy"] = _weighted_mean([m for _, m in scored], [w for w, _ in scored], "val-accuracy")
+    return summary
 
 
 def _rows(records: list[RecordDict], weight_key: str) -> tuple[list[MetricRecord], list[float]]:
@@ -482,12 +493,15 @@ def _weighted_mean(rows: list[MetricRecord], weights: list[float], key: str) -> 
 
 
 # ---------------------------------------------------------------------- helpers
-def _required_metrics(reply: Message, keys: tuple[str, ...]) -> dict[str, float] | None:
-    """The reply's ``metrics`` restricted to ``keys``, or ``None`` if one is missing or not finite."""
+def _required_metrics(
+    reply: Message, keys: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> dict[str, float] | None:
+    """The reply's ``metrics`` restricted to ``keys`` (+ ``optional`` ones present), or ``None``
+    if a required one is missing or any is not a finite number."""
     record = reply.content.metric_records.get(METRICS)
     if record is None or any(k not in record for k in keys):
         return None
-    values = {k: record[k] for k in keys}
+    values = {k: record[k] for k in (*keys, *optional) if k in record}
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values.values()):
         return None
     return values

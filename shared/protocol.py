@@ -46,8 +46,10 @@ attempt: clients train and release again, so they must charge their budgets agai
 TRAIN_METRICS = ("num-examples", "train-loss", "peak-memory-bytes", "step-time-s")
 """Keys every accepted train reply's ``metrics`` carries (its epsilon is in its status)."""
 
-EVALUATE_METRICS = ("num-examples", "val-loss", "val-accuracy")
-"""Keys every accepted evaluate reply's ``metrics`` carries."""
+EVALUATE_METRICS = ("num-examples", "val-loss")
+"""Keys every accepted evaluate reply's ``metrics`` carries; ``val-accuracy`` is optional (s1
+reports top-3 token accuracy, s2 has no accuracy)."""
+OPTIONAL_EVALUATE_METRICS = ("val-accuracy",)
 
 OK = "ok"
 REFUSED = "refused"
@@ -66,8 +68,8 @@ class ClientStatus:
     """What a client reports about itself, in every reply.
 
     ``epsilon_next`` is the cumulative utterance-level epsilon the client would reach after
-    training one more round of the plan it was sent; the server selects it only if that stays
-    within ``epsilon_budget``.
+    training one more round of the plan it was sent (``inf`` if no noise level fits); the
+    server selects it only if that stays within ``epsilon_budget``.
     """
 
     client_id: str
@@ -111,8 +113,8 @@ class ClientStatus:
                 value = float(value)
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise ProtocolError(f"status {key} must be a {kind.__name__}, got {value!r}")
-            if kind is float and not math.isfinite(value):
-                raise ProtocolError(f"status {key} must be finite, got {value}")
+            if kind is float and math.isnan(value):
+                raise ProtocolError(f"status {key} must be a number, got NaN")
             values[f.name] = value
         status = cls(**values)
         if status.outcome not in (OK, REFUSED):
@@ -149,6 +151,6 @@ class Plan:
 
 
 __all__ = [
-    "ARRAYS", "ATTEMPT", "CONFIG", "EVALUATE_METRICS", "METRICS", "OK", "REFUSAL_REASONS",
+    "ARRAYS", "ATTEMPT", "CONFIG", "EVALUATE_METRICS", "METRICS", "OK", "OPTIONAL_EVALUATE_METRICS", "REFUSAL_REASONS",
     "REFUSED", "RUN_ID", "SERVER_ROUND", "STATUS", "TRAIN_METRICS", "ClientStatus", "Plan",
 ]
