@@ -1,5 +1,6 @@
 """``fedvox-sim speakers``: layout, list files, determinism, distinctness, fallback, refusals."""
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -12,7 +13,16 @@ from typer.testing import CliRunner
 
 from shared.errors import ConfigError
 from simulations.cli import app, main
-from simulations.speakers import MIN_UTTERANCES, SpeakersConfig, generate_speakers, utterance_counts
+from simulations.speakers import (
+    MIN_UTTERANCES,
+    SpeakersConfig,
+    _espeak,
+    _make_speaker,
+    _prepare_espeak_data,
+    _Utterance,
+    generate_speakers,
+    utterance_counts,
+)
 
 HAS_ESPEAK = shutil.which("espeak-ng") is not None
 needs_espeak = pytest.mark.skipif(not HAS_ESPEAK, reason="espeak-ng is NOT installed: the espeak-ng "
@@ -110,6 +120,23 @@ def _median_f0(out: Path, name: str, manifest: dict) -> float:
             lag = np.argmax(ac[rate // 400 : rate // 60]) + rate // 400
             estimates.append(rate / lag)
     return float(np.median(estimates))
+
+
+@needs_espeak
+def test_more_speakers_than_espeaks_349_voice_list_still_load(tmp_path):
+    """Variant files without a "language" line stay out of espeak-ng's capped voice list."""
+    config = SpeakersConfig(n_speakers=400, language="en")
+    speakers = [_make_speaker(config, "client", i) for i in (0, 399)]
+    speakers += [_make_speaker(config, "client", i) for i in range(1, 399)]
+    _prepare_espeak_data(tmp_path / "espeak", speakers)
+    first, last = speakers[0], speakers[1]
+    text = "The birch canoe slid on the smooth planks."
+    plain = _espeak(_Utterance(dataclasses.replace(last, name="none"), "train", "x.wav", text, (0,)),
+                    str(tmp_path / "espeak"))
+    waves = [_espeak(_Utterance(s, "train", "x.wav", text, (0,)), str(tmp_path / "espeak")) for s in (first, last)]
+    assert all(len(w) > 32000 for w in waves)
+    assert not np.array_equal(waves[0], waves[1])
+    assert len(plain) != len(waves[1]) or not np.array_equal(plain, waves[1])  # the variant was applied
 
 
 def test_zipf_counts_are_unequal_with_the_minimum_and_the_total_kept():
