@@ -381,7 +381,7 @@ def _espeak(utterance: _Utterance, espeak_root: str) -> np.ndarray:
     command = ["espeak-ng", f"--path={espeak_root}", "--stdout", "--stdin", "-v", voice,
                "-s", str(speaker.speed_wpm)]
     done = subprocess.run(command, input=spoken.encode("utf-8"), capture_output=True, check=False)
-    problem = (done.stderr.decode(errors="replace").strip().splitlines() or [""])[-1]  # the error, not warnings
+    problem = (done.stderr.decode(errors="replace").strip().splitlines() or [""])[-1]  # not the warnings
     try:
         wave, rate = sf.read(BytesIO(done.stdout), dtype="float64")
     except (sf.LibsndfileError, RuntimeError) as exc:
