@@ -1,0 +1,70 @@
+"""Training telemetry: JSON lines and TensorBoard event files, plus memory readings.
+
+Everything here stays on the device. Per-sample gradient statistics are computed from private
+data without noise, so they are for the owner's eyes (and debugging), never for the server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak memory so far in MiB: allocated/reserved on CUDA (ROCm), resident set size on CPU."""
+    if device.type == "cuda":
+        return {
+            "peak_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+            "peak_reserved_mib": torch.cuda.max_memory_reserved(device) / 2**20,
+        }
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_rss_mib": rss / (2**20 if sys.platform == "darwin" else 2**10)}
+
+
+class TrainingMonitor:
+    """Append one record per step to ``metrics.jsonl`` and mirror scalars to TensorBoard."""
+
+    def __init__(self, log_dir: str | Path | None) -> None:
+        self.log_dir = Path(log_dir) if log_dir else None
+        self._writer = None
+        self._jsonl = None
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.log_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
+        record = {"time": time.time(), "kind": kind, "step": step, **metrics}
+        if self._jsonl:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        if self._writer:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._writer.add_scalar(f"{kind}/{key}", value, step)
+        log.debug("%s step %d: %s", kind, step, metrics)
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._writer:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> TrainingMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,264 @@
+"""A client's DP-SGD releases: plan the noise, check the budget, train, charge the ledger.
+
+A *release* is a run of DP-SGD steps whose result leaves the training loop (a federated round's
+update, or a local checkpoint). :class:`Trainer` produces one release at a time:
+
+1. plan the mechanism: sample rate ``logical_batch / N``, the noise multiplier given or
+   calibrated so the client's ledger history plus everything still planned reaches the target
+   epsilon;
+2. refuse before any compute if the release would take the client past its budget;
+3. run the steps (Poisson logical batches, physical batches from the device profile);
+4. append the release to the ledger (idempotent per ``(run_id, round)``; the ledger re-checks the
+   budget under its write lock) before the result is returned.
+
+s2 privatises generator and discriminator on the same Poisson batch; the pair is accounted as one
+subsampled Gaussian with the effective noise multiplier (docs/privacy.md). Each gets
+``sigma * sqrt(2)`` so the pair's effective multiplier is the planned ``sigma``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from client.trainer.engine import PrivateModel, make_private, poisson_sample, run_logical_step
+from client.trainer.monitor import TrainingMonitor, peak_memory
+from client.trainer.tasks import Task, mean_metrics
+from shared.errors import ConfigError, DataError
+from shared.models.subsets import trainable_state_dict
+from shared.privacy.accounting import DEFAULT_ACCOUNTANT, Mechanism, calibrate_noise_multiplier, epsilon
+from shared.privacy.budget import Budget
+from shared.privacy.ledger import Component, Ledger, LedgerRow, Release
+
+log = logging.getLogger(__name__)
+
+UNIT = "utterance"
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """Utterance-level DP-SGD settings of a client."""
+
+    clip_norm: float = 1.0
+    delta: float = 1e-5
+    budget_epsilon: float = 10.0
+    noise_multiplier: float | None = 1.0
+    target_epsilon: float | None = None  # when set, the noise is calibrated to reach it
+    accountant: str = DEFAULT_ACCOUNTANT
+
+    def __post_init__(self) -> None:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ConfigError("give exactly one of a noise multiplier or a target epsilon")
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            raise ConfigError(
+                f"noise multiplier must be > 0 (got {self.noise_multiplier}): without noise there is "
+                "no privacy guarantee"
+            )
+        if self.target_epsilon is not None and self.target_epsilon > self.budget_epsilon:
+            raise ConfigError(
+                f"target epsilon {self.target_epsilon} is above the budget {self.budget_epsilon}; "
+                "lower the target or raise the budget"
+            )
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """How much to train in one release, and how much is planned after it."""
+
+    steps: int
+    logical_batch: int
+    learning_rate: float
+    planned_steps: int = 0  # steps the target epsilon must still cover, this release included
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "logical_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', ' ')} must be at least 1")
+        if not self.learning_rate > 0:
+            raise ConfigError("learning rate must be > 0")
+
+
+@dataclass
+class ReleaseResult:
+    """One release: the trainable subset after it, its ledger row and what it measured."""
+
+    state: dict[str, torch.Tensor]
+    row: LedgerRow
+    noise_multiplier: float
+    sample_rate: float
+    metrics: dict[str, float]
+
+
+class Trainer:
+    """Trains one task for one client, one privacy-accounted release at a time.
+
+    ``noise_seed``/``sample_seed`` make a run reproducible (tests, simulations); leave them unset
+    in deployment so the noise comes from the operating system's secret randomness: noise an
+    adversary can predict protects nothing.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        ledger: Ledger,
+        client_id: str,
+        privacy: PrivacyPlan,
+        *,
+        physical_batch: int,
+        monitor: TrainingMonitor | None = None,
+        noise_seed: int | None = None,
+        sample_seed: int | None = None,
+    ) -> None:
+        self.task, self.ledger, self.client_id, self.privacy = task, ledger, client_id, privacy
+        self.physical_batch = physical_batch
+        self.monitor = monitor or TrainingMonitor(None)
+        self.budget = Budget(privacy.budget_epsilon)
+        self.num_examples = len(task.dataset)
+        if self.num_examples == 0:
+            raise DataError("no training utterances: run `fedvox-client prepare` on your recordings first")
+        self.sample_generator = torch.Generator().manual_seed(_seed(sample_seed))
+        noise_device = task.device if task.device.type != "mps" else torch.device("cpu")
+        self.noise_generator = torch.Generator(device=noise_device).manual_seed(_seed(noise_seed))
+        self.private: dict[str, PrivateModel] = {}
+        self.steps_done = 0
+        for name, module in task.parts().items():
+            optimizer = task.optimizer(name, module, learning_rate=1.0)
+            for group in optimizer.param_groups:  # relative rates (s2's text side) survive re-planning
+                group["lr_scale"] = group["lr"]
+            self.private[name] = make_private(
+                module, optimizer,
+                noise_multiplier=1.0, clip_norm=privacy.clip_norm, expected_batch_size=1.0,
+                noise_generator=self.noise_generator, loss_scale=task.loss_scale,
+            )
+        self.wrapped = {name: p.module for name, p in self.private.items()}
+
+    # ------------------------------------------------------------------ planning
+    def sample_rate(self, logical_batch: int) -> float:
+        return min(1.0, logical_batch / self.num_examples)
+
+    def history(self) -> list[Mechanism]:
+        return self.ledger.history(self.client_id, UNIT)
+
+    def mechanism(self, plan: RoundPlan) -> Mechanism:
+        """The (effective) Gaussian mechanism this release would apply."""
+        q = self.sample_rate(plan.logical_batch)
+        if self.privacy.noise_multiplier is not None:
+            return Mechanism(self.privacy.noise_multiplier, q, plan.steps)
+        sigma = calibrate_noise_multiplier(
+            self.privacy.target_epsilon, self.privacy.delta, sample_rate=q,
+            steps=max(plan.planned_steps, plan.steps), history=self.history(),
+            accountant=self.privacy.accountant,
+        )
+        return Mechanism(sigma, q, plan.steps)
+
+    def projected_epsilon(self, plan: RoundPlan) -> float:
+        """Cumulative utterance-level epsilon after this release (no budget check)."""
+        return epsilon((*self.history(), self.mechanism(plan)), self.privacy.delta, self.privacy.accountant)
+
+    def spent(self) -> float:
+        return self.ledger.spent(self.client_id, UNIT)
+
+    # ------------------------------------------------------------------ training
+    def train(self, plan: RoundPlan, *, run_id: str, round: int) -> ReleaseResult:
+        """Run one release; raises :class:`BudgetExceededError` before training if it cannot afford it."""
+        mechanism = self.mechanism(plan)
+        subject = f"client {self.client_id!r} (utterance level)"
+        self.budget.check(self.history(), mechanism, delta=self.privacy.delta,
+                          accountant=self.privacy.accountant, subject=subject)
+        part_sigma = mechanism.noise_multiplier * math.sqrt(len(self.private))
+        expected_batch = mechanism.sample_rate * self.num_examples
+        for private in self.private.values():
+            private.optimizer.noise_multiplier = part_sigma
+            private.optimizer.expected_batch_size = expected_batch
+            for group in private.optimizer.param_groups:
+                group["lr"] = plan.learning_rate * group["lr_scale"]
+
+        sums: dict[str, float] = {}
+        step_times: list[float] = []
+        for _ in range(plan.steps):
+            start = time.perf_counter()
+            indices = poisson_sample(self.num_examples, mechanism.sample_rate, self.sample_generator)
+            step_seed = int(torch.randint(0, 2**62, (), generator=self.sample_generator))
+            outcome = run_logical_step(
+                indices, self.physical_batch,
+                lambda chunk: self.task.accumulate(self.wrapped, chunk, step_seed),
+                [p.optimizer for p in self.private.values()],
+            )
+            self.physical_batch = outcome.physical_batch_size
+            elapsed = time.perf_counter() - start
+            step_times.append(elapsed)
+            self.steps_done += 1
+            for key, value in outcome.sums.items():
+                sums[key] = sums.get(key, 0.0) + value
+            self.monitor.log(self.steps_done, self._step_metrics(outcome, elapsed))
+
+        release = self._release(mechanism, run_id, round)
+        row = self.ledger.append(release, accountant=self.privacy.accountant, budget=self.budget)
+        metrics = {
+            **mean_metrics(sums, self.task.stage),
+            "examples_seen": sums.get("examples", 0.0),
+            "steps": float(plan.steps),
+            "step_time_s": statistics.median(step_times),
+            "noise_multiplier": mechanism.noise_multiplier,
+            "sample_rate": mechanism.sample_rate,
+            "epsilon": row.epsilon,
+            **peak_memory(self.task.device),
+        }
+        return ReleaseResult(trainable_state_dict(self.task.model), row, mechanism.noise_multiplier, mechanism.sample_rate, metrics)
+
+    def evaluate(self, dataset, batch_size: int = 8) -> dict[str, float]:
+        """Validation means over every utterance of ``dataset`` (no noise: it is never released
+        as a model, but the numbers themselves are computed from private recordings)."""
+        sums: dict[str, float] = {}
+        for chunk in torch.arange(len(dataset)).split(batch_size):
+            for key, value in self.task.evaluate(dataset, chunk).items():
+                sums[key] = sums.get(key, 0.0) + value
+        return mean_metrics(sums, self.task.stage) if sums else {}
+
+    def close(self) -> None:
+        """Remove Opacus hooks from the task's modules."""
+        for private in self.private.values():
+            private.close()
+        self.monitor.close()
+
+    # ------------------------------------------------------------------ internals
+    def _release(self, mechanism: Mechanism, run_id: str, round: int) -> Release:
+        common = dict(run_id=run_id, round=round, client_id=self.client_id, stage=self.task.stage, unit=UNIT)
+        if len(self.private) == 1:
+            return Release(**common, mechanism=mechanism, delta=self.privacy.delta, clip_norm=self.privacy.clip_norm)
+        components = tuple(
+            Component(name, private.optimizer.noise_multiplier, self.privacy.clip_norm)
+            for name, private in self.private.items()
+        )
+        return Release.shared_batch(
+            **common, sample_rate=mechanism.sample_rate, steps=mechanism.steps,
+            delta=self.privacy.delta, components=components,
+        )
+
+    def _step_metrics(self, outcome, elapsed: float) -> dict[str, float]:
+        examples = max(outcome.batch_size, 1)
+        metrics: dict[str, float] = {
+            "batch_size": float(outcome.batch_size),
+            "physical_batch": float(outcome.physical_batch_size),
+            "step_time_s": elapsed,
+            "samples_per_s": outcome.batch_size / elapsed if elapsed > 0 else 0.0,
+            **{k[: -len("_sum")]: v / examples for k, v in outcome.sums.items() if k.endswith("_sum")},
+            **peak_memory(self.task.device),
+        }
+        for name, private in self.private.items():
+            stats = private.optimizer.take_stats()
+            metrics[f"{name}/clipped_fraction"] = stats.clipped_fraction
+            metrics[f"{name}/nonfinite_samples"] = float(stats.nonfinite_samples)
+            metrics[f"{name}/skipped_steps"] = float(private.optimizer.skipped_nonfinite_steps)
+            metrics.update({f"{name}/{k}": v for k, v in stats.quantiles().items()})
+        return metrics
+
+
+def _seed(seed: int | None) -> int:
+    return secrets.randbits(63) if seed is None else int(seed)
