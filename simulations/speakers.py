@@ -163,9 +163,9 @@ def generate_speakers(out: str | os.PathLike[str], config: SpeakersConfig) -> di
     output is replaced (only the entries this command writes are removed).
     """
     config.validate()
+    engine = _choose_engine(config.engine)
     out = Path(out).absolute()
     _claim_output_folder(out)
-    engine = _choose_engine(config.engine)
     speakers = [_make_speaker(config, "client", i) for i in range(config.n_speakers)]
     speakers += [_make_speaker(config, "unseen", j) for j in range(config.unseen_speakers)]
     counts = utterance_counts(config.n_speakers, config.utterances, config.zipf,
@@ -175,8 +175,6 @@ def generate_speakers(out: str | os.PathLike[str], config: SpeakersConfig) -> di
     atomic_write_text(out / MANIFEST, _dump({"generator": GENERATOR, "complete": False}))
 
     espeak_root = out / ".espeak"
-    if engine["name"] == "espeak-ng":
-        _prepare_espeak_data(espeak_root, speakers)
     workers = min(config.workers or _available_cpus(), len(utterances))
     log.info("synthesising %d utterances of %d speakers with %s on %d process(es)",
              len(utterances), len(speakers), engine["name"], workers)
@@ -184,12 +182,16 @@ def generate_speakers(out: str | os.PathLike[str], config: SpeakersConfig) -> di
     features = np.zeros((len(utterances), FEATURE_SIZE))
     tasks = [(k, u, str(out / u.speaker.folder / u.wav), engine["name"], str(espeak_root))
              for k, u in enumerate(utterances)]
-    with progress() as bar:
-        task = bar.add_task("speakers", total=len(tasks))
-        for k, duration, stats in _run(tasks, workers):
-            seconds[k], features[k] = duration, stats
-            bar.advance(task)
-    shutil.rmtree(espeak_root, ignore_errors=True)  # the variant files are kept in the manifest
+    try:
+        if engine["name"] == "espeak-ng":
+            _prepare_espeak_data(espeak_root, speakers)
+        with progress() as bar:
+            task = bar.add_task("speakers", total=len(tasks))
+            for k, duration, stats in _run(tasks, workers):
+                seconds[k], features[k] = duration, stats
+                bar.advance(task)
+    finally:
+        shutil.rmtree(espeak_root, ignore_errors=True)  # the variant files are kept in the manifest
 
     manifest = _write_outputs(out, config, engine, speakers, utterances, seconds, features)
     log.info("wrote %d speakers, %.1f min of audio (%.1f MB) to %s", len(speakers),

@@ -173,6 +173,7 @@ def test_without_espeak_it_falls_back_to_pseudo_speech_and_says_so(tmp_path, mon
         assert all(sf.info(out / speaker["folder"] / path).samplerate == 32000 for path, *_ in rows)
     with pytest.raises(ConfigError, match="not on PATH"):
         generate_speakers(tmp_path / "strict", SpeakersConfig(n_speakers=1, utterances=1, engine="espeak-ng"))
+    assert not (tmp_path / "strict").exists()
 
 
 def test_refuses_a_foreign_folder_and_replaces_only_its_own_output(tmp_path):
