@@ -159,6 +159,7 @@ def test_list_file_parsing(tmp_path):
     assert run(data / "x.list", tmp_path / "out2", data_root=tmp_path).accepted == 2
 
 
+@pytest.mark.slow
 def test_command_line_success(good_set, tmp_path):
     """The installed console script, as a device owner runs it."""
     done = subprocess.run(

@@ -17,6 +17,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torchaudio.models import hubert_base
 
+import soundfile as sf
+
+from client.data.cache import FeatureCache
+from client.data.features import loudness_mix
+from client.data.prepare import prepare
 from shared.audio import resample
 from shared.errors import CheckpointError, ConfigError
 from shared.models.interop import random_official_state_dict, write_torch_file
@@ -209,11 +214,19 @@ def test_broken_checkpoints_are_refused_with_the_reason(tmp_path):
         tokenizer_spec(hubert=tmp_path / "missing")
 
 
-def test_semantic_codes_follow_gpt_sovits_3_get_semantic(gpt_sovits_weights):
-    hubert_dir, s2_path, hubert_state, s2_state = gpt_sovits_weights
+@pytest.fixture(scope="module")
+def hubert_tokenizer(gpt_sovits_weights) -> HubertTokenizer:
+    hubert_dir, s2_path, _, _ = gpt_sovits_weights
     spec = tokenizer_spec(hubert_dir, s2_path)
     tokenizer = spec.build()
-    assert isinstance(tokenizer, HubertTokenizer) and spec.name.startswith("hubert-")
+    assert isinstance(tokenizer, HubertTokenizer) and tokenizer.name == spec.name
+    assert spec.name.startswith("hubert-")
+    return tokenizer
+
+
+def test_semantic_codes_follow_gpt_sovits_3_get_semantic(gpt_sovits_weights, hubert_tokenizer):
+    _, _, hubert_state, s2_state = gpt_sovits_weights
+    tokenizer = hubert_tokenizer
     wave = torch.sin(torch.linspace(0, 1000, 32000)) * 0.3  # 1 s at 32 kHz
     codes = tokenizer.encode(wave)
 
@@ -226,3 +239,22 @@ def test_semantic_codes_follow_gpt_sovits_3_get_semantic(gpt_sovits_weights):
     expected = torch.cdist(projected[0].T, codebook).argmin(dim=1)
     assert codes.shape == (ssl.shape[-1] // 2,) == (24,)
     assert torch.equal(codes, expected)
+
+
+@pytest.mark.slow
+def test_prepare_with_hubert_records_its_tokenizer_and_its_codes(gpt_sovits_weights, hubert_tokenizer, tmp_path):
+    hubert_dir, s2_path, _, _ = gpt_sovits_weights
+    wave = (torch.sin(torch.linspace(0, 3000, 24000)) * 0.4).numpy()
+    sf.write(tmp_path / "a.wav", wave, 24000, subtype="FLOAT")
+    (tmp_path / "a.list").write_text("a.wav|spk|en|Hello there, world.\n", encoding="utf-8")
+    spec = tokenizer_spec(hubert_dir, s2_path)
+    report = prepare(tmp_path / "a.list", tmp_path / "out", tokenizer=spec, symbols_version="v2",
+                     show_progress=False)
+    assert report.accepted == 1 and report.tokenizer == spec.name
+    cache = FeatureCache(tmp_path / "out")
+    item = cache.read_index().items[0]
+    stored = cache.load_item(item.id)["semantic_ids"].long()
+    mixed = loudness_mix(resample(torch.from_numpy(wave), 24000, 32000))
+    assert torch.equal(stored, hubert_tokenizer.encode(mixed)[: len(stored)])
+    hubert_frames = (mixed.numel() // 2 - 400) // 320 + 1  # conv stack: 400-sample field, stride 320
+    assert len(stored) == item.semantic_tokens == hubert_frames // 2 == 24
