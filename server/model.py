@@ -1,10 +1,7 @@
-"""The global model of a run: built as every client builds it, and exported for GPT-SoVITS.
+"""The global model of a run, and its export for GPT-SoVITS.
 
 Only the trainable subset travels and is checkpointed; the frozen base is rebuilt from the run
-configuration (stage, model config, subset, LoRA shape) and ``model-seed``, so server and clients
-agree on it without shipping it. s1 is the GPT ``Text2SemanticDecoder``; s2 is the SoVITS
-generator (with the run's subset) and its multi-period discriminator (trained in full: it has no
-LoRA targets), under the prefixes ``generator.`` and ``discriminator.``.
+configuration by :func:`shared.models.factory.build_model`, exactly as every client rebuilds it.
 """
 
 from __future__ import annotations
@@ -17,42 +14,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from shared.models.config import s1_config, s2_config
+from shared.models.factory import build_model
 from shared.models.s1 import Text2SemanticDecoder
 from shared.models.s1_checkpoint import save_official_s1
-from shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn
+from shared.models.s2 import SynthesizerTrn
 from shared.models.s2.checkpoint import export_discriminator, export_generator
-from shared.models.subsets import (
-    SubsetSpec,
-    apply_subset,
-    load_trainable_state_dict,
-    merged_state_dict,
-    trainable_state_dict,
-)
+from shared.models.subsets import SubsetSpec, load_trainable_state_dict, merged_state_dict, trainable_state_dict
 from shared.runconfig import RunConfig
 
 log = logging.getLogger(__name__)
 
 
-class SoVITSPair(nn.Module):
-    """The s2 generator and discriminator trained together (both read private audio)."""
-
-    def __init__(self, generator: SynthesizerTrn, discriminator: MultiPeriodDiscriminator) -> None:
-        super().__init__()
-        self.generator = generator
-        self.discriminator = discriminator
-
-
 def build_global_model(config: RunConfig) -> nn.Module:
-    """The run's model with its trainable subset applied, seeded by ``model-seed``."""
-    torch.manual_seed(config.model_seed)
+    """The run's model with its trainable subset applied (s2: the generator/discriminator pair)."""
     spec = SubsetSpec(kind=config.subset, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha)
-    if config.stage == "s1":
-        return apply_subset(Text2SemanticDecoder(s1_config(config.model_config)), spec)
-    s2 = s2_config(config.model_config)
-    generator = apply_subset(SynthesizerTrn(s2), spec)
-    discriminator = apply_subset(MultiPeriodDiscriminator(s2), SubsetSpec(kind="full"))
-    return SoVITSPair(generator, discriminator)
+    pretrained = config.pretrained or None
+    return build_model(config.stage, config.model_config, spec, seed=config.model_seed, pretrained=pretrained)
 
 
 def initial_subset(config: RunConfig) -> dict[str, torch.Tensor]:
@@ -69,6 +46,7 @@ def base_identity(config: RunConfig) -> dict[str, Any]:
         "subset": config.subset,
         "lora-rank": config.lora_rank,
         "lora-alpha": config.lora_alpha,
+        "pretrained": config.pretrained,
     }
 
 
@@ -97,4 +75,4 @@ def _merged(adapted: nn.Module, plain: nn.Module) -> nn.Module:
     return plain
 
 
-__all__ = ["SoVITSPair", "base_identity", "build_global_model", "export_gpt_sovits", "initial_subset"]
+__all__ = ["base_identity", "build_global_model", "export_gpt_sovits", "initial_subset"]

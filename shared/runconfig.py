@@ -68,6 +68,7 @@ class RunConfig:
     checkpoint_dir: str = ""
     keep_checkpoints: int = 3
     model_seed: int = 0
+    pretrained: str = ""  # GPT-SoVITS checkpoint of the frozen base (s1 .ckpt, s2G .pth); "": seeded init
     data_root: str = ""
     round_timeout: float = 3600.0
     evaluate: bool = True
