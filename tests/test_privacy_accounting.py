@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
+from opacus.accountants import RDPAccountant
 from scipy import optimize, stats
 
 from shared.errors import BudgetExceededError, ConfigError, PrivacyError
@@ -72,6 +73,13 @@ def test_cross_accountant_agreement_on_heterogeneous_history():
     assert pld <= prv <= pld + 0.02  # both numerical, PRV reports its upper end
     assert rdp == pytest.approx(rdp_google, rel=1e-3)  # same RDP curves; conversions differ slightly
     assert rdp > prv
+
+
+def test_memoised_rdp_is_opacus_rdp_accountant():
+    history = [(1.3, 0.02, 70), (0.9, 0.3, 5), (2.0, 1.0, 3)]
+    reference = RDPAccountant()
+    reference.history = history
+    assert epsilon([Mechanism(*h) for h in history], DELTA, "rdp") == reference.get_epsilon(DELTA)
 
 
 def test_history_order_and_splitting_do_not_matter():

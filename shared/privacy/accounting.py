@@ -26,8 +26,10 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import opacus
-from opacus.accountants import create_accountant
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 from scipy.optimize import brentq
 
 from shared.errors import BudgetExceededError, ConfigError, PrivacyError
@@ -117,21 +119,44 @@ def epsilon(history: Iterable[Mechanism], delta: float, accountant: str = DEFAUL
 @functools.lru_cache(maxsize=512)
 def _epsilon(entries: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
     # Cached: a budget check before a round and the ledger row after it ask the same question.
-    engine = create_accountant(accountant)
-    engine.history = list(entries)
     try:
         with warnings.catch_warnings():
             # RDP at tiny epsilon: "optimal order is the largest alpha" only says the bound is loose.
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
             # PRV at sample_rate 1 evaluates log(1 - q) = -inf on purpose.
             warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"opacus\.accountants")
-            value = float(engine.get_epsilon(delta))
+            value = _rdp_epsilon(entries, delta) if accountant == "rdp" else _opacus_epsilon(entries, delta, accountant)
     except (ArithmeticError, RuntimeError, ValueError) as exc:
         # Opacus's PRV discretisation overflows only far beyond any useful epsilon (e.g.
         # sigma=0.6, q=1, 1000 steps: RDP says 1640). No finite guarantee is then certified.
         log.warning("%s accountant cannot bound epsilon for %s (%s); recording inf", accountant, entries, exc)
         return math.inf
     return value if math.isfinite(value) else math.inf
+
+
+def _opacus_epsilon(entries: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    engine = create_accountant(accountant)
+    engine.history = list(entries)
+    return float(engine.get_epsilon(delta))
+
+
+def _rdp_epsilon(entries: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """Opacus's RDPAccountant.get_epsilon, with each mechanism's RDP curve memoised.
+
+    RDP composes by adding curves, and a curve scales with steps, so re-accounting a growing
+    ledger, or searching over steps, costs nothing for mechanisms already seen (one curve takes
+    0.02-0.3 s on 2 CPU cores). Bit-identical to the accountant (tested).
+    """
+    curve = sum(steps * _rdp_curve(sigma, q) for sigma, q, steps in entries)
+    value, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=curve, delta=delta)
+    return float(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_curve(sigma: float, q: float) -> np.ndarray:
+    curve = np.asarray(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS))
+    curve.flags.writeable = False
+    return curve
 
 
 def calibrate_noise_multiplier(
