@@ -226,3 +226,19 @@ def test_cli_bad_option_is_one_red_line_and_exit_2(tmp_path, monkeypatch, capsys
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "--lang" in err and len(err.splitlines()) == 1
+
+
+def test_every_sentence_phonemizes_and_every_line_parses_in_the_data_pipeline(tmp_path):
+    """The transcripts must survive the client's own frontend: no utterance lost to text errors."""
+    from client.data.listfile import Entry, read_list
+    from shared.text import phonemize
+    from simulations.speakers import _sentences
+
+    for language in ("en", "zh"):
+        for sentence in _sentences(language):
+            assert phonemize(sentence, language, "v2").ids, sentence
+    out = tmp_path / "out"
+    generate_speakers(out, SpeakersConfig(n_speakers=2, utterances=2, heldout_utterances=1, unseen_speakers=1,
+                                          engine="pseudo-speech", workers=1))
+    for list_file in [*out.glob("*.list"), *out.glob("*/*/*.list")]:
+        assert all(isinstance(entry, Entry) for entry in read_list(list_file)), list_file
