@@ -8,10 +8,10 @@ Two tokenizers, never mixed in one feature cache (each has a ``name`` the cache 
   (stride 2 -> 25 Hz) and frozen VQ codebook. :func:`load_hubert` reads a Hugging Face
   checkpoint into torchaudio's HuBERT architecture, so ``transformers`` is not needed.
 * :class:`FallbackTokenizer` needs no weights: a BEST-RQ-style random-projection quantizer over
-  per-utterance normalised cepstra, two 50 Hz frames per 25 Hz token. Its projection and codebook come
-  from a fixed seed, so every client and the server derive the same codes offline. Its codes
-  carry phonetic and prosodic structure but are not HuBERT units; models trained on them only
-  work with this tokenizer.
+  per-utterance normalised cepstra, two 50 Hz frames per 25 Hz token. Its projection and
+  codebook come from a fixed seed, so every client and the server derive the same codes
+  offline. The codes follow the spectral envelope (what is said and, partly, who says it) but
+  are not HuBERT units: models trained on them work only with this tokenizer.
 """
 
 from __future__ import annotations
@@ -98,30 +98,28 @@ class FallbackTokenizer:
 # ---------------------------------------------------------------- GPT-SoVITS (HuBERT + s2 VQ)
 
 
-class LatentExtractor(Protocol):
-    """The s2 generator's ``extract_latent``: SSL features ``[B, 768, T50]`` -> codes ``[B, T25]``."""
-
-    def extract_latent(self, ssl: torch.Tensor) -> torch.Tensor: ...
-
-
 class HubertTokenizer:
-    """GPT-SoVITS's semantic tokens: chinese-hubert-base last layer -> s2 ``ssl_proj`` -> VQ."""
+    """GPT-SoVITS's semantic tokens: chinese-hubert-base last layer -> s2 ``ssl_proj`` -> VQ.
 
-    def __init__(self, hubert: Wav2Vec2Model, latent: LatentExtractor, name: str):
-        self.hubert = hubert.eval()
-        self.latent = latent
+    ``s2`` is an s2 generator (``SynthesizerTrn``); only its ``extract_latent`` runs.
+    """
+
+    def __init__(self, hubert: Wav2Vec2Model, s2: torch.nn.Module, name: str, device: str = "cpu"):
+        self.hubert = hubert.eval().to(device)
+        self.s2 = s2.eval().to(device)
         self.name = name
+        self.device = torch.device(device)
 
     @torch.inference_mode()
     def ssl_features(self, wave: torch.Tensor) -> torch.Tensor:
         """Final-layer HuBERT features ``[1, 768, T50]`` of a 32 kHz waveform, as GPT-SoVITS stores them."""
-        wave16 = resample(wave.float() * HUBERT_INPUT_SCALE, SAMPLE_RATE, SSL_SAMPLE_RATE)
-        features, _ = self.hubert(wave16.unsqueeze(0))
+        wave16 = resample(wave.float().cpu() * HUBERT_INPUT_SCALE, SAMPLE_RATE, SSL_SAMPLE_RATE)
+        features, _ = self.hubert(wave16.unsqueeze(0).to(self.device))
         return features.transpose(1, 2)
 
     @torch.inference_mode()
     def encode(self, wave: torch.Tensor) -> torch.Tensor:
-        return self.latent.extract_latent(self.ssl_features(wave))[0].long()
+        return self.s2.extract_latent(self.ssl_features(wave))[0].long().cpu()
 
 
 @dataclass(frozen=True)
@@ -190,11 +188,12 @@ class HubertConfig:
 # and the per-layer names agree; the projection and transformer sit one level deeper in
 # torchaudio, and the positional conv's weight norm is stored as old-style ``weight_g``/``weight_v``
 # by older transformers releases and as parametrizations by newer ones.
+_POS_CONV = "encoder.transformer.pos_conv_embed.conv.parametrizations.weight."
 HF_TO_TORCHAUDIO = (
     (r"feature_extractor\.(.*)", r"feature_extractor.\1"),
     (r"feature_projection\.(.*)", r"encoder.feature_projection.\1"),
-    (r"encoder\.pos_conv_embed\.conv\.weight_g", "encoder.transformer.pos_conv_embed.conv.parametrizations.weight.original0"),
-    (r"encoder\.pos_conv_embed\.conv\.weight_v", "encoder.transformer.pos_conv_embed.conv.parametrizations.weight.original1"),
+    (r"encoder\.pos_conv_embed\.conv\.weight_g", _POS_CONV + "original0"),
+    (r"encoder\.pos_conv_embed\.conv\.weight_v", _POS_CONV + "original1"),
     (r"encoder\.(.*)", r"encoder.transformer.\1"),
 )
 HF_TRAINING_ONLY = ("masked_spec_embed",)
@@ -279,6 +278,7 @@ class TokenizerSpec:
     name: str
     hubert: str | None = None
     s2: str | None = None
+    device: str = "cpu"  # where HuBERT runs; the fallback always runs on the CPU
 
     def build(self) -> SemanticTokenizer:
         if self.hubert is None or self.s2 is None:
@@ -286,11 +286,19 @@ class TokenizerSpec:
         # The s2 stack imports Opacus (seconds): load it only when HuBERT tokens are asked for.
         from shared.models.s2.checkpoint import load_generator
 
-        return HubertTokenizer(load_hubert(self.hubert), load_generator(self.s2).eval(), self.name)
+        return HubertTokenizer(
+            load_hubert(self.hubert), load_generator(self.s2), self.name, self.device
+        )
 
 
-def tokenizer_spec(hubert: str | Path | None = None, s2: str | Path | None = None) -> TokenizerSpec:
-    """The fallback tokenizer without weights; GPT-SoVITS's HuBERT + s2 path with both."""
+def tokenizer_spec(
+    hubert: str | Path | None = None, s2: str | Path | None = None, device: str | None = None
+) -> TokenizerSpec:
+    """The fallback tokenizer without weights; GPT-SoVITS's HuBERT + s2 path with both.
+
+    ``device`` (HuBERT only) defaults to CUDA when available, else the CPU. HuBERT runs in fp32
+    everywhere (GPT-SoVITS uses fp16 on GPUs and re-runs clips that give NaN in fp32).
+    """
     if hubert is None and s2 is None:
         return TokenizerSpec(FallbackTokenizer().name)
     if hubert is None or s2 is None:
@@ -303,7 +311,8 @@ def tokenizer_spec(hubert: str | Path | None = None, s2: str | Path | None = Non
     if not Path(s2).is_file():
         raise CheckpointError(f"no s2 checkpoint at {s2}; pass a GPT-SoVITS s2G .pth file")
     name = f"hubert-{file_digest(weights)}-s2-{file_digest(s2)}"
-    return TokenizerSpec(name, str(hubert), str(s2))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return TokenizerSpec(name, str(hubert), str(s2), device)
 
 
 def file_digest(path: str | Path, length: int = 12) -> str:

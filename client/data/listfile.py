@@ -62,7 +62,8 @@ def parse_line(raw: str, line: int) -> Entry | Rejection:
     audio_path, speaker, language, text = (field.strip() for field in fields)
     if not audio_path or not language:
         missing = "audio path" if not audio_path else "language"
-        return Rejection(line, audio_path, Reason.MALFORMED_LINE, f"line {line}: the {missing} field is empty")
+        message = f"line {line}: the {missing} field is empty"
+        return Rejection(line, audio_path, Reason.MALFORMED_LINE, message)
     return Entry(line, audio_path, speaker, normalize_language(language), text)
 
 
