@@ -28,8 +28,9 @@ def prepare(
     config: str = typer.Option("v2", help="Model config whose phoneme symbol table to use: tiny, v1, v2, v2Pro, v2ProPlus."),
     hubert: Path | None = typer.Option(None, help="chinese-hubert-base folder (Hugging Face format) for GPT-SoVITS's semantic tokens."),
     s2: Path | None = typer.Option(None, help="GPT-SoVITS s2G .pth whose ssl_proj and codebook turn HuBERT features into tokens."),
+    device: str | None = typer.Option(None, help="Where HuBERT runs: cpu, cuda, cuda:1 (default: cuda if available)."),
     data_root: Path | None = typer.Option(None, help="Recordings must lie under this folder (default: the list file's folder)."),
-    workers: int | None = typer.Option(None, min=1, help="Processes for featurising (default: CPU cores)."),
+    workers: int | None = typer.Option(None, min=1, help="Processes for featurising (default: all cores for 400+ utterances, else 1)."),
     max_clipped: float = typer.Option(0.001, min=0.0, max=1.0, help="Reject a recording with more than this fraction of full-scale samples."),
     json_output: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
@@ -48,7 +49,7 @@ def prepare(
     setup_logging(verbose)
     report = run_prepare(
         list_file, out,
-        tokenizer=tokenizer_spec(hubert, s2),
+        tokenizer=tokenizer_spec(hubert, s2, device),
         symbols_version=s1_config(config).symbols_version,
         data_root=data_root,
         limits=AudioLimits(max_clipped_fraction=max_clipped),
