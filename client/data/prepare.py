@@ -270,9 +270,9 @@ def _read_unchanged(job: Job, where: str) -> bytes:
 
 
 def _phonemize(entry: Entry, symbols_version: str, where: str) -> Phonemes:
-    # 1-get-text.py rewrites "%" and "￥" before its cleaner; the pretrained models saw that text.
-    text = entry.text.replace("%", "-").replace("￥", ",")
+    # Not 1-get-text.py's "%" -> "-" rewrite: its normaliser then reads "50%" as "五十减" (minus),
+    # which no longer matches the recording. Training phonemes equal what inference produces.
     try:
-        return phonemize(text, entry.language, symbols_version)
+        return phonemize(entry.text, entry.language, symbols_version)
     except TextError as exc:
         raise Rejected(Reason(exc.reason), f"{where}: {exc}") from None
