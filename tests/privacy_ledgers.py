@@ -1,10 +1,14 @@
-"""Ledgers for the privacy and audit tests: known releases, and tampering behind the triggers."""
+"""Shared pieces of the privacy and audit tests: known releases, a closed form, and tampering
+behind the ledger's triggers."""
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
+
+from scipy import optimize, stats
 
 from shared.privacy.accounting import Mechanism
 from shared.privacy.ledger import COLUMNS, GENESIS_HASH, LEDGER_FILENAME, LedgerRow, Release
@@ -25,6 +29,15 @@ def release(
 ) -> Release:
     """A plain DP-SGD round of ``steps`` at ``noise`` and ``sample_rate`` (clip norm 1)."""
     return Release(run_id, round, client_id, stage, unit, Mechanism(noise, sample_rate, steps), DELTA, clip_norm=1.0)
+
+
+def gaussian_epsilon(sigma: float, delta: float) -> float:
+    """Exact epsilon of one Gaussian mechanism with sensitivity 1 (Balle and Wang 2018)."""
+
+    def delta_at(eps: float) -> float:
+        return stats.norm.cdf(1 / (2 * sigma) - eps * sigma) - math.exp(eps) * stats.norm.cdf(-1 / (2 * sigma) - eps * sigma)
+
+    return optimize.brentq(lambda eps: delta_at(eps) - delta, 0, 100, xtol=1e-12)
 
 
 def tamper(folder: Path, *statements: str, keep_triggers: bool = True, rehash: bool = False) -> None:

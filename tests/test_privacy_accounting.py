@@ -11,7 +11,7 @@ import pytest
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 from opacus.accountants import RDPAccountant
-from scipy import optimize, stats
+from scipy import stats
 
 from shared.errors import BudgetExceededError, ConfigError, PrivacyError
 from shared.privacy.accounting import (
@@ -21,17 +21,9 @@ from shared.privacy.accounting import (
     epsilon,
     shared_batch_noise_multiplier,
 )
+from tests.privacy_ledgers import gaussian_epsilon
 
 DELTA = 1e-5
-
-
-def gaussian_epsilon(sigma: float, delta: float) -> float:
-    """Exact epsilon of one Gaussian mechanism with sensitivity 1 (Balle and Wang 2018)."""
-
-    def delta_at(eps: float) -> float:
-        return stats.norm.cdf(1 / (2 * sigma) - eps * sigma) - math.exp(eps) * stats.norm.cdf(-1 / (2 * sigma) - eps * sigma)
-
-    return optimize.brentq(lambda eps: delta_at(eps) - delta, 0, 100, xtol=1e-12)
 
 
 def google(history: list[tuple[float, float, int]], delta: float) -> tuple[float, float]:
