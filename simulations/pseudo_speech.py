@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -222,8 +222,7 @@ def _english_syllables(text: str) -> list[_Syllable]:
             coda = _consonant(tail) if k == len(groups) - 1 and tail else None
             syllables.append(_Syllable(_consonant(onset), tuple(vowel.split()), coda, pitch))
     if text.rstrip().endswith("?") and syllables:  # yes/no-question rise on the last syllable
-        last = syllables[-1]
-        syllables[-1] = _Syllable(last.onset, last.vowels, last.coda, (0.0, 5.0), last.pause_after)
+        syllables[-1] = replace(syllables[-1], pitch=(0.0, 5.0))
     return syllables
 
 
@@ -239,8 +238,7 @@ def _consonant(letters: str) -> _Consonant | None:
 def _add_pause(syllables: list[_Syllable], token: str) -> None:
     pause = max((_PAUSES.get(ch, 0.0) for ch in token), default=0.0)
     if pause and syllables:
-        s = syllables[-1]
-        syllables[-1] = _Syllable(s.onset, s.vowels, s.coda, s.pitch, s.pause_after + pause)
+        syllables[-1] = replace(syllables[-1], pause_after=syllables[-1].pause_after + pause)
 
 
 # ------------------------------------------------------------------------------ rendering
