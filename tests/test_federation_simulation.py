@@ -17,6 +17,7 @@ from shared.runconfig import RunConfig
 from tests.federation_kit import initial_state, make_client_app
 
 NAN, POOR = 3, 4
+pytestmark = pytest.mark.slow  # starts Ray worker processes
 
 
 @pytest.fixture(scope="module")
