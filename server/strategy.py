@@ -300,14 +300,17 @@ class FedvoxRound(FedAvg):
 
     # ------------------------------------------------------------------ pieces
     def _connected_nodes(self, grid: Grid) -> list[int]:
-        """Connected node ids, waiting up to ``round_timeout`` for ``min_clients`` of them."""
+        """Connected node ids: at least ``min_clients`` (waiting up to ``round_timeout``), and no
+        longer growing between two polls, so nodes registering together are all counted."""
         deadline = time.monotonic() + self.config.round_timeout
-        while len(nodes := sorted(grid.get_node_ids())) < self.config.min_clients:
+        previous: list[int] = []
+        while len(nodes := sorted(grid.get_node_ids())) < self.config.min_clients or nodes != previous:
             if time.monotonic() > deadline:
                 raise FederationError(
                     f"only {len(nodes)} client(s) connected after {self.config.round_timeout:.0f} s "
                     f"(min-clients = {self.config.min_clients}); start more SuperNodes or lower min-clients"
                 )
+            previous = nodes
             time.sleep(NODE_POLL_S)
         return nodes
 
