@@ -168,6 +168,8 @@ class FederatedRun:
             "population": self.strategy.population,
             "sample-rate": self.speaker.sample_rate if self.speaker else None,
             "speaker-charged": charged,
+            # where this round's speaker rows go: right after this row hash in the ledger
+            "ledger-head": self.speaker.ledger.head() if self.speaker else None,
         }
         started = time.monotonic()
         self.store.save(server_round, from_record(arrays), meta, self.strategy.strategy_state())
