@@ -89,6 +89,18 @@ def test_lowered_epsilon_with_a_rewritten_chain_is_still_flagged(three_rounds):
     assert {f.row_id for f in audit.all_findings} >= {1, 2, 3}
 
 
+def test_identical_histories_are_judged_on_their_own_records(tmp_path):
+    # A server charges every eligible speaker the same rounds; the audit recomputes them once.
+    with Ledger(tmp_path) as ledger:
+        for r in range(2):
+            for speaker in ("s1", "s2", "s3"):
+                ledger.append(release(r, speaker, noise=1.1, sample_rate=0.3, steps=1, unit="speaker"))
+    tamper(tmp_path, "UPDATE releases SET epsilon = epsilon / 2 WHERE client_id = 's2'", rehash=True)
+    audit = audit_ledger(tmp_path)
+    assert {a.client_id: a.status for a in audit.accounts} == {"s1": "ok", "s2": UNDER_REPORTED, "s3": "ok"}
+    assert audit.accounts[0].pld == audit.accounts[1].pld == audit.accounts[2].pld
+
+
 def test_deleted_row_is_flagged(three_rounds):
     tamper(three_rounds, "DELETE FROM releases WHERE id = 2")
     audit = audit_ledger(three_rounds)

@@ -230,26 +230,66 @@ def _component_noise(components: str) -> list[float]:
     return sigmas
 
 
-def recompute(account: Account, tolerance: float = DEFAULT_TOLERANCE) -> None:
+@dataclass(frozen=True)
+class Implied:
+    """What an account's recorded mechanisms imply, whatever epsilons were recorded."""
+
+    reference: tuple[float, ...]
+    """Per row: min(PLD, RDP) of dp-accounting at the recorded delta."""
+    pld: tuple[float, ...]
+    """Per row: dp-accounting PLD at the audit delta."""
+    rdp: tuple[float, ...]
+    """Per row: dp-accounting RDP at the audit delta."""
+    opacus: float | None
+    """The writer's Opacus accountant on the whole history, at the audit delta."""
+    writer: float | None
+    """The same at the recorded delta."""
+    unaccountable: tuple[int, str] | None
+    """(row index, reason) of the first row that cannot be accounted; nothing after it is."""
+
+
+def implied(rows: Sequence[LedgerRow], delta: float) -> Implied:
+    """Recompute an account's epsilons row by row from its mechanisms alone."""
+    pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_DISCRETISATION)
+    rdp = rdp_privacy_accountant.RdpAccountant()
+    reference: list[float] = []
+    at_delta: tuple[list[float], list[float]] = ([], [])
+    for index, row in enumerate(rows):
+        try:
+            rdp_event, pld_event = dp_events(row)
+        except ConfigError as exc:
+            return Implied(tuple(reference), *map(tuple, at_delta), None, None, (index, str(exc)))
+        rdp.compose(rdp_event)
+        pld.compose(pld_event)
+        reference.append(min(_epsilon_of(pld, row.delta), _epsilon_of(rdp, row.delta)))
+        at_delta[0].append(_epsilon_of(pld, delta))
+        at_delta[1].append(_epsilon_of(rdp, delta))
+    history = [row.to_mechanism() for row in rows]
+    last = rows[-1]
+    opacus = epsilon(history, delta, last.accountant)
+    writer = opacus if delta == last.delta else epsilon(history, last.delta, last.accountant)
+    return Implied(tuple(reference), *map(tuple, at_delta), opacus, writer, None)
+
+
+def recompute(
+    account: Account, tolerance: float = DEFAULT_TOLERANCE, cache: dict[tuple, Implied] | None = None
+) -> None:
     """Fill ``account``'s recomputed columns and flag under-reporting and budget overruns.
 
     Each row's recorded epsilon (at the recorded delta) must reach min(PLD, RDP) of
     dp-accounting at that delta: both are upper bounds on the true epsilon and PLD is tight, so a
     recorded value below them under-states what was spent. The last row must also reach what the
-    writer's own Opacus accountant gives for the recorded history.
+    writer's own Opacus accountant gives for the recorded history. ``cache`` shares the
+    recomputation between accounts with identical histories (a server charges every eligible
+    speaker the same round).
     """
-    pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_DISCRETISATION)
-    rdp = rdp_privacy_accountant.RdpAccountant()
-    reference = 0.0
-    for row in account.rows:
-        try:
-            rdp_event, pld_event = dp_events(row)
-        except ConfigError as exc:
-            account.findings.append(_finding(UNACCOUNTABLE, account, row, f"cannot account row {row.id}: {exc}"))
-            return
-        rdp.compose(rdp_event)
-        pld.compose(pld_event)
-        reference = min(_epsilon_of(pld, row.delta), _epsilon_of(rdp, row.delta))
+    cache = {} if cache is None else cache
+    key = (account.delta, *(_accounted_fields(row) for row in account.rows))
+    if key not in cache:
+        cache[key] = implied(account.rows, account.delta)
+    result = cache[key]
+    account.pld, account.rdp, account.opacus = list(result.pld), list(result.rdp), result.opacus
+    for row, reference in zip(account.rows, result.reference):
         if row.epsilon < reference - _slack(reference, tolerance):
             account.findings.append(
                 _finding(
@@ -260,27 +300,35 @@ def recompute(account: Account, tolerance: float = DEFAULT_TOLERANCE) -> None:
                     f"recomputation {reference:.4f} (dp-accounting, delta {row.delta:g})",
                 )
             )
-        account.pld.append(_epsilon_of(pld, account.delta))
-        account.rdp.append(_epsilon_of(rdp, account.delta))
+    if result.unaccountable is not None:
+        index, reason = result.unaccountable
+        row = account.rows[index]
+        account.findings.append(_finding(UNACCOUNTABLE, account, row, f"cannot account row {row.id}: {reason}"))
+        return
     last = account.rows[-1]
-    history = [row.to_mechanism() for row in account.rows]
-    account.opacus = epsilon(history, account.delta, last.accountant)
-    writer = account.opacus if account.delta == last.delta else epsilon(history, last.delta, last.accountant)
-    if last.epsilon < writer - _slack(writer, tolerance):
+    if last.epsilon < result.writer - _slack(result.writer, tolerance):
         account.findings.append(
             _finding(
                 UNDER_REPORTED,
                 account,
                 last,
                 f"row {last.id} records epsilon {last.epsilon:.4f}; Opacus {last.accountant} gives "
-                f"{writer:.4f} for the recorded history",
+                f"{result.writer:.4f} for the recorded history",
             )
         )
-    spent = max(last.epsilon, reference)
+    spent = max(last.epsilon, result.reference[-1])
     if account.budget is not None and spent > account.budget:
         account.findings.append(
             _finding(BUDGET_OVERRUN, account, last, f"epsilon {spent:.4f} exceeds the budget {account.budget:g}")
         )
+
+
+def _accounted_fields(row: LedgerRow) -> tuple:
+    """The fields that determine a row's epsilon (not its id, time, hashes or recorded epsilon)."""
+    return (
+        row.mechanism, row.noise_multiplier, row.sample_rate, row.steps, row.clip_norm,
+        row.components, row.unit, row.accountant, row.delta,
+    )
 
 
 def _finding(kind: str, account: Account, row: LedgerRow, message: str) -> Finding:
@@ -322,6 +370,7 @@ def audit_ledger(
     for row in rows:
         groups.setdefault((row.client_id, row.unit), []).append(row)
     accounts = []
+    cache: dict[tuple, Implied] = {}
     for (client_id, unit), group in sorted(groups.items()):
         recorded_budgets = [row.budget_epsilon for row in group if row.budget_epsilon is not None]
         account = Account(
@@ -336,7 +385,7 @@ def audit_ledger(
             findings.append(
                 Finding(INTEGRITY, name, "rows mix deltas or accountants for one client and unit", client_id, unit)
             )
-        recompute(account, tolerance)
+        recompute(account, tolerance, cache)
         accounts.append(account)
         if on_account:
             on_account(account)
@@ -411,9 +460,11 @@ __all__ = [
     "UNDER_REPORTED",
     "Account",
     "Finding",
+    "Implied",
     "LedgerAudit",
     "audit_ledger",
     "dp_events",
+    "implied",
     "one_run_epsilon_lower_bound",
     "one_run_p_value",
     "posterior_bound",

@@ -81,6 +81,8 @@ _SCHEMA = (
         row_hash           TEXT    NOT NULL UNIQUE,
         UNIQUE (run_id, round, client_id, stage, unit)
     )""",
+    # Every append reads one client's rows at one unit: a server ledger holds every speaker's.
+    "CREATE INDEX IF NOT EXISTS releases_account ON releases (client_id, unit, id)",
     """CREATE TRIGGER IF NOT EXISTS releases_append_only_update BEFORE UPDATE ON releases
     BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only: rows cannot be updated'); END""",
     """CREATE TRIGGER IF NOT EXISTS releases_append_only_delete BEFORE DELETE ON releases
@@ -252,15 +254,17 @@ class Ledger:
                         f"{self.path} has ledger schema version {version}; this fedvox reads "
                         f"version {SCHEMA_VERSION}. Use the fedvox release that wrote it."
                     )
-                for statement in _SCHEMA:
-                    self._con.execute(statement)
-                self._con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                table, *extras = _SCHEMA
+                self._con.execute(table)
                 columns = tuple(row[1] for row in self._con.execute("PRAGMA table_info(releases)"))
                 if columns != COLUMNS:
                     raise LedgerIntegrityError(
                         f"{self.path} holds a 'releases' table with columns {columns}, not a fedvox "
                         "privacy ledger; choose another folder"
                     )
+                for statement in extras:
+                    self._con.execute(statement)
+                self._con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             self._con.close()
             raise LedgerIntegrityError(f"{self.path} is not a usable SQLite ledger: {exc}") from exc
