@@ -58,6 +58,15 @@ def test_voices_are_told_apart_by_mfcc_statistics():
     assert speaker_id_accuracy(np.array(features), labels) >= 0.8  # chance: 1/6
 
 
+def test_the_speaker_check_is_not_fooled_by_one_voice_under_several_names():
+    voice = PseudoVoice.from_seed(11)
+    features, labels = [], []
+    for k in range(16):
+        features.append(mfcc_statistics(synthesize(EN[k // 4], "en", voice, seed=k), SAMPLE_RATE))
+        labels.append(f"alias{k % 4}")  # each alias reads every sentence once
+    assert speaker_id_accuracy(np.array(features), labels) <= 0.5  # chance: 0.25
+
+
 def test_the_text_not_the_seed_decides_what_is_said():
     """Two readings of one sentence are closer to each other than to another sentence."""
     voice = PseudoVoice.from_seed(3)
