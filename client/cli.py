@@ -66,6 +66,98 @@ def prepare(
         )
 
 
+@app.command()
+def probe(
+    stage: str = typer.Option("s1", help="Stage to plan for: s1 (GPT) or s2 (SoVITS)."),
+    config: str = typer.Option("tiny", help="Model config: tiny, v1, v2, v2Pro, v2ProPlus."),
+    subset: str = typer.Option("lora", help="Trainable subset: lora or full."),
+    logical_batch: float = typer.Option(8.0, min=1.0, help="Expected Poisson batch of the run (caps the physical batch)."),
+    device: str | None = typer.Option(None, help="Pin the device: cpu, cuda, cuda:N or mps."),
+    precision: str | None = typer.Option(None, help="Pin the precision: bf16, fp16 or fp32."),
+    physical_batch: int | None = typer.Option(None, min=1, help="Pin the physical batch size."),
+    checkpointing: bool | None = typer.Option(None, "--checkpointing/--no-checkpointing", help="Pin activation checkpointing."),
+    threads: int | None = typer.Option(None, min=1, help="Pin the number of torch threads."),
+    allow_mps: bool = typer.Option(False, "--allow-mps", help="Train on the Apple GPU (MPS) instead of the CPU."),
+    profile_file: Path | None = typer.Option(None, help="TOML file whose [profile] table pins choices (flags win)."),
+    gpu: int = typer.Option(0, min=0, help="Which GPU to probe when there are several."),
+    as_device: str | None = typer.Option(None, "--as", help="Plan for a reference device instead of this machine (e.g. rtx3060, m2)."),
+    json_output: bool = typer.Option(False, "--json", help="Print facts and profile as JSON."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
+) -> None:
+    """Show this machine's device facts and the resource profile fedvox would train with, and why.
+
+    The profile decides how a step runs (device, physical batch, precision, checkpointing,
+    threads), never what it computes: logical batch, noise and clipping come from the run.
+    """
+    import json
+
+    from client.device import probe as probe_device
+    from client.device import reference_device
+    from client.profiles import ProfileOverrides, select_profile
+
+    setup_logging(verbose)
+    pinned = ProfileOverrides(
+        device=device, precision=precision, physical_batch=physical_batch,
+        checkpointing=checkpointing, threads=threads, allow_mps=allow_mps,
+    )
+    overrides = ProfileOverrides.from_toml(profile_file).merged(pinned) if profile_file else pinned
+    facts = reference_device(as_device) if as_device else probe_device(gpu)
+    profile = select_profile(facts, stage, config, subset, overrides, logical_batch=logical_batch)
+    if json_output:
+        typer.echo(json.dumps({"facts": facts.to_dict(), "profile": profile.to_dict()}, indent=1))
+        return
+    _print_probe(facts, profile, f"{stage} {config} ({subset})")
+
+
+def _print_probe(facts, profile, plan: str) -> None:
+    """Two rich tables on stdout: the device facts, then the profile with its reasons."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from client.device import GiB
+
+    out = Console()
+    gib = lambda n: f"{n / GiB:.1f} GiB"  # noqa: E731
+    rows = [("backend", facts.backend), ("device", facts.device_name)]
+    if facts.accelerator:
+        rows.append(("memory", gib(facts.total_memory)))
+        if facts.compute_capability:
+            rows.append(("compute capability", "{}.{}".format(*facts.compute_capability)))
+        if facts.gfx_arch:
+            rows.append(("gfx architecture", facts.gfx_arch))
+        rows += [("native bf16", "yes" if facts.bf16 else "no"),
+                 ("torch has kernels", "yes" if facts.kernels else f"no (build targets {' '.join(facts.torch_archs)})")]
+    rows += [
+        ("CPU", f"{facts.cpu_name} ({facts.cpu_arch}, {facts.cpu_isa})"),
+        ("CPU bf16 instructions", "yes" if facts.cpu_bf16 else "no"),
+        ("cores", f"{facts.physical_cores} physical / {facts.logical_cores} logical"),
+        ("RAM", gib(facts.ram)),
+        ("OS", facts.os),
+        ("torch", facts.torch_version),
+    ]
+    table = Table(title="Device facts", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, str(value))
+    out.print(table)
+
+    table = Table(title=f"Resource profile {profile.name} for {plan}", title_justify="left")
+    table.add_column("choice", style="bold")
+    table.add_column("value")
+    table.add_column("why")
+    values = {
+        "device": profile.device, "precision": profile.precision,
+        "physical_batch": str(profile.physical_batch),
+        "checkpointing": "on" if profile.checkpointing else "off", "threads": str(profile.threads),
+    }
+    for key, value in values.items():
+        table.add_row(key.replace("_", " "), value, profile.reasons[key])
+    out.print(table)
+    if profile.memory.activation.estimate:
+        out.print(f"[yellow]note:[/] activation memory is an estimate: {profile.memory.activation.note}")
+
+
 def main() -> None:
     """Console-script entry point."""
     run_cli(app)
