@@ -32,7 +32,7 @@ def speakers(
         20, "--utterances", help="Training utterances per client (the mean with --zipf)."),
     out: Path = typer.Option(
         ..., "--out", help="Output folder: new, empty, or an earlier speakers output."),
-    lang: str = typer.Option("mix", "--lang", help="en, zh, or mix (half the clients each)."),
+    lang: str = typer.Option("mix", "--lang", help="en, zh, or mix (half the speakers each)."),
     seed: int = typer.Option(0, "--seed", help="Same seed, same files (on one espeak-ng version)."),
     zipf: float = typer.Option(
         0.0, "--zipf", help="Zipf exponent for unequal amounts per client (0 = equal)."),

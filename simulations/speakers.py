@@ -91,7 +91,7 @@ class SpeakersConfig:
 
     n_speakers: int = 8  # clients
     utterances: int = 20  # training utterances per client (the mean when zipf > 0)
-    language: str = "mix"  # en | zh | mix (half the clients each, both sexes in each)
+    language: str = "mix"  # en | zh | mix (half the speakers each, both sexes in each)
     seed: int = 0
     zipf: float = 0.0  # 0: equal counts; > 0: the client of rank r gets ~ r**-zipf of the total
     heldout_utterances: int = 2  # per client and per unseen speaker
@@ -223,15 +223,16 @@ def utterance_counts(n: int, mean: int, zipf: float, rng: np.random.Generator) -
 def _make_speaker(config: SpeakersConfig, role: str, index: int) -> Speaker:
     """Draw speaker ``index`` of ``role`` from its own generator (independent of the others).
 
-    Sex alternates and, for ``mix``, language alternates in pairs (en, en, zh, zh, ...), so
-    both are balanced and not confounded. Voice ranges follow adult male / female vocal-tract
-    scales and F0 (speech-data reference, recipe A1).
+    Sex alternates (male, female, ...) and, for ``mix``, language runs en, zh, zh, en, ...:
+    every four speakers cover both sexes in both languages, and any two cover both languages.
+    Voice ranges are adult male / female vocal-tract scales and F0 (speech-data reference,
+    recipe A1).
     """
     role_code = 0 if role == "client" else 1
     rng = np.random.default_rng([config.seed, role_code, index, 0])
     name = f"spk{index:03d}" if role == "client" else f"unseen{index:03d}"
     sex = "female" if index % 2 else "male"
-    language = config.language if config.language != "mix" else ("zh" if (index // 2) % 2 else "en")
+    language = config.language if config.language != "mix" else ("zh" if index % 4 in (1, 2) else "en")
     female = sex == "female"
     tract = rng.uniform(1.08, 1.24) if female else rng.uniform(0.86, 1.02)
     f0 = rng.uniform(165, 235) if female else rng.uniform(78, 135)
