@@ -30,7 +30,7 @@ def prepare(
     s2: Path | None = typer.Option(None, help="GPT-SoVITS s2G .pth whose ssl_proj and codebook turn HuBERT features into tokens."),
     device: str | None = typer.Option(None, help="Where HuBERT runs: cpu, cuda, cuda:1 (default: cuda if available)."),
     data_root: Path | None = typer.Option(None, help="Recordings must lie under this folder (default: the list file's folder)."),
-    workers: int | None = typer.Option(None, min=1, help="Processes for featurising (default: all cores for 400+ utterances, else 1)."),
+    workers: int | None = typer.Option(None, min=1, help="Processes for featurising (default: all cores for 400+ utterances on 4+ cores, else 1)."),
     max_clipped: float = typer.Option(0.001, min=0.0, max=1.0, help="Reject a recording with more than this fraction of full-scale samples."),
     json_output: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
