@@ -158,6 +158,145 @@ def _print_probe(facts, profile, plan: str) -> None:
         out.print(f"[yellow]note:[/] activation memory is an estimate: {profile.memory.activation.note}")
 
 
+@app.command()
+def train(
+    data: Path = typer.Option(..., "--data", help="Feature cache folder written by `fedvox-client prepare` (also holds the privacy ledger)."),
+    stage: str = typer.Option(..., help="s1 (GPT, text -> semantic tokens) or s2 (SoVITS, tokens -> voice)."),
+    steps: int = typer.Option(..., min=1, help="DP-SGD steps to train in total."),
+    out: Path = typer.Option(..., "--out", help="Run folder: checkpoints, logs, exported model (re-run to resume)."),
+    config: str = typer.Option("tiny", help="Model config: tiny, v1, v2, v2Pro, v2ProPlus."),
+    subset: str = typer.Option("lora", help="Trainable subset: lora or full."),
+    lora_rank: int = typer.Option(8, min=1, help="LoRA rank."),
+    epsilon: float | None = typer.Option(None, "--epsilon", min=0.0, help="Target epsilon after all steps: the noise is calibrated to it."),
+    noise_multiplier: float | None = typer.Option(None, "--noise-multiplier", min=0.0, help="Noise multiplier (instead of --epsilon)."),
+    batch: int = typer.Option(8, min=1, help="Expected (logical) Poisson batch size."),
+    lr: float = typer.Option(1e-3, help="Learning rate."),
+    clip: float = typer.Option(1.0, help="Per-utterance gradient clip norm."),
+    delta: float = typer.Option(1e-5, help="Delta of the (epsilon, delta) guarantee."),
+    budget: float = typer.Option(10.0, help="This data folder's utterance-level epsilon budget: training never goes past it."),
+    checkpoint_every: int = typer.Option(20, min=1, help="Steps per checkpoint (each checkpoint is one ledger release)."),
+    init: Path | None = typer.Option(None, help="Start from a GPT-SoVITS checkpoint (s1 .ckpt or s2G .pth) instead of a seeded init."),
+    model_seed: int = typer.Option(0, help="Seed of the initial model (server and clients must agree)."),
+    seed: int | None = typer.Option(None, help="Fix sampling and noise seeds (experiments only: predictable noise protects nothing)."),
+    device: str | None = typer.Option(None, help="Pin the device: cpu, cuda, cuda:N or mps."),
+    precision: str | None = typer.Option(None, help="Pin the precision: bf16, fp16 or fp32."),
+    physical_batch: int | None = typer.Option(None, min=1, help="Pin the physical batch size."),
+    json_output: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
+) -> None:
+    """Fine-tune a stage on your prepared recordings with DP-SGD, locally (nothing leaves the device).
+
+    Every checkpoint is a privacy release charged to the data folder's ledger; a run that would
+    exceed --budget stops before training. Killed runs resume from their last checkpoint.
+    """
+    import json
+
+    from client.device import probe as probe_device
+    from client.profiles import ProfileOverrides, select_profile
+    from client.trainer.local import LocalTrainingSpec, train_local
+    from client.trainer.session import PrivacyPlan
+    from shared.errors import ConfigError
+
+    setup_logging(verbose)
+    if (epsilon is None) == (noise_multiplier is None):
+        raise ConfigError("give exactly one of --epsilon (target) or --noise-multiplier")
+    privacy = PrivacyPlan(clip_norm=clip, delta=delta, budget_epsilon=budget,
+                          noise_multiplier=noise_multiplier, target_epsilon=epsilon)
+    spec = LocalTrainingSpec(
+        stage=stage, model_config=config, subset=subset, lora_rank=lora_rank, steps=steps,
+        logical_batch=batch, learning_rate=lr, checkpoint_every=checkpoint_every,
+        model_seed=model_seed, pretrained=str(init) if init else None, privacy=privacy,
+    )
+    overrides = ProfileOverrides(device=device, precision=precision, physical_batch=physical_batch)
+    profile = select_profile(probe_device(), stage, config, spec.subset_spec, overrides, logical_batch=batch)
+    console.print(f"profile {profile.name}: {profile.device}, {profile.precision}, physical batch {profile.physical_batch}")
+    summary = train_local(data, out, spec, profile, seed=seed)
+    console.print(
+        f"trained {summary.get('steps', 0)} steps; utterance-level epsilon {summary.get('epsilon', 0):.3f} "
+        f"at delta {delta:g}; model in {out / 'model'}"
+    )
+    if json_output:
+        typer.echo(json.dumps(summary, indent=1, default=float))
+
+
+@app.command()
+def synthesize(
+    model: list[Path] = typer.Option(..., "--model", help="s1 and s2 models: files (.ckpt/.pth/.safetensors, round-N.json) or a folder holding both; repeat."),
+    text: str = typer.Option(..., help="What to say."),
+    ref: Path = typer.Option(..., "--ref", help="Reference recording whose voice to use."),
+    out: Path = typer.Option(..., "--out", help="Output WAV (32 kHz)."),
+    language: str = typer.Option("en", help="Language of --text: zh or en."),
+    ref_text: str | None = typer.Option(None, help="Transcript of --ref (prompts s1; without it s1 runs reference-free)."),
+    ref_language: str | None = typer.Option(None, help="Language of --ref-text (default: --language)."),
+    hubert: Path | None = typer.Option(None, help="chinese-hubert-base folder, if the models were trained on HuBERT tokens."),
+    s2_tokens: Path | None = typer.Option(None, "--s2-tokens", help="The s2G .pth whose codebook made those tokens (with --hubert)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
+) -> None:
+    """Hear a model: say --text in the voice of --ref and write it to --out."""
+    from client.synthesize import load_models, read_reference, synthesize as speak, write_wave
+    from shared.errors import ConfigError
+    from shared.semantic import tokenizer_spec
+
+    setup_logging(verbose)
+    if out.resolve() == ref.resolve():
+        raise ConfigError("--out must not be the reference recording: fedvox never overwrites recordings")
+    voice = load_models(list(model))
+    wave = speak(voice, text, language, read_reference(ref), tokenizer_spec(hubert, s2_tokens).build(),
+                 reference_text=ref_text, reference_language=ref_language, seed=seed)
+    write_wave(wave, out)
+    console.print(f"wrote {out} ({wave.numel() / 32000:.2f} s)")
+
+
+@app.command()
+def status(
+    data: Path = typer.Option(..., "--data", help="Data folder (holds the privacy ledger)."),
+    json_output: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Show the privacy spent from this data folder: releases, epsilon and budget left."""
+    import json
+
+    from rich.table import Table
+
+    from shared.privacy.ledger import Ledger, ledger_file
+
+    if not ledger_file(data).is_file():
+        console.print(f"no privacy ledger in {data}: nothing has been trained on this data yet")
+        return
+    with Ledger(data) as ledger:
+        rows = ledger.rows()
+    accounts: dict[tuple[str, str], list] = {}
+    for row in rows:
+        accounts.setdefault((row.client_id, row.unit), []).append(row)
+    report = [
+        {
+            "client_id": client, "unit": unit, "releases": len(items),
+            "steps": sum(r.steps for r in items), "epsilon": items[-1].epsilon, "delta": items[-1].delta,
+            "budget": items[-1].budget_epsilon,
+            "remaining": None if items[-1].budget_epsilon is None else items[-1].budget_epsilon - items[-1].epsilon,
+            "runs": sorted({r.run_id for r in items}),
+        }
+        for (client, unit), items in accounts.items()
+    ]
+    if json_output:
+        typer.echo(json.dumps(report, indent=1))
+        return
+    table = Table(title=f"Privacy spent from {data}", title_justify="left")
+    for column in ("client", "unit", "releases", "steps", "epsilon", "budget", "remaining", "runs"):
+        table.add_column(column)
+    for item in report:
+        table.add_row(
+            item["client_id"], item["unit"], str(item["releases"]), str(item["steps"]),
+            f"{item['epsilon']:.3f} (δ={item['delta']:g})",
+            "-" if item["budget"] is None else f"{item['budget']:g}",
+            "-" if item["remaining"] is None else f"{item['remaining']:.3f}",
+            ", ".join(item["runs"]),
+        )
+    from rich.console import Console
+
+    Console().print(table)
+
+
 def main() -> None:
     """Console-script entry point."""
     run_cli(app)

@@ -11,6 +11,7 @@ any physical batch size, up to floating-point summation order.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,10 @@ from client.trainer.dp_optimizer import FedvoxDPOptimizer
 from shared.errors import DeviceError
 
 log = logging.getLogger(__name__)
+
+# Opacus's full backward hooks fire on modules whose inputs need no gradient (embeddings, the first
+# layer); torch warns each time, although the per-sample gradients are exact (tests/per_sample.py).
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 
 @dataclass

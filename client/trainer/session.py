@@ -142,17 +142,26 @@ class Trainer:
     def sample_rate(self, logical_batch: int) -> float:
         return min(1.0, logical_batch / self.num_examples)
 
-    def history(self) -> list[Mechanism]:
-        return self.ledger.history(self.client_id, UNIT)
+    def history(self, excluding: tuple[str, int] | None = None) -> list[Mechanism]:
+        """The client's utterance-level releases, without the one keyed ``(run_id, round)``.
 
-    def mechanism(self, plan: RoundPlan) -> Mechanism:
+        Excluding the release being (re)made matters after a kill between the ledger append and
+        the checkpoint: the redone release must be planned and checked as it was the first time.
+        """
+        return [
+            row.to_mechanism()
+            for row in self.ledger.rows(self.client_id, UNIT)
+            if excluding is None or (row.run_id, row.round) != excluding
+        ]
+
+    def mechanism(self, plan: RoundPlan, excluding: tuple[str, int] | None = None) -> Mechanism:
         """The (effective) Gaussian mechanism this release would apply."""
         q = self.sample_rate(plan.logical_batch)
         if self.privacy.noise_multiplier is not None:
             return Mechanism(self.privacy.noise_multiplier, q, plan.steps)
         sigma = calibrate_noise_multiplier(
             self.privacy.target_epsilon, self.privacy.delta, sample_rate=q,
-            steps=max(plan.planned_steps, plan.steps), history=self.history(),
+            steps=max(plan.planned_steps, plan.steps), history=self.history(excluding),
             accountant=self.privacy.accountant,
         )
         return Mechanism(sigma, q, plan.steps)
@@ -167,9 +176,10 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def train(self, plan: RoundPlan, *, run_id: str, round: int) -> ReleaseResult:
         """Run one release; raises :class:`BudgetExceededError` before training if it cannot afford it."""
-        mechanism = self.mechanism(plan)
+        key = (run_id, round)
+        mechanism = self.mechanism(plan, excluding=key)
         subject = f"client {self.client_id!r} (utterance level)"
-        self.budget.check(self.history(), mechanism, delta=self.privacy.delta,
+        self.budget.check(self.history(excluding=key), mechanism, delta=self.privacy.delta,
                           accountant=self.privacy.accountant, subject=subject)
         part_sigma = mechanism.noise_multiplier * math.sqrt(len(self.private))
         expected_batch = mechanism.sample_rate * self.num_examples
@@ -185,11 +195,16 @@ class Trainer:
             start = time.perf_counter()
             indices = poisson_sample(self.num_examples, mechanism.sample_rate, self.sample_generator)
             step_seed = int(torch.randint(0, 2**62, (), generator=self.sample_generator))
-            outcome = run_logical_step(
-                indices, self.physical_batch,
-                lambda chunk: self.task.accumulate(self.wrapped, chunk, step_seed),
-                [p.optimizer for p in self.private.values()],
-            )
+            # Dropout draws from the global generator: seed it per step (inside a fork, leaving
+            # the caller's state alone) so a resumed run redoes exactly the same steps.
+            devices = [self.task.device] if self.task.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(step_seed)
+                outcome = run_logical_step(
+                    indices, self.physical_batch,
+                    lambda chunk: self.task.accumulate(self.wrapped, chunk, step_seed),
+                    [p.optimizer for p in self.private.values()],
+                )
             self.physical_batch = outcome.physical_batch_size
             elapsed = time.perf_counter() - start
             step_times.append(elapsed)

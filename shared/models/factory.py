@@ -17,10 +17,12 @@ from torch import nn
 from shared.errors import ConfigError
 from shared.models.config import s1_config, s2_config
 from shared.models.s1 import Text2SemanticDecoder
-from shared.models.s1_checkpoint import load_official_s1
+from shared.models.s1_checkpoint import load_official_s1, save_official_s1, save_s1_safetensors
 from shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn
-from shared.models.s2.checkpoint import load_discriminator, load_generator
-from shared.models.subsets import SubsetSpec, apply_subset
+from shared.models.s2.checkpoint import (
+    export_discriminator, export_generator, load_discriminator, load_generator, save_model,
+)
+from shared.models.subsets import SubsetSpec, apply_subset, merged_state_dict
 
 STAGES = ("s1", "s2")
 
@@ -65,3 +67,47 @@ def build_model(
         else:
             generator, discriminator = SynthesizerTrn(config), MultiPeriodDiscriminator(config)
         return SoVITSPair(apply_subset(generator, subset), apply_subset(discriminator, SubsetSpec(kind="full")))
+
+
+def export_gpt_sovits(model: nn.Module, folder: str | Path, *, half: bool = False) -> list[Path]:
+    """Write ``model`` (LoRA merged) in GPT-SoVITS's own formats; returns the files written.
+
+    s1: ``s1.ckpt``; s2: ``s2G.pth`` and ``s2D.pth``. ``half`` writes fp16, as GPT-SoVITS's own
+    fine-tuning exports are.
+    """
+    folder = Path(folder)
+    if isinstance(model, Text2SemanticDecoder):
+        plain = Text2SemanticDecoder(model.config)
+        plain.load_state_dict(merged_state_dict(model), strict=True)
+        path = folder / "s1.ckpt"
+        save_official_s1(plain, path, info="fedvox", dtype=torch.float16 if half else torch.float32)
+        return [path]
+    if not isinstance(model, SoVITSPair):
+        raise ConfigError(f"cannot export a {type(model).__name__}; expected an s1 or s2 model")
+    generator = SynthesizerTrn(model.generator.config)
+    generator.load_state_dict(merged_state_dict(model.generator), strict=True)
+    paths = [folder / "s2G.pth", folder / "s2D.pth"]
+    export_generator(generator, paths[0], half=half)
+    export_discriminator(model.discriminator, paths[1], half=half)
+    return paths
+
+
+def export_fedvox(model: nn.Module, folder: str | Path) -> list[Path]:
+    """Write ``model`` (LoRA merged) as self-describing fedvox safetensors, any config (tiny too).
+
+    s1: ``s1.safetensors``; s2: ``s2G.safetensors`` and ``s2D.safetensors``. Each file carries
+    its config, so it loads without knowing how it was trained.
+    """
+    folder = Path(folder)
+    if isinstance(model, Text2SemanticDecoder):
+        path = folder / "s1.safetensors"
+        save_s1_safetensors(model, path)
+        return [path]
+    if not isinstance(model, SoVITSPair):
+        raise ConfigError(f"cannot export a {type(model).__name__}; expected an s1 or s2 model")
+    generator = SynthesizerTrn(model.generator.config)
+    generator.load_state_dict(merged_state_dict(model.generator), strict=True)
+    paths = [folder / "s2G.safetensors", folder / "s2D.safetensors"]
+    save_model(generator, paths[0])
+    save_model(model.discriminator, paths[1])
+    return paths

@@ -1,0 +1,180 @@
+"""Let a model speak: text -> s1 semantic tokens -> s2 waveform, in a reference recording's voice.
+
+As GPT-SoVITS's inference: the reference recording gives the voice (its spectrogram conditions
+s2) and, with its transcript, a prompt for s1 (the reference's phonemes before the target's and
+its semantic tokens before the ones s1 generates). Without a transcript s1 starts unprompted
+(GPT-SoVITS's reference-free mode). The reference's tokens must come from the tokenizer the
+models were trained with (fedvox's offline fallback unless the data was prepared with HuBERT).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import soundfile as sf
+import torch
+from torch import nn
+
+from shared.audio import SAMPLE_RATE, linear_spectrogram, read_audio, resample
+from shared.errors import CheckpointError, ConfigError
+from shared.models.interop import load_safetensors
+from shared.models.s1 import Text2SemanticDecoder, generate
+from shared.models.s2 import SynthesizerTrn
+from shared.semantic import SemanticTokenizer
+from shared.text import phonemize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Voice:
+    """The two models that speak."""
+
+    s1: Text2SemanticDecoder
+    s2: SynthesizerTrn
+
+    @property
+    def symbols_version(self) -> str:
+        return self.s1.config.symbols_version
+
+
+def load_models(paths: list[str | Path]) -> Voice:
+    """Find an s1 and an s2 generator among ``paths`` (files or folders holding them).
+
+    Accepted: GPT-SoVITS ``.ckpt`` (s1) and s2G ``.pth``; fedvox ``s1.safetensors`` /
+    ``s2G.safetensors`` (any config, as ``fedvox-client train`` and the server export them); a
+    server round checkpoint ``round-NNNNN.json``.
+    """
+    found: dict[str, nn.Module] = {}
+    for path in _expand(paths):
+        for stage, model in _load(path).items():
+            if stage in found:
+                raise ConfigError(f"two {stage} models given ({path} and another); pass one of each")
+            found[stage] = model
+    missing = [stage for stage in ("s1", "s2") if stage not in found]
+    if missing:
+        raise ConfigError(
+            f"no {' and no '.join(missing)} model among {[str(p) for p in paths]}; synthesis needs an s1 "
+            "(GPT) and an s2 (SoVITS generator) model"
+        )
+    return Voice(found["s1"].eval(), found["s2"].eval())
+
+
+@torch.inference_mode()
+def synthesize(
+    voice: Voice,
+    text: str,
+    language: str,
+    reference: torch.Tensor,
+    tokenizer: SemanticTokenizer,
+    *,
+    reference_text: str | None = None,
+    reference_language: str | None = None,
+    seed: int = 0,
+    top_k: int | None = None,
+    temperature: float = 1.0,
+    noise_scale: float = 0.5,
+    max_seconds: float = 30.0,
+) -> torch.Tensor:
+    """A 32 kHz waveform ``[samples]`` of ``text`` in the voice of ``reference`` (32 kHz mono)."""
+    target = phonemize(text, language, voice.symbols_version)
+    generator = torch.Generator().manual_seed(seed)
+    if reference_text:
+        prompt_text = phonemize(reference_text, reference_language or language, voice.symbols_version)
+        phonemes = prompt_text.ids + target.ids
+        prompt = tokenizer.encode(reference)
+    else:
+        phonemes, prompt = target.ids, torch.zeros(0, dtype=torch.long)
+    codes = generate(
+        voice.s1, torch.tensor(phonemes), None, prompt, top_k=top_k, temperature=temperature,
+        max_new_tokens=int(max_seconds * 25), generator=generator,
+    )
+    if codes.numel() == 0:
+        raise ConfigError("the s1 model produced no semantic tokens for this text; try another seed or text")
+    spec = linear_spectrogram(reference.float()).unsqueeze(0)
+    wave = voice.s2.decode(codes.unsqueeze(0), torch.tensor([target.ids]), spec,
+                           noise_scale=noise_scale, generator=generator)
+    return wave[0, 0].float().clamp(-1.0, 1.0)
+
+
+def read_reference(path: str | Path) -> torch.Tensor:
+    """A reference recording as 32 kHz mono float ``[samples]``."""
+    wave, rate = read_audio(path)
+    if not bool(torch.isfinite(wave).all()) or float(wave.abs().max()) == 0.0:
+        raise ConfigError(f"reference recording {path} is silent or holds NaN/inf samples; pick another")
+    return resample(wave, rate, SAMPLE_RATE)
+
+
+def write_wave(wave: torch.Tensor, path: str | Path) -> None:
+    """Write 16-bit 32 kHz WAV (never over a source recording: the caller chooses a new path)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, wave.cpu().numpy(), SAMPLE_RATE, subtype="PCM_16")
+
+
+# ---------------------------------------------------------------------- loading
+def _expand(paths: list[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files += [p for p in sorted(path.iterdir()) if p.name in _MODEL_NAMES]
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise CheckpointError(f"no model file or folder at {path}")
+    return files
+
+
+_MODEL_NAMES = {"s1.ckpt", "s2G.pth", "s1.safetensors", "s2G.safetensors"}
+
+
+def _load(path: Path) -> dict[str, nn.Module]:
+    suffix = path.suffix.lower()
+    if suffix == ".ckpt":
+        from shared.models.s1_checkpoint import load_official_s1
+
+        return {"s1": load_official_s1(path)}
+    if suffix == ".pth":
+        from shared.models.s2.checkpoint import load_generator
+
+        return {"s2": load_generator(path)}
+    if suffix == ".json":
+        return _load_round(path)
+    if suffix == ".safetensors":
+        _, meta = load_safetensors(path)
+        if meta.get("stage") == "s1":
+            from shared.models.s1_checkpoint import load_s1_safetensors
+
+            return {"s1": load_s1_safetensors(path)}
+        if meta.get("format") == "fedvox-s2G":
+            from shared.models.s2.checkpoint import load_model
+
+            return {"s2": load_model(path)}
+        if meta.get("format") == "fedvox-s2D":
+            return {}
+    raise CheckpointError(
+        f"{path} is not a model fedvox can speak with; pass s1.ckpt/s2G.pth (GPT-SoVITS), "
+        "s1.safetensors/s2G.safetensors (fedvox) or a server round-NNNNN.json"
+    )
+
+
+def _load_round(path: Path) -> dict[str, nn.Module]:
+    """A server round checkpoint: rebuild the run's model and load the global subset."""
+    from shared.models.factory import SoVITSPair, build_model
+    from shared.models.subsets import SubsetSpec, load_trainable_state_dict
+    from shared.runconfig import RunConfig
+
+    meta = json.loads(path.read_text())
+    if "run-config" not in meta or "tensors" not in meta:
+        raise CheckpointError(f"{path} is not a fedvox server round checkpoint")
+    config = RunConfig.from_flat(meta["run-config"])
+    model = build_model(config.stage, config.model_config,
+                        SubsetSpec(kind=config.subset, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha),
+                        seed=config.model_seed)
+    tensors, _ = load_safetensors(path.with_name(meta["tensors"]))
+    load_trainable_state_dict(model, {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+    return {"s2": model.generator} if isinstance(model, SoVITSPair) else {"s1": model}

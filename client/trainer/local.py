@@ -1,0 +1,201 @@
+"""Local-only DP fine-tuning (``fedvox-client train``): the baseline and the federated building block.
+
+Training runs in segments of ``checkpoint_every`` steps. Each segment is one release: it is
+budget-checked, trained, charged to the data folder's ledger, then checkpointed. A run killed at
+any point resumes from its last checkpoint and is never charged twice: a segment that was charged
+but not checkpointed is redone with the same random states, so it is the same release and the
+ledger's idempotent append returns the row it already has.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client.data.cache import FeatureCache
+from client.data.datasets import S1Dataset, S2Dataset
+from client.data.split import holdout_split
+from client.identity import client_identity
+from client.profiles import ResourceProfile
+from client.trainer.checkpoints import CheckpointStore
+from client.trainer.monitor import TrainingMonitor
+from client.trainer.session import PrivacyPlan, RoundPlan, Trainer
+from client.trainer.tasks import S1Task, S2Task, Task
+from shared.atomic import atomic_write_text
+from shared.cli import progress
+from shared.errors import CheckpointError, ConfigError
+from shared.models.factory import build_model, export_fedvox, export_gpt_sovits
+from shared.models.interop import save_safetensors
+from shared.models.subsets import SubsetSpec, load_trainable_state_dict, trainable_state_dict
+from shared.privacy.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class LocalTrainingSpec:
+    """Everything that defines a local run (stored in ``OUT/run.json``; a resume must match it)."""
+
+    stage: str
+    model_config: str = "tiny"
+    subset: str = "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    steps: int = 100
+    logical_batch: int = 8
+    learning_rate: float = 1e-3
+    checkpoint_every: int = 20
+    model_seed: int = 0
+    pretrained: str | None = None
+    validation_fraction: float = 0.1
+    privacy: PrivacyPlan = field(default_factory=PrivacyPlan)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.checkpoint_every < 1:
+            raise ConfigError("steps and checkpoint-every must be at least 1")
+
+    @property
+    def subset_spec(self) -> SubsetSpec:
+        return SubsetSpec(kind=self.subset, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LocalTrainingSpec:
+        values = dict(values)
+        values["privacy"] = PrivacyPlan(**values["privacy"])
+        return cls(**values)
+
+
+def build_task(stage: str, model: torch.nn.Module, dataset, profile: ResourceProfile) -> Task:
+    """The stage's task on the profile's device and precision."""
+    device = torch.device(profile.device)
+    if stage == "s1":
+        return S1Task(model, dataset, device, profile.precision, profile.loss_scale, profile.checkpointing)
+    return S2Task(model, dataset, device, profile.precision, profile.loss_scale)
+
+
+def datasets(stage: str, data_dir: Path, validation_fraction: float):
+    """``(train, validation)`` datasets of the prepared cache, split deterministically."""
+    cache = FeatureCache(data_dir)
+    train_items, val_items = holdout_split(cache.read_index().items, validation_fraction)
+    kind = S1Dataset if stage == "s1" else S2Dataset
+    return kind(cache, train_items), kind(cache, val_items)
+
+
+def train_local(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    spec: LocalTrainingSpec,
+    profile: ResourceProfile,
+    *,
+    seed: int | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) a local DP fine-tuning; returns a summary (also in ``OUT/summary.json``)."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    run = _run_record(out_dir, spec, seed)
+    torch.set_num_threads(profile.threads)
+    train_set, val_set = datasets(spec.stage, data_dir, spec.validation_fraction)
+    model = build_model(spec.stage, spec.model_config, spec.subset_spec, seed=spec.model_seed, pretrained=spec.pretrained)
+    task = build_task(spec.stage, model, train_set, profile)
+    client_id = client_identity(data_dir)
+    trainer = Trainer(
+        task, Ledger(data_dir), client_id, spec.privacy, physical_batch=profile.physical_batch,
+        monitor=TrainingMonitor(out_dir / "logs"), noise_seed=run["noise_seed"], sample_seed=run["sample_seed"],
+    )
+    store = CheckpointStore(out_dir / "checkpoints")
+    _restore(trainer, store)
+    segments = -(-spec.steps // spec.checkpoint_every)
+    first = trainer.steps_done // spec.checkpoint_every + 1
+    summary: dict[str, Any] = {"run_id": run["run_id"], "client_id": client_id, "profile": profile.name}
+    try:
+        with progress() as bar:
+            task_id = bar.add_task("DP training", total=spec.steps, completed=trainer.steps_done, visible=show_progress)
+            for segment in range(first, segments + 1):
+                steps = min(spec.checkpoint_every, spec.steps - trainer.steps_done)
+                plan = RoundPlan(steps, spec.logical_batch, spec.learning_rate, planned_steps=spec.steps - trainer.steps_done)
+                result = trainer.train(plan, run_id=run["run_id"], round=segment)
+                store.save(trainer.steps_done, _checkpoint(trainer, result.row.row_hash))
+                validation = trainer.evaluate(val_set) if len(val_set) else {}
+                trainer.monitor.log(trainer.steps_done, {f"val_{k}": v for k, v in validation.items()}, kind="validation")
+                summary.update(steps=trainer.steps_done, epsilon=result.row.epsilon, delta=spec.privacy.delta,
+                               train=result.metrics, validation=validation)
+                bar.update(task_id, completed=trainer.steps_done)
+                log.info("step %d: epsilon %.3f, validation %s", trainer.steps_done, result.row.epsilon, validation)
+    finally:
+        trainer.close()
+    summary["exports"] = [str(p) for p in export(model, spec, out_dir)]
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
+    return summary
+
+
+def export(model: torch.nn.Module, spec: LocalTrainingSpec, out_dir: Path) -> list[Path]:
+    """The trained subset, the merged model as fedvox safetensors, and GPT-SoVITS files when the
+    architecture is official (GPT-SoVITS cannot rebuild ``tiny``)."""
+    path = out_dir / "subset.safetensors"
+    save_safetensors(trainable_state_dict(model), path, metadata={"spec": spec.to_dict()})
+    paths = [path, *export_fedvox(model, out_dir / "model")]
+    try:
+        paths += export_gpt_sovits(model, out_dir / "gpt-sovits", half=True)
+    except CheckpointError as exc:
+        log.info("no GPT-SoVITS export: %s", exc)
+    return paths
+
+
+def _run_record(out_dir: Path, spec: LocalTrainingSpec, seed: int | None) -> dict[str, Any]:
+    path = out_dir / RUN_FILE
+    if path.is_file():
+        run = json.loads(path.read_text())
+        if run["spec"] != json.loads(json.dumps(spec.to_dict())):
+            raise ConfigError(
+                f"{out_dir} holds a run with different settings ({path}); resume it with the same "
+                "options, or choose a new --out"
+            )
+        return run
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"{out_dir} is not empty and holds no fedvox run; choose a new --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = {
+        "run_id": f"local-{secrets.token_hex(6)}",
+        "spec": spec.to_dict(),
+        # Secret unless a seed is given (tests, experiments): predictable noise protects nothing.
+        "noise_seed": seed if seed is not None else secrets.randbits(63),
+        "sample_seed": seed if seed is not None else secrets.randbits(63),
+    }
+    atomic_write_text(path, json.dumps(run, indent=2) + "\n")
+    return run
+
+
+def _checkpoint(trainer: Trainer, ledger_head: str) -> dict[str, Any]:
+    return {
+        "state": trainable_state_dict(trainer.task.model),
+        "optimizers": {name: p.optimizer.original_optimizer.state_dict() for name, p in trainer.private.items()},
+        "sample_rng": trainer.sample_generator.get_state(),
+        "noise_rng": trainer.noise_generator.get_state(),
+        "physical_batch": trainer.physical_batch,
+        "ledger_head": ledger_head,
+    }
+
+
+def _restore(trainer: Trainer, store: CheckpointStore) -> None:
+    saved = store.latest()
+    if saved is None:
+        return
+    load_trainable_state_dict(trainer.task.model, saved["state"])
+    for name, private in trainer.private.items():
+        private.optimizer.original_optimizer.load_state_dict(saved["optimizers"][name])
+    trainer.sample_generator.set_state(saved["sample_rng"])
+    trainer.noise_generator.set_state(saved["noise_rng"])
+    trainer.physical_batch = int(saved["physical_batch"])
+    trainer.steps_done = int(saved["step"])
+    log.info("resumed from step %d", trainer.steps_done)

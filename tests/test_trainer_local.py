@@ -1,0 +1,91 @@
+"""`fedvox-client train`: local DP fine-tuning, kill and resume, budget refusal, synthesis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import soundfile as sf
+import torch
+from typer.testing import CliRunner
+
+from client.cli import app
+from shared.models.factory import build_model, export_fedvox
+from shared.models.interop import load_safetensors
+from shared.models.subsets import SubsetSpec
+from shared.privacy.ledger import Ledger
+from tests.prepared import prepared_cache
+
+TRAIN = ["train", "--stage", "s1", "--steps", "6", "--checkpoint-every", "2", "--noise-multiplier", "1.0",
+         "--batch", "4", "--seed", "3", "--budget", "50", "--device", "cpu", "--physical-batch", "4"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepared_cache(tmp_path_factory.mktemp("local"))
+
+
+def _cli(*args: str) -> subprocess.Popen:
+    code = "from client.cli import main; main()"
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("privacy_ledger.sqlite*", "identity.json"))
+    return dst
+
+
+def test_killed_run_resumes_without_double_charging(data, tmp_path):
+    whole_data, killed_data = _copy(data, tmp_path / "whole"), _copy(data, tmp_path / "killed")
+    assert _cli(*TRAIN, "--data", str(whole_data), "--out", str(tmp_path / "w")).wait(timeout=600) == 0
+
+    proc = _cli(*TRAIN, "--data", str(killed_data), "--out", str(tmp_path / "k"))
+    deadline = time.time() + 600
+    while not (tmp_path / "k" / "checkpoints" / "step-00000002.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "k" / "summary.json").exists()
+    resumed = _cli(*TRAIN, "--data", str(killed_data), "--out", str(tmp_path / "k"))
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read().decode()[-2000:]
+
+    whole_rows, killed_rows = Ledger(whole_data).rows(), Ledger(killed_data).rows()
+    assert [r.round for r in killed_rows] == [1, 2, 3]
+    assert [r.epsilon for r in killed_rows] == pytest.approx([r.epsilon for r in whole_rows])
+    whole, _ = load_safetensors(tmp_path / "w" / "subset.safetensors")
+    killed, _ = load_safetensors(tmp_path / "k" / "subset.safetensors")
+    for key in whole:
+        assert torch.allclose(whole[key], killed[key], atol=1e-6), key
+
+
+def test_budget_refusal_is_one_clear_error_and_trains_nothing(data, tmp_path):
+    folder = _copy(data, tmp_path / "d")
+    result = CliRunner().invoke(app, [*TRAIN[:-8], "--budget", "0.5", "--seed", "1", "--device", "cpu",
+                                      "--data", str(folder), "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0
+    assert "budget" in str(result.exception) + result.output
+    assert Ledger(folder).rows() == []
+
+
+def test_synthesize_speaks_with_trained_models(data, tmp_path):
+    folder = _copy(data, tmp_path / "d")
+    runner = CliRunner()
+    trained = runner.invoke(app, [*TRAIN, "--data", str(folder), "--out", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+    export_fedvox(build_model("s2", "tiny", SubsetSpec(kind="full")), tmp_path / "s2")
+    reference = next((data.parent / "recordings").glob("*.wav"))
+    out = tmp_path / "spoken.wav"
+    result = runner.invoke(app, ["synthesize", "--model", str(tmp_path / "run" / "model"), "--model",
+                                 str(tmp_path / "s2"), "--text", "Hello there.", "--ref", str(reference),
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    wave, rate = sf.read(out)
+    assert rate == 32000 and len(wave) >= 640 and abs(wave).max() > 0
