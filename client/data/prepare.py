@@ -14,7 +14,7 @@ import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,17 +83,19 @@ def prepare(
     settings = Settings(tokenizer=tokenizer.name, symbols_version=symbols_version)
     cache = FeatureCache(out)
 
-    with cache.lock():
-        cached, jobs, rejected = _plan(entries, list_file.parent, root, cache, settings)
+    with cache.lock(), progress() as bar:
+        checking = bar.add_task("checking", total=len(entries), visible=show_progress)
+        cached, jobs, rejected = _plan(
+            entries, list_file.parent, root, cache, settings, lambda: bar.advance(checking)
+        )
         log.info("%d entries: %d already prepared, %d to featurise, %d rejected",
                  len(entries), len(cached), len(jobs), len(rejected))
         started = time.perf_counter()
         made: list[CachedItem] = []
-        with progress() as bar:
-            task = bar.add_task("featurising", total=len(jobs), visible=show_progress and bool(jobs))
-            for outcome in _run(jobs, tokenizer, cache, settings, limits, workers):
-                (rejected if isinstance(outcome, Rejection) else made).append(outcome)
-                bar.advance(task)
+        task = bar.add_task("featurising", total=len(jobs), visible=show_progress and bool(jobs))
+        for outcome in _run(jobs, tokenizer, cache, settings, limits, workers):
+            (rejected if isinstance(outcome, Rejection) else made).append(outcome)
+            bar.advance(task)
         featurise_s = time.perf_counter() - started
         accepted = sorted(cached + made, key=lambda item: item.line)
         stale = 0
@@ -111,7 +113,7 @@ def prepare(
 
 def _plan(
     entries: Sequence[Entry | Rejection], list_dir: Path, root: Path, cache: FeatureCache,
-    settings: Settings,
+    settings: Settings, advance: Callable[[], object],
 ) -> tuple[list[CachedItem], list[Job], list[Rejection]]:
     """Resolve, hash and de-duplicate every entry; split into cached items and jobs."""
     cached: list[CachedItem] = []
@@ -120,6 +122,7 @@ def _plan(
     first_by_path: dict[Path, int] = {}
     first_by_content: dict[str, int] = {}
     for entry in entries:
+        advance()
         if isinstance(entry, Rejection):
             rejected.append(entry)
             continue
