@@ -62,10 +62,10 @@ class PrepareReport:
         return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
 
     def summary(self) -> str:
+        per_language = "".join(f", {lang} {n}" for lang, n in self.languages.items())
         lines = [
-            f"{self.accepted} accepted ({self.total_duration_s / 60:.1f} min; "
-            + ", ".join(f"{lang} {n}" for lang, n in self.languages.items())
-            + f"), {len(self.rejected)} rejected",
+            f"{self.accepted} accepted ({self.total_duration_s / 60:.1f} min{per_language}), "
+            f"{len(self.rejected)} rejected",
             f"features: {self.featurised} made, {self.reused} reused from the cache"
             + (f" at {self.utterances_per_s:.1f} utterances/s" if self.featurised else "")
             + f"; tokenizer {self.tokenizer}",
