@@ -152,18 +152,17 @@ class FeatureCache:
     # ------------------------------------------------------------ housekeeping
 
     def prune(self, keep: set[str]) -> int:
-        """Delete item files not in ``keep`` and stray temporary files; returns how many."""
-        removed = 0
-        if not self.items_dir.is_dir():
-            return removed
-        for path in self.items_dir.iterdir():
-            stale = path.name.endswith(".tmp") or (
-                path.name.endswith(ITEM_SUFFIX) and path.name[: -len(ITEM_SUFFIX)] not in keep
-            )
-            if stale:
-                path.unlink(missing_ok=True)
-                removed += 1
-        return removed
+        """Delete item files not in ``keep``; returns how many. Also removes the temporary files
+        a killed run may have left (here and in ``items/``)."""
+        for path in [*self.root.glob(".*.tmp"), *self.items_dir.glob(".*.tmp")]:
+            path.unlink(missing_ok=True)
+        stale = [
+            path for path in self.items_dir.glob(f"*{ITEM_SUFFIX}")
+            if path.name[: -len(ITEM_SUFFIX)] not in keep
+        ]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
