@@ -14,10 +14,9 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.model import base_identity, export_gpt_sovits, initial_subset
+from server.model import base_identity, export_model, initial_subset
 from server.run import FederatedRun
 from shared.cli import set_offline_env
-from shared.errors import CheckpointError
 from shared.runconfig import RunConfig
 
 log = logging.getLogger(__name__)
@@ -42,10 +41,7 @@ def serve(
     run.execute(grid)
     if export and run.completed > 0:
         best = run.store.best_round() or run.completed
-        try:
-            export_gpt_sovits(config, run.store.load(best).state, run.run_dir / "export")
-        except CheckpointError as exc:
-            log.warning("no GPT-SoVITS export (the fedvox checkpoints are complete): %s", exc)
+        export_model(config, run.store.load(best).state, run.run_dir / "export")
     return run
 
 

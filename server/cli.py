@@ -56,9 +56,10 @@ def export(
     out: Path | None = typer.Option(None, help="Output folder (default: RUN_DIR/export)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
 ) -> None:
-    """Write a committed round's global model in GPT-SoVITS's formats (LoRA merged)."""
+    """Write a committed round's global model, LoRA merged: fedvox safetensors, and GPT-SoVITS's
+    own formats when the architecture is official."""
     from server.checkpoints import CheckpointStore
-    from server.model import export_gpt_sovits
+    from server.model import export_model
     from shared.errors import CheckpointError
     from shared.runconfig import RunConfig
 
@@ -69,7 +70,7 @@ def export(
         raise CheckpointError(f"{run_dir} has no committed round {chosen}; committed: {store.rounds()}")
     checkpoint = store.load(chosen)
     config = RunConfig.from_flat(checkpoint.meta["run-config"])
-    for path in export_gpt_sovits(config, checkpoint.state, out or run_dir / "export"):
+    for path in export_model(config, checkpoint.state, out or run_dir / "export"):
         console.print(f"wrote {path} (round {chosen})", highlight=False)
 
 

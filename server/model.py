@@ -14,12 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from shared.models.factory import build_model
-from shared.models.s1 import Text2SemanticDecoder
-from shared.models.s1_checkpoint import save_official_s1
-from shared.models.s2 import SynthesizerTrn
-from shared.models.s2.checkpoint import export_discriminator, export_generator
-from shared.models.subsets import SubsetSpec, load_trainable_state_dict, merged_state_dict, trainable_state_dict
+from shared.errors import CheckpointError
+from shared.models.factory import build_model, export_fedvox, export_gpt_sovits
+from shared.models.subsets import SubsetSpec, load_trainable_state_dict, trainable_state_dict
 from shared.runconfig import RunConfig
 
 log = logging.getLogger(__name__)
@@ -50,29 +47,20 @@ def base_identity(config: RunConfig) -> dict[str, Any]:
     }
 
 
-def export_gpt_sovits(config: RunConfig, subset: Mapping[str, torch.Tensor], folder: str | Path) -> list[Path]:
-    """Write the global model (LoRA merged) in GPT-SoVITS's own formats; returns the files.
-
-    s1: ``s1.ckpt``; s2: ``s2G.pth`` and ``s2D.pth``.
-    """
+def export_model(config: RunConfig, subset: Mapping[str, torch.Tensor], folder: str | Path) -> list[Path]:
+    """The global model, LoRA merged: fedvox safetensors in ``folder/fedvox`` (any config), and
+    GPT-SoVITS's own files in ``folder/gpt-sovits`` (fp16, as its fine-tuning exports) when the
+    architecture is an official one; returns the files written."""
     folder = Path(folder)
     model = build_global_model(config)
     load_trainable_state_dict(model, subset)
-    if isinstance(model, Text2SemanticDecoder):
-        paths = [folder / "s1.ckpt"]
-        save_official_s1(model, paths[0], info="fedvox federated")
-    else:
-        paths = [folder / "s2G.pth", folder / "s2D.pth"]
-        export_generator(_merged(model.generator, SynthesizerTrn(model.generator.config)), paths[0])
-        export_discriminator(model.discriminator, paths[1])
+    paths = export_fedvox(model, folder / "fedvox")
+    try:
+        paths += export_gpt_sovits(model, folder / "gpt-sovits", half=True)
+    except CheckpointError as exc:
+        log.info("no GPT-SoVITS export: %s", exc)
     log.info("exported %s", ", ".join(str(p) for p in paths))
     return paths
 
 
-def _merged(adapted: nn.Module, plain: nn.Module) -> nn.Module:
-    """``plain`` loaded with ``adapted``'s weights, every LoRA adapter folded in."""
-    plain.load_state_dict(merged_state_dict(adapted), strict=True)
-    return plain
-
-
-__all__ = ["base_identity", "build_global_model", "export_gpt_sovits", "initial_subset"]
+__all__ = ["base_identity", "build_global_model", "export_model", "initial_subset"]

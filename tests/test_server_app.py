@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from flwr.common.config import fuse_dicts, get_fused_config_from_dir, parse_config_args
 
-from server.model import build_global_model, export_gpt_sovits, initial_subset
+from server.model import build_global_model, export_model, initial_subset
 from shared.models.s1_checkpoint import load_official_s1
 from shared.models.subsets import load_trainable_state_dict, merged_state_dict
 from shared.runconfig import RunConfig
@@ -37,7 +37,9 @@ def test_the_initial_subset_is_what_every_client_rebuilds_from_the_model_seed():
 def test_the_global_subset_exports_as_a_gpt_sovits_s1_checkpoint_with_lora_merged(tmp_path):
     config = RunConfig()
     subset = {k: v + 0.01 * torch.randn_like(v) for k, v in initial_subset(config).items()}  # B != 0
-    (path,) = export_gpt_sovits(config, subset, tmp_path)
+    paths = export_model(config, subset, tmp_path)
+    path = tmp_path / "gpt-sovits" / "s1.ckpt"
+    assert set(paths) == {tmp_path / "fedvox" / "s1.safetensors", path}
 
     reference = build_global_model(config)
     load_trainable_state_dict(reference, subset)

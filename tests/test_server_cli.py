@@ -37,4 +37,5 @@ def test_export_writes_the_chosen_round_as_a_gpt_sovits_checkpoint(tmp_path):
 
     result = runner.invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert load_official_s1(tmp_path / "out" / "s1.ckpt").config.name == "tiny"
+    assert load_official_s1(tmp_path / "out" / "gpt-sovits" / "s1.ckpt").config.name == "tiny"
+    assert (tmp_path / "out" / "fedvox" / "s1.safetensors").is_file()

@@ -1,0 +1,112 @@
+"""The fedvox ClientApp with the real DP trainer and tiny s1, on prepared recordings.
+
+The server side runs in process (``LocalGrid``), so the ClientApp's handlers see real Flower
+messages without a Ray start-up; ``tests/test_federation_simulation.py`` covers the engine.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from client.app import app as client_app
+from client.identity import client_identity
+from server.app import serve
+from server.model import initial_subset
+from shared.privacy.ledger import Ledger
+from shared.protocol import ARRAYS, CONFIG, STATUS, ClientStatus, Plan
+from shared.runconfig import RunConfig
+from shared.wire import to_record
+from tests.federation_kit import LocalGrid
+from tests.prepared import prepared_cache
+
+NO_DATA = 2
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("client-app")
+    cache = prepared_cache(root / "prepared")
+    for partition in range(NO_DATA):  # client-2 has no prepared recordings
+        shutil.copytree(cache, root / "data" / f"client-{partition}")
+    return root / "data"
+
+
+def _config(data_root, tmp_path, **overrides):
+    flat = {
+        "checkpoint-dir": str(tmp_path / "run"), "data-root": str(data_root), "num-server-rounds": 2,
+        "local-steps": 2, "logical-batch": 4, "learning-rate": 0.01, "min-clients": 2,
+        "client-budget-epsilon": 100.0, "dp.noise-multiplier": 0.8,
+    }
+    return RunConfig.from_flat({**flat, **overrides})
+
+
+def test_a_federation_of_real_clients_trains_charges_and_evaluates(data_root, tmp_path):
+    config = _config(data_root, tmp_path)
+    grid = LocalGrid(client_app, num_nodes=3)
+    run = serve(grid, config, seed=0)
+
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["participants"] == 2 and m["rejects"] == {} and m["ineligible"] == {"data": 1}
+        assert m["val-loss"] > 0 and 0 <= m["val-accuracy"] <= 1 and m["train-loss"] > 0
+    for partition in range(NO_DATA):
+        folder = data_root / f"client-{partition}"
+        with Ledger(folder) as ledger:  # the data folder's ledger, charged to its identity
+            rows = ledger.rows(client_id=client_identity(folder), unit="utterance")
+        assert [r.round for r in rows] == [1, 2]
+        assert rows[0].run_id == f"{run.run_id}/{run.attempt}" and rows[-1].epsilon == max(
+            m["epsilon-utterance-max"] for m in metrics
+        )
+    trained = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    assert {m.metadata.dst_node_id for m in trained} == set(grid.node_ids[:NO_DATA])
+    assert (tmp_path / "run" / "export" / "gpt-sovits" / "s1.ckpt").is_file()
+
+
+def _train(grid, config, arrays, run_id):
+    plan = Plan(config, server_round=1, run_id=run_id, attempt="a").to_record()
+    message = Message(RecordDict({ARRAYS: arrays, CONFIG: plan}), dst_node_id=grid.node_ids[0],
+                      message_type=MessageType.TRAIN)
+    (reply,) = grid.send_and_receive([message])
+    return reply, ClientStatus.from_record(reply.content.config_records[STATUS])
+
+
+def test_a_client_refuses_a_model_it_does_not_hold_and_charges_nothing(data_root, tmp_path):
+    config = _config(data_root, tmp_path)
+    grid = LocalGrid(client_app, num_nodes=1)
+    wrong = to_record(initial_subset(config.with_overrides({"lora-rank": 4})), "fp16")
+
+    reply, status = _train(grid, config, wrong, run_id="wrong-model")
+    assert (status.outcome, status.reason) == ("refused", "model") and "lora" in status.detail
+    assert ARRAYS not in reply.content.array_records
+    with Ledger(data_root / "client-0") as ledger:
+        assert not [r for r in ledger.rows() if r.run_id.startswith("wrong-model")]
+
+
+def test_a_client_refuses_a_round_its_budget_cannot_cover(data_root, tmp_path):
+    config = _config(data_root, tmp_path, **{"client-budget-epsilon": 0.5})
+    grid = LocalGrid(client_app, num_nodes=1)
+
+    reply, status = _train(grid, config, to_record(initial_subset(config), "fp16"), run_id="poor")
+    assert (status.outcome, status.reason) == ("refused", "budget")
+    assert status.epsilon_next > status.epsilon_budget == 0.5
+    with Ledger(data_root / "client-0") as ledger:
+        assert not [r for r in ledger.rows() if r.run_id.startswith("poor")]
+
+
+def test_a_client_replies_with_fp16_arrays_and_its_round_metrics(data_root, tmp_path):
+    config = _config(data_root, tmp_path)
+    grid = LocalGrid(client_app, num_nodes=1)
+    sent = initial_subset(config)
+
+    reply, status = _train(grid, config, to_record(sent, "fp16"), run_id="fp16")
+    assert status.ok and status.epsilon_spent > 0 and status.profile
+    arrays = reply.content.array_records[ARRAYS]
+    assert set(arrays) == set(sent) and {a.dtype for a in arrays.values()} == {"float16"}
+    metrics = reply.content.metric_records["metrics"]
+    assert metrics["num-examples"] > 0 and metrics["train-loss"] > 0 and metrics["step-time-s"] > 0
+    assert isinstance(reply.content.config_records[STATUS], ConfigRecord)
+    assert any(not torch.equal(torch.from_numpy(arrays[k].numpy()).float(), sent[k].half().float()) for k in sent)
