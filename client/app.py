@@ -137,13 +137,16 @@ class Session:
             raise Refusal("model", str(exc)) from None
         task = build_task(config.stage, model, self.train_set, self.profile)
         dp = config.dp
-        privacy = PrivacyPlan(
-            clip_norm=dp.clip_norm,
-            delta=dp.delta,
-            budget_epsilon=node.budget_epsilon,
-            noise_multiplier=None if dp.target_epsilon > 0 else dp.noise_multiplier,
-            target_epsilon=dp.target_epsilon if dp.target_epsilon > 0 else None,
-        )
+        try:
+            privacy = PrivacyPlan(
+                clip_norm=dp.clip_norm,
+                delta=dp.delta,
+                budget_epsilon=node.budget_epsilon,
+                noise_multiplier=None if dp.target_epsilon > 0 else dp.noise_multiplier,
+                target_epsilon=dp.target_epsilon if dp.target_epsilon > 0 else None,
+            )
+        except ConfigError as exc:  # e.g. the run's target epsilon is above this node's budget
+            raise Refusal("budget", str(exc)) from None
         self.ledger = Ledger(node.ledger_path)
         self.trainer = Trainer(task, self.ledger, node.client_id, privacy, physical_batch=self.profile.physical_batch)
         rounds_left = config.num_server_rounds - plan.server_round + 1
