@@ -21,6 +21,7 @@ data           ``data-path``: a prepared feature cache            ``<data-root>/
 ledger         ``ledger-path`` (default: the data folder)         the data folder
 budget         ``budget-epsilon`` (default: the run's)            the run's ``client-budget-epsilon``
 profile        ``profile.*`` overrides of the probed device       the probed device
+base model     ``pretrained`` (default: the run's path)           the run's ``pretrained``
 ============== ================================================= ==============================
 
 (``<p>`` is Flower's ``partition-id``.) The client id is the data folder's identity
@@ -80,6 +81,7 @@ class Node:
     ledger_path: Path
     budget_epsilon: float
     overrides: ProfileOverrides
+    pretrained: str  # where this machine keeps the plan's GPT-SoVITS base checkpoint ("": the plan's path)
 
     @classmethod
     def from_context(cls, context: Context, config: RunConfig) -> Node:
@@ -104,7 +106,7 @@ class Node:
             overrides = ProfileOverrides.from_mapping(node_config)
         except ConfigError as exc:
             raise Refusal("device", str(exc)) from None
-        return cls(client_id, data, ledger, budget, overrides)
+        return cls(client_id, data, ledger, budget, overrides, str(node_config.get("pretrained", "")))
 
 
 class Session:
@@ -130,9 +132,8 @@ class Session:
             raise Refusal("device", str(exc)) from None
         torch.set_num_threads(self.profile.threads)
         try:
-            model = build_model(
-                config.stage, config.model_config, spec, seed=config.model_seed, pretrained=config.pretrained or None
-            )
+            pretrained = (node.pretrained or config.pretrained) or None
+            model = build_model(config.stage, config.model_config, spec, seed=config.model_seed, pretrained=pretrained)
         except (CheckpointError, ConfigError) as exc:
             raise Refusal("model", str(exc)) from None
         task = build_task(config.stage, model, self.train_set, self.profile)
