@@ -59,3 +59,19 @@ class ProtocolError(FedvoxError):
 
 class FederationError(FedvoxError):
     """A federated run cannot go on (too few clients connected or able to train)."""
+
+
+class DeploymentError(FedvoxError):
+    """A real federation cannot be set up or joined (server home, certificates, devices)."""
+
+
+class ServerUnreachable(DeploymentError):
+    """The fedvox server does not answer at the given address (down, wrong address, network)."""
+
+
+class CertificateMismatch(DeploymentError):
+    """The server's TLS certificate is not signed by the given root certificate, or not for its name."""
+
+
+class NotRegistered(DeploymentError):
+    """The server does not know this device's public key: the operator has not registered it."""
