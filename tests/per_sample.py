@@ -15,9 +15,11 @@ LossFn = Callable[[torch.nn.Module, object], torch.Tensor]
 """``loss_fn(model, batch) -> per-sample losses [B]``."""
 
 
-def opacus_per_sample_grads(model: torch.nn.Module, loss_fn: LossFn, batch) -> dict[str, torch.Tensor]:
+def opacus_per_sample_grads(
+    model: torch.nn.Module, loss_fn: LossFn, batch, gsm_class: type[GradSampleModule] = GradSampleModule
+) -> dict[str, torch.Tensor]:
     """``{name: grad_sample [B, *shape]}`` for every trainable parameter, from Opacus hooks."""
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
+    gsm = gsm_class(model, batch_first=True, loss_reduction="sum", strict=True)
     try:
         gsm.zero_grad(set_to_none=True)
         loss_fn(gsm, batch).sum().backward()
@@ -48,7 +50,8 @@ def reference_per_sample_grads(model: torch.nn.Module, loss_fn: LossFn, batch) -
 
 
 def assert_per_sample_grads_match(
-    model: torch.nn.Module, loss_fn: LossFn, batch, rtol: float, atol_scale: float = 1e-3
+    model: torch.nn.Module, loss_fn: LossFn, batch, rtol: float, atol_scale: float = 1e-3,
+    gsm_class: type[GradSampleModule] = GradSampleModule,
 ) -> int:
     """Assert Opacus's per-sample gradients equal per-example autograd; returns tensors checked.
 
@@ -57,7 +60,7 @@ def assert_per_sample_grads_match(
     true gradient vanishes by softmax shift invariance).
     """
     expected = reference_per_sample_grads(model, loss_fn, batch)
-    actual = opacus_per_sample_grads(model, loss_fn, batch)
+    actual = opacus_per_sample_grads(model, loss_fn, batch, gsm_class)
     assert actual.keys() == expected.keys(), set(actual) ^ set(expected)
     for name, ref in expected.items():
         got = actual[name]

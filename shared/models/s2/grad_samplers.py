@@ -1,0 +1,178 @@
+"""Exact per-sample gradient formulas for SoVITS layers Opacus has no sampler for.
+
+Without them Opacus falls back to functorch (``vmap`` over a functional copy of the layer), which
+is exact but re-runs each layer's forward and backward per sample. Here each gradient is computed
+directly from the layer's input and output gradient:
+
+* channel-first :class:`LayerNorm`: ``d gamma = sum_t xhat * dy``, ``d beta = sum_t dy``;
+* :class:`RelativeKeys` / :class:`RelativeValues`: the output gradient (resp. the attention
+  weights) gathered by relative offset, contracted with the queries (resp. the output gradient);
+* convolutions under ``parametrizations.weight_norm`` (Conv1d, Conv2d, ConvTranspose1d): the
+  per-sample weight gradient ``dW`` (input patches x output gradient, via ``unfold``), then the
+  chain rule through ``W = g v / ||v||``: ``dg = <dW, u>``, ``dv = (g / ||v||)(dW - dg u)``
+  with ``u = v / ||v||`` (norms per output row, dim 0).
+
+The first three are registered with Opacus on import. Parametrized modules get a fresh class per
+instance, so they cannot be registered by type without keeping every model alive in Opacus's
+global table; :class:`WeightNormGradSampleModule` instead maps each weight-normed conv to a fixed
+key. Use it wherever ``opacus.GradSampleModule`` would be used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from opacus.grad_sample import register_grad_sampler
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _WeightNorm
+
+from shared.models.s2.attentions import RelativeKeys, RelativeValues, _window_index
+from shared.models.s2.modules import LayerNorm
+
+GradSamples = dict[nn.Parameter, torch.Tensor]
+
+
+def _compute_dtype(backprops: torch.Tensor, param: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(backprops.dtype, param.dtype)
+
+
+@register_grad_sampler(LayerNorm)
+def layer_norm_grad_sample(layer: LayerNorm, activations: list[torch.Tensor], backprops: torch.Tensor) -> GradSamples:
+    dtype = _compute_dtype(backprops, layer.gamma)
+    x, dy = activations[0].to(dtype), backprops.to(dtype)
+    xhat = F.layer_norm(x.transpose(1, -1), (x.shape[1],), eps=layer.eps).transpose(1, -1)
+    return {layer.gamma: (xhat * dy).flatten(2).sum(-1), layer.beta: dy.flatten(2).sum(-1)}
+
+
+def _by_offset(x: torch.Tensor, window: int) -> torch.Tensor:
+    """``[B, H, T, T]`` (query, key) -> ``[B, H, T, 2*window+1]`` (query, key offset), 0 outside."""
+    b, h, t, _ = x.shape
+    index = _window_index(t, window, x.device).expand(b, h, t, 2 * window + 1)
+    return F.pad(x, (0, 1)).gather(-1, index)
+
+
+@register_grad_sampler(RelativeKeys)
+def relative_keys_grad_sample(
+    layer: RelativeKeys, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> GradSamples:
+    dtype = _compute_dtype(backprops, layer.weight)
+    query, dy = activations[0].to(dtype), backprops.to(dtype)
+    grad = torch.einsum("bhir,bhid->brd", _by_offset(dy, layer.window), query)
+    return {layer.weight: grad.unsqueeze(1)}
+
+
+@register_grad_sampler(RelativeValues)
+def relative_values_grad_sample(
+    layer: RelativeValues, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> GradSamples:
+    dtype = _compute_dtype(backprops, layer.weight)
+    attn, dy = activations[0].to(dtype), backprops.to(dtype)
+    grad = torch.einsum("bhir,bhid->brd", _by_offset(attn, layer.window), dy)
+    return {layer.weight: grad.unsqueeze(1)}
+
+
+# -- weight-normed convolutions -------------------------------------------------------------------
+
+
+def _conv_weight_grad(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``dW [B, out, in / groups, *kernel]`` of a (grouped) Conv1d/Conv2d."""
+    if isinstance(layer, nn.Conv1d):
+        x = x.unsqueeze(2)
+        kernel, dilation = (1, *layer.kernel_size), (1, *layer.dilation)
+        padding, stride = (0, *layer.padding), (1, *layer.stride)
+    else:
+        kernel, dilation, padding, stride = layer.kernel_size, layer.dilation, layer.padding, layer.stride
+    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, in*k, L]
+    b, groups = x.shape[0], layer.groups
+    patches = patches.view(b, groups, -1, patches.shape[-1])
+    dy = dy.reshape(b, groups, -1, patches.shape[-1])
+    grad = torch.einsum("bgol,bgil->bgoi", dy, patches)
+    return grad.reshape(b, *layer.weight.shape)
+
+
+def _conv_transpose_weight_grad(layer: nn.ConvTranspose1d, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``dW [B, in, out, k]`` of a ConvTranspose1d: input x output-gradient patches."""
+    patches = F.unfold(
+        dy.unsqueeze(2), (1, layer.kernel_size[0]), padding=(0, layer.padding[0]), stride=(1, layer.stride[0])
+    )  # [B, out*k, T_in]: the output positions each input step wrote to
+    grad = torch.einsum("bit,bqt->biq", x, patches)
+    return grad.reshape(x.shape[0], *layer.weight.shape)
+
+
+def weight_norm_conv_grad_sample(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor) -> GradSamples:
+    """Per-sample gradients of ``bias``, ``g`` (original0) and ``v`` (original1) of a weight-normed conv."""
+    g = layer.parametrizations.weight.original0
+    v = layer.parametrizations.weight.original1
+    dtype = _compute_dtype(backprops, v)
+    x, dy = activations[0].to(dtype), backprops.to(dtype)
+    if isinstance(layer, nn.ConvTranspose1d):
+        d_weight = _conv_transpose_weight_grad(layer, x, dy)
+    else:
+        d_weight = _conv_weight_grad(layer, x, dy)
+    norm = torch.norm_except_dim(v, 2, 0).to(dtype)
+    unit = v.to(dtype) / norm
+    rows = d_weight.flatten(2)  # [B, dim0, rest]
+    d_g = torch.einsum("bor,or->bo", rows, unit.flatten(1))
+    scale = (g.to(dtype) / norm).flatten()
+    # dv = scale * (dW - dg * u), in place on dW (no longer needed) to spare two full-size temporaries
+    d_v = rows.mul_(scale[:, None]).addcmul_((d_g * scale)[..., None], unit.flatten(1), value=-1)
+    d_v = d_v.view_as(d_weight)
+    grads = {g: d_g.view(-1, *g.shape), v: d_v}
+    if layer.bias is not None and layer.bias.requires_grad:
+        grads[layer.bias] = dy.flatten(2).sum(-1)
+    return {param: grad for param, grad in grads.items() if param.requires_grad}
+
+
+class _WeightNormedConv1d:
+    """Opacus grad-sampler key of any ``Conv1d`` under ``parametrizations.weight_norm``."""
+
+
+class _WeightNormedConv2d:
+    """Opacus grad-sampler key of any ``Conv2d`` under ``parametrizations.weight_norm``."""
+
+
+class _WeightNormedConvTranspose1d:
+    """Opacus grad-sampler key of any ``ConvTranspose1d`` under ``parametrizations.weight_norm``."""
+
+
+_WEIGHT_NORM_KEYS: dict[type[nn.Module], type] = {
+    nn.Conv1d: _WeightNormedConv1d,
+    nn.Conv2d: _WeightNormedConv2d,
+    nn.ConvTranspose1d: _WeightNormedConvTranspose1d,
+}
+register_grad_sampler(list(_WEIGHT_NORM_KEYS.values()))(weight_norm_conv_grad_sample)
+
+
+def grad_sampler_key(module: nn.Module) -> type:
+    """The key Opacus looks the module's grad sampler up by: a fixed key for weight-normed convs."""
+    if parametrize.is_parametrized(module, "weight"):
+        parametrizations = module.parametrizations.weight
+        base = next((t for t in _WEIGHT_NORM_KEYS if type(module).__bases__ == (t,)), None)
+        if base is not None and len(parametrizations) == 1 and isinstance(parametrizations[0], _WeightNorm):
+            if parametrizations[0].dim == 0 and _default_geometry(module):
+                return _WEIGHT_NORM_KEYS[base]
+    return type(module)
+
+
+def _default_geometry(module: nn.Module) -> bool:
+    """What the formulas above assume: zero padding given as numbers, no output padding."""
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return False
+    if isinstance(module, nn.ConvTranspose1d):
+        return module.groups == 1 and module.dilation == (1,) and module.output_padding == (0,)
+    return True
+
+
+class WeightNormGradSampleModule(GradSampleModule):
+    """``opacus.GradSampleModule`` that also samples weight-normed convolutions directly."""
+
+    def _get_module_type(self, module: nn.Module) -> type:
+        return grad_sampler_key(module)
+
+
+__all__ = [
+    "WeightNormGradSampleModule", "grad_sampler_key", "layer_norm_grad_sample",
+    "relative_keys_grad_sample", "relative_values_grad_sample", "weight_norm_conv_grad_sample",
+]
