@@ -115,8 +115,6 @@ class Session:
     def __init__(self, node: Node, plan: Plan) -> None:
         config = plan.config
         self.node, self.plan = node, plan
-        if config.aggregation == "fedprox":
-            raise Refusal("model", "this client's trainer has no FedProx proximal term; use fedavg or fedadam")
         try:
             self.train_set, self.val_set = datasets(config.stage, node.data_path, VALIDATION_FRACTION)
             if len(self.train_set) == 0:
@@ -156,6 +154,7 @@ class Session:
             logical_batch=config.logical_batch,
             learning_rate=config.learning_rate,
             planned_steps=config.local_steps * max(rounds_left, 1),
+            proximal_mu=config.proximal_mu if config.aggregation == "fedprox" else 0.0,
         )
 
     def load_global(self, message: Message) -> None:

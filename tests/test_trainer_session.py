@@ -100,3 +100,15 @@ def test_s2_pair_is_one_shared_batch_release(cache, tmp_path):
     assert any(k.startswith("discriminator.") for k in result.state)
     assert any(k.startswith("generator.") and "lora" in k for k in result.state)
     trainer.close()
+
+
+def test_fedprox_term_pulls_towards_the_starting_weights(cache, tmp_path):
+    def distance(mu):
+        trainer = _s1_trainer(cache, tmp_path / f"mu{mu}", subset="full")
+        start = {k: v.clone() for k, v in trainer.task.model.state_dict().items()}
+        plan = RoundPlan(steps=4, logical_batch=8, learning_rate=1e-2, proximal_mu=mu)
+        state = trainer.train(plan, run_id="r", round=1).state
+        trainer.close()
+        return sum(float((state[k] - start[k]).norm() ** 2) for k in state) ** 0.5
+
+    assert distance(100.0) < 0.8 * distance(0.0)

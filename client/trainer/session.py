@@ -75,6 +75,7 @@ class RoundPlan:
     logical_batch: int
     learning_rate: float
     planned_steps: int = 0  # steps the target epsilon must still cover, this release included
+    proximal_mu: float = 0.0  # FedProx: pull towards the weights the release started from
 
     def __post_init__(self) -> None:
         for name in ("steps", "logical_batch"):
@@ -82,6 +83,8 @@ class RoundPlan:
                 raise ConfigError(f"{name.replace('_', ' ')} must be at least 1")
         if not self.learning_rate > 0:
             raise ConfigError("learning rate must be > 0")
+        if self.proximal_mu < 0:
+            raise ConfigError("the FedProx proximal mu must be >= 0")
 
 
 @dataclass
@@ -188,6 +191,7 @@ class Trainer:
             private.optimizer.expected_batch_size = expected_batch
             for group in private.optimizer.param_groups:
                 group["lr"] = plan.learning_rate * group["lr_scale"]
+            private.optimizer.attach_step_hook(_proximal_term(private.optimizer.params, plan.proximal_mu))
 
         sums: dict[str, float] = {}
         step_times: list[float] = []
@@ -273,6 +277,23 @@ class Trainer:
             metrics[f"{name}/skipped_steps"] = float(private.optimizer.skipped_nonfinite_steps)
             metrics.update({f"{name}/{k}": v for k, v in stats.quantiles().items()})
         return metrics
+
+
+def _proximal_term(params: list[torch.nn.Parameter], mu: float):
+    """FedProx's ``mu * (w - w_start)`` added to the noisy gradient (``None`` when ``mu == 0``).
+
+    It depends on no data, only on the weights the release started from, so adding it after the
+    noise is post-processing: it costs no privacy.
+    """
+    if mu == 0:
+        return None
+    anchors = [p.detach().clone() for p in params]
+
+    def hook(optimizer) -> None:
+        for p, anchor in zip(params, anchors):
+            p.grad.add_(p.detach() - anchor, alpha=mu)
+
+    return hook
 
 
 def _seed(seed: int | None) -> int:
