@@ -96,6 +96,8 @@ class RoundRecord:
     utterance_epsilons: list[float] = field(default_factory=list)
     release: Release | None = None
     aggregated: bool = False
+    clients: list[dict[str, Any]] = field(default_factory=list)
+    """Per train reply: the sender's node id and what it reported (``fedvox-server devices``)."""
 
     def summary(self) -> dict[str, Any]:
         """Flat, JSON-ready metrics of the round (speaker epsilons are added at commit)."""
@@ -117,6 +119,8 @@ class RoundRecord:
         if self.utterance_epsilons:
             out["epsilon-utterance-max"] = max(self.utterance_epsilons)
             out["epsilon-utterance-mean"] = sum(self.utterance_epsilons) / len(self.utterance_epsilons)
+        if self.clients:
+            out["clients"] = self.clients
         if self.release is not None:
             out["speaker-dp"] = {
                 "noise-std": self.release.noise_std,
@@ -251,6 +255,8 @@ class FedvoxRound(FedAvg):
         if missing := len(record.selection.node_ids) - len(replies):
             record.rejects["no-reply"] += missing
         accepted = [a for a in (self._screen_train(r, record) for r in replies) if a is not None]
+        taken = {id(a.reply) for a in accepted}
+        record.clients = [_client_entry(r, self.book, id(r) in taken) for r in replies]
         record.participants = sorted(a.status.client_id for a in accepted)
         record.utterance_epsilons = [a.status.epsilon_spent for a in accepted]
         for reason, count in record.rejects.items():
@@ -520,6 +526,18 @@ def _tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
 
 def _numbers(metrics: MetricRecord | None) -> dict[str, float]:
     return {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+
+
+def _client_entry(reply: Message, book: ClientBook, accepted: bool) -> dict[str, Any]:
+    """Who sent a train reply and what its status said (nothing but ids, profile and budget)."""
+    node = reply.metadata.src_node_id
+    entry: dict[str, Any] = {"node-id": node, "accepted": accepted}
+    if (status := book.statuses.get(node)) is not None:
+        entry.update({
+            "client-id": status.client_id, "profile": status.profile, "outcome": status.outcome,
+            "epsilon-spent": status.epsilon_spent, "epsilon-budget": status.epsilon_budget,
+        })
+    return entry
 
 
 def _always(_: str) -> bool:
