@@ -15,7 +15,7 @@ import torch
 from shared.audio import HOP_LENGTH, SAMPLE_RATE, linear_spectrogram
 from shared.models.batches import S2Batch
 from shared.models.config import S2Config
-from shared.models.s2.generator import S2Forward, draw_slice_starts
+from shared.models.s2.generator import S2Forward, draw_randomness
 
 
 def random_s2_batch(
@@ -111,7 +111,5 @@ def fixed_randomness(
     batch: S2Batch, config: S2Config, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> GeneratorStep:
     """``batch`` with slice starts and posterior noise drawn once from ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
-    starts = draw_slice_starts(batch.spec_lengths, config.segment_frames, generator)
-    noise = torch.randn(len(batch), config.inter_channels, batch.spec.shape[-1], generator=generator)
+    starts, noise = draw_randomness(batch.spec_lengths, config, torch.Generator().manual_seed(seed))
     return GeneratorStep(batch, starts, noise.to(dtype))

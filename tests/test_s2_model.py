@@ -12,7 +12,8 @@ from shared.errors import DataError
 from shared.models.config import CONFIG_NAMES, s2_config
 from shared.models.interop import manifest
 from shared.models.s2 import (
-    MultiPeriodDiscriminator, SynthesizerTrn, draw_slice_starts, frozen, generator_losses,
+    MultiPeriodDiscriminator, SynthesizerTrn, draw_randomness, draw_slice_starts, frozen,
+    generator_losses,
 )
 from shared.models.s2.gan import discriminator_losses
 from shared.models.subsets import SubsetSpec, apply_subset
@@ -76,6 +77,23 @@ def test_per_sample_losses_do_not_depend_on_the_rest_of_the_batch() -> None:
                 torch.testing.assert_close(value[0], together[name][i], rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(
                 discriminator_losses(d, alone, out_i, config)[0], d_together[i], rtol=1e-6, atol=1e-6
+            )
+
+
+def test_physical_batches_reproduce_the_logical_batch() -> None:
+    """Randomness drawn once per logical batch; any split recomputes the same per-sample losses."""
+    torch.manual_seed(0)
+    config = s2_config("tiny", p_dropout=0.0, style_dropout=0.0)
+    g, d = SynthesizerTrn(config).double(), MultiPeriodDiscriminator(config).double()
+    batch = random_s2_batch(config, [4, 9, 6, 7], [3, 5, 4, 6], seed=5, dtype=torch.float64)
+    starts, noise = draw_randomness(batch.spec_lengths, config, torch.Generator().manual_seed(1))
+    with torch.no_grad(), frozen(d):
+        whole = generator_losses(d, batch, g(batch, slice_starts=starts, posterior_noise=noise), config)
+        for rows in (torch.tensor([0, 2]), torch.tensor([1, 3])):
+            part = batch.select(rows)
+            out = g(part, slice_starts=starts[rows], posterior_noise=noise[rows.tolist()])
+            torch.testing.assert_close(
+                generator_losses(d, part, out, config)["total"], whole["total"][rows], rtol=1e-6, atol=1e-6
             )
 
 

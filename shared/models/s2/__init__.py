@@ -2,10 +2,10 @@
 
 from shared.models.s2.discriminator import MultiPeriodDiscriminator
 from shared.models.s2.gan import discriminator_losses, frozen, generator_losses
-from shared.models.s2.generator import S2Forward, SynthesizerTrn, draw_slice_starts
+from shared.models.s2.generator import S2Forward, SynthesizerTrn, draw_randomness, draw_slice_starts
 from shared.models.s2.grad_samplers import WeightNormGradSampleModule
 
 __all__ = [
     "MultiPeriodDiscriminator", "S2Forward", "SynthesizerTrn", "WeightNormGradSampleModule",
-    "discriminator_losses", "draw_slice_starts", "frozen", "generator_losses",
+    "discriminator_losses", "draw_randomness", "draw_slice_starts", "frozen", "generator_losses",
 ]

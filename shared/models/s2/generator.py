@@ -57,6 +57,20 @@ def draw_slice_starts(
     return (u * high).long()
 
 
+def draw_randomness(
+    spec_lengths: torch.Tensor, config: S2Config, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slice starts ``[B]`` and posterior noise ``[B, inter, max length]`` for one logical batch.
+
+    Draw them once per logical batch and pass row subsets to :meth:`SynthesizerTrn.forward`: any
+    split into physical batches then computes exactly the same per-sample losses.
+    """
+    starts = draw_slice_starts(spec_lengths, config.segment_frames, generator)
+    frames = int(spec_lengths.max()) if len(spec_lengths) else 0
+    noise = torch.randn(len(spec_lengths), config.inter_channels, frames, generator=generator)
+    return starts, noise.to(spec_lengths.device)
+
+
 def slice_frames(x: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
     """``x[b, :, starts[b] : starts[b] + length]`` for every ``b``, zero-padded past the end."""
     x = F.pad(x, (0, length))
@@ -242,4 +256,4 @@ class SynthesizerTrn(nn.Module):
         return self.dec(z * mask, ge)
 
 
-__all__ = ["S2Forward", "SynthesizerTrn", "draw_slice_starts", "slice_frames"]
+__all__ = ["S2Forward", "SynthesizerTrn", "draw_randomness", "draw_slice_starts", "slice_frames"]
