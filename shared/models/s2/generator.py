@@ -200,8 +200,8 @@ class SynthesizerTrn(nn.Module):
 
         ``ssl_features [B, 768, 2 * T25]`` selects the HuBERT path (``ssl_proj`` + quantiser with
         commitment loss) instead of ``batch.semantic_ids``. ``slice_starts [B]`` and
-        ``posterior_noise [B, inter, >= T]`` fix the per-sample randomness; missing ones are drawn
-        from ``generator`` (or the global RNG).
+        ``posterior_noise [B, inter, >= longest utterance]`` fix the per-sample randomness (see
+        :func:`draw_randomness`); missing ones are drawn from ``generator`` (or the global RNG).
         """
         c = self.config
         spec, frames = batch.spec, batch.spec.shape[-1]
@@ -215,7 +215,13 @@ class SynthesizerTrn(nn.Module):
 
         if posterior_noise is None:
             posterior_noise = torch.randn(m_p.shape, generator=generator, device="cpu")
-        noise = posterior_noise[..., :frames].to(device=m_p.device, dtype=m_p.dtype)
+        if posterior_noise.shape[-1] < int(batch.spec_lengths.max()):
+            raise ValueError(
+                f"posterior_noise covers {posterior_noise.shape[-1]} frames, the batch needs "
+                f"{int(batch.spec_lengths.max())}; draw it with draw_randomness(batch.spec_lengths, ...)"
+            )
+        noise = F.pad(posterior_noise, (0, max(0, frames - posterior_noise.shape[-1])))[..., :frames]
+        noise = noise.to(device=m_p.device, dtype=m_p.dtype)
         z, _, logs_q = self.enc_q(spec, mask, ge, noise)
         z_p = self.flow(z, mask, ge)
 
