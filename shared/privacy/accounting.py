@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import numbers
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -60,8 +61,9 @@ class Mechanism:
             raise ConfigError(f"noise_multiplier must be a finite number >= 0, got {self.noise_multiplier}")
         if not 0 <= self.sample_rate <= 1:
             raise ConfigError(f"sample_rate must be in [0, 1], got {self.sample_rate}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral) or self.steps < 0:
             raise ConfigError(f"steps must be an integer >= 0, got {self.steps!r}")
+        object.__setattr__(self, "steps", int(self.steps))  # numpy integers hash and print alike
 
     @property
     def touches_data(self) -> bool:
@@ -206,6 +208,8 @@ def calibrate_noise_multiplier(
             )
     lo = hi / 2
     while reached(lo) <= target_epsilon:
+        if lo < 1e-6:
+            return lo  # the target is so loose that practically any noise meets it
         hi, lo = lo, lo / 2
 
     aim = max(target_epsilon - epsilon_tolerance / 2, target_epsilon / 2)
