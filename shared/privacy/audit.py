@@ -49,7 +49,6 @@ INTEGRITY = "integrity"
 UNDER_REPORTED = "under_reported"
 BUDGET_OVERRUN = "budget_overrun"
 UNACCOUNTABLE = "unaccountable"
-FINDING_KINDS = (INTEGRITY, UNDER_REPORTED, BUDGET_OVERRUN, UNACCOUNTABLE)
 
 DEFAULT_TOLERANCE = 0.01
 """Recorded epsilon may sit this far below the independent one: relative for epsilon >= 1,
@@ -454,7 +453,6 @@ def one_run_epsilon_lower_bound(
 __all__ = [
     "BUDGET_OVERRUN",
     "DEFAULT_TOLERANCE",
-    "FINDING_KINDS",
     "INTEGRITY",
     "UNACCOUNTABLE",
     "UNDER_REPORTED",
