@@ -100,8 +100,13 @@ def train_local(
     *,
     seed: int | None = None,
     show_progress: bool = True,
+    keep_checkpoints: int = 3,
 ) -> dict[str, Any]:
-    """Run (or resume) a local DP fine-tuning; returns a summary (also in ``OUT/summary.json``)."""
+    """Run (or resume) a local DP fine-tuning; returns a summary (also in ``OUT/summary.json``).
+
+    ``keep_checkpoints`` segment checkpoints are kept (a simulation's local baseline keeps one per
+    round to score each).
+    """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     run = _run_record(out_dir, spec, seed)
     torch.set_num_threads(profile.threads)
@@ -113,7 +118,7 @@ def train_local(
         task, Ledger(data_dir), client_id, spec.privacy, physical_batch=profile.physical_batch,
         monitor=TrainingMonitor(out_dir / "logs"), noise_seed=run["noise_seed"], sample_seed=run["sample_seed"],
     )
-    store = CheckpointStore(out_dir / "checkpoints")
+    store = CheckpointStore(out_dir / "checkpoints", keep=keep_checkpoints)
     _restore(trainer, store)
     segments = -(-spec.steps // spec.checkpoint_every)
     first = trainer.steps_done // spec.checkpoint_every + 1
