@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shared.errors import CheckpointError
-from shared.models.factory import build_model, export_fedvox, export_gpt_sovits
+from shared.models.factory import build_model, export_all
 from shared.models.subsets import SubsetSpec, load_trainable_state_dict, trainable_state_dict
 from shared.runconfig import RunConfig
 
@@ -51,14 +50,9 @@ def export_model(config: RunConfig, subset: Mapping[str, torch.Tensor], folder: 
     """The global model, LoRA merged: fedvox safetensors in ``folder/fedvox`` (any config), and
     GPT-SoVITS's own files in ``folder/gpt-sovits`` (fp16, as its fine-tuning exports) when the
     architecture is an official one; returns the files written."""
-    folder = Path(folder)
     model = build_global_model(config)
     load_trainable_state_dict(model, subset)
-    paths = export_fedvox(model, folder / "fedvox")
-    try:
-        paths += export_gpt_sovits(model, folder / "gpt-sovits", half=True)
-    except CheckpointError as exc:
-        log.info("no GPT-SoVITS export: %s", exc)
+    paths = export_all(model, folder)
     log.info("exported %s", ", ".join(str(p) for p in paths))
     return paths
 

@@ -29,8 +29,8 @@ from client.trainer.session import PrivacyPlan, RoundPlan, Trainer
 from client.trainer.tasks import S1Task, S2Task, Task
 from shared.atomic import atomic_write_text
 from shared.cli import progress
-from shared.errors import CheckpointError, ConfigError
-from shared.models.factory import build_model, export_fedvox, export_gpt_sovits
+from shared.errors import ConfigError
+from shared.models.factory import build_model, export_all
 from shared.models.interop import save_safetensors
 from shared.models.subsets import SubsetSpec, load_trainable_state_dict, trainable_state_dict
 from shared.privacy.ledger import Ledger
@@ -145,16 +145,10 @@ def train_local(
 
 
 def export(model: torch.nn.Module, spec: LocalTrainingSpec, out_dir: Path) -> list[Path]:
-    """The trained subset, the merged model as fedvox safetensors, and GPT-SoVITS files when the
-    architecture is official (GPT-SoVITS cannot rebuild ``tiny``)."""
+    """The trained subset (``subset.safetensors``) and the merged model (``export/``)."""
     path = out_dir / "subset.safetensors"
     save_safetensors(trainable_state_dict(model), path, metadata={"spec": spec.to_dict()})
-    paths = [path, *export_fedvox(model, out_dir / "model")]
-    try:
-        paths += export_gpt_sovits(model, out_dir / "gpt-sovits", half=True)
-    except CheckpointError as exc:
-        log.info("no GPT-SoVITS export: %s", exc)
-    return paths
+    return [path, *export_all(model, out_dir / "export")]
 
 
 def _run_record(out_dir: Path, spec: LocalTrainingSpec, seed: int | None) -> dict[str, Any]:

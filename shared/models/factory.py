@@ -9,12 +9,13 @@ both read private audio.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from shared.errors import ConfigError
+from shared.errors import CheckpointError, ConfigError
 from shared.models.config import s1_config, s2_config
 from shared.models.s1 import Text2SemanticDecoder
 from shared.models.s1_checkpoint import load_official_s1, save_official_s1, save_s1_safetensors
@@ -23,6 +24,8 @@ from shared.models.s2.checkpoint import (
     export_discriminator, export_generator, load_discriminator, load_generator, save_model,
 )
 from shared.models.subsets import SubsetSpec, apply_subset, merged_state_dict
+
+log = logging.getLogger(__name__)
 
 STAGES = ("s1", "s2")
 
@@ -110,4 +113,17 @@ def export_fedvox(model: nn.Module, folder: str | Path) -> list[Path]:
     paths = [folder / "s2G.safetensors", folder / "s2D.safetensors"]
     save_model(generator, paths[0])
     save_model(model.discriminator, paths[1])
+    return paths
+
+
+def export_all(model: nn.Module, folder: str | Path) -> list[Path]:
+    """Both exports, LoRA merged: fedvox safetensors in ``folder/fedvox`` (any config) and
+    GPT-SoVITS's own files in ``folder/gpt-sovits`` (fp16, as its fine-tuning exports) when the
+    architecture is an official one; returns the files written."""
+    folder = Path(folder)
+    paths = export_fedvox(model, folder / "fedvox")
+    try:
+        paths += export_gpt_sovits(model, folder / "gpt-sovits", half=True)
+    except CheckpointError as exc:
+        log.info("no GPT-SoVITS export: %s", exc)
     return paths
