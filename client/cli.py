@@ -213,7 +213,7 @@ def train(
     summary = train_local(data, out, spec, profile, seed=seed)
     console.print(
         f"trained {summary.get('steps', 0)} steps; utterance-level epsilon {summary.get('epsilon', 0):.3f} "
-        f"at delta {delta:g}; model in {out / 'model'}"
+        f"at delta {delta:g}; model in {out / 'export'}"
     )
     if json_output:
         typer.echo(json.dumps(summary, indent=1, default=float))
@@ -246,6 +246,76 @@ def synthesize(
                  reference_text=ref_text, reference_language=ref_language, seed=seed)
     write_wave(wave, out)
     console.print(f"wrote {out} ({wave.numel() / 32000:.2f} s)")
+
+
+@app.command()
+def enroll(
+    server: str = typer.Option(..., "--server", help="The fedvox server's HOST:PORT (from the operator)."),
+    root_cert: Path = typer.Option(..., "--root-cert", help="The server's CA certificate (the operator's pki/ca.crt)."),
+    data: Path = typer.Option(..., "--data", help="Feature cache folder written by `fedvox-client prepare` (holds the ledger)."),
+    budget_epsilon: float | None = typer.Option(None, "--budget-epsilon", min=0.0, help="This data folder's utterance-level epsilon budget (default: the run's)."),
+    name: str | None = typer.Option(None, "--name", help="The device name to put in the operator's register command."),
+    ledger: Path | None = typer.Option(None, "--ledger", help="Folder of the privacy ledger (default: the data folder)."),
+    home: Path | None = typer.Option(None, "--home", help="fedvox home holding this device's key (default: $FEDVOX_HOME or ~/.fedvox)."),
+    device: str | None = typer.Option(None, help="Pin the device: cpu, cuda, cuda:N or mps."),
+    precision: str | None = typer.Option(None, help="Pin the precision: bf16, fp16 or fp32."),
+    physical_batch: int | None = typer.Option(None, min=1, help="Pin the physical batch size."),
+    threads: int | None = typer.Option(None, min=1, help="Pin the number of torch threads."),
+    profile_file: Path | None = typer.Option(None, help="TOML file whose [profile] table pins choices (flags win)."),
+    check: bool = typer.Option(False, "--check", help="Check the server, its certificate and this device's registration, then exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
+) -> None:
+    """Join a federation: make this device's key (once), show it for the operator to register,
+    then run a Flower SuperNode on --data and keep it connected (Ctrl-C leaves).
+
+    Only the model update and metrics leave the device; the recordings and features never do.
+    """
+    from dataclasses import asdict
+
+    from client.data.cache import FeatureCache
+    from client.device import probe as probe_device
+    from client.enroll import (
+        DeviceHome, Enrollment, Supervisor, check_root_certificate, check_server, device_key, parse_server,
+        public_line, register_command,
+    )
+    from client.identity import client_identity
+    from client.profiles import ProfileOverrides, select_profile
+    from shared.device_keys import fingerprint
+
+    setup_logging(verbose)
+    server = parse_server(server)
+    check_root_certificate(root_cert)
+    data = data.expanduser().resolve()
+    utterances = len(FeatureCache(data).read_index().items)
+    client_id = client_identity(data)
+    pinned = ProfileOverrides(device=device, precision=precision, physical_batch=physical_batch, threads=threads)
+    overrides = ProfileOverrides.from_toml(profile_file).merged(pinned) if profile_file else pinned
+    facts = probe_device()
+    select_profile(facts, overrides=overrides)  # pins that cannot work here fail now, not mid-round
+    console.print(
+        f"device: {facts.backend} {facts.device_name}, {facts.physical_cores} cores, "
+        f"{facts.ram / 2**30:.0f} GiB RAM; data: {utterances} utterances of {client_id}",
+        highlight=False,
+    )
+    device_home = DeviceHome.at(home)
+    key, created = device_key(device_home)
+    console.print(
+        f"device key {fingerprint(key.public_key())} ({'new' if created else 'existing'}, {device_home.key})",
+        highlight=False,
+    )
+    typer.echo(public_line(key))
+    console.print("the operator registers it with:", highlight=False)
+    typer.echo(register_command(key, name))
+    if check:
+        node_id = check_server(server, root_cert, key, device_home)
+        console.print(f"ready: the server knows this device as node {node_id}", highlight=False)
+        return
+    pins = {k.replace("_", "-"): v for k, v in asdict(overrides).items() if v not in (None, False)}
+    enrollment = Enrollment(
+        server=server, root_cert=root_cert.expanduser().resolve(), data=data,
+        ledger=(ledger or data).expanduser().resolve(), budget_epsilon=budget_epsilon, profile=pins, name=name,
+    )
+    Supervisor(enrollment, device_home, key).run()
 
 
 @app.command()

@@ -1,12 +1,15 @@
-"""``fedvox-server``: what an operator runs beside ``flwr run`` (inspect a run, export its model).
+"""``fedvox-server``: what an operator runs to set up a federation, run it, authorise devices and
+inspect or export the model.
 
-A run itself starts with ``flwr run .`` (simulation or a SuperLink deployment, docs/federation.md);
-re-running it with the same ``checkpoint-dir`` resumes it.
+``DIR`` is a server home (``fedvox-server init DIR``; layout in :mod:`server.deploy.home`).
+``status`` and ``export`` also take a plain run directory: the ``checkpoint-dir`` of a run
+started with ``flwr run .`` (docs/federation.md).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,32 +19,165 @@ from shared.cli import console, run_cli, setup_logging
 
 app = typer.Typer(
     name="fedvox-server",
-    help="Inspect a federated run's checkpoints, metrics and speaker-level ledger; export its model.",
+    help="Set up and run a fedvox federation's server, authorise devices, inspect and export the run.",
     no_args_is_help=True,
     add_completion=False,
 )
 
-RUN_DIR = typer.Argument(..., help="The run directory (the run's checkpoint-dir).", exists=True, file_okay=False)
+HOME = typer.Argument(..., help="The server home (made by `fedvox-server init`).")
+RUN = typer.Argument(..., help="A server home, or a run directory (a run's checkpoint-dir).", exists=True, file_okay=False)
+FORMATS = ("safetensors", "gpt-sovits")
+
+
+@app.command()
+def init(
+    home: Path = typer.Argument(..., help="Folder for the new server home (created, mode 0700)."),
+    name: list[str] = typer.Option([], "--name", help="A host name or address devices use to reach this server (repeat; default: loopback and this machine's names)."),
+    host: str = typer.Option("0.0.0.0", help="Address the public port listens on (0.0.0.0: every interface)."),
+    port: int = typer.Option(9443, min=1, max=65535, help="The public port (TLS; devices connect here)."),
+    run_config: Path | None = typer.Option(None, "--run-config", help="TOML run configuration to start from (default: fedvox's defaults)."),
+    ca_cert: Path | None = typer.Option(None, "--ca-cert", help="Bring your own: the CA certificate devices will trust."),
+    cert: Path | None = typer.Option(None, "--cert", help="Bring your own: the server certificate (signed by --ca-cert)."),
+    key: Path | None = typer.Option(None, "--key", help="Bring your own: the server certificate's private key (PEM, unencrypted)."),
+    renew_certificate: bool = typer.Option(False, "--renew-certificate", help="In an existing home: issue a new server certificate (for --name, or before expiry)."),
+) -> None:
+    """Create a server home: private CA and server certificate (or yours), run configuration,
+    folders for state, logs and the run; keys readable by you only."""
+    from server.deploy.home import ServerHome, init_home, renew
+    from server.deploy.pki import load_certificate, subject_names
+
+    if renew_certificate:
+        names = renew(ServerHome(home), name or None)
+        console.print(f"new server certificate for {', '.join(names)}; restart the server to use it", highlight=False)
+        return
+    made = init_home(home, name or None, run_config=run_config, bring_ca=ca_cert, bring_cert=cert, bring_key=key,
+                     host=host, port=port)
+    ca = load_certificate(made.ca_cert)
+    console.print(f"server home {made.root}", highlight=False)
+    console.print(f"  certificate for: {', '.join(subject_names(load_certificate(made.server_cert)))}", highlight=False)
+    console.print(f"  devices trust:   {made.ca_cert} (SHA-256 {_sha256(ca)})", highlight=False)
+    console.print(f"  run config:      {made.run_config_file}", highlight=False)
+    console.print(
+        f"next: edit the run config, `fedvox-server start {made.root}`, give each device owner "
+        f"{made.ca_cert.name} and the address, register their keys with `fedvox-server register`",
+        highlight=False,
+    )
+
+
+@app.command()
+def start(
+    home: Path = HOME,
+    host: str | None = typer.Option(None, help="Listen on this address (default: server.toml's host)."),
+    port: int | None = typer.Option(None, min=1, max=65535, help="Listen on this port (default: server.toml's port)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run from its last committed round."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
+) -> None:
+    """Run the federation: Flower's SuperLink (TLS, device authentication, SQLite state), the
+    public gateway, and the fedvox run; reports devices and rounds until the run ends."""
+    from server.deploy.home import ServerHome
+    from server.deploy.launcher import ServerProcess
+
+    server_home = ServerHome(home).require()
+    setup_logging(verbose)
+    _log_to_file(server_home.logs / "server.log")
+    raise typer.Exit(ServerProcess(server_home, host, port, resume).run())
+
+
+@app.command()
+def register(
+    home: Path = HOME,
+    public_key: str = typer.Argument(..., help="The device's public key: the line `fedvox-client enroll` printed, or its .pub file."),
+    name: str | None = typer.Option(None, "--name", help="A name for the device (default: from its key's fingerprint)."),
+) -> None:
+    """Authorise a device's key: now if the server runs, else when it starts."""
+    from server.deploy.devices import Registry, authorise
+    from server.deploy.home import ServerHome
+
+    server_home = ServerHome(home).require()
+    registry = Registry(server_home)
+    device, new = registry.add(public_key, name)
+    console.print(f"{'registered' if new else 'already registered:'} {device.name} ({device.fingerprint})", highlight=False)
+    control = _control(server_home)
+    if control is None:
+        console.print("it is authorised when the server starts", highlight=False)
+        return
+    try:
+        node_id = dict((d.name, n) for d, n in authorise(registry, control))[device.name]
+    finally:
+        control.close()
+    console.print(f"authorised as node {node_id}: the device can join now", highlight=False)
+
+
+@app.command()
+def devices(
+    home: Path = HOME,
+    json_output: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Registered devices: connection, last profile, rounds joined and utterance-level epsilon spent."""
+    from rich.table import Table
+
+    from server.deploy.devices import device_report
+    from server.deploy.home import ServerHome
+
+    server_home = ServerHome(home).require()
+    control = _control(server_home)
+    try:
+        report = device_report(server_home, control.nodes() if control else None)
+    finally:
+        if control:
+            control.close()
+    if json_output:
+        typer.echo(json.dumps(report, indent=1))
+        return
+    if not report:
+        console.print(f"no devices registered in {server_home.root} (fedvox-server register)", highlight=False)
+        return
+    table = Table(title=f"Devices of {server_home.root}", title_justify="left")
+    for column in ("name", "node", "status", "rounds", "profile", "epsilon", "budget", "key"):
+        table.add_column(column)
+    for d in report:
+        table.add_row(
+            d["name"], str(d["node-id"] or "-"), d["status"], str(d["rounds-joined"]), d["profile"] or "-",
+            "-" if d["epsilon-spent"] is None else f"{d['epsilon-spent']:.3f}",
+            "-" if d["epsilon-budget"] is None else f"{d['epsilon-budget']:g}", d["fingerprint"],
+        )
+    from rich.console import Console
+
+    Console().print(table)
 
 
 @app.command()
 def status(
-    run_dir: Path = RUN_DIR,
+    directory: Path = RUN,
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Committed rounds, the newest round's metrics, the best round and speaker-level epsilons."""
-    summary = run_summary(run_dir)
+    """Rounds done, the round in progress, participants, latest metrics, speaker-level epsilons,
+    and (for a server home) whether the server runs and which devices are connected."""
+    summary = full_status(directory)
     if json_output:
         typer.echo(json.dumps(summary, indent=1, sort_keys=True))
         return
-    latest = summary["latest"]
-    console.print(f"run {summary['run-id']} in {run_dir}", highlight=False)
-    console.print(
-        f"round {latest['round']} of {summary['num-server-rounds']} committed; checkpoints kept: "
-        f"{summary['kept']}; best round {summary['best-round']}",
-        highlight=False,
-    )
-    for key in ("train-loss", "val-loss", "participants", "rejects", "epsilon-utterance-max", "epsilon-speaker-max"):
+    server = summary.get("server")
+    if server is not None:
+        if server["running"]:
+            console.print(
+                f"server running (pid {server['pid']}) on {server['address']}, Flower run {server['flower-run-id']}; "
+                f"{server['devices-online']} of {server['devices-registered']} devices connected",
+                highlight=False,
+            )
+        else:
+            console.print(f"server stopped; {server['devices-registered']} devices registered", highlight=False)
+    latest = summary.get("latest")
+    if latest is None:
+        console.print(f"no round committed yet in {summary['run-dir']}", highlight=False)
+        return
+    console.print(f"run {summary['run-id']} in {summary['run-dir']}", highlight=False)
+    progress = f"round {latest['round']} of {summary['num-server-rounds']} committed"
+    if summary.get("current-round"):
+        progress += f"; round {summary['current-round']} in progress"
+    console.print(f"{progress}; best round {summary['best-round']}", highlight=False)
+    for key in ("participants", "train-loss", "val-loss", "val-accuracy", "rejects", "epsilon-utterance-max",
+                "epsilon-speaker-max", "round-time-s"):
         if key in latest["metrics"]:
             console.print(f"  {key}: {latest['metrics'][key]}", highlight=False)
     if summary["speakers"]:
@@ -51,31 +187,55 @@ def status(
 
 @app.command()
 def export(
-    run_dir: Path = RUN_DIR,
+    directory: Path = RUN,
+    format_: str | None = typer.Option(None, "--format", help="gpt-sovits (s1.ckpt; s2G.pth + s2D.pth; official architectures) or safetensors (fedvox, any config); default: both."),
     round_: int | None = typer.Option(None, "--round", help="Round to export (default: the best, else the newest)."),
-    out: Path | None = typer.Option(None, help="Output folder (default: RUN_DIR/export)."),
+    out: Path | None = typer.Option(None, help="Output folder, which receives gpt-sovits/ and fedvox/ (default: the run's export/)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
 ) -> None:
-    """Write a committed round's global model, LoRA merged: fedvox safetensors, and GPT-SoVITS's
-    own formats when the architecture is official."""
+    """Write a committed round's global model, LoRA merged, in GPT-SoVITS's and/or fedvox's format."""
     from server.checkpoints import CheckpointStore
-    from server.model import export_model
-    from shared.errors import CheckpointError
+    from server.model import build_global_model, export_model
+    from shared.errors import CheckpointError, ConfigError
+    from shared.models.factory import export_fedvox, export_gpt_sovits
+    from shared.models.subsets import load_trainable_state_dict
     from shared.runconfig import RunConfig
 
     setup_logging(verbose)
+    if format_ not in (None, *FORMATS):
+        raise ConfigError(f"--format {format_!r}: choose {' or '.join(FORMATS)}")
+    run_dir = run_directory(directory)
     store = CheckpointStore(run_dir / "checkpoints", keep=1)
     chosen = round_ if round_ is not None else (store.best_round() or (store.rounds() or [None])[-1])
     if chosen is None or chosen not in store.rounds():
         raise CheckpointError(f"{run_dir} has no committed round {chosen}; committed: {store.rounds()}")
     checkpoint = store.load(chosen)
     config = RunConfig.from_flat(checkpoint.meta["run-config"])
-    for path in export_model(config, checkpoint.state, out or run_dir / "export"):
+    folder = out or run_dir / "export"
+    if format_ is None:
+        paths = export_model(config, checkpoint.state, folder)
+    else:
+        model = build_global_model(config)
+        load_trainable_state_dict(model, checkpoint.state)
+        if format_ == "safetensors":
+            paths = export_fedvox(model, folder / "fedvox")
+        else:
+            paths = export_gpt_sovits(model, folder / "gpt-sovits", half=True)
+    for path in paths:
         console.print(f"wrote {path} (round {chosen})", highlight=False)
 
 
+# ---------------------------------------------------------------------- helpers
+def run_directory(directory: Path) -> Path:
+    """The run directory of a server home (``DIR/run``), or ``directory`` itself."""
+    from server.deploy.home import ServerHome
+
+    home = ServerHome(directory)
+    return home.run_dir if home.settings_file.is_file() else Path(directory)
+
+
 def run_summary(run_dir: Path) -> dict[str, Any]:
-    """What ``status`` shows, as a dict."""
+    """Committed rounds, the newest round's metrics, the best round and speaker epsilons."""
     from server.checkpoints import CheckpointStore
     from shared.errors import CheckpointError
     from shared.privacy.ledger import LEDGER_FILENAME, read_rows
@@ -100,8 +260,67 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def full_status(directory: Path) -> dict[str, Any]:
+    """What ``status`` shows: the run's summary, plus the server's state for a server home."""
+    from server.checkpoints import CheckpointStore
+    from server.deploy.devices import Registry
+    from server.deploy.home import ServerHome
+
+    run_dir = run_directory(directory)
+    if CheckpointStore(run_dir / "checkpoints", keep=1).rounds():
+        summary = run_summary(run_dir)
+    else:
+        summary = {"latest": None, "speakers": {}}
+    summary["run-dir"] = str(run_dir)
+    home = ServerHome(directory)
+    if not home.settings_file.is_file():
+        return summary
+    running = home.running()
+    registered = len(Registry(home).devices())
+    server: dict[str, Any] = {"running": running is not None, "devices-registered": registered}
+    if running is not None:
+        control = _control(home)
+        try:
+            online = sum(n.status == "online" for n in control.nodes()) if control else 0
+        finally:
+            if control:
+                control.close()
+        server.update({
+            "pid": running["pid"], "address": f"{running['host']}:{running['port']}",
+            "flower-run-id": running.get("run-id"), "devices-online": online,
+        })
+        latest = summary["latest"]["round"] if summary["latest"] else 0
+        target = home.run_config().num_server_rounds
+        summary["current-round"] = latest + 1 if latest < target else None
+    summary["server"] = server
+    return summary
+
+
+def _control(home: Any) -> Any:
+    """A Control API session with the home's running SuperLink, or ``None`` if it is stopped."""
+    from server.deploy.control import Control
+
+    running = home.running()
+    return Control(running["superlink"], home.internal_ca) if running else None
+
+
+def _log_to_file(path: Path) -> None:
+    """Everything the console shows also goes, time-stamped, to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Control API poll otherwise
+
+
+def _sha256(cert: Any) -> str:
+    from cryptography.hazmat.primitives import hashes
+
+    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
 def main() -> None:
     run_cli(app)
 
 
-__all__ = ["app", "main", "run_summary"]
+__all__ = ["app", "full_status", "main", "run_directory", "run_summary"]

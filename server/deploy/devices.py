@@ -1,0 +1,151 @@
+"""The devices an operator has authorised, and what each did in the run.
+
+A device is its SuperNode public key (an OpenSSH EC key that ``fedvox-client enroll`` creates on
+the device and prints): ``fedvox-server register`` records it in ``DIR/devices.json`` under a
+name and authorises it with the SuperLink (at once while the server runs, otherwise at the next
+``start``). The SuperLink gives every key a node id, kept with the device. What a device did
+comes from the run's ``metrics.jsonl``: every round lists each train reply's node id with the
+client id, profile and utterance-level epsilon its status reported.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+from server.deploy.control import Control, Node
+from server.deploy.home import ServerHome
+from shared.atomic import atomic_write_text
+from shared.device_keys import fingerprint, parse_public_key, ssh_text
+from shared.errors import ConfigError, DeploymentError
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass
+class Device:
+    name: str
+    public_key: str  # OpenSSH one-line form
+    fingerprint: str  # SHA256:... as ssh-keygen -l prints it
+    registered: str  # when the operator registered it (UTC, ISO 8601)
+    node_ids: list[int] = field(default_factory=list)  # every node id the SuperLink gave it, newest last
+
+    def flower_key(self) -> bytes:
+        """The key as Flower stores and compares it (PEM SubjectPublicKeyInfo)."""
+        return public_key_to_bytes(parse_public_key(self.public_key))
+
+
+class Registry:
+    """``DIR/devices.json``, read and written under a file lock (``register`` may run beside ``start``)."""
+
+    def __init__(self, home: ServerHome) -> None:
+        self.path = home.devices_file
+        self.lock_path = home.state / "devices.lock"
+
+    def devices(self) -> list[Device]:
+        if not self.path.is_file():
+            return []
+        try:
+            return [Device(**entry) for entry in json.loads(self.path.read_text())["devices"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DeploymentError(f"{self.path} is damaged ({exc}); restore it or register the devices again") from exc
+
+    def add(self, public_key: str, name: str | None = None) -> tuple[Device, bool]:
+        """Record a device; returns it and whether it is new (the same key and name again is a no-op)."""
+        key = parse_public_key(public_key)
+        key_print = fingerprint(key)
+        name = name or "device-" + re.sub(r"[^A-Za-z0-9]", "", key_print[7:])[:8]
+        if not NAME.fullmatch(name):
+            raise ConfigError(f"device name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        with self._locked() as devices:
+            for device in devices:
+                if device.fingerprint == key_print:
+                    if device.name != name:
+                        raise DeploymentError(f"this key is already registered as {device.name!r}")
+                    return device, False
+                if device.name == name:
+                    raise DeploymentError(f"the name {name!r} is taken by another key ({device.fingerprint}); choose another --name")
+            device = Device(name, ssh_text(key), key_print, dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+            devices.append(device)
+        return device, True
+
+    def record_node(self, name: str, node_id: int) -> None:
+        with self._locked() as devices:
+            for device in devices:
+                if device.name == name and (not device.node_ids or device.node_ids[-1] != node_id):
+                    device.node_ids.append(node_id)
+
+    @contextmanager
+    def _locked(self) -> Iterator[list[Device]]:
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            devices = self.devices()
+            yield devices
+            text = json.dumps({"devices": [asdict(d) for d in devices]}, indent=1) + "\n"
+            atomic_write_text(self.path, text)
+
+
+def authorise(registry: Registry, control: Control) -> list[tuple[Device, int]]:
+    """Make the SuperLink know every registered device (idempotent); returns (device, node id)."""
+    known = {node.public_key: node for node in control.nodes() if node.status != "unregistered"}
+    out = []
+    for device in registry.devices():
+        node = known.get(device.flower_key())
+        node_id = node.node_id if node else control.register(device.flower_key(), device.name)
+        if node is None:
+            log.info("authorised device %s (%s) as node %d", device.name, device.fingerprint, node_id)
+        registry.record_node(device.name, node_id)
+        out.append((device, node_id))
+    return out
+
+
+def device_report(home: ServerHome, nodes: list[Node] | None = None) -> list[dict[str, Any]]:
+    """Every registered device with its connection status (when the server runs: ``nodes``),
+    the rounds it trained, and its last reported profile and utterance-level epsilon."""
+    registry = Registry(home)
+    status = {node.node_id: node.status for node in nodes or []}
+    rounds = _rounds(home.run_dir / "metrics.jsonl")
+    report = []
+    for device in registry.devices():
+        mine = set(device.node_ids)
+        entries = [(r, e) for r, clients in rounds for e in clients if e.get("node-id") in mine]
+        accepted = sorted({r for r, e in entries if e.get("accepted")})
+        last = entries[-1][1] if entries else {}
+        report.append({
+            "name": device.name,
+            "fingerprint": device.fingerprint,
+            "node-id": device.node_ids[-1] if device.node_ids else None,
+            "status": status.get(device.node_ids[-1], "unknown") if nodes is not None and device.node_ids else
+            ("not authorised yet" if not device.node_ids else "server stopped"),
+            "rounds-joined": len(accepted),
+            "last-round": accepted[-1] if accepted else None,
+            "client-id": last.get("client-id"),
+            "profile": last.get("profile"),
+            "epsilon-spent": last.get("epsilon-spent"),
+            "epsilon-budget": last.get("epsilon-budget"),
+            "registered": device.registered,
+        })
+    return report
+
+
+def _rounds(metrics: Path) -> list[tuple[int, list[dict[str, Any]]]]:
+    if not metrics.is_file():
+        return []
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [(row["round"], row.get("clients", [])) for row in rows]
+
+
+__all__ = ["Device", "Registry", "authorise", "device_report"]

@@ -1,0 +1,333 @@
+"""``fedvox-server start``: the SuperLink, the public gateway, the device keys and the run, supervised.
+
+What runs (one ``start`` per server home; a lock file refuses a second):
+
+- ``flower-superlink`` on 127.0.0.1 (a free port) with TLS (the home's loopback certificate),
+  SuperNode authentication, its SQLite state in ``DIR/state/superlink.db`` and no runtime
+  dependency installation; its ServerApp process (fedvox's ``server.app``) is Flower's own;
+- the gateway (:mod:`server.deploy.gateway`) on ``--host:--port`` with the server certificate;
+- the Control API calls that authorise the registered devices and submit the fedvox run, built
+  from this source tree with ``checkpoint-dir`` = ``DIR/run``.
+
+Then it watches: devices connecting and disconnecting, every committed round (from
+``metrics.jsonl``), the ServerApp's log (streamed from the SuperLink into ``DIR/logs/run.log``)
+and the run's state, until the run finishes or the operator stops it (Ctrl-C, SIGTERM). The
+SuperLink dies with this process (``PR_SET_PDEATHSIG`` on Linux, and its own children follow it).
+A run stopped in any way resumes with ``--resume`` from its last committed round.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from flwr.proto.control_pb2 import StreamLogsRequest  # pylint: disable=E0611
+
+from server.checkpoints import CheckpointStore
+from server.deploy.control import FINISHED, Control, Node
+from server.deploy.devices import Registry, authorise
+from server.deploy.gateway import FleetGateway, GatewayServer
+from server.deploy.home import ServerHome, ensure_link_certificate
+from server.deploy.pki import check_server_pair
+from shared.atomic import atomic_write_text
+from shared.errors import DeploymentError
+from shared.processes import die_with_parent, flower_command, flower_env, free_port, stop_tree
+
+log = logging.getLogger(__name__)
+serverapp_log = logging.getLogger("fedvox.serverapp")
+
+POLL_S = 5.0
+SUPERLINK_START_S = 120.0
+ANY_ADDRESS = ("0.0.0.0", "::", "")
+
+
+def app_directory() -> Path:
+    """The fedvox source tree: Flower builds the run's app bundle (FAB) from it."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").is_file():
+        raise DeploymentError(
+            f"the Flower App is built from the fedvox source tree, but {root} has no pyproject.toml; "
+            "install fedvox from its source folder (pip install -e .)"
+        )
+    return root
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+OPACUS_ECHO = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:[A-Z]+:")
+"""Opacus calls ``logging.basicConfig`` when imported, so the ServerApp's log has every line a
+second time in this format; the console shows it once (``DIR/logs/run.log`` keeps both)."""
+
+
+def console_lines(text: str) -> list[str]:
+    """The ServerApp log lines worth a console line: colour codes stripped, Opacus' echo dropped."""
+    lines = (ANSI.sub("", line).rstrip() for line in text.splitlines())
+    return [line for line in lines if line.strip() and not OPACUS_ECHO.match(line)]
+
+
+class ServerProcess:
+    """One ``fedvox-server start``: launch, watch, stop (see the module docstring)."""
+
+    def __init__(self, home: ServerHome, host: str | None = None, port: int | None = None, resume: bool = False) -> None:
+        self.home = home.require()
+        settings = home.settings()
+        self.host = settings.host if host is None else host
+        self.port = settings.port if port is None else port
+        self.resume = resume
+        self.config = home.run_config()
+        self.superlink: subprocess.Popen | None = None
+        self.gateway: GatewayServer | None = None
+        self.control: Control | None = None
+        self.address = ""  # the SuperLink's loopback host:port, once started
+        self.run_id: int | None = None
+        self.lock_fd: int | None = None
+        self.stopping = threading.Event()
+        self.statuses: dict[int, str] = {}
+        self.names: dict[int, str] = {}
+        self.rounds_logged = 0
+
+    # ------------------------------------------------------------------ checks
+    def check(self) -> None:
+        """Everything that can be wrong before anything starts, each with its fix."""
+        store = CheckpointStore(self.home.run_dir / "checkpoints", keep=1)
+        rounds = store.rounds()
+        target = self.config.num_server_rounds
+        if rounds and not self.resume:
+            raise DeploymentError(
+                f"{self.home.run_dir} already holds a run (round {rounds[-1]} of {target} committed); "
+                "continue it with `fedvox-server start --resume`, or make a new home with `fedvox-server init`"
+            )
+        if self.resume and not rounds:
+            raise DeploymentError(f"--resume: {self.home.run_dir} holds no committed round; start without --resume")
+        if rounds and rounds[-1] >= target:
+            raise DeploymentError(
+                f"the run in {self.home.run_dir} is complete (round {rounds[-1]} of {target}); export it with "
+                f"`fedvox-server export`, or raise num-server-rounds in {self.home.run_config_file} and --resume"
+            )
+        names = [] if self.host in ANY_ADDRESS else [self.host]
+        check_server_pair(self.home.server_cert, self.home.server_key, self.home.ca_cert, names)
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self) -> int:
+        """Start everything and watch the run; returns 0 when every round was committed."""
+        self.check()
+        self._lock()
+        self._stop_leftovers()
+        signal.signal(signal.SIGTERM, self._on_signal)
+        try:
+            ensure_link_certificate(self.home)
+            self._start_superlink()
+            self._stop_leftover_runs()
+            for device, node_id in authorise(Registry(self.home), self.control):
+                self.names[node_id] = device.name
+            self.gateway = GatewayServer(
+                FleetGateway(self.address, self.home.internal_ca), self.host, self.port,
+                self.home.server_cert, self.home.server_key,
+            )
+            self.gateway.start()
+            self._write_state()
+            flat = self.config.to_flat()
+            self.run_id = self.control.start_run(app_directory(), flat)
+            self._write_state()
+            log.info(
+                "run %d: %s %s (%s), %d rounds, min %d clients; %s %s",
+                self.run_id, self.config.stage, self.config.model_config, self.config.subset,
+                self.config.num_server_rounds, self.config.min_clients,
+                "resuming" if self.resume else "starting", self.home.run_dir,
+            )
+            threading.Thread(target=self._stream_serverapp_log, name="serverapp-log", daemon=True).start()
+            return self._watch()
+        except KeyboardInterrupt:
+            log.info("interrupted: stopping (continue later with --resume)")
+            return 130
+        finally:
+            self._shutdown()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    def _lock(self) -> None:
+        self.home.state.mkdir(parents=True, exist_ok=True)
+        self.lock_fd = os.open(self.home.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            info = self.home.running() or {}
+            raise DeploymentError(
+                f"a fedvox server already runs from {self.home.root} (pid {info.get('pid', '?')}); stop it first"
+            ) from None
+
+    def _stop_leftovers(self) -> None:
+        """Processes of a previous ``start`` of this home that was killed: its SuperLink (if it
+        outlived it) and ServerApps still retrying that SuperLink's address."""
+        try:
+            previous = json.loads(self.home.server_state.read_text())
+        except (OSError, ValueError):
+            return
+        marks = [str(self.home.database), previous.get("superlink") or "-"]
+        for process in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = " ".join(process.info["cmdline"] or [])
+            if ("flower-superlink" in cmdline or "flwr-serverapp" in cmdline) and any(m in cmdline for m in marks):
+                log.warning("stopping %s (pid %d) left by a previous server", cmdline.split()[1].rsplit("/", 1)[-1], process.pid)
+                stop_tree(process.pid)
+
+    def _start_superlink(self) -> None:
+        internal = free_port()
+        self.address = f"127.0.0.1:{internal}"
+        self.home.logs.mkdir(parents=True, exist_ok=True)
+        command = [
+            flower_command("flower-superlink"),
+            "--ssl-ca-certfile", str(self.home.internal_ca),
+            "--ssl-certfile", str(self.home.link_cert),
+            "--ssl-keyfile", str(self.home.link_key),
+            "--enable-supernode-auth",
+            "--host", "127.0.0.1", "--port", str(internal),
+            "--database", str(self.home.database),
+            "--disable-runtime-dependency-installation",
+        ]
+        with open(self.home.logs / "superlink.log", "ab") as out:
+            self.superlink = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, env=flower_env(self.home.flwr_home),
+                cwd=self.home.root, start_new_session=True, preexec_fn=die_with_parent,
+            )
+        log.info("SuperLink (pid %d) on %s, state in %s", self.superlink.pid, self.address, self.home.database)
+        self.control = Control(self.address, self.home.internal_ca)
+        deadline = time.monotonic() + SUPERLINK_START_S
+        while True:
+            if self.superlink.poll() is not None:
+                raise DeploymentError(
+                    f"the SuperLink exited with status {self.superlink.returncode}; see {self.home.logs / 'superlink.log'}"
+                )
+            try:
+                self.control.runs()
+                return
+            except DeploymentError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def _stop_leftover_runs(self) -> None:
+        """A server killed mid-run leaves its Flower run open in the database: close it."""
+        for run in self.control.runs():
+            if run.status != FINISHED:
+                log.info("stopping run %d left %s by a previous server", run.run_id, run.status)
+                self.control.stop_run(run.run_id)
+
+    def _write_state(self) -> None:
+        info = {
+            "pid": os.getpid(), "host": self.host, "port": self.port, "superlink": self.address,
+            "superlink-pid": self.superlink.pid if self.superlink else None,
+            "run-id": self.run_id, "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+        atomic_write_text(self.home.server_state, json.dumps(info, indent=1) + "\n")
+
+    def _shutdown(self) -> None:
+        self.stopping.set()
+        if self.gateway is not None:
+            self.gateway.stop()
+        if self.superlink is not None:
+            stop_tree(self.superlink.pid)
+        if self.control is not None:
+            self.control.close()
+        self.home.server_state.unlink(missing_ok=True)
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+
+    # ------------------------------------------------------------------ watching
+    def _watch(self) -> int:
+        while True:
+            time.sleep(POLL_S)
+            if self.superlink.poll() is not None:
+                raise DeploymentError(
+                    f"the SuperLink exited ({self.superlink.returncode}); see {self.home.logs / 'superlink.log'}. "
+                    "Restart with --resume"
+                )
+            if not self.gateway.alive():
+                raise DeploymentError("the gateway stopped; restart with --resume")
+            try:
+                self._report_nodes(self.control.nodes())
+                state = self.control.run(self.run_id)
+            except DeploymentError as exc:  # a busy SuperLink can miss one poll
+                log.warning("%s", exc)
+                continue
+            self._report_rounds()
+            if state.status == FINISHED:
+                return self._finished(state)
+
+    def _report_nodes(self, nodes: list[Node]) -> None:
+        for node in nodes:
+            before = self.statuses.get(node.node_id)
+            if before == node.status:
+                continue
+            self.statuses[node.node_id] = node.status
+            name = self.names.get(node.node_id) or node.name or f"node {node.node_id}"
+            if node.status == "online":
+                log.info("device %s (node %d) connected", name, node.node_id)
+            elif before == "online":
+                log.warning("device %s (node %d) disconnected (%s)", name, node.node_id, node.status)
+
+    def _report_rounds(self) -> None:
+        path = self.home.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        for line in lines[self.rounds_logged:]:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            parts = [f"round {row['round']} committed: {row.get('participants', 0)} participant(s)"]
+            for key in ("train-loss", "val-loss", "epsilon-utterance-max", "epsilon-speaker-max"):
+                if isinstance(row.get(key), (int, float)):
+                    parts.append(f"{key} {row[key]:.4g}")
+            if row.get("rejects"):
+                parts.append(f"rejects {row['rejects']}")
+            log.info(", ".join(parts))
+        self.rounds_logged = len(lines)
+
+    def _finished(self, state: Any) -> int:
+        rounds = CheckpointStore(self.home.run_dir / "checkpoints", keep=1).rounds()
+        done = rounds[-1] if rounds else 0
+        target = self.config.num_server_rounds
+        if state.sub_status == "completed" and done >= target:
+            log.info("run %d completed: %d rounds; export with `fedvox-server export %s`", self.run_id, done, self.home.root)
+            return 0
+        log.error(
+            "run %d ended (%s) after round %d of %d%s; see %s, then --resume",
+            self.run_id, state.sub_status or "?", done, target, f": {state.details}" if state.details else "",
+            self.home.logs / "run.log",
+        )
+        return 1
+
+    def _stream_serverapp_log(self) -> None:
+        """The ServerApp's log (Flower keeps it in the SuperLink) into ``DIR/logs/run.log`` and the console."""
+        control = Control(self.address, self.home.internal_ca)
+        after = 0.0
+        try:
+            with open(self.home.logs / "run.log", "a") as out:
+                while not self.stopping.is_set():
+                    try:
+                        for response in control.client.StreamLogs(StreamLogsRequest(run_id=self.run_id, after_timestamp=after)):
+                            out.write(response.log_output)
+                            out.flush()
+                            for line in console_lines(response.log_output):
+                                serverapp_log.info("%s", line)
+                            after = max(after, response.latest_timestamp)
+                        return  # the run finished: Flower ends the stream
+                    except Exception as exc:  # noqa: BLE001 - the SuperLink went away; the watcher reports it
+                        log.debug("log stream interrupted: %s", exc)
+                        self.stopping.wait(POLL_S)
+        finally:
+            control.close()
+
+
+__all__ = ["ServerProcess", "app_directory"]
