@@ -22,6 +22,7 @@ from shared.models.s2.checkpoint import (
 )
 from shared.models.subsets import SubsetSpec, apply_subset
 from tests.s2_batches import fixed_randomness, random_s2_batch
+from tests.s2_batches import single_thread  # noqa: F401  (autouse: one CPU thread)
 
 TAGS = {"v2Pro": b"05", "v2ProPlus": b"06"}
 

@@ -18,6 +18,7 @@ from shared.models.s2 import (
 from shared.models.s2.gan import discriminator_losses
 from shared.models.subsets import SubsetSpec, apply_subset
 from tests.s2_batches import fixed_randomness, random_s2_batch, unpadded
+from tests.s2_batches import single_thread  # noqa: F401  (autouse: one CPU thread)
 
 TINY = s2_config("tiny")
 

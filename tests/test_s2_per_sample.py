@@ -23,6 +23,7 @@ from shared.models.s2.gan import discriminator_losses
 from shared.models.subsets import SubsetSpec, apply_subset
 from tests.per_sample import assert_per_sample_grads_match
 from tests.s2_batches import DiscriminatorStep, GeneratorStep, fixed_randomness, random_s2_batch
+from tests.s2_batches import single_thread  # noqa: F401  (autouse: one CPU thread)
 
 RTOL = 1e-5
 CONFIG = s2_config("tiny", p_dropout=0.0, style_dropout=0.0)
