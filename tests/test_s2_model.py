@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shared.audio import HOP_LENGTH
-from shared.errors import DataError
+from shared.errors import ConfigError, DataError
 from shared.models.config import CONFIG_NAMES, s2_config
 from shared.models.interop import manifest
 from shared.models.s2 import (
@@ -191,6 +191,13 @@ def test_pro_models_require_the_speaker_embedding() -> None:
     batch.sv_embedding = None
     with pytest.raises(DataError, match="speaker-verification embedding"):
         g(batch)
+
+
+def test_inconsistent_configs_are_refused() -> None:
+    with pytest.raises(ConfigError, match="gin_channels"):
+        SynthesizerTrn(s2_config("tiny", gin_channels=16))
+    with pytest.raises(ConfigError, match="not divisible by 3 heads"):
+        SynthesizerTrn(s2_config("tiny", n_heads=3))
 
 
 def test_mismatched_spec_and_semantic_lengths_are_refused() -> None:

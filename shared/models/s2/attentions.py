@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.errors import ConfigError
 from shared.models.s2.modules import LayerNorm
 
 MASKED_SCORE = -1e4
@@ -75,7 +76,7 @@ class MultiHeadAttention(nn.Module):
     ) -> None:
         super().__init__()
         if channels % n_heads:
-            raise ValueError(f"channels {channels} not divisible by n_heads {n_heads}")
+            raise ConfigError(f"attention width {channels} is not divisible by {n_heads} heads")
         self.n_heads = n_heads
         self.k_channels = channels // n_heads
         self.conv_q = nn.Conv1d(channels, channels, 1)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.errors import DataError
+from shared.errors import ConfigError, DataError
 from shared.models.batches import S2Batch
 from shared.models.config import S2Config
 from shared.models.s2.decoder import Decoder
@@ -85,9 +85,9 @@ class SynthesizerTrn(nn.Module):
         super().__init__()
         c = config
         if not c.is_pro and c.gin_channels != c.mrte_hidden:
-            raise ValueError(
-                f"gin_channels ({c.gin_channels}) must equal mrte_hidden ({c.mrte_hidden}): "
-                "without sv_emb, ge is added to MRTE's hidden state as it is"
+            raise ConfigError(
+                f"s2 config {c.name!r}: gin_channels ({c.gin_channels}) must equal mrte_hidden "
+                f"({c.mrte_hidden}) without sv_emb, because ge is added to MRTE's hidden state as it is"
             )
         self.config = c
         self.enc_p = TextEncoder(c)
