@@ -128,3 +128,25 @@ def test_weight_norm_wrapper_needs_no_functorch_fallback(models) -> None:
             assert fallback == []
         finally:
             wrapped._close()
+
+
+def test_gan_step_with_both_networks_wrapped_charges_each_network_its_own_loss(step) -> None:
+    """The documented protocol: G's loss forward *and* backward inside ``frozen(D)``."""
+    torch.manual_seed(3)
+    g_model, d_model = SynthesizerTrn(CONFIG), MultiPeriodDiscriminator(CONFIG)
+    apply_subset(g_model, SubsetSpec(kind="full"))
+    batch = step.batch.select(torch.tensor([0, 1]))
+    batch.spec, batch.wave = batch.spec.float(), batch.wave.float()
+    g = WeightNormGradSampleModule(g_model, batch_first=True, loss_reduction="sum", strict=True)
+    d = WeightNormGradSampleModule(d_model, batch_first=True, loss_reduction="sum", strict=True)
+    try:
+        out = g(batch, slice_starts=step.slice_starts[:2], posterior_noise=step.posterior_noise[:2].float())
+        with frozen(d):
+            generator_losses(d, batch, out, CONFIG)["total"].sum().backward()
+        assert all(p.grad_sample is None and p.grad is None for p in d_model.parameters())
+        assert all(p.grad_sample.shape[0] == 2 for p in g_model.parameters() if p.requires_grad)
+        discriminator_losses(d, batch, out, CONFIG).sum().backward()
+        assert all(p.grad_sample.shape[0] == 2 for p in d_model.parameters())
+    finally:
+        g._close()
+        d._close()

@@ -55,7 +55,9 @@ def generator_losses(
 ) -> dict[str, torch.Tensor]:
     """Per-sample G losses ``[B]`` by name, weighted as upstream, plus their sum under ``"total"``.
 
-    Call inside :func:`frozen` ``(discriminator)`` (see the module docstring).
+    Call inside :func:`frozen` ``(discriminator)`` and back-propagate inside the same block: an
+    Opacus-wrapped D's backward hooks fire during G's backward and fail (``No activations
+    detected``) once its hooks are enabled again.
     """
     wave, spec = real_slices(batch, out, config)
     with torch.no_grad():
