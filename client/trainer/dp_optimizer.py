@@ -18,6 +18,7 @@ what fedvox needs around the clipping:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +62,8 @@ class FedvoxDPOptimizer(DPOptimizer):
         self.loss_scale = float(loss_scale)
         self.stats = ClipStats()
         self.skipped_nonfinite_steps = 0
+        self.reset_hooks: list[Callable[[], None]] = []
+        """Called by :meth:`reset_logical_batch` (e.g. to clear the per-sample hooks' state)."""
 
     def clip_and_accumulate(self) -> None:
         grad_samples = self.grad_samples
@@ -70,10 +73,9 @@ class FedvoxDPOptimizer(DPOptimizer):
         if batch == 0:
             clip_factor = torch.zeros(0, device=device)
         else:
-            squared = torch.zeros(batch, device=device, dtype=torch.float32)
-            for g in grad_samples:
-                squared += g.reshape(batch, -1).float().pow(2).sum(dim=1)
-            norms = squared.sqrt() / self.loss_scale
+            # One fp32-accumulated pass per tensor, no full-size temporaries (bf16 ones included).
+            rows = [torch.linalg.vector_norm(g.reshape(batch, -1), dim=1, dtype=torch.float32) for g in grad_samples]
+            norms = torch.linalg.vector_norm(torch.stack(rows, dim=1), dim=1) / self.loss_scale
             finite = torch.isfinite(norms)
             clip_factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
             clip_factor = torch.where(finite, clip_factor, torch.zeros_like(clip_factor))
@@ -87,13 +89,34 @@ class FedvoxDPOptimizer(DPOptimizer):
 
         for p, g in zip(self.params, grad_samples):
             _check_processed_flag(p.grad_sample)
-            g = g.to(p.dtype)
+            g = g.to(p.dtype).reshape(batch, p.numel())
             if bad is not None:
                 # Zero the rows of non-finite samples before the weighted sum: 0 * inf is NaN.
-                g = torch.where(bad.view(-1, *([1] * (g.dim() - 1))), torch.zeros_like(g), g)
-            grad = torch.einsum("i,i...", clip_factor.to(device=g.device, dtype=p.dtype), g)
-            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+                g = torch.where(bad.unsqueeze(1), torch.zeros_like(g), g)
+            # sum_i clip_factor[i] * g[i] as one matrix-vector product (accumulated in p.dtype)
+            grad = torch.mv(g.t(), clip_factor.to(device=g.device, dtype=p.dtype)).view_as(p)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad.add_(grad)
             _mark_as_processed(p.grad_sample)
+
+    def add_noise(self) -> None:
+        """Opacus's noise draw (same generator calls, so the same noise), minus a zero-filled
+        temporary per tensor and a full-size addition."""
+        if self.secure_mode:
+            super().add_noise()
+            return
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            summed = p.summed_grad
+            if std == 0:
+                p.grad = summed.clone().view_as(p)
+            else:
+                noise = torch.normal(
+                    mean=0, std=std, size=summed.shape, device=summed.device, generator=self.generator,
+                    dtype=summed.dtype,
+                )
+                p.grad = noise.add_(summed).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
     def step(self, closure=None):
         """Clip/accumulate; on the last physical batch add noise and apply the update.
@@ -107,7 +130,8 @@ class FedvoxDPOptimizer(DPOptimizer):
                 closure()
         if not self.pre_step():
             return None
-        if not bool(torch.stack([torch.isfinite(p.grad).all() for p in self.params]).all()):
+        # NaN and inf survive a sum, so one reduction per tensor tells whether the update is finite.
+        if not bool(torch.stack([p.grad.sum() for p in self.params]).isfinite().all()):
             self.skipped_nonfinite_steps += 1
             return None
         return self.original_optimizer.step()
@@ -135,6 +159,8 @@ class FedvoxDPOptimizer(DPOptimizer):
             p.summed_grad = None
             p.grad = None
         self.stats = ClipStats()
+        for hook in self.reset_hooks:
+            hook()
 
     def take_stats(self) -> ClipStats:
         """Return and reset the statistics gathered since the last call."""

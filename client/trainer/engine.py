@@ -6,6 +6,10 @@ One *logical* batch is drawn by Poisson sampling (each utterance independently w
 per-sample gradients are clipped and summed, and noise is added once, on the last chunk. The
 split changes how a step runs, never what it computes: the same seed gives the same update for
 any physical batch size, up to floating-point summation order.
+
+Per-sample gradients come from :class:`~client.trainer.grad_sample.PrivateGradSampleModule`
+(Opacus hooks, no functorch fallback for SoVITS's weight-normed convolutions, and a backward pass
+that skips the summed gradients DP-SGD discards): call ``private.module.backward(loss)``.
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from opacus import GradSampleModule
 
 from client.trainer.dp_optimizer import FedvoxDPOptimizer
+from client.trainer.grad_sample import PrivateGradSampleModule
 from shared.errors import DeviceError
 
 log = logging.getLogger(__name__)
@@ -32,7 +36,7 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing", catego
 class PrivateModel:
     """A module wrapped for per-sample gradients and its DP optimizer."""
 
-    module: GradSampleModule
+    module: PrivateGradSampleModule
     optimizer: FedvoxDPOptimizer
 
     def close(self) -> None:
@@ -49,15 +53,17 @@ def make_private(
     expected_batch_size: float,
     noise_generator: torch.Generator,
     loss_scale: float = 1.0,
+    optimizer_class: Callable[..., FedvoxDPOptimizer] = FedvoxDPOptimizer,
 ) -> PrivateModel:
     """Wrap ``model``/``optimizer`` for DP-SGD with per-sample losses summed (``loss_reduction="sum"``).
 
     The update is ``(sum_i clip(g_i) + N(0, (noise_multiplier * clip_norm)^2)) / expected_batch_size``.
     ``noise_generator`` must be seeded from a secret in deployment: noise an adversary can
-    predict is no noise.
+    predict is no noise. ``optimizer_class`` lets the canary audit (``simulations/audit/canary``)
+    put its white-box canaries into the same DP step.
     """
-    module = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
-    dp_optimizer = FedvoxDPOptimizer(
+    module = PrivateGradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
+    dp_optimizer = optimizer_class(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=clip_norm,
@@ -66,6 +72,7 @@ def make_private(
         generator=noise_generator,
         loss_scale=loss_scale,
     )
+    dp_optimizer.reset_hooks.append(module.reset_pass_state)
     return PrivateModel(module=module, optimizer=dp_optimizer)
 
 

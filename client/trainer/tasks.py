@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from client.data.datasets import S1Dataset, S2Dataset, collate_s1, collate_s2
+from client.trainer.grad_sample import PrivateGradSampleModule
 from shared.models.batches import S1Batch, S2Batch
 from shared.models.factory import SoVITSPair
 from shared.models.s1 import Text2SemanticDecoder, s1_loss
@@ -65,8 +66,14 @@ class Task(ABC):
     def evaluate(self, dataset, indices: torch.Tensor) -> dict[str, float]:
         """Validation sums over ``indices`` of ``dataset`` (keys ending in ``_sum`` or counts)."""
 
-    def _backward(self, per_sample: torch.Tensor) -> None:
-        (per_sample.sum() * self.loss_scale).backward()
+    def _backward(self, per_sample: torch.Tensor, module: nn.Module) -> None:
+        """Back-propagate the summed (and loss-scaled) per-sample losses into ``module`` (the DP
+        engine's backward skips the summed gradients DP-SGD discards)."""
+        loss = per_sample.sum() * self.loss_scale
+        if isinstance(module, PrivateGradSampleModule):
+            module.backward(loss)
+        else:
+            loss.backward()
 
 
 class S1Task(Task):
@@ -95,7 +102,7 @@ class S1Task(Task):
         batch = self.batch(indices)
         with autocast(self.device, self.precision):
             out = s1_loss(wrapped["s1"], batch)
-        self._backward(out.per_sample)
+        self._backward(out.per_sample, wrapped["s1"])
         return {
             "loss_sum": float(out.per_sample.detach().float().sum()),
             "tokens": float(out.tokens.sum()),
@@ -177,12 +184,14 @@ class S2Task(Task):
         config = self.generator.config
         with autocast(self.device, self.precision):
             out = generator(batch, slice_starts=starts, posterior_noise=noise)
-            with frozen(discriminator):
+        # D stays frozen through G's backward too: its hooks must not fire on G's gradients.
+        with frozen(discriminator):
+            with autocast(self.device, self.precision):
                 g_losses = generator_losses(discriminator, batch, out, config)
-        self._backward(g_losses["total"])
+            self._backward(g_losses["total"], generator)
         with autocast(self.device, self.precision):
             d_loss = discriminator_losses(discriminator, batch, out, config)
-        self._backward(d_loss)
+        self._backward(d_loss, discriminator)
         sums = {f"g_{k}_sum": float(v.detach().float().sum()) for k, v in g_losses.items()}
         sums["loss_sum"] = sums["g_total_sum"]
         sums["d_loss_sum"] = float(d_loss.detach().float().sum())
