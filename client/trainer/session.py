@@ -23,10 +23,12 @@ import math
 import secrets
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from client.trainer.dp_optimizer import FedvoxDPOptimizer
 from client.trainer.engine import PrivateModel, make_private, poisson_sample, run_logical_step
 from client.trainer.monitor import TrainingMonitor, peak_memory
 from client.trainer.tasks import Task, mean_metrics
@@ -103,7 +105,8 @@ class Trainer:
 
     ``noise_seed``/``sample_seed`` make a run reproducible (tests, simulations); leave them unset
     in deployment so the noise comes from the operating system's secret randomness: noise an
-    adversary can predict protects nothing.
+    adversary can predict protects nothing. ``optimizer_class`` builds each part's DP optimizer
+    (a subclass of :class:`FedvoxDPOptimizer`; the canary audit's injects white-box canaries).
     """
 
     def __init__(
@@ -117,6 +120,7 @@ class Trainer:
         monitor: TrainingMonitor | None = None,
         noise_seed: int | None = None,
         sample_seed: int | None = None,
+        optimizer_class: Callable[..., FedvoxDPOptimizer] = FedvoxDPOptimizer,
     ) -> None:
         self.task, self.ledger, self.client_id, self.privacy = task, ledger, client_id, privacy
         self.physical_batch = physical_batch
@@ -138,6 +142,7 @@ class Trainer:
                 module, optimizer,
                 noise_multiplier=1.0, clip_norm=privacy.clip_norm, expected_batch_size=1.0,
                 noise_generator=self.noise_generator, loss_scale=task.loss_scale,
+                optimizer_class=optimizer_class,
             )
         self.wrapped = {name: p.module for name, p in self.private.items()}
 
