@@ -1,0 +1,170 @@
+"""Figure 1, DP step cost: a DP-SGD step's time over a non-private step at the same batch and precision.
+
+    python -m bench.dp_step --stage s1 --config tiny
+    python -m bench.dp_step --stage s2 --config tiny --batch 4 --tokens 50
+    python -m bench.dp_step --stage s1 --config v2 --batch 4 --phonemes 30 --tokens 90 --repeats 5
+    python -m bench.dp_step --stage s1 --config v2 --device cuda --batch 16 --phonemes 100 --tokens 250 --precision bf16
+
+Every variant runs the trainer's own step (``client.trainer.tasks``: s1 = the GPT; s2 = the
+generator/discriminator pair, as clients train it) on the same synthetic batch, one logical batch
+in one physical batch:
+
+``plain``     non-private: forward, ``loss.backward()``, AdamW;
+``opacus``    stock Opacus 1.6 hooks: ``GradSampleModule`` (SoVITS's weight-normed convolutions
+              through its functorch fallback) and ``DPOptimizer``;
+``unpruned``  fedvox's samplers and ``FedvoxDPOptimizer`` with an ordinary ``loss.backward()``
+              (isolates what skipping the summed gradients buys);
+``fedvox``    the engine as clients run it (``client.trainer.engine``).
+
+Variants are timed in turn, order rotated each repeat; ratios are of medians in this one run
+(CPU time on a CPU, wall time on CUDA). Prints a table last and writes JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+import typer
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+
+from bench.common import host, interleaved, load_average, table, timing_key, write_json
+from client.data.datasets import S1Example, S2Example
+from client.trainer.dp_optimizer import FedvoxDPOptimizer
+from client.trainer.engine import make_private, run_logical_step
+from client.trainer.tasks import S1Task, S2Task, Task
+from shared.audio import HOP_LENGTH
+from shared.cli import run_cli
+from shared.models.config import EOS, PHONEME_VOCAB
+from shared.models.factory import build_model
+from shared.models.s2 import WeightNormGradSampleModule
+from shared.models.subsets import SubsetSpec
+
+app = typer.Typer(add_completion=False)
+VARIANTS = ("plain", "opacus", "unpruned", "fedvox")
+LEARNING_RATE = 1e-5  # small: the weights barely move over the repeats
+
+
+def synthetic_dataset(stage: str, batch: int, phonemes: int, tokens: int, seed: int = 0) -> list:
+    """``batch`` utterances of exactly ``phonemes`` phonemes and ``tokens`` semantic tokens."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = PHONEME_VOCAB["v2"]
+    if stage == "s1":
+        return [S1Example(torch.randint(1, vocab, (phonemes,), generator=g), torch.randint(0, EOS, (tokens,), generator=g))
+                for _ in range(batch)]
+    return [
+        S2Example(
+            semantic_ids=torch.randint(0, EOS, (tokens,), generator=g),
+            spec=torch.rand(1025, 2 * tokens, generator=g),
+            wave=0.1 * torch.randn(1, 2 * tokens * HOP_LENGTH, generator=g),
+            phoneme_ids=torch.randint(1, vocab, (phonemes,), generator=g),
+        )
+        for _ in range(batch)
+    ]
+
+
+def build_task(stage: str, config: str, subset: str, dataset: list, device: torch.device, precision: str) -> Task:
+    model = build_model(stage, config, SubsetSpec(kind=subset), seed=0)
+    if stage == "s1":
+        return S1Task(model, dataset, device, precision)
+    return S2Task(model, dataset, device, precision)
+
+
+def step_variant(name: str, task: Task, batch: int, physical: int, device: torch.device):
+    """A callable running one training step of variant ``name`` on ``task``'s whole dataset."""
+    indices = torch.arange(batch)
+    optimizers = {part: task.optimizer(part, module, LEARNING_RATE) for part, module in task.parts().items()}
+    if name == "plain":
+        def plain() -> None:
+            for optimizer in optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+            for chunk in indices.split(physical):
+                task.accumulate(task.parts(), chunk, step_seed=0)
+            for optimizer in optimizers.values():
+                optimizer.step()
+        return plain
+
+    noise = torch.Generator(device).manual_seed(0)
+    if name == "fedvox":
+        privates = {part: make_private(module, optimizers[part], noise_multiplier=1.0, clip_norm=1.0,
+                                       expected_batch_size=batch, noise_generator=noise)
+                    for part, module in task.parts().items()}
+        wrapped = {part: p.module for part, p in privates.items()}
+        dp_optimizers = [p.optimizer for p in privates.values()]
+    else:
+        wrapper, optimizer_class = {
+            "opacus": (GradSampleModule, DPOptimizer), "unpruned": (WeightNormGradSampleModule, FedvoxDPOptimizer),
+        }[name]
+        wrapped = {part: wrapper(module, batch_first=True, loss_reduction="sum", strict=True)
+                   for part, module in task.parts().items()}
+        dp_optimizers = [optimizer_class(optimizers[part], noise_multiplier=1.0, max_grad_norm=1.0,
+                                         expected_batch_size=batch, loss_reduction="mean", generator=noise)
+                         for part in wrapped]
+
+    def private() -> None:
+        run_logical_step(indices, physical, lambda chunk: task.accumulate(wrapped, chunk, step_seed=0), dp_optimizers)
+    return private
+
+
+@app.command()
+def main(
+    stage: str = typer.Option("s1", help="s1 (GPT) or s2 (SoVITS generator + discriminator)"),
+    config: str = typer.Option("tiny", help="model config: tiny, v2, ..."),
+    subset: str = typer.Option("full", help="trainable subset: full or lora"),
+    batch: int = typer.Option(8, help="logical batch (utterances per step)"),
+    physical: int = typer.Option(0, help="physical batch (0: the whole logical batch at once)"),
+    phonemes: int = typer.Option(40, help="phonemes per utterance"),
+    tokens: int = typer.Option(150, help="semantic tokens per utterance (25 Hz; s2 spectrogram frames = 2x)"),
+    precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast, no loss scaling)"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    threads: int = typer.Option(1, help="torch CPU threads (1 gives the steadiest ratios on a shared host)"),
+    repeats: int = typer.Option(7, help="timed steps per variant"),
+    variants: str = typer.Option(",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS)),
+    out: Path = typer.Option(None, help="JSON path (default runs/bench/dp_step-<stage>-<config>-....json)"),
+) -> None:
+    logging.disable(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*(Full backward hook|Secure RNG|Using a non-full backward).*")
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    names = [v for v in variants.split(",") if v]
+    if unknown := set(names) - set(VARIANTS):
+        raise typer.BadParameter(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    facts = host(dev)
+    dataset = synthetic_dataset(stage, batch, phonemes, tokens)
+    base = build_task(stage, config, subset, dataset, dev, precision)
+    steps = {}
+    for name in names:  # every variant trains its own copy of the same initial model
+        task = copy.deepcopy(base)
+        steps[name] = step_variant(name, task, batch, physical or batch, dev)
+    timings = interleaved(steps, repeats, dev)
+    key = timing_key(dev)
+    reference = timings["plain"][key] if "plain" in timings else None
+    rows = {}
+    for name, t in timings.items():
+        rows[name] = {**t, "ratio_to_plain": t[key] / reference if reference else None}
+    trainable = sum(p.numel() for p in base.model.parameters() if p.requires_grad)
+    result = {
+        "figure": "dp_step",
+        "host": {**facts, "load_average_end": load_average()},
+        "setting": {"stage": stage, "config": config, "subset": subset, "batch": batch,
+                    "physical": physical or batch, "phonemes": phonemes, "tokens": tokens,
+                    "precision": precision, "trainable_params": trainable, "repeats": repeats,
+                    "timing": key.removesuffix("_median")},
+        "variants": rows,
+    }
+    path = write_json(result, out, f"dp_step-{stage}-{config}-{subset}-{precision}-b{batch}-{device}")
+    print(f"{stage} {config} {subset} {precision}, batch {batch} (physical {physical or batch}), "
+          f"{phonemes} phonemes + {tokens} tokens, {trainable:,} trainable, {facts['cpu']} "
+          f"{threads} thread(s), load {facts['load_average_start']:.1f} -> {load_average():.1f}; {path}")
+    print(table(
+        ("variant", "cpu s", "wall s", "x plain"),
+        [(n, r["cpu_s_median"], r["wall_s_median"], r["ratio_to_plain"] or float("nan")) for n, r in rows.items()],
+    ))
+
+
+if __name__ == "__main__":
+    run_cli(app)
