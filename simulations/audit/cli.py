@@ -1,8 +1,9 @@
 """``fedvox-audit``: check privacy ledgers without trusting the code that wrote them.
 
 ``fedvox-audit LEDGER...`` is shorthand for ``fedvox-audit ledger LEDGER...``: any first argument
-that is not a subcommand name is a ledger path, so further subcommands (the empirical canary
-audit) can join the group without changing how the ledger audit is called. Exit status: 0 when
+that is not a subcommand name is a ledger path, so further subcommands can join the group without
+changing how the ledger audit is called. ``fedvox-audit canary DATA`` trains s1 with hidden
+canaries and bounds its epsilon from below (``simulations/audit/canary``). Exit status: 0 when
 nothing is flagged, 1 when anything is, 2 on unusable input.
 """
 
@@ -17,10 +18,15 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+import torch
+
 from shared.cli import progress, run_cli, setup_logging
 from shared.errors import LedgerIntegrityError
+from shared.privacy.accounting import ACCOUNTANTS
 from shared.privacy.audit import DEFAULT_TOLERANCE, LedgerAudit, audit_ledger
 from shared.privacy.ledger import LEDGER_FILENAME
+from simulations.audit.canary import CanaryAuditSpec, run_canary_audit
+from simulations.audit.canary import report as canary_report
 from simulations.audit.plots import plot_accounts
 from simulations.audit.report import render, to_json
 
@@ -28,7 +34,8 @@ app = typer.Typer(
     name="fedvox-audit",
     help=(
         "Audit privacy budgets. `fedvox-audit LEDGER...` (short for `fedvox-audit ledger "
-        "LEDGER...`) recomputes every epsilon in the given ledgers."
+        "LEDGER...`) recomputes every epsilon in the given ledgers; `fedvox-audit canary DATA` "
+        "measures a training's privacy empirically."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -91,9 +98,7 @@ def ledger(
                 )
             )
             bar.advance(task)
-    out = Console()
-    if not out.is_terminal:  # piped: wide enough for the table, no terminal to fit
-        out = Console(width=160)
+    out = _console()
     if json_output:
         out.print_json(json.dumps(to_json(audits, delta=delta, tolerance=tolerance)))
     else:
@@ -104,6 +109,76 @@ def ledger(
             out.print(f"wrote {len(written)} plot(s) to {plot}")
     if any(audit.all_findings for audit in audits):
         raise typer.Exit(1)
+
+
+_DEFAULTS = CanaryAuditSpec()
+
+
+@app.command("canary")
+def canary(
+    data: Annotated[
+        Path, typer.Argument(help="A prepared feature cache (`fedvox-client prepare`) to train s1 on.", show_default=False)
+    ],
+    white_box: Annotated[int, typer.Option(help="Gradient canaries injected in the DP optimizer (0: none).")] = _DEFAULTS.white_box,
+    black_box: Annotated[int, typer.Option(help="Random-token s1 examples hidden in the data (0: none).")] = _DEFAULTS.black_box,
+    noise_multiplier: Annotated[float, typer.Option(help="DP-SGD noise; 0 turns DP off (the audit's control).")] = _DEFAULTS.noise_multiplier,
+    sample_rate: Annotated[float, typer.Option(help="Poisson rate for every example, data and canaries alike.")] = _DEFAULTS.sample_rate,
+    steps: Annotated[int, typer.Option(help="DP-SGD steps.")] = _DEFAULTS.steps,
+    clip_norm: Annotated[float, typer.Option(help="Per-example clip norm.")] = _DEFAULTS.clip_norm,
+    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = _DEFAULTS.learning_rate,
+    delta: Annotated[float, typer.Option(help="Delta of the accountant's epsilon and of the bound.")] = _DEFAULTS.delta,
+    confidence: Annotated[float, typer.Option(help="Confidence of the lower bound.")] = _DEFAULTS.confidence,
+    accountant: Annotated[str, typer.Option(help=f"Accountant of the run's ledger ({', '.join(ACCOUNTANTS)}).")] = _DEFAULTS.accountant,
+    model_config: Annotated[str, typer.Option(help="s1 model config (tiny, v1, v2, ...).")] = _DEFAULTS.model_config,
+    pretrained: Annotated[
+        Path | None, typer.Option(help="Start from this GPT-SoVITS s1 checkpoint instead of random weights.")
+    ] = None,
+    physical_batch: Annotated[int, typer.Option(help="Examples per forward pass (changes speed, not results).")] = _DEFAULTS.physical_batch,
+    device: Annotated[str, typer.Option(help="Torch device to train on.")] = _DEFAULTS.device,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Fix canaries, sampling and noise (default: random, reported).")] = None,
+    ledger: Annotated[
+        Path | None, typer.Option(help="Keep the audit run's privacy ledger in this folder (default: discarded).")
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the audit as JSON instead of tables.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
+) -> None:
+    """Train s1 with hidden canaries and bound its epsilon from below (one-run audit).
+
+    Each canary is IN with probability 1/2. White-box canaries add a full-norm gradient on a
+    coordinate of their own inside the DP step; black-box canaries are random-token training
+    examples. Their scores become an epsilon lower bound (Steinke, Nasr, Jagielski 2023) shown
+    beside the accountant's epsilon for the same run. Exit status 1 when a bound exceeds the
+    accountant's epsilon, or when, without noise, the white-box canaries cannot be seen.
+    """
+    setup_logging(verbose)
+    if not verbose:
+        logging.getLogger("absl").setLevel(logging.ERROR)
+    if threads:
+        torch.set_num_threads(threads)
+    spec = CanaryAuditSpec(
+        white_box=white_box, black_box=black_box, noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate, steps=steps, clip_norm=clip_norm, learning_rate=learning_rate,
+        delta=delta, confidence=confidence, accountant=accountant, model_config=model_config,
+        pretrained=str(pretrained) if pretrained else None, physical_batch=physical_batch, device=device,
+    )
+    with progress() as bar:
+        task = bar.add_task("training with canaries", total=steps)
+        audit = run_canary_audit(data, spec, seed=seed, ledger_dir=ledger, on_step=lambda: bar.advance(task))
+    out = _console()
+    if json_output:
+        out.print_json(json.dumps(canary_report.to_json(audit)))
+    else:
+        canary_report.render(audit, out)
+    if not audit.ok:
+        raise typer.Exit(1)
+
+
+def _console() -> Console:
+    out = Console()
+    if not out.is_terminal:  # piped: wide enough for the table, no terminal to fit
+        out = Console(width=160)
+    return out
 
 
 def _ledger_files(paths: list[Path]) -> list[Path]:
