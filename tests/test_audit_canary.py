@@ -101,6 +101,14 @@ def test_black_box_canaries_lose_more_loss_when_in(cache):
     assert 0 < black.bound.epsilon <= black.bound.cap
 
 
+def test_physical_batches_do_not_change_the_canary_scores(cache):
+    """Chunks of canaries alone (no backward) must release exactly what one big chunk does."""
+    spec = dict(white_box=200, noise_multiplier=1.0, sample_rate=0.3, steps=10)
+    small = run_canary_audit(cache, CanaryAuditSpec(physical_batch=3, **spec), seed=5).results[0]
+    large = run_canary_audit(cache, CanaryAuditSpec(physical_batch=256, **spec), seed=5).results[0]
+    assert torch.equal(small.scores, large.scores)
+
+
 # ---------------------------------------------------------------------- pieces
 def test_guesses_sweep_pays_for_its_multiple_tests():
     m = 1000

@@ -16,6 +16,7 @@ import math
 import secrets
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,7 +161,14 @@ class CanaryDataset(Dataset):
 class CanaryS1Task(S1Task):
     """s1's step with white-box placeholders handed to the canaries instead of the model."""
 
-    def __init__(self, model, dataset: CanaryDataset, device, precision, white_box: WhiteBoxCanaries | None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        dataset: CanaryDataset,
+        device: torch.device,
+        precision: str,
+        white_box: WhiteBoxCanaries | None,
+    ) -> None:
         super().__init__(model, dataset, device, precision)
         self.white_box = white_box
 
@@ -184,7 +192,9 @@ class _CanaryTrainer(Trainer):
 
 
 class _ProgressMonitor(TrainingMonitor):
-    def __init__(self, advance) -> None:
+    """Calls ``advance`` after every training step (the CLI's progress bar)."""
+
+    def __init__(self, advance: Callable[[], None]) -> None:
         super().__init__(None)
         self.advance = advance
 
@@ -199,7 +209,7 @@ def run_canary_audit(
     *,
     seed: int | None = None,
     ledger_dir: str | Path | None = None,
-    on_step=None,
+    on_step: Callable[[], None] | None = None,
 ) -> CanaryAudit:
     """Train s1 on the cache at ``data_dir`` with canaries, then bound epsilon from below.
 

@@ -136,8 +136,13 @@ class CanaryDPOptimizer(FedvoxDPOptimizer):
 
     def pre_step(self, closure=None):
         # A physical batch holding only white-box canaries ran no backward: it adds no data
-        # gradient, which Opacus needs spelled out as an empty batch of per-sample gradients.
+        # gradient. Before the last physical batch there is nothing to do; on the last one Opacus
+        # needs that spelled out as an empty batch of per-sample gradients to reach the noise.
         if all(getattr(p, "grad_sample", None) is None for p in self.params):
+            if self._check_skip_next_step(pop_next=False):
+                self._check_skip_next_step()
+                self._is_last_step_skipped = True
+                return False
             for p in self.params:
                 p.grad_sample = p.new_zeros((0, *p.shape))
         return super().pre_step(closure)
