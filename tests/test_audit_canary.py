@@ -22,7 +22,7 @@ from simulations.audit.canary.guesses import GUESS_FRACTIONS, one_run_bound
 from simulations.audit.canary.report import render, to_json
 from simulations.audit.canary.run import BLACK_BOX, VIOLATION, WHITE_BOX
 from simulations.audit.canary.whitebox import CanaryDPOptimizer, WhiteBoxCanaries, free_coordinates
-from simulations.audit.cli import app, route
+from simulations.audit.cli import app, main, route
 from tests.prepared import prepared_cache
 
 AUDIT = dict(white_box=1000, sample_rate=0.2, steps=40)
@@ -233,9 +233,11 @@ def test_cli_json_and_exit_status(cache, monkeypatch):
     assert "VIOLATION" in out and "audit FAILED" in out
 
 
-def test_cli_refuses_a_missing_cache(tmp_path):
-    result = invoke(str(tmp_path / "nowhere"), "--steps", "1")
-    assert result.exit_code != 0
+def test_cli_refuses_a_missing_cache_with_status_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["canary", str(tmp_path / "nowhere"), "--steps", "1"])
+    assert exit_.value.code == 2
+    assert "fedvox-client prepare" in " ".join(capsys.readouterr().err.split())
 
 
 def test_table_shows_bound_beside_accountant(dp_on, dp_off):
