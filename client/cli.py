@@ -270,6 +270,7 @@ def enroll(
 
     Only the model update and metrics leave the device; the recordings and features never do.
     """
+    import logging
     from dataclasses import asdict
 
     from client.data.cache import FeatureCache
@@ -283,6 +284,7 @@ def enroll(
     from shared.device_keys import fingerprint
 
     setup_logging(verbose)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per check otherwise
     server = parse_server(server)
     check_root_certificate(root_cert)
     data = data.expanduser().resolve()

@@ -164,7 +164,7 @@ def check_server(server: str, root_cert: Path, key: ec.EllipticCurvePrivateKey, 
     request = ActivateNodeRequest(
         public_key=public_key_to_bytes(key.public_key()), heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL
     )
-    client = FleetHttpClient.from_server_address(server, False, str(root_cert), interceptors)
+    client = FleetHttpClient.from_server_address(server, False, Path(root_cert).read_bytes(), interceptors)
     try:
         with _explained(server, root_cert):
             try:
@@ -275,22 +275,23 @@ class Supervisor:
     def _ready(self) -> bool:
         """One check against the server; waits (and returns False) when it cannot join yet."""
         e = self.enrollment
-        attempt = 0
+        unreachable, told = 0, False
         while not self.stopping.is_set():
             try:
                 node_id = check_server(e.server, e.root_cert, self.key, self.home)
                 log.info("registered as node %d; joining the federation at %s", node_id, e.server)
                 return True
             except NotRegistered as exc:
-                if attempt == 0:
+                if not told:
                     log.warning("%s. Run on the server:\n  %s", exc, register_command(self.key, e.name))
                     log.info("waiting for the registration (checking every %.0f s; Ctrl-C to stop)", REGISTRATION_POLL_S)
+                    told = True
                 self.stopping.wait(REGISTRATION_POLL_S)
             except ServerUnreachable as exc:
-                wait = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                wait = BACKOFF_S[min(unreachable, len(BACKOFF_S) - 1)]
                 log.warning("%s; retrying in %.0f s", exc, wait)
+                unreachable += 1
                 self.stopping.wait(wait)
-            attempt += 1
         return False
 
     def _supernode(self) -> int | None:

@@ -81,7 +81,7 @@ class Control:
     def __init__(self, address: str, root_certificate: Path) -> None:
         self.address = address
         self.client = ControlHttpClient.from_server_address(
-            address, False, str(root_certificate),
+            address, False, Path(root_certificate).read_bytes(),
             interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
         )
 

@@ -50,7 +50,7 @@ class FleetGateway:
 
     def __init__(self, upstream: str, upstream_ca: Path, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.upstream = f"https://{upstream}"
-        self.verify = ssl.create_default_context(cafile=str(upstream_ca))
+        self.upstream_ca = upstream_ca
         self.transport = transport  # tests replace the SuperLink
         self.client: httpx.AsyncClient | None = None
         self.refused = 0
@@ -94,8 +94,9 @@ class FleetGateway:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                verify = ssl.create_default_context(cafile=str(self.upstream_ca)) if self.transport is None else True
                 self.client = httpx.AsyncClient(
-                    base_url=self.upstream, verify=self.verify, timeout=UPSTREAM_TIMEOUT_S,
+                    base_url=self.upstream, verify=verify, timeout=UPSTREAM_TIMEOUT_S,
                     limits=httpx.Limits(max_connections=64), transport=self.transport,
                 )
                 await send({"type": "lifespan.startup.complete"})
@@ -115,7 +116,7 @@ class GatewayServer:
         self.gateway, self.host, self.port = gateway, host, port
         config = uvicorn.Config(
             gateway, host=host, port=port, ssl_certfile=str(certfile), ssl_keyfile=str(keyfile),
-            log_config=None, access_log=False, lifespan="on", timeout_keep_alive=30,
+            log_config=None, access_log=False, lifespan="on", ws="none", timeout_keep_alive=30,
             h11_max_incomplete_event_size=64 * 1024,
         )
         self.server = uvicorn.Server(config)

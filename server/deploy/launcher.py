@@ -95,6 +95,7 @@ class ServerProcess:
         self.statuses: dict[int, str] = {}
         self.names: dict[int, str] = {}
         self.rounds_logged = 0
+        self.log_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ checks
     def check(self) -> None:
@@ -145,7 +146,8 @@ class ServerProcess:
                 self.config.num_server_rounds, self.config.min_clients,
                 "resuming" if self.resume else "starting", self.home.run_dir,
             )
-            threading.Thread(target=self._stream_serverapp_log, name="serverapp-log", daemon=True).start()
+            self.log_thread = threading.Thread(target=self._stream_serverapp_log, name="serverapp-log", daemon=True)
+            self.log_thread.start()
             return self._watch()
         except KeyboardInterrupt:
             log.info("interrupted: stopping (continue later with --resume)")
@@ -262,6 +264,7 @@ class ServerProcess:
                 continue
             self._report_rounds()
             if state.status == FINISHED:
+                self.log_thread.join(timeout=15)  # the ServerApp's last words (why it stopped)
                 return self._finished(state)
 
     def _report_nodes(self, nodes: list[Node]) -> None:
