@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import click
 import typer
 
 from shared.cli import run_cli, setup_logging
@@ -61,6 +62,84 @@ def speakers(
         f"speaker-ID check: {accuracy}\n"
         f"manifest: {Path(out) / 'manifest.json'}"
     )
+
+
+@app.command()
+def run(
+    out: Path = typer.Option(..., "--out", help="Output folder: new, empty, or an earlier run's (to continue it)."),
+    speakers: int | None = typer.Option(None, "--speakers", help="Synthetic speakers, one client each (default: 8)."),
+    rounds: int | None = typer.Option(None, "--rounds", help="Federated rounds (default: 3)."),
+    stage: str | None = typer.Option(None, "--stage", help="s1 (GPT) or s2 (SoVITS) (default: s1)."),
+    fleet: str | None = typer.Option(
+        None, "--fleet", help="Device fleet: mixed, uniform-cpu, or a fleet .toml file (default: mixed)."),
+    epsilon: float | None = typer.Option(
+        None, "--epsilon", help="Target utterance-level epsilon per client over the run; 0: use "
+                                "dp.noise-multiplier (default: 8)."),
+    speaker_dp: bool | None = typer.Option(
+        None, "--speaker-dp/--no-speaker-dp", help="Speaker-level DP-FedAvg on the server (default: off)."),
+    clients_per_round: int | None = typer.Option(
+        None, "--clients-per-round", help="At most this many clients train a round; 0: all (default: 10)."),
+    utterances: int | None = typer.Option(None, "--utterances", help="Training utterances per speaker (default: 20)."),
+    lang: str | None = typer.Option(None, "--lang", help="en, zh or mix (default: mix)."),
+    seed: int | None = typer.Option(None, "--seed", help="Speakers, fleet, dropouts and sampling (default: 0)."),
+    local_baselines: int | None = typer.Option(
+        None, "--local-baselines", help="Clients that also train alone, as a baseline (default: 8)."),
+    central_baseline: bool | None = typer.Option(
+        None, "--central-baseline/--no-central-baseline", help="Also train a non-private central model (default: on)."),
+    scenario: Path | None = typer.Option(
+        None, "--scenario", help="Scenario TOML: the speakers and one or more runs (simulations/scenarios/)."),
+    run_config: list[str] = typer.Option(
+        [], "--run-config", help="Run-configuration overrides, as for flwr run: \"local-steps=3 logical-batch=4\"."),
+    speakers_dir: Path | None = typer.Option(
+        None, "--speakers-dir", help="Use these `fedvox-sim speakers` speakers instead of generating them."),
+    workers: int | None = typer.Option(
+        None, "--workers", min=1, help="ClientApps training at once on this machine (default: usable CPUs)."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="Run the clients on this Ray cluster (e.g. auto) instead of a local one."),
+) -> None:
+    """Simulate a federation of synthetic speakers on a device fleet and write OUT/report.md."""
+    from simulations.runner import simulate
+    from simulations.scenario import build_scenario
+
+    config = _parse_run_config(run_config)
+    plan = build_scenario(
+        scenario,
+        speakers={"n_speakers": speakers, "utterances": utterances, "language": lang, "seed": seed},
+        run={"rounds": rounds, "stage": stage, "fleet": fleet, "epsilon": epsilon, "speaker_dp": speaker_dp,
+             "clients_per_round": clients_per_round, "seed": seed, "local_baselines": local_baselines,
+             "central_baseline": central_baseline, "config": config or None},
+    )
+    if speakers_dir is not None and speakers is None and scenario is None:
+        from simulations.features import client_speakers, read_manifest
+
+        plan = _with_speakers(plan, len(client_speakers(read_manifest(speakers_dir))))
+    report = simulate(plan, out, speakers_dir=speakers_dir, workers=workers, ray_address=ray_address)
+    typer.echo(f"report: {report}")
+
+
+@app.command()
+def report(out: Path = typer.Argument(..., help="A `fedvox-sim run` output folder.")) -> None:
+    """Rebuild OUT/report.md and its plots from a simulation's files."""
+    from simulations.report import write_report
+
+    typer.echo(f"report: {write_report(out)}")
+
+
+def _parse_run_config(values: list[str]) -> dict:
+    from flwr.common.config import parse_config_args
+
+    from shared.errors import ConfigError
+
+    try:
+        return parse_config_args(values) if values else {}
+    except (ValueError, click.ClickException) as exc:
+        raise ConfigError(f"--run-config {' '.join(values)!r}: {getattr(exc, 'message', exc)}") from None
+
+
+def _with_speakers(plan, n: int):
+    from dataclasses import replace
+
+    return replace(plan, speakers=replace(plan.speakers, n_speakers=n))
 
 
 def main() -> None:

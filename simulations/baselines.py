@@ -1,0 +1,161 @@
+"""Baselines a federated run is judged against, scored per round like the global model.
+
+- **Local only** (:func:`local_baseline`): a client trains alone on its own recordings with the
+  same utterance-level privacy as in the federation (``client.trainer.local.train_local``: same
+  noise calibration, sample rate, steps and device profile), for as many steps as it would have
+  trained in all rounds. Does federating help a speaker beyond what it can do alone?
+- **Centralised, non-private** (:func:`central_baseline`): one model trained on the union of
+  the clients' training utterances without clipping or noise, for the same number of steps,
+  each on as many examples as a round's participants process together. What do privacy and
+  federation cost against pooling the data?
+
+Each baseline runs in its own process (one job per client), with the torch threads its profile
+sets, and returns its per-round losses as plain data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import ConcatDataset
+
+from client.device import probe
+from client.profiles import ProfileOverrides, select_profile
+from client.trainer.local import LocalTrainingSpec, build_task, datasets, train_local
+from client.trainer.session import PrivacyPlan
+from shared.atomic import atomic_write_text
+from shared.models.factory import build_model
+from shared.models.subsets import trainable_state_dict
+from shared.privacy.ledger import Ledger
+from shared.runconfig import RunConfig
+from simulations.evaluation import Evaluator, subset_spec
+from simulations.features import heldout_by_speaker
+
+log = logging.getLogger(__name__)
+
+VALIDATION_FRACTION = 0.1
+"""The share of a client's utterances it keeps out of training (``client.app`` uses the same)."""
+
+
+@dataclass(frozen=True)
+class LocalJob:
+    """One client's local-only baseline."""
+
+    partition: int
+    speaker: str
+    data: Path  # a clone of the client's features with its own identity and ledger
+    out: Path
+    config: RunConfig
+    rounds: int
+    overrides: dict[str, Any]  # the client's profile.* settings in the federation
+    unseen: Path | None
+    seen: Path
+    seed: int
+
+
+@dataclass(frozen=True)
+class CentralJob:
+    """The non-private centralised baseline."""
+
+    caches: tuple[Path, ...]
+    out: Path
+    config: RunConfig
+    rounds: int
+    examples_per_step: int
+    threads: int
+    seen: Path
+    unseen: Path | None
+    seed: int
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def privacy_plan(config: RunConfig, budget_epsilon: float) -> PrivacyPlan:
+    """The utterance-level DP-SGD plan a client follows under ``config`` (as ``client.app``)."""
+    dp = config.dp
+    return PrivacyPlan(
+        clip_norm=dp.clip_norm, delta=dp.delta, budget_epsilon=budget_epsilon,
+        noise_multiplier=None if dp.target_epsilon > 0 else dp.noise_multiplier,
+        target_epsilon=dp.target_epsilon if dp.target_epsilon > 0 else None,
+    )
+
+
+def local_baseline(job: LocalJob) -> dict[str, Any]:
+    """Train one client alone for ``rounds * local-steps`` steps; score it after each round's worth."""
+    started = time.perf_counter()
+    config = job.config
+    spec = subset_spec(config)
+    profile = select_profile(probe(), config.stage, config.model_config, spec,
+                             ProfileOverrides.from_mapping(job.overrides), logical_batch=config.logical_batch)
+    training = LocalTrainingSpec(
+        stage=config.stage, model_config=config.model_config, subset=config.subset, lora_rank=config.lora_rank,
+        lora_alpha=config.lora_alpha, steps=job.rounds * config.local_steps, logical_batch=config.logical_batch,
+        learning_rate=config.learning_rate, checkpoint_every=config.local_steps, model_seed=config.model_seed,
+        pretrained=config.pretrained or None, validation_fraction=VALIDATION_FRACTION,
+        privacy=privacy_plan(config, config.client_budget_epsilon),
+    )
+    summary = train_local(job.data, job.out, training, profile, seed=job.seed, show_progress=False,
+                          keep_checkpoints=job.rounds)
+    seen = heldout_by_speaker(config.stage, job.seen)
+    evaluator = Evaluator(config, {"seen": {job.speaker: seen[job.speaker]} if job.speaker in seen else {},
+                                   "unseen": heldout_by_speaker(config.stage, job.unseen)})
+    losses = {}
+    for r in range(1, job.rounds + 1):
+        checkpoint = torch.load(job.out / "checkpoints" / f"step-{r * config.local_steps:08d}.pt",
+                                map_location="cpu", weights_only=True)
+        losses[r] = evaluator.losses(checkpoint["state"])
+    with Ledger(job.data) as ledger:
+        epsilons = [row.epsilon for row in ledger.rows(summary["client_id"], "utterance")]
+    return {"partition": job.partition, "speaker": job.speaker, "losses": losses, "epsilon": epsilons,
+            "profile": profile.name, "seconds": time.perf_counter() - started}
+
+
+def central_baseline(job: CentralJob) -> dict[str, Any]:
+    """Non-private training on every client's training split; scored every ``local-steps`` steps."""
+    started = time.perf_counter()
+    config = job.config
+    torch.manual_seed(job.seed)
+    union = ConcatDataset([datasets(config.stage, cache, VALIDATION_FRACTION)[0] for cache in job.caches])
+    overrides = ProfileOverrides.from_mapping({**job.overrides, "profile.precision": "fp32",
+                                               "profile.threads": job.threads})
+    profile = select_profile(probe(), config.stage, config.model_config, subset_spec(config), overrides,
+                             logical_batch=job.examples_per_step)
+    model = build_model(config.stage, config.model_config, subset_spec(config), seed=config.model_seed,
+                        pretrained=config.pretrained or None)
+    task = build_task(config.stage, model, union, profile)
+    parts = task.parts()
+    optimizers = [task.optimizer(name, module, config.learning_rate) for name, module in parts.items()]
+    evaluator = Evaluator(config, {"seen": heldout_by_speaker(config.stage, job.seen),
+                                   "unseen": heldout_by_speaker(config.stage, job.unseen)})
+    sampler = torch.Generator().manual_seed(job.seed)
+    losses, train_loss = {}, []
+    for step in range(1, job.rounds * config.local_steps + 1):
+        indices = torch.randperm(len(union), generator=sampler)[: job.examples_per_step]
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for chunk in indices.split(profile.physical_batch):
+            for key, value in task.accumulate(parts, chunk, step).items():
+                sums[key] = sums.get(key, 0.0) + value
+        for module in parts.values():  # the summed per-example losses become a mean
+            for param in module.parameters():
+                if param.grad is not None:
+                    param.grad /= len(indices)
+        for optimizer in optimizers:
+            optimizer.step()
+        train_loss.append(sums.get("loss_sum", 0.0) / max(len(indices), 1))
+        if step % config.local_steps == 0:
+            losses[step // config.local_steps] = evaluator.losses(trainable_state_dict(model))
+    result = {"losses": losses, "train_loss": train_loss, "examples_per_step": job.examples_per_step,
+              "steps": job.rounds * config.local_steps, "examples": len(union),
+              "seconds": time.perf_counter() - started}
+    atomic_write_text(job.out / "summary.json", json.dumps(result, indent=1) + "\n")
+    return result
+
+
+__all__ = ["CentralJob", "LocalJob", "central_baseline", "local_baseline", "privacy_plan"]

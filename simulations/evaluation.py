@@ -1,0 +1,71 @@
+"""Validation loss of a model's trainable subset on held-out speakers, the way clients compute it.
+
+The simulator holds every speaker's held-out utterances, so the global model of each round (and
+each baseline) is scored centrally on the same utterances: the clients' own held-out ones
+(*seen* speakers, whose training data the federation used) and those of speakers no client has
+(*unseen*). The loss is the stage's headline validation loss, as ``client.app`` reports it: s1
+cross-entropy per semantic token, s2 mel-reconstruction + KL per utterance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch.utils.data import Dataset
+
+from client.trainer.tasks import S1Task, S2Task, Task, mean_metrics
+from shared.models.factory import build_model
+from shared.models.subsets import SubsetSpec, load_trainable_state_dict
+from shared.runconfig import RunConfig
+
+EVAL_BATCH = 8
+
+Heldout = Mapping[str, Mapping[str, Dataset]]
+"""Held-out datasets by group (``seen``, ``unseen``) and speaker."""
+
+
+def headline_loss(metrics: Mapping[str, float], stage: str) -> float:
+    """The stage's validation loss (the ClientApp's ``val-loss``)."""
+    return metrics["loss_per_token"] if stage == "s1" else metrics["loss"]
+
+
+def subset_spec(config: RunConfig) -> SubsetSpec:
+    return SubsetSpec(kind=config.subset, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha)
+
+
+class Evaluator:
+    """Scores trainable subsets of the run's model on held-out datasets (CPU, fp32)."""
+
+    def __init__(self, config: RunConfig, heldout: Heldout) -> None:
+        self.stage = config.stage
+        self.heldout = heldout
+        model = build_model(config.stage, config.model_config, subset_spec(config), seed=config.model_seed,
+                            pretrained=config.pretrained or None)
+        first = next(d for sets in heldout.values() for d in sets.values())
+        cpu = torch.device("cpu")
+        self.task: Task = S1Task(model, first, cpu) if self.stage == "s1" else S2Task(model, first, cpu)
+
+    @torch.no_grad()
+    def losses(self, state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+        """``{group: {speaker: loss}}`` of the model with trainable subset ``state``."""
+        load_trainable_state_dict(self.task.model, state)
+        out: dict[str, dict[str, float]] = {}
+        for group, sets in self.heldout.items():
+            out[group] = {}
+            for speaker, dataset in sets.items():
+                sums: dict[str, float] = {}
+                for chunk in torch.arange(len(dataset)).split(EVAL_BATCH):
+                    for key, value in self.task.evaluate(dataset, chunk).items():
+                        sums[key] = sums.get(key, 0.0) + value
+                out[group][speaker] = headline_loss(mean_metrics(sums, self.stage), self.stage)
+        return out
+
+
+def mean_loss(losses: Mapping[str, float], speakers: list[str] | None = None) -> float | None:
+    """Mean over speakers (each counts once), optionally only ``speakers``; None if none."""
+    values = [v for s, v in losses.items() if speakers is None or s in speakers]
+    return sum(values) / len(values) if values else None
+
+
+__all__ = ["EVAL_BATCH", "Evaluator", "headline_loss", "mean_loss", "subset_spec"]

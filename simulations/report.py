@@ -1,0 +1,532 @@
+"""The simulation report: ``OUT/report.md``, ``OUT/plots/*.png`` and ``OUT/summary.json``.
+
+Built from the files a simulation leaves on disk (``simulations.runner`` lists them), never from
+memory, so ``fedvox-sim report OUT`` can rebuild it. For each run: utility (validation loss per
+round of the global model on seen and unseen speakers, beside the local-only and centralised
+baselines), privacy (epsilon per client and unit, from the ledgers themselves), the fleet
+(devices, profiles, measured step times and memory, simulated against real round times, bytes,
+dropouts, stragglers and rejects) and the synthesised sample. With several runs, a comparison
+and a privacy-utility plot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.atomic import atomic_write_text
+from shared.errors import ConfigError
+from shared.privacy.ledger import Ledger, ledger_file
+from shared.runconfig import RunConfig
+from simulations import plots
+from simulations.evaluation import mean_loss
+from simulations.fleet_app import read_events
+
+log = logging.getLogger(__name__)
+
+MARKER = "simulation.json"
+LOSS_NAMES = {"s1": "cross-entropy per semantic token", "s2": "mel L1 + KL per utterance"}
+
+
+@dataclass
+class RunData:
+    """Everything on disk about one run."""
+
+    name: str
+    folder: Path
+    spec: dict[str, Any]
+    config: RunConfig
+    completed: int
+    calibration: dict[str, Any]  # the target epsilon and the noise multiplier that meets it (if any)
+    timings: dict[str, float]
+    peak_rss: int
+    fleet: dict[str, Any]
+    clients: list[dict[str, Any]]
+    metrics: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    evaluation: dict[str, Any]
+    utterance_epsilon: dict[int, dict[int, float]]  # partition -> round -> cumulative epsilon
+    speaker_epsilon: dict[int, dict[int, float]]
+    sample: dict[str, Any] | None
+
+
+def load_run(folder: Path) -> RunData:
+    """Read one run folder (``simulations.runner`` layout)."""
+    run = _json(folder / "run.json")
+    fleet = _json(folder / "fleet.json")
+    metrics_path = folder / "server" / "metrics.jsonl"
+    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
+        if metrics_path.is_file() else []
+    partitions = {}
+    for client in fleet["clients"]:
+        identity = folder / "clients" / f"client-{client['partition']}" / "identity.json"
+        if identity.is_file():
+            partitions[json.loads(identity.read_text())["client_id"]] = client["partition"]
+    sample_path = folder / "sample" / "sample.json"
+    return RunData(
+        name=folder.name, folder=folder, spec=run["spec"], config=RunConfig.from_flat(run["run-config"]),
+        completed=run["completed-rounds"], calibration=run.get("calibration", {}), timings=run["timings-s"], peak_rss=run["peak-rss-bytes"],
+        fleet=fleet, clients=fleet["clients"], metrics=metrics, events=read_events(folder / "events"),
+        evaluation=_json(folder / "evaluation.json"),
+        utterance_epsilon=_epsilons([folder / "clients" / f"client-{p}" for p in partitions.values()],
+                                    "utterance", partitions),
+        speaker_epsilon=_epsilons([folder / "server"], "speaker", partitions),
+        sample=_json(sample_path) if sample_path.is_file() else None,
+    )
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path} ({exc}); run the simulation again to complete it") from None
+
+
+def _epsilons(folders: Iterable[Path], unit: str, partitions: Mapping[str, int]) -> dict[int, dict[int, float]]:
+    """Cumulative epsilon after each round, per partition, from the ledgers themselves."""
+    out: dict[int, dict[int, float]] = defaultdict(dict)
+    for folder in folders:
+        if not ledger_file(folder).is_file():
+            continue
+        with Ledger(folder) as ledger:
+            for row in ledger.rows(unit=unit):
+                if row.client_id in partitions:
+                    out[partitions[row.client_id]][row.round] = row.epsilon
+    return dict(out)
+
+
+# ---------------------------------------------------------------------- derived figures
+def outcome(event: Mapping[str, Any]) -> str:
+    """``ok``, ``straggler``, ``dropout``, ``refused`` or ``error``."""
+    return "refused" if event["outcome"].startswith("refused") else event["outcome"]
+
+
+def outcome_counts(events: Iterable[Mapping[str, Any]]) -> dict[int, Counter]:
+    counts: dict[int, Counter] = defaultdict(Counter)
+    for event in events:
+        counts[event["round"]][outcome(event)] += 1
+    return dict(counts)
+
+
+def simulated_round_times(events: Iterable[Mapping[str, Any]], round_timeout: float) -> dict[int, float]:
+    """The fleet's simulated time per round: the slowest accepted client, or the deadline when
+    a selected client dropped out or straggled (the server waits for it until then; without a
+    deadline, until the round timeout). Refusals and errors answer at once."""
+    by_round: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
+    for event in events:
+        by_round[event["round"]].append(event)
+    times = {}
+    for r, round_events in by_round.items():
+        deadlines = [e["deadline-s"] for e in round_events if e.get("deadline-s") is not None]
+        deadline = max(deadlines) if deadlines else round_timeout
+        accepted = [e["simulated-s"] for e in round_events if e["outcome"] == "ok"]
+        late = any(outcome(e) in ("straggler", "dropout") for e in round_events)
+        times[r] = max([*accepted, deadline if late else 0.0])
+    return times
+
+
+def carried(epsilons: Mapping[int, float], last_round: int) -> dict[int, float]:
+    """Cumulative epsilon at every round from 0 to ``last_round`` (unchanged in rounds without a release)."""
+    out, value = {}, 0.0
+    for r in range(last_round + 1):
+        value = epsilons.get(r, value)
+        out[r] = value
+    return out
+
+
+def _per_round_bytes(events: Iterable[Mapping[str, Any]]) -> dict[int, tuple[float, float]]:
+    sums: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
+    for e in events:
+        if "bytes-down" in e:
+            s = sums[e["round"]]
+            s[0] += e["bytes-down"]
+            s[1] += e["bytes-up"]
+            s[2] += 1
+    return {r: (s[0] / s[2], s[1] / s[2]) for r, s in sums.items() if s[2]}
+
+
+def _losses_by_round(rounds: Mapping[str, Any], group: str, speakers: list[str] | None = None) -> dict[int, float]:
+    return {int(r): mean_loss(v.get(group, {}), speakers) for r, v in rounds.items()}
+
+
+def loss_series(run: RunData) -> dict[str, dict[str, dict[int, float]]]:
+    """``{group: {model: {round: mean loss over speakers}}}`` for the plot and tables.
+
+    The local-only line on *seen* speakers is each baseline client's model on its own held-out
+    utterances, so the global line beside it is taken over the same speakers.
+    """
+    evaluation = run.evaluation
+    local = evaluation.get("local") or []
+    local_speakers = [entry["speaker"] for entry in local]
+    initial = evaluation["global"].get("0", {})
+    curves: dict[str, dict[str, dict[int, float]]] = {"seen": {}, "unseen": {}}
+    for group in curves:
+        curves[group]["global (federated)"] = _losses_by_round(evaluation["global"], group)
+        if local:
+            if group == "seen" and set(local_speakers) != set(initial.get("seen", {})):
+                curves[group]["global, on the local-baseline speakers"] = _losses_by_round(
+                    evaluation["global"], group, local_speakers)
+            per_round: dict[int, list[float]] = defaultdict(list)
+            for entry in local:
+                for r, losses in entry["losses"].items():
+                    if (value := mean_loss(losses.get(group, {}))) is not None:
+                        per_round[int(r)].append(value)
+            start = mean_loss(initial.get(group, {}), local_speakers if group == "seen" else None)
+            curves[group]["local only (same privacy)"] = {0: start, **{r: sum(v) / len(v) for r, v in per_round.items()}}
+        if evaluation.get("central"):
+            start = mean_loss(initial.get(group, {}))
+            curves[group]["centralised, non-private"] = {0: start, **_losses_by_round(
+                evaluation["central"]["losses"], group)}
+    return {g: {k: v for k, v in c.items() if any(x is not None for x in v.values())} for g, c in curves.items()}
+
+
+# ---------------------------------------------------------------------- markdown
+def _table(header: list[str], rows: Iterable[Iterable[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def _mib(value: float | None) -> str:
+    return "–" if not value else f"{value / 2**20:,.0f} MiB"
+
+
+def run_section(run: RunData, out: Path) -> tuple[str, dict[str, Any]]:
+    """The markdown section of one run and its summary numbers."""
+    config, spec = run.config, run.spec
+    plot_dir = out / "plots"
+    classes = {c["partition"]: c["class"] for c in run.clients}
+    curves = loss_series(run)
+    loss_png = plots.loss_curves(plot_dir / f"{run.name}-loss.png", curves, LOSS_NAMES[config.stage])
+    eps_png = plots.epsilon_curves(
+        plot_dir / f"{run.name}-epsilon.png",
+        {f"client-{p}": carried(v, run.completed) for p, v in run.utterance_epsilon.items()},
+        {f"client-{p}": carried(v, run.completed) for p, v in run.speaker_epsilon.items()},
+        {f"client-{p}": c for p, c in classes.items()},
+    )
+    sim_times = simulated_round_times(run.events, config.round_timeout)
+    real_times = {m["round"]: m["round-time-s"] for m in run.metrics}
+    counts = outcome_counts(run.events)
+    step_times: dict[str, list[float]] = defaultdict(list)
+    for e in run.events:
+        if "step-time-s" in e:
+            step_times[e["class"]].append(e["step-time-s"])
+    bytes_per_client = _per_round_bytes(run.events)
+    system_png = plots.system(plot_dir / f"{run.name}-system.png", step_times,
+                              {r: (sim_times.get(r, 0.0), real_times.get(r, 0.0)) for r in real_times},
+                              bytes_per_client, counts) if run.events else None
+
+    seen, unseen = curves["seen"].get("global (federated)", {}), curves["unseen"].get("global (federated)", {})
+    final = run.completed
+    summary = {
+        "rounds": final, "seen-loss": {"initial": seen.get(0), "final": seen.get(final)},
+        "unseen-loss": {"initial": unseen.get(0), "final": unseen.get(final)},
+        "epsilon-utterance-max": max((max(v.values()) for v in run.utterance_epsilon.values()), default=None),
+        "epsilon-speaker-max": max((max(v.values()) for v in run.speaker_epsilon.values()), default=None),
+        "simulated-time-s": sum(sim_times.values()), "federation-real-s": run.timings.get("federation"),
+        "timings-s": run.timings, "peak-rss-bytes": run.peak_rss, "target-epsilon": run.calibration.get("target-epsilon"),
+        "baselines": {model: {g: curves[g].get(model, {}).get(final) for g in curves}
+                      for model in ("local only (same privacy)", "centralised, non-private",
+                                    "global, on the local-baseline speakers")},
+    }
+
+    parts = [f"## Run `{run.name}`", "", _overview(run), ""]
+    if run.completed < config.num_server_rounds:
+        parts += [f"**The federation stopped after round {run.completed} of {config.num_server_rounds}** "
+                  "(see the log: usually every client's privacy budget was spent, or too few clients were "
+                  "eligible).", ""]
+    parts += ["### Utility", "", f"![validation loss]({loss_png.relative_to(out)})", "",
+              _utility_table(curves, final), "", _utility_notes(run), ""]
+    parts += ["### Privacy", "", f"![epsilon]({eps_png.relative_to(out)})", "", _privacy_text(run), "",
+              _privacy_table(run, classes), ""]
+    parts += ["### Fleet and system", ""]
+    if system_png:
+        parts += [f"![system]({system_png.relative_to(out)})", ""]
+    parts += [_fleet_text(run), "", _class_table(run, step_times), "", _round_table(run, sim_times, real_times,
+                                                                                     counts, bytes_per_client), ""]
+    parts += [_timing_text(run, sim_times), ""]
+    if run.sample:
+        parts += ["### Sample", "", _sample_text(run, out), ""]
+    return "\n".join(parts), summary
+
+
+def _overview(run: RunData) -> str:
+    c, spec = run.config, run.spec
+    cal = run.calibration
+    dp = (f"target utterance-level epsilon {cal['target-epsilon']:g} per client over the run: noise multiplier "
+          f"{c.dp.noise_multiplier:.4g}, calibrated once for the client with the fewest training utterances "
+          f"({cal['smallest-client']}, sample rate {cal['sample-rate']:.3g}, {cal['steps']} steps)"
+          if cal else f"noise multiplier {c.dp.noise_multiplier:g}")
+    speaker = (f"speaker-level DP-FedAvg on (noise multiplier {c.speaker_dp.noise_multiplier:g}, clip "
+               f"{c.speaker_dp.clip_norm:g})" if c.speaker_dp.enabled else "speaker-level DP off")
+    return (
+        f"{len(run.clients)} clients ({run.fleet['fleet']['name']} fleet, seed {spec['seed']}), "
+        f"{c.num_server_rounds} rounds of {c.stage} `{c.model_config}` ({c.subset}"
+        f"{f' r={c.lora_rank}' if c.subset == 'lora' else ''}), up to "
+        f"{c.clients_per_round or len(run.clients)} clients per round, {c.local_steps} local DP-SGD steps of "
+        f"logical batch {c.logical_batch}, learning rate {c.learning_rate:g}, {c.aggregation}; DP-SGD: {dp}, "
+        f"clip {c.dp.clip_norm:g}, delta {c.dp.delta:g}, budget {c.client_budget_epsilon:g}; {speaker}."
+    )
+
+
+def _utility_table(curves, final: int) -> str:
+    rows = []
+    for model in dict.fromkeys(m for g in curves.values() for m in g):
+        seen, unseen = curves["seen"].get(model, {}), curves["unseen"].get(model, {})
+        rows.append([model, seen.get(0), seen.get(final), unseen.get(0), unseen.get(final)])
+    return _table(["model", "seen, round 0", f"seen, round {final}", "unseen, round 0", f"unseen, round {final}"],
+                  rows)
+
+
+def _utility_notes(run: RunData) -> str:
+    local = run.evaluation.get("local") or []
+    central = run.evaluation.get("central")
+    notes = [
+        f"Loss: {LOSS_NAMES[run.config.stage]} on held-out utterances, the mean over speakers (each counts "
+        "once); lower is better. *Seen* speakers are the clients (utterances they never trained on), *unseen* "
+        "speakers took no part. Round 0 is the initial model.",
+    ]
+    if local:
+        notes.append(
+            f"*Local only*: {len(local)} client(s) ({', '.join('client-' + str(e['partition']) for e in local)}) "
+            "each trained alone with the same DP-SGD (same target epsilon, sample rate and device profile) "
+            f"for {run.config.local_steps} steps per round; on seen speakers each is scored on its own voice, "
+            "next to the global model on the same speakers."
+        )
+    if central:
+        notes.append(
+            f"*Centralised, non-private*: one model on all {central['examples']} clients' training utterances, "
+            f"{central['steps']} AdamW steps of {central['examples_per_step']} examples (as many as a round's "
+            "participants process together), no clipping and no noise."
+        )
+    return "\n".join(f"- {n}" for n in notes)
+
+
+def _privacy_text(run: RunData) -> str:
+    c = run.config
+    text = [
+        "- *Utterance level* (every client, Opacus DP-SGD): protects each recording within a client's data; "
+        "epsilon is read from each client's own ledger "
+        f"(`runs/{run.name}/clients/client-<p>/privacy_ledger.sqlite`).",
+    ]
+    if c.speaker_dp.enabled:
+        text.append(
+            "- *Speaker level* (server, DP-FedAvg): protects whether a speaker took part at all; every eligible "
+            "speaker is charged every round (`runs/{name}/server/privacy_ledger.sqlite`). With this few "
+            "clients per round its noise is large against the mean update, and epsilon is high: it needs "
+            "hundreds of clients per round to be useful.".format(name=run.name)
+        )
+    else:
+        text.append("- *Speaker level*: off (`--speaker-dp` turns on DP-FedAvg on the server).")
+    text.append("- Audit every ledger with `fedvox-audit` (recomputes each epsilon from the recorded mechanisms).")
+    return "\n".join(text)
+
+
+def _privacy_table(run: RunData, classes: Mapping[int, str]) -> str:
+    rows = []
+    for client in run.clients:
+        p = client["partition"]
+        utter = run.utterance_epsilon.get(p, {})
+        speaker = run.speaker_epsilon.get(p, {})
+        rows.append([f"client-{p}", classes[p], len(utter), max(utter.values()) if utter else 0.0,
+                     max(speaker.values()) if speaker else None])
+    return _table(["client", "device class", "releases", "utterance epsilon", "speaker epsilon"], rows)
+
+
+def _fleet_text(run: RunData) -> str:
+    fleet = run.fleet["fleet"]
+    host = run.fleet["host"]
+    deadline = (f"rounds close at {fleet['deadline-factor']:g}x the median client's time for the same work"
+                if fleet["deadline-factor"] else "no round deadline")
+    facts = host["facts"]
+    return (
+        f"Fleet `{fleet['name']}`: {fleet['description'] or 'custom'}; {deadline}. Each client runs on this host "
+        f"({facts['cpu_name'] or facts['device_name']}, {facts['physical_cores']} cores; {host['workers']} "
+        f"ClientApps at a time with {host['threads']} torch thread(s) each) with its simulated device's "
+        "physical batch and checkpointing, and its precision where the host has it natively. Simulated times "
+        "divide the measured compute by the device's assumed speed (relative to this host) and add the "
+        "transfer time of the measured bytes over the device's assumed link: they are a model, the real "
+        "times beside them are measurements."
+    )
+
+
+def _class_table(run: RunData, step_times: Mapping[str, list[float]]) -> str:
+    by_class: dict[str, list[dict]] = defaultdict(list)
+    for client in run.clients:
+        by_class[client["class"]].append(client)
+    sims: dict[str, list[float]] = defaultdict(list)
+    rss: dict[str, int] = defaultdict(int)
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for e in run.events:
+        counts[e["class"]][outcome(e)] += 1
+        if "simulated-s" in e:
+            sims[e["class"]].append(e["simulated-s"])
+        rss[e["class"]] = max(rss[e["class"]], e.get("peak-rss-bytes", 0))
+    profiles, measured = [], []
+    for name, members in sorted(by_class.items()):
+        c = members[0]
+        ran_as = c["host"].get("precision", "–") + (" *" if c["host-note"] else "")
+        profiles.append([
+            name, c["device"], len(members), c["speed"], c["dropout"], c["profile"], c["physical-batch"],
+            c["precision"], ran_as, "on" if c["checkpointing"] else "off", _mib(c["planned-memory-bytes"]),
+        ])
+        measured.append([
+            name, statistics.median(step_times[name]) if step_times.get(name) else None, _mib(rss.get(name)),
+            statistics.median(sims[name]) if sims.get(name) else None,
+            ", ".join(f"{k} {v}" for k, v in sorted(counts[name].items())) or "never selected",
+        ])
+    notes = sorted({f"{c['class']}: {c['host-note']}" for c in run.clients if c["host-note"]})
+    return "\n".join([
+        _table(["class", "device", "clients", "speed", "dropout p", "simulated profile", "physical batch",
+                "precision", "ran here as", "checkpointing", "planned memory"], profiles),
+        "",
+        *(f"\\* {note}" + "  " for note in notes),
+        "",
+        _table(["class", "DP step s on this host (median)", "worker peak RSS", "simulated round s (median)",
+                "outcomes"], measured),
+        "",
+        "*Planned memory* is the profile's memory model on the simulated device. *Worker peak RSS* is measured: "
+        "the peak resident memory of the Ray worker process that ran those clients (torch and the runtime "
+        "included, shared by every client that worker ran).",
+    ])
+
+
+def _round_table(run: RunData, sim_times, real_times, counts, bytes_per_client) -> str:
+    metrics = {m["round"]: m for m in run.metrics}
+    seen = loss_series(run)["seen"].get("global (federated)", {})
+    unseen = loss_series(run)["unseen"].get("global (federated)", {})
+    rows = []
+    for r in sorted(metrics):
+        m, c = metrics[r], counts.get(r, Counter())
+        down, up = bytes_per_client.get(r, (None, None))
+        rejects = ", ".join(f"{k} {v}" for k, v in sorted(m.get("rejects", {}).items())) or "none"
+        rows.append([r, m.get("selected"), c.get("ok", 0), c.get("dropout", 0), c.get("straggler", 0),
+                     c.get("refused", 0), rejects, sim_times.get(r), real_times.get(r),
+                     None if down is None else down / 1e3, None if up is None else up / 1e3,
+                     seen.get(r), unseen.get(r), m.get("epsilon-utterance-max"), m.get("epsilon-speaker-max")])
+    return _table(["round", "selected", "accepted", "dropouts", "stragglers", "refused", "server rejects",
+                   "simulated s", "real s", "kB down/client", "kB up/client", "seen loss", "unseen loss",
+                   "utterance eps max", "speaker eps max"], rows) + (
+        "\n\nA dropped client answers at once without training (nothing charged); a straggler trained and was "
+        "charged, but its update came after the deadline and was not used. The server counts both as "
+        "`error` rejects; rounds go on with the other clients. Round 1's real time includes starting the Ray "
+        "workers and every client's first status query."
+    )
+
+
+def _timing_text(run: RunData, sim_times: Mapping[int, float]) -> str:
+    t = run.timings
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in t.items())
+    return (f"Real wall clock of this run: {phases} (peak resident memory of all processes "
+            f"{_mib(run.peak_rss)}). The simulated fleet would have needed {sum(sim_times.values()):.1f} s for "
+            f"its {len(sim_times)} rounds of training.")
+
+
+def _sample_text(run: RunData, out: Path) -> str:
+    s = run.sample
+    folder = (run.folder / "sample").relative_to(out)
+    return (
+        f"[`{folder}/{s['wav']}`]({folder}/{s['wav']}) ({s['seconds']:.1f} s): \"{s['text']}\" ({s['language']}) "
+        f"in the voice of {s['speaker']}'s held-out recording `{Path(s['reference']).name}`, by the global "
+        f"{s['trained-stage']} model of round {s['round']} with a **fresh, untrained {s['fresh-stage']} model of "
+        f"the same seed** (this run trained {s['trained-stage']} only). With tiny configs and a few rounds it "
+        "shows that the pipeline runs end to end, not what a trained voice sounds like.\n\n"
+        f"![sample spectrogram]({folder}/{s['png']})"
+    )
+
+
+def comparison_section(runs: list[RunData], summaries: Mapping[str, dict], out: Path) -> str:
+    rows = []
+    points: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for run in runs:
+        s = summaries[run.name]
+        eps = s["epsilon-utterance-max"]
+        rows.append([run.name, s["target-epsilon"], eps, s["epsilon-speaker-max"],
+                     s["seen-loss"]["final"], s["unseen-loss"]["final"],
+                     s["baselines"]["local only (same privacy)"]["seen"], s["simulated-time-s"],
+                     s["federation-real-s"]])
+        if eps:
+            points["global, seen speakers"].append((eps, s["seen-loss"]["final"]))
+            points["global, unseen speakers"].append((eps, s["unseen-loss"]["final"]))
+            local = s["baselines"]["local only (same privacy)"]["seen"]
+            if local is not None:
+                points["local only, own voice"].append((eps, local))
+    central = [summaries[r.name]["baselines"]["centralised, non-private"]["seen"] for r in runs]
+    central = [value for value in central if value is not None]
+    references = {"centralised, non-private (seen)": central[0]} if central else {}
+    parts = ["## Comparison", "", _table(
+        ["run", "target epsilon", "utterance eps (max)", "speaker eps (max)", "final seen loss", "final unseen loss",
+         "local only (own voice)", "simulated s", "federation real s"], rows)]
+    if len({s["target-epsilon"] for s in summaries.values()}) > 1:
+        png = plots.privacy_utility(out / "plots" / "privacy-utility.png", points, references,
+                                    LOSS_NAMES[runs[0].config.stage])
+        parts += ["", f"![privacy-utility]({png.relative_to(out)})"]
+    return "\n".join(parts)
+
+
+def write_report(out: str | Path) -> Path:
+    """Write ``out/report.md`` (and plots, ``summary.json``) from the simulation folder ``out``."""
+    out = Path(out)
+    marker = _json(out / MARKER)
+    names = list(marker["scenario"]["runs"])
+    runs = [load_run(out / "runs" / name) for name in names if (out / "runs" / name / "run.json").is_file()]
+    if not runs:
+        raise ConfigError(f"{out} holds no finished run; run `fedvox-sim run --out {out}` to make one")
+    sections, summaries = [], {}
+    for run in runs:
+        section, summaries[run.name] = run_section(run, out)
+        sections.append(section)
+    scenario = marker["scenario"]
+    speakers = marker["speakers"]
+    prep = marker.get("preparation", {})
+    head = [
+        f"# fedvox simulation: {scenario['name']}", "",
+        *([scenario["description"], ""] if scenario["description"] else []),
+        f"{speakers['n_speakers']} synthetic speakers as clients ({speakers['language']}, {speakers['utterances']} "
+        f"training and {speakers['heldout_utterances']} held-out utterances each, {speakers['unseen_speakers']} "
+        f"unseen speakers, seed {speakers['seed']}) from `{marker['speakers-root']}`. Preparation: "
+        + (", ".join(f"{k} {v:.1f} s" for k, v in prep.get("timings-s", {}).items()) or "reused")
+        + f". {len(runs)} run(s): " + ", ".join(f"[`{r.name}`](#run-{r.name.lower()})" for r in runs) + ".", "",
+    ]
+    body = head + ([comparison_section(runs, summaries, out), ""] if len(runs) > 1 else []) + sections
+    body += ["## Files", "", FILES_TEXT]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(body) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summaries, indent=1, default=_plain) + "\n")
+    log.info("report: %s", path)
+    return path
+
+
+def _plain(value: Any) -> Any:
+    return str(value)
+
+
+FILES_TEXT = """\
+- `runs/<run>/server/`: global checkpoints of every round (`checkpoints/round-NNNNN.*`), the speaker-level
+  ledger, `metrics.jsonl` and TensorBoard logs, the exported best model (`export/`); `fedvox-server status`
+  reads it.
+- `runs/<run>/clients/client-<p>/privacy_ledger.sqlite`: each client's utterance-level ledger.
+- `runs/<run>/events/client-<p>.jsonl`: what each client did in each round (outcome, measured and simulated
+  times, bytes, memory).
+- `runs/<run>/fleet.json`: each client's device, simulated profile and how this host ran it.
+- `runs/<run>/evaluation.json`, `summary.json`: the numbers behind the plots.
+- `runs/<run>/baselines/`: the local-only runs (`fedvox-client` layout) and the centralised one.
+"""
+
+
+__all__ = ["RunData", "load_run", "loss_series", "outcome_counts", "simulated_round_times", "write_report"]

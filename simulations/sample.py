@@ -1,0 +1,81 @@
+"""A synthesised sample from the final global model: WAV plus spectrogram PNG.
+
+Speaking needs both stages (s1 turns text into semantic tokens, s2 turns tokens into a
+waveform), and a run trains one. The stage that was not trained is a fresh model of the run's
+config built from the same seed, exactly as every client builds its frozen base, and the report
+says so: with a fresh (untrained) partner stage, and with tiny configs and a few rounds, the
+sample shows that the pipeline works end to end, not what a trained voice sounds like.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shared.atomic import atomic_path
+from client.synthesize import Voice, read_reference, synthesize, write_wave
+from shared.audio import SAMPLE_RATE, mel_spectrogram
+from shared.models.factory import SoVITSPair, build_model
+from shared.models.subsets import load_trainable_state_dict
+from shared.runconfig import RunConfig
+from shared.semantic import tokenizer_spec
+from simulations.evaluation import subset_spec
+
+log = logging.getLogger(__name__)
+
+MAX_SECONDS = 8.0
+
+
+@dataclass(frozen=True)
+class Sample:
+    wav: Path
+    png: Path
+    text: str
+    language: str
+    reference: Path
+    seconds: float
+    fresh_stage: str  # the stage that was not trained (a fresh model of the same seed)
+
+
+def synthesise_sample(config: RunConfig, state: dict[str, torch.Tensor], reference: Path, reference_text: str,
+                      text: str, language: str, out: Path, seed: int = 0) -> Sample:
+    """Say ``text`` in ``reference``'s voice with the trained stage ``state`` and a fresh partner stage."""
+    trained = build_model(config.stage, config.model_config, subset_spec(config), seed=config.model_seed)
+    load_trainable_state_dict(trained, state)
+    other = "s2" if config.stage == "s1" else "s1"
+    fresh = build_model(other, config.model_config, subset_spec(config), seed=config.model_seed)
+    models = {config.stage: trained, other: fresh}
+    s2 = models["s2"].generator if isinstance(models["s2"], SoVITSPair) else models["s2"]
+    voice = Voice(models["s1"].eval(), s2.eval())
+    wave = synthesize(voice, text, language, read_reference(reference), tokenizer_spec().build(),
+                      reference_text=reference_text, reference_language=language, seed=seed,
+                      max_seconds=MAX_SECONDS)
+    wav, png = out / "sample.wav", out / "sample.png"
+    write_wave(wave, wav)
+    plot_spectrogram(wave, png, f"{text[:60]} ({language}; trained {config.stage}, fresh {other})")
+    return Sample(wav, png, text, language, reference, wave.numel() / SAMPLE_RATE, other)
+
+
+def plot_spectrogram(wave: torch.Tensor, path: Path, title: str) -> None:
+    """Log-mel spectrogram of ``wave`` as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mel = mel_spectrogram(wave.float()).numpy()
+    fig, ax = plt.subplots(figsize=(8, 3))
+    image = ax.imshow(mel, origin="lower", aspect="auto", interpolation="nearest",
+                      extent=(0, wave.numel() / SAMPLE_RATE, 0, mel.shape[0]))
+    ax.set(xlabel="seconds", ylabel="mel bin", title=title)
+    fig.colorbar(image, ax=ax, label="log mel")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+__all__ = ["MAX_SECONDS", "Sample", "plot_spectrogram", "synthesise_sample"]
