@@ -17,7 +17,7 @@ sampling. See ``docs/privacy.md``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +45,7 @@ def clip_update(delta: Mapping[str, torch.Tensor], clip_norm: float) -> tuple[di
 
 
 def noised_mean(
-    deltas: Sequence[Mapping[str, torch.Tensor]],
+    deltas: Iterable[Mapping[str, torch.Tensor]],
     like: Mapping[str, torch.Tensor],
     *,
     clip_norm: float,
@@ -56,12 +56,14 @@ def noised_mean(
     """The DP-FedAvg release: ``(sum_i clip(delta_i) + N(0, (z*S)^2 I)) / D``.
 
     ``like`` gives names, shapes and dtypes (float32) of the result; with no participants the
-    release is pure noise, so whether anyone took part is itself protected.
+    release is pure noise, so whether anyone took part is itself protected. ``deltas`` is read
+    once, one update at a time (it may be a generator decoding each in turn).
     """
     denominator = max(expected_clients, 1.0)
     total = {name: torch.zeros_like(t, dtype=torch.float32) for name, t in like.items()}
-    clipped = 0
+    participants = clipped = 0
     for delta in deltas:
+        participants += 1
         bounded, norm = clip_update(delta, clip_norm)
         clipped += norm > clip_norm
         for name in total:
@@ -71,7 +73,7 @@ def noised_mean(
         name: total[name] / denominator + std * torch.randn(total[name].shape, generator=generator)
         for name in sorted(total)
     }
-    return Release(mean, len(deltas), clipped, denominator, std)
+    return Release(mean, participants, clipped, denominator, std)
 
 
 __all__ = ["Release", "clip_update", "noised_mean"]

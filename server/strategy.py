@@ -9,8 +9,9 @@ around Flower's aggregation rule:
 - screening (``aggregate_train``): parse every reply's status, validate its update against what
   was sent (keys, shapes, dtypes, finite values, norm), count and log rejects, and re-base each
   accepted update onto the fp32 global model (clients received it rounded to fp16);
-- aggregation: Flower's rule on the accepted updates, or, under speaker-level DP, the clipped,
-  noised DP-FedAvg mean (:mod:`server.speaker_dp`);
+- aggregation: the weighted mean of the accepted updates (FedAvg's rule, which FedProx and
+  FedAdam build on), Flower's own rule for the median and trimmed mean, or, under speaker-level
+  DP, the clipped, noised DP-FedAvg mean (:mod:`server.speaker_dp`);
 - a :class:`RoundRecord` per round that :mod:`server.run` commits with the checkpoint.
 
 It sits *directly above* the aggregation rule in the method resolution order and *below* any
@@ -22,6 +23,11 @@ Resume: ``Strategy.start`` always counts rounds from 1. Rounds up to ``completed
 last committed checkpoint) are configured with no messages and aggregate to nothing, so Flower's
 loop walks through them for free and every hook sees the true round number (FedAdam's bias
 correction included).
+
+Memory: Flower holds every reply of a round (in the wire precision). Screening keeps only each
+update's status and metrics, and the means decode one update at a time, so the strategy adds a
+few fp32 models whatever the number of clients (``bench/server_aggregate.py``). Only the median
+and trimmed mean, which need every coordinate of every update at once, hold all updates in fp32.
 """
 
 from __future__ import annotations
@@ -70,11 +76,10 @@ import, one accountant call); nodes that miss it are asked again next round, nev
 
 @dataclass
 class Accepted:
-    """A screened train reply: who sent it, its update relative to what it was sent."""
+    """A screened train reply: who sent it and its metrics (its update stays in the reply)."""
 
     reply: Message
     status: ClientStatus
-    delta: dict[str, torch.Tensor]
     metrics: dict[str, float]
 
 
@@ -137,6 +142,8 @@ class FedvoxRound(FedAvg):
     own keyword arguments, so the fedvox state is attached after construction.
     """
 
+    mean_rule: bool = True
+    """Whether Flower's rule below is FedAvg's weighted mean (computed here, one update at a time)."""
     config: RunConfig
     run_id: str
     attempt: str
@@ -271,6 +278,8 @@ class FedvoxRound(FedAvg):
                 server_round, len(accepted), self.config.min_clients,
             )
             return None, None
+        elif self.mean_rule:
+            arrays, metrics = self._mean_update(accepted)
         else:
             arrays, metrics = super().aggregate_train(server_round, [self._rebased(a) for a in accepted])
         record.aggregated = arrays is not None
@@ -373,12 +382,29 @@ class FedvoxRound(FedAvg):
             record.rejects[reason] += 1
             log.warning("round %d: rejected update from %s: %s", record.server_round, status.client_id, exc)
             return None
-        delta = {name: update[name].float() - self._sent[name] for name in self._sent}
-        return Accepted(reply, status, delta, metrics)
+        return Accepted(reply, status, metrics)
+
+    def _delta(self, accepted: Accepted) -> dict[str, torch.Tensor]:
+        """An accepted update relative to what its client was sent, in fp32, decoded again from
+        its reply (keeping every decoded update would hold N fp32 models)."""
+        update = _tensors(accepted.reply.content.array_records[ARRAYS])
+        return {name: update[name].float().sub_(self._sent[name]) for name in self._sent}
+
+    def _mean_update(self, accepted: list[Accepted]) -> tuple[ArrayRecord, MetricRecord]:
+        """FedAvg's mean weighted by ``weighted_by_key``, summed one update at a time (Flower's
+        ``aggregate_arrayrecords`` wants every update as an fp32 record at once)."""
+        weights = [float(a.metrics[self.weighted_by_key]) for a in accepted]
+        total = sum(weights)
+        mean = {name: t.clone() for name, t in self._global.items()}
+        for a, weight in zip(accepted, weights):
+            for name, delta in self._delta(a).items():
+                mean[name].add_(delta, alpha=weight / total)
+        rows = [RecordDict({METRICS: MetricRecord(a.metrics)}) for a in accepted]
+        return to_record(mean, "fp32"), self.train_metrics_aggr_fn(rows, self.weighted_by_key)
 
     def _rebased(self, accepted: Accepted) -> Message:
         """The reply made canonical: its update applied to the fp32 global model, its metrics."""
-        arrays = {name: self._global[name] + accepted.delta[name] for name in self._global}
+        arrays = {name: self._global[name] + delta for name, delta in self._delta(accepted).items()}
         content = {ARRAYS: to_record(arrays, "fp32"), METRICS: MetricRecord(accepted.metrics)}
         accepted.reply.content = RecordDict(content)
         return accepted.reply
@@ -388,7 +414,7 @@ class FedvoxRound(FedAvg):
     ) -> tuple[ArrayRecord, MetricRecord]:
         dp = self.config.speaker_dp
         release = noised_mean(
-            [a.delta for a in accepted],
+            (self._delta(a) for a in accepted),
             self._global,
             clip_norm=dp.clip_norm,
             noise_multiplier=dp.noise_multiplier,
@@ -423,9 +449,13 @@ class FedvoxFedProx(FedProx, FedvoxRound):
 class FedvoxMedian(FedvoxRound, FedMedian):
     """Coordinate-wise median of screened updates (robust to a minority of bad clients)."""
 
+    mean_rule = False
+
 
 class FedvoxTrimmedMean(FedvoxRound, FedTrimmedAvg):
     """Coordinate-wise trimmed mean of screened updates."""
+
+    mean_rule = False
 
 
 class FedvoxFedAdam(FedAdam, FedvoxRound):
@@ -517,9 +547,10 @@ def _required_metrics(
 
 
 def _tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    """An ArrayRecord as tensors without casting (validation checks the dtypes)."""
+    """An ArrayRecord as tensors without casting (validation checks the dtypes); ``Array.numpy``
+    already reads into a fresh, writable array, so nothing is copied twice."""
     try:
-        return {name: torch.from_numpy(np.array(array.numpy())) for name, array in arrays.items()}
+        return {name: torch.from_numpy(array.numpy()) for name, array in arrays.items()}
     except (TypeError, ValueError) as exc:
         raise UpdateRejected(f"dtype: the update cannot be decoded ({exc})") from exc
 

@@ -1,0 +1,41 @@
+"""bench.server_aggregate: the strategy's one-update-at-a-time mean equals Flower's in-memory one."""
+
+import torch
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from bench.server_aggregate import BenchGrid, run_config, strategy_for, train_replies, updates
+from shared.models.factory import build_model
+from shared.models.subsets import SubsetSpec, trainable_state_dict
+from shared.protocol import ARRAYS, METRICS
+from shared.wire import from_record, to_record
+
+
+def test_streamed_fedavg_equals_flowers_weighted_mean_of_rebased_updates():
+    state = trainable_state_dict(build_model("s1", "tiny", SubsetSpec(kind="full"), seed=0))
+    global_record = to_record(state, "fp32")
+    strategy = strategy_for(run_config("s1", "tiny", "full", "fp16", "fedavg", speaker_dp=False))
+    messages = list(strategy.configure_train(1, global_record, ConfigRecord(), BenchGrid(5)))
+    sent = from_record(to_record(state, "fp16"))
+    replies = train_replies(messages, updates(sent, 3, "fp16"))
+
+    # Flower's rule on every update re-based onto the fp32 global model, all held at once.
+    rebased = [
+        RecordDict({
+            ARRAYS: to_record({n: state[n] + (t.float() - sent[n]) for n, t in from_record(r.content[ARRAYS]).items()}, "fp32"),
+            METRICS: MetricRecord({"num-examples": r.content[METRICS]["num-examples"]}),
+        })
+        for r in replies
+    ]
+    expected = from_record(aggregate_arrayrecords(rebased, "num-examples"))
+
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    got = from_record(arrays)
+    assert set(got) == set(expected) and len(strategy.records[1].participants) == 5
+    assert metrics["train-examples"] == sum(100 + n for n in range(1, 6))
+    for name, value in got.items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
+    # The weights matter: an unweighted mean of the distinct updates differs.
+    unweighted = {n: sum(from_record(r.content[ARRAYS])[n].float() for r in replies) / 5 for n in sent}
+    assert any(not torch.allclose(unweighted[n] - sent[n] + state[n], got[n], atol=1e-7) for n in got)
