@@ -1,0 +1,280 @@
+"""A real federation on 127.0.0.1: ``fedvox-server start`` and ``fedvox-client enroll`` processes
+over TLS with device authentication, Flower's SuperLink and SuperNodes underneath.
+
+Every ClientApp message starts a process that imports torch (about 7 s alone, more on a busy
+machine), so the federation is as small as the claims allow: tiny s1, two rounds, no evaluation
+(one query and two trainings per device).
+"""
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.proto.fleet_pb2 import PushMessagesRequest  # pylint: disable=E0611
+from flwr.proto.message_pb2 import PullObjectRequest, PullObjectResponse, PushObjectRequest  # pylint: disable=E0611
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+from client.data.cache import FeatureCache
+from client.enroll import DeviceHome, device_key
+from client.identity import client_identity
+from server.checkpoints import CheckpointStore
+from server.cli import app as server_cli
+from server.model import initial_subset
+from shared.privacy.audit import audit_ledger
+from shared.privacy.ledger import Ledger
+from shared.protocol import ClientStatus
+from shared.processes import flower_command, flower_env, free_port
+from tests.data_fixtures import GOOD
+from tests.deploy_kit import (
+    BIN, ENV, enroll, kill_tree, register, server_home, spawn, start_server, start_tap, stop, throw_garbage, wait_for,
+)
+from tests.prepared import prepared_cache
+
+pytestmark = pytest.mark.slow
+
+TRAIN_METRICS = {"num-examples", "train-loss", "peak-memory-bytes", "step-time-s", "bytes-down", "bytes-up"}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return prepared_cache(tmp_path_factory.mktemp("prepared"))
+
+
+def _data(prepared, folder):
+    shutil.copytree(prepared, folder)
+    return folder
+
+
+def test_two_enrolled_devices_train_two_rounds_and_only_the_update_leaves_them(prepared, tmp_path):
+    home = server_home(tmp_path / "server")
+    server = start_server(home)
+    tap, tap_server, address = start_tap(home)  # devices connect through the recording tap
+    devices = {}
+    try:
+        for name in ("alice", "bob"):
+            data = _data(prepared, tmp_path / f"{name}-data")
+            devices[name] = (enroll(address, home, data, tmp_path / name), data, DeviceHome.at(tmp_path / name))
+        for name, (process, _, device_home) in devices.items():
+            wait_for(tmp_path / f"{name}.out", r"waiting for the registration", process)
+            assert "fedvox-server register SERVER_HOME 'ecdsa-sha2-nistp384 " in (tmp_path / f"{name}.out").read_text()
+            register(home, device_home.public_key, name)
+
+        # Garbage on the public port while the federation runs: each attempt costs one connection.
+        garbage = throw_garbage(f"127.0.0.1:{home.settings().port}", home, tmp_path)
+        assert any(o.startswith("expired client certificate: fleet 4") and o.endswith("control 404") for o in garbage), garbage
+        assert "wrong CA: ConnectError" in garbage, garbage
+
+        # A third device whose key nobody registered: Flower's own SuperNode is refused at once ...
+        stranger_home = DeviceHome.at(tmp_path / "stranger")
+        stranger_key, _ = device_key(stranger_home)
+        stranger = spawn(
+            [flower_command("flower-supernode"), "--superlink", address, "--root-certificates", str(home.ca_cert),
+             "--auth-supernode-private-key", str(stranger_home.key), "--port", str(free_port()),
+             "--node-config", f"data-path='{devices['alice'][1]}'"],
+            tmp_path / "stranger.out", env=flower_env(stranger_home.flwr_home),
+        )
+        try:
+            assert stranger.wait(timeout=180) != 0
+        finally:
+            kill_tree(stranger)  # its SuperExec child, had it outlived it
+        assert "Failed to activate SuperNode" in (tmp_path / "stranger.out").read_text()
+        # ... and fedvox's check says why, in one line.
+        check = subprocess.run(
+            [str(BIN / "fedvox-client"), "enroll", "--server", address, "--root-cert", str(home.ca_cert),
+             "--data", str(devices["alice"][1]), "--home", str(tmp_path / "stranger"), "--check"],
+            capture_output=True, text=True, env=ENV, timeout=180,
+        )
+        assert check.returncode == 2 and "does not know this device's key: the operator must register it" in check.stderr
+
+        assert server.wait(timeout=900) == 0, (home.root.parent / "server.out").read_text()[-4000:]
+    finally:
+        for process, _, _ in devices.values():
+            stop(process)
+        stop(server)
+        tap_server.stop()
+
+    # Two rounds, both devices in each, as the operator's commands report them.
+    rounds = [json.loads(line) for line in (home.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2] and all(r["participants"] == 2 for r in rounds)
+    log = (home.logs / "server.log").read_text()
+    assert "device alice" in log and "device bob" in log and "completed: 2 rounds" in log
+    assert "refused POST /v1/control/list-runs" in log  # the garbage was seen, and the run went on
+    report = json.loads(_cli("devices", str(home.root), "--json"))
+    assert {d["name"]: d["rounds-joined"] for d in report} == {"alice": 2, "bob": 2}
+    assert all(d["epsilon-spent"] > 0 and d["profile"] and d["status"] == "server stopped" for d in report)
+    status = json.loads(_cli("status", str(home.root), "--json"))
+    assert status["latest"]["round"] == 2 and status["server"]["running"] is False
+    exported = _cli("export", str(home.root), "--format", "safetensors")
+    assert (home.run_dir / "export" / "fedvox" / "s1.safetensors").is_file(), exported
+
+    # Each device's own ledger charged both rounds to its data folder's identity.
+    for _, data, _ in devices.values():
+        with Ledger(data) as ledger:
+            rows = ledger.rows(client_id=client_identity(data), unit="utterance")
+        assert [r.round for r in rows] == [1, 2]
+
+    # The stranger never got past activation: no run, no FAB, no message, no model.
+    stranger_pk = public_key_to_bytes(stranger_key.public_key())
+    stranger_calls = [e for e in tap.exchanges if _public_key(e) == stranger_pk]
+    assert stranger_calls and {e.path for e in stranger_calls} == {"/v1/fleet/activate-node"}
+    assert all(e.status >= 400 for e in stranger_calls)
+
+    # What crossed the network from the devices: only the trainable subset, metrics and status.
+    _assert_replies_carry_only_updates_and_metrics(tap.exchanges, home, [d for _, d, _ in devices.values()])
+
+
+def _cli(*args):
+    result = CliRunner().invoke(server_cli, list(args))
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def _public_key(exchange):
+    import base64
+
+    value = exchange.headers.get("flwr-public-key")
+    return base64.b64decode(value) if value else None
+
+
+def _assert_replies_carry_only_updates_and_metrics(exchanges, home, data_folders):
+    contents, roots = {}, []
+    for e in exchanges:
+        if e.path == "/v1/fleet/push-object":
+            pushed = PushObjectRequest.FromString(e.body)
+            contents[pushed.object_id] = pushed.object_content
+        elif e.path == "/v1/fleet/pull-object" and e.status == 200:
+            pulled = PullObjectResponse.FromString(e.reply)
+            if pulled.object_found and pulled.object_available:
+                contents[PullObjectRequest.FromString(e.body).object_id] = pulled.object_content
+        elif e.path == "/v1/fleet/push-messages":
+            roots += [tree.object_id for tree in PushMessagesRequest.FromString(e.body).message_object_trees]
+    config = home.run_config()
+    subset = {name: tuple(t.shape) for name, t in initial_subset(config).items()}
+    replies = [inflate_object_from_contents(root, dict(contents), keep_object_contents=True) for root in roots]
+    assert len(replies) == 2 * 3  # per device: one query, two trainings
+    trained = 0
+    for reply in replies:
+        assert isinstance(reply, Message)
+        records = reply.content
+        assert set(records.config_records) == {"status"}
+        status = ClientStatus.from_record(records.config_records["status"])
+        assert status.ok and status.client_id.startswith("client-") and status.detail == ""
+        assert set(records.config_records["status"]) == {f.replace("_", "-") for f in ClientStatus.__dataclass_fields__}
+        if records.array_records:
+            trained += 1
+            assert set(records.array_records) == {"arrays"} and set(records.metric_records) == {"metrics"}
+            arrays: ArrayRecord = records.array_records["arrays"]
+            assert {k: tuple(a.shape) for k, a in arrays.items()} == subset
+            assert {a.dtype for a in arrays.values()} == {"float16"}
+            metrics: MetricRecord = records.metric_records["metrics"]
+            assert set(metrics) == TRAIN_METRICS
+        else:
+            assert not records.metric_records
+        assert all(isinstance(r, (ConfigRecord, ArrayRecord, MetricRecord)) for r in records.values())
+    assert trained == 4
+
+    # Nothing of the recordings either, byte for byte, in any request a device sent.
+    sent = b"".join(e.body for e in exchanges)
+    forbidden = [str(f).encode() for f in data_folders] + [b"index.json", b"items/", b".wav", b".flac"]
+    forbidden += [text.encode() for _, _, _, text, *_ in GOOD]
+    for folder in data_folders:
+        cache = FeatureCache(folder)
+        for item in cache.read_index().items[:3]:
+            tensors = cache.load_item(item.id)
+            wave = tensors["wave"].numpy().astype(np.int16).tobytes()
+            forbidden += [wave[i:i + 64] for i in range(0, len(wave) - 64, len(wave) // 8)]
+            forbidden.append(tensors["phoneme_ids"].numpy().tobytes())
+    leaked = [f[:40] for f in forbidden if f and f in sent]
+    assert not leaked, leaked
+
+
+def test_a_killed_device_rejoins_and_a_killed_server_resumes_without_counting_anything_twice(prepared, tmp_path):
+    home = server_home(tmp_path / "server")
+    address = f"127.0.0.1:{home.settings().port}"
+    for name in ("alice", "bob"):  # registered before the server starts: authorised when it does
+        device_home = DeviceHome.at(tmp_path / name)
+        device_key(device_home)
+        register(home, device_home.public_key, name)
+    servers = [start_server(home)]
+    devices = {}
+    try:
+        for name in ("alice", "bob"):
+            data = _data(prepared, tmp_path / f"{name}-data")
+            devices[name] = (enroll(address, home, data, tmp_path / name), data)
+        alice = devices["alice"][0]
+
+        # Round 1: alice's SuperNode dies (power cut) while its ClientApp trains.
+        wait_for(tmp_path / "alice.out", r"Receiving: train message", alice)
+        clientapp = _wait_for_clientapp(alice)
+        kill_tree(_supernode_of(alice))
+        assert not clientapp.is_running()
+        wait_for(tmp_path / "alice.out", r"closed the session a previous SuperNode of this device left open", alice)
+        wait_for(home.logs / "server.log", r"round 1 committed", servers[0])
+
+        # Round 2: the whole server dies (SuperLink, ServerApp, everything) while the devices train.
+        wait_for(home.logs / "server.log", r"\[ROUND 2/2\]", servers[0])
+        wait_for(tmp_path / "bob.out", r"Receiving: train message(.|\n)*Receiving: train message", devices["bob"][0])
+        _wait_for_clientapp(devices["bob"][0])
+        kill_tree(servers[0])
+        servers.append(start_server(home, "--resume"))
+        assert servers[1].wait(timeout=900) == 0, (home.root.parent / "server.out").read_text()[-4000:]
+    finally:
+        for process, _ in devices.values():
+            stop(process)
+        for server in servers:
+            stop(server)
+
+    rounds = [json.loads(line) for line in (home.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]  # round 2 was redone after the restart, and logged once
+    assert rounds[0]["participants"] == 1 and rounds[0]["rejects"] == {"error": 1}  # alice's lost reply
+    assert rounds[1]["participants"] == 2  # alice rejoined
+    store = CheckpointStore(home.run_dir / "checkpoints", keep=3)
+    assert store.rounds() == [0, 1, 2] and store.load(2).meta["run-id"] == store.load(1).meta["run-id"]
+    log = (home.logs / "server.log").read_text()
+    assert "resuming" in log and "left running by a previous server" in log
+
+    for name, (_, data) in devices.items():
+        audit = audit_ledger(data)
+        assert audit.all_findings == [], (name, audit.all_findings)
+        with Ledger(data) as ledger:
+            rows = ledger.rows(client_id=client_identity(data), unit="utterance")
+        keys = [(r.run_id, r.round) for r in rows]
+        assert len(keys) == len(set(keys))  # one release per attempt and round, never two
+        assert 2 in {r.round for r in rows}
+    with Ledger(devices["alice"][1]) as ledger:
+        assert sum(r.round == 1 for r in ledger.rows()) <= 1  # killed mid-round: charged once at most
+
+
+def _supernode_of(enroll_process):
+    import psutil
+
+    for child in psutil.Process(enroll_process.pid).children():
+        if "flower-supernode" in " ".join(child.cmdline()):
+            return child
+    raise AssertionError("no SuperNode under the enroll process")
+
+
+def _wait_for_clientapp(enroll_process, timeout=600.0):
+    """The ClientApp process a device starts next, once it has been running for a moment
+    (torch imported, the model built: training)."""
+    import time
+
+    import psutil
+
+    since = time.time()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process in psutil.Process(enroll_process.pid).children(recursive=True):
+            try:
+                started = process.create_time()
+                if "flwr-clientapp" in " ".join(process.cmdline()) and started > since - 5 and time.time() - started > 8:
+                    return process
+            except psutil.NoSuchProcess:
+                continue
+        time.sleep(0.5)
+    raise AssertionError("no ClientApp started")
