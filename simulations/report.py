@@ -310,7 +310,7 @@ def _utility_notes(run: RunData) -> str:
         )
     if central:
         notes.append(
-            f"*Centralised, non-private*: one model on all {central['examples']} clients' training utterances, "
+            f"*Centralised, non-private*: one model on the clients' {central['examples']} training utterances pooled, "
             f"{central['steps']} AdamW steps of {central['examples_per_step']} examples (as many as a round's "
             "participants process together), no clipping and no noise."
         )
