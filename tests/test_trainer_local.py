@@ -73,6 +73,14 @@ def test_budget_refusal_is_one_clear_error_and_trains_nothing(data, tmp_path):
     assert result.exit_code != 0
     assert "budget" in str(result.exception) + result.output
     assert Ledger(folder).rows() == []
+    # nothing was trained under the refused settings, so the same --out takes new ones
+    retry = CliRunner().invoke(app, [*TRAIN[:-8], "--budget", "50", "--seed", "1", "--device", "cpu",
+                                     "--data", str(folder), "--out", str(tmp_path / "o")])
+    assert retry.exit_code == 0, retry.output
+    assert [r.round for r in Ledger(folder).rows()] == [1, 2, 3]
+    changed = CliRunner().invoke(app, [*TRAIN[:-8], "--budget", "60", "--seed", "1", "--device", "cpu",
+                                       "--data", str(folder), "--out", str(tmp_path / "o")])
+    assert changed.exit_code != 0 and "different settings" in str(changed.exception) + changed.output
 
 
 def test_synthesize_speaks_with_trained_models(data, tmp_path):

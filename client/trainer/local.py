@@ -155,13 +155,17 @@ def _run_record(out_dir: Path, spec: LocalTrainingSpec, seed: int | None) -> dic
     path = out_dir / RUN_FILE
     if path.is_file():
         run = json.loads(path.read_text())
-        if run["spec"] != json.loads(json.dumps(spec.to_dict())):
+        if run["spec"] == json.loads(json.dumps(spec.to_dict())):
+            return run
+        if CheckpointStore(out_dir / "checkpoints").steps():
             raise ConfigError(
                 f"{out_dir} holds a run with different settings ({path}); resume it with the same "
                 "options, or choose a new --out"
             )
-        return run
-    if out_dir.exists() and any(out_dir.iterdir()):
+        # No step was trained under the earlier settings (e.g. refused for its budget): nothing
+        # was released, so these settings take its place.
+        log.info("%s: no step was trained with its earlier settings; starting with these", out_dir)
+    elif out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"{out_dir} is not empty and holds no fedvox run; choose a new --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     run = {
