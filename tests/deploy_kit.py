@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import secrets
 import signal
 import socket
 import ssl
@@ -41,7 +42,10 @@ RUN_CONFIG = {
     "num-server-rounds": 2, "local-steps": 2, "logical-batch": 4, "evaluate": False,
     "client-budget-epsilon": 100.0, "round-timeout": 600.0, "dp.noise-multiplier": 0.8,
 }
-ENV = {**os.environ, **OFFLINE_ENV, "COLUMNS": "400", "PYTHONUNBUFFERED": "1"}
+TAG = ("FEDVOX_TEST_TAG", f"deploy-{os.getpid()}-{secrets.token_hex(4)}")
+"""Marks every process a test starts (inherited by everything those start): :func:`sweep` finds
+what a test left behind by it, wherever in the process tree it ended up."""
+ENV = {**os.environ, **OFFLINE_ENV, "COLUMNS": "400", "PYTHONUNBUFFERED": "1", TAG[0]: TAG[1]}
 
 
 def server_home(folder: Path, **overrides: object) -> ServerHome:
@@ -53,7 +57,8 @@ def server_home(folder: Path, **overrides: object) -> ServerHome:
 def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """A command in its own session, stdout and stderr into ``log``."""
     with open(log, "ab") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env or ENV, start_new_session=True)
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**(env or ENV), TAG[0]: TAG[1]},
+                                start_new_session=True)
 
 
 def start_server(home: ServerHome, *extra: str) -> subprocess.Popen:
@@ -101,15 +106,43 @@ def kill_tree(process: subprocess.Popen | psutil.Process) -> None:
     psutil.wait_procs(everything, timeout=30)
 
 
-def stop(process: subprocess.Popen) -> None:
-    """Stop a fedvox command as Ctrl-C would, then make sure nothing it started is left."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+def stop(*processes: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Stop fedvox commands as Ctrl-C would (all at once), then make sure nothing they started is left."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for process in processes:
         try:
-            process.wait(timeout=60)
+            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
             pass
-    kill_tree(process)
+        kill_tree(process)
+
+
+def sweep(grace: float = 10.0) -> list[str]:
+    """Kill every process still carrying this test run's :data:`TAG`; returns their command lines.
+
+    After :func:`stop` nothing should be left: what is, outlived the command that started it."""
+    found = []
+    for process in psutil.process_iter(["pid", "status"]):
+        if process.pid == os.getpid() or process.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        try:
+            if process.environ().get(TAG[0]) == TAG[1]:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    _, alive = psutil.wait_procs(found, timeout=grace if found else 0)  # a tree still winding down
+    left = []
+    for process in alive:
+        try:
+            left.append(" ".join(process.cmdline())[:200])
+            process.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(alive, timeout=10)
+    return left
 
 
 @dataclass

@@ -9,8 +9,10 @@ machine), so the federation is as small as the claims allow: tiny s1, two rounds
 import json
 import shutil
 import subprocess
+import time
 
 import numpy as np
+import psutil
 import pytest
 from typer.testing import CliRunner
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -31,7 +33,8 @@ from shared.protocol import ClientStatus
 from shared.processes import flower_command, flower_env, free_port
 from tests.data_fixtures import GOOD
 from tests.deploy_kit import (
-    BIN, ENV, enroll, kill_tree, register, server_home, spawn, start_server, start_tap, stop, throw_garbage, wait_for,
+    BIN, ENV, enroll, kill_tree, register, server_home, spawn, start_server, start_tap, stop, sweep, throw_garbage,
+    wait_for,
 )
 from tests.prepared import prepared_cache
 
@@ -45,58 +48,64 @@ def prepared(tmp_path_factory):
     return prepared_cache(tmp_path_factory.mktemp("prepared"))
 
 
+@pytest.fixture
+def processes():
+    """The processes a test starts: stopped however the test ends; anything they left behind fails it."""
+    started: list[subprocess.Popen] = []
+    yield started
+    stop(*started)
+    left = sweep()
+    assert not left, f"processes outlived the commands that started them: {left}"
+
+
 def _data(prepared, folder):
     shutil.copytree(prepared, folder)
     return folder
 
 
-def test_two_enrolled_devices_train_two_rounds_and_only_the_update_leaves_them(prepared, tmp_path):
+def test_two_enrolled_devices_train_two_rounds_and_only_the_update_leaves_them(prepared, tmp_path, processes, request):
     home = server_home(tmp_path / "server")
     server = start_server(home)
+    processes.append(server)
     tap, tap_server, address = start_tap(home)  # devices connect through the recording tap
+    request.addfinalizer(tap_server.stop)
     devices = {}
-    try:
-        for name in ("alice", "bob"):
-            data = _data(prepared, tmp_path / f"{name}-data")
-            devices[name] = (enroll(address, home, data, tmp_path / name), data, DeviceHome.at(tmp_path / name))
-        for name, (process, _, device_home) in devices.items():
-            wait_for(tmp_path / f"{name}.out", r"waiting for the registration", process)
-            assert "fedvox-server register SERVER_HOME 'ecdsa-sha2-nistp384 " in (tmp_path / f"{name}.out").read_text()
-            register(home, device_home.public_key, name)
+    for name in ("alice", "bob"):
+        data = _data(prepared, tmp_path / f"{name}-data")
+        devices[name] = (enroll(address, home, data, tmp_path / name), data, DeviceHome.at(tmp_path / name))
+        processes.append(devices[name][0])
+    for name, (process, _, device_home) in devices.items():
+        wait_for(tmp_path / f"{name}.out", r"waiting for the registration", process)
+        assert "fedvox-server register SERVER_HOME 'ecdsa-sha2-nistp384 " in (tmp_path / f"{name}.out").read_text()
+        register(home, device_home.public_key, name)
 
-        # Garbage on the public port while the federation runs: each attempt costs one connection.
-        garbage = throw_garbage(f"127.0.0.1:{home.settings().port}", home, tmp_path)
-        assert any(o.startswith("expired client certificate: fleet 4") and o.endswith("control 404") for o in garbage), garbage
-        assert "wrong CA: ConnectError" in garbage, garbage
+    # Garbage on the public port while the federation runs: each attempt costs one connection.
+    garbage = throw_garbage(f"127.0.0.1:{home.settings().port}", home, tmp_path)
+    assert any(o.startswith("expired client certificate: fleet 4") and o.endswith("control 404") for o in garbage), garbage
+    assert "wrong CA: ConnectError" in garbage, garbage
 
-        # A third device whose key nobody registered: Flower's own SuperNode is refused at once ...
-        stranger_home = DeviceHome.at(tmp_path / "stranger")
-        stranger_key, _ = device_key(stranger_home)
-        stranger = spawn(
-            [flower_command("flower-supernode"), "--superlink", address, "--root-certificates", str(home.ca_cert),
-             "--auth-supernode-private-key", str(stranger_home.key), "--port", str(free_port()),
-             "--node-config", f"data-path='{devices['alice'][1]}'"],
-            tmp_path / "stranger.out", env=flower_env(stranger_home.flwr_home),
-        )
-        try:
-            assert stranger.wait(timeout=180) != 0
-        finally:
-            kill_tree(stranger)  # its SuperExec child, had it outlived it
-        assert "Failed to activate SuperNode" in (tmp_path / "stranger.out").read_text()
-        # ... and fedvox's check says why, in one line.
-        check = subprocess.run(
-            [str(BIN / "fedvox-client"), "enroll", "--server", address, "--root-cert", str(home.ca_cert),
-             "--data", str(devices["alice"][1]), "--home", str(tmp_path / "stranger"), "--check"],
-            capture_output=True, text=True, env=ENV, timeout=180,
-        )
-        assert check.returncode == 2 and "does not know this device's key: the operator must register it" in check.stderr
+    # A third device whose key nobody registered: Flower's own SuperNode is refused at once ...
+    stranger_home = DeviceHome.at(tmp_path / "stranger")
+    stranger_key, _ = device_key(stranger_home)
+    stranger = spawn(
+        [flower_command("flower-supernode"), "--superlink", address, "--root-certificates", str(home.ca_cert),
+         "--auth-supernode-private-key", str(stranger_home.key), "--port", str(free_port()),
+         "--node-config", f"data-path='{devices['alice'][1]}'"],
+        tmp_path / "stranger.out", env=flower_env(stranger_home.flwr_home),
+    )
+    processes.append(stranger)
+    assert stranger.wait(timeout=180) != 0
+    assert "Failed to activate SuperNode" in (tmp_path / "stranger.out").read_text()
+    # ... and fedvox's check says why, in one line.
+    check = subprocess.run(
+        [str(BIN / "fedvox-client"), "enroll", "--server", address, "--root-cert", str(home.ca_cert),
+         "--data", str(devices["alice"][1]), "--home", str(tmp_path / "stranger"), "--check"],
+        capture_output=True, text=True, env=ENV, timeout=180,
+    )
+    assert check.returncode == 2 and "does not know this device's key: the operator must register it" in check.stderr
 
-        assert server.wait(timeout=900) == 0, (home.root.parent / "server.out").read_text()[-4000:]
-    finally:
-        for process, _, _ in devices.values():
-            stop(process)
-        stop(server)
-        tap_server.stop()
+    assert server.wait(timeout=900) == 0, (home.root.parent / "server.out").read_text()[-4000:]
+    stop(*processes)  # the devices leave; the server has ended
 
     # Two rounds, both devices in each, as the operator's commands report them.
     rounds = [json.loads(line) for line in (home.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -193,41 +202,39 @@ def _assert_replies_carry_only_updates_and_metrics(exchanges, home, data_folders
     assert not leaked, leaked
 
 
-def test_a_killed_device_rejoins_and_a_killed_server_resumes_without_counting_anything_twice(prepared, tmp_path):
+def test_a_killed_device_rejoins_and_a_killed_server_resumes_without_counting_anything_twice(
+    prepared, tmp_path, processes
+):
     home = server_home(tmp_path / "server")
     address = f"127.0.0.1:{home.settings().port}"
     for name in ("alice", "bob"):  # registered before the server starts: authorised when it does
         device_home = DeviceHome.at(tmp_path / name)
         device_key(device_home)
         register(home, device_home.public_key, name)
-    servers = [start_server(home)]
+    server = start_server(home)
+    processes.append(server)
     devices = {}
-    try:
-        for name in ("alice", "bob"):
-            data = _data(prepared, tmp_path / f"{name}-data")
-            devices[name] = (enroll(address, home, data, tmp_path / name), data)
-        alice = devices["alice"][0]
+    for name in ("alice", "bob"):
+        data = _data(prepared, tmp_path / f"{name}-data")
+        devices[name] = (enroll(address, home, data, tmp_path / name), data)
+        processes.append(devices[name][0])
+    alice, bob = devices["alice"], devices["bob"]
 
-        # Round 1: alice's SuperNode dies (power cut) while its ClientApp trains.
-        wait_for(tmp_path / "alice.out", r"Receiving: train message", alice)
-        clientapp = _wait_for_clientapp(alice)
-        kill_tree(_supernode_of(alice))
-        assert not clientapp.is_running()
-        wait_for(tmp_path / "alice.out", r"closed the session a previous SuperNode of this device left open", alice)
-        wait_for(home.logs / "server.log", r"round 1 committed", servers[0])
+    # Round 1: alice's SuperNode dies (power cut) while its ClientApp trains.
+    clientapp = _training_clientapp(tmp_path / "alice.out", *alice, nth=1)
+    kill_tree(_supernode_of(alice[0]))
+    assert not clientapp.is_running()
+    wait_for(tmp_path / "alice.out", r"closed the session a previous SuperNode of this device left open", alice[0])
+    wait_for(home.logs / "server.log", r"round 1 committed", server)
 
-        # Round 2: the whole server dies (SuperLink, ServerApp, everything) while the devices train.
-        wait_for(home.logs / "server.log", r"\[ROUND 2/2\]", servers[0])
-        wait_for(tmp_path / "bob.out", r"Receiving: train message(.|\n)*Receiving: train message", devices["bob"][0])
-        _wait_for_clientapp(devices["bob"][0])
-        kill_tree(servers[0])
-        servers.append(start_server(home, "--resume"))
-        assert servers[1].wait(timeout=900) == 0, (home.root.parent / "server.out").read_text()[-4000:]
-    finally:
-        for process, _ in devices.values():
-            stop(process)
-        for server in servers:
-            stop(server)
+    # Round 2: the whole server dies (SuperLink, ServerApp, everything) while the devices train.
+    _training_clientapp(tmp_path / "bob.out", *bob, nth=2)
+    kill_tree(server)
+    assert [json.loads(line)["round"] for line in (home.run_dir / "metrics.jsonl").read_text().splitlines()] == [1]
+    resumed = start_server(home, "--resume")
+    processes.append(resumed)
+    assert resumed.wait(timeout=900) == 0, (home.root.parent / "server.out").read_text()[-4000:]
+    stop(*processes)
 
     rounds = [json.loads(line) for line in (home.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]  # round 2 was redone after the restart, and logged once
@@ -237,6 +244,7 @@ def test_a_killed_device_rejoins_and_a_killed_server_resumes_without_counting_an
     assert store.rounds() == [0, 1, 2] and store.load(2).meta["run-id"] == store.load(1).meta["run-id"]
     log = (home.logs / "server.log").read_text()
     assert "resuming" in log and "left running by a previous server" in log
+    assert log.count("round 1 committed") == 1 and log.count("round 2 committed") == 1
 
     for name, (_, data) in devices.items():
         audit = audit_ledger(data)
@@ -251,30 +259,34 @@ def test_a_killed_device_rejoins_and_a_killed_server_resumes_without_counting_an
 
 
 def _supernode_of(enroll_process):
-    import psutil
-
     for child in psutil.Process(enroll_process.pid).children():
-        if "flower-supernode" in " ".join(child.cmdline()):
+        if child.status() != psutil.STATUS_ZOMBIE and "flower-supernode" in " ".join(child.cmdline()):
             return child
     raise AssertionError("no SuperNode under the enroll process")
 
 
-def _wait_for_clientapp(enroll_process, timeout=600.0):
-    """The ClientApp process a device starts next, once it has been running for a moment
-    (torch imported, the model built: training)."""
-    import time
-
-    import psutil
-
-    since = time.time()
+def _training_clientapp(out, enroll_process, data, nth, timeout=600.0):
+    """The ClientApp of the device's ``nth`` train message, once it has opened the privacy ledger
+    (model built, trainer ready: it trains, charges the ledger and replies next)."""
+    started = r"Receiving: train message.*?Start `flwr-clientapp` process.*?"
+    wait_for(out, "(?s)" + started * nth, enroll_process, timeout=timeout)
+    clientapps = [p for p in psutil.Process(enroll_process.pid).children(recursive=True) if _is_clientapp(p)]
+    assert clientapps, "no ClientApp under the enroll process"
+    clientapp = max(clientapps, key=lambda p: p.create_time())
+    ledger = str(data / "privacy_ledger.sqlite")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for process in psutil.Process(enroll_process.pid).children(recursive=True):
-            try:
-                started = process.create_time()
-                if "flwr-clientapp" in " ".join(process.cmdline()) and started > since - 5 and time.time() - started > 8:
-                    return process
-            except psutil.NoSuchProcess:
-                continue
-        time.sleep(0.5)
-    raise AssertionError("no ClientApp started")
+        try:
+            if any(f.path.startswith(ledger) for f in clientapp.open_files()):
+                return clientapp
+        except psutil.NoSuchProcess:
+            raise AssertionError("the ClientApp finished before it was seen training") from None
+        time.sleep(0.05)
+    raise AssertionError("the ClientApp never opened the ledger")
+
+
+def _is_clientapp(process):
+    try:
+        return "flwr-clientapp" in " ".join(process.cmdline())
+    except psutil.Error:  # exited meanwhile (a zombie until its parent reaps it)
+        return False

@@ -137,6 +137,7 @@ class ServerProcess:
             )
             self.gateway.start()
             self._write_state()
+            self.rounds_logged = len(self._metric_lines())  # rounds a previous start already reported
             flat = self.config.to_flat()
             self.run_id = self.control.start_run(app_directory(), flat)
             self._write_state()
@@ -279,11 +280,14 @@ class ServerProcess:
             elif before == "online":
                 log.warning("device %s (node %d) disconnected (%s)", name, node.node_id, node.status)
 
-    def _report_rounds(self) -> None:
+    def _metric_lines(self) -> list[str]:
+        """The complete lines of the run's ``metrics.jsonl`` (a line being appended is left for later)."""
         path = self.home.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        lines = path.read_text().splitlines()
+        text = path.read_text() if path.is_file() else ""
+        return text[: text.rfind("\n") + 1].splitlines()
+
+    def _report_rounds(self) -> None:
+        lines = self._metric_lines()
         for line in lines[self.rounds_logged:]:
             if not line.strip():
                 continue
