@@ -221,7 +221,7 @@ def train(
 
 @app.command()
 def synthesize(
-    model: list[Path] = typer.Option(..., "--model", help="s1 and s2 models: files (.ckpt/.pth/.safetensors, round-N.json) or a folder holding both; repeat."),
+    model: list[Path] = typer.Option(..., "--model", help="s1 and s2 models: files (.ckpt/.pth/.safetensors, round-N.json) or folders (a training run, an export); repeat."),
     text: str = typer.Option(..., help="What to say."),
     ref: Path = typer.Option(..., "--ref", help="Reference recording whose voice to use."),
     out: Path = typer.Option(..., "--out", help="Output WAV (32 kHz)."),

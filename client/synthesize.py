@@ -121,7 +121,7 @@ def _expand(paths: list[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files += [p for p in sorted(path.iterdir()) if p.name in _MODEL_NAMES]
+            files += _models_in(path)
         elif path.is_file():
             files.append(path)
         else:
@@ -130,6 +130,19 @@ def _expand(paths: list[str | Path]) -> list[Path]:
 
 
 _MODEL_NAMES = {"s1.ckpt", "s2G.pth", "s1.safetensors", "s2G.safetensors"}
+_EXPORT_FOLDERS = ("export", "fedvox", "gpt-sovits")
+"""Where a training run (``OUT/export/``) and an export (``fedvox/`` exact, ``gpt-sovits/`` the
+official format of the same model) keep their models: the first that holds one is used."""
+
+
+def _models_in(folder: Path) -> list[Path]:
+    """The model files of a folder, else of its first export sub-folder that holds any."""
+    files = [p for p in sorted(folder.iterdir()) if p.name in _MODEL_NAMES]
+    for name in _EXPORT_FOLDERS:
+        if files or not (folder / name).is_dir():
+            continue
+        files = _models_in(folder / name)
+    return files
 
 
 def _load(path: Path) -> dict[str, nn.Module]:

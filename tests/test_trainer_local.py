@@ -91,7 +91,8 @@ def test_synthesize_speaks_with_trained_models(data, tmp_path):
     export_fedvox(build_model("s2", "tiny", SubsetSpec(kind="full")), tmp_path / "s2")
     reference = next((data.parent / "recordings").glob("*.wav"))
     out = tmp_path / "spoken.wav"
-    result = runner.invoke(app, ["synthesize", "--model", str(tmp_path / "run" / "export" / "fedvox"), "--model",
+    # a training run's folder is enough: its export/fedvox/ model is found (not also export/gpt-sovits/)
+    result = runner.invoke(app, ["synthesize", "--model", str(tmp_path / "run"), "--model",
                                  str(tmp_path / "s2"), "--text", "Hello there.", "--ref", str(reference),
                                  "--out", str(out)])
     assert result.exit_code == 0, result.output
