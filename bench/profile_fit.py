@@ -1,9 +1,10 @@
-"""Figure 2 (CPU rows), memory per profile: peak RSS of DP steps at each CPU profile's physical batch.
+"""Figure 2, memory per profile: DP steps at each profile's physical batch fit the profile's device.
 
-    python -m bench.profile_rss                                      # x86-avx2 and raspberry-pi5, s1 v2 lora
-    python -m bench.profile_rss --device graviton3 --stage s1 --config v2 --subset full
+    python -m bench.profile_fit                                      # CPU: x86-avx2 and raspberry-pi5, s1 v2 lora
+    python -m bench.profile_fit --device graviton3 --stage s1 --config v2 --subset full
+    python -m bench.profile_fit --device rtx3070 --device rtx2060 --device t4 --subset full   # on a GPU
 
-For each reference CPU device (``client.device.REFERENCE_DEVICES``) the profile is chosen as a
+For each reference device (``client.device.REFERENCE_DEVICES``) the profile is chosen as a
 client chooses it (``client.profiles.select_profile`` with the run's default logical batch), and,
 in a fresh process, the client's own task (``client.trainer.local.build_task``: the profile's
 precision and checkpointing) runs DP steps (``client.trainer.engine.make_private`` and
@@ -13,7 +14,12 @@ steps (interpreter, torch, model, optimizer state) and the peak during them (VmH
 each step), against the profile's estimate (model, optimizer state and activations; not the
 interpreter and libraries) and its budget (the share of the device's RAM it
 plans to use). glibc returns every block of 64 KiB or more on free (``MALLOC_MMAP_THRESHOLD_``),
-so the peak is that of live memory. Linux only. Prints a table last and writes JSON.
+so the peak is that of live memory. Linux only.
+
+A GPU profile runs on this machine's GPU with the process capped to the reference GPU's memory
+(``torch.cuda.set_per_process_memory_fraction``); its peak is ``max_memory_allocated``, and an
+out-of-memory error is recorded as such (the trainer would halve the physical batch). Prints a
+table last and writes JSON.
 """
 
 from __future__ import annotations
@@ -49,19 +55,38 @@ def measure(device_name: str, stage: str, config: str, subset: str, steps: int) 
     from shared.runconfig import RunConfig
 
     torch.set_num_threads(1)  # memory does not depend on threads; the shared host stays usable
-    profile = select_profile(reference_device(device_name), stage, config, subset,
-                             logical_batch=RunConfig().logical_batch)
+    facts = reference_device(device_name)
+    profile = select_profile(facts, stage, config, subset, logical_batch=RunConfig().logical_batch)
+    device = torch.device(profile.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"{device_name}'s profile trains on {device}, and this machine has no CUDA GPU")
+        fraction = facts.total_memory / torch.cuda.get_device_properties(device).total_memory
+        if fraction > 1:
+            raise SystemExit(f"{device_name} has more memory than this GPU: it cannot be emulated here")
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
     batch = profile.physical_batch
     phonemes, tokens = round(PLANNING_SECONDS * PHONEMES_PER_SECOND), round(PLANNING_SECONDS * SEMANTIC_RATE)
     dataset = synthetic_dataset(stage, batch, phonemes, tokens)
     task = build_task(stage, build_model(stage, config, SubsetSpec(kind=subset), seed=0), dataset, profile)
-    step = step_variant("fedvox", task, batch, batch, torch.device("cpu"))
-    resident = _rss()
-    peaks = []
+    step = step_variant("fedvox", task, batch, batch, device)
+    resident = _rss() if device.type == "cpu" else torch.cuda.memory_allocated(device)
+    peaks, error = [], None
     for _ in range(steps):
-        reset_peak_rss()
-        step()
-        peaks.append(peak_rss_bytes())
+        if device.type == "cpu":
+            reset_peak_rss()
+            step()
+            peaks.append(peak_rss_bytes())
+            continue
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            step()
+        except torch.cuda.OutOfMemoryError as exc:
+            error = f"out of memory: {str(exc).splitlines()[0]}"
+            peaks.append(torch.cuda.max_memory_allocated(device))
+            break
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device))
     estimate = profile.memory.fixed + profile.memory.per_sample * batch
     return {
         "device": device_name, "stage": stage, "config": config, "subset": subset, "profile": profile.name,
@@ -69,6 +94,7 @@ def measure(device_name: str, stage: str, config: str, subset: str, steps: int) 
         "phonemes": phonemes, "semantic_tokens": tokens, "resident_before_bytes": resident,
         "peak_bytes": peaks, "peak_max_bytes": max(peaks), "estimate_bytes": estimate,
         "budget_bytes": profile.memory.budget, "peak_over_budget": max(peaks) / profile.memory.budget,
+        "device_memory_bytes": facts.ram if device.type == "cpu" else facts.total_memory, "error": error,
     }
 
 
@@ -81,12 +107,12 @@ def _rss() -> int:
 
 @app.command()
 def main(
-    device: list[str] = typer.Option(["x86-avx2", "raspberry-pi5"], help="reference CPU devices"),
+    device: list[str] = typer.Option(["x86-avx2", "raspberry-pi5"], help="reference devices (client.device)"),
     stage: str = typer.Option("s1", help="s1 or s2"),
     config: str = typer.Option("v2", help="model config"),
     subset: str = typer.Option("lora", help="trainable subset (the run default is lora)"),
     steps: int = typer.Option(2, help="DP steps measured (the first includes the optimizer's first allocation)"),
-    out: Path = typer.Option(None, help="JSON path (default runs/bench/profile_rss-<stage>-<config>-<subset>.json)"),
+    out: Path = typer.Option(None, help="JSON path (default runs/bench/profile_fit-<stage>-<config>-<subset>.json)"),
     one: str = typer.Option(None, hidden=True, help="measure one device in this process (internal)"),
 ) -> None:
     if one:
@@ -98,7 +124,7 @@ def main(
     rows = []
     for name in device:
         done = subprocess.run(
-            [sys.executable, "-m", "bench.profile_rss", "--one", name, "--stage", stage, "--config", config,
+            [sys.executable, "-m", "bench.profile_fit", "--one", name, "--stage", stage, "--config", config,
              "--subset", subset, "--steps", str(steps)],
             capture_output=True, text=True, env={**os.environ, **MALLOC_ENV},
         )
@@ -106,19 +132,19 @@ def main(
             sys.stderr.write(done.stderr[-4000:])
             raise SystemExit(f"the {name} measurement failed (exit {done.returncode}); its log is above")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    result = {"figure": "profile_rss", "host": {**facts, "load_average_end": load_average()},
+    result = {"figure": "profile_fit", "host": {**facts, "load_average_end": load_average()},
               "setting": {"stage": stage, "config": config, "subset": subset, "steps": steps, "threads": 1},
               "rows": rows}
-    path = write_json(result, out, f"profile_rss-{stage}-{config}-{subset}")
+    path = write_json(result, out, f"profile_fit-{stage}-{config}-{subset}")
     print(f"{stage} {config} {subset}, DP steps at each profile's physical batch, {rows[0]['phonemes']} phonemes + "
           f"{rows[0]['semantic_tokens']} tokens per utterance; {facts['cpu']}, load "
           f"{facts['load_average_start']:.1f} -> {load_average():.1f}; {path}")
     print(table(
         ("device", "profile", "batch", "resident GiB", "peak GiB", "peak - resident", "estimate GiB", "budget GiB",
-         "peak / budget"),
+         "peak / budget", "error"),
         [(r["device"], r["profile"], r["physical_batch"], r["resident_before_bytes"] / GIB, r["peak_max_bytes"] / GIB,
           (r["peak_max_bytes"] - r["resident_before_bytes"]) / GIB, r["estimate_bytes"] / GIB, r["budget_bytes"] / GIB,
-          r["peak_over_budget"]) for r in rows],
+          r["peak_over_budget"], r["error"] or "") for r in rows],
     ))
 
 
