@@ -294,23 +294,21 @@ def enroll(
     overrides = ProfileOverrides.from_toml(profile_file).merged(pinned) if profile_file else pinned
     facts = probe_device()
     select_profile(facts, overrides=overrides)  # pins that cannot work here fail now, not mid-round
-    console.print(
+    _say(
         f"device: {facts.backend} {facts.device_name}, {facts.physical_cores} cores, "
-        f"{facts.ram / 2**30:.0f} GiB RAM; data: {utterances} utterances of {client_id}",
-        highlight=False,
+        f"{facts.ram / 2**30:.0f} GiB RAM; data: {utterances} utterances of {client_id}"
     )
     device_home = DeviceHome.at(home)
     key, created = device_key(device_home)
-    console.print(
-        f"device key {fingerprint(key.public_key())} ({'new' if created else 'existing'}, {device_home.key})",
-        highlight=False,
+    _say(
+        f"device key {fingerprint(key.public_key())} ({'new' if created else 'existing'}, {device_home.key})"
     )
     typer.echo(public_line(key))
-    console.print("the operator registers it with:", highlight=False)
+    _say("the operator registers it with:")
     typer.echo(register_command(key, name))
     if check:
         node_id = check_server(server, root_cert, key, device_home)
-        console.print(f"ready: the server knows this device as node {node_id}", highlight=False)
+        _say(f"ready: the server knows this device as node {node_id}")
         return
     pins = {k.replace("_", "-"): v for k, v in asdict(overrides).items() if v not in (None, False)}
     enrollment = Enrollment(
@@ -322,18 +320,19 @@ def enroll(
 
 @app.command()
 def status(
-    data: Path = typer.Option(..., "--data", help="Data folder (holds the privacy ledger)."),
+    data: Path | None = typer.Option(None, "--data", help="Data folder or ledger folder (default: the ledger `fedvox-client enroll` uses on this device)."),
+    home: Path | None = typer.Option(None, "--home", help="fedvox home of the enrolled device (default: $FEDVOX_HOME or ~/.fedvox)."),
     json_output: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
     """Show the privacy spent from this data folder: releases, epsilon and budget left."""
     import json
 
-    from rich.table import Table
-
+    from client.enroll import DeviceHome
     from shared.privacy.ledger import Ledger, ledger_file
 
+    data = data if data is not None else DeviceHome.at(home).ledger_path()
     if not ledger_file(data).is_file():
-        console.print(f"no privacy ledger in {data}: nothing has been trained on this data yet")
+        _say(f"no privacy ledger in {data}: nothing has been trained on this data yet")
         return
     with Ledger(data) as ledger:
         rows = ledger.rows()
@@ -353,20 +352,18 @@ def status(
     if json_output:
         typer.echo(json.dumps(report, indent=1))
         return
-    table = Table(title=f"Privacy spent from {data}", title_justify="left")
-    for column in ("client", "unit", "releases", "steps", "epsilon", "budget", "remaining", "runs"):
-        table.add_column(column)
+    _say(f"privacy spent from {ledger_file(data)}:")
     for item in report:
-        table.add_row(
-            item["client_id"], item["unit"], str(item["releases"]), str(item["steps"]),
-            f"{item['epsilon']:.3f} (δ={item['delta']:g})",
-            "-" if item["budget"] is None else f"{item['budget']:g}",
-            "-" if item["remaining"] is None else f"{item['remaining']:.3f}",
-            ", ".join(item["runs"]),
+        budget = "no budget" if item["budget"] is None else f"budget {item['budget']:g}, {item['remaining']:.3f} left"
+        _say(
+            f"  {item['client_id']} ({item['unit']} level): epsilon {item['epsilon']:.3f} at delta {item['delta']:g}, "
+            f"{budget}; {item['releases']} releases, {item['steps']} steps, {len(item['runs'])} runs"
         )
-    from rich.console import Console
 
-    Console().print(table)
+
+def _say(text: str) -> None:
+    """One plain line: paths and keys verbatim (no markup, emoji codes or line breaks inside them)."""
+    console.print(text, markup=False, highlight=False, emoji=False, soft_wrap=True)
 
 
 def main() -> None:

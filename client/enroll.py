@@ -31,6 +31,7 @@ import socket
 import subprocess
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,6 +67,11 @@ error (the round goes on) instead of waiting for it until the round times out.""
 STABLE_S = 60.0
 """A SuperNode that ran this long before exiting restarts without backoff."""
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+GAVE_UP = "Giving up reconnection"
+"""What Flower 1.41's SuperNode logs when its connection fails for good (e.g. the server's
+certificate changed). Its main thread then ends but the process does not exit (its local
+Runtime API threads keep it alive), so the supervisor ends it and checks the server again."""
+GAVE_UP_GRACE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,15 @@ class DeviceHome:
             return int(json.loads(self.state.read_text())["node-id"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
+
+    def ledger_path(self) -> Path:
+        """The privacy ledger this device's enrollment uses (from its node config)."""
+        try:
+            return Path(tomllib.loads(self.node_config.read_text())["ledger-path"])
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            raise ConfigError(
+                f"no enrollment in {self.root} (no {self.node_config.name}); give --data, or --home of the enrolled device"
+            ) from None
 
     def save_node_id(self, server: str, node_id: int) -> None:
         atomic_write_text(self.state, json.dumps({"server": server, "node-id": node_id}) + "\n")
@@ -282,8 +297,8 @@ class Supervisor:
                 log.info("registered as node %d; joining the federation at %s", node_id, e.server)
                 return True
             except NotRegistered as exc:
-                if not told:
-                    log.warning("%s. Run on the server:\n  %s", exc, register_command(self.key, e.name))
+                if not told:  # the command itself was printed above, unwrapped, for copying
+                    log.warning("%s with the `fedvox-server register` command printed above", exc)
                     log.info("waiting for the registration (checking every %.0f s; Ctrl-C to stop)", REGISTRATION_POLL_S)
                     told = True
                 self.stopping.wait(REGISTRATION_POLL_S)
@@ -309,22 +324,28 @@ class Supervisor:
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=flower_env(self.home.flwr_home),
             start_new_session=True, preexec_fn=die_with_parent,
         )
-        reader = threading.Thread(target=self._relay, args=(self.process,), daemon=True)
+        gave_up = threading.Event()
+        reader = threading.Thread(target=self._relay, args=(self.process, gave_up), daemon=True)
         reader.start()
         while self.process.poll() is None and not self.stopping.is_set():
-            self.stopping.wait(1.0)
-        if self.process.poll() is None:  # stopping: Flower deactivates the node on SIGTERM
+            if gave_up.wait(1.0):
+                self.stopping.wait(GAVE_UP_GRACE_S)  # its chance to exit by itself
+                log.warning("the SuperNode gave up its connection to %s; checking the server again", e.server)
+                break
+        if self.process.poll() is None:  # stopping, or hung after giving up: Flower deactivates the node on SIGTERM
             stop_tree(self.process.pid, timeout=20)
         reader.join(timeout=5)
         return self.process.returncode
 
-    def _relay(self, process: subprocess.Popen) -> None:
+    def _relay(self, process: subprocess.Popen, gave_up: threading.Event) -> None:
         """The SuperNode's output into ``device/logs/supernode.log`` and this console."""
         with open(self.home.logs / "supernode.log", "ab") as out:
             for raw in process.stdout:
                 out.write(raw)
                 out.flush()
                 line = ANSI.sub("", raw.decode(errors="replace")).rstrip()
+                if GAVE_UP in line:
+                    gave_up.set()
                 if line.strip():
                     supernode_log.info("%s", line)
 

@@ -48,19 +48,18 @@ def init(
 
     if renew_certificate:
         names = renew(ServerHome(home), name or None)
-        console.print(f"new server certificate for {', '.join(names)}; restart the server to use it", highlight=False)
+        say(f"new server certificate for {', '.join(names)}; restart the server to use it")
         return
     made = init_home(home, name or None, run_config=run_config, bring_ca=ca_cert, bring_cert=cert, bring_key=key,
                      host=host, port=port)
     ca = load_certificate(made.ca_cert)
-    console.print(f"server home {made.root}", highlight=False)
-    console.print(f"  certificate for: {', '.join(subject_names(load_certificate(made.server_cert)))}", highlight=False)
-    console.print(f"  devices trust:   {made.ca_cert} (SHA-256 {_sha256(ca)})", highlight=False)
-    console.print(f"  run config:      {made.run_config_file}", highlight=False)
-    console.print(
+    say(f"server home {made.root}")
+    say(f"  certificate for: {', '.join(subject_names(load_certificate(made.server_cert)))}")
+    say(f"  devices trust:   {made.ca_cert} (SHA-256 {_sha256(ca)})")
+    say(f"  run config:      {made.run_config_file}")
+    say(
         f"next: edit the run config, `fedvox-server start {made.root}`, give each device owner "
-        f"{made.ca_cert.name} and the address, register their keys with `fedvox-server register`",
-        highlight=False,
+        f"{made.ca_cert.name} and the address, register their keys with `fedvox-server register`"
     )
 
 
@@ -69,7 +68,7 @@ def start(
     home: Path = HOME,
     host: str | None = typer.Option(None, help="Listen on this address (default: server.toml's host)."),
     port: int | None = typer.Option(None, min=1, max=65535, help="Listen on this port (default: server.toml's port)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run from its last committed round."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run from its last committed round (with none yet: start it; services always pass it)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
 ) -> None:
     """Run the federation: Flower's SuperLink (TLS, device authentication, SQLite state), the
@@ -96,16 +95,16 @@ def register(
     server_home = ServerHome(home).require()
     registry = Registry(server_home)
     device, new = registry.add(public_key, name)
-    console.print(f"{'registered' if new else 'already registered:'} {device.name} ({device.fingerprint})", highlight=False)
+    say(f"{'registered' if new else 'already registered:'} {device.name} ({device.fingerprint})")
     control = _control(server_home)
     if control is None:
-        console.print("it is authorised when the server starts", highlight=False)
+        say("it is authorised when the server starts")
         return
     try:
         node_id = dict((d.name, n) for d, n in authorise(registry, control))[device.name]
     finally:
         control.close()
-    console.print(f"authorised as node {node_id}: the device can join now", highlight=False)
+    say(f"authorised as node {node_id}: the device can join now")
 
 
 @app.command()
@@ -130,11 +129,11 @@ def devices(
         typer.echo(json.dumps(report, indent=1))
         return
     if not report:
-        console.print(f"no devices registered in {server_home.root} (fedvox-server register)", highlight=False)
+        say(f"no devices registered in {server_home.root} (fedvox-server register)")
         return
     table = Table(title=f"Devices of {server_home.root}", title_justify="left")
     for column in ("name", "node", "status", "rounds", "profile", "epsilon", "budget", "key"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # ids and fingerprints whole, never cut
     for d in report:
         table.add_row(
             d["name"], str(d["node-id"] or "-"), d["status"], str(d["rounds-joined"]), d["profile"] or "-",
@@ -160,29 +159,30 @@ def status(
     server = summary.get("server")
     if server is not None:
         if server["running"]:
-            console.print(
+            say(
                 f"server running (pid {server['pid']}) on {server['address']}, Flower run {server['flower-run-id']}; "
-                f"{server['devices-online']} of {server['devices-registered']} devices connected",
-                highlight=False,
+                f"{server['devices-online']} of {server['devices-registered']} devices connected"
             )
         else:
-            console.print(f"server stopped; {server['devices-registered']} devices registered", highlight=False)
+            say(f"server stopped; {server['devices-registered']} devices registered")
     latest = summary.get("latest")
     if latest is None:
-        console.print(f"no round committed yet in {summary['run-dir']}", highlight=False)
+        say(f"no round committed yet in {summary['run-dir']}")
         return
-    console.print(f"run {summary['run-id']} in {summary['run-dir']}", highlight=False)
+    say(f"run {summary['run-id']} in {summary['run-dir']}")
     progress = f"round {latest['round']} of {summary['num-server-rounds']} committed"
     if summary.get("current-round"):
         progress += f"; round {summary['current-round']} in progress"
-    console.print(f"{progress}; best round {summary['best-round']}", highlight=False)
+    if summary["best-round"] is not None:
+        progress += f"; best round {summary['best-round']} (lowest validation loss)"
+    say(progress)
     for key in ("participants", "train-loss", "val-loss", "val-accuracy", "rejects", "epsilon-utterance-max",
                 "epsilon-speaker-max", "round-time-s"):
         if key in latest["metrics"]:
-            console.print(f"  {key}: {latest['metrics'][key]}", highlight=False)
+            say(f"  {key}: {latest['metrics'][key]}")
     if summary["speakers"]:
         worst = max(summary["speakers"].values())
-        console.print(f"speaker-level epsilon: {len(summary['speakers'])} speakers, max {worst:.3f}", highlight=False)
+        say(f"speaker-level epsilon: {len(summary['speakers'])} speakers, max {worst:.3f}")
 
 
 @app.command()
@@ -222,10 +222,16 @@ def export(
         else:
             paths = export_gpt_sovits(model, folder / "gpt-sovits", half=True)
     for path in paths:
-        console.print(f"wrote {path} (round {chosen})", highlight=False)
+        say(f"wrote {path} (round {chosen})")
 
 
 # ---------------------------------------------------------------------- helpers
+def say(text: str) -> None:
+    """One plain line for the operator: paths, keys and fingerprints verbatim (no markup, no
+    emoji codes such as ``:CD:`` in a fingerprint, no line breaks inside a long path)."""
+    console.print(text, markup=False, highlight=False, emoji=False, soft_wrap=True)
+
+
 def run_directory(directory: Path) -> Path:
     """The run directory of a server home (``DIR/run``), or ``directory`` itself."""
     from server.deploy.home import ServerHome

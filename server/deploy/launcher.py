@@ -28,6 +28,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +65,40 @@ def app_directory() -> Path:
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-OPACUS_ECHO = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:[A-Z]+:")
-"""Opacus calls ``logging.basicConfig`` when imported, so the ServerApp's log has every line a
-second time in this format; the console shows it once (``DIR/logs/run.log`` keeps both)."""
+FLOWER_LINE = re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) *:(.*)$")
+ROOT_LINE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:([A-Z]+):(.*)$")
 
 
-def console_lines(text: str) -> list[str]:
-    """The ServerApp log lines worth a console line: colour codes stripped, Opacus' echo dropped."""
-    lines = (ANSI.sub("", line).rstrip() for line in text.splitlines())
-    return [line for line in lines if line.strip() and not OPACUS_ECHO.match(line)]
+class ServerAppConsole:
+    """Which ServerApp log lines reach the console.
+
+    Opacus calls ``logging.basicConfig`` when imported, so the ServerApp's root logger writes
+    every Flower line a second time (``MM/DD/YYYY HH:MM:SS:LEVEL:message``) and fedvox's own
+    lines only in that form. The console shows Flower's lines once and fedvox's warnings and
+    errors (why a run stopped); ``DIR/logs/run.log`` keeps everything.
+    """
+
+    def __init__(self) -> None:
+        self.flower: deque[str] = deque(maxlen=1000)  # recent Flower messages, to recognise their echo
+
+    def lines(self, text: str) -> list[str]:
+        out = []
+        for raw in text.splitlines():
+            line = ANSI.sub("", raw).rstrip()
+            root = ROOT_LINE.match(line)
+            if root is None:
+                flower = FLOWER_LINE.match(line)
+                if flower:
+                    self.flower.append(flower.group(1).strip())
+                if flower.group(1).strip() if flower else line.strip():
+                    out.append(line)
+                continue
+            level, message = root.group(1), root.group(2).strip()
+            if message in self.flower:
+                self.flower.remove(message)
+            elif message and level in ("WARNING", "ERROR", "CRITICAL"):
+                out.append(f"{level} : {message}")
+        return out
 
 
 class ServerProcess:
@@ -108,8 +134,9 @@ class ServerProcess:
                 f"{self.home.run_dir} already holds a run (round {rounds[-1]} of {target} committed); "
                 "continue it with `fedvox-server start --resume`, or make a new home with `fedvox-server init`"
             )
-        if self.resume and not rounds:
-            raise DeploymentError(f"--resume: {self.home.run_dir} holds no committed round; start without --resume")
+        if self.resume and not rounds:  # so a service can always pass --resume
+            log.info("--resume: %s holds no committed round yet; starting the run", self.home.run_dir)
+            self.resume = False
         if rounds and rounds[-1] >= target:
             raise DeploymentError(
                 f"the run in {self.home.run_dir} is complete (round {rounds[-1]} of {target}); export it with "
@@ -318,6 +345,7 @@ class ServerProcess:
     def _stream_serverapp_log(self) -> None:
         """The ServerApp's log (Flower keeps it in the SuperLink) into ``DIR/logs/run.log`` and the console."""
         control = Control(self.address, self.home.internal_ca)
+        console = ServerAppConsole()
         after = 0.0
         try:
             with open(self.home.logs / "run.log", "a") as out:
@@ -326,7 +354,7 @@ class ServerProcess:
                         for response in control.client.StreamLogs(StreamLogsRequest(run_id=self.run_id, after_timestamp=after)):
                             out.write(response.log_output)
                             out.flush()
-                            for line in console_lines(response.log_output):
+                            for line in console.lines(response.log_output):
                                 serverapp_log.info("%s", line)
                             after = max(after, response.latest_timestamp)
                         return  # the run finished: Flower ends the stream
