@@ -8,6 +8,7 @@ than wall time and is the figure reported there; on CUDA the wall time after a s
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import json
 import os
@@ -82,6 +83,27 @@ def reset_peak_rss() -> bool:
         return False
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+LIVE_MEMORY_THRESHOLD = 64 * 2**10
+"""Blocks this large or larger are mmapped and unmapped on free: RSS follows live memory."""
+HEAP_REUSE_THRESHOLD = 32 * 2**20
+"""glibc's largest dynamic threshold: freed blocks stay in the heap for reuse (fast, as by default
+after the first large frees)."""
+
+
+def set_mmap_threshold(size: int) -> bool:
+    """glibc's ``mallopt(M_MMAP_THRESHOLD, size)``; False where it is not glibc.
+
+    With :data:`LIVE_MEMORY_THRESHOLD` a peak RSS is the peak of live memory, not of what the
+    heap kept from earlier work, but allocation is slower (every block is fresh pages): measure
+    memory and time in separate passes.
+    """
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, size))
+    except (OSError, AttributeError):
+        return False
+
+
 def interleaved(
     variants: Mapping[str, Callable[[], object]], repeats: int, device: torch.device, warmup: int = 1
 ) -> dict[str, dict[str, Any]]:
@@ -143,5 +165,6 @@ def _cell(value: object) -> str:
 
 __all__ = [
     "RESULTS", "cpu_name", "host", "interleaved", "load_average", "peak_rss_bytes", "reset_peak_rss",
+    "set_mmap_threshold", "LIVE_MEMORY_THRESHOLD", "HEAP_REUSE_THRESHOLD",
     "table", "timing_key", "write_json",
 ]

@@ -14,7 +14,10 @@ in one physical batch:
               through its functorch fallback) and ``DPOptimizer``;
 ``unpruned``  fedvox's samplers and ``FedvoxDPOptimizer`` with an ordinary ``loss.backward()``
               (isolates what skipping the summed gradients buys);
-``fedvox``    the engine as clients run it (``client.trainer.engine``).
+``fedvox``    the engine as clients run it (``client.trainer.engine``);
+``ghost``     Opacus 1.6 ghost clipping (s1 only, not run unless asked for): per-sample gradient
+              *norms* from activations and output gradients without the per-sample gradients,
+              then a second backward of the clipped loss (``GradSampleModuleFastGradientClipping``).
 
 Variants are timed in turn, order rotated each repeat; ratios are of medians in this one run
 (CPU time on a CPU, wall time on CUDA). Prints a table last and writes JSON.
@@ -30,22 +33,26 @@ from pathlib import Path
 import torch
 import typer
 from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
 from bench.common import host, interleaved, load_average, table, timing_key, write_json
 from client.data.datasets import S1Example, S2Example
 from client.trainer.dp_optimizer import FedvoxDPOptimizer
 from client.trainer.engine import make_private, run_logical_step
-from client.trainer.tasks import S1Task, S2Task, Task
+from client.trainer.tasks import S1Task, S2Task, Task, autocast
 from shared.audio import HOP_LENGTH
 from shared.cli import run_cli
 from shared.models.config import EOS, PHONEME_VOCAB
 from shared.models.factory import build_model
+from shared.models.s1 import s1_loss
 from shared.models.s2 import WeightNormGradSampleModule
 from shared.models.subsets import SubsetSpec
 
 app = typer.Typer(add_completion=False)
 VARIANTS = ("plain", "opacus", "unpruned", "fedvox")
+OPTIONAL_VARIANTS = ("ghost",)
 LEARNING_RATE = 1e-5  # small: the weights barely move over the repeats
 
 
@@ -89,6 +96,8 @@ def step_variant(name: str, task: Task, batch: int, physical: int, device: torch
         return plain
 
     noise = torch.Generator(device).manual_seed(0)
+    if name == "ghost":
+        return ghost_step(task, optimizers, batch, physical, noise)
     if name == "fedvox":
         privates = {part: make_private(module, optimizers[part], noise_multiplier=1.0, clip_norm=1.0,
                                        expected_batch_size=batch, noise_generator=noise)
@@ -110,6 +119,25 @@ def step_variant(name: str, task: Task, batch: int, physical: int, device: torch
     return private
 
 
+def ghost_step(task: Task, optimizers: dict, batch: int, physical: int, noise: torch.Generator):
+    """Opacus's ghost clipping on s1: one physical batch (its optimizer clears the gradients
+    between its two backward passes, so it cannot accumulate physical batches)."""
+    if not isinstance(task, S1Task) or physical != batch:
+        raise typer.BadParameter("the ghost variant runs s1 with the whole logical batch in one physical batch")
+    module = GradSampleModuleFastGradientClipping(task.model, batch_first=True, loss_reduction="sum", max_grad_norm=1.0)
+    optimizer = DPOptimizerFastGradientClipping(optimizers["s1"], noise_multiplier=1.0, max_grad_norm=1.0,
+                                                expected_batch_size=batch, loss_reduction="sum", generator=noise)
+    data = task.batch(torch.arange(batch))
+
+    def ghost() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(task.device, task.precision):
+            per_sample = s1_loss(module, data).per_sample
+        DPTensorFastGradientClipping(module, optimizer, per_sample, "sum").backward()
+        optimizer.step()
+    return ghost
+
+
 @app.command()
 def main(
     stage: str = typer.Option("s1", help="s1 (GPT) or s2 (SoVITS generator + discriminator)"),
@@ -123,7 +151,7 @@ def main(
     device: str = typer.Option("cpu", help="cpu or cuda"),
     threads: int = typer.Option(1, help="torch CPU threads (1 gives the steadiest ratios on a shared host)"),
     repeats: int = typer.Option(7, help="timed steps per variant"),
-    variants: str = typer.Option(",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS)),
+    variants: str = typer.Option(",".join(VARIANTS), help="comma-separated, of " + ", ".join(VARIANTS + OPTIONAL_VARIANTS)),
     out: Path = typer.Option(None, help="JSON path (default runs/bench/dp_step-<stage>-<config>-....json)"),
 ) -> None:
     logging.disable(logging.WARNING)
@@ -131,8 +159,8 @@ def main(
     torch.set_num_threads(threads)
     dev = torch.device(device)
     names = [v for v in variants.split(",") if v]
-    if unknown := set(names) - set(VARIANTS):
-        raise typer.BadParameter(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    if unknown := set(names) - set(VARIANTS + OPTIONAL_VARIANTS):
+        raise typer.BadParameter(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS + OPTIONAL_VARIANTS)}")
     facts = host(dev)
     dataset = synthetic_dataset(stage, batch, phonemes, tokens)
     base = build_task(stage, config, subset, dataset, dev, precision)

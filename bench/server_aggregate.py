@@ -13,8 +13,12 @@ process, alternating the order every repeat:
 
 * ``read once``: decode every array of every reply and reduce it, once (the floor any
   aggregation pays: one pass over the received bytes);
-* ``aggregate``: ``aggregate_train`` itself; its peak resident memory above what was resident
-  before it (``/proc/self/clear_refs``) is what the strategy adds on top of the replies.
+* ``aggregate``: ``aggregate_train`` itself.
+
+A first round, untimed, measures memory: the peak resident memory of ``aggregate_train`` above
+what was resident before it (``/proc/self/clear_refs``), with glibc told to return freed blocks
+(so memory the heap kept from earlier work cannot hide an allocation), is what the strategy
+adds to the replies.
 
 The replies share ``--distinct`` update records (distinct ``Message`` objects): Flower itself
 holds every reply of a round (``Grid.send_and_receive`` returns a list), N records in the wire
@@ -36,7 +40,10 @@ import typer
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from bench.common import host, load_average, peak_rss_bytes, reset_peak_rss, table, write_json
+from bench.common import (
+    HEAP_REUSE_THRESHOLD, LIVE_MEMORY_THRESHOLD, host, load_average, peak_rss_bytes, reset_peak_rss,
+    set_mmap_threshold, table, write_json,
+)
 from server.strategy import FedvoxRound, build_strategy
 from shared.cli import run_cli
 from shared.models.factory import build_model
@@ -129,6 +136,7 @@ def main(
 ) -> None:
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
+    freed = set_mmap_threshold(LIVE_MEMORY_THRESHOLD)  # for the memory round, first
     facts = host(torch.device("cpu"))
     state = trainable_state_dict(build_model(stage, config, SubsetSpec(kind=subset), seed=0))
     global_record = to_record(state, "fp32")
@@ -138,53 +146,56 @@ def main(
     grid = BenchGrid(clients)
     records: list[ArrayRecord] = []
     samples: dict[str, dict[str, list[float]]] = {k: {"cpu_s": [], "wall_s": []} for k in ("read", "aggregate")}
-    extra: list[int] = []
-    for server_round in range(1, repeats + 1):
+    extra = 0
+    for server_round in range(1, repeats + 2):
         messages = list(strategy.configure_train(server_round, global_record, ConfigRecord(), grid))
         if not records:
             records = updates(from_record(to_record(from_record(global_record), wire)), distinct, wire)
         replies = train_replies(messages, records)
+        if server_round == 1:  # the memory round, untimed: fresh pages for every block are slow
+            resident = _rss_bytes()
+            reset_peak_rss()
+            arrays, _ = strategy.aggregate_train(server_round, replies)
+            extra = peak_rss_bytes() - resident
+            assert arrays is not None, "the round aggregated nothing"
+            set_mmap_threshold(HEAP_REUSE_THRESHOLD)
+            continue
         for step in ("read", "aggregate") if server_round % 2 else ("aggregate", "read"):
             cpu, wall = time.process_time(), time.perf_counter()
             if step == "read":
                 read_once(replies)
             else:
-                resident = _rss_bytes()
-                reset_peak_rss()
-                arrays, _ = strategy.aggregate_train(server_round, replies)
-                extra.append(peak_rss_bytes() - resident)
-                assert arrays is not None, "the round aggregated nothing"
+                strategy.aggregate_train(server_round, replies)
             samples[step]["wall_s"].append(time.perf_counter() - wall)
             samples[step]["cpu_s"].append(time.process_time() - cpu)
         del replies, messages
     median = {step: {k: statistics.median(v) for k, v in s.items()} for step, s in samples.items()}
-    record = strategy.records[repeats]
+    record = strategy.records[1]
     one_record = record_bytes(records[0])
-    peak_extra = max(extra)
     result = {
         "figure": "server_aggregate",
         "host": {**facts, "load_average_end": load_average()},
         "setting": {"stage": stage, "config": config, "subset": subset, "clients": clients, "wire": wire,
                     "aggregation": aggregation, "speaker_dp": speaker_dp, "distinct_records": distinct,
-                    "repeats": repeats, "torch_threads": 1},
+                    "repeats": repeats, "torch_threads": 1, "freed_memory_returned": freed},
         "record_bytes": one_record, "model_fp32_bytes": model_fp32, "flower_replies_bytes": one_record * clients,
         "samples": samples, "read_once": median["read"], "aggregate": median["aggregate"],
         "aggregate_over_read_cpu": median["aggregate"]["cpu_s"] / median["read"]["cpu_s"],
         "aggregate_over_read_wall": median["aggregate"]["wall_s"] / median["read"]["wall_s"],
-        "aggregate_peak_extra_bytes": extra, "peak_extra_in_fp32_models": peak_extra / model_fp32,
+        "aggregate_peak_extra_bytes": extra, "peak_extra_in_fp32_models": extra / model_fp32,
         "participants": len(record.participants), "rejects": dict(record.rejects),
     }
     path = write_json(result, out, f"server_aggregate-{stage}-{config}-{subset}-{wire}-{aggregation}"
                                    f"{'-speakerdp' if speaker_dp else ''}-n{clients}")
     print(f"{clients} updates of {stage}-{config} {subset} ({one_record / 1e6:.0f} MB each in {wire}; Flower holds "
-          f"{one_record * clients / 1e9:.1f} GB of replies), median of {repeats} rounds; {facts['cpu']}, 1 thread, "
+          f"{one_record * clients / 1e9:.1f} GB of replies), median of {repeats} rounds after a memory round; {facts['cpu']}, 1 thread, "
           f"load {facts['load_average_start']:.1f} -> {load_average():.1f}; {path}")
     rule = f"aggregate ({aggregation}{', speaker DP' if speaker_dp else ''})"
     print(table(
         ("step", "cpu s", "wall s", "x read once (cpu)", "peak extra GB", "x fp32 model"),
         [("read once", median["read"]["cpu_s"], median["read"]["wall_s"], 1.0, "", ""),
          (rule, median["aggregate"]["cpu_s"], median["aggregate"]["wall_s"],
-          result["aggregate_over_read_cpu"], peak_extra / 1e9, peak_extra / model_fp32)],
+          result["aggregate_over_read_cpu"], extra / 1e9, extra / model_fp32)],
     ))
 
 

@@ -17,7 +17,8 @@ each in a fresh process so Ray and the imports start cold. The cores the federat
 ``outside``    before the first and after the last round: Ray start-up, the ServerApp's start,
                round 0's checkpoint, shut-down.
 
-The overhead is everything but ``training``. On 2 cores the configurations are 2x1 (fedvox-sim's
+The overhead is everything but ``training``; ``later rounds`` is the same share within the rounds
+after the first (no cold start: what each further round adds). On 2 cores the configurations are 2x1 (fedvox-sim's
 default), 1x2 (Flower's default of one ClientApp per two CPUs, with one thread per core), 2x2
 (oversubscribed) and 1x1. Prints a table last and writes JSON.
 """
@@ -87,11 +88,15 @@ def federation(speakers_dir: Path, out: Path, rounds: int, workers: int, threads
         "rounds": (workers * rounds_s - handlers) / held,
         "outside": workers * (wall - rounds_s) / held,
     }
+    later = [m for m in metrics if m["round"] > 1]  # past the cold start: what each further round costs
+    later_training = sum(e["compute-host-s"] for e in trained if e["round"] > 1)
+    later_s = sum(m["round-time-s"] for m in later)
     return {
         "workers": workers, "threads": threads, "clients": len(data.clients), "rounds": len(metrics),
         "speaker_rounds": len(trained), "federation_s": wall, "preparation_s": preparation,
         "per_speaker_round_s": wall / max(len(trained), 1), "round_s": [m["round-time-s"] for m in metrics],
         "train_handler_s": handlers, "training_s": training, "shares": shares, "overhead": 1.0 - shares["training"],
+        "later_rounds_overhead": 1.0 - later_training / (workers * later_s) if later else None,
         "step_s_median": sorted(e["step-time-s"] for e in trained)[len(trained) // 2] if trained else None,
         "steps_per_round": trained[0]["steps"] if trained else None,
     }
@@ -149,9 +154,10 @@ def main(
           f"{facts['cores']} cores, load {facts['load_average_start']:.1f} -> {load_average():.1f}; {path}")
     print(table(
         ("workers x threads", "federation s", "s / speaker-round", "process s", "training", "client", "rounds",
-         "outside", "overhead"),
+         "outside", "overhead", "later rounds"),
         [(f"{r['workers']}x{r['threads']}", r["federation_s"], r["per_speaker_round_s"], r["process_s"],
-          *(f"{r['shares'][k]:.0%}" for k in ("training", "client", "rounds", "outside")), f"{r['overhead']:.0%}")
+          *(f"{r['shares'][k]:.0%}" for k in ("training", "client", "rounds", "outside")), f"{r['overhead']:.0%}",
+          "" if r["later_rounds_overhead"] is None else f"{r['later_rounds_overhead']:.0%}")
          for r in results],
     ))
 
