@@ -3,13 +3,14 @@
     python -m bench.profile_memory [--device cpu|cuda] [--stage s1 s2] [--config tiny v2 ...]
 
 Every (stage, config, subset, precision, checkpointing) runs in a fresh process: the model and
-its subset, AdamW and Opacus's DP optimizer as in training (``client.trainer.engine``), then one
-DP step per physical batch size on synthetic batches at the planning length
-(``client.profiles.PLANNING_SECONDS``), smallest first. Peak memory after each step (CPU: the
-process's peak RSS, VmHWM; CUDA: ``max_memory_allocated``) grows by ``per_sample`` bytes per
-extra sample; the activation term the profiles use is ``per_sample - trainable * g`` (``g``: 4
-bytes per parameter for fp32 per-sample gradients, 2 under autocast). The rows replace those
-with the same key in ``client/profile_memory.json``.
+its subset, AdamW and Opacus's DP optimizer as in training (``client.trainer.engine``), on
+synthetic batches at the planning length (``client.profiles.PLANNING_SECONDS``). After a warm-up
+step it records the peak memory (CPU: the process's peak RSS, VmHWM, reset before each step;
+CUDA: ``max_memory_allocated``) of DP steps and then of plain steps (Opacus hooks off) at a few
+physical batch sizes. The activation term ``A`` the profiles use comes from both
+(:func:`activation_term`), so that ``trainable * g + A`` bounds what the DP steps took per
+sample. Rows replace those with the same key in ``client/profile_memory.json``. CPU
+measurements need Linux (``/proc``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -62,16 +62,20 @@ def planning_lengths() -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------- one measurement (child)
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current RSS
+
+
 def _peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: CPU measurements need Linux")
 
 
 def _s1_step(stage_models, batch_size: int, device: torch.device, lengths: dict[str, int], autocast) -> None:
@@ -122,9 +126,19 @@ def _s2_step(stage_models, batch_size: int, device: torch.device, lengths: dict[
         g_loss.backward()
 
 
+def activation_term(plain_slope: int, dp_slope: int, trainable: int, mixed: bool) -> int:
+    """``A``: the larger of a plain step's growth per sample and what a DP step took per sample
+    beyond its per-sample gradients. The second is larger under autocast (Opacus keeps each
+    layer's fp32 input where autograd keeps only the low-precision copy); the first is larger
+    for full fine-tuning, where the measured DP peak falls after backward has freed activations
+    and could move at bigger batches. Taking both keeps the memory model an upper bound."""
+    return max(plain_slope, dp_slope - trainable * (2 if mixed else 4))
+
+
 def measure(stage: str, config_name: str, subset: str, precision: str, checkpointing: bool,
             device_name: str) -> dict[str, Any]:
-    """One row: peak memory per physical batch size for one configuration (run in a fresh process)."""
+    """One row: the peak memory of DP steps and of plain steps per physical batch size (run in a
+    fresh process)."""
     device = torch.device(device_name)
     torch.manual_seed(0)
     torch.set_num_threads(1)  # memory does not depend on it; leaves the host's other cores alone
@@ -156,34 +170,42 @@ def measure(stage: str, config_name: str, subset: str, precision: str, checkpoin
     def autocast() -> torch.autocast:
         return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
-    batches = batch_sizes(config_name)
-    peaks = []
-    for batch_size in (batches[0], *batches):  # the first step warms up (optimizer state, kernels)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+    def step(batch_size: int, dp: bool) -> int:
+        _reset_peak(device)
         if stage == "s1":
             _s1_step(stage_models, batch_size, device, lengths, autocast)
         else:
             _s2_step(stage_models, batch_size, device, lengths, autocast, config)
         for private in stage_models:
-            private.optimizer.step()
+            if dp:
+                private.optimizer.step()
             private.optimizer.zero_grad(set_to_none=True)
-        peaks.append(_peak_bytes(device))
-    peaks = peaks[1:]
-    per_sample = (peaks[-1] - peaks[-2]) // (batches[-1] - batches[-2])
+        return _peak_bytes(device)
+
+    batches = batch_sizes(config_name)
+    step(batches[0], dp=True)  # warm-up: optimizer state, lazily loaded kernels
+    dp_peaks = [step(b, dp=True) for b in batches]
+    for private in stage_models:  # plain backward: parameter gradients, no per-sample ones
+        private.module.disable_hooks()
+    plain_peaks = [step(b, dp=False) for b in batches]
+
+    def slope(peaks: list[int]) -> int:
+        return (peaks[-1] - peaks[-2]) // (batches[-1] - batches[-2])
+
     size = model_size(stage, config_name, SubsetSpec(subset))
-    activation = per_sample - size.trainable * (2 if dtype is not None else 4)
+    activation = activation_term(slope(plain_peaks), slope(dp_peaks), size.trainable, dtype is not None)
     modelled = estimate_memory(size, ActivationCost(activation, device.type, False, ""), precision, 0)
     facts = probe()
     host = facts.device_name if device.type == "cuda" else f"{facts.cpu_name} ({facts.logical_cores} threads)"
     return {
         "device": device.type, "stage": stage, "config": config_name, "subset": subset,
         "precision": precision, "checkpointing": checkpointing,
-        "activation_bytes": int(activation), "per_sample_bytes": int(per_sample),
-        "trainable_params": size.trainable,
-        "fixed_bytes_measured": int(peaks[0] - per_sample * batches[0] - (0 if device.type == "cuda" else baseline)),
-        "fixed_bytes_model": modelled.fixed,
-        "batches": list(batches), "peak_bytes": peaks, "lengths": lengths,
+        "activation_bytes": activation, "activation_plain_bytes": slope(plain_peaks),
+        "per_sample_bytes_measured": slope(dp_peaks), "per_sample_bytes_model": modelled.per_sample,
+        "fixed_bytes_measured": dp_peaks[0] - slope(dp_peaks) * batches[0] - baseline,
+        "fixed_bytes_model": modelled.fixed, "baseline_bytes": baseline,
+        "trainable_params": size.trainable, "batches": list(batches),
+        "dp_peak_bytes": dp_peaks, "plain_peak_bytes": plain_peaks, "lengths": lengths,
         "host": host, "torch": torch.__version__.split("+")[0],
         "date": datetime.date.today().isoformat(),
     }
@@ -232,11 +254,11 @@ def main(argv: list[str] | None = None) -> None:
             continue
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows[_key(row)] = row
-        print(f"{stage} {config:9s} {subset:4s} {precision} ckpt={int(ckpt)}: "
-              f"{row['per_sample_bytes'] / 2**20:8.1f} MiB/sample, activations "
-              f"{row['activation_bytes'] / 2**20:8.1f} MiB; fixed measured "
-              f"{row['fixed_bytes_measured'] / 2**20:.0f} MiB vs model {row['fixed_bytes_model'] / 2**20:.0f} MiB",
-              flush=True)
+        print(f"{stage} {config:9s} {subset:4s} {precision} ckpt={int(ckpt)}: activations "
+              f"{row['activation_bytes'] / 2**20:7.1f} MiB/sample; DP per sample measured "
+              f"{row['per_sample_bytes_measured'] / 2**20:7.1f} vs model {row['per_sample_bytes_model'] / 2**20:7.1f} "
+              f"MiB; fixed measured {row['fixed_bytes_measured'] / 2**20:.0f} vs model "
+              f"{row['fixed_bytes_model'] / 2**20:.0f} MiB", flush=True)
         table["rows"] = sorted(rows.values(), key=_key)
         table["about"] = (
             "Activation bytes per sample at the planning length, written by bench/profile_memory.py "

@@ -27,8 +27,10 @@ The physical batch comes from a memory model (see :func:`estimate_memory` and
     physical   = floor((budget - fixed) / per_sample)
 
 with ``P`` all parameters, ``T`` trainable ones (counted on the real model code on the meta
-device) and ``A`` read from ``client/profile_memory.json``, which ``bench/profile_memory.py``
-measures and refreshes.
+device) and ``A`` the activation memory per sample, read from ``client/profile_memory.json``
+(measured and refreshed by ``bench/profile_memory.py``: the larger of a plain step's growth per
+sample and a DP step's growth beyond its per-sample gradients, so the sum bounds measured DP
+steps from above).
 """
 
 from __future__ import annotations
