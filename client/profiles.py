@@ -72,6 +72,12 @@ CPU_RAM_FRACTION = 0.5
 """Share of RAM a CPU profile plans to use: the rest stays with the OS, the data pipeline and
 whatever else runs on the owner's machine (policy, not a measurement)."""
 
+CPU_RUNTIME_RESERVE = int(0.75 * GiB)
+"""What a CPU client's process holds before its model: Python, torch and its libraries, fedvox's
+imports. Measured on x86-64: 0.62 GiB (``baseline_bytes`` in ``client/profile_memory.json``) to
+0.73 GiB (``bench/profile_fit.py``); without it a Raspberry Pi 5 profile peaked at 116 % of its
+budget (docs/performance.md, figure 2)."""
+
 ACCELERATOR_FRACTION = 0.9
 """Share of GPU memory the allocator can use for tensors (caching-allocator fragmentation).
 ESTIMATE, to validate on a GPU with ``bench/profile_memory.py --device cuda``."""
@@ -310,7 +316,7 @@ def estimate_memory(
 def memory_budget(facts: DeviceFacts, device: str) -> int:
     """Bytes a profile plans to use on ``device`` (``cpu`` or an accelerator)."""
     if device == "cpu":
-        return int(facts.ram * CPU_RAM_FRACTION)
+        return max(0, int(facts.ram * CPU_RAM_FRACTION) - CPU_RUNTIME_RESERVE)
     return max(0, int(facts.total_memory * ACCELERATOR_FRACTION) - ACCELERATOR_RESERVE)
 
 
@@ -647,7 +653,7 @@ def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 __all__ = [
-    "ACCELERATOR_FRACTION", "ACCELERATOR_RESERVE", "CPU_RAM_FRACTION", "FP16_LOSS_SCALE",
+    "ACCELERATOR_FRACTION", "ACCELERATOR_RESERVE", "CPU_RAM_FRACTION", "CPU_RUNTIME_RESERVE", "FP16_LOSS_SCALE",
     "GPU_TIERS", "MEMORY_TABLE", "PHONEMES_PER_SECOND", "PLANNING_SECONDS", "PRECISIONS",
     "STAGES", "ActivationCost", "MemoryEstimate", "ModelSize", "ProfileOverrides",
     "ResourceProfile", "activation_cost", "estimate_memory", "gpu_tier", "memory_budget",

@@ -10,7 +10,7 @@ import pytest
 import client.profiles as profiles
 from client.device import REFERENCE_DEVICES, GiB
 from client.profiles import (
-    ACCELERATOR_FRACTION, ACCELERATOR_RESERVE, CPU_RAM_FRACTION, ActivationCost, ModelSize,
+    ACCELERATOR_FRACTION, ACCELERATOR_RESERVE, CPU_RAM_FRACTION, CPU_RUNTIME_RESERVE, ActivationCost, ModelSize,
     ProfileOverrides, activation_cost, estimate_memory, memory_budget, model_size,
     poisson_batch_bound, select_profile,
 )
@@ -52,9 +52,9 @@ def test_memory_model_terms():
 def test_budgets():
     cpu = REFERENCE_DEVICES["x86-avx2"]
     gpu = REFERENCE_DEVICES["rtx3060"]
-    assert memory_budget(cpu, "cpu") == int(cpu.ram * CPU_RAM_FRACTION)
+    assert memory_budget(cpu, "cpu") == int(cpu.ram * CPU_RAM_FRACTION) - CPU_RUNTIME_RESERVE
     assert memory_budget(gpu, "cuda:0") == int(gpu.total_memory * ACCELERATOR_FRACTION) - ACCELERATOR_RESERVE
-    assert memory_budget(gpu, "cpu") == int(gpu.ram * CPU_RAM_FRACTION)
+    assert memory_budget(gpu, "cpu") == int(gpu.ram * CPU_RAM_FRACTION) - CPU_RUNTIME_RESERVE
 
 
 def test_model_sizes_come_from_the_real_models():
