@@ -161,6 +161,7 @@ def main(
             set_mmap_threshold(HEAP_REUSE_THRESHOLD)
             continue
         for step in ("read", "aggregate") if server_round % 2 else ("aggregate", "read"):
+            replies = train_replies(messages, records)  # the median's re-basing replaces reply contents
             cpu, wall = time.process_time(), time.perf_counter()
             if step == "read":
                 read_once(replies)
