@@ -518,9 +518,10 @@ def _plain(value: Any) -> Any:
 
 FILES_TEXT = """\
 - `runs/<run>/server/`: global checkpoints of every round (`checkpoints/round-NNNNN.*`), the speaker-level
-  ledger, `metrics.jsonl` and TensorBoard logs, the exported best model (`export/`); `fedvox-server status`
-  reads it.
-- `runs/<run>/clients/client-<p>/privacy_ledger.sqlite`: each client's utterance-level ledger.
+  ledger (with `--speaker-dp`), `metrics.jsonl` and TensorBoard logs, the exported best model (`export/`);
+  `fedvox-server status` reads it.
+- `runs/<run>/clients/client-<p>/privacy_ledger.sqlite`: each client's utterance-level ledger;
+  `fedvox-audit runs/<run>/clients/* [runs/<run>/server]` recomputes every epsilon.
 - `runs/<run>/events/client-<p>.jsonl`: what each client did in each round (outcome, measured and simulated
   times, bytes, memory).
 - `runs/<run>/fleet.json`: each client's device, simulated profile and how this host ran it.
