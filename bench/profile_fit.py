@@ -12,8 +12,8 @@ precision and checkpointing) runs DP steps (``client.trainer.engine.make_private
 planning length (``client.profiles.PLANNING_SECONDS``). Recorded: the resident memory before the
 steps (interpreter, torch, model, optimizer state) and the peak during them (VmHWM, reset before
 each step), against the profile's estimate (model, optimizer state and activations; not the
-interpreter and libraries) and its budget (the share of the device's RAM it
-plans to use). glibc returns every block of 64 KiB or more on free (``MALLOC_MMAP_THRESHOLD_``),
+interpreter and libraries), its budget (what training may add) and the process's allowance
+(on a CPU the share of the RAM a profile plans for, runtime included; on a GPU the budget). glibc returns every block of 64 KiB or more on free (``MALLOC_MMAP_THRESHOLD_``),
 so the peak is that of live memory. Linux only.
 
 A GPU profile runs on this machine's GPU with the process capped to the reference GPU's memory
@@ -47,7 +47,7 @@ def measure(device_name: str, stage: str, config: str, subset: str, steps: int) 
 
     from bench.dp_step import step_variant, synthetic_dataset
     from client.device import reference_device
-    from client.profiles import PHONEMES_PER_SECOND, PLANNING_SECONDS, select_profile
+    from client.profiles import CPU_RAM_FRACTION, PHONEMES_PER_SECOND, PLANNING_SECONDS, select_profile
     from client.trainer.local import build_task
     from shared.audio import SEMANTIC_RATE
     from shared.models.factory import build_model
@@ -88,12 +88,15 @@ def measure(device_name: str, stage: str, config: str, subset: str, steps: int) 
         torch.cuda.synchronize(device)
         peaks.append(torch.cuda.max_memory_allocated(device))
     estimate = profile.memory.fixed + profile.memory.per_sample * batch
+    # The whole process's share: on a CPU the budget is what training may add to the runtime.
+    allowance = int(facts.ram * CPU_RAM_FRACTION) if device.type == "cpu" else profile.memory.budget
     return {
         "device": device_name, "stage": stage, "config": config, "subset": subset, "profile": profile.name,
         "physical_batch": batch, "precision": profile.precision, "checkpointing": profile.checkpointing,
         "phonemes": phonemes, "semantic_tokens": tokens, "resident_before_bytes": resident,
         "peak_bytes": peaks, "peak_max_bytes": max(peaks), "estimate_bytes": estimate,
-        "budget_bytes": profile.memory.budget, "peak_over_budget": max(peaks) / profile.memory.budget,
+        "budget_bytes": profile.memory.budget, "allowance_bytes": allowance,
+        "peak_over_allowance": max(peaks) / allowance,
         "device_memory_bytes": facts.ram if device.type == "cpu" else facts.total_memory, "error": error,
     }
 
@@ -141,10 +144,10 @@ def main(
           f"{facts['load_average_start']:.1f} -> {load_average():.1f}; {path}")
     print(table(
         ("device", "profile", "batch", "resident GiB", "peak GiB", "peak - resident", "estimate GiB", "budget GiB",
-         "peak / budget", "error"),
+         "allowance GiB", "peak / allowance", "error"),
         [(r["device"], r["profile"], r["physical_batch"], r["resident_before_bytes"] / GIB, r["peak_max_bytes"] / GIB,
           (r["peak_max_bytes"] - r["resident_before_bytes"]) / GIB, r["estimate_bytes"] / GIB, r["budget_bytes"] / GIB,
-          r["peak_over_budget"], r["error"] or "") for r in rows],
+          r["allowance_bytes"] / GIB, r["peak_over_allowance"], r["error"] or "") for r in rows],
     ))
 
 
