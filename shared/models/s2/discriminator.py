@@ -37,14 +37,18 @@ class DiscriminatorP(nn.Module):
         b, c, t = wave.shape
         if t % self.period:
             wave = F.pad(wave, (0, self.period - t % self.period), mode="reflect")
-        x = wave.view(b, c, -1, self.period)
-        fmap = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            fmap.append(x)
-        x = self.conv_post(x)
+        return _conv_stack(wave.view(b, c, -1, self.period), self.convs, self.conv_post)
+
+
+def _conv_stack(x: torch.Tensor, convs: nn.ModuleList, conv_post: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Score and feature maps of one sub-discriminator (every map feeds the feature-matching loss)."""
+    fmap = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), LRELU_SLOPE)
         fmap.append(x)
-        return x.flatten(1), fmap
+    x = conv_post(x)
+    fmap.append(x)
+    return x.flatten(1), fmap
 
 
 class DiscriminatorS(nn.Module):
@@ -62,13 +66,7 @@ class DiscriminatorS(nn.Module):
         self.conv_post = weight_normed(nn.Conv1d(channels[-1], 1, 3, 1, padding=1))
 
     def forward(self, wave: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x, fmap = wave, []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            fmap.append(x)
-        x = self.conv_post(x)
-        fmap.append(x)
-        return x.flatten(1), fmap
+        return _conv_stack(wave, self.convs, self.conv_post)
 
 
 class MultiPeriodDiscriminator(nn.Module):
