@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from shared.atomic import atomic_write_text
+from fedvox.shared.atomic import atomic_write_text
 
 RESULTS = Path("runs/bench")
 """Where figures are written unless ``--out`` says otherwise (ignored by git)."""

@@ -23,11 +23,11 @@ from flwr.app import RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 from bench.common import host, table, write_json
-from shared.cli import run_cli
-from shared.models.factory import build_model
-from shared.models.subsets import SubsetSpec, trainable_state_dict
-from shared.protocol import ARRAYS
-from shared.wire import record_bytes, to_record
+from fedvox.shared.cli import run_cli
+from fedvox.shared.models.factory import build_model
+from fedvox.shared.models.subsets import SubsetSpec, trainable_state_dict
+from fedvox.shared.protocol import ARRAYS
+from fedvox.shared.wire import record_bytes, to_record
 
 app = typer.Typer(add_completion=False)
 TARGET_FRACTION = 0.01

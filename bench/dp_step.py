@@ -38,17 +38,17 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
 from bench.common import host, interleaved, load_average, table, timing_key, write_json
-from client.data.datasets import S1Example, S2Example
-from client.trainer.dp_optimizer import FedvoxDPOptimizer
-from client.trainer.engine import make_private, run_logical_step
-from client.trainer.tasks import S1Task, S2Task, Task, autocast
-from shared.audio import HOP_LENGTH
-from shared.cli import run_cli
-from shared.models.config import EOS, PHONEME_VOCAB
-from shared.models.factory import build_model
-from shared.models.s1 import s1_loss
-from shared.models.s2 import WeightNormGradSampleModule
-from shared.models.subsets import SubsetSpec
+from fedvox.client.data.datasets import S1Example, S2Example
+from fedvox.client.trainer.dp_optimizer import FedvoxDPOptimizer
+from fedvox.client.trainer.engine import make_private, run_logical_step
+from fedvox.client.trainer.tasks import S1Task, S2Task, Task, autocast
+from fedvox.shared.audio import HOP_LENGTH
+from fedvox.shared.cli import run_cli
+from fedvox.shared.models.config import EOS, PHONEME_VOCAB
+from fedvox.shared.models.factory import build_model
+from fedvox.shared.models.s1 import s1_loss
+from fedvox.shared.models.s2 import WeightNormGradSampleModule
+from fedvox.shared.models.subsets import SubsetSpec
 
 app = typer.Typer(add_completion=False)
 VARIANTS = ("plain", "opacus", "unpruned", "fedvox")

@@ -20,9 +20,9 @@ import typer
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from shared.cli import run_cli
-from shared.privacy import accounting
-from shared.privacy.accounting import Mechanism, calibrate_noise_multiplier
+from fedvox.shared.cli import run_cli
+from fedvox.shared.privacy import accounting
+from fedvox.shared.privacy.accounting import Mechanism, calibrate_noise_multiplier
 
 app = typer.Typer(add_completion=False)
 

@@ -34,7 +34,7 @@ from typing import Any
 import typer
 
 from bench.common import host, load_average, peak_rss_bytes, reset_peak_rss, table, write_json
-from shared.cli import run_cli
+from fedvox.shared.cli import run_cli
 
 app = typer.Typer(add_completion=False)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -46,13 +46,13 @@ def measure(device_name: str, stage: str, config: str, subset: str, steps: int) 
     import torch
 
     from bench.dp_step import step_variant, synthetic_dataset
-    from client.device import reference_device
-    from client.profiles import CPU_RAM_FRACTION, PHONEMES_PER_SECOND, PLANNING_SECONDS, select_profile
-    from client.trainer.local import build_task
-    from shared.audio import SEMANTIC_RATE
-    from shared.models.factory import build_model
-    from shared.models.subsets import SubsetSpec
-    from shared.runconfig import RunConfig
+    from fedvox.client.device import reference_device
+    from fedvox.client.profiles import CPU_RAM_FRACTION, PHONEMES_PER_SECOND, PLANNING_SECONDS, select_profile
+    from fedvox.client.trainer.local import build_task
+    from fedvox.shared.audio import SEMANTIC_RATE
+    from fedvox.shared.models.factory import build_model
+    from fedvox.shared.models.subsets import SubsetSpec
+    from fedvox.shared.runconfig import RunConfig
 
     torch.set_num_threads(1)  # memory does not depend on threads; the shared host stays usable
     facts = reference_device(device_name)

@@ -27,17 +27,17 @@ from typing import Any
 
 import torch
 
-from client.device import probe
-from client.profiles import (
+from fedvox.client.device import probe
+from fedvox.client.profiles import (
     AUTOCAST_DTYPES, MEMORY_TABLE, PHONEMES_PER_SECOND, PLANNING_SECONDS, estimate_memory,
     model_size, ActivationCost,
 )
-from client.trainer.engine import make_private
-from shared.atomic import atomic_write_text
-from shared.audio import FRAMES_PER_SECOND, HOP_LENGTH, SEMANTIC_RATE
-from shared.models.batches import S1Batch, S2Batch
-from shared.models.config import s1_config, s2_config
-from shared.models.subsets import SubsetSpec, apply_subset
+from fedvox.client.trainer.engine import make_private
+from fedvox.shared.atomic import atomic_write_text
+from fedvox.shared.audio import FRAMES_PER_SECOND, HOP_LENGTH, SEMANTIC_RATE
+from fedvox.shared.models.batches import S1Batch, S2Batch
+from fedvox.shared.models.config import s1_config, s2_config
+from fedvox.shared.models.subsets import SubsetSpec, apply_subset
 
 def batch_sizes(config: str) -> tuple[int, ...]:
     """Physical batches measured, after a warm-up step at the first: wide apart for ``tiny``,
@@ -80,7 +80,7 @@ def _peak_bytes(device: torch.device) -> int:
 
 def _s1_step(stage_models, batch_size: int, device: torch.device, lengths: dict[str, int], autocast) -> None:
     """Forward and backward of one s1 physical batch (per-sample losses summed)."""
-    from shared.models.s1 import s1_loss
+    from fedvox.shared.models.s1 import s1_loss
 
     (private,) = stage_models
     g = torch.Generator().manual_seed(batch_size)
@@ -100,7 +100,7 @@ def _s1_step(stage_models, batch_size: int, device: torch.device, lengths: dict[
 def _s2_step(stage_models, batch_size: int, device: torch.device, lengths: dict[str, int], autocast,
              config) -> None:
     """One s2 GAN step's forwards and backwards (``shared.models.s2.gan``): G, then D, then G with D frozen."""
-    from shared.models.s2 import discriminator_losses, frozen, generator_losses
+    from fedvox.shared.models.s2 import discriminator_losses, frozen, generator_losses
 
     gen, disc = stage_models
     g = torch.Generator().manual_seed(batch_size)
@@ -145,13 +145,13 @@ def measure(stage: str, config_name: str, subset: str, precision: str, checkpoin
     lengths = planning_lengths()
     baseline = _peak_bytes(device)
     if stage == "s1":
-        from shared.models.s1 import Text2SemanticDecoder
+        from fedvox.shared.models.s1 import Text2SemanticDecoder
 
         config = s1_config(config_name)
         model = Text2SemanticDecoder(config, attention_checkpointing=checkpointing)
         models = [(model, SubsetSpec(subset))]
     else:
-        from shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn
+        from fedvox.shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn
 
         config = s2_config(config_name)
         models = [(SynthesizerTrn(config), SubsetSpec(subset)),

@@ -19,10 +19,10 @@ import torch
 import typer
 from opacus import GradSampleModule
 
-from shared.cli import run_cli
-from shared.models.batches import S1Batch
-from shared.models.config import EOS, s1_config
-from shared.models.s1 import Text2SemanticDecoder, generate, s1_loss
+from fedvox.shared.cli import run_cli
+from fedvox.shared.models.batches import S1Batch
+from fedvox.shared.models.config import EOS, s1_config
+from fedvox.shared.models.s1 import Text2SemanticDecoder, generate, s1_loss
 
 app = typer.Typer(add_completion=False)
 

@@ -23,15 +23,15 @@ import torch
 import typer
 from opacus import GradSampleModule
 
-from shared.audio import HOP_LENGTH, SAMPLE_RATE, linear_spectrogram
-from shared.cli import run_cli
-from shared.models.batches import S2Batch
-from shared.models.config import S2Config, s2_config
-from shared.models.s2 import (
+from fedvox.shared.audio import HOP_LENGTH, SAMPLE_RATE, linear_spectrogram
+from fedvox.shared.cli import run_cli
+from fedvox.shared.models.batches import S2Batch
+from fedvox.shared.models.config import S2Config, s2_config
+from fedvox.shared.models.s2 import (
     MultiPeriodDiscriminator, SynthesizerTrn, WeightNormGradSampleModule, discriminator_losses,
     draw_randomness, frozen, generator_losses,
 )
-from shared.models.subsets import SubsetSpec, apply_subset
+from fedvox.shared.models.subsets import SubsetSpec, apply_subset
 
 app = typer.Typer(add_completion=False)
 

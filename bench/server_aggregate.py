@@ -44,13 +44,13 @@ from bench.common import (
     HEAP_REUSE_THRESHOLD, LIVE_MEMORY_THRESHOLD, host, load_average, peak_rss_bytes, reset_peak_rss,
     set_mmap_threshold, table, write_json,
 )
-from server.strategy import FedvoxRound, build_strategy
-from shared.cli import run_cli
-from shared.models.factory import build_model
-from shared.models.subsets import SubsetSpec, trainable_state_dict
-from shared.protocol import ARRAYS, METRICS, STATUS, ClientStatus
-from shared.runconfig import RunConfig
-from shared.wire import from_record, record_bytes, to_record
+from fedvox.server.strategy import FedvoxRound, build_strategy
+from fedvox.shared.cli import run_cli
+from fedvox.shared.models.factory import build_model
+from fedvox.shared.models.subsets import SubsetSpec, trainable_state_dict
+from fedvox.shared.protocol import ARRAYS, METRICS, STATUS, ClientStatus
+from fedvox.shared.runconfig import RunConfig
+from fedvox.shared.wire import from_record, record_bytes, to_record
 
 app = typer.Typer(add_completion=False)
 
@@ -86,8 +86,8 @@ def strategy_for(run: RunConfig) -> FedvoxRound:
     """The run's strategy; under speaker-level DP with accounting on a throw-away ledger."""
     if not run.speaker_dp.enabled:
         return build_strategy(run, run_id="bench", attempt="a", seed=0)
-    from server.speaker_accounting import SpeakerAccounting
-    from shared.privacy.ledger import Ledger
+    from fedvox.server.speaker_accounting import SpeakerAccounting
+    from fedvox.shared.privacy.ledger import Ledger
 
     ledger = Ledger(Path(tempfile.mkdtemp(prefix="fedvox-bench-")))
     return build_strategy(run, run_id="bench", attempt="a", seed=0,

@@ -37,7 +37,7 @@ from typing import Any
 import typer
 
 from bench.common import host, load_average, table, write_json
-from shared.cli import run_cli
+from fedvox.shared.cli import run_cli
 
 app = typer.Typer(add_completion=False)
 CONFIGS = "2x1,1x2,2x2,1x1"
@@ -47,13 +47,13 @@ TARGET_OVERHEAD = 0.10
 
 def federation(speakers_dir: Path, out: Path, rounds: int, workers: int, threads: int) -> dict[str, Any]:
     """Run one federation in this process; its wall time and the run's records split into shares."""
-    from client.device import probe
-    from shared.cli import set_offline_env
-    from simulations.features import client_speakers, clone_cache, prepare_speakers, read_manifest
-    from simulations.fleet_app import read_events
-    from simulations.fleets import load_fleet, plan_clients
-    from simulations.runner import Host, calibrate, federate, run_config
-    from simulations.scenario import RunSpec
+    from fedvox.client.device import probe
+    from fedvox.shared.cli import set_offline_env
+    from fedvox.simulations.features import client_speakers, clone_cache, prepare_speakers, read_manifest
+    from fedvox.simulations.fleet_app import read_events
+    from fedvox.simulations.fleets import load_fleet, plan_clients
+    from fedvox.simulations.runner import Host, calibrate, federate, run_config
+    from fedvox.simulations.scenario import RunSpec
 
     set_offline_env()
     started = time.perf_counter()
@@ -104,7 +104,7 @@ def federation(speakers_dir: Path, out: Path, rounds: int, workers: int, threads
 
 def generate(out: Path, speakers: int, utterances: int) -> Path:
     """Speakers for the benchmark (``fedvox-sim speakers`` with its defaults otherwise)."""
-    from simulations.speakers import SpeakersConfig, generate_speakers
+    from fedvox.simulations.speakers import SpeakersConfig, generate_speakers
 
     generate_speakers(out, SpeakersConfig(n_speakers=speakers, utterances=utterances))
     return out

@@ -42,19 +42,19 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.device import probe
-from client.identity import client_identity
-from client.profiles import ProfileOverrides, ResourceProfile, select_profile
-from client.trainer.local import build_task, datasets
-from client.trainer.session import PrivacyPlan, RoundPlan, Trainer
-from shared.cli import set_offline_env
-from shared.errors import BudgetExceededError, CheckpointError, ConfigError, DataError, DeviceError, FedvoxError
-from shared.models.factory import build_model
-from shared.models.subsets import SubsetSpec, load_trainable_state_dict
-from shared.privacy.ledger import Ledger
-from shared.protocol import ARRAYS, CONFIG, METRICS, REFUSED, STATUS, ClientStatus, Plan
-from shared.runconfig import RunConfig
-from shared.wire import from_record, record_bytes, to_record
+from fedvox.client.device import probe
+from fedvox.client.identity import client_identity
+from fedvox.client.profiles import ProfileOverrides, ResourceProfile, select_profile
+from fedvox.client.trainer.local import build_task, datasets
+from fedvox.client.trainer.session import PrivacyPlan, RoundPlan, Trainer
+from fedvox.shared.cli import set_offline_env
+from fedvox.shared.errors import BudgetExceededError, CheckpointError, ConfigError, DataError, DeviceError, FedvoxError
+from fedvox.shared.models.factory import build_model
+from fedvox.shared.models.subsets import SubsetSpec, load_trainable_state_dict
+from fedvox.shared.privacy.ledger import Ledger
+from fedvox.shared.protocol import ARRAYS, CONFIG, METRICS, REFUSED, STATUS, ClientStatus, Plan
+from fedvox.shared.runconfig import RunConfig
+from fedvox.shared.wire import from_record, record_bytes, to_record
 
 log = logging.getLogger(__name__)
 

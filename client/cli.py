@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from shared.cli import console, run_cli, setup_logging
+from fedvox.shared.cli import console, run_cli, setup_logging
 
 app = typer.Typer(
     name="fedvox-client",
@@ -40,11 +40,11 @@ def prepare(
     Recordings are only read, never modified or sent anywhere. Without --hubert/--s2, semantic
     tokens come from fedvox's offline fallback tokenizer (see docs/data.md).
     """
-    from client.data.checks import AudioLimits
-    from client.data.prepare import prepare as run_prepare
-    from shared.errors import DataError
-    from shared.models.config import s1_config
-    from shared.semantic import tokenizer_spec
+    from fedvox.client.data.checks import AudioLimits
+    from fedvox.client.data.prepare import prepare as run_prepare
+    from fedvox.shared.errors import DataError
+    from fedvox.shared.models.config import s1_config
+    from fedvox.shared.semantic import tokenizer_spec
 
     setup_logging(verbose)
     report = run_prepare(
@@ -91,9 +91,9 @@ def probe(
     """
     import json
 
-    from client.device import probe as probe_device
-    from client.device import reference_device
-    from client.profiles import ProfileOverrides, select_profile
+    from fedvox.client.device import probe as probe_device
+    from fedvox.client.device import reference_device
+    from fedvox.client.profiles import ProfileOverrides, select_profile
 
     setup_logging(verbose)
     pinned = ProfileOverrides(
@@ -114,7 +114,7 @@ def _print_probe(facts, profile, plan: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from client.device import GiB
+    from fedvox.client.device import GiB
 
     out = Console()
     gib = lambda n: f"{n / GiB:.1f} GiB"  # noqa: E731
@@ -191,11 +191,11 @@ def train(
     """
     import json
 
-    from client.device import probe as probe_device
-    from client.profiles import ProfileOverrides, select_profile
-    from client.trainer.local import LocalTrainingSpec, train_local
-    from client.trainer.session import PrivacyPlan
-    from shared.errors import ConfigError
+    from fedvox.client.device import probe as probe_device
+    from fedvox.client.profiles import ProfileOverrides, select_profile
+    from fedvox.client.trainer.local import LocalTrainingSpec, train_local
+    from fedvox.client.trainer.session import PrivacyPlan
+    from fedvox.shared.errors import ConfigError
 
     setup_logging(verbose)
     if (epsilon is None) == (noise_multiplier is None):
@@ -234,9 +234,9 @@ def synthesize(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
 ) -> None:
     """Hear a model: say --text in the voice of --ref and write it to --out."""
-    from client.synthesize import load_models, read_reference, synthesize as speak, write_wave
-    from shared.errors import ConfigError
-    from shared.semantic import tokenizer_spec
+    from fedvox.client.synthesize import load_models, read_reference, synthesize as speak, write_wave
+    from fedvox.shared.errors import ConfigError
+    from fedvox.shared.semantic import tokenizer_spec
 
     setup_logging(verbose)
     if out.resolve() == ref.resolve():
@@ -273,15 +273,15 @@ def enroll(
     import logging
     from dataclasses import asdict
 
-    from client.data.cache import FeatureCache
-    from client.device import probe as probe_device
-    from client.enroll import (
+    from fedvox.client.data.cache import FeatureCache
+    from fedvox.client.device import probe as probe_device
+    from fedvox.client.enroll import (
         DeviceHome, Enrollment, Supervisor, check_root_certificate, check_server, device_key, parse_server,
         public_line, register_command,
     )
-    from client.identity import client_identity
-    from client.profiles import ProfileOverrides, select_profile
-    from shared.device_keys import fingerprint
+    from fedvox.client.identity import client_identity
+    from fedvox.client.profiles import ProfileOverrides, select_profile
+    from fedvox.shared.device_keys import fingerprint
 
     setup_logging(verbose)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per check otherwise
@@ -327,8 +327,8 @@ def status(
     """Show the privacy spent from this data folder: releases, epsilon and budget left."""
     import json
 
-    from client.enroll import DeviceHome
-    from shared.privacy.ledger import Ledger, ledger_file
+    from fedvox.client.enroll import DeviceHome
+    from fedvox.shared.privacy.ledger import Ledger, ledger_file
 
     data = data if data is not None else DeviceHome.at(home).ledger_path()
     if not ledger_file(data).is_file():

@@ -32,7 +32,7 @@ from typing import Any
 import psutil
 import torch
 
-from shared.errors import ConfigError
+from fedvox.shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -49,9 +49,9 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from flwr.supernode.fleet_http_client import FleetHttpClient
 from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
 
-from shared.atomic import atomic_path, atomic_write_text
-from shared.errors import CertificateMismatch, ConfigError, DeploymentError, NotRegistered, ServerUnreachable
-from shared.processes import die_with_parent, flower_command, flower_env, free_port, stop_tree
+from fedvox.shared.atomic import atomic_path, atomic_write_text
+from fedvox.shared.errors import CertificateMismatch, ConfigError, DeploymentError, NotRegistered, ServerUnreachable
+from fedvox.shared.processes import die_with_parent, flower_command, flower_env, free_port, stop_tree
 
 log = logging.getLogger(__name__)
 supernode_log = logging.getLogger("fedvox.supernode")

@@ -12,8 +12,8 @@ import os
 import secrets
 from pathlib import Path
 
-from shared.atomic import atomic_write_text
-from shared.errors import DataError
+from fedvox.shared.atomic import atomic_write_text
+from fedvox.shared.errors import DataError
 
 IDENTITY_FILE = "identity.json"
 

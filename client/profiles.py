@@ -48,10 +48,10 @@ from typing import Any
 
 import torch
 
-from client.device import GiB, DeviceFacts, rocm_family
-from shared.errors import ConfigError, DeviceError
-from shared.models.config import CONFIG_NAMES, s1_config, s2_config
-from shared.models.subsets import SubsetSpec, apply_subset
+from fedvox.client.device import GiB, DeviceFacts, rocm_family
+from fedvox.shared.errors import ConfigError, DeviceError
+from fedvox.shared.models.config import CONFIG_NAMES, s1_config, s2_config
+from fedvox.shared.models.subsets import SubsetSpec, apply_subset
 
 log = logging.getLogger(__name__)
 
@@ -197,11 +197,11 @@ def model_size(stage: str, config: str, subset: SubsetSpec) -> ModelSize:
     _check_choice("model config", config, CONFIG_NAMES)
     with torch.device("meta"):
         if stage == "s1":
-            from shared.models.s1 import Text2SemanticDecoder
+            from fedvox.shared.models.s1 import Text2SemanticDecoder
 
             models = [(Text2SemanticDecoder(s1_config(config)), subset)]
         else:
-            from shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn
+            from fedvox.shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn
 
             models = [(SynthesizerTrn(s2_config(config)), subset),
                       (MultiPeriodDiscriminator(s2_config(config)), SubsetSpec("full"))]

@@ -18,13 +18,13 @@ import soundfile as sf
 import torch
 from torch import nn
 
-from shared.audio import SAMPLE_RATE, linear_spectrogram, read_audio, resample
-from shared.errors import CheckpointError, ConfigError
-from shared.models.interop import load_safetensors
-from shared.models.s1 import Text2SemanticDecoder, generate
-from shared.models.s2 import SynthesizerTrn
-from shared.semantic import SemanticTokenizer
-from shared.text import phonemize
+from fedvox.shared.audio import SAMPLE_RATE, linear_spectrogram, read_audio, resample
+from fedvox.shared.errors import CheckpointError, ConfigError
+from fedvox.shared.models.interop import load_safetensors
+from fedvox.shared.models.s1 import Text2SemanticDecoder, generate
+from fedvox.shared.models.s2 import SynthesizerTrn
+from fedvox.shared.semantic import SemanticTokenizer
+from fedvox.shared.text import phonemize
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +148,11 @@ def _models_in(folder: Path) -> list[Path]:
 def _load(path: Path) -> dict[str, nn.Module]:
     suffix = path.suffix.lower()
     if suffix == ".ckpt":
-        from shared.models.s1_checkpoint import load_official_s1
+        from fedvox.shared.models.s1_checkpoint import load_official_s1
 
         return {"s1": load_official_s1(path)}
     if suffix == ".pth":
-        from shared.models.s2.checkpoint import load_generator
+        from fedvox.shared.models.s2.checkpoint import load_generator
 
         return {"s2": load_generator(path)}
     if suffix == ".json":
@@ -160,11 +160,11 @@ def _load(path: Path) -> dict[str, nn.Module]:
     if suffix == ".safetensors":
         _, meta = load_safetensors(path)
         if meta.get("stage") == "s1":
-            from shared.models.s1_checkpoint import load_s1_safetensors
+            from fedvox.shared.models.s1_checkpoint import load_s1_safetensors
 
             return {"s1": load_s1_safetensors(path)}
         if meta.get("format") == "fedvox-s2G":
-            from shared.models.s2.checkpoint import load_model
+            from fedvox.shared.models.s2.checkpoint import load_model
 
             return {"s2": load_model(path)}
         if meta.get("format") == "fedvox-s2D":
@@ -177,9 +177,9 @@ def _load(path: Path) -> dict[str, nn.Module]:
 
 def _load_round(path: Path) -> dict[str, nn.Module]:
     """A server round checkpoint: rebuild the run's model and load the global subset."""
-    from shared.models.factory import SoVITSPair, build_model
-    from shared.models.subsets import SubsetSpec, load_trainable_state_dict
-    from shared.runconfig import RunConfig
+    from fedvox.shared.models.factory import SoVITSPair, build_model
+    from fedvox.shared.models.subsets import SubsetSpec, load_trainable_state_dict
+    from fedvox.shared.runconfig import RunConfig
 
     meta = json.loads(path.read_text())
     if "run-config" not in meta or "tensors" not in meta:

@@ -14,10 +14,10 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.model import base_identity, export_model, initial_subset
-from server.run import FederatedRun
-from shared.cli import set_offline_env
-from shared.runconfig import RunConfig
+from fedvox.server.model import base_identity, export_model, initial_subset
+from fedvox.server.run import FederatedRun
+from fedvox.shared.cli import set_offline_env
+from fedvox.shared.runconfig import RunConfig
 
 log = logging.getLogger(__name__)
 

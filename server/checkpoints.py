@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from shared.atomic import atomic_write_text
-from shared.errors import CheckpointError
-from shared.models.interop import load_safetensors, save_safetensors
+from fedvox.shared.atomic import atomic_write_text
+from fedvox.shared.errors import CheckpointError
+from fedvox.shared.models.interop import load_safetensors, save_safetensors
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from shared.cli import console, run_cli, setup_logging
+from fedvox.shared.cli import console, run_cli, setup_logging
 
 app = typer.Typer(
     name="fedvox-server",
@@ -43,8 +43,8 @@ def init(
 ) -> None:
     """Create a server home: private CA and server certificate (or yours), run configuration,
     folders for state, logs and the run; keys readable by you only."""
-    from server.deploy.home import ServerHome, init_home, renew
-    from server.deploy.pki import load_certificate, subject_names
+    from fedvox.server.deploy.home import ServerHome, init_home, renew
+    from fedvox.server.deploy.pki import load_certificate, subject_names
 
     if renew_certificate:
         names = renew(ServerHome(home), name or None)
@@ -73,8 +73,8 @@ def start(
 ) -> None:
     """Run the federation: Flower's SuperLink (TLS, device authentication, SQLite state), the
     public gateway, and the fedvox run; reports devices and rounds until the run ends."""
-    from server.deploy.home import ServerHome
-    from server.deploy.launcher import ServerProcess
+    from fedvox.server.deploy.home import ServerHome
+    from fedvox.server.deploy.launcher import ServerProcess
 
     server_home = ServerHome(home).require()
     setup_logging(verbose)
@@ -89,8 +89,8 @@ def register(
     name: str | None = typer.Option(None, "--name", help="A name for the device (default: from its key's fingerprint)."),
 ) -> None:
     """Authorise a device's key: now if the server runs, else when it starts."""
-    from server.deploy.devices import Registry, authorise
-    from server.deploy.home import ServerHome
+    from fedvox.server.deploy.devices import Registry, authorise
+    from fedvox.server.deploy.home import ServerHome
 
     server_home = ServerHome(home).require()
     registry = Registry(server_home)
@@ -115,8 +115,8 @@ def devices(
     """Registered devices: connection, last profile, rounds joined and utterance-level epsilon spent."""
     from rich.table import Table
 
-    from server.deploy.devices import device_report
-    from server.deploy.home import ServerHome
+    from fedvox.server.deploy.devices import device_report
+    from fedvox.server.deploy.home import ServerHome
 
     server_home = ServerHome(home).require()
     control = _control(server_home)
@@ -194,12 +194,12 @@ def export(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
 ) -> None:
     """Write a committed round's global model, LoRA merged, in GPT-SoVITS's and/or fedvox's format."""
-    from server.checkpoints import CheckpointStore
-    from server.model import build_global_model, export_model
-    from shared.errors import CheckpointError, ConfigError
-    from shared.models.factory import export_fedvox, export_gpt_sovits
-    from shared.models.subsets import load_trainable_state_dict
-    from shared.runconfig import RunConfig
+    from fedvox.server.checkpoints import CheckpointStore
+    from fedvox.server.model import build_global_model, export_model
+    from fedvox.shared.errors import CheckpointError, ConfigError
+    from fedvox.shared.models.factory import export_fedvox, export_gpt_sovits
+    from fedvox.shared.models.subsets import load_trainable_state_dict
+    from fedvox.shared.runconfig import RunConfig
 
     setup_logging(verbose)
     if format_ not in (None, *FORMATS):
@@ -234,7 +234,7 @@ def say(text: str) -> None:
 
 def run_directory(directory: Path) -> Path:
     """The run directory of a server home (``DIR/run``), or ``directory`` itself."""
-    from server.deploy.home import ServerHome
+    from fedvox.server.deploy.home import ServerHome
 
     home = ServerHome(directory)
     return home.run_dir if home.settings_file.is_file() else Path(directory)
@@ -242,9 +242,9 @@ def run_directory(directory: Path) -> Path:
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
     """Committed rounds, the newest round's metrics, the best round and speaker epsilons."""
-    from server.checkpoints import CheckpointStore
-    from shared.errors import CheckpointError
-    from shared.privacy.ledger import LEDGER_FILENAME, read_rows
+    from fedvox.server.checkpoints import CheckpointStore
+    from fedvox.shared.errors import CheckpointError
+    from fedvox.shared.privacy.ledger import LEDGER_FILENAME, read_rows
 
     store = CheckpointStore(run_dir / "checkpoints", keep=1)
     rounds = store.rounds()
@@ -268,9 +268,9 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
 
 def full_status(directory: Path) -> dict[str, Any]:
     """What ``status`` shows: the run's summary, plus the server's state for a server home."""
-    from server.checkpoints import CheckpointStore
-    from server.deploy.devices import Registry
-    from server.deploy.home import ServerHome
+    from fedvox.server.checkpoints import CheckpointStore
+    from fedvox.server.deploy.devices import Registry
+    from fedvox.server.deploy.home import ServerHome
 
     run_dir = run_directory(directory)
     if CheckpointStore(run_dir / "checkpoints", keep=1).rounds():
@@ -304,7 +304,7 @@ def full_status(directory: Path) -> dict[str, Any]:
 
 def _control(home: Any) -> Any:
     """A Control API session with the home's running SuperLink, or ``None`` if it is stopped."""
-    from server.deploy.control import Control
+    from fedvox.server.deploy.control import Control
 
     running = home.running()
     return Control(running["superlink"], home.internal_ca) if running else None

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from shared.models.factory import build_model, export_all
-from shared.models.subsets import SubsetSpec, load_trainable_state_dict, trainable_state_dict
-from shared.runconfig import RunConfig
+from fedvox.shared.models.factory import build_model, export_all
+from fedvox.shared.models.subsets import SubsetSpec, load_trainable_state_dict, trainable_state_dict
+from fedvox.shared.runconfig import RunConfig
 
 log = logging.getLogger(__name__)
 

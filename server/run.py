@@ -40,14 +40,14 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from server.checkpoints import Checkpoint, CheckpointStore
-from server.metrics import RoundLog
-from server.speaker_accounting import SpeakerAccounting
-from server.strategy import FedvoxRound, build_strategy
-from shared.errors import ConfigError, FederationError
-from shared.privacy.ledger import Ledger
-from shared.runconfig import RunConfig
-from shared.wire import from_record, to_record
+from fedvox.server.checkpoints import Checkpoint, CheckpointStore
+from fedvox.server.metrics import RoundLog
+from fedvox.server.speaker_accounting import SpeakerAccounting
+from fedvox.server.strategy import FedvoxRound, build_strategy
+from fedvox.shared.errors import ConfigError, FederationError
+from fedvox.shared.privacy.ledger import Ledger
+from fedvox.shared.runconfig import RunConfig
+from fedvox.shared.wire import from_record, to_record
 
 log = logging.getLogger(__name__)
 

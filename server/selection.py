@@ -22,7 +22,7 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from shared.protocol import ClientStatus
+from fedvox.shared.protocol import ClientStatus
 
 
 @dataclass

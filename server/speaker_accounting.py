@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from shared.errors import PrivacyError
-from shared.privacy.accounting import Mechanism, epsilon
-from shared.privacy.budget import Budget
-from shared.privacy.ledger import Ledger, Release
-from shared.runconfig import SpeakerDP
+from fedvox.shared.errors import PrivacyError
+from fedvox.shared.privacy.accounting import Mechanism, epsilon
+from fedvox.shared.privacy.budget import Budget
+from fedvox.shared.privacy.ledger import Ledger, Release
+from fedvox.shared.runconfig import SpeakerDP
 
 UNIT = "speaker"
 

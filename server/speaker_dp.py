@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.wire import update_norm
+from fedvox.shared.wire import update_norm
 
 
 @dataclass(frozen=True)

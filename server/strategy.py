@@ -48,11 +48,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
-from server.selection import ClientBook, Selection, poisson_rate, select_clients
-from server.speaker_accounting import SpeakerAccounting
-from server.speaker_dp import Release, noised_mean
-from shared.errors import ConfigError, FederationError, ProtocolError, UpdateRejected
-from shared.protocol import (
+from fedvox.server.selection import ClientBook, Selection, poisson_rate, select_clients
+from fedvox.server.speaker_accounting import SpeakerAccounting
+from fedvox.server.speaker_dp import Release, noised_mean
+from fedvox.shared.errors import ConfigError, FederationError, ProtocolError, UpdateRejected
+from fedvox.shared.protocol import (
     ARRAYS,
     CONFIG,
     EVALUATE_METRICS,
@@ -63,8 +63,8 @@ from shared.protocol import (
     ClientStatus,
     Plan,
 )
-from shared.runconfig import RunConfig
-from shared.wire import from_record, record_bytes, to_record, validate_update
+from fedvox.shared.runconfig import RunConfig
+from fedvox.shared.wire import from_record, record_bytes, to_record, validate_update
 
 log = logging.getLogger(__name__)
 

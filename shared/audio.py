@@ -21,7 +21,7 @@ import torch
 import torchaudio.functional as AF
 import torchaudio.transforms as T
 
-from shared.errors import DataError
+from fedvox.shared.errors import DataError
 
 SAMPLE_RATE = 32_000
 SSL_SAMPLE_RATE = 16_000

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from shared.errors import FedvoxError
+from fedvox.shared.errors import FedvoxError
 
 console = Console(stderr=True)
 

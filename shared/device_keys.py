@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.supercore.primitives.asymmetric import uses_nist_ec_curve
 
-from shared.errors import ConfigError
+from fedvox.shared.errors import ConfigError
 
 
 def parse_public_key(value: str) -> ec.EllipticCurvePublicKey:

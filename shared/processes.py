@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from shared.cli import OFFLINE_ENV
+from fedvox.shared.cli import OFFLINE_ENV
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:

@@ -27,8 +27,8 @@ from typing import Any
 
 from flwr.app import ConfigRecord
 
-from shared.errors import ProtocolError
-from shared.runconfig import RunConfig
+from fedvox.shared.errors import ProtocolError
+from fedvox.shared.runconfig import RunConfig
 
 ARRAYS = "arrays"
 CONFIG = "config"

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ConfigError
-from shared.models.config import CONFIG_NAMES
+from fedvox.shared.errors import ConfigError
+from fedvox.shared.models.config import CONFIG_NAMES
 
 STAGES = ("s1", "s2")
 SUBSETS = ("full", "lora")

@@ -28,10 +28,10 @@ from safetensors.torch import load_file
 from torchaudio.functional import create_dct
 from torchaudio.models import Wav2Vec2Model, wav2vec2_model
 
-from shared.audio import N_MELS, SAMPLE_RATE, SSL_SAMPLE_RATE, mel_spectrogram, resample
-from shared.errors import CheckpointError, ConfigError
-from shared.models.config import SEMANTIC_CODES
-from shared.models.interop import rename_keys
+from fedvox.shared.audio import N_MELS, SAMPLE_RATE, SSL_SAMPLE_RATE, mel_spectrogram, resample
+from fedvox.shared.errors import CheckpointError, ConfigError
+from fedvox.shared.models.config import SEMANTIC_CODES
+from fedvox.shared.models.interop import rename_keys
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ class TokenizerSpec:
         if self.hubert is None or self.s2 is None:
             return FallbackTokenizer()
         # The s2 stack imports Opacus (seconds): load it only when HuBERT tokens are asked for.
-        from shared.models.s2.checkpoint import load_generator
+        from fedvox.shared.models.s2.checkpoint import load_generator
 
         return HubertTokenizer(
             load_hubert(self.hubert), load_generator(self.s2), self.name, self.device

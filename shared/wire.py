@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 from flwr.app import ArrayRecord
 
-from shared.errors import ConfigError, UpdateRejected
+from fedvox.shared.errors import ConfigError, UpdateRejected
 
 WIRE_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "fp32": torch.float32}
 

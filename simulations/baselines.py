@@ -25,17 +25,17 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset
 
-from client.device import probe
-from client.profiles import ProfileOverrides, select_profile
-from client.trainer.local import LocalTrainingSpec, build_task, datasets, train_local
-from client.trainer.session import PrivacyPlan
-from shared.atomic import atomic_write_text
-from shared.models.factory import build_model
-from shared.models.subsets import trainable_state_dict
-from shared.privacy.ledger import Ledger
-from shared.runconfig import RunConfig
-from simulations.evaluation import Evaluator, subset_spec
-from simulations.features import heldout_by_speaker
+from fedvox.client.device import probe
+from fedvox.client.profiles import ProfileOverrides, select_profile
+from fedvox.client.trainer.local import LocalTrainingSpec, build_task, datasets, train_local
+from fedvox.client.trainer.session import PrivacyPlan
+from fedvox.shared.atomic import atomic_write_text
+from fedvox.shared.models.factory import build_model
+from fedvox.shared.models.subsets import trainable_state_dict
+from fedvox.shared.privacy.ledger import Ledger
+from fedvox.shared.runconfig import RunConfig
+from fedvox.simulations.evaluation import Evaluator, subset_spec
+from fedvox.simulations.features import heldout_by_speaker
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import typer
 
-from shared.cli import run_cli, setup_logging
+from fedvox.shared.cli import run_cli, setup_logging
 
 app = typer.Typer(
     name="fedvox-sim",
@@ -46,7 +46,7 @@ def speakers(
     workers: int | None = typer.Option(None, "--workers", help="Processes (default: all usable CPUs)."),
 ) -> None:
     """Generate distinct synthetic speakers: 32 kHz WAVs, GPT-SoVITS lists and a manifest."""
-    from simulations.speakers import SpeakersConfig, generate_speakers
+    from fedvox.simulations.speakers import SpeakersConfig, generate_speakers
 
     config = SpeakersConfig(n_speakers=n, utterances=utterances, language=lang, seed=seed, zipf=zipf,
                             heldout_utterances=heldout_utterances, unseen_speakers=unseen_speakers,
@@ -98,8 +98,8 @@ def run(
         None, "--ray-address", help="Run the clients on this Ray cluster (e.g. auto) instead of a local one."),
 ) -> None:
     """Simulate a federation of synthetic speakers on a device fleet and write OUT/report.md."""
-    from simulations.runner import simulate
-    from simulations.scenario import build_scenario
+    from fedvox.simulations.runner import simulate
+    from fedvox.simulations.scenario import build_scenario
 
     config = _parse_run_config(run_config)
     plan = build_scenario(
@@ -110,7 +110,7 @@ def run(
              "central_baseline": central_baseline, "config": config or None},
     )
     if speakers_dir is not None and speakers is None and scenario is None:
-        from simulations.features import client_speakers, read_manifest
+        from fedvox.simulations.features import client_speakers, read_manifest
 
         plan = _with_speakers(plan, len(client_speakers(read_manifest(speakers_dir))))
     report = simulate(plan, out, speakers_dir=speakers_dir, workers=workers, ray_address=ray_address)
@@ -120,7 +120,7 @@ def run(
 @app.command()
 def report(out: Path = typer.Argument(..., help="A `fedvox-sim run` output folder.")) -> None:
     """Rebuild OUT/report.md and its plots from a simulation's files."""
-    from simulations.report import write_report
+    from fedvox.simulations.report import write_report
 
     typer.echo(f"report: {write_report(out)}")
 
@@ -128,7 +128,7 @@ def report(out: Path = typer.Argument(..., help="A `fedvox-sim run` output folde
 def _parse_run_config(values: list[str]) -> dict:
     from flwr.common.config import parse_config_args
 
-    from shared.errors import ConfigError
+    from fedvox.shared.errors import ConfigError
 
     try:
         return parse_config_args(values) if values else {}

@@ -14,10 +14,10 @@ from collections.abc import Mapping
 import torch
 from torch.utils.data import Dataset
 
-from client.trainer.tasks import S1Task, S2Task, Task, mean_metrics
-from shared.models.factory import build_model
-from shared.models.subsets import SubsetSpec, load_trainable_state_dict
-from shared.runconfig import RunConfig
+from fedvox.client.trainer.tasks import S1Task, S2Task, Task, mean_metrics
+from fedvox.shared.models.factory import build_model
+from fedvox.shared.models.subsets import SubsetSpec, load_trainable_state_dict
+from fedvox.shared.runconfig import RunConfig
 
 EVAL_BATCH = 8
 

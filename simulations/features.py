@@ -25,13 +25,13 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from client.data.cache import FeatureCache
-from client.data.datasets import S1Dataset, S2Dataset
-from client.data.prepare import prepare
-from shared.atomic import atomic_write_bytes
-from shared.cli import progress
-from shared.errors import ConfigError, DataError
-from shared.semantic import tokenizer_spec
+from fedvox.client.data.cache import FeatureCache
+from fedvox.client.data.datasets import S1Dataset, S2Dataset
+from fedvox.client.data.prepare import prepare
+from fedvox.shared.atomic import atomic_write_bytes
+from fedvox.shared.cli import progress
+from fedvox.shared.errors import ConfigError, DataError
+from fedvox.shared.semantic import tokenizer_spec
 
 log = logging.getLogger(__name__)
 

@@ -34,10 +34,10 @@ from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.identity import client_identity
-from shared.errors import ProtocolError
-from shared.protocol import CONFIG, METRICS, REFUSED, SERVER_ROUND, STATUS, ClientStatus, Plan
-from simulations.fleets import Fleet, VirtualClient, round_draw
+from fedvox.client.identity import client_identity
+from fedvox.shared.errors import ProtocolError
+from fedvox.shared.protocol import CONFIG, METRICS, REFUSED, SERVER_ROUND, STATUS, ClientStatus, Plan
+from fedvox.simulations.fleets import Fleet, VirtualClient, round_draw
 
 log = logging.getLogger(__name__)
 

@@ -36,11 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from client.device import DeviceFacts, reference_device
-from client.profiles import ProfileOverrides, ResourceProfile, select_profile
-from shared.errors import ConfigError, DeviceError
-from shared.models.subsets import SubsetSpec
-from shared.runconfig import RunConfig
+from fedvox.client.device import DeviceFacts, reference_device
+from fedvox.client.profiles import ProfileOverrides, ResourceProfile, select_profile
+from fedvox.shared.errors import ConfigError, DeviceError
+from fedvox.shared.models.subsets import SubsetSpec
+from fedvox.shared.runconfig import RunConfig
 
 ASSIGN_STREAM = 11
 ROUND_STREAM = 12

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from shared.atomic import atomic_path  # noqa: E402
+from fedvox.shared.atomic import atomic_path  # noqa: E402
 
 Series = Mapping[int, float]
 """A value per round."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from shared.errors import ConfigError
+from fedvox.shared.errors import ConfigError
 
 SAMPLE_RATE = 32_000  # == shared.audio.SAMPLE_RATE (not imported: that module pulls in torch)
 LANGUAGES = ("en", "zh")

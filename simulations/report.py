@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.atomic import atomic_write_text
-from shared.errors import ConfigError
-from shared.privacy.ledger import Ledger, ledger_file
-from shared.runconfig import RunConfig
-from simulations import plots
-from simulations.evaluation import mean_loss
-from simulations.fleet_app import read_events
+from fedvox.shared.atomic import atomic_write_text
+from fedvox.shared.errors import ConfigError
+from fedvox.shared.privacy.ledger import Ledger, ledger_file
+from fedvox.shared.runconfig import RunConfig
+from fedvox.simulations import plots
+from fedvox.simulations.evaluation import mean_loss
+from fedvox.simulations.fleet_app import read_events
 
 log = logging.getLogger(__name__)
 

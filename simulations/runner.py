@@ -40,20 +40,20 @@ from typing import Any
 import psutil
 import torch
 
-from client.device import DeviceFacts, probe
-from client.trainer.local import datasets
-from shared.atomic import atomic_write_text
-from shared.cli import progress, set_offline_env
-from shared.errors import ConfigError, FederationError
-from shared.models.config import s1_config
-from shared.privacy.accounting import calibrate_noise_multiplier
-from shared.runconfig import RunConfig
-from simulations.baselines import VALIDATION_FRACTION, CentralJob, LocalJob, central_baseline, local_baseline
-from simulations.evaluation import Evaluator
-from simulations.features import SpeakerData, clone_cache, heldout_by_speaker, prepare_speakers, read_manifest
-from simulations.fleets import VirtualClient, load_fleet, plan_clients
-from simulations.scenario import RunSpec, Scenario
-from simulations.speakers import SpeakersConfig, generate_speakers
+from fedvox.client.device import DeviceFacts, probe
+from fedvox.client.trainer.local import datasets
+from fedvox.shared.atomic import atomic_write_text
+from fedvox.shared.cli import progress, set_offline_env
+from fedvox.shared.errors import ConfigError, FederationError
+from fedvox.shared.models.config import s1_config
+from fedvox.shared.privacy.accounting import calibrate_noise_multiplier
+from fedvox.shared.runconfig import RunConfig
+from fedvox.simulations.baselines import VALIDATION_FRACTION, CentralJob, LocalJob, central_baseline, local_baseline
+from fedvox.simulations.evaluation import Evaluator
+from fedvox.simulations.features import SpeakerData, clone_cache, heldout_by_speaker, prepare_speakers, read_manifest
+from fedvox.simulations.fleets import VirtualClient, load_fleet, plan_clients
+from fedvox.simulations.scenario import RunSpec, Scenario
+from fedvox.simulations.speakers import SpeakersConfig, generate_speakers
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def simulate(
     ray_address: str | None = None,
 ) -> Path:
     """Run ``scenario`` into ``out``; returns the report's path."""
-    from simulations.report import write_report
+    from fedvox.simulations.report import write_report
 
     set_offline_env()
     out = Path(out).absolute()
@@ -257,7 +257,7 @@ def run_one(spec: RunSpec, data: SpeakerData, folder: Path, host: Host) -> None:
 
 def federate(config: RunConfig, fleet, clients: list[VirtualClient], seed: int, folder: Path, host: Host) -> int:
     """Run the federation through Flower's simulation engine; returns the last committed round."""
-    from server.checkpoints import CheckpointStore
+    from fedvox.server.checkpoints import CheckpointStore
 
     store = CheckpointStore(Path(config.checkpoint_dir) / "checkpoints", config.keep_checkpoints)
     latest = store.latest()
@@ -267,9 +267,9 @@ def federate(config: RunConfig, fleet, clients: list[VirtualClient], seed: int, 
     _quiet_flower()  # before importing Flower: its state store logs while being imported
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
-    from server.app import make_server_app
-    from simulations.fleet_app import FleetMod, fleet_client_app
+    from fedvox.client.app import app as client_app
+    from fedvox.server.app import make_server_app
+    from fedvox.simulations.fleet_app import FleetMod, fleet_client_app
 
     mod = FleetMod(fleet, clients, seed, folder / "events")
     try:
@@ -328,7 +328,7 @@ class _NoDeprecationNotice(logging.Filter):
 
 def score_rounds(config: RunConfig, folder: Path, heldout) -> dict[int, Any]:
     """Seen and unseen losses of every committed global model (round 0: the initial one)."""
-    from server.checkpoints import CheckpointStore
+    from fedvox.server.checkpoints import CheckpointStore
 
     store = CheckpointStore(folder / "server" / "checkpoints", config.keep_checkpoints)
     evaluator = Evaluator(config, heldout)
@@ -384,8 +384,8 @@ def baselines(spec: RunSpec, config: RunConfig, data: SpeakerData, clients: list
 
 def sample(config: RunConfig, folder: Path, data: SpeakerData, final_round: int) -> None:
     """Synthesise a held-out sentence of the first client in its own voice with the final model."""
-    from server.checkpoints import CheckpointStore
-    from simulations.sample import synthesise_sample
+    from fedvox.server.checkpoints import CheckpointStore
+    from fedvox.simulations.sample import synthesise_sample
 
     speaker = next(s for s in read_manifest(data.speakers_root)["speakers"] if s["name"] == data.clients[0])
     folder_of = data.speakers_root / speaker["folder"]

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from shared.atomic import atomic_path
-from client.synthesize import Voice, read_reference, synthesize, write_wave
-from shared.audio import SAMPLE_RATE, mel_spectrogram
-from shared.models.factory import SoVITSPair, build_model
-from shared.models.subsets import load_trainable_state_dict
-from shared.runconfig import RunConfig
-from shared.semantic import tokenizer_spec
-from simulations.evaluation import subset_spec
+from fedvox.shared.atomic import atomic_path
+from fedvox.client.synthesize import Voice, read_reference, synthesize, write_wave
+from fedvox.shared.audio import SAMPLE_RATE, mel_spectrogram
+from fedvox.shared.models.factory import SoVITSPair, build_model
+from fedvox.shared.models.subsets import load_trainable_state_dict
+from fedvox.shared.runconfig import RunConfig
+from fedvox.shared.semantic import tokenizer_spec
+from fedvox.simulations.evaluation import subset_spec
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ConfigError
-from shared.runconfig import flatten
-from simulations.speakers import SpeakersConfig
+from fedvox.shared.errors import ConfigError
+from fedvox.shared.runconfig import flatten
+from fedvox.simulations.speakers import SpeakersConfig
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 SPEAKER_KEYS = {"n": "n_speakers", "lang": "language"}  # `fedvox-sim speakers` option names

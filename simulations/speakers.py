@@ -47,11 +47,11 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 
-from shared.atomic import atomic_path, atomic_write_text
-from shared.cli import progress
-from shared.errors import ConfigError, DataError
-from simulations.pseudo_speech import SAMPLE_RATE, PseudoVoice, synthesize
-from simulations.speaker_id import FEATURE_SIZE, mfcc_statistics, similar_speaker_pairs, speaker_id_accuracy
+from fedvox.shared.atomic import atomic_path, atomic_write_text
+from fedvox.shared.cli import progress
+from fedvox.shared.errors import ConfigError, DataError
+from fedvox.simulations.pseudo_speech import SAMPLE_RATE, PseudoVoice, synthesize
+from fedvox.simulations.speaker_id import FEATURE_SIZE, mfcc_statistics, similar_speaker_pairs, speaker_id_accuracy
 
 log = logging.getLogger(__name__)
 

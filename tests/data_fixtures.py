@@ -18,8 +18,8 @@ import numpy as np
 import soundfile as sf
 from pypinyin import Style, lazy_pinyin
 
-from simulations.pseudo_speech import SAMPLE_RATE as PSEUDO_RATE
-from simulations.pseudo_speech import PseudoVoice, synthesize
+from fedvox.simulations.pseudo_speech import SAMPLE_RATE as PSEUDO_RATE
+from fedvox.simulations.pseudo_speech import PseudoVoice, synthesize
 
 ESPEAK = shutil.which("espeak-ng")
 

@@ -29,12 +29,12 @@ from cryptography.x509.oid import NameOID
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server.deploy.gateway import FleetGateway, GatewayServer
-from server.deploy.home import ServerHome, init_home, write_run_config
-from server.deploy.pki import write_certificate, write_private_key
-from shared.cli import OFFLINE_ENV
-from shared.processes import free_port
-from shared.runconfig import RunConfig
+from fedvox.server.deploy.gateway import FleetGateway, GatewayServer
+from fedvox.server.deploy.home import ServerHome, init_home, write_run_config
+from fedvox.server.deploy.pki import write_certificate, write_private_key
+from fedvox.shared.cli import OFFLINE_ENV
+from fedvox.shared.processes import free_port
+from fedvox.shared.runconfig import RunConfig
 
 BIN = Path(sys.executable).parent
 RUN_CONFIG = {

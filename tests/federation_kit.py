@@ -29,13 +29,13 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from shared.errors import BudgetExceededError
-from shared.privacy.accounting import Mechanism, epsilon
-from shared.privacy.budget import Budget
-from shared.privacy.ledger import Ledger, Release
-from shared.protocol import ARRAYS, CONFIG, METRICS, REFUSED, STATUS, ClientStatus, Plan
-from shared.runconfig import RunConfig
-from shared.wire import from_record, to_record
+from fedvox.shared.errors import BudgetExceededError
+from fedvox.shared.privacy.accounting import Mechanism, epsilon
+from fedvox.shared.privacy.budget import Budget
+from fedvox.shared.privacy.ledger import Ledger, Release
+from fedvox.shared.protocol import ARRAYS, CONFIG, METRICS, REFUSED, STATUS, ClientStatus, Plan
+from fedvox.shared.runconfig import RunConfig
+from fedvox.shared.wire import from_record, to_record
 
 DIM = 8
 TRUE_W = torch.linspace(-1.0, 1.0, DIM)
@@ -256,7 +256,7 @@ class LocalGrid(Grid):
 def _main(run_dir: str, client_root: str, rounds: str, hold_round: str = "0") -> None:
     """A speaker-DP FedAdam federation of 4 clients; with ``hold_round`` it hangs after that
     round's training until killed, leaving ``run_dir/holding`` as the sign."""
-    from server.run import FederatedRun
+    from fedvox.server.run import FederatedRun
 
     def hold(server_round: int, replies: list[Message]) -> None:
         if server_round == int(hold_round):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from client.data.prepare import prepare
-from shared.semantic import tokenizer_spec
+from fedvox.client.data.prepare import prepare
+from fedvox.shared.semantic import tokenizer_spec
 from tests.data_fixtures import write_good_set
 
 

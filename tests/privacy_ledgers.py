@@ -10,8 +10,8 @@ from pathlib import Path
 
 from scipy import optimize, stats
 
-from shared.privacy.accounting import Mechanism
-from shared.privacy.ledger import COLUMNS, GENESIS_HASH, LEDGER_FILENAME, LedgerRow, Release
+from fedvox.shared.privacy.accounting import Mechanism
+from fedvox.shared.privacy.ledger import COLUMNS, GENESIS_HASH, LEDGER_FILENAME, LedgerRow, Release
 
 DELTA = 1e-5
 

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from shared.models.batches import S1Batch
-from shared.models.config import EOS, S1Config
+from fedvox.shared.models.batches import S1Batch
+from fedvox.shared.models.config import EOS, S1Config
 
 
 def random_s1_batch(

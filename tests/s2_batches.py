@@ -13,10 +13,10 @@ from dataclasses import dataclass, fields
 import pytest
 import torch
 
-from shared.audio import HOP_LENGTH, SAMPLE_RATE, linear_spectrogram
-from shared.models.batches import S2Batch
-from shared.models.config import S2Config
-from shared.models.s2.generator import S2Forward, draw_randomness
+from fedvox.shared.audio import HOP_LENGTH, SAMPLE_RATE, linear_spectrogram
+from fedvox.shared.models.batches import S2Batch
+from fedvox.shared.models.config import S2Config
+from fedvox.shared.models.s2.generator import S2Forward, draw_randomness
 
 
 @pytest.fixture(autouse=True, scope="module")

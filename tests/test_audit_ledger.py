@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from shared.errors import ConfigError
-from shared.privacy.accounting import Mechanism, epsilon
-from shared.privacy.audit import (
+from fedvox.shared.errors import ConfigError
+from fedvox.shared.privacy.accounting import Mechanism, epsilon
+from fedvox.shared.privacy.audit import (
     BUDGET_OVERRUN,
     INTEGRITY,
     UNACCOUNTABLE,
@@ -19,8 +19,8 @@ from shared.privacy.audit import (
     one_run_p_value,
     posterior_bound,
 )
-from shared.privacy.budget import Budget
-from shared.privacy.ledger import Component, Ledger, Release
+from fedvox.shared.privacy.budget import Budget
+from fedvox.shared.privacy.ledger import Component, Ledger, Release
 from tests.privacy_ledgers import DELTA, gaussian_epsilon, release, tamper
 
 

@@ -5,10 +5,10 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from bench.server_aggregate import BenchGrid, run_config, strategy_for, train_replies, updates
-from shared.models.factory import build_model
-from shared.models.subsets import SubsetSpec, trainable_state_dict
-from shared.protocol import ARRAYS, METRICS
-from shared.wire import from_record, to_record
+from fedvox.shared.models.factory import build_model
+from fedvox.shared.models.subsets import SubsetSpec, trainable_state_dict
+from fedvox.shared.protocol import ARRAYS, METRICS
+from fedvox.shared.wire import from_record, to_record
 
 
 def test_streamed_fedavg_equals_flowers_weighted_mean_of_rebased_updates():

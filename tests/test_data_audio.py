@@ -7,8 +7,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from shared.audio import read_audio, resample
-from shared.errors import DataError
+from fedvox.shared.audio import read_audio, resample
+from fedvox.shared.errors import DataError
 
 
 def _tone(freq: float, rate: int, seconds: float = 1.0) -> np.ndarray:

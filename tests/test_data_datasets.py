@@ -8,18 +8,18 @@ from dataclasses import replace
 import pytest
 import torch
 
-from client.data.cache import CachedItem, FeatureCache
-from client.data.datasets import S1Dataset, S2Dataset, collate_s1, collate_s2
-from client.data.prepare import prepare
-from client.data.split import holdout_split
-from client.trainer.engine import poisson_sample
-from shared.audio import linear_spectrogram
-from shared.errors import ConfigError, DataError
-from shared.models.batches import S1Batch, S2Batch
-from shared.models.config import EOS, s1_config, s2_config
-from shared.models.s1 import Text2SemanticDecoder, s1_loss
-from shared.models.s2 import SynthesizerTrn
-from shared.semantic import tokenizer_spec
+from fedvox.client.data.cache import CachedItem, FeatureCache
+from fedvox.client.data.datasets import S1Dataset, S2Dataset, collate_s1, collate_s2
+from fedvox.client.data.prepare import prepare
+from fedvox.client.data.split import holdout_split
+from fedvox.client.trainer.engine import poisson_sample
+from fedvox.shared.audio import linear_spectrogram
+from fedvox.shared.errors import ConfigError, DataError
+from fedvox.shared.models.batches import S1Batch, S2Batch
+from fedvox.shared.models.config import EOS, s1_config, s2_config
+from fedvox.shared.models.s1 import Text2SemanticDecoder, s1_loss
+from fedvox.shared.models.s2 import SynthesizerTrn
+from fedvox.shared.semantic import tokenizer_spec
 from tests.data_fixtures import write_good_set
 
 

@@ -14,13 +14,13 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
-from client.cli import main
-from client.data.cache import FeatureCache
-from client.data.prepare import prepare
-from client.data.reasons import FIXES, Reason
-from shared.audio import read_audio
-from shared.errors import DataError
-from shared.semantic import FallbackTokenizer, tokenizer_spec
+from fedvox.client.cli import main
+from fedvox.client.data.cache import FeatureCache
+from fedvox.client.data.prepare import prepare
+from fedvox.client.data.reasons import FIXES, Reason
+from fedvox.shared.audio import read_audio
+from fedvox.shared.errors import DataError
+from fedvox.shared.semantic import FallbackTokenizer, tokenizer_spec
 from tests.data_fixtures import fingerprint, write_bad_set, write_good_set
 
 FALLBACK = tokenizer_spec()

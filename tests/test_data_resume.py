@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from client.data.prepare import prepare
-from shared.semantic import tokenizer_spec
+from fedvox.client.data.prepare import prepare
+from fedvox.shared.semantic import tokenizer_spec
 from tests.data_fixtures import write_good_set
 
 pytestmark = pytest.mark.slow

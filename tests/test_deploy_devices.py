@@ -9,11 +9,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from typer.testing import CliRunner
 
-from server.cli import app
-from server.deploy.devices import Registry, device_report
-from server.deploy.home import init_home
-from shared.device_keys import fingerprint, parse_public_key, ssh_text
-from shared.errors import ConfigError, DeploymentError
+from fedvox.server.cli import app
+from fedvox.server.deploy.devices import Registry, device_report
+from fedvox.server.deploy.home import init_home
+from fedvox.shared.device_keys import fingerprint, parse_public_key, ssh_text
+from fedvox.shared.errors import ConfigError, DeploymentError
 
 runner = CliRunner()
 

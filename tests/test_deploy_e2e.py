@@ -21,16 +21,16 @@ from flwr.proto.message_pb2 import PullObjectRequest, PullObjectResponse, PushOb
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-from client.data.cache import FeatureCache
-from client.enroll import DeviceHome, device_key
-from client.identity import client_identity
-from server.checkpoints import CheckpointStore
-from server.cli import app as server_cli
-from server.model import initial_subset
-from shared.privacy.audit import audit_ledger
-from shared.privacy.ledger import Ledger
-from shared.protocol import ClientStatus
-from shared.processes import flower_command, flower_env, free_port
+from fedvox.client.data.cache import FeatureCache
+from fedvox.client.enroll import DeviceHome, device_key
+from fedvox.client.identity import client_identity
+from fedvox.server.checkpoints import CheckpointStore
+from fedvox.server.cli import app as server_cli
+from fedvox.server.model import initial_subset
+from fedvox.shared.privacy.audit import audit_ledger
+from fedvox.shared.privacy.ledger import Ledger
+from fedvox.shared.protocol import ClientStatus
+from fedvox.shared.processes import flower_command, flower_env, free_port
 from tests.data_fixtures import GOOD
 from tests.deploy_kit import (
     BIN, ENV, enroll, kill_tree, register, server_home, spawn, start_server, start_tap, stop, sweep, throw_garbage,

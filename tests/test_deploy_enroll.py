@@ -20,14 +20,14 @@ from cryptography.x509.oid import NameOID
 from flwr.common.config import parse_config_args
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-from client.enroll import DeviceHome, Enrollment, check_server, device_key, parse_server, public_line, register_command
-from client.profiles import ProfileOverrides
-from server.deploy import pki
-from server.deploy.gateway import FleetGateway, GatewayServer
-from server.deploy.home import init_home
-from shared.device_keys import parse_public_key
-from shared.errors import CertificateMismatch, ConfigError, DeploymentError, ServerUnreachable
-from shared.processes import free_port
+from fedvox.client.enroll import DeviceHome, Enrollment, check_server, device_key, parse_server, public_line, register_command
+from fedvox.client.profiles import ProfileOverrides
+from fedvox.server.deploy import pki
+from fedvox.server.deploy.gateway import FleetGateway, GatewayServer
+from fedvox.server.deploy.home import init_home
+from fedvox.shared.device_keys import parse_public_key
+from fedvox.shared.errors import CertificateMismatch, ConfigError, DeploymentError, ServerUnreachable
+from fedvox.shared.processes import free_port
 
 
 def test_the_device_key_is_made_once_private_and_in_the_formats_flower_loads(tmp_path):

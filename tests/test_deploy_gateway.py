@@ -4,8 +4,8 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from server.deploy import gateway as gateway_module
-from server.deploy.gateway import FLEET_PATH, FleetGateway
+from fedvox.server.deploy import gateway as gateway_module
+from fedvox.server.deploy.gateway import FLEET_PATH, FleetGateway
 
 
 class FakeSuperLink:

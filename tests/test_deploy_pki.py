@@ -7,10 +7,10 @@ import stat
 import pytest
 from typer.testing import CliRunner
 
-from server.cli import app
-from server.deploy import pki
-from server.deploy.home import ServerHome, ensure_link_certificate, init_home, renew
-from shared.errors import ConfigError, DeploymentError
+from fedvox.server.cli import app
+from fedvox.server.deploy import pki
+from fedvox.server.deploy.home import ServerHome, ensure_link_certificate, init_home, renew
+from fedvox.shared.errors import ConfigError, DeploymentError
 
 runner = CliRunner()
 

@@ -6,9 +6,9 @@ import json
 
 from typer.testing import CliRunner
 
-from client.cli import app
-from client.device import probe
-from shared.errors import ConfigError
+from fedvox.client.cli import app
+from fedvox.client.device import probe
+from fedvox.shared.errors import ConfigError
 
 runner = CliRunner()
 

@@ -10,11 +10,11 @@ import psutil
 import pytest
 import torch
 
-from client.device import (
+from fedvox.client.device import (
     BACKENDS, REFERENCE_DEVICES, DeviceFacts, GiB, cuda_kernels_available, probe, reference_device,
     rocm_family,
 )
-from shared.errors import ConfigError
+from fedvox.shared.errors import ConfigError
 
 CU130 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
 CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]

@@ -11,14 +11,14 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from client.app import app as client_app
-from client.identity import client_identity
-from server.app import serve
-from server.model import initial_subset
-from shared.privacy.ledger import Ledger
-from shared.protocol import ARRAYS, CONFIG, STATUS, ClientStatus, Plan
-from shared.runconfig import RunConfig
-from shared.wire import to_record
+from fedvox.client.app import app as client_app
+from fedvox.client.identity import client_identity
+from fedvox.server.app import serve
+from fedvox.server.model import initial_subset
+from fedvox.shared.privacy.ledger import Ledger
+from fedvox.shared.protocol import ARRAYS, CONFIG, STATUS, ClientStatus, Plan
+from fedvox.shared.runconfig import RunConfig
+from fedvox.shared.wire import to_record
 from tests.federation_kit import LocalGrid
 from tests.prepared import prepared_cache
 

@@ -11,9 +11,9 @@ import time
 import pytest
 from flwr.simulation import run_simulation
 
-from server.app import make_server_app
-from shared.privacy.ledger import Ledger
-from shared.runconfig import RunConfig
+from fedvox.server.app import make_server_app
+from fedvox.shared.privacy.ledger import Ledger
+from fedvox.shared.runconfig import RunConfig
 from tests.federation_kit import initial_state, make_client_app
 
 NAN, POOR = 3, 4

@@ -6,11 +6,11 @@ from dataclasses import replace
 
 import pytest
 
-from client.device import reference_device
-from client.profiles import select_profile
-from shared.errors import ConfigError
-from shared.runconfig import RunConfig
-from simulations.fleets import NAMED_FLEETS, DeviceClass, host_settings, load_fleet, plan_clients, round_draw
+from fedvox.client.device import reference_device
+from fedvox.client.profiles import select_profile
+from fedvox.shared.errors import ConfigError
+from fedvox.shared.runconfig import RunConfig
+from fedvox.simulations.fleets import NAMED_FLEETS, DeviceClass, host_settings, load_fleet, plan_clients, round_draw
 
 MIXED = load_fleet("mixed")
 CPU_HOST = replace(reference_device("x86-avx2"), physical_cores=2, logical_cores=2)

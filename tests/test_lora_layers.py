@@ -11,11 +11,11 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from shared.errors import ConfigError
-from shared.models.config import s1_config
-from shared.models.lora import LoRAConv1d, LoRALinear, merged_base_state, wrap_with_lora
-from shared.models.s1 import Text2SemanticDecoder, s1_loss
-from shared.models.subsets import SubsetSpec, apply_subset
+from fedvox.shared.errors import ConfigError
+from fedvox.shared.models.config import s1_config
+from fedvox.shared.models.lora import LoRAConv1d, LoRALinear, merged_base_state, wrap_with_lora
+from fedvox.shared.models.s1 import Text2SemanticDecoder, s1_loss
+from fedvox.shared.models.subsets import SubsetSpec, apply_subset
 from tests.per_sample import assert_per_sample_grads_match
 from tests.s1_batches import random_s1_batch
 

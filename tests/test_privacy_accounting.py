@@ -13,8 +13,8 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from opacus.accountants import RDPAccountant
 from scipy import stats
 
-from shared.errors import BudgetExceededError, ConfigError, PrivacyError
-from shared.privacy.accounting import (
+from fedvox.shared.errors import BudgetExceededError, ConfigError, PrivacyError
+from fedvox.shared.privacy.accounting import (
     Mechanism,
     calibrate_noise_multiplier,
     compact,

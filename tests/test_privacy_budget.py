@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.errors import BudgetExceededError, ConfigError
-from shared.privacy.accounting import Mechanism, calibrate_noise_multiplier, epsilon
-from shared.privacy.budget import Budget
-from shared.privacy.ledger import Ledger, read_rows
+from fedvox.shared.errors import BudgetExceededError, ConfigError
+from fedvox.shared.privacy.accounting import Mechanism, calibrate_noise_multiplier, epsilon
+from fedvox.shared.privacy.budget import Budget
+from fedvox.shared.privacy.ledger import Ledger, read_rows
 from tests.privacy_ledgers import DELTA, release
 
 

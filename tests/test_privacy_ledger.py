@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import ConfigError, LedgerIntegrityError, PrivacyError
-from shared.privacy.accounting import Mechanism, _epsilon, accountant_version, epsilon
-from shared.privacy.audit import verify_integrity
-from shared.privacy.ledger import (
+from fedvox.shared.errors import ConfigError, LedgerIntegrityError, PrivacyError
+from fedvox.shared.privacy.accounting import Mechanism, _epsilon, accountant_version, epsilon
+from fedvox.shared.privacy.audit import verify_integrity
+from fedvox.shared.privacy.ledger import (
     COLUMNS,
     GENESIS_HASH,
     LEDGER_FILENAME,

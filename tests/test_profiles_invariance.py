@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from client.device import REFERENCE_DEVICES
-from client.profiles import ProfileOverrides, ResourceProfile, select_profile
-from client.trainer.engine import make_private, poisson_sample, run_logical_step
-from shared.models.config import s1_config
-from shared.models.s1 import Text2SemanticDecoder, s1_loss
-from shared.models.subsets import SubsetSpec, apply_subset
+from fedvox.client.device import REFERENCE_DEVICES
+from fedvox.client.profiles import ProfileOverrides, ResourceProfile, select_profile
+from fedvox.client.trainer.engine import make_private, poisson_sample, run_logical_step
+from fedvox.shared.models.config import s1_config
+from fedvox.shared.models.s1 import Text2SemanticDecoder, s1_loss
+from fedvox.shared.models.subsets import SubsetSpec, apply_subset
 from tests.s1_batches import random_s1_batch
 
 EXAMPLES = 12

@@ -7,16 +7,16 @@ from dataclasses import replace
 
 import pytest
 
-import client.profiles as profiles
-from client.device import REFERENCE_DEVICES, GiB
-from client.profiles import (
+import fedvox.client.profiles as profiles
+from fedvox.client.device import REFERENCE_DEVICES, GiB
+from fedvox.client.profiles import (
     ACCELERATOR_FRACTION, ACCELERATOR_RESERVE, CPU_RAM_FRACTION, CPU_RUNTIME_RESERVE, ActivationCost, ModelSize,
     ProfileOverrides, activation_cost, estimate_memory, memory_budget, model_size,
     poisson_batch_bound, select_profile,
 )
-from shared.errors import ConfigError, DeviceError
-from shared.models.config import CONFIG_NAMES
-from shared.models.subsets import SubsetSpec
+from fedvox.shared.errors import ConfigError, DeviceError
+from fedvox.shared.models.config import CONFIG_NAMES
+from fedvox.shared.models.subsets import SubsetSpec
 
 MiB = 2**20
 RUNTIME = 256 * MiB

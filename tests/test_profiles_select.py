@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from client.device import REFERENCE_DEVICES, DeviceFacts, GiB
-from client.profiles import FP16_LOSS_SCALE, ProfileOverrides, gpu_tier, select_profile
-from shared.errors import ConfigError
+from fedvox.client.device import REFERENCE_DEVICES, DeviceFacts, GiB
+from fedvox.client.profiles import FP16_LOSS_SCALE, ProfileOverrides, gpu_tier, select_profile
+from fedvox.shared.errors import ConfigError
 
 
 def facts_of(name: str, **changes) -> DeviceFacts:

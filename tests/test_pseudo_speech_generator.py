@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from shared.errors import ConfigError
-from simulations.pseudo_speech import SAMPLE_RATE, PseudoVoice, synthesize
-from simulations.speaker_id import mfcc_statistics, speaker_id_accuracy
+from fedvox.shared.errors import ConfigError
+from fedvox.simulations.pseudo_speech import SAMPLE_RATE, PseudoVoice, synthesize
+from fedvox.simulations.speaker_id import mfcc_statistics, speaker_id_accuracy
 
 EN = ["The birch canoe slid on the smooth planks.", "Glue the sheet to the dark blue background.",
       "It is easy to tell the depth of a well.", "These days a chicken leg is a rare dish."]
@@ -13,7 +13,7 @@ ZH = ["老师，您好！", "今天天气很好。", "我们去公园散步吧�
 
 
 def test_sample_rate_is_the_project_rate():
-    from shared.audio import SAMPLE_RATE as PROJECT_RATE
+    from fedvox.shared.audio import SAMPLE_RATE as PROJECT_RATE
 
     assert SAMPLE_RATE == PROJECT_RATE
 

@@ -7,16 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.errors import CheckpointError
-from shared.models.config import CONFIG_NAMES, s1_config
-from shared.models.interop import (
+from fedvox.shared.errors import CheckpointError
+from fedvox.shared.models.config import CONFIG_NAMES, s1_config
+from fedvox.shared.models.interop import (
     manifest,
     random_official_state_dict,
     read_torch_file,
     write_torch_file,
 )
-from shared.models.s1 import Text2SemanticDecoder
-from shared.models.s1_checkpoint import (
+from fedvox.shared.models.s1 import Text2SemanticDecoder
+from fedvox.shared.models.s1_checkpoint import (
     config_from_official,
     fedvox_to_official,
     load_official_s1,
@@ -29,7 +29,7 @@ from shared.models.s1_checkpoint import (
     save_official_s1,
     save_s1_safetensors,
 )
-from shared.models.subsets import SubsetSpec, apply_subset
+from fedvox.shared.models.subsets import SubsetSpec, apply_subset
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -204,7 +204,7 @@ def test_safetensors_round_trip_and_stage_check(tmp_path: Path) -> None:
     loaded = load_s1_safetensors(tmp_path / "s1.safetensors")
     assert loaded.config == model.config
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
-    from shared.models.interop import save_safetensors
+    from fedvox.shared.models.interop import save_safetensors
 
     save_safetensors(
         {"x": torch.zeros(1)}, tmp_path / "other.safetensors", metadata={"stage": "s2"}

@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 
-from shared.errors import DataError
-from shared.models.config import EOS, s1_config
-from shared.models.s1 import Text2SemanticDecoder, generate
+from fedvox.shared.errors import DataError
+from fedvox.shared.models.config import EOS, s1_config
+from fedvox.shared.models.s1 import Text2SemanticDecoder, generate
 
 CONFIG = s1_config("tiny")
 
@@ -82,7 +82,7 @@ def test_respects_max_new_tokens(
     model: Text2SemanticDecoder, caplog: pytest.LogCaptureFixture
 ) -> None:
     phonemes, bert, prompt = _inputs()
-    with caplog.at_level(logging.WARNING, logger="shared.models.s1"):
+    with caplog.at_level(logging.WARNING, logger="fedvox.shared.models.s1"):
         tokens = generate(model, phonemes, bert, prompt, max_new_tokens=7, min_new_tokens=7)
     assert tokens.numel() == 7
     assert "without EOS" in caplog.text

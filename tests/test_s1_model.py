@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from shared.models.config import EOS, s1_config
-from shared.models.s1 import S1Loss, Text2SemanticDecoder, prefix_lm_mask, s1_loss
-from shared.models.subsets import SubsetSpec, apply_subset
+from fedvox.shared.models.config import EOS, s1_config
+from fedvox.shared.models.s1 import S1Loss, Text2SemanticDecoder, prefix_lm_mask, s1_loss
+from fedvox.shared.models.subsets import SubsetSpec, apply_subset
 from tests.s1_batches import random_s1_batch, unpadded
 
 TINY = s1_config("tiny")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.models.config import s1_config
-from shared.models.s1 import Text2SemanticDecoder, s1_loss
-from shared.models.subsets import SubsetSpec, apply_subset
+from fedvox.shared.models.config import s1_config
+from fedvox.shared.models.s1 import Text2SemanticDecoder, s1_loss
+from fedvox.shared.models.subsets import SubsetSpec, apply_subset
 from tests.per_sample import assert_per_sample_grads_match
 from tests.s1_batches import random_s1_batch
 

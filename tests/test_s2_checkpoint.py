@@ -12,15 +12,15 @@ import types
 import pytest
 import torch
 
-from shared.errors import CheckpointError
-from shared.models.config import s2_config
-from shared.models.interop import manifest, random_official_state_dict, write_torch_file
-from shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn
-from shared.models.s2.checkpoint import (
+from fedvox.shared.errors import CheckpointError
+from fedvox.shared.models.config import s2_config
+from fedvox.shared.models.interop import manifest, random_official_state_dict, write_torch_file
+from fedvox.shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn
+from fedvox.shared.models.s2.checkpoint import (
     detect_version, export_discriminator, export_generator, load_discriminator, load_generator,
     load_model, load_official_state, official_hparams, read_official, save_model, to_official,
 )
-from shared.models.subsets import SubsetSpec, apply_subset
+from fedvox.shared.models.subsets import SubsetSpec, apply_subset
 from tests.s2_batches import fixed_randomness, random_s2_batch
 from tests.s2_batches import single_thread  # noqa: F401  (autouse: one CPU thread)
 

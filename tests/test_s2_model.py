@@ -7,16 +7,16 @@ import copy
 import pytest
 import torch
 
-from shared.audio import HOP_LENGTH
-from shared.errors import ConfigError, DataError
-from shared.models.config import CONFIG_NAMES, s2_config
-from shared.models.interop import manifest
-from shared.models.s2 import (
+from fedvox.shared.audio import HOP_LENGTH
+from fedvox.shared.errors import ConfigError, DataError
+from fedvox.shared.models.config import CONFIG_NAMES, s2_config
+from fedvox.shared.models.interop import manifest
+from fedvox.shared.models.s2 import (
     MultiPeriodDiscriminator, SynthesizerTrn, draw_randomness, draw_slice_starts, frozen,
     generator_losses,
 )
-from shared.models.s2.gan import discriminator_losses
-from shared.models.subsets import SubsetSpec, apply_subset
+from fedvox.shared.models.s2.gan import discriminator_losses
+from fedvox.shared.models.subsets import SubsetSpec, apply_subset
 from tests.s2_batches import fixed_randomness, random_s2_batch, unpadded
 from tests.s2_batches import single_thread  # noqa: F401  (autouse: one CPU thread)
 

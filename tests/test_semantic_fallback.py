@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from shared.semantic import FallbackTokenizer, tokenizer_spec
-from simulations.pseudo_speech import PseudoVoice, synthesize
+from fedvox.shared.semantic import FallbackTokenizer, tokenizer_spec
+from fedvox.simulations.pseudo_speech import PseudoVoice, synthesize
 
 SENTENCES = [
     ("The birch canoe slid on the smooth planks.", "en"),

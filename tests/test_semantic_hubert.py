@@ -19,13 +19,13 @@ from torchaudio.models import hubert_base
 
 import soundfile as sf
 
-from client.data.cache import FeatureCache
-from client.data.features import loudness_mix
-from client.data.prepare import prepare
-from shared.audio import resample
-from shared.errors import CheckpointError, ConfigError
-from shared.models.interop import random_official_state_dict, write_torch_file
-from shared.semantic import HUBERT_INPUT_SCALE, HubertTokenizer, load_hubert, tokenizer_spec
+from fedvox.client.data.cache import FeatureCache
+from fedvox.client.data.features import loudness_mix
+from fedvox.client.data.prepare import prepare
+from fedvox.shared.audio import resample
+from fedvox.shared.errors import CheckpointError, ConfigError
+from fedvox.shared.models.interop import random_official_state_dict, write_torch_file
+from fedvox.shared.semantic import HUBERT_INPUT_SCALE, HubertTokenizer, load_hubert, tokenizer_spec
 
 TINY = {
     "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,

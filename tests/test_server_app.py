@@ -5,10 +5,10 @@ from pathlib import Path
 import torch
 from flwr.common.config import fuse_dicts, get_fused_config_from_dir, parse_config_args
 
-from server.model import build_global_model, export_model, initial_subset
-from shared.models.s1_checkpoint import load_official_s1
-from shared.models.subsets import load_trainable_state_dict, merged_state_dict
-from shared.runconfig import RunConfig
+from fedvox.server.model import build_global_model, export_model, initial_subset
+from fedvox.shared.models.s1_checkpoint import load_official_s1
+from fedvox.shared.models.subsets import load_trainable_state_dict, merged_state_dict
+from fedvox.shared.runconfig import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

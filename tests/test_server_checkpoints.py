@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from server.checkpoints import CheckpointStore
-from server.metrics import RoundLog
-from shared.errors import CheckpointError
+from fedvox.server.checkpoints import CheckpointStore
+from fedvox.server.metrics import RoundLog
+from fedvox.shared.errors import CheckpointError
 
 
 def _state(value: float) -> dict[str, torch.Tensor]:

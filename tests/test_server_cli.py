@@ -4,12 +4,12 @@ import json
 
 from typer.testing import CliRunner
 
-from server.checkpoints import CheckpointStore
-from server.cli import app
-from server.model import initial_subset
-from server.run import FederatedRun
-from shared.models.s1_checkpoint import load_official_s1
-from shared.runconfig import RunConfig
+from fedvox.server.checkpoints import CheckpointStore
+from fedvox.server.cli import app
+from fedvox.server.model import initial_subset
+from fedvox.server.run import FederatedRun
+from fedvox.shared.models.s1_checkpoint import load_official_s1
+from fedvox.shared.runconfig import RunConfig
 from tests.federation_kit import LocalGrid, initial_state, make_client_app
 
 runner = CliRunner()

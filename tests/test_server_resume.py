@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.checkpoints import CheckpointStore
-from server.run import FederatedRun
-from shared.privacy.ledger import Ledger
+from fedvox.server.checkpoints import CheckpointStore
+from fedvox.server.run import FederatedRun
+from fedvox.shared.privacy.ledger import Ledger
 from tests.federation_kit import LocalGrid, initial_state, kill_test_config, make_client_app
 
 ROOT = Path(__file__).resolve().parents[1]

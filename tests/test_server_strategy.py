@@ -8,13 +8,13 @@ from flwr.serverapp import RdpAccountant
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 
-from server.run import FederatedRun
-from server.speaker_dp import noised_mean
-from server.strategy import FedvoxFedAdam, FedvoxMedian, FedvoxRound, build_strategy
-from shared.errors import ConfigError
-from shared.privacy.accounting import Mechanism, epsilon
-from shared.privacy.ledger import Ledger
-from shared.runconfig import RunConfig
+from fedvox.server.run import FederatedRun
+from fedvox.server.speaker_dp import noised_mean
+from fedvox.server.strategy import FedvoxFedAdam, FedvoxMedian, FedvoxRound, build_strategy
+from fedvox.shared.errors import ConfigError
+from fedvox.shared.privacy.accounting import Mechanism, epsilon
+from fedvox.shared.privacy.ledger import Ledger
+from fedvox.shared.runconfig import RunConfig
 from tests.federation_kit import (
     LocalGrid,
     client_data,

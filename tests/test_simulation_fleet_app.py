@@ -10,13 +10,13 @@ from dataclasses import replace
 
 import pytest
 
-from client.device import reference_device
-from server.run import FederatedRun
-from shared.privacy.ledger import Ledger
-from shared.runconfig import RunConfig
-from simulations.fleet_app import FleetMod, fleet_client_app, read_events
-from simulations.fleets import DeviceClass, Fleet, VirtualClient
-from simulations.report import outcome_counts, simulated_round_times
+from fedvox.client.device import reference_device
+from fedvox.server.run import FederatedRun
+from fedvox.shared.privacy.ledger import Ledger
+from fedvox.shared.runconfig import RunConfig
+from fedvox.simulations.fleet_app import FleetMod, fleet_client_app, read_events
+from fedvox.simulations.fleets import DeviceClass, Fleet, VirtualClient
+from fedvox.simulations.report import outcome_counts, simulated_round_times
 from tests.federation_kit import LocalGrid, initial_state, make_client_app
 
 HOST = reference_device("x86-avx2")

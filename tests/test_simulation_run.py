@@ -10,8 +10,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from shared.privacy.ledger import Ledger
-from simulations.cli import app
+from fedvox.shared.privacy.ledger import Ledger
+from fedvox.simulations.cli import app
 
 pytestmark = pytest.mark.slow  # starts Ray worker processes and a process pool
 

@@ -11,9 +11,9 @@ import pytest
 import soundfile as sf
 from typer.testing import CliRunner
 
-from shared.errors import ConfigError
-from simulations.cli import app, main
-from simulations.speakers import (
+from fedvox.shared.errors import ConfigError
+from fedvox.simulations.cli import app, main
+from fedvox.simulations.speakers import (
     MIN_UTTERANCES,
     SpeakersConfig,
     _espeak,
@@ -230,9 +230,9 @@ def test_cli_bad_option_is_one_red_line_and_exit_2(tmp_path, monkeypatch, capsys
 
 def test_every_sentence_phonemizes_and_every_line_parses_in_the_data_pipeline(tmp_path):
     """The transcripts must survive the client's own frontend: no utterance lost to text errors."""
-    from client.data.listfile import Entry, read_list
-    from shared.text import phonemize
-    from simulations.speakers import _sentences
+    from fedvox.client.data.listfile import Entry, read_list
+    from fedvox.shared.text import phonemize
+    from fedvox.simulations.speakers import _sentences
 
     for language in ("en", "zh"):
         for sentence in _sentences(language):

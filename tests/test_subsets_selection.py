@@ -9,10 +9,10 @@ import torch
 from opacus import GradSampleModule
 from torch import nn
 
-from shared.errors import CheckpointError, ConfigError
-from shared.models.config import s1_config
-from shared.models.s1 import Text2SemanticDecoder, s1_loss
-from shared.models.subsets import (
+from fedvox.shared.errors import CheckpointError, ConfigError
+from fedvox.shared.models.config import s1_config
+from fedvox.shared.models.s1 import Text2SemanticDecoder, s1_loss
+from fedvox.shared.models.subsets import (
     SubsetSpec,
     apply_subset,
     load_trainable_state_dict,

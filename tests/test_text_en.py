@@ -6,9 +6,9 @@ homographs.en; the OOV expectations are the predictions of g2p_en 2.1.0's own nu
 
 import pytest
 
-from shared.text import phonemize, symbol_to_id
-from shared.text.en_normalize import normalize
-from shared.text.en_oov import predict
+from fedvox.shared.text import phonemize, symbol_to_id
+from fedvox.shared.text.en_normalize import normalize
+from fedvox.shared.text.en_oov import predict
 
 
 def phones(text: str) -> list[str]:

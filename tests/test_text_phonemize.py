@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import ConfigError, TextError
-from shared.text import Phonemes, normalize_language, phonemize, phones_to_ids, symbol_to_id
+from fedvox.shared.errors import ConfigError, TextError
+from fedvox.shared.text import Phonemes, normalize_language, phonemize, phones_to_ids, symbol_to_id
 
 CORPUS = {
     "zh": [

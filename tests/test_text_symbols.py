@@ -3,9 +3,9 @@ then v2 appends "[", "]", sorted Korean and sorted Cantonese symbols)."""
 
 import pytest
 
-from shared.errors import ConfigError
-from shared.text import phones_to_ids, symbol_to_id, symbols
-from shared.text.zh import pinyin_to_phones
+from fedvox.shared.errors import ConfigError
+from fedvox.shared.text import phones_to_ids, symbol_to_id, symbols
+from fedvox.shared.text.zh import pinyin_to_phones
 
 
 def test_table_sizes():

@@ -6,10 +6,10 @@ rules and its opencpop-strict table (e.g. shi -> sh ir, si -> s i0, you -> y ou,
 
 import pytest
 
-from shared.text import phonemize
-from shared.text.zh_normalize import normalize
-from shared.text.zh_numbers import cardinal, digit_by_digit, number
-from shared.text.zh_sandhi import apply_sandhi, merge_words
+from fedvox.shared.text import phonemize
+from fedvox.shared.text.zh_normalize import normalize
+from fedvox.shared.text.zh_numbers import cardinal, digit_by_digit, number
+from fedvox.shared.text.zh_sandhi import apply_sandhi, merge_words
 
 
 def phones(text: str, version: str = "v2") -> list[str]:

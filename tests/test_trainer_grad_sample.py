@@ -14,12 +14,12 @@ import copy
 import pytest
 import torch
 
-from client.trainer.engine import make_private, run_logical_step
-from client.trainer.grad_sample import PrivateGradSampleModule
-from shared.models.config import s1_config, s2_config
-from shared.models.s1 import Text2SemanticDecoder, s1_loss
-from shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn, discriminator_losses, frozen, generator_losses
-from shared.models.subsets import SubsetSpec, apply_subset
+from fedvox.client.trainer.engine import make_private, run_logical_step
+from fedvox.client.trainer.grad_sample import PrivateGradSampleModule
+from fedvox.shared.models.config import s1_config, s2_config
+from fedvox.shared.models.s1 import Text2SemanticDecoder, s1_loss
+from fedvox.shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn, discriminator_losses, frozen, generator_losses
+from fedvox.shared.models.subsets import SubsetSpec, apply_subset
 from tests.per_sample import assert_per_sample_grads_match
 from tests.s1_batches import random_s1_batch
 from tests.s2_batches import fixed_randomness, random_s2_batch

@@ -13,11 +13,11 @@ import soundfile as sf
 import torch
 from typer.testing import CliRunner
 
-from client.cli import app
-from shared.models.factory import build_model, export_fedvox
-from shared.models.interop import load_safetensors
-from shared.models.subsets import SubsetSpec
-from shared.privacy.ledger import Ledger
+from fedvox.client.cli import app
+from fedvox.shared.models.factory import build_model, export_fedvox
+from fedvox.shared.models.interop import load_safetensors
+from fedvox.shared.models.subsets import SubsetSpec
+from fedvox.shared.privacy.ledger import Ledger
 from tests.prepared import prepared_cache
 
 TRAIN = ["train", "--stage", "s1", "--steps", "6", "--checkpoint-every", "2", "--noise-multiplier", "1.0",

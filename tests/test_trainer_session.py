@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client.data.datasets import S1Dataset, S2Dataset
-from client.trainer.session import PrivacyPlan, RoundPlan, Trainer
-from client.trainer.tasks import S1Task, S2Task
-from shared.errors import BudgetExceededError
-from shared.models.factory import build_model
-from shared.models.s1 import SelfAttention
-from shared.models.subsets import SubsetSpec
-from shared.privacy.accounting import Mechanism, epsilon, shared_batch_noise_multiplier
-from shared.privacy.ledger import Ledger
+from fedvox.client.data.datasets import S1Dataset, S2Dataset
+from fedvox.client.trainer.session import PrivacyPlan, RoundPlan, Trainer
+from fedvox.client.trainer.tasks import S1Task, S2Task
+from fedvox.shared.errors import BudgetExceededError
+from fedvox.shared.models.factory import build_model
+from fedvox.shared.models.s1 import SelfAttention
+from fedvox.shared.models.subsets import SubsetSpec
+from fedvox.shared.privacy.accounting import Mechanism, epsilon, shared_batch_noise_multiplier
+from fedvox.shared.privacy.ledger import Ledger
 from tests.prepared import prepared_cache
 
 CPU = torch.device("cpu")

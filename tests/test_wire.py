@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from shared.errors import ConfigError, UpdateRejected
-from shared.wire import from_record, record_bytes, to_record, validate_update
+from fedvox.shared.errors import ConfigError, UpdateRejected
+from fedvox.shared.wire import from_record, record_bytes, to_record, validate_update
 
 
 def _state():

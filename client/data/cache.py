@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from client.data.features import Features
-from shared.atomic import atomic_write_text
-from shared.errors import CheckpointError, DataError
-from shared.models.interop import load_safetensors, save_safetensors
+from fedvox.client.data.features import Features
+from fedvox.shared.atomic import atomic_write_text
+from fedvox.shared.errors import CheckpointError, DataError
+from fedvox.shared.models.interop import load_safetensors, save_safetensors
 
 CACHE_FORMAT = 1
 ITEM_SUFFIX = ".safetensors"

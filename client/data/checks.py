@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from client.data.reasons import Reason, Rejected
+from fedvox.client.data.reasons import Reason, Rejected
 
 
 @dataclass(frozen=True)

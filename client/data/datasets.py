@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from client.data.cache import CachedItem, FeatureCache
-from client.data.features import from_pcm16
-from shared.audio import SEMANTIC_RATE, linear_spectrogram
-from shared.errors import DataError
-from shared.models.batches import S1Batch, S2Batch
-from shared.models.config import EOS
+from fedvox.client.data.cache import CachedItem, FeatureCache
+from fedvox.client.data.features import from_pcm16
+from fedvox.shared.audio import SEMANTIC_RATE, linear_spectrogram
+from fedvox.shared.errors import DataError
+from fedvox.shared.models.batches import S1Batch, S2Batch
+from fedvox.shared.models.config import EOS
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.audio import HOP_LENGTH, SAMPLE_RATE, resample
-from shared.semantic import SemanticTokenizer
+from fedvox.shared.audio import HOP_LENGTH, SAMPLE_RATE, resample
+from fedvox.shared.semantic import SemanticTokenizer
 
 PEAK = 0.95
 MIX = 0.5

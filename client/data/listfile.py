@@ -12,9 +12,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.data.reasons import Reason, Rejected, Rejection
-from shared.errors import DataError
-from shared.text import normalize_language
+from fedvox.client.data.reasons import Reason, Rejected, Rejection
+from fedvox.shared.errors import DataError
+from fedvox.shared.text import normalize_language
 
 
 @dataclass(frozen=True)

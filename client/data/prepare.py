@@ -21,17 +21,17 @@ from pathlib import Path
 
 import torch
 
-from client.data.cache import CachedItem, FeatureCache, Settings, item_id
-from client.data.checks import AudioLimits, check_audio
-from client.data.features import featurize
-from client.data.listfile import Entry, read_list, resolve_audio
-from client.data.reasons import Reason, Rejected, Rejection
-from client.data.report import PrepareReport
-from shared.audio import read_audio
-from shared.cli import progress
-from shared.errors import DataError, TextError
-from shared.semantic import SemanticTokenizer, TokenizerSpec
-from shared.text import Phonemes, phonemize
+from fedvox.client.data.cache import CachedItem, FeatureCache, Settings, item_id
+from fedvox.client.data.checks import AudioLimits, check_audio
+from fedvox.client.data.features import featurize
+from fedvox.client.data.listfile import Entry, read_list, resolve_audio
+from fedvox.client.data.reasons import Reason, Rejected, Rejection
+from fedvox.client.data.report import PrepareReport
+from fedvox.shared.audio import read_audio
+from fedvox.shared.cli import progress
+from fedvox.shared.errors import DataError, TextError
+from fedvox.shared.semantic import SemanticTokenizer, TokenizerSpec
+from fedvox.shared.text import Phonemes, phonemize
 
 log = logging.getLogger(__name__)
 

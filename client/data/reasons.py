@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from shared.errors import DataError
+from fedvox.shared.errors import DataError
 
 
 class Reason(StrEnum):

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from client.data.cache import CachedItem
-from client.data.reasons import FIXES, Rejection
-from shared.atomic import atomic_write_text
+from fedvox.client.data.cache import CachedItem
+from fedvox.client.data.reasons import FIXES, Rejection
+from fedvox.shared.atomic import atomic_write_text
 
 SHOWN_REJECTIONS = 20
 

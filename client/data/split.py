@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-from client.data.cache import CachedItem
-from shared.errors import ConfigError
+from fedvox.client.data.cache import CachedItem
+from fedvox.shared.errors import ConfigError
 
 
 def holdout_split(

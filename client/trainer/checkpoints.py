@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from shared.atomic import atomic_write_bytes
-from shared.errors import CheckpointError
+from fedvox.shared.atomic import atomic_write_bytes
+from fedvox.shared.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from client.trainer.dp_optimizer import FedvoxDPOptimizer
-from client.trainer.grad_sample import PrivateGradSampleModule
-from shared.errors import DeviceError
+from fedvox.client.trainer.dp_optimizer import FedvoxDPOptimizer
+from fedvox.client.trainer.grad_sample import PrivateGradSampleModule
+from fedvox.shared.errors import DeviceError
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import torch
 from opacus.utils.module_utils import trainable_parameters
 from torch import nn
 
-from shared.models.s2.grad_samplers import WeightNormGradSampleModule
+from fedvox.shared.models.s2.grad_samplers import WeightNormGradSampleModule
 
 
 class PrivateGradSampleModule(WeightNormGradSampleModule):

@@ -18,22 +18,22 @@ from typing import Any
 
 import torch
 
-from client.data.cache import FeatureCache
-from client.data.datasets import S1Dataset, S2Dataset
-from client.data.split import holdout_split
-from client.identity import client_identity
-from client.profiles import ResourceProfile
-from client.trainer.checkpoints import CheckpointStore
-from client.trainer.monitor import TrainingMonitor
-from client.trainer.session import PrivacyPlan, RoundPlan, Trainer
-from client.trainer.tasks import S1Task, S2Task, Task
-from shared.atomic import atomic_write_text
-from shared.cli import progress
-from shared.errors import ConfigError
-from shared.models.factory import build_model, export_all
-from shared.models.interop import save_safetensors
-from shared.models.subsets import SubsetSpec, load_trainable_state_dict, trainable_state_dict
-from shared.privacy.ledger import Ledger
+from fedvox.client.data.cache import FeatureCache
+from fedvox.client.data.datasets import S1Dataset, S2Dataset
+from fedvox.client.data.split import holdout_split
+from fedvox.client.identity import client_identity
+from fedvox.client.profiles import ResourceProfile
+from fedvox.client.trainer.checkpoints import CheckpointStore
+from fedvox.client.trainer.monitor import TrainingMonitor
+from fedvox.client.trainer.session import PrivacyPlan, RoundPlan, Trainer
+from fedvox.client.trainer.tasks import S1Task, S2Task, Task
+from fedvox.shared.atomic import atomic_write_text
+from fedvox.shared.cli import progress
+from fedvox.shared.errors import ConfigError
+from fedvox.shared.models.factory import build_model, export_all
+from fedvox.shared.models.interop import save_safetensors
+from fedvox.shared.models.subsets import SubsetSpec, load_trainable_state_dict, trainable_state_dict
+from fedvox.shared.privacy.ledger import Ledger
 
 log = logging.getLogger(__name__)
 

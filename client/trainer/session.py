@@ -28,15 +28,15 @@ from dataclasses import dataclass
 
 import torch
 
-from client.trainer.dp_optimizer import FedvoxDPOptimizer
-from client.trainer.engine import PrivateModel, make_private, poisson_sample, run_logical_step
-from client.trainer.monitor import TrainingMonitor, peak_memory
-from client.trainer.tasks import Task, mean_metrics
-from shared.errors import ConfigError, DataError
-from shared.models.subsets import trainable_state_dict
-from shared.privacy.accounting import DEFAULT_ACCOUNTANT, Mechanism, calibrate_noise_multiplier, epsilon
-from shared.privacy.budget import Budget
-from shared.privacy.ledger import Component, Ledger, LedgerRow, Release
+from fedvox.client.trainer.dp_optimizer import FedvoxDPOptimizer
+from fedvox.client.trainer.engine import PrivateModel, make_private, poisson_sample, run_logical_step
+from fedvox.client.trainer.monitor import TrainingMonitor, peak_memory
+from fedvox.client.trainer.tasks import Task, mean_metrics
+from fedvox.shared.errors import ConfigError, DataError
+from fedvox.shared.models.subsets import trainable_state_dict
+from fedvox.shared.privacy.accounting import DEFAULT_ACCOUNTANT, Mechanism, calibrate_noise_multiplier, epsilon
+from fedvox.shared.privacy.budget import Budget
+from fedvox.shared.privacy.ledger import Component, Ledger, LedgerRow, Release
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-from client.data.datasets import S1Dataset, S2Dataset, collate_s1, collate_s2
-from client.trainer.grad_sample import PrivateGradSampleModule
-from shared.models.batches import S1Batch, S2Batch
-from shared.models.factory import SoVITSPair
-from shared.models.s1 import Text2SemanticDecoder, s1_loss
-from shared.models.s2 import discriminator_losses, frozen, generator_losses
-from shared.models.s2.generator import SynthesizerTrn
+from fedvox.client.data.datasets import S1Dataset, S2Dataset, collate_s1, collate_s2
+from fedvox.client.trainer.grad_sample import PrivateGradSampleModule
+from fedvox.shared.models.batches import S1Batch, S2Batch
+from fedvox.shared.models.factory import SoVITSPair
+from fedvox.shared.models.s1 import Text2SemanticDecoder, s1_loss
+from fedvox.shared.models.s2 import discriminator_losses, frozen, generator_losses
+from fedvox.shared.models.s2.generator import SynthesizerTrn
 
 S2_BETAS = (0.8, 0.99)
 """GPT-SoVITS's AdamW betas for s2 (eps 1e-9); s1 uses AdamW defaults with betas (0.9, 0.95)."""

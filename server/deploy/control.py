@@ -34,7 +34,7 @@ from flwr.supercore.error import FlowerError
 from flwr.supercore.fab import Fab
 from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
 
-from shared.errors import DeploymentError
+from fedvox.shared.errors import DeploymentError
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from typing import Any
 
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-from server.deploy.control import Control, Node
-from server.deploy.home import ServerHome
-from shared.atomic import atomic_write_text
-from shared.device_keys import fingerprint, parse_public_key, ssh_text
-from shared.errors import ConfigError, DeploymentError
+from fedvox.server.deploy.control import Control, Node
+from fedvox.server.deploy.home import ServerHome
+from fedvox.shared.atomic import atomic_write_text
+from fedvox.shared.device_keys import fingerprint, parse_public_key, ssh_text
+from fedvox.shared.errors import ConfigError, DeploymentError
 
 log = logging.getLogger(__name__)
 

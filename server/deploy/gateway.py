@@ -30,7 +30,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from shared.errors import DeploymentError
+from fedvox.shared.errors import DeploymentError
 
 log = logging.getLogger(__name__)
 

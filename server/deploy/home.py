@@ -31,10 +31,10 @@ from typing import Any
 import tomli_w
 from flwr.common.config import unflatten_dict
 
-from server.deploy import pki
-from shared.atomic import atomic_write_text
-from shared.errors import ConfigError, DeploymentError
-from shared.runconfig import RunConfig
+from fedvox.server.deploy import pki
+from fedvox.shared.atomic import atomic_write_text
+from fedvox.shared.errors import ConfigError, DeploymentError
+from fedvox.shared.runconfig import RunConfig
 
 DEFAULT_PORT = 9443
 DEFAULT_HOST = "0.0.0.0"

@@ -35,15 +35,15 @@ from typing import Any
 import psutil
 from flwr.proto.control_pb2 import StreamLogsRequest  # pylint: disable=E0611
 
-from server.checkpoints import CheckpointStore
-from server.deploy.control import FINISHED, Control, Node
-from server.deploy.devices import Registry, authorise
-from server.deploy.gateway import FleetGateway, GatewayServer
-from server.deploy.home import ServerHome, ensure_link_certificate
-from server.deploy.pki import check_server_pair
-from shared.atomic import atomic_write_text
-from shared.errors import DeploymentError
-from shared.processes import die_with_parent, flower_command, flower_env, free_port, stop_tree
+from fedvox.server.checkpoints import CheckpointStore
+from fedvox.server.deploy.control import FINISHED, Control, Node
+from fedvox.server.deploy.devices import Registry, authorise
+from fedvox.server.deploy.gateway import FleetGateway, GatewayServer
+from fedvox.server.deploy.home import ServerHome, ensure_link_certificate
+from fedvox.server.deploy.pki import check_server_pair
+from fedvox.shared.atomic import atomic_write_text
+from fedvox.shared.errors import DeploymentError
+from fedvox.shared.processes import die_with_parent, flower_command, flower_env, free_port, stop_tree
 
 log = logging.getLogger(__name__)
 serverapp_log = logging.getLogger("fedvox.serverapp")

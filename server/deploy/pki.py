@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared.atomic import atomic_path
-from shared.errors import DeploymentError
+from fedvox.shared.atomic import atomic_path
+from fedvox.shared.errors import DeploymentError
 
 CA_DAYS = 3650
 SERVER_DAYS = 825

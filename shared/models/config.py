@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from shared.errors import ConfigError
+from fedvox.shared.errors import ConfigError
 
 CONFIG_NAMES = ("tiny", "v1", "v2", "v2Pro", "v2ProPlus")
 

@@ -15,15 +15,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shared.errors import CheckpointError, ConfigError
-from shared.models.config import s1_config, s2_config
-from shared.models.s1 import Text2SemanticDecoder
-from shared.models.s1_checkpoint import load_official_s1, save_official_s1, save_s1_safetensors
-from shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn
-from shared.models.s2.checkpoint import (
+from fedvox.shared.errors import CheckpointError, ConfigError
+from fedvox.shared.models.config import s1_config, s2_config
+from fedvox.shared.models.s1 import Text2SemanticDecoder
+from fedvox.shared.models.s1_checkpoint import load_official_s1, save_official_s1, save_s1_safetensors
+from fedvox.shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn
+from fedvox.shared.models.s2.checkpoint import (
     export_discriminator, export_generator, load_discriminator, load_generator, save_model,
 )
-from shared.models.subsets import SubsetSpec, apply_subset, merged_state_dict
+from fedvox.shared.models.subsets import SubsetSpec, apply_subset, merged_state_dict
 
 log = logging.getLogger(__name__)
 

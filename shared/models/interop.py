@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from shared.atomic import atomic_path, atomic_write_bytes
-from shared.errors import CheckpointError
+from fedvox.shared.atomic import atomic_path, atomic_write_bytes
+from fedvox.shared.errors import CheckpointError
 
 ZIP_MAGIC = b"PK"
 VERSION_TAGS: dict[bytes, str] = {
@@ -133,7 +133,7 @@ def manifest(name: str) -> dict[str, Any]:
     see ``manifests/README.md``.
     """
     try:
-        text = resources.files("shared.models").joinpath("manifests", f"{name}.json").read_text()
+        text = resources.files("fedvox.shared.models").joinpath("manifests", f"{name}.json").read_text()
     except FileNotFoundError:
         raise CheckpointError(f"no official manifest called {name!r}") from None
     return json.loads(text)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from shared.errors import ConfigError
+from fedvox.shared.errors import ConfigError
 
 
 class LoRALinear(nn.Module):

@@ -29,9 +29,9 @@ from opacus.grad_sample import register_grad_sampler
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from shared.errors import DataError
-from shared.models.batches import S1Batch
-from shared.models.config import S1Config
+from fedvox.shared.errors import DataError
+from fedvox.shared.models.batches import S1Batch
+from fedvox.shared.models.config import S1Config
 
 log = logging.getLogger(__name__)
 

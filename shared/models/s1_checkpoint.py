@@ -18,18 +18,18 @@ from typing import Any
 
 import torch
 
-from shared.errors import CheckpointError
-from shared.models.config import CONFIG_NAMES, S1Config, s1_config
-from shared.models.interop import (
+from fedvox.shared.errors import CheckpointError
+from fedvox.shared.models.config import CONFIG_NAMES, S1Config, s1_config
+from fedvox.shared.models.interop import (
     load_safetensors,
     read_torch_file,
     rename_keys,
     save_safetensors,
     write_torch_file,
 )
-from shared.models.lora import LoRALayer
-from shared.models.s1 import Text2SemanticDecoder
-from shared.models.subsets import merged_state_dict
+from fedvox.shared.models.lora import LoRALayer
+from fedvox.shared.models.s1 import Text2SemanticDecoder
+from fedvox.shared.models.subsets import merged_state_dict
 
 log = logging.getLogger(__name__)
 

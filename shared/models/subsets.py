@@ -33,8 +33,8 @@ import torch
 from opacus import GradSampleModule
 from torch import nn
 
-from shared.errors import CheckpointError, ConfigError
-from shared.models.lora import LoRALayer, merged_base_state, wrap_with_lora
+from fedvox.shared.errors import CheckpointError, ConfigError
+from fedvox.shared.models.lora import LoRALayer, merged_base_state, wrap_with_lora
 
 SubsetKind = Literal["full", "lora", "groups"]
 SUBSET_KINDS: tuple[str, ...] = ("full", "lora", "groups")

@@ -33,7 +33,7 @@ from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from scipy.optimize import brentq
 
-from shared.errors import BudgetExceededError, ConfigError, PrivacyError
+from fedvox.shared.errors import BudgetExceededError, ConfigError, PrivacyError
 
 log = logging.getLogger(__name__)
 

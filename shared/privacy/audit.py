@@ -31,9 +31,9 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 from scipy import stats
 
-from shared.errors import ConfigError
-from shared.privacy.accounting import ACCOUNTANTS, epsilon, shared_batch_noise_multiplier
-from shared.privacy.ledger import (
+from fedvox.shared.errors import ConfigError
+from fedvox.shared.privacy.accounting import ACCOUNTANTS, epsilon, shared_batch_noise_multiplier
+from fedvox.shared.privacy.ledger import (
     GENESIS_HASH,
     MECHANISMS,
     POISSON_GAUSSIAN_SHARED_BATCH,

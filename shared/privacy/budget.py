@@ -12,8 +12,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from shared.errors import BudgetExceededError, ConfigError, PrivacyError
-from shared.privacy.accounting import DEFAULT_ACCOUNTANT, Mechanism, calibrate_noise_multiplier, epsilon
+from fedvox.shared.errors import BudgetExceededError, ConfigError, PrivacyError
+from fedvox.shared.privacy.accounting import DEFAULT_ACCOUNTANT, Mechanism, calibrate_noise_multiplier, epsilon
 
 
 @dataclass(frozen=True)

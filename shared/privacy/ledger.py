@@ -31,15 +31,15 @@ from dataclasses import asdict, astuple, dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from shared.errors import ConfigError, LedgerIntegrityError, PrivacyError
-from shared.privacy.accounting import (
+from fedvox.shared.errors import ConfigError, LedgerIntegrityError, PrivacyError
+from fedvox.shared.privacy.accounting import (
     DEFAULT_ACCOUNTANT,
     Mechanism,
     accountant_version,
     epsilon,
     shared_batch_noise_multiplier,
 )
-from shared.privacy.budget import Budget
+from fedvox.shared.privacy.budget import Budget
 
 log = logging.getLogger(__name__)
 

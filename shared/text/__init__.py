@@ -3,14 +3,14 @@
 ``phonemize(text, language, symbols_version)`` is the entry point; see docs/text.md.
 """
 
-from shared.text.phonemize import (
+from fedvox.shared.text.phonemize import (
     GPT_SOVITS_LANGUAGES,
     SUPPORTED_LANGUAGES,
     Phonemes,
     normalize_language,
     phonemize,
 )
-from shared.text.symbols import SYMBOLS_VERSIONS, phones_to_ids, symbol_to_id, symbols
+from fedvox.shared.text.symbols import SYMBOLS_VERSIONS, phones_to_ids, symbol_to_id, symbols
 
 __all__ = [
     "GPT_SOVITS_LANGUAGES",

@@ -27,9 +27,9 @@ from __future__ import annotations
 import re
 from functools import cache, lru_cache
 
-from shared.text import en_oov
-from shared.text.package_data import package_file
-from shared.text.symbols import symbol_to_id
+from fedvox.shared.text import en_oov
+from fedvox.shared.text.package_data import package_file
+from fedvox.shared.text.symbols import symbol_to_id
 
 # GPT-SoVITS removes these misread abbreviations from the dictionary and adds engdict-hot.rep.
 _REMOVED = ("ae", "ai", "ar", "ios", "hud", "os")

@@ -20,7 +20,7 @@ import re
 import unicodedata
 from functools import cache
 
-from shared.text.symbols import PUNCTUATION
+from fedvox.shared.text.symbols import PUNCTUATION
 
 _FULL_WIDTH = str.maketrans({"。": ".", "！": "!", "？": "?"})
 _UNITS = {

@@ -13,7 +13,7 @@ from functools import cache, lru_cache
 
 import numpy as np
 
-from shared.text.package_data import package_file
+from fedvox.shared.text.package_data import package_file
 
 _GRAPHEMES = ["<pad>", "<unk>", "</s>", *"abcdefghijklmnopqrstuvwxyz"]
 _PHONEMES = ["<pad>", "<unk>", "<s>", "</s>"] + (

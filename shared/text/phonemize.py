@@ -13,9 +13,9 @@ import logging
 import re
 from dataclasses import dataclass
 
-from shared.errors import TextError
-from shared.text import en, en_normalize, zh, zh_normalize
-from shared.text.symbols import PUNCTUATION, UNK, check_symbols_version, phones_to_ids, symbol_to_id
+from fedvox.shared.errors import TextError
+from fedvox.shared.text import en, en_normalize, zh, zh_normalize
+from fedvox.shared.text.symbols import PUNCTUATION, UNK, check_symbols_version, phones_to_ids, symbol_to_id
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import cache
 from importlib import resources
 
-from shared.errors import ConfigError
+from fedvox.shared.errors import ConfigError
 
 SYMBOLS_VERSIONS = ("v1", "v2")
 PUNCTUATION = ("!", "?", "…", ",", ".", "-")
@@ -33,7 +33,7 @@ def check_symbols_version(symbols_version: str) -> str:
 def symbols(symbols_version: str = "v2") -> tuple[str, ...]:
     """The symbol table of ``symbols_version``; a symbol's index is its phoneme id."""
     check_symbols_version(symbols_version)
-    text = resources.files("shared.text.data").joinpath(f"symbols_{symbols_version}.txt").read_text("utf-8")
+    text = resources.files("fedvox.shared.text.data").joinpath(f"symbols_{symbols_version}.txt").read_text("utf-8")
     return tuple(text.splitlines())
 
 

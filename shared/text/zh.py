@@ -18,9 +18,9 @@ from importlib import resources
 
 from pypinyin import Style, lazy_pinyin
 
-from shared.errors import TextError
-from shared.text.symbols import PUNCTUATION
-from shared.text.zh_sandhi import apply_sandhi, finals_tone3, merge_words, word_lists
+from fedvox.shared.errors import TextError
+from fedvox.shared.text.symbols import PUNCTUATION
+from fedvox.shared.text.zh_sandhi import apply_sandhi, finals_tone3, merge_words, word_lists
 
 _CHUNK_END = re.compile(r"(?<=[{}])\s*".format(re.escape("".join(PUNCTUATION))))
 # pypinyin writes some finals in their full form; the pinyin table uses the spelled form.
@@ -34,7 +34,7 @@ _ZERO_INITIAL_LETTER = {"v": "yu", "e": "e", "i": "y", "u": "w"}
 @cache
 def pinyin_to_phones() -> dict[str, tuple[str, str]]:
     """opencpop-strict: toneless pinyin syllable -> (initial phone, final phone)."""
-    text = resources.files("shared.text.data").joinpath("opencpop-strict.txt").read_text("utf-8")
+    text = resources.files("fedvox.shared.text.data").joinpath("opencpop-strict.txt").read_text("utf-8")
     table = {}
     for line in text.splitlines():
         syllable, phones = line.split("\t")

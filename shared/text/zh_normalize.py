@@ -21,8 +21,8 @@ import string
 from collections.abc import Callable
 from functools import cache
 
-from shared.text import zh_numbers as num
-from shared.text.symbols import PUNCTUATION
+from fedvox.shared.text import zh_numbers as num
+from fedvox.shared.text.symbols import PUNCTUATION
 
 _SENTENCE_END = re.compile(r"([：、，；。？！,;?!][”’]?)")
 _SPLIT_DROP = re.compile(r"[—《》【】<>{}()（）#&@“”^_|\\]")

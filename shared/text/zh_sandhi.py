@@ -30,7 +30,7 @@ _PUNCTUATION = "：，；。？！“”‘’':,;.?!"
 @cache
 def word_lists() -> dict[str, frozenset[str]]:
     """Neutral-tone and erhua word lists (data/zh_tone_words.json)."""
-    text = resources.files("shared.text.data").joinpath("zh_tone_words.json").read_text("utf-8")
+    text = resources.files("fedvox.shared.text.data").joinpath("zh_tone_words.json").read_text("utf-8")
     return {name: frozenset(words) for name, words in json.loads(text).items()}
 
 

@@ -20,15 +20,15 @@ from rich.console import Console
 
 import torch
 
-from shared.cli import progress, run_cli, setup_logging
-from shared.errors import LedgerIntegrityError
-from shared.privacy.accounting import ACCOUNTANTS
-from shared.privacy.audit import DEFAULT_TOLERANCE, LedgerAudit, audit_ledger
-from shared.privacy.ledger import LEDGER_FILENAME
-from simulations.audit.canary import CanaryAuditSpec, run_canary_audit
-from simulations.audit.canary import report as canary_report
-from simulations.audit.plots import plot_accounts
-from simulations.audit.report import render, to_json
+from fedvox.shared.cli import progress, run_cli, setup_logging
+from fedvox.shared.errors import LedgerIntegrityError
+from fedvox.shared.privacy.accounting import ACCOUNTANTS
+from fedvox.shared.privacy.audit import DEFAULT_TOLERANCE, LedgerAudit, audit_ledger
+from fedvox.shared.privacy.ledger import LEDGER_FILENAME
+from fedvox.simulations.audit.canary import CanaryAuditSpec, run_canary_audit
+from fedvox.simulations.audit.canary import report as canary_report
+from fedvox.simulations.audit.plots import plot_accounts
+from fedvox.simulations.audit.report import render, to_json
 
 app = typer.Typer(
     name="fedvox-audit",

@@ -9,8 +9,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from shared.atomic import atomic_path
-from shared.privacy.audit import Account
+from fedvox.shared.atomic import atomic_path
+from fedvox.shared.privacy.audit import Account
 
 
 def plot_accounts(accounts: Sequence[Account], folder: Path) -> list[Path]:

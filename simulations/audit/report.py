@@ -10,7 +10,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from shared.privacy.audit import Account, Finding, LedgerAudit, posterior_bound
+from fedvox.shared.privacy.audit import Account, Finding, LedgerAudit, posterior_bound
 
 TIERS = ((1.0, "strong"), (10.0, "reasonable"))
 """Common reading of epsilon (Ponomareva et al., "How to DP-fy ML", 2023); above 10 is weak."""

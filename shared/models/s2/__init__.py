@@ -1,9 +1,9 @@
 """SoVITS (GPT-SoVITS stage 2): generator, multi-period discriminator, per-sample losses, interop."""
 
-from shared.models.s2.discriminator import MultiPeriodDiscriminator
-from shared.models.s2.gan import discriminator_losses, frozen, generator_losses
-from shared.models.s2.generator import S2Forward, SynthesizerTrn, draw_randomness, draw_slice_starts
-from shared.models.s2.grad_samplers import WeightNormGradSampleModule
+from fedvox.shared.models.s2.discriminator import MultiPeriodDiscriminator
+from fedvox.shared.models.s2.gan import discriminator_losses, frozen, generator_losses
+from fedvox.shared.models.s2.generator import S2Forward, SynthesizerTrn, draw_randomness, draw_slice_starts
+from fedvox.shared.models.s2.grad_samplers import WeightNormGradSampleModule
 
 __all__ = [
     "MultiPeriodDiscriminator", "S2Forward", "SynthesizerTrn", "WeightNormGradSampleModule",

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.errors import ConfigError
-from shared.models.s2.modules import LayerNorm
+from fedvox.shared.errors import ConfigError
+from fedvox.shared.models.s2.modules import LayerNorm
 
 MASKED_SCORE = -1e4
 

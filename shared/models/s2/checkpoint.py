@@ -22,14 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from shared.errors import CheckpointError
-from shared.models.config import S2Config, s2_config
-from shared.models.interop import (
+from fedvox.shared.errors import CheckpointError
+from fedvox.shared.models.config import S2Config, s2_config
+from fedvox.shared.models.interop import (
     load_safetensors, manifest, read_torch_file, rename_keys, save_safetensors, write_torch_file,
 )
-from shared.models.subsets import merged_state_dict
-from shared.models.s2.discriminator import MultiPeriodDiscriminator
-from shared.models.s2.generator import SynthesizerTrn
+from fedvox.shared.models.subsets import merged_state_dict
+from fedvox.shared.models.s2.discriminator import MultiPeriodDiscriminator
+from fedvox.shared.models.s2.generator import SynthesizerTrn
 
 log = logging.getLogger(__name__)
 

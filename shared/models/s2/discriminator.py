@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.models.config import S2Config
-from shared.models.s2.modules import LRELU_SLOPE, same_padding, weight_normed
+from fedvox.shared.models.config import S2Config
+from fedvox.shared.models.s2.modules import LRELU_SLOPE, same_padding, weight_normed
 
 Scores = list[torch.Tensor]
 FeatureMaps = list[list[torch.Tensor]]

@@ -24,10 +24,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from shared.models.batches import S2Batch
-from shared.models.config import S2Config
-from shared.models.s2.generator import S2Forward, slice_frames
-from shared.models.s2.losses import (
+from fedvox.shared.models.batches import S2Batch
+from fedvox.shared.models.config import S2Config
+from fedvox.shared.models.s2.generator import S2Forward, slice_frames
+from fedvox.shared.models.s2.losses import (
     discriminator_loss, feature_matching_loss, generator_adversarial_loss, kl_loss, mel_loss,
 )
 

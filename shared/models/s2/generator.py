@@ -20,15 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.errors import ConfigError, DataError
-from shared.models.batches import S2Batch
-from shared.models.config import S2Config
-from shared.models.s2.decoder import Decoder
-from shared.models.s2.flow import PosteriorEncoder, ResidualCouplingBlock
-from shared.models.s2.modules import LayerNorm, sequence_mask
-from shared.models.s2.quantizer import FrozenQuantizer
-from shared.models.s2.style import MelStyleEncoder
-from shared.models.s2.text_encoder import TextEncoder
+from fedvox.shared.errors import ConfigError, DataError
+from fedvox.shared.models.batches import S2Batch
+from fedvox.shared.models.config import S2Config
+from fedvox.shared.models.s2.decoder import Decoder
+from fedvox.shared.models.s2.flow import PosteriorEncoder, ResidualCouplingBlock
+from fedvox.shared.models.s2.modules import LayerNorm, sequence_mask
+from fedvox.shared.models.s2.quantizer import FrozenQuantizer
+from fedvox.shared.models.s2.style import MelStyleEncoder
+from fedvox.shared.models.s2.text_encoder import TextEncoder
 
 TEXT_SIDE = ("enc_p.text_embedding", "enc_p.encoder_text", "enc_p.mrte")
 """Modules upstream fine-tunes at ``text_low_lr_rate`` x the learning rate."""

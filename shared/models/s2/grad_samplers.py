@@ -28,8 +28,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm
 
-from shared.models.s2.attentions import RelativeKeys, RelativeValues, _window_index
-from shared.models.s2.modules import LayerNorm
+from fedvox.shared.models.s2.attentions import RelativeKeys, RelativeValues, _window_index
+from fedvox.shared.models.s2.modules import LayerNorm
 
 GradSamples = dict[nn.Parameter, torch.Tensor]
 

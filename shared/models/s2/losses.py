@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from shared.audio import mel_from_linear, mel_spectrogram
-from shared.models.s2.discriminator import FeatureMaps, Scores
+from fedvox.shared.audio import mel_from_linear, mel_spectrogram
+from fedvox.shared.models.s2.discriminator import FeatureMaps, Scores
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:

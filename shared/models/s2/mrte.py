@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shared.models.s2.attentions import MultiHeadAttention
+from fedvox.shared.models.s2.attentions import MultiHeadAttention
 
 
 class MRTE(nn.Module):

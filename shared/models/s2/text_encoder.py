@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.models.config import S2Config
-from shared.models.s2.attentions import Encoder
-from shared.models.s2.mrte import MRTE
+from fedvox.shared.models.config import S2Config
+from fedvox.shared.models.s2.attentions import Encoder
+from fedvox.shared.models.s2.mrte import MRTE
 
 
 class TextEncoder(nn.Module):

@@ -7,6 +7,6 @@ guesses into an epsilon lower bound. ``whitebox`` (gradient canaries in the DP o
 ``report`` (table and JSON).
 """
 
-from simulations.audit.canary.run import CanaryAudit, CanaryAuditSpec, run_canary_audit
+from fedvox.simulations.audit.canary.run import CanaryAudit, CanaryAuditSpec, run_canary_audit
 
 __all__ = ["CanaryAudit", "CanaryAuditSpec", "run_canary_audit"]

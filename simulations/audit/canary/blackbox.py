@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from client.data.datasets import S1Example, collate_s1
-from client.trainer.tasks import autocast
-from shared.models.config import SEMANTIC_CODES
-from shared.models.s1 import s1_loss
-from shared.text import phonemize
+from fedvox.client.data.datasets import S1Example, collate_s1
+from fedvox.client.trainer.tasks import autocast
+from fedvox.shared.models.config import SEMANTIC_CODES
+from fedvox.shared.models.s1 import s1_loss
+from fedvox.shared.text import phonemize
 
 CANARY_TEXTS = (
     "A yellow kite drifted over the quiet harbour.",

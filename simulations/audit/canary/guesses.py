@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.errors import ConfigError
-from shared.privacy.audit import one_run_epsilon_lower_bound
+from fedvox.shared.errors import ConfigError
+from fedvox.shared.privacy.audit import one_run_epsilon_lower_bound
 
 GUESS_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.5, 0.9)
 """Fractions of the canaries guessed (half IN, half OUT); the rest abstain. Not all of them:

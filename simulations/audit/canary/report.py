@@ -9,8 +9,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from simulations.audit.canary.run import NO_POWER, WHITE_BOX, CanaryAudit, CanaryResult
-from simulations.audit.report import _eps, _finite
+from fedvox.simulations.audit.canary.run import NO_POWER, WHITE_BOX, CanaryAudit, CanaryResult
+from fedvox.simulations.audit.report import _eps, _finite
 
 MEANING = (
     "The lower bound is what the canaries prove: at {confidence:g}% confidence, no training that "

@@ -24,20 +24,20 @@ import torch
 from dp_accounting.pld import pld_privacy_accountant
 from torch.utils.data import Dataset
 
-from client.data.cache import FeatureCache
-from client.data.datasets import S1Dataset, S1Example
-from client.trainer.monitor import TrainingMonitor
-from client.trainer.session import PrivacyPlan, RoundPlan, Trainer
-from client.trainer.tasks import S1Task
-from shared.errors import ConfigError, DataError
-from shared.models.factory import build_model
-from shared.models.subsets import SubsetSpec
-from shared.privacy.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT, Mechanism
-from shared.privacy.audit import PLD_DISCRETISATION, dp_events
-from shared.privacy.ledger import Ledger, LedgerRow
-from simulations.audit.canary.blackbox import BlackBoxCanaries
-from simulations.audit.canary.guesses import OneRunBound, one_run_bound
-from simulations.audit.canary.whitebox import CanaryDPOptimizer, WhiteBoxCanaries, free_coordinates
+from fedvox.client.data.cache import FeatureCache
+from fedvox.client.data.datasets import S1Dataset, S1Example
+from fedvox.client.trainer.monitor import TrainingMonitor
+from fedvox.client.trainer.session import PrivacyPlan, RoundPlan, Trainer
+from fedvox.client.trainer.tasks import S1Task
+from fedvox.shared.errors import ConfigError, DataError
+from fedvox.shared.models.factory import build_model
+from fedvox.shared.models.subsets import SubsetSpec
+from fedvox.shared.privacy.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT, Mechanism
+from fedvox.shared.privacy.audit import PLD_DISCRETISATION, dp_events
+from fedvox.shared.privacy.ledger import Ledger, LedgerRow
+from fedvox.simulations.audit.canary.blackbox import BlackBoxCanaries
+from fedvox.simulations.audit.canary.guesses import OneRunBound, one_run_bound
+from fedvox.simulations.audit.canary.whitebox import CanaryDPOptimizer, WhiteBoxCanaries, free_coordinates
 
 log = logging.getLogger(__name__)
 

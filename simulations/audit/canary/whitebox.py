@@ -27,8 +27,8 @@ from collections.abc import Iterable
 
 import torch
 
-from client.trainer.dp_optimizer import FedvoxDPOptimizer
-from shared.errors import ConfigError, PrivacyError
+from fedvox.client.trainer.dp_optimizer import FedvoxDPOptimizer
+from fedvox.shared.errors import ConfigError, PrivacyError
 
 PADDING_ID = 0
 """s1 batches left-pad phonemes with id 0, so its row is looked up by every padded batch."""
