@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -129,3 +130,52 @@ def test_generates_under_bf16_autocast(model: Text2SemanticDecoder) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         tokens = generate(model, phonemes, bert, prompt, max_new_tokens=6, min_new_tokens=6)
     assert tokens.numel() == 6 and ((tokens >= 0) & (tokens < EOS)).all()
+
+
+def _fixed_logits(model: Text2SemanticDecoder, logits: torch.Tensor) -> None:
+    """Make the model emit ``logits`` ``[V]`` at every step (constant hidden state of ones)."""
+    with torch.no_grad():
+        last = model.h.layers[-1].norm2
+        last.weight.zero_()
+        last.bias.fill_(1.0)
+        model.ar_predict_layer.weight.zero_()
+        model.ar_predict_layer.weight[:, 0] = logits
+
+
+def test_stop_rule_tests_the_penalised_logits_as_upstream(model: Text2SemanticDecoder) -> None:
+    """Token 7 (already in the prompt) leads before the penalty, EOS after it: upstream stops.
+
+    100 other tokens sit just below EOS, so top-k draws EOS itself rarely; the seed below draws one
+    of them, so only the EOS test on the penalised logits can stop this decode at its first step.
+    """
+    logits = torch.full((EOS + 1,), -10.0)
+    logits[7], logits[EOS], logits[100:200] = 10.0, 9.0, 8.999
+    _fixed_logits(model, logits)
+    phonemes, bert, _ = _inputs()
+    prompt = torch.tensor([7, 7, 3])
+    top_k, seed = 101, 0
+    penalised = logits.clone()
+    penalised[7] /= 1.35
+    first = torch.multinomial(
+        (penalised.masked_fill(penalised < penalised.topk(top_k).values[-1], -math.inf)).softmax(-1),
+        1,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    assert int(logits.argmax()) == 7 and int(penalised.argmax()) == EOS and int(first) != EOS
+    tokens = generate(
+        model, phonemes, bert, prompt, top_k=top_k, min_new_tokens=0, generator=torch.Generator().manual_seed(seed)
+    )
+    assert tokens.numel() == 0
+    # without a penalty the leader is not EOS and the decode runs on
+    unpenalised = generate(
+        model,
+        phonemes,
+        bert,
+        prompt,
+        top_k=top_k,
+        repetition_penalty=1.0,
+        min_new_tokens=0,
+        max_new_tokens=4,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    assert unpenalised.numel() == 4

@@ -362,8 +362,8 @@ def generate(
     ``phoneme_ids`` ``[X]`` are the reference text's phonemes followed by the target text's,
     ``bert_features`` ``[X, 1024]`` (``None``: zeros, as for non-Chinese text) and ``prompt_ids``
     ``[P]`` the reference audio's semantic tokens (may be empty). Returns the new tokens ``[N]``
-    without the prompt and without EOS. Decoding stops when the sampled or the most likely token
-    is EOS (never in the first ``min_new_tokens``) or after ``max_new_tokens`` (default: the
+    without the prompt and without EOS. Decoding stops when the sampled token or the most likely
+    token after the repetition penalty is EOS, as upstream (never in the first ``min_new_tokens``) or after ``max_new_tokens`` (default: the
     config's ``max_sec`` of speech). ``top_k`` defaults to the config's official value.
     """
     config = model.config
@@ -402,9 +402,9 @@ def generate(
             logits = model.ar_predict_layer(hidden[0, -1]).float()
             if step < min_new_tokens:
                 logits[config.eos] = -math.inf
-            token = _sample(
-                logits, history, top_k, top_p, temperature, repetition_penalty, generator
-            )
+            # upstream penalises its logits in place, so its EOS test sees the penalised ones
+            logits = _penalise_repeats(logits, history, repetition_penalty)
+            token = _sample(logits, top_k, top_p, temperature, generator)
             if token == config.eos or int(logits.argmax()) == config.eos:
                 break
             new_tokens.append(token)
@@ -416,25 +416,28 @@ def generate(
     return torch.tensor(new_tokens, dtype=torch.long)
 
 
+def _penalise_repeats(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """``logits`` ``[V]`` with every token already in ``history`` (prompt included) made less likely.
+
+    Positive logits are divided by ``penalty``, negative ones multiplied, as GPT-SoVITS does.
+    """
+    if penalty == 1.0 or not history.numel():
+        return logits
+    seen = logits[history]
+    return logits.scatter(0, history, torch.where(seen < 0, seen * penalty, seen / penalty))
+
+
 def _sample(
     logits: torch.Tensor,
-    history: torch.Tensor,
     top_k: int,
     top_p: float,
     temperature: float,
-    repetition_penalty: float,
     generator: torch.Generator | None,
 ) -> int:
-    """One token from ``logits`` ``[V]``, filtered in GPT-SoVITS's order.
+    """One token from (already repetition-penalised) ``logits`` ``[V]``, filtered in GPT-SoVITS's order.
 
-    Repetition penalty on every token already in ``history`` (prompt included), nucleus (top-p)
-    filtering, temperature, top-k, then a multinomial draw from ``generator``.
+    Nucleus (top-p) filtering, temperature, top-k, then a multinomial draw from ``generator``.
     """
-    if repetition_penalty != 1.0 and history.numel():
-        seen = logits[history]
-        logits = logits.scatter(
-            0, history, torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty)
-        )
     if top_p < 1.0:
         sorted_logits, order = logits.sort(descending=True)
         drop = sorted_logits.softmax(-1).cumsum(-1) > top_p
