@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 import types
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from fedvox.shared.models.config import s2_config
 from fedvox.shared.models.interop import manifest, random_official_state_dict, write_torch_file
 from fedvox.shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn
 from fedvox.shared.models.s2.checkpoint import (
-    detect_version, export_discriminator, export_generator, load_discriminator, load_generator,
+    config_from_hparams, detect_version, export_discriminator, export_generator, load_discriminator, load_generator,
     load_model, load_official_state, official_hparams, read_official, save_model, to_official,
 )
 from fedvox.shared.models.subsets import SubsetSpec, apply_subset
@@ -164,3 +166,33 @@ def test_safetensors_round_trip_keeps_any_config_and_lora_merges_on_export(tmp_p
     merged = load_model(tmp_path / "merged.safetensors").eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(step.batch, **kwargs).wave_hat, g2.eval()(step.batch, **kwargs).wave_hat)
+
+
+def _custom_file(tmp_path: Path) -> tuple[SynthesizerTrn, Path]:
+    """A v2 export whose hps is not a preset, written as GPT-SoVITS would."""
+    config = replace(s2_config("v2"), n_layers=2, filter_channels=256, upsample_initial_channel=128)
+    model = SynthesizerTrn(config)
+    export_generator(model, tmp_path / "custom.pth", half=False)
+    return model, tmp_path / "custom.pth"
+
+
+def test_generator_is_built_from_the_files_own_config(tmp_path) -> None:
+    model, path = _custom_file(tmp_path)
+    hps = read_official(path).config
+    assert hps["model"]["upsample_initial_channel"] == 128 and hps["model"]["n_layers"] == 2
+    loaded = load_generator(path)
+    assert loaded.config == replace(model.config, name="v2-file")
+    without_posterior = [{k: v for k, v in to_official(m).items() if "enc_q" not in k} for m in (loaded, model)]
+    _assert_same(*without_posterior)
+    assert config_from_hparams(official_hparams(s2_config("v2Pro")), "v2Pro") == s2_config("v2Pro")
+
+
+def test_a_config_the_file_does_not_match_is_named(tmp_path) -> None:
+    _, path = _custom_file(tmp_path)
+    with pytest.raises(CheckpointError, match=r"config sets filter_channels=256 but the v2 model has 768"):
+        load_generator(path, s2_config("v2"))
+    hps = official_hparams(s2_config("v2"))
+    with pytest.raises(CheckpointError, match=r"model.resblock='2'"):
+        config_from_hparams({**hps, "model": {**hps["model"], "resblock": "2"}}, "v2")
+    with pytest.raises(CheckpointError, match=r"data.sampling_rate=48000"):
+        config_from_hparams({**hps, "data": {**hps["data"], "sampling_rate": 48000}}, "v2")

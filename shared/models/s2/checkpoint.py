@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -224,11 +224,25 @@ def _official_name(key: str, model: nn.Module) -> str:
 def load_generator(path: str | Path, config: S2Config | None = None) -> SynthesizerTrn:
     """Build a generator from an official s2G ``.pth`` (pretrained or fine-tuned export).
 
-    The config defaults to the detected version's official one. A fine-tuned export has no
-    ``enc_q`` (upstream drops it): the posterior encoder then keeps a fresh initialisation.
+    Without ``config`` the model is built from the file's own ``hps``, as GPT-SoVITS's loader
+    does (the detected version's official config when the file has none). With ``config`` (a
+    run's model config), a file whose ``hps`` describes another architecture is refused, naming
+    the field. A fine-tuned export has no ``enc_q`` (upstream drops it): the posterior encoder
+    then keeps a fresh initialisation.
     """
     ckpt = read_official(path)
-    config = config or s2_config(ckpt.version)
+    own = config_from_hparams(ckpt.config, ckpt.version, path) if ckpt.config else s2_config(ckpt.version)
+    if config is None:
+        config = own
+    elif ckpt.config:
+        differing = _architecture_differences(own, config)
+        if differing:
+            name = differing[0]
+            raise CheckpointError(
+                f"{path}: its config sets {name}={getattr(own, name)!r} but the {config.name} model has "
+                f"{getattr(config, name)!r}; pick the model config matching the checkpoint ({ckpt.version}) "
+                "or omit it to build the model from the file"
+            )
     model = SynthesizerTrn(config)
     missing = load_official_state(model, ckpt.weight, ckpt.version, allow_missing=(POSTERIOR_PREFIX,))
     if missing:
@@ -236,6 +250,54 @@ def load_generator(path: str | Path, config: S2Config | None = None) -> Synthesi
             "%s has no enc_q (a fine-tuned export): the posterior encoder starts from scratch", path
         )
     return model.float()
+
+
+_HPS_MODEL_FIELDS = (
+    "inter_channels", "hidden_channels", "filter_channels", "n_heads", "n_layers", "kernel_size", "p_dropout",
+    "resblock_kernel_sizes", "resblock_dilation_sizes", "upsample_rates", "upsample_initial_channel",
+    "upsample_kernel_sizes", "gin_channels",
+)
+"""``hps.model`` entries that are :class:`S2Config` fields of the same name and meaning."""
+
+_TRAINING_ONLY = frozenset({
+    "name", "p_dropout", "style_dropout", "segment_frames", "c_mel", "c_kl", "c_fm", "text_low_lr_rate",
+    "disc_periods", "disc_channels", "disc_s_channels",
+})
+"""S2Config fields that do not change the generator's tensors."""
+
+
+def config_from_hparams(hps: Mapping[str, Any], version: str, path: str | Path = "checkpoint") -> S2Config:
+    """The :class:`S2Config` an official file's ``hps`` describes, as upstream's loader builds it.
+
+    Upstream calls ``SynthesizerTrn(filter_length // 2 + 1, segment_size // hop_length, **hps.model)``
+    with the version detected from the weights. Entries fedvox cannot build (another residual block
+    type, another audio front end) raise :class:`CheckpointError` naming the entry.
+    """
+    official = manifest("hparams")["s2"][version]
+    data = hps.get("data") or {}
+    for key, expected in official["data"].items():
+        if key in data and key not in ("n_speakers", "add_blank", "cleaned_text") and data[key] != expected:
+            raise CheckpointError(
+                f"{path}: its config sets data.{key}={data[key]!r}; fedvox's audio front end is GPT-SoVITS's "
+                f"official one ({key}={expected!r}), so it cannot feed this model"
+            )
+    model = hps.get("model") or {}
+    if str(model.get("resblock", "1")) != "1":
+        raise CheckpointError(
+            f"{path}: its config sets model.resblock={model['resblock']!r}; fedvox's HiFi-GAN decoder has "
+            "GPT-SoVITS's residual block '1' only"
+        )
+    base = s2_config(version)
+    overrides = {key: _tuple(model[key]) for key in _HPS_MODEL_FIELDS if key in model}
+    segment = (hps.get("train") or {}).get("segment_size")
+    if segment is not None:
+        overrides["segment_frames"] = int(segment) // base.hop_length
+    config = replace(base, **overrides)
+    return config if config == replace(base, p_dropout=config.p_dropout) else replace(config, name=f"{version}-file")
+
+
+def _architecture_differences(a: S2Config, b: S2Config) -> list[str]:
+    return [f.name for f in fields(S2Config) if f.name not in _TRAINING_ONLY and getattr(a, f.name) != getattr(b, f.name)]
 
 
 def load_discriminator(path: str | Path, config: S2Config | None = None) -> MultiPeriodDiscriminator:
@@ -254,11 +316,7 @@ def official_hparams(config: S2Config) -> dict[str, Any]:
     """The ``hps`` dict GPT-SoVITS rebuilds ``SynthesizerTrn`` from (``s2*.json`` layout)."""
     official = manifest("hparams")["s2"][config.version]
     model = dict(official["model"])
-    model.update(
-        p_dropout=config.p_dropout, gin_channels=config.gin_channels,
-        upsample_initial_channel=config.upsample_initial_channel,
-        upsample_kernel_sizes=list(config.upsample_kernel_sizes), version=config.version,
-    )
+    model.update({key: _plain(getattr(config, key)) for key in _HPS_MODEL_FIELDS}, version=config.version)
     train = {
         "segment_size": config.segment_samples, "c_mel": config.c_mel, "c_kl": config.c_kl,
         "text_low_lr_rate": config.text_low_lr_rate,
@@ -292,12 +350,9 @@ def export_discriminator(model: MultiPeriodDiscriminator, path: str | Path, *, h
 
 
 def _require_official_architecture(config: S2Config) -> None:
-    training_only = {"name", "p_dropout", "style_dropout", "segment_frames", "c_mel", "c_kl", "c_fm",
-                     "text_low_lr_rate", "disc_periods", "disc_channels", "disc_s_channels"}
-    reference = s2_config(config.version)
+    """Refuse a config whose tensors GPT-SoVITS could not rebuild from the ``hps`` we write."""
     differing = [
-        f.name for f in fields(S2Config)
-        if f.name not in training_only and getattr(config, f.name) != getattr(reference, f.name)
+        name for name in _architecture_differences(config, s2_config(config.version)) if name not in _HPS_MODEL_FIELDS
     ]
     if differing:
         raise CheckpointError(
@@ -341,7 +396,7 @@ def _tuple(value: Any) -> Any:
 
 
 __all__ = [
-    "G_EXPORT_RULES", "G_IMPORT_RULES", "OfficialCheckpoint", "detect_version",
+    "G_EXPORT_RULES", "G_IMPORT_RULES", "OfficialCheckpoint", "config_from_hparams", "detect_version",
     "export_discriminator", "export_generator", "load_discriminator", "load_generator",
     "load_model", "load_official_state", "official_hparams", "read_official", "save_model",
     "to_fedvox", "to_official",
