@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fedvox.shared.cli import console, run_cli, setup_logging
+from fedvox.shared.cli import VERSION_OPTION, console, run_cli, setup_logging
 
 app = typer.Typer(
     name="fedvox-client",
@@ -17,8 +17,8 @@ app = typer.Typer(
 
 
 @app.callback()
-def _group() -> None:
-    """Keep ``fedvox-client COMMAND`` a command group even while only one command is registered."""
+def _group(version: bool = VERSION_OPTION) -> None:
+    """Probe this device, prepare private recordings, train locally and join a federation."""
 
 
 @app.command()

@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from fedvox.shared.cli import console, run_cli, setup_logging
+from fedvox.shared.cli import VERSION_OPTION, console, run_cli, setup_logging
 
 app = typer.Typer(
     name="fedvox-server",
@@ -27,6 +27,11 @@ app = typer.Typer(
 HOME = typer.Argument(..., help="The server home (made by `fedvox-server init`).")
 RUN = typer.Argument(..., help="A server home, or a run directory (a run's checkpoint-dir).", exists=True, file_okay=False)
 FORMATS = ("safetensors", "gpt-sovits")
+
+
+@app.callback()
+def _group(version: bool = VERSION_OPTION) -> None:
+    """Set up and run a fedvox federation's server, authorise devices, inspect and export the run."""
 
 
 @app.command()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import sys
 from collections.abc import Callable
 
+import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -27,6 +29,18 @@ OFFLINE_ENV = {
 def set_offline_env() -> None:
     """Switch off Flower telemetry, update checks and runtime installs, and Ray usage stats."""
     os.environ.update(OFFLINE_ENV)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"fedvox {importlib.metadata.version('fedvox')}")
+        raise typer.Exit()
+
+
+VERSION_OPTION = typer.Option(
+    False, "--version", callback=_print_version, is_eager=True, help="Print fedvox's version and exit."
+)
+"""``--version`` for every command group's callback."""
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import typer
 
-from fedvox.shared.cli import run_cli, setup_logging
+from fedvox.shared.cli import VERSION_OPTION, run_cli, setup_logging
 
 app = typer.Typer(
     name="fedvox-sim",
@@ -22,7 +22,9 @@ app = typer.Typer(
 
 
 @app.callback()
-def _options(verbose: bool = typer.Option(False, "--verbose", help="Show debug messages.")) -> None:
+def _options(
+    verbose: bool = typer.Option(False, "--verbose", help="Show debug messages."), version: bool = VERSION_OPTION
+) -> None:
     setup_logging(verbose)
 
 

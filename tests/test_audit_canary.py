@@ -17,12 +17,13 @@ from fedvox.client.trainer.engine import make_private, run_logical_step
 from fedvox.shared.errors import ConfigError, PrivacyError
 from fedvox.shared.privacy.accounting import Mechanism, epsilon
 from fedvox.shared.privacy.audit import one_run_epsilon_lower_bound
-from fedvox.simulations.audit.canary import CanaryAuditSpec, run_canary_audit
-from fedvox.simulations.audit.canary.guesses import GUESS_FRACTIONS, one_run_bound
-from fedvox.simulations.audit.canary.report import render, to_json
-from fedvox.simulations.audit.canary.run import BLACK_BOX, VIOLATION, WHITE_BOX
-from fedvox.simulations.audit.canary.whitebox import CanaryDPOptimizer, WhiteBoxCanaries, free_coordinates
-from fedvox.simulations.audit.cli import app, main, route
+from fedvox.client.canary.run import run_canary_audit
+from fedvox.client.canary.spec import CanaryAuditSpec
+from fedvox.client.canary.guesses import GUESS_FRACTIONS, one_run_bound
+from fedvox.client.canary.report import render, to_json
+from fedvox.client.canary.run import BLACK_BOX, VIOLATION, WHITE_BOX
+from fedvox.client.canary.whitebox import CanaryDPOptimizer, WhiteBoxCanaries, free_coordinates
+from fedvox.client.audit_cli import app, main, route
 from tests.prepared import prepared_cache
 
 AUDIT = dict(white_box=1000, sample_rate=0.2, steps=40)

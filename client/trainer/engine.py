@@ -59,7 +59,7 @@ def make_private(
 
     The update is ``(sum_i clip(g_i) + N(0, (noise_multiplier * clip_norm)^2)) / expected_batch_size``.
     ``noise_generator`` must be seeded from a secret in deployment: noise an adversary can
-    predict is no noise. ``optimizer_class`` lets the canary audit (``simulations/audit/canary``)
+    predict is no noise. ``optimizer_class`` lets the canary audit (``client/canary``)
     put its white-box canaries into the same DP step.
     """
     module = PrivateGradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)

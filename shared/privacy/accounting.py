@@ -20,6 +20,7 @@ one subsampled Gaussian per step with ``sigma_eff = (sigma_G^-2 + sigma_D^-2)^-1
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import logging
 import math
 import numbers
@@ -28,10 +29,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import opacus
-from opacus.accountants import RDPAccountant, create_accountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from scipy.optimize import brentq
 
 from fedvox.shared.errors import BudgetExceededError, ConfigError, PrivacyError
 
@@ -137,6 +134,9 @@ def _epsilon(entries: tuple[tuple[float, float, int], ...], delta: float, accoun
 
 
 def _opacus_epsilon(entries: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    # Opacus (and torch under it) load on first use, so tools that only read ledgers start fast.
+    from opacus.accountants import create_accountant
+
     engine = create_accountant(accountant)
     engine.history = list(entries)
     return float(engine.get_epsilon(delta))
@@ -149,6 +149,9 @@ def _rdp_epsilon(entries: tuple[tuple[float, float, int], ...], delta: float) ->
     ledger, or searching over steps, costs nothing for mechanisms already seen (one curve takes
     0.02-0.3 s on 2 CPU cores). Bit-identical to the accountant (tested).
     """
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     curve = sum(steps * _rdp_curve(sigma, q) for sigma, q, steps in entries)
     value, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=curve, delta=delta)
     return float(value)
@@ -156,6 +159,9 @@ def _rdp_epsilon(entries: tuple[tuple[float, float, int], ...], delta: float) ->
 
 @functools.lru_cache(maxsize=4096)
 def _rdp_curve(sigma: float, q: float) -> np.ndarray:
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     curve = np.asarray(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS))
     curve.flags.writeable = False
     return curve
@@ -218,6 +224,8 @@ def calibrate_noise_multiplier(
         return math.log(reached(math.exp(log_sigma))) - math.log(aim)
 
     if gap(math.log(hi)) < 0 and gap(math.log(lo)) > 0:
+        from scipy.optimize import brentq  # ~1 s to import; only calibration needs it
+
         sigma = math.exp(brentq(gap, math.log(lo), math.log(hi), xtol=1e-5))
     else:
         sigma = hi
@@ -229,7 +237,7 @@ def calibrate_noise_multiplier(
 
 def accountant_version() -> str:
     """The library that computed the ledger's epsilons, for reproducibility."""
-    return f"opacus {opacus.__version__}"
+    return f"opacus {importlib.metadata.version('opacus')}"
 
 
 def _check_delta(delta: float) -> None:

@@ -24,11 +24,9 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-import dp_accounting
 import numpy as np
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
 from scipy import stats
 
 from fedvox.shared.errors import ConfigError
@@ -44,6 +42,9 @@ from fedvox.shared.privacy.ledger import (
     read_rows,
     read_triggers,
 )
+
+if TYPE_CHECKING:  # dp-accounting takes ~3 s to import: loaded on first recomputation
+    import dp_accounting
 
 INTEGRITY = "integrity"
 UNDER_REPORTED = "under_reported"
@@ -191,6 +192,8 @@ def dp_events(row: LedgerRow) -> tuple[dp_accounting.DpEvent, dp_accounting.DpEv
     Gaussian, so it gets the recorded effective noise, which must agree with the components.
     Raises :class:`ConfigError` for anything that cannot be accounted.
     """
+    import dp_accounting
+
     if row.mechanism not in MECHANISMS:
         raise ConfigError(f"unknown mechanism {row.mechanism!r} (known: {', '.join(MECHANISMS)})")
     mechanism = row.to_mechanism()
@@ -249,6 +252,9 @@ class Implied:
 
 def implied(rows: Sequence[LedgerRow], delta: float) -> Implied:
     """Recompute an account's epsilons row by row from its mechanisms alone."""
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_DISCRETISATION)
     rdp = rdp_privacy_accountant.RdpAccountant()
     reference: list[float] = []

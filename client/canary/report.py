@@ -9,8 +9,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from fedvox.simulations.audit.canary.run import NO_POWER, WHITE_BOX, CanaryAudit, CanaryResult
-from fedvox.simulations.audit.report import _eps, _finite
+from fedvox.client.canary.run import NO_POWER, WHITE_BOX, CanaryAudit, CanaryResult
+from fedvox.shared.privacy.audit_report import format_epsilon, json_safe
 
 MEANING = (
     "The lower bound is what the canaries prove: at {confidence:g}% confidence, no training that "
@@ -37,8 +37,8 @@ def render(audit: CanaryAudit, console: Console) -> None:
         f"mechanism: noise_multiplier {spec.noise_multiplier:g}, sample rate {spec.sample_rate:g} over "
         f"{audit.data_examples} utterances + {audit.training_examples - audit.data_examples} IN canaries "
         f"(expected batch {expected:.1f}), {spec.steps} steps, clip norm {spec.clip_norm:g}, delta "
-        f"{spec.delta:g}; accountant epsilon {_eps(audit.epsilon)} (the run's ledger, {spec.accountant}), "
-        f"dp-accounting PLD {_eps(audit.epsilon_pld)}; certified: the smaller",
+        f"{spec.delta:g}; accountant epsilon {format_epsilon(audit.epsilon)} (the run's ledger, {spec.accountant}), "
+        f"dp-accounting PLD {format_epsilon(audit.epsilon_pld)}; certified: the smaller",
         highlight=False,
     )
     for result in audit.results:
@@ -80,7 +80,7 @@ def _table(audit: CanaryAudit) -> Table:
         table.add_row(
             result.kind, str(result.canaries), str(result.included), str(result.bound.best.guesses),
             str(result.bound.best.correct), f"{result.bound.epsilon:.3f}", f"{result.bound.cap:.3f}",
-            _eps(audit.theoretical_epsilon), _status(audit, result),
+            format_epsilon(audit.theoretical_epsilon), _status(audit, result),
         )
     return table
 
@@ -95,7 +95,7 @@ def _status(audit: CanaryAudit, result: CanaryResult) -> str:
 
 def to_json(audit: CanaryAudit) -> dict[str, Any]:
     """Machine-readable audit; non-finite numbers are written as the string ``"inf"``."""
-    return _finite({
+    return json_safe({
         "ok": audit.ok,
         "seed": audit.seed,
         "settings": asdict(audit.spec),

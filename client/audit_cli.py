@@ -3,7 +3,7 @@
 ``fedvox-audit LEDGER...`` is shorthand for ``fedvox-audit ledger LEDGER...``: any first argument
 that is not a subcommand name is a ledger path, so further subcommands can join the group without
 changing how the ledger audit is called. ``fedvox-audit canary DATA`` trains s1 with hidden
-canaries and bounds its epsilon from below (``simulations/audit/canary``). Exit status: 0 when
+canaries and bounds its epsilon from below (``fedvox.client.canary``). Exit status: 0 when
 nothing is flagged, 1 when anything is, 2 on unusable input.
 """
 
@@ -12,23 +12,20 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-import torch
-
-from fedvox.shared.cli import progress, run_cli, setup_logging
+from fedvox.client.canary.spec import CanaryAuditSpec
+from fedvox.shared.cli import VERSION_OPTION, progress, run_cli, setup_logging
 from fedvox.shared.errors import LedgerIntegrityError
 from fedvox.shared.privacy.accounting import ACCOUNTANTS
 from fedvox.shared.privacy.audit import DEFAULT_TOLERANCE, LedgerAudit, audit_ledger
 from fedvox.shared.privacy.ledger import LEDGER_FILENAME
-from fedvox.simulations.audit.canary import CanaryAuditSpec, run_canary_audit
-from fedvox.simulations.audit.canary import report as canary_report
-from fedvox.simulations.audit.plots import plot_accounts
-from fedvox.simulations.audit.report import render, to_json
 
 app = typer.Typer(
     name="fedvox-audit",
@@ -43,7 +40,7 @@ app = typer.Typer(
 
 
 @app.callback()
-def _group() -> None:
+def _group(version: bool = VERSION_OPTION) -> None:
     """Audit privacy budgets: recompute every recorded epsilon, check ledgers for tampering."""
 
 
@@ -77,6 +74,9 @@ def ledger(
     with dp-accounting (PLD, RDP) beside Opacus, and flags under-reported epsilons, budget
     overruns and mechanisms it cannot account. Exit status 1 when anything is flagged.
     """
+    from fedvox.shared.privacy.audit_plots import plot_accounts
+    from fedvox.shared.privacy.audit_report import render, to_json
+
     setup_logging(verbose)
     if not verbose:
         # dp-accounting's RDP warns for every order its series cannot evaluate (large sample
@@ -111,7 +111,8 @@ def ledger(
         raise typer.Exit(1)
 
 
-_DEFAULTS = CanaryAuditSpec()
+# The spec's defaults, read without building one (building checks the device, which loads torch).
+_DEFAULTS = SimpleNamespace(**{f.name: f.default for f in fields(CanaryAuditSpec)})
 
 
 @app.command("canary")
@@ -151,6 +152,11 @@ def canary(
     beside the accountant's epsilon for the same run. Exit status 1 when a bound exceeds the
     accountant's epsilon, or when, without noise, the white-box canaries cannot be seen.
     """
+    import torch  # training libraries load only when a canary audit runs
+
+    from fedvox.client.canary import report as canary_report
+    from fedvox.client.canary.run import run_canary_audit
+
     setup_logging(verbose)
     if not verbose:
         logging.getLogger("absl").setLevel(logging.ERROR)
@@ -202,7 +208,7 @@ def _ledger_files(paths: list[Path]) -> list[Path]:
 def route(args: list[str]) -> list[str]:
     """Arguments for the command group: a leading non-subcommand means ``ledger``."""
     commands = {command.name for command in app.registered_commands}
-    if args and args[0] not in commands and args[0] not in ("--help", "-h"):
+    if args and args[0] not in commands and args[0] not in ("--help", "-h", "--version"):
         return ["ledger", *args]
     return args
 

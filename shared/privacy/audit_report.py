@@ -41,7 +41,7 @@ def explain(unit: str, epsilon: float, delta: float) -> str:
     """Plain words for one unit, with the largest epsilon spent at it as the example."""
     sure = posterior_bound(epsilon)
     return (
-        f"{PROTECTS[unit]} Here the largest epsilon is {_eps(epsilon)} at delta={delta:g} "
+        f"{PROTECTS[unit]} Here the largest epsilon is {format_epsilon(epsilon)} at delta={delta:g} "
         f"({tier(epsilon)}): someone who thought it 50/50 that a given {unit}'s data was used can "
         f"become at most {100 * sure:.4g}% sure, except with probability about delta."
     )
@@ -98,11 +98,11 @@ def _table(audit: LedgerAudit) -> Table:
             _span([row.noise_multiplier for row in rows]),
             _span([row.sample_rate for row in rows]),
             f"{account.delta:g}",
-            f"{_eps(account.recorded)} {account.accountant}",
-            _eps(account.pld[-1]) if account.pld else "-",
-            _eps(account.rdp[-1]) if account.rdp else "-",
+            f"{format_epsilon(account.recorded)} {account.accountant}",
+            format_epsilon(account.pld[-1]) if account.pld else "-",
+            format_epsilon(account.rdp[-1]) if account.rdp else "-",
             "-" if account.budget is None else f"{account.budget:g}",
-            "-" if account.remaining is None else _eps(account.remaining),
+            "-" if account.remaining is None else format_epsilon(account.remaining),
             "[green]ok[/]" if account.status == "ok" else f"[bold red]{account.status}[/]",
         )
     return table
@@ -111,7 +111,7 @@ def _table(audit: LedgerAudit) -> Table:
 def to_json(audits: Sequence[LedgerAudit], *, delta: float | None, tolerance: float) -> dict[str, Any]:
     """Machine-readable audit; non-finite numbers are written as the string ``"inf"``."""
     findings = [finding for audit in audits for finding in audit.all_findings]
-    return _finite(
+    return json_safe(
         {
             "ok": not findings,
             "delta": delta,
@@ -163,17 +163,19 @@ def _finding(finding: Finding) -> dict[str, Any]:
     }
 
 
-def _finite(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as strings: JSON has no inf or nan."""
     if isinstance(value, float) and not math.isfinite(value):
         return "inf" if value > 0 else "-inf" if value < 0 else "nan"
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
-def _eps(value: float) -> str:
+def format_epsilon(value: float) -> str:
+    """Epsilon as people read it: three decimals, or ``inf`` where nothing is certified."""
     return "inf" if math.isinf(value) else f"{value:.3f}"
 
 
@@ -193,4 +195,4 @@ def _where(finding: Finding) -> str:
     return ", ".join(where)
 
 
-__all__ = ["PROTECTS", "TIER_NOTE", "explain", "render", "tier", "to_json"]
+__all__ = ["PROTECTS", "TIER_NOTE", "explain", "format_epsilon", "json_safe", "render", "tier", "to_json"]

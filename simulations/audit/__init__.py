@@ -1,1 +1,0 @@
-"""``fedvox-audit``: privacy-ledger audits (recompute every epsilon, detect tampering, plots)."""
