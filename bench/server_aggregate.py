@@ -5,7 +5,7 @@
     python -m bench.server_aggregate --clients 8 --aggregation median
     python -m bench.server_aggregate --clients 100 --speaker-dp
 
-The real strategy (``server.strategy.build_strategy``) runs rounds against an in-process grid:
+The real strategy (``fedvox.server.strategy.FedvoxStrategy``) runs rounds against an in-process grid:
 ``configure_train`` selects N nodes and packs the global subset, N train replies come back (each
 an update in the wire precision, as ``client.app`` sends it), and ``aggregate_train`` screens
 (status, keys, shapes, dtypes, finite values, norm), re-bases and aggregates them. Timed in one
@@ -44,7 +44,8 @@ from bench.common import (
     HEAP_REUSE_THRESHOLD, LIVE_MEMORY_THRESHOLD, host, load_average, peak_rss_bytes, reset_peak_rss,
     set_mmap_threshold, table, write_json,
 )
-from fedvox.server.strategy import FedvoxRound, build_strategy
+from fedvox.server.aggregators import build_aggregator
+from fedvox.server.strategy import FedvoxStrategy
 from fedvox.shared.cli import run_cli
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import SubsetSpec, trainable_state_dict
@@ -82,16 +83,16 @@ def run_config(stage: str, config: str, subset: str, wire: str, aggregation: str
     })
 
 
-def strategy_for(run: RunConfig) -> FedvoxRound:
+def strategy_for(run: RunConfig) -> FedvoxStrategy:
     """The run's strategy; under speaker-level DP with accounting on a throw-away ledger."""
-    if not run.speaker_dp.enabled:
-        return build_strategy(run, run_id="bench", attempt="a", seed=0)
-    from fedvox.server.speaker_accounting import SpeakerAccounting
-    from fedvox.shared.privacy.ledger import Ledger
+    speaker = None
+    if run.speaker_dp.enabled:
+        from fedvox.server.speaker_accounting import SpeakerAccounting
+        from fedvox.shared.privacy.ledger import Ledger
 
-    ledger = Ledger(Path(tempfile.mkdtemp(prefix="fedvox-bench-")))
-    return build_strategy(run, run_id="bench", attempt="a", seed=0,
-                          speaker=SpeakerAccounting(ledger, "bench", run.stage, run.speaker_dp))
+        ledger = Ledger(Path(tempfile.mkdtemp(prefix="fedvox-bench-")))
+        speaker = SpeakerAccounting(ledger, "bench", run.stage, run.speaker_dp)
+    return FedvoxStrategy(run, build_aggregator(run), run_id="bench", attempt="a", seed=0, speaker=speaker)
 
 
 def updates(sent: dict[str, torch.Tensor], distinct: int, precision: str) -> list[ArrayRecord]:
@@ -157,7 +158,8 @@ def main(
             reset_peak_rss()
             arrays, _ = strategy.aggregate_train(server_round, replies)
             extra = peak_rss_bytes() - resident
-            assert arrays is not None, "the round aggregated nothing"
+            assert arrays is not None and strategy.current is not None, "the round aggregated nothing"
+            first = strategy.current
             set_mmap_threshold(HEAP_REUSE_THRESHOLD)
             continue
         for step in ("read", "aggregate") if server_round % 2 else ("aggregate", "read"):
@@ -171,7 +173,6 @@ def main(
             samples[step]["cpu_s"].append(time.process_time() - cpu)
         del replies, messages
     median = {step: {k: statistics.median(v) for k, v in s.items()} for step, s in samples.items()}
-    record = strategy.records[1]
     one_record = record_bytes(records[0])
     result = {
         "figure": "server_aggregate",
@@ -184,7 +185,7 @@ def main(
         "aggregate_over_read_cpu": median["aggregate"]["cpu_s"] / median["read"]["cpu_s"],
         "aggregate_over_read_wall": median["aggregate"]["wall_s"] / median["read"]["wall_s"],
         "aggregate_peak_extra_bytes": extra, "peak_extra_in_fp32_models": extra / model_fp32,
-        "participants": len(record.participants), "rejects": dict(record.rejects),
+        "participants": len(first.participants), "rejects": dict(first.rejects),
     }
     path = write_json(result, out, f"server_aggregate-{stage}-{config}-{subset}-{wire}-{aggregation}"
                                    f"{'-speakerdp' if speaker_dp else ''}-n{clients}")

@@ -37,13 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from fedvox.server.checkpoints import Checkpoint, CheckpointStore
 from fedvox.server.metrics import RoundLog
+from fedvox.server.aggregators import build_aggregator
 from fedvox.server.speaker_accounting import SpeakerAccounting
-from fedvox.server.strategy import FedvoxRound, build_strategy
+from fedvox.server.strategy import FedvoxStrategy, RoundRecord
 from fedvox.shared.errors import ConfigError, FederationError
 from fedvox.shared.privacy.ledger import Ledger
 from fedvox.shared.runconfig import RunConfig
@@ -87,7 +87,7 @@ class FederatedRun:
         self.store = CheckpointStore(self.run_dir / "checkpoints", config.keep_checkpoints)
         self.attempt = uuid.uuid4().hex
         self.completed = -1  # last committed round; -1 before the initial checkpoint
-        self.strategy: FedvoxRound | None = None
+        self.strategy: FedvoxStrategy | None = None
         self.speaker: SpeakerAccounting | None = None
         self.round_log: RoundLog | None = None
 
@@ -110,18 +110,23 @@ class FederatedRun:
             if self.completed >= self.config.num_server_rounds:
                 log.info("run %s is complete (round %d); nothing to do", self.run_dir, self.completed)
                 return self.completed
-            self.strategy = build_strategy(
+            aggregator = build_aggregator(self.config)
+            if latest is not None:
+                aggregator.load_state_dict(latest.strategy_state)
+            self.strategy = FedvoxStrategy(
                 self.config,
+                aggregator,
                 run_id=self.run_id,
                 attempt=self.attempt,
                 seed=self.seed,
                 completed_round=max(self.completed, 0),
                 population=meta.get("population"),
                 speaker=self.speaker,
+                on_round_end=self._commit_round,
             )
-            if latest is not None:
-                self.strategy.load_strategy_state(latest.strategy_state)
-            state = latest.state if latest is not None else self.initial_state
+            arrays = to_record(latest.state if latest is not None else self.initial_state, "fp32")
+            if latest is None:
+                self._commit(0, from_record(arrays), None)
             log.info(
                 "%s run %s in %s at round %d of %d",
                 "resuming" if latest else "starting", self.run_id, self.run_dir,
@@ -130,10 +135,9 @@ class FederatedRun:
             try:
                 self.strategy.start(
                     grid,
-                    to_record(state, "fp32"),
+                    arrays,
                     num_rounds=self.config.num_server_rounds,
                     timeout=self.config.round_timeout,
-                    evaluate_fn=self._commit,
                 )
             except FederationError as exc:
                 log.warning("stopping after round %d: %s", self.completed, exc)
@@ -144,11 +148,13 @@ class FederatedRun:
         return self.completed
 
     # ------------------------------------------------------------------ commit
-    def _commit(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Flower's ``evaluate_fn``: called after every round (and with round 0 before the first)."""
-        if server_round <= self.completed:
-            return None
-        record = self.strategy.records.pop(server_round, None)  # consumed here: memory stays flat
+    def _commit_round(self, record: RoundRecord) -> None:
+        """The strategy's ``on_round_end`` hook: commit the round it hands over."""
+        assert record.outcome is not None  # set by the strategy before the round ends
+        self._commit(record.server_round, from_record(record.outcome), record)
+
+    def _commit(self, server_round: int, state: Mapping[str, torch.Tensor], record: RoundRecord | None) -> None:
+        """Checkpoint, ledger rows, metrics line, in that order; round 0 (no record) is the start."""
         metrics = record.summary() if record else {}
         charged: list[str] = []
         if self.speaker is not None and record is not None and record.release is not None:
@@ -162,7 +168,7 @@ class FederatedRun:
             "attempt": self.attempt,
             "run-config": self.config.to_flat(),
             "base": self.base,
-            "strategy": type(self.strategy).__name__,
+            "strategy": self.strategy.aggregator.name,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "metrics": metrics,
             "population": self.strategy.population,
@@ -172,15 +178,13 @@ class FederatedRun:
             "ledger-head": self.speaker.ledger.head() if self.speaker else None,
         }
         started = time.monotonic()
-        self.store.save(server_round, from_record(arrays), meta, self.strategy.strategy_state())
+        self.store.save(server_round, state, meta, self.strategy.aggregator.state_dict())
         self.completed = server_round
         if charged:
             self.speaker.charge(server_round, charged)
         if record is not None:
             self.round_log.write(server_round, metrics)
         log.info("round %d committed in %.2f s", server_round, time.monotonic() - started)
-        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        return MetricRecord(numbers)
 
     def _catch_up(self, latest: Checkpoint) -> None:
         """Finish a commit a crash interrupted: the round's ledger rows and metrics line."""

@@ -1,23 +1,19 @@
-"""The fedvox round, layered into Flower's own strategies (FedAvg, FedProx, FedAdam, median, ...).
+"""The fedvox strategy: one Flower ``FedAvg`` holding an aggregation rule and a commit hook.
 
-:class:`FedvoxRound` is a ``FedAvg`` that adds what a privacy-preserving voice federation needs
-around Flower's aggregation rule:
+:class:`FedvoxStrategy` adds what a privacy-preserving voice federation needs around the rule:
 
 - selection (``configure_train``): query nodes it has not heard from, keep only clients whose
   reported budget covers the round, sample them (Poisson under speaker-level DP), and send the
   global trainable subset in the wire precision with the round plan;
 - screening (``aggregate_train``): parse every reply's status, validate its update against what
-  was sent (keys, shapes, dtypes, finite values, norm), count and log rejects, and re-base each
-  accepted update onto the fp32 global model (clients received it rounded to fp16);
-- aggregation: the weighted mean of the accepted updates (FedAvg's rule, which FedProx and
-  FedAdam build on), Flower's own rule for the median and trimmed mean, or, under speaker-level
-  DP, the clipped, noised DP-FedAvg mean (:mod:`server.speaker_dp`);
-- a :class:`RoundRecord` per round that :mod:`server.run` commits with the checkpoint.
+  was sent (keys, shapes, dtypes, finite values, norm), count and log rejects;
+- aggregation: the accepted updates go to its :class:`~fedvox.server.aggregators.Aggregator`
+  (the mean, the speaker-level DP mean, Flower's median or trimmed mean, FedAdam on a mean);
+- commit: at the end of every round (after evaluation) the round's :class:`RoundRecord` and the
+  new global model go to its ``on_round_end`` hook, which :mod:`fedvox.server.run` uses to write
+  the checkpoint and ledger.
 
-It sits *directly above* the aggregation rule in the method resolution order and *below* any
-server optimizer or config injector, so each Flower strategy keeps its own job:
-``FedvoxFedAdam(FedAdam, FedvoxRound)`` runs Adam on the (noised) fedvox mean,
-``FedvoxMedian(FedvoxRound, FedMedian)`` takes the median of screened updates.
+Flower's own ``FedAvg`` keeps its job: ``start`` runs the round loop, ``summary`` logs settings.
 
 Resume: ``Strategy.start`` always counts rounds from 1. Rounds up to ``completed_round`` (the
 last committed checkpoint) are configured with no messages and aggregate to nothing, so Flower's
@@ -25,9 +21,7 @@ loop walks through them for free and every hook sees the true round number (FedA
 correction included).
 
 Memory: Flower holds every reply of a round (in the wire precision). Screening keeps only each
-update's status and metrics, and the means decode one update at a time, so the strategy adds a
-few fp32 models whatever the number of clients (``bench/server_aggregate.py``). Only the median
-and trimmed mean, which need every coordinate of every update at once, hold all updates in fp32.
+update's status and metrics; what the rule adds is in :mod:`fedvox.server.aggregators`.
 """
 
 from __future__ import annotations
@@ -38,19 +32,19 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
+from flwr.serverapp.strategy import FedAvg
 
+from fedvox.server.aggregators import WEIGHT_KEY, Accepted, Aggregator, RoundUpdates, decode_update
 from fedvox.server.selection import ClientBook, Selection, poisson_rate, select_clients
 from fedvox.server.speaker_accounting import SpeakerAccounting
-from fedvox.server.speaker_dp import Release, noised_mean
+from fedvox.server.speaker_dp import Release
 from fedvox.shared.errors import ConfigError, FederationError, ProtocolError, UpdateRejected
 from fedvox.shared.protocol import (
     ARRAYS,
@@ -75,15 +69,6 @@ import, one accountant call); nodes that miss it are asked again next round, nev
 
 
 @dataclass
-class Accepted:
-    """A screened train reply: who sent it and its metrics (its update stays in the reply)."""
-
-    reply: Message
-    status: ClientStatus
-    metrics: dict[str, float]
-
-
-@dataclass
 class RoundRecord:
     """Everything one round did, for its checkpoint, the metrics log and the ledger."""
 
@@ -101,6 +86,8 @@ class RoundRecord:
     utterance_epsilons: list[float] = field(default_factory=list)
     release: Release | None = None
     aggregated: bool = False
+    outcome: ArrayRecord | None = None
+    """The global trainable subset after the round (fp32), set when the round's training is done."""
     clients: list[dict[str, Any]] = field(default_factory=list)
     """Per train reply: the sender's node id and what it reported (``fedvox-server devices``)."""
 
@@ -135,29 +122,19 @@ class RoundRecord:
         return out
 
 
-class FedvoxRound(FedAvg):
-    """Selection, screening and speaker-level DP around a Flower aggregation rule.
+class FedvoxStrategy(FedAvg):
+    """Selection, screening and commit around one aggregation rule.
 
-    Build it with :meth:`create`: Flower's constructors are cooperative and accept only their
-    own keyword arguments, so the fedvox state is attached after construction.
+    ``seed`` derives each round's sampling and noise randomness (see :func:`_derive`): keep it
+    secret, since noise an adversary can predict is no noise. ``completed_round`` and
+    ``population`` restore a resumed run; ``speaker`` is the speaker-level accounting (required
+    under speaker-level DP); ``on_round_end`` receives every finished round (its outcome included).
     """
 
-    mean_rule: bool = True
-    """Whether Flower's rule below is FedAvg's weighted mean (computed here, one update at a time)."""
-    config: RunConfig
-    run_id: str
-    attempt: str
-    seed: int
-    completed_round: int
-    population: int | None
-    speaker: SpeakerAccounting | None
-    book: ClientBook
-    records: dict[int, RoundRecord]
-
-    @classmethod
-    def create(
-        cls,
+    def __init__(
+        self,
         config: RunConfig,
+        aggregator: Aggregator,
         *,
         run_id: str,
         attempt: str,
@@ -165,47 +142,40 @@ class FedvoxRound(FedAvg):
         completed_round: int = 0,
         population: int | None = None,
         speaker: SpeakerAccounting | None = None,
-        **flower_kwargs: Any,
-    ) -> Self:
-        """A strategy for ``config``; ``completed_round``/``population`` restore a resumed run.
-
-        ``seed`` derives each round's sampling and noise randomness (see :func:`_derive`): keep
-        it secret, since noise an adversary can predict is no noise.
-        """
+        on_round_end: Callable[[RoundRecord], None] | None = None,
+    ) -> None:
         if config.speaker_dp.enabled and speaker is None:
             raise ConfigError("speaker-level DP is on but no speaker accounting was given")
-        strategy = cls(
+        super().__init__(
             min_train_nodes=config.min_clients,
             min_available_nodes=config.min_clients,
             min_evaluate_nodes=1,
             fraction_evaluate=1.0 if config.evaluate else 0.0,
+            weighted_by_key=WEIGHT_KEY,
             train_metrics_aggr_fn=summarize_train,
             evaluate_metrics_aggr_fn=summarize_evaluate,
-            **flower_kwargs,
         )
-        strategy.config = config
-        strategy.run_id = run_id
-        strategy.attempt = attempt
-        strategy.seed = seed
-        strategy.completed_round = completed_round
-        strategy.population = population
-        strategy.speaker = speaker
-        strategy.book = ClientBook()
-        strategy.records = {}
-        strategy._global = {}  # the fp32 global subset of the round in progress
-        strategy._sent = {}  # the same, as clients received it (rounded to the wire precision)
-        return strategy
+        self.config = config
+        self.aggregator = aggregator
+        self.run_id = run_id
+        self.attempt = attempt
+        self.seed = seed
+        self.completed_round = completed_round
+        self.population = population
+        self.speaker = speaker
+        self.on_round_end = on_round_end
+        self.book = ClientBook()
+        self.current: RoundRecord | None = None
+        """The round in progress, from selection until it ends."""
+        self._global: dict[str, torch.Tensor] = {}  # the fp32 global subset of the round in progress
+        self._sent: dict[str, torch.Tensor] = {}  # the same, as clients received it (wire precision)
+
+    def summary(self) -> None:
+        log.info("aggregation: %s", self.aggregator.name)
+        super().summary()
 
     def plan(self, server_round: int) -> Plan:
         return Plan(self.config, server_round, self.run_id, self.attempt)
-
-    # ------------------------------------------------------------------ state for checkpoints
-    def strategy_state(self) -> dict[str, torch.Tensor]:
-        """Tensors a resumed run needs to continue exactly (none for stateless rules)."""
-        return {}
-
-    def load_strategy_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Restore :meth:`strategy_state`."""
 
     # ------------------------------------------------------------------ training
     def configure_train(
@@ -214,7 +184,7 @@ class FedvoxRound(FedAvg):
         if server_round <= self.completed_round:
             log.info("round %d: already committed before a restart, skipping", server_round)
             return []
-        record = self.records[server_round] = RoundRecord(server_round)
+        record = self.current = RoundRecord(server_round)
         nodes = self._connected_nodes(grid)
         self._query(grid, self.book.unknown(nodes), server_round)
         if self.population is None:
@@ -242,7 +212,7 @@ class FedvoxRound(FedAvg):
         wire = to_record(self._global, self.config.wire_precision)
         self._sent = from_record(wire)
         plan = self.plan(server_round).to_record()
-        plan.update(config)  # e.g. FedProx's proximal-mu (the same value the run config holds)
+        plan.update(config)  # what a caller of ``start`` adds to every train message
         record.bytes_down += record_bytes(wire) * len(record.selection.node_ids)
         log.info(
             "round %d: %d of %d eligible clients selected (rate %.3f, %d connected)",
@@ -257,7 +227,7 @@ class FedvoxRound(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if server_round <= self.completed_round:
             return None, None
-        record = self.records[server_round]
+        record = self._record(server_round)
         replies = list(replies)
         if missing := len(record.selection.node_ids) - len(replies):
             record.rejects["no-reply"] += missing
@@ -270,39 +240,55 @@ class FedvoxRound(FedAvg):
             if count:
                 log.warning("round %d: %d update(s) not used: %s", server_round, count, reason)
 
-        if self.config.speaker_dp.enabled:
-            arrays, metrics = self._speaker_dp_mean(accepted, record)
-        elif len(accepted) < self.config.min_clients:
+        # Under speaker-level DP every round is released (noise alone if nobody took part), so
+        # whether anyone did is itself protected.
+        if len(accepted) < self.config.min_clients and not self.config.speaker_dp.enabled:
             log.warning(
                 "round %d: only %d valid update(s) (min-clients = %d); the global model is unchanged",
                 server_round, len(accepted), self.config.min_clients,
             )
             return None, None
-        elif self.mean_rule:
-            arrays, metrics = self._mean_update(accepted)
-        else:
-            arrays, metrics = super().aggregate_train(server_round, [self._rebased(a) for a in accepted])
-        record.aggregated = arrays is not None
+        updates = RoundUpdates(
+            server_round, self._global, self._sent, accepted,
+            expected_clients=record.selection.expected_clients, noise=self._noise_generator(server_round),
+        )
+        aggregate = self.aggregator.aggregate(updates)
+        if (release := aggregate.release) is not None:
+            record.release = release
+            log.info(
+                "round %d: speaker-level DP mean of %d update(s), %d clipped to %.3g, noise std %.3g",
+                server_round, release.participants, release.clipped, self.config.speaker_dp.clip_norm,
+                release.noise_std,
+            )
+        rows = [RecordDict({METRICS: MetricRecord(a.metrics)}) for a in accepted]
+        metrics = self.train_metrics_aggr_fn(rows, self.weighted_by_key) if rows else MetricRecord()
+        record.aggregated = True
         record.train = _numbers(metrics)
-        return arrays, metrics
+        return to_record(aggregate.state, "fp32"), metrics
 
-    # ------------------------------------------------------------------ evaluation
+    # ------------------------------------------------------------------ evaluation and commit
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if server_round <= self.completed_round or not self.config.evaluate:
+        if server_round <= self.completed_round:
+            return []
+        record = self._record(server_round)
+        record.outcome = arrays  # what Flower's loop made of the round: committed when it ends
+        if not self.config.evaluate:
             return []
         nodes = [n for n in grid.get_node_ids() if n in self.book.statuses and self.book.statuses[n].num_examples > 0]
         wire = to_record(from_record(arrays), self.config.wire_precision)
-        self.records[server_round].bytes_down += record_bytes(wire) * len(nodes)
+        record.bytes_down += record_bytes(wire) * len(nodes)
         plan = self.plan(server_round).to_record()
         plan.update(config)
         content = RecordDict({ARRAYS: wire, CONFIG: plan})
         return [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Summarize the validation replies, then end the round (the last step of Flower's round)."""
         if server_round <= self.completed_round:
             return None
+        record = self._record(server_round)
         usable = []
         for reply in replies:
             status = self._status(reply)
@@ -310,10 +296,22 @@ class FedvoxRound(FedAvg):
             if metrics is not None and metrics["num-examples"] > 0:
                 usable.append(RecordDict({METRICS: MetricRecord(metrics)}))
         metrics = self.evaluate_metrics_aggr_fn(usable, self.weighted_by_key) if usable else None
-        self.records[server_round].evaluate = _numbers(metrics)
+        record.evaluate = _numbers(metrics)
+        self._end_round(record)
         return metrics
 
+    def _end_round(self, record: RoundRecord) -> None:
+        """Hand the finished round to ``on_round_end`` and let go of it (memory stays flat)."""
+        self.current = None
+        if self.on_round_end is not None:
+            self.on_round_end(record)
+
     # ------------------------------------------------------------------ pieces
+    def _record(self, server_round: int) -> RoundRecord:
+        if self.current is None or self.current.server_round != server_round:
+            raise FederationError(f"round {server_round} was not configured by this strategy")
+        return self.current
+
     def _connected_nodes(self, grid: Grid) -> list[int]:
         """Connected node ids: at least ``min_clients`` (waiting up to ``round_timeout``), and no
         longer growing between two polls, so nodes registering together are all counted."""
@@ -375,7 +373,7 @@ class FedvoxRound(FedAvg):
         arrays = reply.content.array_records[ARRAYS]
         record.bytes_up += record_bytes(arrays)
         try:
-            update = _tensors(arrays)
+            update = decode_update(arrays)
             validate_update(self._sent, update, self.config.max_update_norm)
         except UpdateRejected as exc:
             reason = str(exc).split(":", 1)[0]
@@ -384,120 +382,11 @@ class FedvoxRound(FedAvg):
             return None
         return Accepted(reply, status, metrics)
 
-    def _delta(self, accepted: Accepted) -> dict[str, torch.Tensor]:
-        """An accepted update relative to what its client was sent, in fp32, decoded again from
-        its reply (keeping every decoded update would hold N fp32 models)."""
-        update = _tensors(accepted.reply.content.array_records[ARRAYS])
-        return {name: update[name].float().sub_(self._sent[name]) for name in self._sent}
-
-    def _mean_update(self, accepted: list[Accepted]) -> tuple[ArrayRecord, MetricRecord]:
-        """FedAvg's mean weighted by ``weighted_by_key``, summed one update at a time (Flower's
-        ``aggregate_arrayrecords`` wants every update as an fp32 record at once)."""
-        weights = [float(a.metrics[self.weighted_by_key]) for a in accepted]
-        total = sum(weights)
-        mean = {name: t.clone() for name, t in self._global.items()}
-        for a, weight in zip(accepted, weights):
-            for name, delta in self._delta(a).items():
-                mean[name].add_(delta, alpha=weight / total)
-        rows = [RecordDict({METRICS: MetricRecord(a.metrics)}) for a in accepted]
-        return to_record(mean, "fp32"), self.train_metrics_aggr_fn(rows, self.weighted_by_key)
-
-    def _rebased(self, accepted: Accepted) -> Message:
-        """The reply made canonical: its update applied to the fp32 global model, its metrics."""
-        arrays = {name: self._global[name] + delta for name, delta in self._delta(accepted).items()}
-        content = {ARRAYS: to_record(arrays, "fp32"), METRICS: MetricRecord(accepted.metrics)}
-        accepted.reply.content = RecordDict(content)
-        return accepted.reply
-
-    def _speaker_dp_mean(
-        self, accepted: list[Accepted], record: RoundRecord
-    ) -> tuple[ArrayRecord, MetricRecord]:
-        dp = self.config.speaker_dp
-        release = noised_mean(
-            (self._delta(a) for a in accepted),
-            self._global,
-            clip_norm=dp.clip_norm,
-            noise_multiplier=dp.noise_multiplier,
-            expected_clients=record.selection.expected_clients,
-            generator=self._noise_generator(record.server_round),
-        )
-        record.release = release
-        log.info(
-            "round %d: speaker-level DP mean of %d update(s), %d clipped to %.3g, noise std %.3g",
-            record.server_round, release.participants, release.clipped, dp.clip_norm, release.noise_std,
-        )
-        arrays = {name: self._global[name] + release.mean_update[name] for name in self._global}
-        rows = [RecordDict({METRICS: MetricRecord(a.metrics)}) for a in accepted]
-        metrics = self.train_metrics_aggr_fn(rows, self.weighted_by_key) if rows else MetricRecord()
-        return to_record(arrays, "fp32"), metrics
-
     def _rng(self, server_round: int) -> random.Random:
         return random.Random(_derive(self.seed, "sample", server_round))
 
     def _noise_generator(self, server_round: int) -> torch.Generator:
         return torch.Generator().manual_seed(_derive(self.seed, "noise", server_round))
-
-
-class FedvoxFedAvg(FedvoxRound):
-    """FedAvg (weighted by ``num-examples``) of screened updates."""
-
-
-class FedvoxFedProx(FedProx, FedvoxRound):
-    """FedProx: clients add ``proximal-mu / 2 * ||w - w_global||^2`` (sent in the plan)."""
-
-
-class FedvoxMedian(FedvoxRound, FedMedian):
-    """Coordinate-wise median of screened updates (robust to a minority of bad clients)."""
-
-    mean_rule = False
-
-
-class FedvoxTrimmedMean(FedvoxRound, FedTrimmedAvg):
-    """Coordinate-wise trimmed mean of screened updates."""
-
-    mean_rule = False
-
-
-class FedvoxFedAdam(FedAdam, FedvoxRound):
-    """FedAdam's server step on the fedvox (possibly noised) mean update."""
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """FedAdam's step, with the global model kept in float32 (Flower's step yields float64)."""
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        return (None if arrays is None else to_record(from_record(arrays), "fp32")), metrics
-
-    def strategy_state(self) -> dict[str, torch.Tensor]:
-        state = {}
-        for moment in ("m_t", "v_t"):
-            for name, value in (getattr(self, moment) or {}).items():
-                state[f"{moment}/{name}"] = torch.from_numpy(np.ascontiguousarray(value))
-        return state
-
-    def load_strategy_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        for moment in ("m_t", "v_t"):
-            values = {k.split("/", 1)[1]: v.numpy() for k, v in state.items() if k.startswith(moment + "/")}
-            setattr(self, moment, values or None)
-
-
-STRATEGIES: dict[str, type[FedvoxRound]] = {
-    "fedavg": FedvoxFedAvg,
-    "fedprox": FedvoxFedProx,
-    "fedadam": FedvoxFedAdam,
-    "median": FedvoxMedian,
-    "trimmed-mean": FedvoxTrimmedMean,
-}
-
-
-def build_strategy(config: RunConfig, **fedvox: Any) -> FedvoxRound:
-    """The strategy ``config.aggregation`` names; ``fedvox`` goes to :meth:`FedvoxRound.create`."""
-    flower_kwargs: dict[str, Any] = {
-        "fedprox": {"proximal_mu": config.proximal_mu},
-        "fedadam": {"eta": config.server_learning_rate, "eta_l": config.learning_rate},
-        "trimmed-mean": {"beta": config.trim_fraction},
-    }.get(config.aggregation, {})
-    return STRATEGIES[config.aggregation].create(config, **fedvox, **flower_kwargs)
 
 
 # ---------------------------------------------------------------------- metric aggregation
@@ -544,15 +433,6 @@ def _required_metrics(
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values.values()):
         return None
     return values
-
-
-def _tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    """An ArrayRecord as tensors without casting (validation checks the dtypes); ``Array.numpy``
-    already reads into a fresh, writable array, so nothing is copied twice."""
-    try:
-        return {name: torch.from_numpy(array.numpy()) for name, array in arrays.items()}
-    except (TypeError, ValueError) as exc:
-        raise UpdateRejected(f"dtype: the update cannot be decoded ({exc})") from exc
 
 
 def _numbers(metrics: MetricRecord | None) -> dict[str, float]:

@@ -31,7 +31,7 @@ def test_streamed_fedavg_equals_flowers_weighted_mean_of_rebased_updates():
 
     arrays, metrics = strategy.aggregate_train(1, replies)
     got = from_record(arrays)
-    assert set(got) == set(expected) and len(strategy.records[1].participants) == 5
+    assert set(got) == set(expected) and len(strategy.current.participants) == 5
     assert metrics["train-examples"] == sum(100 + n for n in range(1, 6))
     for name, value in got.items():
         assert value.dtype == torch.float32

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 from flwr.serverapp import RdpAccountant
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian
+from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 
 from fedvox.server.run import FederatedRun
 from fedvox.server.speaker_dp import noised_mean
-from fedvox.server.strategy import FedvoxFedAdam, FedvoxMedian, FedvoxRound, build_strategy
+from fedvox.server.aggregators import FlowerRule, ServerAdam, SpeakerDPMean, WeightedMean, build_aggregator
 from fedvox.shared.errors import ConfigError
 from fedvox.shared.privacy.accounting import Mechanism, epsilon
 from fedvox.shared.privacy.ledger import Ledger
@@ -143,15 +143,32 @@ def test_speaker_level_dp_charges_every_eligible_speaker_once_per_round(tmp_path
     assert all(m["sample-rate"] == q and m["eligible"] == 3 for m in metrics)
 
 
-def test_flower_rules_sit_around_fedvox_screening_in_the_right_order(tmp_path):
-    adam = build_strategy(_config(tmp_path, aggregation="fedadam"), run_id="r", attempt="a", seed=0)
-    median = build_strategy(_config(tmp_path, aggregation="median"), run_id="r", attempt="a", seed=0)
-    assert isinstance(adam, FedvoxFedAdam) and adam.eta == 0.01
-    assert isinstance(median, FedvoxMedian)
-    # FedAdam's server step runs on the mean FedvoxRound makes; the median on screened updates.
-    adam_mro, median_mro = type(adam).__mro__, type(median).__mro__
-    assert adam_mro.index(FedAdam) < adam_mro.index(FedvoxRound) < adam_mro.index(FedAvg)
-    assert median_mro.index(FedvoxRound) < median_mro.index(FedMedian)
+def test_each_aggregation_is_one_rule_object_with_fedadam_on_the_mean_it_wraps(tmp_path):
+    def rule(**overrides):
+        return build_aggregator(_config(tmp_path, **overrides))
+
+    assert type(rule(aggregation="fedavg")) is WeightedMean and type(rule(aggregation="fedprox")) is WeightedMean
+    adam = rule(aggregation="fedadam")
+    assert isinstance(adam, ServerAdam) and type(adam.inner) is WeightedMean and adam.adam.eta == 0.01
+    private = rule(aggregation="fedadam", **{"speaker-dp.enabled": True, "speaker-dp.clip-norm": 0.5})
+    assert isinstance(private.inner, SpeakerDPMean) and private.inner.clip_norm == 0.5
+    median, trimmed = rule(aggregation="median"), rule(aggregation="trimmed-mean", **{"trim-fraction": 0.3})
+    assert isinstance(median, FlowerRule) and type(median.rule) is FedMedian
+    assert isinstance(trimmed, FlowerRule) and isinstance(trimmed.rule, FedTrimmedAvg) and trimmed.rule.beta == 0.3
+
+
+def test_fedadam_takes_flowers_adam_step_on_the_screened_mean(tmp_path):
+    config = _config(tmp_path, aggregation="fedadam")
+    run = _run(config, LocalGrid(make_client_app(tmp_path / "clients", {2: "nan"}), num_nodes=3))
+    good = [_local_model(p, config) for p in (0, 1)]
+    eta, beta_1, beta_2, tau = 0.01, 0.9, 0.99, 1e-3  # Flower's FedAdam defaults; round 1
+    eta_norm = eta * (1 - beta_2**2) ** 0.5 / (1 - beta_1**2)
+    for name, value in run.store.latest().state.items():
+        start = initial_state()[name]
+        delta = (good[0][name] + good[1][name]) / 2 - start
+        m, v = (1 - beta_1) * delta, (1 - beta_2) * delta**2
+        torch.testing.assert_close(value, start + eta_norm * m / (v.sqrt() + tau))
+    assert set(run.store.latest().strategy_state) == {f"{m}/{n}" for m in ("m_t", "v_t") for n in initial_state()}
 
 
 def test_median_ignores_a_rejected_client_and_tolerates_a_bad_but_valid_one(tmp_path):
