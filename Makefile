@@ -11,7 +11,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup sim test test-quick bench clean
+.PHONY: setup sim test test-quick bench lint clean
 
 setup: $(STAMP)
 
@@ -48,8 +48,21 @@ test: $(STAMP)
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
+# The CPU figures of docs/performance.md, one after the other (about an hour on 2 cores;
+# bench/README.md gives each command, its GPU variant and what it measures).
+BENCH_CPU := dp_step communication server_aggregate simulation_overhead profile_fit
 bench: $(STAMP)
-	@echo "see bench/README.md for one command per figure"
+	@for b in $(BENCH_CPU); do echo "== bench.$$b"; $(BIN)/python -m bench.$$b || exit 1; done
+
+# Lint and type checks (CI runs them before the tests). mypy reads the package through a
+# link tree, since the fedvox.* names map onto the top-level folders only at install time.
+TYPECHECK := build/typecheck
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/fedvox
+	@for d in shared client server simulations; do ln -s ../../../$$d $(TYPECHECK)/fedvox/$$d; done
+	cd $(TYPECHECK) && ../../$(BIN)/mypy --config-file ../../pyproject.toml
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build
