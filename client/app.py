@@ -52,6 +52,7 @@ from fedvox.shared.errors import BudgetExceededError, CheckpointError, ConfigErr
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import SubsetSpec, load_trainable_state_dict
 from fedvox.shared.privacy.ledger import Ledger
+from fedvox.shared.privacy.ledger_head import LEDGER_HEAD, SIGNING_KEY_FILE, head_record
 from fedvox.shared.protocol import ARRAYS, CONFIG, METRICS, REFUSED, STATUS, ClientStatus, Plan
 from fedvox.shared.runconfig import RunConfig
 from fedvox.shared.wire import from_record, record_bytes, to_record
@@ -82,6 +83,7 @@ class Node:
     budget_epsilon: float
     overrides: ProfileOverrides
     pretrained: str  # where this machine keeps the plan's GPT-SoVITS base checkpoint ("": the plan's path)
+    signing_key: Path  # signs the ledger head in every reply (shared.privacy.ledger_head)
 
     @classmethod
     def from_context(cls, context: Context, config: RunConfig) -> Node:
@@ -106,7 +108,8 @@ class Node:
             overrides = ProfileOverrides.from_mapping(node_config)
         except ConfigError as exc:
             raise Refusal("device", str(exc)) from None
-        return cls(client_id, data, ledger, budget, overrides, str(node_config.get("pretrained", "")))
+        signing_key = Path(str(node_config.get("signing-key", ledger / SIGNING_KEY_FILE))).expanduser()
+        return cls(client_id, data, ledger, budget, overrides, str(node_config.get("pretrained", "")), signing_key)
 
 
 class Session:
@@ -245,19 +248,28 @@ def _handle(msg: Message, context: Context, run: Callable[[Session], Message]) -
         node = Node.from_context(context, plan.config)
         client_id = node.client_id
         session = Session(node, plan)
-        return run(session)
+        return _signed(run(session), session)
     except Refusal as refusal:
         log.warning("refusing %s: %s", msg.metadata.message_type, refusal)
         status = session.status(outcome=REFUSED, reason=refusal.reason, detail=str(refusal)) if session else (
             ClientStatus(client_id=client_id, outcome=REFUSED, reason=refusal.reason, detail=str(refusal))
         )
-        return _reply(msg, status)
+        return _signed(_reply(msg, status), session)
     except (KeyError, FedvoxError) as exc:  # a plan this client cannot read
         log.warning("refusing %s: %s", msg.metadata.message_type, exc)
         return _reply(msg, ClientStatus(client_id=client_id, outcome=REFUSED, reason="model", detail=str(exc)))
     finally:
         if session is not None:
             session.close()
+
+
+def _signed(reply: Message, session: Session | None) -> Message:
+    """``reply`` with the ledger's head as it stands after this reply's release, signed by the device."""
+    if session is not None:
+        plan, node = session.plan, session.node
+        context = f"{plan.run_id}/{plan.server_round}"
+        reply.content[LEDGER_HEAD] = head_record(session.ledger, node.client_id, node.signing_key, context)
+    return reply
 
 
 def _reply(msg: Message, status: ClientStatus, **records: object) -> Message:

@@ -25,7 +25,8 @@ from fedvox.shared.cli import VERSION_OPTION, progress, run_cli, setup_logging
 from fedvox.shared.errors import LedgerIntegrityError
 from fedvox.shared.privacy.accounting import ACCOUNTANTS
 from fedvox.shared.privacy.audit import DEFAULT_TOLERANCE, LedgerAudit, audit_ledger
-from fedvox.shared.privacy.ledger import LEDGER_FILENAME
+from fedvox.shared.privacy.ledger import LEDGER_FILENAME, read_rows
+from fedvox.shared.privacy.ledger_head import SignedHead, recorded_heads
 
 app = typer.Typer(
     name="fedvox-audit",
@@ -66,13 +67,25 @@ def ledger(
     tolerance: Annotated[
         float, typer.Option(help="Allowed shortfall of a recorded epsilon (relative; absolute below 1).")
     ] = DEFAULT_TOLERANCE,
+    heads: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A server run directory or home (repeat): hold each ledger against the heads its device signed there.",
+        ),
+    ] = None,
+    client: Annotated[
+        list[str] | None,
+        typer.Option(help="Check these client ids' signed heads even if the ledgers no longer hold any of their rows."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
 ) -> None:
     """Check privacy ledgers and recompute every epsilon in them.
 
     Checks each ledger is intact and append-only, recomputes every client's and unit's epsilon
     with dp-accounting (PLD, RDP) beside Opacus, and flags under-reported epsilons, budget
-    overruns and mechanisms it cannot account. Exit status 1 when anything is flagged.
+    overruns and mechanisms it cannot account. With --heads, also flags a ledger that no longer
+    holds the rows its device signed for (rewritten or truncated since). Exit status 1 when
+    anything is flagged.
     """
     from fedvox.shared.privacy.audit_plots import plot_accounts
     from fedvox.shared.privacy.audit_report import render, to_json
@@ -83,6 +96,7 @@ def ledger(
         # rates); it drops that order, which only loosens its bound. Not news for an auditor.
         logging.getLogger("absl").setLevel(logging.ERROR)
     files = _ledger_files(ledgers)
+    signed = recorded_heads(heads) if heads else []
     audits: list[LedgerAudit] = []
     with progress() as bar:
         task = bar.add_task("auditing ledgers", total=len(files))
@@ -95,10 +109,14 @@ def ledger(
                     budget=budget,
                     tolerance=tolerance,
                     on_account=lambda a: bar.update(task, description=f"auditing {a.client_id} ({a.unit})"),
+                    heads=_heads_of(file, signed, client or []),
                 )
             )
             bar.advance(task)
     out = _console()
+    audited = {row.client_id for file in files for row in read_rows(file)} | set(client or [])
+    if unmatched := sorted({head.client_id for head in signed} - audited):
+        out.print(f"{len(unmatched)} client(s) with signed heads in --heads are in none of these ledgers (not checked)")
     if json_output:
         out.print_json(json.dumps(to_json(audits, delta=delta, tolerance=tolerance)))
     else:
@@ -185,6 +203,12 @@ def _console() -> Console:
     if not out.is_terminal:  # piped: wide enough for the table, no terminal to fit
         out = Console(width=160)
     return out
+
+
+def _heads_of(file: Path, heads: list[SignedHead], clients: list[str]) -> list[SignedHead]:
+    """The signed heads of the clients ``file`` holds rows of, or that ``--client`` names."""
+    mine = {row.client_id for row in read_rows(file)} | set(clients)
+    return [head for head in heads if head.client_id in mine]
 
 
 def _ledger_files(paths: list[Path]) -> list[Path]:

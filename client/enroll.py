@@ -270,7 +270,8 @@ class Supervisor:
 
     def run(self) -> None:
         with self._locked():
-            atomic_write_text(self.home.node_config, tomli_w.dumps(self.enrollment.node_config()))
+            node_config = {**self.enrollment.node_config(), "signing-key": str(self.home.key)}  # signs ledger heads
+            atomic_write_text(self.home.node_config, tomli_w.dumps(node_config))
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: self.stopping.set())
             failures = 0

@@ -312,7 +312,7 @@ def _control(home: Any) -> Any:
     from fedvox.server.deploy.control import Control
 
     running = home.running()
-    return Control(running["superlink"], home.internal_ca) if running else None
+    return Control(running["superlink"], home.internal_ca, home.control_token) if running else None
 
 
 def _log_to_file(path: Path) -> None:

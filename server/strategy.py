@@ -42,6 +42,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedvox.server.aggregators import WEIGHT_KEY, Accepted, Aggregator, RoundUpdates, decode_update
+from fedvox.server.ledger_heads import read_head
 from fedvox.server.selection import ClientBook, Selection, poisson_rate, select_clients
 from fedvox.server.speaker_accounting import SpeakerAccounting
 from fedvox.server.speaker_dp import Release
@@ -90,6 +91,10 @@ class RoundRecord:
     """The global trainable subset after the round (fp32), set when the round's training is done."""
     clients: list[dict[str, Any]] = field(default_factory=list)
     """Per train reply: the sender's node id and what it reported (``fedvox-server devices``)."""
+    ledger_heads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per client, the last signed ledger head its replies carried this round (:mod:`server.ledger_heads`)."""
+    unsigned: int = 0
+    """Replies from a client with its ledger open that carried no valid signed head."""
 
     def summary(self) -> dict[str, Any]:
         """Flat, JSON-ready metrics of the round (speaker epsilons are added at commit)."""
@@ -113,6 +118,10 @@ class RoundRecord:
             out["epsilon-utterance-mean"] = sum(self.utterance_epsilons) / len(self.utterance_epsilons)
         if self.clients:
             out["clients"] = self.clients
+        if self.ledger_heads:
+            out["ledger-heads"] = self.ledger_heads
+        if self.unsigned:
+            out["ledger-heads-missing"] = self.unsigned
         if self.release is not None:
             out["speaker-dp"] = {
                 "noise-std": self.release.noise_std,
@@ -291,7 +300,7 @@ class FedvoxStrategy(FedAvg):
         record = self._record(server_round)
         usable = []
         for reply in replies:
-            status = self._status(reply)
+            status = self._status(reply, record)
             metrics = _required_metrics(reply, EVALUATE_METRICS, OPTIONAL_EVALUATE_METRICS) if status else None
             if metrics is not None and metrics["num-examples"] > 0:
                 usable.append(RecordDict({METRICS: MetricRecord(metrics)}))
@@ -338,11 +347,12 @@ class FedvoxStrategy(FedAvg):
         timeout = min(QUERY_TIMEOUT_S, self.config.round_timeout)
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         for reply in replies:
-            self._status(reply)
+            self._status(reply, self._record(server_round))
         log.info("queried %d new client(s), %d answered", len(nodes), len(replies))
 
-    def _status(self, reply: Message) -> ClientStatus | None:
-        """The reply's status (recorded in the book), or ``None`` if it has none or is an error."""
+    def _status(self, reply: Message, record: RoundRecord) -> ClientStatus | None:
+        """The reply's status (recorded in the book, its signed ledger head in ``record``), or
+        ``None`` if it has none or is an error."""
         node = reply.metadata.src_node_id
         if reply.has_error():
             log.warning("node %d replied with an error: %s", node, reply.error.reason)
@@ -355,10 +365,14 @@ class FedvoxStrategy(FedAvg):
             self.book.statuses.pop(node, None)
             return None
         self.book.update(node, status)
+        if (head := read_head(reply, status.client_id)) is not None:
+            record.ledger_heads[status.client_id] = head.to_json()
+        elif status.ok:
+            record.unsigned += 1
         return status
 
     def _screen_train(self, reply: Message, record: RoundRecord) -> Accepted | None:
-        status = self._status(reply)
+        status = self._status(reply, record)
         if status is None:
             record.rejects["error" if reply.has_error() else "protocol"] += 1
             return None

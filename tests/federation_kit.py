@@ -33,6 +33,7 @@ from fedvox.shared.errors import BudgetExceededError
 from fedvox.shared.privacy.accounting import Mechanism, epsilon
 from fedvox.shared.privacy.budget import Budget
 from fedvox.shared.privacy.ledger import Ledger, Release
+from fedvox.shared.privacy.ledger_head import LEDGER_HEAD, SIGNING_KEY_FILE, head_record
 from fedvox.shared.protocol import ARRAYS, CONFIG, METRICS, REFUSED, STATUS, ClientStatus, Plan
 from fedvox.shared.runconfig import RunConfig
 from fedvox.shared.wire import from_record, to_record
@@ -71,6 +72,12 @@ def make_client_app(
     budgets = dict(budgets or {})
     app = ClientApp()
 
+    def signed(reply: Message, plan: Plan, partition: int, client_id: str, ledger: Ledger) -> Message:
+        """Every reply carries the ledger's signed head, as the real ClientApp's do."""
+        key = root / f"client-{partition}" / SIGNING_KEY_FILE
+        reply.content[LEDGER_HEAD] = head_record(ledger, client_id, key, f"{plan.run_id}/{plan.server_round}")
+        return reply
+
     def node(context: Context) -> tuple[int, str, Ledger, float]:
         partition = int(context.node_config["partition-id"])
         return partition, f"speaker-{partition}", Ledger(root / f"client-{partition}"), budgets.get(partition, 0.0)
@@ -91,9 +98,10 @@ def make_client_app(
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         plan = Plan.from_record(msg.content.config_records[CONFIG])
-        _, client_id, ledger, budget = node(context)
+        partition, client_id, ledger, budget = node(context)
         with ledger:
-            return Message(RecordDict({STATUS: status(plan, client_id, ledger, budget).to_record()}), reply_to=msg)
+            reply = Message(RecordDict({STATUS: status(plan, client_id, ledger, budget).to_record()}), reply_to=msg)
+            return signed(reply, plan, partition, client_id, ledger)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -131,14 +139,15 @@ def make_client_app(
                 return refuse(msg, status(plan, client_id, ledger, budget, outcome=REFUSED, reason="budget",
                                           detail=str(exc)))
             after = status(plan, client_id, ledger, budget)
-        arrays = misbehave(to_record(state, plan.config.wire_precision), behaviour)
-        metrics = MetricRecord({
-            "num-examples": TRAIN_EXAMPLES,
-            "train-loss": loss,
-            "peak-memory-bytes": 1024,
-            "step-time-s": (time.perf_counter() - started) / plan.config.local_steps,
-        })
-        return Message(RecordDict({ARRAYS: arrays, METRICS: metrics, STATUS: after.to_record()}), reply_to=msg)
+            arrays = misbehave(to_record(state, plan.config.wire_precision), behaviour)
+            metrics = MetricRecord({
+                "num-examples": TRAIN_EXAMPLES,
+                "train-loss": loss,
+                "peak-memory-bytes": 1024,
+                "step-time-s": (time.perf_counter() - started) / plan.config.local_steps,
+            })
+            reply = Message(RecordDict({ARRAYS: arrays, METRICS: metrics, STATUS: after.to_record()}), reply_to=msg)
+            return signed(reply, plan, partition, client_id, ledger)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -153,10 +162,11 @@ def make_client_app(
             "val-accuracy": float((err.abs() < 0.5).float().mean()),
         })
         with ledger:
-            return Message(
+            reply = Message(
                 RecordDict({METRICS: metrics, STATUS: status(plan, client_id, ledger, budget).to_record()}),
                 reply_to=msg,
             )
+            return signed(reply, plan, partition, client_id, ledger)
 
     return app
 

@@ -2,7 +2,8 @@
 
 It talks to the server's own SuperLink on the loopback address only (the public port forwards
 the Fleet API alone, :mod:`server.deploy.gateway`), over TLS checked against the home's internal
-CA. These are the calls ``flwr supernode register``, ``flwr supernode ls``, ``flwr run`` and
+CA, with the home's Control API token (:mod:`server.deploy.control_auth`): the SuperLink answers
+no one else. These are the calls ``flwr supernode register``, ``flwr supernode ls``, ``flwr run`` and
 ``flwr stop`` make, done in process so that one command does what the operator means.
 """
 
@@ -34,6 +35,7 @@ from flwr.supercore.error import FlowerError
 from flwr.supercore.fab import Fab
 from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
 
+from fedvox.server.deploy.control_auth import BearerToken, read_token
 from fedvox.shared.errors import DeploymentError
 
 log = logging.getLogger(__name__)
@@ -76,13 +78,16 @@ class RunState:
 
 
 class Control:
-    """A Control API session with the SuperLink at ``address`` (``127.0.0.1:PORT``)."""
+    """A Control API session with the SuperLink at ``address`` (``127.0.0.1:PORT``), as the
+    holder of the token in ``token_file``."""
 
-    def __init__(self, address: str, root_certificate: Path) -> None:
+    def __init__(self, address: str, root_certificate: Path, token_file: Path) -> None:
         self.address = address
         self.client = ControlHttpClient.from_server_address(
             address, False, Path(root_certificate).read_bytes(),
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="flwr CLI"), BearerToken(read_token(token_file))
+            ],
         )
 
     def close(self) -> None:

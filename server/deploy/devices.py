@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
 from fedvox.server.deploy.control import Control, Node
@@ -32,6 +33,8 @@ from fedvox.shared.errors import ConfigError, DeploymentError
 log = logging.getLogger(__name__)
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+UNKNOWN_DEVICE = "NOT-REGISTERED-HERE"
+"""What ``fedvox-server devices`` calls a SuperLink node whose key is not in ``devices.json``."""
 
 
 @dataclass
@@ -114,11 +117,23 @@ def authorise(registry: Registry, control: Control) -> list[tuple[Device, int]]:
 
 def device_report(home: ServerHome, nodes: list[Node] | None = None) -> list[dict[str, Any]]:
     """Every registered device with its connection status (when the server runs: ``nodes``),
-    the rounds it trained, and its last reported profile and utterance-level epsilon."""
+    the rounds it trained, and its last reported profile and utterance-level epsilon. A key the
+    SuperLink holds that ``devices.json`` does not (registered behind fedvox's back) is listed
+    too, under the name ``NOT-REGISTERED-HERE``."""
     registry = Registry(home)
     status = {node.node_id: node.status for node in nodes or []}
     rounds = _rounds(home.run_dir / "metrics.jsonl")
     report = []
+    known = {device.flower_key() for device in registry.devices()}
+    for node in nodes or []:
+        if node.status != "unregistered" and node.public_key not in known:
+            key = serialization.load_pem_public_key(node.public_key)
+            report.append({
+                "name": UNKNOWN_DEVICE, "fingerprint": fingerprint(key), "node-id": node.node_id,
+                "status": node.status, "rounds-joined": 0, "last-round": None, "client-id": None,
+                "profile": None, "epsilon-spent": None, "epsilon-budget": None, "registered": None,
+            })
+            log.warning("node %d holds a key that is not in %s (%s)", node.node_id, registry.path, fingerprint(key))
     for device in registry.devices():
         mine = set(device.node_ids)
         entries = [(r, e) for r, clients in rounds for e in clients if e.get("node-id") in mine]
@@ -148,4 +163,4 @@ def _rounds(metrics: Path) -> list[tuple[int, list[dict[str, Any]]]]:
     return [(row["round"], row.get("clients", [])) for row in rows]
 
 
-__all__ = ["Device", "Registry", "authorise", "device_report"]
+__all__ = ["UNKNOWN_DEVICE", "Device", "Registry", "authorise", "device_report"]

@@ -3,7 +3,8 @@
 What runs (one ``start`` per server home; a lock file refuses a second):
 
 - ``flower-superlink`` on 127.0.0.1 (a free port) with TLS (the home's loopback certificate),
-  SuperNode authentication, its SQLite state in ``DIR/state/superlink.db`` and no runtime
+  Control API authentication (the home's token, :mod:`server.deploy.control_auth`), SuperNode
+  authentication, its SQLite state in ``DIR/state/superlink.db`` and no runtime
   dependency installation; its ServerApp process (fedvox's ``server.app``) is Flower's own;
 - the gateway (:mod:`server.deploy.gateway`) on ``--host:--port`` with the server certificate;
 - the Control API calls that authorise the registered devices and submit the fedvox run, built
@@ -26,6 +27,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -37,19 +39,21 @@ from flwr.proto.control_pb2 import StreamLogsRequest  # pylint: disable=E0611
 
 from fedvox.server.checkpoints import CheckpointStore
 from fedvox.server.deploy.control import FINISHED, Control, Node
+from fedvox.server.deploy.control_auth import TOKEN_FILE_ENV, ensure_token
 from fedvox.server.deploy.devices import Registry, authorise
 from fedvox.server.deploy.gateway import FleetGateway, GatewayServer
 from fedvox.server.deploy.home import ServerHome, ensure_link_certificate
 from fedvox.server.deploy.pki import check_server_pair
 from fedvox.shared.atomic import atomic_write_text
 from fedvox.shared.errors import DeploymentError
-from fedvox.shared.processes import die_with_parent, flower_command, flower_env, free_port, stop_tree
+from fedvox.shared.processes import die_with_parent, flower_env, free_port, stop_tree
 
 log = logging.getLogger(__name__)
 serverapp_log = logging.getLogger("fedvox.serverapp")
 
 POLL_S = 5.0
 SUPERLINK_START_S = 120.0
+SUPERLINK_MODULE = "fedvox.server.deploy.control_auth"
 ANY_ADDRESS = ("0.0.0.0", "::", "")
 
 
@@ -205,9 +209,10 @@ class ServerProcess:
         except (OSError, ValueError):
             return
         marks = [str(self.home.database), previous.get("superlink") or "-"]
+        commands = ("flower-superlink", SUPERLINK_MODULE, "flwr-serverapp")
         for process in psutil.process_iter(["pid", "cmdline"]):
             cmdline = " ".join(process.info["cmdline"] or [])
-            if ("flower-superlink" in cmdline or "flwr-serverapp" in cmdline) and any(m in cmdline for m in marks):
+            if any(c in cmdline for c in commands) and any(m in cmdline for m in marks):
                 log.warning("stopping %s (pid %d) left by a previous server", cmdline.split()[1].rsplit("/", 1)[-1], process.pid)
                 stop_tree(process.pid)
 
@@ -215,8 +220,8 @@ class ServerProcess:
         internal = free_port()
         self.address = f"127.0.0.1:{internal}"
         self.home.logs.mkdir(parents=True, exist_ok=True)
-        command = [
-            flower_command("flower-superlink"),
+        command = [  # Flower's flower-superlink with the home's Control API token (control_auth)
+            sys.executable, "-m", SUPERLINK_MODULE,
             "--ssl-ca-certfile", str(self.home.internal_ca),
             "--ssl-certfile", str(self.home.link_cert),
             "--ssl-keyfile", str(self.home.link_key),
@@ -225,13 +230,15 @@ class ServerProcess:
             "--database", str(self.home.database),
             "--disable-runtime-dependency-installation",
         ]
+        ensure_token(self.home.control_token)
+        env = {**flower_env(self.home.flwr_home), TOKEN_FILE_ENV: str(self.home.control_token)}
         with open(self.home.logs / "superlink.log", "ab") as out:
             self.superlink = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, env=flower_env(self.home.flwr_home),
+                command, stdout=out, stderr=subprocess.STDOUT, env=env,
                 cwd=self.home.root, start_new_session=True, preexec_fn=die_with_parent,
             )
         log.info("SuperLink (pid %d) on %s, state in %s", self.superlink.pid, self.address, self.home.database)
-        self.control = Control(self.address, self.home.internal_ca)
+        self.control = Control(self.address, self.home.internal_ca, self.home.control_token)
         deadline = time.monotonic() + SUPERLINK_START_S
         while True:
             if self.superlink.poll() is not None:
@@ -344,7 +351,7 @@ class ServerProcess:
 
     def _stream_serverapp_log(self) -> None:
         """The ServerApp's log (Flower keeps it in the SuperLink) into ``DIR/logs/run.log`` and the console."""
-        control = Control(self.address, self.home.internal_ca)
+        control = Control(self.address, self.home.internal_ca, self.home.control_token)
         console = ServerAppConsole()
         after = 0.0
         try:

@@ -10,6 +10,9 @@ Three questions per ledger:
    Opacus) recomputes each client's and unit's cumulative epsilon row by row; the writer's own
    Opacus accountant recomputes the last row.
 3. Budget: did any client and unit go past its budget?
+4. Given the signed heads a server recorded (:mod:`shared.privacy.ledger_head`): does the ledger
+   still hold every row its device had signed for? The chain alone cannot show a rewrite of the
+   whole chain by someone with file access; the heads kept elsewhere can.
 
 Plus the one-run empirical bound of Steinke, Nasr and Jagielski (2023), which turns canary
 guesses into an epsilon lower bound (the canary audit itself runs a training and lives with the
@@ -42,6 +45,7 @@ from fedvox.shared.privacy.ledger import (
     read_rows,
     read_triggers,
 )
+from fedvox.shared.privacy.ledger_head import SignedHead, check_heads
 
 if TYPE_CHECKING:  # dp-accounting takes ~3 s to import: loaded on first recomputation
     import dp_accounting
@@ -50,6 +54,7 @@ INTEGRITY = "integrity"
 UNDER_REPORTED = "under_reported"
 BUDGET_OVERRUN = "budget_overrun"
 UNACCOUNTABLE = "unaccountable"
+SIGNED_HEAD = "signed_head"
 
 DEFAULT_TOLERANCE = 0.01
 """Recorded epsilon may sit this far below the independent one: relative for epsilon >= 1,
@@ -357,11 +362,13 @@ def audit_ledger(
     budget: float | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     on_account: Callable[[Account], None] | None = None,
+    heads: Sequence[SignedHead] = (),
 ) -> LedgerAudit:
     """Audit one ledger: integrity, then every client and unit recomputed and budget-checked.
 
     ``delta`` recomputes at another delta than the recorded one (recorded epsilons are still
-    checked at their own delta); ``budget`` overrides the budgets recorded in the rows.
+    checked at their own delta); ``budget`` overrides the budgets recorded in the rows;
+    ``heads`` are signed heads of this ledger that someone else kept (a server's record).
     """
     if delta is not None and not 0 < delta < 1:
         raise ConfigError(f"--delta must be in (0, 1), got {delta}")
@@ -371,6 +378,7 @@ def audit_ledger(
     rows = read_rows(file)
     name = str(file)
     findings = verify_integrity(name, rows, read_triggers(file))
+    findings += [Finding(SIGNED_HEAD, name, message) for message in check_heads(rows, heads)]
     groups: dict[tuple[str, str], list[LedgerRow]] = {}
     for row in rows:
         groups.setdefault((row.client_id, row.unit), []).append(row)
