@@ -20,7 +20,7 @@ from fedvox.shared.privacy.audit import SIGNED_HEAD, audit_ledger
 from fedvox.shared.privacy.ledger import Ledger, read_rows
 from fedvox.shared.privacy.ledger_head import SIGNING_KEY_FILE, SignedHead, check_heads, sign_head, signing_key
 from fedvox.shared.runconfig import RunConfig
-from fedvox.simulations.audit.cli import app, route
+from fedvox.client.audit_cli import app, route
 from tests.federation_kit import LocalGrid, initial_state, make_client_app
 from tests.privacy_ledgers import DELTA, release, tamper
 
