@@ -303,7 +303,7 @@ def enroll(
     _say(
         f"device key {fingerprint(key.public_key())} ({'new' if created else 'existing'}, {device_home.key})"
     )
-    typer.echo(public_line(key))
+    typer.echo(public_line(key, name))
     _say("the operator registers it with:")
     typer.echo(register_command(key, name))
     if check:

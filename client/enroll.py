@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -136,15 +135,16 @@ def device_key(home: DeviceHome) -> tuple[ec.EllipticCurvePrivateKey, bool]:
     return key, True
 
 
-def public_line(key: ec.EllipticCurvePrivateKey) -> str:
-    """The public key as one OpenSSH line, what the operator registers."""
+def public_line(key: ec.EllipticCurvePrivateKey, name: str | None = None) -> str:
+    """The public key as one OpenSSH line, what the operator registers. Its comment names the
+    device only by the name its owner chose (``--name``), never by the machine's host name."""
     text = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-    return f"{text} fedvox@{socket.gethostname()}"
+    return f"{text} fedvox@{name}" if name else f"{text} fedvox"
 
 
 def register_command(key: ec.EllipticCurvePrivateKey, name: str | None) -> str:
     """The exact command the operator runs on the server to authorise this device."""
-    command = f"fedvox-server register SERVER_HOME '{public_line(key)}'"
+    command = f"fedvox-server register SERVER_HOME '{public_line(key, name)}'"
     return command + (f" --name {name}" if name else "")
 
 

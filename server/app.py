@@ -40,8 +40,9 @@ def serve(
     run = FederatedRun(config, state, base=base_identity(config), seed=seed)
     run.execute(grid)
     if export and run.completed > 0:
-        best = run.store.best_round() or run.completed
-        export_model(config, run.store.load(best).state, run.run_dir / "export")
+        chosen, why = run.store.export_choice()
+        log.info("exporting round %d: %s", chosen, why)
+        export_model(config, run.store.load(chosen).state, run.run_dir / "export")
     return run
 
 

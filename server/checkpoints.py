@@ -8,8 +8,14 @@ A round ``r`` is two files in the run's ``checkpoints/`` folder:
                              accountant and sampler state, the tensors' SHA-256
 
 Both are written atomically and the JSON last, so the JSON's presence is the commit mark: a
-round without it never happened. The store keeps the last ``keep`` rounds and the best one by
-validation loss (named in ``best.json``) and deletes the rest, JSON first.
+round without it never happened. The store keeps the last ``keep`` rounds and the best one
+(named in ``best.json``) and deletes the rest, JSON first.
+
+The best round compares like with like. Only a round that aggregated (its model changed) is a
+candidate, and validation losses are compared only between rounds that the same devices
+evaluated (``val-clients``): a loss over one device's examples says nothing against a loss over
+seven. When the evaluators change, comparison starts again from that round. Without any
+comparable loss, the export takes the newest aggregated round (:meth:`CheckpointStore.export_choice`).
 """
 
 from __future__ import annotations
@@ -115,17 +121,50 @@ class CheckpointStore:
         best = self._read_best()
         return best["round"] if best else None
 
+    def export_choice(self) -> tuple[int, str]:
+        """The round to export by default and why: the best round, else the newest that aggregated,
+        else the newest committed one."""
+        rounds = self.rounds()
+        if not rounds:
+            raise CheckpointError(f"{self.folder} holds no committed round")
+        best = self._read_best()
+        if best is not None and best["round"] in rounds:
+            since, evaluators = best.get("since", best["round"]), len(best.get("val-clients", []))
+            return best["round"], (
+                f"lowest validation loss ({best['val-loss']:.4g}) of the aggregated rounds from round {since} on, "
+                f"all evaluated by the same {evaluators} device(s)"
+            )
+        for server_round in reversed(rounds):
+            if self._meta(server_round).get("metrics", {}).get("aggregated"):
+                return server_round, "newest round whose aggregation changed the model (no comparable validation loss)"
+        return rounds[-1], "newest committed round (no round aggregated)"
+
+    def _meta(self, server_round: int) -> dict[str, Any]:
+        try:
+            return json.loads(self.meta_path(server_round).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"cannot read checkpoint metadata {self.meta_path(server_round)}: {exc}") from exc
+
     def _read_best(self) -> dict[str, Any] | None:
         path = self.folder / "best.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
     def _update_best(self, server_round: int, record: Mapping[str, Any]) -> None:
-        loss = record.get("metrics", {}).get("val-loss")
-        if loss is None:
+        """``best.json`` after a commit (see the module docstring for what is comparable)."""
+        metrics = record.get("metrics", {})
+        loss = metrics.get("val-loss")
+        if loss is None or not metrics.get("aggregated"):
             return
+        evaluators = sorted(metrics.get("val-clients", []))
         best = self._read_best()
-        if best is None or loss < best["val-loss"]:
-            atomic_write_text(self.folder / "best.json", json.dumps({"round": server_round, "val-loss": loss}))
+        if best is not None and best.get("val-clients") == evaluators:
+            if loss >= best["val-loss"]:
+                return
+            since = best.get("since", best["round"])
+        else:
+            since = server_round  # new evaluators: comparison starts here
+        entry = {"round": server_round, "val-loss": loss, "val-clients": evaluators, "since": since}
+        atomic_write_text(self.folder / "best.json", json.dumps(entry))
 
     def _prune(self) -> None:
         rounds = self.rounds()

@@ -90,26 +90,34 @@ def start(
 @app.command()
 def register(
     home: Path = HOME,
-    public_key: str = typer.Argument(..., help="The device's public key: the line `fedvox-client enroll` printed, or its .pub file."),
+    public_key: str = typer.Argument(..., help="The device's public key: the line `fedvox-client enroll` printed, its .pub file, or the SHA256: fingerprint of a device waiting for registration."),
     name: str | None = typer.Option(None, "--name", help="A name for the device (default: from its key's fingerprint)."),
 ) -> None:
     """Authorise a device's key: now if the server runs, else when it starts."""
-    from fedvox.server.deploy.devices import Registry, authorise
     from fedvox.server.deploy.home import ServerHome
 
-    server_home = ServerHome(home).require()
-    registry = Registry(server_home)
+    for line in register_device(ServerHome(home).require(), public_key, name):
+        say(line)
+
+
+def register_device(home: Any, public_key: str, name: str | None) -> list[str]:
+    """Register a key (or a waiting key's fingerprint) and authorise it if the server runs; what
+    happened, in lines for the operator (``register`` and the dashboard's register action)."""
+    from fedvox.server.deploy.devices import Registry, WaitingRoom, authorise
+
+    if public_key.startswith("SHA256:"):
+        public_key = WaitingRoom(home).public_key(public_key)
+    registry = Registry(home)
     device, new = registry.add(public_key, name)
-    say(f"{'registered' if new else 'already registered:'} {device.name} ({device.fingerprint})")
-    control = _control(server_home)
+    lines = [f"{'registered' if new else 'already registered:'} {device.name} ({device.fingerprint})"]
+    control = _control(home)
     if control is None:
-        say("it is authorised when the server starts")
-        return
+        return [*lines, "it is authorised when the server starts"]
     try:
         node_id = dict((d.name, n) for d, n in authorise(registry, control))[device.name]
     finally:
         control.close()
-    say(f"authorised as node {node_id}: the device can join now")
+    return [*lines, f"authorised as node {node_id}: the device can join now"]
 
 
 @app.command()
@@ -117,37 +125,39 @@ def devices(
     home: Path = HOME,
     json_output: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
-    """Registered devices: connection, last profile, rounds joined and utterance-level epsilon spent."""
+    """Registered devices: connection, last profile, rounds joined and utterance-level epsilon spent;
+    and devices whose keys were refused, waiting for registration."""
+    from rich.console import Console
     from rich.table import Table
 
-    from fedvox.server.deploy.devices import device_report
+    from fedvox.server.deploy.devices import WaitingRoom, device_report
     from fedvox.server.deploy.home import ServerHome
 
     server_home = ServerHome(home).require()
-    control = _control(server_home)
-    try:
-        report = device_report(server_home, control.nodes() if control else None)
-    finally:
-        if control:
-            control.close()
+    report = device_report(server_home, *_nodes(server_home))
+    waiting = WaitingRoom(server_home).waiting()
     if json_output:
-        typer.echo(json.dumps(report, indent=1))
+        typer.echo(json.dumps({"devices": report, "waiting": waiting}, indent=1))
         return
     if not report:
         say(f"no devices registered in {server_home.root} (fedvox-server register)")
-        return
-    table = Table(title=f"Devices of {server_home.root}", title_justify="left")
-    for column in ("name", "node", "status", "rounds", "profile", "epsilon", "budget", "key"):
-        table.add_column(column, overflow="fold")  # ids and fingerprints whole, never cut
-    for d in report:
-        table.add_row(
-            d["name"], str(d["node-id"] or "-"), d["status"], str(d["rounds-joined"]), d["profile"] or "-",
-            "-" if d["epsilon-spent"] is None else f"{d['epsilon-spent']:.3f}",
-            "-" if d["epsilon-budget"] is None else f"{d['epsilon-budget']:g}", d["fingerprint"],
-        )
-    from rich.console import Console
-
-    Console().print(table)
+    else:
+        # Seven narrow columns fit 80 characters; the keys follow, one line each and whole.
+        table = Table(title=f"Devices of {server_home.root}", title_justify="left")
+        for column in ("name", "node", "status", "rounds", "profile", "epsilon", "budget"):
+            table.add_column(column, overflow="fold")
+        for d in report:
+            table.add_row(
+                d["name"], str(d["node-id"] or "-"), d["status"], str(d["rounds-joined"]), d["profile"] or "-",
+                "-" if d["epsilon-spent"] is None else f"{d['epsilon-spent']:.3f}",
+                "-" if d["epsilon-budget"] is None else f"{d['epsilon-budget']:g}",
+            )
+        Console().print(table)
+        for d in report:
+            say(f"  {d['name']}: {d['fingerprint']}")
+    for w in waiting:
+        say(f"waiting for registration: {w['fingerprint']} ({w['attempts']} attempt(s), last {w['last-seen']})")
+        say(f"  after checking the fingerprint with its owner: fedvox-server register {server_home.root} {w['fingerprint']} --name NAME")
 
 
 @app.command()
@@ -163,7 +173,9 @@ def status(
         return
     server = summary.get("server")
     if server is not None:
-        if server["running"]:
+        if server.get("stopping"):
+            say(f"server stopping (pid {server['pid']}): the run ended; {server['devices-registered']} devices registered")
+        elif server["running"]:
             say(
                 f"server running (pid {server['pid']}) on {server['address']}, Flower run {server['flower-run-id']}; "
                 f"{server['devices-online']} of {server['devices-registered']} devices connected"
@@ -194,7 +206,7 @@ def status(
 def export(
     directory: Path = RUN,
     format_: str | None = typer.Option(None, "--format", help="gpt-sovits (s1.ckpt; s2G.pth + s2D.pth; official architectures) or safetensors (fedvox, any config); default: both."),
-    round_: int | None = typer.Option(None, "--round", help="Round to export (default: the best, else the newest)."),
+    round_: int | None = typer.Option(None, "--round", help="Round to export (default: the best comparable round, else the newest that aggregated)."),
     out: Path | None = typer.Option(None, help="Output folder, which receives gpt-sovits/ and fedvox/ (default: the run's export/)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
 ) -> None:
@@ -211,9 +223,13 @@ def export(
         raise ConfigError(f"--format {format_!r}: choose {' or '.join(FORMATS)}")
     run_dir = run_directory(directory)
     store = CheckpointStore(run_dir / "checkpoints", keep=1)
-    chosen = round_ if round_ is not None else (store.best_round() or (store.rounds() or [None])[-1])
-    if chosen is None or chosen not in store.rounds():
+    if round_ is None:
+        chosen, why = store.export_choice()
+    else:
+        chosen, why = round_, "chosen with --round"
+    if chosen not in store.rounds():
         raise CheckpointError(f"{run_dir} has no committed round {chosen}; committed: {store.rounds()}")
+    say(f"exporting round {chosen}: {why}")
     checkpoint = store.load(chosen)
     config = RunConfig.from_flat(checkpoint.meta["run-config"])
     folder = out or run_dir / "export"
@@ -286,33 +302,48 @@ def full_status(directory: Path) -> dict[str, Any]:
     home = ServerHome(directory)
     if not home.settings_file.is_file():
         return summary
+    target = home.run_config().num_server_rounds  # the run's target now (raised for --resume), not a checkpoint's
+    if summary["latest"] is not None:
+        summary["num-server-rounds"] = target
     running = home.running()
     registered = len(Registry(home).devices())
     server: dict[str, Any] = {"running": running is not None, "devices-registered": registered}
     if running is not None:
-        control = _control(home)
-        try:
-            online = sum(n.status == "online" for n in control.nodes()) if control else 0
-        finally:
-            if control:
-                control.close()
+        nodes, _ = _nodes(home)
+        online = sum(n.status == "online" for n in nodes or [])
         server.update({
             "pid": running["pid"], "address": f"{running['host']}:{running['port']}",
-            "flower-run-id": running.get("run-id"), "devices-online": online,
+            "flower-run-id": running.get("run-id"), "devices-online": online, "stopping": bool(running.get("stopping")),
         })
         latest = summary["latest"]["round"] if summary["latest"] else 0
-        target = home.run_config().num_server_rounds
-        summary["current-round"] = latest + 1 if latest < target else None
+        summary["current-round"] = latest + 1 if latest < target and not running.get("stopping") else None
     summary["server"] = server
     return summary
 
 
 def _control(home: Any) -> Any:
-    """A Control API session with the home's running SuperLink, or ``None`` if it is stopped."""
+    """A Control API session with the home's running SuperLink, or ``None`` if it is stopped or
+    stopping (it then waits for connections to close and answers nothing)."""
     from fedvox.server.deploy.control import Control
 
     running = home.running()
-    return Control(running["superlink"], home.internal_ca, home.control_token) if running else None
+    return Control(running["superlink"], home.internal_ca, home.control_token) if running and not running.get("stopping") else None
+
+
+def _nodes(home: Any) -> tuple[list[Any] | None, str]:
+    """The SuperLink's nodes, or ``None`` and why the devices' connections are unknown."""
+    from fedvox.shared.errors import DeploymentError
+
+    control = _control(home)
+    if control is None:
+        return None, "server stopping" if home.running() else "server stopped"
+    try:
+        return control.nodes(), ""
+    except DeploymentError as exc:  # busy or going down: the home's files still answer
+        logging.getLogger(__name__).warning("%s", exc)
+        return None, "server not answering"
+    finally:
+        control.close()
 
 
 def _log_to_file(path: Path) -> None:

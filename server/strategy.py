@@ -84,6 +84,9 @@ class RoundRecord:
     bytes_up: int = 0
     train: dict[str, float] = field(default_factory=dict)
     evaluate: dict[str, float] = field(default_factory=dict)
+    evaluators: list[str] = field(default_factory=list)
+    """Client ids whose validation replies make up ``evaluate`` (best-round selection compares
+    only rounds with the same evaluators, :mod:`server.checkpoints`)."""
     utterance_epsilons: list[float] = field(default_factory=list)
     release: Release | None = None
     aggregated: bool = False
@@ -113,6 +116,8 @@ class RoundRecord:
             **self.train,
             **self.evaluate,
         }
+        if self.evaluators:
+            out["val-clients"] = self.evaluators
         if self.utterance_epsilons:
             out["epsilon-utterance-max"] = max(self.utterance_epsilons)
             out["epsilon-utterance-mean"] = sum(self.utterance_epsilons) / len(self.utterance_epsilons)
@@ -298,14 +303,16 @@ class FedvoxStrategy(FedAvg):
         if server_round <= self.completed_round:
             return None
         record = self._record(server_round)
-        usable = []
+        usable, evaluators = [], []
         for reply in replies:
             status = self._status(reply, record)
             metrics = _required_metrics(reply, EVALUATE_METRICS, OPTIONAL_EVALUATE_METRICS) if status else None
             if metrics is not None and metrics["num-examples"] > 0:
                 usable.append(RecordDict({METRICS: MetricRecord(metrics)}))
+                evaluators.append(status.client_id)
         metrics = self.evaluate_metrics_aggr_fn(usable, self.weighted_by_key) if usable else None
         record.evaluate = _numbers(metrics)
+        record.evaluators = sorted(evaluators)
         self._end_round(record)
         return metrics
 
@@ -461,6 +468,7 @@ def _client_entry(reply: Message, book: ClientBook, accepted: bool) -> dict[str,
         entry.update({
             "client-id": status.client_id, "profile": status.profile, "outcome": status.outcome,
             "epsilon-spent": status.epsilon_spent, "epsilon-budget": status.epsilon_budget,
+            "epsilon-next": status.epsilon_next,
         })
     return entry
 

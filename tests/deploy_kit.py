@@ -8,6 +8,8 @@ certificate: it sees exactly the decrypted HTTP traffic the real gateway sees.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
+import json
 import os
 import re
 import secrets
@@ -17,6 +19,8 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from fedvox.server.deploy.gateway import FleetGateway, GatewayServer
-from fedvox.server.deploy.home import ServerHome, init_home, write_run_config
+from fedvox.server.deploy.home import ServerHome, ensure_link_certificate, init_home, write_run_config
 from fedvox.server.deploy.pki import write_certificate, write_private_key
 from fedvox.shared.cli import OFFLINE_ENV
 from fedvox.shared.processes import free_port
@@ -52,6 +56,22 @@ def server_home(folder: Path, **overrides: object) -> ServerHome:
     home = init_home(folder, ["127.0.0.1"], host="127.0.0.1", port=free_port())
     write_run_config(home, RunConfig().with_overrides({**RUN_CONFIG, **overrides}))
     return home
+
+
+@contextmanager
+def server_running(home: ServerHome, **state: object) -> Iterator[None]:
+    """What a running ``fedvox-server start`` leaves in the home: its lock held, its state file."""
+    ensure_link_certificate(home)
+    with open(home.lock_file, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (home.server_state).write_text(json.dumps({
+            "pid": 4242, "host": "127.0.0.1", "port": 9443, "superlink": f"127.0.0.1:{free_port()}", "run-id": 7,
+            **state,
+        }))
+        try:
+            yield
+        finally:
+            home.server_state.unlink()
 
 
 def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:

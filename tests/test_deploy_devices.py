@@ -1,19 +1,25 @@
 """Device keys, the operator's registry of devices, and what ``fedvox-server devices`` reports."""
 
+import base64
 import json
 import shutil
 import subprocess
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+import httpx
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
 from fedvox.server.cli import app
-from fedvox.server.deploy.devices import Registry, device_report
+from fedvox.server.deploy.devices import Registry, WaitingRoom, device_report
+from fedvox.server.deploy.gateway import FleetGateway
 from fedvox.server.deploy.home import init_home
 from fedvox.shared.device_keys import fingerprint, parse_public_key, ssh_text
 from fedvox.shared.errors import ConfigError, DeploymentError
+from tests.deploy_kit import server_running
 
 runner = CliRunner()
 
@@ -96,7 +102,7 @@ def test_the_device_report_joins_node_ids_with_what_each_round_recorded(home):
 
     result = runner.invoke(app, ["devices", str(home.root), "--json"])
     assert result.exit_code == 0, result.output
-    assert [d["name"] for d in json.loads(result.stdout)] == ["alice", "bob", "carol"]
+    assert [d["name"] for d in json.loads(result.stdout)["devices"]] == ["alice", "bob", "carol"]
 
 
 def test_register_from_the_command_line_while_the_server_is_stopped(home, tmp_path):
@@ -108,3 +114,55 @@ def test_register_from_the_command_line_while_the_server_is_stopped(home, tmp_pa
     assert [d.name for d in Registry(home).devices()] == ["alice"]
     result = runner.invoke(app, ["register", str(tmp_path / "nowhere"), _line(key)])
     assert result.exit_code != 0 and "fedvox-server init" in str(result.exception)
+
+
+def _flower_header(key) -> str:
+    return base64.b64encode(public_key_to_bytes(key.public_key())).decode()
+
+
+def test_a_refused_key_waits_for_registration_and_is_registered_by_its_fingerprint(home):
+    refusal = httpx.MockTransport(lambda request: httpx.Response(401, content=b"unknown node"))
+    gateway = FleetGateway("127.0.0.1:1", home.internal_ca, transport=refusal, on_refused_key=WaitingRoom(home).note)
+    stranger = ec.generate_private_key(ec.SECP384R1())
+    with TestClient(gateway, base_url="https://testserver") as client:
+        for _ in range(2):
+            client.post("/v1/fleet/activate-node", content=b"x", headers={"flwr-public-key": _flower_header(stranger)})
+        client.post("/v1/fleet/activate-node", content=b"x", headers={"flwr-public-key": "bm90IGEga2V5"})  # garbage
+    key_print = fingerprint(stranger.public_key())
+
+    listed = json.loads(runner.invoke(app, ["devices", str(home.root), "--json"]).stdout)
+    assert [(w["fingerprint"], w["attempts"]) for w in listed["waiting"]] == [(key_print, 2)]
+    shown = runner.invoke(app, ["devices", str(home.root)]).output
+    assert f"fedvox-server register {home.root} {key_print} --name NAME" in shown
+    assert "BEGIN PUBLIC KEY" not in (home.state / "waiting.json").read_text()
+
+    result = runner.invoke(app, ["register", str(home.root), key_print, "--name", "dora"])
+    assert result.exit_code == 0, result.output
+    assert [(d.name, d.fingerprint) for d in Registry(home).devices()] == [("dora", key_print)]
+    assert WaitingRoom(home).waiting() == []
+    result = runner.invoke(app, ["register", str(home.root), "SHA256:nobodyxx", "--name", "eve"])
+    assert result.exit_code != 0 and "is waiting for registration" in str(result.exception)
+
+
+def test_the_devices_table_fits_80_columns_with_every_fingerprint_whole(home):
+    for name in ("alice", "bob-the-second-device"):
+        Registry(home).add(_line(ec.generate_private_key(ec.SECP384R1())), name)
+    result = runner.invoke(app, ["devices", str(home.root)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80, result.output
+    for device in Registry(home).devices():
+        assert f"{device.name}: {device.fingerprint}" in result.output
+
+
+def test_devices_answers_from_the_home_while_the_superlink_winds_down_or_does_not_answer(home):
+    registry = Registry(home)
+    registry.add(_line(ec.generate_private_key(ec.SECP384R1())), "alice")
+    registry.record_node("alice", 11)
+    with server_running(home, stopping=True):  # the run ended; the SuperLink waits for connections to close
+        result = runner.invoke(app, ["devices", str(home.root), "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["devices"][0]["status"] == "server stopping"
+    with server_running(home):  # a SuperLink that does not answer (nothing listens on its port)
+        result = runner.invoke(app, ["devices", str(home.root), "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["devices"][0]["status"] == "server not answering"

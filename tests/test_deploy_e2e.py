@@ -27,6 +27,7 @@ from fedvox.client.identity import client_identity
 from fedvox.server.checkpoints import CheckpointStore
 from fedvox.server.cli import app as server_cli
 from fedvox.server.model import initial_subset
+from fedvox.shared.device_keys import fingerprint
 from fedvox.shared.privacy.audit import audit_ledger
 from fedvox.shared.privacy.ledger import Ledger
 from fedvox.shared.protocol import ClientStatus
@@ -113,7 +114,9 @@ def test_two_enrolled_devices_train_two_rounds_and_only_the_update_leaves_them(p
     log = (home.logs / "server.log").read_text()
     assert "device alice" in log and "device bob" in log and "completed: 2 rounds" in log
     assert "refused POST /v1/control/list-runs" in log  # the garbage was seen, and the run went on
-    report = json.loads(_cli("devices", str(home.root), "--json"))
+    listing = json.loads(_cli("devices", str(home.root), "--json"))
+    report = listing["devices"]
+    assert [w["fingerprint"] for w in listing["waiting"]] == [fingerprint(stranger_key.public_key())]
     assert {d["name"]: d["rounds-joined"] for d in report} == {"alice": 2, "bob": 2}
     assert all(d["epsilon-spent"] > 0 and d["profile"] and d["status"] == "server stopped" for d in report)
     status = json.loads(_cli("status", str(home.root), "--json"))

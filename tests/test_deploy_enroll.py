@@ -7,6 +7,7 @@ SuperLink behind it); a registered key and a running federation are in ``test_de
 import datetime as dt
 import http.server
 import ipaddress
+import socket
 import stat
 import threading
 from contextlib import contextmanager
@@ -54,6 +55,9 @@ def test_the_register_command_is_what_the_operator_pastes(tmp_path):
     assert command.startswith("fedvox-server register SERVER_HOME '") and command.endswith("' --name alice")
     quoted = command.split("'")[1]
     assert public_key_to_bytes(parse_public_key(quoted)) == public_key_to_bytes(key.public_key())
+    # The machine's host name stays on the device; only the name its owner chose goes out.
+    assert quoted.endswith(" fedvox@alice") and socket.gethostname() not in command.replace("fedvox@alice", "")
+    assert public_line(key).endswith(" fedvox") and socket.gethostname() not in DeviceHome.at(tmp_path).public_key.read_text()
 
 
 def test_server_addresses_are_checked():

@@ -14,8 +14,14 @@ def _state(value: float) -> dict[str, torch.Tensor]:
     return {"layer.lora_A": torch.full((2, 3), value), "layer.lora_B": torch.zeros(3, 2)}
 
 
-def _save(store: CheckpointStore, server_round: int, val_loss: float | None) -> None:
-    metrics = {} if val_loss is None else {"val-loss": val_loss}
+EVALUATORS = ["client-a", "client-b"]
+
+
+def _save(
+    store: CheckpointStore, server_round: int, val_loss: float | None, *, aggregated: bool = True,
+    evaluators: list[str] = EVALUATORS,
+) -> None:
+    metrics = {} if val_loss is None else {"val-loss": val_loss, "aggregated": aggregated, "val-clients": evaluators}
     store.save(server_round, _state(server_round), {"metrics": metrics}, {"m_t/layer.lora_A": torch.ones(2, 3)})
 
 
@@ -30,9 +36,37 @@ def test_the_last_k_rounds_and_the_best_by_validation_loss_are_kept(tmp_path):
         f"round-0000{r}.{ext}" for r in (2, 4, 5) for ext in ("json", "safetensors")
     ]
     latest = store.latest()
-    assert latest.round == 5 and latest.meta["metrics"] == {"val-loss": 2.2}
+    assert latest.round == 5 and latest.meta["metrics"]["val-loss"] == 2.2
     torch.testing.assert_close(latest.state["layer.lora_A"], torch.full((2, 3), 5.0))
     torch.testing.assert_close(latest.strategy_state["m_t/layer.lora_A"], torch.ones(2, 3))
+
+
+def test_the_best_round_aggregated_and_is_compared_only_with_rounds_the_same_devices_evaluated(tmp_path):
+    store = CheckpointStore(tmp_path, keep=20)
+    _save(store, 0, None)
+    _save(store, 1, 3.0)
+    _save(store, 2, 2.5)
+    # The deployment that exported a stale model: round 3's aggregation failed (model unchanged)
+    # and its loss came from one device's few examples; it must never be the best.
+    _save(store, 3, 0.4, aggregated=False, evaluators=["client-a"])
+    assert store.best_round() == 2
+    assert store.export_choice() == (
+        2, "lowest validation loss (2.5) of the aggregated rounds from round 1 on, all evaluated by the same 2 device(s)")
+    # A third device evaluates from round 4 on: its losses cannot be compared with rounds 1-2.
+    _save(store, 4, 2.9, evaluators=[*EVALUATORS, "client-c"])
+    _save(store, 5, 2.7, evaluators=[*EVALUATORS, "client-c"])
+    _save(store, 6, 2.8, evaluators=[*EVALUATORS, "client-c"])
+    round_, why = store.export_choice()
+    assert round_ == 5 and "from round 4 on, all evaluated by the same 3 device(s)" in why
+
+
+def test_without_a_comparable_loss_the_newest_aggregated_round_is_exported(tmp_path):
+    store = CheckpointStore(tmp_path, keep=5)
+    _save(store, 0, None)
+    store.save(1, _state(1), {"metrics": {"aggregated": True}})
+    store.save(2, _state(2), {"metrics": {"aggregated": False}})
+    assert store.best_round() is None
+    assert store.export_choice() == (1, "newest round whose aggregation changed the model (no comparable validation loss)")
 
 
 def test_tensors_without_their_json_are_not_a_committed_round(tmp_path):

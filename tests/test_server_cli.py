@@ -2,14 +2,17 @@
 
 import json
 
+import torch
 from typer.testing import CliRunner
 
 from fedvox.server.checkpoints import CheckpointStore
 from fedvox.server.cli import app
+from fedvox.server.deploy.home import init_home, write_run_config
 from fedvox.server.model import initial_subset
 from fedvox.server.run import FederatedRun
 from fedvox.shared.models.s1_checkpoint import load_official_s1
 from fedvox.shared.runconfig import RunConfig
+from tests.deploy_kit import server_running
 from tests.federation_kit import LocalGrid, initial_state, make_client_app
 
 runner = CliRunner()
@@ -39,3 +42,19 @@ def test_export_writes_the_chosen_round_as_a_gpt_sovits_checkpoint(tmp_path):
     assert result.exit_code == 0, result.output
     assert load_official_s1(tmp_path / "out" / "gpt-sovits" / "s1.ckpt").config.name == "tiny"
     assert (tmp_path / "out" / "fedvox" / "s1.safetensors").is_file()
+
+
+def test_status_of_a_resumed_home_counts_toward_the_raised_round_target(tmp_path):
+    home = init_home(tmp_path / "home", ["localhost"])
+    eight = RunConfig().with_overrides({"num-server-rounds": 8, "checkpoint-dir": str(home.run_dir)})
+    store = CheckpointStore(home.run_dir / "checkpoints", keep=3)
+    store.save(8, {"w": torch.zeros(2)}, {"run-id": "r", "run-config": eight.to_flat(), "metrics": {"aggregated": True}})
+    write_run_config(home, eight.with_overrides({"num-server-rounds": 11}))  # then `start --resume`
+
+    with server_running(home):
+        result = runner.invoke(app, ["status", str(home.root), "--json"])
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout)
+        assert (summary["num-server-rounds"], summary["latest"]["round"], summary["current-round"]) == (11, 8, 9)
+        shown = runner.invoke(app, ["status", str(home.root)]).output
+        assert "round 8 of 11 committed; round 9 in progress" in shown

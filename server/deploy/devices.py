@@ -6,6 +6,11 @@ name and authorises it with the SuperLink (at once while the server runs, otherw
 ``start``). The SuperLink gives every key a node id, kept with the device. What a device did
 comes from the run's ``metrics.jsonl``: every round lists each train reply's node id with the
 client id, profile and utterance-level epsilon its status reported.
+
+A key the SuperLink refused at activation is a device waiting for registration: the gateway
+notes its fingerprint in ``DIR/state/waiting.json`` (:class:`WaitingRoom`), so the operator sees
+it in ``fedvox-server devices`` and the dashboard and can register it by that fingerprint once
+the device's owner has confirmed it.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
-from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.supercore.primitives.asymmetric import bytes_to_public_key, public_key_to_bytes
 
 from fedvox.server.deploy.control import Control, Node
 from fedvox.server.deploy.home import ServerHome
@@ -101,6 +107,62 @@ class Registry:
             atomic_write_text(self.path, text)
 
 
+class WaitingRoom:
+    """``DIR/state/waiting.json``: device keys refused at activation, by fingerprint (first and last
+    attempt, attempts). A key leaves it when it is registered."""
+
+    def __init__(self, home: ServerHome) -> None:
+        self.path = home.state / "waiting.json"
+        self.lock_path = home.state / "waiting.lock"
+        self.registry = Registry(home)
+
+    def note(self, flower_key: bytes) -> None:
+        """Record an activation refused for ``flower_key`` (PEM, as Flower's request header carries it)."""
+        try:
+            key = bytes_to_public_key(flower_key)
+        except ValueError:
+            return  # not a key at all: a stranger's garbage, logged by the gateway
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            return
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        key_print = fingerprint(key)
+        with self._locked() as waiting:
+            entry = waiting.setdefault(key_print, {"fingerprint": key_print, "public-key": ssh_text(key), "first-seen": now, "attempts": 0})
+            entry["last-seen"] = now
+            entry["attempts"] += 1
+
+    def waiting(self) -> list[dict[str, Any]]:
+        """Keys still waiting (registered ones left out), oldest first."""
+        registered = {d.fingerprint for d in self.registry.devices()}
+        entries = self._read()
+        return sorted((e for f, e in entries.items() if f not in registered), key=lambda e: e["first-seen"])
+
+    def public_key(self, key_print: str) -> str:
+        """The OpenSSH line of a waiting key, by its fingerprint."""
+        for entry in self.waiting():
+            if entry["fingerprint"] == key_print:
+                return entry["public-key"]
+        raise DeploymentError(
+            f"no device with key {key_print} is waiting for registration; check the fingerprint with the "
+            "device's owner (`fedvox-server devices` lists the waiting ones)"
+        )
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        try:
+            return json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except (OSError, ValueError):
+            return {}  # a lost list of waiting keys refills at the devices' next attempt
+
+    @contextmanager
+    def _locked(self) -> Iterator[dict[str, dict[str, Any]]]:
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            waiting = self._read()
+            yield waiting
+            atomic_write_text(self.path, json.dumps(waiting, indent=1) + "\n")
+
+
 def authorise(registry: Registry, control: Control) -> list[tuple[Device, int]]:
     """Make the SuperLink know every registered device (idempotent); returns (device, node id)."""
     known = {node.public_key: node for node in control.nodes() if node.status != "unregistered"}
@@ -115,11 +177,11 @@ def authorise(registry: Registry, control: Control) -> list[tuple[Device, int]]:
     return out
 
 
-def device_report(home: ServerHome, nodes: list[Node] | None = None) -> list[dict[str, Any]]:
-    """Every registered device with its connection status (when the server runs: ``nodes``),
-    the rounds it trained, and its last reported profile and utterance-level epsilon. A key the
-    SuperLink holds that ``devices.json`` does not (registered behind fedvox's back) is listed
-    too, under the name ``NOT-REGISTERED-HERE``."""
+def device_report(home: ServerHome, nodes: list[Node] | None = None, unknown: str = "server stopped") -> list[dict[str, Any]]:
+    """Every registered device with its connection status (when the server answers: ``nodes``;
+    otherwise ``unknown`` says why), the rounds it trained, and its last reported profile and
+    utterance-level epsilon. A key the SuperLink holds that ``devices.json`` does not (registered
+    behind fedvox's back) is listed too, under the name ``NOT-REGISTERED-HERE``."""
     registry = Registry(home)
     status = {node.node_id: node.status for node in nodes or []}
     rounds = _rounds(home.run_dir / "metrics.jsonl")
@@ -144,7 +206,7 @@ def device_report(home: ServerHome, nodes: list[Node] | None = None) -> list[dic
             "fingerprint": device.fingerprint,
             "node-id": device.node_ids[-1] if device.node_ids else None,
             "status": status.get(device.node_ids[-1], "unknown") if nodes is not None and device.node_ids else
-            ("not authorised yet" if not device.node_ids else "server stopped"),
+            ("not authorised yet" if not device.node_ids else unknown),
             "rounds-joined": len(accepted),
             "last-round": accepted[-1] if accepted else None,
             "client-id": last.get("client-id"),
@@ -163,4 +225,4 @@ def _rounds(metrics: Path) -> list[tuple[int, list[dict[str, Any]]]]:
     return [(row["round"], row.get("clients", [])) for row in rows]
 
 
-__all__ = ["UNKNOWN_DEVICE", "Device", "Registry", "authorise", "device_report"]
+__all__ = ["UNKNOWN_DEVICE", "Device", "Registry", "WaitingRoom", "authorise", "device_report"]

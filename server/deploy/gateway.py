@@ -16,16 +16,19 @@ costs one connection and a log line; the server goes on.
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import uvicorn
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
@@ -36,6 +39,8 @@ log = logging.getLogger(__name__)
 
 FLEET_PATH = re.compile(r"/v1/fleet/[a-z][a-z0-9-]*")
 """The Fleet API's routes (``/v1/fleet/pull-messages`` ...); nothing else is forwarded."""
+ACTIVATE_PATH = "/v1/fleet/activate-node"
+PUBLIC_KEY_HEADER = "flwr-public-key"  # Flower's SuperNode authentication: the signing key, base64 PEM
 MAX_BODY_BYTES = 64 * 2**20
 """A Fleet request carries at most one 5 MB array chunk (Flower's chunk size) plus framing."""
 UPSTREAM_TIMEOUT_S = 300.0
@@ -48,10 +53,14 @@ HOP_BY_HOP = frozenset({
 class FleetGateway:
     """ASGI app forwarding the Fleet API to ``upstream`` (``127.0.0.1:PORT``, TLS by ``upstream_ca``)."""
 
-    def __init__(self, upstream: str, upstream_ca: Path, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self, upstream: str, upstream_ca: Path, transport: httpx.AsyncBaseTransport | None = None,
+        on_refused_key: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.upstream = f"https://{upstream}"
         self.upstream_ca = upstream_ca
         self.transport = transport  # tests replace the SuperLink
+        self.on_refused_key = on_refused_key  # a device key the SuperLink refused at activation (not registered)
         self.client: httpx.AsyncClient | None = None
         self.refused = 0
 
@@ -87,8 +96,18 @@ class FleetGateway:
         except httpx.TransportError as exc:
             log.warning("gateway: the SuperLink did not answer %s: %s", path, exc)
             return PlainTextResponse("the SuperLink is unavailable\n", status_code=503)
+        if path == ACTIVATE_PATH and upstream.status_code >= 400 and self.on_refused_key is not None:
+            await self._refused_key(request)
         reply_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
         return Response(upstream.content, status_code=upstream.status_code, headers=reply_headers)
+
+    async def _refused_key(self, request: Request) -> None:
+        try:
+            key = base64.b64decode(request.headers.get(PUBLIC_KEY_HEADER, ""), validate=True)
+        except ValueError:
+            return
+        if key:
+            await run_in_threadpool(self.on_refused_key, key)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

@@ -40,7 +40,7 @@ from flwr.proto.control_pb2 import StreamLogsRequest  # pylint: disable=E0611
 from fedvox.server.checkpoints import CheckpointStore
 from fedvox.server.deploy.control import FINISHED, Control, Node
 from fedvox.server.deploy.control_auth import TOKEN_FILE_ENV, ensure_token
-from fedvox.server.deploy.devices import Registry, authorise
+from fedvox.server.deploy.devices import Registry, WaitingRoom, authorise
 from fedvox.server.deploy.gateway import FleetGateway, GatewayServer
 from fedvox.server.deploy.home import ServerHome, ensure_link_certificate
 from fedvox.server.deploy.pki import check_server_pair
@@ -69,40 +69,51 @@ def app_directory() -> Path:
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-FLOWER_LINE = re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) *:(.*)$")
+FLOWER_LINE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) *:(.*)$")
 ROOT_LINE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:([A-Z]+):(.*)$")
+NODE = re.compile(r"\bnode (\d+)\b")
 
 
 class ServerAppConsole:
-    """Which ServerApp log lines reach the console.
+    """Which ServerApp log lines reach the console: warnings and errors, once each, at their level.
 
-    Opacus calls ``logging.basicConfig`` when imported, so the ServerApp's root logger writes
-    every Flower line a second time (``MM/DD/YYYY HH:MM:SS:LEVEL:message``) and fedvox's own
-    lines only in that form. The console shows Flower's lines once and fedvox's warnings and
-    errors (why a run stopped); ``DIR/logs/run.log`` keeps everything.
+    Flower streams the ServerApp's log as ``LEVEL :      message`` lines, with multi-line metric
+    dictionaries under every round (about 70 lines a round). Opacus calls ``logging.basicConfig``
+    when imported, so the root logger writes every line a second time
+    (``MM/DD/YYYY HH:MM:SS:LEVEL:message``), and fedvox's own lines only in that form. The
+    console shows warnings and errors (why a run stopped, a device's error) once, naming devices
+    by their registered names; the rounds are reported from ``metrics.jsonl``, and
+    ``DIR/logs/run.log`` keeps everything.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, names: dict[int, str] | None = None) -> None:
+        self.names = names if names is not None else {}  # node id -> registered device name
         self.flower: deque[str] = deque(maxlen=1000)  # recent Flower messages, to recognise their echo
+        self.level = logging.INFO  # of the message the next continuation line belongs to
 
-    def lines(self, text: str) -> list[str]:
+    def lines(self, text: str) -> list[tuple[int, str]]:
+        """``(level, message)`` for each line of ``text`` the operator should see."""
         out = []
         for raw in text.splitlines():
             line = ANSI.sub("", raw).rstrip()
-            root = ROOT_LINE.match(line)
-            if root is None:
-                flower = FLOWER_LINE.match(line)
-                if flower:
-                    self.flower.append(flower.group(1).strip())
-                if flower.group(1).strip() if flower else line.strip():
-                    out.append(line)
-                continue
-            level, message = root.group(1), root.group(2).strip()
-            if message in self.flower:
-                self.flower.remove(message)
-            elif message and level in ("WARNING", "ERROR", "CRITICAL"):
-                out.append(f"{level} : {message}")
+            root, flower = ROOT_LINE.match(line), FLOWER_LINE.match(line)
+            if root is None and flower is None:  # a message's continuation (a dict, a traceback)
+                message = line.strip()
+            else:
+                match = flower or root
+                self.level, message = logging.getLevelName(match.group(1)), match.group(2).strip()
+                if flower is not None:
+                    self.flower.append(message)
+                elif message in self.flower:  # the root logger's echo of a Flower line
+                    self.flower.remove(message)
+                    continue
+            if message and isinstance(self.level, int) and self.level >= logging.WARNING:
+                out.append((self.level, NODE.sub(self._device, message)))
         return out
+
+    def _device(self, match: re.Match) -> str:
+        name = self.names.get(int(match.group(1)))
+        return f"device {name} (node {match.group(1)})" if name else match.group(0)
 
 
 class ServerProcess:
@@ -125,6 +136,7 @@ class ServerProcess:
         self.statuses: dict[int, str] = {}
         self.names: dict[int, str] = {}
         self.rounds_logged = 0
+        self.started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         self.log_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ checks
@@ -162,8 +174,9 @@ class ServerProcess:
             self._stop_leftover_runs()
             for device, node_id in authorise(Registry(self.home), self.control):
                 self.names[node_id] = device.name
+            waiting = WaitingRoom(self.home)
             self.gateway = GatewayServer(
-                FleetGateway(self.address, self.home.internal_ca), self.host, self.port,
+                FleetGateway(self.address, self.home.internal_ca, on_refused_key=waiting.note), self.host, self.port,
                 self.home.server_cert, self.home.server_key,
             )
             self.gateway.start()
@@ -260,16 +273,20 @@ class ServerProcess:
                 log.info("stopping run %d left %s by a previous server", run.run_id, run.status)
                 self.control.stop_run(run.run_id)
 
-    def _write_state(self) -> None:
+    def _write_state(self, stopping: bool = False) -> None:
+        """``state/server.json``; ``stopping``: the SuperLink is winding down (it waits for devices'
+        connections to close, up to a minute), so commands read the home's files instead of asking it."""
         info = {
             "pid": os.getpid(), "host": self.host, "port": self.port, "superlink": self.address,
             "superlink-pid": self.superlink.pid if self.superlink else None,
-            "run-id": self.run_id, "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "run-id": self.run_id, "started": self.started, "stopping": stopping,
         }
         atomic_write_text(self.home.server_state, json.dumps(info, indent=1) + "\n")
 
     def _shutdown(self) -> None:
         self.stopping.set()
+        if self.lock_fd is not None and self.superlink is not None:
+            self._write_state(stopping=True)
         if self.gateway is not None:
             self.gateway.stop()
         if self.superlink is not None:
@@ -352,7 +369,7 @@ class ServerProcess:
     def _stream_serverapp_log(self) -> None:
         """The ServerApp's log (Flower keeps it in the SuperLink) into ``DIR/logs/run.log`` and the console."""
         control = Control(self.address, self.home.internal_ca, self.home.control_token)
-        console = ServerAppConsole()
+        console = ServerAppConsole(self.names)
         after = 0.0
         try:
             with open(self.home.logs / "run.log", "a") as out:
@@ -361,8 +378,8 @@ class ServerProcess:
                         for response in control.client.StreamLogs(StreamLogsRequest(run_id=self.run_id, after_timestamp=after)):
                             out.write(response.log_output)
                             out.flush()
-                            for line in console.lines(response.log_output):
-                                serverapp_log.info("%s", line)
+                            for level, line in console.lines(response.log_output):
+                                serverapp_log.log(level, "%s", line)
                             after = max(after, response.latest_timestamp)
                         return  # the run finished: Flower ends the stream
                     except Exception as exc:  # noqa: BLE001 - the SuperLink went away; the watcher reports it
