@@ -183,6 +183,7 @@ class FedvoxStrategy(FedAvg):
         """The round in progress, from selection until it ends."""
         self._global: dict[str, torch.Tensor] = {}  # the fp32 global subset of the round in progress
         self._sent: dict[str, torch.Tensor] = {}  # the same, as clients received it (wire precision)
+        self._outbox: list[Message] = []  # the messages of the step in progress: who each reply answers
 
     def summary(self) -> None:
         log.info("aggregation: %s", self.aggregator.name)
@@ -234,7 +235,7 @@ class FedvoxStrategy(FedAvg):
             record.selection.sample_rate, len(nodes),
         )
         content = RecordDict({ARRAYS: wire, CONFIG: plan})
-        return [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in record.selection.node_ids]
+        return self._send([Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in record.selection.node_ids])
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -247,7 +248,7 @@ class FedvoxStrategy(FedAvg):
             record.rejects["no-reply"] += missing
         accepted = [a for a in (self._screen_train(r, record) for r in replies) if a is not None]
         taken = {id(a.reply) for a in accepted}
-        record.clients = [_client_entry(r, self.book, id(r) in taken) for r in replies]
+        record.clients = [_client_entry(self._node(r), self.book, id(r) in taken) for r in replies]
         record.participants = sorted(a.status.client_id for a in accepted)
         record.utterance_epsilons = [a.status.epsilon_spent for a in accepted]
         for reason, count in record.rejects.items():
@@ -296,7 +297,7 @@ class FedvoxStrategy(FedAvg):
         plan = self.plan(server_round).to_record()
         plan.update(config)
         content = RecordDict({ARRAYS: wire, CONFIG: plan})
-        return [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
+        return self._send([Message(content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes])
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Summarize the validation replies, then end the round (the last step of Flower's round)."""
@@ -352,15 +353,29 @@ class FedvoxStrategy(FedAvg):
             Message(RecordDict({CONFIG: plan}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes
         ]
         timeout = min(QUERY_TIMEOUT_S, self.config.round_timeout)
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        replies = list(grid.send_and_receive(self._send(messages), timeout=timeout))
         for reply in replies:
             self._status(reply, self._record(server_round))
         log.info("queried %d new client(s), %d answered", len(nodes), len(replies))
 
+    def _send(self, messages: list[Message]) -> list[Message]:
+        """Keep the step's messages (the grid gives them their ids as it sends them)."""
+        self._outbox = messages
+        return messages
+
+    def _node(self, reply: Message) -> int:
+        """The node a reply is about. An error reply comes from the SuperLink (node 1: the device
+        was unavailable or its ClientApp failed), so it is the node its message was sent to."""
+        if not reply.has_error():
+            return reply.metadata.src_node_id
+        answered = reply.metadata.reply_to_message_id
+        sent = next((m for m in self._outbox if m.metadata.message_id == answered), None)
+        return sent.metadata.dst_node_id if sent is not None else reply.metadata.src_node_id
+
     def _status(self, reply: Message, record: RoundRecord) -> ClientStatus | None:
         """The reply's status (recorded in the book, its signed ledger head in ``record``), or
         ``None`` if it has none or is an error."""
-        node = reply.metadata.src_node_id
+        node = self._node(reply)
         if reply.has_error():
             log.warning("node %d replied with an error: %s", node, reply.error.reason)
             self.book.statuses.pop(node, None)  # unknown again: re-queried next round
@@ -460,9 +475,8 @@ def _numbers(metrics: MetricRecord | None) -> dict[str, float]:
     return {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
 
 
-def _client_entry(reply: Message, book: ClientBook, accepted: bool) -> dict[str, Any]:
-    """Who sent a train reply and what its status said (nothing but ids, profile and budget)."""
-    node = reply.metadata.src_node_id
+def _client_entry(node: int, book: ClientBook, accepted: bool) -> dict[str, Any]:
+    """Who a train reply is about and what its status said (nothing but ids, profile and budget)."""
     entry: dict[str, Any] = {"node-id": node, "accepted": accepted}
     if (status := book.statuses.get(node)) is not None:
         entry.update({

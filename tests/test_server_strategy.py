@@ -1,9 +1,13 @@
 """The fedvox strategy end to end on an in-process grid: selection, screening, speaker-level DP."""
 
 import json
+import logging
+import uuid
 
 import pytest
 import torch
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.serverapp import RdpAccountant
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
@@ -185,3 +189,34 @@ def test_a_resumed_run_refuses_a_changed_privacy_configuration(tmp_path):
     changed = config.with_overrides({"dp.noise-multiplier": 0.5, "num-server-rounds": 3})
     with pytest.raises(ConfigError, match="dp.noise-multiplier: 1.0 -> 0.5"):
         _run(changed, LocalGrid(make_client_app(tmp_path / "clients"), num_nodes=2))
+
+
+class SuperLinkErrors(LocalGrid):
+    """The node ``gone`` goes away after answering the query: the SuperLink answers its train
+    message for it, as node 1, like Flower's does."""
+
+    def __init__(self, client_app, num_nodes, gone):
+        super().__init__(client_app, num_nodes)
+        self.gone = self.node_ids[gone]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        lost = [m for m in messages if m.metadata.dst_node_id == self.gone and m.metadata.message_type == "train"]
+        replies = list(super().send_and_receive([m for m in messages if m not in lost]))
+        for message in lost:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            replies.append(create_message_error_unavailable_res_message(message.metadata, "node_unavail"))
+        return replies
+
+
+def test_an_error_reply_names_the_node_its_message_went_to_not_the_superlink(tmp_path, caplog):
+    config = _config(tmp_path, **{"min-clients": 2})
+    grid = SuperLinkErrors(make_client_app(tmp_path / "clients"), num_nodes=3, gone=2)
+    with caplog.at_level(logging.WARNING, logger="fedvox.server.strategy"):
+        _run(config, grid)
+
+    (row,) = _metrics(config)
+    assert row["rejects"] == {"error": 1}
+    failed = [c for c in row["clients"] if not c["accepted"]]
+    assert [c["node-id"] for c in failed] == [grid.gone] and SUPERLINK_NODE_ID not in {c["node-id"] for c in row["clients"]}
+    assert f"node {grid.gone} replied with an error: " in caplog.text and "node 1 replied" not in caplog.text
