@@ -33,6 +33,7 @@ from cryptography.x509.oid import NameOID
 from starlette.requests import Request
 from starlette.responses import Response
 
+from fedvox.server.deploy.control_auth import ensure_token
 from fedvox.server.deploy.gateway import FleetGateway, GatewayServer
 from fedvox.server.deploy.home import ServerHome, ensure_link_certificate, init_home, write_run_config
 from fedvox.server.deploy.pki import write_certificate, write_private_key
@@ -62,6 +63,7 @@ def server_home(folder: Path, **overrides: object) -> ServerHome:
 def server_running(home: ServerHome, **state: object) -> Iterator[None]:
     """What a running ``fedvox-server start`` leaves in the home: its lock held, its state file."""
     ensure_link_certificate(home)
+    ensure_token(home.control_token)
     with open(home.lock_file, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         (home.server_state).write_text(json.dumps({
