@@ -19,6 +19,7 @@ every coordinate of every update at once, hold all updates in fp32.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,11 +29,11 @@ import torch
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg
 
-from fedvox.server.speaker_dp import Release, noised_mean
-from fedvox.shared.errors import ConfigError, UpdateRejected
+from fedvox.server.speaker_dp import Release, clip_factors, noised_mean
+from fedvox.shared.errors import ConfigError
 from fedvox.shared.protocol import ARRAYS, METRICS, ClientStatus
 from fedvox.shared.runconfig import AGGREGATIONS, RunConfig
-from fedvox.shared.wire import from_record, to_record
+from fedvox.shared.wire import from_record, read_update, to_record
 
 WEIGHT_KEY = "num-examples"
 """The train metric a mean weighs each update by (Flower's ``weighted_by_key``)."""
@@ -40,20 +41,13 @@ WEIGHT_KEY = "num-examples"
 
 @dataclass
 class Accepted:
-    """A screened train reply: who sent it and its metrics (its update stays in the reply)."""
+    """A screened train reply: who sent it, its metrics, and the L2 norm of its update relative
+    to what its client was sent (the update itself stays in the reply)."""
 
     reply: Message
     status: ClientStatus
     metrics: dict[str, float]
-
-
-def decode_update(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    """An ArrayRecord as tensors without casting (screening checks the dtypes); ``Array.numpy``
-    already reads into a fresh, writable array, so nothing is copied twice."""
-    try:
-        return {name: torch.from_numpy(array.numpy()) for name, array in arrays.items()}
-    except (TypeError, ValueError) as exc:
-        raise UpdateRejected(f"dtype: the update cannot be decoded ({exc})") from exc
+    norm: float
 
 
 @dataclass(frozen=True)
@@ -74,12 +68,27 @@ class RoundUpdates:
     def weights(self) -> list[float]:
         return [float(a.metrics[WEIGHT_KEY]) for a in self.accepted]
 
+    def combine(self, coefficients: Sequence[float]) -> dict[str, torch.Tensor]:
+        """``sum_i c_i * (update_i - sent)`` in fp32, one pass over each update's received bytes.
+
+        Summing ``c_i * update_i`` and subtracting ``(sum_i c_i) * sent`` once reads every update
+        exactly once, in place, and holds one fp32 model whatever the number of clients.
+        """
+        total = {name: torch.zeros_like(t) for name, t in self.sent.items()}
+        for coefficient, accepted in zip(coefficients, self.accepted, strict=True):
+            update = read_update(accepted.reply.content.array_records[ARRAYS])
+            for name, value in total.items():
+                value.add_(update[name], alpha=coefficient)
+        scale = math.fsum(coefficients)
+        for name, value in total.items():
+            value.sub_(self.sent[name], alpha=scale)
+        return total
+
     def deltas(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Each update relative to what its client was sent, in fp32, decoded again from its reply
-        when asked for (keeping every decoded update would hold N fp32 models)."""
+        """Each update relative to what its client was sent, in fp32, one at a time."""
         for accepted in self.accepted:
-            update = decode_update(accepted.reply.content.array_records[ARRAYS])
-            yield {name: update[name].float().sub_(self.sent[name]) for name in self.sent}
+            update = read_update(accepted.reply.content.array_records[ARRAYS])
+            yield {name: torch.sub(update[name], sent) for name, sent in self.sent.items()}
 
     def rebased(self) -> list[Message]:
         """The replies made canonical for Flower's rules: each update applied to the fp32 global
@@ -126,12 +135,9 @@ class WeightedMean(Aggregator):
 
     def aggregate(self, updates: RoundUpdates) -> Aggregate:
         weights = updates.weights()
-        total = sum(weights)
-        mean = {name: t.clone() for name, t in updates.global_state.items()}
-        for weight, delta in zip(weights, updates.deltas(), strict=True):
-            for name, value in delta.items():
-                mean[name].add_(value, alpha=weight / total)
-        return Aggregate(mean)
+        total = math.fsum(weights)
+        mean_update = updates.combine([weight / total for weight in weights])
+        return Aggregate({name: updates.global_state[name] + value for name, value in mean_update.items()})
 
 
 class SpeakerDPMean(Aggregator):
@@ -145,9 +151,11 @@ class SpeakerDPMean(Aggregator):
         self.noise_multiplier = noise_multiplier
 
     def aggregate(self, updates: RoundUpdates) -> Aggregate:
+        norms = [accepted.norm for accepted in updates.accepted]
         release = noised_mean(
-            updates.deltas(),
-            updates.global_state,
+            updates.combine(clip_factors(norms, self.clip_norm)),
+            participants=len(norms),
+            clipped=sum(norm > self.clip_norm for norm in norms),
             clip_norm=self.clip_norm,
             noise_multiplier=self.noise_multiplier,
             expected_clients=updates.expected_clients,
@@ -227,5 +235,5 @@ def build_aggregator(config: RunConfig) -> Aggregator:
 
 __all__ = [
     "WEIGHT_KEY", "Accepted", "Aggregate", "Aggregator", "FlowerRule", "RoundUpdates", "ServerAdam", "SpeakerDPMean",
-    "WeightedMean", "build_aggregator", "decode_update",
+    "WeightedMean", "build_aggregator",
 ]

@@ -17,12 +17,10 @@ sampling. See ``docs/privacy.md``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-
-from fedvox.shared.wire import update_norm
 
 
 @dataclass(frozen=True)
@@ -36,18 +34,16 @@ class Release:
     noise_std: float
 
 
-def clip_update(delta: Mapping[str, torch.Tensor], clip_norm: float) -> tuple[dict[str, torch.Tensor], float]:
-    """``delta`` scaled to L2 norm at most ``clip_norm``; returns ``(clipped, original norm)``."""
-    zeros = {name: torch.zeros_like(t) for name, t in delta.items()}
-    norm = update_norm(zeros, delta)
-    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
-    return {name: t * scale for name, t in delta.items()}, norm
+def clip_factors(norms: Sequence[float], clip_norm: float) -> list[float]:
+    """Per update, the factor that scales it to L2 norm at most ``clip_norm``."""
+    return [min(1.0, clip_norm / norm) if norm > 0 else 1.0 for norm in norms]
 
 
 def noised_mean(
-    deltas: Iterable[Mapping[str, torch.Tensor]],
-    like: Mapping[str, torch.Tensor],
+    clipped_sum: Mapping[str, torch.Tensor],
     *,
+    participants: int,
+    clipped: int,
     clip_norm: float,
     noise_multiplier: float,
     expected_clients: float,
@@ -55,25 +51,16 @@ def noised_mean(
 ) -> Release:
     """The DP-FedAvg release: ``(sum_i clip(delta_i) + N(0, (z*S)^2 I)) / D``.
 
-    ``like`` gives names, shapes and dtypes (float32) of the result; with no participants the
-    release is pure noise, so whether anyone took part is itself protected. ``deltas`` is read
-    once, one update at a time (it may be a generator decoding each in turn).
+    ``clipped_sum`` is the sum of the clipped updates (fp32; zeros when nobody took part, so the
+    release is then pure noise and whether anyone took part is itself protected).
     """
     denominator = max(expected_clients, 1.0)
-    total = {name: torch.zeros_like(t, dtype=torch.float32) for name, t in like.items()}
-    participants = clipped = 0
-    for delta in deltas:
-        participants += 1
-        bounded, norm = clip_update(delta, clip_norm)
-        clipped += norm > clip_norm
-        for name in total:
-            total[name] += bounded[name].float()
     std = noise_multiplier * clip_norm / denominator
     mean = {  # noise drawn in name order, so a given generator state gives the same release
-        name: total[name] / denominator + std * torch.randn(total[name].shape, generator=generator)
-        for name in sorted(total)
+        name: clipped_sum[name] / denominator + std * torch.randn(clipped_sum[name].shape, generator=generator)
+        for name in sorted(clipped_sum)
     }
     return Release(mean, participants, clipped, denominator, std)
 
 
-__all__ = ["Release", "clip_update", "noised_mean"]
+__all__ = ["Release", "clip_factors", "noised_mean"]

@@ -41,7 +41,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedvox.server.aggregators import WEIGHT_KEY, Accepted, Aggregator, RoundUpdates, decode_update
+from fedvox.server.aggregators import WEIGHT_KEY, Accepted, Aggregator, RoundUpdates
 from fedvox.server.ledger_heads import read_head
 from fedvox.server.selection import ClientBook, Selection, poisson_rate, select_clients
 from fedvox.server.speaker_accounting import SpeakerAccounting
@@ -59,7 +59,7 @@ from fedvox.shared.protocol import (
     Plan,
 )
 from fedvox.shared.runconfig import RunConfig
-from fedvox.shared.wire import from_record, record_bytes, to_record, validate_update
+from fedvox.shared.wire import from_record, read_update, record_bytes, to_record, validate_update
 
 log = logging.getLogger(__name__)
 
@@ -409,14 +409,13 @@ class FedvoxStrategy(FedAvg):
         arrays = reply.content.array_records[ARRAYS]
         record.bytes_up += record_bytes(arrays)
         try:
-            update = decode_update(arrays)
-            validate_update(self._sent, update, self.config.max_update_norm)
+            norm = validate_update(self._sent, read_update(arrays), self.config.max_update_norm)
         except UpdateRejected as exc:
             reason = str(exc).split(":", 1)[0]
             record.rejects[reason] += 1
             log.warning("round %d: rejected update from %s: %s", record.server_round, status.client_id, exc)
             return None
-        return Accepted(reply, status, metrics)
+        return Accepted(reply, status, metrics, norm)
 
     def _rng(self, server_round: int) -> random.Random:
         return random.Random(_derive(self.seed, "sample", server_round))

@@ -9,11 +9,14 @@ the reason so the server can log it and carry on with the other clients.
 
 from __future__ import annotations
 
+import io
 import math
+import warnings
 from collections.abc import Mapping
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 
 from fedvox.shared.errors import ConfigError, UpdateRejected
 
@@ -46,6 +49,38 @@ def from_record(record: ArrayRecord, dtype: torch.dtype = torch.float32) -> dict
     return {name: (t.to(dtype) if t.is_floating_point() else t) for name, t in state.items()}
 
 
+def read_update(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The record's arrays as read-only tensors over the bytes that arrived, without copying.
+
+    Flower's ``Array.numpy`` copies each payload into a new array; a server that screens and
+    sums N updates only reads them, so it views the ``.npy`` bytes in place (never write to the
+    result). Raises :class:`UpdateRejected` (``dtype``) for a payload that is not a plain array.
+    """
+    try:
+        return {name: _view(array) for name, array in record.items()}
+    except (TypeError, ValueError) as exc:
+        raise UpdateRejected(f"dtype: the update cannot be decoded ({exc})") from exc
+
+
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _view(array: Array) -> torch.Tensor:
+    stream = io.BytesIO(array.data)
+    version = np.lib.format.read_magic(stream)
+    header = _NPY_HEADERS.get(version)
+    if header is None:
+        raise ValueError(f".npy format version {version} is not one np.save writes for plain arrays")
+    shape, fortran_order, dtype = header(stream)
+    if fortran_order or dtype.hasobject:
+        raise ValueError(f"unsupported array layout ({dtype}, fortran order {fortran_order})")
+    count = math.prod(shape)
+    values = np.frombuffer(array.data, dtype=dtype, count=count, offset=stream.tell()).reshape(shape)
+    with warnings.catch_warnings():  # read-only on purpose: nothing writes to a received update
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(values)
+
+
 def update_norm(reference: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]) -> float:
     """L2 norm of ``update - reference`` over all tensors, accumulated in float64."""
     total = 0.0
@@ -62,6 +97,8 @@ def validate_update(
 ) -> float:
     """Check ``update`` against the global ``reference`` it was trained from; return its norm.
 
+    One pass over the update for its distance to ``reference`` (fp32, as the mean sums it); a
+    non-finite value makes that distance non-finite, so finiteness is only checked then.
     Raises :class:`UpdateRejected` whose message starts with a reason code
     (``keys``, ``shape``, ``dtype``, ``nonfinite``, ``norm``).
     """
@@ -78,9 +115,12 @@ def validate_update(
             raise UpdateRejected(f"shape: {name} is {tuple(got.shape)}, expected {tuple(ref.shape)}")
         if got.is_floating_point() != ref.is_floating_point() or got.dtype == torch.bfloat16:
             raise UpdateRejected(f"dtype: {name} is {got.dtype}, expected fp16/fp32 like {ref.dtype}")
-        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
-            raise UpdateRejected(f"nonfinite: {name} contains NaN or inf")
-    norm = update_norm(reference, update)
+    squares = [float(torch.linalg.vector_norm(torch.sub(update[name], ref))) ** 2 for name, ref in reference.items()]
+    norm = math.sqrt(math.fsum(squares))
+    if not math.isfinite(norm):
+        for name in reference:
+            if update[name].is_floating_point() and not bool(torch.isfinite(update[name]).all()):
+                raise UpdateRejected(f"nonfinite: {name} contains NaN or inf")
     if max_update_norm is not None and norm > max_update_norm:
         raise UpdateRejected(f"norm: update norm {norm:.4g} exceeds the bound {max_update_norm:.4g}")
     return norm

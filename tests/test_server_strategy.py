@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 
 from fedvox.server.run import FederatedRun
-from fedvox.server.speaker_dp import noised_mean
+from fedvox.server.speaker_dp import clip_factors, noised_mean
 from fedvox.server.aggregators import FlowerRule, ServerAdam, SpeakerDPMean, WeightedMean, build_aggregator
 from fedvox.shared.errors import ConfigError
 from fedvox.shared.privacy.accounting import Mechanism, epsilon
@@ -104,8 +104,13 @@ def test_speaker_level_dp_noise_has_the_calibrated_scale_and_clipping_bounds_eac
     big = {"w": torch.full((200_000,), 10.0)}  # norm ~4472, clipped to 2
     small = {"w": torch.full((200_000,), 1e-4)}  # norm ~0.045, kept
     generator = torch.Generator().manual_seed(0)
+    norms = [float(big["w"].norm()), float(small["w"].norm())]
+    factors = clip_factors(norms, clip_norm=2.0)
+    assert factors == [pytest.approx(2.0 / norms[0]), 1.0]
+    clipped_sum = {"w": like["w"] + factors[0] * big["w"] + factors[1] * small["w"]}
     release = noised_mean(
-        [big, small], like, clip_norm=2.0, noise_multiplier=0.8, expected_clients=4.0, generator=generator
+        clipped_sum, participants=2, clipped=1, clip_norm=2.0, noise_multiplier=0.8, expected_clients=4.0,
+        generator=generator,
     )
 
     clipped_sum = big["w"] * (2.0 / float(big["w"].norm())) + small["w"]
@@ -220,3 +225,35 @@ def test_an_error_reply_names_the_node_its_message_went_to_not_the_superlink(tmp
     failed = [c for c in row["clients"] if not c["accepted"]]
     assert [c["node-id"] for c in failed] == [grid.gone] and SUPERLINK_NODE_ID not in {c["node-id"] for c in row["clients"]}
     assert f"node {grid.gone} replied with an error: " in caplog.text and "node 1 replied" not in caplog.text
+
+
+def test_speaker_dp_mean_clips_each_received_update_before_noising():
+    from flwr.app import Message, MessageType, RecordDict
+
+    from fedvox.server.aggregators import Accepted, RoundUpdates, SpeakerDPMean
+    from fedvox.shared.protocol import ARRAYS
+    from fedvox.shared.wire import read_update, to_record, validate_update
+
+    global_state = {"w": torch.zeros(50_000), "b": torch.ones(7)}
+    sent = {name: t.half().float() for name, t in global_state.items()}
+    updates = [{"w": torch.full((50_000,), v), "b": torch.ones(7) + v} for v in (0.5, 1e-4, -0.2)]
+    accepted = []
+    for update in updates:
+        record = to_record(update, "fp16")
+        norm = validate_update(sent, read_update(record))
+        reply = Message(RecordDict({ARRAYS: record}), dst_node_id=0, message_type=MessageType.TRAIN)
+        accepted.append(Accepted(reply, None, {"num-examples": 1.0}, norm))
+    rule = SpeakerDPMean(clip_norm=2.0, noise_multiplier=0.0)
+    got = rule.aggregate(RoundUpdates(1, global_state, sent, accepted, 4.0, torch.Generator().manual_seed(0)))
+
+    # The same release computed the long way, in float64, from the decoded updates.
+    expected = {name: torch.zeros_like(t, dtype=torch.float64) for name, t in sent.items()}
+    for update in updates:
+        delta = {n: update[n].half().double() - sent[n].double() for n in sent}
+        norm = sum(float(d.pow(2).sum()) for d in delta.values()) ** 0.5
+        for n in sent:
+            expected[n] += delta[n] * min(1.0, 2.0 / norm)
+    assert got.release.participants == 3 and got.release.clipped == 2
+    for name in sent:
+        torch.testing.assert_close(got.state[name].double(), global_state[name].double() + expected[name] / 4.0,
+                                   rtol=0, atol=1e-6)
