@@ -131,7 +131,7 @@ def test_deterministic_across_processes():
     texts = CORPUS["zh"][:4] + CORPUS["en"][:4]
     here = [phonemize(t, "zh" if i < 4 else "en").ids for i, t in enumerate(texts)]
     script = (
-        "import json,sys; from shared.text import phonemize; t=json.loads(sys.argv[1]);"
+        "import json,sys; from fedvox.shared.text import phonemize; t=json.loads(sys.argv[1]);"
         "print(json.dumps([phonemize(x, 'zh' if i < 4 else 'en').ids for i, x in enumerate(t)]))"
     )
     out = subprocess.run(

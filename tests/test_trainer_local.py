@@ -30,7 +30,7 @@ def data(tmp_path_factory):
 
 
 def _cli(*args: str) -> subprocess.Popen:
-    code = "from client.cli import main; main()"
+    code = "from fedvox.client.cli import main; main()"
     return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
