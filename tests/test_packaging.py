@@ -30,3 +30,18 @@ def test_imports_resolve_to_this_checkout() -> None:
     for module, top in ((fedvox.shared, "shared"), (fedvox.client, "client"),
                         (fedvox.server, "server"), (fedvox.simulations, "simulations")):
         assert Path(module.__file__).resolve().parent == ROOT / top
+
+
+def test_no_code_imports_the_bare_folder_names() -> None:
+    """Tests run from the checkout, where a bare folder-name import would silently load a second copy."""
+    import re
+
+    bare = re.compile(r"\b(?:from|import) (?:client|server|shared|simulations)\b(?!\.\w+ as)")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for folder in (*TOPS, "tests", "bench")
+        for path in (ROOT / folder).rglob("*.py")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if bare.search(line) and "fedvox." not in line
+    ]
+    assert offenders == []
