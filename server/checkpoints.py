@@ -92,6 +92,17 @@ class CheckpointStore:
         self._prune()
         return path
 
+    def annotate(self, server_round: int, metrics: Mapping[str, Any]) -> None:
+        """Replace committed round ``server_round``'s metrics (its evaluation came after the commit)."""
+        path = self.meta_path(server_round)
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"cannot read checkpoint metadata {path}: {exc}") from exc
+        record["metrics"] = dict(metrics)
+        atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True))
+        self._update_best(server_round, record)
+
     def load(self, server_round: int) -> Checkpoint:
         meta_path = self.meta_path(server_round)
         try:

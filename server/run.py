@@ -1,17 +1,21 @@
 """One federated run in its run directory: start or resume it, commit every round, stop cleanly.
 
-A round is *committed* when its checkpoint's JSON is written (:mod:`server.checkpoints`); that is
-also when the round's speaker-level release counts as published. Commit order, and what a crash
-at each point leaves behind:
+A round is *committed* when its checkpoint's JSON is written (:mod:`server.checkpoints`). The
+commit happens as soon as the round's aggregate exists and before any message carries it (Flower
+sends it next with the evaluate messages): a speaker-level release is charged before it leaves.
+Order, and what a crash at each point leaves behind:
 
-1. checkpoint (tensors, then JSON with the round's metrics and the speakers it charges)
-   - crash before the JSON: the round never happened; a restart redoes it from the previous one
-     and charges nothing for the lost attempt (its noised aggregate never left the process).
-2. speaker-level ledger rows for the round
-   - crash before them: the restart re-appends them from the checkpoint's JSON; the ledger is
-     idempotent per (run, round, client), so nothing is charged twice or missed.
-3. the metrics line
-   - crash before it: the restart re-logs it from the checkpoint's JSON.
+1. speaker-level ledger rows for the round, keyed by run *and* server attempt
+   - crash before them: nothing was charged or sent; a restart redoes the round from the
+     previous one (new attempt, new noise, charged then).
+2. checkpoint (tensors, then JSON with the round's training metrics and the speakers charged)
+   - crash before the JSON: the round is charged but was never sent (its noised aggregate died
+     with the process); the restart redoes it as a new attempt and charges that too. The ledger
+     over-counts this one round, never under-counts.
+3. the messages carrying the new model (evaluation, the next round); after the evaluation the
+   round's evaluation metrics join its checkpoint JSON, then its metrics line is written
+   - crash before the line: the restart re-logs it from the checkpoint's JSON (without the
+     evaluation metrics if the crash came before they were added).
 
 Clients are a different matter: a round redone after a crash is trained and released again by
 its clients, who charge their own utterance-level ledgers again (the plan's ``attempt`` changes),
@@ -90,6 +94,7 @@ class FederatedRun:
         self.strategy: FedvoxStrategy | None = None
         self.speaker: SpeakerAccounting | None = None
         self.round_log: RoundLog | None = None
+        self.metrics: dict[str, Any] = {}  # the last committed round's, until its evaluation is logged
 
     def execute(self, grid: Grid) -> int:
         """Run (or finish) the federation on ``grid``; returns the last committed round."""
@@ -122,7 +127,8 @@ class FederatedRun:
                 completed_round=max(self.completed, 0),
                 population=meta.get("population"),
                 speaker=self.speaker,
-                on_round_end=self._commit_round,
+                on_release=self._commit_round,
+                on_round_end=self._log_round,
             )
             arrays = to_record(latest.state if latest is not None else self.initial_state, "fp32")
             if latest is None:
@@ -149,20 +155,21 @@ class FederatedRun:
 
     # ------------------------------------------------------------------ commit
     def _commit_round(self, record: RoundRecord) -> None:
-        """The strategy's ``on_round_end`` hook: commit the round it hands over."""
-        assert record.outcome is not None  # set by the strategy before the round ends
+        """The strategy's ``on_release`` hook: charge and commit the round before its model is sent."""
+        assert record.outcome is not None  # set by the strategy before it calls the hook
         self._commit(record.server_round, from_record(record.outcome), record)
 
     def _commit(self, server_round: int, state: Mapping[str, torch.Tensor], record: RoundRecord | None) -> None:
-        """Checkpoint, ledger rows, metrics line, in that order; round 0 (no record) is the start."""
-        metrics = record.summary() if record else {}
+        """Ledger rows, then the checkpoint (module docstring); round 0 (no record) is the start."""
+        started = time.monotonic()
+        self.metrics = record.summary() if record else {}
         charged: list[str] = []
         if self.speaker is not None and record is not None and record.release is not None:
             charged = record.eligible_clients
-            epsilons = [self.speaker.epsilon_after_round(client) for client in charged]
+            epsilons = list(self.speaker.charge(server_round, charged, self.attempt).values())
             if epsilons:
-                metrics["epsilon-speaker-max"] = max(epsilons)
-                metrics["epsilon-speaker-mean"] = sum(epsilons) / len(epsilons)
+                self.metrics["epsilon-speaker-max"] = max(epsilons)
+                self.metrics["epsilon-speaker-mean"] = sum(epsilons) / len(epsilons)
         meta = {
             "run-id": self.run_id,
             "attempt": self.attempt,
@@ -170,27 +177,31 @@ class FederatedRun:
             "base": self.base,
             "strategy": self.strategy.aggregator.name,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "metrics": metrics,
+            "metrics": self.metrics,
             "population": self.strategy.population,
             "sample-rate": self.speaker.sample_rate if self.speaker else None,
             "speaker-charged": charged,
-            # where this round's speaker rows go: right after this row hash in the ledger
+            # the ledger's head once this round's speaker rows are in
             "ledger-head": self.speaker.ledger.head() if self.speaker else None,
         }
-        started = time.monotonic()
         self.store.save(server_round, state, meta, self.strategy.aggregator.state_dict())
         self.completed = server_round
-        if charged:
-            self.speaker.charge(server_round, charged)
-        if record is not None:
-            self.round_log.write(server_round, metrics)
-        log.info("round %d committed in %.2f s", server_round, time.monotonic() - started)
+        log.info("round %d charged and committed in %.2f s", server_round, time.monotonic() - started)
+
+    def _log_round(self, record: RoundRecord) -> None:
+        """The strategy's ``on_round_end`` hook: the committed round's metrics, evaluation included."""
+        speaker = {k: v for k, v in self.metrics.items() if k.startswith("epsilon-speaker")}
+        metrics = {**record.summary(), **speaker}
+        if record.evaluate:
+            self.store.annotate(record.server_round, metrics)
+        self.round_log.write(record.server_round, metrics)
 
     def _catch_up(self, latest: Checkpoint) -> None:
-        """Finish a commit a crash interrupted: the round's ledger rows and metrics line."""
+        """Finish a commit a crash interrupted: the round's ledger rows (checkpoints written before
+        the rows came first) and its metrics line."""
         charged = latest.meta.get("speaker-charged", [])
         if charged:
-            self.speaker.charge(latest.round, charged)
+            self.speaker.charge(latest.round, charged, latest.meta["attempt"])
         if latest.round > 0:
             self.round_log.catch_up(latest.round, latest.meta["metrics"])
 

@@ -8,8 +8,10 @@ eligible had inclusion probability 0 and is not charged. The population and rate
 the run first selects clients and kept in its checkpoints: accounting with a rate above the real
 one (clients joining later) only over-estimates epsilon.
 
-The ledger is the accountant's state (:mod:`shared.privacy.ledger`): a resumed run that records
-a committed round again gets the existing rows back and is not charged twice.
+The ledger is the accountant's state (:mod:`shared.privacy.ledger`). A release is keyed by the
+run *and the server attempt* that made it (``run_id/attempt``): a round redone by a restarted
+server is a new release with new noise and is charged again, while catching up the rows of a
+round already committed (same attempt) gets the existing rows back and charges nothing twice.
 """
 
 from __future__ import annotations
@@ -50,15 +52,17 @@ class SpeakerAccounting:
     def can_afford_round(self, client_id: str) -> bool:
         return self.budget is None or self.epsilon_after_round(client_id) <= self.budget.epsilon
 
-    def charge(self, server_round: int, client_ids: Iterable[str]) -> dict[str, float]:
-        """Record round ``server_round`` for every client in ``client_ids``; returns their epsilons.
+    def charge(self, server_round: int, client_ids: Iterable[str], attempt: str) -> dict[str, float]:
+        """Record the release that server ``attempt`` made in round ``server_round`` for every
+        client in ``client_ids``; returns their epsilons.
 
-        Idempotent per ``(run, round, client)``, so catching up after a crash charges nothing twice.
+        Idempotent per ``(run/attempt, round, client)``, so catching up after a crash charges
+        nothing twice; another attempt at the same round is another release, charged.
         """
         return {
             client_id: self.ledger.append(
                 Release(
-                    run_id=self.run_id,
+                    run_id=f"{self.run_id}/{attempt}",
                     round=server_round,
                     client_id=client_id,
                     stage=self.stage,

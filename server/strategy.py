@@ -9,9 +9,10 @@
   was sent (keys, shapes, dtypes, finite values, norm), count and log rejects;
 - aggregation: the accepted updates go to its :class:`~fedvox.server.aggregators.Aggregator`
   (the mean, the speaker-level DP mean, Flower's median or trimmed mean, FedAdam on a mean);
-- commit: at the end of every round (after evaluation) the round's :class:`RoundRecord` and the
-  new global model go to its ``on_round_end`` hook, which :mod:`fedvox.server.run` uses to write
-  the checkpoint and ledger.
+- commit: once a round's aggregate is made and *before any message carries it* (Flower sends it
+  next in the evaluate messages), the round's :class:`RoundRecord` and the new global model go to
+  its ``on_release`` hook, which :mod:`fedvox.server.run` uses to charge the speaker-level ledger
+  and write the checkpoint; after evaluation ``on_round_end`` adds what the evaluation reported.
 
 Flower's own ``FedAvg`` keeps its job: ``start`` runs the round loop, ``summary`` logs settings.
 
@@ -142,7 +143,8 @@ class FedvoxStrategy(FedAvg):
     ``seed`` derives each round's sampling and noise randomness (see :func:`_derive`): keep it
     secret, since noise an adversary can predict is no noise. ``completed_round`` and
     ``population`` restore a resumed run; ``speaker`` is the speaker-level accounting (required
-    under speaker-level DP); ``on_round_end`` receives every finished round (its outcome included).
+    under speaker-level DP); ``on_release`` receives every round's outcome before it is sent
+    anywhere, ``on_round_end`` every finished round (evaluation included).
     """
 
     def __init__(
@@ -156,6 +158,7 @@ class FedvoxStrategy(FedAvg):
         completed_round: int = 0,
         population: int | None = None,
         speaker: SpeakerAccounting | None = None,
+        on_release: Callable[[RoundRecord], None] | None = None,
         on_round_end: Callable[[RoundRecord], None] | None = None,
     ) -> None:
         if config.speaker_dp.enabled and speaker is None:
@@ -177,6 +180,7 @@ class FedvoxStrategy(FedAvg):
         self.completed_round = completed_round
         self.population = population
         self.speaker = speaker
+        self.on_release = on_release
         self.on_round_end = on_round_end
         self.book = ClientBook()
         self.current: RoundRecord | None = None
@@ -288,7 +292,9 @@ class FedvoxStrategy(FedAvg):
         if server_round <= self.completed_round:
             return []
         record = self._record(server_round)
-        record.outcome = arrays  # what Flower's loop made of the round: committed when it ends
+        record.outcome = arrays  # what Flower's loop made of the round
+        if self.on_release is not None:  # charged and committed before these messages carry it
+            self.on_release(record)
         if not self.config.evaluate:
             return []
         nodes = [n for n in grid.get_node_ids() if n in self.book.statuses and self.book.statuses[n].num_examples > 0]

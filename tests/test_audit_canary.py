@@ -102,6 +102,17 @@ def test_black_box_canaries_lose_more_loss_when_in(cache):
     assert 0 < black.bound.epsilon <= black.bound.cap
 
 
+def test_both_kinds_share_the_audit_error_so_one_run_in_20_fails_at_95_percent(cache):
+    """The audit fails if either bound is above epsilon: each kind's bound is at 97.5%, not 95%."""
+    spec = CanaryAuditSpec(white_box=40, black_box=8, noise_multiplier=1.0, sample_rate=0.2, steps=3)
+    audit = run_canary_audit(cache, spec, seed=1)
+    assert [r.kind for r in audit.results] == [WHITE_BOX, BLACK_BOX]
+    assert all(math.isclose(r.bound.confidence, 1 - 0.05 / 2) for r in audit.results)
+    (alone,) = run_canary_audit(cache, CanaryAuditSpec(white_box=40, black_box=0, noise_multiplier=1.0,
+                                                       sample_rate=0.2, steps=3), seed=1).results
+    assert math.isclose(alone.bound.confidence, 0.95)
+
+
 def test_physical_batches_do_not_change_the_canary_scores(cache):
     """Chunks of canaries alone (no backward) must release exactly what one big chunk does."""
     spec = dict(white_box=200, noise_multiplier=1.0, sample_rate=0.3, steps=10)

@@ -13,7 +13,8 @@ from fedvox.client.canary.run import NO_POWER, WHITE_BOX, CanaryAudit, CanaryRes
 from fedvox.shared.privacy.audit_report import format_epsilon, json_safe
 
 MEANING = (
-    "The lower bound is what the canaries prove: at {confidence:g}% confidence, no training that "
+    "The lower bound is what the canaries prove: at {confidence:g}% confidence (for all kinds "
+    "together: each kind's bound is at its share of the error), no training that "
     "lets them be told apart this well is (epsilon, delta)-DP for any epsilon below it. The "
     "accountant's epsilon is the proof from the other side, so the truth lies between them. A lower "
     "bound above the accountant's epsilon means the implementation leaks more than it accounts "

@@ -238,26 +238,33 @@ def run_canary_audit(
         timings={"training_s": training_s, "step_s": release.metrics["step_time_s"]},
     )
     ties = torch.Generator().manual_seed(seed + 3)
+    # The audit fails if any kind's bound exceeds the accountant's epsilon, so the kinds share its
+    # error probability (Bonferroni): a correct training fails with probability <= 1 - confidence.
+    kinds = (white_box is not None) + (black_box is not None)
+    confidence = 1 - (1 - spec.confidence) / max(kinds, 1)
     if white_box is not None:
         if white_box.steps != spec.steps:
             raise ConfigError(f"white-box canaries were scored at {white_box.steps} of {spec.steps} steps")
         audit.results.append(_result(
-            WHITE_BOX, white_box.scores, white_box.member, spec, ties,
+            WHITE_BOX, white_box.scores, white_box.member, spec, confidence, ties,
             "log-likelihood ratio of the released noisy gradients, summed over steps"
             if spec.noise_multiplier > 0 else "sum of the released gradients over steps",
         ))
     if black_box is not None:
         drop = initial_loss - black_box.losses(model, device, "fp32")
-        audit.results.append(_result(BLACK_BOX, drop, black_box.member, spec, ties, "loss drop, initial to final model"))
+        audit.results.append(
+            _result(BLACK_BOX, drop, black_box.member, spec, confidence, ties, "loss drop, initial to final model")
+        )
     audit.findings = _findings(audit)
     audit.timings["total_s"] = time.perf_counter() - started
     return audit
 
 
 def _result(
-    kind: str, scores: torch.Tensor, member: torch.Tensor, spec: CanaryAuditSpec, ties: torch.Generator, score: str
+    kind: str, scores: torch.Tensor, member: torch.Tensor, spec: CanaryAuditSpec, confidence: float,
+    ties: torch.Generator, score: str,
 ) -> CanaryResult:
-    bound = one_run_bound(scores, member, delta=spec.delta, confidence=spec.confidence, generator=ties)
+    bound = one_run_bound(scores, member, delta=spec.delta, confidence=confidence, generator=ties)
     return CanaryResult(
         kind=kind, canaries=len(member), included=int(member.sum()), bound=bound,
         mean_score_in=float(scores[member].mean()) if member.any() else math.nan,
@@ -288,8 +295,9 @@ def _findings(audit: CanaryAudit) -> list[Finding]:
                     f"{result.kind} canaries show epsilon >= {result.bound.epsilon:.3f} at "
                     f"{100 * result.bound.confidence:g}% confidence, above the accountant's "
                     f"{audit.theoretical_epsilon:.3f}: the training is less private than accounted "
-                    "(a bug in clipping, noise, sampling or accounting; or the 1-in-20 chance that a "
-                    "95% bound is wrong, so rerun with another --seed before concluding)"
+                    "(a bug in clipping, noise, sampling or accounting; or the "
+                    f"{100 * (1 - audit.spec.confidence):g}% chance that the audit's bounds are wrong, so rerun "
+                    "with another --seed before concluding)"
                 )))
         return findings
     white = next((r for r in audit.results if r.kind == WHITE_BOX), None)
