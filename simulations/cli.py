@@ -120,6 +120,54 @@ def run(
 
 
 @app.command()
+def pretrain(
+    out: Path = typer.Option(..., "--out", help="State folder (outside the repository); re-run to continue."),
+    stages: str = typer.Option("s1,s2", "--stages", help="Stages to train, in order: s1, s2 or s1,s2."),
+    model_config: str = typer.Option("base", "--config", help="Model config of both stages (base, tiny, ...)."),
+    utterances: int = typer.Option(60, "--utterances", help="Corpus utterances per voice."),
+    valid_utterances: int = typer.Option(2, "--valid-utterances", help="Of which held out for validation."),
+    corpus_lang: str = typer.Option("en,zh", "--corpus-lang", help="Corpus languages: en, zh or en,zh."),
+    seed: int = typer.Option(0, "--seed", help="Corpus texts, initialisation and batch order."),
+    s1_steps: int = typer.Option(3000, "--s1-steps", help="s1 optimizer steps (a re-run may raise it)."),
+    s2_steps: int = typer.Option(3000, "--s2-steps", help="s2 optimizer steps (a re-run may raise it)."),
+    s1_batch: int = typer.Option(16, "--s1-batch", help="s1 utterances per step."),
+    s2_batch: int = typer.Option(8, "--s2-batch", help="s2 utterances per step."),
+    s1_lr: float = typer.Option(1e-3, "--s1-lr", help="s1 peak learning rate."),
+    s2_lr: float = typer.Option(5e-4, "--s2-lr", help="s2 peak learning rate."),
+    disc_start: int = typer.Option(
+        1000, "--disc-start", help="s2 steps on mel and KL alone before the discriminator joins."),
+    eval_every: int = typer.Option(100, "--eval-every", help="Steps between validations and checkpoints."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="Torch CPU threads (default: torch's)."),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)."),
+) -> None:
+    """Pretrain the shipped base non-privately on a public synthetic corpus (resumable)."""
+    import torch
+
+    from fedvox.shared.errors import ConfigError
+    from fedvox.simulations.pretrain.corpus import CorpusConfig
+    from fedvox.simulations.pretrain.pipeline import pretrain as run_pretrain
+    from fedvox.simulations.pretrain.train import StagePlan
+
+    if threads:
+        torch.set_num_threads(threads)
+    chosen = [s.strip() for s in stages.split(",") if s.strip()]
+    if not chosen or not set(chosen) <= {"s1", "s2"}:
+        raise ConfigError(f"--stages must list s1 and/or s2, got {stages!r}")
+    common = {"model_config": model_config, "eval_every": eval_every, "seed": seed}
+    plans = {"s1": StagePlan("s1", steps=s1_steps, batch_size=s1_batch, learning_rate=s1_lr, **common),
+             "s2": StagePlan("s2", steps=s2_steps, batch_size=s2_batch, learning_rate=s2_lr, disc_start=disc_start,
+                             **common)}
+    corpus = CorpusConfig(utterances=utterances, valid=valid_utterances, seed=seed,
+                          languages=tuple(x.strip() for x in corpus_lang.split(",")))
+    provenance = run_pretrain(out, corpus, [plans[s] for s in chosen], device=device)
+    for stage in chosen:
+        record = provenance["stages"][stage]
+        typer.echo(f"{stage}: {record['steps_done']} steps in {record['train_seconds'] / 60:.1f} min, "
+                   f"best valid loss {record['best']['valid_loss']:.4f} at step {record['best']['step']}")
+    typer.echo(f"provenance: {Path(out) / 'provenance.json'}")
+
+
+@app.command()
 def report(out: Path = typer.Argument(..., help="A `fedvox-sim run` output folder.")) -> None:
     """Rebuild OUT/report.md and its plots from a simulation's files."""
     from fedvox.simulations.report import write_report

@@ -259,39 +259,39 @@ def _plan(config: SpeakersConfig, speakers: list[Speaker], counts: list[int]) ->
     for speaker in speakers:
         role_code = 0 if speaker.role == "client" else 1
         rng = np.random.default_rng([config.seed, role_code, speaker.index, 1])
-        train_pool, heldout_pool = _sentence_pools(speaker.language, config.seed)
+        train_pool, heldout_pool = sentence_pools(speaker.language, config.seed)
         splits = [("heldout", config.heldout_utterances, heldout_pool)]
         if speaker.role == "client":
             splits.insert(0, ("train", counts[speaker.index], train_pool))
         for split, count, pool in splits:
-            sentences = _sentence_stream(pool, rng)
+            sentences = sentence_stream(pool, rng)
             for number in range(count):
-                text = _utterance_text(sentences, speaker, rng)
+                text = utterance_text(sentences, speaker.language, speaker.speed_wpm, rng)
                 seed = (config.seed, role_code, speaker.index, 2, int(split == "heldout"), number)
                 wav = f"{speaker.name}_{split}_{number:04d}.wav"
                 utterances.append(_Utterance(speaker, split, wav, text, seed))
     return utterances
 
 
-def _sentence_stream(pool: tuple[str, ...], rng: np.random.Generator) -> Iterator[str]:
+def sentence_stream(pool: tuple[str, ...], rng: np.random.Generator) -> Iterator[str]:
     """Sentences in a fresh random order, pass after pass (no repeat within a pass)."""
     while True:
         for i in rng.permutation(len(pool)):
             yield pool[i]
 
 
-def _utterance_text(sentences: Iterator[str], speaker: Speaker, rng: np.random.Generator) -> str:
-    """Join 1-3 sentences until the estimated reading time reaches a drawn target."""
+def utterance_text(sentences: Iterator[str], language: str, speed_wpm: int, rng: np.random.Generator) -> str:
+    """Join 1-3 sentences until the estimated reading time at ``speed_wpm`` reaches a drawn target."""
     target = rng.uniform(*TARGET_SECONDS)
-    per_unit = _SECONDS_PER_UNIT[speaker.language] * 175.0 / speaker.speed_wpm
+    per_unit = _SECONDS_PER_UNIT[language] * 175.0 / speed_wpm
     chosen: list[str] = []
     while len(chosen) < MAX_SENTENCES:
         chosen.append(next(sentences))
-        units = sum(len(re.findall(r"[\u4e00-\u9fff]", s)) if speaker.language == "zh" else len(s.split())
+        units = sum(len(re.findall(r"[\u4e00-\u9fff]", s)) if language == "zh" else len(s.split())
                     for s in chosen)
         if units * per_unit >= target:
             break
-    return ("" if speaker.language == "zh" else " ").join(chosen)
+    return ("" if language == "zh" else " ").join(chosen)
 
 
 @lru_cache(maxsize=4)
@@ -317,7 +317,7 @@ def _sentences(language: str) -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=8)
-def _sentence_pools(language: str, seed: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def sentence_pools(language: str, seed: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Training and held-out sentence pools (seeded; the same split for every speaker)."""
     sentences = _sentences(language)
     order = np.random.default_rng([seed, 3, LANGUAGES.index(language)]).permutation(len(sentences))
@@ -379,7 +379,7 @@ def _prepare_espeak_data(root: Path, speakers: list[Speaker]) -> None:
 def _espeak(utterance: _Utterance, espeak_root: str) -> np.ndarray:
     """espeak-ng's 22,050 Hz output for one utterance, resampled to 32 kHz."""
     speaker = utterance.speaker
-    spoken = _pinyin_for_espeak(utterance.text) if speaker.language == "zh" else utterance.text
+    spoken = pinyin_for_espeak(utterance.text) if speaker.language == "zh" else utterance.text
     voice = f"{speaker.accent}+{speaker.name}"
     command = ["espeak-ng", f"--path={espeak_root}", "--stdout", "--stdin", "-v", voice,
                "-s", str(speaker.speed_wpm)]
@@ -397,7 +397,7 @@ def _espeak(utterance: _Utterance, espeak_root: str) -> np.ndarray:
     return resample_poly(wave, SAMPLE_RATE // g, rate // g)
 
 
-def _pinyin_for_espeak(text: str) -> str:
+def pinyin_for_espeak(text: str) -> str:
     """Numbered pinyin with ASCII punctuation (espeak-ng 1.51 misreads Chinese characters)."""
     from pypinyin import Style, lazy_pinyin
 

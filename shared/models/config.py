@@ -14,7 +14,7 @@ from typing import Any
 
 from fedvox.shared.errors import ConfigError
 
-CONFIG_NAMES = ("tiny", "v1", "v2", "v2Pro", "v2ProPlus")
+CONFIG_NAMES = ("tiny", "base", "v1", "v2", "v2Pro", "v2ProPlus")
 
 SEMANTIC_CODES = 1024
 """Semantic token codebook size; token 1024 is the s1 end-of-sequence (EOS) id."""
@@ -131,6 +131,7 @@ _S1 = {
     "v1": S1Config(name="v1", symbols_version="v1", phoneme_vocab_size=512, top_k=5),
     "v2": S1Config(name="v2"),
     "tiny": S1Config(name="tiny", dim=64, heads=4, layers=2, ffn_dim=256),
+    "base": S1Config(name="base", dim=256, heads=4, layers=6, ffn_dim=1024),
 }
 _S1["v2Pro"] = replace(_S1["v2"], name="v2Pro")
 _S1["v2ProPlus"] = replace(_S1["v2"], name="v2ProPlus")
@@ -156,6 +157,15 @@ _S2 = {
         upsample_initial_channel=64,
         disc_periods=(2, 3), disc_channels=(4, 8, 16, 16, 16), disc_s_channels=(4, 8, 16, 16, 16, 16),
         segment_frames=8,
+    ),
+    "base": S2Config(
+        name="base", version="v2",
+        inter_channels=96, hidden_channels=96, filter_channels=384, n_layers=4,
+        mrte_hidden=128, mrte_heads=2, gin_channels=128, style_hidden=64,
+        posterior_layers=8, flow_count=4, flow_layers=4,
+        resblock_kernel_sizes=(3, 7, 11), upsample_initial_channel=192,
+        disc_periods=(2, 3, 5, 7, 11), disc_channels=(16, 32, 64, 128, 128), disc_s_channels=(16, 32, 64, 128, 128, 128),
+        segment_frames=16,
     ),
 }
 

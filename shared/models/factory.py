@@ -10,24 +10,38 @@ both read private audio.
 from __future__ import annotations
 
 import logging
+from importlib import resources
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from fedvox.shared.errors import CheckpointError, ConfigError
 from fedvox.shared.models.config import s1_config, s2_config
 from fedvox.shared.models.s1 import Text2SemanticDecoder
-from fedvox.shared.models.s1_checkpoint import load_official_s1, save_official_s1, save_s1_safetensors
+from fedvox.shared.models.s1_checkpoint import (
+    load_official_s1,
+    load_s1_safetensors,
+    save_official_s1,
+    save_s1_safetensors,
+)
 from fedvox.shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn
 from fedvox.shared.models.s2.checkpoint import (
-    export_discriminator, export_generator, load_discriminator, load_generator, save_model,
+    export_discriminator,
+    export_generator,
+    load_discriminator,
+    load_generator,
+    load_model,
+    save_model,
 )
 from fedvox.shared.models.subsets import SubsetSpec, apply_subset, merged_state_dict
+from torch import nn
 
 log = logging.getLogger(__name__)
 
 STAGES = ("s1", "s2")
+SHIPPED_BASE = "fedvox-base"
+"""The ``pretrained`` value that names fedvox's own shipped base (see :func:`shipped_base`)."""
+SHIPPED_BASE_CONFIG = "base"
+_BASE_FILES = {"s1": "s1.safetensors", "s2": "s2G.safetensors"}
 
 
 class SoVITSPair(nn.Module):
@@ -51,25 +65,58 @@ def build_model(
 
     The base is initialised from ``seed`` (deterministic on CPU for a given torch version) or,
     with ``pretrained``, loaded from a GPT-SoVITS checkpoint (s1 ``.ckpt``; s2 generator ``.pth``,
-    whose ``s2D`` sibling is loaded too when it exists, as GPT-SoVITS names them).
+    whose ``s2D`` sibling is loaded too when it exists, as GPT-SoVITS names them), from a fedvox
+    safetensors export (``s1.safetensors``; ``s2G.safetensors`` beside ``s2D.safetensors``), or,
+    with :data:`SHIPPED_BASE`, from fedvox's own shipped base.
     """
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; use s1 or s2")
+    if pretrained is not None and str(pretrained) == SHIPPED_BASE:
+        pretrained = shipped_base(stage, model_config)
+    fedvox_file = pretrained is not None and Path(pretrained).suffix == ".safetensors"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if stage == "s1":
             config = s1_config(model_config)
-            model = load_official_s1(pretrained, config) if pretrained else Text2SemanticDecoder(config)
+            if not pretrained:
+                model = Text2SemanticDecoder(config)
+            else:
+                model = load_s1_safetensors(pretrained) if fedvox_file else load_official_s1(pretrained, config)
+                _require_config(model.config.name, model_config, pretrained)
             return apply_subset(model, subset)
         config = s2_config(model_config)
         if pretrained:
-            generator = load_generator(pretrained, config)
+            generator = load_model(pretrained) if fedvox_file else load_generator(pretrained, config)
+            if fedvox_file:
+                _require_config(generator.config.name, model_config, pretrained)
             sibling = Path(pretrained).with_name(Path(pretrained).name.replace("s2G", "s2D"))
             has_sibling = sibling != Path(pretrained) and sibling.is_file()
-            discriminator = load_discriminator(sibling, config) if has_sibling else MultiPeriodDiscriminator(config)
+            if not has_sibling:
+                discriminator = MultiPeriodDiscriminator(config)
+            else:
+                discriminator = load_model(sibling) if fedvox_file else load_discriminator(sibling, config)
         else:
             generator, discriminator = SynthesizerTrn(config), MultiPeriodDiscriminator(config)
         return SoVITSPair(apply_subset(generator, subset), apply_subset(discriminator, SubsetSpec(kind="full")))
+
+
+def shipped_base(stage: str, model_config: str) -> Path:
+    """The file of fedvox's own pretrained base for ``stage`` (s1, or s2's generator beside its
+    discriminator), shipped inside the package (``shared/models/base``, see docs/models.md)."""
+    if model_config != SHIPPED_BASE_CONFIG:
+        raise ConfigError(f"pretrained = {SHIPPED_BASE!r} is the {SHIPPED_BASE_CONFIG!r} model; set "
+                          f"model-config = {SHIPPED_BASE_CONFIG!r} (got {model_config!r})")
+    path = Path(str(resources.files("fedvox.shared.models") / "base" / _BASE_FILES[stage]))
+    if not path.is_file():
+        raise CheckpointError(f"this fedvox install lacks its pretrained base ({path}); reinstall fedvox, or set "
+                              "pretrained to a GPT-SoVITS checkpoint or \"\" (seeded random base)")
+    return path
+
+
+def _require_config(found: str, wanted: str, path: str | Path) -> None:
+    if found != wanted:
+        raise ConfigError(f"{path} holds a {found!r} model but model-config is {wanted!r}; set model-config = "
+                          f"{found!r}")
 
 
 def export_gpt_sovits(model: nn.Module, folder: str | Path, *, half: bool = False) -> list[Path]:

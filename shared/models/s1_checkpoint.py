@@ -256,7 +256,7 @@ def save_s1_safetensors(
     """Write ``model`` (LoRA merged, fedvox key names) and its config as safetensors."""
     state = merged_state_dict(model)
     if dtype is not None:
-        state = {key: t.to(dtype) for key, t in state.items()}
+        state = {key: t.to(dtype) if t.is_floating_point() else t for key, t in state.items()}
     save_safetensors(state, path, metadata={"stage": "s1", "config": model.config.to_dict()})
 
 

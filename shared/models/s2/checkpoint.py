@@ -365,10 +365,16 @@ def _require_official_architecture(config: S2Config) -> None:
 # -- fedvox safetensors -----------------------------------------------------------------------------
 
 
-def save_model(model: SynthesizerTrn | MultiPeriodDiscriminator, path: str | Path) -> None:
-    """Save G or D as safetensors with official key names and the full config as metadata."""
+def save_model(
+    model: SynthesizerTrn | MultiPeriodDiscriminator, path: str | Path, dtype: torch.dtype | None = None
+) -> None:
+    """Save G or D as safetensors with official key names and the full config as metadata
+    (``dtype``: store floating-point tensors in it, e.g. fp16; :func:`load_model` upcasts)."""
     kind = "s2G" if isinstance(model, SynthesizerTrn) else "s2D"
-    save_safetensors(to_official(model), path, {"format": f"fedvox-{kind}", "config": asdict(model.config)})
+    state = to_official(model)
+    if dtype is not None:
+        state = {key: t.to(dtype) if t.is_floating_point() else t for key, t in state.items()}
+    save_safetensors(state, path, {"format": f"fedvox-{kind}", "config": asdict(model.config)})
 
 
 def load_model(path: str | Path) -> SynthesizerTrn | MultiPeriodDiscriminator:

@@ -1,0 +1,80 @@
+"""Ship the pretrained base: each stage's best weights as fp16 safetensors plus their provenance.
+
+The files go to ``shared/models/base`` (package data), where :func:`shared.models.factory.shipped_base`
+finds them for ``pretrained = "fedvox-base"``. fp16 halves the files (loading upcasts to fp32);
+each stage must stay within :data:`MAX_STAGE_BYTES` so the repository stays small.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from fedvox.shared.atomic import atomic_write_text
+from fedvox.shared.errors import CheckpointError, ConfigError
+from fedvox.shared.models.factory import SoVITSPair, build_model
+from fedvox.shared.models.s1 import Text2SemanticDecoder
+from fedvox.shared.models.s1_checkpoint import save_s1_safetensors
+from fedvox.shared.models.s2.checkpoint import save_model
+from fedvox.shared.models.subsets import SubsetSpec
+from fedvox.shared.semantic import file_digest
+from fedvox.simulations.pretrain.pipeline import PROVENANCE, read_provenance, utc_now
+from fedvox.simulations.pretrain.train import BEST, StagePlan, load_weights
+
+log = logging.getLogger(__name__)
+
+MAX_STAGE_BYTES = 25 * 1024 * 1024
+BASE_FILES = {"s1": ("s1.safetensors",), "s2": ("s2G.safetensors", "s2D.safetensors")}
+
+
+def export_base(out: Path, target: Path, stages: tuple[str, ...] = ("s1", "s2"), which: str = BEST) -> dict:
+    """Write ``stages``' weights from the pretraining folder ``out`` into ``target``; returns the provenance."""
+    provenance = read_provenance(out)
+    if "stages" not in provenance:
+        raise ConfigError(f"{out} holds no pretraining provenance; run `fedvox-sim pretrain --out {out}` first")
+    target.mkdir(parents=True, exist_ok=True)
+    weights: dict[str, dict] = {}
+    for stage in stages:
+        record = provenance["stages"].get(stage)
+        if record is None:
+            raise ConfigError(f"{out} has no trained {stage}; run `fedvox-sim pretrain --stages {stage}` first")
+        plan = StagePlan(**record["plan"])
+        state, step = load_weights(out / stage, which)
+        model = build_model(stage, plan.model_config, SubsetSpec(kind="full"), seed=plan.seed)
+        model.load_state_dict(state)
+        paths = _write(model, target)
+        size = sum(p.stat().st_size for p in paths)
+        if size > MAX_STAGE_BYTES:
+            for p in paths:
+                p.unlink()
+            raise CheckpointError(f"the {stage} base takes {size / 2**20:.1f} MiB, over the "
+                                  f"{MAX_STAGE_BYTES / 2**20:.0f} MiB a shipped stage may take; choose a smaller config")
+        for path in paths:
+            weights[path.name] = {"stage": stage, "step": step, "sha256": file_digest(path, 64), "bytes": path.stat().st_size,
+                                  "dtype": "float16"}
+        log.info("%s: exported step %d (%.1f MiB)", stage, step, size / 2**20)
+    shipped = {**provenance, "exported": utc_now(), "exported_from": which, "weights": weights}
+    previous = target / PROVENANCE
+    if previous.is_file():  # a stage not re-exported keeps its earlier record
+        old = json.loads(previous.read_text(encoding="utf-8"))
+        shipped["weights"] = {**{k: v for k, v in old.get("weights", {}).items() if v["stage"] not in stages},
+                              **weights}
+        for stage, record in old.get("stages", {}).items():
+            if stage not in stages:
+                shipped["stages"][stage] = record
+    atomic_write_text(previous, json.dumps(shipped, indent=2) + "\n")
+    return shipped
+
+
+def _write(model: torch.nn.Module, target: Path) -> list[Path]:
+    if isinstance(model, Text2SemanticDecoder):
+        save_s1_safetensors(model, target / "s1.safetensors", dtype=torch.float16)
+        return [target / "s1.safetensors"]
+    assert isinstance(model, SoVITSPair)
+    paths = [target / name for name in BASE_FILES["s2"]]
+    save_model(model.generator, paths[0], dtype=torch.float16)
+    save_model(model.discriminator, paths[1], dtype=torch.float16)
+    return paths
+
