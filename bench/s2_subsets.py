@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import typer
+
 from fedvox.client.data.datasets import S2Dataset
 from fedvox.client.data.prepare import prepare
 from fedvox.client.trainer.tasks import S2Task

@@ -57,6 +57,6 @@ def test_corpus_synthesises_every_voice_and_completes_after_an_interruption(tmp_
 
     kept = wavs[1].stat().st_mtime_ns
     wavs[0].unlink()
-    (tmp_path / "manifest.json").write_text('{"generator": "%s", "complete": false}' % corpus.GENERATOR)
+    (tmp_path / "manifest.json").write_text(f'{{"generator": "{corpus.GENERATOR}", "complete": false}}')
     generate_corpus(tmp_path, config)
     assert wavs[0].is_file() and wavs[1].stat().st_mtime_ns == kept

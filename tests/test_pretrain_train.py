@@ -53,7 +53,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(stage, cache, tmp_path
 
     assert resumed.step == straight.step == 4
     assert [h["step"] for h in resumed.history] == [2, 4]
-    assert resumed.history == [{**h, "seconds": r["seconds"]} for h, r in zip(straight.history, resumed.history)]
+    same_but_time = [{**h, "seconds": r["seconds"]} for h, r in zip(straight.history, resumed.history, strict=True)]
+    assert resumed.history == same_but_time
     saved = torch.load(tmp_path / "killed" / "state.pt", weights_only=False)["model"]
     reference = torch.load(tmp_path / "straight" / "state.pt", weights_only=False)["model"]
     assert saved.keys() == reference.keys()
@@ -77,7 +78,8 @@ def test_resuming_with_other_settings_is_refused(cache, tmp_path):
 def test_pretrain_writes_provenance_and_an_export_that_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus, "ESPEAK_VARIANTS", ("m2",))
     monkeypatch.setattr(corpus, "FLITE_VOICES", ("awb",))
-    plans = [StagePlan(s, model_config="tiny", steps=2, batch_size=2, eval_every=2, eval_utterances=2) for s in ("s1", "s2")]
+    plans = [StagePlan(s, model_config="tiny", steps=2, batch_size=2, eval_every=2, eval_utterances=2)
+             for s in ("s1", "s2")]
     provenance = pretrain(tmp_path / "out", CorpusConfig(utterances=3, valid=1, workers=1), plans, device="cpu")
     assert provenance["code"]["git_commit"] and provenance["corpus"]["voices"] == 3
     assert provenance["corpus"]["totals"]["train"]["utterances"] == 6 and provenance["features"]["tokenizer"]

@@ -164,7 +164,8 @@ _S2 = {
         mrte_hidden=128, mrte_heads=2, gin_channels=128, style_hidden=64,
         posterior_layers=8, flow_count=4, flow_layers=4,
         resblock_kernel_sizes=(3, 7, 11), upsample_initial_channel=192,
-        disc_periods=(2, 3, 5, 7, 11), disc_channels=(16, 32, 64, 128, 128), disc_s_channels=(16, 32, 64, 128, 128, 128),
+        disc_periods=(2, 3, 5, 7, 11), disc_channels=(16, 32, 64, 128, 128),
+        disc_s_channels=(16, 32, 64, 128, 128, 128),
         segment_frames=16,
     ),
 }

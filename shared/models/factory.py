@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from fedvox.shared.errors import CheckpointError, ConfigError
 from fedvox.shared.models.config import s1_config, s2_config
 from fedvox.shared.models.s1 import Text2SemanticDecoder
@@ -33,7 +35,6 @@ from fedvox.shared.models.s2.checkpoint import (
     save_model,
 )
 from fedvox.shared.models.subsets import SubsetSpec, apply_subset, merged_state_dict
-from torch import nn
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from scipy.signal import resample_poly
+
 from fedvox.shared.atomic import atomic_path, atomic_write_text
 from fedvox.shared.cli import progress
 from fedvox.shared.errors import ConfigError, DataError
@@ -44,7 +46,6 @@ from fedvox.simulations.speakers import (
     sentence_stream,
     utterance_text,
 )
-from scipy.signal import resample_poly
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,9 @@ def generate_corpus(out: str | Path, config: CorpusConfig) -> dict:
             bar.advance(task)
     seconds = {line.wav: sf.info(str(out / line.wav)).duration for line in lines}
     for split in ("train", "valid"):
-        atomic_write_text(out / f"{split}.list", "".join(
-            f"{line.wav}|{line.voice.name}|{line.voice.language}|{line.text}\n" for line in lines if line.split == split))
+        rows = [f"{line.wav}|{line.voice.name}|{line.voice.language}|{line.text}\n" for line in lines
+                if line.split == split]
+        atomic_write_text(out / f"{split}.list", "".join(rows))
     manifest = {
         "generator": GENERATOR, "complete": True, "config": _config_entry(config),
         "engines": {"espeak-ng": _version(["espeak-ng", "--version"]), "flite": _version(["flite", "--version"])},

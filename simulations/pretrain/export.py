@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import torch
+
 from fedvox.shared.atomic import atomic_write_text
 from fedvox.shared.errors import CheckpointError, ConfigError
 from fedvox.shared.models.factory import SoVITSPair, build_model
@@ -49,11 +50,12 @@ def export_base(out: Path, target: Path, stages: tuple[str, ...] = ("s1", "s2"),
         if size > MAX_STAGE_BYTES:
             for p in paths:
                 p.unlink()
-            raise CheckpointError(f"the {stage} base takes {size / 2**20:.1f} MiB, over the "
-                                  f"{MAX_STAGE_BYTES / 2**20:.0f} MiB a shipped stage may take; choose a smaller config")
+            limit = MAX_STAGE_BYTES / 2**20
+            raise CheckpointError(f"the {stage} base takes {size / 2**20:.1f} MiB, over the {limit:.0f} MiB a shipped "
+                                  "stage may take; choose a smaller config")
         for path in paths:
-            weights[path.name] = {"stage": stage, "step": step, "sha256": file_digest(path, 64), "bytes": path.stat().st_size,
-                                  "dtype": "float16"}
+            weights[path.name] = {"stage": stage, "step": step, "sha256": file_digest(path, 64),
+                                  "bytes": path.stat().st_size, "dtype": "float16"}
         log.info("%s: exported step %d (%.1f MiB)", stage, step, size / 2**20)
     shipped = {**provenance, "exported": utc_now(), "exported_from": which, "weights": weights}
     previous = target / PROVENANCE

@@ -25,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
 from fedvox.client.data.prepare import prepare
 from fedvox.shared.atomic import atomic_write_text
 from fedvox.shared.errors import DataError

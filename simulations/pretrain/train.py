@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+
 from fedvox.client.data.datasets import S1Dataset, S2Dataset
 from fedvox.client.trainer.tasks import S1Task, S2Task, Task, mean_metrics
 from fedvox.shared.atomic import atomic_path
@@ -32,7 +34,6 @@ from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.s2.gan import real_slices
 from fedvox.shared.models.s2.losses import kl_loss, mel_loss
 from fedvox.shared.models.subsets import SubsetSpec
-from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def _step(task: Task, optimizers: dict[str, torch.optim.Optimizer], plan: StageP
     else:
         sums = task.accumulate(task.parts(), indices, step_seed)
         active = optimizers
-    for name, optimizer in active.items():
+    for optimizer in active.values():
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         for p in params:
             p.grad.div_(len(indices))  # the accumulate* methods back-propagate sums
