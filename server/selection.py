@@ -6,6 +6,12 @@ data, and its reported cumulative epsilon after one more round stays within its 
 (and, with speaker-level DP, within the speaker budget). Nodes the server has never heard from
 are queried first; a silent node is never selected, so it is never charged.
 
+A node that was selected but gave no usable update (an error reply such as a straggler past the
+deadline, no reply, a malformed or rejected update) has *missed* the round; after ``max-misses``
+misses in a row it is *benched*: no longer eligible for the rest of the run, so it is no longer
+charged privacy budget for updates nobody uses. Misses are counted by client id (node ids change
+when a device reconnects); a usable update resets the count; a refusal is neither.
+
 Sampling:
 
 - speaker-level DP: Poisson sampling, each eligible client independently with probability
@@ -30,24 +36,41 @@ class ClientBook:
     """The last status every node reported, keyed by Flower node id."""
 
     statuses: dict[int, ClientStatus] = field(default_factory=dict)
+    misses: dict[str, int] = field(default_factory=dict)
+    """Rounds in a row each client (by id) was selected and gave no usable update."""
 
     def update(self, node_id: int, status: ClientStatus) -> None:
         self.statuses[node_id] = status
+
+    def record_round(self, selected: Iterable[str], used: Iterable[str], refused: Iterable[str]) -> None:
+        """After a round: selected clients whose update was ``used`` reset their misses, the others
+        (except those that ``refused``) miss once more."""
+        used, refused = set(used), set(refused)
+        for client in selected:
+            if client in used:
+                self.misses.pop(client, None)
+            elif client not in refused:
+                self.misses[client] = self.misses.get(client, 0) + 1
+
+    def benched(self, node_id: int, max_misses: int) -> bool:
+        """Whether the node's client has missed ``max_misses`` rounds in a row (never with 0)."""
+        return max_misses > 0 and self.misses.get(self.client_id(node_id), 0) >= max_misses
 
     def unknown(self, node_ids: Iterable[int]) -> list[int]:
         """Connected nodes that have not reported a status yet."""
         return [node for node in node_ids if node not in self.statuses]
 
     def eligible(
-        self, node_ids: Iterable[int], speaker_ok: Callable[[str], bool] = lambda _: True
+        self, node_ids: Iterable[int], speaker_ok: Callable[[str], bool] = lambda _: True, max_misses: int = 0
     ) -> list[int]:
-        """Connected nodes whose last status says one more round fits every budget."""
+        """Connected, not benched nodes whose last status says one more round fits every budget."""
         return [
             node
             for node in node_ids
             if node in self.statuses
             and self.statuses[node].can_afford_round()
             and speaker_ok(self.statuses[node].client_id)
+            and not self.benched(node, max_misses)
         ]
 
     def client_id(self, node_id: int) -> str:

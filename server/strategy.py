@@ -212,10 +212,12 @@ class FedvoxStrategy(FedAvg):
         if self.speaker is not None:
             rate = self.speaker.sample_rate = poisson_rate(self.config.clients_per_round, self.population)
 
-        eligible = self.book.eligible(nodes, self.speaker.can_afford_round if self.speaker else _always)
+        eligible = self.book.eligible(nodes, self.speaker.can_afford_round if self.speaker else _always,
+                                      self.config.max_misses)
         eligible.sort(key=self.book.client_id)  # node ids change across restarts, client ids do not
         for node in set(nodes) - set(eligible):
-            record.ineligible[_ineligibility(self.book.statuses.get(node))] += 1
+            benched = self.book.benched(node, self.config.max_misses)
+            record.ineligible["missed" if benched else _ineligibility(self.book.statuses.get(node))] += 1
         if len(eligible) < self.config.min_clients:
             why = ", ".join(f"{reason}: {count}" for reason, count in sorted(record.ineligible.items()))
             raise FederationError(
@@ -250,7 +252,10 @@ class FedvoxStrategy(FedAvg):
         replies = list(replies)
         if missing := len(record.selection.node_ids) - len(replies):
             record.rejects["no-reply"] += missing
+        selected = [self.book.client_id(n) for n in record.selection.node_ids]  # before errors forget them
         accepted = [a for a in (self._screen_train(r, record) for r in replies) if a is not None]
+        refused = [s.client_id for r in replies if (s := self.book.statuses.get(r.metadata.src_node_id)) and not s.ok]
+        self.book.record_round(selected, [a.status.client_id for a in accepted], refused)
         taken = {id(a.reply) for a in accepted}
         record.clients = [_client_entry(self._node(r), self.book, id(r) in taken) for r in replies]
         record.participants = sorted(a.status.client_id for a in accepted)

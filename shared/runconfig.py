@@ -71,6 +71,7 @@ class RunConfig:
     pretrained: str = ""  # GPT-SoVITS checkpoint of the frozen base (s1 .ckpt, s2G .pth); "": seeded init
     data_root: str = ""
     round_timeout: float = 3600.0
+    max_misses: int = 3  # a client selected this many rounds in a row without a usable update is benched; 0: never
     evaluate: bool = True
     dp: UtteranceDP = field(default_factory=UtteranceDP)
     speaker_dp: SpeakerDP = field(default_factory=SpeakerDP)
@@ -145,6 +146,8 @@ class RunConfig:
         _positive("max-update-norm", self.max_update_norm)
         _positive("client-budget-epsilon", self.client_budget_epsilon)
         _positive("round-timeout", self.round_timeout)
+        if self.max_misses < 0:
+            raise ConfigError(f"max-misses must be >= 0 (0: never bench a client), got {self.max_misses}")
         _positive("dp.clip-norm", self.dp.clip_norm)
         _probability("dp.delta", self.dp.delta)
         if self.clients_per_round < 0:

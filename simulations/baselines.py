@@ -23,22 +23,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import ConcatDataset
-
 from fedvox.client.device import probe
 from fedvox.client.profiles import ProfileOverrides, select_profile
-from fedvox.client.trainer.local import LocalTrainingSpec, build_task, datasets, train_local
+from fedvox.client.trainer.local import (
+    LocalTrainingSpec,
+    build_task,
+    datasets,
+    train_local,
+)
 from fedvox.client.trainer.session import PrivacyPlan
-from fedvox.shared.atomic import atomic_write_text
+from fedvox.shared.atomic import atomic_path, atomic_write_text
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import trainable_state_dict
 from fedvox.shared.privacy.ledger import Ledger
 from fedvox.shared.runconfig import RunConfig
 from fedvox.simulations.evaluation import Evaluator, subset_spec
 from fedvox.simulations.features import heldout_by_speaker
+from torch.utils.data import ConcatDataset
 
 log = logging.getLogger(__name__)
 
+CENTRAL_STATE = "state.pt"
+"""The centralised model's final trainable state, in its output folder (scored for speech quality)."""
 VALIDATION_FRACTION = 0.1
 """The share of a client's utterances it keeps out of training (``client.app`` uses the same)."""
 
@@ -151,6 +157,8 @@ def central_baseline(job: CentralJob) -> dict[str, Any]:
         train_loss.append(sums.get("loss_sum", 0.0) / max(len(indices), 1))
         if step % config.local_steps == 0:
             losses[step // config.local_steps] = evaluator.losses(trainable_state_dict(model))
+    with atomic_path(job.out / CENTRAL_STATE) as tmp:
+        torch.save(trainable_state_dict(model), tmp)
     result = {"losses": losses, "train_loss": train_loss, "examples_per_step": job.examples_per_step,
               "steps": job.rounds * config.local_steps, "examples": len(union),
               "seconds": time.perf_counter() - started}
@@ -158,4 +166,4 @@ def central_baseline(job: CentralJob) -> dict[str, Any]:
     return result
 
 
-__all__ = ["CentralJob", "LocalJob", "central_baseline", "local_baseline", "privacy_plan"]
+__all__ = ["CENTRAL_STATE", "CentralJob", "LocalJob", "central_baseline", "local_baseline", "privacy_plan"]

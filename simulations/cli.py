@@ -10,7 +10,6 @@ from pathlib import Path
 
 import click
 import typer
-
 from fedvox.shared.cli import VERSION_OPTION, run_cli, setup_logging
 
 app = typer.Typer(
@@ -83,11 +82,16 @@ def run(
         None, "--clients-per-round", help="At most this many clients train a round; 0: all (default: 10)."),
     utterances: int | None = typer.Option(None, "--utterances", help="Training utterances per speaker (default: 20)."),
     lang: str | None = typer.Option(None, "--lang", help="en, zh or mix (default: mix)."),
+    zipf: float | None = typer.Option(
+        None, "--zipf", help="Zipf exponent of the clients' utterance counts (0 = equal; default: 0)."),
     seed: int | None = typer.Option(None, "--seed", help="Speakers, fleet, dropouts and sampling (default: 0)."),
     local_baselines: int | None = typer.Option(
         None, "--local-baselines", help="Clients that also train alone, as a baseline (default: 8)."),
     central_baseline: bool | None = typer.Option(
         None, "--central-baseline/--no-central-baseline", help="Also train a non-private central model (default: on)."),
+    quality_sentences: int | None = typer.Option(
+        None, "--quality-sentences", help="Held-out sentences per speaker every model speaks for the speech-quality "
+                                          "comparison; 0: none (default: 2)."),
     scenario: Path | None = typer.Option(
         None, "--scenario", help="Scenario TOML: the speakers and one or more runs (simulations/scenarios/)."),
     run_config: list[str] = typer.Option(
@@ -106,10 +110,11 @@ def run(
     config = _parse_run_config(run_config)
     plan = build_scenario(
         scenario,
-        speakers={"n_speakers": speakers, "utterances": utterances, "language": lang, "seed": seed},
+        speakers={"n_speakers": speakers, "utterances": utterances, "language": lang, "seed": seed, "zipf": zipf},
         run={"rounds": rounds, "stage": stage, "fleet": fleet, "epsilon": epsilon, "speaker_dp": speaker_dp,
              "clients_per_round": clients_per_round, "seed": seed, "local_baselines": local_baselines,
-             "central_baseline": central_baseline, "config": config or None},
+             "central_baseline": central_baseline, "quality_sentences": quality_sentences,
+             "config": config or None},
     )
     if speakers_dir is not None and speakers is None and scenario is None:
         from fedvox.simulations.features import client_speakers, read_manifest
@@ -176,9 +181,8 @@ def report(out: Path = typer.Argument(..., help="A `fedvox-sim run` output folde
 
 
 def _parse_run_config(values: list[str]) -> dict:
-    from flwr.common.config import parse_config_args
-
     from fedvox.shared.errors import ConfigError
+    from flwr.common.config import parse_config_args
 
     try:
         return parse_config_args(values) if values else {}

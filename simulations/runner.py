@@ -48,7 +48,7 @@ from fedvox.shared.errors import ConfigError, FederationError
 from fedvox.shared.models.config import s1_config
 from fedvox.shared.privacy.accounting import calibrate_noise_multiplier
 from fedvox.shared.runconfig import RunConfig
-from fedvox.simulations.baselines import VALIDATION_FRACTION, CentralJob, LocalJob, central_baseline, local_baseline
+from fedvox.simulations.baselines import CENTRAL_STATE, VALIDATION_FRACTION, CentralJob, LocalJob, central_baseline, local_baseline
 from fedvox.simulations.evaluation import Evaluator
 from fedvox.simulations.features import SpeakerData, clone_cache, heldout_by_speaker, prepare_speakers, read_manifest
 from fedvox.simulations.fleets import VirtualClient, load_fleet, plan_clients
@@ -246,6 +246,10 @@ def run_one(spec: RunSpec, data: SpeakerData, folder: Path, host: Host) -> None:
         evaluation = {"global": _timed(timings, "evaluation", lambda: score_rounds(config, folder, heldout))}
         evaluation |= _timed(timings, "baselines", lambda: baselines(spec, config, data, clients, folder, host))
         atomic_write_text(folder / "evaluation.json", json.dumps(evaluation, indent=1) + "\n")
+        if spec.quality_sentences > 0 and completed > 0:
+            quality = _timed(timings, "speech-quality",
+                             lambda: speech_quality(spec, config, data, folder, completed, evaluation))
+            atomic_write_text(folder / "quality.json", json.dumps(quality, indent=1) + "\n")
         if spec.sample and completed > 0:
             _timed(timings, "sample", lambda: sample(config, folder, data, completed))
     atomic_write_text(folder / "run.json", json.dumps({
@@ -380,6 +384,38 @@ def baselines(spec: RunSpec, config: RunConfig, data: SpeakerData, clients: list
                 results["local"].append(result)
             bar.advance(task)
     return results
+
+
+def speech_quality(spec: RunSpec, config: RunConfig, data: SpeakerData, folder: Path, final_round: int,
+                   evaluation: dict[str, Any]) -> dict[str, Any]:
+    """Synthesise the held-out sentences of every speaker with each model and score them.
+
+    Compared on the same items: the base (round 0), the federated model of ``final_round``,
+    each local-only baseline on its own speaker, and the centralised baseline; the recordings
+    are the ceiling. Clients and unseen speakers alike (the item says which).
+    """
+    from fedvox.server.checkpoints import CheckpointStore
+    from fedvox.simulations.quality.compare import Contender, evaluate_speech
+    from fedvox.simulations.quality.scoring import test_items
+
+    manifest = read_manifest(data.speakers_root)
+    folders = {s["name"]: data.speakers_root / s["folder"] for s in manifest["speakers"]}
+    unseen = [s["name"] for s in manifest["speakers"] if s["role"] != "client"]
+    items = [item for name in [*data.clients, *unseen]
+             for item in test_items(name, folders[name], spec.quality_sentences)]
+    store = CheckpointStore(folder / "server" / "checkpoints", config.keep_checkpoints)
+    contenders = [Contender("base", store.load(0).state), Contender("federated", store.load(final_round).state)]
+    for entry in evaluation.get("local") or []:
+        step = spec.rounds * config.local_steps
+        path = folder / "baselines" / "local" / f"client-{entry['partition']}" / "train" / "checkpoints" / \
+            f"step-{step:08d}.pt"
+        state = torch.load(path, map_location="cpu", weights_only=True)["state"]
+        contenders.append(Contender("local only", state, frozenset([entry["speaker"]])))
+    central = folder / "baselines" / "central" / CENTRAL_STATE
+    if evaluation.get("central") and central.is_file():
+        contenders.append(Contender("central", torch.load(central, map_location="cpu", weights_only=True)))
+    return {"run-seed": spec.seed, "clients": list(data.clients), "unseen": unseen,
+            **evaluate_speech(config, items, contenders, seed=spec.seed)}
 
 
 def sample(config: RunConfig, folder: Path, data: SpeakerData, final_round: int) -> None:

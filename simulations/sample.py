@@ -10,13 +10,13 @@ sample shows that the pipeline works end to end, not what a trained voice sounds
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from fedvox.shared.atomic import atomic_path
 from fedvox.client.synthesize import Voice, read_reference, synthesize, write_wave
+from fedvox.shared.atomic import atomic_path
 from fedvox.shared.audio import SAMPLE_RATE, mel_spectrogram
 from fedvox.shared.models.factory import SoVITSPair, build_model
 from fedvox.shared.models.subsets import load_trainable_state_dict
@@ -40,16 +40,26 @@ class Sample:
     fresh_stage: str  # the stage that was not trained (a fresh model of the same seed)
 
 
-def synthesise_sample(config: RunConfig, state: dict[str, torch.Tensor], reference: Path, reference_text: str,
-                      text: str, language: str, out: Path, seed: int = 0) -> Sample:
-    """Say ``text`` in ``reference``'s voice with the trained stage ``state`` and a fresh partner stage."""
+def partner_stage(config: RunConfig) -> str:
+    """The stage a run does not train (a fresh model of the run's seed when speaking)."""
+    return "s2" if config.stage == "s1" else "s1"
+
+
+def build_voice(config: RunConfig, state: Mapping[str, torch.Tensor]) -> Voice:
+    """Both stages: the run's trained stage with trainable subset ``state``, its partner fresh."""
     trained = build_model(config.stage, config.model_config, subset_spec(config), seed=config.model_seed)
     load_trainable_state_dict(trained, state)
-    other = "s2" if config.stage == "s1" else "s1"
+    other = partner_stage(config)
     fresh = build_model(other, config.model_config, subset_spec(config), seed=config.model_seed)
     models = {config.stage: trained, other: fresh}
     s2 = models["s2"].generator if isinstance(models["s2"], SoVITSPair) else models["s2"]
-    voice = Voice(models["s1"].eval(), s2.eval())
+    return Voice(models["s1"].eval(), s2.eval())
+
+
+def synthesise_sample(config: RunConfig, state: dict[str, torch.Tensor], reference: Path, reference_text: str,
+                      text: str, language: str, out: Path, seed: int = 0) -> Sample:
+    """Say ``text`` in ``reference``'s voice with the trained stage ``state`` and a fresh partner stage."""
+    voice, other = build_voice(config, state), partner_stage(config)
     wave = synthesize(voice, text, language, read_reference(reference), tokenizer_spec().build(),
                       reference_text=reference_text, reference_language=language, seed=seed,
                       max_seconds=MAX_SECONDS)
@@ -78,4 +88,4 @@ def plot_spectrogram(wave: torch.Tensor, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["MAX_SECONDS", "Sample", "plot_spectrogram", "synthesise_sample"]
+__all__ = ["MAX_SECONDS", "Sample", "build_voice", "partner_stage", "plot_spectrogram", "synthesise_sample"]

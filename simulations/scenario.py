@@ -57,6 +57,7 @@ class RunSpec:
     local_baselines: int = 8  # clients that also train alone (0: no local-only baseline)
     central_baseline: bool = True  # a non-private model trained on everyone's data
     sample: bool = True  # synthesise a sample from the final global model
+    quality_sentences: int = 2  # held-out sentences per speaker each model speaks and is scored on (0: none)
     config: Mapping[str, Any] = field(default_factory=dict)  # extra run-config keys (flat, Flower style)
 
     def validate(self) -> None:
@@ -77,7 +78,7 @@ class RunSpec:
             raise ConfigError(f"--stage must be s1 or s2, got {self.stage!r}")
         if self.epsilon < 0:
             raise ConfigError(f"--epsilon must be > 0 (or 0 to use dp.noise-multiplier), got {self.epsilon}")
-        for name in ("clients_per_round", "local_baselines", "seed"):
+        for name in ("clients_per_round", "local_baselines", "seed", "quality_sentences"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
 

@@ -139,6 +139,8 @@ def make_client_app(
                 return refuse(msg, status(plan, client_id, ledger, budget, outcome=REFUSED, reason="budget",
                                           detail=str(exc)))
             after = status(plan, client_id, ledger, budget)
+            if behaviour == "late":  # trained and charged, but the update came after the deadline
+                raise RuntimeError("this client's update always arrives too late")
             arrays = misbehave(to_record(state, plan.config.wire_precision), behaviour)
             metrics = MetricRecord({
                 "num-examples": TRAIN_EXAMPLES,

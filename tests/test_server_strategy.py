@@ -257,3 +257,23 @@ def test_speaker_dp_mean_clips_each_received_update_before_noising():
     for name in sent:
         torch.testing.assert_close(got.state[name].double(), global_state[name].double() + expected[name] / 4.0,
                                    rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_misses", [2, 0])
+def test_a_client_whose_updates_always_come_late_is_benched_after_max_misses(tmp_path, max_misses):
+    config = _config(tmp_path, **{"num-server-rounds": 4, "client-budget-epsilon": 50.0, "max-misses": max_misses})
+    grid = LocalGrid(make_client_app(tmp_path / "clients", {2: "late"}), num_nodes=3)
+    _run(config, grid)
+
+    late = grid.node_ids[2]
+    trained_rounds = [m.content.config_records["config"]["server-round"] for m in grid.sent
+                      if m.metadata.message_type == "train" and m.metadata.dst_node_id == late]
+    with Ledger(tmp_path / "clients" / "client-2") as ledger:
+        charged = [r.round for r in ledger.rows(unit="utterance")]
+    rows = _metrics(config)
+    if max_misses:
+        assert trained_rounds == [1, 2] and charged == [1, 2]  # no budget spent after it was benched
+        assert [row["ineligible"] for row in rows] == [{}, {}, {"missed": 1}, {"missed": 1}]
+    else:
+        assert trained_rounds == [1, 2, 3, 4] and charged == [1, 2, 3, 4]
+    assert all(row["participants"] == 2 for row in rows)

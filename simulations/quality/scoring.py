@@ -20,7 +20,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-
 from fedvox.simulations.quality import activity, distortion, intelligibility, speaker
 
 METRICS = ("similarity", "wer", "mcd", "speech")

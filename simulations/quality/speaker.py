@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
 from fedvox.shared.errors import ConfigError
+from torch import nn
 
 SAMPLE_RATE = 16_000
 N_MELS = 40
