@@ -9,12 +9,15 @@ cross-entropy per semantic token, s2 mel-reconstruction + KL per utterance.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
 from fedvox.client.trainer.tasks import S1Task, S2Task, Task, mean_metrics
+from fedvox.shared.models.config import s1_config
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import SubsetSpec, load_trainable_state_dict
 from fedvox.shared.runconfig import RunConfig
@@ -62,10 +65,41 @@ class Evaluator:
         return out
 
 
+def reference_losses(config: RunConfig, training: Iterable[Dataset], heldout: Heldout) -> dict[str, Any]:
+    """Loss levels a model must beat, on the same held-out utterances (s1 only; {} for s2).
+
+    *uniform*: every semantic code and EOS equally likely, ``ln(vocabulary)``. *unigram*: each
+    token at its frequency in the clients' training utterances (add-one smoothed, EOS once per
+    utterance), per held-out token including EOS as the s1 loss counts it; the mean over
+    speakers, as :meth:`Evaluator.losses`.
+    """
+    if config.stage != "s1":
+        return {}
+    vocabulary = s1_config(config.model_config).semantic_vocab
+    eos = vocabulary - 1
+    counts = torch.ones(vocabulary, dtype=torch.float64)
+    for dataset in training:
+        for k in range(len(dataset)):
+            counts += torch.bincount(dataset[k].semantic_ids, minlength=vocabulary)[:vocabulary].double()
+            counts[eos] += 1
+    log_p = (counts / counts.sum()).log()
+    unigram: dict[str, dict[str, float]] = {}
+    for group, sets in heldout.items():
+        unigram[group] = {}
+        for speaker, dataset in sets.items():
+            nll, tokens = 0.0, 0
+            for k in range(len(dataset)):
+                ids = dataset[k].semantic_ids
+                nll -= float(log_p[ids].sum() + log_p[eos])
+                tokens += ids.numel() + 1
+            unigram[group][speaker] = nll / max(tokens, 1)
+    return {"uniform": math.log(vocabulary), "unigram": {g: mean_loss(v) for g, v in unigram.items() if v}}
+
+
 def mean_loss(losses: Mapping[str, float], speakers: list[str] | None = None) -> float | None:
     """Mean over speakers (each counts once), optionally only ``speakers``; None if none."""
     values = [v for s, v in losses.items() if speakers is None or s in speakers]
     return sum(values) / len(values) if values else None
 
 
-__all__ = ["EVAL_BATCH", "Evaluator", "headline_loss", "mean_loss", "subset_spec"]
+__all__ = ["EVAL_BATCH", "Evaluator", "headline_loss", "mean_loss", "reference_losses", "subset_spec"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -20,6 +21,11 @@ from fedvox.shared.atomic import atomic_path  # noqa: E402
 Series = Mapping[int, float]
 """A value per round."""
 
+SERIES_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+                  "tab:olive", "tab:cyan", "tab:gray", "navy", "gold")
+"""Distinct colours, one per series (a model, a client)."""
+REFERENCE_COLOURS = ("dimgray", "darkgoldenrod", "darkviolet")
+LINE_STYLES = ("-", "--", ":", "-.")
 OUTCOME_COLOURS = {"ok": "tab:green", "straggler": "tab:orange", "dropout": "tab:red", "refused": "tab:purple",
                    "error": "tab:gray"}
 
@@ -39,16 +45,22 @@ def _line(ax, series: Series, label: str | None, **style) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def loss_curves(path: Path, curves: Mapping[str, Mapping[str, Series]], ylabel: str) -> Path:
-    """One panel per group (``seen``, ``unseen``); one line per model (global, local-only, ...)."""
+def loss_curves(path: Path, curves: Mapping[str, Mapping[str, Series]], ylabel: str,
+                references: Mapping[str, Mapping[str, float | None]] | None = None) -> Path:
+    """One panel per group (``seen``, ``unseen``); one line per model (global, local-only, ...);
+    ``references`` (name -> group -> loss, e.g. a uniform guess) are horizontal lines."""
     groups = [g for g in ("seen", "unseen") if any(curves.get(g, {}).values())]
     fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(5.5 * max(len(groups), 1), 3.8), squeeze=False)
     styles = {"global (federated)": {"color": "tab:blue", "linewidth": 2},
               "local only (same privacy)": {"color": "tab:orange", "linestyle": "--"},
               "centralised, non-private": {"color": "tab:green", "linestyle": ":"}}
     for ax, group in zip(axes[0], groups, strict=False):
-        for label, series in curves[group].items():
-            _line(ax, series, label, **styles.get(label, {}))
+        for k, (label, series) in enumerate(curves[group].items()):
+            _line(ax, series, label, **styles.get(label, {"color": SERIES_COLOURS[k % len(SERIES_COLOURS)]}))
+        for k, (name, levels) in enumerate((references or {}).items()):
+            if levels.get(group) is not None:
+                ax.axhline(levels[group], color=REFERENCE_COLOURS[k % len(REFERENCE_COLOURS)], linestyle="-.",
+                           linewidth=1, label=f"reference: {name}")
         ax.set(title=f"{group} speakers (held-out utterances)", xlabel="round", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -56,26 +68,65 @@ def loss_curves(path: Path, curves: Mapping[str, Mapping[str, Series]], ylabel: 
 
 
 def epsilon_curves(path: Path, utterance: Mapping[str, Series], speaker: Mapping[str, Series],
-                   groups: Mapping[str, str]) -> Path:
-    """Cumulative epsilon per client over rounds, utterance level (and speaker level if any);
-    ``groups`` maps a client to its device class (one colour each)."""
-    colour = {g: f"C{k}" for k, g in enumerate(sorted(set(groups.values())))}
+                   groups: Mapping[str, str], target: float | None = None, budget: float | None = None) -> Path:
+    """Cumulative epsilon per client over rounds, utterance level (and speaker level if any): one
+    colour per client, one line style per device class (``groups``); the run's target epsilon and
+    the clients' budget as horizontal lines on the utterance-level panel."""
+    styles = {g: LINE_STYLES[k % len(LINE_STYLES)] for k, g in enumerate(sorted(set(groups.values())))}
+    colour = {c: SERIES_COLOURS[k % len(SERIES_COLOURS)] for k, c in enumerate(sorted(groups))}
     panels = [("utterance level (per client, DP-SGD)", utterance)]
     if speaker:
         panels.append(("speaker level (server, DP-FedAvg)", speaker))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
-    for ax, (title, series) in zip(axes[0], panels, strict=True):
-        seen_labels = set()
-        for client, values in series.items():
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
+    for k, (ax, (title, series)) in enumerate(zip(axes[0], panels, strict=True)):
+        for client, values in sorted(series.items()):
             group = groups.get(client, "")
-            label = group if group not in seen_labels else None
-            seen_labels.add(group)
-            _line(ax, values, label, color=colour.get(group, "tab:gray"), alpha=0.8)
+            _line(ax, values, f"{client} ({group})" if group else client, color=colour.get(client, "tab:gray"),
+                  linestyle=styles.get(group, "-"), alpha=0.9)
+        if k == 0 and target:
+            ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target:g}")
+        if k == 0 and budget:
+            ax.axhline(budget, color="tab:red", linestyle=":", linewidth=1.5, label=f"budget {budget:g}")
         ax.set(title=title, xlabel="round", ylabel="cumulative epsilon")
         ax.grid(alpha=0.3)
-        if seen_labels - {""}:
-            ax.legend(fontsize=7, title="device class", title_fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return _save(fig, path)
+
+
+def speech_quality(path: Path, series: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                   metric_names: Mapping[str, str], labels: Mapping[str, str]) -> Path:
+    """One panel per metric: each model's mean with its confidence interval as an error bar, one
+    group of bars per speaker set; the recordings (the ceiling) and the base (the floor) are also
+    drawn as reference lines."""
+    metrics = list(metric_names)
+    models = list(dict.fromkeys(m for levels in series.values() for m in levels))
+    groups = list(series)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4.4), squeeze=False)
+    width = 0.8 / max(len(models), 1)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for k, model in enumerate(models):
+            xs, ys, low, high = [], [], [], []
+            for g, group in enumerate(groups):
+                estimate = series[group].get(model, {}).get(metric)
+                if estimate is not None:
+                    xs.append(g - 0.4 + width * (k + 0.5))
+                    ys.append(estimate.mean)
+                    low.append(estimate.mean - estimate.low)
+                    high.append(estimate.high - estimate.mean)
+            if xs:
+                ax.bar(xs, ys, width, yerr=[low, high], capsize=3, color=SERIES_COLOURS[k % len(SERIES_COLOURS)],
+                       label=labels.get(model, model))
+        ax.set_xticks(range(len(groups)), [g.replace(" that ", "\nthat ") for g in groups], fontsize=7)
+        ax.set_title(metric_names[metric], fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 5), fontsize=8)
+    fig.suptitle("speech quality (mean over speakers, 95 % bootstrap interval)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
 
 
 def system(path: Path, step_times: Mapping[str, Sequence[float]], round_times: Mapping[int, tuple[float, float]],
@@ -137,4 +188,4 @@ def privacy_utility(path: Path, points: Mapping[str, Sequence[tuple[float, float
     return _save(fig, path)
 
 
-__all__ = ["epsilon_curves", "loss_curves", "privacy_utility", "system"]
+__all__ = ["epsilon_curves", "loss_curves", "privacy_utility", "speech_quality", "system"]

@@ -28,6 +28,7 @@ from fedvox.shared.runconfig import RunConfig
 from fedvox.simulations import plots
 from fedvox.simulations.evaluation import mean_loss
 from fedvox.simulations.fleet_app import read_events
+from fedvox.simulations.quality import summary as quality_summary
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class RunData:
     utterance_epsilon: dict[int, dict[int, float]]  # partition -> round -> cumulative epsilon
     speaker_epsilon: dict[int, dict[int, float]]
     sample: dict[str, Any] | None
+    quality: dict[str, Any] | None  # per-item speech-quality scores (quality.json), if measured
+    host_load: dict[str, float]  # load average of this host during the run (measured)
 
 
 def load_run(folder: Path) -> RunData:
@@ -79,6 +82,8 @@ def load_run(folder: Path) -> RunData:
                                     "utterance", partitions),
         speaker_epsilon=_epsilons([folder / "server"], "speaker", partitions),
         sample=_json(sample_path) if sample_path.is_file() else None,
+        quality=_json(folder / "quality.json") if (folder / "quality.json").is_file() else None,
+        host_load=run.get("host-load", {}),
     )
 
 
@@ -212,12 +217,14 @@ def run_section(run: RunData, out: Path) -> tuple[str, dict[str, Any]]:
     plot_dir = out / "plots"
     classes = {c["partition"]: c["class"] for c in run.clients}
     curves = loss_series(run)
-    loss_png = plots.loss_curves(plot_dir / f"{run.name}-loss.png", curves, LOSS_NAMES[config.stage])
+    references = reference_levels(run)
+    loss_png = plots.loss_curves(plot_dir / f"{run.name}-loss.png", curves, LOSS_NAMES[config.stage], references)
     eps_png = plots.epsilon_curves(
         plot_dir / f"{run.name}-epsilon.png",
         {f"client-{p}": carried(v, run.completed) for p, v in run.utterance_epsilon.items()},
         {f"client-{p}": carried(v, run.completed) for p, v in run.speaker_epsilon.items()},
         {f"client-{p}": c for p, c in classes.items()},
+        target=run.calibration.get("target-epsilon"), budget=config.client_budget_epsilon,
     )
     sim_times = simulated_round_times(run.events, config.round_timeout)
     real_times = {m["round"]: m["round-time-s"] for m in run.metrics}
@@ -240,18 +247,23 @@ def run_section(run: RunData, out: Path) -> tuple[str, dict[str, Any]]:
         "epsilon-speaker-max": max((max(v.values()) for v in run.speaker_epsilon.values()), default=None),
         "simulated-time-s": sum(sim_times.values()), "federation-real-s": run.timings.get("federation"),
         "timings-s": run.timings, "peak-rss-bytes": run.peak_rss, "target-epsilon": run.calibration.get("target-epsilon"),
+        "speech-quality": _quality_summary(run), "clients": client_accounts(run), "host-load": run.host_load,
         "baselines": {model: {g: curves[g].get(model, {}).get(final) for g in curves}
                       for model in ("local only (same privacy)", "centralised, non-private",
                                     "global, on the local-baseline speakers")},
     }
 
     parts = [f"## Run `{run.name}`", "", _overview(run), ""]
+    if run.quality:
+        parts += ["### Verdict", "", _verdict(run), ""]
     if run.completed < config.num_server_rounds:
         parts += [f"**The federation stopped after round {run.completed} of {config.num_server_rounds}** "
                   "(see the log: usually every client's privacy budget was spent, or too few clients were "
                   "eligible).", ""]
     parts += ["### Utility", "", f"![validation loss]({loss_png.relative_to(out)})", "",
-              _utility_table(curves, final), "", _utility_notes(run), ""]
+              _utility_table(curves, final, references), "", _utility_notes(run), ""]
+    if run.quality:
+        parts += ["### Speech quality", "", _quality_section(run, out), ""]
     parts += ["### Privacy", "", f"![epsilon]({eps_png.relative_to(out)})", "", _privacy_text(run), "",
               _privacy_table(run, classes), ""]
     parts += ["### Fleet and system", ""]
@@ -284,11 +296,24 @@ def _overview(run: RunData) -> str:
     )
 
 
-def _utility_table(curves, final: int) -> str:
+def reference_levels(run: RunData) -> dict[str, dict[str, float | None]]:
+    """Loss levels a model must beat: ``{name: {group: loss}}`` (s1: uniform and unigram)."""
+    references = run.evaluation.get("references") or {}
+    out: dict[str, dict[str, float | None]] = {}
+    if "uniform" in references:
+        out["uniform guess"] = {"seen": references["uniform"], "unseen": references["uniform"]}
+    if references.get("unigram"):
+        out["unigram (training code frequencies)"] = dict(references["unigram"])
+    return out
+
+
+def _utility_table(curves, final: int, references: Mapping[str, Mapping[str, float | None]]) -> str:
     rows = []
     for model in dict.fromkeys(m for g in curves.values() for m in g):
         seen, unseen = curves["seen"].get(model, {}), curves["unseen"].get(model, {})
         rows.append([model, seen.get(0), seen.get(final), unseen.get(0), unseen.get(final)])
+    for name, levels in references.items():
+        rows.append([f"*reference: {name}*", None, levels.get("seen"), None, levels.get("unseen")])
     return _table(["model", "seen, round 0", f"seen, round {final}", "unseen, round 0", f"unseen, round {final}"],
                   rows)
 
@@ -337,15 +362,46 @@ def _privacy_text(run: RunData) -> str:
     return "\n".join(text)
 
 
-def _privacy_table(run: RunData, classes: Mapping[int, str]) -> str:
-    rows = []
+def client_accounts(run: RunData) -> dict[int, dict[str, Any]]:
+    """Per client: rounds trained, updates the server used, epsilon spent, and epsilon spent on
+    rounds whose update was not used (a straggler's or a rejected update: charged, no contribution)."""
+    used: dict[str, set[int]] = defaultdict(set)
+    for m in run.metrics:
+        for entry in m.get("clients", []):
+            if entry.get("accepted"):
+                used[entry["client-id"]].add(m["round"])
+    ids = {e["partition"]: e["client-id"] for e in run.events if "client-id" in e}
+    accounts = {}
     for client in run.clients:
         p = client["partition"]
-        utter = run.utterance_epsilon.get(p, {})
-        speaker = run.speaker_epsilon.get(p, {})
-        rows.append([f"client-{p}", classes[p], len(utter), max(utter.values()) if utter else 0.0,
-                     max(speaker.values()) if speaker else None])
-    return _table(["client", "device class", "releases", "utterance epsilon", "speaker epsilon"], rows)
+        cumulative = run.utterance_epsilon.get(p, {})
+        rounds_used = used.get(ids.get(p, ""), set())
+        wasted, previous = 0.0, 0.0
+        for r in sorted(cumulative):
+            if r not in rounds_used:
+                wasted += cumulative[r] - previous
+            previous = cumulative[r]
+        outcomes = Counter(outcome(e) for e in run.events if e["partition"] == p)
+        accounts[p] = {"class": client["class"], "trained": len(cumulative), "accepted": len(rounds_used),
+                       "epsilon": max(cumulative.values()) if cumulative else 0.0, "epsilon-unused": wasted,
+                       "speaker-epsilon": max(run.speaker_epsilon[p].values()) if run.speaker_epsilon.get(p) else None,
+                       "outcomes": dict(outcomes)}
+    return accounts
+
+
+def _privacy_table(run: RunData, classes: Mapping[int, str]) -> str:
+    accounts = client_accounts(run)
+    rows = [[f"client-{p}", a["class"], a["trained"], a["accepted"], a["epsilon"], a["epsilon-unused"],
+             a["speaker-epsilon"], ", ".join(f"{k} {v}" for k, v in sorted(a["outcomes"].items())) or "never selected"]
+            for p, a in accounts.items()]
+    wasted = [p for p, a in accounts.items() if a["epsilon-unused"] > 0]
+    note = (f"\n\n**{len(wasted)} client(s) spent privacy budget on updates the server never used** "
+            f"({', '.join(f'client-{p}' for p in wasted)}): stragglers past the deadline or rejected updates. "
+            f"A client selected {run.config.max_misses} rounds in a row without a usable update is benched "
+            "(run-config `max-misses`; 0 never benches)." if wasted else
+            "\n\nEvery client's epsilon was spent on updates the server used.")
+    return _table(["client", "device class", "rounds trained (charged)", "updates used", "utterance epsilon",
+                   "epsilon without contribution", "speaker epsilon", "outcomes"], rows) + note
 
 
 def _fleet_text(run: RunData) -> str:
@@ -432,22 +488,143 @@ def _round_table(run: RunData, sim_times, real_times, counts, bytes_per_client) 
 def _timing_text(run: RunData, sim_times: Mapping[int, float]) -> str:
     t = run.timings
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in t.items())
-    return (f"Real wall clock of this run: {phases} (peak resident memory of all processes "
-            f"{_mib(run.peak_rss)}). The simulated fleet would have needed {sum(sim_times.values()):.1f} s for "
-            f"its {len(sim_times)} rounds of training.")
+    total = sum(t.values())
+    baselines = t.get("baselines", 0.0)
+    load = run.host_load
+    measured = (f"**Measured on this host**: wall clock {phases} (total {total:.0f} s; baselines "
+                f"{baselines / total:.0%} of it; peak resident memory of all processes {_mib(run.peak_rss)})"
+                if total else "**Measured on this host**: no timings")
+    if load:
+        measured += (f"; load average {load['mean']:.1f} (max {load['max']:.1f}) on {load['cores']} cores, "
+                     f"of which this run used at most {load['own-max']:.1f} busy cores: "
+                     + ("the host was shared, so measured times are inflated by other work."
+                        if load["mean"] > load["cores"] else "the host was not overloaded."))
+    return (measured + f"\n\n**Simulated**: the fleet would have needed {sum(sim_times.values()):.1f} s for its "
+            f"{len(sim_times)} rounds of training (each device's assumed speed applied to the compute measured "
+            "here, plus its link's transfer time: a model, which inherits any slowdown of this host).")
 
 
 def _sample_text(run: RunData, out: Path) -> str:
     s = run.sample
     folder = (run.folder / "sample").relative_to(out)
-    return (
+    text = (
         f"[`{folder}/{s['wav']}`]({folder}/{s['wav']}) ({s['seconds']:.1f} s): \"{s['text']}\" ({s['language']}) "
         f"in the voice of {s['speaker']}'s held-out recording `{Path(s['reference']).name}`, by the global "
         f"{s['trained-stage']} model of round {s['round']} with a **fresh, untrained {s['fresh-stage']} model of "
-        f"the same seed** (this run trained {s['trained-stage']} only). With tiny configs and a few rounds it "
-        "shows that the pipeline runs end to end, not what a trained voice sounds like.\n\n"
-        f"![sample spectrogram]({folder}/{s['png']})"
+        f"the same seed** (this run trained {s['trained-stage']} only)."
     )
+    check = s.get("speech-check")
+    if check:
+        verdict = ("**It is speech by measurement**" if check["is-speech"]
+                   else f"**It is not speech by measurement**: {check['reason']}")
+        text += (f" {verdict} (silero-vad detects speech over {check['speech_fraction']:.0%} of its length, "
+                 f"level {check['rms_dbfs']:.0f} dBFS, {check['distinct_values']:,} distinct 16-bit values).")
+    if "differs-from-base" in s:
+        text += (" It differs from the base model's sample of the same sentence and seed: training changed what "
+                 "the model says." if s["differs-from-base"] else
+                 " **It is identical to the base model's sample** of the same sentence and seed: training did not "
+                 "change it.")
+    return text + f"\n\n![sample spectrogram]({folder}/{s['png']})"
+
+
+# ---------------------------------------------------------------------- speech quality
+def _estimate(e: Any) -> str:
+    return "–" if e is None else f"{e.mean:.3g} [{e.low:.3g}, {e.high:.3g}]"
+
+
+def _quality_summary(run: RunData) -> dict[str, Any] | None:
+    if not run.quality:
+        return None
+    groups = quality_summary.speaker_groups(run.quality)
+    return {
+        "levels": {g: {model: {m: e.to_dict() if e else None for m, e in metrics.items()}
+                       for model, metrics in quality_summary.levels(run.quality, speakers).items()}
+                   for g, speakers in groups.items() if speakers},
+        "comparisons": [{"first": c.first, "second": c.second, "group": c.group,
+                         **{m: e.to_dict() if e else None for m, e in c.differences.items()}}
+                        for c in quality_summary.comparisons(run.quality)],
+    }
+
+
+def _verdict(run: RunData) -> str:
+    found = quality_summary.comparisons(run.quality)
+    target = run.calibration.get("target-epsilon")
+    context = f" at epsilon {target:g}" if target else ""
+    lines = []
+    for c in found:
+        at = context if "local only" in (c.first, c.second) else ""
+        lines.append("- " + c.sentence("similarity", at))
+    first = found[0] if found else None
+    if first is not None:
+        for metric in ("wer", "mcd"):
+            if sentence := first.sentence(metric, context if "local only" in (first.first, first.second) else ""):
+                lines.append("- " + sentence)
+    groups = quality_summary.speaker_groups(run.quality)
+    levels = quality_summary.levels(run.quality, groups["clients"])
+    reference = [f"{quality_summary.LABELS[m]} {levels[m]['similarity'].mean:.3g}" for m in ("recordings", "base")
+                 if m in levels and levels[m].get("similarity")]
+    if reference:
+        lines.append("- Reference levels of speaker similarity on the clients: " + ", ".join(reference) + ".")
+    lines.append("\nIntervals: 95 % percentile bootstrap over speakers (each speaker's sentences together); a "
+                 "difference is called only when its interval excludes zero. Metrics and their limits: "
+                 "docs/simulation.md.")
+    return "\n".join(lines)
+
+
+def _quality_section(run: RunData, out: Path) -> str:
+    quality = run.quality
+    groups = {g: s for g, s in quality_summary.speaker_groups(quality).items() if s}
+    parts = [
+        f"Each model said {quality['items'] and max(i['index'] for i in quality['items'].values()) + 1} held-out "
+        "sentence(s) per speaker, prompted with another held-out recording of that speaker; each utterance is "
+        "scored against the speaker's own recordings: *speaker similarity* (cosine of GE2E d-vectors, resemblyzer's "
+        "encoder; higher is better), *WER* (pocketsphinx, English sentences only; lower is better), *MCD* "
+        "(mel-cepstral distortion in dB after DTW against the recording of the same sentence; lower is better) and "
+        "*speech fraction* (silero-vad). Each cell: mean over speakers [95 % bootstrap interval].",
+        "",
+    ]
+    series = {}
+    for group, speakers in groups.items():
+        levels = quality_summary.levels(quality, speakers)
+        if not levels:
+            continue
+        rows = [[quality_summary.LABELS.get(model, model),
+                 *(_estimate(metrics[m]) for m in quality_summary.METRIC_NAMES)] for model, metrics in levels.items()]
+        parts += [f"**{group.capitalize()}** ({len(speakers)}):", "",
+                  _table(["model", *quality_summary.METRIC_NAMES.values()], rows), ""]
+        series[group] = levels
+    found = quality_summary.comparisons(quality)
+    if found:
+        rows = [[f"{quality_summary.LABELS[c.first]} − {quality_summary.LABELS[c.second]}", c.group,
+                 *(_estimate(c.differences.get(m)) for m in quality_summary.METRIC_NAMES)] for c in found]
+        parts += ["Paired differences (same items):", "",
+                  _table(["comparison", "speakers", *quality_summary.METRIC_NAMES.values()], rows), ""]
+    parts += [_per_speaker_table(quality), ""]
+    if series:
+        png = plots.speech_quality(out / "plots" / f"{run.name}-speech-quality.png", series,
+                                   quality_summary.METRIC_NAMES, quality_summary.LABELS)
+        parts += [f"![speech quality]({png.relative_to(out)})", ""]
+    parts.append(f"Scoring took {quality['total-seconds']:.0f} s (" + ", ".join(
+        f"{k} {v:.0f} s" for k, v in quality["seconds"].items()) + ").")
+    return "\n".join(parts)
+
+
+def _per_speaker_table(quality: Mapping[str, Any]) -> str:
+    """Speaker similarity per speaker and model (mean over its sentences)."""
+    models = list(quality["scores"])
+    by_speaker: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for model, scores in quality["scores"].items():
+        for key, values in scores.items():
+            if values.get("similarity") is not None:
+                by_speaker[quality["items"][key]["speaker"]][model].append(values["similarity"])
+    training = quality.get("training-utterances", {})
+    rows = []
+    for speaker in [*quality["clients"], *quality["unseen"]]:
+        cells = by_speaker.get(speaker, {})
+        rows.append([speaker, training.get(speaker, "unseen" if speaker in quality["unseen"] else None),
+                     *(statistics.mean(cells[m]) if cells.get(m) else None for m in models)])
+    return "Speaker similarity per speaker:\n\n" + _table(
+        ["speaker", "training utterances", *(quality_summary.LABELS.get(m, m) for m in models)], rows)
 
 
 def comparison_section(runs: list[RunData], summaries: Mapping[str, dict], out: Path) -> str:

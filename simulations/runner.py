@@ -48,8 +48,15 @@ from fedvox.shared.errors import ConfigError, FederationError
 from fedvox.shared.models.config import s1_config
 from fedvox.shared.privacy.accounting import calibrate_noise_multiplier
 from fedvox.shared.runconfig import RunConfig
-from fedvox.simulations.baselines import CENTRAL_STATE, VALIDATION_FRACTION, CentralJob, LocalJob, central_baseline, local_baseline
-from fedvox.simulations.evaluation import Evaluator
+from fedvox.simulations.baselines import (
+    CENTRAL_STATE,
+    VALIDATION_FRACTION,
+    CentralJob,
+    LocalJob,
+    central_baseline,
+    local_baseline,
+)
+from fedvox.simulations.evaluation import Evaluator, reference_losses
 from fedvox.simulations.features import SpeakerData, clone_cache, heldout_by_speaker, prepare_speakers, read_manifest
 from fedvox.simulations.fleets import VirtualClient, load_fleet, plan_clients
 from fedvox.simulations.scenario import RunSpec, Scenario
@@ -243,7 +250,9 @@ def run_one(spec: RunSpec, data: SpeakerData, folder: Path, host: Host) -> None:
         completed = _timed(timings, "federation", lambda: federate(config, fleet, clients, spec.seed, folder, host))
         heldout = {"seen": heldout_by_speaker(config.stage, data.seen),
                    "unseen": heldout_by_speaker(config.stage, data.unseen)}
-        evaluation = {"global": _timed(timings, "evaluation", lambda: score_rounds(config, folder, heldout))}
+        evaluation = {"global": _timed(timings, "evaluation", lambda: score_rounds(config, folder, heldout)),
+                      "references": reference_losses(config, [datasets(config.stage, cache, VALIDATION_FRACTION)[0]
+                                                              for cache in data.client_caches], heldout)}
         evaluation |= _timed(timings, "baselines", lambda: baselines(spec, config, data, clients, folder, host))
         atomic_write_text(folder / "evaluation.json", json.dumps(evaluation, indent=1) + "\n")
         if spec.quality_sentences > 0 and completed > 0:
@@ -255,7 +264,7 @@ def run_one(spec: RunSpec, data: SpeakerData, folder: Path, host: Host) -> None:
     atomic_write_text(folder / "run.json", json.dumps({
         "spec": asdict(spec), "run-config": config.to_flat(), "calibration": calibration,
         "completed-rounds": completed,
-        "timings-s": timings, "peak-rss-bytes": memory.peak,
+        "timings-s": timings, "peak-rss-bytes": memory.peak, "host-load": memory.host_load,
     }, indent=1) + "\n")
 
 
@@ -414,13 +423,17 @@ def speech_quality(spec: RunSpec, config: RunConfig, data: SpeakerData, folder: 
     central = folder / "baselines" / "central" / CENTRAL_STATE
     if evaluation.get("central") and central.is_file():
         contenders.append(Contender("central", torch.load(central, map_location="cpu", weights_only=True)))
-    return {"run-seed": spec.seed, "clients": list(data.clients), "unseen": unseen,
-            **evaluate_speech(config, items, contenders, seed=spec.seed)}
+    training = {s["name"]: s["train"]["utterances"] for s in manifest["speakers"] if s["role"] == "client"}
+    return {"run-seed": spec.seed, "clients": list(data.clients), "unseen": unseen, "training-utterances": training,
+            **evaluate_speech(config, items, contenders, seed=spec.seed,
+                              recordings_cache=folder.parent.parent / "features" / "recordings-quality.json")}
 
 
 def sample(config: RunConfig, folder: Path, data: SpeakerData, final_round: int) -> None:
     """Synthesise a held-out sentence of the first client in its own voice with the final model."""
     from fedvox.server.checkpoints import CheckpointStore
+    from fedvox.shared.audio import read_audio
+    from fedvox.simulations.quality.activity import check_speech
     from fedvox.simulations.sample import synthesise_sample
 
     speaker = next(s for s in read_manifest(data.speakers_root)["speakers"] if s["name"] == data.clients[0])
@@ -432,10 +445,16 @@ def sample(config: RunConfig, folder: Path, data: SpeakerData, final_round: int)
         return
     reference, _, language, reference_text = lines[0]
     text = lines[1][3] if len(lines) > 1 else reference_text
-    state = CheckpointStore(folder / "server" / "checkpoints", config.keep_checkpoints).load(final_round).state
-    result = synthesise_sample(config, state, folder_of / reference, reference_text, text, language,
-                               folder / "sample")
+    store = CheckpointStore(folder / "server" / "checkpoints", config.keep_checkpoints)
+    result = synthesise_sample(config, store.load(final_round).state, folder_of / reference, reference_text, text,
+                               language, folder / "sample")
+    base = synthesise_sample(config, store.load(0).state, folder_of / reference, reference_text, text, language,
+                             folder / "sample" / "base")
+    wave, rate = read_audio(result.wav)
+    base_wave, _ = read_audio(base.wav)
     atomic_write_text(folder / "sample" / "sample.json", json.dumps({
+        "speech-check": check_speech(wave.numpy(), rate).to_dict(),
+        "differs-from-base": wave.shape != base_wave.shape or not torch.equal(wave, base_wave),
         "wav": result.wav.name, "png": result.png.name, "text": result.text, "language": result.language,
         "reference": str(result.reference), "reference-text": reference_text, "seconds": result.seconds,
         "round": final_round, "trained-stage": config.stage, "fresh-stage": result.fresh_stage,
@@ -453,12 +472,16 @@ def _timed(timings: dict[str, float], name: str, work: Callable[[], Any]) -> Any
 
 
 class PeakMemory:
-    """Peak resident memory of this process and all its descendants (Ray's included), sampled."""
+    """Peak resident memory of this process and all its descendants (Ray's included), sampled,
+    with the host's load average and the cores this process tree kept busy at the same moments
+    (so a report can tell a slow host from a loaded one)."""
 
     INTERVAL_S = 0.5
 
     def __init__(self) -> None:
         self.peak = 0
+        self.loads: list[float] = []
+        self.busy: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
@@ -470,16 +493,28 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
 
+    @property
+    def host_load(self) -> dict[str, float]:
+        """Mean and peak 1-minute load average, the usable cores, and this run's busiest moment (cores)."""
+        if not self.loads:
+            return {}
+        return {"mean": sum(self.loads) / len(self.loads), "max": max(self.loads), "cores": usable_cpus(),
+                "own-max": max(self.busy, default=0.0)}
+
     def _watch(self) -> None:
         me = psutil.Process()
+        cpu: dict[int, psutil.Process] = {}
         while True:
-            total = 0
+            total, busy = 0, 0.0
             for process in [me, *me.children(recursive=True)]:
                 try:
                     total += process.memory_info().rss
+                    busy += cpu.setdefault(process.pid, process).cpu_percent() / 100
                 except psutil.Error:
                     continue
             self.peak = max(self.peak, total)
+            self.loads.append(os.getloadavg()[0])
+            self.busy.append(busy)
             if self._stop.wait(self.INTERVAL_S):
                 return
 

@@ -8,13 +8,17 @@ written, so intervals and verdicts are computed from the file (``simulations.rep
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from fedvox.shared.atomic import atomic_write_text
 from fedvox.shared.errors import FedvoxError
 from fedvox.shared.runconfig import RunConfig
 from fedvox.simulations.quality import scoring
@@ -69,9 +73,25 @@ def speak(config: RunConfig, contender: Contender, items: Sequence[TestItem], se
     return scores
 
 
+def score_recordings(items: Sequence[TestItem], cache: Path | None) -> dict[str, Any]:
+    """The ceiling, reused from ``cache`` for recordings scored before (same file, size and time)."""
+    known = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
+    scores = {}
+    for item in items:
+        stat = item.recording.stat()
+        tag = f"{item.key}|{item.recording}|{stat.st_size}|{stat.st_mtime_ns}|{'/'.join(map(str, item.voice))}"
+        if tag not in known:
+            known[tag] = scoring.score_recording(item)
+        scores[item.key] = known[tag]
+    if cache is not None:
+        atomic_write_text(cache, json.dumps(known, indent=1) + "\n")
+    return scores
+
+
 def evaluate_speech(config: RunConfig, items: Sequence[TestItem], contenders: Sequence[Contender],
-                    seed: int = 0) -> dict[str, Any]:
-    """Scores of the recordings and of every contender on ``items``, with timings."""
+                    seed: int = 0, recordings_cache: Path | None = None) -> dict[str, Any]:
+    """Scores of the recordings (reused across runs through ``recordings_cache``) and of every
+    contender on ``items``, with timings."""
     from fedvox.shared.cli import progress
 
     started = time.perf_counter()
@@ -80,20 +100,24 @@ def evaluate_speech(config: RunConfig, items: Sequence[TestItem], contenders: Se
     with progress() as bar:
         task = bar.add_task("speech quality", total=len(contenders) + 1)
         t = time.perf_counter()
-        scores[RECORDINGS] = {item.key: scoring.score_recording(item) for item in items}
+        scores[RECORDINGS] = score_recordings(items, recordings_cache)
         seconds[RECORDINGS] = time.perf_counter() - t
         bar.advance(task)
-        for contender in contenders:
+        for contender in contenders:  # contenders of one name (each client's local model) share a column
             t = time.perf_counter()
-            scores[contender.name] = speak(config, contender, items, seed)
-            seconds[contender.name] = time.perf_counter() - t
+            scores.setdefault(contender.name, {}).update(speak(config, contender, items, seed))
+            seconds[contender.name] = seconds.get(contender.name, 0.0) + time.perf_counter() - t
             bar.advance(task)
+    speakers: dict[str, set[str] | None] = {}
+    for c in contenders:
+        everyone = c.speakers is None or speakers.get(c.name, set()) is None
+        speakers[c.name] = None if everyone else speakers.get(c.name, set()) | c.speakers
     return {
         "items": {item.key: {"speaker": item.speaker, "language": item.language, "index": item.index}
                   for item in items},
-        "speakers": {c.name: sorted(c.speakers) if c.speakers is not None else None for c in contenders},
+        "speakers": {name: sorted(s) if s is not None else None for name, s in speakers.items()},
         "scores": scores, "seconds": seconds, "total-seconds": time.perf_counter() - started,
     }
 
 
-__all__ = ["RECORDINGS", "Contender", "evaluate_speech", "speak"]
+__all__ = ["RECORDINGS", "Contender", "evaluate_speech", "score_recordings", "speak"]

@@ -3,8 +3,9 @@
 A *test item* is one held-out sentence of one speaker: the text, the speaker's recording of it
 (compared with by MCD), a *prompt* (another held-out recording of the speaker, the voice
 reference a model is given) and the speaker's *voice* (the d-vector centroid of their held-out
-recordings other than the prompt, compared with by speaker similarity). The recordings
-themselves are scored the same way (the ceiling; their MCD is 0 by definition and not shown).
+recordings other than the one of this sentence, compared with by speaker similarity). The
+recordings themselves are scored the same way (the ceiling: a recording against the speaker's
+other recordings; their MCD is 0 by definition and not shown).
 
 Intervals are percentile bootstrap intervals that resample *speakers* (clusters), each
 speaker's items kept together, so sentences of one speaker do not count as independent.
@@ -12,6 +13,7 @@ speaker's items kept together, so sentences of one speaker do not count as indep
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -20,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
 from fedvox.simulations.quality import activity, distortion, intelligibility, speaker
 
 METRICS = ("similarity", "wer", "mcd", "speech")
@@ -28,6 +31,8 @@ silero-vad speech fraction (higher is better)."""
 HIGHER_IS_BETTER = {"similarity": True, "wer": False, "mcd": False, "speech": True}
 BOOTSTRAP_SAMPLES = 2000
 CONFIDENCE = 0.95
+TOLERANCE = 1e-6
+"""Differences smaller than this are float32 rounding of equal scores, not differences."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ class TestItem:
     recording: Path  # the speaker's recording of ``text``
     prompt: Path  # another held-out recording: the voice reference models get
     prompt_text: str
-    voice: tuple[Path, ...]  # recordings whose d-vector centroid is the speaker's voice (never the prompt)
+    voice: tuple[Path, ...]  # recordings whose d-vector centroid is the speaker's voice (never ``recording``)
 
     @property
     def key(self) -> str:
@@ -52,7 +57,7 @@ def test_items(speaker_name: str, folder: Path, limit: int | None = None) -> lis
     """The test items of a speaker from its ``heldout.list`` (``path|speaker|language|text``).
 
     Item ``i`` is prompted with held-out recording ``i + 1`` (cyclically); the voice is every
-    held-out recording except the prompt. A speaker needs two held-out recordings.
+    held-out recording except the item's own. A speaker needs two held-out recordings.
     """
     rows = [line.split("|", 3) for line in (folder / "heldout.list").read_text(encoding="utf-8").splitlines()
             if line.strip()]
@@ -64,7 +69,7 @@ def test_items(speaker_name: str, folder: Path, limit: int | None = None) -> lis
         items.append(TestItem(
             speaker=speaker_name, index=i, language=language, text=text, recording=folder / path,
             prompt=folder / rows[j][0], prompt_text=rows[j][3],
-            voice=tuple(folder / row[0] for k, row in enumerate(rows) if k != j),
+            voice=tuple(folder / row[0] for k, row in enumerate(rows) if k != i),
         ))
     return items
 
@@ -87,9 +92,21 @@ def voice_of(item: TestItem) -> np.ndarray:
     return speaker.centroid([_embedding(path) for path in item.voice])
 
 
+_scored: dict[tuple[str, str, bool], dict[str, float | None]] = {}
+"""Scores by item, waveform digest and MCD flag: two models that say exactly the same thing (a
+model that training did not change, say) are scored once."""
+
+
 def score(wave: np.ndarray, sample_rate: int, item: TestItem, *, with_mcd: bool = True) -> dict[str, float | None]:
     """Every metric of one utterance for ``item`` (WER only for English; None where not defined)."""
     wave = np.asarray(wave, dtype=np.float32)
+    key = (item.key, hashlib.sha256(wave.tobytes() + str(sample_rate).encode()).hexdigest(), with_mcd)
+    if key not in _scored:
+        _scored[key] = _score(wave, sample_rate, item, with_mcd)
+    return dict(_scored[key])
+
+
+def _score(wave: np.ndarray, sample_rate: int, item: TestItem, with_mcd: bool) -> dict[str, float | None]:
     check = activity.check_speech(wave, sample_rate)
     if check.rms_dbfs <= activity.SILENCE_DBFS:
         return {"similarity": None, "wer": 1.0 if item.language == "en" else None, "mcd": None, "speech": 0.0}
@@ -124,7 +141,8 @@ class Estimate:
         return (self.high - self.low) / 2
 
     def excludes_zero(self) -> bool:
-        return self.low > 0 or self.high < 0
+        """Whether the interval lies clear of zero (by more than float32 rounding of equal scores)."""
+        return self.low > TOLERANCE or self.high < -TOLERANCE
 
     def to_dict(self) -> dict[str, float | int]:
         return {"mean": self.mean, "low": self.low, "high": self.high, "speakers": self.speakers,

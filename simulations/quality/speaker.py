@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fedvox.shared.errors import ConfigError
 from torch import nn
+
+from fedvox.shared.errors import ConfigError
 
 SAMPLE_RATE = 16_000
 N_MELS = 40
