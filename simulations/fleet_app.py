@@ -14,8 +14,8 @@ simulated:
   charged), but the update arrives too late and is replaced by an error reply, which the server
   counts as not used. Both replies are immediate, so a dropped client never stalls the round;
   the simulated clock charges the deadline for them instead.
-- it writes one JSON line per ``train`` message to ``events/client-<p>.jsonl``: the outcome and
-  the measured and simulated figures the report is built from.
+- it writes one JSON line per ``train`` message to ``events/client-<p>.jsonl``: the outcome, the
+  Ray node that ran it, and the measured and simulated figures the report is built from.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class FleetMod:
         server_round = int(msg.content.config_records[CONFIG][SERVER_ROUND])
         draw = round_draw(client.device, self.seed, client.partition, server_round)
         event: dict[str, Any] = {"round": server_round, "partition": client.partition, "class": client.device.name,
-                                 "profile": client.profile, "slowdown": draw.slowdown}
+                                 "profile": client.profile, "slowdown": draw.slowdown, "node": _ray_node()}
         if draw.dropped:
             self._write(event | {"outcome": "dropout"})
             return Message(Error(DROPOUT_ERROR, f"simulated dropout of {client.device.name} client "
@@ -127,6 +127,15 @@ def _refusal(msg: Message, client: VirtualClient) -> Message:
     status = ClientStatus(client_id=client_identity(data), outcome=REFUSED, reason="device",
                           detail=f"simulated {client.device.name}: {client.refusal}", profile=client.profile)
     return Message(RecordDict({STATUS: status.to_record()}), reply_to=msg)
+
+
+def _ray_node() -> str | None:
+    """The id of the Ray node running this ClientApp (None outside Ray): which machine trained."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _peak_rss_bytes() -> int:

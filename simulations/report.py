@@ -410,8 +410,12 @@ def _fleet_text(run: RunData) -> str:
     deadline = (f"rounds close at {fleet['deadline-factor']:g}x the median client's time for the same work"
                 if fleet["deadline-factor"] else "no round deadline")
     facts = host["facts"]
+    nodes = {e["node"] for e in run.events if e.get("node")}
+    cluster = (f" The clients ran on the Ray cluster at `{host['ray-address']}`, on {len(nodes)} node(s)."
+               if host.get("ray-address") else "")
     return (
-        f"Fleet `{fleet['name']}`: {fleet['description'] or 'custom'}; {deadline}. Each client runs on this host "
+        f"Fleet `{fleet['name']}`: {fleet['description'] or 'custom'}; {deadline}.{cluster} "
+        "Each client runs on this host "
         f"({facts['cpu_name'] or facts['device_name']}, {facts['physical_cores']} cores; {host['workers']} "
         f"ClientApps at a time with {host['threads']} torch thread(s) each) with its simulated device's "
         "physical batch and checkpointing, and its precision where the host has it natively. Simulated times "

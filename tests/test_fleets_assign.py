@@ -124,3 +124,15 @@ def test_a_custom_fleet_file_with_written_out_facts(tmp_path):
     assert fleet.counts(8) == [6, 2]
     board = fleet.classes[1]
     assert board.facts.device_name == "Cortex-A72" and board.dropout == 0.2
+
+
+def test_where_memory_binds_6_gb_12_gb_and_cpu_devices_run_different_batches():
+    """With a v2-sized s1 trained in full (not the tiny config: every class fits it whole), the
+    simulated memory decides what each class runs: physical batch, precision, checkpointing."""
+    config = RunConfig().with_overrides({"model-config": "v2", "subset": "full", "logical-batch": 32})
+    plan = {c.device.name: c for c in plan_clients(MIXED, 2 * len(MIXED.classes), 0, config, CPU_HOST, 2)}
+    six, twelve, cpu = plan["nvidia-6gb"], plan["nvidia-12gb"], plan["x86-cpu"]
+    assert len({six.physical_batch, twelve.physical_batch, cpu.physical_batch}) == 3
+    assert six.physical_batch < twelve.physical_batch
+    assert {six.precision, twelve.precision, cpu.precision} == {"fp16", "bf16", "fp32"}
+    assert all(c.checkpointing for c in (six, twelve, cpu))
