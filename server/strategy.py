@@ -254,7 +254,7 @@ class FedvoxStrategy(FedAvg):
             record.rejects["no-reply"] += missing
         selected = [self.book.client_id(n) for n in record.selection.node_ids]  # before errors forget them
         accepted = [a for a in (self._screen_train(r, record) for r in replies) if a is not None]
-        refused = [s.client_id for r in replies if (s := self.book.statuses.get(r.metadata.src_node_id)) and not s.ok]
+        refused = [s.client_id for r in replies if (s := self.book.statuses.get(self._node(r))) and not s.ok]
         self.book.record_round(selected, [a.status.client_id for a in accepted], refused)
         taken = {id(a.reply) for a in accepted}
         record.clients = [_client_entry(self._node(r), self.book, id(r) in taken) for r in replies]
