@@ -28,7 +28,9 @@ def prepare(
     config: str = typer.Option("v2", help="Model config whose phoneme symbol table to use: tiny, v1, v2, v2Pro, v2ProPlus."),
     hubert: Path | None = typer.Option(None, help="chinese-hubert-base folder (Hugging Face format) for GPT-SoVITS's semantic tokens."),
     s2: Path | None = typer.Option(None, help="GPT-SoVITS s2G .pth whose ssl_proj and codebook turn HuBERT features into tokens."),
-    device: str | None = typer.Option(None, help="Where HuBERT runs: cpu, cuda, cuda:1 (default: cuda if available)."),
+    device: str | None = typer.Option(None, help="Where HuBERT and BERT run: cpu, cuda, cuda:1 (default: cuda if available)."),
+    bert: Path | None = typer.Option(None, help="chinese-roberta-wwm-ext-large folder (Hugging Face format): zh BERT features as GPT-SoVITS computes them (needs fedvox[bert]); without it zh reads zeros."),
+    sv: Path | None = typer.Option(None, "--sv", help="GPT-SoVITS's sv/pretrained_eres2netv2w24s4ep4.ckpt: speaker embeddings for a v2Pro/v2ProPlus s2."),
     data_root: Path | None = typer.Option(None, help="Recordings must lie under this folder (default: the list file's folder)."),
     workers: int | None = typer.Option(None, min=1, help="Processes for featurising (default: all cores for 400+ utterances on 4+ cores, else 1)."),
     max_clipped: float = typer.Option(0.001, min=0.0, max=1.0, help="Reject a recording with more than this fraction of full-scale samples."),
@@ -41,10 +43,13 @@ def prepare(
     tokens come from fedvox's offline fallback tokenizer (see docs/data.md).
     """
     from fedvox.client.data.checks import AudioLimits
+    from fedvox.client.data.extractors import ExtractorSpecs
     from fedvox.client.data.prepare import prepare as run_prepare
+    from fedvox.shared.bert import bert_spec
     from fedvox.shared.errors import DataError
     from fedvox.shared.models.config import s1_config
     from fedvox.shared.semantic import tokenizer_spec
+    from fedvox.shared.speaker import sv_spec
 
     setup_logging(verbose)
     report = run_prepare(
@@ -54,6 +59,10 @@ def prepare(
         data_root=data_root,
         limits=AudioLimits(max_clipped_fraction=max_clipped),
         workers=workers,
+        extractors=ExtractorSpecs(
+            bert=bert_spec(bert, device) if bert else None, sv=sv_spec(sv, device) if sv else None,
+            pro=config in ("v2Pro", "v2ProPlus"),
+        ),
     )
     console.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
     if json_output:
@@ -230,12 +239,16 @@ def synthesize(
     ref_language: str | None = typer.Option(None, help="Language of --ref-text (default: --language)."),
     hubert: Path | None = typer.Option(None, help="chinese-hubert-base folder, if the models were trained on HuBERT tokens."),
     s2_tokens: Path | None = typer.Option(None, "--s2-tokens", help="The s2G .pth whose codebook made those tokens (with --hubert)."),
+    bert: Path | None = typer.Option(None, help="chinese-roberta-wwm-ext-large folder, if the data was prepared with --bert (zh text then gets BERT features)."),
+    sv: Path | None = typer.Option(None, "--sv", help="sv/pretrained_eres2netv2w24s4ep4.ckpt: the reference's speaker embedding (v2Pro/v2ProPlus s2)."),
     seed: int = typer.Option(0, help="Sampling seed."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
 ) -> None:
     """Hear a model: say --text in the voice of --ref and write it to --out."""
     from fedvox.client.synthesize import load_models, read_reference, synthesize as speak, write_wave
+    from fedvox.shared.bert import bert_spec
     from fedvox.shared.errors import ConfigError
+    from fedvox.shared.speaker import sv_spec
     from fedvox.shared.semantic import tokenizer_spec
 
     setup_logging(verbose)
@@ -243,7 +256,8 @@ def synthesize(
         raise ConfigError("--out must not be the reference recording: fedvox never overwrites recordings")
     voice = load_models(list(model))
     wave = speak(voice, text, language, read_reference(ref), tokenizer_spec(hubert, s2_tokens).build(),
-                 reference_text=ref_text, reference_language=ref_language, seed=seed)
+                 reference_text=ref_text, reference_language=ref_language, seed=seed,
+                 bert=bert_spec(bert).build() if bert else None, sv=sv_spec(sv).build() if sv else None)
     write_wave(wave, out)
     console.print(f"wrote {out} ({wave.numel() / 32000:.2f} s)")
 

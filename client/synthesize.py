@@ -19,12 +19,14 @@ import torch
 from torch import nn
 
 from fedvox.shared.audio import SAMPLE_RATE, linear_spectrogram, read_audio, resample
+from fedvox.shared.bert import BERT_DIM, BertExtractor
 from fedvox.shared.errors import CheckpointError, ConfigError
 from fedvox.shared.models.interop import load_safetensors
 from fedvox.shared.models.s1 import Text2SemanticDecoder, generate
 from fedvox.shared.models.s2 import SynthesizerTrn
 from fedvox.shared.semantic import SemanticTokenizer
-from fedvox.shared.text import phonemize
+from fedvox.shared.speaker import SpeakerEmbedder
+from fedvox.shared.text import Phonemes, phonemize
 
 log = logging.getLogger(__name__)
 
@@ -78,26 +80,47 @@ def synthesize(
     temperature: float = 1.0,
     noise_scale: float = 0.5,
     max_seconds: float = 30.0,
+    bert: BertExtractor | None = None,
+    sv: SpeakerEmbedder | None = None,
 ) -> torch.Tensor:
-    """A 32 kHz waveform ``[samples]`` of ``text`` in the voice of ``reference`` (32 kHz mono)."""
+    """A 32 kHz waveform ``[samples]`` of ``text`` in the voice of ``reference`` (32 kHz mono).
+
+    With ``bert``, zh text (reference transcript and target alike) gets BERT features, as
+    GPT-SoVITS's ``get_bert_inf``; other text reads zeros. A v2Pro/v2ProPlus s2 needs ``sv``: the
+    reference's speaker embedding conditions it, as in GPT-SoVITS's inference.
+    """
+    if voice.s2.config.is_pro and sv is None:
+        raise ConfigError(
+            f"the {voice.s2.config.version} s2 model speaks from the reference's speaker embedding: "
+            "pass --sv pretrained_eres2netv2w24s4ep4.ckpt"
+        )
     target = phonemize(text, language, voice.symbols_version)
     generator = torch.Generator().manual_seed(seed)
+    pieces = [target]
     if reference_text:
-        prompt_text = phonemize(reference_text, reference_language or language, voice.symbols_version)
-        phonemes = prompt_text.ids + target.ids
+        pieces.insert(0, phonemize(reference_text, reference_language or language, voice.symbols_version))
         prompt = tokenizer.encode(reference)
     else:
-        phonemes, prompt = target.ids, torch.zeros(0, dtype=torch.long)
+        prompt = torch.zeros(0, dtype=torch.long)
+    phonemes = [i for piece in pieces for i in piece.ids]
+    features = torch.cat([_bert_features(piece, bert) for piece in pieces]) if bert else None
     codes = generate(
-        voice.s1, torch.tensor(phonemes), None, prompt, top_k=top_k, temperature=temperature,
+        voice.s1, torch.tensor(phonemes), features, prompt, top_k=top_k, temperature=temperature,
         max_new_tokens=int(max_seconds * 25), generator=generator,
     )
     if codes.numel() == 0:
         raise ConfigError("the s1 model produced no semantic tokens for this text; try another seed or text")
     spec = linear_spectrogram(reference.float()).unsqueeze(0)
-    wave = voice.s2.decode(codes.unsqueeze(0), torch.tensor([target.ids]), spec,
+    embedding = sv.embed(reference).unsqueeze(0).float() if voice.s2.config.is_pro and sv else None
+    wave = voice.s2.decode(codes.unsqueeze(0), torch.tensor([target.ids]), spec, embedding,
                            noise_scale=noise_scale, generator=generator)
     return wave[0, 0].float().clamp(-1.0, 1.0)
+
+
+def _bert_features(phonemes: Phonemes, bert: BertExtractor) -> torch.Tensor:
+    if phonemes.word2ph is None:
+        return torch.zeros(len(phonemes.ids), BERT_DIM)
+    return bert.features(phonemes.norm_text, phonemes.word2ph).float()
 
 
 def read_reference(path: str | Path) -> torch.Tensor:

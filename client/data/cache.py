@@ -2,7 +2,8 @@
 
 Layout of ``DIR``::
 
-    items/<id>.safetensors   wave (int16, 32 kHz), semantic_ids, phoneme_ids (+ metadata)
+    items/<id>.safetensors   wave (int16, 32 kHz), semantic_ids, phoneme_ids (+ metadata);
+                             bert [X, 1024] (zh with --bert) and sv [20480] (with --sv) when made
     index.json               settings and the accepted items, in list order (datasets read this)
     report.json, report.txt  what ``prepare`` accepted and rejected, and why
 
@@ -37,6 +38,8 @@ from fedvox.shared.models.interop import load_safetensors, save_safetensors
 
 CACHE_FORMAT = 1
 ITEM_SUFFIX = ".safetensors"
+REQUIRED_TENSORS = frozenset({"wave", "semantic_ids", "phoneme_ids"})
+OPTIONAL_TENSORS = frozenset({"bert", "sv"})
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,12 @@ class Settings:
     tokenizer: str
     symbols_version: str
     format: int = CACHE_FORMAT
+    bert: str = ""  # the BERT weights' name ("" none: zh reads zeros)
+    sv: str = ""  # the speaker-verification weights' name ("" none)
+
+    def identity(self) -> dict[str, Any]:
+        """What item ids hash: unused extractors are left out, so caches made before they existed keep their ids."""
+        return {key: value for key, value in asdict(self).items() if value != "" or key not in OPTIONAL_TENSORS}
 
 
 @dataclass(frozen=True)
@@ -70,7 +79,7 @@ class CacheIndex:
 
 def item_id(audio_sha256: str, language: str, text: str, settings: Settings) -> str:
     """The cache key of an utterance under ``settings``."""
-    payload = json.dumps([audio_sha256, language, text, asdict(settings)], ensure_ascii=False)
+    payload = json.dumps([audio_sha256, language, text, settings.identity()], ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 
@@ -93,6 +102,7 @@ class FeatureCache:
             "semantic_ids": features.semantic_ids,
             "phoneme_ids": features.phoneme_ids,
         }
+        tensors |= {name: tensor for name, tensor in (("bert", features.bert), ("sv", features.sv)) if tensor is not None}
         try:  # one metadata entry: safetensors writes several in a random order, one is reproducible
             save_safetensors(tensors, self.item_path(item), {"item": {"id": item, **metadata}})
         except OSError as exc:
@@ -112,7 +122,7 @@ class FeatureCache:
                 lengths = {name: fh.get_slice(name).get_shape()[0] for name in fh.keys()}
         except Exception:  # a file we cannot parse is re-made, whatever the parser's complaint
             return None
-        if meta.get("id") != item or set(lengths) != {"wave", "semantic_ids", "phoneme_ids"}:
+        if meta.get("id") != item or not REQUIRED_TENSORS <= set(lengths) <= REQUIRED_TENSORS | OPTIONAL_TENSORS:
             return None
         return {**meta, "lengths": lengths}
 

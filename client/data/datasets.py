@@ -18,14 +18,12 @@ from torch.utils.data import Dataset
 from fedvox.client.data.cache import CachedItem, FeatureCache
 from fedvox.client.data.features import from_pcm16
 from fedvox.shared.audio import SEMANTIC_RATE, linear_spectrogram
+from fedvox.shared.bert import BERT_DIM
 from fedvox.shared.errors import DataError
 from fedvox.shared.models.batches import S1Batch, S2Batch
 from fedvox.shared.models.config import EOS
 
 log = logging.getLogger(__name__)
-
-BERT_DIM = 1024
-"""chinese-roberta-wwm-ext-large feature size; s1 reads zeros where GPT-SoVITS has no BERT file."""
 
 MAX_SECONDS = 54
 MIN_PHONES_PER_SECOND = 3
@@ -66,7 +64,8 @@ class S1Example:
 
 
 class S1Dataset(_CacheDataset):
-    """Phoneme ids and semantic tokens; BERT features are zeros (see ``docs/data.md``).
+    """Phoneme ids, semantic tokens and the zh BERT features ``prepare --bert`` stored (zeros
+    for other languages and without ``--bert``, as GPT-SoVITS; see ``docs/data.md``).
 
     Drops, as GPT-SoVITS's s1 loader does, utterances with more than 54 s of tokens, more than
     54 * 25 / 2.5 phonemes, or fewer than 3 or more than 25 phonemes per second (usually a
@@ -83,7 +82,10 @@ class S1Dataset(_CacheDataset):
 
     def __getitem__(self, index: int) -> S1Example:
         tensors = self._load(index)
-        return S1Example(tensors["phoneme_ids"].long(), tensors["semantic_ids"].long())
+        bert = tensors.get("bert")
+        return S1Example(
+            tensors["phoneme_ids"].long(), tensors["semantic_ids"].long(), None if bert is None else bert.float()
+        )
 
 
 def _s1_usable(item: CachedItem) -> bool:
@@ -103,10 +105,12 @@ class S2Example:
     spec: torch.Tensor  # float [1025, 2 * T25]
     wave: torch.Tensor  # float [1, 2 * T25 * 640]
     phoneme_ids: torch.Tensor  # long [X]
+    sv_embedding: torch.Tensor | None = None  # float [20480] (prepare --sv), for v2Pro/v2ProPlus
 
 
 class S2Dataset(_CacheDataset):
-    """Semantic tokens, linear spectrogram, 32 kHz waveform and phoneme ids of each utterance."""
+    """Semantic tokens, linear spectrogram, 32 kHz waveform, phoneme ids and (with ``prepare
+    --sv``) the speaker embedding of each utterance."""
 
     def __getitem__(self, index: int) -> S2Example:
         tensors = self._load(index)
@@ -116,6 +120,7 @@ class S2Dataset(_CacheDataset):
             spec=linear_spectrogram(wave),
             wave=wave.unsqueeze(0),
             phoneme_ids=tensors["phoneme_ids"].long(),
+            sv_embedding=tensors["sv"].float() if "sv" in tensors else None,
         )
 
 
@@ -154,7 +159,11 @@ def collate_s2(examples: Sequence[S2Example]) -> S2Batch:
         spec[row, :, : example.spec.shape[-1]] = example.spec
         wave[row, :, : example.wave.shape[-1]] = example.wave
         phoneme_ids[row, : len(example.phoneme_ids)] = example.phoneme_ids
+    with_sv = [e.sv_embedding is not None for e in examples]
+    if any(with_sv) and not all(with_sv):
+        raise DataError("some s2 examples have speaker embeddings and some do not; prepare the cache again with --sv")
+    sv = torch.stack([e.sv_embedding for e in examples]) if all(with_sv) else None
     return S2Batch(
         semantic_ids, semantic_lengths, spec, spec_lengths, wave, wave_lengths,
-        phoneme_ids, phoneme_lengths,
+        phoneme_ids, phoneme_lengths, sv,
     )

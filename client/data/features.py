@@ -30,6 +30,8 @@ class Features:
     wave: torch.Tensor  # int16 [2 * T25 * 640], 32 kHz PCM
     semantic_ids: torch.Tensor  # int16 [T25], codes 0..1023
     phoneme_ids: torch.Tensor  # int16 [X]
+    bert: torch.Tensor | None = None  # [X, 1024] zh BERT features (fp16 if made on a GPU); None: zeros
+    sv: torch.Tensor | None = None  # [20480] ERes2NetV2 speaker embedding (v2Pro/v2ProPlus)
 
 
 def loudness_mix(wave: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 
 from fedvox.client.data.cache import CachedItem, FeatureCache, Settings, item_id
 from fedvox.client.data.checks import AudioLimits, check_audio
+from fedvox.client.data.extractors import Extractors, ExtractorSpecs
 from fedvox.client.data.features import featurize
 from fedvox.client.data.listfile import Entry, read_list, resolve_audio
 from fedvox.client.data.reasons import Reason, Rejected, Rejection
@@ -63,13 +64,14 @@ def prepare(
     limits: AudioLimits = AudioLimits(),
     workers: int | None = None,
     show_progress: bool = True,
+    extractors: ExtractorSpecs = ExtractorSpecs(),
 ) -> PrepareReport:
     """Check and featurise ``list_file`` into the cache at ``out``; returns the report (also written).
 
     ``data_root`` (default: the list file's folder) bounds where recordings may live.
     ``workers`` processes featurise; by default all usable cores when there are at least
     :data:`AUTO_POOL_CORES` of them and :data:`AUTO_POOL_JOBS` utterances to do, else this
-    process alone.
+    process alone. ``extractors`` add zh BERT features and speaker embeddings to each item.
     """
     list_file = Path(list_file)
     entries = read_list(list_file)
@@ -80,7 +82,7 @@ def prepare(
     root = Path(data_root) if data_root is not None else list_file.parent
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder; pass an existing --data-root")
-    settings = Settings(tokenizer=tokenizer.name, symbols_version=symbols_version)
+    settings = Settings(tokenizer=tokenizer.name, symbols_version=symbols_version, **extractors.names())
     cache = FeatureCache(out)
 
     with cache.lock(), progress() as bar:
@@ -93,7 +95,7 @@ def prepare(
         started = time.perf_counter()
         made: list[CachedItem] = []
         task = bar.add_task("featurising", total=len(jobs), visible=show_progress and bool(jobs))
-        for outcome in _run(jobs, tokenizer, cache, settings, limits, workers):
+        for outcome in _run(jobs, tokenizer, cache, settings, limits, workers, extractors):
             (rejected if isinstance(outcome, Rejection) else made).append(outcome)
             bar.advance(task)
         featurise_s = time.perf_counter() - started
@@ -105,7 +107,8 @@ def prepare(
         report = PrepareReport.build(
             list_file=list_file, out=cache.root, tokenizer=tokenizer.name, accepted=accepted,
             rejected=rejected, featurised=len(made), featurise_s=featurise_s,
-            workers=_pool_size(len(jobs), workers, tokenizer), stale_removed=stale,
+            workers=_pool_size(len(jobs), workers, tokenizer, extractors), stale_removed=stale,
+            notes=extractors.notes(accepted),
         )
         report.write(cache.root)
     return report
@@ -182,28 +185,31 @@ class _Worker:
     cache: FeatureCache
     settings: Settings
     limits: AudioLimits
+    extractors: Extractors
 
 
 _worker: _Worker | None = None
 
 
 def _init_worker(
-    spec: TokenizerSpec, root: Path, settings: Settings, limits: AudioLimits, threads: int
+    spec: TokenizerSpec, root: Path, settings: Settings, limits: AudioLimits, threads: int,
+    extractors: ExtractorSpecs,
 ) -> None:
     global _worker
     torch.set_num_threads(threads)
-    _worker = _Worker(spec.build(), FeatureCache(root), settings, limits)
+    _worker = _Worker(spec.build(), FeatureCache(root), settings, limits, extractors.build())
 
 
-def _threads(spec: TokenizerSpec, available: int) -> int:
+def _threads(spec: TokenizerSpec, extractors: ExtractorSpecs, available: int) -> int:
     """Torch threads per featurising process: the fallback's small ops run fastest on one
     (measured: 42 against 3.5 utterances/s with two threads on a busy 2-core machine)."""
-    return available if spec.hubert is not None else 1
+    return available if spec.hubert is not None or extractors.any else 1
 
 
-def _pool_size(jobs: int, workers: int | None, spec: TokenizerSpec) -> int:
-    """Processes to featurise with: HuBERT runs here on all cores (one model in memory is enough)."""
-    if spec.hubert is not None or jobs < 2:
+def _pool_size(jobs: int, workers: int | None, spec: TokenizerSpec, extractors: ExtractorSpecs) -> int:
+    """Processes to featurise with: HuBERT, BERT and the speaker model run here on all cores (one
+    copy in memory is enough)."""
+    if spec.hubert is not None or extractors.any or jobs < 2:
         return 1
     if workers is None:
         cores = len(os.sched_getaffinity(0))
@@ -213,15 +219,15 @@ def _pool_size(jobs: int, workers: int | None, spec: TokenizerSpec) -> int:
 
 def _run(
     jobs: Sequence[Job], spec: TokenizerSpec, cache: FeatureCache, settings: Settings,
-    limits: AudioLimits, workers: int | None,
+    limits: AudioLimits, workers: int | None, extractors: ExtractorSpecs,
 ) -> Iterator[CachedItem | Rejection]:
     """Featurise ``jobs`` in order, here or in ``workers`` processes of one thread each."""
     if not jobs:
         return
-    size = _pool_size(len(jobs), workers, spec)
+    size = _pool_size(len(jobs), workers, spec, extractors)
     if size == 1:
         threads = torch.get_num_threads()
-        _init_worker(spec, cache.root, settings, limits, _threads(spec, threads))
+        _init_worker(spec, cache.root, settings, limits, _threads(spec, extractors, threads), extractors)
         try:
             yield from map(_featurise, jobs)
         finally:
@@ -230,7 +236,7 @@ def _run(
     context = multiprocessing.get_context("spawn")  # fork is unsafe once torch has started threads
     with ProcessPoolExecutor(
         size, mp_context=context, initializer=_init_worker,
-        initargs=(spec, cache.root, settings, limits, 1),
+        initargs=(spec, cache.root, settings, limits, 1, extractors),
     ) as pool:
         yield from pool.map(_featurise, jobs, chunksize=4)
 
@@ -248,7 +254,7 @@ def _featurise(job: Job) -> CachedItem | Rejection:
         except DataError as exc:
             raise Rejected(Reason.UNDECODABLE_AUDIO, f"line {entry.line}: {exc}") from None
         duration_s = check_audio(wave, sample_rate, _worker.limits, where)
-        features = featurize(wave, sample_rate, phoneme_ids.ids, _worker.tokenizer)
+        features = _worker.extractors.add(featurize(wave, sample_rate, phoneme_ids.ids, _worker.tokenizer), phoneme_ids)
     except Rejected as exc:
         return Rejection(entry.line, entry.audio_path, exc.reason, str(exc))
     except Exception as exc:  # one entry's unexpected failure must not stop the others

@@ -33,6 +33,7 @@ class PrepareReport:
     featurise_s: float  # wall time spent featurising
     workers: int
     stale_removed: int = 0
+    notes: list[str] = field(default_factory=list)  # what the features lack or how they were made
     utterances_per_s: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -42,7 +43,7 @@ class PrepareReport:
     def build(
         cls, *, list_file: Path, out: Path, tokenizer: str, accepted: Sequence[CachedItem],
         rejected: Sequence[Rejection], featurised: int, featurise_s: float, workers: int,
-        stale_removed: int,
+        stale_removed: int, notes: Sequence[str] = (),
     ) -> "PrepareReport":
         ordered = sorted(rejected, key=lambda r: r.line)
         return cls(
@@ -53,6 +54,7 @@ class PrepareReport:
             reasons=dict(sorted(Counter(str(r.reason) for r in ordered).items())),
             rejected=ordered, featurised=featurised, reused=len(accepted) - featurised,
             featurise_s=round(featurise_s, 3), workers=workers, stale_removed=stale_removed,
+            notes=list(notes),
         )
 
     def to_json(self) -> str:
@@ -69,6 +71,7 @@ class PrepareReport:
             f"features: {self.featurised} made, {self.reused} reused from the cache"
             + (f" at {self.utterances_per_s:.1f} utterances/s" if self.featurised else "")
             + f"; tokenizer {self.tokenizer}",
+            *(f"note: {note}" for note in self.notes),
         ]
         for reason, count in self.reasons.items():
             lines.append(f"  {reason}: {count} (fix: {FIXES[reason]})")

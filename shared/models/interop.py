@@ -152,6 +152,10 @@ def random_official_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tens
             state[key] = torch.ones(shape)
         elif key.endswith("_codebook.cluster_size"):
             state[key] = torch.rand(shape, generator=generator) + 1.0
+        elif key.endswith("num_batches_tracked"):
+            state[key] = torch.zeros(shape, dtype=torch.long)
+        elif key.endswith("running_var"):
+            state[key] = torch.rand(shape, generator=generator) + 0.5
         elif key.endswith("weight_g"):
             state[key] = torch.rand(shape, generator=generator) + 0.5
         else:

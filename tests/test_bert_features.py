@@ -1,0 +1,87 @@
+"""zh BERT features: GPT-SoVITS's computation on a small random model in the official folder format,
+stored by ``prepare --bert`` and read back by the s1 dataset (zeros elsewhere, as upstream)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedvox.client.data.datasets import S1Dataset
+from fedvox.client.data.extractors import ExtractorSpecs
+from fedvox.client.data.prepare import prepare
+from fedvox.shared.bert import BERT_DIM, bert_spec
+from fedvox.shared.errors import CheckpointError
+from fedvox.shared.semantic import tokenizer_spec
+from fedvox.shared.text import phonemize
+from tests.data_fixtures import write_good_set
+
+transformers = pytest.importorskip("transformers")
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@pytest.fixture(scope="module")
+def roberta(tmp_path_factory) -> Path:
+    """A 3-layer, 1024-wide BertForMaskedLM with random weights, saved as the released folder is."""
+    folder = tmp_path_factory.mktemp("chinese-roberta-wwm-ext-large")
+    chars = sorted(set("今天天气很好我们去公园散步吧。，！？"))
+    (folder / "vocab.txt").write_text("\n".join(SPECIAL + chars) + "\n", encoding="utf-8")
+    transformers.BertTokenizerFast(str(folder / "vocab.txt")).save_pretrained(folder)
+    config = transformers.BertConfig(
+        vocab_size=len(SPECIAL) + len(chars), hidden_size=BERT_DIM, num_hidden_layers=3,
+        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(config).save_pretrained(folder)
+    return folder
+
+
+def _official(folder: Path, text: str, word2ph: list[int]) -> torch.Tensor:
+    """GPT-SoVITS's ``get_bert_feature`` restated: [1024, phones]."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForMaskedLM.from_pretrained(folder)
+    with torch.no_grad():
+        res = model(**tokenizer(text, return_tensors="pt"), output_hidden_states=True)
+        res = torch.cat(res["hidden_states"][-3:-2], -1)[0].cpu()[1:-1]
+    return torch.cat([res[i].repeat(word2ph[i], 1) for i in range(len(word2ph))], dim=0).T
+
+
+def test_features_equal_gpt_sovits_computation(roberta: Path) -> None:
+    phonemes = phonemize("今天天气很好，我们去公园散步吧！", "zh")
+    extractor = bert_spec(roberta, "cpu").build()
+    features = extractor.features(phonemes.norm_text, phonemes.word2ph)
+    assert features.shape == (len(phonemes.ids), BERT_DIM) and features.dtype == torch.float32
+    assert torch.equal(features.T, _official(roberta, phonemes.norm_text, phonemes.word2ph))
+
+
+def test_prepare_stores_them_for_zh_only_and_s1_reads_them(roberta: Path, tmp_path: Path) -> None:
+    good = write_good_set(tmp_path / "good", source="pseudo")
+    options = {"tokenizer": tokenizer_spec(), "symbols_version": "v2", "workers": 1, "show_progress": False}
+    report = prepare(good, tmp_path / "cache", extractors=ExtractorSpecs(bert=bert_spec(roberta, "cpu")), **options)
+    assert report.notes == []
+    dataset = S1Dataset(tmp_path / "cache")
+    by_language = {item.language.lower(): dataset[i] for i, item in enumerate(dataset.items)}
+    zh = by_language["zh"]
+    assert zh.bert_features is not None and zh.bert_features.shape == (len(zh.phoneme_ids), BERT_DIM)
+    assert by_language["en"].bert_features is None  # zeros in the batch, as upstream
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    assert index["settings"]["bert"].startswith("bert-")
+
+    plain = prepare(good, tmp_path / "plain", **options)
+    assert any("zero BERT features" in note for note in plain.notes)
+    assert "zero BERT features" in (tmp_path / "plain" / "report.txt").read_text()
+    assert all(example.bert_features is None for example in S1Dataset(tmp_path / "plain"))
+
+
+def test_a_folder_that_is_not_the_model_is_refused(tmp_path: Path, roberta: Path) -> None:
+    with pytest.raises(CheckpointError, match="no BERT model folder"):
+        bert_spec(tmp_path)
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "model.safetensors").write_bytes((roberta / "model.safetensors").read_bytes())
+    (small / "config.json").write_text(json.dumps({"hidden_size": 768}))
+    with pytest.raises(CheckpointError, match="hidden_size 768"):
+        bert_spec(small)
