@@ -31,6 +31,7 @@ def prepare(
     device: str | None = typer.Option(None, help="Where HuBERT and BERT run: cpu, cuda, cuda:1 (default: cuda if available)."),
     bert: Path | None = typer.Option(None, help="chinese-roberta-wwm-ext-large folder (Hugging Face format): zh BERT features as GPT-SoVITS computes them (needs fedvox[bert]); without it zh reads zeros."),
     sv: Path | None = typer.Option(None, "--sv", help="GPT-SoVITS's sv/pretrained_eres2netv2w24s4ep4.ckpt: speaker embeddings for a v2Pro/v2ProPlus s2."),
+    from_gpt_sovits: Path | None = typer.Option(None, "--from-gpt-sovits", help="Import this GPT-SoVITS experiment folder (logs/<name>, made from LIST) instead of featurising; needs --hubert and --s2."),
     data_root: Path | None = typer.Option(None, help="Recordings must lie under this folder (default: the list file's folder)."),
     workers: int | None = typer.Option(None, min=1, help="Processes for featurising (default: all cores for 400+ utterances on 4+ cores, else 1)."),
     max_clipped: float = typer.Option(0.001, min=0.0, max=1.0, help="Reject a recording with more than this fraction of full-scale samples."),
@@ -52,18 +53,29 @@ def prepare(
     from fedvox.shared.speaker import sv_spec
 
     setup_logging(verbose)
-    report = run_prepare(
-        list_file, out,
-        tokenizer=tokenizer_spec(hubert, s2, device),
-        symbols_version=s1_config(config).symbols_version,
-        data_root=data_root,
-        limits=AudioLimits(max_clipped_fraction=max_clipped),
-        workers=workers,
-        extractors=ExtractorSpecs(
-            bert=bert_spec(bert, device) if bert else None, sv=sv_spec(sv, device) if sv else None,
-            pro=config in ("v2Pro", "v2ProPlus"),
-        ),
-    )
+    if from_gpt_sovits:
+        from fedvox.client.data.gpt_sovits_import import import_experiment
+        from fedvox.shared.errors import ConfigError
+
+        if bert or sv:
+            raise ConfigError("--from-gpt-sovits imports the folder's own 3-bert and 7-sv_cn; drop --bert/--sv")
+        report = import_experiment(
+            list_file, from_gpt_sovits, out, tokenizer=tokenizer_spec(hubert, s2, device),
+            symbols_version=s1_config(config).symbols_version, limits=AudioLimits(max_clipped_fraction=max_clipped),
+        )
+    else:
+        report = run_prepare(
+            list_file, out,
+            tokenizer=tokenizer_spec(hubert, s2, device),
+            symbols_version=s1_config(config).symbols_version,
+            data_root=data_root,
+            limits=AudioLimits(max_clipped_fraction=max_clipped),
+            workers=workers,
+            extractors=ExtractorSpecs(
+                bert=bert_spec(bert, device) if bert else None, sv=sv_spec(sv, device) if sv else None,
+                pro=config in ("v2Pro", "v2ProPlus"),
+            ),
+        )
     console.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
     if json_output:
         typer.echo(report.to_json(), nl=False)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchaudio.compliance import kaldi
 from torch import nn
+from torchaudio.compliance import kaldi
 
 from fedvox.shared.audio import SAMPLE_RATE, SSL_SAMPLE_RATE, resample
 from fedvox.shared.errors import CheckpointError

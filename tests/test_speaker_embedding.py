@@ -44,7 +44,7 @@ def test_official_layout_loads_and_embeds_20480_dims(sv_file: Path) -> None:
 def test_any_other_layout_is_refused_naming_the_key(sv_file: Path, tmp_path: Path) -> None:
     state = torch.load(sv_file, weights_only=True)
     torch.save({k: v for k, v in state.items() if k != "fuse34.local_att.0.weight"}, tmp_path / "missing.ckpt")
-    with pytest.raises(CheckpointError, match="'fuse34.local_att.0.weight' missing"):
+    with pytest.raises(CheckpointError, match=r"'fuse34\.local_att\.0\.weight' missing"):
         load_sv_model(tmp_path / "missing.ckpt")
     torch.save({**state, "seg_1.weight": torch.zeros(192, 10)}, tmp_path / "shape.ckpt")
     with pytest.raises(CheckpointError, match=r"seg_1.weight has shape \[192, 10\], expected \[192, 40960\]"):
@@ -56,7 +56,8 @@ def test_any_other_layout_is_refused_naming_the_key(sv_file: Path, tmp_path: Pat
 def test_prepare_stores_embeddings_and_a_pro_generator_trains_on_them(sv_file: Path, tmp_path: Path) -> None:
     good = write_good_set(tmp_path / "good", source="pseudo")
     options = {"tokenizer": tokenizer_spec(), "symbols_version": "v2", "workers": 1, "show_progress": False}
-    report = prepare(good, tmp_path / "cache", extractors=ExtractorSpecs(sv=sv_spec(sv_file, "cpu"), pro=True), **options)
+    extractors = ExtractorSpecs(sv=sv_spec(sv_file, "cpu"), pro=True)
+    report = prepare(good, tmp_path / "cache", extractors=extractors, **options)
     assert not any("speaker embeddings" in note for note in report.notes)
     dataset = S2Dataset(tmp_path / "cache")
     batch = collate_s2([dataset[0], dataset[1]])

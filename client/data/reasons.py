@@ -30,6 +30,8 @@ class Reason(StrEnum):
     SILENT_AUDIO = "silent_audio"
     CLIPPED_AUDIO = "clipped_audio"
     FEATURE_ERROR = "feature_error"
+    MISSING_FEATURES = "missing_features"  # --from-gpt-sovits: a file of the experiment folder is absent
+    MISMATCHED_FEATURES = "mismatched_features"  # --from-gpt-sovits: its files disagree with each other
 
 
 FIXES: dict[Reason, str] = {
@@ -49,6 +51,8 @@ FIXES: dict[Reason, str] = {
     Reason.SILENT_AUDIO: "check the microphone; the recording is silent",
     Reason.CLIPPED_AUDIO: "record with a lower input gain; the recording is clipped",
     Reason.FEATURE_ERROR: "report this as a bug with the log (run with --verbose)",
+    Reason.MISSING_FEATURES: "run GPT-SoVITS's 1A preparation for this utterance, or drop it from the list",
+    Reason.MISMATCHED_FEATURES: "pass the s2G and --config the experiment was prepared with, or prepare it again",
 }
 
 

@@ -297,7 +297,9 @@ def config_from_hparams(hps: Mapping[str, Any], version: str, path: str | Path =
 
 
 def _architecture_differences(a: S2Config, b: S2Config) -> list[str]:
-    return [f.name for f in fields(S2Config) if f.name not in _TRAINING_ONLY and getattr(a, f.name) != getattr(b, f.name)]
+    return [
+        f.name for f in fields(S2Config) if f.name not in _TRAINING_ONLY and getattr(a, f.name) != getattr(b, f.name)
+    ]
 
 
 def load_discriminator(path: str | Path, config: S2Config | None = None) -> MultiPeriodDiscriminator:
