@@ -31,6 +31,7 @@ def prepare(
     device: str | None = typer.Option(None, help="Where HuBERT and BERT run: cpu, cuda, cuda:1 (default: cuda if available)."),
     bert: Path | None = typer.Option(None, help="chinese-roberta-wwm-ext-large folder (Hugging Face format): zh BERT features as GPT-SoVITS computes them (needs fedvox[bert]); without it zh reads zeros."),
     sv: Path | None = typer.Option(None, "--sv", help="GPT-SoVITS's sv/pretrained_eres2netv2w24s4ep4.ckpt: speaker embeddings for a v2Pro/v2ProPlus s2."),
+    slicing: bool = typer.Option(False, "--slice", help="Audio paths may name part of a recording as path#START-END (seconds), as `fedvox-client slice` writes them."),
     from_gpt_sovits: Path | None = typer.Option(None, "--from-gpt-sovits", help="Import this GPT-SoVITS experiment folder (logs/<name>, made from LIST) instead of featurising; needs --hubert and --s2."),
     data_root: Path | None = typer.Option(None, help="Recordings must lie under this folder (default: the list file's folder)."),
     workers: int | None = typer.Option(None, min=1, help="Processes for featurising (default: all cores for 400+ utterances on 4+ cores, else 1)."),
@@ -75,6 +76,7 @@ def prepare(
                 bert=bert_spec(bert, device) if bert else None, sv=sv_spec(sv, device) if sv else None,
                 pro=config in ("v2Pro", "v2ProPlus"),
             ),
+            slicing=slicing,
         )
     console.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
     if json_output:
@@ -85,6 +87,25 @@ def prepare(
             f"none of the {len(report.rejected)} entries of {list_file} was accepted ({reasons}); "
             f"see {out / 'report.txt'} for each entry and its fix"
         )
+
+
+@app.command(name="slice")
+def slice_recordings(
+    list_file: Path = typer.Argument(..., help="List of long recordings: audio_path|speaker|language| (text ignored)."),
+    out: Path = typer.Option(..., "--out", help="List to write: one path#START-END|speaker|language| line per slice."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
+) -> None:
+    """Cut long recordings where GPT-SoVITS's slicer would, and write a list for their transcripts.
+
+    Fill in each line's text (what is said in that slice), then run `prepare OUT --slice`.
+    Recordings are only read; no audio is written.
+    """
+    from fedvox.client.data.slicing import write_slice_list
+
+    setup_logging(verbose)
+    recordings, slices = write_slice_list(list_file, out)
+    console.print(f"{recordings} recordings, {slices} slices: write each slice's transcript after the last '|' "
+                  f"in {out}, then run `fedvox-client prepare {out} --slice --out CACHE`")
 
 
 @app.command()

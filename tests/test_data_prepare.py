@@ -25,7 +25,7 @@ from tests.data_fixtures import fingerprint, write_bad_set, write_good_set
 
 FALLBACK = tokenizer_spec()
 CLIENT = Path(sys.executable).with_name("fedvox-client")
-IMPORT_ONLY = {Reason.MISSING_FEATURES, Reason.MISMATCHED_FEATURES}  # --from-gpt-sovits checks
+IMPORT_ONLY = {Reason.MISSING_FEATURES, Reason.MISMATCHED_FEATURES, Reason.BAD_SEGMENT}  # import and --slice checks
 
 
 def run(list_file: Path, out: Path, **kwargs) -> "PrepareReport":  # noqa: F821

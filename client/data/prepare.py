@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,7 +28,8 @@ from fedvox.client.data.features import featurize
 from fedvox.client.data.listfile import Entry, read_list, resolve_audio
 from fedvox.client.data.reasons import Reason, Rejected, Rejection
 from fedvox.client.data.report import PrepareReport
-from fedvox.shared.audio import read_audio
+from fedvox.client.data.slicing import Segment, cut_segment, split_segment
+from fedvox.shared.audio import SAMPLE_RATE, read_audio
 from fedvox.shared.cli import progress
 from fedvox.shared.errors import DataError, TextError
 from fedvox.shared.semantic import SemanticTokenizer, TokenizerSpec
@@ -52,6 +53,7 @@ class Job:
     path: Path
     sha256: str
     item: str
+    segment: Segment | None = None  # prepare --slice: the part of the recording this entry names
 
 
 def prepare(
@@ -65,13 +67,16 @@ def prepare(
     workers: int | None = None,
     show_progress: bool = True,
     extractors: ExtractorSpecs = ExtractorSpecs(),
+    slicing: bool = False,
 ) -> PrepareReport:
     """Check and featurise ``list_file`` into the cache at ``out``; returns the report (also written).
 
     ``data_root`` (default: the list file's folder) bounds where recordings may live.
     ``workers`` processes featurise; by default all usable cores when there are at least
     :data:`AUTO_POOL_CORES` of them and :data:`AUTO_POOL_JOBS` utterances to do, else this
-    process alone. ``extractors`` add zh BERT features and speaker embeddings to each item.
+    process alone. ``extractors`` add zh BERT features and speaker embeddings to each item. With
+    ``slicing``, an audio path may name a part of a recording as ``path#START-END`` (seconds; see
+    ``slicing.py``).
     """
     list_file = Path(list_file)
     entries = read_list(list_file)
@@ -88,7 +93,7 @@ def prepare(
     with cache.lock(), progress() as bar:
         checking = bar.add_task("checking", total=len(entries), visible=show_progress)
         cached, jobs, rejected = _plan(
-            entries, list_file.parent, root, cache, settings, lambda: bar.advance(checking)
+            entries, list_file.parent, root, cache, settings, lambda: bar.advance(checking), slicing
         )
         log.info("%d entries: %d already prepared, %d to featurise, %d rejected",
                  len(entries), len(cached), len(jobs), len(rejected))
@@ -116,38 +121,41 @@ def prepare(
 
 def _plan(
     entries: Sequence[Entry | Rejection], list_dir: Path, root: Path, cache: FeatureCache,
-    settings: Settings, advance: Callable[[], object],
+    settings: Settings, advance: Callable[[], object], slicing: bool = False,
 ) -> tuple[list[CachedItem], list[Job], list[Rejection]]:
     """Resolve, hash and de-duplicate every entry; split into cached items and jobs."""
     cached: list[CachedItem] = []
     jobs: list[Job] = []
     rejected: list[Rejection] = []
-    first_by_path: dict[Path, int] = {}
-    first_by_content: dict[str, int] = {}
+    first_by_path: dict[tuple[Path, Segment | None], int] = {}
+    first_by_content: dict[tuple[str, Segment | None], int] = {}
     for entry in entries:
         advance()
         if isinstance(entry, Rejection):
             rejected.append(entry)
             continue
         where = f"line {entry.line}: {entry.audio_path}"
+        audio_path, segment = split_segment(entry.audio_path) if slicing else (entry.audio_path, None)
         try:
-            path = resolve_audio(entry, list_dir, root)
-            if path in first_by_path:
-                raise Rejected(Reason.DUPLICATE_ENTRY, f"{where}: same file as line {first_by_path[path]}")
-            first_by_path[path] = entry.line
-            sha256 = _hash_file(path, where)
-            if sha256 in first_by_content:
+            path = resolve_audio(replace(entry, audio_path=audio_path), list_dir, root)
+            if (path, segment) in first_by_path:
                 raise Rejected(
-                    Reason.DUPLICATE_ENTRY, f"{where}: same audio as line {first_by_content[sha256]}"
+                    Reason.DUPLICATE_ENTRY, f"{where}: same file as line {first_by_path[path, segment]}"
                 )
-            first_by_content[sha256] = entry.line
+            first_by_path[path, segment] = entry.line
+            sha256 = _hash_file(path, where)
+            if (sha256, segment) in first_by_content:
+                raise Rejected(
+                    Reason.DUPLICATE_ENTRY, f"{where}: same audio as line {first_by_content[sha256, segment]}"
+                )
+            first_by_content[sha256, segment] = entry.line
         except Rejected as exc:
             rejected.append(Rejection(entry.line, entry.audio_path, exc.reason, str(exc)))
             continue
-        item = item_id(sha256, entry.language, entry.text, settings)
+        item = item_id(sha256 if segment is None else f"{sha256}#{segment}", entry.language, entry.text, settings)
         header = cache.item_header(item)
         if header is None:
-            jobs.append(Job(entry, path, sha256, item))
+            jobs.append(Job(entry, path, sha256, item, segment))
         else:
             cached.append(_cached_item(entry, item, header["duration_s"], header["lengths"]))
     return cached, jobs, rejected
@@ -253,6 +261,8 @@ def _featurise(job: Job) -> CachedItem | Rejection:
             wave, sample_rate = read_audio(data, name=entry.audio_path)
         except DataError as exc:
             raise Rejected(Reason.UNDECODABLE_AUDIO, f"line {entry.line}: {exc}") from None
+        if job.segment is not None:
+            wave, sample_rate = _cut(wave, sample_rate, job.segment, where), SAMPLE_RATE
         duration_s = check_audio(wave, sample_rate, _worker.limits, where)
         features = _worker.extractors.add(featurize(wave, sample_rate, phoneme_ids.ids, _worker.tokenizer), phoneme_ids)
     except Rejected as exc:
@@ -269,6 +279,13 @@ def _featurise(job: Job) -> CachedItem | Rejection:
     _worker.cache.write_item(job.item, features, metadata)
     lengths = {"semantic_ids": features.semantic_ids.numel(), "phoneme_ids": features.phoneme_ids.numel()}
     return _cached_item(entry, job.item, metadata["duration_s"], lengths)
+
+
+def _cut(wave: torch.Tensor, sample_rate: int, segment: Segment, where: str) -> torch.Tensor:
+    try:
+        return cut_segment(wave, sample_rate, segment)
+    except ValueError as exc:
+        raise Rejected(Reason.BAD_SEGMENT, f"{where}: {exc}") from None
 
 
 def _read_unchanged(job: Job, where: str) -> bytes:

@@ -32,6 +32,7 @@ class Reason(StrEnum):
     FEATURE_ERROR = "feature_error"
     MISSING_FEATURES = "missing_features"  # --from-gpt-sovits: a file of the experiment folder is absent
     MISMATCHED_FEATURES = "mismatched_features"  # --from-gpt-sovits: its files disagree with each other
+    BAD_SEGMENT = "bad_segment"  # --slice: path#START-END outside the recording
 
 
 FIXES: dict[Reason, str] = {
@@ -53,6 +54,7 @@ FIXES: dict[Reason, str] = {
     Reason.FEATURE_ERROR: "report this as a bug with the log (run with --verbose)",
     Reason.MISSING_FEATURES: "run GPT-SoVITS's 1A preparation for this utterance, or drop it from the list",
     Reason.MISMATCHED_FEATURES: "pass the s2G and --config the experiment was prepared with, or prepare it again",
+    Reason.BAD_SEGMENT: "give START-END in seconds inside the recording (fedvox-client slice writes them)",
 }
 
 
