@@ -118,7 +118,7 @@ def synthesize(
 
 
 def _bert_features(phonemes: Phonemes, bert: BertExtractor) -> torch.Tensor:
-    if phonemes.word2ph is None:
+    if phonemes.language != "zh":  # GPT-SoVITS's get_bert_inf: zeros for every other language
         return torch.zeros(len(phonemes.ids), BERT_DIM)
     return bert.features(phonemes.norm_text, phonemes.word2ph).float()
 

@@ -62,7 +62,7 @@ class Extractors:
 
     def add(self, features: Features, phonemes: Phonemes) -> Features:
         """``features`` with what the extractors make for this utterance (zh text only for BERT)."""
-        if self.bert is not None and phonemes.word2ph is not None:
+        if self.bert is not None and phonemes.language == "zh":
             bert = self.bert.features(phonemes.norm_text, phonemes.word2ph)
             if bert.shape[0] != features.phoneme_ids.numel():
                 raise DataError(f"{bert.shape[0]} BERT vectors for {features.phoneme_ids.numel()} phonemes")

@@ -14,18 +14,19 @@ import re
 from dataclasses import dataclass
 
 from fedvox.shared.errors import TextError
-from fedvox.shared.text import en, en_normalize, zh, zh_normalize
+from fedvox.shared.text import en, en_normalize, yue, zh, zh_normalize
 from fedvox.shared.text.symbols import PUNCTUATION, UNK, check_symbols_version, phones_to_ids, symbol_to_id
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_LANGUAGES = ("zh", "en")
+SUPPORTED_LANGUAGES = ("zh", "en", "yue")
 GPT_SOVITS_LANGUAGES = ("zh", "en", "ja", "ko", "yue")
 _ALIASES = {"jp": "ja"}  # GPT-SoVITS v1 list files write JP
 _UNSUPPORTED_WHY = {
-    "ja": "GPT-SoVITS reads Japanese with pyopenjtalk (OpenJTalk dictionary), which fedvox does not ship",
-    "ko": "GPT-SoVITS reads Korean with g2pk2 and a MeCab dictionary, which fedvox does not ship",
-    "yue": "GPT-SoVITS reads Cantonese with ToJyutping, which fedvox does not ship",
+    "ja": "fedvox has no Japanese frontend yet (GPT-SoVITS's pyopenjtalk prosody path is not ported); "
+    "a GPT-SoVITS experiment folder with Japanese phones imports with prepare --from-gpt-sovits",
+    "ko": "fedvox has no Korean frontend yet (GPT-SoVITS's g2pk2 + MeCab path is not ported); "
+    "a GPT-SoVITS experiment folder with Korean phones imports with prepare --from-gpt-sovits",
 }
 # Pause marks of clean_text's special zh symbols: "￥" -> SP2, "^" -> SP3.
 _ZH_PAUSE_MARKS = (("￥", "SP2"), ("^", "SP3"))
@@ -39,8 +40,9 @@ class Phonemes:
 
     ids: list[int]
     phones: list[str]
-    word2ph: list[int] | None  # zh only: phones per character of norm_text
+    word2ph: list[int] | None  # zh and yue: phones per character of norm_text
     norm_text: str
+    language: str  # the GPT-SoVITS code the text was read as (BERT features exist for zh only)
 
 
 def normalize_language(language: str) -> str:
@@ -53,7 +55,7 @@ def _check_language(language: str) -> str:
     code = normalize_language(language)
     if code in SUPPORTED_LANGUAGES:
         return code
-    supported = " and ".join(SUPPORTED_LANGUAGES)
+    supported = ", ".join(SUPPORTED_LANGUAGES)
     if code in _UNSUPPORTED_WHY:
         message = (
             f"language {language!r} is not supported: {_UNSUPPORTED_WHY[code]}; "
@@ -78,7 +80,13 @@ def _zh(text: str, symbols_version: str) -> tuple[list[str], list[int], str]:
     return phones, word2ph, norm_text
 
 
-def _en(text: str) -> tuple[list[str], None, str]:
+def _yue(text: str, symbols_version: str) -> tuple[list[str], list[int], str]:
+    norm_text = yue.normalize(text)
+    phones, word2ph = yue.g2p(norm_text)
+    return phones, word2ph, norm_text
+
+
+def _en(text: str, symbols_version: str) -> tuple[list[str], None, str]:
     norm_text = en_normalize.normalize(text)
     phones = en.g2p(norm_text)
     if len(phones) < _MIN_EN_PHONES:  # GPT-SoVITS pads very short English with a leading pause
@@ -86,10 +94,13 @@ def _en(text: str) -> tuple[list[str], None, str]:
     return phones, None, norm_text
 
 
+_READERS = {"zh": _zh, "en": _en, "yue": _yue}
+
+
 def phonemize(text: str, language: str, symbols_version: str = "v2") -> Phonemes:
     """Phoneme ids of ``text`` as GPT-SoVITS's frontend makes them (g2pW-free zh path).
 
-    ``language`` is a GPT-SoVITS code (``zh``, ``en``; v1 ``ZH``, ``EN`` accepted);
+    ``language`` is a GPT-SoVITS code (``zh``, ``en``, ``yue``; v1 ``ZH``, ``EN`` accepted);
     ``symbols_version`` is ``v1`` or ``v2`` (v2, v2Pro and v2ProPlus models). Raises
     :class:`TextError` with ``reason`` ``empty_text``, ``unsupported_language`` or
     ``unphonemizable_text``, and :class:`ConfigError` for an unknown ``symbols_version``.
@@ -98,7 +109,12 @@ def phonemize(text: str, language: str, symbols_version: str = "v2") -> Phonemes
     code = _check_language(language)
     if not text.strip():
         raise TextError("the text is empty: write the transcript of the recording", reason="empty_text")
-    phones, word2ph, norm_text = _zh(text, symbols_version) if code == "zh" else _en(text)
+    if code == "yue" and symbols_version == "v1":
+        raise TextError(
+            "Cantonese phones exist in the v2 symbol table only (v2, v2Pro, v2ProPlus models), not in v1",
+            reason="unsupported_language",
+        )
+    phones, word2ph, norm_text = _READERS[code](text, symbols_version)
     if all(phone in _SILENT for phone in phones):
         hint = ""
         if code == "zh" and re.search("[A-Za-z]", text):
@@ -115,4 +131,4 @@ def phonemize(text: str, language: str, symbols_version: str = "v2") -> Phonemes
     if unknown:
         log.debug("phones %s are not in the %s table; mapped to UNK", unknown, symbols_version)
         phones = [phone if phone in table else UNK for phone in phones]
-    return Phonemes(phones_to_ids(phones, symbols_version), phones, word2ph, norm_text)
+    return Phonemes(phones_to_ids(phones, symbols_version), phones, word2ph, norm_text, code)
