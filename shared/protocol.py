@@ -108,12 +108,12 @@ class ClientStatus:
                     raise ProtocolError("status record has no client-id")
                 continue
             value = record[key]
-            kind = _TYPES[f.type]
+            kind = _TYPES[str(f.type)]
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise ProtocolError(f"status {key} must be a {kind.__name__}, got {value!r}")
-            if kind is float and math.isnan(value):
+            if isinstance(value, float) and math.isnan(value):
                 raise ProtocolError(f"status {key} must be a number, got NaN")
             values[f.name] = value
         status = cls(**values)

@@ -21,7 +21,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from safetensors.torch import load_file
@@ -32,6 +32,9 @@ from fedvox.shared.audio import N_MELS, SAMPLE_RATE, SSL_SAMPLE_RATE, mel_spectr
 from fedvox.shared.errors import CheckpointError, ConfigError
 from fedvox.shared.models.config import SEMANTIC_CODES
 from fedvox.shared.models.interop import rename_keys
+
+if TYPE_CHECKING:
+    from fedvox.shared.models.s2.generator import SynthesizerTrn
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +107,7 @@ class HubertTokenizer:
     ``s2`` is an s2 generator (``SynthesizerTrn``); only its ``extract_latent`` runs.
     """
 
-    def __init__(self, hubert: Wav2Vec2Model, s2: torch.nn.Module, name: str, device: str = "cpu"):
+    def __init__(self, hubert: Wav2Vec2Model, s2: SynthesizerTrn, name: str, device: str = "cpu"):
         self.hubert = hubert.eval().to(device)
         self.s2 = s2.eval().to(device)
         self.name = name

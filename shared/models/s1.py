@@ -199,8 +199,9 @@ class Text2SemanticDecoder(nn.Module):
 
     def set_attention_checkpointing(self, enabled: bool) -> None:
         """Recompute the attention core in backward (saves the ``[B, heads, S, S]`` activations)."""
-        for layer in self.h.layers:
-            layer.self_attn.checkpoint = enabled
+        for module in self.modules():
+            if isinstance(module, SelfAttention):
+                module.checkpoint = enabled
 
     # ------------------------------------------------------------------ forward
     def forward(

@@ -124,7 +124,7 @@ def config_from_official(yaml_config: Mapping[str, Any]) -> S1Config:
     try:
         model = yaml_config["model"]
         vocab = int(model["phoneme_vocab_size"])
-        fields = {
+        fields: dict[str, Any] = {
             "phoneme_vocab_size": vocab,
             "dim": int(model["hidden_dim"]),
             "heads": int(model["head"]),

@@ -268,7 +268,7 @@ def implied(rows: Sequence[LedgerRow], delta: float) -> Implied:
         try:
             rdp_event, pld_event = dp_events(row)
         except ConfigError as exc:
-            return Implied(tuple(reference), *map(tuple, at_delta), None, None, (index, str(exc)))
+            return Implied(tuple(reference), tuple(at_delta[0]), tuple(at_delta[1]), None, None, (index, str(exc)))
         rdp.compose(rdp_event)
         pld.compose(pld_event)
         reference.append(min(_epsilon_of(pld, row.delta), _epsilon_of(rdp, row.delta)))
@@ -278,7 +278,7 @@ def implied(rows: Sequence[LedgerRow], delta: float) -> Implied:
     last = rows[-1]
     opacus = epsilon(history, delta, last.accountant)
     writer = opacus if delta == last.delta else epsilon(history, last.delta, last.accountant)
-    return Implied(tuple(reference), *map(tuple, at_delta), opacus, writer, None)
+    return Implied(tuple(reference), tuple(at_delta[0]), tuple(at_delta[1]), opacus, writer, None)
 
 
 def recompute(
@@ -316,6 +316,7 @@ def recompute(
         account.findings.append(_finding(UNACCOUNTABLE, account, row, f"cannot account row {row.id}: {reason}"))
         return
     last = account.rows[-1]
+    assert result.writer is not None  # every row was accountable
     if last.epsilon < result.writer - _slack(result.writer, tolerance):
         account.findings.append(
             _finding(

@@ -24,9 +24,7 @@ import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -114,8 +112,7 @@ def signing_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePrivateKey:
     """The EC private key (OpenSSH format) at ``path``, made on first use (0600)."""
     path = Path(path)
     if not path.is_file():
-        key = ec.generate_private_key(ec.SECP384R1())
-        pem = key.private_bytes(
+        pem = ec.generate_private_key(ec.SECP384R1()).private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
         )
         candidate = path.with_name(f".{path.name}.{secrets.token_hex(4)}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from functools import cache
+from functools import cache, partial
 
 from fedvox.shared.text.symbols import PUNCTUATION
 
@@ -155,7 +155,7 @@ def normalize(text: str) -> str:
     text = _TIME.sub(_time, text)
     text = _MEASURE.sub(_measure, text)
     for pattern, units in _MONEY:
-        text = pattern.sub(lambda m, units=units: _money(m, units), text)
+        text = pattern.sub(partial(_money, units=units), text)
     text = _DECIMAL.sub(_decimal, text)
     text = _FRACTION.sub(_fraction, text)
     text = _ORDINAL.sub(lambda m: _inflect().number_to_words(m.group(0)), text)

@@ -119,7 +119,7 @@ def g2p(norm_text: str, symbols_version: str) -> tuple[list[str], list[int]]:
         for word, pos in segments:
             if pos == "eng":
                 continue
-            finals = apply_sandhi(word, pos, finals_tone3(word))
+            finals = apply_sandhi(word, pos, list(finals_tone3(word)))
             if symbols_version != "v1":
                 finals = _erhua(word, pos, finals)
             for initial, final in zip(_initials(word), finals):

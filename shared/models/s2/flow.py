@@ -47,17 +47,18 @@ class ResidualCouplingLayer(nn.Module):
         self, channels: int, hidden: int, kernel_size: int, n_layers: int, gin_channels: int
     ) -> None:
         super().__init__()
-        self.half = channels // 2
-        self.pre = nn.Conv1d(self.half, hidden, 1)
+        self.half_channels = channels // 2
+        self.pre = nn.Conv1d(self.half_channels, hidden, 1)
         self.enc = WN(hidden, kernel_size, 1, n_layers, gin_channels)
-        self.post = nn.Conv1d(hidden, self.half, 1)
+        self.post = nn.Conv1d(hidden, self.half_channels, 1)
         nn.init.zeros_(self.post.weight)
+        assert self.post.bias is not None
         nn.init.zeros_(self.post.bias)
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor, g: torch.Tensor, reverse: bool = False
     ) -> torch.Tensor:
-        x0, x1 = x.split(self.half, dim=1)
+        x0, x1 = x.split(self.half_channels, dim=1)
         m = self.post(self.enc(self.pre(x0) * mask, mask, g)) * mask
         x1 = (x1 - m) * mask if reverse else m + x1 * mask
         return torch.cat([x0, x1], dim=1)

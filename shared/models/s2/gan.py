@@ -28,7 +28,7 @@ from fedvox.shared.models.batches import S2Batch
 from fedvox.shared.models.config import S2Config
 from fedvox.shared.models.s2.generator import S2Forward, slice_frames
 from fedvox.shared.models.s2.losses import (
-    discriminator_loss, feature_matching_loss, generator_adversarial_loss, kl_loss, mel_loss,
+    discriminator_loss, feature_matching_loss, generator_adversarial_loss, kl_loss, mel_loss, total,
 )
 
 
@@ -70,7 +70,7 @@ def generator_losses(
         "kl": kl_loss(out.z_p, out.logs_q, out.m_p, out.logs_p, out.mask) * config.c_kl,
         "commitment": out.commitment,
     }
-    losses["total"] = sum(losses.values())
+    losses["total"] = total(losses.values())
     return losses
 
 
@@ -82,14 +82,14 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
     for p in trainable:
         p.requires_grad_(False)
     if hooks_were_on:
-        module.disable_hooks()
+        module.disable_hooks()  # type: ignore[operator]  # Opacus's GradSampleModule
     try:
         yield module
     finally:
         for p in trainable:
             p.requires_grad_(True)
         if hooks_were_on:
-            module.enable_hooks()
+            module.enable_hooks()  # type: ignore[operator]
 
 
 __all__ = ["discriminator_losses", "frozen", "generator_losses", "real_slices"]

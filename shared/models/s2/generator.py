@@ -105,7 +105,7 @@ class SynthesizerTrn(nn.Module):
         )
         self.ssl_proj = nn.Conv1d(c.ssl_dim, c.ssl_dim, 2, stride=2)  # 50 Hz HuBERT -> 25 Hz
         self.quantizer = FrozenQuantizer(c.codebook_size, c.ssl_dim)
-        if c.is_pro:
+        if c.sv_dim is not None:  # v2Pro/v2ProPlus
             self.sv_emb = nn.Linear(c.sv_dim, c.gin_channels)
             self.ge_to512 = nn.Linear(c.gin_channels, c.mrte_hidden)
             self.prelu = nn.PReLU(num_parameters=c.gin_channels)
@@ -145,7 +145,8 @@ class SynthesizerTrn(nn.Module):
 
     def param_groups(self, lr: float) -> list[dict]:
         """Optimizer groups as ``s2_train.py``: the text side at ``lr * text_low_lr_rate``."""
-        base, text = [], []
+        base: list[nn.Parameter] = []
+        text: list[nn.Parameter] = []
         for name, param in self.named_parameters():
             if param.requires_grad:
                 (text if name.startswith(tuple(p + "." for p in TEXT_SIDE)) else base).append(param)

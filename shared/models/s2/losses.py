@@ -10,6 +10,10 @@ by its own frame count, which weights utterances equally instead of by length.
 
 from __future__ import annotations
 
+import functools
+import operator
+from collections.abc import Iterable
+
 import torch
 
 from fedvox.shared.audio import mel_from_linear, mel_spectrogram
@@ -25,14 +29,19 @@ def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
     return _fp32(x).flatten(1).mean(dim=1)
 
 
+def total(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of loss terms, added in order (Python's ``sum`` starts from the int 0)."""
+    return functools.reduce(operator.add, terms)
+
+
 def discriminator_loss(real: Scores, fake: Scores) -> torch.Tensor:
     """LSGAN for D: ``sum_d mean((1 - D(y))^2) + mean(D(y_hat)^2)``."""
-    return sum(_per_sample_mean((1 - r) ** 2) + _per_sample_mean(f**2) for r, f in zip(real, fake))
+    return total(_per_sample_mean((1 - r) ** 2) + _per_sample_mean(f**2) for r, f in zip(real, fake))
 
 
 def generator_adversarial_loss(fake: Scores) -> torch.Tensor:
     """LSGAN for G: ``sum_d mean((1 - D(y_hat))^2)``."""
-    return sum(_per_sample_mean((1 - f) ** 2) for f in fake)
+    return total(_per_sample_mean((1 - f) ** 2) for f in fake)
 
 
 def feature_matching_loss(real: FeatureMaps, fake: FeatureMaps) -> torch.Tensor:
@@ -40,7 +49,7 @@ def feature_matching_loss(real: FeatureMaps, fake: FeatureMaps) -> torch.Tensor:
 
     Upstream's ``feature_loss`` multiplies by 2 internally; here that factor is ``c_fm``.
     """
-    return sum(
+    return total(
         _per_sample_mean((r.detach() - f).abs())
         for maps_r, maps_f in zip(real, fake)
         for r, f in zip(maps_r, maps_f)

@@ -24,7 +24,9 @@ def same_padding(kernel_size: int, dilation: int = 1) -> int:
 def weight_normed(conv: nn.Module, init_std: float | None = None) -> nn.Module:
     """``conv`` with weight norm over dim 0 (GPT-SoVITS's layout); optional N(0, std) init first."""
     if init_std is not None:
-        nn.init.normal_(conv.weight, 0.0, init_std)
+        weight = conv.weight
+        assert isinstance(weight, torch.Tensor)
+        nn.init.normal_(weight, 0.0, init_std)
     return weight_norm(conv, name="weight", dim=0)
 
 

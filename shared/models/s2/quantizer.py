@@ -18,6 +18,8 @@ from torch import nn
 class FrozenQuantizer(nn.Module):
     """Nearest-code quantiser over ``[B, dim, T]`` features with a fixed codebook."""
 
+    embed: torch.Tensor
+
     def __init__(self, size: int = 1024, dim: int = 768) -> None:
         super().__init__()
         embed = torch.randn(size, dim)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,15 +20,17 @@ class TextEncoder(nn.Module):
         super().__init__()
         c = config
         hidden = c.hidden_channels
-        layers = dict(filter_channels=c.filter_channels, n_heads=c.n_heads,
-                      kernel_size=c.kernel_size, p_dropout=c.p_dropout, window=c.window_size)
+        encoder = functools.partial(
+            Encoder, hidden, filter_channels=c.filter_channels, n_heads=c.n_heads,
+            kernel_size=c.kernel_size, p_dropout=c.p_dropout, window=c.window_size,
+        )
         self.inter_channels = c.inter_channels
         self.ssl_proj = nn.Conv1d(c.ssl_dim, hidden, 1)
-        self.encoder_ssl = Encoder(hidden, n_layers=c.n_layers // 2, **layers)
-        self.encoder_text = Encoder(hidden, n_layers=c.n_layers, **layers)
+        self.encoder_ssl = encoder(n_layers=c.n_layers // 2)
+        self.encoder_text = encoder(n_layers=c.n_layers)
         self.text_embedding = nn.Embedding(c.phoneme_vocab, hidden)
         self.mrte = MRTE(hidden, c.mrte_hidden, c.mrte_heads)
-        self.encoder2 = Encoder(hidden, n_layers=c.n_layers // 2, **layers)
+        self.encoder2 = encoder(n_layers=c.n_layers // 2)
         self.proj = nn.Conv1d(hidden, 2 * c.inter_channels, 1)
 
     def forward(
