@@ -27,9 +27,10 @@ from fedvox.client.identity import client_identity
 from fedvox.server.checkpoints import CheckpointStore
 from fedvox.server.cli import app as server_cli
 from fedvox.server.model import initial_subset
-from fedvox.shared.device_keys import fingerprint
+from fedvox.shared.device_keys import fingerprint, parse_public_key
 from fedvox.shared.privacy.audit import audit_ledger
 from fedvox.shared.privacy.ledger import Ledger
+from fedvox.shared.privacy.ledger_head import LEDGER_HEAD, SignedHead, recorded_heads
 from fedvox.shared.protocol import ClientStatus
 from fedvox.shared.processes import flower_command, flower_env, free_port
 from tests.data_fixtures import GOOD
@@ -125,10 +126,17 @@ def test_two_enrolled_devices_train_two_rounds_and_only_the_update_leaves_them(p
     assert (home.run_dir / "export" / "fedvox" / "s1.safetensors").is_file(), exported
 
     # Each device's own ledger charged both rounds to its data folder's identity.
-    for _, data, _ in devices.values():
+    # ... and signed its head, with its enrolled key, in every reply; the server kept the heads and
+    # the ledger still holds every row they sign for.
+    heads = recorded_heads([home.run_dir])
+    for _, data, device_home in devices.values():
         with Ledger(data) as ledger:
             rows = ledger.rows(client_id=client_identity(data), unit="utterance")
         assert [r.round for r in rows] == [1, 2]
+        mine = [h for h in heads if h.client_id == client_identity(data)]
+        enrolled = fingerprint(parse_public_key(str(device_home.public_key)))
+        assert len(mine) == 2 and {h.fingerprint for h in mine} == {enrolled}
+        assert audit_ledger(data, heads=mine).all_findings == []
 
     # The stranger never got past activation: no run, no FAB, no message, no model.
     stranger_pk = public_key_to_bytes(stranger_key.public_key())
@@ -136,7 +144,7 @@ def test_two_enrolled_devices_train_two_rounds_and_only_the_update_leaves_them(p
     assert stranger_calls and {e.path for e in stranger_calls} == {"/v1/fleet/activate-node"}
     assert all(e.status >= 400 for e in stranger_calls)
 
-    # What crossed the network from the devices: only the trainable subset, metrics and status.
+    # What crossed the network from the devices: only the trainable subset, metrics, status and signed head.
     _assert_replies_carry_only_updates_and_metrics(tap.exchanges, home, [d for _, d, _ in devices.values()])
 
 
@@ -173,8 +181,11 @@ def _assert_replies_carry_only_updates_and_metrics(exchanges, home, data_folders
     for reply in replies:
         assert isinstance(reply, Message)
         records = reply.content
-        assert set(records.config_records) == {"status"}
+        assert set(records.config_records) == {"status", LEDGER_HEAD}
         status = ClientStatus.from_record(records.config_records["status"])
+        head = SignedHead.from_json(records.config_records[LEDGER_HEAD])
+        head.verify()
+        assert head.client_id == status.client_id
         assert status.ok and status.client_id.startswith("client-") and status.detail == ""
         assert set(records.config_records["status"]) == {f.replace("_", "-") for f in ClientStatus.__dataclass_fields__}
         if records.array_records:
