@@ -702,7 +702,8 @@ FILES_TEXT = """\
   ledger (with `--speaker-dp`), `metrics.jsonl` and TensorBoard logs, the exported best model (`export/`);
   `fedvox-server status` reads it.
 - `runs/<run>/clients/client-<p>/privacy_ledger.sqlite`: each client's utterance-level ledger;
-  `fedvox-audit runs/<run>/clients/* [runs/<run>/server]` recomputes every epsilon.
+  `fedvox-audit runs/<run>/clients/* [runs/<run>/server]` recomputes every epsilon, and with
+  `--heads runs/<run>/server` holds each client's ledger against the heads it signed in its replies.
 - `runs/<run>/events/client-<p>.jsonl`: what each client did in each round (outcome, measured and simulated
   times, bytes, memory).
 - `runs/<run>/fleet.json`: each client's device, simulated profile and how this host ran it.

@@ -1,4 +1,4 @@
-"""The SuperLink's Control API answers the server home's owner only (a real SuperLink on loopback).
+"""The SuperLink's Control and Runtime APIs answer the server home's owner only (a real SuperLink on loopback).
 
 Before: any local account reached the loopback Control API; a client that skipped certificate
 verification listed runs and registered a node key that then joined a round, while
@@ -13,14 +13,18 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.proto.control_pb2 import ListRunsRequest, RegisterNodeRequest  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
 from flwr.supercore.control import ControlHttpClient
+from flwr.supercore.error import ApiErrorCode
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+from flwr.supercore.protobuf.client import PROTOBUF_MEDIA_TYPE
+from flwr.supercore.runtime_version_compatibility import RuntimeVersionMetadata
 
 from fedvox.server.deploy.control import Control
 from fedvox.server.deploy.control_auth import BearerToken
 from fedvox.server.deploy.devices import UNKNOWN_DEVICE, device_report
 from fedvox.server.deploy.home import ensure_link_certificate
-from fedvox.server.deploy.launcher import ServerProcess
+from fedvox.server.deploy.launcher import ServerProcess, app_directory
 from fedvox.shared.device_keys import fingerprint
 from fedvox.shared.errors import DeploymentError
 from fedvox.shared.processes import stop_tree
@@ -36,6 +40,7 @@ def server(tmp_path_factory):
     process._start_superlink()  # returns once the owner's Control calls are answered
     yield home, process
     process.control.close()
+    stop_tree(process.superexec.pid)
     stop_tree(process.superlink.pid)
 
 
@@ -62,10 +67,25 @@ def test_a_control_call_without_the_home_token_is_refused(server, token):
 
 def test_the_home_owner_is_answered_and_every_key_the_superlink_holds_is_listed(server):
     home, process = server
+    run_id = process.control.start_run(app_directory(), home.run_config().to_flat())  # acts as Flower's one account
+    assert run_id in {run.run_id for run in process.control.runs()}
+    process.control.stop_run(run_id)
     key = ec.generate_private_key(ec.SECP384R1()).public_key()
     node_id = process.control.register(public_key_to_bytes(key), "behind-fedvox")  # not through `register`
     (entry,) = [d for d in device_report(home, process.control.nodes()) if d["node-id"] == node_id]
     assert entry["name"] == UNKNOWN_DEVICE and entry["fingerprint"] == fingerprint(key)
+
+
+def test_the_runtime_api_hands_a_run_to_no_one_but_the_home_superexec(server):
+    """Only the SuperExec holding the home's secret may take a run's task (and so act as its ServerApp)."""
+    home, process = server
+    version = dict(RuntimeVersionMetadata.from_local_component("flwr-serverapp").as_metadata())
+    response = httpx.post(
+        f"https://{process.address}/v1/runtime/acquire-task", content=AcquireTaskRequest().SerializeToString(),
+        headers={"content-type": PROTOBUF_MEDIA_TYPE, "accept": PROTOBUF_MEDIA_TYPE, **version}, verify=False,
+    )
+    assert response.status_code == 401 and response.json()["code"] == ApiErrorCode.RUNTIME_AUTHENTICATION_FAILED
+    assert process.superexec.poll() is None  # the home's own SuperExec runs, with the secret
 
 
 def test_the_token_is_private_to_the_home(server):

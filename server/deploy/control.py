@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from fnmatch import fnmatch
 import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -44,14 +43,14 @@ FINISHED = "finished"
 
 
 def app_bundle(app_dir: Path) -> bytes:
-    """The Flower App bundle (FAB): ``pyproject.toml`` and the packages it installs
-    (``[tool.setuptools.packages.find] include``), filtered by Flower's own rules (``.py``,
-    ``.toml``, ``.json``, ``.md``). ``flwr run`` walks the whole folder, virtual environment
-    included (45,000 files, 15 s here), to keep about the same ones."""
+    """The Flower App bundle (FAB): ``pyproject.toml`` and the folders it installs as ``fedvox.*``
+    (``[tool.setuptools] package-dir``), filtered by Flower's own rules (``.py``, ``.toml``,
+    ``.json``, ``.md``). ``flwr run`` walks the whole folder, virtual environment included (45,000
+    files, 15 s here), to keep about the same ones."""
     pyproject = tomllib.loads((app_dir / "pyproject.toml").read_text())
-    include = pyproject.get("tool", {}).get("setuptools", {}).get("packages", {}).get("find", {}).get("include", ["*"])
+    folders = pyproject.get("tool", {}).get("setuptools", {}).get("package-dir", {}).values()
     files: dict[str, Path] = {"pyproject.toml": app_dir / "pyproject.toml"}
-    packages = [p for p in app_dir.iterdir() if (p / "__init__.py").is_file() and any(fnmatch(p.name, i) for i in include)]
+    packages = [app_dir / Path(folder).parts[0] for folder in sorted(set(folders))]
     for package in sorted(packages):
         for path in package.rglob("*"):
             if path.is_file() and "__pycache__" not in path.parts:

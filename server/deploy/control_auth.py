@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
-from flwr.common.constant import ACCESS_TOKEN_KEY
+from flwr.common.constant import ACCESS_TOKEN_KEY, NOOP_ACCOUNT_NAME, NOOP_FLWR_AID
 from flwr.supercore.auth.typing import AccountAuthCredentials, AccountAuthLoginDetails, AccountInfo
 from flwr.supercore.error import ApiErrorCode, FlowerError
 from flwr.supercore.interceptors.http.utils import add_headers
@@ -38,11 +38,12 @@ from fedvox.shared.atomic import atomic_path
 from fedvox.shared.errors import DeploymentError
 
 TOKEN_FILE_ENV = "FEDVOX_CONTROL_TOKEN_FILE"
-OWNER = AccountInfo(flwr_aid="fedvox-home-owner", account_name="server home owner")
+OWNER = AccountInfo(flwr_aid=NOOP_FLWR_AID, account_name=NOOP_ACCOUNT_NAME)
+"""Open-source Flower has one account, which owns every run and node; the token decides who may act as it."""
 
 
 def ensure_token(path: Path) -> str:
-    """The home's Control API token, made on first use (0600)."""
+    """A secret of the home (the Control API token, the SuperExec secret), made on first use (0600)."""
     if not path.is_file():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with atomic_path(path) as tmp:  # mkstemp: 0600 from the start
@@ -51,15 +52,15 @@ def ensure_token(path: Path) -> str:
 
 
 def read_token(path: Path) -> str:
-    """The token in ``path``; refuses one that other accounts can read."""
+    """The secret in ``path``; refuses one that other accounts can read."""
     try:
         if path.stat().st_mode & 0o077:
             raise DeploymentError(f"{path} is readable by other accounts; run `chmod 600 {path}`")
         token = path.read_text().strip()
     except OSError as exc:
         raise DeploymentError(
-            f"cannot read the Control API token {path} ({exc.strerror}); only the server home's owner can "
-            "control its server: run this as that account"
+            f"cannot read {path} ({exc.strerror}); only the server home's owner can control its server: "
+            "run this as that account"
         ) from None
     if not token:
         raise DeploymentError(f"{path} is empty; delete it and start the server again to make a new token")

@@ -11,6 +11,7 @@
     DIR/pki/internal/        loopback TLS between the gateway, the SuperLink and the ServerApp
     DIR/state/superlink.db   Flower's SQLite state (nodes, runs); server.json (the running server)
     DIR/state/control.token  the Control API credential (0600): only the home's owner controls the server
+    DIR/state/superexec.secret  what the SuperExec proves itself with to the Runtime API (0600)
     DIR/logs/                server.log (fedvox-server), superlink.log (Flower, ServerApp)
     DIR/run/                 checkpoints, metrics.jsonl, the speaker-level ledger, exports
 
@@ -83,6 +84,7 @@ class ServerHome:
         self.database = self.state / "superlink.db"
         self.server_state = self.state / "server.json"
         self.control_token = self.state / "control.token"
+        self.superexec_secret = self.state / "superexec.secret"
         self.lock_file = self.state / "server.lock"
         self.flwr_home = self.state / "flwr"
         self.logs = self.root / "logs"

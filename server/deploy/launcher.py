@@ -4,7 +4,8 @@ What runs (one ``start`` per server home; a lock file refuses a second):
 
 - ``flower-superlink`` on 127.0.0.1 (a free port) with TLS (the home's loopback certificate),
   Control API authentication (the home's token, :mod:`server.deploy.control_auth`), SuperNode
-  authentication, its SQLite state in ``DIR/state/superlink.db`` and no runtime
+  authentication, Flower's SuperExec (which starts the ServerApp) authenticated by the home's
+  secret, its SQLite state in ``DIR/state/superlink.db`` and no runtime
   dependency installation; its ServerApp process (fedvox's ``server.app``) is Flower's own;
 - the gateway (:mod:`server.deploy.gateway`) on ``--host:--port`` with the server certificate;
 - the Control API calls that authorise the registered devices and submit the fedvox run, built
@@ -46,7 +47,7 @@ from fedvox.server.deploy.home import ServerHome, ensure_link_certificate
 from fedvox.server.deploy.pki import check_server_pair
 from fedvox.shared.atomic import atomic_write_text
 from fedvox.shared.errors import DeploymentError
-from fedvox.shared.processes import die_with_parent, flower_env, free_port, stop_tree
+from fedvox.shared.processes import die_with_parent, flower_command, flower_env, free_port, stop_tree
 
 log = logging.getLogger(__name__)
 serverapp_log = logging.getLogger("fedvox.serverapp")
@@ -127,6 +128,7 @@ class ServerProcess:
         self.resume = resume
         self.config = home.run_config()
         self.superlink: subprocess.Popen | None = None
+        self.superexec: subprocess.Popen | None = None
         self.gateway: GatewayServer | None = None
         self.control: Control | None = None
         self.address = ""  # the SuperLink's loopback host:port, once started
@@ -222,7 +224,7 @@ class ServerProcess:
         except (OSError, ValueError):
             return
         marks = [str(self.home.database), previous.get("superlink") or "-"]
-        commands = ("flower-superlink", SUPERLINK_MODULE, "flwr-serverapp")
+        commands = ("flower-superlink", SUPERLINK_MODULE, "flower-superexec", "flwr-serverapp")
         for process in psutil.process_iter(["pid", "cmdline"]):
             cmdline = " ".join(process.info["cmdline"] or [])
             if any(c in cmdline for c in commands) and any(m in cmdline for m in marks):
@@ -242,8 +244,12 @@ class ServerProcess:
             "--host", "127.0.0.1", "--port", str(internal),
             "--database", str(self.home.database),
             "--disable-runtime-dependency-installation",
+            # ServerApps are launched by our own SuperExec, which proves itself with the home's
+            # secret: the Runtime API then hands a run's task to no one else (_start_superexec)
+            "--isolation", "process", "--superexec-auth-secret-file", str(self.home.superexec_secret),
         ]
         ensure_token(self.home.control_token)
+        ensure_token(self.home.superexec_secret)
         env = {**flower_env(self.home.flwr_home), TOKEN_FILE_ENV: str(self.home.control_token)}
         with open(self.home.logs / "superlink.log", "ab") as out:
             self.superlink = subprocess.Popen(
@@ -260,11 +266,29 @@ class ServerProcess:
                 )
             try:
                 self.control.runs()
-                return
+                break
             except DeploymentError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+        self._start_superexec()
+
+    def _start_superexec(self) -> None:
+        """Flower's SuperExec, which starts each run's ServerApp, authenticated to the SuperLink by
+        the home's secret (the SuperLink would start an unauthenticated one itself)."""
+        command = [
+            flower_command("flower-superexec"),
+            "--root-certificates", str(self.home.internal_ca),
+            "--runtime-api-address", self.address,
+            "--superexec-auth-secret-file", str(self.home.superexec_secret),
+            "--parent-pid", str(self.superlink.pid),
+        ]
+        with open(self.home.logs / "superlink.log", "ab") as out:
+            self.superexec = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, env=flower_env(self.home.flwr_home),
+                cwd=self.home.root, start_new_session=True, preexec_fn=die_with_parent,
+            )
+        log.info("SuperExec (pid %d) authenticated by %s", self.superexec.pid, self.home.superexec_secret.name)
 
     def _stop_leftover_runs(self) -> None:
         """A server killed mid-run leaves its Flower run open in the database: close it."""
@@ -289,6 +313,8 @@ class ServerProcess:
             self._write_state(stopping=True)
         if self.gateway is not None:
             self.gateway.stop()
+        if self.superexec is not None:
+            stop_tree(self.superexec.pid)
         if self.superlink is not None:
             stop_tree(self.superlink.pid)
         if self.control is not None:
@@ -308,6 +334,11 @@ class ServerProcess:
                 )
             if not self.gateway.alive():
                 raise DeploymentError("the gateway stopped; restart with --resume")
+            if self.superexec.poll() is not None:
+                raise DeploymentError(
+                    f"the SuperExec exited ({self.superexec.returncode}); see {self.home.logs / 'superlink.log'}. "
+                    "Restart with --resume"
+                )
             try:
                 self._report_nodes(self.control.nodes())
                 state = self.control.run(self.run_id)
