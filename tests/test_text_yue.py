@@ -31,10 +31,9 @@ def test_known_sentences(text: str, norm_text: str, phones: list[str], word2ph: 
     assert UNK not in result.phones and len(result.ids) == sum(word2ph)
 
 
-def test_v1_has_no_cantonese_and_ja_ko_say_why() -> None:
+def test_v1_has_no_cantonese_and_ko_says_why() -> None:
     with pytest.raises(TextError, match="v2 symbol table only") as caught:
         phonemize("你好", "yue", "v1")
     assert caught.value.reason == "unsupported_language"
-    for code in ("ja", "ko"):
-        with pytest.raises(TextError, match="--from-gpt-sovits"):
-            phonemize("text", code)
+    with pytest.raises(TextError, match="--from-gpt-sovits"):
+        phonemize("text", "ko")

@@ -14,17 +14,15 @@ import re
 from dataclasses import dataclass
 
 from fedvox.shared.errors import TextError
-from fedvox.shared.text import en, en_normalize, yue, zh, zh_normalize
+from fedvox.shared.text import en, en_normalize, ja, yue, zh, zh_normalize
 from fedvox.shared.text.symbols import PUNCTUATION, UNK, check_symbols_version, phones_to_ids, symbol_to_id
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_LANGUAGES = ("zh", "en", "yue")
+SUPPORTED_LANGUAGES = ("zh", "en", "yue", "ja")
 GPT_SOVITS_LANGUAGES = ("zh", "en", "ja", "ko", "yue")
 _ALIASES = {"jp": "ja"}  # GPT-SoVITS v1 list files write JP
 _UNSUPPORTED_WHY = {
-    "ja": "fedvox has no Japanese frontend yet (GPT-SoVITS's pyopenjtalk prosody path is not ported); "
-    "a GPT-SoVITS experiment folder with Japanese phones imports with prepare --from-gpt-sovits",
     "ko": "fedvox has no Korean frontend yet (GPT-SoVITS's g2pk2 + MeCab path is not ported); "
     "a GPT-SoVITS experiment folder with Korean phones imports with prepare --from-gpt-sovits",
 }
@@ -86,6 +84,11 @@ def _yue(text: str, symbols_version: str) -> tuple[list[str], list[int], str]:
     return phones, word2ph, norm_text
 
 
+def _ja(text: str, symbols_version: str) -> tuple[list[str], None, str]:
+    norm_text = ja.normalize(text)
+    return ja.g2p(norm_text), None, norm_text
+
+
 def _en(text: str, symbols_version: str) -> tuple[list[str], None, str]:
     norm_text = en_normalize.normalize(text)
     phones = en.g2p(norm_text)
@@ -94,13 +97,13 @@ def _en(text: str, symbols_version: str) -> tuple[list[str], None, str]:
     return phones, None, norm_text
 
 
-_READERS = {"zh": _zh, "en": _en, "yue": _yue}
+_READERS = {"zh": _zh, "en": _en, "yue": _yue, "ja": _ja}
 
 
 def phonemize(text: str, language: str, symbols_version: str = "v2") -> Phonemes:
     """Phoneme ids of ``text`` as GPT-SoVITS's frontend makes them (g2pW-free zh path).
 
-    ``language`` is a GPT-SoVITS code (``zh``, ``en``, ``yue``; v1 ``ZH``, ``EN`` accepted);
+    ``language`` is a GPT-SoVITS code (``zh``, ``en``, ``yue``, ``ja``; v1 ``ZH``, ``EN``, ``JP`` accepted);
     ``symbols_version`` is ``v1`` or ``v2`` (v2, v2Pro and v2ProPlus models). Raises
     :class:`TextError` with ``reason`` ``empty_text``, ``unsupported_language`` or
     ``unphonemizable_text``, and :class:`ConfigError` for an unknown ``symbols_version``.
