@@ -2,15 +2,27 @@
 
 Three handlers (``shared.protocol`` is the contract):
 
-- ``query``: report this node's status (data, device profile, utterance-level budget and the
-  epsilon one round of the plan would reach) without training;
+- ``query``: report this node's status (device profile, the owner's utterance-level budget and
+  the epsilon spent and reached after one round of the plan) without training;
 - ``train``: load the global subset, run one DP-SGD release of the plan (``client.trainer``),
-  reply with the updated subset in the wire precision and the round's metrics;
-- ``evaluate``: validation loss (and s1 top-3 accuracy) of the global subset on held-out
-  utterances, which training never sees.
+  reply with the updated subset in the wire precision;
+- ``evaluate``: when the plan asks for it, release one noised validation loss of the global
+  subset on held-out utterances (:mod:`client.loss_release`), charged like a training round.
+
+The device decides what leaves it (docs/privacy.md, "What a device releases"):
+
+- every reply carries the ledger's head signed with the device key (:mod:`shared.privacy.ledger_head`);
+- every train or evaluate message is a release the device identifies itself
+  (:mod:`client.releases`): it answers a question it already answered with the stored reply
+  bytes, and charges its ledger under its own release id before any reply leaves;
+- nothing data-dependent leaves un-noised: no loss, count, memory or time; the epsilons in the
+  status depend on plan values only (the plan fixes the sample rate ``q``, not ``N``);
+- the budget and delta are the owner's (:mod:`client.owner`), never the plan's: a plan that asks
+  for more is refused with the reason; at most :data:`MAX_EVALUATIONS_PER_ROUND` evaluations are
+  answered per run and round.
 
 A node that cannot or will not do what is asked replies ``refused`` with a reason (``budget``,
-``data``, ``model``, ``device``) instead of crashing, and nothing is trained or charged.
+``data``, ``model``, ``device``, ``policy``) instead of crashing, and nothing is trained or charged.
 
 Where a node's things are (:class:`Node`):
 
@@ -19,14 +31,16 @@ Where a node's things are (:class:`Node`):
 ============== ================================================= ==============================
 data           ``data-path``: a prepared feature cache            ``<data-root>/client-<p>``
 ledger         ``ledger-path`` (default: the data folder)         the data folder
-budget         ``budget-epsilon`` (default: the run's)            the run's ``client-budget-epsilon``
+budget         the ledger's owner budget (``budget-epsilon``       the ledger's owner budget
+               in the node config sets it; default epsilon 10)    (set by the simulation)
 profile        ``profile.*`` overrides of the probed device       the probed device
 base model     ``pretrained`` (default: the run's path)           the run's ``pretrained``
 ============== ================================================= ==============================
 
-(``<p>`` is Flower's ``partition-id``.) The client id is the data folder's identity
-(:mod:`client.identity`), so local training and every federated run that use the same
-recordings are charged to one budget. Everything that must outlive the process, the privacy
+(``<p>`` is Flower's ``partition-id``.) The client id is the recordings' identity and the ledger
+their one ledger (:func:`client.identity.bind_ledger`, recorded in ``fedvox-home`` from the node
+config, ``<data-root>/.fedvox`` in simulation), so local training and every federated run that
+use the same recordings are charged to one budget. Everything that must outlive the process, the privacy
 ledger above all, lives on disk: in deployment every message runs in a fresh process.
 """
 
@@ -34,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,15 +58,21 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedvox.client.device import probe
-from fedvox.client.identity import client_identity
+from fedvox.client.identity import bind_ledger
+from fedvox.client.loss_release import loss_mechanism, noisy_mean_loss, utterance_losses
+from fedvox.client.owner import check_plan, owner_budget
 from fedvox.client.profiles import ProfileOverrides, ResourceProfile, select_profile
+from fedvox.client.releases import Entry, ReleaseBook, message_digest
 from fedvox.client.trainer.local import build_task, datasets
-from fedvox.client.trainer.session import PrivacyPlan, RoundPlan, Trainer
+from fedvox.client.trainer.session import UNIT, PrivacyPlan, RoundPlan, Trainer
 from fedvox.shared.cli import set_offline_env
-from fedvox.shared.errors import BudgetExceededError, CheckpointError, ConfigError, DataError, DeviceError, FedvoxError
+from fedvox.shared.errors import (
+    BudgetExceededError, CheckpointError, ConfigError, DataError, DeviceError, FedvoxError, PrivacyError,
+)
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import SubsetSpec, load_trainable_state_dict
-from fedvox.shared.privacy.ledger import Ledger
+from fedvox.shared.privacy.budget import Budget
+from fedvox.shared.privacy.ledger import Ledger, OwnerBudget, Release
 from fedvox.shared.privacy.ledger_head import LEDGER_HEAD, SIGNING_KEY_FILE, head_record
 from fedvox.shared.protocol import ARRAYS, CONFIG, METRICS, REFUSED, STATUS, ClientStatus, Plan
 from fedvox.shared.runconfig import RunConfig
@@ -61,6 +82,8 @@ log = logging.getLogger(__name__)
 
 VALIDATION_FRACTION = 0.1
 """Share of a node's utterances held out for ``evaluate`` (never trained on)."""
+MAX_EVALUATIONS_PER_ROUND = 1
+"""Distinct evaluate messages a node answers per run and round (a replay gets the stored reply)."""
 
 app = ClientApp()
 
@@ -75,12 +98,12 @@ class Refusal(Exception):
 
 @dataclass(frozen=True)
 class Node:
-    """Where this node keeps its data and ledger, who it is, what it allows (module docstring)."""
+    """Where this node keeps its data and ledger, who it is, what its owner set (module docstring)."""
 
     client_id: str
     data_path: Path
     ledger_path: Path
-    budget_epsilon: float
+    budget_epsilon: float | None  # the owner's node-config budget; None: the ledger's (or the default)
     overrides: ProfileOverrides
     pretrained: str  # where this machine keeps the plan's GPT-SoVITS base checkpoint ("": the plan's path)
     signing_key: Path  # signs the ledger head in every reply (shared.privacy.ledger_head)
@@ -99,11 +122,17 @@ class Node:
                 "(or set the run's data-root in simulation)",
             )
         ledger = Path(str(node_config.get("ledger-path", data))).expanduser()
+        if "fedvox-home" in node_config:
+            home: Path | None = Path(str(node_config["fedvox-home"]))
+        else:  # a simulation's owners keep their records in the run's data root
+            home = Path(config.data_root).expanduser() / ".fedvox" if "data-path" not in node_config else None
         try:
-            client_id = client_identity(data)
+            client_id = bind_ledger(data, ledger, home)
         except DataError as exc:
             raise Refusal("data", str(exc)) from None
-        budget = float(node_config.get("budget-epsilon", config.client_budget_epsilon))
+        except PrivacyError as exc:
+            raise Refusal("budget", str(exc)) from None
+        budget = float(node_config["budget-epsilon"]) if "budget-epsilon" in node_config else None
         try:
             overrides = ProfileOverrides.from_mapping(node_config)
         except ConfigError as exc:
@@ -113,9 +142,12 @@ class Node:
 
 
 class Session:
-    """This node set up for one plan: its data split, device profile, model and DP trainer."""
+    """This node set up for one plan: its data split, owner budget, device profile, model and DP trainer.
 
-    def __init__(self, node: Node, plan: Plan) -> None:
+    ``seeds`` are the release's ``(noise, sample)`` seeds (:meth:`ReleaseBook.seeds`).
+    """
+
+    def __init__(self, node: Node, plan: Plan, seeds: tuple[int, int] | None = None) -> None:
         config = plan.config
         self.node, self.plan = node, plan
         try:
@@ -124,6 +156,23 @@ class Session:
                 raise DataError(f"no usable training utterances in {node.data_path}")
         except DataError as exc:
             raise Refusal("data", str(exc)) from None
+        self.ledger = Ledger(node.ledger_path)
+        try:
+            self.owner: OwnerBudget = owner_budget(
+                self.ledger, node.client_id, len(self.train_set), epsilon=node.budget_epsilon
+            )
+            check_plan(self.owner, config)
+        except FedvoxError as exc:
+            self.ledger.close()
+            raise Refusal("budget", str(exc)) from None
+        try:
+            self._build(node, plan, seeds)
+        except BaseException:
+            self.ledger.close()
+            raise
+
+    def _build(self, node: Node, plan: Plan, seeds: tuple[int, int] | None) -> None:
+        config = plan.config
         spec = SubsetSpec(kind=config.subset, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha)
         try:
             self.profile: ResourceProfile = select_profile(
@@ -142,15 +191,19 @@ class Session:
         try:
             privacy = PrivacyPlan(
                 clip_norm=dp.clip_norm,
-                delta=dp.delta,
-                budget_epsilon=node.budget_epsilon,
+                delta=self.owner.delta,
+                budget_epsilon=self.owner.epsilon,
                 noise_multiplier=None if dp.target_epsilon > 0 else dp.noise_multiplier,
                 target_epsilon=dp.target_epsilon if dp.target_epsilon > 0 else None,
             )
         except ConfigError as exc:  # e.g. the run's target epsilon is above this node's budget
             raise Refusal("budget", str(exc)) from None
-        self.ledger = Ledger(node.ledger_path)
-        self.trainer = Trainer(task, self.ledger, node.client_id, privacy, physical_batch=self.profile.physical_batch)
+        noise_seed, sample_seed = seeds if seeds is not None else (None, None)
+        self.loss_seed = noise_seed if noise_seed is not None else secrets.randbits(63)
+        self.trainer = Trainer(
+            task, self.ledger, node.client_id, privacy, physical_batch=self.profile.physical_batch,
+            noise_seed=noise_seed, sample_seed=sample_seed,
+        )
         rounds_left = config.num_server_rounds - plan.server_round + 1
         self.round_plan = RoundPlan(
             steps=config.local_steps,
@@ -158,6 +211,7 @@ class Session:
             learning_rate=config.learning_rate,
             planned_steps=config.local_steps * max(rounds_left, 1),
             proximal_mu=config.proximal_mu if config.aggregation == "fedprox" else 0.0,
+            sample_rate=dp.sample_rate,
         )
 
     def load_global(self, message: Message) -> None:
@@ -168,6 +222,7 @@ class Session:
             raise Refusal("model", f"the received model does not match the plan's: {exc}") from None
 
     def status(self, **overrides: object) -> ClientStatus:
+        """This node's status: every epsilon in it depends on plan values and the ledger, not on ``N``."""
         try:
             epsilon_next = self.trainer.projected_epsilon(self.round_plan)
         except BudgetExceededError:  # a target-epsilon plan with no room left: no round fits
@@ -175,26 +230,30 @@ class Session:
         return ClientStatus(
             client_id=self.node.client_id,
             profile=self.profile.name,
-            num_examples=len(self.train_set),
             epsilon_spent=self.trainer.spent(),
-            epsilon_budget=self.node.budget_epsilon,
+            epsilon_budget=self.owner.epsilon,
             epsilon_next=epsilon_next,
             **overrides,
         )
 
+    def release_id(self, entry: Entry) -> str:
+        """The ledger's run id of a release: the plan's run id and the device's own release id."""
+        return f"{self.plan.run_id}/{entry.release_id}"
+
     def close(self) -> None:
-        self.trainer.close()
+        if hasattr(self, "trainer"):
+            self.trainer.close()
         self.ledger.close()
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, lambda session: _reply(msg, session.status()))
+    return _handle(msg, context, lambda session, _: _content(session.status()))
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    def run(session: Session) -> Message:
+    def run(session: Session, entry: Entry | None) -> RecordDict:
         session.load_global(msg)
         status = session.status()
         if not status.can_afford_round():
@@ -202,88 +261,132 @@ def train(msg: Message, context: Context) -> Message:
                                     f"past this node's budget {status.epsilon_budget:g}")
         plan = session.plan
         try:
-            result = session.trainer.train(
-                session.round_plan, run_id=f"{plan.run_id}/{plan.attempt}", round=plan.server_round
-            )
+            result = session.trainer.train(session.round_plan, run_id=session.release_id(entry), round=plan.server_round)
         except BudgetExceededError as exc:
             raise Refusal("budget", str(exc)) from None
         arrays = to_record(result.state, plan.config.wire_precision)
-        metrics = MetricRecord({
-            "num-examples": len(session.train_set),
-            "train-loss": _loss(result.metrics, plan.config.stage),
-            "peak-memory-bytes": max((v for k, v in result.metrics.items() if k.startswith("peak_")), default=0.0)
-            * 2**20,
-            "step-time-s": result.metrics["step_time_s"],
+        metrics = MetricRecord({  # sizes fixed by the plan; nothing that depends on the recordings
             "bytes-down": record_bytes(msg.content.array_records[ARRAYS]),
             "bytes-up": record_bytes(arrays),
         })
-        return _reply(msg, session.status(), arrays=arrays, metrics=metrics)
+        return _content(session.status(), arrays=arrays, metrics=metrics)
 
-    return _handle(msg, context, run)
+    return _handle(msg, context, run, release="train")
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    def run(session: Session) -> Message:
+    def run(session: Session, entry: Entry | None) -> RecordDict:
+        config = session.plan.config
+        if not config.evaluate:
+            raise Refusal("policy", "the plan does not ask for evaluation (evaluate = false)")
         if len(session.val_set) == 0:
             raise Refusal("data", "no held-out utterances to evaluate on (prepare more recordings)")
         session.load_global(msg)
-        values = session.trainer.evaluate(session.val_set)
-        loss = _loss(values, session.plan.config.stage)
-        metrics = MetricRecord({"num-examples": len(session.val_set), "val-loss": loss})
-        if "top3_accuracy" in values:
-            metrics["val-accuracy"] = values["top3_accuracy"]
-        return _reply(msg, session.status(), metrics=metrics)
+        trainer = session.trainer
+        mechanism = loss_mechanism(config.dp.loss_noise_multiplier)
+        release = Release(
+            run_id=session.release_id(entry), round=session.plan.server_round, client_id=session.node.client_id,
+            stage=config.stage, unit=UNIT, mechanism=mechanism, delta=session.owner.delta,
+            clip_norm=config.dp.loss_clip,
+        )
+        budget = Budget(session.owner.epsilon)
+        key = (release.run_id, release.round)
+        try:
+            budget.check(trainer.history(excluding=key), mechanism, delta=session.owner.delta,
+                         accountant=trainer.privacy.accountant, subject=f"client {session.node.client_id!r}")
+            loss = noisy_mean_loss(
+                utterance_losses(trainer.task, session.val_set), clip=config.dp.loss_clip,
+                noise_multiplier=config.dp.loss_noise_multiplier,
+                generator=torch.Generator().manual_seed(session.loss_seed),
+            )
+            session.ledger.append(release, accountant=trainer.privacy.accountant, budget=budget)
+        except BudgetExceededError as exc:
+            raise Refusal("budget", str(exc)) from None
+        return _content(session.status(), metrics=MetricRecord({"val-loss": loss}))
 
-    return _handle(msg, context, run)
+    return _handle(msg, context, run, release="evaluate")
 
 
-def _handle(msg: Message, context: Context, run: Callable[[Session], Message]) -> Message:
-    """Set up a session for the message's plan, run ``run`` on it, turn refusals into replies."""
+def _handle(
+    msg: Message,
+    context: Context,
+    run: Callable[[Session, Entry | None], RecordDict],
+    release: str | None = None,
+) -> Message:
+    """Set up a session for the message's plan, run ``run`` on it, turn refusals into replies.
+
+    A ``release`` message (train, evaluate) is answered under the device's release book: the
+    stored reply if this exact message was answered before, otherwise a release id recorded
+    before any work, whose reply is stored before it is sent.
+    """
     set_offline_env()
-    session = None
     client_id = f"node-{context.node_id}"  # until the data folder's identity is known
     try:
         plan = Plan.from_record(msg.content.config_records[CONFIG])
         node = Node.from_context(context, plan.config)
         client_id = node.client_id
-        session = Session(node, plan)
-        return _signed(run(session), session)
+        if release is None:
+            return Message(_answer(node, plan, run, None), reply_to=msg)
+        with ReleaseBook(node.ledger_path).locked() as book:
+            digest = message_digest(msg)
+            stored = book.reply(digest)
+            if stored is not None:
+                log.info("%s message answered before: sending the stored reply (no new release)", release)
+                return Message(stored, reply_to=msg)
+            if (
+                release == "evaluate"
+                and book.entry(digest) is None
+                and book.answered(release, plan.run_id, plan.server_round) >= MAX_EVALUATIONS_PER_ROUND
+            ):
+                raise Refusal("policy", f"this device answers at most {MAX_EVALUATIONS_PER_ROUND} evaluation(s) "
+                                        f"per round (run {plan.run_id}, round {plan.server_round})")
+            entry = book.begin(digest, release, plan.run_id, plan.server_round)
+            content = _answer(node, plan, run, entry, book.seeds(entry.release_id))
+            if ClientStatus.from_record(content.config_records[STATUS]).ok:
+                book.finish(digest, content)
+            return Message(content, reply_to=msg)
     except Refusal as refusal:
         log.warning("refusing %s: %s", msg.metadata.message_type, refusal)
-        status = session.status(outcome=REFUSED, reason=refusal.reason, detail=str(refusal)) if session else (
-            ClientStatus(client_id=client_id, outcome=REFUSED, reason=refusal.reason, detail=str(refusal))
-        )
-        return _signed(_reply(msg, status), session)
+        status = ClientStatus(client_id=client_id, outcome=REFUSED, reason=refusal.reason, detail=str(refusal))
+        return Message(_content(status), reply_to=msg)
     except (KeyError, FedvoxError) as exc:  # a plan this client cannot read
         log.warning("refusing %s: %s", msg.metadata.message_type, exc)
-        return _reply(msg, ClientStatus(client_id=client_id, outcome=REFUSED, reason="model", detail=str(exc)))
-    finally:
-        if session is not None:
-            session.close()
+        status = ClientStatus(client_id=client_id, outcome=REFUSED, reason="model", detail=str(exc))
+        return Message(_content(status), reply_to=msg)
 
 
-def _signed(reply: Message, session: Session | None) -> Message:
-    """``reply`` with the ledger's head as it stands after this reply's release, signed by the device."""
-    if session is not None:
-        plan, node = session.plan, session.node
+def _answer(
+    node: Node,
+    plan: Plan,
+    run: Callable[[Session, Entry | None], RecordDict],
+    entry: Entry | None,
+    seeds: tuple[int, int] | None = None,
+) -> RecordDict:
+    """``run`` on a session of ``plan``; a refusal inside it carries the session's status. Either
+    carries the ledger's head as it stands after this answer, signed by the device (a stored
+    answer keeps its signature: the same bytes)."""
+    session = Session(node, plan, seeds)
+    try:
+        try:
+            content = run(session, entry)
+        except Refusal as refusal:
+            log.warning("refusing: %s", refusal)
+            content = _content(session.status(outcome=REFUSED, reason=refusal.reason, detail=str(refusal)))
         context = f"{plan.run_id}/{plan.server_round}"
-        reply.content[LEDGER_HEAD] = head_record(session.ledger, node.client_id, node.signing_key, context)
-    return reply
+        content[LEDGER_HEAD] = head_record(session.ledger, node.client_id, node.signing_key, context)
+        return content
+    finally:
+        session.close()
 
 
-def _reply(msg: Message, status: ClientStatus, **records: object) -> Message:
+def _content(status: ClientStatus, **records: object) -> RecordDict:
     content = RecordDict({STATUS: status.to_record()})
     if "arrays" in records:
         content[ARRAYS] = records["arrays"]
     if "metrics" in records:
         content[METRICS] = records["metrics"]
-    return Message(content, reply_to=msg)
+    return content
 
 
-def _loss(metrics: dict[str, float], stage: str) -> float:
-    """The stage's headline loss: s1 cross-entropy per token, s2 generator loss per utterance."""
-    return metrics["loss_per_token"] if stage == "s1" else metrics["loss"]
-
-
-__all__ = ["Node", "Refusal", "Session", "app"]
+__all__ = ["MAX_EVALUATIONS_PER_ROUND", "Node", "Refusal", "Session", "app"]

@@ -300,9 +300,9 @@ def enroll(
     server: str = typer.Option(..., "--server", help="The fedvox server's HOST:PORT (from the operator)."),
     root_cert: Path = typer.Option(..., "--root-cert", help="The server's CA certificate (the operator's pki/ca.crt)."),
     data: Path = typer.Option(..., "--data", help="Feature cache folder written by `fedvox-client prepare` (holds the ledger)."),
-    budget_epsilon: float | None = typer.Option(None, "--budget-epsilon", min=0.0, help="This data folder's utterance-level epsilon budget (default: the run's)."),
+    budget_epsilon: float | None = typer.Option(None, "--budget-epsilon", min=0.0, help="Your utterance-level epsilon budget for these recordings, kept in their ledger (default: the ledger's, else 10)."),
     name: str | None = typer.Option(None, "--name", help="The device name to put in the operator's register command."),
-    ledger: Path | None = typer.Option(None, "--ledger", help="Folder of the privacy ledger (default: the data folder)."),
+    ledger: Path | None = typer.Option(None, "--ledger", help="Folder of the privacy ledger (default: the data folder; the recordings' one ledger, see `ledger-move`)."),
     home: Path | None = typer.Option(None, "--home", help="fedvox home holding this device's key (default: $FEDVOX_HOME or ~/.fedvox)."),
     device: str | None = typer.Option(None, help="Pin the device: cpu, cuda, cuda:N or mps."),
     precision: str | None = typer.Option(None, help="Pin the precision: bf16, fp16 or fp32."),
@@ -326,9 +326,11 @@ def enroll(
         DeviceHome, Enrollment, Supervisor, check_root_certificate, check_server, device_key, parse_server,
         public_line, register_command,
     )
-    from fedvox.client.identity import client_identity
+    from fedvox.client.identity import bind_ledger
+    from fedvox.client.owner import owner_budget
     from fedvox.client.profiles import ProfileOverrides, select_profile
     from fedvox.shared.device_keys import fingerprint
+    from fedvox.shared.privacy.ledger import Ledger
 
     setup_logging(verbose)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per check otherwise
@@ -336,7 +338,12 @@ def enroll(
     check_root_certificate(root_cert)
     data = data.expanduser().resolve()
     utterances = len(FeatureCache(data).read_index().items)
-    client_id = client_identity(data)
+    ledger = (ledger or data).expanduser().resolve()
+    fedvox_home = DeviceHome.at(home).root.parent
+    client_id = bind_ledger(data, ledger, fedvox_home)  # refuses a second ledger for these recordings
+    with Ledger(ledger) as book:
+        owner = owner_budget(book, client_id, utterances, epsilon=budget_epsilon)
+    _say(f"privacy budget of these recordings: epsilon {owner.epsilon:g} at delta {owner.delta:g} (yours to set)")
     pinned = ProfileOverrides(device=device, precision=precision, physical_batch=physical_batch, threads=threads)
     overrides = ProfileOverrides.from_toml(profile_file).merged(pinned) if profile_file else pinned
     facts = probe_device()
@@ -360,7 +367,7 @@ def enroll(
     pins = {k.replace("_", "-"): v for k, v in asdict(overrides).items() if v not in (None, False)}
     enrollment = Enrollment(
         server=server, root_cert=root_cert.expanduser().resolve(), data=data,
-        ledger=(ledger or data).expanduser().resolve(), budget_epsilon=budget_epsilon, profile=pins, name=name,
+        ledger=ledger, budget_epsilon=budget_epsilon, profile=pins, name=name, fedvox_home=fedvox_home,
     )
     Supervisor(enrollment, device_home, key).run()
 
@@ -406,6 +413,19 @@ def status(
             f"  {item['client_id']} ({item['unit']} level): epsilon {item['epsilon']:.3f} at delta {item['delta']:g}, "
             f"{budget}; {item['releases']} releases, {item['steps']} steps, {len(item['runs'])} runs"
         )
+
+
+@app.command("ledger-move")
+def ledger_move(
+    data: Path = typer.Option(..., "--data", help="Feature cache folder of the recordings whose ledger moves."),
+    to: Path = typer.Option(..., "--to", help="The empty folder the ledger (and its release book) moves to."),
+    home: Path | None = typer.Option(None, "--home", help="fedvox home recording the ledger's place (default: $FEDVOX_HOME or ~/.fedvox)."),
+) -> None:
+    """Move the privacy ledger of these recordings: the one explicit way to change its place."""
+    from fedvox.client.identity import move_ledger
+
+    target = move_ledger(data.expanduser().resolve(), to, home)
+    _say(f"the ledger of these recordings is now in {target}; enroll with --ledger {target}")
 
 
 def _say(text: str) -> None:

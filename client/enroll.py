@@ -12,7 +12,7 @@
    device rejoins at once instead of after Flower's heartbeat timeout.
 3. ``flower-supernode`` runs with TLS, the key, and a node config (``device/node-config.toml``:
    ``data-path``, ``ledger-path``, ``budget-epsilon``, ``profile.*``) that the fedvox ClientApp
-   reads. The supervisor restarts it whenever it exits (network loss, server restart), after the
+   reads (and ``fedvox-home``: where the recordings' one ledger is recorded). The supervisor restarts it whenever it exits (network loss, server restart), after the
    same check, with backoff; a missing registration is waited for, not fatal.
 
 Only the SuperNode talks to the server, and only the ClientApp process it starts per message
@@ -250,9 +250,12 @@ class Enrollment:
     budget_epsilon: float | None
     profile: dict[str, object]
     name: str | None
+    fedvox_home: Path | None = None  # where the identity's one ledger is recorded (client.identity)
 
     def node_config(self) -> dict[str, object]:
         config: dict[str, object] = {"data-path": str(self.data), "ledger-path": str(self.ledger)}
+        if self.fedvox_home is not None:
+            config["fedvox-home"] = str(self.fedvox_home)
         if self.budget_epsilon is not None:
             config["budget-epsilon"] = float(self.budget_epsilon)
         if self.profile:

@@ -4,7 +4,7 @@ The strategy (:mod:`fedvox.server.strategy`) selects clients, screens their repl
 accepted ones to one :class:`Aggregator` as :class:`RoundUpdates`. Each rule is an object, built
 once from the run configuration by :func:`build_aggregator`:
 
-- :class:`WeightedMean`: FedAvg's mean weighted by ``num-examples`` (FedProx too: its server side
+- :class:`WeightedMean`: FedAvg's mean with uniform weights (devices send no example count; FedProx too: its server side
   is only ``proximal-mu`` in the plan, which the plan always carries), summed one update at a time;
 - :class:`SpeakerDPMean`: the clipped, noised DP-FedAvg mean (:mod:`fedvox.server.speaker_dp`);
 - :class:`FlowerRule`: a Flower strategy's own ``aggregate_train`` (the median, the trimmed mean) on
@@ -35,8 +35,9 @@ from fedvox.shared.protocol import ARRAYS, METRICS, ClientStatus
 from fedvox.shared.runconfig import AGGREGATIONS, RunConfig
 from fedvox.shared.wire import from_record, read_update, to_record
 
-WEIGHT_KEY = "num-examples"
-"""The train metric a mean weighs each update by (Flower's ``weighted_by_key``)."""
+WEIGHT_KEY = "uniform-weight"
+"""The metric a mean weighs each update by (Flower's ``weighted_by_key``): 1 for every accepted
+update, set by the strategy's screening. A device's example count is private and never sent."""
 
 
 @dataclass
@@ -128,7 +129,7 @@ class Aggregator(ABC):
 
 
 class WeightedMean(Aggregator):
-    """FedAvg's mean weighted by ``num-examples``, summed one update at a time (Flower's
+    """FedAvg's mean weighted by :data:`WEIGHT_KEY` (uniform), summed one update at a time (Flower's
     ``aggregate_arrayrecords`` wants every update as an fp32 record at once)."""
 
     name = "mean"
@@ -225,11 +226,12 @@ def build_aggregator(config: RunConfig) -> Aggregator:
     if config.aggregation in ("fedavg", "fedprox"):
         return mean
     if config.aggregation == "fedadam":
-        return ServerAdam(mean, FedAdam(eta=config.server_learning_rate, eta_l=config.learning_rate))
+        adam = FedAdam(eta=config.server_learning_rate, eta_l=config.learning_rate, weighted_by_key=WEIGHT_KEY)
+        return ServerAdam(mean, adam)
     if config.aggregation == "median":
-        return FlowerRule(FedMedian())
+        return FlowerRule(FedMedian(weighted_by_key=WEIGHT_KEY))
     if config.aggregation == "trimmed-mean":
-        return FlowerRule(FedTrimmedAvg(beta=config.trim_fraction))
+        return FlowerRule(FedTrimmedAvg(beta=config.trim_fraction, weighted_by_key=WEIGHT_KEY))
     raise ConfigError(f"unknown aggregation {config.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
 
 

@@ -191,9 +191,9 @@ def status(
     if summary.get("current-round"):
         progress += f"; round {summary['current-round']} in progress"
     if summary["best-round"] is not None:
-        progress += f"; best round {summary['best-round']} (lowest validation loss)"
+        progress += f"; best round {summary['best-round']} (lowest released validation loss)"
     say(progress)
-    for key in ("participants", "train-loss", "val-loss", "val-accuracy", "rejects", "epsilon-utterance-max",
+    for key in ("participants", "val-loss", "rejects", "epsilon-utterance-max",
                 "epsilon-speaker-max", "round-time-s"):
         if key in latest["metrics"]:
             say(f"  {key}: {latest['metrics'][key]}")

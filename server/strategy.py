@@ -302,7 +302,7 @@ class FedvoxStrategy(FedAvg):
             self.on_release(record)
         if not self.config.evaluate:
             return []
-        nodes = [n for n in grid.get_node_ids() if n in self.book.statuses and self.book.statuses[n].num_examples > 0]
+        nodes = [n for n in grid.get_node_ids() if n in self.book.statuses and self.book.statuses[n].ok]
         wire = to_record(from_record(arrays), self.config.wire_precision)
         record.bytes_down += record_bytes(wire) * len(nodes)
         plan = self.plan(server_round).to_record()
@@ -319,8 +319,8 @@ class FedvoxStrategy(FedAvg):
         for reply in replies:
             status = self._status(reply, record)
             metrics = _required_metrics(reply, EVALUATE_METRICS, OPTIONAL_EVALUATE_METRICS) if status else None
-            if metrics is not None and metrics["num-examples"] > 0:
-                usable.append(RecordDict({METRICS: MetricRecord(metrics)}))
+            if metrics is not None and status.ok:
+                usable.append(RecordDict({METRICS: MetricRecord({**metrics, WEIGHT_KEY: 1.0})}))
                 evaluators.append(status.client_id)
         metrics = self.evaluate_metrics_aggr_fn(usable, self.weighted_by_key) if usable else None
         record.evaluate = _numbers(metrics)
@@ -417,6 +417,7 @@ class FedvoxStrategy(FedAvg):
         if metrics is None or ARRAYS not in reply.content.array_records:
             record.rejects["protocol"] += 1
             return None
+        metrics[WEIGHT_KEY] = 1.0  # uniform: a device's example count is private and never sent
         arrays = reply.content.array_records[ARRAYS]
         record.bytes_up += record_bytes(arrays)
         try:
@@ -437,24 +438,15 @@ class FedvoxStrategy(FedAvg):
 
 # ---------------------------------------------------------------------- metric aggregation
 def summarize_train(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Round summary of train replies: weighted loss, max memory, mean step time, total examples."""
-    rows, weights = _rows(records, weight_key)
-    return MetricRecord({
-        "train-loss": _weighted_mean(rows, weights, "train-loss"),
-        "peak-memory-bytes-max": max(float(m["peak-memory-bytes"]) for m in rows),
-        "step-time-s-mean": _weighted_mean(rows, [1.0] * len(rows), "step-time-s"),
-        "train-examples": int(sum(weights)),
-    })
+    """Round summary of train replies: how many updates (devices release no loss or timing)."""
+    rows, _ = _rows(records, weight_key)
+    return MetricRecord({"updates": len(rows)})
 
 
 def summarize_evaluate(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted validation loss (and accuracy, over the clients that report one)."""
+    """The mean of the devices' released (noised) validation losses, one vote per device."""
     rows, weights = _rows(records, weight_key)
-    summary = MetricRecord({"val-loss": _weighted_mean(rows, weights, "val-loss"), "val-examples": int(sum(weights))})
-    scored = [(w, m) for w, m in zip(weights, rows, strict=True) if "val-accuracy" in m]
-    if scored:
-        summary["val-accuracy"] = _weighted_mean([m for _, m in scored], [w for w, _ in scored], "val-accuracy")
-    return summary
+    return MetricRecord({"val-loss": _weighted_mean(rows, weights, "val-loss"), "val-clients": len(rows)})
 
 
 def _rows(records: list[RecordDict], weight_key: str) -> tuple[list[MetricRecord], list[float]]:
@@ -506,8 +498,6 @@ def _ineligibility(status: ClientStatus | None) -> str:
         return "silent"
     if not status.ok:
         return status.reason
-    if status.num_examples == 0:
-        return "data"
     return "budget"
 
 

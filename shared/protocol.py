@@ -14,7 +14,8 @@ Record keys:
 
 ``arrays``   ArrayRecord, the trainable subset (fp16 or fp32; Flower cannot carry bf16)
 ``config``   ConfigRecord, the round plan (server -> client)
-``metrics``  MetricRecord, numbers (client -> server; ``num-examples`` weights the averages)
+``metrics``  MetricRecord, numbers (client -> server; only what the device may release:
+             docs/privacy.md lists every field and how it is protected)
 ``status``   ConfigRecord, :class:`ClientStatus` (client -> server, every reply)
 """
 
@@ -43,19 +44,23 @@ ATTEMPT = "attempt"
 """Plan key: the id of the server process sending it. A round redone after a restart is a new
 attempt: clients train and release again, so they must charge their budgets again."""
 
-TRAIN_METRICS = ("num-examples", "train-loss", "peak-memory-bytes", "step-time-s")
-"""Keys every accepted train reply's ``metrics`` carries (its epsilon is in its status)."""
+TRAIN_METRICS = ("bytes-down", "bytes-up")
+"""Keys every accepted train reply's ``metrics`` carries: the sizes of the subset received and
+sent, fixed by the plan. No loss, count, memory or time: they depend on the recordings (or the
+sampled batch) and would leave un-noised (docs/privacy.md)."""
 
-EVALUATE_METRICS = ("num-examples", "val-loss")
-"""Keys every accepted evaluate reply's ``metrics`` carries; ``val-accuracy`` is optional (s1
-reports top-3 token accuracy, s2 has no accuracy)."""
-OPTIONAL_EVALUATE_METRICS = ("val-accuracy",)
+EVALUATE_METRICS = ("val-loss",)
+"""Keys every accepted evaluate reply's ``metrics`` carries: a validation loss released with DP
+noise and charged by the device (:mod:`client.loss_release`). Averaged uniformly: no example count
+leaves a device."""
+OPTIONAL_EVALUATE_METRICS: tuple[str, ...] = ()
 
 OK = "ok"
 REFUSED = "refused"
-REFUSAL_REASONS = ("budget", "data", "model", "device")
-"""Why a client refused: its own budget would be exceeded, it has no usable data, the plan's
-model does not match the one it holds, or its device cannot run the plan."""
+REFUSAL_REASONS = ("budget", "data", "model", "device", "policy")
+"""Why a client refused: its owner's budget would be exceeded (or the plan asks for more than it
+allows), it has no usable data, the plan's model does not match the one it holds, its device
+cannot run the plan, or its release policy does not allow it (e.g. a second evaluation in a round)."""
 
 _TYPES = {"str": str, "int": int, "float": float}
 
@@ -69,7 +74,8 @@ class ClientStatus:
 
     ``epsilon_next`` is the cumulative utterance-level epsilon the client would reach after
     training one more round of the plan it was sent (``inf`` if no noise level fits); the
-    server selects it only if that stays within ``epsilon_budget``.
+    server selects it only if that stays within ``epsilon_budget`` (the owner's). No field
+    depends on the size of the client's data: the plan fixes the sample rate.
     """
 
     client_id: str
@@ -77,7 +83,6 @@ class ClientStatus:
     reason: str = ""
     detail: str = ""
     profile: str = ""
-    num_examples: int = 0
     epsilon_spent: float = 0.0
     epsilon_budget: float = 0.0
     epsilon_next: float = 0.0
@@ -92,7 +97,7 @@ class ClientStatus:
 
     def can_afford_round(self) -> bool:
         """Whether one more round of the plan keeps the client within its budget."""
-        return self.ok and self.num_examples > 0 and self.epsilon_next <= self.epsilon_budget
+        return self.ok and self.epsilon_next <= self.epsilon_budget
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({key.replace("_", "-"): value for key, value in asdict(self).items()})

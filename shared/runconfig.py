@@ -26,12 +26,20 @@ WIRE_PRECISIONS = ("fp16", "fp32")
 
 @dataclass(frozen=True)
 class UtteranceDP:
-    """Utterance-level DP-SGD on every client (Opacus)."""
+    """Utterance-level DP-SGD on every client (Opacus).
+
+    ``sample_rate`` is the plan's Poisson rate ``q``: a device's expected logical batch is
+    ``q * N``, so its epsilon depends on plan values only and reveals nothing of ``N``. ``delta``
+    is what the server plans with; a device accounts at its owner's delta (docs/privacy.md).
+    """
 
     noise_multiplier: float = 1.0
     target_epsilon: float = 0.0  # > 0: calibrate the noise to reach this after the planned rounds
     clip_norm: float = 1.0
     delta: float = 1e-5
+    sample_rate: float = 0.05
+    loss_noise_multiplier: float = 10.0  # a released validation loss (evaluate = true)
+    loss_clip: float = 10.0  # per-utterance losses are clipped to [0, loss-clip] before noising
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,7 @@ class RunConfig:
     data_root: str = ""
     round_timeout: float = 3600.0
     max_misses: int = 3  # a client selected this many rounds in a row without a usable update is benched; 0: never
-    evaluate: bool = True
+    evaluate: bool = False  # true: each round, clients release a DP validation loss (charged)
     dp: UtteranceDP = field(default_factory=UtteranceDP)
     speaker_dp: SpeakerDP = field(default_factory=SpeakerDP)
 
@@ -150,6 +158,11 @@ class RunConfig:
             raise ConfigError(f"max-misses must be >= 0 (0: never bench a client), got {self.max_misses}")
         _positive("dp.clip-norm", self.dp.clip_norm)
         _probability("dp.delta", self.dp.delta)
+        if not 0 < self.dp.sample_rate <= 1:
+            raise ConfigError(f"run-config dp.sample-rate must be in (0, 1], got {self.dp.sample_rate}")
+        if self.evaluate:
+            _positive("dp.loss-noise-multiplier", self.dp.loss_noise_multiplier)
+            _positive("dp.loss-clip", self.dp.loss_clip)
         if self.clients_per_round < 0:
             raise ConfigError("clients-per-round must be >= 0 (0 selects every available client)")
         if self.clients_per_round and self.clients_per_round < self.min_clients:

@@ -105,8 +105,10 @@ def local_baseline(job: LocalJob) -> dict[str, Any]:
         pretrained=config.pretrained or None, validation_fraction=VALIDATION_FRACTION,
         privacy=privacy_plan(config, config.client_budget_epsilon),
     )
+    # A counterfactual owner who trained only locally: its own fedvox home, so the clone is not
+    # taken for a second ledger of the federated client's recordings.
     summary = train_local(job.data, job.out, training, profile, seed=job.seed, show_progress=False,
-                          keep_checkpoints=job.rounds)
+                          keep_checkpoints=job.rounds, home=job.data.parent / ".fedvox")
     seen = heldout_by_speaker(config.stage, job.seen)
     evaluator = Evaluator(config, {"seen": {job.speaker: seen[job.speaker]} if job.speaker in seen else {},
                                    "unseen": heldout_by_speaker(config.stage, job.unseen)})

@@ -90,7 +90,7 @@ class FleetMod:
         if METRICS not in reply.content.metric_records:
             self._write(event | {"outcome": "error", "detail": "reply without metrics"})
             return reply
-        event |= self._timing(client, msg, reply, draw.slowdown)
+        event |= self._timing(client, msg, reply, draw.slowdown, event["host-s"])
         if event["deadline-s"] is not None and event["simulated-s"] > event["deadline-s"]:
             self._write(event | {"outcome": "straggler"})
             return Message(Error(STRAGGLER_ERROR, (
@@ -100,17 +100,17 @@ class FleetMod:
         self._write(event | {"outcome": "ok"})
         return reply
 
-    def _timing(self, client: VirtualClient, msg: Message, reply: Message, slowdown: float) -> dict[str, Any]:
-        """Measured host compute and bytes, the simulated duration and the round deadline."""
+    def _timing(self, client: VirtualClient, msg: Message, reply: Message, slowdown: float, host_s: float) -> dict[str, Any]:
+        """Host compute (the whole message, set-up included, measured here on the device's side:
+        the reply carries no timing), bytes, the simulated duration and the round deadline."""
         metrics = reply.content.metric_records[METRICS]
         steps = Plan.from_record(msg.content.config_records[CONFIG]).config.local_steps
-        compute = float(metrics["step-time-s"]) * steps
         down, up = float(metrics.get("bytes-down", 0.0)), float(metrics.get("bytes-up", 0.0))
-        deadline = self.fleet.deadline_s(self.devices, compute, down, up)
+        deadline = self.fleet.deadline_s(self.devices, host_s, down, up)
         return {
-            "compute-host-s": compute, "step-time-s": float(metrics["step-time-s"]), "steps": steps,
-            "bytes-down": down, "bytes-up": up, "train-loss": float(metrics["train-loss"]),
-            "simulated-s": client.device.duration_s(compute, down, up, slowdown),
+            "compute-host-s": host_s, "step-time-s": host_s / steps, "steps": steps,
+            "bytes-down": down, "bytes-up": up,
+            "simulated-s": client.device.duration_s(host_s, down, up, slowdown),
             "deadline-s": deadline if math.isfinite(deadline) else None,
         }
 

@@ -41,12 +41,15 @@ import psutil
 import torch
 
 from fedvox.client.device import DeviceFacts, probe
+from fedvox.client.identity import client_identity
+from fedvox.client.owner import owner_budget
 from fedvox.client.trainer.local import datasets
 from fedvox.shared.atomic import atomic_write_text
 from fedvox.shared.cli import progress, set_offline_env
 from fedvox.shared.errors import ConfigError, FederationError
 from fedvox.shared.models.config import s1_config
 from fedvox.shared.privacy.accounting import calibrate_noise_multiplier
+from fedvox.shared.privacy.ledger import Ledger
 from fedvox.shared.runconfig import RunConfig
 from fedvox.simulations.baselines import (
     CENTRAL_STATE,
@@ -202,8 +205,15 @@ def run_config(spec: RunSpec, folder: Path, n_clients: int) -> RunConfig:
     return base.with_overrides({**values, **spec.config})
 
 
-def calibrate(config: RunConfig, caches: tuple[Path, ...]) -> tuple[RunConfig, dict[str, Any]]:
-    """Replace a target epsilon by the one noise multiplier that meets it for every client.
+def calibrate(
+    config: RunConfig, caches: tuple[Path, ...], *, keep_sample_rate: bool = False
+) -> tuple[RunConfig, dict[str, Any]]:
+    """Fix the plan's sample rate and replace a target epsilon by the one noise multiplier that
+    meets it for every client.
+
+    The plan's ``dp.sample-rate`` becomes ``logical-batch`` over the smallest client's training
+    utterances (the experimenter knows them; a real operator does not, which is why devices take
+    ``q`` from the plan), unless the scenario sets it (``keep_sample_rate``).
 
     A client in target-epsilon mode recalibrates its noise in every message (twice per round:
     the status before and after training), and one PRV calibration took 4-12 s here, more than
@@ -211,11 +221,12 @@ def calibrate(config: RunConfig, caches: tuple[Path, ...]) -> tuple[RunConfig, d
     largest sample rate (the client with the fewest training utterances) keeps every client at
     or below the target (identical to what each computes for itself when their data are equal).
     """
-    if config.dp.target_epsilon <= 0:
-        return config, {}
     started = time.perf_counter()
     smallest = min(len(datasets(config.stage, cache, VALIDATION_FRACTION)[0]) for cache in caches)
-    sample_rate = min(1.0, config.logical_batch / max(smallest, 1))
+    sample_rate = config.dp.sample_rate if keep_sample_rate else min(1.0, config.logical_batch / max(smallest, 1))
+    config = config.with_overrides({"dp.sample-rate": sample_rate})
+    if config.dp.target_epsilon <= 0:
+        return config, {}
     steps = config.num_server_rounds * config.local_steps
     sigma = calibrate_noise_multiplier(config.dp.target_epsilon, config.dp.delta, sample_rate=sample_rate, steps=steps)
     record = {"target-epsilon": config.dp.target_epsilon, "noise-multiplier": sigma, "sample-rate": sample_rate,
@@ -225,10 +236,17 @@ def calibrate(config: RunConfig, caches: tuple[Path, ...]) -> tuple[RunConfig, d
     return config.with_overrides({"dp.noise-multiplier": sigma, "dp.target-epsilon": 0.0}), record
 
 
+def set_owner_budget(config: RunConfig, data: Path) -> None:
+    """What each simulated owner sets at prepare: the scenario's budget, at the plan's delta."""
+    with Ledger(data) as ledger:
+        owner_budget(ledger, client_identity(data), epsilon=config.client_budget_epsilon, delta=config.dp.delta)
+
+
 def run_one(spec: RunSpec, data: SpeakerData, folder: Path, host: Host) -> None:
     """Simulate, score and sample one run into ``folder`` (resuming what is already there)."""
     n = len(data.clients)
-    config, calibration = calibrate(run_config(spec, folder, n), data.client_caches)
+    config, calibration = calibrate(run_config(spec, folder, n), data.client_caches,
+                                    keep_sample_rate="dp.sample-rate" in spec.config)
     fleet = load_fleet(spec.fleet)
     clients = plan_clients(fleet, n, spec.seed, config, host.facts, host.workers)
     folder.mkdir(parents=True, exist_ok=True)
@@ -240,7 +258,7 @@ def run_one(spec: RunSpec, data: SpeakerData, folder: Path, host: Host) -> None:
         "clients": [c.summary() for c in clients],
     }, indent=1) + "\n")
     for p, cache in enumerate(data.client_caches):
-        clone_cache(cache, folder / "clients" / f"client-{p}")
+        set_owner_budget(config, clone_cache(cache, folder / "clients" / f"client-{p}"))
 
     timings: dict[str, float] = {}
     memory = PeakMemory()

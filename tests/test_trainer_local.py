@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import soundfile as sf
@@ -29,10 +30,11 @@ def data(tmp_path_factory):
     return prepared_cache(tmp_path_factory.mktemp("local"))
 
 
-def _cli(*args: str) -> subprocess.Popen:
+def _cli(*args: str, home: Path | None = None) -> subprocess.Popen:
     code = "from fedvox.client.cli import main; main()"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"FEDVOX_HOME": str(home)} if home else {})}
     return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env=env)
 
 
 def _copy(src, dst):
@@ -44,7 +46,9 @@ def _copy(src, dst):
 
 def test_killed_run_resumes_without_double_charging(data, tmp_path):
     whole_data, killed_data = _copy(data, tmp_path / "whole"), _copy(data, tmp_path / "killed")
-    assert _cli(*TRAIN, "--data", str(whole_data), "--out", str(tmp_path / "w")).wait(timeout=600) == 0
+    # The same recordings: the uninterrupted run is another owner's (another home), or it is refused.
+    assert _cli(*TRAIN, "--data", str(whole_data), "--out", str(tmp_path / "w"), home=tmp_path / "other").wait(
+        timeout=600) == 0
 
     proc = _cli(*TRAIN, "--data", str(killed_data), "--out", str(tmp_path / "k"))
     deadline = time.time() + 600

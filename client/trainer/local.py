@@ -5,6 +5,11 @@ budget-checked, trained, charged to the data folder's ledger, then checkpointed.
 any point resumes from its last checkpoint and is never charged twice: a segment that was charged
 but not checkpointed is redone with the same random states, so it is the same release and the
 ledger's idempotent append returns the row it already has.
+
+Each segment's noise and sampling seeds are derived from its release id (run id and segment)
+under the device's secret release key (:meth:`client.releases.ReleaseBook.seeds`, kept beside the
+ledger), so a resume redraws them and ``OUT/`` (``run.json``, checkpoints, ``export/``) holds no
+seed or generator state: anyone given those files cannot predict the noise.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +27,9 @@ import torch
 from fedvox.client.data.cache import FeatureCache
 from fedvox.client.data.datasets import S1Dataset, S2Dataset
 from fedvox.client.data.split import holdout_split
-from fedvox.client.identity import client_identity
+from fedvox.client.identity import bind_ledger
 from fedvox.client.profiles import ResourceProfile
+from fedvox.client.releases import ReleaseBook, release_seeds
 from fedvox.client.trainer.checkpoints import CheckpointStore
 from fedvox.client.trainer.monitor import TrainingMonitor
 from fedvox.client.trainer.session import PrivacyPlan, RoundPlan, Trainer
@@ -101,23 +108,26 @@ def train_local(
     seed: int | None = None,
     show_progress: bool = True,
     keep_checkpoints: int = 3,
+    home: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a local DP fine-tuning; returns a summary (also in ``OUT/summary.json``).
 
     ``keep_checkpoints`` segment checkpoints are kept (a simulation's local baseline keeps one per
-    round to score each).
+    round to score each). ``home`` is the fedvox home recording the recordings' one ledger (the
+    data folder's; :func:`client.identity.bind_ledger`).
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    run = _run_record(out_dir, spec, seed)
+    run = _run_record(out_dir, spec)
     torch.set_num_threads(profile.threads)
     train_set, val_set = datasets(spec.stage, data_dir, spec.validation_fraction)
     model = build_model(spec.stage, spec.model_config, spec.subset_spec, seed=spec.model_seed, pretrained=spec.pretrained)
     task = build_task(spec.stage, model, train_set, profile)
-    client_id = client_identity(data_dir)
+    client_id = bind_ledger(data_dir, data_dir, home)
     trainer = Trainer(
         task, Ledger(data_dir), client_id, spec.privacy, physical_batch=profile.physical_batch,
-        monitor=TrainingMonitor(out_dir / "logs"), noise_seed=run["noise_seed"], sample_seed=run["sample_seed"],
+        monitor=TrainingMonitor(out_dir / "logs"),
     )
+    seeds = ReleaseBook(data_dir).seeds if seed is None else _fixed_seeds(seed)
     store = CheckpointStore(out_dir / "checkpoints", keep=keep_checkpoints)
     _restore(trainer, store)
     segments = -(-spec.steps // spec.checkpoint_every)
@@ -129,6 +139,9 @@ def train_local(
             for segment in range(first, segments + 1):
                 steps = min(spec.checkpoint_every, spec.steps - trainer.steps_done)
                 plan = RoundPlan(steps, spec.logical_batch, spec.learning_rate, planned_steps=spec.steps - trainer.steps_done)
+                noise_seed, sample_seed = seeds(f"{run['run_id']}/{segment}")
+                trainer.noise_generator.manual_seed(noise_seed)
+                trainer.sample_generator.manual_seed(sample_seed)
                 result = trainer.train(plan, run_id=run["run_id"], round=segment)
                 store.save(trainer.steps_done, _checkpoint(trainer, result.row.row_hash))
                 validation = trainer.evaluate(val_set) if len(val_set) else {}
@@ -151,7 +164,7 @@ def export(model: torch.nn.Module, spec: LocalTrainingSpec, out_dir: Path) -> li
     return [path, *export_all(model, out_dir / "export")]
 
 
-def _run_record(out_dir: Path, spec: LocalTrainingSpec, seed: int | None) -> dict[str, Any]:
+def _run_record(out_dir: Path, spec: LocalTrainingSpec) -> dict[str, Any]:
     path = out_dir / RUN_FILE
     if path.is_file():
         run = json.loads(path.read_text())
@@ -168,23 +181,20 @@ def _run_record(out_dir: Path, spec: LocalTrainingSpec, seed: int | None) -> dic
     elif out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"{out_dir} is not empty and holds no fedvox run; choose a new --out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = {
-        "run_id": f"local-{secrets.token_hex(6)}",
-        "spec": spec.to_dict(),
-        # Secret unless a seed is given (tests, experiments): predictable noise protects nothing.
-        "noise_seed": seed if seed is not None else secrets.randbits(63),
-        "sample_seed": seed if seed is not None else secrets.randbits(63),
-    }
+    run = {"run_id": f"local-{secrets.token_hex(6)}", "spec": spec.to_dict()}
     atomic_write_text(path, json.dumps(run, indent=2) + "\n")
     return run
+
+
+def _fixed_seeds(seed: int) -> Callable[[str], tuple[int, int]]:
+    """Experiments' seeds: every run of the same settings draws the same noise, whatever its run id."""
+    return lambda release: release_seeds(f"seed-{seed}".encode(), release.rsplit("/", 1)[-1])
 
 
 def _checkpoint(trainer: Trainer, ledger_head: str) -> dict[str, Any]:
     return {
         "state": trainable_state_dict(trainer.task.model),
         "optimizers": {name: p.optimizer.original_optimizer.state_dict() for name, p in trainer.private.items()},
-        "sample_rng": trainer.sample_generator.get_state(),
-        "noise_rng": trainer.noise_generator.get_state(),
         "physical_batch": trainer.physical_batch,
         "ledger_head": ledger_head,
     }
@@ -197,8 +207,6 @@ def _restore(trainer: Trainer, store: CheckpointStore) -> None:
     load_trainable_state_dict(trainer.task.model, saved["state"])
     for name, private in trainer.private.items():
         private.optimizer.original_optimizer.load_state_dict(saved["optimizers"][name])
-    trainer.sample_generator.set_state(saved["sample_rng"])
-    trainer.noise_generator.set_state(saved["noise_rng"])
     trainer.physical_batch = int(saved["physical_batch"])
     trainer.steps_done = int(saved["step"])
     log.info("resumed from step %d", trainer.steps_done)

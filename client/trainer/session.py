@@ -3,7 +3,8 @@
 A *release* is a run of DP-SGD steps whose result leaves the training loop (a federated round's
 update, or a local checkpoint). :class:`Trainer` produces one release at a time:
 
-1. plan the mechanism: sample rate ``logical_batch / N``, the noise multiplier given or
+1. plan the mechanism: the plan's sample rate (federated rounds, so epsilon does not depend on
+   ``N``) or ``logical_batch / N`` (local runs), the noise multiplier given or
    calibrated so the client's ledger history plus everything still planned reaches the target
    epsilon;
 2. refuse before any compute if the release would take the client past its budget;
@@ -78,11 +79,14 @@ class RoundPlan:
     learning_rate: float
     planned_steps: int = 0  # steps the target epsilon must still cover, this release included
     proximal_mu: float = 0.0  # FedProx: pull towards the weights the release started from
+    sample_rate: float | None = None  # the plan's Poisson rate; None: logical_batch / N (local runs)
 
     def __post_init__(self) -> None:
         for name in ("steps", "logical_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be at least 1")
+        if self.sample_rate is not None and not 0 < self.sample_rate <= 1:
+            raise ConfigError(f"sample rate must be in (0, 1], got {self.sample_rate}")
         if not self.learning_rate > 0:
             raise ConfigError("learning rate must be > 0")
         if self.proximal_mu < 0:
@@ -164,7 +168,7 @@ class Trainer:
 
     def mechanism(self, plan: RoundPlan, excluding: tuple[str, int] | None = None) -> Mechanism:
         """The (effective) Gaussian mechanism this release would apply."""
-        q = self.sample_rate(plan.logical_batch)
+        q = self.sample_rate(plan.logical_batch) if plan.sample_rate is None else plan.sample_rate
         if self.privacy.noise_multiplier is not None:
             return Mechanism(self.privacy.noise_multiplier, q, plan.steps)
         sigma = calibrate_noise_multiplier(

@@ -375,7 +375,7 @@ class ServerProcess:
                 continue
             row = json.loads(line)
             parts = [f"round {row['round']} committed: {row.get('participants', 0)} participant(s)"]
-            for key in ("train-loss", "val-loss", "epsilon-utterance-max", "epsilon-speaker-max"):
+            for key in ("val-loss", "epsilon-utterance-max", "epsilon-speaker-max"):
                 if isinstance(row.get(key), (int, float)):
                     parts.append(f"{key} {row[key]:.4g}")
             if row.get("rejects"):

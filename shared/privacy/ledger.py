@@ -12,6 +12,10 @@ exactly what one process would. Robustness, layer by layer:
   release again gets the existing row back and is not charged twice.
 - Appends run in ``BEGIN IMMEDIATE`` transactions (one writer at a time, across processes), in
   WAL mode with full fsync, and re-check the budget under that lock.
+
+The ledger also keeps its owner's decisions (:class:`OwnerBudget`, table ``budgets``, append-only
+too): the epsilon budget and the delta a client's releases are accounted at. They are set on the
+device (``prepare``/``enroll``), never taken from a server's plan.
 """
 
 from __future__ import annotations
@@ -83,6 +87,18 @@ _SCHEMA = (
     )""",
     # Every append reads one client's rows at one unit: a server ledger holds every speaker's.
     "CREATE INDEX IF NOT EXISTS releases_account ON releases (client_id, unit, id)",
+    # The owner's budget decisions, newest last (an owner may change the epsilon, never the delta).
+    """CREATE TABLE IF NOT EXISTS budgets (
+        id        INTEGER PRIMARY KEY,
+        set_at    TEXT    NOT NULL,
+        client_id TEXT    NOT NULL,
+        epsilon   REAL    NOT NULL,
+        delta     REAL    NOT NULL
+    )""",
+    """CREATE TRIGGER IF NOT EXISTS budgets_append_only_update BEFORE UPDATE ON budgets
+    BEGIN SELECT RAISE(ABORT, 'the owner budget log is append-only'); END""",
+    """CREATE TRIGGER IF NOT EXISTS budgets_append_only_delete BEFORE DELETE ON budgets
+    BEGIN SELECT RAISE(ABORT, 'the owner budget log is append-only'); END""",
     """CREATE TRIGGER IF NOT EXISTS releases_append_only_update BEFORE UPDATE ON releases
     BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only: rows cannot be updated'); END""",
     """CREATE TRIGGER IF NOT EXISTS releases_append_only_delete BEFORE DELETE ON releases
@@ -90,6 +106,38 @@ _SCHEMA = (
 )
 
 TRIGGERS = ("releases_append_only_update", "releases_append_only_delete")
+"""The triggers the audit checks (the ``budgets`` table has its own pair)."""
+
+
+DEFAULT_BUDGET_EPSILON = 10.0
+"""The utterance-level budget a device gets when its owner chose none."""
+MAX_DELTA = 1e-5
+
+
+def default_delta(num_examples: int) -> float:
+    """At most ``1e-5`` and at most ``1 / (10 N)``, rounded down to a power of ten.
+
+    Rounding keeps the delta from naming ``N`` exactly (it stays on the device anyway).
+    """
+    if num_examples < 1:
+        raise ConfigError("a default delta needs at least one training utterance")
+    return min(MAX_DELTA, 10.0 ** math.floor(math.log10(1.0 / (10 * num_examples))))
+
+
+@dataclass(frozen=True)
+class OwnerBudget:
+    """What the device's owner allows one client identity: epsilon at delta (utterance level)."""
+
+    client_id: str
+    epsilon: float
+    delta: float
+    set_at: str = ""
+
+    def __post_init__(self) -> None:
+        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise ConfigError(f"a privacy budget must be a finite epsilon > 0, got {self.epsilon}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"the budget's delta must be in (0, 1), got {self.delta}")
 
 
 @dataclass(frozen=True)
@@ -300,7 +348,41 @@ class Ledger:
         row = self._con.execute("SELECT row_hash FROM releases ORDER BY id DESC LIMIT 1").fetchone()
         return row[0] if row else GENESIS_HASH
 
+    def owner_budget(self, client_id: str) -> OwnerBudget | None:
+        """The owner's latest budget for ``client_id``, or ``None`` if none was set."""
+        row = self._con.execute(
+            "SELECT client_id, epsilon, delta, set_at FROM budgets WHERE client_id = ? ORDER BY id DESC LIMIT 1",
+            (client_id,),
+        ).fetchone()
+        return OwnerBudget(*row) if row else None
+
     # ------------------------------------------------------------------ writing
+    def set_owner_budget(self, budget: OwnerBudget) -> OwnerBudget:
+        """Record the owner's budget (call it from ``prepare``/``enroll``/the owner's CLI only).
+
+        The epsilon may change (the owner's decision); the delta may not once a release exists,
+        since every epsilon of a client is accounted at one delta. Raises :class:`PrivacyError`.
+        """
+        with self._transaction():
+            current = self.owner_budget(budget.client_id)
+            if current is not None and (current.epsilon, current.delta) == (budget.epsilon, budget.delta):
+                return current
+            released = self._select(self._con, budget.client_id, "utterance")
+            fixed = released[0].delta if released else None
+            if fixed is not None and fixed != budget.delta:
+                raise PrivacyError(
+                    f"client {budget.client_id!r} has releases accounted at delta={fixed:g} in {self.path}; "
+                    f"its delta cannot become {budget.delta:g}. Keep delta {fixed:g}"
+                )
+            now = datetime.now(UTC).isoformat(timespec="microseconds")
+            self._con.execute(
+                "INSERT INTO budgets (set_at, client_id, epsilon, delta) VALUES (?, ?, ?, ?)",
+                (now, budget.client_id, float(budget.epsilon), float(budget.delta)),
+            )
+        log.info("privacy ledger: owner budget of %s set to epsilon %g at delta %g",
+                 budget.client_id, budget.epsilon, budget.delta)
+        return replace(budget, set_at=now)
+
     def append(
         self,
         release: Release,
@@ -469,6 +551,7 @@ def _code_version() -> str:
 
 __all__ = [
     "COLUMNS",
+    "DEFAULT_BUDGET_EPSILON",
     "GENESIS_HASH",
     "LEDGER_FILENAME",
     "MECHANISMS",
@@ -476,7 +559,9 @@ __all__ = [
     "Component",
     "Ledger",
     "LedgerRow",
+    "OwnerBudget",
     "Release",
+    "default_delta",
     "ledger_file",
     "read_rows",
     "read_triggers",

@@ -1,0 +1,56 @@
+"""A validation loss that may leave the device: the Gaussian mechanism on clipped per-utterance losses.
+
+The exact mean loss of a few held-out utterances is a data-dependent number (with one held-out
+utterance it *is* that utterance's loss), so it leaves only as a DP release charged to the ledger
+like a training round. The device computes each held-out utterance's loss ``l_i``, clips it to
+``[0, C]`` and releases the pair
+
+    s = sum_i min(l_i, C) / C + N(0, sigma^2),    n = |held-out| + N(0, sigma^2),
+
+sending only ``C * s / max(n, 1)``. Adding or removing one utterance moves ``(s, n)`` by at most
+``(1, 1)``, L2 norm ``sqrt(2)``: one Gaussian mechanism of noise multiplier ``sigma / sqrt(2)``,
+sample rate 1, one step (:func:`loss_mechanism`). Neither the count nor the clip range leaves
+un-noised.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedvox.client.trainer.tasks import Task, mean_metrics
+from fedvox.shared.errors import ConfigError
+from fedvox.shared.privacy.accounting import Mechanism
+
+
+def loss_mechanism(noise_multiplier: float) -> Mechanism:
+    """What one loss release costs, as the accountant composes it."""
+    if not noise_multiplier > 0:
+        raise ConfigError(f"a released loss needs dp.loss-noise-multiplier > 0, got {noise_multiplier}")
+    return Mechanism(noise_multiplier / math.sqrt(2.0), 1.0, 1)
+
+
+def utterance_losses(task: Task, dataset) -> torch.Tensor:
+    """Each utterance's headline loss (s1: cross-entropy per token, s2: generator loss)."""
+    losses = []
+    for index in range(len(dataset)):
+        means = mean_metrics(task.evaluate(dataset, torch.tensor([index])), task.stage)
+        losses.append(means["loss_per_token"] if task.stage == "s1" else means["loss"])
+    return torch.tensor(losses, dtype=torch.float64)
+
+
+def noisy_mean_loss(
+    losses: torch.Tensor, *, clip: float, noise_multiplier: float, generator: torch.Generator
+) -> float:
+    """``C * (sum clip(l)/C + noise) / max(n + noise, 1)`` of the per-utterance ``losses``."""
+    if not clip > 0:
+        raise ConfigError(f"dp.loss-clip must be > 0, got {clip}")
+    clipped = losses.detach().double().clamp(0.0, clip).div(clip)
+    noise = torch.normal(0.0, float(noise_multiplier), (2,), generator=generator, dtype=torch.float64)
+    total = float(clipped.sum() + noise[0])
+    count = float(len(clipped) + noise[1])
+    return clip * total / max(count, 1.0)
+
+
+__all__ = ["loss_mechanism", "noisy_mean_loss", "utterance_losses"]
