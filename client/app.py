@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +61,7 @@ from fedvox.client.identity import bind_ledger
 from fedvox.client.loss_release import loss_mechanism, noisy_mean_loss, utterance_losses
 from fedvox.client.owner import check_plan, owner_budget
 from fedvox.client.profiles import ProfileOverrides, ResourceProfile, select_profile
-from fedvox.client.releases import Entry, ReleaseBook, message_digest
+from fedvox.client.releases import Entry, ReleaseBook, ReleaseSeeds, message_digest
 from fedvox.client.trainer.local import build_task, datasets
 from fedvox.client.trainer.session import UNIT, PrivacyPlan, RoundPlan, Trainer
 from fedvox.shared.cli import set_offline_env
@@ -74,6 +73,7 @@ from fedvox.shared.models.subsets import SubsetSpec, load_trainable_state_dict
 from fedvox.shared.privacy.budget import Budget
 from fedvox.shared.privacy.ledger import Ledger, OwnerBudget, Release
 from fedvox.shared.privacy.ledger_head import LEDGER_HEAD, SIGNING_KEY_FILE, head_record
+from fedvox.shared.privacy.noise import SecureGaussian
 from fedvox.shared.protocol import ARRAYS, CONFIG, METRICS, REFUSED, STATUS, ClientStatus, Plan
 from fedvox.shared.runconfig import RunConfig
 from fedvox.shared.wire import from_record, record_bytes, to_record
@@ -144,10 +144,10 @@ class Node:
 class Session:
     """This node set up for one plan: its data split, owner budget, device profile, model and DP trainer.
 
-    ``seeds`` are the release's ``(noise, sample)`` seeds (:meth:`ReleaseBook.seeds`).
+    ``seeds`` are the release's seeds and secure noise key (:meth:`ReleaseBook.seeds`).
     """
 
-    def __init__(self, node: Node, plan: Plan, seeds: tuple[int, int] | None = None) -> None:
+    def __init__(self, node: Node, plan: Plan, seeds: ReleaseSeeds | None = None) -> None:
         config = plan.config
         self.node, self.plan = node, plan
         try:
@@ -171,7 +171,7 @@ class Session:
             self.ledger.close()
             raise
 
-    def _build(self, node: Node, plan: Plan, seeds: tuple[int, int] | None) -> None:
+    def _build(self, node: Node, plan: Plan, seeds: ReleaseSeeds | None) -> None:
         config = plan.config
         spec = SubsetSpec(kind=config.subset, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha)
         try:
@@ -198,11 +198,11 @@ class Session:
             )
         except ConfigError as exc:  # e.g. the run's target epsilon is above this node's budget
             raise Refusal("budget", str(exc)) from None
-        noise_seed, sample_seed = seeds if seeds is not None else (None, None)
-        self.loss_seed = noise_seed if noise_seed is not None else secrets.randbits(63)
+        self.seeds = seeds
         self.trainer = Trainer(
             task, self.ledger, node.client_id, privacy, physical_batch=self.profile.physical_batch,
-            noise_seed=noise_seed, sample_seed=sample_seed,
+            noise_seed=seeds.noise if seeds else None, sample_seed=seeds.sample if seeds else None,
+            noise_key=seeds.noise_key if seeds else None,
         )
         rounds_left = config.num_server_rounds - plan.server_round + 1
         self.round_plan = RoundPlan(
@@ -297,8 +297,7 @@ def evaluate(msg: Message, context: Context) -> Message:
                          accountant=trainer.privacy.accountant, subject=f"client {session.node.client_id!r}")
             loss = noisy_mean_loss(
                 utterance_losses(trainer.task, session.val_set), clip=config.dp.loss_clip,
-                noise_multiplier=config.dp.loss_noise_multiplier,
-                generator=torch.Generator().manual_seed(session.loss_seed),
+                noise_multiplier=config.dp.loss_noise_multiplier, noise=SecureGaussian(session.seeds.noise_key),
             )
             session.ledger.append(release, accountant=trainer.privacy.accountant, budget=budget)
         except BudgetExceededError as exc:
@@ -361,7 +360,7 @@ def _answer(
     plan: Plan,
     run: Callable[[Session, Entry | None], RecordDict],
     entry: Entry | None,
-    seeds: tuple[int, int] | None = None,
+    seeds: ReleaseSeeds | None = None,
 ) -> RecordDict:
     """``run`` on a session of ``plan``; a refusal inside it carries the session's status. Either
     carries the ledger's head as it stands after this answer, signed by the device (a stored

@@ -22,6 +22,7 @@ import torch
 from fedvox.client.trainer.tasks import Task, mean_metrics
 from fedvox.shared.errors import ConfigError
 from fedvox.shared.privacy.accounting import Mechanism
+from fedvox.shared.privacy.noise import SecureGaussian
 
 
 def loss_mechanism(noise_multiplier: float) -> Mechanism:
@@ -40,14 +41,12 @@ def utterance_losses(task: Task, dataset) -> torch.Tensor:
     return torch.tensor(losses, dtype=torch.float64)
 
 
-def noisy_mean_loss(
-    losses: torch.Tensor, *, clip: float, noise_multiplier: float, generator: torch.Generator
-) -> float:
+def noisy_mean_loss(losses: torch.Tensor, *, clip: float, noise_multiplier: float, noise: SecureGaussian) -> float:
     """``C * (sum clip(l)/C + noise) / max(n + noise, 1)`` of the per-utterance ``losses``."""
     if not clip > 0:
         raise ConfigError(f"dp.loss-clip must be > 0, got {clip}")
     clipped = losses.detach().double().clamp(0.0, clip).div(clip)
-    noise = torch.normal(0.0, float(noise_multiplier), (2,), generator=generator, dtype=torch.float64)
+    noise = noise.normal((2,), float(noise_multiplier), device=torch.device("cpu"), dtype=torch.float64)
     total = float(clipped.sum() + noise[0])
     count = float(len(clipped) + noise[1])
     return clip * total / max(count, 1.0)

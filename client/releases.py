@@ -4,7 +4,7 @@ A server message is a *question*; its digest (:func:`message_digest`: the messag
 record's content, not Flower's message id) names it. The first time a question is asked, the
 device records a fresh release id for it *before* it trains (:meth:`ReleaseBook.begin`), derives
 that release's noise and sampling seeds from a secret key that never leaves this folder
-(:meth:`ReleaseBook.seeds`), charges the ledger under the release id, and stores the reply's
+and its secure noise key (:meth:`ReleaseBook.seeds`), charges the ledger under the release id, and stores the reply's
 bytes before sending them (:meth:`ReleaseBook.finish`). Asked again:
 
 - answered before: the stored bytes go back unchanged: no new noise, no new charge;
@@ -76,17 +76,28 @@ def message_digest(message: Message) -> str:
     return digest.hexdigest()
 
 
-def release_seeds(key: bytes, release_id: str) -> tuple[int, int]:
-    """``(noise_seed, sample_seed)`` of a release: HMAC-SHA256 of its id under ``key``.
+@dataclass(frozen=True)
+class ReleaseSeeds:
+    """A release's randomness: torch generator seeds (sampling, and noise where no key is used)
+    and the 32-byte key of its secure noise stream."""
+
+    noise: int
+    sample: int
+    noise_key: bytes
+
+
+def release_seeds(key: bytes, release_id: str) -> ReleaseSeeds:
+    """A release's seeds: HMAC-SHA256 of its id under ``key``.
 
     Unpredictable to anyone without the key, and the same for a release redone after a crash, so
     that redo is the release already charged. Tests pass a known key to get reproducible noise.
     """
-    noise, sample = (
-        int.from_bytes(hmac.new(key, f"{purpose}:{release_id}".encode(), hashlib.sha256).digest()[:8], "big") >> 1
-        for purpose in ("noise", "sample")
-    )
-    return noise, sample
+
+    def derive(purpose: str) -> bytes:
+        return hmac.new(key, f"{purpose}:{release_id}".encode(), hashlib.sha256).digest()
+
+    noise, sample = (int.from_bytes(derive(p)[:8], "big") >> 1 for p in ("noise", "sample"))
+    return ReleaseSeeds(noise, sample, derive("noise-key"))
 
 
 class ReleaseBook:
@@ -153,8 +164,8 @@ class ReleaseBook:
         return count
 
     # ------------------------------------------------------------------ secret randomness
-    def seeds(self, release_id: str) -> tuple[int, int]:
-        """``(noise_seed, sample_seed)`` of a release under this device's secret key (:func:`release_seeds`)."""
+    def seeds(self, release_id: str) -> ReleaseSeeds:
+        """A release's seeds under this device's secret key (:func:`release_seeds`)."""
         return release_seeds(self._key(), release_id)
 
     def _key(self) -> bytes:
@@ -174,4 +185,4 @@ class ReleaseBook:
         return path.read_bytes()
 
 
-__all__ = ["KEEP_REPLIES", "Entry", "ReleaseBook", "message_digest", "release_seeds"]
+__all__ = ["KEEP_REPLIES", "Entry", "ReleaseBook", "ReleaseSeeds", "message_digest", "release_seeds"]

@@ -14,6 +14,9 @@ what fedvox needs around the clipping:
   the device: they are computed from private data without noise.
 * **Empty Poisson batches** still release noise (skipping them would reveal that the batch was
   empty).
+* **Secure noise.** With ``secure_noise`` set (deployment), the noise comes from a ChaCha20
+  stream under a per-release secret key (:class:`fedvox.shared.privacy.noise.SecureGaussian`)
+  instead of torch's generator, which stays for seeded tests and experiments.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
+
+from fedvox.shared.privacy.noise import SecureGaussian
 
 NORM_QUANTILES = (0.1, 0.5, 0.9, 0.99)
 
@@ -64,6 +69,8 @@ class FedvoxDPOptimizer(DPOptimizer):
         self.skipped_nonfinite_steps = 0
         self.reset_hooks: list[Callable[[], None]] = []
         """Called by :meth:`reset_logical_batch` (e.g. to clear the per-sample hooks' state)."""
+        self.secure_noise: SecureGaussian | None = None
+        """The release's secure noise source; ``None``: Opacus's draw from ``generator``."""
 
     def clip_and_accumulate(self) -> None:
         grad_samples = self.grad_samples
@@ -110,6 +117,9 @@ class FedvoxDPOptimizer(DPOptimizer):
             summed = p.summed_grad
             if std == 0:
                 p.grad = summed.clone().view_as(p)
+            elif self.secure_noise is not None:
+                noise = self.secure_noise.normal(summed.shape, std, device=summed.device, dtype=summed.dtype)
+                p.grad = noise.add_(summed).view_as(p)
             else:
                 noise = torch.normal(
                     mean=0, std=std, size=summed.shape, device=summed.device, generator=self.generator,

@@ -29,7 +29,7 @@ from fedvox.client.data.datasets import S1Dataset, S2Dataset
 from fedvox.client.data.split import holdout_split
 from fedvox.client.identity import bind_ledger
 from fedvox.client.profiles import ResourceProfile
-from fedvox.client.releases import ReleaseBook, release_seeds
+from fedvox.client.releases import ReleaseBook, ReleaseSeeds, release_seeds
 from fedvox.client.trainer.checkpoints import CheckpointStore
 from fedvox.client.trainer.monitor import TrainingMonitor
 from fedvox.client.trainer.session import PrivacyPlan, RoundPlan, Trainer
@@ -139,9 +139,8 @@ def train_local(
             for segment in range(first, segments + 1):
                 steps = min(spec.checkpoint_every, spec.steps - trainer.steps_done)
                 plan = RoundPlan(steps, spec.logical_batch, spec.learning_rate, planned_steps=spec.steps - trainer.steps_done)
-                noise_seed, sample_seed = seeds(f"{run['run_id']}/{segment}")
-                trainer.noise_generator.manual_seed(noise_seed)
-                trainer.sample_generator.manual_seed(sample_seed)
+                release = seeds(f"{run['run_id']}/{segment}")
+                trainer.reseed(release.noise, release.sample, release.noise_key)
                 result = trainer.train(plan, run_id=run["run_id"], round=segment)
                 store.save(trainer.steps_done, _checkpoint(trainer, result.row.row_hash))
                 validation = trainer.evaluate(val_set) if len(val_set) else {}
@@ -186,7 +185,7 @@ def _run_record(out_dir: Path, spec: LocalTrainingSpec) -> dict[str, Any]:
     return run
 
 
-def _fixed_seeds(seed: int) -> Callable[[str], tuple[int, int]]:
+def _fixed_seeds(seed: int) -> Callable[[str], ReleaseSeeds]:
     """Experiments' seeds: every run of the same settings draws the same noise, whatever its run id."""
     return lambda release: release_seeds(f"seed-{seed}".encode(), release.rsplit("/", 1)[-1])
 

@@ -19,6 +19,7 @@ subsampled Gaussian with the effective noise multiplier (docs/privacy.md). Each 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import secrets
@@ -38,6 +39,7 @@ from fedvox.shared.models.subsets import trainable_state_dict
 from fedvox.shared.privacy.accounting import DEFAULT_ACCOUNTANT, Mechanism, calibrate_noise_multiplier, epsilon
 from fedvox.shared.privacy.budget import Budget
 from fedvox.shared.privacy.ledger import Component, Ledger, LedgerRow, Release
+from fedvox.shared.privacy.noise import SecureGaussian
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,8 @@ class Trainer:
 
     ``noise_seed``/``sample_seed`` make a run reproducible (tests, simulations); leave them unset
     in deployment so the noise comes from the operating system's secret randomness: noise an
-    adversary can predict protects nothing. ``optimizer_class`` builds each part's DP optimizer
+    adversary can predict protects nothing. ``noise_key`` (32 secret bytes, per release:
+    :meth:`reseed`) draws the noise from a ChaCha20 stream instead of torch's generator. ``optimizer_class`` builds each part's DP optimizer
     (a subclass of :class:`FedvoxDPOptimizer`; the canary audit's injects white-box canaries).
     """
 
@@ -124,6 +127,7 @@ class Trainer:
         monitor: TrainingMonitor | None = None,
         noise_seed: int | None = None,
         sample_seed: int | None = None,
+        noise_key: bytes | None = None,
         optimizer_class: Callable[..., FedvoxDPOptimizer] = FedvoxDPOptimizer,
     ) -> None:
         self.task, self.ledger, self.client_id, self.privacy = task, ledger, client_id, privacy
@@ -149,6 +153,19 @@ class Trainer:
                 optimizer_class=optimizer_class,
             )
         self.wrapped = {name: p.module for name, p in self.private.items()}
+        self._set_noise_key(noise_key)
+
+    def reseed(self, noise_seed: int, sample_seed: int, noise_key: bytes | None = None) -> None:
+        """Start a release's own randomness (local training: one per segment)."""
+        self.noise_generator.manual_seed(noise_seed)
+        self.sample_generator.manual_seed(sample_seed)
+        self._set_noise_key(noise_key)
+
+    def _set_noise_key(self, key: bytes | None) -> None:
+        for name, private in self.private.items():  # each part its own stream
+            private.optimizer.secure_noise = (
+                None if key is None else SecureGaussian(hashlib.sha256(key + name.encode()).digest())
+            )
 
     # ------------------------------------------------------------------ planning
     def sample_rate(self, logical_batch: int) -> float:
