@@ -71,8 +71,8 @@ class BenchGrid:
 
 
 def status(node: int) -> ClientStatus:
-    return ClientStatus(client_id=f"client-{node:03d}", profile="bench", num_examples=100 + node,
-                        epsilon_spent=0.5, epsilon_budget=10.0, epsilon_next=1.0)
+    return ClientStatus(client_id=f"client-{node:03d}", profile="bench", epsilon_spent=0.5, epsilon_budget=10.0,
+                        epsilon_next=1.0)
 
 
 def run_config(stage: str, config: str, subset: str, wire: str, aggregation: str, speaker_dp: bool) -> RunConfig:
@@ -104,13 +104,13 @@ def updates(sent: dict[str, torch.Tensor], distinct: int, precision: str) -> lis
 
 def train_replies(messages: list[Message], records: list[ArrayRecord]) -> list[Message]:
     """One train reply per message, as ``client.app`` builds it, sharing ``records`` round-robin."""
-    metrics = {"train-loss": 1.0, "peak-memory-bytes": 0.0, "step-time-s": 1.0}
-    return [
-        Message(RecordDict({STATUS: status(m.metadata.dst_node_id).to_record(), ARRAYS: records[i % len(records)],
-                            METRICS: MetricRecord({**metrics, "num-examples": 100 + m.metadata.dst_node_id})}),
-                reply_to=m)
-        for i, m in enumerate(messages)
-    ]
+    replies = []
+    for i, m in enumerate(messages):
+        arrays = records[i % len(records)]
+        metrics = MetricRecord({"bytes-down": record_bytes(arrays), "bytes-up": record_bytes(arrays)})
+        content = RecordDict({STATUS: status(m.metadata.dst_node_id).to_record(), ARRAYS: arrays, METRICS: metrics})
+        replies.append(Message(content, reply_to=m))
+    return replies
 
 
 def read_once(replies: list[Message]) -> float:

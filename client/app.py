@@ -130,8 +130,10 @@ class Node:
             client_id = bind_ledger(data, ledger, home)
         except DataError as exc:
             raise Refusal("data", str(exc)) from None
-        except PrivacyError as exc:
-            raise Refusal("budget", str(exc)) from None
+        except PrivacyError as exc:  # the detail names local folders: it stays in the device's log
+            log.error("%s", exc)
+            raise Refusal("budget", "these recordings are charged in another ledger on this device; "
+                                    "its owner must use that one (the device's log says where)") from None
         budget = float(node_config["budget-epsilon"]) if "budget-epsilon" in node_config else None
         try:
             overrides = ProfileOverrides.from_mapping(node_config)
@@ -261,7 +263,9 @@ def train(msg: Message, context: Context) -> Message:
                                     f"past this node's budget {status.epsilon_budget:g}")
         plan = session.plan
         try:
-            result = session.trainer.train(session.round_plan, run_id=session.release_id(entry), round=plan.server_round)
+            result = session.trainer.train(
+                session.round_plan, run_id=session.release_id(entry), round=plan.server_round
+            )
         except BudgetExceededError as exc:
             raise Refusal("budget", str(exc)) from None
         arrays = to_record(result.state, plan.config.wire_precision)

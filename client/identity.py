@@ -97,7 +97,15 @@ def bind_ledger(data_dir: str | Path, ledger_dir: str | Path, home: str | Path |
             pass
         finally:
             candidate.unlink(missing_ok=True)
+        created = True
+    else:
+        created = False
     bound = json.loads(path.read_text())
+    if not created and not (Path(bound["ledger"]) / LEDGER_FILENAME).is_file():
+        raise PrivacyError(
+            f"the ledger of these recordings is missing from {bound['ledger']} (recorded in {path}); restore it "
+            f"there, or if you moved it, record its place with `fedvox-client ledger-move --data {data_dir} --to DIR`"
+        )
     if bound["ledger"] != str(ledger) or bound["client_id"] != ident.client_id:
         raise PrivacyError(
             f"these recordings are already charged to {bound['client_id']} in the ledger in {bound['ledger']} "
@@ -108,7 +116,8 @@ def bind_ledger(data_dir: str | Path, ledger_dir: str | Path, home: str | Path |
 
 
 def move_ledger(data_dir: str | Path, target: str | Path, home: str | Path | None = None) -> Path:
-    """Move the identity's ledger (and its release book) to ``target`` and record the new place."""
+    """Move the identity's ledger (and its release book) to ``target`` and record the new place
+    (only record it, if the owner already moved the ledger there)."""
     ident = identity(data_dir)
     path = fedvox_home(home) / REGISTRY / f"{ident.recordings}.json"
     if not path.is_file():
@@ -117,12 +126,17 @@ def move_ledger(data_dir: str | Path, target: str | Path, home: str | Path | Non
     target = Path(target).expanduser().resolve()
     if target == source:
         return target
-    if (target / LEDGER_FILENAME).exists():
+    here, there = (source / LEDGER_FILENAME).is_file(), (target / LEDGER_FILENAME).is_file()
+    if here and there:
         raise PrivacyError(f"{target} already holds a privacy ledger; choose an empty folder")
-    target.mkdir(parents=True, exist_ok=True)
-    for name in (LEDGER_FILENAME, f"{LEDGER_FILENAME}-wal", f"{LEDGER_FILENAME}-shm", "releases"):
-        if (source / name).exists():
-            shutil.move(str(source / name), str(target / name))
+    if not here and not there:
+        raise PrivacyError(f"no privacy ledger in {source} or {target}: restore the ledger of these recordings first")
+    if here:
+        target.mkdir(parents=True, exist_ok=True)
+        for name in (LEDGER_FILENAME, f"{LEDGER_FILENAME}-wal", f"{LEDGER_FILENAME}-shm", "releases"):
+            if (source / name).exists():
+                shutil.move(str(source / name), str(target / name))
+    # else: the owner moved it by hand; only its place is recorded
     atomic_write_text(path, json.dumps({"client_id": ident.client_id, "ledger": str(target)}) + "\n")
     return target
 

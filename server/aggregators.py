@@ -4,8 +4,9 @@ The strategy (:mod:`fedvox.server.strategy`) selects clients, screens their repl
 accepted ones to one :class:`Aggregator` as :class:`RoundUpdates`. Each rule is an object, built
 once from the run configuration by :func:`build_aggregator`:
 
-- :class:`WeightedMean`: FedAvg's mean with uniform weights (devices send no example count; FedProx too: its server side
-  is only ``proximal-mu`` in the plan, which the plan always carries), summed one update at a time;
+- :class:`WeightedMean`: FedAvg's mean, with uniform weights since devices send no example count
+  (FedProx too: its server side is only ``proximal-mu`` in the plan, which the plan always
+  carries), summed one update at a time;
 - :class:`SpeakerDPMean`: the clipped, noised DP-FedAvg mean (:mod:`fedvox.server.speaker_dp`);
 - :class:`FlowerRule`: a Flower strategy's own ``aggregate_train`` (the median, the trimmed mean) on
   the updates re-based onto the fp32 global model;

@@ -45,7 +45,7 @@ BIN = Path(sys.executable).parent
 RUN_CONFIG = {
     # Two quick rounds of tiny s1: a query and two trainings per device, no evaluation.
     "num-server-rounds": 2, "local-steps": 2, "logical-batch": 4, "evaluate": False,
-    "client-budget-epsilon": 100.0, "round-timeout": 600.0, "dp.noise-multiplier": 0.8,
+    "client-budget-epsilon": 100.0, "round-timeout": 600.0, "dp.noise-multiplier": 0.8, "dp.sample-rate": 0.4,
 }
 TAG = ("FEDVOX_TEST_TAG", f"deploy-{os.getpid()}-{secrets.token_hex(4)}")
 """Marks every process a test starts (inherited by everything those start): :func:`sweep` finds
@@ -89,7 +89,7 @@ def start_server(home: ServerHome, *extra: str) -> subprocess.Popen:
 
 def enroll(server: str, home: ServerHome, data: Path, device_home: Path, *extra: str) -> subprocess.Popen:
     args = [str(BIN / "fedvox-client"), "enroll", "--server", server, "--root-cert", str(home.ca_cert),
-            "--data", str(data), "--home", str(device_home), "--threads", "1", *extra]
+            "--data", str(data), "--home", str(device_home), "--threads", "1", "--budget-epsilon", "100", *extra]
     return spawn(args, device_home.with_suffix(".out"))
 
 

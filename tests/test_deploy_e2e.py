@@ -42,7 +42,7 @@ from tests.prepared import prepared_cache
 
 pytestmark = pytest.mark.slow
 
-TRAIN_METRICS = {"num-examples", "train-loss", "peak-memory-bytes", "step-time-s", "bytes-down", "bytes-up"}
+TRAIN_METRICS = {"bytes-down", "bytes-up"}  # a device releases no loss, count, memory or time
 
 
 @pytest.fixture(scope="module")

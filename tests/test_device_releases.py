@@ -15,10 +15,12 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 from fedvox.client.app import app as client_app
-from fedvox.client.identity import client_identity
+from fedvox.client.identity import bind_ledger, client_identity, move_ledger
 from fedvox.client.releases import FOLDER
 from fedvox.server.model import initial_subset
+from fedvox.shared.errors import PrivacyError
 from fedvox.shared.privacy.ledger import Ledger
+from fedvox.shared.privacy.ledger_head import LEDGER_HEAD, SignedHead
 from fedvox.shared.protocol import ARRAYS, CONFIG, METRICS, STATUS, TRAIN_METRICS, ClientStatus, Plan
 from fedvox.shared.runconfig import RunConfig
 from fedvox.shared.wire import to_record
@@ -70,6 +72,12 @@ def wire_bytes(reply: Message) -> bytes:
     return recorddict_to_proto(reply.content).SerializeToString(deterministic=True)
 
 
+def release_bytes(reply: Message) -> bytes:
+    """The reply without its signed ledger head."""
+    content = RecordDict({name: record for name, record in reply.content.items() if name != LEDGER_HEAD})
+    return recorddict_to_proto(content).SerializeToString(deterministic=True)
+
+
 def rows(data):
     with Ledger(data) as ledger:
         return ledger.rows(client_identity(data), "utterance")
@@ -101,7 +109,11 @@ def test_a_release_redone_after_a_crash_is_the_one_already_charged(data):
     for reply_file in (data / FOLDER).glob("*.reply"):
         reply_file.unlink()
     again, _ = send(msg)
-    assert wire_bytes(again) == wire_bytes(first)  # same release id, same secret seeds: the same release
+    # Same release id, same secret seeds: the same release, bit for bit, and the same ledger head
+    # (signed afresh: ECDSA signatures are randomised).
+    assert release_bytes(again) == release_bytes(first)
+    heads = [SignedHead.from_json(dict(r.content.config_records[LEDGER_HEAD])) for r in (first, again)]
+    assert heads[0].rows == heads[1].rows == 1 and heads[0].head == heads[1].head
     assert len(rows(data)) == 1
 
 
@@ -188,3 +200,23 @@ def test_no_sequence_of_server_messages_releases_more_than_the_ledger_records(ca
     assert len(released) <= len(charged)  # every distinct data-dependent reply is a charged release
     assert len({r.run_id for r in charged}) == len(charged)  # each charged under its own release id
     assert all(r.delta == owner.delta for r in charged) and (not charged or charged[-1].epsilon <= owner.epsilon)
+
+
+def test_a_second_ledger_for_the_same_recordings_is_refused_and_a_move_is_explicit(data, cache, tmp_path):
+    _, status = send(message(config(data), MessageType.TRAIN))
+    assert status.ok
+    first, home = client_identity(data), data.parent / ".fedvox"
+    # The same recordings prepared again into another folder (its own default ledger): refused.
+    again = shutil.copytree(cache, data.parent / "client-again")
+    assert client_identity(again) == first
+    with pytest.raises(PrivacyError, match="already charged"):
+        bind_ledger(again, again, home)
+    # Moving the ledger is the explicit way; its rows and the owner's budget go with it.
+    moved = move_ledger(data, tmp_path / "ledger", home)
+    assert bind_ledger(data, moved, home) == first and not (data / "privacy_ledger.sqlite").exists()
+    with Ledger(moved) as ledger:
+        assert len(ledger.rows(first, "utterance")) == 1 and ledger.owner_budget(first).epsilon == 10.0
+    # A SuperNode still pointed at the old place is refused, with the ledger to use.
+    _, status = send(message(config(data), MessageType.TRAIN))
+    assert (status.outcome, status.reason) == ("refused", "budget") and "another ledger" in status.detail
+    assert str(tmp_path) not in status.detail  # no local path leaves the device
