@@ -446,7 +446,7 @@ def summarize_train(records: list[RecordDict], weight_key: str) -> MetricRecord:
 def summarize_evaluate(records: list[RecordDict], weight_key: str) -> MetricRecord:
     """The mean of the devices' released (noised) validation losses, one vote per device."""
     rows, weights = _rows(records, weight_key)
-    return MetricRecord({"val-loss": _weighted_mean(rows, weights, "val-loss"), "val-clients": len(rows)})
+    return MetricRecord({"val-loss": _weighted_mean(rows, weights, "val-loss")})
 
 
 def _rows(records: list[RecordDict], weight_key: str) -> tuple[list[MetricRecord], list[float]]:
