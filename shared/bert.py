@@ -71,6 +71,7 @@ class BertExtractor:
 
     def __init__(self, path: str | Path, device: str = "cpu", half: bool = False):
         transformers = _transformers()
+        transformers.utils.logging.disable_progress_bar()
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
             model = transformers.AutoModelForMaskedLM.from_pretrained(str(path), local_files_only=True)

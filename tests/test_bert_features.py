@@ -17,26 +17,15 @@ from fedvox.shared.errors import CheckpointError
 from fedvox.shared.semantic import tokenizer_spec
 from fedvox.shared.text import phonemize
 from tests.data_fixtures import write_good_set
+from tests.extractor_fixtures import write_roberta
 
 transformers = pytest.importorskip("transformers")
 
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 @pytest.fixture(scope="module")
 def roberta(tmp_path_factory) -> Path:
-    """A 3-layer, 1024-wide BertForMaskedLM with random weights, saved as the released folder is."""
-    folder = tmp_path_factory.mktemp("chinese-roberta-wwm-ext-large")
-    chars = sorted(set("今天天气很好我们去公园散步吧。，！？"))
-    (folder / "vocab.txt").write_text("\n".join(SPECIAL + chars) + "\n", encoding="utf-8")
-    transformers.BertTokenizerFast(str(folder / "vocab.txt")).save_pretrained(folder)
-    config = transformers.BertConfig(
-        vocab_size=len(SPECIAL) + len(chars), hidden_size=BERT_DIM, num_hidden_layers=3,
-        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    transformers.BertForMaskedLM(config).save_pretrained(folder)
-    return folder
+    return write_roberta(tmp_path_factory.mktemp("models") / "chinese-roberta-wwm-ext-large")
 
 
 def _official(folder: Path, text: str, word2ph: list[int]) -> torch.Tensor:

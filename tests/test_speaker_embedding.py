@@ -15,19 +15,17 @@ from fedvox.client.data.extractors import ExtractorSpecs
 from fedvox.client.data.prepare import prepare
 from fedvox.shared.errors import CheckpointError
 from fedvox.shared.models.config import s2_config
-from fedvox.shared.models.interop import random_official_state_dict
 from fedvox.shared.models.s2 import SynthesizerTrn
 from fedvox.shared.semantic import tokenizer_spec
 from fedvox.shared.speaker import SV_DIM, fbank, load_sv_model, sv_spec
 from tests.data_fixtures import write_good_set
+from tests.extractor_fixtures import write_sv_checkpoint
 
 
 @pytest.fixture(scope="module")
 def sv_file(tmp_path_factory) -> Path:
     """``pretrained_eres2netv2w24s4ep4.ckpt`` as upstream stores it (a plain state dict), random values."""
-    path = tmp_path_factory.mktemp("sv") / "pretrained_eres2netv2w24s4ep4.ckpt"
-    torch.save(random_official_state_dict("sv_eres2netv2", seed=4), path)
-    return path
+    return write_sv_checkpoint(tmp_path_factory.mktemp("sv") / "pretrained_eres2netv2w24s4ep4.ckpt")
 
 
 def test_official_layout_loads_and_embeds_20480_dims(sv_file: Path) -> None:
