@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from typer.testing import CliRunner
 
+from fedvox.client.cli import app
 from fedvox.client.data.prepare import prepare
 from fedvox.client.data.reasons import Reason
 from fedvox.client.data.slicing import Segment, cut_segment, find_slices, rescale, split_segment, write_slice_list
@@ -83,3 +85,11 @@ def test_slice_list_then_prepare_slice(tmp_path: Path) -> None:
     assert (tmp_path / "long.wav").read_bytes() == before
     plain = prepare(tmp_path / "slices.list", tmp_path / "plain", **options)  # '#' read literally
     assert plain.accepted == 0 and {r.reason for r in plain.rejected} == {Reason.MISSING_FILE}
+
+
+def test_slice_command(tmp_path: Path) -> None:
+    sf.write(tmp_path / "long.wav", _recording(("speech", 4.5), ("silence", 0.8), ("speech", 4.2)).numpy(), RATE)
+    (tmp_path / "long.list").write_text("long.wav|spk|zh|\n")
+    result = CliRunner().invoke(app, ["slice", str(tmp_path / "long.list"), "--out", str(tmp_path / "s.list")])
+    assert result.exit_code == 0, result.output
+    assert "1 recordings, 2 slices" in result.output and len((tmp_path / "s.list").read_text().splitlines()) == 2
