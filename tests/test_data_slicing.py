@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ def test_cuts_only_long_silences_after_long_enough_clips() -> None:
     assert first.start_s == 0.0 and 5.0 <= first.end_s <= 5.5
     assert 5.4 <= second.start_s <= 6.0 and 13.1 <= second.end_s <= 13.7
     assert 13.1 <= third.start_s <= 13.7 and third.end_s == pytest.approx(wave.numel() / RATE)
-    assert all(a.end_s <= b.start_s for a, b in zip(slices, slices[1:]))
+    assert all(a.end_s <= b.start_s for a, b in pairwise(slices))
 
 
 def test_short_clips_are_not_cut_and_long_leading_silence_is_dropped() -> None:
@@ -76,7 +77,7 @@ def test_slice_list_then_prepare_slice(tmp_path: Path) -> None:
     lines = (tmp_path / "slices.list").read_text().splitlines()
     assert all(line.startswith("long.wav#") and line.endswith("|spk|en|") for line in lines)
     texts = ["The birch canoe slid on the planks.", "Glue the sheet to the blue card."]
-    lines = [line + text for line, text in zip(lines, texts)] + ["long.wav#9.000-12.000|spk|en|Too late."]
+    lines = [line + text for line, text in zip(lines, texts, strict=True)] + ["long.wav#9.000-12.000|spk|en|Too late."]
     (tmp_path / "slices.list").write_text("\n".join(lines) + "\n")
     options = {"tokenizer": tokenizer_spec(), "symbols_version": "v2", "workers": 1, "show_progress": False}
     report = prepare(tmp_path / "slices.list", tmp_path / "cache", slicing=True, **options)

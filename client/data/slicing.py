@@ -19,6 +19,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,7 @@ def find_slices(wave32k: torch.Tensor) -> list[Segment]:
     else:
         if cuts[0][0] > 0:
             bounds.append((0, cuts[0][0]))
-        bounds += [(left[1], right[0]) for left, right in zip(cuts, cuts[1:])]
+        bounds += [(left[1], right[0]) for left, right in pairwise(cuts)]
         if cuts[-1][1] < frames:
             bounds.append((cuts[-1][1], frames))
     total = samples.shape[0]
