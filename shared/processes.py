@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.metadata
 import os
 import signal
 import socket
@@ -19,14 +20,40 @@ from pathlib import Path
 
 import psutil
 
+from fedvox.shared.atomic import atomic_write_text
 from fedvox.shared.cli import OFFLINE_ENV
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
     """The environment for a Flower process with its state in ``flwr_home``."""
     env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(flwr_home), "PYTHONUNBUFFERED": "1"}
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    scripts = [str(Path(sys.executable).parent)]
+    if not (Path(sys.executable).parent / "flower-superexec").is_file():
+        scripts.insert(0, str(_flower_launchers(flwr_home / "bin")))
+    env["PATH"] = os.pathsep.join([*scripts, env.get("PATH", "")])
     return env
+
+
+def _flower_launchers(folder: Path) -> Path:
+    """Flower's console scripts as launchers of *this* interpreter, in ``folder`` (0700).
+
+    An environment that sees Flower without having its scripts (a virtual environment over the
+    system's site packages) would find the system's scripts on ``PATH``; their interpreter has no
+    fedvox, so the ServerApp and ClientApp could not import it.
+    """
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for entry in importlib.metadata.distribution("flwr").entry_points:
+        if entry.group != "console_scripts":
+            continue
+        text = (
+            f"#!{sys.executable}\nimport importlib, sys\n"
+            f"sys.exit(importlib.import_module({entry.module!r}).{entry.attr}())\n"
+        )
+        script = folder / entry.name
+        if not script.is_file() or script.read_text() != text:
+            atomic_write_text(script, text)
+            os.chmod(script, 0o700)
+    return folder
 
 
 def flower_command(name: str) -> str:
