@@ -152,7 +152,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain fixed-width table (the short summary every benchmark prints last)."""
     cells = [[str(h) for h in header]] + [[_cell(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -164,7 +164,17 @@ def _cell(value: object) -> str:
 
 
 __all__ = [
-    "RESULTS", "cpu_name", "host", "interleaved", "load_average", "peak_rss_bytes", "reset_peak_rss",
-    "set_mmap_threshold", "LIVE_MEMORY_THRESHOLD", "HEAP_REUSE_THRESHOLD",
-    "table", "timing_key", "write_json",
+    "HEAP_REUSE_THRESHOLD",
+    "LIVE_MEMORY_THRESHOLD",
+    "RESULTS",
+    "cpu_name",
+    "host",
+    "interleaved",
+    "load_average",
+    "peak_rss_bytes",
+    "reset_peak_rss",
+    "set_mmap_threshold",
+    "table",
+    "timing_key",
+    "write_json",
 ]

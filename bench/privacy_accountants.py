@@ -68,13 +68,13 @@ def main(
         row = {}
         for accountant in ("prv", "rdp"):
             _cold()
-            row[f"opacus {accountant}"] = _timed(lambda a=accountant: accounting.epsilon(history, delta, a))
+            row[f"opacus {accountant}"] = _timed(lambda a=accountant, h=history: accounting.epsilon(h, delta, a))
         for label, make in (
             ("dp-accounting pld 1e-4", lambda: pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)),
             ("dp-accounting pld 1e-3", lambda: pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)),
             ("dp-accounting rdp", rdp_privacy_accountant.RdpAccountant),
         ):
-            row[label] = _timed(lambda m=make: _google(history, delta, m()))
+            row[label] = _timed(lambda m=make, h=history: _google(h, delta, m()))
         report[name] = row
     prior = shapes["noise calibrated every round"][: rounds // 5]
     for accountant in ("prv", "rdp"):

@@ -29,8 +29,13 @@ import torch
 
 from fedvox.client.device import probe
 from fedvox.client.profiles import (
-    AUTOCAST_DTYPES, MEMORY_TABLE, PHONEMES_PER_SECOND, PLANNING_SECONDS, estimate_memory,
-    model_size, ActivationCost,
+    AUTOCAST_DTYPES,
+    MEMORY_TABLE,
+    PHONEMES_PER_SECOND,
+    PLANNING_SECONDS,
+    ActivationCost,
+    estimate_memory,
+    model_size,
 )
 from fedvox.client.trainer.engine import make_private
 from fedvox.shared.atomic import atomic_write_text
@@ -38,6 +43,7 @@ from fedvox.shared.audio import FRAMES_PER_SECOND, HOP_LENGTH, SEMANTIC_RATE
 from fedvox.shared.models.batches import S1Batch, S2Batch
 from fedvox.shared.models.config import s1_config, s2_config
 from fedvox.shared.models.subsets import SubsetSpec, apply_subset
+
 
 def batch_sizes(config: str) -> tuple[int, ...]:
     """Physical batches measured, after a warm-up step at the first: wide apart for ``tiny``,

@@ -28,8 +28,13 @@ from fedvox.shared.cli import run_cli
 from fedvox.shared.models.batches import S2Batch
 from fedvox.shared.models.config import S2Config, s2_config
 from fedvox.shared.models.s2 import (
-    MultiPeriodDiscriminator, SynthesizerTrn, WeightNormGradSampleModule, discriminator_losses,
-    draw_randomness, frozen, generator_losses,
+    MultiPeriodDiscriminator,
+    SynthesizerTrn,
+    WeightNormGradSampleModule,
+    discriminator_losses,
+    draw_randomness,
+    frozen,
+    generator_losses,
 )
 from fedvox.shared.models.subsets import SubsetSpec, apply_subset
 

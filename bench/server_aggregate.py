@@ -41,8 +41,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.supercore.task_identity import TaskIdentity
 
 from bench.common import (
-    HEAP_REUSE_THRESHOLD, LIVE_MEMORY_THRESHOLD, host, load_average, peak_rss_bytes, reset_peak_rss,
-    set_mmap_threshold, table, write_json,
+    HEAP_REUSE_THRESHOLD,
+    LIVE_MEMORY_THRESHOLD,
+    host,
+    load_average,
+    peak_rss_bytes,
+    reset_peak_rss,
+    set_mmap_threshold,
+    table,
+    write_json,
 )
 from fedvox.server.aggregators import build_aggregator
 from fedvox.server.strategy import FedvoxStrategy

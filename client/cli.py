@@ -278,11 +278,12 @@ def synthesize(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
 ) -> None:
     """Hear a model: say --text in the voice of --ref and write it to --out."""
-    from fedvox.client.synthesize import load_models, read_reference, synthesize as speak, write_wave
+    from fedvox.client.synthesize import load_models, read_reference, write_wave
+    from fedvox.client.synthesize import synthesize as speak
     from fedvox.shared.bert import bert_spec
     from fedvox.shared.errors import ConfigError
-    from fedvox.shared.speaker import sv_spec
     from fedvox.shared.semantic import tokenizer_spec
+    from fedvox.shared.speaker import sv_spec
 
     setup_logging(verbose)
     if out.resolve() == ref.resolve():
@@ -323,8 +324,15 @@ def enroll(
     from fedvox.client.data.cache import FeatureCache
     from fedvox.client.device import probe as probe_device
     from fedvox.client.enroll import (
-        DeviceHome, Enrollment, Supervisor, check_root_certificate, check_server, device_key, parse_server,
-        public_line, register_command,
+        DeviceHome,
+        Enrollment,
+        Supervisor,
+        check_root_certificate,
+        check_server,
+        device_key,
+        parse_server,
+        public_line,
+        register_command,
     )
     from fedvox.client.identity import bind_ledger
     from fedvox.client.owner import owner_budget

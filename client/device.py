@@ -351,6 +351,14 @@ def reference_device(name: str) -> DeviceFacts:
 
 
 __all__ = [
-    "BACKENDS", "DeviceFacts", "GiB", "REFERENCE_DEVICES", "ROCM_BF16_FAMILIES", "ROCM_FAMILIES",
-    "cuda_kernels_available", "probe", "reference_device", "rocm_family",
+    "BACKENDS",
+    "REFERENCE_DEVICES",
+    "ROCM_BF16_FAMILIES",
+    "ROCM_FAMILIES",
+    "DeviceFacts",
+    "GiB",
+    "cuda_kernels_available",
+    "probe",
+    "reference_device",
+    "rocm_family",
 ]

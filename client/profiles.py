@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from fedvox.client.device import GiB, DeviceFacts, rocm_family
+from fedvox.client.device import DeviceFacts, GiB, rocm_family
 from fedvox.shared.errors import ConfigError, DeviceError
 from fedvox.shared.models.config import CONFIG_NAMES, s1_config, s2_config
 from fedvox.shared.models.subsets import SubsetSpec, apply_subset

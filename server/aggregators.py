@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg
 
 from fedvox.server.speaker_dp import Release, clip_factors, noised_mean
@@ -127,6 +127,7 @@ class Aggregator(ABC):
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore :meth:`state_dict`."""
+        del state  # a stateless rule has nothing to restore
 
 
 class WeightedMean(Aggregator):

@@ -43,9 +43,9 @@ from typing import Any
 import torch
 from flwr.serverapp import Grid
 
+from fedvox.server.aggregators import build_aggregator
 from fedvox.server.checkpoints import Checkpoint, CheckpointStore
 from fedvox.server.metrics import RoundLog
-from fedvox.server.aggregators import build_aggregator
 from fedvox.server.speaker_accounting import SpeakerAccounting
 from fedvox.server.strategy import FedvoxStrategy, RoundRecord
 from fedvox.shared.errors import ConfigError, FederationError

@@ -144,7 +144,7 @@ class HubertConfig:
     layer_norm_eps: float = 1e-5
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any], source: Path) -> "HubertConfig":
+    def from_json(cls, raw: dict[str, Any], source: Path) -> HubertConfig:
         for key, supported in (
             ("hidden_act", "gelu"), ("feat_extract_activation", "gelu"), ("feat_proj_layer_norm", True),
         ):
@@ -165,7 +165,7 @@ class HubertConfig:
         """torchaudio's ``Wav2Vec2Model`` with this architecture (dropouts off: features only)."""
         model = wav2vec2_model(
             extractor_mode="group_norm" if self.feat_extract_norm == "group" else "layer_norm",
-            extractor_conv_layer_config=list(zip(self.conv_dim, self.conv_kernel, self.conv_stride)),
+            extractor_conv_layer_config=list(zip(self.conv_dim, self.conv_kernel, self.conv_stride, strict=True)),
             extractor_conv_bias=self.conv_bias,
             encoder_embed_dim=self.hidden_size,
             encoder_projection_dropout=0.0,

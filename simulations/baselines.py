@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import ConcatDataset
+
 from fedvox.client.device import probe
 from fedvox.client.profiles import ProfileOverrides, select_profile
 from fedvox.client.trainer.local import (
@@ -39,7 +41,6 @@ from fedvox.shared.privacy.ledger import Ledger
 from fedvox.shared.runconfig import RunConfig
 from fedvox.simulations.evaluation import Evaluator, subset_spec
 from fedvox.simulations.features import heldout_by_speaker
-from torch.utils.data import ConcatDataset
 
 log = logging.getLogger(__name__)
 

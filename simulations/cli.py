@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 import typer
+
 from fedvox.shared.cli import VERSION_OPTION, run_cli, setup_logging
 
 app = typer.Typer(
@@ -181,8 +182,9 @@ def report(out: Path = typer.Argument(..., help="A `fedvox-sim run` output folde
 
 
 def _parse_run_config(values: list[str]) -> dict:
-    from fedvox.shared.errors import ConfigError
     from flwr.common.config import parse_config_args
+
+    from fedvox.shared.errors import ConfigError
 
     try:
         return parse_config_args(values) if values else {}

@@ -13,10 +13,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
-from fedvox.shared.atomic import atomic_path  # noqa: E402
+from fedvox.shared.atomic import atomic_path
 
 Series = Mapping[int, float]
 """A value per round."""
@@ -54,7 +54,7 @@ def loss_curves(path: Path, curves: Mapping[str, Mapping[str, Series]], ylabel: 
     styles = {"global (federated)": {"color": "tab:blue", "linewidth": 2},
               "local only (same privacy)": {"color": "tab:orange", "linestyle": "--"},
               "centralised, non-private": {"color": "tab:green", "linestyle": ":"}}
-    for ax, group in zip(axes[0], groups, strict=False):
+    for ax, group in zip(axes[0], groups, strict=True):
         for k, (label, series) in enumerate(curves[group].items()):
             _line(ax, series, label, **styles.get(label, {"color": SERIES_COLOURS[k % len(SERIES_COLOURS)]}))
         for k, (name, levels) in enumerate((references or {}).items()):

@@ -213,7 +213,7 @@ def _mib(value: float | None) -> str:
 
 def run_section(run: RunData, out: Path) -> tuple[str, dict[str, Any]]:
     """The markdown section of one run and its summary numbers."""
-    config, spec = run.config, run.spec
+    config, _spec = run.config, run.spec
     plot_dir = out / "plots"
     classes = {c["partition"]: c["class"] for c in run.clients}
     curves = loss_series(run)
@@ -352,9 +352,9 @@ def _privacy_text(run: RunData) -> str:
     if c.speaker_dp.enabled:
         text.append(
             "- *Speaker level* (server, DP-FedAvg): protects whether a speaker took part at all; every eligible "
-            "speaker is charged every round (`runs/{name}/server/privacy_ledger.sqlite`). With this few "
+            f"speaker is charged every round (`runs/{run.name}/server/privacy_ledger.sqlite`). With this few "
             "clients per round its noise is large against the mean update, and epsilon is high: it needs "
-            "hundreds of clients per round to be useful.".format(name=run.name)
+            "hundreds of clients per round to be useful."
         )
     else:
         text.append("- *Speaker level*: off (`--speaker-dp` turns on DP-FedAvg on the server).")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from fedvox.client.synthesize import Voice, read_reference, synthesize, write_wave
 from fedvox.shared.atomic import atomic_path
 from fedvox.shared.audio import SAMPLE_RATE, mel_spectrogram

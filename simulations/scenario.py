@@ -65,7 +65,7 @@ class RunSpec:
         for f in fields(self):
             value, kind = getattr(self, f.name), type(getattr(defaults, f.name))
             ok = isinstance(value, Mapping) if f.name == "config" else (
-                isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+                (isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool))
                 or (kind is float and isinstance(value, int) and not isinstance(value, bool))
             )
             if not ok:
@@ -113,10 +113,7 @@ def build_scenario(
     """
     given_speakers = {k: v for k, v in speakers.items() if v is not None}
     given_run = {k: v for k, v in run.items() if v is not None}
-    if path is None:
-        scenario = Scenario("run", _speakers({}, ""), (RunSpec(),))
-    else:
-        scenario = read_scenario(path)
+    scenario = Scenario("run", _speakers({}, ""), (RunSpec(),)) if path is None else read_scenario(path)
     config = {**given_run.pop("config", {})}
     scenario = replace(
         scenario,

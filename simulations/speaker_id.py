@@ -80,7 +80,7 @@ def similar_speaker_pairs(features: np.ndarray, speakers: list[str],
     first, second = np.triu_indices(len(names), k=1)
     close = similarity[first, second] > threshold
     return [(names[a], names[b], round(float(s), 4))
-            for a, b, s in zip(first[close], second[close], similarity[first, second][close])]
+            for a, b, s in zip(first[close], second[close], similarity[first, second][close], strict=True)]
 
 
 def _standardise(features: np.ndarray, speakers: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -101,7 +101,7 @@ def write_bad_set(folder: Path) -> tuple[Path, dict[int, str]]:
     (folder / "garbage.wav").write_bytes(rng.bytes(4096))
     (folder / "folder.wav").mkdir(exist_ok=True)
     (folder.parent / "outside.wav").write_bytes((folder / "other.wav").read_bytes())
-    for i, text in enumerate(("empty text", "bad language", "unphonemizable")):
+    for i, _text in enumerate(("empty text", "bad language", "unphonemizable")):
         wave, _ = speech("Another sentence for text checks.", "en", "en-us+m3", 20 + i)
         sf.write(folder / f"text{i}.wav", wave * (0.5 + 0.1 * i), rate, subtype="PCM_16")
     rows = [

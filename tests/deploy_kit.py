@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,10 +121,8 @@ def kill_tree(process: subprocess.Popen | psutil.Process) -> None:
     except psutil.NoSuchProcess:
         return
     for p in everything:
-        try:
+        with suppress(psutil.NoSuchProcess):
             p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(everything, timeout=30)
 
 
@@ -135,10 +133,8 @@ def stop(*processes: subprocess.Popen, timeout: float = 60.0) -> None:
             process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout
     for process in processes:
-        try:
+        with suppress(subprocess.TimeoutExpired):
             process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            pass
         kill_tree(process)
 
 

@@ -103,7 +103,7 @@ class GeneratorStep:
     def __len__(self) -> int:
         return len(self.batch)
 
-    def select(self, index: torch.Tensor) -> "GeneratorStep":
+    def select(self, index: torch.Tensor) -> GeneratorStep:
         return GeneratorStep(self.batch.select(index), self.slice_starts[index], self.posterior_noise[index])
 
 
@@ -117,7 +117,7 @@ class DiscriminatorStep:
     def __len__(self) -> int:
         return len(self.batch)
 
-    def select(self, index: torch.Tensor) -> "DiscriminatorStep":
+    def select(self, index: torch.Tensor) -> DiscriminatorStep:
         rows = {f.name: getattr(self.out, f.name)[index] for f in fields(S2Forward)}
         return DiscriminatorStep(self.batch.select(index), S2Forward(**rows))
 

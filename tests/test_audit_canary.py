@@ -12,18 +12,17 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
+from fedvox.client.audit_cli import app, main, route
+from fedvox.client.canary.guesses import GUESS_FRACTIONS, one_run_bound
+from fedvox.client.canary.report import render, to_json
+from fedvox.client.canary.run import BLACK_BOX, VIOLATION, WHITE_BOX, run_canary_audit
+from fedvox.client.canary.spec import CanaryAuditSpec
+from fedvox.client.canary.whitebox import CanaryDPOptimizer, WhiteBoxCanaries, free_coordinates
 from fedvox.client.trainer.dp_optimizer import FedvoxDPOptimizer
 from fedvox.client.trainer.engine import make_private, run_logical_step
 from fedvox.shared.errors import ConfigError, PrivacyError
 from fedvox.shared.privacy.accounting import Mechanism, epsilon
 from fedvox.shared.privacy.audit import one_run_epsilon_lower_bound
-from fedvox.client.canary.run import run_canary_audit
-from fedvox.client.canary.spec import CanaryAuditSpec
-from fedvox.client.canary.guesses import GUESS_FRACTIONS, one_run_bound
-from fedvox.client.canary.report import render, to_json
-from fedvox.client.canary.run import BLACK_BOX, VIOLATION, WHITE_BOX
-from fedvox.client.canary.whitebox import CanaryDPOptimizer, WhiteBoxCanaries, free_coordinates
-from fedvox.client.audit_cli import app, main, route
 from tests.prepared import prepared_cache
 
 AUDIT = dict(white_box=1000, sample_rate=0.2, steps=40)

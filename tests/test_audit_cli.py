@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from fedvox.client.audit_cli import app, main, route
 from fedvox.shared.privacy.budget import Budget
 from fedvox.shared.privacy.ledger import LEDGER_FILENAME, Ledger
-from fedvox.client.audit_cli import app, main, route
 from tests.privacy_ledgers import release, tamper
 
 REPO = Path(__file__).resolve().parents[1]

@@ -28,7 +28,7 @@ CLIENT = Path(sys.executable).with_name("fedvox-client")
 IMPORT_ONLY = {Reason.MISSING_FEATURES, Reason.MISMATCHED_FEATURES, Reason.BAD_SEGMENT}  # import and --slice checks
 
 
-def run(list_file: Path, out: Path, **kwargs) -> "PrepareReport":  # noqa: F821
+def run(list_file: Path, out: Path, **kwargs) -> PrepareReport:  # noqa: F821
     options = {"tokenizer": FALLBACK, "symbols_version": "v2", "workers": 1, "show_progress": False}
     return prepare(list_file, out, **(options | kwargs))
 
@@ -41,7 +41,7 @@ def good_set(tmp_path_factory) -> Path:
 def test_good_set_featurises_deterministically_and_leaves_sources_untouched(good_set, tmp_path):
     before = fingerprint(good_set.parent)
     first = run(good_set, tmp_path / "a")
-    second = run(good_set, tmp_path / "b")
+    run(good_set, tmp_path / "b")
     assert fingerprint(good_set.parent) == before
 
     assert first.accepted == 6 and not first.rejected
@@ -58,7 +58,7 @@ def test_good_set_featurises_deterministically_and_leaves_sources_untouched(good
         tensors = load_file(tmp_path / "a" / "items" / f"{item.id}.safetensors")
         wave, ids, phonemes = tensors["wave"], tensors["semantic_ids"], tensors["phoneme_ids"]
         assert wave.dtype == torch.int16 and wave.numel() == 1280 * ids.numel()
-        assert 0 <= int(ids.min()) and int(ids.max()) < 1024 and phonemes.numel() == item.phonemes > 0
+        assert int(ids.min()) >= 0 and int(ids.max()) < 1024 and phonemes.numel() == item.phonemes > 0
         source, rate = read_audio(good_set.parent / item.source)
         assert item.duration_s == pytest.approx(source.numel() / rate, abs=1e-3)
         # at most one token (40 ms) of audio is trimmed; GPT-SoVITS's 50/50 peak mix sets the level

@@ -51,7 +51,7 @@ def _stranger(address: str, token: str | None = None) -> ControlHttpClient:
 
 @pytest.mark.parametrize("token", [None, "guessed-token"])
 def test_a_control_call_without_the_home_token_is_refused(server, token):
-    home, process = server
+    _home, process = server
     key = public_key_to_bytes(ec.generate_private_key(ec.SECP384R1()).public_key())
     stranger = _stranger(process.address, token)
     try:

@@ -5,9 +5,9 @@ import json
 import shutil
 import subprocess
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
-import httpx
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from starlette.testclient import TestClient

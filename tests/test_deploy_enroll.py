@@ -21,7 +21,15 @@ from cryptography.x509.oid import NameOID
 from flwr.common.config import parse_config_args
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-from fedvox.client.enroll import DeviceHome, Enrollment, check_server, device_key, parse_server, public_line, register_command
+from fedvox.client.enroll import (
+    DeviceHome,
+    Enrollment,
+    check_server,
+    device_key,
+    parse_server,
+    public_line,
+    register_command,
+)
 from fedvox.client.profiles import ProfileOverrides
 from fedvox.server.deploy import pki
 from fedvox.server.deploy.gateway import FleetGateway, GatewayServer
@@ -108,26 +116,28 @@ def device(tmp_path_factory):
 
 def test_a_server_that_is_not_there_is_unreachable(homes, device):
     home, key = device
-    with pytest.raises(ServerUnreachable, match="cannot reach the fedvox server at 127.0.0.1:.*fedvox-server start"):
+    with pytest.raises(ServerUnreachable, match=r"cannot reach the fedvox server at 127.0.0.1:.*fedvox-server start"):
         check_server(f"127.0.0.1:{free_port()}", homes[0].ca_cert, key, home)
 
 
 def test_a_gateway_without_its_superlink_is_a_server_restarting(homes, device):
     server, _ = homes
     home, key = device
-    with _tls_listener(server.server_cert, server.server_key) as address:
-        with pytest.raises(ServerUnreachable, match="starting or restarting"):
-            check_server(address, server.ca_cert, key, home)
+    with (
+        _tls_listener(server.server_cert, server.server_key) as address,
+        pytest.raises(ServerUnreachable, match="starting or restarting"),
+    ):
+        check_server(address, server.ca_cert, key, home)
 
 
 def test_a_certificate_from_another_ca_or_for_another_name_is_a_mismatch(homes, device):
     server, other = homes
     home, key = device
     with _tls_listener(server.server_cert, server.server_key) as address:
-        with pytest.raises(CertificateMismatch, match="does not vouch for .*pki/ca.crt"):
+        with pytest.raises(CertificateMismatch, match=r"does not vouch for .*pki/ca.crt"):
             check_server(address, other.ca_cert, key, home)
         port = address.rsplit(":", 1)[1]
-        with pytest.raises(CertificateMismatch, match="mismatch|not valid"):
+        with pytest.raises(CertificateMismatch, match=r"mismatch|not valid"):
             check_server(f"localhost:{port}", server.ca_cert, key, home)  # the certificate names 127.0.0.1 only
 
 
@@ -148,9 +158,11 @@ def test_an_expired_server_certificate_is_a_mismatch(homes, device, tmp_path):
     pki.write_certificate(tmp_path / "expired.crt", expired)
     pki.write_private_key(tmp_path / "expired.key", leaf_key)
     (tmp_path / "ca.crt").write_bytes(server.ca_cert.read_bytes())
-    with _tls_listener(tmp_path / "expired.crt", tmp_path / "expired.key") as address:
-        with pytest.raises(CertificateMismatch, match="expired"):
-            check_server(address, server.ca_cert, key, home)
+    with (
+        _tls_listener(tmp_path / "expired.crt", tmp_path / "expired.key") as address,
+        pytest.raises(CertificateMismatch, match="expired"),
+    ):
+        check_server(address, server.ca_cert, key, home)
 
 
 def test_a_port_without_tls_is_named_as_such(homes, device):

@@ -38,21 +38,21 @@ def test_init_makes_a_ca_a_server_certificate_for_every_name_and_keeps_keys_priv
 
 def test_a_server_home_is_made_once(tmp_path):
     init_home(tmp_path / "home", ["localhost"])
-    with pytest.raises(DeploymentError, match="already a server home.*--renew-certificate"):
+    with pytest.raises(DeploymentError, match=r"already a server home.*--renew-certificate"):
         init_home(tmp_path / "home", ["localhost"])
 
 
 def test_the_certificate_check_names_what_is_wrong(tmp_path):
     home = init_home(tmp_path / "home", ["voice.example.org"])
     other = init_home(tmp_path / "other", ["voice.example.org"])
-    with pytest.raises(DeploymentError, match="not valid for 10.0.0.1"):
+    with pytest.raises(DeploymentError, match=r"not valid for 10.0.0.1"):
         pki.check_server_pair(home.server_cert, home.server_key, home.ca_cert, ["10.0.0.1"])
     with pytest.raises(DeploymentError, match="not signed by the CA"):
         pki.check_server_pair(home.server_cert, home.server_key, other.ca_cert)
     with pytest.raises(DeploymentError, match="does not belong to the certificate"):
         pki.check_server_pair(home.server_cert, other.server_key, home.ca_cert)
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=pki.SERVER_DAYS + 1)
-    with pytest.raises(DeploymentError, match="expired on .*--renew-certificate"):
+    with pytest.raises(DeploymentError, match=r"expired on .*--renew-certificate"):
         pki.check_server_pair(home.server_cert, home.server_key, home.ca_cert, at=later)
 
 
@@ -67,7 +67,7 @@ def test_name_matching_follows_tls_rules():
 
 def test_an_operator_brings_their_own_certificate_and_it_is_checked_first(tmp_path):
     mine = init_home(tmp_path / "mine", ["voice.example.org"])
-    with pytest.raises(DeploymentError, match="not valid for other.example.org"):
+    with pytest.raises(DeploymentError, match=r"not valid for other.example.org"):
         init_home(tmp_path / "home", ["other.example.org"],
                   bring_ca=mine.ca_cert, bring_cert=mine.server_cert, bring_key=mine.server_key)
     assert not (tmp_path / "home").exists()  # nothing half-made

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from fedvox.client.device import (
-    BACKENDS, REFERENCE_DEVICES, DeviceFacts, GiB, cuda_kernels_available, probe, reference_device,
+    BACKENDS,
+    REFERENCE_DEVICES,
+    DeviceFacts,
+    GiB,
+    cuda_kernels_available,
+    probe,
+    reference_device,
     rocm_family,
 )
 from fedvox.shared.errors import ConfigError
@@ -267,5 +273,5 @@ def test_facts_round_trip_and_validation():
 def test_reference_devices():
     assert reference_device("rtx3060").compute_capability == (8, 6)
     assert not reference_device("gtx1080ti").kernels and reference_device("rx6800").gfx_arch == "gfx1030"
-    with pytest.raises(ConfigError, match="choose one of .*rtx4090"):
+    with pytest.raises(ConfigError, match=r"choose one of .*rtx4090"):
         reference_device("rtx9999")

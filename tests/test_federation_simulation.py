@@ -58,7 +58,7 @@ def test_the_nan_update_is_rejected_and_the_poor_client_is_never_selected(federa
 
 
 def test_both_ledgers_hold_the_right_rows(federation):
-    root, config, metrics = federation
+    root, _config, metrics = federation
     with Ledger(root / "run") as ledger:
         speaker = ledger.rows(unit="speaker")
     # Every eligible speaker is charged every round (the NaN client too: it was eligible).

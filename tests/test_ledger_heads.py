@@ -13,6 +13,7 @@ from dataclasses import replace
 import pytest
 from typer.testing import CliRunner
 
+from fedvox.client.audit_cli import app, route
 from fedvox.server.run import FederatedRun
 from fedvox.shared.errors import LedgerIntegrityError
 from fedvox.shared.privacy.accounting import epsilon
@@ -20,7 +21,6 @@ from fedvox.shared.privacy.audit import SIGNED_HEAD, audit_ledger
 from fedvox.shared.privacy.ledger import Ledger, read_rows
 from fedvox.shared.privacy.ledger_head import SIGNING_KEY_FILE, SignedHead, check_heads, sign_head, signing_key
 from fedvox.shared.runconfig import RunConfig
-from fedvox.client.audit_cli import app, route
 from tests.federation_kit import LocalGrid, initial_state, make_client_app
 from tests.privacy_ledgers import DELTA, release, tamper
 
@@ -41,7 +41,7 @@ def _forge_lower_noise(folder):
     tamper(folder, "UPDATE releases SET noise_multiplier = 3.0 WHERE id = 2")
     rows = read_rows(folder)
     fixed = [epsilon([r.to_mechanism() for r in rows[: i + 1]], DELTA, "rdp") for i in range(len(rows))]
-    updates = (f"UPDATE releases SET epsilon = {e!r} WHERE id = {r.id}" for r, e in zip(rows, fixed))
+    updates = (f"UPDATE releases SET epsilon = {e!r} WHERE id = {r.id}" for r, e in zip(rows, fixed, strict=True))
     tamper(folder, *updates, rehash=True)
 
 

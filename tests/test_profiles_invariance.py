@@ -61,6 +61,6 @@ def test_two_profiles_give_the_same_update():
     indices = poisson_sample(EXAMPLES, 0.5, torch.Generator().manual_seed(3))
     assert small.physical_batch < len(indices) <= roomy.physical_batch  # one chunk vs several
     a, b = one_logical_step(roomy, indices), one_logical_step(small, indices)
-    assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in zip(a, b))
+    assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in zip(a, b, strict=True))
     before = [p.detach() for p in build().parameters() if p.requires_grad]
-    assert all(not torch.allclose(x, y) for x, y in zip(a, before)), "the step must change every adapter"
+    assert all(not torch.allclose(x, y) for x, y in zip(a, before, strict=True)), "the step must change every adapter"

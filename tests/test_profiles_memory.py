@@ -10,9 +10,19 @@ import pytest
 import fedvox.client.profiles as profiles
 from fedvox.client.device import REFERENCE_DEVICES, GiB
 from fedvox.client.profiles import (
-    ACCELERATOR_FRACTION, ACCELERATOR_RESERVE, CPU_RAM_FRACTION, CPU_RUNTIME_RESERVE, ActivationCost, ModelSize,
-    ProfileOverrides, activation_cost, estimate_memory, memory_budget, model_size,
-    poisson_batch_bound, select_profile,
+    ACCELERATOR_FRACTION,
+    ACCELERATOR_RESERVE,
+    CPU_RAM_FRACTION,
+    CPU_RUNTIME_RESERVE,
+    ActivationCost,
+    ModelSize,
+    ProfileOverrides,
+    activation_cost,
+    estimate_memory,
+    memory_budget,
+    model_size,
+    poisson_batch_bound,
+    select_profile,
 )
 from fedvox.shared.errors import ConfigError, DeviceError
 from fedvox.shared.models.config import CONFIG_NAMES
@@ -145,7 +155,7 @@ def test_activation_lookup_rules():
     assert lookup("s1", "v2", SubsetSpec("groups", groups=("head",)), "fp32", False, "cpu") == 9  # upper bound
     assert lookup("s2", "v1", SubsetSpec("lora"), "fp32", False, "cpu") == 11
     assert lookup("s1", "v2", SubsetSpec("lora"), "bf16", False, "rocm") == 5  # GPU rows serve every GPU
-    with pytest.raises(ConfigError, match="no activation measurement for s2 v2Pro.*bench.profile_memory"):
+    with pytest.raises(ConfigError, match=r"no activation measurement for s2 v2Pro.*bench.profile_memory"):
         activation_cost("s2", "v2Pro", SubsetSpec("lora"), "fp32", False, "cpu", table=rows)
 
 
@@ -163,7 +173,7 @@ def test_the_shipped_table_is_consistent():
     for key, r in by_key.items():
         stage, config, subset, precision, ckpt = key
         assert r["activation_bytes"] > 0, key
-        for batch, peak in zip(r["batches"], r["dp_peak_bytes"]):
+        for batch, peak in zip(r["batches"], r["dp_peak_bytes"], strict=True):
             took = peak - r["baseline_bytes"]
             modelled = r["fixed_bytes_model"] + batch * r["per_sample_bytes_model"]
             # an upper bound, up to the CPU runtime's own ~200 MiB (threads, oneDNN, allocator)

@@ -226,7 +226,7 @@ def test_override_values_are_validated(values, message):
 def test_overrides_from_node_config_and_toml(tmp_path):
     node = {"profile.physical-batch": 4, "profile.allow-mps": True, "data-path": "/data", "ledger": "x.db"}
     assert ProfileOverrides.from_mapping(node) == ProfileOverrides(physical_batch=4, allow_mps=True)
-    with pytest.raises(ConfigError, match="unknown profile setting 'profile.batch'.*physical-batch"):
+    with pytest.raises(ConfigError, match=r"unknown profile setting 'profile.batch'.*physical-batch"):
         ProfileOverrides.from_mapping({"profile.batch": 4})
     path = tmp_path / "client.toml"
     path.write_text('[profile]\ndevice = "cpu"\nthreads = 2\nphysical_batch = 8\n')

@@ -11,6 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 import soundfile as sf
+
 from fedvox.simulations.quality import (
     activity,
     distortion,

@@ -19,12 +19,25 @@ from fedvox.shared.models.config import s2_config
 from fedvox.shared.models.interop import manifest, random_official_state_dict, write_torch_file
 from fedvox.shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn
 from fedvox.shared.models.s2.checkpoint import (
-    config_from_hparams, detect_version, export_discriminator, export_generator, load_discriminator, load_generator,
-    load_model, load_official_state, official_hparams, read_official, save_model, to_official,
+    config_from_hparams,
+    detect_version,
+    export_discriminator,
+    export_generator,
+    load_discriminator,
+    load_generator,
+    load_model,
+    load_official_state,
+    official_hparams,
+    read_official,
+    save_model,
+    to_official,
 )
 from fedvox.shared.models.subsets import SubsetSpec, apply_subset
-from tests.s2_batches import fixed_randomness, random_s2_batch
-from tests.s2_batches import single_thread  # noqa: F401  (autouse: one CPU thread)
+from tests.s2_batches import (
+    fixed_randomness,
+    random_s2_batch,
+    single_thread,  # noqa: F401  (autouse: one CPU thread)
+)
 
 TAGS = {"v2Pro": b"05", "v2ProPlus": b"06"}
 

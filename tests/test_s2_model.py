@@ -12,13 +12,21 @@ from fedvox.shared.errors import ConfigError, DataError
 from fedvox.shared.models.config import CONFIG_NAMES, s2_config
 from fedvox.shared.models.interop import manifest
 from fedvox.shared.models.s2 import (
-    MultiPeriodDiscriminator, SynthesizerTrn, draw_randomness, draw_slice_starts, frozen,
+    MultiPeriodDiscriminator,
+    SynthesizerTrn,
+    draw_randomness,
+    draw_slice_starts,
+    frozen,
     generator_losses,
 )
 from fedvox.shared.models.s2.gan import discriminator_losses
 from fedvox.shared.models.subsets import SubsetSpec, apply_subset
-from tests.s2_batches import fixed_randomness, random_s2_batch, unpadded
-from tests.s2_batches import single_thread  # noqa: F401  (autouse: one CPU thread)
+from tests.s2_batches import (
+    fixed_randomness,
+    random_s2_batch,
+    single_thread,  # noqa: F401  (autouse: one CPU thread)
+    unpadded,
+)
 
 TINY = s2_config("tiny")
 
@@ -139,7 +147,7 @@ def test_codebook_stays_frozen_while_a_gan_pair_trains_and_mel_loss_falls() -> N
         with frozen(d):
             losses = generator_losses(d, step.batch, out, TINY)
             losses["total"].sum().backward()
-        assert all(torch.equal(p.grad, g0) for p, g0 in zip(d.parameters(), d_grads))
+        assert all(torch.equal(p.grad, g0) for p, g0 in zip(d.parameters(), d_grads, strict=True))
         assert all(p.requires_grad for p in d.parameters())
         opt_g.step()
         mel.append(losses["mel"].mean().item())

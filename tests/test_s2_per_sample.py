@@ -12,18 +12,26 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from fedvox.shared.models.config import s2_config
 from opacus import GradSampleModule
 
+from fedvox.shared.models.config import s2_config
 from fedvox.shared.models.s2 import (
-    MultiPeriodDiscriminator, SynthesizerTrn, WeightNormGradSampleModule, frozen, generator_losses,
+    MultiPeriodDiscriminator,
+    SynthesizerTrn,
+    WeightNormGradSampleModule,
+    frozen,
+    generator_losses,
 )
 from fedvox.shared.models.s2.gan import discriminator_losses
 from fedvox.shared.models.subsets import SubsetSpec, apply_subset
 from tests.per_sample import assert_per_sample_grads_match
-from tests.s2_batches import DiscriminatorStep, GeneratorStep, fixed_randomness, random_s2_batch
-from tests.s2_batches import single_thread  # noqa: F401  (autouse: one CPU thread)
+from tests.s2_batches import (
+    DiscriminatorStep,
+    GeneratorStep,
+    fixed_randomness,
+    random_s2_batch,
+    single_thread,  # noqa: F401  (autouse: one CPU thread)
+)
 
 RTOL = 1e-5
 CONFIG = s2_config("tiny", p_dropout=0.0, style_dropout=0.0)

@@ -12,12 +12,11 @@ import json
 from pathlib import Path
 
 import pytest
+import soundfile as sf
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torchaudio.models import hubert_base
-
-import soundfile as sf
 
 from fedvox.client.data.cache import FeatureCache
 from fedvox.client.data.features import loudness_mix
@@ -50,7 +49,7 @@ def hf_state(cfg: dict, seed: int = 0, parametrized: bool = False) -> dict[str, 
     hidden, inner, dims = cfg["hidden_size"], cfg["intermediate_size"], cfg["conv_dim"]
     state = {"masked_spec_embed": rand(hidden)}
     in_dim = 1
-    for i, (dim, kernel) in enumerate(zip(dims, cfg["conv_kernel"])):
+    for i, (dim, kernel) in enumerate(zip(dims, cfg["conv_kernel"], strict=True)):
         state[f"feature_extractor.conv_layers.{i}.conv.weight"] = rand(dim, in_dim, kernel, scale=0.3)
         in_dim = dim
     state["feature_extractor.conv_layers.0.layer_norm.weight"] = rand(dims[0], offset=1.0)
@@ -120,7 +119,7 @@ def hf_reference(state: dict[str, torch.Tensor], cfg: dict, wave: torch.Tensor) 
     for i in range(cfg["num_hidden_layers"]):
         p = f"encoder.layers.{i}."
 
-        def lin(t: torch.Tensor, name: str) -> torch.Tensor:
+        def lin(t: torch.Tensor, name: str, p: str = p) -> torch.Tensor:
             return F.linear(t, state[p + name + ".weight"], state[p + name + ".bias"])
 
         def split(t: torch.Tensor) -> torch.Tensor:

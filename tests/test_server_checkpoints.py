@@ -85,7 +85,7 @@ def test_a_changed_tensor_file_is_refused_with_the_round_named(tmp_path):
     path = store.tensors_path(1)
     path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")
 
-    with pytest.raises(CheckpointError, match="round-00001.safetensors does not match the SHA-256"):
+    with pytest.raises(CheckpointError, match=r"round-00001.safetensors does not match the SHA-256"):
         store.latest()
 
 

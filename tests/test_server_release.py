@@ -33,7 +33,7 @@ class CrashingGrid(LocalGrid):
         super().__init__(*args, **kwargs)
         self.crash_round = crash_round
 
-    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001
+    def send_and_receive(self, messages, *, timeout=None):
         replies = super().send_and_receive(messages, timeout=timeout)
         first = next(iter(self.sent[-1:]), None)
         if first is not None and first.metadata.message_type == "evaluate" and _round(first) == self.crash_round:

@@ -12,9 +12,9 @@ from flwr.serverapp import RdpAccountant
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 
+from fedvox.server.aggregators import FlowerRule, ServerAdam, SpeakerDPMean, WeightedMean, build_aggregator
 from fedvox.server.run import FederatedRun
 from fedvox.server.speaker_dp import clip_factors, noised_mean
-from fedvox.server.aggregators import FlowerRule, ServerAdam, SpeakerDPMean, WeightedMean, build_aggregator
 from fedvox.shared.errors import ConfigError
 from fedvox.shared.privacy.accounting import Mechanism, epsilon
 from fedvox.shared.privacy.ledger import Ledger
@@ -192,7 +192,7 @@ def test_a_resumed_run_refuses_a_changed_privacy_configuration(tmp_path):
     config = _config(tmp_path)
     _run(config, LocalGrid(make_client_app(tmp_path / "clients"), num_nodes=2))
     changed = config.with_overrides({"dp.noise-multiplier": 0.5, "num-server-rounds": 3})
-    with pytest.raises(ConfigError, match="dp.noise-multiplier: 1.0 -> 0.5"):
+    with pytest.raises(ConfigError, match=r"dp.noise-multiplier: 1.0 -> 0.5"):
         _run(changed, LocalGrid(make_client_app(tmp_path / "clients"), num_nodes=2))
 
 

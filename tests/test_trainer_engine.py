@@ -57,7 +57,7 @@ def _train_one_step(
 
 
 def _close(a, b, rtol):
-    return all(torch.allclose(p, q, rtol=rtol, atol=rtol) for p, q in zip(a, b))
+    return all(torch.allclose(p, q, rtol=rtol, atol=rtol) for p, q in zip(a, b, strict=True))
 
 
 def test_physical_batch_size_does_not_change_the_update():
@@ -95,7 +95,7 @@ def test_plain_gradscaler_with_opacus_scales_the_update():
         loss = (private.module(x) - y).pow(2).sum()
         scaler.scale(loss).backward()
         scaler.step(stock)
-        results.append([p.detach() - s for p, s in zip(model.parameters(), start)])
+        results.append([p.detach() - s for p, s in zip(model.parameters(), start, strict=True)])
         private.close()
     ratio = results[1][0].norm() / results[0][0].norm()
     assert ratio == pytest.approx(scale, rel=1e-3)
@@ -147,6 +147,6 @@ def test_empty_poisson_batch_still_releases_noise():
     )
     outcome = run_logical_step(torch.empty(0, dtype=torch.long), 4, lambda i: {}, [private.optimizer])
     assert outcome.batch_size == 0
-    moved = [not torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters())]
+    moved = [not torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters(), strict=True)]
     assert all(moved)
     private.close()

@@ -18,7 +18,13 @@ from fedvox.client.trainer.engine import make_private, run_logical_step
 from fedvox.client.trainer.grad_sample import PrivateGradSampleModule
 from fedvox.shared.models.config import s1_config, s2_config
 from fedvox.shared.models.s1 import Text2SemanticDecoder, s1_loss
-from fedvox.shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn, discriminator_losses, frozen, generator_losses
+from fedvox.shared.models.s2 import (
+    MultiPeriodDiscriminator,
+    SynthesizerTrn,
+    discriminator_losses,
+    frozen,
+    generator_losses,
+)
 from fedvox.shared.models.subsets import SubsetSpec, apply_subset
 from tests.per_sample import assert_per_sample_grads_match
 from tests.s1_batches import random_s1_batch
@@ -152,4 +158,4 @@ def test_out_of_memory_between_forward_and_backward_retries_cleanly() -> None:
     """The hooks' half-done state (activations, counters, recorded outputs) is reset on retry."""
     clean = _linear_step(6, fail_once_after_forward=False)
     retried = _linear_step(12, fail_once_after_forward=True)  # 12 fails, 6 + 6 succeeds
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(clean, retried))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(clean, retried, strict=True))

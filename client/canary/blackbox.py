@@ -59,7 +59,7 @@ class BlackBoxCanaries:
 
     @property
     def included_examples(self) -> list[S1Example]:
-        return [e for e, m in zip(self.examples, self.member) if m]
+        return [e for e, m in zip(self.examples, self.member, strict=True) if m]
 
     def phoneme_ids(self) -> set[int]:
         return {int(i) for e in self.examples for i in e.phoneme_ids}

@@ -24,6 +24,10 @@ import torch
 from dp_accounting.pld import pld_privacy_accountant
 from torch.utils.data import Dataset
 
+from fedvox.client.canary.blackbox import BlackBoxCanaries
+from fedvox.client.canary.guesses import OneRunBound, one_run_bound
+from fedvox.client.canary.spec import CanaryAuditSpec
+from fedvox.client.canary.whitebox import CanaryDPOptimizer, WhiteBoxCanaries, free_coordinates
 from fedvox.client.data.cache import FeatureCache
 from fedvox.client.data.datasets import S1Dataset, S1Example
 from fedvox.client.trainer.monitor import TrainingMonitor
@@ -32,13 +36,9 @@ from fedvox.client.trainer.tasks import S1Task
 from fedvox.shared.errors import ConfigError, DataError
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import SubsetSpec
-from fedvox.shared.privacy.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT, Mechanism
+from fedvox.shared.privacy.accounting import Mechanism
 from fedvox.shared.privacy.audit import PLD_DISCRETISATION, dp_events
 from fedvox.shared.privacy.ledger import Ledger, LedgerRow
-from fedvox.client.canary.blackbox import BlackBoxCanaries
-from fedvox.client.canary.guesses import OneRunBound, one_run_bound
-from fedvox.client.canary.spec import CanaryAuditSpec
-from fedvox.client.canary.whitebox import CanaryDPOptimizer, WhiteBoxCanaries, free_coordinates
 
 log = logging.getLogger(__name__)
 

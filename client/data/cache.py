@@ -119,7 +119,7 @@ class FeatureCache:
         try:
             with safe_open(str(path), framework="pt") as fh:
                 meta = json.loads((fh.metadata() or {})["item"])
-                lengths = {name: fh.get_slice(name).get_shape()[0] for name in fh.keys()}
+                lengths = {name: fh.get_slice(name).get_shape()[0] for name in fh}
         except Exception:  # a file we cannot parse is re-made, whatever the parser's complaint
             return None
         if meta.get("id") != item or not REQUIRED_TENSORS <= set(lengths) <= REQUIRED_TENSORS | OPTIONAL_TENSORS:

@@ -44,7 +44,7 @@ class PrepareReport:
         cls, *, list_file: Path, out: Path, tokenizer: str, accepted: Sequence[CachedItem],
         rejected: Sequence[Rejection], featurised: int, featurise_s: float, workers: int,
         stale_removed: int, notes: Sequence[str] = (),
-    ) -> "PrepareReport":
+    ) -> PrepareReport:
         ordered = sorted(rejected, key=lambda r: r.line)
         return cls(
             list_file=str(list_file), out=str(out), tokenizer=tokenizer, accepted=len(accepted),

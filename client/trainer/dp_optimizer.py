@@ -46,7 +46,7 @@ class ClipStats:
             return {}
         norms = torch.cat(self.norms).float()
         values = torch.quantile(norms, torch.tensor(NORM_QUANTILES, dtype=norms.dtype))
-        return {f"grad_norm_q{int(q * 100)}": float(v) for q, v in zip(NORM_QUANTILES, values)}
+        return {f"grad_norm_q{int(q * 100)}": float(v) for q, v in zip(NORM_QUANTILES, values, strict=True)}
 
     @property
     def clipped_fraction(self) -> float:
@@ -94,7 +94,7 @@ class FedvoxDPOptimizer(DPOptimizer):
             if not bool(finite.all()):
                 bad = ~finite
 
-        for p, g in zip(self.params, grad_samples):
+        for p, g in zip(self.params, grad_samples, strict=True):
             _check_processed_flag(p.grad_sample)
             g = g.to(p.dtype).reshape(batch, p.numel())
             if bad is not None:

@@ -39,7 +39,7 @@ class TrainingMonitor:
         self._jsonl = None
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8")
+            self._jsonl = open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(self.log_dir / "tensorboard"))

@@ -232,7 +232,7 @@ class Trainer:
                 torch.manual_seed(step_seed)
                 outcome = run_logical_step(
                     indices, self.physical_batch,
-                    lambda chunk: self.task.accumulate(self.wrapped, chunk, step_seed),
+                    lambda chunk, seed=step_seed: self.task.accumulate(self.wrapped, chunk, seed),
                     [p.optimizer for p in self.private.values()],
                 )
             self.physical_batch = outcome.physical_batch_size
@@ -316,7 +316,7 @@ def _proximal_term(params: list[torch.nn.Parameter], mu: float):
     anchors = [p.detach().clone() for p in params]
 
     def hook(optimizer) -> None:
-        for p, anchor in zip(params, anchors):
+        for p, anchor in zip(params, anchors, strict=True):
             p.grad.add_(p.detach() - anchor, alpha=mu)
 
     return hook

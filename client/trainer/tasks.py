@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+
 import torch
 from torch import nn
 
@@ -167,7 +168,7 @@ class S2Task(Task):
         batch = collate_s2(examples)
         config = self.generator.config
         starts, noises = [], []
-        for index, example in zip(indices, examples):
+        for index, example in zip(indices, examples, strict=True):
             g = _example_generator(step_seed, int(index))
             frames = example.spec.shape[-1]
             high = max(frames - config.segment_frames + 1, 1)

@@ -145,7 +145,7 @@ class GatewayServer:
     def _serve(self) -> None:
         try:
             self.server.run()
-        except BaseException as exc:  # noqa: BLE001 - uvicorn exits with SystemExit on bind errors
+        except BaseException as exc:
             self.error = exc
 
     def start(self, timeout: float = 30.0) -> None:

@@ -413,7 +413,7 @@ class ServerProcess:
                                 serverapp_log.log(level, "%s", line)
                             after = max(after, response.latest_timestamp)
                         return  # the run finished: Flower ends the stream
-                    except Exception as exc:  # noqa: BLE001 - the SuperLink went away; the watcher reports it
+                    except Exception as exc:
                         log.debug("log stream interrupted: %s", exc)
                         self.stopping.wait(POLL_S)
         finally:

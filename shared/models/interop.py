@@ -154,9 +154,7 @@ def random_official_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tens
             state[key] = torch.rand(shape, generator=generator) + 1.0
         elif key.endswith("num_batches_tracked"):
             state[key] = torch.zeros(shape, dtype=torch.long)
-        elif key.endswith("running_var"):
-            state[key] = torch.rand(shape, generator=generator) + 0.5
-        elif key.endswith("weight_g"):
+        elif key.endswith("running_var") or key.endswith("weight_g"):
             state[key] = torch.rand(shape, generator=generator) + 0.5
         else:
             state[key] = torch.randn(shape, generator=generator) * 0.02

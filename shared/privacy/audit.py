@@ -299,7 +299,7 @@ def recompute(
         cache[key] = implied(account.rows, account.delta)
     result = cache[key]
     account.pld, account.rdp, account.opacus = list(result.pld), list(result.rdp), result.opacus
-    for row, reference in zip(account.rows, result.reference):
+    for row, reference in zip(account.rows, result.reference, strict=True):
         if row.epsilon < reference - _slack(reference, tolerance):
             account.findings.append(
                 _finding(

@@ -37,11 +37,10 @@ _ADDED = {"chatgpt": ("CH", "AE1", "T", "JH", "IY1", "P", "IY1", "T", "IY1")}
 # GPT-SoVITS's corrections to g2p_en's homograph list: (verb-tag reading, other reading, tag).
 _HOMOGRAPH_FIXES = {
     "read": (("R", "IY1", "D"), ("R", "EH1", "D"), "VBP"),
-    "complex": (tuple("K AH0 M P L EH1 K S".split()), tuple("K AA1 M P L EH0 K S".split()), "JJ"),
+    "complex": (tuple(["K", "AH0", "M", "P", "L", "EH1", "K", "S"]), tuple(["K", "AA1", "M", "P", "L", "EH0", "K", "S"]), "JJ"),
 }
 _VERB_CONTEXT = frozenset(
-    "to will would shall should can could may might must i you we they "
-    "don't doesn't didn't won't wouldn't can't cannot couldn't shouldn't".split()
+    ["to", "will", "would", "shall", "should", "can", "could", "may", "might", "must", "i", "you", "we", "they", "don't", "doesn't", "didn't", "won't", "wouldn't", "can't", "cannot", "couldn't", "shouldn't"]
 )
 _VOICELESS = ("P", "T", "K", "F", "TH", "HH")
 _SIBILANTS = ("S", "Z", "SH", "ZH", "CH", "JH")
@@ -123,10 +122,10 @@ def lookup(word: str) -> tuple[str, ...]:
         stem = lookup(lower[:-2])
         last = stem[-1] if stem else ""
         if last in _VOICELESS:
-            return stem + ("S",)
+            return (*stem, "S")
         if last in _SIBILANTS:
-            return stem + ("AH0", "Z")
-        return stem + ("Z",)
+            return (*stem, "AH0", "Z")
+        return (*stem, "Z")
     if "-" in lower.strip("-"):  # hyphenated and not in the dictionary: part by part
         return tuple(phone for part in lower.split("-") if part for phone in lookup(part))
     parts = _segmenter()(lower)

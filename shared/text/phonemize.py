@@ -93,7 +93,7 @@ def _en(text: str, symbols_version: str) -> tuple[list[str], None, str]:
     norm_text = en_normalize.normalize(text)
     phones = en.g2p(norm_text)
     if len(phones) < _MIN_EN_PHONES:  # GPT-SoVITS pads very short English with a leading pause
-        phones = [","] + phones
+        phones = [",", *phones]
     return phones, None, norm_text
 
 

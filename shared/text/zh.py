@@ -122,7 +122,7 @@ def g2p(norm_text: str, symbols_version: str) -> tuple[list[str], list[int]]:
             finals = apply_sandhi(word, pos, list(finals_tone3(word)))
             if symbols_version != "v1":
                 finals = _erhua(word, pos, finals)
-            for initial, final in zip(_initials(word), finals):
+            for initial, final in zip(_initials(word), finals, strict=True):
                 syllable = _syllable_phones(initial, final, norm_text)
                 phones += syllable
                 word2ph.append(len(syllable))

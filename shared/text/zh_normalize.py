@@ -34,7 +34,7 @@ _FULL_TO_HALF = {**{ord(c) + 0xFEE0: ord(c) for c in string.ascii_letters + stri
 _NUM = r"(-?)((\d+)(\.\d+)?)"  # signed integer or decimal, the shape of RE_NUMBER's first branch
 _NUM_GROUP = rf"({_NUM})"
 _SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹ˣʸⁿ"
-_POWER_DIGITS = dict(zip(_SUPERSCRIPTS, "0123456789xyn"))
+_POWER_DIGITS = dict(zip(_SUPERSCRIPTS, "0123456789xyn", strict=True))
 _OPERAND = (  # a number, a bare decimal or a letter, each with optional superscripts
     rf"((-?)((\d+)(\.\d+)?[{_SUPERSCRIPTS}]*)|(\.\d+[{_SUPERSCRIPTS}]*)|([A-Za-z][{_SUPERSCRIPTS}]*))"
 )
@@ -62,7 +62,7 @@ _GREEK = {
     "Φ": "服艾", "χ": "器", "ψ": "普赛", "Ψ": "普赛", "ω": "欧米伽", "Ω": "欧米伽",
 }
 _SYMBOL_WORDS = {
-    "/": "每", **dict(zip("①②③④⑤⑥⑦⑧⑨⑩", "一二三四五六七八九十")), **_GREEK,
+    "/": "每", **dict(zip("①②③④⑤⑥⑦⑧⑨⑩", "一二三四五六七八九十", strict=True)), **_GREEK,
     "+": "加", "-": "减", "×": "乘", "÷": "除", "=": "等",
 }
 # chinese2.rep_map: sentence punctuation -> the punctuation phones.

@@ -18,9 +18,9 @@ def _cardinal_parts(digits: str) -> list[str]:
         return []
     if len(stripped) == 1:
         zero = [DIGITS[0]] if len(stripped) < len(digits) else []
-        return zero + [DIGITS[int(stripped)]]
+        return [*zero, DIGITS[int(stripped)]]
     power, unit = next((p, u) for p, u in _UNITS if p < len(stripped))
-    return _cardinal_parts(digits[:-power]) + [unit] + _cardinal_parts(digits[-power:])
+    return [*_cardinal_parts(digits[:-power]), unit, *_cardinal_parts(digits[-power:])]
 
 
 def cardinal(digits: str) -> str:

@@ -101,17 +101,7 @@ def _neutral(word: str, pos: str, finals: list[str]) -> list[str]:
         if word[j] == word[j - 1] and pos[:1] in {"n", "v", "a"} and word not in never:
             finals[j] = _with_tone(finals[j], "5")
     ge = word.find("个")
-    if word[-1:] and word[-1] in _PARTICLES:
-        finals[-1] = _with_tone(finals[-1], "5")
-    elif word[-1:] and word[-1] in _STRUCTURAL:
-        finals[-1] = _with_tone(finals[-1], "5")
-    elif len(word) == 1 and word in "了着过" and pos in {"ul", "uz", "ug"}:  # 走了, 看着
-        finals[-1] = _with_tone(finals[-1], "5")
-    elif len(word) > 1 and word[-1] in "们子" and pos in {"r", "n"} and word not in never:
-        finals[-1] = _with_tone(finals[-1], "5")
-    elif len(word) > 1 and word[-1] in "上下里" and pos in {"s", "l", "f"}:  # 桌上, 家里
-        finals[-1] = _with_tone(finals[-1], "5")
-    elif len(word) > 1 and word[-1] in "来去" and word[-2] in "上下进出回过起开":  # 上来
+    if (word[-1:] and word[-1] in _PARTICLES) or (word[-1:] and word[-1] in _STRUCTURAL) or (len(word) == 1 and word in "了着过" and pos in {"ul", "uz", "ug"}) or (len(word) > 1 and word[-1] in "们子" and pos in {"r", "n"} and word not in never) or (len(word) > 1 and word[-1] in "上下里" and pos in {"s", "l", "f"}) or (len(word) > 1 and word[-1] in "来去" and word[-2] in "上下进出回过起开"):
         finals[-1] = _with_tone(finals[-1], "5")
     elif (ge >= 1 and (word[ge - 1].isnumeric() or word[ge - 1] in "几有两半多各整每做是")) or word == "个":
         finals[ge] = _with_tone(finals[ge], "5")  # 个 as a measure word
@@ -120,7 +110,7 @@ def _neutral(word: str, pos: str, finals: list[str]) -> list[str]:
 
     first, second = _halves(word)
     parts = [finals[: len(first)], finals[len(first):]]
-    for part, sub_word in zip(parts, (first, second)):
+    for part, sub_word in zip(parts, (first, second), strict=True):
         if (sub_word in always or sub_word[-2:] in always) and part:
             part[-1] = _with_tone(part[-1], "5")
     return parts[0] + parts[1]

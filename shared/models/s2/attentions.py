@@ -147,11 +147,11 @@ class Encoder(nn.Module):
         attn_mask = mask.unsqueeze(2) * mask.unsqueeze(-1)
         x = x * mask
         for attn, norm1, ffn, norm2 in zip(
-            self.attn_layers, self.norm_layers_1, self.ffn_layers, self.norm_layers_2
+            self.attn_layers, self.norm_layers_1, self.ffn_layers, self.norm_layers_2, strict=True
         ):
             x = norm1(x + self.drop(attn(x, x, attn_mask)))
             x = norm2(x + self.drop(ffn(x, mask)))
         return x * mask
 
 
-__all__ = ["Encoder", "FFN", "MultiHeadAttention", "RelativeKeys", "RelativeValues"]
+__all__ = ["FFN", "Encoder", "MultiHeadAttention", "RelativeKeys", "RelativeValues"]

@@ -25,11 +25,16 @@ from torch import nn
 from fedvox.shared.errors import CheckpointError
 from fedvox.shared.models.config import S2Config, s2_config
 from fedvox.shared.models.interop import (
-    load_safetensors, manifest, read_torch_file, rename_keys, save_safetensors, write_torch_file,
+    load_safetensors,
+    manifest,
+    read_torch_file,
+    rename_keys,
+    save_safetensors,
+    write_torch_file,
 )
-from fedvox.shared.models.subsets import merged_state_dict
 from fedvox.shared.models.s2.discriminator import MultiPeriodDiscriminator
 from fedvox.shared.models.s2.generator import SynthesizerTrn
+from fedvox.shared.models.subsets import merged_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +46,10 @@ _WEIGHT_NORM_IN = [(r"(.+)\.weight_g", r"\1.parametrizations.weight.original0"),
 _WEIGHT_NORM_OUT = [(r"(.+)\.parametrizations\.weight\.original0", r"\1.weight_g"),
                     (r"(.+)\.parametrizations\.weight\.original1", r"\1.weight_v")]
 
-G_IMPORT_RULES = _WEIGHT_NORM_IN + [
-    (r"(.+)\.(emb_rel_[kv])", r"\1.\2.weight"),
-    (r"quantizer\.vq\.layers\.0\._codebook\.(.+)", r"quantizer.\1"),
-    (r"ref_enc\.spectral\.(\d+)\.fc\.(.+)", r"ref_enc.spectral.\1.\2"),
-    (r"ref_enc\.temporal\.(\d+)\.conv1\.conv\.(.+)", r"ref_enc.temporal.\1.conv1.\2"),
-    (r"ref_enc\.fc\.fc\.(.+)", r"ref_enc.fc.\1"),
-]
+G_IMPORT_RULES = [*_WEIGHT_NORM_IN, (r"(.+)\.(emb_rel_[kv])", r"\1.\2.weight"), (r"quantizer\.vq\.layers\.0\._codebook\.(.+)", r"quantizer.\1"), (r"ref_enc\.spectral\.(\d+)\.fc\.(.+)", r"ref_enc.spectral.\1.\2"), (r"ref_enc\.temporal\.(\d+)\.conv1\.conv\.(.+)", r"ref_enc.temporal.\1.conv1.\2"), (r"ref_enc\.fc\.fc\.(.+)", r"ref_enc.fc.\1")]
 """Official s2G key -> fedvox key (first full match wins)."""
 
-G_EXPORT_RULES = _WEIGHT_NORM_OUT + [
-    (r"(.+)\.(emb_rel_[kv])\.weight", r"\1.\2"),
-    (r"quantizer\.(inited|cluster_size|embed|embed_avg)", r"quantizer.vq.layers.0._codebook.\1"),
-    (r"ref_enc\.spectral\.(\d+)\.(weight|bias)", r"ref_enc.spectral.\1.fc.\2"),
-    (r"ref_enc\.temporal\.(\d+)\.conv1\.(weight|bias)", r"ref_enc.temporal.\1.conv1.conv.\2"),
-    (r"ref_enc\.fc\.(weight|bias)", r"ref_enc.fc.fc.\1"),
-]
+G_EXPORT_RULES = [*_WEIGHT_NORM_OUT, (r"(.+)\.(emb_rel_[kv])\.weight", r"\1.\2"), (r"quantizer\.(inited|cluster_size|embed|embed_avg)", r"quantizer.vq.layers.0._codebook.\1"), (r"ref_enc\.spectral\.(\d+)\.(weight|bias)", r"ref_enc.spectral.\1.fc.\2"), (r"ref_enc\.temporal\.(\d+)\.conv1\.(weight|bias)", r"ref_enc.temporal.\1.conv1.conv.\2"), (r"ref_enc\.fc\.(weight|bias)", r"ref_enc.fc.fc.\1")]
 """fedvox s2G key -> official key."""
 
 POSTERIOR_PREFIX = "enc_q."

@@ -29,7 +29,7 @@ class DiscriminatorP(nn.Module):
         strides = [stride] * (len(channels) - 1) + [1]
         self.convs = nn.ModuleList(
             weight_normed(nn.Conv2d(i, o, (kernel_size, 1), (s, 1), padding=pad))
-            for i, o, s in zip(c_in, channels, strides)
+            for i, o, s in zip(c_in, channels, strides, strict=True)
         )
         self.conv_post = weight_normed(nn.Conv2d(channels[-1], 1, (3, 1), 1, padding=(1, 0)))
 
@@ -61,7 +61,7 @@ class DiscriminatorS(nn.Module):
         shapes = [(15, 1, 1)] + [(41, 4, i // 4) for i in c_in[1:-1]] + [(5, 1, 1)]
         self.convs = nn.ModuleList(
             weight_normed(nn.Conv1d(i, o, k, s, groups=g, padding=same_padding(k)))
-            for i, o, (k, s, g) in zip(c_in, channels, shapes)
+            for i, o, (k, s, g) in zip(c_in, channels, shapes, strict=True)
         )
         self.conv_post = weight_normed(nn.Conv1d(channels[-1], 1, 3, 1, padding=1))
 

@@ -28,7 +28,12 @@ from fedvox.shared.models.batches import S2Batch
 from fedvox.shared.models.config import S2Config
 from fedvox.shared.models.s2.generator import S2Forward, slice_frames
 from fedvox.shared.models.s2.losses import (
-    discriminator_loss, feature_matching_loss, generator_adversarial_loss, kl_loss, mel_loss, total,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_adversarial_loss,
+    kl_loss,
+    mel_loss,
+    total,
 )
 
 

@@ -150,9 +150,11 @@ def grad_sampler_key(module: nn.Module) -> type:
     if parametrize.is_parametrized(module, "weight"):
         parametrizations = module.parametrizations.weight
         base = next((t for t in _WEIGHT_NORM_KEYS if type(module).__bases__ == (t,)), None)
-        if base is not None and len(parametrizations) == 1 and isinstance(parametrizations[0], _WeightNorm):
-            if parametrizations[0].dim == 0 and _default_geometry(module):
-                return _WEIGHT_NORM_KEYS[base]
+        if (
+            base is not None and len(parametrizations) == 1 and isinstance(parametrizations[0], _WeightNorm)
+            and parametrizations[0].dim == 0 and _default_geometry(module)
+        ):
+            return _WEIGHT_NORM_KEYS[base]
     return type(module)
 
 

@@ -36,7 +36,7 @@ def total(terms: Iterable[torch.Tensor]) -> torch.Tensor:
 
 def discriminator_loss(real: Scores, fake: Scores) -> torch.Tensor:
     """LSGAN for D: ``sum_d mean((1 - D(y))^2) + mean(D(y_hat)^2)``."""
-    return total(_per_sample_mean((1 - r) ** 2) + _per_sample_mean(f**2) for r, f in zip(real, fake))
+    return total(_per_sample_mean((1 - r) ** 2) + _per_sample_mean(f**2) for r, f in zip(real, fake, strict=True))
 
 
 def generator_adversarial_loss(fake: Scores) -> torch.Tensor:
@@ -51,8 +51,8 @@ def feature_matching_loss(real: FeatureMaps, fake: FeatureMaps) -> torch.Tensor:
     """
     return total(
         _per_sample_mean((r.detach() - f).abs())
-        for maps_r, maps_f in zip(real, fake)
-        for r, f in zip(maps_r, maps_f)
+        for maps_r, maps_f in zip(real, fake, strict=True)
+        for r, f in zip(maps_r, maps_f, strict=True)
     )
 
 

@@ -79,7 +79,7 @@ class WN(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         cond = self.cond_layer(g).chunk(len(self.in_layers), dim=1)
         output = torch.zeros_like(x)
-        for i, (in_layer, res_skip) in enumerate(zip(self.in_layers, self.res_skip_layers)):
+        for i, (in_layer, res_skip) in enumerate(zip(self.in_layers, self.res_skip_layers, strict=True)):
             acts = res_skip(gated_tanh(in_layer(x) + cond[i]))
             if i < len(self.in_layers) - 1:
                 x = (x + acts[:, : self.hidden]) * mask
@@ -108,12 +108,18 @@ class ResBlock1(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for c1, c2 in zip(self.convs1, self.convs2):
+        for c1, c2 in zip(self.convs1, self.convs2, strict=True):
             x = x + c2(F.leaky_relu(c1(F.leaky_relu(x, LRELU_SLOPE)), LRELU_SLOPE))
         return x
 
 
 __all__ = [
-    "LRELU_SLOPE", "LayerNorm", "ResBlock1", "WN", "gated_tanh", "same_padding", "sequence_mask",
+    "LRELU_SLOPE",
+    "WN",
+    "LayerNorm",
+    "ResBlock1",
+    "gated_tanh",
+    "same_padding",
+    "sequence_mask",
     "weight_normed",
 ]

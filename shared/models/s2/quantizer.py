@@ -29,7 +29,7 @@ class FrozenQuantizer(nn.Module):
         self.register_buffer("embed_avg", embed.clone())
         self.eval()
 
-    def train(self, mode: bool = True) -> "FrozenQuantizer":
+    def train(self, mode: bool = True) -> FrozenQuantizer:
         """Always eval: the codebook must never adapt to (private) training data."""
         return super().train(False)
 
