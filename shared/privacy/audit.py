@@ -299,7 +299,8 @@ def recompute(
         cache[key] = implied(account.rows, account.delta)
     result = cache[key]
     account.pld, account.rdp, account.opacus = list(result.pld), list(result.rdp), result.opacus
-    for row, reference in zip(account.rows, result.reference, strict=True):
+    # Recomputation stops at an unaccountable row: only the rows before it have a reference.
+    for row, reference in zip(account.rows, result.reference, strict=False):
         if row.epsilon < reference - _slack(reference, tolerance):
             account.findings.append(
                 _finding(
