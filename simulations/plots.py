@@ -54,7 +54,7 @@ def loss_curves(path: Path, curves: Mapping[str, Mapping[str, Series]], ylabel: 
     styles = {"global (federated)": {"color": "tab:blue", "linewidth": 2},
               "local only (same privacy)": {"color": "tab:orange", "linestyle": "--"},
               "centralised, non-private": {"color": "tab:green", "linestyle": ":"}}
-    for ax, group in zip(axes[0], groups, strict=True):
+    for ax, group in zip(axes[0], groups, strict=False):  # no group: one empty panel
         for k, (label, series) in enumerate(curves[group].items()):
             _line(ax, series, label, **styles.get(label, {"color": SERIES_COLOURS[k % len(SERIES_COLOURS)]}))
         for k, (name, levels) in enumerate((references or {}).items()):
