@@ -74,17 +74,47 @@ def start(
     host: str | None = typer.Option(None, help="Listen on this address (default: server.toml's host)."),
     port: int | None = typer.Option(None, min=1, max=65535, help="Listen on this port (default: server.toml's port)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run from its last committed round (with none yet: start it; services always pass it)."),
+    dashboard_host: str = typer.Option("127.0.0.1", "--dashboard-host", help="Address the dashboard listens on (only this machine by default)."),
+    dashboard_port: int = typer.Option(0, "--dashboard-port", min=0, max=65535, help="The dashboard's port (0: a free one, printed)."),
+    no_dashboard: bool = typer.Option(False, "--no-dashboard", help="Serve no dashboard."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
 ) -> None:
     """Run the federation: Flower's SuperLink (TLS, device authentication, SQLite state), the
-    public gateway, and the fedvox run; reports devices and rounds until the run ends."""
+    public gateway, the fedvox run and the dashboard; reports devices and rounds until the run ends."""
     from fedvox.server.deploy.home import ServerHome
     from fedvox.server.deploy.launcher import ServerProcess
 
     server_home = ServerHome(home).require()
     setup_logging(verbose)
     _log_to_file(server_home.logs / "server.log")
-    raise typer.Exit(ServerProcess(server_home, host, port, resume).run())
+    dashboard_at = None if no_dashboard else (dashboard_host, dashboard_port)
+    raise typer.Exit(ServerProcess(server_home, host, port, resume, dashboard=dashboard_at).run())
+
+
+@app.command()
+def dashboard(
+    directory: Path = typer.Argument(..., help="A server home, a run directory, or a `fedvox-sim run` output folder.", exists=True, file_okay=False),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (only this machine by default)."),
+    port: int = typer.Option(0, "--port", min=0, max=65535, help="Port (0: a free one, printed)."),
+) -> None:
+    """Serve the dashboard of a finished run or simulation, read-only, until Ctrl-C (a running
+    server's own dashboard is live: `fedvox-server start` prints its address)."""
+    from fedvox.server.dashboard import serve_dashboard
+    from fedvox.server.dashboard.view import open_source
+
+    setup_logging(False)
+    source = open_source(directory)
+    if source.home is not None and source.home.running():
+        source.nodes = lambda: _nodes(source.home)
+    server, url = serve_dashboard(source, host, port)
+    say(f"dashboard of {source.root}: {url}")
+    try:
+        while server.alive():
+            server.thread.join(timeout=1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
 
 
 @app.command()
@@ -96,28 +126,16 @@ def register(
     """Authorise a device's key: now if the server runs, else when it starts."""
     from fedvox.server.deploy.home import ServerHome
 
-    for line in register_device(ServerHome(home).require(), public_key, name):
-        say(line)
+    from fedvox.server.deploy.devices import register_key
 
-
-def register_device(home: Any, public_key: str, name: str | None) -> list[str]:
-    """Register a key (or a waiting key's fingerprint) and authorise it if the server runs; what
-    happened, in lines for the operator (``register`` and the dashboard's register action)."""
-    from fedvox.server.deploy.devices import Registry, WaitingRoom, authorise
-
-    if public_key.startswith("SHA256:"):
-        public_key = WaitingRoom(home).public_key(public_key)
-    registry = Registry(home)
-    device, new = registry.add(public_key, name)
-    lines = [f"{'registered' if new else 'already registered:'} {device.name} ({device.fingerprint})"]
-    control = _control(home)
-    if control is None:
-        return [*lines, "it is authorised when the server starts"]
+    server_home = ServerHome(home).require()
+    control = _control(server_home)
     try:
-        node_id = dict((d.name, n) for d, n in authorise(registry, control))[device.name]
+        for line in register_key(server_home, public_key, name, control):
+            say(line)
     finally:
-        control.close()
-    return [*lines, f"authorised as node {node_id}: the device can join now"]
+        if control is not None:
+            control.close()
 
 
 @app.command()

@@ -6,6 +6,9 @@ speaker generator's worker processes never pull in torch or Flower.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
 from pathlib import Path
 
 import click
@@ -103,6 +106,9 @@ def run(
         None, "--workers", min=1, help="ClientApps training at once on this machine (default: usable CPUs)."),
     ray_address: str | None = typer.Option(
         None, "--ray-address", help="Run the clients on this Ray cluster (e.g. auto) instead of a local one."),
+    dashboard: bool = typer.Option(
+        False, "--dashboard", help="Serve fedvox-server's dashboard of OUT on 127.0.0.1 (URL printed) while the "
+                                   "simulation runs and after it, until Ctrl-C."),
 ) -> None:
     """Simulate a federation of synthetic speakers on a device fleet and write OUT/report.md."""
     from fedvox.simulations.runner import simulate
@@ -121,8 +127,32 @@ def run(
         from fedvox.simulations.features import client_speakers, read_manifest
 
         plan = _with_speakers(plan, len(client_speakers(read_manifest(speakers_dir))))
+    served = _dashboard_when_ready(out) if dashboard else None
     report = simulate(plan, out, speakers_dir=speakers_dir, workers=workers, ray_address=ray_address)
     typer.echo(f"report: {report}")
+    if served is not None:
+        typer.echo("the dashboard keeps serving OUT; Ctrl-C ends it")
+        with contextlib.suppress(KeyboardInterrupt):
+            served.join()
+
+
+def _dashboard_when_ready(out: Path) -> threading.Thread:
+    """A thread that serves the dashboard of ``out`` once its first run folder exists (the
+    dashboard then follows the run's metrics as they are written)."""
+
+    def serve() -> None:
+        from fedvox.server.dashboard import serve_dashboard
+        from fedvox.server.dashboard.view import open_source
+
+        while not any((out / "runs").glob("*/server")):
+            time.sleep(2.0)
+        server, url = serve_dashboard(open_source(out))
+        typer.echo(f"dashboard of {out}: {url}")
+        server.thread.join()
+
+    thread = threading.Thread(target=serve, name="dashboard", daemon=True)
+    thread.start()
+    return thread
 
 
 @app.command()

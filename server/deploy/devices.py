@@ -127,7 +127,9 @@ class WaitingRoom:
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         key_print = fingerprint(key)
         with self._locked() as waiting:
-            entry = waiting.setdefault(key_print, {"fingerprint": key_print, "public-key": ssh_text(key), "first-seen": now, "attempts": 0})
+            entry = waiting.setdefault(
+                key_print, {"fingerprint": key_print, "public-key": ssh_text(key), "first-seen": now, "attempts": 0}
+            )
             entry["last-seen"] = now
             entry["attempts"] += 1
 
@@ -177,7 +179,24 @@ def authorise(registry: Registry, control: Control) -> list[tuple[Device, int]]:
     return out
 
 
-def device_report(home: ServerHome, nodes: list[Node] | None = None, unknown: str = "server stopped") -> list[dict[str, Any]]:
+def register_key(home: ServerHome, public_key: str, name: str | None, control: Control | None) -> list[str]:
+    """Register a key (its OpenSSH line or file, or a waiting key's fingerprint) and authorise it
+    through ``control`` if the server runs; what happened, in lines for the operator
+    (``fedvox-server register`` and the dashboard's register action)."""
+    if public_key.startswith("SHA256:"):
+        public_key = WaitingRoom(home).public_key(public_key)
+    registry = Registry(home)
+    device, new = registry.add(public_key, name)
+    lines = [f"{'registered' if new else 'already registered:'} {device.name} ({device.fingerprint})"]
+    if control is None:
+        return [*lines, "it is authorised when the server starts"]
+    node_id = dict((d.name, n) for d, n in authorise(registry, control))[device.name]
+    return [*lines, f"authorised as node {node_id}: the device can join now"]
+
+
+def device_report(
+    home: ServerHome, nodes: list[Node] | None = None, unknown: str = "server stopped"
+) -> list[dict[str, Any]]:
     """Every registered device with its connection status (when the server answers: ``nodes``;
     otherwise ``unknown`` says why), the rounds it trained, and its last reported profile and
     utterance-level epsilon. A key the SuperLink holds that ``devices.json`` does not (registered
@@ -225,4 +244,4 @@ def _rounds(metrics: Path) -> list[tuple[int, list[dict[str, Any]]]]:
     return [(row["round"], row.get("clients", [])) for row in rows]
 
 
-__all__ = ["UNKNOWN_DEVICE", "Device", "Registry", "WaitingRoom", "authorise", "device_report"]
+__all__ = ["UNKNOWN_DEVICE", "Device", "Registry", "WaitingRoom", "authorise", "device_report", "register_key"]

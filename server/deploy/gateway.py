@@ -127,18 +127,22 @@ class FleetGateway:
 
 
 class GatewayServer:
-    """The gateway served by uvicorn in a background thread of ``fedvox-server start``."""
+    """An ASGI app served by uvicorn in a background thread of ``fedvox-server start``: the gateway
+    (TLS with the server certificate), or the dashboard (plain HTTP on loopback: no certificate)."""
 
     def __init__(
-        self, gateway: FleetGateway, host: str, port: int, certfile: Path, keyfile: Path, log_file: Path | None = None
+        self, gateway: Any, host: str, port: int, certfile: Path | None = None, keyfile: Path | None = None,
+        announce: str = "devices connect to {address} (TLS; Fleet API only)",
     ) -> None:
-        self.gateway, self.host, self.port = gateway, host, port
+        self.gateway, self.host, self.port, self.announce = gateway, host, port, announce
+        tls = {"ssl_certfile": str(certfile), "ssl_keyfile": str(keyfile)} if certfile is not None else {}
         config = uvicorn.Config(
-            gateway, host=host, port=port, ssl_certfile=str(certfile), ssl_keyfile=str(keyfile),
+            gateway, host=host, port=port, **tls,
             log_config=None, access_log=False, lifespan="on", ws="none", timeout_keep_alive=30,
             h11_max_incomplete_event_size=64 * 1024,
         )
         self.server = uvicorn.Server(config)
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # not "Started server process" lines: ours say it
         self.thread = threading.Thread(target=self._serve, name="fleet-gateway", daemon=True)
         self.error: BaseException | None = None
 
@@ -159,7 +163,7 @@ class GatewayServer:
                     "machine); choose another with --host/--port"
                 )
             time.sleep(0.05)
-        log.info("devices connect to %s:%d (TLS; Fleet API only)", self.host, self.port)
+        log.info(self.announce.format(address=f"{self.host}:{self.port}"))
 
     def alive(self) -> bool:
         return self.thread.is_alive()

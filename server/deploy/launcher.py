@@ -41,7 +41,7 @@ from flwr.proto.control_pb2 import StreamLogsRequest  # pylint: disable=E0611
 from fedvox.server.checkpoints import CheckpointStore
 from fedvox.server.deploy.control import FINISHED, Control, Node
 from fedvox.server.deploy.control_auth import TOKEN_FILE_ENV, ensure_token
-from fedvox.server.deploy.devices import Registry, WaitingRoom, authorise
+from fedvox.server.deploy.devices import Registry, WaitingRoom, authorise, register_key
 from fedvox.server.deploy.gateway import FleetGateway, GatewayServer
 from fedvox.server.deploy.home import ServerHome, ensure_link_certificate
 from fedvox.server.deploy.pki import check_server_pair
@@ -120,8 +120,14 @@ class ServerAppConsole:
 class ServerProcess:
     """One ``fedvox-server start``: launch, watch, stop (see the module docstring)."""
 
-    def __init__(self, home: ServerHome, host: str | None = None, port: int | None = None, resume: bool = False) -> None:
+    def __init__(
+        self, home: ServerHome, host: str | None = None, port: int | None = None, resume: bool = False,
+        dashboard: tuple[str, int] | None = ("127.0.0.1", 0),
+    ) -> None:
         self.home = home.require()
+        self.dashboard_at = dashboard  # (host, port; 0: a free one), or None for no dashboard
+        self.dashboard: GatewayServer | None = None
+        self.dashboard_control: Control | None = None
         settings = home.settings()
         self.host = settings.host if host is None else host
         self.port = settings.port if port is None else port
@@ -182,6 +188,7 @@ class ServerProcess:
                 self.home.server_cert, self.home.server_key,
             )
             self.gateway.start()
+            self._start_dashboard()
             self._write_state()
             self.rounds_logged = len(self._metric_lines())  # rounds a previous start already reported
             flat = self.config.to_flat()
@@ -290,6 +297,31 @@ class ServerProcess:
             )
         log.info("SuperExec (pid %d) authenticated by %s", self.superexec.pid, self.home.superexec_secret.name)
 
+    def _start_dashboard(self) -> None:
+        """The live dashboard (:mod:`server.dashboard`): it reads the home and asks this SuperLink for
+        its nodes; its register action authorises a waiting device at once."""
+        if self.dashboard_at is None:
+            return
+        from fedvox.server.dashboard import serve_dashboard
+        from fedvox.server.dashboard.view import open_source
+
+        self.dashboard_control = Control(self.address, self.home.internal_ca, self.home.control_token)
+
+        def nodes() -> tuple[list[Node] | None, str]:
+            try:
+                return self.dashboard_control.nodes(), ""
+            except DeploymentError:
+                return None, "server not answering"
+
+        def register(fingerprint: str, name: str) -> list[str]:
+            lines = register_key(self.home, fingerprint, name, self.dashboard_control)
+            for device, node_id in authorise(Registry(self.home), self.dashboard_control):
+                self.names[node_id] = device.name
+            return lines
+
+        self.dashboard, url = serve_dashboard(open_source(self.home.root, nodes), *self.dashboard_at, register=register)
+        log.info("dashboard: %s", url)
+
     def _stop_leftover_runs(self) -> None:
         """A server killed mid-run leaves its Flower run open in the database: close it."""
         for run in self.control.runs():
@@ -315,6 +347,10 @@ class ServerProcess:
             self.gateway.stop()
         if self.superexec is not None:
             stop_tree(self.superexec.pid)
+        if self.dashboard is not None:
+            self.dashboard.stop()
+        if self.dashboard_control is not None:
+            self.dashboard_control.close()
         if self.superlink is not None:
             stop_tree(self.superlink.pid)
         if self.control is not None:
