@@ -69,7 +69,10 @@ def prosody_phones(text: str) -> list[str]:
     labels = openjtalk.make_label(openjtalk.run_frontend(text, use_vanilla=True))
     phones: list[str] = []
     for n, label in enumerate(labels):
-        phone = _PHONE.search(label)[1]
+        match = _PHONE.search(label)
+        if match is None:  # every OpenJTalk full-context label names its phone
+            raise TextError("OpenJTalk returned a label without a phone", reason="unphonemizable_text")
+        phone = match[1]
         if phone in "AEIOU":  # devoiced vowels read as plain ones (a substring test, as upstream)
             phone = phone.lower()
         if phone == "sil":
