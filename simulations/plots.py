@@ -96,8 +96,7 @@ def epsilon_curves(path: Path, utterance: Mapping[str, Series], speaker: Mapping
 def speech_quality(path: Path, series: Mapping[str, Mapping[str, Mapping[str, Any]]],
                    metric_names: Mapping[str, str], labels: Mapping[str, str]) -> Path:
     """One panel per metric: each model's mean with its confidence interval as an error bar, one
-    group of bars per speaker set; the recordings (the ceiling) and the base (the floor) are also
-    drawn as reference lines."""
+    group of bars per speaker set (the recordings' bar is the ceiling, the base model's the floor)."""
     metrics = list(metric_names)
     models = list(dict.fromkeys(m for levels in series.values() for m in levels))
     groups = list(series)

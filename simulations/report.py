@@ -492,12 +492,16 @@ def _round_table(run: RunData, sim_times, real_times, counts, bytes_per_client) 
 def _timing_text(run: RunData, sim_times: Mapping[int, float]) -> str:
     t = run.timings
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in t.items())
-    total = sum(t.values())
-    baselines = t.get("baselines", 0.0)
+    alongside = "baselines-after-federation" in t  # the baselines overlapped the federation
+    total = sum(v for k, v in t.items() if not (alongside and k == "baselines"))
+    waited = t.get("baselines-after-federation", t.get("baselines", 0.0))
+    share = (f"the baselines trained alongside the federation ({t.get('baselines', 0.0):.0f} s) and kept the run "
+             f"waiting {waited:.0f} s after it, {waited / total:.0%} of the total (they also slowed the federation "
+             "they shared the cores with; bench/baselines_cost.py measures their full cost)"
+             if alongside else f"baselines {waited / total:.0%} of it") if total else ""
     load = run.host_load
-    measured = (f"**Measured on this host**: wall clock {phases} (total {total:.0f} s; baselines "
-                f"{baselines / total:.0%} of it; peak resident memory of all processes {_mib(run.peak_rss)})"
-                if total else "**Measured on this host**: no timings")
+    measured = (f"**Measured on this host**: wall clock {phases} (total {total:.0f} s; {share}; peak resident "
+                f"memory of all processes {_mib(run.peak_rss)})" if total else "**Measured on this host**: no timings")
     if load:
         measured += (f"; load average {load['mean']:.1f} (max {load['max']:.1f}) on {load['cores']} cores, "
                      f"of which this run used at most {load['own-max']:.1f} busy cores: "

@@ -31,7 +31,8 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -265,13 +266,40 @@ def run_one(spec: RunSpec, data: SpeakerData, folder: Path, host: Host) -> None:
     with memory:
         log.info("run %s: %d clients (%s fleet), %d rounds of %s %s", spec.name, n, fleet.name, spec.rounds,
                  config.stage, config.model_config)
-        completed = _timed(timings, "federation", lambda: federate(config, fleet, clients, spec.seed, folder, host))
-        heldout = {"seen": heldout_by_speaker(config.stage, data.seen),
-                   "unseen": heldout_by_speaker(config.stage, data.unseen)}
-        evaluation = {"global": _timed(timings, "evaluation", lambda: score_rounds(config, folder, heldout)),
-                      "references": reference_losses(config, [datasets(config.stage, cache, VALIDATION_FRACTION)[0]
-                                                              for cache in data.client_caches], heldout)}
-        evaluation |= _timed(timings, "baselines", lambda: baselines(spec, config, data, clients, folder, host))
+        # The baselines need nothing from the federation: they train alongside it, in their own
+        # processes, and fill the cores while the federation waits on Ray and its clients. They
+        # start once a client has trained (Ray is up): on a loaded host, a raylet starting beside
+        # them timed out.
+        federation_done, federation_failed = threading.Event(), threading.Event()
+
+        def alongside_federation() -> dict[str, Any]:
+            events = folder / "events"
+            while not federation_done.is_set() and not (events.is_dir() and any(events.iterdir())):
+                federation_done.wait(1.0)
+            if federation_failed.is_set():
+                return {"local": [], "central": None}
+            return _timed(timings, "baselines", lambda: baselines(
+                spec, config, data, clients, folder, host, show_progress=False))
+
+        with ThreadPoolExecutor(max_workers=1) as alongside:
+            pending = alongside.submit(alongside_federation)
+            try:
+                completed = _timed(timings, "federation",
+                                   lambda: federate(config, fleet, clients, spec.seed, folder, host))
+            except BaseException:
+                federation_failed.set()  # the error goes up at once, not after the baselines
+                raise
+            finally:
+                federation_done.set()
+            heldout = {"seen": heldout_by_speaker(config.stage, data.seen),
+                       "unseen": heldout_by_speaker(config.stage, data.unseen)}
+            evaluation = {"global": _timed(timings, "evaluation", lambda: score_rounds(config, folder, heldout)),
+                          "references": reference_losses(
+                              config, [datasets(config.stage, cache, VALIDATION_FRACTION)[0]
+                                       for cache in data.client_caches], heldout)}
+            started = time.perf_counter()
+            evaluation |= pending.result()
+            timings["baselines-after-federation"] = time.perf_counter() - started
         atomic_write_text(folder / "evaluation.json", json.dumps(evaluation, indent=1) + "\n")
         if spec.quality_sentences > 0 and completed > 0:
             quality = _timed(timings, "speech-quality",
@@ -374,8 +402,9 @@ def score_rounds(config: RunConfig, folder: Path, heldout) -> dict[int, Any]:
 
 
 def baselines(spec: RunSpec, config: RunConfig, data: SpeakerData, clients: list[VirtualClient], folder: Path,
-              host: Host) -> dict[str, Any]:
-    """Local-only baselines of the first ``spec.local_baselines`` clients, and the centralised one."""
+              host: Host, show_progress: bool = True) -> dict[str, Any]:
+    """Local-only baselines of the first ``spec.local_baselines`` clients, and the centralised one
+    (``show_progress=False`` while another progress bar runs: rich shows one at a time)."""
     jobs: list[tuple[Callable, Any]] = []
     for client in clients[: spec.local_baselines]:
         if client.refusal:
@@ -400,8 +429,8 @@ def baselines(spec: RunSpec, config: RunConfig, data: SpeakerData, clients: list
         return {"local": [], "central": None}
     results: dict[str, Any] = {"local": [], "central": None}
     with ProcessPoolExecutor(max_workers=min(host.workers, len(jobs)), mp_context=get_context("spawn")) as pool, \
-            progress() as bar:
-        task = bar.add_task("baselines", total=len(jobs))
+            progress() if show_progress else nullcontext() as bar:
+        task = bar.add_task("baselines", total=len(jobs)) if bar else None
         futures = [(fn, pool.submit(fn, job)) for fn, job in jobs]
         for fn, future in futures:
             result = future.result()
@@ -409,7 +438,10 @@ def baselines(spec: RunSpec, config: RunConfig, data: SpeakerData, clients: list
                 results["central"] = result
             else:
                 results["local"].append(result)
-            bar.advance(task)
+            if bar:
+                bar.advance(task)
+    log.info("baselines done: %d local-only, %s central", len(results["local"]),
+             "one" if results["central"] else "no")
     return results
 
 
