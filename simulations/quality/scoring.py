@@ -111,8 +111,12 @@ def _score(wave: np.ndarray, sample_rate: int, item: TestItem, with_mcd: bool) -
     if check.rms_dbfs <= activity.SILENCE_DBFS:
         return {"similarity": None, "wer": 1.0 if item.language == "en" else None, "mcd": None, "speech": 0.0}
     similarity = speaker.similarity(speaker.embed(wave, sample_rate), voice_of(item))
-    wer = (intelligibility.word_error_rate(item.text, intelligibility.transcribe(wave, sample_rate))
-           if item.language == "en" else None)
+    if item.language != "en":
+        wer = None
+    elif check.distinct_values < activity.MIN_DISTINCT_VALUES:  # a DC level or a buzz: no words to recognise
+        wer = 1.0
+    else:
+        wer = intelligibility.word_error_rate(item.text, intelligibility.transcribe(wave, sample_rate))
     mcd = None
     if with_mcd:
         reference, reference_rate = _recording(item.recording)
