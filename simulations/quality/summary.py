@@ -30,9 +30,9 @@ LABELS = {
     "central": "centralised, non-private",
 }
 NAMES = {  # in sentences
-    RECORDINGS: "recordings",
-    "base": "base model",
-    "federated": "federated model",
+    RECORDINGS: "the recordings",
+    "base": "the base model",
+    "federated": "the federated model",
     "local only": "local-only training",
     "central": "non-private central training",
 }
@@ -70,7 +70,8 @@ class Comparison:
         else:
             relation = same
         d = DECIMALS[metric]
-        return (f"The {NAMES[self.first]} is {relation} {NAMES[self.second]}{context} on the {self.group} "
+        first = NAMES[self.first][0].upper() + NAMES[self.first][1:]
+        return (f"{first} is {relation} {NAMES[self.second]}{context} on the {self.group} "
                 f"({estimate.speakers} speaker(s), {estimate.items} sentence(s)): {METRIC_NAMES[metric]} "
                 f"{estimate.mean:+.{d}f} ± {estimate.half_width:.{d}f} "
                 f"(95 % CI {estimate.low:+.{d}f} to {estimate.high:+.{d}f}).")
