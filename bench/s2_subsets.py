@@ -1,6 +1,6 @@
 """Which s2 parameters should fine-tuning train? Held-out mel change per transmitted byte, on the base.
 
-    python -m bench.s2_subsets --base fedvox-base --steps 30
+    python -m bench.s2_subsets --base /work/fedvox-pretrain/export/s2G.safetensors --steps 20
     python -m bench.s2_subsets --base /work/fedvox-pretrain/s2/best.pt --config base
 
 One simulated speaker (``fedvox-sim speakers``, never in the pretraining corpus) is prepared; each
@@ -79,7 +79,7 @@ def _build(base: str, config: str, spec: SubsetSpec, targets: tuple[str, ...] | 
 
 @app.command()
 def main(
-    base: str = typer.Option("fedvox-base", "--base", help="fedvox-base, an s2G file, or a pretrain best.pt."),
+    base: str = typer.Option(..., "--base", help="An exported s2G.safetensors or a pretrain best.pt."),
     config: str = typer.Option("base", "--config"),
     steps: int = typer.Option(30, "--steps"),
     batch_size: int = typer.Option(4, "--batch-size"),

@@ -203,6 +203,26 @@ def pretrain(
     typer.echo(f"provenance: {Path(out) / 'provenance.json'}")
 
 
+@app.command("pretrain-export")
+def pretrain_export(
+    source: Path = typer.Option(..., "--from", help="A `fedvox-sim pretrain` state folder."),
+    target: Path = typer.Option(..., "--to", help="Where the base goes (e.g. shared/models/base)."),
+    stages: str = typer.Option("s1,s2", "--stages", help="Stages to export: s1, s2 or s1,s2."),
+    evaluate: int = typer.Option(6, "--evaluate", min=0, help="English validation utterances to transcribe (0: none)."),
+) -> None:
+    """Ship the pretrained base: best weights as fp16 safetensors, provenance with hashes and WER."""
+    from fedvox.simulations.pretrain.export import export_base
+
+    folder = target
+    chosen = tuple(s.strip() for s in stages.split(",") if s.strip())
+    shipped = export_base(source, folder, chosen, evaluate=evaluate)
+    for name, entry in shipped["weights"].items():
+        typer.echo(f"{name}: step {entry['step']}, {entry['bytes'] / 2**20:.1f} MiB, sha256 {entry['sha256'][:16]}")
+    if "evaluation" in shipped:
+        typer.echo(f"evaluation: {shipped['evaluation']['mean']}")
+    typer.echo(f"provenance: {folder / 'provenance.json'}")
+
+
 @app.command()
 def report(out: Path = typer.Argument(..., help="A `fedvox-sim run` output folder.")) -> None:
     """Rebuild OUT/report.md and its plots from a simulation's files."""

@@ -44,7 +44,7 @@ def test_parameter_counts_equal_official(version: str) -> None:
 
 
 def test_every_config_builds_and_tiny_is_small() -> None:
-    assert set(CONFIG_NAMES) == {"tiny", "v1", "v2", "v2Pro", "v2ProPlus"}
+    assert set(CONFIG_NAMES) == {"tiny", "base", "v1", "v2", "v2Pro", "v2ProPlus"}
     assert _trainable(SynthesizerTrn(TINY)) < 2_000_000
     assert _trainable(MultiPeriodDiscriminator(TINY)) < 50_000
 

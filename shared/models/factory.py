@@ -10,7 +10,6 @@ both read private audio.
 from __future__ import annotations
 
 import logging
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -39,10 +38,6 @@ from fedvox.shared.models.subsets import SubsetSpec, apply_subset, merged_state_
 log = logging.getLogger(__name__)
 
 STAGES = ("s1", "s2")
-SHIPPED_BASE = "fedvox-base"
-"""The ``pretrained`` value that names fedvox's own shipped base (see :func:`shipped_base`)."""
-SHIPPED_BASE_CONFIG = "base"
-_BASE_FILES = {"s1": "s1.safetensors", "s2": "s2G.safetensors"}
 
 
 class SoVITSPair(nn.Module):
@@ -67,13 +62,11 @@ def build_model(
     The base is initialised from ``seed`` (deterministic on CPU for a given torch version) or,
     with ``pretrained``, loaded from a GPT-SoVITS checkpoint (s1 ``.ckpt``; s2 generator ``.pth``,
     whose ``s2D`` sibling is loaded too when it exists, as GPT-SoVITS names them), from a fedvox
-    safetensors export (``s1.safetensors``; ``s2G.safetensors`` beside ``s2D.safetensors``), or,
-    with :data:`SHIPPED_BASE`, from fedvox's own shipped base.
+    safetensors export (``s1.safetensors``; ``s2G.safetensors`` beside ``s2D.safetensors``), such
+    as the base ``fedvox-sim pretrain-export`` writes.
     """
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; use s1 or s2")
-    if pretrained is not None and str(pretrained) == SHIPPED_BASE:
-        pretrained = shipped_base(stage, model_config)
     fedvox_file = pretrained is not None and Path(pretrained).suffix == ".safetensors"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -99,19 +92,6 @@ def build_model(
         else:
             generator, discriminator = SynthesizerTrn(config), MultiPeriodDiscriminator(config)
         return SoVITSPair(apply_subset(generator, subset), apply_subset(discriminator, SubsetSpec(kind="full")))
-
-
-def shipped_base(stage: str, model_config: str) -> Path:
-    """The file of fedvox's own pretrained base for ``stage`` (s1, or s2's generator beside its
-    discriminator), shipped inside the package (``shared/models/base``, see docs/models.md)."""
-    if model_config != SHIPPED_BASE_CONFIG:
-        raise ConfigError(f"pretrained = {SHIPPED_BASE!r} is the {SHIPPED_BASE_CONFIG!r} model; set "
-                          f"model-config = {SHIPPED_BASE_CONFIG!r} (got {model_config!r})")
-    path = Path(str(resources.files("fedvox.shared.models") / "base" / _BASE_FILES[stage]))
-    if not path.is_file():
-        raise CheckpointError(f"this fedvox install lacks its pretrained base ({path}); reinstall fedvox, or set "
-                              "pretrained to a GPT-SoVITS checkpoint or \"\" (seeded random base)")
-    return path
 
 
 def _require_config(found: str, wanted: str, path: str | Path) -> None:

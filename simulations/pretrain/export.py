@@ -1,8 +1,8 @@
-"""Ship the pretrained base: each stage's best weights as fp16 safetensors plus their provenance.
+"""Export the pretrained base: each stage's best weights as fp16 safetensors plus their provenance.
 
-The files go to ``shared/models/base`` (package data), where :func:`shared.models.factory.shipped_base`
-finds them for ``pretrained = "fedvox-base"``. fp16 halves the files (loading upcasts to fp32);
-each stage must stay within :data:`MAX_STAGE_BYTES` so the repository stays small.
+``build_model(..., pretrained=<folder>/s1.safetensors | s2G.safetensors)`` loads them (upcast to
+fp32; s2's discriminator from the ``s2D`` file beside). fp16 halves the files; each stage must
+stay within :data:`MAX_STAGE_BYTES`, the most the repository may carry for a shipped base.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from fedvox.shared.models.s1_checkpoint import save_s1_safetensors
 from fedvox.shared.models.s2.checkpoint import save_model
 from fedvox.shared.models.subsets import SubsetSpec
 from fedvox.shared.semantic import file_digest
-from fedvox.simulations.pretrain.pipeline import PROVENANCE, read_provenance, utc_now
-from fedvox.simulations.pretrain.train import BEST, StagePlan, load_weights
+from fedvox.simulations.pretrain.evaluate import evaluate_speech
+from fedvox.simulations.pretrain.pipeline import PROVENANCE, read_provenance, stage_record, utc_now
+from fedvox.simulations.pretrain.train import BEST, load_weights, read_state
 
 log = logging.getLogger(__name__)
 
@@ -30,22 +31,27 @@ MAX_STAGE_BYTES = 25 * 1024 * 1024
 BASE_FILES = {"s1": ("s1.safetensors",), "s2": ("s2G.safetensors", "s2D.safetensors")}
 
 
-def export_base(out: Path, target: Path, stages: tuple[str, ...] = ("s1", "s2"), which: str = BEST) -> dict:
-    """Write ``stages``' weights from the pretraining folder ``out`` into ``target``; returns the provenance."""
+def export_base(out: Path, target: Path, stages: tuple[str, ...] = ("s1", "s2"), which: str = BEST,
+                evaluate: int = 0) -> dict:
+    """Write ``stages``' weights from the pretraining folder ``out`` into ``target``; returns the provenance.
+
+    ``evaluate`` > 0 transcribes that many English validation utterances spoken by the exported
+    pair (:mod:`simulations.pretrain.evaluate`) and records the word error rates.
+    """
     provenance = read_provenance(out)
-    if "stages" not in provenance:
+    if "corpus" not in provenance:
         raise ConfigError(f"{out} holds no pretraining provenance; run `fedvox-sim pretrain --out {out}` first")
     target.mkdir(parents=True, exist_ok=True)
     weights: dict[str, dict] = {}
+    models: dict[str, torch.nn.Module] = {}
     for stage in stages:
-        record = provenance["stages"].get(stage)
-        if record is None:
-            raise ConfigError(f"{out} has no trained {stage}; run `fedvox-sim pretrain --stages {stage}` first")
-        plan = StagePlan(**record["plan"])
+        plan, progress = read_state(out / stage)  # the freshest figures, even while it trains
+        provenance.setdefault("stages", {}).setdefault(stage, {}).update(stage_record(plan, progress))
         state, step = load_weights(out / stage, which)
         model = build_model(stage, plan.model_config, SubsetSpec(kind="full"), seed=plan.seed)
         model.load_state_dict(state)
         paths = _write(model, target)
+        models[stage] = model
         size = sum(p.stat().st_size for p in paths)
         if size > MAX_STAGE_BYTES:
             for p in paths:
@@ -58,6 +64,9 @@ def export_base(out: Path, target: Path, stages: tuple[str, ...] = ("s1", "s2"),
                                   "bytes": path.stat().st_size, "dtype": "float16"}
         log.info("%s: exported step %d (%.1f MiB)", stage, step, size / 2**20)
     shipped = {**provenance, "exported": utc_now(), "exported_from": which, "weights": weights}
+    if evaluate and "s1" in models and "s2" in models:
+        shipped["evaluation"] = evaluate_speech(out / "corpus", _fp16_round_trip(models["s1"]),
+                                                _fp16_round_trip(models["s2"]).generator, evaluate)
     previous = target / PROVENANCE
     if previous.is_file():  # a stage not re-exported keeps its earlier record
         old = json.loads(previous.read_text(encoding="utf-8"))
@@ -68,6 +77,15 @@ def export_base(out: Path, target: Path, stages: tuple[str, ...] = ("s1", "s2"),
                 shipped["stages"][stage] = record
     atomic_write_text(previous, json.dumps(shipped, indent=2) + "\n")
     return shipped
+
+
+def _fp16_round_trip(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` as it is shipped: every floating-point tensor rounded to fp16 and back."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
+    return model
 
 
 def _write(model: torch.nn.Module, target: Path) -> list[Path]:

@@ -50,13 +50,24 @@ def pretrain(out: Path, corpus: CorpusConfig, plans: list[StagePlan], *, device:
     log.info("pretraining on %s with %d thread(s)", chosen, torch.get_num_threads())
     provenance = read_provenance(out)
     provenance.update(_header(manifest, corpus, chosen))
+    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
     for plan in plans:
-        record = provenance.setdefault("stages", {}).setdefault(plan.stage, {})
-        record["commands"] = [*record.get("commands", []), shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])][-20:]
-        state = train_stage(plan, caches["train"], caches["valid"], out / plan.stage, chosen, checkpoint_seconds)
-        record.update(stage_record(plan, state))
-        provenance["updated"] = utc_now()
-        atomic_write_text(out / PROVENANCE, json.dumps(provenance, indent=2) + "\n")
+        def checkpointed(state: TrainState, plan: StagePlan = plan) -> None:
+            # Another stage may train in another process: merge into the file's current content.
+            current = read_provenance(out)
+            current.update({k: v for k, v in provenance.items() if k != "stages"})
+            record = current.setdefault("stages", {}).setdefault(plan.stage, {})
+            commands = record.setdefault("commands", [])
+            if command not in commands:
+                commands.append(command)
+            record.update(stage_record(plan, state))
+            current["updated"] = utc_now()
+            atomic_write_text(out / PROVENANCE, json.dumps(current, indent=2) + "\n")
+            provenance.update(current)
+
+        state = train_stage(plan, caches["train"], caches["valid"], out / plan.stage, chosen, checkpoint_seconds,
+                            on_checkpoint=checkpointed)
+        checkpointed(state)
     return provenance
 
 

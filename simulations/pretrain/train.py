@@ -18,12 +18,12 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from fedvox.client.data.datasets import S1Dataset, S2Dataset
 from fedvox.client.trainer.tasks import S1Task, S2Task, Task, mean_metrics
@@ -88,9 +88,13 @@ class TrainState:
     running: dict[str, float]  # exponential moving averages of the training metrics
 
 
-def train_stage(plan: StagePlan, train_cache: Path, valid_cache: Path, folder: Path,
-                device: torch.device, checkpoint_seconds: float = 300.0) -> TrainState:
-    """Train (or continue training) ``plan.stage`` into ``folder``; returns the final state."""
+def train_stage(plan: StagePlan, train_cache: Path, valid_cache: Path, folder: Path, device: torch.device,
+                checkpoint_seconds: float = 300.0, on_checkpoint: Callable[[TrainState], None] | None = None
+                ) -> TrainState:
+    """Train (or continue training) ``plan.stage`` into ``folder``; returns the final state.
+
+    ``on_checkpoint`` is called after every checkpoint (the pipeline refreshes its provenance).
+    """
     plan.validate()
     folder.mkdir(parents=True, exist_ok=True)
     datasets = (S1Dataset, S2Dataset)[plan.stage == "s2"]
@@ -132,10 +136,10 @@ def train_stage(plan: StagePlan, train_cache: Path, valid_cache: Path, folder: P
                 if state.best is None or record["valid"]["loss"] < state.best["valid_loss"]:
                     state.best = {"step": state.step, "valid_loss": record["valid"]["loss"]}
                     _save(folder / BEST, {"step": state.step, "model": task.model.state_dict(), "plan": asdict(plan)})
-                _save_state(folder / STATE, task, optimizers, state, plan)
+                _save_state(folder / STATE, task, optimizers, state, plan, on_checkpoint)
                 saved_at = time.monotonic()
             elif time.monotonic() - saved_at > checkpoint_seconds:
-                _save_state(folder / STATE, task, optimizers, state, plan)
+                _save_state(folder / STATE, task, optimizers, state, plan, on_checkpoint)
                 saved_at = time.monotonic()
     return state
 
@@ -202,19 +206,17 @@ def evaluate(task: Task, dataset, indices: torch.Tensor, chunk: int = 8) -> dict
 
 def load_weights(folder: Path, which: str = BEST) -> tuple[dict, int]:
     """The model state dict saved in ``folder`` (``best.pt`` or ``state.pt``) and its step."""
-    path = folder / which
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}; train the stage first (fedvox-sim pretrain)") from None
+    saved = _read(folder / which)
     return saved["model"], int(saved["step"])
 
 
 def _save_state(path: Path, task: Task, optimizers: dict[str, torch.optim.Optimizer], state: TrainState,
-                plan: StagePlan) -> None:
+                plan: StagePlan, on_checkpoint: Callable[[TrainState], None] | None) -> None:
     _save(path, {"plan": asdict(plan), "step": state.step, "model": task.model.state_dict(),
                  "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
                  "history": state.history, "seconds": state.seconds, "best": state.best, "running": state.running})
+    if on_checkpoint is not None:
+        on_checkpoint(state)
 
 
 def _save(path: Path, payload: dict) -> None:
@@ -222,20 +224,32 @@ def _save(path: Path, payload: dict) -> None:
         torch.save(payload, tmp)
 
 
-def _load_state(path: Path, plan: StagePlan) -> TrainState | None:
-    if not path.is_file():
-        return None
+def read_state(folder: Path) -> tuple[StagePlan, TrainState]:
+    """The plan and state of the stage trained in ``folder`` (as a resumed run would find them)."""
+    saved = _read(folder / STATE)
+    return StagePlan(**saved["plan"]), _state(saved)
+
+
+def _read(path: Path) -> dict:
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"cannot read the pretraining state {path}: {exc}; delete it to start over") from None
-    changed = sorted(k for k in saved["plan"] if saved["plan"][k] != asdict(plan).get(k) and k not in _EXTENSIBLE)
-    if changed:
-        raise ConfigError(f"{path} was trained with other settings ({', '.join(changed)}); pass the same "
-                          "options to continue, or another --out to start over")
+        raise CheckpointError(f"cannot read the pretraining state {path}: {exc}; train the stage first "
+                              "(fedvox-sim pretrain), or delete a damaged state to start over") from None
+
+
+def _state(saved: dict) -> TrainState:
     return TrainState(saved["step"], saved["model"], saved["optimizers"], saved["history"], saved["seconds"],
                       saved["best"], saved.get("running", {}))
 
 
-def parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def _load_state(path: Path, plan: StagePlan) -> TrainState | None:
+    if not path.is_file():
+        return None
+    saved = _read(path)
+    changed = sorted(k for k in saved["plan"] if saved["plan"][k] != asdict(plan).get(k) and k not in _EXTENSIBLE)
+    if changed:
+        raise ConfigError(f"{path} was trained with other settings ({', '.join(changed)}); pass the same "
+                          "options to continue, or another --out to start over")
+    return _state(saved)
+

@@ -130,13 +130,18 @@ class SynthesizerTrn(nn.Module):
         return groups
 
     def lora_targets(self) -> tuple[str, ...]:
-        """LoRA goes on the text side (attention, FFN and MRTE convs) and the flow's convs."""
+        """LoRA goes on the text side (attention, FFN and MRTE convs), the flow's convs, and the
+        decoder: its input and speaker-conditioning convs and every ResBlock conv. Without the
+        decoder a fine-tuning run cannot change the voice it renders (measured on the pretrained
+        base with ``bench/s2_subsets.py``, docs/models.md)."""
         encoders = r"enc_p\.(encoder_ssl|encoder_text|encoder2)"
         return (
             encoders + r"\.attn_layers\.\d+\.conv_[qkvo]",
             encoders + r"\.ffn_layers\.\d+\.conv_[12]",
             r"enc_p\.mrte\.(cross_attention\.conv_[qkvo]|c_pre|text_pre|c_post)",
             r"flow\.flows\.\d+\.(pre|post|enc\.(cond_layer|in_layers\.\d+|res_skip_layers\.\d+))",
+            r"dec\.(conv_pre|cond)",
+            r"dec\.resblocks\.\d+\.convs[12]\.\d+",
         )
 
     def frozen_prefixes(self) -> tuple[str, ...]:
