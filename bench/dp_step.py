@@ -5,7 +5,7 @@
     python -m bench.dp_step --stage s1 --config v2 --batch 4 --phonemes 30 --tokens 90 --repeats 5
     python -m bench.dp_step --stage s1 --config v2 --device cuda --batch 16 --phonemes 100 --tokens 250 --precision bf16
 
-Every variant runs the trainer's own step (``client.trainer.tasks``: s1 = the GPT; s2 = the
+Every variant runs the trainer's own step (``client.stages``: s1 = the GPT; s2 = the
 generator/discriminator pair, as clients train it) on the same synthetic batch, one logical batch
 in one physical batch:
 
@@ -14,7 +14,7 @@ in one physical batch:
               through its functorch fallback) and ``DPOptimizer``;
 ``unpruned``  fedvox's samplers and ``FedvoxDPOptimizer`` with an ordinary ``loss.backward()``
               (isolates what skipping the summed gradients buys);
-``fedvox``    the engine as clients run it (``client.trainer.engine``);
+``fedvox``    the engine as clients run it (``client.dp.engine``);
 ``ghost``     Opacus 1.6 ghost clipping (s1 only, not run unless asked for): per-sample gradient
               *norms* from activations and output gradients without the per-sample gradients,
               then a second backward of the clipped loss (``GradSampleModuleFastGradientClipping``).
@@ -39,15 +39,16 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 
 from bench.common import host, interleaved, load_average, table, timing_key, write_json
 from fedvox.client.data.datasets import S1Example, S2Example
-from fedvox.client.trainer.dp_optimizer import FedvoxDPOptimizer
-from fedvox.client.trainer.engine import make_private, run_logical_step
-from fedvox.client.trainer.tasks import S1Task, S2Task, Task, autocast
+from fedvox.client.dp.engine import make_private, run_logical_step
+from fedvox.client.dp.optimizer import FedvoxDPOptimizer
+from fedvox.client.dp.task import Task, autocast
+from fedvox.client.stages import S1Task, S2Task
 from fedvox.shared.audio import HOP_LENGTH
 from fedvox.shared.cli import run_cli
 from fedvox.shared.models.config import EOS, PHONEME_VOCAB
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.s1 import s1_loss
-from fedvox.shared.models.s2 import WeightNormGradSampleModule
+from fedvox.client.dp.grad_sample import DirectGradSampleModule
 from fedvox.shared.models.subsets import SubsetSpec
 
 app = typer.Typer(add_completion=False)
@@ -106,7 +107,7 @@ def step_variant(name: str, task: Task, batch: int, physical: int, device: torch
         dp_optimizers = [p.optimizer for p in privates.values()]
     else:
         wrapper, optimizer_class = {
-            "opacus": (GradSampleModule, DPOptimizer), "unpruned": (WeightNormGradSampleModule, FedvoxDPOptimizer),
+            "opacus": (GradSampleModule, DPOptimizer), "unpruned": (DirectGradSampleModule, FedvoxDPOptimizer),
         }[name]
         wrapped = {part: wrapper(module, batch_first=True, loss_reduction="sum", strict=True)
                    for part, module in task.parts().items()}

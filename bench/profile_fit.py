@@ -6,8 +6,8 @@
 
 For each reference device (``client.device.REFERENCE_DEVICES``) the profile is chosen as a
 client chooses it (``client.profiles.select_profile`` with the run's default logical batch), and,
-in a fresh process, the client's own task (``client.trainer.local.build_task``: the profile's
-precision and checkpointing) runs DP steps (``client.trainer.engine.make_private`` and
+in a fresh process, the client's own task (``client.stages.build_task``: the profile's
+precision and checkpointing) runs DP steps (``client.dp.engine.make_private`` and
 ``run_logical_step``) of one physical batch at the profile's size, on synthetic utterances of the
 planning length (``client.profiles.PLANNING_SECONDS``). Recorded: the resident memory before the
 steps (interpreter, torch, model, optimizer state) and the peak during them (VmHWM, reset before
@@ -48,7 +48,7 @@ def measure(device_name: str, stage: str, config: str, subset: str, steps: int) 
     from bench.dp_step import step_variant, synthetic_dataset
     from fedvox.client.device import reference_device
     from fedvox.client.profiles import CPU_RAM_FRACTION, PHONEMES_PER_SECOND, PLANNING_SECONDS, select_profile
-    from fedvox.client.trainer.local import build_task
+    from fedvox.client.stages import build_task
     from fedvox.shared.audio import SEMANTIC_RATE
     from fedvox.shared.models.factory import build_model
     from fedvox.shared.models.subsets import SubsetSpec

@@ -3,7 +3,7 @@
     python -m bench.profile_memory [--device cpu|cuda] [--stage s1 s2] [--config tiny v2 ...]
 
 Every (stage, config, subset, precision, checkpointing) runs in a fresh process: the model and
-its subset, AdamW and Opacus's DP optimizer as in training (``client.trainer.engine``), on
+its subset, AdamW and Opacus's DP optimizer as in training (``client.dp.engine``), on
 synthetic batches at the planning length (``client.profiles.PLANNING_SECONDS``). After a warm-up
 step it records the peak memory (CPU: the process's peak RSS, VmHWM, reset before each step;
 CUDA: ``max_memory_allocated``) of DP steps and then of plain steps (Opacus hooks off) at a few
@@ -37,7 +37,7 @@ from fedvox.client.profiles import (
     estimate_memory,
     model_size,
 )
-from fedvox.client.trainer.engine import make_private
+from fedvox.client.dp.engine import make_private
 from fedvox.shared.atomic import atomic_write_text
 from fedvox.shared.audio import FRAMES_PER_SECOND, HOP_LENGTH, SEMANTIC_RATE
 from fedvox.shared.models.batches import S1Batch, S2Batch

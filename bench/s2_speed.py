@@ -5,7 +5,7 @@
 
 Training modes: ``plain`` (no per-sample gradients), ``opacus_hooks`` (``GradSampleModule``:
 weight-normed convolutions through Opacus's functorch fallback) and ``opacus_weight_norm``
-(``WeightNormGradSampleModule``: every layer through a direct formula). Figures are medians of
+(``DirectGradSampleModule``: every layer through a direct formula). Figures are medians of
 ``--repeats`` runs after one warm-up, in process CPU seconds (robust on a shared machine) and
 wall seconds. Prints one JSON object.
 """
@@ -23,6 +23,7 @@ import torch
 import typer
 from opacus import GradSampleModule
 
+from fedvox.client.dp.grad_sample import DirectGradSampleModule
 from fedvox.shared.audio import HOP_LENGTH, SAMPLE_RATE, linear_spectrogram
 from fedvox.shared.cli import run_cli
 from fedvox.shared.models.batches import S2Batch
@@ -30,7 +31,6 @@ from fedvox.shared.models.config import S2Config, s2_config
 from fedvox.shared.models.s2 import (
     MultiPeriodDiscriminator,
     SynthesizerTrn,
-    WeightNormGradSampleModule,
     discriminator_losses,
     draw_randomness,
     frozen,
@@ -91,7 +91,7 @@ def main(
     result: dict[str, object] = {"config": config, "threads": threads, "batch_size": batch_size,
                                  "tokens": tokens, "phonemes": phonemes}
     for mode, wrap in (("plain", None), ("opacus_hooks", GradSampleModule),
-                       ("opacus_weight_norm", WeightNormGradSampleModule)):
+                       ("opacus_weight_norm", DirectGradSampleModule)):
         g, d = copy.deepcopy(generator), copy.deepcopy(discriminator)
         if wrap is not None:
             g = wrap(g, batch_first=True, loss_reduction="sum", strict=True)

@@ -4,7 +4,7 @@ Three handlers (``shared.protocol`` is the contract):
 
 - ``query``: report this node's status (device profile, the owner's utterance-level budget and
   the epsilon spent and reached after one round of the plan) without training;
-- ``train``: load the global subset, run one DP-SGD release of the plan (``client.trainer``),
+- ``train``: load the global subset, run one DP-SGD release of the plan (``fedvox.client.dp``),
   reply with the updated subset in the wire precision;
 - ``evaluate``: when the plan asks for it, release one noised validation loss of the global
   subset on held-out utterances (:mod:`client.loss_release`), charged like a training round.
@@ -57,16 +57,23 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedvox.client.device import probe
+from fedvox.client.dp import PrivacyPlan, RoundPlan, Trainer
+from fedvox.client.dp.trainer import UNIT
 from fedvox.client.identity import bind_ledger
 from fedvox.client.loss_release import loss_mechanism, noisy_mean_loss, utterance_losses
 from fedvox.client.owner import check_plan, owner_budget
 from fedvox.client.profiles import ProfileOverrides, ResourceProfile, select_profile
 from fedvox.client.releases import Entry, ReleaseBook, ReleaseSeeds, message_digest
-from fedvox.client.trainer.local import build_task, datasets
-from fedvox.client.trainer.session import UNIT, PrivacyPlan, RoundPlan, Trainer
+from fedvox.client.stages import build_task, datasets
 from fedvox.shared.cli import set_offline_env
 from fedvox.shared.errors import (
-    BudgetExceededError, CheckpointError, ConfigError, DataError, DeviceError, FedvoxError, PrivacyError,
+    BudgetExceededError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DeviceError,
+    FedvoxError,
+    PrivacyError,
 )
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import SubsetSpec, load_trainable_state_dict

@@ -235,8 +235,8 @@ def train(
 
     from fedvox.client.device import probe as probe_device
     from fedvox.client.profiles import ProfileOverrides, select_profile
-    from fedvox.client.trainer.local import LocalTrainingSpec, train_local
-    from fedvox.client.trainer.session import PrivacyPlan
+    from fedvox.client.dp import PrivacyPlan
+    from fedvox.client.local import LocalTrainingSpec, train_local
     from fedvox.shared.errors import ConfigError
 
     setup_logging(verbose)

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from fedvox.client.trainer.tasks import Task, mean_metrics
+from fedvox.client.dp.task import Task, mean_metrics
 from fedvox.shared.errors import ConfigError
 from fedvox.shared.privacy.accounting import Mechanism
 from fedvox.shared.privacy.noise import SecureGaussian

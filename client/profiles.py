@@ -4,7 +4,7 @@ activation checkpointing, threads), chosen from :class:`~client.device.DeviceFac
 A profile changes how a step runs, never what it computes. The logical (Poisson) batch, the
 noise multiplier and the clipping norm come from the training configuration; the physical batch
 only splits the logical batch into chunks whose clipped per-sample gradients are summed before
-the one noise draw (``client.trainer.engine``), so two profiles give the same update up to
+the one noise draw (``client.dp.engine``), so two profiles give the same update up to
 floating-point rounding. Precision and checkpointing are chosen among options that keep
 per-sample gradients exact:
 

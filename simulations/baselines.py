@@ -1,7 +1,7 @@
 """Baselines a federated run is judged against, scored per round like the global model.
 
 - **Local only** (:func:`local_baseline`): a client trains alone on its own recordings with the
-  same utterance-level privacy as in the federation (``client.trainer.local.train_local``: same
+  same utterance-level privacy as in the federation (``client.local.train_local``: same
   noise calibration, sample rate, steps and device profile), for as many steps as it would have
   trained in all rounds. Does federating help a speaker beyond what it can do alone?
 - **Centralised, non-private** (:func:`central_baseline`): one model trained on the union of
@@ -27,13 +27,9 @@ from torch.utils.data import ConcatDataset
 
 from fedvox.client.device import probe
 from fedvox.client.profiles import ProfileOverrides, select_profile
-from fedvox.client.trainer.local import (
-    LocalTrainingSpec,
-    build_task,
-    datasets,
-    train_local,
-)
-from fedvox.client.trainer.session import PrivacyPlan
+from fedvox.client.dp import PrivacyPlan
+from fedvox.client.local import LocalTrainingSpec, train_local
+from fedvox.client.stages import build_task, datasets
 from fedvox.shared.atomic import atomic_path, atomic_write_text
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import trainable_state_dict

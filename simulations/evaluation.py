@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from fedvox.client.trainer.tasks import S1Task, S2Task, Task, mean_metrics
+from fedvox.client.dp.task import Task, mean_metrics
+from fedvox.client.stages import S1Task, S2Task
 from fedvox.shared.models.config import s1_config
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import SubsetSpec, load_trainable_state_dict

@@ -44,7 +44,7 @@ import torch
 from fedvox.client.device import DeviceFacts, probe
 from fedvox.client.identity import client_identity
 from fedvox.client.owner import owner_budget
-from fedvox.client.trainer.local import datasets
+from fedvox.client.stages import datasets
 from fedvox.shared.atomic import atomic_write_text
 from fedvox.shared.cli import progress, set_offline_env
 from fedvox.shared.errors import ConfigError, FederationError

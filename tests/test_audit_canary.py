@@ -18,8 +18,8 @@ from fedvox.client.canary.report import render, to_json
 from fedvox.client.canary.run import BLACK_BOX, VIOLATION, WHITE_BOX, run_canary_audit
 from fedvox.client.canary.spec import CanaryAuditSpec
 from fedvox.client.canary.whitebox import CanaryDPOptimizer, WhiteBoxCanaries, free_coordinates
-from fedvox.client.trainer.dp_optimizer import FedvoxDPOptimizer
-from fedvox.client.trainer.engine import make_private, run_logical_step
+from fedvox.client.dp.engine import make_private, run_logical_step
+from fedvox.client.dp.optimizer import FedvoxDPOptimizer
 from fedvox.shared.errors import ConfigError, PrivacyError
 from fedvox.shared.privacy.accounting import Mechanism, epsilon
 from fedvox.shared.privacy.audit import one_run_epsilon_lower_bound

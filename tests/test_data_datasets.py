@@ -12,7 +12,7 @@ from fedvox.client.data.cache import CachedItem, FeatureCache
 from fedvox.client.data.datasets import S1Dataset, S2Dataset, collate_s1, collate_s2
 from fedvox.client.data.prepare import prepare
 from fedvox.client.data.split import holdout_split
-from fedvox.client.trainer.engine import poisson_sample
+from fedvox.client.dp.engine import poisson_sample
 from fedvox.shared.audio import linear_spectrogram
 from fedvox.shared.errors import ConfigError, DataError
 from fedvox.shared.models.batches import S1Batch, S2Batch

@@ -6,7 +6,7 @@ import torch
 
 from fedvox.client.device import REFERENCE_DEVICES
 from fedvox.client.profiles import ProfileOverrides, ResourceProfile, select_profile
-from fedvox.client.trainer.engine import make_private, poisson_sample, run_logical_step
+from fedvox.client.dp.engine import make_private, poisson_sample, run_logical_step
 from fedvox.shared.models.config import s1_config
 from fedvox.shared.models.s1 import Text2SemanticDecoder, s1_loss
 from fedvox.shared.models.subsets import SubsetSpec, apply_subset

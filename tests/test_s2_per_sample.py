@@ -5,7 +5,7 @@ the unused ``ssl_proj``) and of a tiny D is compared with per-example autograd i
 is off for the check: Opacus recomputes nothing, but the reference would draw other masks.
 
 Both ways of wrapping are checked: plain ``GradSampleModule`` (weight-normed convs through
-Opacus's functorch fallback) and ``WeightNormGradSampleModule`` (our direct formulas).
+Opacus's functorch fallback) and ``DirectGradSampleModule`` (our direct formulas).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
+from fedvox.client.dp.grad_sample import DirectGradSampleModule
 from fedvox.shared.models.config import s2_config
 from fedvox.shared.models.s2 import (
     MultiPeriodDiscriminator,
     SynthesizerTrn,
-    WeightNormGradSampleModule,
     frozen,
     generator_losses,
 )
@@ -61,7 +61,7 @@ def _generator_loss(discriminator: MultiPeriodDiscriminator):
     return loss
 
 
-WRAPPERS = pytest.mark.parametrize("gsm_class", [GradSampleModule, WeightNormGradSampleModule])
+WRAPPERS = pytest.mark.parametrize("gsm_class", [GradSampleModule, DirectGradSampleModule])
 
 
 @WRAPPERS
@@ -101,7 +101,7 @@ def test_lora_generator_per_sample_gradients_are_exact(step) -> None:
     assert any("flow" in n and "lora_A" in n for n in trainable)
     assert any("mrte" in n and "lora_B" in n for n in trainable)
     checked = assert_per_sample_grads_match(
-        generator, _generator_loss(discriminator), step, rtol=RTOL, gsm_class=WeightNormGradSampleModule
+        generator, _generator_loss(discriminator), step, rtol=RTOL, gsm_class=DirectGradSampleModule
     )
     assert checked == len(trainable)
 
@@ -122,7 +122,7 @@ def test_pro_extras_per_sample_gradients_are_exact() -> None:
             return generator_losses(discriminator, s.batch, out, config)["total"]
 
     checked = assert_per_sample_grads_match(
-        generator, loss, step, rtol=RTOL, gsm_class=WeightNormGradSampleModule
+        generator, loss, step, rtol=RTOL, gsm_class=DirectGradSampleModule
     )
     assert checked == 5 + len(list(generator.ref_enc.parameters()))
 
@@ -130,7 +130,7 @@ def test_pro_extras_per_sample_gradients_are_exact() -> None:
 def test_weight_norm_wrapper_needs_no_functorch_fallback(models) -> None:
     """Every G and D layer (tiny, v2 structure) has a direct sampler: none goes through vmap."""
     for model in models:
-        wrapped = WeightNormGradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
+        wrapped = DirectGradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
         try:
             fallback = [n for n, m in model.named_modules() if hasattr(m, "ft_compute_sample_grad")]
             assert fallback == []
@@ -145,8 +145,8 @@ def test_gan_step_with_both_networks_wrapped_charges_each_network_its_own_loss(s
     apply_subset(g_model, SubsetSpec(kind="full"))
     batch = step.batch.select(torch.tensor([0, 1]))
     batch.spec, batch.wave = batch.spec.float(), batch.wave.float()
-    g = WeightNormGradSampleModule(g_model, batch_first=True, loss_reduction="sum", strict=True)
-    d = WeightNormGradSampleModule(d_model, batch_first=True, loss_reduction="sum", strict=True)
+    g = DirectGradSampleModule(g_model, batch_first=True, loss_reduction="sum", strict=True)
+    d = DirectGradSampleModule(d_model, batch_first=True, loss_reduction="sum", strict=True)
     try:
         out = g(batch, slice_starts=step.slice_starts[:2], posterior_noise=step.posterior_noise[:2].float())
         with frozen(d):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from opacus.optimizers import DPOptimizer
 
-from fedvox.client.trainer.engine import make_private, poisson_sample, run_logical_step
+from fedvox.client.dp.engine import make_private, poisson_sample, run_logical_step
 
 N, D_IN, D_OUT = 24, 6, 3
 

@@ -14,8 +14,8 @@ import copy
 import pytest
 import torch
 
-from fedvox.client.trainer.engine import make_private, run_logical_step
-from fedvox.client.trainer.grad_sample import PrivateGradSampleModule
+from fedvox.client.dp.engine import make_private, run_logical_step
+from fedvox.client.dp.grad_sample import PrivateGradSampleModule
 from fedvox.shared.models.config import s1_config, s2_config
 from fedvox.shared.models.s1 import Text2SemanticDecoder, s1_loss
 from fedvox.shared.models.s2 import (

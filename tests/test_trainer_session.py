@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fedvox.client.data.datasets import S1Dataset, S2Dataset
-from fedvox.client.trainer.session import PrivacyPlan, RoundPlan, Trainer
-from fedvox.client.trainer.tasks import S1Task, S2Task
+from fedvox.client.dp.trainer import PrivacyPlan, RoundPlan, Trainer
+from fedvox.client.stages import S1Task, S2Task
 from fedvox.shared.errors import BudgetExceededError
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.s1 import SelfAttention

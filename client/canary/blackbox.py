@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fedvox.client.data.datasets import S1Example, collate_s1
-from fedvox.client.trainer.tasks import autocast
+from fedvox.client.dp.task import autocast
 from fedvox.shared.models.config import SEMANTIC_CODES
 from fedvox.shared.models.s1 import s1_loss
 from fedvox.shared.text import phonemize

@@ -30,9 +30,9 @@ from fedvox.client.canary.spec import CanaryAuditSpec
 from fedvox.client.canary.whitebox import CanaryDPOptimizer, WhiteBoxCanaries, free_coordinates
 from fedvox.client.data.cache import FeatureCache
 from fedvox.client.data.datasets import S1Dataset, S1Example
-from fedvox.client.trainer.monitor import TrainingMonitor
-from fedvox.client.trainer.session import PrivacyPlan, RoundPlan, Trainer
-from fedvox.client.trainer.tasks import S1Task
+from fedvox.client.dp import PrivacyPlan, RoundPlan, Trainer
+from fedvox.client.dp.monitor import TrainingMonitor
+from fedvox.client.stages import S1Task
 from fedvox.shared.errors import ConfigError, DataError
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import SubsetSpec

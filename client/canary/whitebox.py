@@ -27,7 +27,7 @@ from collections.abc import Iterable
 
 import torch
 
-from fedvox.client.trainer.dp_optimizer import FedvoxDPOptimizer
+from fedvox.client.dp.optimizer import FedvoxDPOptimizer
 from fedvox.shared.errors import ConfigError, PrivacyError
 
 PADDING_ID = 0

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from opacus.grad_sample import register_grad_sampler
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -45,7 +44,7 @@ class SinePositionalEmbedding(nn.Module):
     Positions are an input, one row per sample, because left-padded phonemes start at a different
     column in every batch. The table is computed on the fly (in float32, like GPT-SoVITS's) rather
     than stored, so the module owns no buffer; its per-sample gradient has its own Opacus grad
-    sampler below.
+    sampler in the client's DP engine.
     """
 
     def __init__(self, dim: int) -> None:
@@ -62,17 +61,6 @@ class SinePositionalEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         return self.alpha * self.table(positions)
-
-
-@register_grad_sampler(SinePositionalEmbedding)
-def _alpha_grad_sample(
-    layer: SinePositionalEmbedding, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-sample ``d loss / d alpha = sum(table * grad_output)`` (Opacus would otherwise fall back
-    to functorch, which is slower and warns on every fp32 step)."""
-    dtype = torch.promote_types(backprops.dtype, layer.alpha.dtype)
-    table = layer.table(activations[0]).to(dtype)
-    return {layer.alpha: (table * backprops.to(dtype)).flatten(1).sum(1, keepdim=True)}
 
 
 class KVCache:

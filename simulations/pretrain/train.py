@@ -1,7 +1,7 @@
 """Non-private training of one stage of the base on the prepared corpus, resumable after a kill.
 
 Both stages train from scratch with the same per-stage step code the federated clients run
-(:class:`client.trainer.tasks.S1Task` / :class:`S2Task`), but without DP: plain mini-batches,
+(:class:`fedvox.client.stages.S1Task` / :class:`S2Task`), but without DP: plain mini-batches,
 gradient clipping on the batch mean, AdamW, linear warm-up then cosine decay. s2 starts with
 the reconstruction losses alone (mel L1 and the prior/posterior KL) and adds the discriminator
 after ``disc_start`` steps: on a CPU, the GAN terms only pay off once the generator already
@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from fedvox.client.data.datasets import S1Dataset, S2Dataset
-from fedvox.client.trainer.tasks import S1Task, S2Task, Task, mean_metrics
+from fedvox.client.dp.task import Task, mean_metrics
+from fedvox.client.stages import S1Task, S2Task
 from fedvox.shared.atomic import atomic_path
 from fedvox.shared.cli import progress
 from fedvox.shared.errors import CheckpointError, ConfigError

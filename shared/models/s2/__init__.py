@@ -3,9 +3,8 @@
 from fedvox.shared.models.s2.discriminator import MultiPeriodDiscriminator
 from fedvox.shared.models.s2.gan import discriminator_losses, frozen, generator_losses
 from fedvox.shared.models.s2.generator import S2Forward, SynthesizerTrn, draw_randomness, draw_slice_starts
-from fedvox.shared.models.s2.grad_samplers import WeightNormGradSampleModule
 
 __all__ = [
-    "MultiPeriodDiscriminator", "S2Forward", "SynthesizerTrn", "WeightNormGradSampleModule",
+    "MultiPeriodDiscriminator", "S2Forward", "SynthesizerTrn",
     "discriminator_losses", "draw_randomness", "draw_slice_starts", "frozen", "generator_losses",
 ]

@@ -1,8 +1,9 @@
 """Per-sample gradients for DP-SGD: Opacus hooks, without the gradient DP-SGD throws away.
 
-:class:`PrivateGradSampleModule` is Opacus's ``GradSampleModule`` in hooks mode (with s2's direct
-samplers for weight-normed convolutions, so nothing falls back to functorch) plus one change to
-the backward pass. A plain ``loss.backward()`` makes autograd compute every parameter's *summed*
+:class:`DirectGradSampleModule` is Opacus's ``GradSampleModule`` in hooks mode that finds every
+fedvox sampler (:mod:`fedvox.client.dp.samplers`, weight-normed convolutions included), so
+nothing falls back to functorch. :class:`PrivateGradSampleModule` adds one change to the
+backward pass. A plain ``loss.backward()`` makes autograd compute every parameter's *summed*
 gradient ``p.grad`` besides the per-sample gradients the hooks compute; DP-SGD never reads that
 sum (the optimizer replaces it by the noisy sum of clipped per-sample gradients), yet it costs a
 third of each layer's backward. :meth:`PrivateGradSampleModule.backward` asks autograd only for
@@ -19,13 +20,22 @@ it is violated, a module's hook may not fire and the optimizer raises instead of
 from __future__ import annotations
 
 import torch
+from opacus import GradSampleModule
 from opacus.utils.module_utils import trainable_parameters
 from torch import nn
 
-from fedvox.shared.models.s2.grad_samplers import WeightNormGradSampleModule
+from fedvox.client.dp.samplers import sampler_key
 
 
-class PrivateGradSampleModule(WeightNormGradSampleModule):
+class DirectGradSampleModule(GradSampleModule):
+    """``opacus.GradSampleModule`` that looks samplers up by :func:`sampler_key`: every layer of
+    both stages through a direct formula. Use it wherever ``GradSampleModule`` would be used."""
+
+    def _get_module_type(self, module: nn.Module) -> type:
+        return sampler_key(module)
+
+
+class PrivateGradSampleModule(DirectGradSampleModule):
     """Hooks-mode per-sample gradients, back-propagated without the summed parameter gradients."""
 
     def __init__(self, module: nn.Module, **kwargs) -> None:
@@ -78,4 +88,4 @@ class PrivateGradSampleModule(WeightNormGradSampleModule):
                 param.grad_sample = None
 
 
-__all__ = ["PrivateGradSampleModule"]
+__all__ = ["DirectGradSampleModule", "PrivateGradSampleModule"]

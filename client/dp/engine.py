@@ -7,7 +7,7 @@ per-sample gradients are clipped and summed, and noise is added once, on the las
 split changes how a step runs, never what it computes: the same seed gives the same update for
 any physical batch size, up to floating-point summation order.
 
-Per-sample gradients come from :class:`~client.trainer.grad_sample.PrivateGradSampleModule`
+Per-sample gradients come from :class:`~fedvox.client.dp.grad_sample.PrivateGradSampleModule`
 (Opacus hooks, no functorch fallback for SoVITS's weight-normed convolutions, and a backward pass
 that skips the summed gradients DP-SGD discards): call ``private.module.backward(loss)``.
 """
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedvox.client.trainer.dp_optimizer import FedvoxDPOptimizer
-from fedvox.client.trainer.grad_sample import PrivateGradSampleModule
+from fedvox.client.dp.grad_sample import PrivateGradSampleModule
+from fedvox.client.dp.optimizer import FedvoxDPOptimizer
 from fedvox.shared.errors import DeviceError
 
 log = logging.getLogger(__name__)

@@ -14,15 +14,14 @@ directly from the layer's input and output gradient:
 
 The first three are registered with Opacus on import. Parametrized modules get a fresh class per
 instance, so they cannot be registered by type without keeping every model alive in Opacus's
-global table; :class:`WeightNormGradSampleModule` instead maps each weight-normed conv to a fixed
-key. Use it wherever ``opacus.GradSampleModule`` would be used.
+global table; :func:`weight_norm_key` instead maps each weight-normed conv to a fixed key, which
+:class:`fedvox.client.dp.grad_sample.DirectGradSampleModule` looks its sampler up by.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from opacus import GradSampleModule
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
 from torch.nn.utils import parametrize
@@ -145,8 +144,8 @@ _WEIGHT_NORM_KEYS: dict[type[nn.Module], type] = {
 register_grad_sampler(list(_WEIGHT_NORM_KEYS.values()))(weight_norm_conv_grad_sample)
 
 
-def grad_sampler_key(module: nn.Module) -> type:
-    """The key Opacus looks the module's grad sampler up by: a fixed key for weight-normed convs."""
+def weight_norm_key(module: nn.Module) -> type | None:
+    """The fixed key of a weight-normed conv the formulas above cover, else ``None``."""
     if parametrize.is_parametrized(module, "weight"):
         parametrizations = module.parametrizations.weight
         base = next((t for t in _WEIGHT_NORM_KEYS if type(module).__bases__ == (t,)), None)
@@ -155,7 +154,7 @@ def grad_sampler_key(module: nn.Module) -> type:
             and parametrizations[0].dim == 0 and _default_geometry(module)
         ):
             return _WEIGHT_NORM_KEYS[base]
-    return type(module)
+    return None
 
 
 def _default_geometry(module: nn.Module) -> bool:
@@ -167,14 +166,7 @@ def _default_geometry(module: nn.Module) -> bool:
     return True
 
 
-class WeightNormGradSampleModule(GradSampleModule):
-    """``opacus.GradSampleModule`` that also samples weight-normed convolutions directly."""
-
-    def _get_module_type(self, module: nn.Module) -> type:
-        return grad_sampler_key(module)
-
-
 __all__ = [
-    "WeightNormGradSampleModule", "grad_sampler_key", "layer_norm_grad_sample",
-    "relative_keys_grad_sample", "relative_values_grad_sample", "weight_norm_conv_grad_sample",
+    "layer_norm_grad_sample", "relative_keys_grad_sample", "relative_values_grad_sample",
+    "weight_norm_conv_grad_sample", "weight_norm_key",
 ]

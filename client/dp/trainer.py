@@ -25,17 +25,18 @@ import math
 import secrets
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from fedvox.client.trainer.dp_optimizer import FedvoxDPOptimizer
-from fedvox.client.trainer.engine import PrivateModel, make_private, poisson_sample, run_logical_step
-from fedvox.client.trainer.monitor import TrainingMonitor, peak_memory
-from fedvox.client.trainer.tasks import Task, mean_metrics
+from fedvox.client.dp.engine import PrivateModel, make_private, poisson_sample, run_logical_step
+from fedvox.client.dp.monitor import TrainingMonitor, peak_memory
+from fedvox.client.dp.optimizer import FedvoxDPOptimizer
+from fedvox.client.dp.task import Task, mean_metrics
 from fedvox.shared.errors import ConfigError, DataError
-from fedvox.shared.models.subsets import trainable_state_dict
+from fedvox.shared.models.subsets import load_trainable_state_dict, trainable_state_dict
 from fedvox.shared.privacy.accounting import DEFAULT_ACCOUNTANT, Mechanism, calibrate_noise_multiplier, epsilon
 from fedvox.shared.privacy.budget import Budget
 from fedvox.shared.privacy.ledger import Component, Ledger, LedgerRow, Release
@@ -265,6 +266,25 @@ class Trainer:
             for key, value in self.task.evaluate(dataset, chunk).items():
                 sums[key] = sums.get(key, 0.0) + value
         return mean_metrics(sums, self.task.stage) if sums else {}
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """What continuing exactly needs: the trainable subset, each part's optimizer state, the
+        step counter and the physical batch (the random generators are reseeded per release)."""
+        return {
+            "state": trainable_state_dict(self.task.model),
+            "optimizers": {name: p.optimizer.original_optimizer.state_dict() for name, p in self.private.items()},
+            "physical_batch": self.physical_batch,
+            "step": self.steps_done,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        load_trainable_state_dict(self.task.model, state["state"])
+        for name, private in self.private.items():
+            private.optimizer.original_optimizer.load_state_dict(state["optimizers"][name])
+        self.physical_batch = int(state["physical_batch"])
+        self.steps_done = int(state["step"])
 
     def close(self) -> None:
         """Remove Opacus hooks from the task's modules."""

@@ -24,22 +24,19 @@ from typing import Any
 
 import torch
 
-from fedvox.client.data.cache import FeatureCache
-from fedvox.client.data.datasets import S1Dataset, S2Dataset
-from fedvox.client.data.split import holdout_split
+from fedvox.client.dp import PrivacyPlan, RoundPlan, Trainer
+from fedvox.client.dp.monitor import TrainingMonitor
 from fedvox.client.identity import bind_ledger
+from fedvox.client.local.checkpoints import CheckpointStore
 from fedvox.client.profiles import ResourceProfile
 from fedvox.client.releases import ReleaseBook, ReleaseSeeds, release_seeds
-from fedvox.client.trainer.checkpoints import CheckpointStore
-from fedvox.client.trainer.monitor import TrainingMonitor
-from fedvox.client.trainer.session import PrivacyPlan, RoundPlan, Trainer
-from fedvox.client.trainer.tasks import S1Task, S2Task, Task
+from fedvox.client.stages import build_task, datasets
 from fedvox.shared.atomic import atomic_write_text
 from fedvox.shared.cli import progress
 from fedvox.shared.errors import ConfigError
 from fedvox.shared.models.factory import build_model, export_all
 from fedvox.shared.models.interop import save_safetensors
-from fedvox.shared.models.subsets import SubsetSpec, load_trainable_state_dict, trainable_state_dict
+from fedvox.shared.models.subsets import SubsetSpec, trainable_state_dict
 from fedvox.shared.privacy.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -81,22 +78,6 @@ class LocalTrainingSpec:
         values = dict(values)
         values["privacy"] = PrivacyPlan(**values["privacy"])
         return cls(**values)
-
-
-def build_task(stage: str, model: torch.nn.Module, dataset, profile: ResourceProfile) -> Task:
-    """The stage's task on the profile's device and precision."""
-    device = torch.device(profile.device)
-    if stage == "s1":
-        return S1Task(model, dataset, device, profile.precision, profile.loss_scale, profile.checkpointing)
-    return S2Task(model, dataset, device, profile.precision, profile.loss_scale)
-
-
-def datasets(stage: str, data_dir: Path, validation_fraction: float):
-    """``(train, validation)`` datasets of the prepared cache, split deterministically."""
-    cache = FeatureCache(data_dir)
-    train_items, val_items = holdout_split(cache.read_index().items, validation_fraction)
-    kind = S1Dataset if stage == "s1" else S2Dataset
-    return kind(cache, train_items), kind(cache, val_items)
 
 
 def train_local(
@@ -142,7 +123,7 @@ def train_local(
                 release = seeds(f"{run['run_id']}/{segment}")
                 trainer.reseed(release.noise, release.sample, release.noise_key)
                 result = trainer.train(plan, run_id=run["run_id"], round=segment)
-                store.save(trainer.steps_done, _checkpoint(trainer, result.row.row_hash))
+                store.save(trainer.steps_done, {**trainer.state_dict(), "ledger_head": result.row.row_hash})
                 validation = trainer.evaluate(val_set) if len(val_set) else {}
                 trainer.monitor.log(trainer.steps_done, {f"val_{k}": v for k, v in validation.items()}, kind="validation")
                 summary.update(steps=trainer.steps_done, epsilon=result.row.epsilon, delta=spec.privacy.delta,
@@ -190,22 +171,9 @@ def _fixed_seeds(seed: int) -> Callable[[str], ReleaseSeeds]:
     return lambda release: release_seeds(f"seed-{seed}".encode(), release.rsplit("/", 1)[-1])
 
 
-def _checkpoint(trainer: Trainer, ledger_head: str) -> dict[str, Any]:
-    return {
-        "state": trainable_state_dict(trainer.task.model),
-        "optimizers": {name: p.optimizer.original_optimizer.state_dict() for name, p in trainer.private.items()},
-        "physical_batch": trainer.physical_batch,
-        "ledger_head": ledger_head,
-    }
-
-
 def _restore(trainer: Trainer, store: CheckpointStore) -> None:
     saved = store.latest()
     if saved is None:
         return
-    load_trainable_state_dict(trainer.task.model, saved["state"])
-    for name, private in trainer.private.items():
-        private.optimizer.original_optimizer.load_state_dict(saved["optimizers"][name])
-    trainer.physical_batch = int(saved["physical_batch"])
-    trainer.steps_done = int(saved["step"])
+    trainer.load_state_dict(saved)
     log.info("resumed from step %d", trainer.steps_done)

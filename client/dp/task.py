@@ -1,0 +1,80 @@
+"""What one DP-SGD step computes: the interface the :class:`~fedvox.client.dp.Trainer` drives.
+
+A task (one per stage, :mod:`fedvox.client.stages`) names the modules that get their own DP optimizer (s1: the GPT; s2: generator and
+discriminator, privatised on the same Poisson batch), builds their optimizers, and runs forward
+and backward for a chunk of examples. It returns *sums* over the chunk, so the caller can split a
+logical batch into any physical batches and still report exact means.
+
+Per-sample randomness (s2's decoder slice and posterior noise) is drawn from a generator keyed by
+(step seed, example index), so an example sees the same randomness whichever chunk it lands in:
+that is what makes the update independent of the physical batch size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+from fedvox.client.dp.grad_sample import PrivateGradSampleModule
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for ``bf16``/``fp16``; nothing for ``fp32``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class Task(ABC):
+    """One stage's training and evaluation step, independent of how batches are split."""
+
+    stage: str
+    model: nn.Module
+    """Everything the task trains (s1: the GPT; s2: the generator/discriminator pair)."""
+
+    def __init__(self, device: torch.device, precision: str, loss_scale: float) -> None:
+        self.device = device
+        self.precision = precision
+        self.loss_scale = loss_scale if precision == "fp16" else 1.0
+
+    @abstractmethod
+    def parts(self) -> dict[str, nn.Module]:
+        """The modules that each get a DP optimizer (and their own noise)."""
+
+    @abstractmethod
+    def optimizer(self, name: str, module: nn.Module, learning_rate: float) -> torch.optim.Optimizer:
+        """The (non-private) optimizer that DP-SGD wraps for part ``name``."""
+
+    @abstractmethod
+    def accumulate(self, wrapped: dict[str, nn.Module], indices: torch.Tensor, step_seed: int) -> dict[str, float]:
+        """Forward + backward over examples ``indices`` through the Opacus-wrapped ``parts``."""
+
+    @abstractmethod
+    def evaluate(self, dataset, indices: torch.Tensor) -> dict[str, float]:
+        """Validation sums over ``indices`` of ``dataset`` (keys ending in ``_sum`` or counts)."""
+
+    def _backward(self, per_sample: torch.Tensor, module: nn.Module) -> None:
+        """Back-propagate the summed (and loss-scaled) per-sample losses into ``module`` (the DP
+        engine's backward skips the summed gradients DP-SGD discards)."""
+        loss = per_sample.sum() * self.loss_scale
+        if isinstance(module, PrivateGradSampleModule):
+            module.backward(loss)
+        else:
+            loss.backward()
+
+
+def mean_metrics(sums: dict[str, float], stage: str) -> dict[str, float]:
+    """Per-example (and per-token) means from summed step or evaluation metrics."""
+    examples = max(sums.get("examples", 0.0), 1.0)
+    means = {k[: -len("_sum")]: v / examples for k, v in sums.items() if k.endswith("_sum")}
+    if stage == "s1" and sums.get("tokens"):
+        means["loss_per_token"] = sums["loss_sum"] / sums["tokens"]
+        means["top3_accuracy"] = sums["top3_correct"] / max(sums["top3_total"], 1.0)
+    return means
+
+
+__all__ = ["Task", "autocast", "mean_metrics"]

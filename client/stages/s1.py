@@ -1,0 +1,70 @@
+"""s1, the GPT text-to-semantic stage, on the client: its DP training task."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedvox.client.data.datasets import S1Dataset, collate_s1
+from fedvox.client.dp.task import Task, autocast
+from fedvox.shared.models.batches import S1Batch
+from fedvox.shared.models.s1 import Text2SemanticDecoder, s1_loss
+
+S1_BETAS = (0.9, 0.95)
+"""GPT-SoVITS's AdamW betas for s1."""
+
+
+class S1Task(Task):
+    """GPT text-to-semantic: per-utterance cross-entropy over its semantic tokens and EOS."""
+
+    stage = "s1"
+
+    def __init__(self, model: Text2SemanticDecoder, dataset: S1Dataset, device: torch.device,
+                 precision: str = "fp32", loss_scale: float = 1.0, checkpointing: bool = False) -> None:
+        super().__init__(device, precision, loss_scale)
+        self.model = model.to(device)
+        self.model.set_attention_checkpointing(checkpointing)
+        self.dataset = dataset
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"s1": self.model}
+
+    def optimizer(self, name: str, module: nn.Module, learning_rate: float) -> torch.optim.Optimizer:
+        params = [p for p in module.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=learning_rate, betas=S1_BETAS, weight_decay=0.01)
+
+    def batch(self, indices: torch.Tensor) -> S1Batch:
+        return collate_s1([self.dataset[int(i)] for i in indices]).to(self.device)
+
+    def accumulate(self, wrapped, indices, step_seed):
+        batch = self.batch(indices)
+        with autocast(self.device, self.precision):
+            out = s1_loss(wrapped["s1"], batch)
+        self._backward(out.per_sample, wrapped["s1"])
+        return {
+            "loss_sum": float(out.per_sample.detach().float().sum()),
+            "tokens": float(out.tokens.sum()),
+            "top3_correct": float(out.top3_correct),
+            "top3_total": float(out.top3_total),
+            "examples": float(len(indices)),
+        }
+
+    @torch.no_grad()
+    def evaluate(self, dataset, indices):
+        self.model.eval()
+        try:
+            batch = collate_s1([dataset[int(i)] for i in indices]).to(self.device)
+            with autocast(self.device, self.precision):
+                out = s1_loss(self.model, batch)
+        finally:
+            self.model.train()
+        return {
+            "loss_sum": float(out.per_sample.float().sum()),
+            "tokens": float(out.tokens.sum()),
+            "top3_correct": float(out.top3_correct),
+            "top3_total": float(out.top3_total),
+            "examples": float(len(indices)),
+        }
+
+
+__all__ = ["S1_BETAS", "S1Task"]
