@@ -42,7 +42,7 @@ from fedvox.client.data.datasets import S1Example, S2Example
 from fedvox.client.dp.engine import make_private, run_logical_step
 from fedvox.client.dp.optimizer import FedvoxDPOptimizer
 from fedvox.client.dp.task import Task, autocast
-from fedvox.client.stages import S1Task, S2Task
+from fedvox.client.stages import client_stage
 from fedvox.shared.audio import HOP_LENGTH
 from fedvox.shared.cli import run_cli
 from fedvox.shared.models.config import EOS, PHONEME_VOCAB
@@ -77,9 +77,7 @@ def synthetic_dataset(stage: str, batch: int, phonemes: int, tokens: int, seed: 
 
 def build_task(stage: str, config: str, subset: str, dataset: list, device: torch.device, precision: str) -> Task:
     model = build_model(stage, config, SubsetSpec(kind=subset), seed=0)
-    if stage == "s1":
-        return S1Task(model, dataset, device, precision)
-    return S2Task(model, dataset, device, precision)
+    return client_stage(stage).task(model, dataset, device, precision)
 
 
 def step_variant(name: str, task: Task, batch: int, physical: int, device: torch.device):

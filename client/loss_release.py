@@ -19,10 +19,11 @@ import math
 
 import torch
 
-from fedvox.client.dp.task import Task, mean_metrics
+from fedvox.client.dp.task import Task
 from fedvox.shared.errors import ConfigError
 from fedvox.shared.privacy.accounting import Mechanism
 from fedvox.shared.privacy.noise import SecureGaussian
+from fedvox.shared.stages import recipe
 
 
 def loss_mechanism(noise_multiplier: float) -> Mechanism:
@@ -36,8 +37,8 @@ def utterance_losses(task: Task, dataset) -> torch.Tensor:
     """Each utterance's headline loss (s1: cross-entropy per token, s2: generator loss)."""
     losses = []
     for index in range(len(dataset)):
-        means = mean_metrics(task.evaluate(dataset, torch.tensor([index])), task.stage)
-        losses.append(means["loss_per_token"] if task.stage == "s1" else means["loss"])
+        means = task.means(task.evaluate(dataset, torch.tensor([index])))
+        losses.append(means[recipe(task.stage).headline_metric])
     return torch.tensor(losses, dtype=torch.float64)
 
 

@@ -50,12 +50,12 @@ import torch
 
 from fedvox.client.device import DeviceFacts, GiB, rocm_family
 from fedvox.shared.errors import ConfigError, DeviceError
-from fedvox.shared.models.config import CONFIG_NAMES, s1_config, s2_config
-from fedvox.shared.models.subsets import SubsetSpec, apply_subset
+from fedvox.shared.models.config import CONFIG_NAMES
+from fedvox.shared.models.subsets import SubsetSpec
+from fedvox.shared.stages import STAGES, recipe
 
 log = logging.getLogger(__name__)
 
-STAGES = ("s1", "s2")
 PRECISIONS = ("bf16", "fp16", "fp32")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -195,24 +195,16 @@ def model_size(stage: str, config: str, subset: SubsetSpec) -> ModelSize:
     """
     _check_choice("stage", stage, STAGES)
     _check_choice("model config", config, CONFIG_NAMES)
+    stage_recipe = recipe(stage)
     with torch.device("meta"):
-        if stage == "s1":
-            from fedvox.shared.models.s1 import Text2SemanticDecoder
-
-            models = [(Text2SemanticDecoder(s1_config(config)), subset)]
-        else:
-            from fedvox.shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn
-
-            models = [(SynthesizerTrn(s2_config(config)), subset),
-                      (MultiPeriodDiscriminator(s2_config(config)), SubsetSpec("full"))]
-        for model, spec in models:
-            apply_subset(model, spec)
-    params = [p for model, _ in models for p in model.parameters()]
+        model = stage_recipe.build(stage_recipe.config(config), subset, None)
+    params = list(model.parameters())
     return ModelSize(
         parameters=sum(p.numel() for p in params),
         trainable=sum(p.numel() for p in params if p.requires_grad),
-        checkpointable=hasattr(models[0][0], "set_attention_checkpointing"),
+        checkpointable=hasattr(model, "set_attention_checkpointing"),
     )
+
 
 
 @dataclass(frozen=True)
@@ -280,7 +272,7 @@ of activations beyond one embedding or input layer: configs differing only here 
 
 
 def _same_architecture(stage: str, a: str, b: str) -> bool:
-    make = s1_config if stage == "s1" else s2_config
+    make = recipe(stage).config
     first, second = make(a), make(b)
     blank = {f.name: None for f in fields(first) if f.name in VOCABULARY_FIELDS}
     return a == b or replace(first, **blank) == replace(second, **blank)
@@ -655,7 +647,7 @@ def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
 __all__ = [
     "ACCELERATOR_FRACTION", "ACCELERATOR_RESERVE", "CPU_RAM_FRACTION", "CPU_RUNTIME_RESERVE", "FP16_LOSS_SCALE",
     "GPU_TIERS", "MEMORY_TABLE", "PHONEMES_PER_SECOND", "PLANNING_SECONDS", "PRECISIONS",
-    "STAGES", "ActivationCost", "MemoryEstimate", "ModelSize", "ProfileOverrides",
+    "ActivationCost", "MemoryEstimate", "ModelSize", "ProfileOverrides",
     "ResourceProfile", "activation_cost", "estimate_memory", "gpu_tier", "memory_budget",
     "model_size", "nominal_gib", "poisson_batch_bound", "select_profile",
 ]

@@ -26,6 +26,7 @@ from fedvox.shared.models.s1 import Text2SemanticDecoder, generate
 from fedvox.shared.models.s2 import SynthesizerTrn
 from fedvox.shared.semantic import SemanticTokenizer
 from fedvox.shared.speaker import SpeakerEmbedder
+from fedvox.shared.stages import STAGES, recipe
 from fedvox.shared.text import Phonemes, phonemize
 
 log = logging.getLogger(__name__)
@@ -56,13 +57,13 @@ def load_models(paths: list[str | Path]) -> Voice:
             if stage in found:
                 raise ConfigError(f"two {stage} models given ({path} and another); pass one of each")
             found[stage] = model
-    missing = [stage for stage in ("s1", "s2") if stage not in found]
+    missing = [stage for stage in STAGES if stage not in found]
     if missing:
         raise ConfigError(
             f"no {' and no '.join(missing)} model among {[str(p) for p in paths]}; synthesis needs an s1 "
             "(GPT) and an s2 (SoVITS generator) model"
         )
-    return Voice(found["s1"].eval(), found["s2"].eval())
+    return Voice(**{stage: model.eval() for stage, model in found.items()})
 
 
 @torch.inference_mode()
@@ -169,29 +170,14 @@ def _models_in(folder: Path) -> list[Path]:
 
 
 def _load(path: Path) -> dict[str, nn.Module]:
-    suffix = path.suffix.lower()
-    if suffix == ".ckpt":
-        from fedvox.shared.models.s1_checkpoint import load_official_s1
-
-        return {"s1": load_official_s1(path)}
-    if suffix == ".pth":
-        from fedvox.shared.models.s2.checkpoint import load_generator
-
-        return {"s2": load_generator(path)}
-    if suffix == ".json":
+    """The voice models in ``path`` by stage: the stage whose recipe claims the file, or a round."""
+    if path.suffix.lower() == ".json":
         return _load_round(path)
-    if suffix == ".safetensors":
-        _, meta = load_safetensors(path)
-        if meta.get("stage") == "s1":
-            from fedvox.shared.models.s1_checkpoint import load_s1_safetensors
-
-            return {"s1": load_s1_safetensors(path)}
-        if meta.get("format") == "fedvox-s2G":
-            from fedvox.shared.models.s2.checkpoint import load_model
-
-            return {"s2": load_model(path)}
-        if meta.get("format") == "fedvox-s2D":
-            return {}
+    meta = load_safetensors(path)[1] if path.suffix.lower() == ".safetensors" else None
+    for stage in STAGES:
+        models = recipe(stage).load_for_voice(path, meta)
+        if models is not None:
+            return {stage: models[0]} if models else {}
     raise CheckpointError(
         f"{path} is not a model fedvox can speak with; pass s1.ckpt/s2G.pth (GPT-SoVITS), "
         "s1.safetensors/s2G.safetensors (fedvox) or a server round-NNNNN.json"
@@ -200,7 +186,7 @@ def _load(path: Path) -> dict[str, nn.Module]:
 
 def _load_round(path: Path) -> dict[str, nn.Module]:
     """A server round checkpoint: rebuild the run's model and load the global subset."""
-    from fedvox.shared.models.factory import SoVITSPair, build_model
+    from fedvox.shared.models.factory import build_model
     from fedvox.shared.models.subsets import SubsetSpec, load_trainable_state_dict
     from fedvox.shared.runconfig import RunConfig
 
@@ -213,4 +199,4 @@ def _load_round(path: Path) -> dict[str, nn.Module]:
                         seed=config.model_seed)
     tensors, _ = load_safetensors(path.with_name(meta["tensors"]))
     load_trainable_state_dict(model, {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
-    return {"s2": model.generator} if isinstance(model, SoVITSPair) else {"s1": model}
+    return {config.stage: recipe(config.stage).voice_model(model)}

@@ -17,8 +17,8 @@ from typing import Any
 
 from fedvox.shared.errors import ConfigError
 from fedvox.shared.models.config import CONFIG_NAMES
+from fedvox.shared.stages import STAGES
 
-STAGES = ("s1", "s2")
 SUBSETS = ("full", "lora")
 AGGREGATIONS = ("fedavg", "fedadam", "fedprox", "median", "trimmed-mean")
 WIRE_PRECISIONS = ("fp16", "fp32")

@@ -16,12 +16,13 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from fedvox.client.dp.task import Task, mean_metrics
-from fedvox.client.stages import S1Task, S2Task
+from fedvox.client.dp.task import Task
+from fedvox.client.stages import client_stage
 from fedvox.shared.models.config import s1_config
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import SubsetSpec, load_trainable_state_dict
 from fedvox.shared.runconfig import RunConfig
+from fedvox.shared.stages import recipe
 
 EVAL_BATCH = 8
 
@@ -31,7 +32,7 @@ Heldout = Mapping[str, Mapping[str, Dataset]]
 
 def headline_loss(metrics: Mapping[str, float], stage: str) -> float:
     """The stage's validation loss (the ClientApp's ``val-loss``)."""
-    return metrics["loss_per_token"] if stage == "s1" else metrics["loss"]
+    return metrics[recipe(stage).headline_metric]
 
 
 def subset_spec(config: RunConfig) -> SubsetSpec:
@@ -48,7 +49,7 @@ class Evaluator:
                             pretrained=config.pretrained or None)
         first = next(d for sets in heldout.values() for d in sets.values())
         cpu = torch.device("cpu")
-        self.task: Task = S1Task(model, first, cpu) if self.stage == "s1" else S2Task(model, first, cpu)
+        self.task: Task = client_stage(self.stage).task(model, first, cpu)
 
     @torch.no_grad()
     def losses(self, state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
@@ -62,7 +63,7 @@ class Evaluator:
                 for chunk in torch.arange(len(dataset)).split(EVAL_BATCH):
                     for key, value in self.task.evaluate(dataset, chunk).items():
                         sums[key] = sums.get(key, 0.0) + value
-                out[group][speaker] = headline_loss(mean_metrics(sums, self.stage), self.stage)
+                out[group][speaker] = headline_loss(self.task.means(sums), self.stage)
         return out
 
 

@@ -26,8 +26,8 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from fedvox.client.data.cache import FeatureCache
-from fedvox.client.data.datasets import S1Dataset, S2Dataset
 from fedvox.client.data.prepare import prepare
+from fedvox.client.stages import client_stage
 from fedvox.shared.atomic import atomic_write_bytes
 from fedvox.shared.cli import progress
 from fedvox.shared.errors import ConfigError, DataError
@@ -120,7 +120,7 @@ def heldout_by_speaker(stage: str, cache: Path | None) -> dict[str, Dataset]:
     if cache is None:
         return {}
     items = FeatureCache(cache).read_index().items
-    kind = S1Dataset if stage == "s1" else S2Dataset
+    kind = client_stage(stage).dataset
     speakers = sorted({item.speaker for item in items})
     sets = {s: kind(cache, [item for item in items if item.speaker == s]) for s in speakers}
     return {s: d for s, d in sets.items() if len(d)}

@@ -25,6 +25,7 @@ from fedvox.shared.atomic import atomic_write_text
 from fedvox.shared.errors import ConfigError
 from fedvox.shared.privacy.ledger import Ledger, ledger_file
 from fedvox.shared.runconfig import RunConfig
+from fedvox.shared.stages import recipe
 from fedvox.simulations import plots
 from fedvox.simulations.evaluation import mean_loss
 from fedvox.simulations.fleet_app import read_events
@@ -33,7 +34,6 @@ from fedvox.simulations.quality import summary as quality_summary
 log = logging.getLogger(__name__)
 
 MARKER = "simulation.json"
-LOSS_NAMES = {"s1": "cross-entropy per semantic token", "s2": "mel L1 + KL per utterance"}
 
 
 @dataclass
@@ -218,7 +218,8 @@ def run_section(run: RunData, out: Path) -> tuple[str, dict[str, Any]]:
     classes = {c["partition"]: c["class"] for c in run.clients}
     curves = loss_series(run)
     references = reference_levels(run)
-    loss_png = plots.loss_curves(plot_dir / f"{run.name}-loss.png", curves, LOSS_NAMES[config.stage], references)
+    loss_png = plots.loss_curves(plot_dir / f"{run.name}-loss.png", curves, recipe(config.stage).headline_description,
+                                 references)
     eps_png = plots.epsilon_curves(
         plot_dir / f"{run.name}-epsilon.png",
         {f"client-{p}": carried(v, run.completed) for p, v in run.utterance_epsilon.items()},
@@ -322,7 +323,7 @@ def _utility_notes(run: RunData) -> str:
     local = run.evaluation.get("local") or []
     central = run.evaluation.get("central")
     notes = [
-        f"Loss: {LOSS_NAMES[run.config.stage]} on held-out utterances, the mean over speakers (each counts "
+        f"Loss: {recipe(run.config.stage).headline_description} on held-out utterances, the mean over speakers (each counts "
         "once); lower is better. *Seen* speakers are the clients (utterances they never trained on), *unseen* "
         "speakers took no part. Round 0 is the initial model.",
     ]
@@ -659,7 +660,7 @@ def comparison_section(runs: list[RunData], summaries: Mapping[str, dict], out: 
          "local only (own voice)", "simulated s", "federation real s"], rows)]
     if len({s["target-epsilon"] for s in summaries.values()}) > 1:
         png = plots.privacy_utility(out / "plots" / "privacy-utility.png", points, references,
-                                    LOSS_NAMES[runs[0].config.stage])
+                                    recipe(runs[0].config.stage).headline_description)
         parts += ["", f"![privacy-utility]({png.relative_to(out)})"]
     return "\n".join(parts)
 

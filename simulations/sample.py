@@ -19,10 +19,11 @@ import torch
 from fedvox.client.synthesize import Voice, read_reference, synthesize, write_wave
 from fedvox.shared.atomic import atomic_path
 from fedvox.shared.audio import SAMPLE_RATE, mel_spectrogram
-from fedvox.shared.models.factory import SoVITSPair, build_model
+from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import load_trainable_state_dict
 from fedvox.shared.runconfig import RunConfig
 from fedvox.shared.semantic import tokenizer_spec
+from fedvox.shared.stages import STAGES, recipe
 from fedvox.simulations.evaluation import subset_spec
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class Sample:
 
 def partner_stage(config: RunConfig) -> str:
     """The stage a run does not train (a fresh model of the run's seed when speaking)."""
-    return "s2" if config.stage == "s1" else "s1"
+    return next(stage for stage in STAGES if stage != config.stage)
 
 
 def build_voice(config: RunConfig, state: Mapping[str, torch.Tensor]) -> Voice:
@@ -53,8 +54,7 @@ def build_voice(config: RunConfig, state: Mapping[str, torch.Tensor]) -> Voice:
     other = partner_stage(config)
     fresh = build_model(other, config.model_config, subset_spec(config), seed=config.model_seed)
     models = {config.stage: trained, other: fresh}
-    s2 = models["s2"].generator if isinstance(models["s2"], SoVITSPair) else models["s2"]
-    return Voice(models["s1"].eval(), s2.eval())
+    return Voice(**{stage: recipe(stage).voice_model(model).eval() for stage, model in models.items()})
 
 
 def synthesise_sample(config: RunConfig, state: dict[str, torch.Tensor], reference: Path, reference_text: str,

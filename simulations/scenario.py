@@ -36,6 +36,7 @@ from typing import Any
 
 from fedvox.shared.errors import ConfigError
 from fedvox.shared.runconfig import flatten
+from fedvox.shared.stages import STAGES
 from fedvox.simulations.speakers import SpeakersConfig
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -74,8 +75,8 @@ class RunSpec:
             raise ConfigError(f"run name {self.name!r} must be letters, digits, '_', '.', '-' (a folder name)")
         if self.rounds < 1:
             raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
-        if self.stage not in ("s1", "s2"):
-            raise ConfigError(f"--stage must be s1 or s2, got {self.stage!r}")
+        if self.stage not in STAGES:
+            raise ConfigError(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if self.epsilon < 0:
             raise ConfigError(f"--epsilon must be > 0 (or 0 to use dp.noise-multiplier), got {self.epsilon}")
         for name in ("clients_per_round", "local_baselines", "seed", "quality_sentences"):

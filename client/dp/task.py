@@ -1,9 +1,10 @@
 """What one DP-SGD step computes: the interface the :class:`~fedvox.client.dp.Trainer` drives.
 
-A task (one per stage, :mod:`fedvox.client.stages`) names the modules that get their own DP optimizer (s1: the GPT; s2: generator and
-discriminator, privatised on the same Poisson batch), builds their optimizers, and runs forward
-and backward for a chunk of examples. It returns *sums* over the chunk, so the caller can split a
-logical batch into any physical batches and still report exact means.
+A task (one per stage, :mod:`fedvox.client.stages`) names the modules that get their own DP
+optimizer (s1: the GPT; s2: generator and discriminator, privatised on the same Poisson batch),
+builds their optimizers, and runs forward and backward for a chunk of examples. It returns *sums*
+over the chunk, so the caller can split a logical batch into any physical batches and still
+report exact means.
 
 Per-sample randomness (s2's decoder slice and posterior noise) is drawn from a generator keyed by
 (step seed, example index), so an example sees the same randomness whichever chunk it lands in:
@@ -57,6 +58,12 @@ class Task(ABC):
     def evaluate(self, dataset, indices: torch.Tensor) -> dict[str, float]:
         """Validation sums over ``indices`` of ``dataset`` (keys ending in ``_sum`` or counts)."""
 
+    def means(self, sums: dict[str, float]) -> dict[str, float]:
+        """Per-example means of summed step or evaluation metrics (keys ending in ``_sum``); a
+        task adds its own (s1: per token)."""
+        examples = max(sums.get("examples", 0.0), 1.0)
+        return {k[: -len("_sum")]: v / examples for k, v in sums.items() if k.endswith("_sum")}
+
     def _backward(self, per_sample: torch.Tensor, module: nn.Module) -> None:
         """Back-propagate the summed (and loss-scaled) per-sample losses into ``module`` (the DP
         engine's backward skips the summed gradients DP-SGD discards)."""
@@ -67,14 +74,4 @@ class Task(ABC):
             loss.backward()
 
 
-def mean_metrics(sums: dict[str, float], stage: str) -> dict[str, float]:
-    """Per-example (and per-token) means from summed step or evaluation metrics."""
-    examples = max(sums.get("examples", 0.0), 1.0)
-    means = {k[: -len("_sum")]: v / examples for k, v in sums.items() if k.endswith("_sum")}
-    if stage == "s1" and sums.get("tokens"):
-        means["loss_per_token"] = sums["loss_sum"] / sums["tokens"]
-        means["top3_accuracy"] = sums["top3_correct"] / max(sums["top3_total"], 1.0)
-    return means
-
-
-__all__ = ["Task", "autocast", "mean_metrics"]
+__all__ = ["Task", "autocast"]

@@ -34,7 +34,7 @@ import torch
 from fedvox.client.dp.engine import PrivateModel, make_private, poisson_sample, run_logical_step
 from fedvox.client.dp.monitor import TrainingMonitor, peak_memory
 from fedvox.client.dp.optimizer import FedvoxDPOptimizer
-from fedvox.client.dp.task import Task, mean_metrics
+from fedvox.client.dp.task import Task
 from fedvox.shared.errors import ConfigError, DataError
 from fedvox.shared.models.subsets import load_trainable_state_dict, trainable_state_dict
 from fedvox.shared.privacy.accounting import DEFAULT_ACCOUNTANT, Mechanism, calibrate_noise_multiplier, epsilon
@@ -247,7 +247,7 @@ class Trainer:
         release = self._release(mechanism, run_id, round)
         row = self.ledger.append(release, accountant=self.privacy.accountant, budget=self.budget)
         metrics = {
-            **mean_metrics(sums, self.task.stage),
+            **self.task.means(sums),
             "examples_seen": sums.get("examples", 0.0),
             "steps": float(plan.steps),
             "step_time_s": statistics.median(step_times),
@@ -265,7 +265,7 @@ class Trainer:
         for chunk in torch.arange(len(dataset)).split(batch_size):
             for key, value in self.task.evaluate(dataset, chunk).items():
                 sums[key] = sums.get(key, 0.0) + value
-        return mean_metrics(sums, self.task.stage) if sums else {}
+        return self.task.means(sums) if sums else {}
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from torch import nn
 
 from fedvox.client.data.datasets import S1Dataset, collate_s1
 from fedvox.client.dp.task import Task, autocast
+from fedvox.client.profiles import ResourceProfile
 from fedvox.shared.models.batches import S1Batch
 from fedvox.shared.models.s1 import Text2SemanticDecoder, s1_loss
 
@@ -25,6 +26,12 @@ class S1Task(Task):
         self.model = model.to(device)
         self.model.set_attention_checkpointing(checkpointing)
         self.dataset = dataset
+
+    @classmethod
+    def for_profile(cls, model: Text2SemanticDecoder, dataset: S1Dataset, profile: ResourceProfile) -> S1Task:
+        """The task on the profile's device, precision and attention checkpointing."""
+        return cls(model, dataset, torch.device(profile.device), profile.precision, profile.loss_scale,
+                   profile.checkpointing)
 
     def parts(self) -> dict[str, nn.Module]:
         return {"s1": self.model}
@@ -48,6 +55,14 @@ class S1Task(Task):
             "top3_total": float(out.top3_total),
             "examples": float(len(indices)),
         }
+
+    def means(self, sums: dict[str, float]) -> dict[str, float]:
+        """Per-example means plus GPT-SoVITS's per-token loss and top-3 accuracy."""
+        means = super().means(sums)
+        if sums.get("tokens"):
+            means["loss_per_token"] = sums["loss_sum"] / sums["tokens"]
+            means["top3_accuracy"] = sums["top3_correct"] / max(sums["top3_total"], 1.0)
+        return means
 
     @torch.no_grad()
     def evaluate(self, dataset, indices):

@@ -7,6 +7,7 @@ from torch import nn
 
 from fedvox.client.data.datasets import S2Dataset, collate_s2
 from fedvox.client.dp.task import Task, autocast
+from fedvox.client.profiles import ResourceProfile
 from fedvox.shared.models.batches import S2Batch
 from fedvox.shared.models.factory import SoVITSPair
 from fedvox.shared.models.s2 import discriminator_losses, frozen, generator_losses
@@ -33,6 +34,11 @@ class S2Task(Task):
         super().__init__(device, precision, loss_scale)
         self.pair = self.model = pair.to(device)
         self.dataset = dataset
+
+    @classmethod
+    def for_profile(cls, pair: SoVITSPair, dataset: S2Dataset, profile: ResourceProfile) -> S2Task:
+        """The task on the profile's device and precision."""
+        return cls(pair, dataset, torch.device(profile.device), profile.precision, profile.loss_scale)
 
     @property
     def generator(self) -> SynthesizerTrn:

@@ -2,9 +2,8 @@
 
 Only the trainable subset ever travels; the frozen base is rebuilt from (stage, model config,
 subset, LoRA shape, seed) — or loaded from a released GPT-SoVITS checkpoint — so a server and
-its clients agree on it without shipping it. s2 trains the SoVITS generator (with the chosen
-subset) together with its multi-period discriminator (in full: it has no LoRA targets), because
-both read private audio.
+its clients agree on it without shipping it. What each stage builds is its recipe's
+(:mod:`fedvox.shared.stages`).
 """
 
 from __future__ import annotations
@@ -16,28 +15,15 @@ import torch
 from torch import nn
 
 from fedvox.shared.errors import CheckpointError, ConfigError
-from fedvox.shared.models.config import s1_config, s2_config
 from fedvox.shared.models.s1 import Text2SemanticDecoder
-from fedvox.shared.models.s1_checkpoint import (
-    load_official_s1,
-    load_s1_safetensors,
-    save_official_s1,
-    save_s1_safetensors,
-)
+from fedvox.shared.models.s1_checkpoint import save_official_s1, save_s1_safetensors
 from fedvox.shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn
-from fedvox.shared.models.s2.checkpoint import (
-    export_discriminator,
-    export_generator,
-    load_discriminator,
-    load_generator,
-    load_model,
-    save_model,
-)
-from fedvox.shared.models.subsets import SubsetSpec, apply_subset, merged_state_dict
+from fedvox.shared.models.s2.checkpoint import export_discriminator, export_generator, save_model
+from fedvox.shared.models.subsets import SubsetSpec, merged_state_dict
+from fedvox.shared.stages import recipe
 
 log = logging.getLogger(__name__)
 
-STAGES = ("s1", "s2")
 
 
 class SoVITSPair(nn.Module):
@@ -60,41 +46,18 @@ def build_model(
     """The stage's model with ``subset`` applied.
 
     The base is initialised from ``seed`` (deterministic on CPU for a given torch version) or,
-    with ``pretrained``, loaded from a GPT-SoVITS checkpoint (s1 ``.ckpt``; s2 generator ``.pth``,
-    whose ``s2D`` sibling is loaded too when it exists, as GPT-SoVITS names them), from a fedvox
-    safetensors export (``s1.safetensors``; ``s2G.safetensors`` beside ``s2D.safetensors``), such
-    as the base ``fedvox-sim pretrain-export`` writes.
+    with ``pretrained``, loaded from a GPT-SoVITS checkpoint or a fedvox safetensors export (such
+    as the base ``fedvox-sim pretrain-export`` writes), as the stage's recipe says
+    (:mod:`fedvox.shared.stages`).
     """
-    if stage not in STAGES:
-        raise ConfigError(f"unknown stage {stage!r}; use s1 or s2")
-    fedvox_file = pretrained is not None and Path(pretrained).suffix == ".safetensors"
+    stage_recipe = recipe(stage)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if stage == "s1":
-            config = s1_config(model_config)
-            if not pretrained:
-                model = Text2SemanticDecoder(config)
-            else:
-                model = load_s1_safetensors(pretrained) if fedvox_file else load_official_s1(pretrained, config)
-                _require_config(model.config.name, model_config, pretrained)
-            return apply_subset(model, subset)
-        config = s2_config(model_config)
-        if pretrained:
-            generator = load_model(pretrained) if fedvox_file else load_generator(pretrained, config)
-            if fedvox_file:
-                _require_config(generator.config.name, model_config, pretrained)
-            sibling = Path(pretrained).with_name(Path(pretrained).name.replace("s2G", "s2D"))
-            has_sibling = sibling != Path(pretrained) and sibling.is_file()
-            if not has_sibling:
-                discriminator = MultiPeriodDiscriminator(config)
-            else:
-                discriminator = load_model(sibling) if fedvox_file else load_discriminator(sibling, config)
-        else:
-            generator, discriminator = SynthesizerTrn(config), MultiPeriodDiscriminator(config)
-        return SoVITSPair(apply_subset(generator, subset), apply_subset(discriminator, SubsetSpec(kind="full")))
+        return stage_recipe.build(stage_recipe.config(model_config), subset, pretrained)
 
 
-def _require_config(found: str, wanted: str, path: str | Path) -> None:
+def require_config(found: str, wanted: str, path: str | Path) -> None:
+    """Refuse a pretrained file whose model config is not the run's."""
     if found != wanted:
         raise ConfigError(f"{path} holds a {found!r} model but model-config is {wanted!r}; set model-config = "
                           f"{found!r}")

@@ -1,7 +1,7 @@
 """Non-private training of one stage of the base on the prepared corpus, resumable after a kill.
 
 Both stages train from scratch with the same per-stage step code the federated clients run
-(:class:`fedvox.client.stages.S1Task` / :class:`S2Task`), but without DP: plain mini-batches,
+(each stage's task, :mod:`fedvox.client.stages`), but without DP: plain mini-batches,
 gradient clipping on the batch mean, AdamW, linear warm-up then cosine decay. s2 starts with
 the reconstruction losses alone (mel L1 and the prior/posterior KL) and adds the discriminator
 after ``disc_start`` steps: on a CPU, the GAN terms only pay off once the generator already
@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedvox.client.data.datasets import S1Dataset, S2Dataset
-from fedvox.client.dp.task import Task, mean_metrics
-from fedvox.client.stages import S1Task, S2Task
+from fedvox.client.dp.task import Task
+from fedvox.client.stages import client_stage
+from fedvox.client.stages.s2 import S2Task
 from fedvox.shared.atomic import atomic_path
 from fedvox.shared.cli import progress
 from fedvox.shared.errors import CheckpointError, ConfigError
@@ -35,6 +35,7 @@ from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.s2.gan import real_slices
 from fedvox.shared.models.s2.losses import kl_loss, mel_loss
 from fedvox.shared.models.subsets import SubsetSpec
+from fedvox.shared.stages import recipe
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +99,12 @@ def train_stage(plan: StagePlan, train_cache: Path, valid_cache: Path, folder: P
     """
     plan.validate()
     folder.mkdir(parents=True, exist_ok=True)
-    datasets = (S1Dataset, S2Dataset)[plan.stage == "s2"]
-    train, valid = datasets(train_cache), datasets(valid_cache)
+    dataset = client_stage(plan.stage).dataset
+    train, valid = dataset(train_cache), dataset(valid_cache)
     if not len(train) or not len(valid):
         raise ConfigError(f"no usable {plan.stage} utterances in {train_cache} or {valid_cache}")
     model = build_model(plan.stage, plan.model_config, SubsetSpec(kind="full"), seed=plan.seed)
-    task: Task = S1Task(model, train, device) if plan.stage == "s1" else S2Task(model, train, device)
+    task: Task = client_stage(plan.stage).task(model, train, device)
     optimizers = {name: task.optimizer(name, module, plan.learning_rate) for name, module in task.parts().items()}
     state = _load_state(folder / STATE, plan) or TrainState(0, {}, {}, [], 0.0, None, {})
     if state.model:
@@ -118,7 +119,7 @@ def train_stage(plan: StagePlan, train_cache: Path, valid_cache: Path, folder: P
         task_id = bar.add_task(f"{plan.stage} pretraining", total=plan.steps, completed=state.step)
         while state.step < plan.steps:
             sums = _step(task, optimizers, plan, state.step, len(train))
-            means = mean_metrics(sums, plan.stage)
+            means = task.means(sums)
             state.running = {k: 0.9 * state.running.get(k, v) + 0.1 * v for k, v in means.items()}
             state.step += 1
             state.seconds = start_seconds + time.monotonic() - started
@@ -199,9 +200,8 @@ def evaluate(task: Task, dataset, indices: torch.Tensor, chunk: int = 8) -> dict
     for start in range(0, len(indices), chunk):
         for key, value in task.evaluate(dataset, indices[start:start + chunk]).items():
             sums[key] = sums.get(key, 0.0) + value
-    means = mean_metrics(sums, task.stage)
-    if task.stage == "s1":
-        means["loss"] = means["loss_per_token"]  # what "best" compares
+    means = task.means(sums)
+    means["loss"] = means[recipe(task.stage).headline_metric]  # what "best" compares
     return {k: round(v, 4) for k, v in means.items()}
 
 

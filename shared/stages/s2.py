@@ -1,0 +1,65 @@
+"""s2, GPT-SoVITS's SoVITS: semantic tokens and a reference spectrogram to speech (a GAN)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from fedvox.shared.models.config import S2Config, s2_config
+from fedvox.shared.models.factory import SoVITSPair, require_config
+from fedvox.shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn
+from fedvox.shared.models.s2.checkpoint import load_discriminator, load_generator, load_model
+from fedvox.shared.models.subsets import SubsetSpec, apply_subset
+from fedvox.shared.stages import StageRecipe
+
+
+def build(config: S2Config, subset: SubsetSpec, pretrained: str | Path | None) -> nn.Module:
+    """Generator (with ``subset``) and discriminator (in full: it has no LoRA targets), trained
+    together because both read private audio. A pretrained ``s2G`` file (GPT-SoVITS ``.pth`` or
+    fedvox ``.safetensors``) brings its ``s2D`` sibling when there is one, as GPT-SoVITS names them."""
+    if pretrained:
+        fedvox_file = Path(pretrained).suffix == ".safetensors"
+        generator = load_model(pretrained) if fedvox_file else load_generator(pretrained, config)
+        if fedvox_file:
+            require_config(generator.config.name, config.name, pretrained)
+        sibling = Path(pretrained).with_name(Path(pretrained).name.replace("s2G", "s2D"))
+        has_sibling = sibling != Path(pretrained) and sibling.is_file()
+        if not has_sibling:
+            discriminator = MultiPeriodDiscriminator(config)
+        else:
+            discriminator = load_model(sibling) if fedvox_file else load_discriminator(sibling, config)
+    else:
+        generator, discriminator = SynthesizerTrn(config), MultiPeriodDiscriminator(config)
+    return SoVITSPair(apply_subset(generator, subset), apply_subset(discriminator, SubsetSpec(kind="full")))
+
+
+def voice_model(model: nn.Module) -> nn.Module:
+    """The generator of a trained pair (a voice never runs the discriminator)."""
+    return model.generator if isinstance(model, SoVITSPair) else model
+
+
+def load_for_voice(path: Path, meta: dict[str, str] | None) -> list[nn.Module] | None:
+    """GPT-SoVITS's ``s2G.pth`` or fedvox's ``s2G.safetensors`` (its ``s2D`` is not needed)."""
+    if path.suffix.lower() == ".pth":
+        return [load_generator(path)]
+    if meta is not None and meta.get("format") == "fedvox-s2G":
+        return [load_model(path)]
+    if meta is not None and meta.get("format") == "fedvox-s2D":
+        return []
+    return None
+
+
+RECIPE = StageRecipe(
+    name="s2",
+    title="SoVITS semantic-to-speech",
+    synthesis_role="semantic tokens to speech",
+    headline_metric="loss",
+    headline_description="mel L1 + KL per utterance",
+    config=s2_config,
+    build=build,
+    voice_model=voice_model,
+    load_for_voice=load_for_voice,
+)
+
+__all__ = ["RECIPE"]
