@@ -56,6 +56,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedvox.client.data.split import HELD_OUT_FRACTION
 from fedvox.client.device import probe
 from fedvox.client.dp import PrivacyPlan, RoundPlan, Trainer
 from fedvox.client.dp.trainer import UNIT
@@ -76,7 +77,7 @@ from fedvox.shared.errors import (
     PrivacyError,
 )
 from fedvox.shared.models.factory import build_model
-from fedvox.shared.models.subsets import SubsetSpec, load_trainable_state_dict
+from fedvox.shared.models.subsets import load_trainable_state_dict
 from fedvox.shared.privacy.budget import Budget
 from fedvox.shared.privacy.ledger import Ledger, OwnerBudget, Release
 from fedvox.shared.privacy.ledger_head import LEDGER_HEAD, SIGNING_KEY_FILE, head_record
@@ -87,8 +88,6 @@ from fedvox.shared.wire import from_record, record_bytes, to_record
 
 log = logging.getLogger(__name__)
 
-VALIDATION_FRACTION = 0.1
-"""Share of a node's utterances held out for ``evaluate`` (never trained on)."""
 MAX_EVALUATIONS_PER_ROUND = 1
 """Distinct evaluate messages a node answers per run and round (a replay gets the stored reply)."""
 
@@ -160,7 +159,7 @@ class Session:
         config = plan.config
         self.node, self.plan = node, plan
         try:
-            self.train_set, self.val_set = datasets(config.stage, node.data_path, VALIDATION_FRACTION)
+            self.train_set, self.val_set = datasets(config.stage, node.data_path, HELD_OUT_FRACTION)
             if len(self.train_set) == 0:
                 raise DataError(f"no usable training utterances in {node.data_path}")
         except DataError as exc:
@@ -182,7 +181,7 @@ class Session:
 
     def _build(self, node: Node, plan: Plan, seeds: ReleaseSeeds | None) -> None:
         config = plan.config
-        spec = SubsetSpec(kind=config.subset, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha)
+        spec = config.subset_spec
         try:
             self.profile: ResourceProfile = select_profile(
                 probe(), config.stage, config.model_config, spec, node.overrides, logical_batch=config.logical_batch
@@ -196,15 +195,8 @@ class Session:
         except (CheckpointError, ConfigError) as exc:
             raise Refusal("model", str(exc)) from None
         task = build_task(config.stage, model, self.train_set, self.profile)
-        dp = config.dp
         try:
-            privacy = PrivacyPlan(
-                clip_norm=dp.clip_norm,
-                delta=self.owner.delta,
-                budget_epsilon=self.owner.epsilon,
-                noise_multiplier=None if dp.target_epsilon > 0 else dp.noise_multiplier,
-                target_epsilon=dp.target_epsilon if dp.target_epsilon > 0 else None,
-            )
+            privacy = PrivacyPlan.for_run(config.dp, budget_epsilon=self.owner.epsilon, delta=self.owner.delta)
         except ConfigError as exc:  # e.g. the run's target epsilon is above this node's budget
             raise Refusal("budget", str(exc)) from None
         self.seeds = seeds
@@ -220,7 +212,7 @@ class Session:
             learning_rate=config.learning_rate,
             planned_steps=config.local_steps * max(rounds_left, 1),
             proximal_mu=config.proximal_mu if config.aggregation == "fedprox" else 0.0,
-            sample_rate=dp.sample_rate,
+            sample_rate=config.dp.sample_rate,
         )
 
     def load_global(self, message: Message) -> None:

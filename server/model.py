@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fedvox.shared.models.factory import build_model, export_all
-from fedvox.shared.models.subsets import SubsetSpec, load_trainable_state_dict, trainable_state_dict
+from fedvox.shared.models.subsets import load_trainable_state_dict, trainable_state_dict
 from fedvox.shared.runconfig import RunConfig
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def build_global_model(config: RunConfig) -> nn.Module:
     """The run's model with its trainable subset applied (s2: the generator/discriminator pair)."""
-    spec = SubsetSpec(kind=config.subset, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha)
+    spec = config.subset_spec
     pretrained = config.pretrained or None
     return build_model(config.stage, config.model_config, spec, seed=config.model_seed, pretrained=pretrained)
 

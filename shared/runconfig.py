@@ -13,11 +13,14 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedvox.shared.errors import ConfigError
 from fedvox.shared.models.config import CONFIG_NAMES
 from fedvox.shared.stages import STAGES
+
+if TYPE_CHECKING:
+    from fedvox.shared.models.subsets import SubsetSpec
 
 SUBSETS = ("full", "lora")
 AGGREGATIONS = ("fedavg", "fedadam", "fedprox", "median", "trimmed-mean")
@@ -84,7 +87,15 @@ class RunConfig:
     dp: UtteranceDP = field(default_factory=UtteranceDP)
     speaker_dp: SpeakerDP = field(default_factory=SpeakerDP)
 
+    @property
+    def subset_spec(self) -> SubsetSpec:
+        """The trainable subset of the run's model, built here for every caller."""
+        from fedvox.shared.models.subsets import SubsetSpec  # torch: loaded when a model is built
+
+        return SubsetSpec(kind=self.subset, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
+
     # ------------------------------------------------------------------ construction
+
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
         """Build from Flower's flattened run config (``dp.clip-norm`` style keys)."""

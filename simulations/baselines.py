@@ -25,24 +25,24 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset
 
+from fedvox.client.data.split import HELD_OUT_FRACTION
 from fedvox.client.device import probe
-from fedvox.client.profiles import ProfileOverrides, select_profile
 from fedvox.client.dp import PrivacyPlan
 from fedvox.client.local import LocalTrainingSpec, train_local
+from fedvox.client.profiles import ProfileOverrides, select_profile
 from fedvox.client.stages import build_task, datasets
 from fedvox.shared.atomic import atomic_path, atomic_write_text
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import trainable_state_dict
 from fedvox.shared.privacy.ledger import Ledger
 from fedvox.shared.runconfig import RunConfig
-from fedvox.simulations.evaluation import Evaluator, subset_spec
+from fedvox.simulations.evaluation import Evaluator
 from fedvox.simulations.features import heldout_by_speaker
 
 log = logging.getLogger(__name__)
 
 CENTRAL_STATE = "state.pt"
 """The centralised model's final trainable state, in its output folder (scored for speech quality)."""
-VALIDATION_FRACTION = 0.1
 """The share of a client's utterances it keeps out of training (``client.app`` uses the same)."""
 
 
@@ -78,29 +78,19 @@ class CentralJob:
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
-def privacy_plan(config: RunConfig, budget_epsilon: float) -> PrivacyPlan:
-    """The utterance-level DP-SGD plan a client follows under ``config`` (as ``client.app``)."""
-    dp = config.dp
-    return PrivacyPlan(
-        clip_norm=dp.clip_norm, delta=dp.delta, budget_epsilon=budget_epsilon,
-        noise_multiplier=None if dp.target_epsilon > 0 else dp.noise_multiplier,
-        target_epsilon=dp.target_epsilon if dp.target_epsilon > 0 else None,
-    )
-
-
 def local_baseline(job: LocalJob) -> dict[str, Any]:
     """Train one client alone for ``rounds * local-steps`` steps; score it after each round's worth."""
     started = time.perf_counter()
     config = job.config
-    spec = subset_spec(config)
+    spec = config.subset_spec
     profile = select_profile(probe(), config.stage, config.model_config, spec,
                              ProfileOverrides.from_mapping(job.overrides), logical_batch=config.logical_batch)
     training = LocalTrainingSpec(
         stage=config.stage, model_config=config.model_config, subset=config.subset, lora_rank=config.lora_rank,
         lora_alpha=config.lora_alpha, steps=job.rounds * config.local_steps, logical_batch=config.logical_batch,
         learning_rate=config.learning_rate, checkpoint_every=config.local_steps, model_seed=config.model_seed,
-        pretrained=config.pretrained or None, validation_fraction=VALIDATION_FRACTION,
-        privacy=privacy_plan(config, config.client_budget_epsilon),
+        pretrained=config.pretrained or None, validation_fraction=HELD_OUT_FRACTION,
+        privacy=PrivacyPlan.for_run(config.dp, budget_epsilon=config.client_budget_epsilon),
     )
     # A counterfactual owner who trained only locally: its own fedvox home, so the clone is not
     # taken for a second ledger of the federated client's recordings.
@@ -125,12 +115,12 @@ def central_baseline(job: CentralJob) -> dict[str, Any]:
     started = time.perf_counter()
     config = job.config
     torch.manual_seed(job.seed)
-    union = ConcatDataset([datasets(config.stage, cache, VALIDATION_FRACTION)[0] for cache in job.caches])
+    union = ConcatDataset([datasets(config.stage, cache, HELD_OUT_FRACTION)[0] for cache in job.caches])
     overrides = ProfileOverrides.from_mapping({**job.overrides, "profile.precision": "fp32",
                                                "profile.threads": job.threads})
-    profile = select_profile(probe(), config.stage, config.model_config, subset_spec(config), overrides,
+    profile = select_profile(probe(), config.stage, config.model_config, config.subset_spec, overrides,
                              logical_batch=job.examples_per_step)
-    model = build_model(config.stage, config.model_config, subset_spec(config), seed=config.model_seed,
+    model = build_model(config.stage, config.model_config, config.subset_spec, seed=config.model_seed,
                         pretrained=config.pretrained or None)
     task = build_task(config.stage, model, union, profile)
     parts = task.parts()
@@ -165,4 +155,4 @@ def central_baseline(job: CentralJob) -> dict[str, Any]:
     return result
 
 
-__all__ = ["CENTRAL_STATE", "CentralJob", "LocalJob", "central_baseline", "local_baseline", "privacy_plan"]
+__all__ = ["CENTRAL_STATE", "CentralJob", "LocalJob", "central_baseline", "local_baseline"]

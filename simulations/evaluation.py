@@ -20,7 +20,7 @@ from fedvox.client.dp.task import Task
 from fedvox.client.stages import client_stage
 from fedvox.shared.models.config import s1_config
 from fedvox.shared.models.factory import build_model
-from fedvox.shared.models.subsets import SubsetSpec, load_trainable_state_dict
+from fedvox.shared.models.subsets import load_trainable_state_dict
 from fedvox.shared.runconfig import RunConfig
 from fedvox.shared.stages import recipe
 
@@ -35,17 +35,13 @@ def headline_loss(metrics: Mapping[str, float], stage: str) -> float:
     return metrics[recipe(stage).headline_metric]
 
 
-def subset_spec(config: RunConfig) -> SubsetSpec:
-    return SubsetSpec(kind=config.subset, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha)
-
-
 class Evaluator:
     """Scores trainable subsets of the run's model on held-out datasets (CPU, fp32)."""
 
     def __init__(self, config: RunConfig, heldout: Heldout) -> None:
         self.stage = config.stage
         self.heldout = heldout
-        model = build_model(config.stage, config.model_config, subset_spec(config), seed=config.model_seed,
+        model = build_model(config.stage, config.model_config, config.subset_spec, seed=config.model_seed,
                             pretrained=config.pretrained or None)
         first = next(d for sets in heldout.values() for d in sets.values())
         cpu = torch.device("cpu")
@@ -104,4 +100,4 @@ def mean_loss(losses: Mapping[str, float], speakers: list[str] | None = None) ->
     return sum(values) / len(values) if values else None
 
 
-__all__ = ["EVAL_BATCH", "Evaluator", "headline_loss", "mean_loss", "reference_losses", "subset_spec"]
+__all__ = ["EVAL_BATCH", "Evaluator", "headline_loss", "mean_loss", "reference_losses"]

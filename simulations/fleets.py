@@ -173,7 +173,7 @@ def plan_clients(
     ``workers`` ClientApps run at once on the host; each gets an equal share of its cores as
     torch threads (oversubscribed threads made a tiny-s1 DP step ten times slower here).
     """
-    subset = SubsetSpec(kind=config.subset, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha)
+    subset = config.subset_spec
     host_profile = select_profile(host, config.stage, config.model_config, subset, logical_batch=config.logical_batch)
     threads = max(1, host.physical_cores // max(workers, 1))
     planned: dict[str, VirtualClient] = {}

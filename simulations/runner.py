@@ -41,6 +41,7 @@ from typing import Any
 import psutil
 import torch
 
+from fedvox.client.data.split import HELD_OUT_FRACTION
 from fedvox.client.device import DeviceFacts, probe
 from fedvox.client.identity import client_identity
 from fedvox.client.owner import owner_budget
@@ -52,14 +53,7 @@ from fedvox.shared.models.config import s1_config
 from fedvox.shared.privacy.accounting import calibrate_noise_multiplier
 from fedvox.shared.privacy.ledger import Ledger
 from fedvox.shared.runconfig import RunConfig
-from fedvox.simulations.baselines import (
-    CENTRAL_STATE,
-    VALIDATION_FRACTION,
-    CentralJob,
-    LocalJob,
-    central_baseline,
-    local_baseline,
-)
+from fedvox.simulations.baselines import CENTRAL_STATE, CentralJob, LocalJob, central_baseline, local_baseline
 from fedvox.simulations.evaluation import Evaluator, reference_losses
 from fedvox.simulations.features import SpeakerData, clone_cache, heldout_by_speaker, prepare_speakers, read_manifest
 from fedvox.simulations.fleets import VirtualClient, load_fleet, plan_clients
@@ -223,7 +217,7 @@ def calibrate(
     or below the target (identical to what each computes for itself when their data are equal).
     """
     started = time.perf_counter()
-    smallest = min(len(datasets(config.stage, cache, VALIDATION_FRACTION)[0]) for cache in caches)
+    smallest = min(len(datasets(config.stage, cache, HELD_OUT_FRACTION)[0]) for cache in caches)
     sample_rate = config.dp.sample_rate if keep_sample_rate else min(1.0, config.logical_batch / max(smallest, 1))
     config = config.with_overrides({"dp.sample-rate": sample_rate})
     if config.dp.target_epsilon <= 0:
@@ -295,7 +289,7 @@ def run_one(spec: RunSpec, data: SpeakerData, folder: Path, host: Host) -> None:
                        "unseen": heldout_by_speaker(config.stage, data.unseen)}
             evaluation = {"global": _timed(timings, "evaluation", lambda: score_rounds(config, folder, heldout)),
                           "references": reference_losses(
-                              config, [datasets(config.stage, cache, VALIDATION_FRACTION)[0]
+                              config, [datasets(config.stage, cache, HELD_OUT_FRACTION)[0]
                                        for cache in data.client_caches], heldout)}
             started = time.perf_counter()
             evaluation |= pending.result()

@@ -24,7 +24,6 @@ from fedvox.shared.models.subsets import load_trainable_state_dict
 from fedvox.shared.runconfig import RunConfig
 from fedvox.shared.semantic import tokenizer_spec
 from fedvox.shared.stages import STAGES, recipe
-from fedvox.simulations.evaluation import subset_spec
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +48,10 @@ def partner_stage(config: RunConfig) -> str:
 
 def build_voice(config: RunConfig, state: Mapping[str, torch.Tensor]) -> Voice:
     """Both stages: the run's trained stage with trainable subset ``state``, its partner fresh."""
-    trained = build_model(config.stage, config.model_config, subset_spec(config), seed=config.model_seed)
+    trained = build_model(config.stage, config.model_config, config.subset_spec, seed=config.model_seed)
     load_trainable_state_dict(trained, state)
     other = partner_stage(config)
-    fresh = build_model(other, config.model_config, subset_spec(config), seed=config.model_seed)
+    fresh = build_model(other, config.model_config, config.subset_spec, seed=config.model_seed)
     models = {config.stage: trained, other: fresh}
     return Voice(**{stage: recipe(stage).voice_model(model).eval() for stage, model in models.items()})
 

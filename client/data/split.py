@@ -9,8 +9,12 @@ from fedvox.client.data.cache import CachedItem
 from fedvox.shared.errors import ConfigError
 
 
+HELD_OUT_FRACTION = 0.1
+"""Share of a client's utterances held out for validation (never trained on), wherever it trains."""
+
+
 def holdout_split(
-    items: Sequence[CachedItem], fraction: float = 0.1, seed: int = 0
+    items: Sequence[CachedItem], fraction: float = HELD_OUT_FRACTION, seed: int = 0
 ) -> tuple[list[CachedItem], list[CachedItem]]:
     """Split ``items`` into ``(train, validation)``, disjoint, both in their original order.
 

@@ -41,6 +41,7 @@ from fedvox.shared.privacy.accounting import DEFAULT_ACCOUNTANT, Mechanism, cali
 from fedvox.shared.privacy.budget import Budget
 from fedvox.shared.privacy.ledger import Component, Ledger, LedgerRow, Release
 from fedvox.shared.privacy.noise import SecureGaussian
+from fedvox.shared.runconfig import UtteranceDP
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,18 @@ class PrivacyPlan:
     noise_multiplier: float | None = 1.0
     target_epsilon: float | None = None  # when set, the noise is calibrated to reach it
     accountant: str = DEFAULT_ACCOUNTANT
+
+    @classmethod
+    def for_run(cls, dp: UtteranceDP, *, budget_epsilon: float, delta: float | None = None) -> PrivacyPlan:
+        """The plan a client follows under a run's ``dp`` settings and a budget (a device's owner
+        also sets the delta): a target epsilon (> 0) calibrates the noise, otherwise the noise
+        multiplier is used as given."""
+        calibrated = dp.target_epsilon > 0
+        return cls(
+            clip_norm=dp.clip_norm, delta=dp.delta if delta is None else delta, budget_epsilon=budget_epsilon,
+            noise_multiplier=None if calibrated else dp.noise_multiplier,
+            target_epsilon=dp.target_epsilon if calibrated else None,
+        )
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):

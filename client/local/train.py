@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from fedvox.client.data.split import HELD_OUT_FRACTION
 from fedvox.client.dp import PrivacyPlan, RoundPlan, Trainer
 from fedvox.client.dp.monitor import TrainingMonitor
 from fedvox.client.identity import bind_ledger
@@ -59,7 +60,7 @@ class LocalTrainingSpec:
     checkpoint_every: int = 20
     model_seed: int = 0
     pretrained: str | None = None
-    validation_fraction: float = 0.1
+    validation_fraction: float = HELD_OUT_FRACTION
     privacy: PrivacyPlan = field(default_factory=PrivacyPlan)
 
     def __post_init__(self) -> None:
