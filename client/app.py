@@ -24,7 +24,7 @@ The device decides what leaves it (docs/privacy.md, "What a device releases"):
 A node that cannot or will not do what is asked replies ``refused`` with a reason (``budget``,
 ``data``, ``model``, ``device``, ``policy``) instead of crashing, and nothing is trained or charged.
 
-Where a node's things are (:class:`Node`):
+Where a node's things are (:class:`NodeSetup`):
 
 ============== ================================================= ==============================
                deployment (``flower-supernode --node-config``)    simulation
@@ -103,7 +103,7 @@ class Refusal(Exception):
 
 
 @dataclass(frozen=True)
-class Node:
+class NodeSetup:
     """Where this node keeps its data and ledger, who it is, what its owner set (module docstring)."""
 
     client_id: str
@@ -115,7 +115,7 @@ class Node:
     signing_key: Path  # signs the ledger head in every reply (shared.privacy.ledger_head)
 
     @classmethod
-    def from_context(cls, context: Context, config: RunConfig) -> Node:
+    def from_context(cls, context: Context, config: RunConfig) -> NodeSetup:
         node_config = context.node_config
         if "data-path" in node_config:
             data = Path(str(node_config["data-path"])).expanduser()
@@ -149,13 +149,13 @@ class Node:
         return cls(client_id, data, ledger, budget, overrides, str(node_config.get("pretrained", "")), signing_key)
 
 
-class Session:
+class PlanSession:
     """This node set up for one plan: its data split, owner budget, device profile, model and DP trainer.
 
     ``seeds`` are the release's seeds and secure noise key (:meth:`ReleaseBook.seeds`).
     """
 
-    def __init__(self, node: Node, plan: Plan, seeds: ReleaseSeeds | None = None) -> None:
+    def __init__(self, node: NodeSetup, plan: Plan, seeds: ReleaseSeeds | None = None) -> None:
         config = plan.config
         self.node, self.plan = node, plan
         try:
@@ -179,7 +179,7 @@ class Session:
             self.ledger.close()
             raise
 
-    def _build(self, node: Node, plan: Plan, seeds: ReleaseSeeds | None) -> None:
+    def _build(self, node: NodeSetup, plan: Plan, seeds: ReleaseSeeds | None) -> None:
         config = plan.config
         spec = config.subset_spec
         try:
@@ -254,7 +254,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    def run(session: Session, entry: Entry | None) -> RecordDict:
+    def run(session: PlanSession, entry: Entry | None) -> RecordDict:
         session.load_global(msg)
         status = session.status()
         if not status.can_afford_round():
@@ -279,7 +279,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    def run(session: Session, entry: Entry | None) -> RecordDict:
+    def run(session: PlanSession, entry: Entry | None) -> RecordDict:
         config = session.plan.config
         if not config.evaluate:
             raise Refusal("policy", "the plan does not ask for evaluation (evaluate = false)")
@@ -313,7 +313,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _handle(
     msg: Message,
     context: Context,
-    run: Callable[[Session, Entry | None], RecordDict],
+    run: Callable[[PlanSession, Entry | None], RecordDict],
     release: str | None = None,
 ) -> Message:
     """Set up a session for the message's plan, run ``run`` on it, turn refusals into replies.
@@ -326,7 +326,7 @@ def _handle(
     client_id = f"node-{context.node_id}"  # until the data folder's identity is known
     try:
         plan = Plan.from_record(msg.content.config_records[CONFIG])
-        node = Node.from_context(context, plan.config)
+        node = NodeSetup.from_context(context, plan.config)
         client_id = node.client_id
         if release is None:
             return Message(_answer(node, plan, run, None), reply_to=msg)
@@ -359,16 +359,16 @@ def _handle(
 
 
 def _answer(
-    node: Node,
+    node: NodeSetup,
     plan: Plan,
-    run: Callable[[Session, Entry | None], RecordDict],
+    run: Callable[[PlanSession, Entry | None], RecordDict],
     entry: Entry | None,
     seeds: ReleaseSeeds | None = None,
 ) -> RecordDict:
     """``run`` on a session of ``plan``; a refusal inside it carries the session's status. Either
     carries the ledger's head as it stands after this answer, signed by the device (a stored
     answer keeps its signature: the same bytes)."""
-    session = Session(node, plan, seeds)
+    session = PlanSession(node, plan, seeds)
     try:
         try:
             content = run(session, entry)
@@ -391,4 +391,4 @@ def _content(status: ClientStatus, **records: object) -> RecordDict:
     return content
 
 
-__all__ = ["MAX_EVALUATIONS_PER_ROUND", "Node", "Refusal", "Session", "app"]
+__all__ = ["MAX_EVALUATIONS_PER_ROUND", "NodeSetup", "Refusal", "PlanSession", "app"]

@@ -30,7 +30,7 @@ import torch
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg
 
-from fedvox.server.speaker_dp import Release, clip_factors, noised_mean
+from fedvox.server.speaker_dp import SpeakerRelease, clip_factors, noised_mean
 from fedvox.shared.errors import ConfigError
 from fedvox.shared.protocol import ARRAYS, METRICS, ClientStatus
 from fedvox.shared.runconfig import AGGREGATIONS, RunConfig
@@ -108,7 +108,7 @@ class Aggregate:
     """The next global trainable subset (fp32) and, under speaker-level DP, how it was released."""
 
     state: dict[str, torch.Tensor]
-    release: Release | None = None
+    release: SpeakerRelease | None = None
 
 
 class Aggregator(ABC):

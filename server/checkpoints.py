@@ -15,7 +15,7 @@ The best round compares like with like. Only a round that aggregated (its model 
 candidate, and validation losses are compared only between rounds that the same devices
 evaluated (``val-clients``): a loss over one device's examples says nothing against a loss over
 seven. When the evaluators change, comparison starts again from that round. Without any
-comparable loss, the export takes the newest aggregated round (:meth:`CheckpointStore.export_choice`).
+comparable loss, the export takes the newest aggregated round (:meth:`RoundCheckpoints.export_choice`).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Checkpoint:
     meta: dict[str, Any]
 
 
-class CheckpointStore:
+class RoundCheckpoints:
     """Per-round global checkpoints in ``folder`` (see the module docstring)."""
 
     def __init__(self, folder: str | Path, keep: int) -> None:
@@ -205,4 +205,4 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["Checkpoint", "CheckpointStore"]
+__all__ = ["Checkpoint", "RoundCheckpoints"]

@@ -124,9 +124,8 @@ def register(
     name: str | None = typer.Option(None, "--name", help="A name for the device (default: from its key's fingerprint)."),
 ) -> None:
     """Authorise a device's key: now if the server runs, else when it starts."""
-    from fedvox.server.deploy.home import ServerHome
-
     from fedvox.server.deploy.devices import register_key
+    from fedvox.server.deploy.home import ServerHome
 
     server_home = ServerHome(home).require()
     control = _control(server_home)
@@ -229,7 +228,7 @@ def export(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
 ) -> None:
     """Write a committed round's global model, LoRA merged, in GPT-SoVITS's and/or fedvox's format."""
-    from fedvox.server.checkpoints import CheckpointStore
+    from fedvox.server.checkpoints import RoundCheckpoints
     from fedvox.server.model import build_global_model, export_model
     from fedvox.shared.errors import CheckpointError, ConfigError
     from fedvox.shared.models.factory import export_fedvox, export_gpt_sovits
@@ -240,7 +239,7 @@ def export(
     if format_ not in (None, *FORMATS):
         raise ConfigError(f"--format {format_!r}: choose {' or '.join(FORMATS)}")
     run_dir = run_directory(directory)
-    store = CheckpointStore(run_dir / "checkpoints", keep=1)
+    store = RoundCheckpoints(run_dir / "checkpoints", keep=1)
     if round_ is None:
         chosen, why = store.export_choice()
     else:
@@ -281,11 +280,11 @@ def run_directory(directory: Path) -> Path:
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
     """Committed rounds, the newest round's metrics, the best round and speaker epsilons."""
-    from fedvox.server.checkpoints import CheckpointStore
+    from fedvox.server.checkpoints import RoundCheckpoints
     from fedvox.shared.errors import CheckpointError
     from fedvox.shared.privacy.ledger import LEDGER_FILENAME, read_rows
 
-    store = CheckpointStore(run_dir / "checkpoints", keep=1)
+    store = RoundCheckpoints(run_dir / "checkpoints", keep=1)
     rounds = store.rounds()
     if not rounds:
         raise CheckpointError(f"{run_dir} holds no committed round (no checkpoints/round-*.json)")
@@ -307,12 +306,12 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
 
 def full_status(directory: Path) -> dict[str, Any]:
     """What ``status`` shows: the run's summary, plus the server's state for a server home."""
-    from fedvox.server.checkpoints import CheckpointStore
+    from fedvox.server.checkpoints import RoundCheckpoints
     from fedvox.server.deploy.devices import Registry
     from fedvox.server.deploy.home import ServerHome
 
     run_dir = run_directory(directory)
-    if CheckpointStore(run_dir / "checkpoints", keep=1).rounds():
+    if RoundCheckpoints(run_dir / "checkpoints", keep=1).rounds():
         summary = run_summary(run_dir)
     else:
         summary = {"latest": None, "speakers": {}}

@@ -44,7 +44,7 @@ import torch
 from flwr.serverapp import Grid
 
 from fedvox.server.aggregators import build_aggregator
-from fedvox.server.checkpoints import Checkpoint, CheckpointStore
+from fedvox.server.checkpoints import Checkpoint, RoundCheckpoints
 from fedvox.server.metrics import RoundLog
 from fedvox.server.speaker_accounting import SpeakerAccounting
 from fedvox.server.strategy import FedvoxStrategy, RoundRecord
@@ -88,7 +88,7 @@ class FederatedRun:
         self.base = dict(base or {})
         self.seed = secrets.randbits(63) if seed is None else seed
         self.run_dir = run_directory(config)
-        self.store = CheckpointStore(self.run_dir / "checkpoints", config.keep_checkpoints)
+        self.store = RoundCheckpoints(self.run_dir / "checkpoints", config.keep_checkpoints)
         self.attempt = uuid.uuid4().hex
         self.completed = -1  # last committed round; -1 before the initial checkpoint
         self.strategy: FedvoxStrategy | None = None

@@ -24,7 +24,7 @@ import torch
 
 
 @dataclass(frozen=True)
-class Release:
+class SpeakerRelease:
     """One noised aggregate and how it was made (for metrics and the ledger)."""
 
     mean_update: dict[str, torch.Tensor]
@@ -48,7 +48,7 @@ def noised_mean(
     noise_multiplier: float,
     expected_clients: float,
     generator: torch.Generator,
-) -> Release:
+) -> SpeakerRelease:
     """The DP-FedAvg release: ``(sum_i clip(delta_i) + N(0, (z*S)^2 I)) / D``.
 
     ``clipped_sum`` is the sum of the clipped updates (fp32; zeros when nobody took part, so the
@@ -60,7 +60,7 @@ def noised_mean(
         name: clipped_sum[name] / denominator + std * torch.randn(clipped_sum[name].shape, generator=generator)
         for name in sorted(clipped_sum)
     }
-    return Release(mean, participants, clipped, denominator, std)
+    return SpeakerRelease(mean, participants, clipped, denominator, std)
 
 
-__all__ = ["Release", "clip_factors", "noised_mean"]
+__all__ = ["SpeakerRelease", "clip_factors", "noised_mean"]

@@ -46,7 +46,7 @@ from fedvox.server.aggregators import WEIGHT_KEY, Accepted, Aggregator, RoundUpd
 from fedvox.server.ledger_heads import read_head
 from fedvox.server.selection import ClientBook, Selection, poisson_rate, select_clients
 from fedvox.server.speaker_accounting import SpeakerAccounting
-from fedvox.server.speaker_dp import Release
+from fedvox.server.speaker_dp import SpeakerRelease
 from fedvox.shared.errors import ConfigError, FederationError, ProtocolError, UpdateRejected
 from fedvox.shared.protocol import (
     ARRAYS,
@@ -89,7 +89,7 @@ class RoundRecord:
     """Client ids whose validation replies make up ``evaluate`` (best-round selection compares
     only rounds with the same evaluators, :mod:`server.checkpoints`)."""
     utterance_epsilons: list[float] = field(default_factory=list)
-    release: Release | None = None
+    release: SpeakerRelease | None = None
     aggregated: bool = False
     outcome: ArrayRecord | None = None
     """The global trainable subset after the round (fp32), set when the round's training is done."""

@@ -310,9 +310,9 @@ def run_one(spec: RunSpec, data: SpeakerData, folder: Path, host: Host) -> None:
 
 def federate(config: RunConfig, fleet, clients: list[VirtualClient], seed: int, folder: Path, host: Host) -> int:
     """Run the federation through Flower's simulation engine; returns the last committed round."""
-    from fedvox.server.checkpoints import CheckpointStore
+    from fedvox.server.checkpoints import RoundCheckpoints
 
-    store = CheckpointStore(Path(config.checkpoint_dir) / "checkpoints", config.keep_checkpoints)
+    store = RoundCheckpoints(Path(config.checkpoint_dir) / "checkpoints", config.keep_checkpoints)
     latest = store.latest()
     if latest is not None and latest.round >= config.num_server_rounds:
         log.info("the federation in %s finished earlier (round %d)", config.checkpoint_dir, latest.round)
@@ -381,9 +381,9 @@ class _NoDeprecationNotice(logging.Filter):
 
 def score_rounds(config: RunConfig, folder: Path, heldout) -> dict[int, Any]:
     """Seen and unseen losses of every committed global model (round 0: the initial one)."""
-    from fedvox.server.checkpoints import CheckpointStore
+    from fedvox.server.checkpoints import RoundCheckpoints
 
-    store = CheckpointStore(folder / "server" / "checkpoints", config.keep_checkpoints)
+    store = RoundCheckpoints(folder / "server" / "checkpoints", config.keep_checkpoints)
     evaluator = Evaluator(config, heldout)
     rounds = store.rounds()
     scores = {}
@@ -447,7 +447,7 @@ def speech_quality(spec: RunSpec, config: RunConfig, data: SpeakerData, folder: 
     each local-only baseline on its own speaker, and the centralised baseline; the recordings
     are the ceiling. Clients and unseen speakers alike (the item says which).
     """
-    from fedvox.server.checkpoints import CheckpointStore
+    from fedvox.server.checkpoints import RoundCheckpoints
     from fedvox.simulations.quality.compare import Contender, evaluate_speech
     from fedvox.simulations.quality.scoring import test_items
 
@@ -456,7 +456,7 @@ def speech_quality(spec: RunSpec, config: RunConfig, data: SpeakerData, folder: 
     unseen = [s["name"] for s in manifest["speakers"] if s["role"] != "client"]
     items = [item for name in [*data.clients, *unseen]
              for item in test_items(name, folders[name], spec.quality_sentences)]
-    store = CheckpointStore(folder / "server" / "checkpoints", config.keep_checkpoints)
+    store = RoundCheckpoints(folder / "server" / "checkpoints", config.keep_checkpoints)
     contenders = [Contender("base", store.load(0).state), Contender("federated", store.load(final_round).state)]
     for entry in evaluation.get("local") or []:
         step = spec.rounds * config.local_steps
@@ -475,7 +475,7 @@ def speech_quality(spec: RunSpec, config: RunConfig, data: SpeakerData, folder: 
 
 def sample(config: RunConfig, folder: Path, data: SpeakerData, final_round: int) -> None:
     """Synthesise a held-out sentence of the first client in its own voice with the final model."""
-    from fedvox.server.checkpoints import CheckpointStore
+    from fedvox.server.checkpoints import RoundCheckpoints
     from fedvox.shared.audio import read_audio
     from fedvox.simulations.quality.activity import check_speech
     from fedvox.simulations.sample import synthesise_sample
@@ -489,7 +489,7 @@ def sample(config: RunConfig, folder: Path, data: SpeakerData, final_round: int)
         return
     reference, _, language, reference_text = lines[0]
     text = lines[1][3] if len(lines) > 1 else reference_text
-    store = CheckpointStore(folder / "server" / "checkpoints", config.keep_checkpoints)
+    store = RoundCheckpoints(folder / "server" / "checkpoints", config.keep_checkpoints)
     result = synthesise_sample(config, store.load(final_round).state, folder_of / reference, reference_text, text,
                                language, folder / "sample")
     base = synthesise_sample(config, store.load(0).state, folder_of / reference, reference_text, text, language,

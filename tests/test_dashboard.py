@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from starlette.testclient import TestClient
 
-from fedvox.server.checkpoints import CheckpointStore
+from fedvox.server.checkpoints import RoundCheckpoints
 from fedvox.server.dashboard import serve_dashboard
 from fedvox.server.dashboard.view import open_source, rounds_left, snapshot
 from fedvox.server.dashboard.web import COOKIE, credential, dashboard_app
@@ -74,7 +74,7 @@ def test_the_snapshot_holds_the_runs_numbers(home):
     assert devices["alice"]["rounds-left"] >= 1 and data["speakers"]["count"] == 2
     released = {key for r in rows for key in r if key.endswith("-loss")}  # what the privacy policy lets out
     assert data["losses"] == {key: [[r["round"], r[key]] for r in rows if key in r] for key in released}
-    chosen, why = CheckpointStore(home.run_dir / "checkpoints", keep=1).export_choice()
+    chosen, why = RoundCheckpoints(home.run_dir / "checkpoints", keep=1).export_choice()
     assert data["export"] == {"round": chosen, "why": why}
     assert [w["attempts"] for w in data["waiting"]] == [1]
 

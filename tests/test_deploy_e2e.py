@@ -14,28 +14,39 @@ import time
 import numpy as np
 import psutil
 import pytest
-from typer.testing import CliRunner
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.proto.fleet_pb2 import PushMessagesRequest  # pylint: disable=E0611
 from flwr.proto.message_pb2 import PullObjectRequest, PullObjectResponse, PushObjectRequest  # pylint: disable=E0611
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+from typer.testing import CliRunner
 
 from fedvox.client.data.cache import FeatureCache
 from fedvox.client.enroll import DeviceHome, device_key
 from fedvox.client.identity import client_identity
-from fedvox.server.checkpoints import CheckpointStore
+from fedvox.server.checkpoints import RoundCheckpoints
 from fedvox.server.cli import app as server_cli
 from fedvox.server.model import initial_subset
 from fedvox.shared.device_keys import fingerprint, parse_public_key
 from fedvox.shared.privacy.audit import audit_ledger
 from fedvox.shared.privacy.ledger import Ledger
 from fedvox.shared.privacy.ledger_head import LEDGER_HEAD, SignedHead, recorded_heads
-from fedvox.shared.protocol import ClientStatus
 from fedvox.shared.processes import flower_command, flower_env, free_port
+from fedvox.shared.protocol import ClientStatus
 from tests.data_fixtures import GOOD
 from tests.deploy_kit import (
-    BIN, ENV, enroll, kill_tree, register, server_home, spawn, start_server, start_tap, stop, sweep, throw_garbage,
+    BIN,
+    ENV,
+    enroll,
+    kill_tree,
+    register,
+    server_home,
+    spawn,
+    start_server,
+    start_tap,
+    stop,
+    sweep,
+    throw_garbage,
     wait_for,
 )
 from tests.prepared import prepared_cache
@@ -254,7 +265,7 @@ def test_a_killed_device_rejoins_and_a_killed_server_resumes_without_counting_an
     assert [r["round"] for r in rounds] == [1, 2]  # round 2 was redone after the restart, and logged once
     assert rounds[0]["participants"] == 1 and rounds[0]["rejects"] == {"error": 1}  # alice's lost reply
     assert rounds[1]["participants"] == 2  # alice rejoined
-    store = CheckpointStore(home.run_dir / "checkpoints", keep=3)
+    store = RoundCheckpoints(home.run_dir / "checkpoints", keep=3)
     assert store.rounds() == [0, 1, 2] and store.load(2).meta["run-id"] == store.load(1).meta["run-id"]
     log = (home.logs / "server.log").read_text()
     assert "resuming" in log and "left running by a previous server" in log

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from fedvox.server.checkpoints import CheckpointStore
+from fedvox.server.checkpoints import RoundCheckpoints
 from fedvox.server.metrics import RoundLog
 from fedvox.shared.errors import CheckpointError
 
@@ -18,7 +18,7 @@ EVALUATORS = ["client-a", "client-b"]
 
 
 def _save(
-    store: CheckpointStore, server_round: int, val_loss: float | None, *, aggregated: bool = True,
+    store: RoundCheckpoints, server_round: int, val_loss: float | None, *, aggregated: bool = True,
     evaluators: list[str] = EVALUATORS,
 ) -> None:
     metrics = {} if val_loss is None else {"val-loss": val_loss, "aggregated": aggregated, "val-clients": evaluators}
@@ -26,7 +26,7 @@ def _save(
 
 
 def test_the_last_k_rounds_and_the_best_by_validation_loss_are_kept(tmp_path):
-    store = CheckpointStore(tmp_path, keep=2)
+    store = RoundCheckpoints(tmp_path, keep=2)
     for server_round, loss in [(0, None), (1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5), (5, 2.2)]:
         _save(store, server_round, loss)
 
@@ -42,7 +42,7 @@ def test_the_last_k_rounds_and_the_best_by_validation_loss_are_kept(tmp_path):
 
 
 def test_the_best_round_aggregated_and_is_compared_only_with_rounds_the_same_devices_evaluated(tmp_path):
-    store = CheckpointStore(tmp_path, keep=20)
+    store = RoundCheckpoints(tmp_path, keep=20)
     _save(store, 0, None)
     _save(store, 1, 3.0)
     _save(store, 2, 2.5)
@@ -61,7 +61,7 @@ def test_the_best_round_aggregated_and_is_compared_only_with_rounds_the_same_dev
 
 
 def test_without_a_comparable_loss_the_newest_aggregated_round_is_exported(tmp_path):
-    store = CheckpointStore(tmp_path, keep=5)
+    store = RoundCheckpoints(tmp_path, keep=5)
     _save(store, 0, None)
     store.save(1, _state(1), {"metrics": {"aggregated": True}})
     store.save(2, _state(2), {"metrics": {"aggregated": False}})
@@ -70,7 +70,7 @@ def test_without_a_comparable_loss_the_newest_aggregated_round_is_exported(tmp_p
 
 
 def test_tensors_without_their_json_are_not_a_committed_round(tmp_path):
-    store = CheckpointStore(tmp_path, keep=3)
+    store = RoundCheckpoints(tmp_path, keep=3)
     _save(store, 1, 1.0)
     _save(store, 2, 1.0)
     store.meta_path(2).unlink()  # a crash between the tensors and the commit mark
@@ -80,7 +80,7 @@ def test_tensors_without_their_json_are_not_a_committed_round(tmp_path):
 
 
 def test_a_changed_tensor_file_is_refused_with_the_round_named(tmp_path):
-    store = CheckpointStore(tmp_path, keep=3)
+    store = RoundCheckpoints(tmp_path, keep=3)
     _save(store, 1, 1.0)
     path = store.tensors_path(1)
     path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")

@@ -5,7 +5,7 @@ import json
 import torch
 from typer.testing import CliRunner
 
-from fedvox.server.checkpoints import CheckpointStore
+from fedvox.server.checkpoints import RoundCheckpoints
 from fedvox.server.cli import app
 from fedvox.server.deploy.home import init_home, write_run_config
 from fedvox.server.model import initial_subset
@@ -35,7 +35,7 @@ def test_status_reports_the_newest_round_and_every_speakers_epsilon(tmp_path):
 
 def test_export_writes_the_chosen_round_as_a_gpt_sovits_checkpoint(tmp_path):
     config = RunConfig()
-    store = CheckpointStore(tmp_path / "checkpoints", keep=3)
+    store = RoundCheckpoints(tmp_path / "checkpoints", keep=3)
     store.save(1, initial_subset(config), {"run-config": config.to_flat(), "metrics": {"val-loss": 1.0}})
 
     result = runner.invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "out")])
@@ -47,7 +47,7 @@ def test_export_writes_the_chosen_round_as_a_gpt_sovits_checkpoint(tmp_path):
 def test_status_of_a_resumed_home_counts_toward_the_raised_round_target(tmp_path):
     home = init_home(tmp_path / "home", ["localhost"])
     eight = RunConfig().with_overrides({"num-server-rounds": 8, "checkpoint-dir": str(home.run_dir)})
-    store = CheckpointStore(home.run_dir / "checkpoints", keep=3)
+    store = RoundCheckpoints(home.run_dir / "checkpoints", keep=3)
     store.save(8, {"w": torch.zeros(2)}, {"run-id": "r", "run-config": eight.to_flat(), "metrics": {"aggregated": True}})
     write_run_config(home, eight.with_overrides({"num-server-rounds": 11}))  # then `start --resume`
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedvox.server.checkpoints import CheckpointStore
+from fedvox.server.checkpoints import RoundCheckpoints
 from fedvox.server.run import FederatedRun
 from fedvox.shared.privacy.ledger import Ledger
 from tests.federation_kit import LocalGrid, initial_state, kill_test_config, make_client_app
@@ -65,7 +65,7 @@ def test_a_killed_server_resumes_without_aggregating_or_charging_anything_twice(
     # Every round aggregated and logged exactly once, and the model is the uninterrupted one.
     rounds = [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3, 4]
-    uninterrupted, resumed = reference.store.latest(), CheckpointStore(run_dir / "checkpoints", 2).latest()
+    uninterrupted, resumed = reference.store.latest(), RoundCheckpoints(run_dir / "checkpoints", 2).latest()
     assert uninterrupted.round == resumed.round == ROUNDS
     for name, value in uninterrupted.state.items():
         assert torch.equal(resumed.state[name], value), name

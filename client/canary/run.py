@@ -49,7 +49,7 @@ NO_POWER = "no_power"
 
 
 @dataclass(frozen=True)
-class Finding:
+class CanaryFinding:
     """Something that fails the audit."""
 
     kind: str
@@ -86,7 +86,7 @@ class CanaryAudit:
     epsilon_pld: float
     """dp-accounting's PLD on the same mechanism, an independent recomputation."""
     results: list[CanaryResult]
-    findings: list[Finding] = field(default_factory=list)
+    findings: list[CanaryFinding] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -286,12 +286,12 @@ POWER_FRACTION = 0.5
 """Without noise the white-box audit must reach at least this share of what its canaries can show."""
 
 
-def _findings(audit: CanaryAudit) -> list[Finding]:
+def _findings(audit: CanaryAudit) -> list[CanaryFinding]:
     findings = []
     if audit.spec.noise_multiplier > 0:
         for result in audit.results:
             if result.bound.epsilon > audit.theoretical_epsilon:
-                findings.append(Finding(VIOLATION, (
+                findings.append(CanaryFinding(VIOLATION, (
                     f"{result.kind} canaries show epsilon >= {result.bound.epsilon:.3f} at "
                     f"{100 * result.bound.confidence:g}% confidence, above the accountant's "
                     f"{audit.theoretical_epsilon:.3f}: the training is less private than accounted "
@@ -304,7 +304,7 @@ def _findings(audit: CanaryAudit) -> list[Finding]:
     if white is not None and white.bound.epsilon < POWER_FRACTION * white.bound.cap:
         spec = audit.spec
         seen = 1 - (1 - spec.sample_rate) ** spec.steps
-        findings.append(Finding(NO_POWER, (
+        findings.append(CanaryFinding(NO_POWER, (
             f"without noise the white-box canaries show only epsilon >= {white.bound.epsilon:.3f} "
             f"(these canaries can show up to {white.bound.cap:.3f}): injected gradients do not reach "
             f"the released update, or too few steps sample them (an IN canary is sampled at least "

@@ -43,7 +43,7 @@ OPTIONAL_TENSORS = frozenset({"bert", "sv"})
 
 
 @dataclass(frozen=True)
-class Settings:
+class FeatureSettings:
     """Everything besides the recording and its transcript that decides an item's features."""
 
     tokenizer: str
@@ -73,11 +73,11 @@ class CachedItem:
 
 @dataclass(frozen=True)
 class CacheIndex:
-    settings: Settings
+    settings: FeatureSettings
     items: tuple[CachedItem, ...]
 
 
-def item_id(audio_sha256: str, language: str, text: str, settings: Settings) -> str:
+def item_id(audio_sha256: str, language: str, text: str, settings: FeatureSettings) -> str:
     """The cache key of an utterance under ``settings``."""
     payload = json.dumps([audio_sha256, language, text, settings.identity()], ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
@@ -135,7 +135,7 @@ class FeatureCache:
 
     # ------------------------------------------------------------ index
 
-    def write_index(self, settings: Settings, items: Sequence[CachedItem]) -> None:
+    def write_index(self, settings: FeatureSettings, items: Sequence[CachedItem]) -> None:
         index = {"settings": asdict(settings), "items": [asdict(item) for item in items]}
         atomic_write_text(self.index_path, json.dumps(index, indent=1, ensure_ascii=False) + "\n")
 
@@ -143,7 +143,7 @@ class FeatureCache:
         """The prepared utterances; raises :class:`DataError` if ``prepare`` has not completed here."""
         try:
             raw = json.loads(self.index_path.read_text(encoding="utf-8"))
-            settings = Settings(**raw["settings"])
+            settings = FeatureSettings(**raw["settings"])
             items = tuple(CachedItem(**item) for item in raw["items"])
         except FileNotFoundError:
             raise DataError(

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from fedvox.client.data.cache import CachedItem, FeatureCache, Settings, item_id
+from fedvox.client.data.cache import CachedItem, FeatureCache, FeatureSettings, item_id
 from fedvox.client.data.checks import AudioLimits, check_audio
 from fedvox.client.data.extractors import ExtractorSpecs
 from fedvox.client.data.features import SAMPLES_PER_TOKEN, Features, to_pcm16
@@ -87,7 +87,7 @@ def import_experiment(
     names = [Path(e.audio_path.replace("\\", "/")).name for e in entries if isinstance(e, Entry)]
     has_bert = any((folder / "3-bert" / f"{name}.pt").is_file() for name in names)
     has_sv = any((folder / "7-sv_cn" / f"{name}.pt").is_file() for name in names)
-    settings = Settings(
+    settings = FeatureSettings(
         tokenizer=tokenizer.name, symbols_version=symbols_version,
         bert=IMPORTED_BERT if has_bert else "", sv=IMPORTED_SV if has_sv else "",
     )
@@ -136,7 +136,7 @@ def import_experiment(
 
 def _import_one(
     entry: Entry, name: str, folder: Path, texts: dict[str, _Text], codes: dict[str, list[int]],
-    s2: torch.nn.Module, known_phones: dict[str, int], settings: Settings, limits: AudioLimits,
+    s2: torch.nn.Module, known_phones: dict[str, int], settings: FeatureSettings, limits: AudioLimits,
     cache: FeatureCache,
 ) -> CachedItem:
     where = f"line {entry.line}: {name}"

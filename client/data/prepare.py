@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fedvox.client.data.cache import CachedItem, FeatureCache, Settings, item_id
+from fedvox.client.data.cache import CachedItem, FeatureCache, FeatureSettings, item_id
 from fedvox.client.data.checks import AudioLimits, check_audio
 from fedvox.client.data.extractors import Extractors, ExtractorSpecs
 from fedvox.client.data.features import featurize
@@ -87,7 +87,7 @@ def prepare(
     root = Path(data_root) if data_root is not None else list_file.parent
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder; pass an existing --data-root")
-    settings = Settings(tokenizer=tokenizer.name, symbols_version=symbols_version, **extractors.names())
+    settings = FeatureSettings(tokenizer=tokenizer.name, symbols_version=symbols_version, **extractors.names())
     cache = FeatureCache(out)
 
     with cache.lock(), progress() as bar:
@@ -121,7 +121,7 @@ def prepare(
 
 def _plan(
     entries: Sequence[Entry | Rejection], list_dir: Path, root: Path, cache: FeatureCache,
-    settings: Settings, advance: Callable[[], object], slicing: bool = False,
+    settings: FeatureSettings, advance: Callable[[], object], slicing: bool = False,
 ) -> tuple[list[CachedItem], list[Job], list[Rejection]]:
     """Resolve, hash and de-duplicate every entry; split into cached items and jobs."""
     cached: list[CachedItem] = []
@@ -191,7 +191,7 @@ def _cached_item(entry: Entry, item: str, duration_s: float, lengths: dict[str, 
 class _Worker:
     tokenizer: SemanticTokenizer
     cache: FeatureCache
-    settings: Settings
+    settings: FeatureSettings
     limits: AudioLimits
     extractors: Extractors
 
@@ -200,7 +200,7 @@ _worker: _Worker | None = None
 
 
 def _init_worker(
-    spec: TokenizerSpec, root: Path, settings: Settings, limits: AudioLimits, threads: int,
+    spec: TokenizerSpec, root: Path, settings: FeatureSettings, limits: AudioLimits, threads: int,
     extractors: ExtractorSpecs,
 ) -> None:
     global _worker
@@ -226,7 +226,7 @@ def _pool_size(jobs: int, workers: int | None, spec: TokenizerSpec, extractors: 
 
 
 def _run(
-    jobs: Sequence[Job], spec: TokenizerSpec, cache: FeatureCache, settings: Settings,
+    jobs: Sequence[Job], spec: TokenizerSpec, cache: FeatureCache, settings: FeatureSettings,
     limits: AudioLimits, workers: int | None, extractors: ExtractorSpecs,
 ) -> Iterator[CachedItem | Rejection]:
     """Featurise ``jobs`` in order, here or in ``workers`` processes of one thread each."""

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"step-(\d{8})\.pt")
 
 
-class CheckpointStore:
+class SegmentCheckpoints:
     """``folder/step-00000040.pt`` files; keeps the newest ``keep``."""
 
     def __init__(self, folder: str | Path, keep: int = 3) -> None:

@@ -28,7 +28,7 @@ from fedvox.client.data.split import HELD_OUT_FRACTION
 from fedvox.client.dp import PrivacyPlan, RoundPlan, Trainer
 from fedvox.client.dp.monitor import TrainingMonitor
 from fedvox.client.identity import bind_ledger
-from fedvox.client.local.checkpoints import CheckpointStore
+from fedvox.client.local.checkpoints import SegmentCheckpoints
 from fedvox.client.profiles import ResourceProfile
 from fedvox.client.releases import ReleaseBook, ReleaseSeeds, release_seeds
 from fedvox.client.stages import build_task, datasets
@@ -110,7 +110,7 @@ def train_local(
         monitor=TrainingMonitor(out_dir / "logs"),
     )
     seeds = ReleaseBook(data_dir).seeds if seed is None else _fixed_seeds(seed)
-    store = CheckpointStore(out_dir / "checkpoints", keep=keep_checkpoints)
+    store = SegmentCheckpoints(out_dir / "checkpoints", keep=keep_checkpoints)
     _restore(trainer, store)
     segments = -(-spec.steps // spec.checkpoint_every)
     first = trainer.steps_done // spec.checkpoint_every + 1
@@ -151,7 +151,7 @@ def _run_record(out_dir: Path, spec: LocalTrainingSpec) -> dict[str, Any]:
         run = json.loads(path.read_text())
         if run["spec"] == json.loads(json.dumps(spec.to_dict())):
             return run
-        if CheckpointStore(out_dir / "checkpoints").steps():
+        if SegmentCheckpoints(out_dir / "checkpoints").steps():
             raise ConfigError(
                 f"{out_dir} holds a run with different settings ({path}); resume it with the same "
                 "options, or choose a new --out"
@@ -172,7 +172,7 @@ def _fixed_seeds(seed: int) -> Callable[[str], ReleaseSeeds]:
     return lambda release: release_seeds(f"seed-{seed}".encode(), release.rsplit("/", 1)[-1])
 
 
-def _restore(trainer: Trainer, store: CheckpointStore) -> None:
+def _restore(trainer: Trainer, store: SegmentCheckpoints) -> None:
     saved = store.latest()
     if saved is None:
         return

@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedvox.server.checkpoints import CheckpointStore
-from fedvox.server.deploy.control import Node
+from fedvox.server.checkpoints import RoundCheckpoints
+from fedvox.server.deploy.control import SuperNode
 from fedvox.server.deploy.devices import Registry, WaitingRoom, device_report
 from fedvox.server.deploy.home import ServerHome
 from fedvox.shared.errors import ConfigError
 from fedvox.shared.privacy.ledger import LEDGER_FILENAME, read_rows
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
-NodeList = Callable[[], tuple[list[Node] | None, str]]
+NodeList = Callable[[], tuple[list[SuperNode] | None, str]]
 """The SuperLink's nodes while a server runs, or ``None`` and why they are unknown."""
 
 
@@ -82,7 +82,7 @@ def snapshot(source: Source, run_name: str | None = None) -> dict[str, Any]:
     """Everything the page draws, JSON-ready."""
     run = source.run(run_name)
     rows = _metric_rows(run.server_dir / "metrics.jsonl")
-    store = CheckpointStore(run.server_dir / "checkpoints", keep=1)
+    store = RoundCheckpoints(run.server_dir / "checkpoints", keep=1)
     committed = store.rounds()
     out: dict[str, Any] = {
         "folder": str(source.root),
@@ -117,7 +117,7 @@ def _metric_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
 
 
-def _target_rounds(source: Source, store: CheckpointStore, committed: list[int]) -> int | None:
+def _target_rounds(source: Source, store: RoundCheckpoints, committed: list[int]) -> int | None:
     if source.home is not None:
         return source.home.run_config().num_server_rounds
     return store.load(committed[-1]).meta["run-config"]["num-server-rounds"] if committed else None

@@ -60,7 +60,7 @@ def app_bundle(app_dir: Path) -> bytes:
 
 
 @dataclass(frozen=True)
-class Node:
+class SuperNode:
     """A SuperNode as the SuperLink knows it."""
 
     node_id: int
@@ -98,10 +98,10 @@ class Control:
         with self._call("register a device"):
             return int(self.client.RegisterNode(RegisterNodeRequest(public_key=public_key, name=name)).node_id)
 
-    def nodes(self) -> list[Node]:
+    def nodes(self) -> list[SuperNode]:
         with self._call("list devices"):
             response = self.client.ListNodes(ListNodesRequest())
-        return [Node(n.node_id, n.name, n.public_key, n.status) for n in response.nodes_info]
+        return [SuperNode(n.node_id, n.name, n.public_key, n.status) for n in response.nodes_info]
 
     def start_run(self, app_dir: Path, run_config: Mapping[str, Any]) -> int:
         """Bundle the app in ``app_dir`` (:func:`app_bundle`) and start a run of it with ``run_config``."""
@@ -151,4 +151,4 @@ class Control:
             raise DeploymentError(f"cannot {what}: the SuperLink refused: {detail}") from exc
 
 
-__all__ = ["FINISHED", "Control", "Node", "RunState", "app_bundle"]
+__all__ = ["FINISHED", "Control", "SuperNode", "RunState", "app_bundle"]

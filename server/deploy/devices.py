@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key, public_key_to_bytes
 
-from fedvox.server.deploy.control import Control, Node
+from fedvox.server.deploy.control import Control, SuperNode
 from fedvox.server.deploy.home import ServerHome
 from fedvox.shared.atomic import atomic_write_text
 from fedvox.shared.device_keys import fingerprint, parse_public_key, ssh_text
@@ -195,7 +195,7 @@ def register_key(home: ServerHome, public_key: str, name: str | None, control: C
 
 
 def device_report(
-    home: ServerHome, nodes: list[Node] | None = None, unknown: str = "server stopped"
+    home: ServerHome, nodes: list[SuperNode] | None = None, unknown: str = "server stopped"
 ) -> list[dict[str, Any]]:
     """Every registered device with its connection status (when the server answers: ``nodes``;
     otherwise ``unknown`` says why), the rounds it trained, and its last reported profile and

@@ -50,7 +50,7 @@ RUN_CONFIG_HEADER = """\
 
 
 @dataclass(frozen=True)
-class Settings:
+class ServerSettings:
     """``server.toml``: where the public port listens and what the server certificate names."""
 
     host: str = DEFAULT_HOST
@@ -96,10 +96,10 @@ class ServerHome:
             raise DeploymentError(f"{self.root} is not a fedvox server home; create it with `fedvox-server init {self.root}`")
         return self
 
-    def settings(self) -> Settings:
+    def settings(self) -> ServerSettings:
         try:
             data = tomllib.loads(self.settings_file.read_text())
-            return Settings(host=str(data["host"]), port=int(data["port"]), names=tuple(data.get("names", ())))
+            return ServerSettings(host=str(data["host"]), port=int(data["port"]), names=tuple(data.get("names", ())))
         except (OSError, KeyError, ValueError, TypeError, tomllib.TOMLDecodeError) as exc:
             raise DeploymentError(f"cannot read {self.settings_file}: {exc}; fix it or run init again in a new folder") from exc
 
@@ -169,7 +169,7 @@ def init_home(
         pki.write_certificate(home.ca_cert, ca_cert)
         _issue(home, names)
     write_run_config(home, config)
-    atomic_write_text(home.settings_file, Settings(host, port, tuple(names)).to_toml())
+    atomic_write_text(home.settings_file, ServerSettings(host, port, tuple(names)).to_toml())
     return home
 
 
@@ -184,7 +184,7 @@ def renew(home: ServerHome, names: list[str] | None = None) -> list[str]:
     settings = home.settings()
     names = list(dict.fromkeys(names or settings.names or default_names()))
     _issue(home, names)
-    atomic_write_text(home.settings_file, Settings(settings.host, settings.port, tuple(names)).to_toml())
+    atomic_write_text(home.settings_file, ServerSettings(settings.host, settings.port, tuple(names)).to_toml())
     return names
 
 
@@ -216,6 +216,6 @@ def _issue(home: ServerHome, names: list[str]) -> None:
 
 
 __all__ = [
-    "DEFAULT_HOST", "DEFAULT_PORT", "ServerHome", "Settings", "default_names", "ensure_link_certificate",
+    "DEFAULT_HOST", "DEFAULT_PORT", "ServerHome", "ServerSettings", "default_names", "ensure_link_certificate",
     "init_home", "renew", "write_run_config",
 ]

@@ -38,8 +38,8 @@ from typing import Any
 import psutil
 from flwr.proto.control_pb2 import StreamLogsRequest  # pylint: disable=E0611
 
-from fedvox.server.checkpoints import CheckpointStore
-from fedvox.server.deploy.control import FINISHED, Control, Node
+from fedvox.server.checkpoints import RoundCheckpoints
+from fedvox.server.deploy.control import FINISHED, Control, SuperNode
 from fedvox.server.deploy.control_auth import TOKEN_FILE_ENV, ensure_token
 from fedvox.server.deploy.devices import Registry, WaitingRoom, authorise, register_key
 from fedvox.server.deploy.gateway import FleetGateway, GatewayServer
@@ -150,7 +150,7 @@ class ServerProcess:
     # ------------------------------------------------------------------ checks
     def check(self) -> None:
         """Everything that can be wrong before anything starts, each with its fix."""
-        store = CheckpointStore(self.home.run_dir / "checkpoints", keep=1)
+        store = RoundCheckpoints(self.home.run_dir / "checkpoints", keep=1)
         rounds = store.rounds()
         target = self.config.num_server_rounds
         if rounds and not self.resume:
@@ -307,7 +307,7 @@ class ServerProcess:
 
         self.dashboard_control = Control(self.address, self.home.internal_ca, self.home.control_token)
 
-        def nodes() -> tuple[list[Node] | None, str]:
+        def nodes() -> tuple[list[SuperNode] | None, str]:
             try:
                 return self.dashboard_control.nodes(), ""
             except DeploymentError:
@@ -386,7 +386,7 @@ class ServerProcess:
                 self.log_thread.join(timeout=15)  # the ServerApp's last words (why it stopped)
                 return self._finished(state)
 
-    def _report_nodes(self, nodes: list[Node]) -> None:
+    def _report_nodes(self, nodes: list[SuperNode]) -> None:
         for node in nodes:
             before = self.statuses.get(node.node_id)
             if before == node.status:
@@ -420,7 +420,7 @@ class ServerProcess:
         self.rounds_logged = len(lines)
 
     def _finished(self, state: Any) -> int:
-        rounds = CheckpointStore(self.home.run_dir / "checkpoints", keep=1).rounds()
+        rounds = RoundCheckpoints(self.home.run_dir / "checkpoints", keep=1).rounds()
         done = rounds[-1] if rounds else 0
         target = self.config.num_server_rounds
         if state.sub_status == "completed" and done >= target:

@@ -67,7 +67,7 @@ PLD_DISCRETISATION = 1e-3
 
 
 @dataclass(frozen=True)
-class Finding:
+class LedgerFinding:
     """One thing the audit flags; any finding makes the audit fail."""
 
     kind: str
@@ -93,7 +93,7 @@ class Account:
     rdp: list[float] = field(default_factory=list)
     opacus: float | None = None
     """The writer's own accountant on the whole history, at the audit delta."""
-    findings: list[Finding] = field(default_factory=list)
+    findings: list[LedgerFinding] = field(default_factory=list)
 
     @property
     def recorded(self) -> float:
@@ -124,22 +124,22 @@ class LedgerAudit:
     rows: int
     head: str
     """Hash of the last row: compare with a copy kept elsewhere to detect a truncated tail."""
-    findings: list[Finding]
+    findings: list[LedgerFinding]
     accounts: list[Account]
 
     @property
-    def all_findings(self) -> list[Finding]:
+    def all_findings(self) -> list[LedgerFinding]:
         return self.findings + [f for account in self.accounts for f in account.findings]
 
 
 # ---------------------------------------------------------------------- integrity
-def verify_integrity(path: str, rows: Sequence[LedgerRow], triggers: set[str]) -> list[Finding]:
+def verify_integrity(path: str, rows: Sequence[LedgerRow], triggers: set[str]) -> list[LedgerFinding]:
     """Structural findings: triggers, ids, times, hash chain, per-account monotonicity."""
-    findings: list[Finding] = []
+    findings: list[LedgerFinding] = []
 
     def flag(message: str, row: LedgerRow | None = None) -> None:
         findings.append(
-            Finding(
+            LedgerFinding(
                 INTEGRITY,
                 path,
                 message,
@@ -343,8 +343,8 @@ def _accounted_fields(row: LedgerRow) -> tuple:
     )
 
 
-def _finding(kind: str, account: Account, row: LedgerRow, message: str) -> Finding:
-    return Finding(kind, account.ledger, message, row.client_id, row.unit, row.id)
+def _finding(kind: str, account: Account, row: LedgerRow, message: str) -> LedgerFinding:
+    return LedgerFinding(kind, account.ledger, message, row.client_id, row.unit, row.id)
 
 
 def _epsilon_of(accountant: dp_accounting.PrivacyAccountant, delta: float) -> float:
@@ -380,7 +380,7 @@ def audit_ledger(
     rows = read_rows(file)
     name = str(file)
     findings = verify_integrity(name, rows, read_triggers(file))
-    findings += [Finding(SIGNED_HEAD, name, message) for message in check_heads(rows, heads)]
+    findings += [LedgerFinding(SIGNED_HEAD, name, message) for message in check_heads(rows, heads)]
     groups: dict[tuple[str, str], list[LedgerRow]] = {}
     for row in rows:
         groups.setdefault((row.client_id, row.unit), []).append(row)
@@ -398,7 +398,7 @@ def audit_ledger(
         )
         if len({(row.delta, row.accountant) for row in group}) > 1:
             findings.append(
-                Finding(INTEGRITY, name, "rows mix deltas or accountants for one client and unit", client_id, unit)
+                LedgerFinding(INTEGRITY, name, "rows mix deltas or accountants for one client and unit", client_id, unit)
             )
         recompute(account, tolerance, cache)
         accounts.append(account)
@@ -473,7 +473,7 @@ __all__ = [
     "UNACCOUNTABLE",
     "UNDER_REPORTED",
     "Account",
-    "Finding",
+    "LedgerFinding",
     "Implied",
     "LedgerAudit",
     "audit_ledger",

@@ -10,7 +10,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from fedvox.shared.privacy.audit import Account, Finding, LedgerAudit, posterior_bound
+from fedvox.shared.privacy.audit import Account, LedgerAudit, LedgerFinding, posterior_bound
 
 TIERS = ((1.0, "strong"), (10.0, "reasonable"))
 """Common reading of epsilon (Ponomareva et al., "How to DP-fy ML", 2023); above 10 is weak."""
@@ -152,7 +152,7 @@ def _account(account: Account) -> dict[str, Any]:
     }
 
 
-def _finding(finding: Finding) -> dict[str, Any]:
+def _finding(finding: LedgerFinding) -> dict[str, Any]:
     return {
         "kind": finding.kind,
         "ledger": finding.ledger,
@@ -184,7 +184,7 @@ def _span(values: list[float]) -> str:
     return f"{lo:.4g}" if lo == hi else f"{lo:.4g}–{hi:.4g}"
 
 
-def _where(finding: Finding) -> str:
+def _where(finding: LedgerFinding) -> str:
     where = [finding.ledger]
     if finding.client_id is not None:
         where.append(f"client {finding.client_id}")
