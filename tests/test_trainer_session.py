@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -51,6 +53,27 @@ def test_s1_release_trains_and_charges_the_ledger(cache, tmp_path):
     second = trainer.train(plan, run_id="run", round=2)
     assert second.row.epsilon > result.row.epsilon
     trainer.close()
+
+
+def test_a_trainer_restored_from_its_state_dict_makes_the_release_the_uninterrupted_one_makes(cache, tmp_path):
+    plan = RoundPlan(steps=2, logical_batch=6, learning_rate=1e-2)
+    straight = _s1_trainer(cache, tmp_path / "straight", seed=5)
+    straight.train(plan, run_id="r", round=1)
+    saved = io.BytesIO()
+    torch.save(straight.state_dict(), saved)  # what a segment checkpoint holds
+    straight.reseed(noise_seed=7, sample_seed=8)  # each release draws from its own seeds, as local training does
+    expected = straight.train(plan, run_id="r", round=2)
+
+    resumed = _s1_trainer(cache, tmp_path / "resumed", seed=99)  # a fresh trainer: the state must bring the rest
+    saved.seek(0)
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    assert resumed.steps_done == 2
+    resumed.reseed(noise_seed=7, sample_seed=8)
+    got = resumed.train(plan, run_id="r", round=2)
+    for name, value in expected.state.items():
+        assert torch.equal(got.state[name], value), name
+    straight.close()
+    resumed.close()
 
 
 def test_two_profiles_give_the_same_update(cache, tmp_path):
