@@ -98,7 +98,8 @@ class RoundUpdates:
         replies = []
         for accepted, delta in zip(self.accepted, self.deltas(), strict=True):
             arrays = {name: self.global_state[name] + d for name, d in delta.items()}
-            accepted.reply.content = RecordDict({ARRAYS: to_record(arrays, "fp32"), METRICS: MetricRecord(accepted.metrics)})
+            content = {ARRAYS: to_record(arrays, "fp32"), METRICS: MetricRecord(accepted.metrics)}
+            accepted.reply.content = RecordDict(content)
             replies.append(accepted.reply)
         return replies
 
@@ -126,8 +127,9 @@ class Aggregator(ABC):
         return {}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Restore :meth:`state_dict`."""
-        del state  # a stateless rule has nothing to restore
+        """Restore :meth:`state_dict`; a stateless rule refuses state (it belongs to another rule)."""
+        if state:
+            raise ConfigError(f"the {self.name} rule keeps no state, but the checkpoint holds {sorted(state)[:3]}")
 
 
 class WeightedMean(Aggregator):
