@@ -29,8 +29,8 @@ import torch
 from fedvox.client.data.prepare import prepare
 from fedvox.shared.atomic import atomic_write_text
 from fedvox.shared.errors import DataError
-from fedvox.shared.models.config import s1_config, s2_config
 from fedvox.shared.semantic import tokenizer_spec
+from fedvox.shared.stages import recipe
 from fedvox.simulations.pretrain.corpus import CorpusConfig, generate_corpus
 from fedvox.simulations.pretrain.train import StagePlan, TrainState, train_stage
 
@@ -86,7 +86,7 @@ def prepare_features(out: Path) -> dict[str, Path]:
 
 def stage_record(plan: StagePlan, state: TrainState) -> dict:
     """The provenance of one stage: its plan, config, steps, time, losses and evaluations."""
-    config = (s1_config if plan.stage == "s1" else s2_config)(plan.model_config)
+    config = recipe(plan.stage).config(plan.model_config)
     return {"plan": asdict(plan), "config": config.to_dict(), "steps_done": state.step,
             "train_seconds": round(state.seconds, 1), "best": state.best,
             "last": state.history[-1] if state.history else None, "history": state.history}
