@@ -2,11 +2,10 @@
 
 Flower 1.41 serves three APIs on one SuperLink port: Fleet (SuperNodes), Control (the operator:
 register devices, submit runs, i.e. run code on the server) and Runtime (the ServerApp's own
-process: acquire the run's task, pull every client reply). In the open-source SuperLink the
-last two authenticate nobody (no Control authentication plugin; SuperExec authentication is off
-in subprocess isolation), so a SuperLink listening on a public address lets anyone who reaches
-it register a device or run code. fedvox therefore keeps the SuperLink on 127.0.0.1 and puts
-this gateway on the public address: it terminates TLS with the server certificate devices
+process: acquire the run's task, pull every client reply). Out of the box the open-source
+SuperLink authenticates callers of neither; fedvox adds a Control token and SuperExec
+authentication (:mod:`server.deploy.control_auth`, :mod:`server.deploy.launcher`), and still keeps
+the SuperLink on 127.0.0.1 and puts this gateway on the public address: it terminates TLS with the server certificate devices
 check, forwards ``POST /v1/fleet/<call>`` unchanged (SuperNode authentication is a signature in
 the request headers, which the SuperLink verifies) and answers everything else with 404.
 
