@@ -1,7 +1,7 @@
 """The server's record of its devices' signed ledger heads (:mod:`shared.privacy.ledger_head`).
 
 Every reply a device sends with its ledger open carries the ledger's row count and head hash,
-signed with the device key. The server keeps, per round, the last head each client signed
+signed with the device key. The server keeps, per round, the last head each client and device key signed
 (in the round's checkpoint and ``metrics.jsonl`` line, ``ledger-heads``), so that a later
 rewrite or truncation of that ledger is caught by ``fedvox-audit ledger --heads RUN_DIR``. The
 server checks each signature when it arrives and keeps only heads that verify and name the

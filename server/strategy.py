@@ -96,7 +96,8 @@ class RoundRecord:
     clients: list[dict[str, Any]] = field(default_factory=list)
     """Per train reply: the sender's node id and what it reported (``fedvox-server devices``)."""
     ledger_heads: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Per client, the last signed ledger head its replies carried this round (:mod:`server.ledger_heads`)."""
+    """Per client and device key, the last signed ledger head its replies carried this round
+    (:mod:`server.ledger_heads`)."""
     unsigned: int = 0
     """Replies from a client with its ledger open that carried no valid signed head."""
 
@@ -398,8 +399,8 @@ class FedvoxStrategy(FedAvg):
             self.book.statuses.pop(node, None)
             return None
         self.book.update(node, status)
-        if (head := read_head(reply, status.client_id)) is not None:
-            record.ledger_heads[status.client_id] = head.to_json()
+        if (head := read_head(reply, status.client_id)) is not None:  # per device: two may share an identity
+            record.ledger_heads[f"{status.client_id} {head.fingerprint}"] = head.to_json()
         elif status.ok:
             record.unsigned += 1
         return status

@@ -144,9 +144,9 @@ def test_two_enrolled_devices_train_two_rounds_and_only_the_update_leaves_them(p
         with Ledger(data) as ledger:
             rows = ledger.rows(client_id=client_identity(data), unit="utterance")
         assert [r.round for r in rows] == [1, 2]
-        mine = [h for h in heads if h.client_id == client_identity(data)]
-        enrolled = fingerprint(parse_public_key(str(device_home.public_key)))
-        assert len(mine) == 2 and {h.fingerprint for h in mine} == {enrolled}
+        enrolled = fingerprint(parse_public_key(str(device_home.public_key)))  # (both copy one recording set,
+        mine = [h for h in heads if h.fingerprint == enrolled]  # so they share a client id; the keys differ)
+        assert len(mine) == 2 and {h.client_id for h in mine} == {client_identity(data)}
         assert audit_ledger(data, heads=mine).all_findings == []
 
     # The stranger never got past activation: no run, no FAB, no message, no model.
