@@ -119,7 +119,8 @@ class FeatureCache:
         try:
             with safe_open(str(path), framework="pt") as fh:
                 meta = json.loads((fh.metadata() or {})["item"])
-                lengths = {name: fh.get_slice(name).get_shape()[0] for name in fh}
+                names = fh.keys()  # a safe_open handle is not iterable: `for name in fh` raises
+                lengths = {name: fh.get_slice(name).get_shape()[0] for name in names}
         except Exception:  # a file we cannot parse is re-made, whatever the parser's complaint
             return None
         if meta.get("id") != item or not REQUIRED_TENSORS <= set(lengths) <= REQUIRED_TENSORS | OPTIONAL_TENSORS:
