@@ -21,22 +21,20 @@ import typer
 from rich.console import Console
 
 from fedvox.client.canary.spec import CanaryAuditSpec
-from fedvox.shared.cli import VERSION_OPTION, progress, run_cli, setup_logging
+from fedvox.shared.cli import VERSION_OPTION, command_group, progress, run_cli, setup_logging
 from fedvox.shared.errors import LedgerIntegrityError
 from fedvox.shared.privacy.accounting import ACCOUNTANTS
 from fedvox.shared.privacy.audit import DEFAULT_TOLERANCE, LedgerAudit, audit_ledger
 from fedvox.shared.privacy.ledger import LEDGER_FILENAME, read_rows
 from fedvox.shared.privacy.ledger_head import SignedHead, recorded_heads
 
-app = typer.Typer(
-    name="fedvox-audit",
-    help=(
+app = command_group(
+    "fedvox-audit",
+    (
         "Audit privacy budgets. `fedvox-audit LEDGER...` (short for `fedvox-audit ledger "
         "LEDGER...`) recomputes every epsilon in the given ledgers; `fedvox-audit canary DATA` "
         "measures a training's privacy empirically."
     ),
-    no_args_is_help=True,
-    add_completion=False,
 )
 
 
@@ -240,4 +238,4 @@ def route(args: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     args = route(list(sys.argv[1:] if argv is None else argv))
-    run_cli(lambda: app(args=args, prog_name="fedvox-audit"))
+    run_cli(app, args, prog_name="fedvox-audit")

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import typer
 
-from fedvox.shared.cli import VERSION_OPTION, console, run_cli, setup_logging
+from fedvox.shared.cli import VERSION_OPTION, command_group, console, run_cli, setup_logging
 
-app = typer.Typer(
-    name="fedvox-client",
-    help="Probe this device, prepare private recordings, train locally and join a federation.",
-    no_args_is_help=True,
-    add_completion=False,
+DEFAULT_MODEL_CONFIG = "tiny"
+"""``train``'s and ``probe``'s model config unless --model-config says otherwise (printed by train)."""
+
+app = command_group(
+    "fedvox-client",
+    "Probe this device, prepare private recordings, train locally and join a federation.",
 )
 
 
@@ -24,15 +25,15 @@ def _group(version: bool = VERSION_OPTION) -> None:
 @app.command()
 def prepare(
     list_file: Path = typer.Argument(..., help="GPT-SoVITS list file: audio_path|speaker|language|text per line."),
-    out: Path = typer.Option(..., "--out", help="Feature cache folder (created; run again to resume or update)."),
-    config: str = typer.Option("v2", help="Model config whose phoneme symbol table to use: tiny, v1, v2, v2Pro, v2ProPlus."),
+    out: Path = typer.Option(..., "--out", help="Feature cache folder: new, empty, or an earlier prepare's (run again to resume or update)."),
+    model_config: str = typer.Option("v2", "--model-config", help="Model config whose phoneme symbol table to use: tiny, v1, v2, v2Pro, v2ProPlus."),
     hubert: Path | None = typer.Option(None, help="chinese-hubert-base folder (Hugging Face format) for GPT-SoVITS's semantic tokens."),
-    s2: Path | None = typer.Option(None, help="GPT-SoVITS s2G .pth whose ssl_proj and codebook turn HuBERT features into tokens."),
+    s2_tokens: Path | None = typer.Option(None, "--s2-tokens", help="GPT-SoVITS s2G .pth whose ssl_proj and codebook turn HuBERT features into tokens."),
     device: str | None = typer.Option(None, help="Where HuBERT and BERT run: cpu, cuda, cuda:1 (default: cuda if available)."),
     bert: Path | None = typer.Option(None, help="chinese-roberta-wwm-ext-large folder (Hugging Face format): zh BERT features as GPT-SoVITS computes them (needs fedvox[bert]); without it zh reads zeros."),
     sv: Path | None = typer.Option(None, "--sv", help="GPT-SoVITS's sv/pretrained_eres2netv2w24s4ep4.ckpt: speaker embeddings for a v2Pro/v2ProPlus s2."),
     slicing: bool = typer.Option(False, "--slice", help="Audio paths may name part of a recording as path#START-END (seconds), as `fedvox-client slice` writes them."),
-    from_gpt_sovits: Path | None = typer.Option(None, "--from-gpt-sovits", help="Import this GPT-SoVITS experiment folder (logs/<name>, made from LIST) instead of featurising; needs --hubert and --s2."),
+    from_gpt_sovits: Path | None = typer.Option(None, "--from-gpt-sovits", help="Import this GPT-SoVITS experiment folder (logs/<name>, made from LIST) instead of featurising; needs --hubert and --s2-tokens."),
     data_root: Path | None = typer.Option(None, help="Recordings must lie under this folder (default: the list file's folder)."),
     workers: int | None = typer.Option(None, min=1, help="Processes for featurising (default: all cores for 400+ utterances on 4+ cores, else 1)."),
     max_clipped: float = typer.Option(0.001, min=0.0, max=1.0, help="Reject a recording with more than this fraction of full-scale samples."),
@@ -41,43 +42,46 @@ def prepare(
 ) -> None:
     """Check every recording of LIST, featurise the good ones into --out, and explain each rejection.
 
-    Recordings are only read, never modified or sent anywhere. Without --hubert/--s2, semantic
-    tokens come from fedvox's offline fallback tokenizer (see docs/data.md).
+    Recordings are only read, never modified or sent anywhere. Without --hubert/--s2-tokens,
+    semantic tokens come from fedvox's offline fallback tokenizer (see docs/data.md).
     """
     from fedvox.client.data.checks import AudioLimits
     from fedvox.client.data.extractors import ExtractorSpecs
     from fedvox.client.data.prepare import prepare as run_prepare
     from fedvox.shared.bert import bert_spec
-    from fedvox.shared.errors import DataError
+    from fedvox.shared.errors import DataError, Interrupted
     from fedvox.shared.models.config import s1_config
     from fedvox.shared.semantic import tokenizer_spec
     from fedvox.shared.speaker import sv_spec
 
     setup_logging(verbose)
-    if from_gpt_sovits:
-        from fedvox.client.data.gpt_sovits_import import import_experiment
-        from fedvox.shared.errors import ConfigError
+    try:
+        if from_gpt_sovits:
+            from fedvox.client.data.gpt_sovits_import import import_experiment
+            from fedvox.shared.errors import ConfigError
 
-        if bert or sv:
-            raise ConfigError("--from-gpt-sovits imports the folder's own 3-bert and 7-sv_cn; drop --bert/--sv")
-        report = import_experiment(
-            list_file, from_gpt_sovits, out, tokenizer=tokenizer_spec(hubert, s2, device),
-            symbols_version=s1_config(config).symbols_version, limits=AudioLimits(max_clipped_fraction=max_clipped),
-        )
-    else:
-        report = run_prepare(
-            list_file, out,
-            tokenizer=tokenizer_spec(hubert, s2, device),
-            symbols_version=s1_config(config).symbols_version,
-            data_root=data_root,
-            limits=AudioLimits(max_clipped_fraction=max_clipped),
-            workers=workers,
-            extractors=ExtractorSpecs(
-                bert=bert_spec(bert, device) if bert else None, sv=sv_spec(sv, device) if sv else None,
-                pro=config in ("v2Pro", "v2ProPlus"),
-            ),
-            slicing=slicing,
-        )
+            if bert or sv:
+                raise ConfigError("--from-gpt-sovits imports the folder's own 3-bert and 7-sv_cn; drop --bert/--sv")
+            report = import_experiment(
+                list_file, from_gpt_sovits, out, tokenizer=tokenizer_spec(hubert, s2_tokens, device),
+                symbols_version=s1_config(model_config).symbols_version, limits=AudioLimits(max_clipped_fraction=max_clipped),
+            )
+        else:
+            report = run_prepare(
+                list_file, out,
+                tokenizer=tokenizer_spec(hubert, s2_tokens, device),
+                symbols_version=s1_config(model_config).symbols_version,
+                data_root=data_root,
+                limits=AudioLimits(max_clipped_fraction=max_clipped),
+                workers=workers,
+                extractors=ExtractorSpecs(
+                    bert=bert_spec(bert, device) if bert else None, sv=sv_spec(sv, device) if sv else None,
+                    pro=model_config in ("v2Pro", "v2ProPlus"),
+                ),
+                slicing=slicing,
+            )
+    except KeyboardInterrupt:
+        raise Interrupted("finished utterances are kept; run the same command again to go on") from None
     console.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
     if json_output:
         typer.echo(report.to_json(), nl=False)
@@ -111,7 +115,7 @@ def slice_recordings(
 @app.command()
 def probe(
     stage: str = typer.Option("s1", help="Stage to plan for: s1 (GPT) or s2 (SoVITS)."),
-    config: str = typer.Option("tiny", help="Model config: tiny, v1, v2, v2Pro, v2ProPlus."),
+    model_config: str = typer.Option(DEFAULT_MODEL_CONFIG, "--model-config", help="Model config: tiny, v1, v2, v2Pro, v2ProPlus."),
     subset: str = typer.Option("lora", help="Trainable subset: lora or full."),
     logical_batch: float = typer.Option(8.0, min=1.0, help="Expected Poisson batch of the run (caps the physical batch)."),
     device: str | None = typer.Option(None, help="Pin the device: cpu, cuda, cuda:N or mps."),
@@ -120,7 +124,7 @@ def probe(
     checkpointing: bool | None = typer.Option(None, "--checkpointing/--no-checkpointing", help="Pin activation checkpointing."),
     threads: int | None = typer.Option(None, min=1, help="Pin the number of torch threads."),
     allow_mps: bool = typer.Option(False, "--allow-mps", help="Train on the Apple GPU (MPS) instead of the CPU."),
-    profile_file: Path | None = typer.Option(None, help="TOML file whose [profile] table pins choices (flags win)."),
+    profile_file: Path | None = typer.Option(None, help="TOML file whose \\[profile] table pins choices (flags win)."),
     gpu: int = typer.Option(0, min=0, help="Which GPU to probe when there are several."),
     as_device: str | None = typer.Option(None, "--as", help="Plan for a reference device instead of this machine (e.g. rtx3060, m2)."),
     json_output: bool = typer.Option(False, "--json", help="Print facts and profile as JSON."),
@@ -144,11 +148,11 @@ def probe(
     )
     overrides = ProfileOverrides.from_toml(profile_file).merged(pinned) if profile_file else pinned
     facts = reference_device(as_device) if as_device else probe_device(gpu)
-    profile = select_profile(facts, stage, config, subset, overrides, logical_batch=logical_batch)
+    profile = select_profile(facts, stage, model_config, subset, overrides, logical_batch=logical_batch)
     if json_output:
         typer.echo(json.dumps({"facts": facts.to_dict(), "profile": profile.to_dict()}, indent=1))
         return
-    _print_probe(facts, profile, f"{stage} {config} ({subset})")
+    _print_probe(facts, profile, f"{stage} {model_config} ({subset})")
 
 
 def _print_probe(facts, profile, plan: str) -> None:
@@ -159,7 +163,7 @@ def _print_probe(facts, profile, plan: str) -> None:
     from fedvox.client.device import GiB
 
     out = Console()
-    gib = lambda n: f"{n / GiB:.1f} GiB"  # noqa: E731
+    gib = lambda n: f"{n / GiB:.1f} GiB"
     rows = [("backend", facts.backend), ("device", facts.device_name)]
     if facts.accelerator:
         rows.append(("memory", gib(facts.total_memory)))
@@ -205,31 +209,34 @@ def train(
     data: Path = typer.Option(..., "--data", help="Feature cache folder written by `fedvox-client prepare` (also holds the privacy ledger)."),
     stage: str = typer.Option(..., help="s1 (GPT, text -> semantic tokens) or s2 (SoVITS, tokens -> voice)."),
     steps: int = typer.Option(..., min=1, help="DP-SGD steps to train in total."),
-    out: Path = typer.Option(..., "--out", help="Run folder: checkpoints, logs, exported model (re-run to resume)."),
-    config: str = typer.Option("tiny", help="Model config: tiny, v1, v2, v2Pro, v2ProPlus."),
+    out: Path = typer.Option(..., "--out", help="Run folder, new or empty: checkpoints, logs, exported model (re-run to resume)."),
+    model_config: str = typer.Option(DEFAULT_MODEL_CONFIG, "--model-config", help="Model config: tiny, v1, v2, v2Pro, v2ProPlus."),
     subset: str = typer.Option("lora", help="Trainable subset: lora or full."),
     lora_rank: int = typer.Option(8, min=1, help="LoRA rank."),
-    epsilon: float | None = typer.Option(None, "--epsilon", min=0.0, help="Target epsilon after all steps: the noise is calibrated to it."),
-    noise_multiplier: float | None = typer.Option(None, "--noise-multiplier", min=0.0, help="Noise multiplier (instead of --epsilon)."),
-    batch: int = typer.Option(8, min=1, help="Expected (logical) Poisson batch size."),
-    lr: float = typer.Option(1e-3, help="Learning rate."),
-    clip: float = typer.Option(1.0, help="Per-utterance gradient clip norm."),
+    epsilon: float | None = typer.Option(None, "--epsilon", help="Target epsilon (> 0) after all steps: the noise is calibrated to reach it."),
+    noise_multiplier: float | None = typer.Option(None, "--noise-multiplier", help="Noise multiplier (> 0), instead of --epsilon."),
+    logical_batch: int = typer.Option(8, "--logical-batch", min=1, help="Expected (logical) Poisson batch size."),
+    learning_rate: float = typer.Option(1e-3, "--learning-rate", help="Learning rate."),
+    clip_norm: float = typer.Option(1.0, "--clip-norm", help="Per-utterance gradient clip norm."),
     delta: float = typer.Option(1e-5, help="Delta of the (epsilon, delta) guarantee."),
-    budget: float = typer.Option(10.0, help="This data folder's utterance-level epsilon budget: training never goes past it."),
+    budget_epsilon: float = typer.Option(10.0, "--budget-epsilon", help="This data folder's utterance-level epsilon budget: the whole run is checked against it before step 1."),
     checkpoint_every: int = typer.Option(20, min=1, help="Steps per checkpoint (each checkpoint is one ledger release)."),
-    init: Path | None = typer.Option(None, help="Start from a GPT-SoVITS checkpoint (s1 .ckpt or s2G .pth) instead of a seeded init."),
+    pretrained: Path | None = typer.Option(None, "--pretrained", help="Start from a GPT-SoVITS checkpoint (s1 .ckpt or s2G .pth) instead of a seeded init."),
     model_seed: int = typer.Option(0, help="Seed of the initial model (server and clients must agree)."),
     seed: int | None = typer.Option(None, help="Fix sampling and noise seeds (experiments only: predictable noise protects nothing)."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse a run that cannot learn or whose batch covers all the data, instead of warning."),
     device: str | None = typer.Option(None, help="Pin the device: cpu, cuda, cuda:N or mps."),
     precision: str | None = typer.Option(None, help="Pin the precision: bf16, fp16 or fp32."),
     physical_batch: int | None = typer.Option(None, min=1, help="Pin the physical batch size."),
+    threads: int | None = typer.Option(None, min=1, help="Pin the number of torch threads."),
     json_output: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
 ) -> None:
     """Fine-tune a stage on your prepared recordings with DP-SGD, locally (nothing leaves the device).
 
-    Every checkpoint is a privacy release charged to the data folder's ledger; a run that would
-    exceed --budget stops before training. Killed runs resume from their last checkpoint.
+    The whole run is checked against --budget-epsilon before step 1: a run that does not fit is
+    refused and costs nothing. Every checkpoint is a privacy release charged to the data folder's
+    ledger. A stopped or refused run continues when the same command is run again.
     """
     import json
 
@@ -237,26 +244,38 @@ def train(
     from fedvox.client.profiles import ProfileOverrides, select_profile
     from fedvox.client.dp import PrivacyPlan
     from fedvox.client.local import LocalTrainingSpec, train_local
-    from fedvox.shared.errors import ConfigError
+    from fedvox.shared.errors import ConfigError, Interrupted
 
     setup_logging(verbose)
     if (epsilon is None) == (noise_multiplier is None):
-        raise ConfigError("give exactly one of --epsilon (target) or --noise-multiplier")
-    privacy = PrivacyPlan(clip_norm=clip, delta=delta, budget_epsilon=budget,
+        raise ConfigError("give exactly one of --epsilon (the target, > 0) or --noise-multiplier (> 0)")
+    for flag, value in (("--epsilon", epsilon), ("--noise-multiplier", noise_multiplier)):
+        if value is not None and not value > 0:
+            raise ConfigError(f"{flag} must be > 0 (got {value:g}): without noise there is no privacy guarantee")
+    if epsilon is not None and epsilon > budget_epsilon:
+        raise ConfigError(f"--epsilon {epsilon:g} is above --budget-epsilon {budget_epsilon:g}; lower --epsilon "
+                          "or raise the budget")
+    privacy = PrivacyPlan(clip_norm=clip_norm, delta=delta, budget_epsilon=budget_epsilon,
                           noise_multiplier=noise_multiplier, target_epsilon=epsilon)
     spec = LocalTrainingSpec(
-        stage=stage, model_config=config, subset=subset, lora_rank=lora_rank, steps=steps,
-        logical_batch=batch, learning_rate=lr, checkpoint_every=checkpoint_every,
-        model_seed=model_seed, pretrained=str(init) if init else None, privacy=privacy,
+        stage=stage, model_config=model_config, subset=subset, lora_rank=lora_rank, steps=steps,
+        logical_batch=logical_batch, learning_rate=learning_rate, checkpoint_every=checkpoint_every,
+        model_seed=model_seed, pretrained=str(pretrained) if pretrained else None, privacy=privacy,
     )
-    overrides = ProfileOverrides(device=device, precision=precision, physical_batch=physical_batch)
-    profile = select_profile(probe_device(), stage, config, spec.subset_spec, overrides, logical_batch=batch)
-    console.print(f"profile {profile.name}: {profile.device}, {profile.precision}, physical batch {profile.physical_batch}")
-    summary = train_local(data, out, spec, profile, seed=seed)
-    console.print(
-        f"trained {summary.get('steps', 0)} steps; utterance-level epsilon {summary.get('epsilon', 0):.3f} "
-        f"at delta {delta:g}; model in {out / 'export'}"
-    )
+    overrides = ProfileOverrides(device=device, precision=precision, physical_batch=physical_batch, threads=threads)
+    profile = select_profile(probe_device(), stage, model_config, spec.subset_spec, overrides, logical_batch=logical_batch)
+    default = " (the default; --model-config picks another)" if model_config == DEFAULT_MODEL_CONFIG else ""
+    _say(f"model config {model_config}{default}, {subset} subset; profile {profile.name}: {profile.device}, "
+         f"{profile.precision}, physical batch {profile.physical_batch}, {profile.threads} threads")
+    try:
+        summary = train_local(data, out, spec, profile, seed=seed, strict=strict)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"nothing past the last checkpoint is kept or charged; run the same command again to resume {out}"
+        ) from None
+    done = "finished earlier: nothing trained or charged now; " if summary.get("finished_earlier") else ""
+    _say(f"{done}trained {summary['steps']} steps; utterance-level epsilon {summary['epsilon']:.3f} "
+         f"at delta {summary['delta']:g}; model in {out / 'export'}")
     if json_output:
         typer.echo(json.dumps(summary, indent=1, default=float))
 
@@ -266,7 +285,7 @@ def synthesize(
     model: list[Path] = typer.Option(..., "--model", help="s1 and s2 models: files (.ckpt/.pth/.safetensors, round-N.json) or folders (a training run, an export); repeat."),
     text: str = typer.Option(..., help="What to say."),
     ref: Path = typer.Option(..., "--ref", help="Reference recording whose voice to use."),
-    out: Path = typer.Option(..., "--out", help="Output WAV (32 kHz)."),
+    out: Path = typer.Option(..., "--out", help="Output WAV (32 kHz): a new file (an existing one only with --force, never a recording)."),
     language: str = typer.Option("en", help="Language of --text: zh or en."),
     ref_text: str | None = typer.Option(None, help="Transcript of --ref (prompts s1; without it s1 runs reference-free)."),
     ref_language: str | None = typer.Option(None, help="Language of --ref-text (default: --language)."),
@@ -275,21 +294,22 @@ def synthesize(
     bert: Path | None = typer.Option(None, help="chinese-roberta-wwm-ext-large folder, if the data was prepared with --bert (zh text then gets BERT features)."),
     sv: Path | None = typer.Option(None, "--sv", help="sv/pretrained_eres2netv2w24s4ep4.ckpt: the reference's speaker embedding (v2Pro/v2ProPlus s2)."),
     seed: int = typer.Option(0, help="Sampling seed."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file (never a recording)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
 ) -> None:
     """Hear a model: say --text in the voice of --ref and write it to --out."""
-    from fedvox.client.synthesize import load_models, read_reference, write_wave
+    from fedvox.client.synthesize import check_output, load_models, read_reference, write_wave
     from fedvox.client.synthesize import synthesize as speak
     from fedvox.shared.bert import bert_spec
-    from fedvox.shared.errors import ConfigError
+    from fedvox.shared.speaker import sv_spec
     from fedvox.shared.semantic import tokenizer_spec
     from fedvox.shared.speaker import sv_spec
 
     setup_logging(verbose)
-    if out.resolve() == ref.resolve():
-        raise ConfigError("--out must not be the reference recording: fedvox never overwrites recordings")
+    check_output(out, ref, force=force)
+    reference = read_reference(ref)  # before the models: a wrong --ref fails in a second, not after loading
     voice = load_models(list(model))
-    wave = speak(voice, text, language, read_reference(ref), tokenizer_spec(hubert, s2_tokens).build(),
+    wave = speak(voice, text, language, reference, tokenizer_spec(hubert, s2_tokens).build(),
                  reference_text=ref_text, reference_language=ref_language, seed=seed,
                  bert=bert_spec(bert).build() if bert else None, sv=sv_spec(sv).build() if sv else None)
     write_wave(wave, out)
@@ -309,14 +329,14 @@ def enroll(
     precision: str | None = typer.Option(None, help="Pin the precision: bf16, fp16 or fp32."),
     physical_batch: int | None = typer.Option(None, min=1, help="Pin the physical batch size."),
     threads: int | None = typer.Option(None, min=1, help="Pin the number of torch threads."),
-    profile_file: Path | None = typer.Option(None, help="TOML file whose [profile] table pins choices (flags win)."),
+    profile_file: Path | None = typer.Option(None, help="TOML file whose \\[profile] table pins choices (flags win)."),
     check: bool = typer.Option(False, "--check", help="Check the server, its certificate and this device's registration, then exit."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
 ) -> None:
-    """Join a federation: make this device's key (once), show it for the operator to register,
-    then run a Flower SuperNode on --data and keep it connected (Ctrl-C leaves).
+    """Join a federation: train on --data for the server's rounds, connected until Ctrl-C.
 
-    Only the model update and metrics leave the device; the recordings and features never do.
+    Makes this device's key (once) and shows it for the operator to register, then runs a Flower
+    SuperNode on --data and keeps it connected. Only the model update and metrics leave the device; the recordings and features never do.
     """
     import logging
     from dataclasses import asdict
@@ -390,14 +410,16 @@ def status(
     import json
 
     from fedvox.client.enroll import DeviceHome
-    from fedvox.shared.privacy.ledger import Ledger, ledger_file
+    from fedvox.shared.errors import ConfigError
+    from fedvox.shared.privacy.ledger import ledger_file, read_rows
 
+    if data is not None and not data.exists():
+        raise ConfigError(f"no folder or file at {data}; check --data (the folder `fedvox-client prepare` wrote)")
     data = data if data is not None else DeviceHome.at(home).ledger_path()
     if not ledger_file(data).is_file():
         _say(f"no privacy ledger in {data}: nothing has been trained on this data yet")
         return
-    with Ledger(data) as ledger:
-        rows = ledger.rows()
+    rows = read_rows(ledger_file(data))  # read-only: status works on a folder you cannot write
     accounts: dict[tuple[str, str], list] = {}
     for row in rows:
         accounts.setdefault((row.client_id, row.unit), []).append(row)
@@ -441,6 +463,15 @@ def _say(text: str) -> None:
     console.print(text, markup=False, highlight=False, emoji=False, soft_wrap=True)
 
 
+RENAMED = {
+    "train": {"--config": "--model-config", "--lr": "--learning-rate", "--clip": "--clip-norm",
+              "--budget": "--budget-epsilon", "--init": "--pretrained", "--batch": "--logical-batch"},
+    "prepare": {"--config": "--model-config", "--s2": "--s2-tokens"},
+    "probe": {"--config": "--model-config"},
+}
+"""Old option names, accepted (hidden) for one release; docs/usage names the new ones."""
+
+
 def main() -> None:
     """Console-script entry point."""
-    run_cli(app)
+    run_cli(app, renamed=RENAMED)

@@ -18,6 +18,8 @@ import soundfile as sf
 import torch
 from torch import nn
 
+from fedvox.client.data.listfile import listing
+from fedvox.shared.atomic import atomic_path, refuse_overwrite
 from fedvox.shared.audio import SAMPLE_RATE, linear_spectrogram, read_audio, resample
 from fedvox.shared.bert import BERT_DIM, BertExtractor
 from fedvox.shared.errors import CheckpointError, ConfigError
@@ -126,17 +128,33 @@ def _bert_features(phonemes: Phonemes, bert: BertExtractor) -> torch.Tensor:
 
 def read_reference(path: str | Path) -> torch.Tensor:
     """A reference recording as 32 kHz mono float ``[samples]``."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ConfigError(f"reference recording {path} {what}; pass a recording's file with --ref")
     wave, rate = read_audio(path)
     if not bool(torch.isfinite(wave).all()) or float(wave.abs().max()) == 0.0:
         raise ConfigError(f"reference recording {path} is silent or holds NaN/inf samples; pick another")
     return resample(wave, rate, SAMPLE_RATE)
 
 
+def check_output(out: Path, reference: Path, *, force: bool) -> None:
+    """Refuse an ``--out`` that is a recording (the reference, or an entry of a list file near it)
+    and, without ``force``, any existing file: fedvox never overwrites recordings."""
+    if out.exists() and out.resolve() == reference.resolve():
+        raise ConfigError(f"--out {out} is the reference recording: fedvox never overwrites recordings; "
+                          "choose a new file")
+    listed = listing(out)
+    if listed is not None:
+        raise ConfigError(f"--out {out} is a recording listed in {listed}: fedvox never overwrites recordings; "
+                          "choose a new file")
+    refuse_overwrite(out, force=force)
+
+
 def write_wave(wave: torch.Tensor, path: str | Path) -> None:
-    """Write 16-bit 32 kHz WAV (never over a source recording: the caller chooses a new path)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, wave.cpu().numpy(), SAMPLE_RATE, subtype="PCM_16")
+    """Write 16-bit 32 kHz WAV, atomically (after :func:`check_output`)."""
+    with atomic_path(path) as tmp:
+        sf.write(tmp, wave.cpu().numpy(), SAMPLE_RATE, subtype="PCM_16", format="WAV")
 
 
 # ---------------------------------------------------------------------- loading

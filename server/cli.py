@@ -15,13 +15,11 @@ from typing import Any
 
 import typer
 
-from fedvox.shared.cli import VERSION_OPTION, console, run_cli, setup_logging
+from fedvox.shared.cli import VERSION_OPTION, command_group, console, run_cli, setup_logging
 
-app = typer.Typer(
-    name="fedvox-server",
-    help="Set up and run a fedvox federation's server, authorise devices, inspect and export the run.",
-    no_args_is_help=True,
-    add_completion=False,
+app = command_group(
+    "fedvox-server",
+    "Set up and run a fedvox federation's server, authorise devices, inspect and export the run.",
 )
 
 HOME = typer.Argument(..., help="The server home (made by `fedvox-server init`).")
@@ -46,8 +44,10 @@ def init(
     key: Path | None = typer.Option(None, "--key", help="Bring your own: the server certificate's private key (PEM, unencrypted)."),
     renew_certificate: bool = typer.Option(False, "--renew-certificate", help="In an existing home: issue a new server certificate (for --name, or before expiry)."),
 ) -> None:
-    """Create a server home: private CA and server certificate (or yours), run configuration,
-    folders for state, logs and the run; keys readable by you only."""
+    """Create a server home: certificates, run configuration and folders, readable by you only.
+
+    Makes a private CA and server certificate (or takes yours), the run configuration, and
+    folders for state, logs and the run."""
     from fedvox.server.deploy.home import ServerHome, init_home, renew
     from fedvox.server.deploy.pki import load_certificate, subject_names
 
@@ -79,8 +79,10 @@ def start(
     no_dashboard: bool = typer.Option(False, "--no-dashboard", help="Serve no dashboard."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
 ) -> None:
-    """Run the federation: Flower's SuperLink (TLS, device authentication, SQLite state), the
-    public gateway, the fedvox run and the dashboard; reports devices and rounds until the run ends."""
+    """Run the federation and report devices and rounds until the run ends.
+
+    Starts Flower's SuperLink (TLS, device authentication, SQLite state), the public gateway, the
+    fedvox run and the dashboard."""
     from fedvox.server.deploy.home import ServerHome
     from fedvox.server.deploy.launcher import ServerProcess
 
@@ -142,8 +144,10 @@ def devices(
     home: Path = HOME,
     json_output: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
-    """Registered devices: connection, last profile, rounds joined and utterance-level epsilon spent;
-    and devices whose keys were refused, waiting for registration."""
+    """Registered devices (connection, last profile, rounds, epsilon spent) and refused keys.
+
+    Lists each registered device's connection, last profile, rounds joined and utterance-level
+    epsilon spent, and the devices whose keys were refused, waiting for registration."""
     from rich.console import Console
     from rich.table import Table
 
@@ -182,8 +186,9 @@ def status(
     directory: Path = RUN,
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Rounds done, the round in progress, participants, latest metrics, speaker-level epsilons,
-    and (for a server home) whether the server runs and which devices are connected."""
+    """Rounds done and in progress, participants, latest metrics and speaker-level epsilons.
+
+    For a server home, also whether the server runs and which devices are connected."""
     summary = full_status(directory)
     if json_output:
         typer.echo(json.dumps(summary, indent=1, sort_keys=True))
@@ -230,6 +235,7 @@ def export(
     """Write a committed round's global model, LoRA merged, in GPT-SoVITS's and/or fedvox's format."""
     from fedvox.server.checkpoints import RoundCheckpoints
     from fedvox.server.model import build_global_model, export_model
+    from fedvox.shared.atomic import claim_folder
     from fedvox.shared.errors import CheckpointError, ConfigError
     from fedvox.shared.models.factory import export_fedvox, export_gpt_sovits
     from fedvox.shared.models.subsets import load_trainable_state_dict
@@ -238,6 +244,7 @@ def export(
     setup_logging(verbose)
     if format_ not in (None, *FORMATS):
         raise ConfigError(f"--format {format_!r}: choose {' or '.join(FORMATS)}")
+    target = claim_folder(out, ("fedvox", "gpt-sovits")) if out else None  # an earlier export's, or new
     run_dir = run_directory(directory)
     store = RoundCheckpoints(run_dir / "checkpoints", keep=1)
     if round_ is None:
@@ -249,7 +256,7 @@ def export(
     say(f"exporting round {chosen}: {why}")
     checkpoint = store.load(chosen)
     config = RunConfig.from_flat(checkpoint.meta["run-config"])
-    folder = out or run_dir / "export"
+    folder = target or run_dir / "export"
     if format_ is None:
         paths = export_model(config, checkpoint.state, folder)
     else:

@@ -9,6 +9,10 @@ class FedvoxError(Exception):
     """Base class: an error a user can act on (bad input, missing file, refused request)."""
 
 
+class Interrupted(FedvoxError):
+    """The user stopped a command (Ctrl-C); the message says how to continue."""
+
+
 class ConfigError(FedvoxError):
     """A configuration value is missing, unknown or out of range."""
 

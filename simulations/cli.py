@@ -14,13 +14,11 @@ from pathlib import Path
 import click
 import typer
 
-from fedvox.shared.cli import VERSION_OPTION, run_cli, setup_logging
+from fedvox.shared.cli import VERSION_OPTION, command_group, run_cli, setup_logging
 
-app = typer.Typer(
-    name="fedvox-sim",
-    help="Generate synthetic speakers and simulate a federation of them on this machine.",
-    no_args_is_help=True,
-    add_completion=False,
+app = command_group(
+    "fedvox-sim",
+    "Generate synthetic speakers and simulate a federation of them on this machine.",
 )
 
 

@@ -164,7 +164,7 @@ def test_list_file_parsing(tmp_path):
 def test_command_line_success(good_set, tmp_path):
     """The installed console script, as a device owner runs it."""
     done = subprocess.run(
-        [str(CLIENT), "prepare", str(good_set), "--out", str(tmp_path / "ok"), "--config", "tiny", "--json"],
+        [str(CLIENT), "prepare", str(good_set), "--out", str(tmp_path / "ok"), "--model-config", "tiny", "--json"],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr

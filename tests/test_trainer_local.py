@@ -22,7 +22,7 @@ from fedvox.shared.privacy.ledger import Ledger
 from tests.prepared import prepared_cache
 
 TRAIN = ["train", "--stage", "s1", "--steps", "6", "--checkpoint-every", "2", "--noise-multiplier", "1.0",
-         "--batch", "4", "--seed", "3", "--budget", "50", "--device", "cpu", "--physical-batch", "4"]
+         "--logical-batch", "4", "--seed", "3", "--budget-epsilon", "50", "--device", "cpu", "--physical-batch", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -72,19 +72,19 @@ def test_killed_run_resumes_without_double_charging(data, tmp_path):
 
 def test_budget_refusal_is_one_clear_error_and_trains_nothing(data, tmp_path):
     folder = _copy(data, tmp_path / "d")
-    result = CliRunner().invoke(app, [*TRAIN[:-8], "--budget", "0.5", "--seed", "1", "--device", "cpu",
+    result = CliRunner().invoke(app, [*TRAIN[:-8], "--budget-epsilon", "0.5", "--seed", "1", "--device", "cpu",
                                       "--data", str(folder), "--out", str(tmp_path / "o")])
     assert result.exit_code != 0
     assert "budget" in str(result.exception) + result.output
     assert Ledger(folder).rows() == []
     # nothing was trained under the refused settings, so the same --out takes new ones
-    retry = CliRunner().invoke(app, [*TRAIN[:-8], "--budget", "50", "--seed", "1", "--device", "cpu",
+    retry = CliRunner().invoke(app, [*TRAIN[:-8], "--budget-epsilon", "50", "--seed", "1", "--device", "cpu",
                                      "--data", str(folder), "--out", str(tmp_path / "o")])
     assert retry.exit_code == 0, retry.output
     assert [r.round for r in Ledger(folder).rows()] == [1, 2, 3]
-    changed = CliRunner().invoke(app, [*TRAIN[:-8], "--budget", "60", "--seed", "1", "--device", "cpu",
-                                       "--data", str(folder), "--out", str(tmp_path / "o")])
-    assert changed.exit_code != 0 and "different settings" in str(changed.exception) + changed.output
+    changed = CliRunner().invoke(app, [*TRAIN[:-8], "--budget-epsilon", "50", "--seed", "1", "--device", "cpu",
+                                       "--learning-rate", "0.01", "--data", str(folder), "--out", str(tmp_path / "o")])
+    assert changed.exit_code != 0 and "other settings" in str(changed.exception) + changed.output
 
 
 def test_synthesize_speaks_with_trained_models(data, tmp_path):

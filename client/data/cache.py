@@ -142,6 +142,11 @@ class FeatureCache:
 
     def read_index(self) -> CacheIndex:
         """The prepared utterances; raises :class:`DataError` if ``prepare`` has not completed here."""
+        if self.root.is_file():
+            raise DataError(
+                f"{self.root} is a file, not a prepared data folder; pass the folder that "
+                f"`fedvox-client prepare {self.root.name} --out DIR` wrote (DIR)"
+            )
         try:
             raw = json.loads(self.index_path.read_text(encoding="utf-8"))
             settings = FeatureSettings(**raw["settings"])

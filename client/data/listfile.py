@@ -41,7 +41,11 @@ def read_list(path: str | os.PathLike[str]) -> list[Entry | Rejection]:
     except IsADirectoryError:
         raise DataError(f"{path} is a folder; pass the .list file inside it") from None
     except UnicodeDecodeError as exc:
-        raise DataError(f"list file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        encoding = "UTF-16 text" if path.read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff") else "not UTF-8 text"
+        raise DataError(
+            f"list file {path} is {encoding} ({exc.reason} at byte {exc.start}); save it as UTF-8 (in an editor's "
+            f"'Save as' encoding, or: iconv -t UTF-8 {path} > fixed.list) and pass that"
+        ) from None
     except OSError as exc:
         raise DataError(f"cannot read list file {path}: {exc.strerror}") from None
     return [
@@ -67,12 +71,35 @@ def parse_line(raw: str, line: int) -> Entry | Rejection:
     return Entry(line, audio_path, speaker, normalize_language(language), text)
 
 
+LIST_SUFFIXES = (".list",)
+LIST_SEARCH_DEPTH = 3
+"""A recording's list file sits in its folder or up to two folders above (GPT-SoVITS keeps
+``wavs/`` next to the ``.list``)."""
+
+
+def listing(path: str | os.PathLike[str]) -> Path | None:
+    """The list file near ``path`` that names it as a recording, if any (so nothing writes over it)."""
+    target = Path(os.path.realpath(Path(path).expanduser()))
+    for folder in [target.parent, *target.parent.parents][:LIST_SEARCH_DEPTH]:
+        for list_file in sorted(p for p in folder.glob("*") if p.suffix in LIST_SUFFIXES and p.is_file()):
+            try:
+                entries = read_list(list_file)
+            except DataError:
+                continue
+            for entry in entries:
+                if isinstance(entry, Entry) and _real(entry.audio_path, list_file.parent) == target:
+                    return list_file
+    return None
+
+
+def _real(audio_path: str, list_dir: Path) -> Path:
+    candidate = Path(audio_path).expanduser()
+    return Path(os.path.realpath(candidate if candidate.is_absolute() else list_dir / candidate))
+
+
 def resolve_audio(entry: Entry, list_dir: Path, data_root: Path) -> Path:
     """The recording's real path (symlinks resolved); it must lie inside ``data_root``."""
-    candidate = Path(entry.audio_path).expanduser()
-    if not candidate.is_absolute():
-        candidate = list_dir / candidate
-    real = Path(os.path.realpath(candidate))
+    real = _real(entry.audio_path, list_dir)
     root = Path(os.path.realpath(data_root))
     if not real.is_relative_to(root):
         raise Rejected(

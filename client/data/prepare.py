@@ -9,6 +9,7 @@ reason and the run goes on; only a problem with the list itself or the cache fol
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import multiprocessing
@@ -29,6 +30,7 @@ from fedvox.client.data.listfile import Entry, read_list, resolve_audio
 from fedvox.client.data.reasons import Reason, Rejected, Rejection
 from fedvox.client.data.report import PrepareReport
 from fedvox.client.data.slicing import Segment, cut_segment, split_segment
+from fedvox.shared.atomic import claim_folder, writable_folder
 from fedvox.shared.audio import SAMPLE_RATE, read_audio
 from fedvox.shared.cli import progress
 from fedvox.shared.errors import DataError, TextError
@@ -88,30 +90,36 @@ def prepare(
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder; pass an existing --data-root")
     settings = FeatureSettings(tokenizer=tokenizer.name, symbols_version=symbols_version, **extractors.names())
-    cache = FeatureCache(out)
+    cache = FeatureCache(_cache_folder(Path(out), list_file))
 
     with cache.lock(), progress() as bar:
         checking = bar.add_task("checking", total=len(entries), visible=show_progress)
-        cached, jobs, rejected = _plan(
+        cached, jobs, rejected, sources, twins = _plan(
             entries, list_file.parent, root, cache, settings, lambda: bar.advance(checking), slicing
         )
         log.info("%d entries: %d already prepared, %d to featurise, %d rejected",
                  len(entries), len(cached), len(jobs), len(rejected))
         started = time.perf_counter()
-        made: list[CachedItem] = []
+        outcomes: list[CachedItem | Rejection] = []
         task = bar.add_task("featurising", total=len(jobs), visible=show_progress and bool(jobs))
         for outcome in _run(jobs, tokenizer, cache, settings, limits, workers, extractors):
-            (rejected if isinstance(outcome, Rejection) else made).append(outcome)
+            outcomes.append(outcome)
             bar.advance(task)
         featurise_s = time.perf_counter() - started
-        accepted = sorted(cached + made, key=lambda item: item.line)
+        outcomes += _twin_outcomes(twins, jobs, outcomes)
+        made = [outcome for outcome in outcomes if isinstance(outcome, CachedItem)]
+        rejected += [outcome for outcome in outcomes if isinstance(outcome, Rejection)]
+        accepted, duplicates = _first_of_each(cached + made, sources)
+        rejected += duplicates
+        made_ids = {outcome.id for outcome in made}
+        featurised = sum(item.id in made_ids for item in accepted)
         stale = 0
         if accepted:  # never replace a working cache with an empty one
             cache.write_index(settings, accepted)
             stale = cache.prune({item.id for item in accepted})
         report = PrepareReport.build(
             list_file=list_file, out=cache.root, tokenizer=tokenizer.name, accepted=accepted,
-            rejected=rejected, featurised=len(made), featurise_s=featurise_s,
+            rejected=rejected, featurised=featurised, featurise_s=featurise_s,
             workers=_pool_size(len(jobs), workers, tokenizer, extractors), stale_removed=stale,
             notes=extractors.notes(accepted),
         )
@@ -119,16 +127,31 @@ def prepare(
     return report
 
 
+@dataclass(frozen=True)
+class Source:
+    """Which recording an entry names: its real path, content hash and (``--slice``) segment;
+    duplicates share them."""
+
+    path: Path
+    sha256: str
+    segment: Segment | None = None
+
+
 def _plan(
     entries: Sequence[Entry | Rejection], list_dir: Path, root: Path, cache: FeatureCache,
     settings: FeatureSettings, advance: Callable[[], object], slicing: bool = False,
-) -> tuple[list[CachedItem], list[Job], list[Rejection]]:
-    """Resolve, hash and de-duplicate every entry; split into cached items and jobs."""
+) -> tuple[list[CachedItem], list[Job], list[Rejection], dict[int, Source], list[tuple[Entry, str]]]:
+    """Resolve and hash every entry; split into cached items and jobs (one job per distinct item).
+
+    Duplicates are not judged here: an entry rejected later (say, for an empty transcript) must
+    not make a valid entry of the same recording a duplicate (:func:`_first_of_each`).
+    """
     cached: list[CachedItem] = []
     jobs: list[Job] = []
     rejected: list[Rejection] = []
-    first_by_path: dict[tuple[Path, Segment | None], int] = {}
-    first_by_content: dict[tuple[str, Segment | None], int] = {}
+    sources: dict[int, Source] = {}
+    planned: set[str] = set()
+    twins: list[tuple[Entry, str]] = []
     for entry in entries:
         advance()
         if isinstance(entry, Rejection):
@@ -138,27 +161,75 @@ def _plan(
         audio_path, segment = split_segment(entry.audio_path) if slicing else (entry.audio_path, None)
         try:
             path = resolve_audio(replace(entry, audio_path=audio_path), list_dir, root)
-            if (path, segment) in first_by_path:
-                raise Rejected(
-                    Reason.DUPLICATE_ENTRY, f"{where}: same file as line {first_by_path[path, segment]}"
-                )
-            first_by_path[path, segment] = entry.line
             sha256 = _hash_file(path, where)
-            if (sha256, segment) in first_by_content:
-                raise Rejected(
-                    Reason.DUPLICATE_ENTRY, f"{where}: same audio as line {first_by_content[sha256, segment]}"
-                )
-            first_by_content[sha256, segment] = entry.line
         except Rejected as exc:
             rejected.append(Rejection(entry.line, entry.audio_path, exc.reason, str(exc)))
             continue
+        sources[entry.line] = Source(path, sha256, segment)
         item = item_id(sha256 if segment is None else f"{sha256}#{segment}", entry.language, entry.text, settings)
         header = cache.item_header(item)
-        if header is None:
+        if header is None and item in planned:
+            twins.append((entry, item))  # same recording, language and text as a job: its outcome is that job's
+        elif header is None:
+            planned.add(item)
             jobs.append(Job(entry, path, sha256, item, segment))
         else:
             cached.append(_cached_item(entry, item, header["duration_s"], header["lengths"]))
-    return cached, jobs, rejected
+    return cached, jobs, rejected, sources, twins
+
+
+def _twin_outcomes(
+    twins: Sequence[tuple[Entry, str]], jobs: Sequence[Job], outcomes: Sequence[CachedItem | Rejection]
+) -> list[CachedItem | Rejection]:
+    """Each twin gets its job's outcome under its own line: a candidate, or the same rejection."""
+    by_item = {job.item: outcome for job, outcome in zip(jobs, outcomes, strict=True)}
+    result: list[CachedItem | Rejection] = []
+    for entry, item in twins:
+        outcome = by_item[item]
+        if isinstance(outcome, Rejection):
+            message = f"line {entry.line}: {entry.audio_path}: {outcome.reason}, as line {outcome.line}"
+            result.append(Rejection(entry.line, entry.audio_path, outcome.reason, message))
+        else:
+            result.append(dataclasses.replace(outcome, line=entry.line, source=entry.audio_path, speaker=entry.speaker))
+    return result
+
+
+def _first_of_each(
+    candidates: Sequence[CachedItem], sources: dict[int, Source]
+) -> tuple[list[CachedItem], list[Rejection]]:
+    """Among the entries that passed every check, the first of each recording; the others are
+    rejected as duplicates of it (a recording trains once, however often it is listed)."""
+    accepted: list[CachedItem] = []
+    rejected: list[Rejection] = []
+    by_path: dict[tuple[Path, Segment | None], int] = {}
+    by_content: dict[tuple[str, Segment | None], int] = {}
+    for item in sorted(candidates, key=lambda item: item.line):
+        source = sources[item.line]
+        where = f"line {item.line}: {item.source}"
+        path, content = (source.path, source.segment), (source.sha256, source.segment)
+        if path in by_path:
+            message = f"{where}: same file as line {by_path[path]}"
+        elif content in by_content:
+            message = f"{where}: same audio as line {by_content[content]}"
+        else:
+            by_path[path], by_content[content] = item.line, item.line
+            accepted.append(item)
+            continue
+        rejected.append(Rejection(item.line, item.source, Reason.DUPLICATE_ENTRY, message))
+    return accepted, rejected
+
+
+CACHE_MARKERS = ("index.json", ".lock", "items", "report.json")
+"""What an earlier ``prepare`` leaves in its folder: the only non-empty folder it writes into."""
+
+
+def _cache_folder(out: Path, list_file: Path) -> Path:
+    """``out`` if prepare may write there: new, empty, or an earlier prepare's; never the folder
+    of the list file (its recordings and files are the owner's)."""
+    claim_folder(out, CACHE_MARKERS)
+    if Path(os.path.realpath(out)) == Path(os.path.realpath(list_file.parent)):
+        raise DataError(f"--out {out} is the list file's folder; choose a new folder for the prepared data")
+    return writable_folder(out)
 
 
 def _hash_file(path: Path, where: str) -> str:
@@ -268,7 +339,9 @@ def _featurise(job: Job) -> CachedItem | Rejection:
     except Rejected as exc:
         return Rejection(entry.line, entry.audio_path, exc.reason, str(exc))
     except Exception as exc:  # one entry's unexpected failure must not stop the others
-        log.exception("featurising %s failed", where)
+        # The message may quote the transcript: it goes to the owner's report, the log says less.
+        log.error("line %d: featurising failed (%s; --verbose shows the traceback)", entry.line, type(exc).__name__)
+        log.debug("line %d", entry.line, exc_info=True)
         message = f"{where}: {type(exc).__name__}: {exc}"
         return Rejection(entry.line, entry.audio_path, Reason.FEATURE_ERROR, message)
     metadata = {

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +22,19 @@ log = logging.getLogger(__name__)
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
-    """Peak memory so far in MiB: allocated/reserved on CUDA (ROCm), resident set size on CPU."""
+    """Memory in MiB: peak allocated/reserved on CUDA (ROCm); on CPU the peak resident set size,
+    and on Linux the current one."""
     if device.type == "cuda":
         return {
             "peak_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20,
             "peak_reserved_mib": torch.cuda.max_memory_reserved(device) / 2**20,
         }
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_rss_mib": rss / (2**20 if sys.platform == "darwin" else 2**10)}
+    readings = {"peak_rss_mib": rss / (2**20 if sys.platform == "darwin" else 2**10)}
+    statm = Path("/proc/self/statm")
+    if statm.exists():  # Linux: the resident set now, so growth over steps shows (the peak hides it)
+        readings["rss_mib"] = int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return readings
 
 
 class TrainingMonitor:
@@ -37,6 +44,7 @@ class TrainingMonitor:
         self.log_dir = Path(log_dir) if log_dir else None
         self._writer = None
         self._jsonl = None
+        self.on_step: Callable[[int, dict[str, Any]], object] | None = None  # progress, per training step
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
@@ -54,6 +62,8 @@ class TrainingMonitor:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._writer.add_scalar(f"{kind}/{key}", value, step)
         log.debug("%s step %d: %s", kind, step, metrics)
+        if kind == "train" and self.on_step is not None:
+            self.on_step(step, metrics)
 
     def close(self) -> None:
         if self._jsonl:

@@ -186,7 +186,7 @@ def calibrate_noise_multiplier(
     below the accountant's resolution).
     """
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
-        raise ConfigError(f"target_epsilon must be a finite number > 0, got {target_epsilon}")
+        raise ConfigError(f"the target epsilon must be a finite number > 0, got {target_epsilon}")
     history = tuple(history)
     planned = Mechanism(1.0, sample_rate, steps)
     if not planned.touches_data:
@@ -196,7 +196,8 @@ def calibrate_noise_multiplier(
         raise BudgetExceededError(
             f"the history already spends epsilon={spent:.3f} at delta={delta:g} ({accountant}), "
             f"at or above the target {target_epsilon:g}: no noise level leaves room for "
-            f"{steps} more steps; stop training this client or raise its budget"
+            f"{steps} more steps; stop training this client or raise the target epsilon (and the "
+            "budget, if the target would pass it)"
         )
 
     def reached(sigma: float) -> float:

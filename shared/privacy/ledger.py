@@ -27,8 +27,10 @@ import json
 import logging
 import math
 import os
+import shutil
 import sqlite3
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, astuple, dataclass, fields, replace
@@ -517,14 +519,31 @@ def _components_json(components: tuple[Component, ...]) -> str:
 def _read_only(file: Path) -> Iterator[sqlite3.Connection]:
     if not file.is_file():
         raise LedgerIntegrityError(f"no privacy ledger at {file}")
+    if os.access(file.parent, os.W_OK):
+        with _connect_read_only(file) as con:
+            yield con
+        return
+    # SQLite cannot read a WAL database without writing its -shm index next to it: read a copy
+    # (with any -wal file, so rows not yet checkpointed are not missed).
+    with tempfile.TemporaryDirectory(prefix="fedvox-ledger-") as folder:
+        for part in (file, file.with_name(file.name + "-wal")):
+            if part.is_file():
+                shutil.copyfile(part, Path(folder) / part.name)
+        with _connect_read_only(Path(folder) / file.name, shown=file) as con:
+            yield con
+
+
+@contextmanager
+def _connect_read_only(file: Path, shown: Path | None = None) -> Iterator[sqlite3.Connection]:
+    shown = shown or file
     try:
         con = sqlite3.connect(f"{file.resolve().as_uri()}?mode=ro", uri=True, timeout=60.0)
     except sqlite3.Error as exc:
-        raise LedgerIntegrityError(f"cannot open privacy ledger {file}: {exc}") from exc
+        raise LedgerIntegrityError(f"cannot open privacy ledger {shown}: {exc}") from exc
     try:
         yield con
     except sqlite3.DatabaseError as exc:
-        raise LedgerIntegrityError(f"{file} is not a readable fedvox privacy ledger: {exc}") from exc
+        raise LedgerIntegrityError(f"{shown} is not a readable fedvox privacy ledger: {exc}") from exc
     finally:
         con.close()
 
