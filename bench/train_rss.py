@@ -54,9 +54,9 @@ def main(
 ) -> None:
     from fedvox.client.data.prepare import prepare
     from fedvox.client.device import probe
-    from fedvox.client.profiles import ProfileOverrides, select_profile
-    from fedvox.client.local import LocalTrainingSpec, train_local
     from fedvox.client.dp import PrivacyPlan
+    from fedvox.client.local import LocalTrainingSpec, train_local
+    from fedvox.client.profiles import ProfileOverrides, select_profile
     from fedvox.shared.semantic import tokenizer_spec
 
     torch.set_num_threads(1)

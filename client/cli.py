@@ -241,9 +241,9 @@ def train(
     import json
 
     from fedvox.client.device import probe as probe_device
-    from fedvox.client.profiles import ProfileOverrides, select_profile
     from fedvox.client.dp import PrivacyPlan
     from fedvox.client.local import LocalTrainingSpec, train_local
+    from fedvox.client.profiles import ProfileOverrides, select_profile
     from fedvox.shared.errors import ConfigError, Interrupted
 
     setup_logging(verbose)
@@ -301,7 +301,6 @@ def synthesize(
     from fedvox.client.synthesize import check_output, load_models, read_reference, write_wave
     from fedvox.client.synthesize import synthesize as speak
     from fedvox.shared.bert import bert_spec
-    from fedvox.shared.speaker import sv_spec
     from fedvox.shared.semantic import tokenizer_spec
     from fedvox.shared.speaker import sv_spec
 

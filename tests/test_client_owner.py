@@ -284,9 +284,7 @@ def test_one_vocabulary_old_names_work_hidden_and_help_reads_whole(monkeypatch, 
     _, output = cli(monkeypatch, capsys, "enroll", "--help")
     assert "[profile]" in output and "whose  table" not in " ".join(output.split("│"))
     # the command list shows each docstring's first paragraph: a line break there cuts a sentence
-    from fedvox.server.cli import app as server_app
-
-    for group in (app, server_app):
+    for group in (app,):
         for command in group.registered_commands:
             first = command.callback.__doc__.strip().split("\n\n")[0]
             assert "\n" not in first and first.endswith("."), first
