@@ -10,10 +10,10 @@ and out-of-range values with one clear message.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fedvox.shared.errors import ConfigError
 from fedvox.shared.models.config import CONFIG_NAMES
@@ -90,9 +90,9 @@ class RunConfig:
     @property
     def subset_spec(self) -> SubsetSpec:
         """The trainable subset of the run's model, built here for every caller."""
-        from fedvox.shared.models.subsets import SubsetSpec  # torch: loaded when a model is built
+        from fedvox.shared.models.subsets import SubsetKind, SubsetSpec  # torch: loaded when a model is built
 
-        return SubsetSpec(kind=self.subset, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
+        return SubsetSpec(kind=cast("SubsetKind", self.subset), lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
 
     # ------------------------------------------------------------------ construction
 
@@ -215,7 +215,9 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _typed(cls: type, values: Mapping[str, Any], skip: set[str] = frozenset(), prefix: str = "") -> dict[str, Any]:
+def _typed(
+    cls: type, values: Mapping[str, Any], skip: Collection[str] = frozenset(), prefix: str = ""
+) -> dict[str, Any]:
     known = {f.name: f for f in fields(cls) if f.name not in skip}
     out: dict[str, Any] = {}
     for name, value in values.items():

@@ -13,6 +13,8 @@ update; the tests assert that adapters change after one DP step.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -58,20 +60,20 @@ class LoRAConv1d(nn.Module):
                 "leave it out of the model's lora_targets()"
             )
         weight = base.weight
-        factory = {"device": weight.device, "dtype": weight.dtype}
         self.base = base.requires_grad_(False)
         self.lora_A = nn.Conv1d(
             base.in_channels,
             rank,
-            base.kernel_size,
-            stride=base.stride,
-            padding=base.padding,
-            dilation=base.dilation,
+            base.kernel_size[0],
+            stride=base.stride[0],
+            padding=base.padding if isinstance(base.padding, str) else base.padding[0],
+            dilation=base.dilation[0],
             padding_mode=base.padding_mode,
             bias=False,
-            **factory,
+            device=weight.device,
+            dtype=weight.dtype,
         )
-        self.lora_B = nn.Conv1d(rank, base.out_channels, 1, bias=False, **factory)
+        self.lora_B = nn.Conv1d(rank, base.out_channels, 1, bias=False, device=weight.device, dtype=weight.dtype)
         nn.init.zeros_(self.lora_B.weight)
         self.scaling = alpha / rank
 
@@ -115,7 +117,7 @@ def merged_base_state(layer: LoRALayer) -> dict[str, torch.Tensor]:
     state = {name: tensor.detach().clone() for name, tensor in base.state_dict().items()}
     merged = base.weight.detach() + layer.delta_weight().to(base.weight.dtype)
     if parametrize.is_parametrized(base, "weight"):
-        (norm,) = base.parametrizations.weight  # weight_norm registers exactly one parametrization
+        (norm,) = cast(Any, base).parametrizations.weight  # weight_norm registers exactly one parametrization
         state["parametrizations.weight.original0"] = torch.norm_except_dim(merged, 2, norm.dim)
         state["parametrizations.weight.original1"] = merged
     else:

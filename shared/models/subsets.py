@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 import torch
 from opacus import GradSampleModule
@@ -37,6 +37,7 @@ from fedvox.shared.errors import CheckpointError, ConfigError
 from fedvox.shared.models.lora import LoRALayer, merged_base_state, wrap_with_lora
 
 SubsetKind = Literal["full", "lora", "groups"]
+M = TypeVar("M", bound=nn.Module)
 SUBSET_KINDS: tuple[str, ...] = ("full", "lora", "groups")
 
 
@@ -75,7 +76,7 @@ class SubsetSpec:
             raise ConfigError("a 'full' subset trains every group already; leave groups empty")
 
 
-def apply_subset(model: nn.Module, spec: SubsetSpec) -> nn.Module:
+def apply_subset(model: M, spec: SubsetSpec) -> M:
     """Freeze everything outside ``spec`` and inject LoRA adapters for ``lora``; returns ``model``.
 
     Call it once, on a model that will not be re-wrapped, and build the optimizer afterwards from

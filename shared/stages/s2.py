@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 from torch import nn
 
+from fedvox.shared.errors import CheckpointError
 from fedvox.shared.models.config import S2Config, s2_config
 from fedvox.shared.models.factory import SoVITSPair, require_config
 from fedvox.shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn
 from fedvox.shared.models.s2.checkpoint import load_discriminator, load_generator, load_model
 from fedvox.shared.models.subsets import SubsetSpec, apply_subset
 from fedvox.shared.stages import StageRecipe
+
+M = TypeVar("M", SynthesizerTrn, MultiPeriodDiscriminator)
 
 
 def build(config: S2Config, subset: SubsetSpec, pretrained: str | Path | None) -> nn.Module:
@@ -20,7 +24,7 @@ def build(config: S2Config, subset: SubsetSpec, pretrained: str | Path | None) -
     fedvox ``.safetensors``) brings its ``s2D`` sibling when there is one, as GPT-SoVITS names them."""
     if pretrained:
         fedvox_file = Path(pretrained).suffix == ".safetensors"
-        generator = load_model(pretrained) if fedvox_file else load_generator(pretrained, config)
+        generator = _load_fedvox(pretrained, SynthesizerTrn) if fedvox_file else load_generator(pretrained, config)
         if fedvox_file:
             require_config(generator.config.name, config.name, pretrained)
         sibling = Path(pretrained).with_name(Path(pretrained).name.replace("s2G", "s2D"))
@@ -28,10 +32,20 @@ def build(config: S2Config, subset: SubsetSpec, pretrained: str | Path | None) -
         if not has_sibling:
             discriminator = MultiPeriodDiscriminator(config)
         else:
-            discriminator = load_model(sibling) if fedvox_file else load_discriminator(sibling, config)
+            discriminator = (
+                _load_fedvox(sibling, MultiPeriodDiscriminator) if fedvox_file else load_discriminator(sibling, config)
+            )
     else:
         generator, discriminator = SynthesizerTrn(config), MultiPeriodDiscriminator(config)
     return SoVITSPair(apply_subset(generator, subset), apply_subset(discriminator, SubsetSpec(kind="full")))
+
+
+def _load_fedvox(path: str | Path, kind: type[M]) -> M:
+    """A fedvox safetensors model file that must hold a ``kind`` (generator or discriminator)."""
+    model = load_model(path)
+    if not isinstance(model, kind):
+        raise CheckpointError(f"{path} holds an s2 {type(model).__name__}, not the {kind.__name__} expected here")
+    return model
 
 
 def voice_model(model: nn.Module) -> nn.Module:
