@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedvox.client.data.datasets import S2Dataset
-from fedvox.client.trainer.tasks import S2Task
+from fedvox.client.stages.s2 import S2Task
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import SubsetSpec, trainable_state_dict
 from fedvox.simulations.pretrain.train import StagePlan, _step, evaluate
