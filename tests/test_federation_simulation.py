@@ -27,7 +27,7 @@ def federation(tmp_path_factory):
         "checkpoint-dir": str(root / "run"), "num-server-rounds": 3, "min-clients": 3,
         "learning-rate": 0.05, "local-steps": 3, "client-budget-epsilon": 50.0,
         "speaker-dp.enabled": True, "speaker-dp.noise-multiplier": 0.3, "speaker-dp.clip-norm": 1.0,
-        "round-timeout": 120.0,
+        "round-timeout": 120.0, "evaluate": True,  # the kit's ClientApp releases its loss un-noised
     })
     server_app = make_server_app(config, initial_state=initial_state(), seed=11, export=False)
     client_app = make_client_app(root / "clients", behaviours={NAN: "nan"}, budgets={POOR: 0.5})
