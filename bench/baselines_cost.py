@@ -35,16 +35,27 @@ TARGET_SHARE = 0.30
 
 def simulate(speakers_dir: Path, out: Path, extra: list[str]) -> dict[str, Any]:
     """One ``fedvox-sim run`` in a fresh process; its wall time and the phases it recorded."""
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     load = load_average()
     started = time.perf_counter()
-    subprocess.run([FEDVOX_SIM, "run", "--speakers-dir", str(speakers_dir), "--out", str(out), *extra], check=True,
-                   env=env)
+    subprocess.run(
+        [FEDVOX_SIM, "run", "--speakers-dir", str(speakers_dir), "--out", str(out), *extra], check=True, env=env
+    )
     wall = time.perf_counter() - started
     run = json.loads((out / "runs" / "run" / "run.json").read_text())
-    return {"wall-s": wall, "phases-s": run["timings-s"], "load-average-start": load,
-            "load-average-end": load_average(), "host-load": run.get("host-load", {})}
+    return {
+        "wall-s": wall,
+        "phases-s": run["timings-s"],
+        "load-average-start": load,
+        "load-average-end": load_average(),
+        "host-load": run.get("host-load", {}),
+    }
 
 
 @app.command()
@@ -64,16 +75,30 @@ def main(
         with_ = simulate(speakers_dir, root / "with", common)
     share = (with_["wall-s"] - without["wall-s"]) / with_["wall-s"]
     quality = with_["phases-s"].get("speech-quality", 0.0) / with_["wall-s"]
-    result = {"host": host(__import__("torch").device("cpu")), "rounds": rounds, "with-baselines": with_,
-              "without-baselines": without, "baselines-share": share, "target-share": TARGET_SHARE,
-              "speech-quality-share": quality}
+    result = {
+        "host": host(__import__("torch").device("cpu")),
+        "rounds": rounds,
+        "with-baselines": with_,
+        "without-baselines": without,
+        "baselines-share": share,
+        "target-share": TARGET_SHARE,
+        "speech-quality-share": quality,
+    }
     path = write_json(result, out, "baselines_cost")
-    rows = [[name, r["wall-s"], f"{r['load-average-start']:.1f}, {r['load-average-end']:.1f}",
-             ", ".join(f"{k} {v:.0f}" for k, v in r["phases-s"].items())]
-            for name, r in (("without baselines", without), ("with baselines", with_))]
+    rows = [
+        [
+            name,
+            r["wall-s"],
+            f"{r['load-average-start']:.1f}, {r['load-average-end']:.1f}",
+            ", ".join(f"{k} {v:.0f}" for k, v in r["phases-s"].items()),
+        ]
+        for name, r in (("without baselines", without), ("with baselines", with_))
+    ]
     print(table(["run", "wall s", "load avg (start, end)", "phases s"], rows))
-    print(f"baselines: {share:.0%} of the run with them (target at most {TARGET_SHARE:.0%}); speech-quality scoring "
-          f"{quality:.0%}; {path}")
+    print(
+        f"baselines: {share:.0%} of the run with them (target at most {TARGET_SHARE:.0%}); speech-quality scoring "
+        f"{quality:.0%}; {path}"
+    )
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def interleaved(
             variants[name]()
     samples: dict[str, dict[str, list[float]]] = {n: {"cpu_s": [], "wall_s": []} for n in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             _sync(device)
             cpu, wall = time.process_time(), time.perf_counter()
             variants[name]()

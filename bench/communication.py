@@ -41,10 +41,15 @@ def measure(stage: str, config: str, spec: SubsetSpec, precision: str, full_byte
     payload = record_bytes(record)
     serialised = recorddict_to_proto(RecordDict({ARRAYS: record})).ByteSize()
     return {
-        "stage": stage, "config": config, "subset": spec.kind,
-        "lora_rank": spec.lora_rank if spec.kind == "lora" else None, "wire": precision,
-        "tensors": len(state), "trainable_params": sum(t.numel() for t in state.values()),
-        "record_payload_bytes": payload, "record_serialised_bytes": serialised,
+        "stage": stage,
+        "config": config,
+        "subset": spec.kind,
+        "lora_rank": spec.lora_rank if spec.kind == "lora" else None,
+        "wire": precision,
+        "tensors": len(state),
+        "trainable_params": sum(t.numel() for t in state.values()),
+        "record_payload_bytes": payload,
+        "record_serialised_bytes": serialised,
         "client_bytes_per_round": 2 * serialised,
         "fraction_of_full_fp32": serialised / full_bytes,
     }
@@ -67,23 +72,43 @@ def main(
     rows = []
     for st, cfg in itertools.product(stage, config):
         full = full_model_bytes(st, cfg)
-        specs = [SubsetSpec(kind="full")] + [SubsetSpec(kind="lora", lora_rank=r, lora_alpha=2.0 * r) for r in lora_rank]
+        specs = [SubsetSpec(kind="full")] + [
+            SubsetSpec(kind="lora", lora_rank=r, lora_alpha=2.0 * r) for r in lora_rank
+        ]
         for spec, precision in itertools.product(specs, wire):
             rows.append({**measure(st, cfg, spec, precision, full), "full_model_fp32_bytes": full})
     s1_lora_fp16 = [r for r in rows if r["stage"] == "s1" and r["subset"] == "lora" and r["wire"] == "fp16"]
     result = {
-        "figure": "communication", "host": host(torch.device("cpu")), "rows": rows,
-        "target": {"fraction": TARGET_FRACTION, "met": {f"s1-{r['config']}-r{r['lora_rank']}": r["fraction_of_full_fp32"] < TARGET_FRACTION
-                                                         for r in s1_lora_fp16}},
+        "figure": "communication",
+        "host": host(torch.device("cpu")),
+        "rows": rows,
+        "target": {
+            "fraction": TARGET_FRACTION,
+            "met": {
+                f"s1-{r['config']}-r{r['lora_rank']}": r["fraction_of_full_fp32"] < TARGET_FRACTION
+                for r in s1_lora_fp16
+            },
+        },
     }
     path = write_json(result, out, "communication")
     print(f"one record = one direction; a client moves 2 records per round; {path}")
-    print(table(
-        ("stage", "config", "subset", "wire", "params", "record MB", "x full fp32"),
-        [(r["stage"], r["config"], r["subset"] + (f" r{r['lora_rank']}" if r["lora_rank"] else ""), r["wire"],
-          f"{r['trainable_params']:,}", r["record_serialised_bytes"] / 1e6, f"{r['fraction_of_full_fp32']:.2%}")
-         for r in rows],
-    ))
+    print(
+        table(
+            ("stage", "config", "subset", "wire", "params", "record MB", "x full fp32"),
+            [
+                (
+                    r["stage"],
+                    r["config"],
+                    r["subset"] + (f" r{r['lora_rank']}" if r["lora_rank"] else ""),
+                    r["wire"],
+                    f"{r['trainable_params']:,}",
+                    r["record_serialised_bytes"] / 1e6,
+                    f"{r['fraction_of_full_fp32']:.2%}",
+                )
+                for r in rows
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

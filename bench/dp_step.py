@@ -40,15 +40,16 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from bench.common import host, interleaved, load_average, table, timing_key, write_json
 from fedvox.client.data.datasets import S1Example, S2Example
 from fedvox.client.dp.engine import make_private, run_logical_step
+from fedvox.client.dp.grad_sample import DirectGradSampleModule
 from fedvox.client.dp.optimizer import FedvoxDPOptimizer
 from fedvox.client.dp.task import Task, autocast
 from fedvox.client.stages import client_stage
+from fedvox.client.stages.s1 import S1Task
 from fedvox.shared.audio import HOP_LENGTH
 from fedvox.shared.cli import run_cli
 from fedvox.shared.models.config import EOS, PHONEME_VOCAB
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.s1 import s1_loss
-from fedvox.client.dp.grad_sample import DirectGradSampleModule
 from fedvox.shared.models.subsets import SubsetSpec
 
 app = typer.Typer(add_completion=False)
@@ -62,8 +63,10 @@ def synthetic_dataset(stage: str, batch: int, phonemes: int, tokens: int, seed: 
     g = torch.Generator().manual_seed(seed)
     vocab = PHONEME_VOCAB["v2"]
     if stage == "s1":
-        return [S1Example(torch.randint(1, vocab, (phonemes,), generator=g), torch.randint(0, EOS, (tokens,), generator=g))
-                for _ in range(batch)]
+        return [
+            S1Example(torch.randint(1, vocab, (phonemes,), generator=g), torch.randint(0, EOS, (tokens,), generator=g))
+            for _ in range(batch)
+        ]
     return [
         S2Example(
             semantic_ids=torch.randint(0, EOS, (tokens,), generator=g),
@@ -85,6 +88,7 @@ def step_variant(name: str, task: Task, batch: int, physical: int, device: torch
     indices = torch.arange(batch)
     optimizers = {part: task.optimizer(part, module, LEARNING_RATE) for part, module in task.parts().items()}
     if name == "plain":
+
         def plain() -> None:
             for optimizer in optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
@@ -92,29 +96,50 @@ def step_variant(name: str, task: Task, batch: int, physical: int, device: torch
                 task.accumulate(task.parts(), chunk, step_seed=0)
             for optimizer in optimizers.values():
                 optimizer.step()
+
         return plain
 
     noise = torch.Generator(device).manual_seed(0)
     if name == "ghost":
         return ghost_step(task, optimizers, batch, physical, noise)
     if name == "fedvox":
-        privates = {part: make_private(module, optimizers[part], noise_multiplier=1.0, clip_norm=1.0,
-                                       expected_batch_size=batch, noise_generator=noise)
-                    for part, module in task.parts().items()}
+        privates = {
+            part: make_private(
+                module,
+                optimizers[part],
+                noise_multiplier=1.0,
+                clip_norm=1.0,
+                expected_batch_size=batch,
+                noise_generator=noise,
+            )
+            for part, module in task.parts().items()
+        }
         wrapped = {part: p.module for part, p in privates.items()}
         dp_optimizers = [p.optimizer for p in privates.values()]
     else:
         wrapper, optimizer_class = {
-            "opacus": (GradSampleModule, DPOptimizer), "unpruned": (DirectGradSampleModule, FedvoxDPOptimizer),
+            "opacus": (GradSampleModule, DPOptimizer),
+            "unpruned": (DirectGradSampleModule, FedvoxDPOptimizer),
         }[name]
-        wrapped = {part: wrapper(module, batch_first=True, loss_reduction="sum", strict=True)
-                   for part, module in task.parts().items()}
-        dp_optimizers = [optimizer_class(optimizers[part], noise_multiplier=1.0, max_grad_norm=1.0,
-                                         expected_batch_size=batch, loss_reduction="mean", generator=noise)
-                         for part in wrapped]
+        wrapped = {
+            part: wrapper(module, batch_first=True, loss_reduction="sum", strict=True)
+            for part, module in task.parts().items()
+        }
+        dp_optimizers = [
+            optimizer_class(
+                optimizers[part],
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                expected_batch_size=batch,
+                loss_reduction="mean",
+                generator=noise,
+            )
+            for part in wrapped
+        ]
 
     def private() -> None:
         run_logical_step(indices, physical, lambda chunk: task.accumulate(wrapped, chunk, step_seed=0), dp_optimizers)
+
     return private
 
 
@@ -124,8 +149,14 @@ def ghost_step(task: Task, optimizers: dict, batch: int, physical: int, noise: t
     if not isinstance(task, S1Task) or physical != batch:
         raise typer.BadParameter("the ghost variant runs s1 with the whole logical batch in one physical batch")
     module = GradSampleModuleFastGradientClipping(task.model, batch_first=True, loss_reduction="sum", max_grad_norm=1.0)
-    optimizer = DPOptimizerFastGradientClipping(optimizers["s1"], noise_multiplier=1.0, max_grad_norm=1.0,
-                                                expected_batch_size=batch, loss_reduction="sum", generator=noise)
+    optimizer = DPOptimizerFastGradientClipping(
+        optimizers["s1"],
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=batch,
+        loss_reduction="sum",
+        generator=noise,
+    )
     data = task.batch(torch.arange(batch))
 
     def ghost() -> None:
@@ -134,6 +165,7 @@ def ghost_step(task: Task, optimizers: dict, batch: int, physical: int, noise: t
             per_sample = s1_loss(module, data).per_sample
         DPTensorFastGradientClipping(module, optimizer, per_sample, "sum").backward()
         optimizer.step()
+
     return ghost
 
 
@@ -150,7 +182,9 @@ def main(
     device: str = typer.Option("cpu", help="cpu or cuda"),
     threads: int = typer.Option(1, help="torch CPU threads (1 gives the steadiest ratios on a shared host)"),
     repeats: int = typer.Option(7, help="timed steps per variant"),
-    variants: str = typer.Option(",".join(VARIANTS), help="comma-separated, of " + ", ".join(VARIANTS + OPTIONAL_VARIANTS)),
+    variants: str = typer.Option(
+        ",".join(VARIANTS), help="comma-separated, of " + ", ".join(VARIANTS + OPTIONAL_VARIANTS)
+    ),
     out: Path = typer.Option(None, help="JSON path (default runs/bench/dp_step-<stage>-<config>-....json)"),
 ) -> None:
     logging.disable(logging.WARNING)
@@ -159,7 +193,9 @@ def main(
     dev = torch.device(device)
     names = [v for v in variants.split(",") if v]
     if unknown := set(names) - set(VARIANTS + OPTIONAL_VARIANTS):
-        raise typer.BadParameter(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS + OPTIONAL_VARIANTS)}")
+        raise typer.BadParameter(
+            f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS + OPTIONAL_VARIANTS)}"
+        )
     facts = host(dev)
     dataset = synthetic_dataset(stage, batch, phonemes, tokens)
     base = build_task(stage, config, subset, dataset, dev, precision)
@@ -177,20 +213,33 @@ def main(
     result = {
         "figure": "dp_step",
         "host": {**facts, "load_average_end": load_average()},
-        "setting": {"stage": stage, "config": config, "subset": subset, "batch": batch,
-                    "physical": physical or batch, "phonemes": phonemes, "tokens": tokens,
-                    "precision": precision, "trainable_params": trainable, "repeats": repeats,
-                    "timing": key.removesuffix("_median")},
+        "setting": {
+            "stage": stage,
+            "config": config,
+            "subset": subset,
+            "batch": batch,
+            "physical": physical or batch,
+            "phonemes": phonemes,
+            "tokens": tokens,
+            "precision": precision,
+            "trainable_params": trainable,
+            "repeats": repeats,
+            "timing": key.removesuffix("_median"),
+        },
         "variants": rows,
     }
     path = write_json(result, out, f"dp_step-{stage}-{config}-{subset}-{precision}-b{batch}-{device}")
-    print(f"{stage} {config} {subset} {precision}, batch {batch} (physical {physical or batch}), "
-          f"{phonemes} phonemes + {tokens} tokens, {trainable:,} trainable, {facts['cpu']} "
-          f"{threads} thread(s), load {facts['load_average_start']:.1f} -> {load_average():.1f}; {path}")
-    print(table(
-        ("variant", "cpu s", "wall s", "x plain"),
-        [(n, r["cpu_s_median"], r["wall_s_median"], r["ratio_to_plain"] or float("nan")) for n, r in rows.items()],
-    ))
+    print(
+        f"{stage} {config} {subset} {precision}, batch {batch} (physical {physical or batch}), "
+        f"{phonemes} phonemes + {tokens} tokens, {trainable:,} trainable, {facts['cpu']} "
+        f"{threads} thread(s), load {facts['load_average_start']:.1f} -> {load_average():.1f}; {path}"
+    )
+    print(
+        table(
+            ("variant", "cpu s", "wall s", "x plain"),
+            [(n, r["cpu_s_median"], r["wall_s_median"], r["ratio_to_plain"] or float("nan")) for n, r in rows.items()],
+        )
+    )
 
 
 if __name__ == "__main__":

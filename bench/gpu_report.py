@@ -52,11 +52,23 @@ def rows(report: dict[str, Any]) -> list[tuple[object, ...]]:
         timing = s["timing"]
         for variant in ("plain", "opacus", "fedvox"):
             if f"{variant}_{timing}_median" in s:
-                out.append((f"DP step {s['stage']} {s['config']} b{s['batch']} {s['precision']}", variant,
-                            f"{s[f'{variant}_{timing}_median'] * 1e3:.1f} ms", s[f"{variant}_ratio_to_plain"]))
+                out.append(
+                    (
+                        f"DP step {s['stage']} {s['config']} b{s['batch']} {s['precision']}",
+                        variant,
+                        f"{s[f'{variant}_{timing}_median'] * 1e3:.1f} ms",
+                        s[f"{variant}_ratio_to_plain"],
+                    )
+                )
     for r in report["profile_fit"]:
-        out.append((f"memory {r['device']} ({r['profile']})", f"batch {r['physical_batch']}",
-                    f"{r['peak_max_bytes'] / 2**30:.2f} GiB", r["peak_over_allowance"]))
+        out.append(
+            (
+                f"memory {r['device']} ({r['profile']})",
+                f"batch {r['physical_batch']}",
+                f"{r['peak_max_bytes'] / 2**30:.2f} GiB",
+                r["peak_over_allowance"],
+            )
+        )
     if train := report["train"]:
         out.append(("DP training run s1", f"{train['steps']} steps", f"{train['wall_s']} s", ""))
     return out

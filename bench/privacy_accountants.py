@@ -61,7 +61,9 @@ def main(
     rng = np.random.default_rng(0)
     shapes = {
         "same noise every round": [Mechanism(1.0, sample_rate, steps)] * rounds,
-        "noise calibrated every round": [Mechanism(float(1.0 + 0.2 * rng.random()), sample_rate, steps) for _ in range(rounds)],
+        "noise calibrated every round": [
+            Mechanism(float(1.0 + 0.2 * rng.random()), sample_rate, steps) for _ in range(rounds)
+        ],
     }
     report: dict[str, object] = {"rounds": rounds, "steps": steps, "sample_rate": sample_rate, "delta": delta}
     for name, history in shapes.items():
@@ -70,8 +72,14 @@ def main(
             _cold()
             row[f"opacus {accountant}"] = _timed(lambda a=accountant, h=history: accounting.epsilon(h, delta, a))
         for label, make in (
-            ("dp-accounting pld 1e-4", lambda: pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)),
-            ("dp-accounting pld 1e-3", lambda: pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)),
+            (
+                "dp-accounting pld 1e-4",
+                lambda: pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4),
+            ),
+            (
+                "dp-accounting pld 1e-3",
+                lambda: pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3),
+            ),
             ("dp-accounting rdp", rdp_privacy_accountant.RdpAccountant),
         ):
             row[label] = _timed(lambda m=make, h=history: _google(h, delta, m()))
@@ -81,7 +89,9 @@ def main(
         _cold()
         spent = accounting.epsilon(prior, delta, accountant)
         report[f"calibrate {accountant} after {len(prior)} distinct rounds"] = _timed(
-            lambda a=accountant, s=spent: calibrate_noise_multiplier(s + 1.0, delta, sample_rate=sample_rate, steps=steps, history=prior, accountant=a)
+            lambda a=accountant, s=spent: calibrate_noise_multiplier(
+                s + 1.0, delta, sample_rate=sample_rate, steps=steps, history=prior, accountant=a
+            )
         ) | {"note": "epsilon field is the noise multiplier found"}
     print(json.dumps(report, indent=2))
 

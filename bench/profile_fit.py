@@ -13,7 +13,8 @@ planning length (``client.profiles.PLANNING_SECONDS``). Recorded: the resident m
 steps (interpreter, torch, model, optimizer state) and the peak during them (VmHWM, reset before
 each step), against the profile's estimate (model, optimizer state and activations; not the
 interpreter and libraries), its budget (what training may add) and the process's allowance
-(on a CPU the share of the RAM a profile plans for, runtime included; on a GPU the budget). glibc returns every block of 64 KiB or more on free (``MALLOC_MMAP_THRESHOLD_``),
+(on a CPU the share of the RAM a profile plans for, runtime included; on a GPU the budget). glibc returns every
+block of 64 KiB or more on free (``MALLOC_MMAP_THRESHOLD_``),
 so the peak is that of live memory. Linux only.
 
 A GPU profile runs on this machine's GPU with the process capped to the reference GPU's memory
@@ -91,13 +92,25 @@ def measure(device_name: str, stage: str, config: str, subset: str, steps: int) 
     # The whole process's share: on a CPU the budget is what training may add to the runtime.
     allowance = int(facts.ram * CPU_RAM_FRACTION) if device.type == "cpu" else profile.memory.budget
     return {
-        "device": device_name, "stage": stage, "config": config, "subset": subset, "profile": profile.name,
-        "physical_batch": batch, "precision": profile.precision, "checkpointing": profile.checkpointing,
-        "phonemes": phonemes, "semantic_tokens": tokens, "resident_before_bytes": resident,
-        "peak_bytes": peaks, "peak_max_bytes": max(peaks), "estimate_bytes": estimate,
-        "budget_bytes": profile.memory.budget, "allowance_bytes": allowance,
+        "device": device_name,
+        "stage": stage,
+        "config": config,
+        "subset": subset,
+        "profile": profile.name,
+        "physical_batch": batch,
+        "precision": profile.precision,
+        "checkpointing": profile.checkpointing,
+        "phonemes": phonemes,
+        "semantic_tokens": tokens,
+        "resident_before_bytes": resident,
+        "peak_bytes": peaks,
+        "peak_max_bytes": max(peaks),
+        "estimate_bytes": estimate,
+        "budget_bytes": profile.memory.budget,
+        "allowance_bytes": allowance,
         "peak_over_allowance": max(peaks) / allowance,
-        "device_memory_bytes": facts.ram if device.type == "cpu" else facts.total_memory, "error": error,
+        "device_memory_bytes": facts.ram if device.type == "cpu" else facts.total_memory,
+        "error": error,
     }
 
 
@@ -127,28 +140,74 @@ def main(
     rows = []
     for name in device:
         done = subprocess.run(
-            [sys.executable, "-m", "bench.profile_fit", "--one", name, "--stage", stage, "--config", config,
-             "--subset", subset, "--steps", str(steps)],
-            capture_output=True, text=True, env={**os.environ, **MALLOC_ENV},
+            [
+                sys.executable,
+                "-m",
+                "bench.profile_fit",
+                "--one",
+                name,
+                "--stage",
+                stage,
+                "--config",
+                config,
+                "--subset",
+                subset,
+                "--steps",
+                str(steps),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **MALLOC_ENV},
         )
         if done.returncode != 0:
             sys.stderr.write(done.stderr[-4000:])
             raise SystemExit(f"the {name} measurement failed (exit {done.returncode}); its log is above")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    result = {"figure": "profile_fit", "host": {**facts, "load_average_end": load_average()},
-              "setting": {"stage": stage, "config": config, "subset": subset, "steps": steps, "threads": 1},
-              "rows": rows}
+    result = {
+        "figure": "profile_fit",
+        "host": {**facts, "load_average_end": load_average()},
+        "setting": {"stage": stage, "config": config, "subset": subset, "steps": steps, "threads": 1},
+        "rows": rows,
+    }
     path = write_json(result, out, f"profile_fit-{stage}-{config}-{subset}")
-    print(f"{stage} {config} {subset}, DP steps at each profile's physical batch, {rows[0]['phonemes']} phonemes + "
-          f"{rows[0]['semantic_tokens']} tokens per utterance; {facts['cpu']}, load "
-          f"{facts['load_average_start']:.1f} -> {load_average():.1f}; {path}")
-    print(table(
-        ("device", "profile", "batch", "resident GiB", "peak GiB", "peak - resident", "estimate GiB", "budget GiB",
-         "allowance GiB", "peak / allowance", "error"),
-        [(r["device"], r["profile"], r["physical_batch"], r["resident_before_bytes"] / GIB, r["peak_max_bytes"] / GIB,
-          (r["peak_max_bytes"] - r["resident_before_bytes"]) / GIB, r["estimate_bytes"] / GIB, r["budget_bytes"] / GIB,
-          r["allowance_bytes"] / GIB, r["peak_over_allowance"], r["error"] or "") for r in rows],
-    ))
+    print(
+        f"{stage} {config} {subset}, DP steps at each profile's physical batch, {rows[0]['phonemes']} phonemes + "
+        f"{rows[0]['semantic_tokens']} tokens per utterance; {facts['cpu']}, load "
+        f"{facts['load_average_start']:.1f} -> {load_average():.1f}; {path}"
+    )
+    print(
+        table(
+            (
+                "device",
+                "profile",
+                "batch",
+                "resident GiB",
+                "peak GiB",
+                "peak - resident",
+                "estimate GiB",
+                "budget GiB",
+                "allowance GiB",
+                "peak / allowance",
+                "error",
+            ),
+            [
+                (
+                    r["device"],
+                    r["profile"],
+                    r["physical_batch"],
+                    r["resident_before_bytes"] / GIB,
+                    r["peak_max_bytes"] / GIB,
+                    (r["peak_max_bytes"] - r["resident_before_bytes"]) / GIB,
+                    r["estimate_bytes"] / GIB,
+                    r["budget_bytes"] / GIB,
+                    r["allowance_bytes"] / GIB,
+                    r["peak_over_allowance"],
+                    r["error"] or "",
+                )
+                for r in rows
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

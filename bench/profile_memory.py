@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from fedvox.client.device import probe
+from fedvox.client.dp.engine import make_private
 from fedvox.client.profiles import (
     AUTOCAST_DTYPES,
     MEMORY_TABLE,
@@ -37,7 +38,6 @@ from fedvox.client.profiles import (
     estimate_memory,
     model_size,
 )
-from fedvox.client.dp.engine import make_private
 from fedvox.shared.atomic import atomic_write_text
 from fedvox.shared.audio import FRAMES_PER_SECOND, HOP_LENGTH, SEMANTIC_RATE
 from fedvox.shared.models.batches import S1Batch, S2Batch
@@ -103,8 +103,7 @@ def _s1_step(stage_models, batch_size: int, device: torch.device, lengths: dict[
     loss.backward()
 
 
-def _s2_step(stage_models, batch_size: int, device: torch.device, lengths: dict[str, int], autocast,
-             config) -> None:
+def _s2_step(stage_models, batch_size: int, device: torch.device, lengths: dict[str, int], autocast, config) -> None:
     """One s2 GAN step's forwards and backwards (``shared.models.s2.gan``): G, then D, then G with D frozen."""
     from fedvox.shared.models.s2 import discriminator_losses, frozen, generator_losses
 
@@ -141,8 +140,9 @@ def activation_term(plain_slope: int, dp_slope: int, trainable: int, mixed: bool
     return max(plain_slope, dp_slope - trainable * (2 if mixed else 4))
 
 
-def measure(stage: str, config_name: str, subset: str, precision: str, checkpointing: bool,
-            device_name: str) -> dict[str, Any]:
+def measure(
+    stage: str, config_name: str, subset: str, precision: str, checkpointing: bool, device_name: str
+) -> dict[str, Any]:
     """One row: the peak memory of DP steps and of plain steps per physical batch size (run in a
     fresh process)."""
     device = torch.device(device_name)
@@ -160,17 +160,22 @@ def measure(stage: str, config_name: str, subset: str, precision: str, checkpoin
         from fedvox.shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn
 
         config = s2_config(config_name)
-        models = [(SynthesizerTrn(config), SubsetSpec(subset)),
-                  (MultiPeriodDiscriminator(config), SubsetSpec("full"))]
+        models = [(SynthesizerTrn(config), SubsetSpec(subset)), (MultiPeriodDiscriminator(config), SubsetSpec("full"))]
     stage_models = []
     for model, spec in models:
         model.to(device)
         apply_subset(model, spec)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        stage_models.append(make_private(
-            model, torch.optim.AdamW(trainable, lr=1e-4), noise_multiplier=1.0, clip_norm=1.0,
-            expected_batch_size=4, noise_generator=torch.Generator(device).manual_seed(0),
-        ))
+        stage_models.append(
+            make_private(
+                model,
+                torch.optim.AdamW(trainable, lr=1e-4),
+                noise_multiplier=1.0,
+                clip_norm=1.0,
+                expected_batch_size=4,
+                noise_generator=torch.Generator(device).manual_seed(0),
+            )
+        )
     dtype = AUTOCAST_DTYPES.get(precision)
 
     def autocast() -> torch.autocast:
@@ -204,15 +209,26 @@ def measure(stage: str, config_name: str, subset: str, precision: str, checkpoin
     facts = probe()
     host = facts.device_name if device.type == "cuda" else f"{facts.cpu_name} ({facts.logical_cores} threads)"
     return {
-        "device": device.type, "stage": stage, "config": config_name, "subset": subset,
-        "precision": precision, "checkpointing": checkpointing,
-        "activation_bytes": activation, "activation_plain_bytes": slope(plain_peaks),
-        "per_sample_bytes_measured": slope(dp_peaks), "per_sample_bytes_model": modelled.per_sample,
+        "device": device.type,
+        "stage": stage,
+        "config": config_name,
+        "subset": subset,
+        "precision": precision,
+        "checkpointing": checkpointing,
+        "activation_bytes": activation,
+        "activation_plain_bytes": slope(plain_peaks),
+        "per_sample_bytes_measured": slope(dp_peaks),
+        "per_sample_bytes_model": modelled.per_sample,
         "fixed_bytes_measured": dp_peaks[0] - slope(dp_peaks) * batches[0] - baseline,
-        "fixed_bytes_model": modelled.fixed, "baseline_bytes": baseline,
-        "trainable_params": size.trainable, "batches": list(batches),
-        "dp_peak_bytes": dp_peaks, "plain_peak_bytes": plain_peaks, "lengths": lengths,
-        "host": host, "torch": torch.__version__.split("+")[0],
+        "fixed_bytes_model": modelled.fixed,
+        "baseline_bytes": baseline,
+        "trainable_params": size.trainable,
+        "batches": list(batches),
+        "dp_peak_bytes": dp_peaks,
+        "plain_peak_bytes": plain_peaks,
+        "lengths": lengths,
+        "host": host,
+        "torch": torch.__version__.split("+")[0],
         "date": datetime.date.today().isoformat(),
     }
 
@@ -224,7 +240,7 @@ def _jobs(args: argparse.Namespace) -> list[tuple[str, str, str, str, bool]]:
         for config in args.config or ARCHITECTURES[stage]:
             for subset in args.subset:
                 for precision in args.precision:
-                    for checkpointing in ((False, True) if stage == "s1" else (False,)):
+                    for checkpointing in (False, True) if stage == "s1" else (False,):
                         jobs.append((stage, config, subset, precision, checkpointing))
     return jobs
 
@@ -241,8 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--subset", nargs="+", default=["lora", "full"], choices=("lora", "full"))
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
     parser.add_argument("--out", type=Path, default=MEMORY_TABLE)
-    parser.add_argument("--one", nargs=5, metavar=("STAGE", "CONFIG", "SUBSET", "PRECISION", "CKPT"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--one", nargs=5, metavar=("STAGE", "CONFIG", "SUBSET", "PRECISION", "CKPT"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     if args.one:
         stage, config, subset, precision, ckpt = args.one
@@ -252,19 +269,35 @@ def main(argv: list[str] | None = None) -> None:
     table = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
     rows = {_key(row): row for row in table["rows"]}
     for stage, config, subset, precision, ckpt in _jobs(args):
-        command = [sys.executable, "-m", "bench.profile_memory", "--device", args.device,
-                   "--one", stage, config, subset, precision, str(int(ckpt))]
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV, "PYTHONWARNINGS": "ignore"})
+        command = [
+            sys.executable,
+            "-m",
+            "bench.profile_memory",
+            "--device",
+            args.device,
+            "--one",
+            stage,
+            config,
+            subset,
+            precision,
+            str(int(ckpt)),
+        ]
+        done = subprocess.run(
+            command, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV, "PYTHONWARNINGS": "ignore"}
+        )
         if done.returncode != 0:
             print(f"FAILED {stage} {config} {subset} {precision} ckpt={ckpt}:\n{done.stderr[-2000:]}", file=sys.stderr)
             continue
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows[_key(row)] = row
-        print(f"{stage} {config:9s} {subset:4s} {precision} ckpt={int(ckpt)}: activations "
-              f"{row['activation_bytes'] / 2**20:7.1f} MiB/sample; DP per sample measured "
-              f"{row['per_sample_bytes_measured'] / 2**20:7.1f} vs model {row['per_sample_bytes_model'] / 2**20:7.1f} "
-              f"MiB; fixed measured {row['fixed_bytes_measured'] / 2**20:.0f} vs model "
-              f"{row['fixed_bytes_model'] / 2**20:.0f} MiB", flush=True)
+        print(
+            f"{stage} {config:9s} {subset:4s} {precision} ckpt={int(ckpt)}: activations "
+            f"{row['activation_bytes'] / 2**20:7.1f} MiB/sample; DP per sample measured "
+            f"{row['per_sample_bytes_measured'] / 2**20:7.1f} vs model {row['per_sample_bytes_model'] / 2**20:7.1f} "
+            f"MiB; fixed measured {row['fixed_bytes_measured'] / 2**20:.0f} vs model "
+            f"{row['fixed_bytes_model'] / 2**20:.0f} MiB",
+            flush=True,
+        )
         table["rows"] = sorted(rows.values(), key=_key)
         table["about"] = (
             "Activation bytes per sample at the planning length, written by bench/profile_memory.py "

@@ -88,10 +88,18 @@ def main(
     apply_subset(generator, SubsetSpec(kind="full"))
     batch = _batch(cfg, batch_size, tokens, phonemes)
     starts, noise = draw_randomness(batch.spec_lengths, cfg, torch.Generator().manual_seed(0))
-    result: dict[str, object] = {"config": config, "threads": threads, "batch_size": batch_size,
-                                 "tokens": tokens, "phonemes": phonemes}
-    for mode, wrap in (("plain", None), ("opacus_hooks", GradSampleModule),
-                       ("opacus_weight_norm", DirectGradSampleModule)):
+    result: dict[str, object] = {
+        "config": config,
+        "threads": threads,
+        "batch_size": batch_size,
+        "tokens": tokens,
+        "phonemes": phonemes,
+    }
+    for mode, wrap in (
+        ("plain", None),
+        ("opacus_hooks", GradSampleModule),
+        ("opacus_weight_norm", DirectGradSampleModule),
+    ):
         g, d = copy.deepcopy(generator), copy.deepcopy(discriminator)
         if wrap is not None:
             g = wrap(g, batch_first=True, loss_reduction="sum", strict=True)
@@ -109,8 +117,7 @@ def main(
         result[f"gan_step_{mode}"] = {"cpu_s": round(cpu, 4), "wall_s": round(wall, 4)}
     plain = result["gan_step_plain"]["cpu_s"]
     result["overhead_x"] = {
-        mode: round(result[f"gan_step_{mode}"]["cpu_s"] / plain, 2)
-        for mode in ("opacus_hooks", "opacus_weight_norm")
+        mode: round(result[f"gan_step_{mode}"]["cpu_s"] / plain, 2) for mode in ("opacus_hooks", "opacus_weight_norm")
     }
     generator.eval()
     codes = torch.randint(0, cfg.codebook_size, (1, decode_tokens))
@@ -118,7 +125,10 @@ def main(
     sv = torch.randn(1, cfg.sv_dim) if cfg.is_pro else None
     refer = batch.spec[:1]
     _, wall = _median(lambda: generator.decode(codes, text, refer, sv), repeats)
-    result["decode"] = {"seconds_of_speech": decode_tokens / 25, "real_time_factor": round(wall / (decode_tokens / 25), 3)}
+    result["decode"] = {
+        "seconds_of_speech": decode_tokens / 25,
+        "real_time_factor": round(wall / (decode_tokens / 25), 3),
+    }
     print(json.dumps(result))
 
 

@@ -55,13 +55,29 @@ CANDIDATES: dict[str, tuple[SubsetSpec, tuple[str, ...] | None]] = {
 
 
 def _speaker_caches(folder: Path, utterances: int) -> tuple[Path, Path]:
-    generate_speakers(folder / "speakers", SpeakersConfig(n_speakers=1, utterances=utterances, heldout_utterances=4,
-                                                          unseen_speakers=0, language="en", seed=7, workers=1))
+    generate_speakers(
+        folder / "speakers",
+        SpeakersConfig(
+            n_speakers=1,
+            utterances=utterances,
+            heldout_utterances=4,
+            unseen_speakers=0,
+            language="en",
+            seed=7,
+            workers=1,
+        ),
+    )
     caches = []
     for split, name in (("train", "train.list"), ("heldout", "heldout_seen.list")):
         cache = folder / split
-        prepare(folder / "speakers" / name, cache, tokenizer=tokenizer_spec(), symbols_version="v2", workers=1,
-                show_progress=False)
+        prepare(
+            folder / "speakers" / name,
+            cache,
+            tokenizer=tokenizer_spec(),
+            symbols_version="v2",
+            workers=1,
+            show_progress=False,
+        )
         caches.append(cache)
     return caches[0], caches[1]
 
@@ -91,8 +107,15 @@ def main(
     with tempfile.TemporaryDirectory() as tmp:
         train_cache, heldout_cache = _speaker_caches(Path(tmp), utterances)
         train, heldout = S2Dataset(train_cache), S2Dataset(heldout_cache)
-        plan = StagePlan("s2", model_config=config, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
-                         warmup=1, disc_start=steps)
+        plan = StagePlan(
+            "s2",
+            model_config=config,
+            steps=steps,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            warmup=1,
+            disc_start=steps,
+        )
         indices = torch.arange(len(heldout))
         rows = {}
         for name, (spec, targets) in CANDIDATES.items():
@@ -105,14 +128,33 @@ def main(
                 _step(task, optimizers, plan, step, len(train))
             after = evaluate(task, heldout, indices)["mel"]
             params = sum(p.numel() for p in pair.generator.parameters() if p.requires_grad)
-            rows[name] = {"mel_before": before, "mel_after": after, "drop": round(before - after, 4),
-                          "parameters": params, "update_mb_fp16": round(2 * params / 1e6, 3),
-                          "drop_per_mb": round((before - after) / (2 * params / 1e6), 4),
-                          "drop_per_sqrt_param": round((before - after) / params**0.5 * 1e3, 4)}
-            typer.echo(f"{name:50s} mel {before:8.3f} -> {after:8.3f}  {params:>9,d} params  "
-                       f"{rows[name]['drop_per_mb']:8.3f}/MB", err=True)
-    typer.echo(json.dumps({"base": base, "config": config, "steps": steps, "batch_size": batch_size,
-                           "learning_rate": learning_rate, "results": rows}, indent=2))
+            rows[name] = {
+                "mel_before": before,
+                "mel_after": after,
+                "drop": round(before - after, 4),
+                "parameters": params,
+                "update_mb_fp16": round(2 * params / 1e6, 3),
+                "drop_per_mb": round((before - after) / (2 * params / 1e6), 4),
+                "drop_per_sqrt_param": round((before - after) / params**0.5 * 1e3, 4),
+            }
+            typer.echo(
+                f"{name:50s} mel {before:8.3f} -> {after:8.3f}  {params:>9,d} params  "
+                f"{rows[name]['drop_per_mb']:8.3f}/MB",
+                err=True,
+            )
+    typer.echo(
+        json.dumps(
+            {
+                "base": base,
+                "config": config,
+                "steps": steps,
+                "batch_size": batch_size,
+                "learning_rate": learning_rate,
+                "results": rows,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -32,10 +32,18 @@ def main(argv: list[str] | None = None) -> None:
     for count in args.params:
         generator = torch.Generator(device=device).manual_seed(0)
         secure = SecureGaussian(bytes(32))
-        timed = interleaved({
-            "torch": lambda: torch.normal(0.0, 1.0, (count,), generator=generator, device=device),
-            "chacha20": lambda: secure.normal((count,), 1.0, device=device, dtype=torch.float32),
-        }, args.repeats, device)
+        timed = interleaved(
+            {
+                "torch": lambda count=count, generator=generator: torch.normal(
+                    0.0, 1.0, (count,), generator=generator, device=device
+                ),
+                "chacha20": lambda count=count, secure=secure: secure.normal(
+                    (count,), 1.0, device=device, dtype=torch.float32
+                ),
+            },
+            args.repeats,
+            device,
+        )
         torch_s, secure_s = timed["torch"][key], timed["chacha20"][key]
         results.append({"params": count, "torch": timed["torch"], "chacha20": timed["chacha20"]})
         rows.append((f"{count:,}", f"{torch_s * 1e3:.1f}", f"{secure_s * 1e3:.1f}", f"{secure_s / torch_s:.1f}x"))

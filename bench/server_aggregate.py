@@ -78,16 +78,24 @@ class BenchGrid:
 
 
 def status(node: int) -> ClientStatus:
-    return ClientStatus(client_id=f"client-{node:03d}", profile="bench", epsilon_spent=0.5, epsilon_budget=10.0,
-                        epsilon_next=1.0)
+    return ClientStatus(
+        client_id=f"client-{node:03d}", profile="bench", epsilon_spent=0.5, epsilon_budget=10.0, epsilon_next=1.0
+    )
 
 
 def run_config(stage: str, config: str, subset: str, wire: str, aggregation: str, speaker_dp: bool) -> RunConfig:
-    return RunConfig.from_flat({
-        "stage": stage, "model-config": config, "subset": subset, "min-clients": 1,
-        "wire-precision": wire, "aggregation": aggregation, "speaker-dp.enabled": speaker_dp,
-        "max-update-norm": 1e9,
-    })
+    return RunConfig.from_flat(
+        {
+            "stage": stage,
+            "model-config": config,
+            "subset": subset,
+            "min-clients": 1,
+            "wire-precision": wire,
+            "aggregation": aggregation,
+            "speaker-dp.enabled": speaker_dp,
+            "max-update-norm": 1e9,
+        }
+    )
 
 
 def strategy_for(run: RunConfig) -> FedvoxStrategy:
@@ -105,8 +113,10 @@ def strategy_for(run: RunConfig) -> FedvoxStrategy:
 def updates(sent: dict[str, torch.Tensor], distinct: int, precision: str) -> list[ArrayRecord]:
     """``distinct`` client updates: the received global plus a small, finite, different step."""
     g = torch.Generator().manual_seed(0)
-    return [to_record({n: t + 1e-3 * torch.randn(t.shape, generator=g) for n, t in sent.items()}, precision)
-            for _ in range(distinct)]
+    return [
+        to_record({n: t + 1e-3 * torch.randn(t.shape, generator=g) for n, t in sent.items()}, precision)
+        for _ in range(distinct)
+    ]
 
 
 def train_replies(messages: list[Message], records: list[ArrayRecord]) -> list[Message]:
@@ -184,28 +194,61 @@ def main(
     result = {
         "figure": "server_aggregate",
         "host": {**facts, "load_average_end": load_average()},
-        "setting": {"stage": stage, "config": config, "subset": subset, "clients": clients, "wire": wire,
-                    "aggregation": aggregation, "speaker_dp": speaker_dp, "distinct_records": distinct,
-                    "repeats": repeats, "torch_threads": 1, "freed_memory_returned": freed},
-        "record_bytes": one_record, "model_fp32_bytes": model_fp32, "flower_replies_bytes": one_record * clients,
-        "samples": samples, "read_once": median["read"], "aggregate": median["aggregate"],
+        "setting": {
+            "stage": stage,
+            "config": config,
+            "subset": subset,
+            "clients": clients,
+            "wire": wire,
+            "aggregation": aggregation,
+            "speaker_dp": speaker_dp,
+            "distinct_records": distinct,
+            "repeats": repeats,
+            "torch_threads": 1,
+            "freed_memory_returned": freed,
+        },
+        "record_bytes": one_record,
+        "model_fp32_bytes": model_fp32,
+        "flower_replies_bytes": one_record * clients,
+        "samples": samples,
+        "read_once": median["read"],
+        "aggregate": median["aggregate"],
         "aggregate_over_read_cpu": median["aggregate"]["cpu_s"] / median["read"]["cpu_s"],
         "aggregate_over_read_wall": median["aggregate"]["wall_s"] / median["read"]["wall_s"],
-        "aggregate_peak_extra_bytes": extra, "peak_extra_in_fp32_models": extra / model_fp32,
-        "participants": len(first.participants), "rejects": dict(first.rejects),
+        "aggregate_peak_extra_bytes": extra,
+        "peak_extra_in_fp32_models": extra / model_fp32,
+        "participants": len(first.participants),
+        "rejects": dict(first.rejects),
     }
-    path = write_json(result, out, f"server_aggregate-{stage}-{config}-{subset}-{wire}-{aggregation}"
-                                   f"{'-speakerdp' if speaker_dp else ''}-n{clients}")
-    print(f"{clients} updates of {stage}-{config} {subset} ({one_record / 1e6:.0f} MB each in {wire}; Flower holds "
-          f"{one_record * clients / 1e9:.1f} GB of replies), median of {repeats} rounds after a memory round; {facts['cpu']}, 1 thread, "
-          f"load {facts['load_average_start']:.1f} -> {load_average():.1f}; {path}")
+    path = write_json(
+        result,
+        out,
+        f"server_aggregate-{stage}-{config}-{subset}-{wire}-{aggregation}"
+        f"{'-speakerdp' if speaker_dp else ''}-n{clients}",
+    )
+    print(
+        f"{clients} updates of {stage}-{config} {subset} ({one_record / 1e6:.0f} MB each in {wire}; Flower holds "
+        f"{one_record * clients / 1e9:.1f} GB of replies), median of {repeats} rounds after a memory round; "
+        f"{facts['cpu']}, 1 thread, "
+        f"load {facts['load_average_start']:.1f} -> {load_average():.1f}; {path}"
+    )
     rule = f"aggregate ({aggregation}{', speaker DP' if speaker_dp else ''})"
-    print(table(
-        ("step", "cpu s", "wall s", "x read once (cpu)", "peak extra GB", "x fp32 model"),
-        [("read once", median["read"]["cpu_s"], median["read"]["wall_s"], 1.0, "", ""),
-         (rule, median["aggregate"]["cpu_s"], median["aggregate"]["wall_s"],
-          result["aggregate_over_read_cpu"], extra / 1e9, extra / model_fp32)],
-    ))
+    print(
+        table(
+            ("step", "cpu s", "wall s", "x read once (cpu)", "peak extra GB", "x fp32 model"),
+            [
+                ("read once", median["read"]["cpu_s"], median["read"]["wall_s"], 1.0, "", ""),
+                (
+                    rule,
+                    median["aggregate"]["cpu_s"],
+                    median["aggregate"]["wall_s"],
+                    result["aggregate_over_read_cpu"],
+                    extra / 1e9,
+                    extra / model_fp32,
+                ),
+            ],
+        )
+    )
 
 
 def _rss_bytes() -> int:

@@ -64,8 +64,14 @@ def federation(speakers_dir: Path, out: Path, rounds: int, workers: int, threads
     # The fleet plans threads per ClientApp from the host's cores: present workers*threads of them.
     facts = replace(facts, physical_cores=workers * threads, logical_cores=max(facts.logical_cores, workers * threads))
     machine = Host(facts, workers)
-    spec = RunSpec(name=f"w{workers}t{threads}", rounds=rounds, fleet="uniform-cpu", local_baselines=0,
-                   central_baseline=False, sample=False)
+    spec = RunSpec(
+        name=f"w{workers}t{threads}",
+        rounds=rounds,
+        fleet="uniform-cpu",
+        local_baselines=0,
+        central_baseline=False,
+        sample=False,
+    )
     folder = out / spec.name
     config, _ = calibrate(run_config(spec, folder, len(data.clients)), data.client_caches)
     fleet = load_fleet(spec.fleet)
@@ -92,10 +98,19 @@ def federation(speakers_dir: Path, out: Path, rounds: int, workers: int, threads
     later_training = sum(e["compute-host-s"] for e in trained if e["round"] > 1)
     later_s = sum(m["round-time-s"] for m in later)
     return {
-        "workers": workers, "threads": threads, "clients": len(data.clients), "rounds": len(metrics),
-        "speaker_rounds": len(trained), "federation_s": wall, "preparation_s": preparation,
-        "per_speaker_round_s": wall / max(len(trained), 1), "round_s": [m["round-time-s"] for m in metrics],
-        "train_handler_s": handlers, "training_s": training, "shares": shares, "overhead": 1.0 - shares["training"],
+        "workers": workers,
+        "threads": threads,
+        "clients": len(data.clients),
+        "rounds": len(metrics),
+        "speaker_rounds": len(trained),
+        "federation_s": wall,
+        "preparation_s": preparation,
+        "per_speaker_round_s": wall / max(len(trained), 1),
+        "round_s": [m["round-time-s"] for m in metrics],
+        "train_handler_s": handlers,
+        "training_s": training,
+        "shares": shares,
+        "overhead": 1.0 - shares["training"],
         "later_rounds_overhead": 1.0 - later_training / (workers * later_s) if later else None,
         "step_s_median": sorted(e["step-time-s"] for e in trained)[len(trained) // 2] if trained else None,
         "steps_per_round": trained[0]["steps"] if trained else None,
@@ -134,9 +149,21 @@ def main(
     for config in configs.split(","):
         started = time.perf_counter()
         done = subprocess.run(
-            [sys.executable, "-m", "bench.simulation_overhead", "--speakers-dir", str(speakers_dir),
-             "--rounds", str(rounds), "--work", str(work), "--one", config],
-            capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "bench.simulation_overhead",
+                "--speakers-dir",
+                str(speakers_dir),
+                "--rounds",
+                str(rounds),
+                "--work",
+                str(work),
+                "--one",
+                config,
+            ],
+            capture_output=True,
+            text=True,
         )
         if done.returncode != 0:
             sys.stderr.write(done.stderr[-4000:])
@@ -145,21 +172,45 @@ def main(
         results.append({**result, "process_s": time.perf_counter() - started})
         print(f"{config}: {result['federation_s']:.1f} s federation, overhead {result['overhead']:.0%}", flush=True)
     document = {
-        "figure": "simulation_overhead", "host": {**facts, "load_average_end": load_average()},
+        "figure": "simulation_overhead",
+        "host": {**facts, "load_average_end": load_average()},
         "setting": {"rounds": rounds, "speakers_dir": str(speakers_dir), "fleet": "uniform-cpu", "config": "tiny s1"},
-        "target_overhead": TARGET_OVERHEAD, "configurations": results,
+        "target_overhead": TARGET_OVERHEAD,
+        "configurations": results,
     }
     path = write_json(document, out, "simulation_overhead")
-    print(f"{results[0]['clients']} speakers x {rounds} rounds, tiny s1, uniform-cpu fleet; {facts['cpu']}, "
-          f"{facts['cores']} cores, load {facts['load_average_start']:.1f} -> {load_average():.1f}; {path}")
-    print(table(
-        ("workers x threads", "federation s", "s / speaker-round", "process s", "training", "client", "rounds",
-         "outside", "overhead", "later rounds"),
-        [(f"{r['workers']}x{r['threads']}", r["federation_s"], r["per_speaker_round_s"], r["process_s"],
-          *(f"{r['shares'][k]:.0%}" for k in ("training", "client", "rounds", "outside")), f"{r['overhead']:.0%}",
-          "" if r["later_rounds_overhead"] is None else f"{r['later_rounds_overhead']:.0%}")
-         for r in results],
-    ))
+    print(
+        f"{results[0]['clients']} speakers x {rounds} rounds, tiny s1, uniform-cpu fleet; {facts['cpu']}, "
+        f"{facts['cores']} cores, load {facts['load_average_start']:.1f} -> {load_average():.1f}; {path}"
+    )
+    print(
+        table(
+            (
+                "workers x threads",
+                "federation s",
+                "s / speaker-round",
+                "process s",
+                "training",
+                "client",
+                "rounds",
+                "outside",
+                "overhead",
+                "later rounds",
+            ),
+            [
+                (
+                    f"{r['workers']}x{r['threads']}",
+                    r["federation_s"],
+                    r["per_speaker_round_s"],
+                    r["process_s"],
+                    *(f"{r['shares'][k]:.0%}" for k in ("training", "client", "rounds", "outside")),
+                    f"{r['overhead']:.0%}",
+                    "" if r["later_rounds_overhead"] is None else f"{r['later_rounds_overhead']:.0%}",
+                )
+                for r in results
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,12 @@ def recordings(folder: Path, count: int = 12) -> Path:
     """``count`` English pseudo-speech utterances and their list file."""
     from fedvox.simulations.pseudo_speech import SAMPLE_RATE, PseudoVoice, synthesize
 
-    texts = ["The birch canoe slid on the planks.", "Glue the sheet to the dark blue background.",
-             "It is easy to tell the depth of a well.", "These days a chicken leg is a rare dish."]
+    texts = [
+        "The birch canoe slid on the planks.",
+        "Glue the sheet to the dark blue background.",
+        "It is easy to tell the depth of a well.",
+        "These days a chicken leg is a rare dish.",
+    ]
     lines = []
     for i in range(count):
         text = texts[i % len(texts)]
@@ -64,11 +68,21 @@ def main(
     with tempfile.TemporaryDirectory(prefix="fedvox-bench-rss-") as tmp:
         root = Path(tmp)
         (root / "wavs").mkdir()
-        prepare(recordings(root / "wavs"), root / "data", tokenizer=tokenizer_spec(), symbols_version="v2",
-                workers=1, show_progress=False)
+        prepare(
+            recordings(root / "wavs"),
+            root / "data",
+            tokenizer=tokenizer_spec(),
+            symbols_version="v2",
+            workers=1,
+            show_progress=False,
+        )
         spec = LocalTrainingSpec(
-            stage=stage, model_config=model_config, steps=steps, logical_batch=logical_batch,
-            checkpoint_every=checkpoint_every, privacy=PrivacyPlan(noise_multiplier=1.0, budget_epsilon=1e6),
+            stage=stage,
+            model_config=model_config,
+            steps=steps,
+            logical_batch=logical_batch,
+            checkpoint_every=checkpoint_every,
+            privacy=PrivacyPlan(noise_multiplier=1.0, budget_epsilon=1e6),
         )
         overrides = ProfileOverrides(device="cpu", precision="fp32", physical_batch=logical_batch, threads=1)
         profile = select_profile(probe(), stage, model_config, spec.subset_spec, overrides, logical_batch=logical_batch)
@@ -78,17 +92,30 @@ def main(
     start, end = rss[min(checkpoint_every, steps)], rss[steps]
     growth = (end - start) / start
     result = {
-        "host": facts, "load_average_end": load_average(),
-        "stage": stage, "model_config": model_config, "steps": steps, "logical_batch": logical_batch,
+        "host": facts,
+        "load_average_end": load_average(),
+        "stage": stage,
+        "model_config": model_config,
+        "steps": steps,
+        "logical_batch": logical_batch,
         "rss_mib": {str(step): round(value, 1) for step, value in sorted(rss.items())},
-        "start_step": min(checkpoint_every, steps), "start_mib": start, "end_mib": end,
-        "growth": growth, "flat": abs(growth) <= FLAT,
+        "start_step": min(checkpoint_every, steps),
+        "start_mib": start,
+        "end_mib": end,
+        "growth": growth,
+        "flat": abs(growth) <= FLAT,
     }
     path = write_json(result, out, "train_rss")
-    print(table(["stage", "steps", f"RSS at step {result['start_step']} (MiB)", "at the end (MiB)", "growth", "flat"],
-                [[stage, steps, f"{start:.0f}", f"{end:.0f}", f"{growth:+.1%}", "yes" if result["flat"] else "no"]]))
-    print(f"wrote {path}; load average {facts['load_average_start']:.1f} at the start, "
-          f"{result['load_average_end']:.1f} at the end")
+    print(
+        table(
+            ["stage", "steps", f"RSS at step {result['start_step']} (MiB)", "at the end (MiB)", "growth", "flat"],
+            [[stage, steps, f"{start:.0f}", f"{end:.0f}", f"{growth:+.1%}", "yes" if result["flat"] else "no"]],
+        )
+    )
+    print(
+        f"wrote {path}; load average {facts['load_average_start']:.1f} at the start, "
+        f"{result['load_average_end']:.1f} at the end"
+    )
 
 
 if __name__ == "__main__":

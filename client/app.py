@@ -138,8 +138,11 @@ class NodeSetup:
             raise Refusal("data", str(exc)) from None
         except PrivacyError as exc:  # the detail names local folders: it stays in the device's log
             log.error("%s", exc)
-            raise Refusal("budget", "these recordings are charged in another ledger on this device; "
-                                    "its owner must use that one (the device's log says where)") from None
+            raise Refusal(
+                "budget",
+                "these recordings are charged in another ledger on this device; "
+                "its owner must use that one (the device's log says where)",
+            ) from None
         budget = float(node_config["budget-epsilon"]) if "budget-epsilon" in node_config else None
         try:
             overrides = ProfileOverrides.from_mapping(node_config)
@@ -201,8 +204,13 @@ class PlanSession:
             raise Refusal("budget", str(exc)) from None
         self.seeds = seeds
         self.trainer = Trainer(
-            task, self.ledger, node.client_id, privacy, physical_batch=self.profile.physical_batch,
-            noise_seed=seeds.noise if seeds else None, sample_seed=seeds.sample if seeds else None,
+            task,
+            self.ledger,
+            node.client_id,
+            privacy,
+            physical_batch=self.profile.physical_batch,
+            noise_seed=seeds.noise if seeds else None,
+            sample_seed=seeds.sample if seeds else None,
             noise_key=seeds.noise_key if seeds else None,
         )
         rounds_left = config.num_server_rounds - plan.server_round + 1
@@ -258,8 +266,11 @@ def train(msg: Message, context: Context) -> Message:
         session.load_global(msg)
         status = session.status()
         if not status.can_afford_round():
-            raise Refusal("budget", f"one more round would take epsilon to {status.epsilon_next:.3f}, "
-                                    f"past this node's budget {status.epsilon_budget:g}")
+            raise Refusal(
+                "budget",
+                f"one more round would take epsilon to {status.epsilon_next:.3f}, "
+                f"past this node's budget {status.epsilon_budget:g}",
+            )
         plan = session.plan
         try:
             result = session.trainer.train(
@@ -268,10 +279,12 @@ def train(msg: Message, context: Context) -> Message:
         except BudgetExceededError as exc:
             raise Refusal("budget", str(exc)) from None
         arrays = to_record(result.state, plan.config.wire_precision)
-        metrics = MetricRecord({  # sizes fixed by the plan; nothing that depends on the recordings
-            "bytes-down": record_bytes(msg.content.array_records[ARRAYS]),
-            "bytes-up": record_bytes(arrays),
-        })
+        metrics = MetricRecord(
+            {  # sizes fixed by the plan; nothing that depends on the recordings
+                "bytes-down": record_bytes(msg.content.array_records[ARRAYS]),
+                "bytes-up": record_bytes(arrays),
+            }
+        )
         return _content(session.status(), arrays=arrays, metrics=metrics)
 
     return _handle(msg, context, run, release="train")
@@ -289,18 +302,30 @@ def evaluate(msg: Message, context: Context) -> Message:
         trainer = session.trainer
         mechanism = loss_mechanism(config.dp.loss_noise_multiplier)
         release = Release(
-            run_id=session.release_id(entry), round=session.plan.server_round, client_id=session.node.client_id,
-            stage=config.stage, unit=UNIT, mechanism=mechanism, delta=session.owner.delta,
+            run_id=session.release_id(entry),
+            round=session.plan.server_round,
+            client_id=session.node.client_id,
+            stage=config.stage,
+            unit=UNIT,
+            mechanism=mechanism,
+            delta=session.owner.delta,
             clip_norm=config.dp.loss_clip,
         )
         budget = Budget(session.owner.epsilon)
         key = (release.run_id, release.round)
         try:
-            budget.check(trainer.history(excluding=key), mechanism, delta=session.owner.delta,
-                         accountant=trainer.privacy.accountant, subject=f"client {session.node.client_id!r}")
+            budget.check(
+                trainer.history(excluding=key),
+                mechanism,
+                delta=session.owner.delta,
+                accountant=trainer.privacy.accountant,
+                subject=f"client {session.node.client_id!r}",
+            )
             loss = noisy_mean_loss(
-                utterance_losses(trainer.task, session.val_set), clip=config.dp.loss_clip,
-                noise_multiplier=config.dp.loss_noise_multiplier, noise=SecureGaussian(session.seeds.noise_key),
+                utterance_losses(trainer.task, session.val_set),
+                clip=config.dp.loss_clip,
+                noise_multiplier=config.dp.loss_noise_multiplier,
+                noise=SecureGaussian(session.seeds.noise_key),
             )
             session.ledger.append(release, accountant=trainer.privacy.accountant, budget=budget)
         except BudgetExceededError as exc:
@@ -341,8 +366,11 @@ def _handle(
                 and book.entry(digest) is None
                 and book.answered(release, plan.run_id, plan.server_round) >= MAX_EVALUATIONS_PER_ROUND
             ):
-                raise Refusal("policy", f"this device answers at most {MAX_EVALUATIONS_PER_ROUND} evaluation(s) "
-                                        f"per round (run {plan.run_id}, round {plan.server_round})")
+                raise Refusal(
+                    "policy",
+                    f"this device answers at most {MAX_EVALUATIONS_PER_ROUND} evaluation(s) "
+                    f"per round (run {plan.run_id}, round {plan.server_round})",
+                )
             entry = book.begin(digest, release, plan.run_id, plan.server_round)
             content = _answer(node, plan, run, entry, book.seeds(entry.release_id))
             if ClientStatus.from_record(content.config_records[STATUS]).ok:
@@ -391,4 +419,4 @@ def _content(status: ClientStatus, **records: object) -> RecordDict:
     return content
 
 
-__all__ = ["MAX_EVALUATIONS_PER_ROUND", "NodeSetup", "Refusal", "PlanSession", "app"]
+__all__ = ["MAX_EVALUATIONS_PER_ROUND", "NodeSetup", "PlanSession", "Refusal", "app"]

@@ -59,9 +59,7 @@ def ledger(
         float | None, typer.Option(help="Epsilon budget for every client and unit (default: the recorded ones).")
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the audit as JSON instead of tables.")] = False,
-    plot: Annotated[
-        Path | None, typer.Option(help="Write PNG plots of epsilon over rounds into this folder.")
-    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write PNG plots of epsilon over rounds into this folder.")] = None,
     tolerance: Annotated[
         float, typer.Option(help="Allowed shortfall of a recorded epsilon (relative; absolute below 1).")
     ] = DEFAULT_TOLERANCE,
@@ -134,26 +132,41 @@ _DEFAULTS = SimpleNamespace(**{f.name: f.default for f in fields(CanaryAuditSpec
 @app.command("canary")
 def canary(
     data: Annotated[
-        Path, typer.Argument(help="A prepared feature cache (`fedvox-client prepare`) to train s1 on.", show_default=False)
+        Path,
+        typer.Argument(help="A prepared feature cache (`fedvox-client prepare`) to train s1 on.", show_default=False),
     ],
-    white_box: Annotated[int, typer.Option(help="Gradient canaries injected in the DP optimizer (0: none).")] = _DEFAULTS.white_box,
-    black_box: Annotated[int, typer.Option(help="Random-token s1 examples hidden in the data (0: none).")] = _DEFAULTS.black_box,
-    noise_multiplier: Annotated[float, typer.Option(help="DP-SGD noise; 0 turns DP off (the audit's control).")] = _DEFAULTS.noise_multiplier,
-    sample_rate: Annotated[float, typer.Option(help="Poisson rate for every example, data and canaries alike.")] = _DEFAULTS.sample_rate,
+    white_box: Annotated[
+        int, typer.Option(help="Gradient canaries injected in the DP optimizer (0: none).")
+    ] = _DEFAULTS.white_box,
+    black_box: Annotated[
+        int, typer.Option(help="Random-token s1 examples hidden in the data (0: none).")
+    ] = _DEFAULTS.black_box,
+    noise_multiplier: Annotated[
+        float, typer.Option(help="DP-SGD noise; 0 turns DP off (the audit's control).")
+    ] = _DEFAULTS.noise_multiplier,
+    sample_rate: Annotated[
+        float, typer.Option(help="Poisson rate for every example, data and canaries alike.")
+    ] = _DEFAULTS.sample_rate,
     steps: Annotated[int, typer.Option(help="DP-SGD steps.")] = _DEFAULTS.steps,
     clip_norm: Annotated[float, typer.Option(help="Per-example clip norm.")] = _DEFAULTS.clip_norm,
     learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = _DEFAULTS.learning_rate,
     delta: Annotated[float, typer.Option(help="Delta of the accountant's epsilon and of the bound.")] = _DEFAULTS.delta,
     confidence: Annotated[float, typer.Option(help="Confidence of the lower bound.")] = _DEFAULTS.confidence,
-    accountant: Annotated[str, typer.Option(help=f"Accountant of the run's ledger ({', '.join(ACCOUNTANTS)}).")] = _DEFAULTS.accountant,
+    accountant: Annotated[
+        str, typer.Option(help=f"Accountant of the run's ledger ({', '.join(ACCOUNTANTS)}).")
+    ] = _DEFAULTS.accountant,
     model_config: Annotated[str, typer.Option(help="s1 model config (tiny, v1, v2, ...).")] = _DEFAULTS.model_config,
     pretrained: Annotated[
         Path | None, typer.Option(help="Start from this GPT-SoVITS s1 checkpoint instead of random weights.")
     ] = None,
-    physical_batch: Annotated[int, typer.Option(help="Examples per forward pass (changes speed, not results).")] = _DEFAULTS.physical_batch,
+    physical_batch: Annotated[
+        int, typer.Option(help="Examples per forward pass (changes speed, not results).")
+    ] = _DEFAULTS.physical_batch,
     device: Annotated[str, typer.Option(help="Torch device to train on.")] = _DEFAULTS.device,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Fix canaries, sampling and noise (default: random, reported).")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Fix canaries, sampling and noise (default: random, reported).")
+    ] = None,
     ledger: Annotated[
         Path | None, typer.Option(help="Keep the audit run's privacy ledger in this folder (default: discarded).")
     ] = None,
@@ -179,10 +192,20 @@ def canary(
     if threads:
         torch.set_num_threads(threads)
     spec = CanaryAuditSpec(
-        white_box=white_box, black_box=black_box, noise_multiplier=noise_multiplier,
-        sample_rate=sample_rate, steps=steps, clip_norm=clip_norm, learning_rate=learning_rate,
-        delta=delta, confidence=confidence, accountant=accountant, model_config=model_config,
-        pretrained=str(pretrained) if pretrained else None, physical_batch=physical_batch, device=device,
+        white_box=white_box,
+        black_box=black_box,
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
+        steps=steps,
+        clip_norm=clip_norm,
+        learning_rate=learning_rate,
+        delta=delta,
+        confidence=confidence,
+        accountant=accountant,
+        model_config=model_config,
+        pretrained=str(pretrained) if pretrained else None,
+        physical_batch=physical_batch,
+        device=device,
     )
     with progress() as bar:
         task = bar.add_task("training with canaries", total=steps)

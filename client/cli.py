@@ -25,18 +25,52 @@ def _group(version: bool = VERSION_OPTION) -> None:
 @app.command()
 def prepare(
     list_file: Path = typer.Argument(..., help="GPT-SoVITS list file: audio_path|speaker|language|text per line."),
-    out: Path = typer.Option(..., "--out", help="Feature cache folder: new, empty, or an earlier prepare's (run again to resume or update)."),
-    model_config: str = typer.Option("v2", "--model-config", help="Model config whose phoneme symbol table to use: tiny, v1, v2, v2Pro, v2ProPlus."),
-    hubert: Path | None = typer.Option(None, help="chinese-hubert-base folder (Hugging Face format) for GPT-SoVITS's semantic tokens."),
-    s2_tokens: Path | None = typer.Option(None, "--s2-tokens", help="GPT-SoVITS s2G .pth whose ssl_proj and codebook turn HuBERT features into tokens."),
-    device: str | None = typer.Option(None, help="Where HuBERT and BERT run: cpu, cuda, cuda:1 (default: cuda if available)."),
-    bert: Path | None = typer.Option(None, help="chinese-roberta-wwm-ext-large folder (Hugging Face format): zh BERT features as GPT-SoVITS computes them (needs fedvox[bert]); without it zh reads zeros."),
-    sv: Path | None = typer.Option(None, "--sv", help="GPT-SoVITS's sv/pretrained_eres2netv2w24s4ep4.ckpt: speaker embeddings for a v2Pro/v2ProPlus s2."),
-    slicing: bool = typer.Option(False, "--slice", help="Audio paths may name part of a recording as path#START-END (seconds), as `fedvox-client slice` writes them."),
-    from_gpt_sovits: Path | None = typer.Option(None, "--from-gpt-sovits", help="Import this GPT-SoVITS experiment folder (logs/<name>, made from LIST) instead of featurising; needs --hubert and --s2-tokens."),
-    data_root: Path | None = typer.Option(None, help="Recordings must lie under this folder (default: the list file's folder)."),
-    workers: int | None = typer.Option(None, min=1, help="Processes for featurising (default: all cores for 400+ utterances on 4+ cores, else 1)."),
-    max_clipped: float = typer.Option(0.001, min=0.0, max=1.0, help="Reject a recording with more than this fraction of full-scale samples."),
+    out: Path = typer.Option(
+        ..., "--out", help="Feature cache folder: new, empty, or an earlier prepare's (run again to resume or update)."
+    ),
+    model_config: str = typer.Option(
+        "v2", "--model-config", help="Model config whose phoneme symbol table to use: tiny, v1, v2, v2Pro, v2ProPlus."
+    ),
+    hubert: Path | None = typer.Option(
+        None, help="chinese-hubert-base folder (Hugging Face format) for GPT-SoVITS's semantic tokens."
+    ),
+    s2_tokens: Path | None = typer.Option(
+        None, "--s2-tokens", help="GPT-SoVITS s2G .pth whose ssl_proj and codebook turn HuBERT features into tokens."
+    ),
+    device: str | None = typer.Option(
+        None, help="Where HuBERT and BERT run: cpu, cuda, cuda:1 (default: cuda if available)."
+    ),
+    bert: Path | None = typer.Option(
+        None,
+        help="chinese-roberta-wwm-ext-large folder (Hugging Face format): zh BERT features as GPT-SoVITS computes "
+        "them (needs fedvox[bert]); without it zh reads zeros.",
+    ),
+    sv: Path | None = typer.Option(
+        None,
+        "--sv",
+        help="GPT-SoVITS's sv/pretrained_eres2netv2w24s4ep4.ckpt: speaker embeddings for a v2Pro/v2ProPlus s2.",
+    ),
+    slicing: bool = typer.Option(
+        False,
+        "--slice",
+        help="Audio paths may name part of a recording as path#START-END (seconds), as `fedvox-client slice` writes "
+        "them.",
+    ),
+    from_gpt_sovits: Path | None = typer.Option(
+        None,
+        "--from-gpt-sovits",
+        help="Import this GPT-SoVITS experiment folder (logs/<name>, made from LIST) instead of featurising; needs "
+        "--hubert and --s2-tokens.",
+    ),
+    data_root: Path | None = typer.Option(
+        None, help="Recordings must lie under this folder (default: the list file's folder)."
+    ),
+    workers: int | None = typer.Option(
+        None, min=1, help="Processes for featurising (default: all cores for 400+ utterances on 4+ cores, else 1)."
+    ),
+    max_clipped: float = typer.Option(
+        0.001, min=0.0, max=1.0, help="Reject a recording with more than this fraction of full-scale samples."
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
 ) -> None:
@@ -63,19 +97,25 @@ def prepare(
             if bert or sv:
                 raise ConfigError("--from-gpt-sovits imports the folder's own 3-bert and 7-sv_cn; drop --bert/--sv")
             report = import_experiment(
-                list_file, from_gpt_sovits, out, tokenizer=tokenizer_spec(hubert, s2_tokens, device),
-                symbols_version=s1_config(model_config).symbols_version, limits=AudioLimits(max_clipped_fraction=max_clipped),
+                list_file,
+                from_gpt_sovits,
+                out,
+                tokenizer=tokenizer_spec(hubert, s2_tokens, device),
+                symbols_version=s1_config(model_config).symbols_version,
+                limits=AudioLimits(max_clipped_fraction=max_clipped),
             )
         else:
             report = run_prepare(
-                list_file, out,
+                list_file,
+                out,
                 tokenizer=tokenizer_spec(hubert, s2_tokens, device),
                 symbols_version=s1_config(model_config).symbols_version,
                 data_root=data_root,
                 limits=AudioLimits(max_clipped_fraction=max_clipped),
                 workers=workers,
                 extractors=ExtractorSpecs(
-                    bert=bert_spec(bert, device) if bert else None, sv=sv_spec(sv, device) if sv else None,
+                    bert=bert_spec(bert, device) if bert else None,
+                    sv=sv_spec(sv, device) if sv else None,
                     pro=model_config in ("v2Pro", "v2ProPlus"),
                 ),
                 slicing=slicing,
@@ -108,25 +148,35 @@ def slice_recordings(
 
     setup_logging(verbose)
     recordings, slices = write_slice_list(list_file, out)
-    console.print(f"{recordings} recordings, {slices} slices: write each slice's transcript after the last '|' "
-                  f"in {out}, then run `fedvox-client prepare {out} --slice --out CACHE`")
+    console.print(
+        f"{recordings} recordings, {slices} slices: write each slice's transcript after the last '|' "
+        f"in {out}, then run `fedvox-client prepare {out} --slice --out CACHE`"
+    )
 
 
 @app.command()
 def probe(
     stage: str = typer.Option("s1", help="Stage to plan for: s1 (GPT) or s2 (SoVITS)."),
-    model_config: str = typer.Option(DEFAULT_MODEL_CONFIG, "--model-config", help="Model config: tiny, v1, v2, v2Pro, v2ProPlus."),
+    model_config: str = typer.Option(
+        DEFAULT_MODEL_CONFIG, "--model-config", help="Model config: tiny, v1, v2, v2Pro, v2ProPlus."
+    ),
     subset: str = typer.Option("lora", help="Trainable subset: lora or full."),
-    logical_batch: float = typer.Option(8.0, min=1.0, help="Expected Poisson batch of the run (caps the physical batch)."),
+    logical_batch: float = typer.Option(
+        8.0, min=1.0, help="Expected Poisson batch of the run (caps the physical batch)."
+    ),
     device: str | None = typer.Option(None, help="Pin the device: cpu, cuda, cuda:N or mps."),
     precision: str | None = typer.Option(None, help="Pin the precision: bf16, fp16 or fp32."),
     physical_batch: int | None = typer.Option(None, min=1, help="Pin the physical batch size."),
-    checkpointing: bool | None = typer.Option(None, "--checkpointing/--no-checkpointing", help="Pin activation checkpointing."),
+    checkpointing: bool | None = typer.Option(
+        None, "--checkpointing/--no-checkpointing", help="Pin activation checkpointing."
+    ),
     threads: int | None = typer.Option(None, min=1, help="Pin the number of torch threads."),
     allow_mps: bool = typer.Option(False, "--allow-mps", help="Train on the Apple GPU (MPS) instead of the CPU."),
     profile_file: Path | None = typer.Option(None, help="TOML file whose \\[profile] table pins choices (flags win)."),
     gpu: int = typer.Option(0, min=0, help="Which GPU to probe when there are several."),
-    as_device: str | None = typer.Option(None, "--as", help="Plan for a reference device instead of this machine (e.g. rtx3060, m2)."),
+    as_device: str | None = typer.Option(
+        None, "--as", help="Plan for a reference device instead of this machine (e.g. rtx3060, m2)."
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print facts and profile as JSON."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
 ) -> None:
@@ -143,8 +193,12 @@ def probe(
 
     setup_logging(verbose)
     pinned = ProfileOverrides(
-        device=device, precision=precision, physical_batch=physical_batch,
-        checkpointing=checkpointing, threads=threads, allow_mps=allow_mps,
+        device=device,
+        precision=precision,
+        physical_batch=physical_batch,
+        checkpointing=checkpointing,
+        threads=threads,
+        allow_mps=allow_mps,
     )
     overrides = ProfileOverrides.from_toml(profile_file).merged(pinned) if profile_file else pinned
     facts = reference_device(as_device) if as_device else probe_device(gpu)
@@ -163,7 +217,10 @@ def _print_probe(facts, profile, plan: str) -> None:
     from fedvox.client.device import GiB
 
     out = Console()
-    gib = lambda n: f"{n / GiB:.1f} GiB"
+
+    def gib(n: float) -> str:
+        return f"{n / GiB:.1f} GiB"
+
     rows = [("backend", facts.backend), ("device", facts.device_name)]
     if facts.accelerator:
         rows.append(("memory", gib(facts.total_memory)))
@@ -171,8 +228,10 @@ def _print_probe(facts, profile, plan: str) -> None:
             rows.append(("compute capability", "{}.{}".format(*facts.compute_capability)))
         if facts.gfx_arch:
             rows.append(("gfx architecture", facts.gfx_arch))
-        rows += [("native bf16", "yes" if facts.bf16 else "no"),
-                 ("torch has kernels", "yes" if facts.kernels else f"no (build targets {' '.join(facts.torch_archs)})")]
+        rows += [
+            ("native bf16", "yes" if facts.bf16 else "no"),
+            ("torch has kernels", "yes" if facts.kernels else f"no (build targets {' '.join(facts.torch_archs)})"),
+        ]
     rows += [
         ("CPU", f"{facts.cpu_name} ({facts.cpu_arch}, {facts.cpu_isa})"),
         ("CPU bf16 instructions", "yes" if facts.cpu_bf16 else "no"),
@@ -193,9 +252,11 @@ def _print_probe(facts, profile, plan: str) -> None:
     table.add_column("value")
     table.add_column("why")
     values = {
-        "device": profile.device, "precision": profile.precision,
+        "device": profile.device,
+        "precision": profile.precision,
         "physical_batch": str(profile.physical_batch),
-        "checkpointing": "on" if profile.checkpointing else "off", "threads": str(profile.threads),
+        "checkpointing": "on" if profile.checkpointing else "off",
+        "threads": str(profile.threads),
     }
     for key, value in values.items():
         table.add_row(key.replace("_", " "), value, profile.reasons[key])
@@ -206,25 +267,47 @@ def _print_probe(facts, profile, plan: str) -> None:
 
 @app.command()
 def train(
-    data: Path = typer.Option(..., "--data", help="Feature cache folder written by `fedvox-client prepare` (also holds the privacy ledger)."),
+    data: Path = typer.Option(
+        ..., "--data", help="Feature cache folder written by `fedvox-client prepare` (also holds the privacy ledger)."
+    ),
     stage: str = typer.Option(..., help="s1 (GPT, text -> semantic tokens) or s2 (SoVITS, tokens -> voice)."),
     steps: int = typer.Option(..., min=1, help="DP-SGD steps to train in total."),
-    out: Path = typer.Option(..., "--out", help="Run folder, new or empty: checkpoints, logs, exported model (re-run to resume)."),
-    model_config: str = typer.Option(DEFAULT_MODEL_CONFIG, "--model-config", help="Model config: tiny, v1, v2, v2Pro, v2ProPlus."),
+    out: Path = typer.Option(
+        ..., "--out", help="Run folder, new or empty: checkpoints, logs, exported model (re-run to resume)."
+    ),
+    model_config: str = typer.Option(
+        DEFAULT_MODEL_CONFIG, "--model-config", help="Model config: tiny, v1, v2, v2Pro, v2ProPlus."
+    ),
     subset: str = typer.Option("lora", help="Trainable subset: lora or full."),
     lora_rank: int = typer.Option(8, min=1, help="LoRA rank."),
-    epsilon: float | None = typer.Option(None, "--epsilon", help="Target epsilon (> 0) after all steps: the noise is calibrated to reach it."),
-    noise_multiplier: float | None = typer.Option(None, "--noise-multiplier", help="Noise multiplier (> 0), instead of --epsilon."),
+    epsilon: float | None = typer.Option(
+        None, "--epsilon", help="Target epsilon (> 0) after all steps: the noise is calibrated to reach it."
+    ),
+    noise_multiplier: float | None = typer.Option(
+        None, "--noise-multiplier", help="Noise multiplier (> 0), instead of --epsilon."
+    ),
     logical_batch: int = typer.Option(8, "--logical-batch", min=1, help="Expected (logical) Poisson batch size."),
     learning_rate: float = typer.Option(1e-3, "--learning-rate", help="Learning rate."),
     clip_norm: float = typer.Option(1.0, "--clip-norm", help="Per-utterance gradient clip norm."),
     delta: float = typer.Option(1e-5, help="Delta of the (epsilon, delta) guarantee."),
-    budget_epsilon: float = typer.Option(10.0, "--budget-epsilon", help="This data folder's utterance-level epsilon budget: the whole run is checked against it before step 1."),
-    checkpoint_every: int = typer.Option(20, min=1, help="Steps per checkpoint (each checkpoint is one ledger release)."),
-    pretrained: Path | None = typer.Option(None, "--pretrained", help="Start from a GPT-SoVITS checkpoint (s1 .ckpt or s2G .pth) instead of a seeded init."),
+    budget_epsilon: float = typer.Option(
+        10.0,
+        "--budget-epsilon",
+        help="This data folder's utterance-level epsilon budget: the whole run is checked against it before step 1.",
+    ),
+    checkpoint_every: int = typer.Option(
+        20, min=1, help="Steps per checkpoint (each checkpoint is one ledger release)."
+    ),
+    pretrained: Path | None = typer.Option(
+        None, "--pretrained", help="Start from a GPT-SoVITS checkpoint (s1 .ckpt or s2G .pth) instead of a seeded init."
+    ),
     model_seed: int = typer.Option(0, help="Seed of the initial model (server and clients must agree)."),
-    seed: int | None = typer.Option(None, help="Fix sampling and noise seeds (experiments only: predictable noise protects nothing)."),
-    strict: bool = typer.Option(False, "--strict", help="Refuse a run that cannot learn or whose batch covers all the data, instead of warning."),
+    seed: int | None = typer.Option(
+        None, help="Fix sampling and noise seeds (experiments only: predictable noise protects nothing)."
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", help="Refuse a run that cannot learn or whose batch covers all the data, instead of warning."
+    ),
     device: str | None = typer.Option(None, help="Pin the device: cpu, cuda, cuda:N or mps."),
     precision: str | None = typer.Option(None, help="Pin the precision: bf16, fp16 or fp32."),
     physical_batch: int | None = typer.Option(None, min=1, help="Pin the physical batch size."),
@@ -253,20 +336,38 @@ def train(
         if value is not None and not value > 0:
             raise ConfigError(f"{flag} must be > 0 (got {value:g}): without noise there is no privacy guarantee")
     if epsilon is not None and epsilon > budget_epsilon:
-        raise ConfigError(f"--epsilon {epsilon:g} is above --budget-epsilon {budget_epsilon:g}; lower --epsilon "
-                          "or raise the budget")
-    privacy = PrivacyPlan(clip_norm=clip_norm, delta=delta, budget_epsilon=budget_epsilon,
-                          noise_multiplier=noise_multiplier, target_epsilon=epsilon)
+        raise ConfigError(
+            f"--epsilon {epsilon:g} is above --budget-epsilon {budget_epsilon:g}; lower --epsilon or raise the budget"
+        )
+    privacy = PrivacyPlan(
+        clip_norm=clip_norm,
+        delta=delta,
+        budget_epsilon=budget_epsilon,
+        noise_multiplier=noise_multiplier,
+        target_epsilon=epsilon,
+    )
     spec = LocalTrainingSpec(
-        stage=stage, model_config=model_config, subset=subset, lora_rank=lora_rank, steps=steps,
-        logical_batch=logical_batch, learning_rate=learning_rate, checkpoint_every=checkpoint_every,
-        model_seed=model_seed, pretrained=str(pretrained) if pretrained else None, privacy=privacy,
+        stage=stage,
+        model_config=model_config,
+        subset=subset,
+        lora_rank=lora_rank,
+        steps=steps,
+        logical_batch=logical_batch,
+        learning_rate=learning_rate,
+        checkpoint_every=checkpoint_every,
+        model_seed=model_seed,
+        pretrained=str(pretrained) if pretrained else None,
+        privacy=privacy,
     )
     overrides = ProfileOverrides(device=device, precision=precision, physical_batch=physical_batch, threads=threads)
-    profile = select_profile(probe_device(), stage, model_config, spec.subset_spec, overrides, logical_batch=logical_batch)
+    profile = select_profile(
+        probe_device(), stage, model_config, spec.subset_spec, overrides, logical_batch=logical_batch
+    )
     default = " (the default; --model-config picks another)" if model_config == DEFAULT_MODEL_CONFIG else ""
-    _say(f"model config {model_config}{default}, {subset} subset; profile {profile.name}: {profile.device}, "
-         f"{profile.precision}, physical batch {profile.physical_batch}, {profile.threads} threads")
+    _say(
+        f"model config {model_config}{default}, {subset} subset; profile {profile.name}: {profile.device}, "
+        f"{profile.precision}, physical batch {profile.physical_batch}, {profile.threads} threads"
+    )
     try:
         summary = train_local(data, out, spec, profile, seed=seed, strict=strict)
     except KeyboardInterrupt:
@@ -274,25 +375,48 @@ def train(
             f"nothing past the last checkpoint is kept or charged; run the same command again to resume {out}"
         ) from None
     done = "finished earlier: nothing trained or charged now; " if summary.get("finished_earlier") else ""
-    _say(f"{done}trained {summary['steps']} steps; utterance-level epsilon {summary['epsilon']:.3f} "
-         f"at delta {summary['delta']:g}; model in {out / 'export'}")
+    _say(
+        f"{done}trained {summary['steps']} steps; utterance-level epsilon {summary['epsilon']:.3f} "
+        f"at delta {summary['delta']:g}; model in {out / 'export'}"
+    )
     if json_output:
         typer.echo(json.dumps(summary, indent=1, default=float))
 
 
 @app.command()
 def synthesize(
-    model: list[Path] = typer.Option(..., "--model", help="s1 and s2 models: files (.ckpt/.pth/.safetensors, round-N.json) or folders (a training run, an export); repeat."),
+    model: list[Path] = typer.Option(
+        ...,
+        "--model",
+        help="s1 and s2 models: files (.ckpt/.pth/.safetensors, round-N.json) or folders (a training run, an "
+        "export); repeat.",
+    ),
     text: str = typer.Option(..., help="What to say."),
     ref: Path = typer.Option(..., "--ref", help="Reference recording whose voice to use."),
-    out: Path = typer.Option(..., "--out", help="Output WAV (32 kHz): a new file (an existing one only with --force, never a recording)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Output WAV (32 kHz): a new file (an existing one only with --force, never a recording)."
+    ),
     language: str = typer.Option("en", help="Language of --text: zh or en."),
-    ref_text: str | None = typer.Option(None, help="Transcript of --ref (prompts s1; without it s1 runs reference-free)."),
+    ref_text: str | None = typer.Option(
+        None, help="Transcript of --ref (prompts s1; without it s1 runs reference-free)."
+    ),
     ref_language: str | None = typer.Option(None, help="Language of --ref-text (default: --language)."),
-    hubert: Path | None = typer.Option(None, help="chinese-hubert-base folder, if the models were trained on HuBERT tokens."),
-    s2_tokens: Path | None = typer.Option(None, "--s2-tokens", help="The s2G .pth whose codebook made those tokens (with --hubert)."),
-    bert: Path | None = typer.Option(None, help="chinese-roberta-wwm-ext-large folder, if the data was prepared with --bert (zh text then gets BERT features)."),
-    sv: Path | None = typer.Option(None, "--sv", help="sv/pretrained_eres2netv2w24s4ep4.ckpt: the reference's speaker embedding (v2Pro/v2ProPlus s2)."),
+    hubert: Path | None = typer.Option(
+        None, help="chinese-hubert-base folder, if the models were trained on HuBERT tokens."
+    ),
+    s2_tokens: Path | None = typer.Option(
+        None, "--s2-tokens", help="The s2G .pth whose codebook made those tokens (with --hubert)."
+    ),
+    bert: Path | None = typer.Option(
+        None,
+        help="chinese-roberta-wwm-ext-large folder, if the data was prepared with --bert (zh text then gets BERT "
+        "features).",
+    ),
+    sv: Path | None = typer.Option(
+        None,
+        "--sv",
+        help="sv/pretrained_eres2netv2w24s4ep4.ckpt: the reference's speaker embedding (v2Pro/v2ProPlus s2).",
+    ),
     seed: int = typer.Option(0, help="Sampling seed."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file (never a recording)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
@@ -308,9 +432,18 @@ def synthesize(
     check_output(out, ref, force=force)
     reference = read_reference(ref)  # before the models: a wrong --ref fails in a second, not after loading
     voice = load_models(list(model))
-    wave = speak(voice, text, language, reference, tokenizer_spec(hubert, s2_tokens).build(),
-                 reference_text=ref_text, reference_language=ref_language, seed=seed,
-                 bert=bert_spec(bert).build() if bert else None, sv=sv_spec(sv).build() if sv else None)
+    wave = speak(
+        voice,
+        text,
+        language,
+        reference,
+        tokenizer_spec(hubert, s2_tokens).build(),
+        reference_text=ref_text,
+        reference_language=ref_language,
+        seed=seed,
+        bert=bert_spec(bert).build() if bert else None,
+        sv=sv_spec(sv).build() if sv else None,
+    )
     write_wave(wave, out)
     console.print(f"wrote {out} ({wave.numel() / 32000:.2f} s)")
 
@@ -319,23 +452,40 @@ def synthesize(
 def enroll(
     server: str = typer.Option(..., "--server", help="The fedvox server's HOST:PORT (from the operator)."),
     root_cert: Path = typer.Option(..., "--root-cert", help="The server's CA certificate (the operator's pki/ca.crt)."),
-    data: Path = typer.Option(..., "--data", help="Feature cache folder written by `fedvox-client prepare` (holds the ledger)."),
-    budget_epsilon: float | None = typer.Option(None, "--budget-epsilon", min=0.0, help="Your utterance-level epsilon budget for these recordings, kept in their ledger (default: the ledger's, else 10)."),
+    data: Path = typer.Option(
+        ..., "--data", help="Feature cache folder written by `fedvox-client prepare` (holds the ledger)."
+    ),
+    budget_epsilon: float | None = typer.Option(
+        None,
+        "--budget-epsilon",
+        min=0.0,
+        help="Your utterance-level epsilon budget for these recordings, kept in their ledger (default: the ledger's, "
+        "else 10).",
+    ),
     name: str | None = typer.Option(None, "--name", help="The device name to put in the operator's register command."),
-    ledger: Path | None = typer.Option(None, "--ledger", help="Folder of the privacy ledger (default: the data folder; the recordings' one ledger, see `ledger-move`)."),
-    home: Path | None = typer.Option(None, "--home", help="fedvox home holding this device's key (default: $FEDVOX_HOME or ~/.fedvox)."),
+    ledger: Path | None = typer.Option(
+        None,
+        "--ledger",
+        help="Folder of the privacy ledger (default: the data folder; the recordings' one ledger, see `ledger-move`).",
+    ),
+    home: Path | None = typer.Option(
+        None, "--home", help="fedvox home holding this device's key (default: $FEDVOX_HOME or ~/.fedvox)."
+    ),
     device: str | None = typer.Option(None, help="Pin the device: cpu, cuda, cuda:N or mps."),
     precision: str | None = typer.Option(None, help="Pin the precision: bf16, fp16 or fp32."),
     physical_batch: int | None = typer.Option(None, min=1, help="Pin the physical batch size."),
     threads: int | None = typer.Option(None, min=1, help="Pin the number of torch threads."),
     profile_file: Path | None = typer.Option(None, help="TOML file whose \\[profile] table pins choices (flags win)."),
-    check: bool = typer.Option(False, "--check", help="Check the server, its certificate and this device's registration, then exit."),
+    check: bool = typer.Option(
+        False, "--check", help="Check the server, its certificate and this device's registration, then exit."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
 ) -> None:
     """Join a federation: train on --data for the server's rounds, connected until Ctrl-C.
 
     Makes this device's key (once) and shows it for the operator to register, then runs a Flower
-    SuperNode on --data and keeps it connected. Only the model update and metrics leave the device; the recordings and features never do.
+    SuperNode on --data and keeps it connected. Only the model update and metrics leave the device; the recordings
+    and features never do.
     """
     import logging
     from dataclasses import asdict
@@ -381,9 +531,7 @@ def enroll(
     )
     device_home = DeviceHome.at(home)
     key, created = device_key(device_home)
-    _say(
-        f"device key {fingerprint(key.public_key())} ({'new' if created else 'existing'}, {device_home.key})"
-    )
+    _say(f"device key {fingerprint(key.public_key())} ({'new' if created else 'existing'}, {device_home.key})")
     typer.echo(public_line(key, name))
     _say("the operator registers it with:")
     typer.echo(register_command(key, name))
@@ -393,16 +541,28 @@ def enroll(
         return
     pins = {k.replace("_", "-"): v for k, v in asdict(overrides).items() if v not in (None, False)}
     enrollment = Enrollment(
-        server=server, root_cert=root_cert.expanduser().resolve(), data=data,
-        ledger=ledger, budget_epsilon=budget_epsilon, profile=pins, name=name, fedvox_home=fedvox_home,
+        server=server,
+        root_cert=root_cert.expanduser().resolve(),
+        data=data,
+        ledger=ledger,
+        budget_epsilon=budget_epsilon,
+        profile=pins,
+        name=name,
+        fedvox_home=fedvox_home,
     )
     Supervisor(enrollment, device_home, key).run()
 
 
 @app.command()
 def status(
-    data: Path | None = typer.Option(None, "--data", help="Data folder or ledger folder (default: the ledger `fedvox-client enroll` uses on this device)."),
-    home: Path | None = typer.Option(None, "--home", help="fedvox home of the enrolled device (default: $FEDVOX_HOME or ~/.fedvox)."),
+    data: Path | None = typer.Option(
+        None,
+        "--data",
+        help="Data folder or ledger folder (default: the ledger `fedvox-client enroll` uses on this device).",
+    ),
+    home: Path | None = typer.Option(
+        None, "--home", help="fedvox home of the enrolled device (default: $FEDVOX_HOME or ~/.fedvox)."
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
     """Show the privacy spent from this data folder: releases, epsilon and budget left."""
@@ -424,8 +584,12 @@ def status(
         accounts.setdefault((row.client_id, row.unit), []).append(row)
     report = [
         {
-            "client_id": client, "unit": unit, "releases": len(items),
-            "steps": sum(r.steps for r in items), "epsilon": items[-1].epsilon, "delta": items[-1].delta,
+            "client_id": client,
+            "unit": unit,
+            "releases": len(items),
+            "steps": sum(r.steps for r in items),
+            "epsilon": items[-1].epsilon,
+            "delta": items[-1].delta,
             "budget": items[-1].budget_epsilon,
             "remaining": None if items[-1].budget_epsilon is None else items[-1].budget_epsilon - items[-1].epsilon,
             "runs": sorted({r.run_id for r in items}),
@@ -448,7 +612,9 @@ def status(
 def ledger_move(
     data: Path = typer.Option(..., "--data", help="Feature cache folder of the recordings whose ledger moves."),
     to: Path = typer.Option(..., "--to", help="The empty folder the ledger (and its release book) moves to."),
-    home: Path | None = typer.Option(None, "--home", help="fedvox home recording the ledger's place (default: $FEDVOX_HOME or ~/.fedvox)."),
+    home: Path | None = typer.Option(
+        None, "--home", help="fedvox home recording the ledger's place (default: $FEDVOX_HOME or ~/.fedvox)."
+    ),
 ) -> None:
     """Move the privacy ledger of these recordings: the one explicit way to change its place."""
     from fedvox.client.identity import move_ledger
@@ -463,8 +629,14 @@ def _say(text: str) -> None:
 
 
 RENAMED = {
-    "train": {"--config": "--model-config", "--lr": "--learning-rate", "--clip": "--clip-norm",
-              "--budget": "--budget-epsilon", "--init": "--pretrained", "--batch": "--logical-batch"},
+    "train": {
+        "--config": "--model-config",
+        "--lr": "--learning-rate",
+        "--clip": "--clip-norm",
+        "--budget": "--budget-epsilon",
+        "--init": "--pretrained",
+        "--batch": "--logical-batch",
+    },
     "prepare": {"--config": "--model-config", "--s2": "--s2-tokens"},
     "probe": {"--config": "--model-config"},
 }

@@ -198,17 +198,31 @@ def _accelerator_facts(tm: Any, index: int, host: Mapping[str, Any]) -> dict[str
     if tm.cuda.is_available():
         props = tm.cuda.get_device_properties(index)
         archs = tuple(tm.cuda.get_arch_list())
-        common = {"device_name": props.name, "total_memory": int(props.total_memory),
-                  "device_index": index, "torch_archs": archs}
+        common = {
+            "device_name": props.name,
+            "total_memory": int(props.total_memory),
+            "device_index": index,
+            "torch_archs": archs,
+        }
         if getattr(tm.version, "hip", None):
             gfx = props.gcnArchName.split(":")[0]  # drop feature flags (":sramecc+:xnack-")
-            return {**common, "backend": "rocm", "gfx_arch": gfx,
-                    "bf16": rocm_family(gfx) in ROCM_BF16_FAMILIES, "kernels": gfx in archs}
+            return {
+                **common,
+                "backend": "rocm",
+                "gfx_arch": gfx,
+                "bf16": rocm_family(gfx) in ROCM_BF16_FAMILIES,
+                "kernels": gfx in archs,
+            }
         capability = (int(props.major), int(props.minor))
         with tm.cuda.device(index):
             bf16 = bool(tm.cuda.is_bf16_supported(including_emulation=False))
-        return {**common, "backend": "cuda", "compute_capability": capability, "bf16": bf16,
-                "kernels": cuda_kernels_available(capability, archs)}
+        return {
+            **common,
+            "backend": "cuda",
+            "compute_capability": capability,
+            "bf16": bf16,
+            "kernels": cuda_kernels_available(capability, archs),
+        }
     mps = getattr(tm.backends, "mps", None)
     if mps is not None and mps.is_available():
         get_name = getattr(mps, "get_name", None)
@@ -275,37 +289,78 @@ def _cpu_name(plat: Any, cpuinfo_path: str | os.PathLike[str]) -> str:
 
 
 # ---------------------------------------------------------------------- reference devices
-def _host(cpu: str, cores: int, ram_gib: int, *, arch: str = "x86_64", isa: str = "AVX2",
-          bf16: bool = False, smt: bool = True, os_name: str = "Linux") -> dict[str, Any]:
-    return {"cpu_arch": arch, "cpu_name": cpu, "cpu_isa": isa, "cpu_bf16": bf16,
-            "physical_cores": cores, "logical_cores": cores * (2 if smt else 1),
-            "ram": ram_gib * GiB, "os": os_name}
+def _host(
+    cpu: str,
+    cores: int,
+    ram_gib: int,
+    *,
+    arch: str = "x86_64",
+    isa: str = "AVX2",
+    bf16: bool = False,
+    smt: bool = True,
+    os_name: str = "Linux",
+) -> dict[str, Any]:
+    return {
+        "cpu_arch": arch,
+        "cpu_name": cpu,
+        "cpu_isa": isa,
+        "cpu_bf16": bf16,
+        "physical_cores": cores,
+        "logical_cores": cores * (2 if smt else 1),
+        "ram": ram_gib * GiB,
+        "os": os_name,
+    }
 
 
 _CU130 = ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120")  # torch 2.14.1+cu130 (measured)
-_ROCM = ("gfx900", "gfx906", "gfx908", "gfx90a", "gfx942", "gfx1030", "gfx1100", "gfx1101",
-         "gfx1102", "gfx1200", "gfx1201")  # PyTorch ROCm 6.x wheel targets
+_ROCM = (
+    "gfx900",
+    "gfx906",
+    "gfx908",
+    "gfx90a",
+    "gfx942",
+    "gfx1030",
+    "gfx1100",
+    "gfx1101",
+    "gfx1102",
+    "gfx1200",
+    "gfx1201",
+)  # PyTorch ROCm 6.x wheel targets
 _DESKTOP = _host("AMD Ryzen 7 7700X", 8, 32, isa="AVX512", bf16=True)
 _OLD_DESKTOP = _host("Intel Core i7-9700K", 8, 16, smt=False)
 
 
 def _nvidia(name: str, gib: float, cc: tuple[int, int], host: dict[str, Any]) -> DeviceFacts:
     return DeviceFacts(
-        backend="cuda", device_name=name, total_memory=int(gib * GiB), compute_capability=cc,
-        bf16=cc >= (8, 0), kernels=cuda_kernels_available(cc, _CU130), torch_archs=_CU130, **host,
+        backend="cuda",
+        device_name=name,
+        total_memory=int(gib * GiB),
+        compute_capability=cc,
+        bf16=cc >= (8, 0),
+        kernels=cuda_kernels_available(cc, _CU130),
+        torch_archs=_CU130,
+        **host,
     )
 
 
 def _amd(name: str, gib: float, gfx: str, host: dict[str, Any]) -> DeviceFacts:
     return DeviceFacts(
-        backend="rocm", device_name=name, total_memory=int(gib * GiB), gfx_arch=gfx,
-        bf16=rocm_family(gfx) in ROCM_BF16_FAMILIES, kernels=gfx in _ROCM, torch_archs=_ROCM, **host,
+        backend="rocm",
+        device_name=name,
+        total_memory=int(gib * GiB),
+        gfx_arch=gfx,
+        bf16=rocm_family(gfx) in ROCM_BF16_FAMILIES,
+        kernels=gfx in _ROCM,
+        torch_archs=_ROCM,
+        **host,
     )
 
 
 REFERENCE_DEVICES: dict[str, DeviceFacts] = {
     # Memory sizes approximate what torch reports (a little under the marketed size).
-    "h100": _nvidia("NVIDIA H100 80GB HBM3", 79.18, (9, 0), _host("Intel Xeon Platinum 8480+", 16, 128, isa="AVX512", bf16=True)),
+    "h100": _nvidia(
+        "NVIDIA H100 80GB HBM3", 79.18, (9, 0), _host("Intel Xeon Platinum 8480+", 16, 128, isa="AVX512", bf16=True)
+    ),
     "rtx4090": _nvidia("NVIDIA GeForce RTX 4090", 23.99, (8, 9), _DESKTOP),
     "rtx3060": _nvidia("NVIDIA GeForce RTX 3060", 11.76, (8, 6), _DESKTOP),
     "rtx3070": _nvidia("NVIDIA GeForce RTX 3070", 7.79, (8, 6), _DESKTOP),
@@ -320,20 +375,26 @@ REFERENCE_DEVICES: dict[str, DeviceFacts] = {
     "mi300x": _amd("AMD Instinct MI300X", 191.98, "gfx942", _host("AMD EPYC 9654", 16, 256, isa="AVX512", bf16=True)),
     "rx5700xt": _amd("AMD Radeon RX 5700 XT", 7.98, "gfx1010", _DESKTOP),
     "m2": DeviceFacts(
-        backend="mps", device_name="Apple M2", total_memory=int(10.67 * GiB), bf16=True,
+        backend="mps",
+        device_name="Apple M2",
+        total_memory=int(10.67 * GiB),
+        bf16=True,
         **_host("Apple M2", 8, 16, arch="arm64", isa="DEFAULT", bf16=True, smt=False, os_name="Darwin 24.1.0"),
     ),
     "x86-avx2": DeviceFacts(backend="cpu", device_name="Intel Core i5-10400", **_host("Intel Core i5-10400", 6, 16)),
     "xeon-amx": DeviceFacts(
-        backend="cpu", device_name="Intel Xeon Gold 6430",
+        backend="cpu",
+        device_name="Intel Xeon Gold 6430",
         **_host("Intel Xeon Gold 6430", 32, 256, isa="AVX512", bf16=True),
     ),
     "graviton3": DeviceFacts(
-        backend="cpu", device_name="AWS Graviton3",
+        backend="cpu",
+        device_name="AWS Graviton3",
         **_host("AWS Graviton3", 8, 32, arch="arm64", isa="SVE256", bf16=True, smt=False),
     ),
     "raspberry-pi5": DeviceFacts(
-        backend="cpu", device_name="Cortex-A76",
+        backend="cpu",
+        device_name="Cortex-A76",
         **_host("Cortex-A76", 4, 8, arch="arm64", isa="DEFAULT", smt=False),
     ),
 }
@@ -345,9 +406,7 @@ def reference_device(name: str) -> DeviceFacts:
     try:
         return REFERENCE_DEVICES[name]
     except KeyError:
-        raise ConfigError(
-            f"unknown reference device {name!r}; choose one of {', '.join(REFERENCE_DEVICES)}"
-        ) from None
+        raise ConfigError(f"unknown reference device {name!r}; choose one of {', '.join(REFERENCE_DEVICES)}") from None
 
 
 __all__ = [

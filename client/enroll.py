@@ -12,8 +12,9 @@
    device rejoins at once instead of after Flower's heartbeat timeout.
 3. ``flower-supernode`` runs with TLS, the key, and a node config (``device/node-config.toml``:
    ``data-path``, ``ledger-path``, ``budget-epsilon``, ``profile.*``) that the fedvox ClientApp
-   reads (and ``fedvox-home``: where the recordings' one ledger is recorded). The supervisor restarts it whenever it exits (network loss, server restart), after the
-   same check, with backoff; a missing registration is waited for, not fatal.
+   reads (and ``fedvox-home``: where the recordings' one ledger is recorded). The supervisor
+   restarts it whenever it exits (network loss, server restart), after the same check, with
+   backoff; a missing registration is waited for, not fatal.
 
 Only the SuperNode talks to the server, and only the ClientApp process it starts per message
 reads the data folder; what it sends back is the trainable subset and metrics (docs/deployment.md).
@@ -105,7 +106,8 @@ class DeviceHome:
             return Path(tomllib.loads(self.node_config.read_text())["ledger-path"])
         except (OSError, KeyError, tomllib.TOMLDecodeError):
             raise ConfigError(
-                f"no enrollment in {self.root} (no {self.node_config.name}); give --data, or --home of the enrolled device"
+                f"no enrollment in {self.root} (no {self.node_config.name}); give --data, or --home of the enrolled "
+                "device"
             ) from None
 
     def save_node_id(self, server: str, node_id: int) -> None:
@@ -123,12 +125,16 @@ def device_key(home: DeviceHome) -> tuple[ec.EllipticCurvePrivateKey, bool]:
         try:
             key = serialization.load_ssh_private_key(home.key.read_bytes(), password=None)
         except (ValueError, TypeError) as exc:
-            raise DeploymentError(f"{home.key} is not a usable OpenSSH private key ({exc}); move it away to make a new one") from exc
+            raise DeploymentError(
+                f"{home.key} is not a usable OpenSSH private key ({exc}); move it away to make a new one"
+            ) from exc
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise DeploymentError(f"{home.key} is not an ECDSA key; Flower's SuperNode authentication needs one")
         return key, False
     key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     with atomic_path(home.key) as tmp:  # mkstemp: 0600 from the start
         tmp.write_bytes(private)
     atomic_write_text(home.public_key, public_line(key) + "\n")
@@ -161,7 +167,9 @@ def check_root_certificate(path: Path) -> None:
     try:
         x509.load_pem_x509_certificate(Path(path).read_bytes())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"--root-cert {path}: not a PEM certificate ({exc}); use the ca.crt the operator gave you") from exc
+        raise ConfigError(
+            f"--root-cert {path}: not a PEM certificate ({exc}); use the ca.crt the operator gave you"
+        ) from exc
 
 
 def check_server(server: str, root_cert: Path, key: ec.EllipticCurvePrivateKey, home: DeviceHome) -> int:
@@ -216,20 +224,31 @@ def _explained(server: str, root_cert: Path) -> Iterator[None]:
                 "by a name or address its certificate lists"
             ) from None
         if "SSL" in text:
-            raise DeploymentError(f"{server} does not speak TLS like a fedvox server ({_ssl_reason(text)}); check the port") from None
-        raise ServerUnreachable(f"cannot reach the fedvox server at {server} ({text or 'connection failed'}); check the address and that `fedvox-server start` runs") from None
+            raise DeploymentError(
+                f"{server} does not speak TLS like a fedvox server ({_ssl_reason(text)}); check the port"
+            ) from None
+        raise ServerUnreachable(
+            f"cannot reach the fedvox server at {server} ({text or 'connection failed'}); check the address and that "
+            "`fedvox-server start` runs"
+        ) from None
     except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-        raise ServerUnreachable(f"the fedvox server at {server} does not answer ({type(exc).__name__}: {exc})") from None
+        raise ServerUnreachable(
+            f"the fedvox server at {server} does not answer ({type(exc).__name__}: {exc})"
+        ) from None
     except httpx.HTTPStatusError as exc:
         status = exc.response.status_code
         if status == 412:
-            raise NotRegistered(f"the server at {server} does not know this device's key: the operator must register it") from None
+            raise NotRegistered(
+                f"the server at {server} does not know this device's key: the operator must register it"
+            ) from None
         if status == 401:
             raise DeploymentError(
                 f"the server at {server} rejected this device's signature; check that this machine's clock is right"
             ) from None
         if status in (502, 503, 504):
-            raise ServerUnreachable(f"the fedvox server at {server} is starting or restarting (HTTP {status})") from None
+            raise ServerUnreachable(
+                f"the fedvox server at {server} is starting or restarting (HTTP {status})"
+            ) from None
         raise DeploymentError(f"the server at {server} answered HTTP {status}; is it a fedvox server?") from None
 
 
@@ -303,7 +322,9 @@ class Supervisor:
             except NotRegistered as exc:
                 if not told:  # the command itself was printed above, unwrapped, for copying
                     log.warning("%s with the `fedvox-server register` command printed above", exc)
-                    log.info("waiting for the registration (checking every %.0f s; Ctrl-C to stop)", REGISTRATION_POLL_S)
+                    log.info(
+                        "waiting for the registration (checking every %.0f s; Ctrl-C to stop)", REGISTRATION_POLL_S
+                    )
                     told = True
                 self.stopping.wait(REGISTRATION_POLL_S)
             except ServerUnreachable as exc:
@@ -317,16 +338,27 @@ class Supervisor:
         e = self.enrollment
         command = [
             flower_command("flower-supernode"),
-            "--superlink", e.server,
-            "--root-certificates", str(e.root_cert),
-            "--auth-supernode-private-key", str(self.home.key),
-            "--node-config", str(self.home.node_config),
-            "--host", "127.0.0.1", "--port", str(free_port()),
+            "--superlink",
+            e.server,
+            "--root-certificates",
+            str(e.root_cert),
+            "--auth-supernode-private-key",
+            str(self.home.key),
+            "--node-config",
+            str(self.home.node_config),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(free_port()),
         ]
         self.home.logs.mkdir(exist_ok=True)
         self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=flower_env(self.home.flwr_home),
-            start_new_session=True, preexec_fn=die_with_parent,
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=flower_env(self.home.flwr_home),
+            start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         gave_up = threading.Event()
         reader = threading.Thread(target=self._relay, args=(self.process, gave_up), daemon=True)
@@ -367,6 +399,13 @@ class Supervisor:
 
 
 __all__ = [
-    "DeviceHome", "Enrollment", "Supervisor", "check_root_certificate", "check_server", "device_key",
-    "parse_server", "public_line", "register_command",
+    "DeviceHome",
+    "Enrollment",
+    "Supervisor",
+    "check_root_certificate",
+    "check_server",
+    "device_key",
+    "parse_server",
+    "public_line",
+    "register_command",
 ]

@@ -58,7 +58,9 @@ def identity(data_dir: str | Path) -> Identity:
     saved = _saved(path)
     if saved is not None and saved.index_sha256 == index_sha:
         return saved
-    recordings = hashlib.sha256("".join(sorted(_wave_hash(cache, item.id) for item in index.items)).encode()).hexdigest()
+    recordings = hashlib.sha256(
+        "".join(sorted(_wave_hash(cache, item.id) for item in index.items)).encode()
+    ).hexdigest()
     # A folder identified before identities were bound to recordings keeps its id: its ledger uses it.
     keep = saved is not None and saved.recordings in ("", recordings)
     client_id = saved.client_id if keep else f"client-{recordings[:24]}"
@@ -146,9 +148,13 @@ def _saved(path: Path) -> Identity | None:
         return None
     try:
         values = json.loads(path.read_text())
-        return Identity(str(values["client_id"]), str(values.get("recordings", "")), str(values.get("index_sha256", "")))
+        return Identity(
+            str(values["client_id"]), str(values.get("recordings", "")), str(values.get("index_sha256", ""))
+        )
     except (ValueError, KeyError) as exc:
-        raise DataError(f"{path} is damaged ({exc}); restore it from a backup: the privacy ledger refers to it") from exc
+        raise DataError(
+            f"{path} is damaged ({exc}); restore it from a backup: the privacy ledger refers to it"
+        ) from exc
 
 
 def _wave_hash(cache: FeatureCache, item: str) -> str:

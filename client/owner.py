@@ -45,7 +45,9 @@ def check_plan(owner: OwnerBudget, config: RunConfig) -> None:
     """Refuse a plan that asks a device for more epsilon than its owner allows."""
     asked = max(config.client_budget_epsilon, config.dp.target_epsilon)
     if asked > owner.epsilon:
-        key = "dp.target-epsilon" if config.dp.target_epsilon > config.client_budget_epsilon else "client-budget-epsilon"
+        key = (
+            "dp.target-epsilon" if config.dp.target_epsilon > config.client_budget_epsilon else "client-budget-epsilon"
+        )
         raise BudgetExceededError(
             f"the plan asks this device for an utterance-level epsilon of {asked:g} ({key}); its owner allows "
             f"{owner.epsilon:g}. The operator must lower {key}, or the owner raise the budget on the device"

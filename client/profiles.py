@@ -143,11 +143,10 @@ class ProfileOverrides:
         for key, value in values.items():
             if not key.startswith(prefix):
                 continue
-            name = key[len(prefix):].replace("-", "_")
+            name = key[len(prefix) :].replace("-", "_")
             if name not in known:
                 raise ConfigError(
-                    f"unknown profile setting {key!r}; known: "
-                    + ", ".join(k.replace("_", "-") for k in sorted(known))
+                    f"unknown profile setting {key!r}; known: " + ", ".join(k.replace("_", "-") for k in sorted(known))
                 )
             picked[name] = value
         return cls(**picked)
@@ -206,7 +205,6 @@ def model_size(stage: str, config: str, subset: SubsetSpec) -> ModelSize:
     )
 
 
-
 @dataclass(frozen=True)
 class ActivationCost:
     """Activation bytes per sample at the planning length, and where the figure comes from."""
@@ -218,7 +216,12 @@ class ActivationCost:
 
 
 def activation_cost(
-    stage: str, config: str, subset: SubsetSpec, precision: str, checkpointing: bool, backend: str,
+    stage: str,
+    config: str,
+    subset: SubsetSpec,
+    precision: str,
+    checkpointing: bool,
+    backend: str,
     table: tuple[Mapping[str, Any], ...] | None = None,
 ) -> ActivationCost:
     """Look up ``A`` for a device ``backend`` (``cpu``, ``cuda``, ``rocm``, ``mps``).
@@ -236,9 +239,14 @@ def activation_cost(
 
     def matching(device: str) -> Mapping[str, Any] | None:
         for row in rows:
-            if (row["device"] == device and row["stage"] == stage and row["subset"] == subset_key
-                    and (row["precision"] != "fp32") == mixed and row["checkpointing"] == checkpointing
-                    and _same_architecture(stage, row["config"], config)):
+            if (
+                row["device"] == device
+                and row["stage"] == stage
+                and row["subset"] == subset_key
+                and (row["precision"] != "fp32") == mixed
+                and row["checkpointing"] == checkpointing
+                and _same_architecture(stage, row["config"], config)
+            ):
                 return row
         return None
 
@@ -295,9 +303,7 @@ class MemoryEstimate:
         return max(0, (self.budget - self.fixed) // self.per_sample)
 
 
-def estimate_memory(
-    size: ModelSize, activation: ActivationCost, precision: str, budget: int
-) -> MemoryEstimate:
+def estimate_memory(size: ModelSize, activation: ActivationCost, precision: str, budget: int) -> MemoryEstimate:
     """The memory model of the module docstring."""
     mixed = precision != "fp32"
     fixed = size.parameters * (6 if mixed else 4) + size.trainable * 16
@@ -378,8 +384,16 @@ def select_profile(
 
 
 def _plan(
-    facts: DeviceFacts, device: str, label: str, device_reason: str, stage: str, config: str,
-    spec: SubsetSpec, size: ModelSize, wanted: int | None, overrides: ProfileOverrides,
+    facts: DeviceFacts,
+    device: str,
+    label: str,
+    device_reason: str,
+    stage: str,
+    config: str,
+    spec: SubsetSpec,
+    size: ModelSize,
+    wanted: int | None,
+    overrides: ProfileOverrides,
 ) -> ResourceProfile:
     reasons = {"device": device_reason}
     precision, reasons["precision"] = _choose_precision(facts, device, overrides)
@@ -393,9 +407,15 @@ def _plan(
     physical, reasons["physical_batch"] = _choose_batch(memory, wanted, overrides, device, stage, config, spec)
     threads, reasons["threads"] = _choose_threads(facts, device, overrides)
     return ResourceProfile(
-        name=f"{label}-{precision}", device=device, physical_batch=physical, precision=precision,
-        checkpointing=checkpointing, threads=threads,
-        loss_scale=FP16_LOSS_SCALE if precision == "fp16" else 1.0, memory=memory, reasons=reasons,
+        name=f"{label}-{precision}",
+        device=device,
+        physical_batch=physical,
+        precision=precision,
+        checkpointing=checkpointing,
+        threads=threads,
+        loss_scale=FP16_LOSS_SCALE if precision == "fp16" else 1.0,
+        memory=memory,
+        reasons=reasons,
     )
 
 
@@ -492,22 +512,28 @@ def _choose_device(facts: DeviceFacts, overrides: ProfileOverrides) -> tuple[str
         return "cpu", _cpu_label(facts), f"cpu: no GPU found; {facts.cpu_name} ({facts.cpu_isa})"
     if facts.backend == "mps":
         if overrides.allow_mps:
-            return "mps", "apple-mps", (
-                f"mps: opted in with allow-mps on {facts.device_name}; watch memory, MPS leaks with "
-                "variable-length batches and Opacus is untested on it"
+            return (
+                "mps",
+                "apple-mps",
+                (
+                    f"mps: opted in with allow-mps on {facts.device_name}; watch memory, MPS leaks with "
+                    "variable-length batches and Opacus is untested on it"
+                ),
             )
-        return "cpu", _cpu_label(facts), (
-            f"cpu: {facts.device_name}'s GPU (MPS) is not used by default: it leaks memory with "
-            "variable-length batches (pytorch#121113, #132596) and GPT-SoVITS trains on CPU on "
-            "Macs for that reason and because MPS-trained models sounded worse; pass --allow-mps "
-            "to use it"
+        return (
+            "cpu",
+            _cpu_label(facts),
+            (
+                f"cpu: {facts.device_name}'s GPU (MPS) is not used by default: it leaks memory with "
+                "variable-length batches (pytorch#121113, #132596) and GPT-SoVITS trains on CPU on "
+                "Macs for that reason and because MPS-trained models sounded worse; pass --allow-mps "
+                "to use it"
+            ),
         )
     problem = _gpu_problem(facts)
     if problem:
         return "cpu", _cpu_label(facts), f"cpu: {problem}"
-    return gpu, _gpu_label(facts), (
-        f"{gpu}: {facts.device_name} ({_arch(facts)}, {facts.total_memory / GiB:.1f} GiB)"
-    )
+    return gpu, _gpu_label(facts), (f"{gpu}: {facts.device_name} ({_arch(facts)}, {facts.total_memory / GiB:.1f} GiB)")
 
 
 def _choose_precision(facts: DeviceFacts, device: str, overrides: ProfileOverrides) -> tuple[str, str]:
@@ -530,9 +556,7 @@ def _choose_precision(facts: DeviceFacts, device: str, overrides: ProfileOverrid
                 f"bf16 autocast: this CPU has {isa} instructions (CPU autocast supports bf16 only; "
                 "no loss scaling needed)"
             )
-        return "fp32", (
-            f"fp32: this CPU ({facts.cpu_isa}) has no {isa}; bf16 would be emulated and slower"
-        )
+        return "fp32", (f"fp32: this CPU ({facts.cpu_isa}) has no {isa}; bf16 would be emulated and slower")
 
     if requested is not None:
         if requested == "bf16" and not facts.bf16:
@@ -546,8 +570,7 @@ def _choose_precision(facts: DeviceFacts, device: str, overrides: ProfileOverrid
     arch = _arch(facts)
     if facts.bf16:
         extra = (
-            "; AMD recommends it over fp16, which overflowed on RDNA3 (ROCm #6351)"
-            if facts.backend == "rocm" else ""
+            "; AMD recommends it over fp16, which overflowed on RDNA3 (ROCm #6351)" if facts.backend == "rocm" else ""
         )
         return "bf16", f"bf16 autocast: native on {arch}, fp32's exponent range, so no loss scaling{extra}"
     if facts.backend == "rocm":
@@ -586,22 +609,35 @@ def _choose_checkpointing(
         return plain, False, f"off: {unsupported}; smaller physical batches instead"
     target = wanted or 1
     if plain.max_batch >= target:
-        return plain, False, (
-            f"off: {plain.max_batch} samples fit without it"
-            + (f", enough for logical batches up to {wanted}" if wanted else "")
+        return (
+            plain,
+            False,
+            (
+                f"off: {plain.max_batch} samples fit without it"
+                + (f", enough for logical batches up to {wanted}" if wanted else "")
+            ),
         )
     saved = estimate(True)
     if saved.max_batch <= plain.max_batch:
         return plain, False, f"off: recomputing the attention core would not fit more samples ({plain.max_batch})"
-    return saved, True, (
-        f"on: recomputing the attention core (parameter-free, so per-sample gradients stay exact) "
-        f"fits {saved.max_batch} samples instead of {plain.max_batch}"
+    return (
+        saved,
+        True,
+        (
+            f"on: recomputing the attention core (parameter-free, so per-sample gradients stay exact) "
+            f"fits {saved.max_batch} samples instead of {plain.max_batch}"
+        ),
     )
 
 
 def _choose_batch(
-    memory: MemoryEstimate, wanted: int | None, overrides: ProfileOverrides, device: str,
-    stage: str, config: str, spec: SubsetSpec,
+    memory: MemoryEstimate,
+    wanted: int | None,
+    overrides: ProfileOverrides,
+    device: str,
+    stage: str,
+    config: str,
+    spec: SubsetSpec,
 ) -> tuple[int, str]:
     fit = memory.max_batch
     terms = (
@@ -610,8 +646,10 @@ def _choose_batch(
         f"{PLANNING_SECONDS:g} s), budget {memory.budget / GiB:.2f} GiB"
     )
     if overrides.physical_batch is not None:
-        note = "" if overrides.physical_batch <= fit else (
-            f"; above the memory model's {fit}: an out-of-memory step will halve it"
+        note = (
+            ""
+            if overrides.physical_batch <= fit
+            else (f"; above the memory model's {fit}: an out-of-memory step will halve it")
         )
         return overrides.physical_batch, f"{overrides.physical_batch}: pinned by override{note}"
     if fit < 1:
@@ -628,8 +666,7 @@ def _choose_threads(facts: DeviceFacts, device: str, overrides: ProfileOverrides
     if overrides.threads is not None:
         if overrides.threads > facts.logical_cores:
             raise ConfigError(
-                f"profile threads={overrides.threads} exceeds this machine's "
-                f"{facts.logical_cores} logical cores"
+                f"profile threads={overrides.threads} exceeds this machine's {facts.logical_cores} logical cores"
             )
         return overrides.threads, f"{overrides.threads}: pinned by override"
     role = "intra-op threads" if device == "cpu" else "threads for data loading and host-side ops"
@@ -645,9 +682,27 @@ def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 __all__ = [
-    "ACCELERATOR_FRACTION", "ACCELERATOR_RESERVE", "CPU_RAM_FRACTION", "CPU_RUNTIME_RESERVE", "FP16_LOSS_SCALE",
-    "GPU_TIERS", "MEMORY_TABLE", "PHONEMES_PER_SECOND", "PLANNING_SECONDS", "PRECISIONS",
-    "ActivationCost", "MemoryEstimate", "ModelSize", "ProfileOverrides",
-    "ResourceProfile", "activation_cost", "estimate_memory", "gpu_tier", "memory_budget",
-    "model_size", "nominal_gib", "poisson_batch_bound", "select_profile",
+    "ACCELERATOR_FRACTION",
+    "ACCELERATOR_RESERVE",
+    "CPU_RAM_FRACTION",
+    "CPU_RUNTIME_RESERVE",
+    "FP16_LOSS_SCALE",
+    "GPU_TIERS",
+    "MEMORY_TABLE",
+    "PHONEMES_PER_SECOND",
+    "PLANNING_SECONDS",
+    "PRECISIONS",
+    "ActivationCost",
+    "MemoryEstimate",
+    "ModelSize",
+    "ProfileOverrides",
+    "ResourceProfile",
+    "activation_cost",
+    "estimate_memory",
+    "gpu_tier",
+    "memory_budget",
+    "model_size",
+    "nominal_gib",
+    "poisson_batch_bound",
+    "select_profile",
 ]

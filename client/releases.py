@@ -126,7 +126,9 @@ class ReleaseBook:
         try:
             return Entry(**json.loads(path.read_text()))
         except (ValueError, TypeError) as exc:
-            raise PrivacyError(f"{path} is damaged ({exc}); move it away to answer that message as a new release") from exc
+            raise PrivacyError(
+                f"{path} is damaged ({exc}); move it away to answer that message as a new release"
+            ) from exc
 
     def reply(self, digest: str) -> RecordDict | None:
         """The stored answer to ``digest``, exactly as it was sent, or ``None``."""

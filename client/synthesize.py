@@ -108,15 +108,22 @@ def synthesize(
     phonemes = [i for piece in pieces for i in piece.ids]
     features = torch.cat([_bert_features(piece, bert) for piece in pieces]) if bert else None
     codes = generate(
-        voice.s1, torch.tensor(phonemes), features, prompt, top_k=top_k, temperature=temperature,
-        max_new_tokens=int(max_seconds * 25), generator=generator,
+        voice.s1,
+        torch.tensor(phonemes),
+        features,
+        prompt,
+        top_k=top_k,
+        temperature=temperature,
+        max_new_tokens=int(max_seconds * 25),
+        generator=generator,
     )
     if codes.numel() == 0:
         raise ConfigError("the s1 model produced no semantic tokens for this text; try another seed or text")
     spec = linear_spectrogram(reference.float()).unsqueeze(0)
     embedding = sv.embed(reference).unsqueeze(0).float() if voice.s2.config.is_pro and sv else None
-    wave = voice.s2.decode(codes.unsqueeze(0), torch.tensor([target.ids]), spec, embedding,
-                           noise_scale=noise_scale, generator=generator)
+    wave = voice.s2.decode(
+        codes.unsqueeze(0), torch.tensor([target.ids]), spec, embedding, noise_scale=noise_scale, generator=generator
+    )
     return wave[0, 0].float().clamp(-1.0, 1.0)
 
 
@@ -142,12 +149,14 @@ def check_output(out: Path, reference: Path, *, force: bool) -> None:
     """Refuse an ``--out`` that is a recording (the reference, or an entry of a list file near it)
     and, without ``force``, any existing file: fedvox never overwrites recordings."""
     if out.exists() and out.resolve() == reference.resolve():
-        raise ConfigError(f"--out {out} is the reference recording: fedvox never overwrites recordings; "
-                          "choose a new file")
+        raise ConfigError(
+            f"--out {out} is the reference recording: fedvox never overwrites recordings; choose a new file"
+        )
     listed = listing(out)
     if listed is not None:
-        raise ConfigError(f"--out {out} is a recording listed in {listed}: fedvox never overwrites recordings; "
-                          "choose a new file")
+        raise ConfigError(
+            f"--out {out} is a recording listed in {listed}: fedvox never overwrites recordings; choose a new file"
+        )
     refuse_overwrite(out, force=force)
 
 
@@ -214,5 +223,5 @@ def _load_round(path: Path) -> dict[str, nn.Module]:
     config = RunConfig.from_flat(meta["run-config"])
     model = build_model(config.stage, config.model_config, config.subset_spec, seed=config.model_seed)
     tensors, _ = load_safetensors(path.with_name(meta["tensors"]))
-    load_trainable_state_dict(model, {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+    load_trainable_state_dict(model, {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")})
     return {config.stage: recipe(config.stage).voice_model(model)}

@@ -240,6 +240,14 @@ def build_aggregator(config: RunConfig) -> Aggregator:
 
 
 __all__ = [
-    "WEIGHT_KEY", "Accepted", "Aggregate", "Aggregator", "FlowerRule", "RoundUpdates", "ServerAdam", "SpeakerDPMean",
-    "WeightedMean", "build_aggregator",
+    "WEIGHT_KEY",
+    "Accepted",
+    "Aggregate",
+    "Aggregator",
+    "FlowerRule",
+    "RoundUpdates",
+    "ServerAdam",
+    "SpeakerDPMean",
+    "WeightedMean",
+    "build_aggregator",
 ]

@@ -23,7 +23,9 @@ app = command_group(
 )
 
 HOME = typer.Argument(..., help="The server home (made by `fedvox-server init`).")
-RUN = typer.Argument(..., help="A server home, or a run directory (a run's checkpoint-dir).", exists=True, file_okay=False)
+RUN = typer.Argument(
+    ..., help="A server home, or a run directory (a run's checkpoint-dir).", exists=True, file_okay=False
+)
 FORMATS = ("safetensors", "gpt-sovits")
 
 
@@ -35,14 +37,31 @@ def _group(version: bool = VERSION_OPTION) -> None:
 @app.command()
 def init(
     home: Path = typer.Argument(..., help="Folder for the new server home (created, mode 0700)."),
-    name: list[str] = typer.Option([], "--name", help="A host name or address devices use to reach this server (repeat; default: loopback and this machine's names)."),
+    name: list[str] = typer.Option(
+        [],
+        "--name",
+        help="A host name or address devices use to reach this server (repeat; default: loopback and this machine's "
+        "names).",
+    ),
     host: str = typer.Option("0.0.0.0", help="Address the public port listens on (0.0.0.0: every interface)."),
     port: int = typer.Option(9443, min=1, max=65535, help="The public port (TLS; devices connect here)."),
-    run_config: Path | None = typer.Option(None, "--run-config", help="TOML run configuration to start from (default: fedvox's defaults)."),
-    ca_cert: Path | None = typer.Option(None, "--ca-cert", help="Bring your own: the CA certificate devices will trust."),
-    cert: Path | None = typer.Option(None, "--cert", help="Bring your own: the server certificate (signed by --ca-cert)."),
-    key: Path | None = typer.Option(None, "--key", help="Bring your own: the server certificate's private key (PEM, unencrypted)."),
-    renew_certificate: bool = typer.Option(False, "--renew-certificate", help="In an existing home: issue a new server certificate (for --name, or before expiry)."),
+    run_config: Path | None = typer.Option(
+        None, "--run-config", help="TOML run configuration to start from (default: fedvox's defaults)."
+    ),
+    ca_cert: Path | None = typer.Option(
+        None, "--ca-cert", help="Bring your own: the CA certificate devices will trust."
+    ),
+    cert: Path | None = typer.Option(
+        None, "--cert", help="Bring your own: the server certificate (signed by --ca-cert)."
+    ),
+    key: Path | None = typer.Option(
+        None, "--key", help="Bring your own: the server certificate's private key (PEM, unencrypted)."
+    ),
+    renew_certificate: bool = typer.Option(
+        False,
+        "--renew-certificate",
+        help="In an existing home: issue a new server certificate (for --name, or before expiry).",
+    ),
 ) -> None:
     """Create a server home: certificates, run configuration and folders, readable by you only.
 
@@ -55,8 +74,16 @@ def init(
         names = renew(ServerHome(home), name or None)
         say(f"new server certificate for {', '.join(names)}; restart the server to use it")
         return
-    made = init_home(home, name or None, run_config=run_config, bring_ca=ca_cert, bring_cert=cert, bring_key=key,
-                     host=host, port=port)
+    made = init_home(
+        home,
+        name or None,
+        run_config=run_config,
+        bring_ca=ca_cert,
+        bring_cert=cert,
+        bring_key=key,
+        host=host,
+        port=port,
+    )
     ca = load_certificate(made.ca_cert)
     say(f"server home {made.root}")
     say(f"  certificate for: {', '.join(subject_names(load_certificate(made.server_cert)))}")
@@ -73,9 +100,17 @@ def start(
     home: Path = HOME,
     host: str | None = typer.Option(None, help="Listen on this address (default: server.toml's host)."),
     port: int | None = typer.Option(None, min=1, max=65535, help="Listen on this port (default: server.toml's port)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run from its last committed round (with none yet: start it; services always pass it)."),
-    dashboard_host: str = typer.Option("127.0.0.1", "--dashboard-host", help="Address the dashboard listens on (only this machine by default)."),
-    dashboard_port: int = typer.Option(0, "--dashboard-port", min=0, max=65535, help="The dashboard's port (0: a free one, printed)."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue the run from its last committed round (with none yet: start it; services always pass it).",
+    ),
+    dashboard_host: str = typer.Option(
+        "127.0.0.1", "--dashboard-host", help="Address the dashboard listens on (only this machine by default)."
+    ),
+    dashboard_port: int = typer.Option(
+        0, "--dashboard-port", min=0, max=65535, help="The dashboard's port (0: a free one, printed)."
+    ),
     no_dashboard: bool = typer.Option(False, "--no-dashboard", help="Serve no dashboard."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
 ) -> None:
@@ -95,7 +130,9 @@ def start(
 
 @app.command()
 def dashboard(
-    directory: Path = typer.Argument(..., help="A server home, a run directory, or a `fedvox-sim run` output folder.", exists=True, file_okay=False),
+    directory: Path = typer.Argument(
+        ..., help="A server home, a run directory, or a `fedvox-sim run` output folder.", exists=True, file_okay=False
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (only this machine by default)."),
     port: int = typer.Option(0, "--port", min=0, max=65535, help="Port (0: a free one, printed)."),
 ) -> None:
@@ -122,8 +159,14 @@ def dashboard(
 @app.command()
 def register(
     home: Path = HOME,
-    public_key: str = typer.Argument(..., help="The device's public key: the line `fedvox-client enroll` printed, its .pub file, or the SHA256: fingerprint of a device waiting for registration."),
-    name: str | None = typer.Option(None, "--name", help="A name for the device (default: from its key's fingerprint)."),
+    public_key: str = typer.Argument(
+        ...,
+        help="The device's public key: the line `fedvox-client enroll` printed, its .pub file, or the SHA256: "
+        "fingerprint of a device waiting for registration.",
+    ),
+    name: str | None = typer.Option(
+        None, "--name", help="A name for the device (default: from its key's fingerprint)."
+    ),
 ) -> None:
     """Authorise a device's key: now if the server runs, else when it starts."""
     from fedvox.server.deploy.devices import register_key
@@ -169,7 +212,11 @@ def devices(
             table.add_column(column, overflow="fold")
         for d in report:
             table.add_row(
-                d["name"], str(d["node-id"] or "-"), d["status"], str(d["rounds-joined"]), d["profile"] or "-",
+                d["name"],
+                str(d["node-id"] or "-"),
+                d["status"],
+                str(d["rounds-joined"]),
+                d["profile"] or "-",
                 "-" if d["epsilon-spent"] is None else f"{d['epsilon-spent']:.3f}",
                 "-" if d["epsilon-budget"] is None else f"{d['epsilon-budget']:g}",
             )
@@ -178,7 +225,10 @@ def devices(
             say(f"  {d['name']}: {d['fingerprint']}")
     for w in waiting:
         say(f"waiting for registration: {w['fingerprint']} ({w['attempts']} attempt(s), last {w['last-seen']})")
-        say(f"  after checking the fingerprint with its owner: fedvox-server register {server_home.root} {w['fingerprint']} --name NAME")
+        say(
+            f"  after checking the fingerprint with its owner: fedvox-server register {server_home.root} "
+            f"{w['fingerprint']} --name NAME"
+        )
 
 
 @app.command()
@@ -196,7 +246,10 @@ def status(
     server = summary.get("server")
     if server is not None:
         if server.get("stopping"):
-            say(f"server stopping (pid {server['pid']}): the run ended; {server['devices-registered']} devices registered")
+            say(
+                f"server stopping (pid {server['pid']}): the run ended; {server['devices-registered']} devices "
+                "registered"
+            )
         elif server["running"]:
             say(
                 f"server running (pid {server['pid']}) on {server['address']}, Flower run {server['flower-run-id']}; "
@@ -215,8 +268,7 @@ def status(
     if summary["best-round"] is not None:
         progress += f"; best round {summary['best-round']} (lowest released validation loss)"
     say(progress)
-    for key in ("participants", "val-loss", "rejects", "epsilon-utterance-max",
-                "epsilon-speaker-max", "round-time-s"):
+    for key in ("participants", "val-loss", "rejects", "epsilon-utterance-max", "epsilon-speaker-max", "round-time-s"):
         if key in latest["metrics"]:
             say(f"  {key}: {latest['metrics'][key]}")
     if summary["speakers"]:
@@ -227,9 +279,18 @@ def status(
 @app.command()
 def export(
     directory: Path = RUN,
-    format_: str | None = typer.Option(None, "--format", help="gpt-sovits (s1.ckpt; s2G.pth + s2D.pth; official architectures) or safetensors (fedvox, any config); default: both."),
-    round_: int | None = typer.Option(None, "--round", help="Round to export (default: the best comparable round, else the newest that aggregated)."),
-    out: Path | None = typer.Option(None, help="Output folder, which receives gpt-sovits/ and fedvox/ (default: the run's export/)."),
+    format_: str | None = typer.Option(
+        None,
+        "--format",
+        help="gpt-sovits (s1.ckpt; s2G.pth + s2D.pth; official architectures) or safetensors (fedvox, any config); "
+        "default: both.",
+    ),
+    round_: int | None = typer.Option(
+        None, "--round", help="Round to export (default: the best comparable round, else the newest that aggregated)."
+    ),
+    out: Path | None = typer.Option(
+        None, help="Output folder, which receives gpt-sovits/ and fedvox/ (default: the run's export/)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
 ) -> None:
     """Write a committed round's global model, LoRA merged, in GPT-SoVITS's and/or fedvox's format."""
@@ -335,10 +396,15 @@ def full_status(directory: Path) -> dict[str, Any]:
     if running is not None:
         nodes, _ = _nodes(home)
         online = sum(n.status == "online" for n in nodes or [])
-        server.update({
-            "pid": running["pid"], "address": f"{running['host']}:{running['port']}",
-            "flower-run-id": running.get("run-id"), "devices-online": online, "stopping": bool(running.get("stopping")),
-        })
+        server.update(
+            {
+                "pid": running["pid"],
+                "address": f"{running['host']}:{running['port']}",
+                "flower-run-id": running.get("run-id"),
+                "devices-online": online,
+                "stopping": bool(running.get("stopping")),
+            }
+        )
         latest = summary["latest"]["round"] if summary["latest"] else 0
         summary["current-round"] = latest + 1 if latest < target and not running.get("stopping") else None
     summary["server"] = server
@@ -351,7 +417,11 @@ def _control(home: Any) -> Any:
     from fedvox.server.deploy.control import Control
 
     running = home.running()
-    return Control(running["superlink"], home.internal_ca, home.control_token) if running and not running.get("stopping") else None
+    return (
+        Control(running["superlink"], home.internal_ca, home.control_token)
+        if running and not running.get("stopping")
+        else None
+    )
 
 
 def _nodes(home: Any) -> tuple[list[Any] | None, str]:

@@ -35,7 +35,9 @@ def read_head(reply: Message, client_id: str) -> SignedHead | None:
     if head.client_id != client_id:
         log.warning(
             "node %d: ledger head signed for %s in a reply from %s; not recorded",
-            reply.metadata.src_node_id, head.client_id, client_id,
+            reply.metadata.src_node_id,
+            head.client_id,
+            client_id,
         )
         return None
     return head

@@ -135,8 +135,11 @@ class FederatedRun:
                 self._commit(0, from_record(arrays), None)
             log.info(
                 "%s run %s in %s at round %d of %d",
-                "resuming" if latest else "starting", self.run_id, self.run_dir,
-                max(self.completed, 0) + 1, self.config.num_server_rounds,
+                "resuming" if latest else "starting",
+                self.run_id,
+                self.run_dir,
+                max(self.completed, 0) + 1,
+                self.config.num_server_rounds,
             )
             try:
                 self.strategy.start(

@@ -213,8 +213,9 @@ class FedvoxStrategy(FedAvg):
         if self.speaker is not None:
             rate = self.speaker.sample_rate = poisson_rate(self.config.clients_per_round, self.population)
 
-        eligible = self.book.eligible(nodes, self.speaker.can_afford_round if self.speaker else _always,
-                                      self.config.max_misses)
+        eligible = self.book.eligible(
+            nodes, self.speaker.can_afford_round if self.speaker else _always, self.config.max_misses
+        )
         eligible.sort(key=self.book.client_id)  # node ids change across restarts, client ids do not
         for node in set(nodes) - set(eligible):
             benched = self.book.benched(node, self.config.max_misses)
@@ -238,11 +239,16 @@ class FedvoxStrategy(FedAvg):
         record.bytes_down += record_bytes(wire) * len(record.selection.node_ids)
         log.info(
             "round %d: %d of %d eligible clients selected (rate %.3f, %d connected)",
-            server_round, len(record.selection.node_ids), len(eligible),
-            record.selection.sample_rate, len(nodes),
+            server_round,
+            len(record.selection.node_ids),
+            len(eligible),
+            record.selection.sample_rate,
+            len(nodes),
         )
         content = RecordDict({ARRAYS: wire, CONFIG: plan})
-        return self._send([Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in record.selection.node_ids])
+        return self._send(
+            [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in record.selection.node_ids]
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -270,19 +276,28 @@ class FedvoxStrategy(FedAvg):
         if len(accepted) < self.config.min_clients and not self.config.speaker_dp.enabled:
             log.warning(
                 "round %d: only %d valid update(s) (min-clients = %d); the global model is unchanged",
-                server_round, len(accepted), self.config.min_clients,
+                server_round,
+                len(accepted),
+                self.config.min_clients,
             )
             return None, None
         updates = RoundUpdates(
-            server_round, self._global, self._sent, accepted,
-            expected_clients=record.selection.expected_clients, noise=self._noise_generator(server_round),
+            server_round,
+            self._global,
+            self._sent,
+            accepted,
+            expected_clients=record.selection.expected_clients,
+            noise=self._noise_generator(server_round),
         )
         aggregate = self.aggregator.aggregate(updates)
         if (release := aggregate.release) is not None:
             record.release = release
             log.info(
                 "round %d: speaker-level DP mean of %d update(s), %d clipped to %.3g, noise std %.3g",
-                server_round, release.participants, release.clipped, self.config.speaker_dp.clip_norm,
+                server_round,
+                release.participants,
+                release.clipped,
+                self.config.speaker_dp.clip_norm,
                 release.noise_std,
             )
         rows = [RecordDict({METRICS: MetricRecord(a.metrics)}) for a in accepted]
@@ -361,9 +376,7 @@ class FedvoxStrategy(FedAvg):
         if not nodes:
             return
         plan = self.plan(server_round).to_record()
-        messages = [
-            Message(RecordDict({CONFIG: plan}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes
-        ]
+        messages = [Message(RecordDict({CONFIG: plan}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
         timeout = min(QUERY_TIMEOUT_S, self.config.round_timeout)
         replies = list(grid.send_and_receive(self._send(messages), timeout=timeout))
         for reply in replies:
@@ -460,9 +473,7 @@ def _weighted_mean(rows: list[MetricRecord], weights: list[float], key: str) -> 
 
 
 # ---------------------------------------------------------------------- helpers
-def _required_metrics(
-    reply: Message, keys: tuple[str, ...], optional: tuple[str, ...] = ()
-) -> dict[str, float] | None:
+def _required_metrics(reply: Message, keys: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, float] | None:
     """The reply's ``metrics`` restricted to ``keys`` (+ ``optional`` ones present), or ``None``
     if a required one is missing or any is not a finite number."""
     record = reply.content.metric_records.get(METRICS)
@@ -482,11 +493,16 @@ def _client_entry(node: int, book: ClientBook, accepted: bool) -> dict[str, Any]
     """Who a train reply is about and what its status said (nothing but ids, profile and budget)."""
     entry: dict[str, Any] = {"node-id": node, "accepted": accepted}
     if (status := book.statuses.get(node)) is not None:
-        entry.update({
-            "client-id": status.client_id, "profile": status.profile, "outcome": status.outcome,
-            "epsilon-spent": status.epsilon_spent, "epsilon-budget": status.epsilon_budget,
-            "epsilon-next": status.epsilon_next,
-        })
+        entry.update(
+            {
+                "client-id": status.client_id,
+                "profile": status.profile,
+                "outcome": status.outcome,
+                "epsilon-spent": status.epsilon_spent,
+                "epsilon-budget": status.epsilon_budget,
+                "epsilon-next": status.epsilon_next,
+            }
+        )
     return entry
 
 

@@ -34,9 +34,7 @@ FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 50
 SEMANTIC_RATE = FRAMES_PER_SECOND // 2  # 25 Hz
 
 
-def read_audio(
-    source: str | os.PathLike[str] | bytes, name: str | None = None
-) -> tuple[torch.Tensor, int]:
+def read_audio(source: str | os.PathLike[str] | bytes, name: str | None = None) -> tuple[torch.Tensor, int]:
     """Decode ``source`` (a path, or a file's bytes) to a mono float32 waveform ``[samples]`` and its rate.
 
     The file is only ever opened for reading. Integer formats come back in [-1, 1); float formats
@@ -80,8 +78,13 @@ def _window(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 @lru_cache(maxsize=8)
 def _mel_basis(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     fbanks = AF.melscale_fbanks(
-        n_freqs=SPEC_CHANNELS, f_min=0.0, f_max=SAMPLE_RATE / 2, n_mels=N_MELS,
-        sample_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney",
+        n_freqs=SPEC_CHANNELS,
+        f_min=0.0,
+        f_max=SAMPLE_RATE / 2,
+        n_mels=N_MELS,
+        sample_rate=SAMPLE_RATE,
+        norm="slaney",
+        mel_scale="slaney",
     )
     return fbanks.T.contiguous().to(device=device, dtype=dtype)  # [n_mels, n_freqs]
 
@@ -93,9 +96,15 @@ def linear_spectrogram(wave: torch.Tensor) -> torch.Tensor:
     pad = (N_FFT - HOP_LENGTH) // 2
     flat = torch.nn.functional.pad(flat.unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
     spec = torch.stft(
-        flat, N_FFT, hop_length=HOP_LENGTH, win_length=WIN_LENGTH,
-        window=_window(flat.device, flat.dtype), center=False, normalized=False,
-        onesided=True, return_complex=True,
+        flat,
+        N_FFT,
+        hop_length=HOP_LENGTH,
+        win_length=WIN_LENGTH,
+        window=_window(flat.device, flat.dtype),
+        center=False,
+        normalized=False,
+        onesided=True,
+        return_complex=True,
     )
     magnitude = spec.abs().pow(2).add(1e-8).sqrt()
     return magnitude.reshape(*lead, *magnitude.shape[-2:])

@@ -102,9 +102,7 @@ def _transformers() -> Any:
     try:
         import transformers
     except ImportError:
-        raise ConfigError(
-            "BERT features need Hugging Face transformers: pip install 'fedvox[bert]'"
-        ) from None
+        raise ConfigError("BERT features need Hugging Face transformers: pip install 'fedvox[bert]'") from None
     return transformers
 
 

@@ -61,8 +61,12 @@ def command_group(name: str, help: str) -> typer.Typer:
     """A fedvox command group: typer's rich tracebacks (which print local variables) off, help
     text as rich renders it (write a literal ``[`` as ``\\[``)."""
     return typer.Typer(
-        name=name, help=help, no_args_is_help=True, add_completion=False,
-        pretty_exceptions_enable=False, pretty_exceptions_show_locals=False,
+        name=name,
+        help=help,
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        pretty_exceptions_show_locals=False,
         epilog=f"Errors are one line; add {DEBUG_FLAG} (or set {DEBUG_ENV}=1) for a traceback.",
     )
 
@@ -185,8 +189,11 @@ def rename_options(args: list[str], renamed: Mapping[str, Mapping[str, str]]) ->
     for arg in args:
         name, equals, value = arg.partition("=")
         if name in table:
-            console.print(f"note: {name} is now {table[name]}; the old name goes away in the next release",
-                          markup=False, highlight=False)
+            console.print(
+                f"note: {name} is now {table[name]}; the old name goes away in the next release",
+                markup=False,
+                highlight=False,
+            )
             arg = table[name] + equals + value
         out.append(arg)
     return out
@@ -212,7 +219,8 @@ def describe(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, MemoryError) or "out of memory" in str(exc):
         return (
             "error: out of memory; pin a smaller --physical-batch, or another --device or --precision "
-            "(`fedvox-client probe` shows what fits)", EXIT_USER_ERROR,
+            "(`fedvox-client probe` shows what fits)",
+            EXIT_USER_ERROR,
         )
     # Its message may quote private data (a transcript, a speaker): the type says enough to report it.
     return (

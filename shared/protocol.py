@@ -125,9 +125,7 @@ class ClientStatus:
         if status.outcome not in (OK, REFUSED):
             raise ProtocolError(f"status outcome must be {OK!r} or {REFUSED!r}, got {status.outcome!r}")
         if status.outcome == REFUSED and status.reason not in REFUSAL_REASONS:
-            raise ProtocolError(
-                f"refusal reason must be one of {', '.join(REFUSAL_REASONS)}, got {status.reason!r}"
-            )
+            raise ProtocolError(f"refusal reason must be one of {', '.join(REFUSAL_REASONS)}, got {status.reason!r}")
         return status
 
 
@@ -156,6 +154,19 @@ class Plan:
 
 
 __all__ = [
-    "ARRAYS", "ATTEMPT", "CONFIG", "EVALUATE_METRICS", "METRICS", "OK", "OPTIONAL_EVALUATE_METRICS", "REFUSAL_REASONS",
-    "REFUSED", "RUN_ID", "SERVER_ROUND", "STATUS", "TRAIN_METRICS", "ClientStatus", "Plan",
+    "ARRAYS",
+    "ATTEMPT",
+    "CONFIG",
+    "EVALUATE_METRICS",
+    "METRICS",
+    "OK",
+    "OPTIONAL_EVALUATE_METRICS",
+    "REFUSAL_REASONS",
+    "REFUSED",
+    "RUN_ID",
+    "SERVER_ROUND",
+    "STATUS",
+    "TRAIN_METRICS",
+    "ClientStatus",
+    "Plan",
 ]

@@ -146,7 +146,9 @@ class HubertConfig:
     @classmethod
     def from_json(cls, raw: dict[str, Any], source: Path) -> HubertConfig:
         for key, supported in (
-            ("hidden_act", "gelu"), ("feat_extract_activation", "gelu"), ("feat_proj_layer_norm", True),
+            ("hidden_act", "gelu"),
+            ("feat_extract_activation", "gelu"),
+            ("feat_proj_layer_norm", True),
         ):
             if raw.get(key, supported) != supported:
                 raise CheckpointError(
@@ -211,8 +213,7 @@ def hf_to_torchaudio(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     """
     stripped = {k.removeprefix("hubert."): v for k, v in state.items()}
     kept = {
-        k: v for k, v in stripped.items()
-        if k.startswith(("feature_extractor.", "feature_projection.", "encoder."))
+        k: v for k, v in stripped.items() if k.startswith(("feature_extractor.", "feature_projection.", "encoder."))
     }
     ignored = sorted(set(stripped) - set(kept))
     return rename_keys(kept, HF_TO_TORCHAUDIO), ignored
@@ -289,9 +290,7 @@ class TokenizerSpec:
         # The s2 stack imports Opacus (seconds): load it only when HuBERT tokens are asked for.
         from fedvox.shared.models.s2.checkpoint import load_generator
 
-        return HubertTokenizer(
-            load_hubert(self.hubert), load_generator(self.s2), self.name, self.device
-        )
+        return HubertTokenizer(load_hubert(self.hubert), load_generator(self.s2), self.name, self.device)
 
 
 def tokenizer_spec(

@@ -52,8 +52,11 @@ class AttentionalFusion(nn.Module):
         super().__init__()
         inner = channels // reduction
         self.local_att = nn.Sequential(
-            nn.Conv2d(2 * channels, inner, 1), nn.BatchNorm2d(inner), nn.SiLU(),
-            nn.Conv2d(inner, channels, 1), nn.BatchNorm2d(channels),
+            nn.Conv2d(2 * channels, inner, 1),
+            nn.BatchNorm2d(inner),
+            nn.SiLU(),
+            nn.Conv2d(inner, channels, 1),
+            nn.BatchNorm2d(channels),
         )
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -64,8 +67,9 @@ class AttentionalFusion(nn.Module):
 class Res2Block(nn.Module):
     """ERes2NetV2's bottleneck: ``scale`` chained 3x3 branches (added, or AFF-fused when ``fuse``)."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int, base_width: int, scale: int, expansion: int,
-                 fuse: bool):
+    def __init__(
+        self, in_planes: int, planes: int, stride: int, base_width: int, scale: int, expansion: int, fuse: bool
+    ):
         super().__init__()
         width = math.floor(planes * base_width / 64)
         self.width, self.scale, self.fused = width, scale, fuse
@@ -101,8 +105,14 @@ class Res2Block(nn.Module):
 class ERes2NetV2(nn.Module):
     """The speaker-verification trunk GPT-SoVITS uses (3D-Speaker's ERes2NetV2, w24 s4 e4)."""
 
-    def __init__(self, channels: int = 64, blocks: tuple[int, ...] = (3, 4, 6, 3), base_width: int = 24,
-                 scale: int = 4, expansion: int = 4):
+    def __init__(
+        self,
+        channels: int = 64,
+        blocks: tuple[int, ...] = (3, 4, 6, 3),
+        base_width: int = 24,
+        scale: int = 4,
+        expansion: int = 4,
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(1, channels, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(channels)
@@ -112,13 +122,17 @@ class ERes2NetV2(nn.Module):
             planes = channels * 2**stage
             layer = []
             for j in range(count):
-                layer.append(Res2Block(in_planes, planes, 2 if stage and not j else 1, base_width, scale, expansion,
-                                       fuse=stage >= 2))
+                layer.append(
+                    Res2Block(
+                        in_planes, planes, 2 if stage and not j else 1, base_width, scale, expansion, fuse=stage >= 2
+                    )
+                )
                 in_planes = planes * expansion
             stages.append(nn.Sequential(*layer))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.layer3_ds = nn.Conv2d(channels * 4 * expansion, channels * 8 * expansion, 3, stride=2, padding=1,
-                                   bias=False)
+        self.layer3_ds = nn.Conv2d(
+            channels * 4 * expansion, channels * 8 * expansion, 3, stride=2, padding=1, bias=False
+        )
         self.fuse34 = AttentionalFusion(channels * 8 * expansion)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -134,8 +148,10 @@ def load_sv_model(path: str | Path) -> ERes2NetV2:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"no speaker-verification model at {path}; pass GPT-SoVITS's "
-                              "pretrained_models/sv/pretrained_eres2netv2w24s4ep4.ckpt") from None
+        raise CheckpointError(
+            f"no speaker-verification model at {path}; pass GPT-SoVITS's "
+            "pretrained_models/sv/pretrained_eres2netv2w24s4ep4.ckpt"
+        ) from None
     except Exception as exc:  # torch raises several types for files that are not tensors
         raise CheckpointError(f"cannot read {path} as a PyTorch state dict ({type(exc).__name__})") from None
     if not isinstance(state, dict):
@@ -171,8 +187,10 @@ class SvSpec:
 
 def sv_spec(path: str | Path, device: str | None = None) -> SvSpec:
     if not Path(path).is_file():
-        raise CheckpointError(f"no speaker-verification model at {path}; pass GPT-SoVITS's "
-                              "pretrained_models/sv/pretrained_eres2netv2w24s4ep4.ckpt")
+        raise CheckpointError(
+            f"no speaker-verification model at {path}; pass GPT-SoVITS's "
+            "pretrained_models/sv/pretrained_eres2netv2w24s4ep4.ckpt"
+        )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return SvSpec(f"sv-{file_digest(path)}", str(path), device)
 

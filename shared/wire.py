@@ -106,8 +106,7 @@ def validate_update(
     extra = sorted(set(update) - set(reference))
     if missing or extra:
         raise UpdateRejected(
-            f"keys: update does not match the global subset (missing {missing[:3]}, "
-            f"unexpected {extra[:3]})"
+            f"keys: update does not match the global subset (missing {missing[:3]}, unexpected {extra[:3]})"
         )
     for name, ref in reference.items():
         got = update[name]

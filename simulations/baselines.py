@@ -83,31 +83,65 @@ def local_baseline(job: LocalJob) -> dict[str, Any]:
     started = time.perf_counter()
     config = job.config
     spec = config.subset_spec
-    profile = select_profile(probe(), config.stage, config.model_config, spec,
-                             ProfileOverrides.from_mapping(job.overrides), logical_batch=config.logical_batch)
+    profile = select_profile(
+        probe(),
+        config.stage,
+        config.model_config,
+        spec,
+        ProfileOverrides.from_mapping(job.overrides),
+        logical_batch=config.logical_batch,
+    )
     training = LocalTrainingSpec(
-        stage=config.stage, model_config=config.model_config, subset=config.subset, lora_rank=config.lora_rank,
-        lora_alpha=config.lora_alpha, steps=job.rounds * config.local_steps, logical_batch=config.logical_batch,
-        learning_rate=config.learning_rate, checkpoint_every=config.local_steps, model_seed=config.model_seed,
-        pretrained=config.pretrained or None, validation_fraction=HELD_OUT_FRACTION,
+        stage=config.stage,
+        model_config=config.model_config,
+        subset=config.subset,
+        lora_rank=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        steps=job.rounds * config.local_steps,
+        logical_batch=config.logical_batch,
+        learning_rate=config.learning_rate,
+        checkpoint_every=config.local_steps,
+        model_seed=config.model_seed,
+        pretrained=config.pretrained or None,
+        validation_fraction=HELD_OUT_FRACTION,
         privacy=PrivacyPlan.for_run(config.dp, budget_epsilon=config.client_budget_epsilon),
     )
     # A counterfactual owner who trained only locally: its own fedvox home, so the clone is not
     # taken for a second ledger of the federated client's recordings.
-    summary = train_local(job.data, job.out, training, profile, seed=job.seed, show_progress=False,
-                          keep_checkpoints=job.rounds, home=job.data.parent / ".fedvox")
+    summary = train_local(
+        job.data,
+        job.out,
+        training,
+        profile,
+        seed=job.seed,
+        show_progress=False,
+        keep_checkpoints=job.rounds,
+        home=job.data.parent / ".fedvox",
+    )
     seen = heldout_by_speaker(config.stage, job.seen)
-    evaluator = Evaluator(config, {"seen": {job.speaker: seen[job.speaker]} if job.speaker in seen else {},
-                                   "unseen": heldout_by_speaker(config.stage, job.unseen)})
+    evaluator = Evaluator(
+        config,
+        {
+            "seen": {job.speaker: seen[job.speaker]} if job.speaker in seen else {},
+            "unseen": heldout_by_speaker(config.stage, job.unseen),
+        },
+    )
     losses = {}
     for r in range(1, job.rounds + 1):
-        checkpoint = torch.load(job.out / "checkpoints" / f"step-{r * config.local_steps:08d}.pt",
-                                map_location="cpu", weights_only=True)
+        checkpoint = torch.load(
+            job.out / "checkpoints" / f"step-{r * config.local_steps:08d}.pt", map_location="cpu", weights_only=True
+        )
         losses[r] = evaluator.losses(checkpoint["state"])
     with Ledger(job.data) as ledger:
         epsilons = [row.epsilon for row in ledger.rows(summary["client_id"], "utterance")]
-    return {"partition": job.partition, "speaker": job.speaker, "losses": losses, "epsilon": epsilons,
-            "profile": profile.name, "seconds": time.perf_counter() - started}
+    return {
+        "partition": job.partition,
+        "speaker": job.speaker,
+        "losses": losses,
+        "epsilon": epsilons,
+        "profile": profile.name,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def central_baseline(job: CentralJob) -> dict[str, Any]:
@@ -116,17 +150,26 @@ def central_baseline(job: CentralJob) -> dict[str, Any]:
     config = job.config
     torch.manual_seed(job.seed)
     union = ConcatDataset([datasets(config.stage, cache, HELD_OUT_FRACTION)[0] for cache in job.caches])
-    overrides = ProfileOverrides.from_mapping({**job.overrides, "profile.precision": "fp32",
-                                               "profile.threads": job.threads})
-    profile = select_profile(probe(), config.stage, config.model_config, config.subset_spec, overrides,
-                             logical_batch=job.examples_per_step)
-    model = build_model(config.stage, config.model_config, config.subset_spec, seed=config.model_seed,
-                        pretrained=config.pretrained or None)
+    overrides = ProfileOverrides.from_mapping(
+        {**job.overrides, "profile.precision": "fp32", "profile.threads": job.threads}
+    )
+    profile = select_profile(
+        probe(), config.stage, config.model_config, config.subset_spec, overrides, logical_batch=job.examples_per_step
+    )
+    model = build_model(
+        config.stage,
+        config.model_config,
+        config.subset_spec,
+        seed=config.model_seed,
+        pretrained=config.pretrained or None,
+    )
     task = build_task(config.stage, model, union, profile)
     parts = task.parts()
     optimizers = [task.optimizer(name, module, config.learning_rate) for name, module in parts.items()]
-    evaluator = Evaluator(config, {"seen": heldout_by_speaker(config.stage, job.seen),
-                                   "unseen": heldout_by_speaker(config.stage, job.unseen)})
+    evaluator = Evaluator(
+        config,
+        {"seen": heldout_by_speaker(config.stage, job.seen), "unseen": heldout_by_speaker(config.stage, job.unseen)},
+    )
     sampler = torch.Generator().manual_seed(job.seed)
     losses, train_loss = {}, []
     for step in range(1, job.rounds * config.local_steps + 1):
@@ -148,9 +191,14 @@ def central_baseline(job: CentralJob) -> dict[str, Any]:
             losses[step // config.local_steps] = evaluator.losses(trainable_state_dict(model))
     with atomic_path(job.out / CENTRAL_STATE) as tmp:
         torch.save(trainable_state_dict(model), tmp)
-    result = {"losses": losses, "train_loss": train_loss, "examples_per_step": job.examples_per_step,
-              "steps": job.rounds * config.local_steps, "examples": len(union),
-              "seconds": time.perf_counter() - started}
+    result = {
+        "losses": losses,
+        "train_loss": train_loss,
+        "examples_per_step": job.examples_per_step,
+        "steps": job.rounds * config.local_steps,
+        "examples": len(union),
+        "seconds": time.perf_counter() - started,
+    }
     atomic_write_text(job.out / "summary.json", json.dumps(result, indent=1) + "\n")
     return result
 

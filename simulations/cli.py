@@ -32,28 +32,34 @@ def _options(
 @app.command()
 def speakers(
     n: int = typer.Option(8, "--n", help="Speakers that become federated clients."),
-    utterances: int = typer.Option(
-        20, "--utterances", help="Training utterances per client (the mean with --zipf)."),
-    out: Path = typer.Option(
-        ..., "--out", help="Output folder: new, empty, or an earlier speakers output."),
+    utterances: int = typer.Option(20, "--utterances", help="Training utterances per client (the mean with --zipf)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: new, empty, or an earlier speakers output."),
     lang: str = typer.Option("mix", "--lang", help="en, zh, or mix (half the speakers each)."),
     seed: int = typer.Option(0, "--seed", help="Same seed, same files (on one espeak-ng version)."),
-    zipf: float = typer.Option(
-        0.0, "--zipf", help="Zipf exponent for unequal amounts per client (0 = equal)."),
+    zipf: float = typer.Option(0.0, "--zipf", help="Zipf exponent for unequal amounts per client (0 = equal)."),
     heldout_utterances: int = typer.Option(
-        2, "--heldout-utterances", help="Held-out utterances per client and per unseen speaker."),
-    unseen_speakers: int = typer.Option(
-        2, "--unseen-speakers", help="Extra speakers with held-out utterances only."),
+        2, "--heldout-utterances", help="Held-out utterances per client and per unseen speaker."
+    ),
+    unseen_speakers: int = typer.Option(2, "--unseen-speakers", help="Extra speakers with held-out utterances only."),
     engine: str = typer.Option(
-        "auto", "--engine", help="auto (espeak-ng, else pseudo-speech), espeak-ng or pseudo-speech."),
+        "auto", "--engine", help="auto (espeak-ng, else pseudo-speech), espeak-ng or pseudo-speech."
+    ),
     workers: int | None = typer.Option(None, "--workers", help="Processes (default: all usable CPUs)."),
 ) -> None:
     """Generate distinct synthetic speakers: 32 kHz WAVs, GPT-SoVITS lists and a manifest."""
     from fedvox.simulations.speakers import SpeakersConfig, generate_speakers
 
-    config = SpeakersConfig(n_speakers=n, utterances=utterances, language=lang, seed=seed, zipf=zipf,
-                            heldout_utterances=heldout_utterances, unseen_speakers=unseen_speakers,
-                            engine=engine, workers=workers)
+    config = SpeakersConfig(
+        n_speakers=n,
+        utterances=utterances,
+        language=lang,
+        seed=seed,
+        zipf=zipf,
+        heldout_utterances=heldout_utterances,
+        unseen_speakers=unseen_speakers,
+        engine=engine,
+        workers=workers,
+    )
     manifest = generate_speakers(out, config)
     totals, check = manifest["totals"], manifest["speaker_check"]
     engine_name = manifest["engine"]["name"] + (" (FALLBACK)" if manifest["engine"]["fallback"] else "")
@@ -74,39 +80,58 @@ def run(
     rounds: int | None = typer.Option(None, "--rounds", help="Federated rounds (default: 3)."),
     stage: str | None = typer.Option(None, "--stage", help="s1 (GPT) or s2 (SoVITS) (default: s1)."),
     fleet: str | None = typer.Option(
-        None, "--fleet", help="Device fleet: mixed, uniform-cpu, or a fleet .toml file (default: mixed)."),
+        None, "--fleet", help="Device fleet: mixed, uniform-cpu, or a fleet .toml file (default: mixed)."
+    ),
     epsilon: float | None = typer.Option(
-        None, "--epsilon", help="Target utterance-level epsilon per client over the run; 0: use "
-                                "dp.noise-multiplier (default: 8)."),
+        None,
+        "--epsilon",
+        help="Target utterance-level epsilon per client over the run; 0: use dp.noise-multiplier (default: 8).",
+    ),
     speaker_dp: bool | None = typer.Option(
-        None, "--speaker-dp/--no-speaker-dp", help="Speaker-level DP-FedAvg on the server (default: off)."),
+        None, "--speaker-dp/--no-speaker-dp", help="Speaker-level DP-FedAvg on the server (default: off)."
+    ),
     clients_per_round: int | None = typer.Option(
-        None, "--clients-per-round", help="At most this many clients train a round; 0: all (default: 10)."),
+        None, "--clients-per-round", help="At most this many clients train a round; 0: all (default: 10)."
+    ),
     utterances: int | None = typer.Option(None, "--utterances", help="Training utterances per speaker (default: 20)."),
     lang: str | None = typer.Option(None, "--lang", help="en, zh or mix (default: mix)."),
     zipf: float | None = typer.Option(
-        None, "--zipf", help="Zipf exponent of the clients' utterance counts (0 = equal; default: 0)."),
+        None, "--zipf", help="Zipf exponent of the clients' utterance counts (0 = equal; default: 0)."
+    ),
     seed: int | None = typer.Option(None, "--seed", help="Speakers, fleet, dropouts and sampling (default: 0)."),
     local_baselines: int | None = typer.Option(
-        None, "--local-baselines", help="Clients that also train alone, as a baseline (default: 8)."),
+        None, "--local-baselines", help="Clients that also train alone, as a baseline (default: 8)."
+    ),
     central_baseline: bool | None = typer.Option(
-        None, "--central-baseline/--no-central-baseline", help="Also train a non-private central model (default: on)."),
+        None, "--central-baseline/--no-central-baseline", help="Also train a non-private central model (default: on)."
+    ),
     quality_sentences: int | None = typer.Option(
-        None, "--quality-sentences", help="Held-out sentences per speaker every model speaks for the speech-quality "
-                                          "comparison; 0: none (default: 2)."),
+        None,
+        "--quality-sentences",
+        help="Held-out sentences per speaker every model speaks for the speech-quality "
+        "comparison; 0: none (default: 2).",
+    ),
     scenario: Path | None = typer.Option(
-        None, "--scenario", help="Scenario TOML: the speakers and one or more runs (simulations/scenarios/)."),
+        None, "--scenario", help="Scenario TOML: the speakers and one or more runs (simulations/scenarios/)."
+    ),
     run_config: list[str] = typer.Option(
-        [], "--run-config", help="Run-configuration overrides, as for flwr run: \"local-steps=3 logical-batch=4\"."),
+        [], "--run-config", help='Run-configuration overrides, as for flwr run: "local-steps=3 logical-batch=4".'
+    ),
     speakers_dir: Path | None = typer.Option(
-        None, "--speakers-dir", help="Use these `fedvox-sim speakers` speakers instead of generating them."),
+        None, "--speakers-dir", help="Use these `fedvox-sim speakers` speakers instead of generating them."
+    ),
     workers: int | None = typer.Option(
-        None, "--workers", min=1, help="ClientApps training at once on this machine (default: usable CPUs)."),
+        None, "--workers", min=1, help="ClientApps training at once on this machine (default: usable CPUs)."
+    ),
     ray_address: str | None = typer.Option(
-        None, "--ray-address", help="Run the clients on this Ray cluster (e.g. auto) instead of a local one."),
+        None, "--ray-address", help="Run the clients on this Ray cluster (e.g. auto) instead of a local one."
+    ),
     dashboard: bool = typer.Option(
-        False, "--dashboard", help="Serve fedvox-server's dashboard of OUT on 127.0.0.1 (URL printed) while the "
-                                   "simulation runs and after it, until Ctrl-C."),
+        False,
+        "--dashboard",
+        help="Serve fedvox-server's dashboard of OUT on 127.0.0.1 (URL printed) while the "
+        "simulation runs and after it, until Ctrl-C.",
+    ),
 ) -> None:
     """Simulate a federation of synthetic speakers on a device fleet and write OUT/report.md."""
     from fedvox.simulations.runner import simulate
@@ -116,10 +141,19 @@ def run(
     plan = build_scenario(
         scenario,
         speakers={"n_speakers": speakers, "utterances": utterances, "language": lang, "seed": seed, "zipf": zipf},
-        run={"rounds": rounds, "stage": stage, "fleet": fleet, "epsilon": epsilon, "speaker_dp": speaker_dp,
-             "clients_per_round": clients_per_round, "seed": seed, "local_baselines": local_baselines,
-             "central_baseline": central_baseline, "quality_sentences": quality_sentences,
-             "config": config or None},
+        run={
+            "rounds": rounds,
+            "stage": stage,
+            "fleet": fleet,
+            "epsilon": epsilon,
+            "speaker_dp": speaker_dp,
+            "clients_per_round": clients_per_round,
+            "seed": seed,
+            "local_baselines": local_baselines,
+            "central_baseline": central_baseline,
+            "quality_sentences": quality_sentences,
+            "config": config or None,
+        },
     )
     if speakers_dir is not None and speakers is None and scenario is None:
         from fedvox.simulations.features import client_speakers, read_manifest
@@ -169,7 +203,8 @@ def pretrain(
     s1_lr: float = typer.Option(1e-3, "--s1-lr", help="s1 peak learning rate."),
     s2_lr: float = typer.Option(5e-4, "--s2-lr", help="s2 peak learning rate."),
     disc_start: int = typer.Option(
-        1000, "--disc-start", help="s2 steps on mel and KL alone before the discriminator joins."),
+        1000, "--disc-start", help="s2 steps on mel and KL alone before the discriminator joins."
+    ),
     eval_every: int = typer.Option(100, "--eval-every", help="Steps between validations and checkpoints."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Torch CPU threads (default: torch's)."),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)."),
@@ -188,16 +223,25 @@ def pretrain(
     if not chosen or not set(chosen) <= {"s1", "s2"}:
         raise ConfigError(f"--stages must list s1 and/or s2, got {stages!r}")
     common = {"model_config": model_config, "eval_every": eval_every, "seed": seed}
-    plans = {"s1": StagePlan("s1", steps=s1_steps, batch_size=s1_batch, learning_rate=s1_lr, **common),
-             "s2": StagePlan("s2", steps=s2_steps, batch_size=s2_batch, learning_rate=s2_lr, disc_start=disc_start,
-                             **common)}
-    corpus = CorpusConfig(utterances=utterances, valid=valid_utterances, seed=seed,
-                          languages=tuple(x.strip() for x in corpus_lang.split(",")))
+    plans = {
+        "s1": StagePlan("s1", steps=s1_steps, batch_size=s1_batch, learning_rate=s1_lr, **common),
+        "s2": StagePlan(
+            "s2", steps=s2_steps, batch_size=s2_batch, learning_rate=s2_lr, disc_start=disc_start, **common
+        ),
+    }
+    corpus = CorpusConfig(
+        utterances=utterances,
+        valid=valid_utterances,
+        seed=seed,
+        languages=tuple(x.strip() for x in corpus_lang.split(",")),
+    )
     provenance = run_pretrain(out, corpus, [plans[s] for s in chosen], device=device)
     for stage in chosen:
         record = provenance["stages"][stage]
-        typer.echo(f"{stage}: {record['steps_done']} steps in {record['train_seconds'] / 60:.1f} min, "
-                   f"best valid loss {record['best']['valid_loss']:.4f} at step {record['best']['step']}")
+        typer.echo(
+            f"{stage}: {record['steps_done']} steps in {record['train_seconds'] / 60:.1f} min, "
+            f"best valid loss {record['best']['valid_loss']:.4f} at step {record['best']['step']}"
+        )
     typer.echo(f"provenance: {Path(out) / 'provenance.json'}")
 
 

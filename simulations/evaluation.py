@@ -41,8 +41,13 @@ class Evaluator:
     def __init__(self, config: RunConfig, heldout: Heldout) -> None:
         self.stage = config.stage
         self.heldout = heldout
-        model = build_model(config.stage, config.model_config, config.subset_spec, seed=config.model_seed,
-                            pretrained=config.pretrained or None)
+        model = build_model(
+            config.stage,
+            config.model_config,
+            config.subset_spec,
+            seed=config.model_seed,
+            pretrained=config.pretrained or None,
+        )
         first = next(d for sets in heldout.values() for d in sets.values())
         cpu = torch.device("cpu")
         self.task: Task = client_stage(self.stage).task(model, first, cpu)

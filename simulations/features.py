@@ -73,8 +73,9 @@ def prepare_speakers(speakers_root: Path, n_clients: int, out: Path, symbols_ver
             f"{speakers_root} holds {len(clients)} client speakers, fewer than the {n_clients} asked for; "
             "generate more with `fedvox-sim speakers` or ask for fewer"
         )
-    jobs = [(speakers_root / s["train"]["list"], out / "clients" / f"client-{p}")
-            for p, s in enumerate(clients[:n_clients])]
+    jobs = [
+        (speakers_root / s["train"]["list"], out / "clients" / f"client-{p}") for p, s in enumerate(clients[:n_clients])
+    ]
     seen_list = speakers_root / manifest["lists"]["heldout_seen"]
     unseen_list = speakers_root / manifest["lists"]["heldout_unseen"]
     jobs.append((seen_list, out / "heldout-seen"))
@@ -85,8 +86,7 @@ def prepare_speakers(speakers_root: Path, n_clients: int, out: Path, symbols_ver
     with progress() as bar:
         task = bar.add_task("preparing features", total=len(jobs))
         for list_file, cache in jobs:
-            report = prepare(list_file, cache, tokenizer=spec, symbols_version=symbols_version,
-                             show_progress=False)
+            report = prepare(list_file, cache, tokenizer=spec, symbols_version=symbols_version, show_progress=False)
             if report.accepted == 0:
                 raise DataError(f"prepare accepted none of {list_file}; see {cache / 'report.txt'}")
             bar.advance(task)

@@ -65,12 +65,23 @@ class FleetMod:
             return call_next(msg, context)
         server_round = int(msg.content.config_records[CONFIG][SERVER_ROUND])
         draw = round_draw(client.device, self.seed, client.partition, server_round)
-        event: dict[str, Any] = {"round": server_round, "partition": client.partition, "class": client.device.name,
-                                 "profile": client.profile, "slowdown": draw.slowdown, "node": _ray_node()}
+        event: dict[str, Any] = {
+            "round": server_round,
+            "partition": client.partition,
+            "class": client.device.name,
+            "profile": client.profile,
+            "slowdown": draw.slowdown,
+            "node": _ray_node(),
+        }
         if draw.dropped:
             self._write(event | {"outcome": "dropout"})
-            return Message(Error(DROPOUT_ERROR, f"simulated dropout of {client.device.name} client "
-                                                f"{client.partition} in round {server_round}"), reply_to=msg)
+            return Message(
+                Error(
+                    DROPOUT_ERROR,
+                    f"simulated dropout of {client.device.name} client {client.partition} in round {server_round}",
+                ),
+                reply_to=msg,
+            )
         started = time.perf_counter()
         reply = call_next(msg, context)
         event["host-s"] = time.perf_counter() - started
@@ -93,14 +104,22 @@ class FleetMod:
         event |= self._timing(client, msg, reply, draw.slowdown, event["host-s"])
         if event["deadline-s"] is not None and event["simulated-s"] > event["deadline-s"]:
             self._write(event | {"outcome": "straggler"})
-            return Message(Error(STRAGGLER_ERROR, (
-                f"simulated straggler: {client.device.name} client {client.partition} needed "
-                f"{event['simulated-s']:.1f} s, past the round deadline of {event['deadline-s']:.1f} s"
-            )), reply_to=msg)
+            return Message(
+                Error(
+                    STRAGGLER_ERROR,
+                    (
+                        f"simulated straggler: {client.device.name} client {client.partition} needed "
+                        f"{event['simulated-s']:.1f} s, past the round deadline of {event['deadline-s']:.1f} s"
+                    ),
+                ),
+                reply_to=msg,
+            )
         self._write(event | {"outcome": "ok"})
         return reply
 
-    def _timing(self, client: VirtualClient, msg: Message, reply: Message, slowdown: float, host_s: float) -> dict[str, Any]:
+    def _timing(
+        self, client: VirtualClient, msg: Message, reply: Message, slowdown: float, host_s: float
+    ) -> dict[str, Any]:
         """Host compute (the whole message, set-up included, measured here on the device's side:
         the reply carries no timing), bytes, the simulated duration and the round deadline."""
         metrics = reply.content.metric_records[METRICS]
@@ -108,8 +127,11 @@ class FleetMod:
         down, up = float(metrics.get("bytes-down", 0.0)), float(metrics.get("bytes-up", 0.0))
         deadline = self.fleet.deadline_s(self.devices, host_s, down, up)
         return {
-            "compute-host-s": host_s, "step-time-s": host_s / steps, "steps": steps,
-            "bytes-down": down, "bytes-up": up,
+            "compute-host-s": host_s,
+            "step-time-s": host_s / steps,
+            "steps": steps,
+            "bytes-down": down,
+            "bytes-up": up,
             "simulated-s": client.device.duration_s(host_s, down, up, slowdown),
             "deadline-s": deadline if math.isfinite(deadline) else None,
         }
@@ -124,8 +146,13 @@ def _refusal(msg: Message, client: VirtualClient) -> Message:
     """A ``device`` refusal for a simulated device that cannot train the plan at all."""
     plan = Plan.from_record(msg.content.config_records[CONFIG])
     data = Path(plan.config.data_root) / f"client-{client.partition}"
-    status = ClientStatus(client_id=client_identity(data), outcome=REFUSED, reason="device",
-                          detail=f"simulated {client.device.name}: {client.refusal}", profile=client.profile)
+    status = ClientStatus(
+        client_id=client_identity(data),
+        outcome=REFUSED,
+        reason="device",
+        detail=f"simulated {client.device.name}: {client.refusal}",
+        profile=client.profile,
+    )
     return Message(RecordDict({STATUS: status.to_record()}), reply_to=msg)
 
 

@@ -47,7 +47,15 @@ ROUND_STREAM = 12
 """Sub-streams of the seed (``np.random.default_rng([seed, stream, ...])``)."""
 
 _CLASS_KEYS = {
-    "reference", "facts", "share", "speed", "uplink-mbps", "downlink-mbps", "latency-s", "dropout", "jitter",
+    "reference",
+    "facts",
+    "share",
+    "speed",
+    "uplink-mbps",
+    "downlink-mbps",
+    "latency-s",
+    "dropout",
+    "jitter",
 }
 _FLEET_KEYS = {"name", "description", "deadline-factor", "devices"}
 
@@ -69,8 +77,9 @@ class DeviceClass:
 
     def transfer_s(self, bytes_down: float, bytes_up: float) -> float:
         """Seconds to receive the global model and send the update back."""
-        return (bytes_down * 8 / (self.downlink_mbps * 1e6) + bytes_up * 8 / (self.uplink_mbps * 1e6)
-                + 2 * self.latency_s)
+        return (
+            bytes_down * 8 / (self.downlink_mbps * 1e6) + bytes_up * 8 / (self.uplink_mbps * 1e6) + 2 * self.latency_s
+        )
 
     def duration_s(self, compute_host_s: float, bytes_down: float, bytes_up: float, slowdown: float = 1.0) -> float:
         """Simulated round time of this device for work that took ``compute_host_s`` on the host."""
@@ -102,8 +111,9 @@ class Fleet:
         order = np.random.default_rng([seed, ASSIGN_STREAM]).permutation(n)
         return [classes[i] for i in order]
 
-    def deadline_s(self, devices: Sequence[DeviceClass], compute_host_s: float, bytes_down: float,
-                   bytes_up: float) -> float:
+    def deadline_s(
+        self, devices: Sequence[DeviceClass], compute_host_s: float, bytes_down: float, bytes_up: float
+    ) -> float:
         """The round deadline for work that took ``compute_host_s`` on the host (inf: none).
 
         ``deadline-factor`` times the median over ``devices`` (the fleet's clients) of the time
@@ -154,14 +164,24 @@ class VirtualClient:
     def summary(self) -> dict[str, Any]:
         """JSON-ready description (``fleet.json``)."""
         return {
-            "partition": self.partition, "class": self.device.name, "device": self.device.facts.device_name,
-            "reference": self.device.reference, "profile": self.profile, "physical-batch": self.physical_batch,
-            "precision": self.precision, "checkpointing": self.checkpointing,
-            "planned-memory-bytes": self.planned_memory_bytes, "speed": self.device.speed,
-            "uplink-mbps": self.device.uplink_mbps, "downlink-mbps": self.device.downlink_mbps,
-            "latency-s": self.device.latency_s, "dropout": self.device.dropout, "jitter": self.device.jitter,
+            "partition": self.partition,
+            "class": self.device.name,
+            "device": self.device.facts.device_name,
+            "reference": self.device.reference,
+            "profile": self.profile,
+            "physical-batch": self.physical_batch,
+            "precision": self.precision,
+            "checkpointing": self.checkpointing,
+            "planned-memory-bytes": self.planned_memory_bytes,
+            "speed": self.device.speed,
+            "uplink-mbps": self.device.uplink_mbps,
+            "downlink-mbps": self.device.downlink_mbps,
+            "latency-s": self.device.latency_s,
+            "dropout": self.device.dropout,
+            "jitter": self.device.jitter,
             "host": {k.removeprefix("profile."): v for k, v in self.node_config.items()},
-            "host-note": self.host_note, "refusal": self.refusal,
+            "host-note": self.host_note,
+            "refusal": self.refusal,
         }
 
 
@@ -182,11 +202,18 @@ def plan_clients(
     return [replace(planned[device.name], partition=p) for p, device in enumerate(fleet.assign(n, seed))]
 
 
-def _plan_class(device: DeviceClass, config: RunConfig, subset: SubsetSpec, host: DeviceFacts,
-                host_profile: ResourceProfile, threads: int) -> VirtualClient:
+def _plan_class(
+    device: DeviceClass,
+    config: RunConfig,
+    subset: SubsetSpec,
+    host: DeviceFacts,
+    host_profile: ResourceProfile,
+    threads: int,
+) -> VirtualClient:
     try:
-        simulated = select_profile(device.facts, config.stage, config.model_config, subset,
-                                   logical_batch=config.logical_batch)
+        simulated = select_profile(
+            device.facts, config.stage, config.model_config, subset, logical_batch=config.logical_batch
+        )
     except DeviceError as exc:  # the device cannot train this plan: it will refuse
         return VirtualClient(-1, device, "none", 0, "", False, 0, refusal=str(exc))
     except ConfigError as exc:
@@ -194,13 +221,21 @@ def _plan_class(device: DeviceClass, config: RunConfig, subset: SubsetSpec, host
     overrides, note = host_settings(simulated, host, host_profile, threads)
     planned = simulated.memory.fixed + simulated.physical_batch * simulated.memory.per_sample
     return VirtualClient(
-        -1, device, simulated.name, simulated.physical_batch, simulated.precision, simulated.checkpointing,
-        planned, node_config=overrides, host_note=note,
+        -1,
+        device,
+        simulated.name,
+        simulated.physical_batch,
+        simulated.precision,
+        simulated.checkpointing,
+        planned,
+        node_config=overrides,
+        host_note=note,
     )
 
 
-def host_settings(simulated: ResourceProfile, host: DeviceFacts, host_profile: ResourceProfile,
-                  threads: int) -> tuple[dict[str, Any], str]:
+def host_settings(
+    simulated: ResourceProfile, host: DeviceFacts, host_profile: ResourceProfile, threads: int
+) -> tuple[dict[str, Any], str]:
     """Node-config ``profile.*`` overrides that run ``simulated`` on ``host``, and what differs.
 
     The physical batch and checkpointing follow the simulated device (capped by what fits on the
@@ -222,8 +257,11 @@ def host_settings(simulated: ResourceProfile, host: DeviceFacts, host_profile: R
         batch = host_profile.memory.max_batch
         notes.append(f"physical batch {simulated.physical_batch} capped at {batch} (host memory)")
     overrides = {
-        "profile.device": device, "profile.precision": precision, "profile.physical-batch": batch,
-        "profile.checkpointing": simulated.checkpointing, "profile.threads": threads,
+        "profile.device": device,
+        "profile.precision": precision,
+        "profile.physical-batch": batch,
+        "profile.checkpointing": simulated.checkpointing,
+        "profile.threads": threads,
     }
     ProfileOverrides.from_mapping(overrides)  # validate here, not in every worker
     return overrides, "; ".join(notes)
@@ -238,28 +276,83 @@ NAMED_FLEETS: dict[str, dict[str, Any]] = {
         ),
         "deadline-factor": 4.0,
         "devices": {
-            "nvidia-24gb": {"reference": "rtx4090", "share": 10, "speed": 25.0, "uplink-mbps": 40.0,
-                            "downlink-mbps": 200.0, "dropout": 0.02, "jitter": 0.2},
-            "nvidia-12gb": {"reference": "rtx3060", "share": 15, "speed": 12.0, "uplink-mbps": 20.0,
-                            "downlink-mbps": 100.0, "dropout": 0.05, "jitter": 0.2},
-            "nvidia-6gb": {"reference": "rtx2060", "share": 10, "speed": 6.0, "uplink-mbps": 20.0,
-                           "downlink-mbps": 100.0, "dropout": 0.05, "jitter": 0.3},
-            "amd-rdna3": {"reference": "rx7900xtx", "share": 10, "speed": 18.0, "uplink-mbps": 40.0,
-                          "downlink-mbps": 200.0, "dropout": 0.02, "jitter": 0.2},
-            "apple-cpu": {"reference": "m2", "share": 15, "speed": 3.0, "uplink-mbps": 10.0,
-                          "downlink-mbps": 50.0, "dropout": 0.10, "jitter": 0.3},
-            "x86-cpu": {"reference": "x86-avx2", "share": 25, "speed": 2.0, "uplink-mbps": 10.0,
-                        "downlink-mbps": 50.0, "dropout": 0.05, "jitter": 0.3},
-            "arm-cpu": {"reference": "raspberry-pi5", "share": 15, "speed": 0.5, "uplink-mbps": 5.0,
-                        "downlink-mbps": 20.0, "dropout": 0.15, "jitter": 0.4},
+            "nvidia-24gb": {
+                "reference": "rtx4090",
+                "share": 10,
+                "speed": 25.0,
+                "uplink-mbps": 40.0,
+                "downlink-mbps": 200.0,
+                "dropout": 0.02,
+                "jitter": 0.2,
+            },
+            "nvidia-12gb": {
+                "reference": "rtx3060",
+                "share": 15,
+                "speed": 12.0,
+                "uplink-mbps": 20.0,
+                "downlink-mbps": 100.0,
+                "dropout": 0.05,
+                "jitter": 0.2,
+            },
+            "nvidia-6gb": {
+                "reference": "rtx2060",
+                "share": 10,
+                "speed": 6.0,
+                "uplink-mbps": 20.0,
+                "downlink-mbps": 100.0,
+                "dropout": 0.05,
+                "jitter": 0.3,
+            },
+            "amd-rdna3": {
+                "reference": "rx7900xtx",
+                "share": 10,
+                "speed": 18.0,
+                "uplink-mbps": 40.0,
+                "downlink-mbps": 200.0,
+                "dropout": 0.02,
+                "jitter": 0.2,
+            },
+            "apple-cpu": {
+                "reference": "m2",
+                "share": 15,
+                "speed": 3.0,
+                "uplink-mbps": 10.0,
+                "downlink-mbps": 50.0,
+                "dropout": 0.10,
+                "jitter": 0.3,
+            },
+            "x86-cpu": {
+                "reference": "x86-avx2",
+                "share": 25,
+                "speed": 2.0,
+                "uplink-mbps": 10.0,
+                "downlink-mbps": 50.0,
+                "dropout": 0.05,
+                "jitter": 0.3,
+            },
+            "arm-cpu": {
+                "reference": "raspberry-pi5",
+                "share": 15,
+                "speed": 0.5,
+                "uplink-mbps": 5.0,
+                "downlink-mbps": 20.0,
+                "dropout": 0.15,
+                "jitter": 0.4,
+            },
         },
     },
     "uniform-cpu": {
         "description": "identical x86 CPUs as fast as this host, always online, no deadline",
         "deadline-factor": 0.0,
         "devices": {
-            "x86-cpu": {"reference": "x86-avx2", "share": 1, "speed": 1.0, "uplink-mbps": 1000.0,
-                        "downlink-mbps": 1000.0, "latency-s": 0.0},
+            "x86-cpu": {
+                "reference": "x86-avx2",
+                "share": 1,
+                "speed": 1.0,
+                "uplink-mbps": 1000.0,
+                "downlink-mbps": 1000.0,
+                "latency-s": 0.0,
+            },
         },
     },
 }
@@ -274,9 +367,7 @@ def load_fleet(name_or_path: str | Path) -> Fleet:
         return fleet_from_mapping(key, NAMED_FLEETS[key])
     path = Path(name_or_path)
     if not path.suffix == ".toml":
-        raise ConfigError(
-            f"unknown fleet {key!r}; use one of {', '.join(NAMED_FLEETS)} or a fleet .toml file"
-        )
+        raise ConfigError(f"unknown fleet {key!r}; use one of {', '.join(NAMED_FLEETS)} or a fleet .toml file")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -311,14 +402,16 @@ def _device_class(name: str, data: Any, at: str) -> DeviceClass:
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown} in {where}; known: {', '.join(sorted(_CLASS_KEYS))}")
     if ("reference" in data) == ("facts" in data):
-        raise ConfigError(f"{where} needs exactly one of reference = \"<device>\" or a [facts] table")
+        raise ConfigError(f'{where} needs exactly one of reference = "<device>" or a [facts] table')
     if "reference" in data:
         facts = reference_device(str(data["reference"]))
     elif isinstance(data["facts"], Mapping):
         facts = DeviceFacts.from_dict(data["facts"])
     else:
         raise ConfigError(f"{where}.facts must be a table of device facts")
-    values = {key: _number(data[key], key, f" ({where})") for key in _CLASS_KEYS - {"reference", "facts"} if key in data}
+    values = {
+        key: _number(data[key], key, f" ({where})") for key in _CLASS_KEYS - {"reference", "facts"} if key in data
+    }
     for key in ("share", "speed", "uplink-mbps", "downlink-mbps"):
         if key in values and not values[key] > 0:
             raise ConfigError(f"{key} in {where} must be > 0, got {values[key]}")
@@ -329,8 +422,12 @@ def _device_class(name: str, data: Any, at: str) -> DeviceClass:
     for key in ("latency-s", "jitter"):
         if values.get(key, 0.0) < 0:
             raise ConfigError(f"{key} in {where} must be >= 0, got {values[key]}")
-    return DeviceClass(name=name, facts=facts, reference=str(data.get("reference", "")),
-                       **{key.replace("-", "_"): value for key, value in values.items()})
+    return DeviceClass(
+        name=name,
+        facts=facts,
+        reference=str(data.get("reference", "")),
+        **{key.replace("-", "_"): value for key, value in values.items()},
+    )
 
 
 def _number(value: Any, key: str, at: str) -> float:
@@ -340,6 +437,14 @@ def _number(value: Any, key: str, at: str) -> float:
 
 
 __all__ = [
-    "NAMED_FLEETS", "DeviceClass", "Fleet", "RoundDraw", "VirtualClient", "fleet_from_mapping", "host_settings",
-    "load_fleet", "plan_clients", "round_draw",
+    "NAMED_FLEETS",
+    "DeviceClass",
+    "Fleet",
+    "RoundDraw",
+    "VirtualClient",
+    "fleet_from_mapping",
+    "host_settings",
+    "load_fleet",
+    "plan_clients",
+    "round_draw",
 ]

@@ -21,13 +21,30 @@ from fedvox.shared.atomic import atomic_path
 Series = Mapping[int, float]
 """A value per round."""
 
-SERIES_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
-                  "tab:olive", "tab:cyan", "tab:gray", "navy", "gold")
+SERIES_COLOURS = (
+    "tab:blue",
+    "tab:orange",
+    "tab:green",
+    "tab:red",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:olive",
+    "tab:cyan",
+    "tab:gray",
+    "navy",
+    "gold",
+)
 """Distinct colours, one per series (a model, a client)."""
 REFERENCE_COLOURS = ("dimgray", "darkgoldenrod", "darkviolet")
 LINE_STYLES = ("-", "--", ":", "-.")
-OUTCOME_COLOURS = {"ok": "tab:green", "straggler": "tab:orange", "dropout": "tab:red", "refused": "tab:purple",
-                   "error": "tab:gray"}
+OUTCOME_COLOURS = {
+    "ok": "tab:green",
+    "straggler": "tab:orange",
+    "dropout": "tab:red",
+    "refused": "tab:purple",
+    "error": "tab:gray",
+}
 
 
 def _save(fig, path: Path) -> Path:
@@ -45,30 +62,47 @@ def _line(ax, series: Series, label: str | None, **style) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def loss_curves(path: Path, curves: Mapping[str, Mapping[str, Series]], ylabel: str,
-                references: Mapping[str, Mapping[str, float | None]] | None = None) -> Path:
+def loss_curves(
+    path: Path,
+    curves: Mapping[str, Mapping[str, Series]],
+    ylabel: str,
+    references: Mapping[str, Mapping[str, float | None]] | None = None,
+) -> Path:
     """One panel per group (``seen``, ``unseen``); one line per model (global, local-only, ...);
     ``references`` (name -> group -> loss, e.g. a uniform guess) are horizontal lines."""
     groups = [g for g in ("seen", "unseen") if any(curves.get(g, {}).values())]
     fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(5.5 * max(len(groups), 1), 3.8), squeeze=False)
-    styles = {"global (federated)": {"color": "tab:blue", "linewidth": 2},
-              "local only (same privacy)": {"color": "tab:orange", "linestyle": "--"},
-              "centralised, non-private": {"color": "tab:green", "linestyle": ":"}}
+    styles = {
+        "global (federated)": {"color": "tab:blue", "linewidth": 2},
+        "local only (same privacy)": {"color": "tab:orange", "linestyle": "--"},
+        "centralised, non-private": {"color": "tab:green", "linestyle": ":"},
+    }
     for ax, group in zip(axes[0], groups, strict=False):  # no group: one empty panel
         for k, (label, series) in enumerate(curves[group].items()):
             _line(ax, series, label, **styles.get(label, {"color": SERIES_COLOURS[k % len(SERIES_COLOURS)]}))
         for k, (name, levels) in enumerate((references or {}).items()):
             if levels.get(group) is not None:
-                ax.axhline(levels[group], color=REFERENCE_COLOURS[k % len(REFERENCE_COLOURS)], linestyle="-.",
-                           linewidth=1, label=f"reference: {name}")
+                ax.axhline(
+                    levels[group],
+                    color=REFERENCE_COLOURS[k % len(REFERENCE_COLOURS)],
+                    linestyle="-.",
+                    linewidth=1,
+                    label=f"reference: {name}",
+                )
         ax.set(title=f"{group} speakers (held-out utterances)", xlabel="round", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, path)
 
 
-def epsilon_curves(path: Path, utterance: Mapping[str, Series], speaker: Mapping[str, Series],
-                   groups: Mapping[str, str], target: float | None = None, budget: float | None = None) -> Path:
+def epsilon_curves(
+    path: Path,
+    utterance: Mapping[str, Series],
+    speaker: Mapping[str, Series],
+    groups: Mapping[str, str],
+    target: float | None = None,
+    budget: float | None = None,
+) -> Path:
     """Cumulative epsilon per client over rounds, utterance level (and speaker level if any): one
     colour per client, one line style per device class (``groups``); the run's target epsilon and
     the clients' budget as horizontal lines on the utterance-level panel."""
@@ -81,8 +115,14 @@ def epsilon_curves(path: Path, utterance: Mapping[str, Series], speaker: Mapping
     for k, (ax, (title, series)) in enumerate(zip(axes[0], panels, strict=True)):
         for client, values in sorted(series.items()):
             group = groups.get(client, "")
-            _line(ax, values, f"{client} ({group})" if group else client, color=colour.get(client, "tab:gray"),
-                  linestyle=styles.get(group, "-"), alpha=0.9)
+            _line(
+                ax,
+                values,
+                f"{client} ({group})" if group else client,
+                color=colour.get(client, "tab:gray"),
+                linestyle=styles.get(group, "-"),
+                alpha=0.9,
+            )
         if k == 0 and target:
             ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target:g}")
         if k == 0 and budget:
@@ -93,8 +133,12 @@ def epsilon_curves(path: Path, utterance: Mapping[str, Series], speaker: Mapping
     return _save(fig, path)
 
 
-def speech_quality(path: Path, series: Mapping[str, Mapping[str, Mapping[str, Any]]],
-                   metric_names: Mapping[str, str], labels: Mapping[str, str]) -> Path:
+def speech_quality(
+    path: Path,
+    series: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    metric_names: Mapping[str, str],
+    labels: Mapping[str, str],
+) -> Path:
     """One panel per metric: each model's mean with its confidence interval as an error bar, one
     group of bars per speaker set (the recordings' bar is the ceiling, the base model's the floor)."""
     metrics = list(metric_names)
@@ -113,8 +157,15 @@ def speech_quality(path: Path, series: Mapping[str, Mapping[str, Mapping[str, An
                     low.append(estimate.mean - estimate.low)
                     high.append(estimate.high - estimate.mean)
             if xs:
-                ax.bar(xs, ys, width, yerr=[low, high], capsize=3, color=SERIES_COLOURS[k % len(SERIES_COLOURS)],
-                       label=labels.get(model, model))
+                ax.bar(
+                    xs,
+                    ys,
+                    width,
+                    yerr=[low, high],
+                    capsize=3,
+                    color=SERIES_COLOURS[k % len(SERIES_COLOURS)],
+                    label=labels.get(model, model),
+                )
         ax.set_xticks(range(len(groups)), [g.replace(" that ", "\nthat ") for g in groups], fontsize=7)
         ax.set_title(metric_names[metric], fontsize=10)
         ax.grid(alpha=0.3, axis="y")
@@ -128,8 +179,13 @@ def speech_quality(path: Path, series: Mapping[str, Mapping[str, Mapping[str, An
     return path
 
 
-def system(path: Path, step_times: Mapping[str, Sequence[float]], round_times: Mapping[int, tuple[float, float]],
-           bytes_per_client: Mapping[int, tuple[float, float]], outcomes: Mapping[int, Mapping[str, int]]) -> Path:
+def system(
+    path: Path,
+    step_times: Mapping[str, Sequence[float]],
+    round_times: Mapping[int, tuple[float, float]],
+    bytes_per_client: Mapping[int, tuple[float, float]],
+    outcomes: Mapping[int, Mapping[str, int]],
+) -> Path:
     """Step time per device class; simulated vs real round time; bytes per client; outcomes."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     ax = axes[0][0]
@@ -170,8 +226,9 @@ def system(path: Path, step_times: Mapping[str, Sequence[float]], round_times: M
     return _save(fig, path)
 
 
-def privacy_utility(path: Path, points: Mapping[str, Sequence[tuple[float, float]]],
-                    references: Mapping[str, float], ylabel: str) -> Path:
+def privacy_utility(
+    path: Path, points: Mapping[str, Sequence[tuple[float, float]]], references: Mapping[str, float], ylabel: str
+) -> Path:
     """Final loss against the runs' utterance-level epsilon; horizontal lines for references."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, values in points.items():
@@ -180,8 +237,12 @@ def privacy_utility(path: Path, points: Mapping[str, Sequence[tuple[float, float
             ax.plot([v[0] for v in values], [v[1] for v in values], marker="o", label=label)
     for k, (label, value) in enumerate(references.items()):
         ax.axhline(value, color=f"C{k + 4}", linestyle=":", label=label)
-    ax.set(xscale="log", xlabel="utterance-level epsilon per client (target over the run)", ylabel=ylabel,
-           title="privacy-utility")
+    ax.set(
+        xscale="log",
+        xlabel="utterance-level epsilon per client (target over the run)",
+        ylabel=ylabel,
+        title="privacy-utility",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _save(fig, path)

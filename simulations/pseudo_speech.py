@@ -36,11 +36,21 @@ _SILENCE = (0.0, 0.0, 0.0)
 # (1952) averages, e and o from Hillenbrand et al. (1995), schwa (@), Mandarin ü (y) and
 # e (7) approximated; a voice scales them by its vocal-tract length.
 _VOWELS: dict[str, tuple[float, float, float]] = {
-    "i": (270, 2290, 3010), "I": (390, 1990, 2550), "e": (480, 2090, 2690),
-    "E": (530, 1840, 2480), "ae": (660, 1720, 2410), "a": (730, 1090, 2440),
-    "o": (500, 910, 2460), "O": (570, 840, 2410), "U": (440, 1020, 2240),
-    "u": (300, 870, 2240), "V": (640, 1190, 2390), "@": (500, 1500, 2500),
-    "r": (490, 1350, 1690), "y": (270, 1900, 2300), "7": (460, 1200, 2600),
+    "i": (270, 2290, 3010),
+    "I": (390, 1990, 2550),
+    "e": (480, 2090, 2690),
+    "E": (530, 1840, 2480),
+    "ae": (660, 1720, 2410),
+    "a": (730, 1090, 2440),
+    "o": (500, 910, 2460),
+    "O": (570, 840, 2410),
+    "U": (440, 1020, 2240),
+    "u": (300, 870, 2240),
+    "V": (640, 1190, 2390),
+    "@": (500, 1500, 2500),
+    "r": (490, 1350, 1690),
+    "y": (270, 1900, 2300),
+    "7": (460, 1200, 2600),
 }
 
 
@@ -56,25 +66,34 @@ class _Consonant:
 
 
 _LABIAL, _ALVEOLAR, _POSTALVEOLAR, _PALATAL, _VELAR = (
-    (300.0, 900.0, 2200.0), (350.0, 1700.0, 2600.0), (350.0, 1900.0, 2400.0),
-    (300.0, 2200.0, 2900.0), (350.0, 1900.0, 2100.0),
+    (300.0, 900.0, 2200.0),
+    (350.0, 1700.0, 2600.0),
+    (350.0, 1900.0, 2400.0),
+    (300.0, 2200.0, 2900.0),
+    (350.0, 1900.0, 2100.0),
 )
 
 _PINYIN_INITIALS: dict[str, _Consonant] = {
-    "b": _Consonant("stop", 900, _LABIAL), "p": _Consonant("stop", 900, _LABIAL, aspirated=True),
-    "d": _Consonant("stop", 4000, _ALVEOLAR), "t": _Consonant("stop", 4000, _ALVEOLAR, aspirated=True),
-    "g": _Consonant("stop", 2200, _VELAR), "k": _Consonant("stop", 2200, _VELAR, aspirated=True),
+    "b": _Consonant("stop", 900, _LABIAL),
+    "p": _Consonant("stop", 900, _LABIAL, aspirated=True),
+    "d": _Consonant("stop", 4000, _ALVEOLAR),
+    "t": _Consonant("stop", 4000, _ALVEOLAR, aspirated=True),
+    "g": _Consonant("stop", 2200, _VELAR),
+    "k": _Consonant("stop", 2200, _VELAR, aspirated=True),
     "z": _Consonant("affricate", 6000, _ALVEOLAR),
     "c": _Consonant("affricate", 6000, _ALVEOLAR, aspirated=True),
     "zh": _Consonant("affricate", 3200, _POSTALVEOLAR),
     "ch": _Consonant("affricate", 3200, _POSTALVEOLAR, aspirated=True),
     "j": _Consonant("affricate", 4200, _PALATAL),
     "q": _Consonant("affricate", 4200, _PALATAL, aspirated=True),
-    "f": _Consonant("fricative", 7000, _LABIAL), "s": _Consonant("fricative", 6000, _ALVEOLAR),
-    "sh": _Consonant("fricative", 3200, _POSTALVEOLAR), "x": _Consonant("fricative", 4200, _PALATAL),
+    "f": _Consonant("fricative", 7000, _LABIAL),
+    "s": _Consonant("fricative", 6000, _ALVEOLAR),
+    "sh": _Consonant("fricative", 3200, _POSTALVEOLAR),
+    "x": _Consonant("fricative", 4200, _PALATAL),
     "h": _Consonant("aspirate", 0, _VELAR),
     "r": _Consonant("approximant", 0, (350, 1300, 1700), voiced=True),
-    "m": _Consonant("nasal", 0, _LABIAL, voiced=True), "n": _Consonant("nasal", 0, _ALVEOLAR, voiced=True),
+    "m": _Consonant("nasal", 0, _LABIAL, voiced=True),
+    "n": _Consonant("nasal", 0, _ALVEOLAR, voiced=True),
     "l": _Consonant("approximant", 0, (360, 1300, 2700), voiced=True),
     "y": _Consonant("approximant", 0, (270, 2200, 3000), voiced=True),
     "w": _Consonant("approximant", 0, (300, 700, 2200), voiced=True),
@@ -82,27 +101,93 @@ _PINYIN_INITIALS: dict[str, _Consonant] = {
 # English letters map onto the same consonant inventory (a letter-level caricature, not G2P).
 _LETTERS: dict[str, _Consonant] = {
     **{c: _PINYIN_INITIALS[c] for c in "bpdtgkfsmnlrwyh"},
-    "c": _PINYIN_INITIALS["k"], "q": _PINYIN_INITIALS["k"], "x": _PINYIN_INITIALS["s"],
+    "c": _PINYIN_INITIALS["k"],
+    "q": _PINYIN_INITIALS["k"],
+    "x": _PINYIN_INITIALS["s"],
     "v": _Consonant("fricative", 7000, _LABIAL, voiced=True),
     "z": _Consonant("fricative", 6000, _ALVEOLAR, voiced=True),
-    "j": _PINYIN_INITIALS["zh"], "sh": _PINYIN_INITIALS["sh"], "ch": _PINYIN_INITIALS["ch"],
-    "th": _Consonant("fricative", 7500, _ALVEOLAR), "ng": _PINYIN_INITIALS["n"],
+    "j": _PINYIN_INITIALS["zh"],
+    "sh": _PINYIN_INITIALS["sh"],
+    "ch": _PINYIN_INITIALS["ch"],
+    "th": _Consonant("fricative", 7500, _ALVEOLAR),
+    "ng": _PINYIN_INITIALS["n"],
 }
-_ENGLISH_VOWELS = {"a": "ae", "e": "E", "i": "I", "o": "O", "u": "V", "y": "i",
-                   "ee": "i", "ea": "i", "oo": "u", "ou": "a U", "ow": "a U", "ai": "e I",
-                   "ay": "e I", "oi": "O I", "oy": "O I", "au": "O", "aw": "O", "ie": "a I"}
+_ENGLISH_VOWELS = {
+    "a": "ae",
+    "e": "E",
+    "i": "I",
+    "o": "O",
+    "u": "V",
+    "y": "i",
+    "ee": "i",
+    "ea": "i",
+    "oo": "u",
+    "ou": "a U",
+    "ow": "a U",
+    "ai": "e I",
+    "ay": "e I",
+    "oi": "O I",
+    "oy": "O I",
+    "au": "O",
+    "aw": "O",
+    "ie": "a I",
+}
 # Mandarin finals as vowel targets (glides and diphthongs as sequences) plus a nasal coda.
-_FINAL_VOWELS = {"a": "a", "o": "o", "e": "7", "i": "i", "u": "u", "v": "y", "er": "r",
-                 "ai": "a I", "ei": "e I", "ao": "a U", "ou": "o U", "ia": "i a", "ie": "i E",
-                 "ua": "u a", "uo": "u o", "ve": "y E", "iao": "i a U", "iu": "i o U",
-                 "iou": "i o U", "uai": "u a I", "ui": "u e I", "uei": "u e I",
-                 "an": "a", "en": "@", "in": "i", "un": "u @", "vn": "y @", "ian": "i E",
-                 "uan": "u a", "van": "y E", "ang": "a", "eng": "@", "ing": "i", "ong": "U",
-                 "iang": "i a", "iong": "i U", "uang": "u a", "ueng": "u @", "uen": "u @"}
+_FINAL_VOWELS = {
+    "a": "a",
+    "o": "o",
+    "e": "7",
+    "i": "i",
+    "u": "u",
+    "v": "y",
+    "er": "r",
+    "ai": "a I",
+    "ei": "e I",
+    "ao": "a U",
+    "ou": "o U",
+    "ia": "i a",
+    "ie": "i E",
+    "ua": "u a",
+    "uo": "u o",
+    "ve": "y E",
+    "iao": "i a U",
+    "iu": "i o U",
+    "iou": "i o U",
+    "uai": "u a I",
+    "ui": "u e I",
+    "uei": "u e I",
+    "an": "a",
+    "en": "@",
+    "in": "i",
+    "un": "u @",
+    "vn": "y @",
+    "ian": "i E",
+    "uan": "u a",
+    "van": "y E",
+    "ang": "a",
+    "eng": "@",
+    "ing": "i",
+    "ong": "U",
+    "iang": "i a",
+    "iong": "i U",
+    "uang": "u a",
+    "ueng": "u @",
+    "uen": "u @",
+}
 # Mandarin tones as F0 targets in semitones around the speaker's median (start, [mid,] end).
 _TONES = {1: (3.0, 3.0), 2: (-1.0, 3.5), 3: (-1.5, -4.5, -1.0), 4: (4.0, -3.5), 5: (0.0, -1.0)}
-_PAUSES = {",": 0.18, "，": 0.18, "、": 0.12, ";": 0.25, ".": 0.32, "。": 0.32, "!": 0.32,
-           "！": 0.32, "?": 0.32, "？": 0.32}
+_PAUSES = {
+    ",": 0.18,
+    "，": 0.18,
+    "、": 0.12,
+    ";": 0.25,
+    ".": 0.32,
+    "。": 0.32,
+    "!": 0.32,
+    "！": 0.32,
+    "?": 0.32,
+    "？": 0.32,
+}
 
 
 @dataclass(frozen=True)
@@ -156,8 +241,9 @@ class PseudoVoice:
         )
 
 
-def synthesize(text: str, language: str, voice: PseudoVoice, seed: int | Sequence[int],
-               sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+def synthesize(
+    text: str, language: str, voice: PseudoVoice, seed: int | Sequence[int], sample_rate: int = SAMPLE_RATE
+) -> np.ndarray:
     """Pseudo-speech for ``text`` in ``voice``: float32 mono at ``sample_rate``, peak 0.9.
 
     ``seed`` picks this reading's small variations (durations, F0 offset, noise), as two
@@ -193,7 +279,7 @@ def _mandarin_syllables(text: str) -> list[_Syllable]:
         initial = next((i for i in ("zh", "ch", "sh") if body.startswith(i)), body[0])
         if initial not in _PINYIN_INITIALS or initial == body:
             initial = ""
-        final = body[len(initial):]
+        final = body[len(initial) :]
         if initial in ("j", "q", "x", "y") and final.startswith("u"):
             final = "v" + final[1:]  # ju = jü
         if initial in ("y", "w") and final not in _FINAL_VOWELS:
@@ -252,8 +338,15 @@ class _Timeline:
         self.rows: list[tuple[int, float, float, float, float, float, float, float]] = []
         self.pitch: list[np.ndarray] = []  # semitones per frame; NaN while silent
 
-    def add(self, seconds: float, formants: tuple[float, float, float], voicing: float = 0.0,
-            aspiration: float = 0.0, frication: float = 0.0, noise_hz: float = 0.0) -> int:
+    def add(
+        self,
+        seconds: float,
+        formants: tuple[float, float, float],
+        voicing: float = 0.0,
+        aspiration: float = 0.0,
+        frication: float = 0.0,
+        noise_hz: float = 0.0,
+    ) -> int:
         """Hold one target for ``seconds`` (stretched by the rate and this reading); its frames."""
         stretch = float(self.rng.lognormal(0.0, 0.12)) / self.voice.rate
         frames = max(1, round(seconds * stretch / self.frame_s))
@@ -286,9 +379,14 @@ class _Timeline:
         # Declination: F0 drifts down over the utterance, as in read speech; plus a reading offset.
         pitch[voiced] += np.linspace(1.5, -2.5, int(voiced.sum())) + self.rng.normal(0.0, 0.7)
         pitch = np.interp(np.arange(len(pitch)), np.flatnonzero(voiced), pitch[voiced])
-        return _Tracks(formants=_smooth(formants, 7), voicing=_smooth(voicing, 3),
-                       aspiration=_smooth(aspiration, 3), frication=_smooth(frication, 2),
-                       noise_hz=np.maximum(noise_hz, 1000.0), pitch=_smooth(pitch * self.voice.f0_range, 5))
+        return _Tracks(
+            formants=_smooth(formants, 7),
+            voicing=_smooth(voicing, 3),
+            aspiration=_smooth(aspiration, 3),
+            frication=_smooth(frication, 2),
+            noise_hz=np.maximum(noise_hz, 1000.0),
+            pitch=_smooth(pitch * self.voice.f0_range, 5),
+        )
 
 
 @dataclass
@@ -303,21 +401,20 @@ class _Tracks:
     pitch: np.ndarray  # [frames] semitones around the speaker's median F0
 
 
-def _consonant_phones(timeline: _Timeline, c: _Consonant, vowel: tuple[float, float, float],
-                      onset: bool) -> int:
+def _consonant_phones(timeline: _Timeline, c: _Consonant, vowel: tuple[float, float, float], onset: bool) -> int:
     """Add a consonant's phones; formants sit between its locus and the vowel, so vowels glide."""
     locus = tuple(0.5 * (np.asarray(c.locus) + np.asarray(vowel)))
     voicing = 0.35 if c.voiced else 0.0
     if c.manner in ("stop", "affricate"):
         frames = timeline.add(0.05, locus, voicing=voicing)  # closure, then burst or frication
-        frames += timeline.add(0.012 if c.manner == "stop" else 0.07, locus, frication=0.6,
-                               noise_hz=c.noise_hz)
+        frames += timeline.add(0.012 if c.manner == "stop" else 0.07, locus, frication=0.6, noise_hz=c.noise_hz)
         if c.aspirated and onset:
             frames += timeline.add(0.05, vowel, aspiration=0.5)
         return frames
     if c.manner == "fricative":
-        return timeline.add(0.08, locus, voicing=voicing, frication=0.8 if c.noise_hz < 5000 else 0.45,
-                            noise_hz=c.noise_hz)
+        return timeline.add(
+            0.08, locus, voicing=voicing, frication=0.8 if c.noise_hz < 5000 else 0.45, noise_hz=c.noise_hz
+        )
     if c.manner == "aspirate":
         return timeline.add(0.06, vowel, aspiration=0.6)
     if c.manner == "nasal":
@@ -350,8 +447,9 @@ def _render(tracks: _Tracks, voice: PseudoVoice, rng: np.random.Generator, sampl
     frac = phase - np.floor(phase)
     x = np.minimum(frac / voice.open_quotient, 1.0)
     opening = voice.pulse_skew
-    flow = np.where(x < opening, 0.5 * (1.0 - np.cos(np.pi * x / opening)),
-                    np.cos(0.5 * np.pi * (x - opening) / (1.0 - opening)))
+    flow = np.where(
+        x < opening, 0.5 * (1.0 - np.cos(np.pi * x / opening)), np.cos(0.5 * np.pi * (x - opening) / (1.0 - opening))
+    )
     glottal = np.diff(flow, prepend=0.0) * sample_rate / (40.0 * f0)  # level independent of F0
     noise = rng.standard_normal((2, n))
     gate = np.where(frac < voice.open_quotient, 1.0, 0.4)  # aspiration peaks while the glottis is open

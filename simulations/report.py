@@ -65,8 +65,11 @@ def load_run(folder: Path) -> RunData:
     run = _json(folder / "run.json")
     fleet = _json(folder / "fleet.json")
     metrics_path = folder / "server" / "metrics.jsonl"
-    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
-        if metrics_path.is_file() else []
+    metrics = (
+        [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        if metrics_path.is_file()
+        else []
+    )
     partitions = {}
     for client in fleet["clients"]:
         identity = folder / "clients" / f"client-{client['partition']}" / "identity.json"
@@ -74,12 +77,22 @@ def load_run(folder: Path) -> RunData:
             partitions[json.loads(identity.read_text())["client_id"]] = client["partition"]
     sample_path = folder / "sample" / "sample.json"
     return RunData(
-        name=folder.name, folder=folder, spec=run["spec"], config=RunConfig.from_flat(run["run-config"]),
-        completed=run["completed-rounds"], calibration=run.get("calibration", {}), timings=run["timings-s"], peak_rss=run["peak-rss-bytes"],
-        fleet=fleet, clients=fleet["clients"], metrics=metrics, events=read_events(folder / "events"),
+        name=folder.name,
+        folder=folder,
+        spec=run["spec"],
+        config=RunConfig.from_flat(run["run-config"]),
+        completed=run["completed-rounds"],
+        calibration=run.get("calibration", {}),
+        timings=run["timings-s"],
+        peak_rss=run["peak-rss-bytes"],
+        fleet=fleet,
+        clients=fleet["clients"],
+        metrics=metrics,
+        events=read_events(folder / "events"),
         evaluation=_json(folder / "evaluation.json"),
-        utterance_epsilon=_epsilons([folder / "clients" / f"client-{p}" for p in partitions.values()],
-                                    "utterance", partitions),
+        utterance_epsilon=_epsilons(
+            [folder / "clients" / f"client-{p}" for p in partitions.values()], "utterance", partitions
+        ),
         speaker_epsilon=_epsilons([folder / "server"], "speaker", partitions),
         sample=_json(sample_path) if sample_path.is_file() else None,
         quality=_json(folder / "quality.json") if (folder / "quality.json").is_file() else None,
@@ -177,18 +190,24 @@ def loss_series(run: RunData) -> dict[str, dict[str, dict[int, float]]]:
         if local:
             if group == "seen" and set(local_speakers) != set(initial.get("seen", {})):
                 curves[group]["global, on the local-baseline speakers"] = _losses_by_round(
-                    evaluation["global"], group, local_speakers)
+                    evaluation["global"], group, local_speakers
+                )
             per_round: dict[int, list[float]] = defaultdict(list)
             for entry in local:
                 for r, losses in entry["losses"].items():
                     if (value := mean_loss(losses.get(group, {}))) is not None:
                         per_round[int(r)].append(value)
             start = mean_loss(initial.get(group, {}), local_speakers if group == "seen" else None)
-            curves[group]["local only (same privacy)"] = {0: start, **{r: sum(v) / len(v) for r, v in per_round.items()}}
+            curves[group]["local only (same privacy)"] = {
+                0: start,
+                **{r: sum(v) / len(v) for r, v in per_round.items()},
+            }
         if evaluation.get("central"):
             start = mean_loss(initial.get(group, {}))
-            curves[group]["centralised, non-private"] = {0: start, **_losses_by_round(
-                evaluation["central"]["losses"], group)}
+            curves[group]["centralised, non-private"] = {
+                0: start,
+                **_losses_by_round(evaluation["central"]["losses"], group),
+            }
     return {g: {k: v for k, v in c.items() if any(x is not None for x in v.values())} for g, c in curves.items()}
 
 
@@ -218,14 +237,16 @@ def run_section(run: RunData, out: Path) -> tuple[str, dict[str, Any]]:
     classes = {c["partition"]: c["class"] for c in run.clients}
     curves = loss_series(run)
     references = reference_levels(run)
-    loss_png = plots.loss_curves(plot_dir / f"{run.name}-loss.png", curves, recipe(config.stage).headline_description,
-                                 references)
+    loss_png = plots.loss_curves(
+        plot_dir / f"{run.name}-loss.png", curves, recipe(config.stage).headline_description, references
+    )
     eps_png = plots.epsilon_curves(
         plot_dir / f"{run.name}-epsilon.png",
         {f"client-{p}": carried(v, run.completed) for p, v in run.utterance_epsilon.items()},
         {f"client-{p}": carried(v, run.completed) for p, v in run.speaker_epsilon.items()},
         {f"client-{p}": c for p, c in classes.items()},
-        target=run.calibration.get("target-epsilon"), budget=config.client_budget_epsilon,
+        target=run.calibration.get("target-epsilon"),
+        budget=config.client_budget_epsilon,
     )
     sim_times = simulated_round_times(run.events, config.round_timeout)
     real_times = {m["round"]: m["round-time-s"] for m in run.metrics}
@@ -235,43 +256,87 @@ def run_section(run: RunData, out: Path) -> tuple[str, dict[str, Any]]:
         if "step-time-s" in e:
             step_times[e["class"]].append(e["step-time-s"])
     bytes_per_client = _per_round_bytes(run.events)
-    system_png = plots.system(plot_dir / f"{run.name}-system.png", step_times,
-                              {r: (sim_times.get(r, 0.0), real_times.get(r, 0.0)) for r in real_times},
-                              bytes_per_client, counts) if run.events else None
+    system_png = (
+        plots.system(
+            plot_dir / f"{run.name}-system.png",
+            step_times,
+            {r: (sim_times.get(r, 0.0), real_times.get(r, 0.0)) for r in real_times},
+            bytes_per_client,
+            counts,
+        )
+        if run.events
+        else None
+    )
 
     seen, unseen = curves["seen"].get("global (federated)", {}), curves["unseen"].get("global (federated)", {})
     final = run.completed
     summary = {
-        "rounds": final, "seen-loss": {"initial": seen.get(0), "final": seen.get(final)},
+        "rounds": final,
+        "seen-loss": {"initial": seen.get(0), "final": seen.get(final)},
         "unseen-loss": {"initial": unseen.get(0), "final": unseen.get(final)},
         "epsilon-utterance-max": max((max(v.values()) for v in run.utterance_epsilon.values()), default=None),
         "epsilon-speaker-max": max((max(v.values()) for v in run.speaker_epsilon.values()), default=None),
-        "simulated-time-s": sum(sim_times.values()), "federation-real-s": run.timings.get("federation"),
-        "timings-s": run.timings, "peak-rss-bytes": run.peak_rss, "target-epsilon": run.calibration.get("target-epsilon"),
-        "speech-quality": _quality_summary(run), "clients": client_accounts(run), "host-load": run.host_load,
-        "baselines": {model: {g: curves[g].get(model, {}).get(final) for g in curves}
-                      for model in ("local only (same privacy)", "centralised, non-private",
-                                    "global, on the local-baseline speakers")},
+        "simulated-time-s": sum(sim_times.values()),
+        "federation-real-s": run.timings.get("federation"),
+        "timings-s": run.timings,
+        "peak-rss-bytes": run.peak_rss,
+        "target-epsilon": run.calibration.get("target-epsilon"),
+        "speech-quality": _quality_summary(run),
+        "clients": client_accounts(run),
+        "host-load": run.host_load,
+        "baselines": {
+            model: {g: curves[g].get(model, {}).get(final) for g in curves}
+            for model in (
+                "local only (same privacy)",
+                "centralised, non-private",
+                "global, on the local-baseline speakers",
+            )
+        },
     }
 
     parts = [f"## Run `{run.name}`", "", _overview(run), ""]
     if run.quality:
         parts += ["### Verdict", "", _verdict(run), ""]
     if run.completed < config.num_server_rounds:
-        parts += [f"**The federation stopped after round {run.completed} of {config.num_server_rounds}** "
-                  "(see the log: usually every client's privacy budget was spent, or too few clients were "
-                  "eligible).", ""]
-    parts += ["### Utility", "", f"![validation loss]({loss_png.relative_to(out)})", "",
-              _utility_table(curves, final, references), "", _utility_notes(run), ""]
+        parts += [
+            f"**The federation stopped after round {run.completed} of {config.num_server_rounds}** "
+            "(see the log: usually every client's privacy budget was spent, or too few clients were "
+            "eligible).",
+            "",
+        ]
+    parts += [
+        "### Utility",
+        "",
+        f"![validation loss]({loss_png.relative_to(out)})",
+        "",
+        _utility_table(curves, final, references),
+        "",
+        _utility_notes(run),
+        "",
+    ]
     if run.quality:
         parts += ["### Speech quality", "", _quality_section(run, out), ""]
-    parts += ["### Privacy", "", f"![epsilon]({eps_png.relative_to(out)})", "", _privacy_text(run), "",
-              _privacy_table(run, classes), ""]
+    parts += [
+        "### Privacy",
+        "",
+        f"![epsilon]({eps_png.relative_to(out)})",
+        "",
+        _privacy_text(run),
+        "",
+        _privacy_table(run, classes),
+        "",
+    ]
     parts += ["### Fleet and system", ""]
     if system_png:
         parts += [f"![system]({system_png.relative_to(out)})", ""]
-    parts += [_fleet_text(run), "", _class_table(run, step_times), "", _round_table(run, sim_times, real_times,
-                                                                                     counts, bytes_per_client), ""]
+    parts += [
+        _fleet_text(run),
+        "",
+        _class_table(run, step_times),
+        "",
+        _round_table(run, sim_times, real_times, counts, bytes_per_client),
+        "",
+    ]
     parts += [_timing_text(run, sim_times), ""]
     if run.sample:
         parts += ["### Sample", "", _sample_text(run, out), ""]
@@ -281,12 +346,19 @@ def run_section(run: RunData, out: Path) -> tuple[str, dict[str, Any]]:
 def _overview(run: RunData) -> str:
     c, spec = run.config, run.spec
     cal = run.calibration
-    dp = (f"target utterance-level epsilon {cal['target-epsilon']:g} per client over the run: noise multiplier "
-          f"{c.dp.noise_multiplier:.4g}, calibrated once for the client with the fewest training utterances "
-          f"({cal['smallest-client']}, sample rate {cal['sample-rate']:.3g}, {cal['steps']} steps)"
-          if cal else f"noise multiplier {c.dp.noise_multiplier:g}")
-    speaker = (f"speaker-level DP-FedAvg on (noise multiplier {c.speaker_dp.noise_multiplier:g}, clip "
-               f"{c.speaker_dp.clip_norm:g})" if c.speaker_dp.enabled else "speaker-level DP off")
+    dp = (
+        f"target utterance-level epsilon {cal['target-epsilon']:g} per client over the run: noise multiplier "
+        f"{c.dp.noise_multiplier:.4g}, calibrated once for the client with the fewest training utterances "
+        f"({cal['smallest-client']}, sample rate {cal['sample-rate']:.3g}, {cal['steps']} steps)"
+        if cal
+        else f"noise multiplier {c.dp.noise_multiplier:g}"
+    )
+    speaker = (
+        f"speaker-level DP-FedAvg on (noise multiplier {c.speaker_dp.noise_multiplier:g}, clip "
+        f"{c.speaker_dp.clip_norm:g})"
+        if c.speaker_dp.enabled
+        else "speaker-level DP off"
+    )
     return (
         f"{len(run.clients)} clients ({run.fleet['fleet']['name']} fleet, seed {spec['seed']}), "
         f"{c.num_server_rounds} rounds of {c.stage} `{c.model_config}` ({c.subset}"
@@ -315,15 +387,15 @@ def _utility_table(curves, final: int, references: Mapping[str, Mapping[str, flo
         rows.append([model, seen.get(0), seen.get(final), unseen.get(0), unseen.get(final)])
     for name, levels in references.items():
         rows.append([f"*reference: {name}*", None, levels.get("seen"), None, levels.get("unseen")])
-    return _table(["model", "seen, round 0", f"seen, round {final}", "unseen, round 0", f"unseen, round {final}"],
-                  rows)
+    return _table(["model", "seen, round 0", f"seen, round {final}", "unseen, round 0", f"unseen, round {final}"], rows)
 
 
 def _utility_notes(run: RunData) -> str:
     local = run.evaluation.get("local") or []
     central = run.evaluation.get("central")
     notes = [
-        f"Loss: {recipe(run.config.stage).headline_description} on held-out utterances, the mean over speakers (each counts "
+        f"Loss: {recipe(run.config.stage).headline_description} on held-out utterances, the mean over speakers (each "
+        "counts "
         "once); lower is better. *Seen* speakers are the clients (utterances they never trained on), *unseen* "
         "speakers took no part. Round 0 is the initial model.",
     ]
@@ -383,37 +455,75 @@ def client_accounts(run: RunData) -> dict[int, dict[str, Any]]:
                 wasted += cumulative[r] - previous
             previous = cumulative[r]
         outcomes = Counter(outcome(e) for e in run.events if e["partition"] == p)
-        accounts[p] = {"class": client["class"], "trained": len(cumulative), "accepted": len(rounds_used),
-                       "epsilon": max(cumulative.values()) if cumulative else 0.0, "epsilon-unused": wasted,
-                       "speaker-epsilon": max(run.speaker_epsilon[p].values()) if run.speaker_epsilon.get(p) else None,
-                       "outcomes": dict(outcomes)}
+        accounts[p] = {
+            "class": client["class"],
+            "trained": len(cumulative),
+            "accepted": len(rounds_used),
+            "epsilon": max(cumulative.values()) if cumulative else 0.0,
+            "epsilon-unused": wasted,
+            "speaker-epsilon": max(run.speaker_epsilon[p].values()) if run.speaker_epsilon.get(p) else None,
+            "outcomes": dict(outcomes),
+        }
     return accounts
 
 
 def _privacy_table(run: RunData, classes: Mapping[int, str]) -> str:
     accounts = client_accounts(run)
-    rows = [[f"client-{p}", a["class"], a["trained"], a["accepted"], a["epsilon"], a["epsilon-unused"],
-             a["speaker-epsilon"], ", ".join(f"{k} {v}" for k, v in sorted(a["outcomes"].items())) or "never selected"]
-            for p, a in accounts.items()]
+    rows = [
+        [
+            f"client-{p}",
+            a["class"],
+            a["trained"],
+            a["accepted"],
+            a["epsilon"],
+            a["epsilon-unused"],
+            a["speaker-epsilon"],
+            ", ".join(f"{k} {v}" for k, v in sorted(a["outcomes"].items())) or "never selected",
+        ]
+        for p, a in accounts.items()
+    ]
     wasted = [p for p, a in accounts.items() if a["epsilon-unused"] > 0]
-    note = (f"\n\n**{len(wasted)} client(s) spent privacy budget on updates the server never used** "
-            f"({', '.join(f'client-{p}' for p in wasted)}): stragglers past the deadline or rejected updates. "
-            f"A client selected {run.config.max_misses} rounds in a row without a usable update is benched "
-            "(run-config `max-misses`; 0 never benches)." if wasted else
-            "\n\nEvery client's epsilon was spent on updates the server used.")
-    return _table(["client", "device class", "rounds trained (charged)", "updates used", "utterance epsilon",
-                   "epsilon without contribution", "speaker epsilon", "outcomes"], rows) + note
+    note = (
+        f"\n\n**{len(wasted)} client(s) spent privacy budget on updates the server never used** "
+        f"({', '.join(f'client-{p}' for p in wasted)}): stragglers past the deadline or rejected updates. "
+        f"A client selected {run.config.max_misses} rounds in a row without a usable update is benched "
+        "(run-config `max-misses`; 0 never benches)."
+        if wasted
+        else "\n\nEvery client's epsilon was spent on updates the server used."
+    )
+    return (
+        _table(
+            [
+                "client",
+                "device class",
+                "rounds trained (charged)",
+                "updates used",
+                "utterance epsilon",
+                "epsilon without contribution",
+                "speaker epsilon",
+                "outcomes",
+            ],
+            rows,
+        )
+        + note
+    )
 
 
 def _fleet_text(run: RunData) -> str:
     fleet = run.fleet["fleet"]
     host = run.fleet["host"]
-    deadline = (f"rounds close at {fleet['deadline-factor']:g}x the median client's time for the same work"
-                if fleet["deadline-factor"] else "no round deadline")
+    deadline = (
+        f"rounds close at {fleet['deadline-factor']:g}x the median client's time for the same work"
+        if fleet["deadline-factor"]
+        else "no round deadline"
+    )
     facts = host["facts"]
     nodes = {e["node"] for e in run.events if e.get("node")}
-    cluster = (f" The clients ran on the Ray cluster at `{host['ray-address']}`, on {len(nodes)} node(s)."
-               if host.get("ray-address") else "")
+    cluster = (
+        f" The clients ran on the Ray cluster at `{host['ray-address']}`, on {len(nodes)} node(s)."
+        if host.get("ray-address")
+        else ""
+    )
     return (
         f"Fleet `{fleet['name']}`: {fleet['description'] or 'custom'}; {deadline}.{cluster} "
         "Each client runs on this host "
@@ -442,29 +552,68 @@ def _class_table(run: RunData, step_times: Mapping[str, list[float]]) -> str:
     for name, members in sorted(by_class.items()):
         c = members[0]
         ran_as = c["host"].get("precision", "–") + (" *" if c["host-note"] else "")
-        profiles.append([
-            name, c["device"], len(members), c["speed"], c["dropout"], c["profile"], c["physical-batch"],
-            c["precision"], ran_as, "on" if c["checkpointing"] else "off", _mib(c["planned-memory-bytes"]),
-        ])
-        measured.append([
-            name, statistics.median(step_times[name]) if step_times.get(name) else None, _mib(rss.get(name)),
-            statistics.median(sims[name]) if sims.get(name) else None,
-            ", ".join(f"{k} {v}" for k, v in sorted(counts[name].items())) or "never selected",
-        ])
+        profiles.append(
+            [
+                name,
+                c["device"],
+                len(members),
+                c["speed"],
+                c["dropout"],
+                c["profile"],
+                c["physical-batch"],
+                c["precision"],
+                ran_as,
+                "on" if c["checkpointing"] else "off",
+                _mib(c["planned-memory-bytes"]),
+            ]
+        )
+        measured.append(
+            [
+                name,
+                statistics.median(step_times[name]) if step_times.get(name) else None,
+                _mib(rss.get(name)),
+                statistics.median(sims[name]) if sims.get(name) else None,
+                ", ".join(f"{k} {v}" for k, v in sorted(counts[name].items())) or "never selected",
+            ]
+        )
     notes = sorted({f"{c['class']}: {c['host-note']}" for c in run.clients if c["host-note"]})
-    return "\n".join([
-        _table(["class", "device", "clients", "speed", "dropout p", "simulated profile", "physical batch",
-                "precision", "ran here as", "checkpointing", "planned memory"], profiles),
-        "",
-        *(f"\\* {note}" + "  " for note in notes),
-        "",
-        _table(["class", "DP step s on this host (median)", "worker peak RSS", "simulated round s (median)",
-                "outcomes"], measured),
-        "",
-        "*Planned memory* is the profile's memory model on the simulated device. *Worker peak RSS* is measured: "
-        "the peak resident memory of the Ray worker process that ran those clients (torch and the runtime "
-        "included, shared by every client that worker ran).",
-    ])
+    return "\n".join(
+        [
+            _table(
+                [
+                    "class",
+                    "device",
+                    "clients",
+                    "speed",
+                    "dropout p",
+                    "simulated profile",
+                    "physical batch",
+                    "precision",
+                    "ran here as",
+                    "checkpointing",
+                    "planned memory",
+                ],
+                profiles,
+            ),
+            "",
+            *(f"\\* {note}" + "  " for note in notes),
+            "",
+            _table(
+                [
+                    "class",
+                    "DP step s on this host (median)",
+                    "worker peak RSS",
+                    "simulated round s (median)",
+                    "outcomes",
+                ],
+                measured,
+            ),
+            "",
+            "*Planned memory* is the profile's memory model on the simulated device. *Worker peak RSS* is measured: "
+            "the peak resident memory of the Ray worker process that ran those clients (torch and the runtime "
+            "included, shared by every client that worker ran).",
+        ]
+    )
 
 
 def _round_table(run: RunData, sim_times, real_times, counts, bytes_per_client) -> str:
@@ -476,13 +625,45 @@ def _round_table(run: RunData, sim_times, real_times, counts, bytes_per_client) 
         m, c = metrics[r], counts.get(r, Counter())
         down, up = bytes_per_client.get(r, (None, None))
         rejects = ", ".join(f"{k} {v}" for k, v in sorted(m.get("rejects", {}).items())) or "none"
-        rows.append([r, m.get("selected"), c.get("ok", 0), c.get("dropout", 0), c.get("straggler", 0),
-                     c.get("refused", 0), rejects, sim_times.get(r), real_times.get(r),
-                     None if down is None else down / 1e3, None if up is None else up / 1e3,
-                     seen.get(r), unseen.get(r), m.get("epsilon-utterance-max"), m.get("epsilon-speaker-max")])
-    return _table(["round", "selected", "accepted", "dropouts", "stragglers", "refused", "server rejects",
-                   "simulated s", "real s", "kB down/client", "kB up/client", "seen loss", "unseen loss",
-                   "utterance eps max", "speaker eps max"], rows) + (
+        rows.append(
+            [
+                r,
+                m.get("selected"),
+                c.get("ok", 0),
+                c.get("dropout", 0),
+                c.get("straggler", 0),
+                c.get("refused", 0),
+                rejects,
+                sim_times.get(r),
+                real_times.get(r),
+                None if down is None else down / 1e3,
+                None if up is None else up / 1e3,
+                seen.get(r),
+                unseen.get(r),
+                m.get("epsilon-utterance-max"),
+                m.get("epsilon-speaker-max"),
+            ]
+        )
+    return _table(
+        [
+            "round",
+            "selected",
+            "accepted",
+            "dropouts",
+            "stragglers",
+            "refused",
+            "server rejects",
+            "simulated s",
+            "real s",
+            "kB down/client",
+            "kB up/client",
+            "seen loss",
+            "unseen loss",
+            "utterance eps max",
+            "speaker eps max",
+        ],
+        rows,
+    ) + (
         "\n\nA dropped client answers at once without training (nothing charged); a straggler trained and was "
         "charged, but its update came after the deadline and was not used. The server counts both as "
         "`error` rejects; rounds go on with the other clients. Round 1's real time includes starting the Ray "
@@ -496,43 +677,69 @@ def _timing_text(run: RunData, sim_times: Mapping[int, float]) -> str:
     alongside = "baselines-after-federation" in t  # the baselines overlapped the federation
     total = sum(v for k, v in t.items() if not (alongside and k == "baselines"))
     waited = t.get("baselines-after-federation", t.get("baselines", 0.0))
-    share = (f"the baselines trained alongside the federation ({t.get('baselines', 0.0):.0f} s) and kept the run "
-             f"waiting {waited:.0f} s after it, {waited / total:.0%} of the total (they also slowed the federation "
-             "they shared the cores with; bench/baselines_cost.py measures their full cost)"
-             if alongside else f"baselines {waited / total:.0%} of it") if total else ""
+    share = (
+        (
+            f"the baselines trained alongside the federation ({t.get('baselines', 0.0):.0f} s) and kept the run "
+            f"waiting {waited:.0f} s after it, {waited / total:.0%} of the total (they also slowed the federation "
+            "they shared the cores with; bench/baselines_cost.py measures their full cost)"
+            if alongside
+            else f"baselines {waited / total:.0%} of it"
+        )
+        if total
+        else ""
+    )
     load = run.host_load
-    measured = (f"**Measured on this host**: wall clock {phases} (total {total:.0f} s; {share}; peak resident "
-                f"memory of all processes {_mib(run.peak_rss)})" if total else "**Measured on this host**: no timings")
+    measured = (
+        f"**Measured on this host**: wall clock {phases} (total {total:.0f} s; {share}; peak resident "
+        f"memory of all processes {_mib(run.peak_rss)})"
+        if total
+        else "**Measured on this host**: no timings"
+    )
     if load:
-        measured += (f"; load average {load['mean']:.1f} (max {load['max']:.1f}) on {load['cores']} cores, "
-                     f"of which this run used at most {load['own-max']:.1f} busy cores: "
-                     + ("the host was shared, so measured times are inflated by other work."
-                        if load["mean"] > load["cores"] else "the host was not overloaded."))
-    return (measured + f"\n\n**Simulated**: the fleet would have needed {sum(sim_times.values()):.1f} s for its "
-            f"{len(sim_times)} rounds of training (each device's assumed speed applied to the compute measured "
-            "here, plus its link's transfer time: a model, which inherits any slowdown of this host).")
+        measured += (
+            f"; load average {load['mean']:.1f} (max {load['max']:.1f}) on {load['cores']} cores, "
+            f"of which this run used at most {load['own-max']:.1f} busy cores: "
+            + (
+                "the host was shared, so measured times are inflated by other work."
+                if load["mean"] > load["cores"]
+                else "the host was not overloaded."
+            )
+        )
+    return (
+        measured + f"\n\n**Simulated**: the fleet would have needed {sum(sim_times.values()):.1f} s for its "
+        f"{len(sim_times)} rounds of training (each device's assumed speed applied to the compute measured "
+        "here, plus its link's transfer time: a model, which inherits any slowdown of this host)."
+    )
 
 
 def _sample_text(run: RunData, out: Path) -> str:
     s = run.sample
     folder = (run.folder / "sample").relative_to(out)
     text = (
-        f"[`{folder}/{s['wav']}`]({folder}/{s['wav']}) ({s['seconds']:.1f} s): \"{s['text']}\" ({s['language']}) "
+        f'[`{folder}/{s["wav"]}`]({folder}/{s["wav"]}) ({s["seconds"]:.1f} s): "{s["text"]}" ({s["language"]}) '
         f"in the voice of {s['speaker']}'s held-out recording `{Path(s['reference']).name}`, by the global "
         f"{s['trained-stage']} model of round {s['round']} with a **fresh, untrained {s['fresh-stage']} model of "
         f"the same seed** (this run trained {s['trained-stage']} only)."
     )
     check = s.get("speech-check")
     if check:
-        verdict = ("**It is speech by measurement**" if check["is-speech"]
-                   else f"**It is not speech by measurement**: {check['reason']}")
-        text += (f" {verdict} (silero-vad detects speech over {check['speech_fraction']:.0%} of its length, "
-                 f"level {check['rms_dbfs']:.0f} dBFS, {check['distinct_values']:,} distinct 16-bit values).")
+        verdict = (
+            "**It is speech by measurement**"
+            if check["is-speech"]
+            else f"**It is not speech by measurement**: {check['reason']}"
+        )
+        text += (
+            f" {verdict} (silero-vad detects speech over {check['speech_fraction']:.0%} of its length, "
+            f"level {check['rms_dbfs']:.0f} dBFS, {check['distinct_values']:,} distinct 16-bit values)."
+        )
     if "differs-from-base" in s:
-        text += (" It differs from the base model's sample of the same sentence and seed: training changed what "
-                 "the model says." if s["differs-from-base"] else
-                 " **It is identical to the base model's sample** of the same sentence and seed: training did not "
-                 "change it.")
+        text += (
+            " It differs from the base model's sample of the same sentence and seed: training changed what "
+            "the model says."
+            if s["differs-from-base"]
+            else " **It is identical to the base model's sample** of the same sentence and seed: training did not "
+            "change it."
+        )
     return text + f"\n\n![sample spectrogram]({folder}/{s['png']})"
 
 
@@ -546,12 +753,23 @@ def _quality_summary(run: RunData) -> dict[str, Any] | None:
         return None
     groups = quality_summary.speaker_groups(run.quality)
     return {
-        "levels": {g: {model: {m: e.to_dict() if e else None for m, e in metrics.items()}
-                       for model, metrics in quality_summary.levels(run.quality, speakers).items()}
-                   for g, speakers in groups.items() if speakers},
-        "comparisons": [{"first": c.first, "second": c.second, "group": c.group,
-                         **{m: e.to_dict() if e else None for m, e in c.differences.items()}}
-                        for c in quality_summary.comparisons(run.quality)],
+        "levels": {
+            g: {
+                model: {m: e.to_dict() if e else None for m, e in metrics.items()}
+                for model, metrics in quality_summary.levels(run.quality, speakers).items()
+            }
+            for g, speakers in groups.items()
+            if speakers
+        },
+        "comparisons": [
+            {
+                "first": c.first,
+                "second": c.second,
+                "group": c.group,
+                **{m: e.to_dict() if e else None for m, e in c.differences.items()},
+            }
+            for c in quality_summary.comparisons(run.quality)
+        ],
     }
 
 
@@ -570,13 +788,18 @@ def _verdict(run: RunData) -> str:
                 lines.append("- " + sentence)
     groups = quality_summary.speaker_groups(run.quality)
     levels = quality_summary.levels(run.quality, groups["clients"])
-    reference = [f"{quality_summary.LABELS[m]} {levels[m]['similarity'].mean:.3g}" for m in ("recordings", "base")
-                 if m in levels and levels[m].get("similarity")]
+    reference = [
+        f"{quality_summary.LABELS[m]} {levels[m]['similarity'].mean:.3g}"
+        for m in ("recordings", "base")
+        if m in levels and levels[m].get("similarity")
+    ]
     if reference:
         lines.append("- Reference levels of speaker similarity on the clients: " + ", ".join(reference) + ".")
-    lines.append("\nIntervals: 95 % percentile bootstrap over speakers (each speaker's sentences together); a "
-                 "difference is called only when its interval excludes zero. Metrics and their limits: "
-                 "docs/simulation.md.")
+    lines.append(
+        "\nIntervals: 95 % percentile bootstrap over speakers (each speaker's sentences together); a "
+        "difference is called only when its interval excludes zero. Metrics and their limits: "
+        "docs/simulation.md."
+    )
     return "\n".join(lines)
 
 
@@ -597,24 +820,47 @@ def _quality_section(run: RunData, out: Path) -> str:
         levels = quality_summary.levels(quality, speakers)
         if not levels:
             continue
-        rows = [[quality_summary.LABELS.get(model, model),
-                 *(_estimate(metrics[m]) for m in quality_summary.METRIC_NAMES)] for model, metrics in levels.items()]
-        parts += [f"**{group.capitalize()}** ({len(speakers)}):", "",
-                  _table(["model", *quality_summary.METRIC_NAMES.values()], rows), ""]
+        rows = [
+            [quality_summary.LABELS.get(model, model), *(_estimate(metrics[m]) for m in quality_summary.METRIC_NAMES)]
+            for model, metrics in levels.items()
+        ]
+        parts += [
+            f"**{group.capitalize()}** ({len(speakers)}):",
+            "",
+            _table(["model", *quality_summary.METRIC_NAMES.values()], rows),
+            "",
+        ]
         series[group] = levels
     found = quality_summary.comparisons(quality)
     if found:
-        rows = [[f"{quality_summary.LABELS[c.first]} − {quality_summary.LABELS[c.second]}", c.group,
-                 *(_estimate(c.differences.get(m)) for m in quality_summary.METRIC_NAMES)] for c in found]
-        parts += ["Paired differences (same items):", "",
-                  _table(["comparison", "speakers", *quality_summary.METRIC_NAMES.values()], rows), ""]
+        rows = [
+            [
+                f"{quality_summary.LABELS[c.first]} − {quality_summary.LABELS[c.second]}",
+                c.group,
+                *(_estimate(c.differences.get(m)) for m in quality_summary.METRIC_NAMES),
+            ]
+            for c in found
+        ]
+        parts += [
+            "Paired differences (same items):",
+            "",
+            _table(["comparison", "speakers", *quality_summary.METRIC_NAMES.values()], rows),
+            "",
+        ]
     parts += [_per_speaker_table(quality), ""]
     if series:
-        png = plots.speech_quality(out / "plots" / f"{run.name}-speech-quality.png", series,
-                                   quality_summary.METRIC_NAMES, quality_summary.LABELS)
+        png = plots.speech_quality(
+            out / "plots" / f"{run.name}-speech-quality.png",
+            series,
+            quality_summary.METRIC_NAMES,
+            quality_summary.LABELS,
+        )
         parts += [f"![speech quality]({png.relative_to(out)})", ""]
-    parts.append(f"Scoring took {quality['total-seconds']:.0f} s (" + ", ".join(
-        f"{k} {v:.0f} s" for k, v in quality["seconds"].items()) + ").")
+    parts.append(
+        f"Scoring took {quality['total-seconds']:.0f} s ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in quality["seconds"].items())
+        + ")."
+    )
     return "\n".join(parts)
 
 
@@ -630,10 +876,16 @@ def _per_speaker_table(quality: Mapping[str, Any]) -> str:
     rows = []
     for speaker in [*quality["clients"], *quality["unseen"]]:
         cells = by_speaker.get(speaker, {})
-        rows.append([speaker, training.get(speaker, "unseen" if speaker in quality["unseen"] else None),
-                     *(statistics.mean(cells[m]) if cells.get(m) else None for m in models)])
+        rows.append(
+            [
+                speaker,
+                training.get(speaker, "unseen" if speaker in quality["unseen"] else None),
+                *(statistics.mean(cells[m]) if cells.get(m) else None for m in models),
+            ]
+        )
     return "Speaker similarity per speaker:\n\n" + _table(
-        ["speaker", "training utterances", *(quality_summary.LABELS.get(m, m) for m in models)], rows)
+        ["speaker", "training utterances", *(quality_summary.LABELS.get(m, m) for m in models)], rows
+    )
 
 
 def comparison_section(runs: list[RunData], summaries: Mapping[str, dict], out: Path) -> str:
@@ -642,10 +894,19 @@ def comparison_section(runs: list[RunData], summaries: Mapping[str, dict], out: 
     for run in runs:
         s = summaries[run.name]
         eps = s["epsilon-utterance-max"]
-        rows.append([run.name, s["target-epsilon"], eps, s["epsilon-speaker-max"],
-                     s["seen-loss"]["final"], s["unseen-loss"]["final"],
-                     s["baselines"]["local only (same privacy)"]["seen"], s["simulated-time-s"],
-                     s["federation-real-s"]])
+        rows.append(
+            [
+                run.name,
+                s["target-epsilon"],
+                eps,
+                s["epsilon-speaker-max"],
+                s["seen-loss"]["final"],
+                s["unseen-loss"]["final"],
+                s["baselines"]["local only (same privacy)"]["seen"],
+                s["simulated-time-s"],
+                s["federation-real-s"],
+            ]
+        )
         if eps:
             points["global, seen speakers"].append((eps, s["seen-loss"]["final"]))
             points["global, unseen speakers"].append((eps, s["unseen-loss"]["final"]))
@@ -655,12 +916,28 @@ def comparison_section(runs: list[RunData], summaries: Mapping[str, dict], out: 
     central = [summaries[r.name]["baselines"]["centralised, non-private"]["seen"] for r in runs]
     central = [value for value in central if value is not None]
     references = {"centralised, non-private (seen)": central[0]} if central else {}
-    parts = ["## Comparison", "", _table(
-        ["run", "target epsilon", "utterance eps (max)", "speaker eps (max)", "final seen loss", "final unseen loss",
-         "local only (own voice)", "simulated s", "federation real s"], rows)]
+    parts = [
+        "## Comparison",
+        "",
+        _table(
+            [
+                "run",
+                "target epsilon",
+                "utterance eps (max)",
+                "speaker eps (max)",
+                "final seen loss",
+                "final unseen loss",
+                "local only (own voice)",
+                "simulated s",
+                "federation real s",
+            ],
+            rows,
+        ),
+    ]
     if len({s["target-epsilon"] for s in summaries.values()}) > 1:
-        png = plots.privacy_utility(out / "plots" / "privacy-utility.png", points, references,
-                                    recipe(runs[0].config.stage).headline_description)
+        png = plots.privacy_utility(
+            out / "plots" / "privacy-utility.png", points, references, recipe(runs[0].config.stage).headline_description
+        )
         parts += ["", f"![privacy-utility]({png.relative_to(out)})"]
     return "\n".join(parts)
 
@@ -681,13 +958,17 @@ def write_report(out: str | Path) -> Path:
     speakers = marker["speakers"]
     prep = marker.get("preparation", {})
     head = [
-        f"# fedvox simulation: {scenario['name']}", "",
+        f"# fedvox simulation: {scenario['name']}",
+        "",
         *([scenario["description"], ""] if scenario["description"] else []),
         f"{speakers['n_speakers']} synthetic speakers as clients ({speakers['language']}, {speakers['utterances']} "
         f"training and {speakers['heldout_utterances']} held-out utterances each, {speakers['unseen_speakers']} "
         f"unseen speakers, seed {speakers['seed']}) from `{marker['speakers-root']}`. Preparation: "
         + (", ".join(f"{k} {v:.1f} s" for k, v in prep.get("timings-s", {}).items()) or "reused")
-        + f". {len(runs)} run(s): " + ", ".join(f"[`{r.name}`](#run-{r.name.lower()})" for r in runs) + ".", "",
+        + f". {len(runs)} run(s): "
+        + ", ".join(f"[`{r.name}`](#run-{r.name.lower()})" for r in runs)
+        + ".",
+        "",
     ]
     body = head + ([comparison_section(runs, summaries, out), ""] if len(runs) > 1 else []) + sections
     body += ["## Files", "", FILES_TEXT]

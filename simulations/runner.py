@@ -121,8 +121,9 @@ def simulate(
         if speakers_dir is None:
             _timed(timings, "speakers", lambda: _speakers(speakers_root, speakers))
         symbols = s1_config(_model_config(scenario)).symbols_version
-        data = _timed(timings, "features", lambda: prepare_speakers(
-            speakers_root, speakers.n_speakers, out / "features", symbols))
+        data = _timed(
+            timings, "features", lambda: prepare_speakers(speakers_root, speakers.n_speakers, out / "features", symbols)
+        )
         for spec in scenario.runs:
             run_one(spec, data, out / "runs" / spec.name, host)
     document = json.loads((out / MARKER).read_text())
@@ -140,16 +141,21 @@ def _model_config(scenario: Scenario) -> str:
 
 def _claim(out: Path, scenario: Scenario, speakers: SpeakersConfig, speakers_root: Path) -> None:
     """Make ``out`` ours: new, empty, or an earlier simulation of the same speakers."""
-    wanted = {"generator": GENERATOR, "speakers-root": str(speakers_root),
-              "speakers": {k: v for k, v in asdict(speakers).items() if k != "workers"}}
+    wanted = {
+        "generator": GENERATOR,
+        "speakers-root": str(speakers_root),
+        "speakers": {k: v for k, v in asdict(speakers).items() if k != "workers"},
+    }
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder (new or empty)")
     if out.is_dir() and any(out.iterdir()):
         try:
             previous = json.loads((out / MARKER).read_text())
         except (OSError, ValueError):
-            raise ConfigError(f"--out {out} is not empty and holds no earlier `{GENERATOR}` output "
-                              f"(no {MARKER}); choose a new or empty folder") from None
+            raise ConfigError(
+                f"--out {out} is not empty and holds no earlier `{GENERATOR}` output "
+                f"(no {MARKER}); choose a new or empty folder"
+            ) from None
         if any(previous.get(k) != v for k, v in wanted.items()):
             raise ConfigError(
                 f"--out {out} holds a simulation of other speakers ({previous.get('speakers')}); choose a "
@@ -157,8 +163,13 @@ def _claim(out: Path, scenario: Scenario, speakers: SpeakersConfig, speakers_roo
             )
     out.mkdir(parents=True, exist_ok=True)
     runs = {run.name: asdict(run) for run in scenario.runs}
-    atomic_write_text(out / MARKER, json.dumps({**wanted, "scenario": {
-        "name": scenario.name, "description": scenario.description, "runs": runs}}, indent=1) + "\n")
+    atomic_write_text(
+        out / MARKER,
+        json.dumps(
+            {**wanted, "scenario": {"name": scenario.name, "description": scenario.description, "runs": runs}}, indent=1
+        )
+        + "\n",
+    )
 
 
 def _speakers(root: Path, config: SpeakersConfig) -> None:
@@ -224,10 +235,21 @@ def calibrate(
         return config, {}
     steps = config.num_server_rounds * config.local_steps
     sigma = calibrate_noise_multiplier(config.dp.target_epsilon, config.dp.delta, sample_rate=sample_rate, steps=steps)
-    record = {"target-epsilon": config.dp.target_epsilon, "noise-multiplier": sigma, "sample-rate": sample_rate,
-              "steps": steps, "smallest-client": smallest, "seconds": time.perf_counter() - started}
-    log.info("noise multiplier %.4f reaches epsilon %g after %d steps at sample rate %.3f",
-             sigma, config.dp.target_epsilon, steps, sample_rate)
+    record = {
+        "target-epsilon": config.dp.target_epsilon,
+        "noise-multiplier": sigma,
+        "sample-rate": sample_rate,
+        "steps": steps,
+        "smallest-client": smallest,
+        "seconds": time.perf_counter() - started,
+    }
+    log.info(
+        "noise multiplier %.4f reaches epsilon %g after %d steps at sample rate %.3f",
+        sigma,
+        config.dp.target_epsilon,
+        steps,
+        sample_rate,
+    )
     return config.with_overrides({"dp.noise-multiplier": sigma, "dp.target-epsilon": 0.0}), record
 
 
@@ -240,26 +262,49 @@ def set_owner_budget(config: RunConfig, data: Path) -> None:
 def run_one(spec: RunSpec, data: SpeakerData, folder: Path, host: Host) -> None:
     """Simulate, score and sample one run into ``folder`` (resuming what is already there)."""
     n = len(data.clients)
-    config, calibration = calibrate(run_config(spec, folder, n), data.client_caches,
-                                    keep_sample_rate="dp.sample-rate" in spec.config)
+    config, calibration = calibrate(
+        run_config(spec, folder, n), data.client_caches, keep_sample_rate="dp.sample-rate" in spec.config
+    )
     fleet = load_fleet(spec.fleet)
     clients = plan_clients(fleet, n, spec.seed, config, host.facts, host.workers)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / "fleet.json", json.dumps({
-        "fleet": {"name": fleet.name, "description": fleet.description, "deadline-factor": fleet.deadline_factor,
-                  "shares": {c.name: c.share for c in fleet.classes}},
-        "host": {"facts": host.facts.to_dict(), "workers": host.workers, "threads": host.threads,
-                 "ray-address": host.ray_address},
-        "clients": [c.summary() for c in clients],
-    }, indent=1) + "\n")
+    atomic_write_text(
+        folder / "fleet.json",
+        json.dumps(
+            {
+                "fleet": {
+                    "name": fleet.name,
+                    "description": fleet.description,
+                    "deadline-factor": fleet.deadline_factor,
+                    "shares": {c.name: c.share for c in fleet.classes},
+                },
+                "host": {
+                    "facts": host.facts.to_dict(),
+                    "workers": host.workers,
+                    "threads": host.threads,
+                    "ray-address": host.ray_address,
+                },
+                "clients": [c.summary() for c in clients],
+            },
+            indent=1,
+        )
+        + "\n",
+    )
     for p, cache in enumerate(data.client_caches):
         set_owner_budget(config, clone_cache(cache, folder / "clients" / f"client-{p}"))
 
     timings: dict[str, float] = {}
     memory = PeakMemory()
     with memory:
-        log.info("run %s: %d clients (%s fleet), %d rounds of %s %s", spec.name, n, fleet.name, spec.rounds,
-                 config.stage, config.model_config)
+        log.info(
+            "run %s: %d clients (%s fleet), %d rounds of %s %s",
+            spec.name,
+            n,
+            fleet.name,
+            spec.rounds,
+            config.stage,
+            config.model_config,
+        )
         # The baselines need nothing from the federation: they train alongside it, in their own
         # processes, and fill the cores while the federation waits on Ray and its clients. They
         # start once a client has trained (Ray is up): on a loaded host, a raylet starting beside
@@ -272,40 +317,60 @@ def run_one(spec: RunSpec, data: SpeakerData, folder: Path, host: Host) -> None:
                 federation_done.wait(1.0)
             if federation_failed.is_set():
                 return {"local": [], "central": None}
-            return _timed(timings, "baselines", lambda: baselines(
-                spec, config, data, clients, folder, host, show_progress=False))
+            return _timed(
+                timings, "baselines", lambda: baselines(spec, config, data, clients, folder, host, show_progress=False)
+            )
 
         with ThreadPoolExecutor(max_workers=1) as alongside:
             pending = alongside.submit(alongside_federation)
             try:
-                completed = _timed(timings, "federation",
-                                   lambda: federate(config, fleet, clients, spec.seed, folder, host))
+                completed = _timed(
+                    timings, "federation", lambda: federate(config, fleet, clients, spec.seed, folder, host)
+                )
             except BaseException:
                 federation_failed.set()  # the error goes up at once, not after the baselines
                 raise
             finally:
                 federation_done.set()
-            heldout = {"seen": heldout_by_speaker(config.stage, data.seen),
-                       "unseen": heldout_by_speaker(config.stage, data.unseen)}
-            evaluation = {"global": _timed(timings, "evaluation", lambda: score_rounds(config, folder, heldout)),
-                          "references": reference_losses(
-                              config, [datasets(config.stage, cache, HELD_OUT_FRACTION)[0]
-                                       for cache in data.client_caches], heldout)}
+            heldout = {
+                "seen": heldout_by_speaker(config.stage, data.seen),
+                "unseen": heldout_by_speaker(config.stage, data.unseen),
+            }
+            evaluation = {
+                "global": _timed(timings, "evaluation", lambda: score_rounds(config, folder, heldout)),
+                "references": reference_losses(
+                    config,
+                    [datasets(config.stage, cache, HELD_OUT_FRACTION)[0] for cache in data.client_caches],
+                    heldout,
+                ),
+            }
             started = time.perf_counter()
             evaluation |= pending.result()
             timings["baselines-after-federation"] = time.perf_counter() - started
         atomic_write_text(folder / "evaluation.json", json.dumps(evaluation, indent=1) + "\n")
         if spec.quality_sentences > 0 and completed > 0:
-            quality = _timed(timings, "speech-quality",
-                             lambda: speech_quality(spec, config, data, folder, completed, evaluation))
+            quality = _timed(
+                timings, "speech-quality", lambda: speech_quality(spec, config, data, folder, completed, evaluation)
+            )
             atomic_write_text(folder / "quality.json", json.dumps(quality, indent=1) + "\n")
         if spec.sample and completed > 0:
             _timed(timings, "sample", lambda: sample(config, folder, data, completed))
-    atomic_write_text(folder / "run.json", json.dumps({
-        "spec": asdict(spec), "run-config": config.to_flat(), "calibration": calibration,
-        "completed-rounds": completed,
-        "timings-s": timings, "peak-rss-bytes": memory.peak, "host-load": memory.host_load,
-    }, indent=1) + "\n")
+    atomic_write_text(
+        folder / "run.json",
+        json.dumps(
+            {
+                "spec": asdict(spec),
+                "run-config": config.to_flat(),
+                "calibration": calibration,
+                "completed-rounds": completed,
+                "timings-s": timings,
+                "peak-rss-bytes": memory.peak,
+                "host-load": memory.host_load,
+            },
+            indent=1,
+        )
+        + "\n",
+    )
 
 
 def federate(config: RunConfig, fleet, clients: list[VirtualClient], seed: int, folder: Path, host: Host) -> int:
@@ -330,24 +395,29 @@ def federate(config: RunConfig, fleet, clients: list[VirtualClient], seed: int, 
             server_app=make_server_app(config, seed=seed),
             client_app=fleet_client_app(mod, client_app),
             num_supernodes=len(clients),
-            backend_config=backend_config(host, gpu=any(c.node_config.get("profile.device", "cpu") != "cpu"
-                                                        for c in clients)),
+            backend_config=backend_config(
+                host, gpu=any(c.node_config.get("profile.device", "cpu") != "cpu" for c in clients)
+            ),
         )
     except RuntimeError as exc:  # Flower wraps whatever stopped the simulation
         raise FederationError(f"the Flower simulation stopped: {exc}; see the log above") from exc
     latest = store.latest()
     completed = latest.round if latest else 0
     if completed < config.num_server_rounds:
-        log.warning("the federation stopped after round %d of %d (see the log above)",
-                    completed, config.num_server_rounds)
+        log.warning(
+            "the federation stopped after round %d of %d (see the log above)", completed, config.num_server_rounds
+        )
     return completed
 
 
 def backend_config(host: Host, gpu: bool) -> dict[str, Any]:
     """Ray settings: ``host.workers`` actors of ``host.threads`` CPUs each (and a GPU share)."""
     client = {"num_cpus": host.threads, "num_gpus": 1.0 / host.workers if gpu else 0.0}
-    init: dict[str, Any] = {"include_dashboard": False, "logging_level": "ERROR",
-                            "log_to_driver": logging.getLogger().isEnabledFor(logging.DEBUG)}
+    init: dict[str, Any] = {
+        "include_dashboard": False,
+        "logging_level": "ERROR",
+        "log_to_driver": logging.getLogger().isEnabledFor(logging.DEBUG),
+    }
     if host.ray_address:
         init["address"] = host.ray_address
     else:
@@ -395,8 +465,15 @@ def score_rounds(config: RunConfig, folder: Path, heldout) -> dict[int, Any]:
     return scores
 
 
-def baselines(spec: RunSpec, config: RunConfig, data: SpeakerData, clients: list[VirtualClient], folder: Path,
-              host: Host, show_progress: bool = True) -> dict[str, Any]:
+def baselines(
+    spec: RunSpec,
+    config: RunConfig,
+    data: SpeakerData,
+    clients: list[VirtualClient],
+    folder: Path,
+    host: Host,
+    show_progress: bool = True,
+) -> dict[str, Any]:
     """Local-only baselines of the first ``spec.local_baselines`` clients, and the centralised one
     (``show_progress=False`` while another progress bar runs: rich shows one at a time)."""
     jobs: list[tuple[Callable, Any]] = []
@@ -405,25 +482,44 @@ def baselines(spec: RunSpec, config: RunConfig, data: SpeakerData, clients: list
             continue
         base = folder / "baselines" / "local" / f"client-{client.partition}"
         job = LocalJob(
-            partition=client.partition, speaker=data.clients[client.partition],
-            data=clone_cache(data.client_caches[client.partition], base / "data"), out=base / "train",
-            config=config, rounds=spec.rounds, overrides=dict(client.node_config), seen=data.seen,
-            unseen=data.unseen, seed=spec.seed * 1_000_003 + client.partition,
+            partition=client.partition,
+            speaker=data.clients[client.partition],
+            data=clone_cache(data.client_caches[client.partition], base / "data"),
+            out=base / "train",
+            config=config,
+            rounds=spec.rounds,
+            overrides=dict(client.node_config),
+            seen=data.seen,
+            unseen=data.unseen,
+            seed=spec.seed * 1_000_003 + client.partition,
         )
         jobs.append((local_baseline, job))
     if spec.central_baseline:
         expected = min(config.clients_per_round or len(clients), len(clients))
-        jobs.append((central_baseline, CentralJob(
-            caches=data.client_caches, out=folder / "baselines" / "central", config=config, rounds=spec.rounds,
-            examples_per_step=config.logical_batch * expected, threads=host.threads, seen=data.seen,
-            unseen=data.unseen, seed=spec.seed,
-            overrides={k: v for k, v in clients[0].node_config.items() if k == "profile.device"},
-        )))
+        jobs.append(
+            (
+                central_baseline,
+                CentralJob(
+                    caches=data.client_caches,
+                    out=folder / "baselines" / "central",
+                    config=config,
+                    rounds=spec.rounds,
+                    examples_per_step=config.logical_batch * expected,
+                    threads=host.threads,
+                    seen=data.seen,
+                    unseen=data.unseen,
+                    seed=spec.seed,
+                    overrides={k: v for k, v in clients[0].node_config.items() if k == "profile.device"},
+                ),
+            )
+        )
     if not jobs:
         return {"local": [], "central": None}
     results: dict[str, Any] = {"local": [], "central": None}
-    with ProcessPoolExecutor(max_workers=min(host.workers, len(jobs)), mp_context=get_context("spawn")) as pool, \
-            progress() if show_progress else nullcontext() as bar:
+    with (
+        ProcessPoolExecutor(max_workers=min(host.workers, len(jobs)), mp_context=get_context("spawn")) as pool,
+        progress() if show_progress else nullcontext() as bar,
+    ):
         task = bar.add_task("baselines", total=len(jobs)) if bar else None
         futures = [(fn, pool.submit(fn, job)) for fn, job in jobs]
         for fn, future in futures:
@@ -434,13 +530,13 @@ def baselines(spec: RunSpec, config: RunConfig, data: SpeakerData, clients: list
                 results["local"].append(result)
             if bar:
                 bar.advance(task)
-    log.info("baselines done: %d local-only, %s central", len(results["local"]),
-             "one" if results["central"] else "no")
+    log.info("baselines done: %d local-only, %s central", len(results["local"]), "one" if results["central"] else "no")
     return results
 
 
-def speech_quality(spec: RunSpec, config: RunConfig, data: SpeakerData, folder: Path, final_round: int,
-                   evaluation: dict[str, Any]) -> dict[str, Any]:
+def speech_quality(
+    spec: RunSpec, config: RunConfig, data: SpeakerData, folder: Path, final_round: int, evaluation: dict[str, Any]
+) -> dict[str, Any]:
     """Synthesise the held-out sentences of every speaker with each model and score them.
 
     Compared on the same items: the base (round 0), the federated model of ``final_round``,
@@ -454,23 +550,41 @@ def speech_quality(spec: RunSpec, config: RunConfig, data: SpeakerData, folder: 
     manifest = read_manifest(data.speakers_root)
     folders = {s["name"]: data.speakers_root / s["folder"] for s in manifest["speakers"]}
     unseen = [s["name"] for s in manifest["speakers"] if s["role"] != "client"]
-    items = [item for name in [*data.clients, *unseen]
-             for item in test_items(name, folders[name], spec.quality_sentences)]
+    items = [
+        item for name in [*data.clients, *unseen] for item in test_items(name, folders[name], spec.quality_sentences)
+    ]
     store = RoundCheckpoints(folder / "server" / "checkpoints", config.keep_checkpoints)
     contenders = [Contender("base", store.load(0).state), Contender("federated", store.load(final_round).state)]
     for entry in evaluation.get("local") or []:
         step = spec.rounds * config.local_steps
-        path = folder / "baselines" / "local" / f"client-{entry['partition']}" / "train" / "checkpoints" / \
-            f"step-{step:08d}.pt"
+        path = (
+            folder
+            / "baselines"
+            / "local"
+            / f"client-{entry['partition']}"
+            / "train"
+            / "checkpoints"
+            / f"step-{step:08d}.pt"
+        )
         state = torch.load(path, map_location="cpu", weights_only=True)["state"]
         contenders.append(Contender("local only", state, frozenset([entry["speaker"]])))
     central = folder / "baselines" / "central" / CENTRAL_STATE
     if evaluation.get("central") and central.is_file():
         contenders.append(Contender("central", torch.load(central, map_location="cpu", weights_only=True)))
     training = {s["name"]: s["train"]["utterances"] for s in manifest["speakers"] if s["role"] == "client"}
-    return {"run-seed": spec.seed, "clients": list(data.clients), "unseen": unseen, "training-utterances": training,
-            **evaluate_speech(config, items, contenders, seed=spec.seed,
-                              recordings_cache=folder.parent.parent / "features" / "recordings-quality.json")}
+    return {
+        "run-seed": spec.seed,
+        "clients": list(data.clients),
+        "unseen": unseen,
+        "training-utterances": training,
+        **evaluate_speech(
+            config,
+            items,
+            contenders,
+            seed=spec.seed,
+            recordings_cache=folder.parent.parent / "features" / "recordings-quality.json",
+        ),
+    }
 
 
 def sample(config: RunConfig, folder: Path, data: SpeakerData, final_round: int) -> None:
@@ -482,28 +596,48 @@ def sample(config: RunConfig, folder: Path, data: SpeakerData, final_round: int)
 
     speaker = next(s for s in read_manifest(data.speakers_root)["speakers"] if s["name"] == data.clients[0])
     folder_of = data.speakers_root / speaker["folder"]
-    lines = [line.split("|", 3) for line in (folder_of / "heldout.list").read_text(encoding="utf-8").splitlines()
-             if line.strip()]
+    lines = [
+        line.split("|", 3)
+        for line in (folder_of / "heldout.list").read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
     if not lines:
         log.warning("no held-out utterance of %s to take a reference from: no sample", speaker["name"])
         return
     reference, _, language, reference_text = lines[0]
     text = lines[1][3] if len(lines) > 1 else reference_text
     store = RoundCheckpoints(folder / "server" / "checkpoints", config.keep_checkpoints)
-    result = synthesise_sample(config, store.load(final_round).state, folder_of / reference, reference_text, text,
-                               language, folder / "sample")
-    base = synthesise_sample(config, store.load(0).state, folder_of / reference, reference_text, text, language,
-                             folder / "sample" / "base")
+    result = synthesise_sample(
+        config, store.load(final_round).state, folder_of / reference, reference_text, text, language, folder / "sample"
+    )
+    base = synthesise_sample(
+        config, store.load(0).state, folder_of / reference, reference_text, text, language, folder / "sample" / "base"
+    )
     wave, rate = read_audio(result.wav)
     base_wave, _ = read_audio(base.wav)
-    atomic_write_text(folder / "sample" / "sample.json", json.dumps({
-        "speech-check": check_speech(wave.numpy(), rate).to_dict(),
-        "differs-from-base": wave.shape != base_wave.shape or not torch.equal(wave, base_wave),
-        "wav": result.wav.name, "png": result.png.name, "text": result.text, "language": result.language,
-        "reference": str(result.reference), "reference-text": reference_text, "seconds": result.seconds,
-        "round": final_round, "trained-stage": config.stage, "fresh-stage": result.fresh_stage,
-        "speaker": speaker["name"],
-    }, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(
+        folder / "sample" / "sample.json",
+        json.dumps(
+            {
+                "speech-check": check_speech(wave.numpy(), rate).to_dict(),
+                "differs-from-base": wave.shape != base_wave.shape or not torch.equal(wave, base_wave),
+                "wav": result.wav.name,
+                "png": result.png.name,
+                "text": result.text,
+                "language": result.language,
+                "reference": str(result.reference),
+                "reference-text": reference_text,
+                "seconds": result.seconds,
+                "round": final_round,
+                "trained-stage": config.stage,
+                "fresh-stage": result.fresh_stage,
+                "speaker": speaker["name"],
+            },
+            indent=1,
+            ensure_ascii=False,
+        )
+        + "\n",
+    )
 
 
 # ---------------------------------------------------------------------- measuring
@@ -542,8 +676,12 @@ class PeakMemory:
         """Mean and peak 1-minute load average, the usable cores, and this run's busiest moment (cores)."""
         if not self.loads:
             return {}
-        return {"mean": sum(self.loads) / len(self.loads), "max": max(self.loads), "cores": usable_cpus(),
-                "own-max": max(self.busy, default=0.0)}
+        return {
+            "mean": sum(self.loads) / len(self.loads),
+            "max": max(self.loads),
+            "cores": usable_cpus(),
+            "own-max": max(self.busy, default=0.0),
+        }
 
     def _watch(self) -> None:
         me = psutil.Process()

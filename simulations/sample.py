@@ -56,13 +56,29 @@ def build_voice(config: RunConfig, state: Mapping[str, torch.Tensor]) -> Voice:
     return Voice(**{stage: recipe(stage).voice_model(model).eval() for stage, model in models.items()})
 
 
-def synthesise_sample(config: RunConfig, state: dict[str, torch.Tensor], reference: Path, reference_text: str,
-                      text: str, language: str, out: Path, seed: int = 0) -> Sample:
+def synthesise_sample(
+    config: RunConfig,
+    state: dict[str, torch.Tensor],
+    reference: Path,
+    reference_text: str,
+    text: str,
+    language: str,
+    out: Path,
+    seed: int = 0,
+) -> Sample:
     """Say ``text`` in ``reference``'s voice with the trained stage ``state`` and a fresh partner stage."""
     voice, other = build_voice(config, state), partner_stage(config)
-    wave = synthesize(voice, text, language, read_reference(reference), tokenizer_spec().build(),
-                      reference_text=reference_text, reference_language=language, seed=seed,
-                      max_seconds=MAX_SECONDS)
+    wave = synthesize(
+        voice,
+        text,
+        language,
+        read_reference(reference),
+        tokenizer_spec().build(),
+        reference_text=reference_text,
+        reference_language=language,
+        seed=seed,
+        max_seconds=MAX_SECONDS,
+    )
     wav, png = out / "sample.wav", out / "sample.png"
     write_wave(wave, wav)
     plot_spectrogram(wave, png, f"{text[:60]} ({language}; trained {config.stage}, fresh {other})")
@@ -78,8 +94,13 @@ def plot_spectrogram(wave: torch.Tensor, path: Path, title: str) -> None:
 
     mel = mel_spectrogram(wave.float()).numpy()
     fig, ax = plt.subplots(figsize=(8, 3))
-    image = ax.imshow(mel, origin="lower", aspect="auto", interpolation="nearest",
-                      extent=(0, wave.numel() / SAMPLE_RATE, 0, mel.shape[0]))
+    image = ax.imshow(
+        mel,
+        origin="lower",
+        aspect="auto",
+        interpolation="nearest",
+        extent=(0, wave.numel() / SAMPLE_RATE, 0, mel.shape[0]),
+    )
     ax.set(xlabel="seconds", ylabel="mel bin", title=title)
     fig.colorbar(image, ax=ax, label="log mel")
     fig.tight_layout()

@@ -65,9 +65,13 @@ class RunSpec:
         defaults = RunSpec()
         for f in fields(self):
             value, kind = getattr(self, f.name), type(getattr(defaults, f.name))
-            ok = isinstance(value, Mapping) if f.name == "config" else (
-                (isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool))
-                or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+            ok = (
+                isinstance(value, Mapping)
+                if f.name == "config"
+                else (
+                    (isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool))
+                    or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+                )
             )
             if not ok:
                 raise ConfigError(f"run {f.name.replace('_', '-')} must be a {kind.__name__}, got {value!r}")
@@ -104,9 +108,7 @@ class Scenario:
             run.validate()
 
 
-def build_scenario(
-    path: str | Path | None, speakers: Mapping[str, Any], run: Mapping[str, Any]
-) -> Scenario:
+def build_scenario(path: str | Path | None, speakers: Mapping[str, Any], run: Mapping[str, Any]) -> Scenario:
     """The scenario of ``path`` (or a single run), with explicit command-line values on top.
 
     ``speakers`` uses :class:`SpeakersConfig` field names, ``run`` :class:`RunSpec` field names;
@@ -160,8 +162,10 @@ def _speakers(table: Any, where: str) -> SpeakersConfig:
     for key, value in table.items():
         name = SPEAKER_KEYS.get(key, key.replace("-", "_"))
         if name not in names:
-            raise ConfigError(f"unknown key {key!r} in {where}; known: n, utterances, lang, seed, zipf, "
-                              "heldout-utterances, unseen-speakers, engine")
+            raise ConfigError(
+                f"unknown key {key!r} in {where}; known: n, utterances, lang, seed, zipf, "
+                "heldout-utterances, unseen-speakers, engine"
+            )
         values[name] = value
     return SpeakersConfig(**values)
 

@@ -71,16 +71,19 @@ def speaker_id_accuracy(features: np.ndarray, speakers: list[str]) -> float:
     return correct / int(testable.sum())
 
 
-def similar_speaker_pairs(features: np.ndarray, speakers: list[str],
-                          threshold: float = 0.95) -> list[tuple[str, str, float]]:
+def similar_speaker_pairs(
+    features: np.ndarray, speakers: list[str], threshold: float = 0.95
+) -> list[tuple[str, str, float]]:
     """Speaker pairs whose centroids have cosine similarity above ``threshold`` (near-duplicates)."""
     z, labels, names = _standardise(features, speakers)
     centroids = np.stack([z[labels == k].mean(axis=0) for k in range(len(names))])
     similarity = _unit(centroids) @ _unit(centroids).T
     first, second = np.triu_indices(len(names), k=1)
     close = similarity[first, second] > threshold
-    return [(names[a], names[b], round(float(s), 4))
-            for a, b, s in zip(first[close], second[close], similarity[first, second][close], strict=True)]
+    return [
+        (names[a], names[b], round(float(s), 4))
+        for a, b, s in zip(first[close], second[close], similarity[first, second][close], strict=True)
+    ]
 
 
 def _standardise(features: np.ndarray, speakers: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:

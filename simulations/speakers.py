@@ -67,11 +67,21 @@ MAX_SENTENCES = 3  # sentences joined into one utterance
 TARGET_SECONDS = (2.5, 7.0)  # each utterance aims at a reading time drawn from this range
 HELDOUT_TEXT_SHARE = 0.1  # sentences reserved for held-out utterances, never trained on
 # English accents that honour voice variants (plain "en-gb" silently ignores them).
-ENGLISH_ACCENTS = ("en-us", "en", "en-gb-scotland", "en-029", "en-us-nyc", "en-gb-x-rp",
-                   "en-gb-x-gbclan", "en-gb-x-gbcwmd")
+ENGLISH_ACCENTS = (
+    "en-us",
+    "en",
+    "en-gb-scotland",
+    "en-029",
+    "en-us-nyc",
+    "en-gb-x-rp",
+    "en-gb-x-gbclan",
+    "en-gb-x-gbcwmd",
+)
 MANDARIN_VOICE = "cmn-latn-pinyin"
 TEXT_SOURCE = {
-    "name": "hsk-sentences-audio", "version": "1.0.0", "licence": "CC-BY-SA-4.0",
+    "name": "hsk-sentences-audio",
+    "version": "1.0.0",
+    "licence": "CC-BY-SA-4.0",
     "url": "https://github.com/no7z/hsk-sentences-audio",
     "fields": "chinese (zh), translation.en (en)",
 }
@@ -103,21 +113,30 @@ class SpeakersConfig:
         """Raise :class:`ConfigError` naming the first bad option and what it accepts."""
         checks = [
             (1 <= self.n_speakers <= MAX_SPEAKERS, f"--n must be 1..{MAX_SPEAKERS}, got {self.n_speakers}"),
-            (1 <= self.utterances <= MAX_UTTERANCES,
-             f"--utterances must be 1..{MAX_UTTERANCES}, got {self.utterances}"),
-            (self.language in LANGUAGES,
-             f"--lang must be one of {', '.join(LANGUAGES)}, got {self.language!r}"),
+            (
+                1 <= self.utterances <= MAX_UTTERANCES,
+                f"--utterances must be 1..{MAX_UTTERANCES}, got {self.utterances}",
+            ),
+            (self.language in LANGUAGES, f"--lang must be one of {', '.join(LANGUAGES)}, got {self.language!r}"),
             (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
             (0.0 <= self.zipf <= 5.0, f"--zipf must be 0..5 (0 = equal amounts), got {self.zipf}"),
-            (self.zipf == 0.0 or self.utterances >= MIN_UTTERANCES,
-             f"--utterances must be >= {MIN_UTTERANCES} with --zipf (every client keeps at least "
-             f"{MIN_UTTERANCES}), got {self.utterances}"),
-            (0 <= self.heldout_utterances <= 100,
-             f"--heldout-utterances must be 0..100, got {self.heldout_utterances}"),
-            (0 <= self.unseen_speakers <= MAX_SPEAKERS,
-             f"--unseen-speakers must be 0..{MAX_SPEAKERS}, got {self.unseen_speakers}"),
-            (self.unseen_speakers == 0 or self.heldout_utterances > 0,
-             "--unseen-speakers needs --heldout-utterances >= 1 (unseen speakers have held-out data only)"),
+            (
+                self.zipf == 0.0 or self.utterances >= MIN_UTTERANCES,
+                f"--utterances must be >= {MIN_UTTERANCES} with --zipf (every client keeps at least "
+                f"{MIN_UTTERANCES}), got {self.utterances}",
+            ),
+            (
+                0 <= self.heldout_utterances <= 100,
+                f"--heldout-utterances must be 0..100, got {self.heldout_utterances}",
+            ),
+            (
+                0 <= self.unseen_speakers <= MAX_SPEAKERS,
+                f"--unseen-speakers must be 0..{MAX_SPEAKERS}, got {self.unseen_speakers}",
+            ),
+            (
+                self.unseen_speakers == 0 or self.heldout_utterances > 0,
+                "--unseen-speakers needs --heldout-utterances >= 1 (unseen speakers have held-out data only)",
+            ),
             (self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}"),
             (self.workers is None or self.workers >= 1, f"--workers must be >= 1, got {self.workers}"),
         ]
@@ -168,20 +187,27 @@ def generate_speakers(out: str | os.PathLike[str], config: SpeakersConfig) -> di
     _claim_output_folder(out)
     speakers = [_make_speaker(config, "client", i) for i in range(config.n_speakers)]
     speakers += [_make_speaker(config, "unseen", j) for j in range(config.unseen_speakers)]
-    counts = utterance_counts(config.n_speakers, config.utterances, config.zipf,
-                              np.random.default_rng([config.seed, 2]))
+    counts = utterance_counts(
+        config.n_speakers, config.utterances, config.zipf, np.random.default_rng([config.seed, 2])
+    )
     utterances = _plan(config, speakers, counts)
     # Marks the folder as ours at once, so an interrupted run can simply be re-run.
     atomic_write_text(out / MANIFEST, _dump({"generator": GENERATOR, "complete": False}))
 
     espeak_root = out / ".espeak"
     workers = min(config.workers or _available_cpus(), len(utterances))
-    log.info("synthesising %d utterances of %d speakers with %s on %d process(es)",
-             len(utterances), len(speakers), engine["name"], workers)
+    log.info(
+        "synthesising %d utterances of %d speakers with %s on %d process(es)",
+        len(utterances),
+        len(speakers),
+        engine["name"],
+        workers,
+    )
     seconds = np.zeros(len(utterances))
     features = np.zeros((len(utterances), FEATURE_SIZE))
-    tasks = [(k, u, str(out / u.speaker.folder / u.wav), engine["name"], str(espeak_root))
-             for k, u in enumerate(utterances)]
+    tasks = [
+        (k, u, str(out / u.speaker.folder / u.wav), engine["name"], str(espeak_root)) for k, u in enumerate(utterances)
+    ]
     try:
         if engine["name"] == "espeak-ng":
             _prepare_espeak_data(espeak_root, speakers)
@@ -194,8 +220,13 @@ def generate_speakers(out: str | os.PathLike[str], config: SpeakersConfig) -> di
         shutil.rmtree(espeak_root, ignore_errors=True)  # the variant files are kept in the manifest
 
     manifest = _write_outputs(out, config, engine, speakers, utterances, seconds, features)
-    log.info("wrote %d speakers, %.1f min of audio (%.1f MB) to %s", len(speakers),
-             manifest["totals"]["seconds"] / 60, manifest["totals"]["bytes"] / 1e6, out)
+    log.info(
+        "wrote %d speakers, %.1f min of audio (%.1f MB) to %s",
+        len(speakers),
+        manifest["totals"]["seconds"] / 60,
+        manifest["totals"]["bytes"] / 1e6,
+        out,
+    )
     return manifest
 
 
@@ -240,10 +271,15 @@ def _make_speaker(config: SpeakersConfig, role: str, index: int) -> Speaker:
     # at 349 entries, which is how ~100 speakers broke it) but still loads it as "<accent>+<name>".
     lines = [f"name {name}", f"pitch {int(f0)} {int(f0 * rng.uniform(1.3, 1.9))}", "formant 0 100 100 100"]
     for k in range(1, 6):
-        lines.append(f"formant {k} {int(100 * tract * rng.uniform(0.97, 1.03))} "
-                     f"{int(rng.uniform(85, 115))} {int(rng.uniform(85, 120))}")
-    lines += [f"flutter {rng.integers(0, 26)}", f"roughness {rng.integers(0, 4)}",
-              f"tone 600 {rng.integers(140, 201)} 1200 {rng.integers(110, 161)} 2000 {rng.integers(80, 131)}"]
+        lines.append(
+            f"formant {k} {int(100 * tract * rng.uniform(0.97, 1.03))} "
+            f"{int(rng.uniform(85, 115))} {int(rng.uniform(85, 120))}"
+        )
+    lines += [
+        f"flutter {rng.integers(0, 26)}",
+        f"roughness {rng.integers(0, 4)}",
+        f"tone 600 {rng.integers(140, 201)} 1200 {rng.integers(110, 161)} 2000 {rng.integers(80, 131)}",
+    ]
     breath = int(rng.choice([0, 0, 0, 1, 2, 4]))
     if breath:
         lines.append("breath " + " ".join([str(breath)] * 6))
@@ -287,8 +323,7 @@ def utterance_text(sentences: Iterator[str], language: str, speed_wpm: int, rng:
     chosen: list[str] = []
     while len(chosen) < MAX_SENTENCES:
         chosen.append(next(sentences))
-        units = sum(len(re.findall(r"[\u4e00-\u9fff]", s)) if language == "zh" else len(s.split())
-                    for s in chosen)
+        units = sum(len(re.findall(r"[\u4e00-\u9fff]", s)) if language == "zh" else len(s.split()) for s in chosen)
         if units * per_unit >= target:
             break
     return ("" if language == "zh" else " ").join(chosen)
@@ -335,12 +370,16 @@ def _choose_engine(requested: str) -> dict:
     if shutil.which("espeak-ng") is not None:
         return {"name": "espeak-ng", "version": _espeak_version()[0], "fallback": False}
     if requested == "espeak-ng":
-        raise ConfigError("--engine espeak-ng: espeak-ng is not on PATH; install it (apt-get install "
-                          "espeak-ng) or use --engine auto to fall back to pseudo-speech")
+        raise ConfigError(
+            "--engine espeak-ng: espeak-ng is not on PATH; install it (apt-get install "
+            "espeak-ng) or use --engine auto to fall back to pseudo-speech"
+        )
     reason = "espeak-ng not found on PATH"
-    log.warning("%s: FALLING BACK TO PSEUDO-SPEECH (a formant caricature that follows the text, not "
-                "intelligible speech). Install espeak-ng (apt-get install espeak-ng) for synthetic speech.",
-                reason)
+    log.warning(
+        "%s: FALLING BACK TO PSEUDO-SPEECH (a formant caricature that follows the text, not "
+        "intelligible speech). Install espeak-ng (apt-get install espeak-ng) for synthetic speech.",
+        reason,
+    )
     return {"name": "pseudo-speech", "fallback": True, "reason": reason}
 
 
@@ -349,8 +388,10 @@ def _espeak_version() -> tuple[str, Path]:
     done = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True, check=False)
     match = re.search(r"text-to-speech:\s*(\S+)\s+Data at:\s*(.+)", done.stdout)
     if done.returncode != 0 or match is None:
-        raise DataError(f"cannot read espeak-ng's version and data folder from `espeak-ng --version` "
-                        f"(exit {done.returncode}): {done.stdout.strip() or done.stderr.strip()}")
+        raise DataError(
+            f"cannot read espeak-ng's version and data folder from `espeak-ng --version` "
+            f"(exit {done.returncode}): {done.stdout.strip() or done.stderr.strip()}"
+        )
     return match.group(1), Path(match.group(2).strip())
 
 
@@ -368,8 +409,7 @@ def _prepare_espeak_data(root: Path, speakers: list[Speaker]) -> None:
                 (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, target / path.relative_to(source))
     except OSError as exc:
-        raise DataError(f"cannot copy espeak-ng's data from {source}: {exc}; "
-                        "reinstall espeak-ng-data") from exc
+        raise DataError(f"cannot copy espeak-ng's data from {source}: {exc}; reinstall espeak-ng-data") from exc
     variants = target / "voices" / "!v"
     variants.mkdir(parents=True)
     for speaker in speakers:
@@ -381,8 +421,7 @@ def _espeak(utterance: _Utterance, espeak_root: str) -> np.ndarray:
     speaker = utterance.speaker
     spoken = pinyin_for_espeak(utterance.text) if speaker.language == "zh" else utterance.text
     voice = f"{speaker.accent}+{speaker.name}"
-    command = ["espeak-ng", f"--path={espeak_root}", "--stdout", "--stdin", "-v", voice,
-               "-s", str(speaker.speed_wpm)]
+    command = ["espeak-ng", f"--path={espeak_root}", "--stdout", "--stdin", "-v", voice, "-s", str(speaker.speed_wpm)]
     done = subprocess.run(command, input=spoken.encode("utf-8"), capture_output=True, check=False)
     problem = (done.stderr.decode(errors="replace").strip().splitlines() or [""])[-1]  # not the warnings
     try:
@@ -390,9 +429,11 @@ def _espeak(utterance: _Utterance, espeak_root: str) -> np.ndarray:
     except (sf.LibsndfileError, RuntimeError) as exc:
         wave, rate, problem = np.zeros(0), 0, problem or str(exc)
     if done.returncode != 0 or len(wave) == 0:
-        raise DataError(f"espeak-ng made no audio for {speaker.name} (voice {voice}, exit "
-                        f"{done.returncode}): {problem or 'no output'}; check that "
-                        f"`espeak-ng -v {speaker.accent} hello` works")
+        raise DataError(
+            f"espeak-ng made no audio for {speaker.name} (voice {voice}, exit "
+            f"{done.returncode}): {problem or 'no output'}; check that "
+            f"`espeak-ng -v {speaker.accent} hello` works"
+        )
     g = np.gcd(SAMPLE_RATE, rate)
     return resample_poly(wave, SAMPLE_RATE // g, rate // g)
 
@@ -475,8 +516,10 @@ def _claim_output_folder(out: Path) -> None:
     except (OSError, ValueError, AttributeError):
         previous = None
     if previous != GENERATOR:
-        raise ConfigError(f"--out {out} is not empty and holds no earlier `{GENERATOR}` output "
-                          f"(no {MANIFEST} of ours); choose a new or empty folder")
+        raise ConfigError(
+            f"--out {out} is not empty and holds no earlier `{GENERATOR}` output "
+            f"(no {MANIFEST} of ours); choose a new or empty folder"
+        )
     log.info("replacing the earlier speakers output in %s", out)
     for name in _OUTPUTS:
         path = out / name
@@ -486,24 +529,42 @@ def _claim_output_folder(out: Path) -> None:
             path.unlink()
 
 
-def _write_outputs(out: Path, config: SpeakersConfig, engine: dict, speakers: list[Speaker],
-                   utterances: list[_Utterance], seconds: np.ndarray, features: np.ndarray) -> dict:
+def _write_outputs(
+    out: Path,
+    config: SpeakersConfig,
+    engine: dict,
+    speakers: list[Speaker],
+    utterances: list[_Utterance],
+    seconds: np.ndarray,
+    features: np.ndarray,
+) -> dict:
     """Per-speaker lists, the three top-level lists and the manifest (written last)."""
     top: dict[str, list[str]] = {name: [] for name in _TOP_LISTS}
     entries = []
     for speaker in speakers:
-        entry = {"name": speaker.name, "role": speaker.role, "sex": speaker.sex, "language": speaker.language,
-                 "folder": speaker.folder, "voice": _voice_entry(speaker, engine)}
+        entry = {
+            "name": speaker.name,
+            "role": speaker.role,
+            "sex": speaker.sex,
+            "language": speaker.language,
+            "folder": speaker.folder,
+            "voice": _voice_entry(speaker, engine),
+        }
         for split in ("train", "heldout") if speaker.role == "client" else ("heldout",):
             mine = [k for k, u in enumerate(utterances) if u.speaker is speaker and u.split == split]
-            lines = [f"{utterances[k].wav}|{speaker.name}|{speaker.language}|{utterances[k].text}\n"
-                     for k in mine]
+            lines = [f"{utterances[k].wav}|{speaker.name}|{speaker.language}|{utterances[k].text}\n" for k in mine]
             atomic_write_text(out / speaker.folder / f"{split}.list", "".join(lines))
-            top_list = "train.list" if split == "train" else ("heldout_seen.list" if speaker.role == "client"
-                                                              else "heldout_unseen.list")
+            top_list = (
+                "train.list"
+                if split == "train"
+                else ("heldout_seen.list" if speaker.role == "client" else "heldout_unseen.list")
+            )
             top[top_list] += [f"{speaker.folder}/{line}" for line in lines]
-            entry[split] = {"list": f"{speaker.folder}/{split}.list", "utterances": len(mine),
-                            "seconds": round(float(seconds[mine].sum()), 3)}
+            entry[split] = {
+                "list": f"{speaker.folder}/{split}.list",
+                "utterances": len(mine),
+                "seconds": round(float(seconds[mine].sum()), 3),
+            }
         entries.append(entry)
     for name, lines in top.items():
         atomic_write_text(out / name, "".join(lines))
@@ -520,14 +581,16 @@ def _write_outputs(out: Path, config: SpeakersConfig, engine: dict, speakers: li
         "sample_rate": SAMPLE_RATE,
         "audio_format": "WAV, PCM 16-bit, mono, peak 0.9",
         "list_format": "path|speaker|language|text; path relative to the list file's folder",
-        "lists": {"train": "train.list", "heldout_seen": "heldout_seen.list",
-                  "heldout_unseen": "heldout_unseen.list"},
+        "lists": {"train": "train.list", "heldout_seen": "heldout_seen.list", "heldout_unseen": "heldout_unseen.list"},
         "text_source": TEXT_SOURCE,
         "totals": {
-            "clients": config.n_speakers, "unseen_speakers": config.unseen_speakers,
-            "utterances": len(utterances), "seconds": round(float(seconds.sum()), 3),
-            "utterance_seconds": {q: round(float(f(seconds)), 3)
-                                  for q, f in (("min", np.min), ("median", np.median), ("max", np.max))},
+            "clients": config.n_speakers,
+            "unseen_speakers": config.unseen_speakers,
+            "utterances": len(utterances),
+            "seconds": round(float(seconds.sum()), 3),
+            "utterance_seconds": {
+                q: round(float(f(seconds)), 3) for q, f in (("min", np.min), ("median", np.median), ("max", np.max))
+            },
             "under_0.6_s": short,
             "bytes": sum((out / u.speaker.folder / u.wav).stat().st_size for u in utterances),
         },
@@ -540,15 +603,21 @@ def _write_outputs(out: Path, config: SpeakersConfig, engine: dict, speakers: li
 
 def _voice_entry(speaker: Speaker, engine: dict) -> dict:
     if engine["name"] == "espeak-ng":
-        return {"espeak_voice": f"{speaker.accent}+{speaker.name}", "speed_wpm": speaker.speed_wpm,
-                "variant_file": speaker.variant}
+        return {
+            "espeak_voice": f"{speaker.accent}+{speaker.name}",
+            "speed_wpm": speaker.speed_wpm,
+            "variant_file": speaker.variant,
+        }
     return {"pseudo_speech": asdict(speaker.pseudo_voice)}
 
 
 def _speaker_check(features: np.ndarray, labels: list[str], n_speakers: int) -> dict:
     """Speaker-ID accuracy against chance, and near-duplicate voices (logged as warnings)."""
-    check: dict = {"method": "leave-one-out nearest speaker centroid, cosine on z-scored mean and std "
-                             "of MFCC 1-19", "speakers": n_speakers, "chance": round(1 / n_speakers, 4)}
+    check: dict = {
+        "method": "leave-one-out nearest speaker centroid, cosine on z-scored mean and std of MFCC 1-19",
+        "speakers": n_speakers,
+        "chance": round(1 / n_speakers, 4),
+    }
     if n_speakers < 2 or all(labels.count(name) < 2 for name in set(labels)):
         return check  # nothing to tell apart, or no speaker with two utterances
     check["accuracy"] = round(speaker_id_accuracy(features, labels), 4)

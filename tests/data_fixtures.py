@@ -43,9 +43,7 @@ def speech(text: str, language: str, voice: str, seed: int, source: str = "espea
     if language.lower() == "zh":
         spoken = " ".join(lazy_pinyin(text, style=Style.TONE3, neutral_tone_with_five=True))
         spoken = spoken.replace("，", ",").replace("。", ".")
-    raw = subprocess.run(
-        [ESPEAK, "--stdout", "-v", voice, spoken], check=True, capture_output=True
-    ).stdout
+    raw = subprocess.run([ESPEAK, "--stdout", "-v", voice, spoken], check=True, capture_output=True).stdout
     wave, rate = sf.read(io.BytesIO(raw), dtype="float32")
     return 0.9 * wave / max(float(np.abs(wave).max()), 1e-6), rate
 

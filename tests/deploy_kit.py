@@ -44,8 +44,14 @@ from fedvox.shared.runconfig import RunConfig
 BIN = Path(sys.executable).parent
 RUN_CONFIG = {
     # Two quick rounds of tiny s1: a query and two trainings per device, no evaluation.
-    "num-server-rounds": 2, "local-steps": 2, "logical-batch": 4, "evaluate": False,
-    "client-budget-epsilon": 100.0, "round-timeout": 600.0, "dp.noise-multiplier": 0.8, "dp.sample-rate": 0.4,
+    "num-server-rounds": 2,
+    "local-steps": 2,
+    "logical-batch": 4,
+    "evaluate": False,
+    "client-budget-epsilon": 100.0,
+    "round-timeout": 600.0,
+    "dp.noise-multiplier": 0.8,
+    "dp.sample-rate": 0.4,
 }
 TAG = ("FEDVOX_TEST_TAG", f"deploy-{os.getpid()}-{secrets.token_hex(4)}")
 """Marks every process a test starts (inherited by everything those start): :func:`sweep` finds
@@ -66,10 +72,18 @@ def server_running(home: ServerHome, **state: object) -> Iterator[None]:
     ensure_token(home.control_token)
     with open(home.lock_file, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        (home.server_state).write_text(json.dumps({
-            "pid": 4242, "host": "127.0.0.1", "port": 9443, "superlink": f"127.0.0.1:{free_port()}", "run-id": 7,
-            **state,
-        }))
+        (home.server_state).write_text(
+            json.dumps(
+                {
+                    "pid": 4242,
+                    "host": "127.0.0.1",
+                    "port": 9443,
+                    "superlink": f"127.0.0.1:{free_port()}",
+                    "run-id": 7,
+                    **state,
+                }
+            )
+        )
         try:
             yield
         finally:
@@ -79,8 +93,9 @@ def server_running(home: ServerHome, **state: object) -> Iterator[None]:
 def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """A command in its own session, stdout and stderr into ``log``."""
     with open(log, "ab") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**(env or ENV), TAG[0]: TAG[1]},
-                                start_new_session=True)
+        return subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env={**(env or ENV), TAG[0]: TAG[1]}, start_new_session=True
+        )
 
 
 def start_server(home: ServerHome, *extra: str) -> subprocess.Popen:
@@ -88,14 +103,34 @@ def start_server(home: ServerHome, *extra: str) -> subprocess.Popen:
 
 
 def enroll(server: str, home: ServerHome, data: Path, device_home: Path, *extra: str) -> subprocess.Popen:
-    args = [str(BIN / "fedvox-client"), "enroll", "--server", server, "--root-cert", str(home.ca_cert),
-            "--data", str(data), "--home", str(device_home), "--threads", "1", "--budget-epsilon", "100", *extra]
+    args = [
+        str(BIN / "fedvox-client"),
+        "enroll",
+        "--server",
+        server,
+        "--root-cert",
+        str(home.ca_cert),
+        "--data",
+        str(data),
+        "--home",
+        str(device_home),
+        "--threads",
+        "1",
+        "--budget-epsilon",
+        "100",
+        *extra,
+    ]
     return spawn(args, device_home.with_suffix(".out"))
 
 
 def register(home: ServerHome, public_key: Path, name: str) -> str:
-    done = subprocess.run([str(BIN / "fedvox-server"), "register", str(home.root), str(public_key), "--name", name],
-                          capture_output=True, text=True, env=ENV, timeout=120)
+    done = subprocess.run(
+        [str(BIN / "fedvox-server"), "register", str(home.root), str(public_key), "--name", name],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout + done.stderr
 
@@ -108,7 +143,9 @@ def wait_for(path: Path, pattern: str, process: subprocess.Popen | None = None, 
         if match := re.search(pattern, text):
             return match
         if process is not None and process.poll() is not None:
-            raise AssertionError(f"exited ({process.returncode}) before {pattern!r} appeared in {path}:\n{text[-3000:]}")
+            raise AssertionError(
+                f"exited ({process.returncode}) before {pattern!r} appeared in {path}:\n{text[-3000:]}"
+            )
         time.sleep(0.5)
     raise AssertionError(f"{pattern!r} did not appear in {path} within {timeout:.0f} s:\n{text[-3000:]}")
 
@@ -182,7 +219,9 @@ class Tap(FleetGateway):
     async def respond(self, request: Request) -> Response:
         body = await request.body()  # cached: the gateway reads it again
         response = await super().respond(request)
-        self.exchanges.append(Exchange(request.url.path, dict(request.headers), body, response.status_code, response.body))
+        self.exchanges.append(
+            Exchange(request.url.path, dict(request.headers), body, response.status_code, response.body)
+        )
         return response
 
 
@@ -216,17 +255,23 @@ def throw_garbage(address: str, home: ServerHome, scratch: Path) -> list[str]:
     # A client certificate that expired long ago, and one nobody issued: the server asks for none,
     # so they change nothing; the requests themselves are refused.
     expired_key, expired = _client_certificate(expired=True)
-    for label, (key, cert) in (("expired client certificate", (expired_key, expired)),
-                               ("self-signed client certificate", _client_certificate(expired=False))):
+    for label, (key, cert) in (
+        ("expired client certificate", (expired_key, expired)),
+        ("self-signed client certificate", _client_certificate(expired=False)),
+    ):
         write_private_key(scratch / f"{label}.key", key)
         write_certificate(scratch / f"{label}.crt", cert)
         context = ssl.create_default_context(cafile=str(home.ca_cert))
         context.load_cert_chain(scratch / f"{label}.crt", scratch / f"{label}.key")
         with httpx.Client(verify=context, timeout=30) as client:
-            fleet = client.post(f"https://{address}/v1/fleet/pull-messages", content=os.urandom(64),
-                                headers={"content-type": "application/protobuf"})
-            control = client.post(f"https://{address}/v1/control/list-runs", content=b"",
-                                  headers={"content-type": "application/protobuf"})
+            fleet = client.post(
+                f"https://{address}/v1/fleet/pull-messages",
+                content=os.urandom(64),
+                headers={"content-type": "application/protobuf"},
+            )
+            control = client.post(
+                f"https://{address}/v1/control/list-runs", content=b"", headers={"content-type": "application/protobuf"}
+            )
         outcomes.append(f"{label}: fleet {fleet.status_code}, control {control.status_code}")
 
     # A client that trusts another CA never completes the handshake.
@@ -245,8 +290,13 @@ def _client_certificate(expired: bool):
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stranger")])
     start = dt.datetime.now(dt.UTC) - dt.timedelta(days=400 if expired else 1)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(start)
-        .not_valid_after(start + dt.timedelta(days=30 if expired else 365)).sign(key, hashes.SHA256())
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=30 if expired else 365))
+        .sign(key, hashes.SHA256())
     )
     return key, cert

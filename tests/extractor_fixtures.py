@@ -22,8 +22,12 @@ def write_roberta(folder: Path) -> Path:
     (folder / "vocab.txt").write_text("\n".join(SPECIAL + chars) + "\n", encoding="utf-8")
     transformers.BertTokenizerFast(str(folder / "vocab.txt")).save_pretrained(folder)
     config = transformers.BertConfig(
-        vocab_size=len(SPECIAL) + len(chars), hidden_size=BERT_DIM, num_hidden_layers=3,
-        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+        vocab_size=len(SPECIAL) + len(chars),
+        hidden_size=BERT_DIM,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -133,14 +133,16 @@ def make_client_app(
                     accountant=ACCOUNTANT,
                 )
             except BudgetExceededError as exc:
-                return refuse(msg, status(plan, client_id, ledger, budget, outcome=REFUSED, reason="budget",
-                                          detail=str(exc)))
+                return refuse(
+                    msg, status(plan, client_id, ledger, budget, outcome=REFUSED, reason="budget", detail=str(exc))
+                )
             after = status(plan, client_id, ledger, budget)
             if behaviour == "late":  # trained and charged, but the update came after the deadline
                 raise RuntimeError("this client's update always arrives too late")
             arrays = misbehave(to_record(state, plan.config.wire_precision), behaviour)
-            metrics = MetricRecord({"bytes-down": record_bytes(msg.content.array_records[ARRAYS]),
-                                    "bytes-up": record_bytes(arrays)})
+            metrics = MetricRecord(
+                {"bytes-down": record_bytes(msg.content.array_records[ARRAYS]), "bytes-up": record_bytes(arrays)}
+            )
             reply = Message(RecordDict({ARRAYS: arrays, METRICS: metrics, STATUS: after.to_record()}), reply_to=msg)
             return signed(reply, plan, partition, client_id, ledger)
 
@@ -211,8 +213,11 @@ class LocalGrid(Grid):
         self.node_ids = [int.from_bytes(uuid.uuid4().bytes[:7], "big") for _ in range(num_nodes)]
         self.contexts = {
             node_id: Context(
-                run_id=1, node_id=node_id, node_config={"partition-id": p, "num-partitions": num_nodes},
-                state=RecordDict(), run_config={},
+                run_id=1,
+                node_id=node_id,
+                node_config={"partition-id": p, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
             )
             for p, node_id in enumerate(self.node_ids)
         }
@@ -270,12 +275,23 @@ def _main(run_dir: str, client_root: str, rounds: str, hold_round: str = "0") ->
 
 
 def kill_test_config(run_dir: str | Path, rounds: int) -> RunConfig:
-    return RunConfig.from_flat({
-        "num-server-rounds": rounds, "checkpoint-dir": str(run_dir), "aggregation": "fedadam",
-        "server-learning-rate": 0.1, "learning-rate": 0.05, "local-steps": 3, "clients-per-round": 2,
-        "min-clients": 2, "keep-checkpoints": 2, "client-budget-epsilon": 50.0,
-        "speaker-dp.enabled": True, "speaker-dp.noise-multiplier": 0.5, "speaker-dp.clip-norm": 1.0,
-    })
+    return RunConfig.from_flat(
+        {
+            "num-server-rounds": rounds,
+            "checkpoint-dir": str(run_dir),
+            "aggregation": "fedadam",
+            "server-learning-rate": 0.1,
+            "learning-rate": 0.05,
+            "local-steps": 3,
+            "clients-per-round": 2,
+            "min-clients": 2,
+            "keep-checkpoints": 2,
+            "client-budget-epsilon": 50.0,
+            "speaker-dp.enabled": True,
+            "speaker-dp.noise-multiplier": 0.5,
+            "speaker-dp.clip-norm": 1.0,
+        }
+    )
 
 
 if __name__ == "__main__":

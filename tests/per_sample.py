@@ -50,7 +50,11 @@ def reference_per_sample_grads(model: torch.nn.Module, loss_fn: LossFn, batch) -
 
 
 def assert_per_sample_grads_match(
-    model: torch.nn.Module, loss_fn: LossFn, batch, rtol: float, atol_scale: float = 1e-3,
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    batch,
+    rtol: float,
+    atol_scale: float = 1e-3,
     gsm_class: type[GradSampleModule] = GradSampleModule,
 ) -> int:
     """Assert Opacus's per-sample gradients equal per-example autograd; returns tensors checked.

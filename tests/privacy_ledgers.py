@@ -35,7 +35,9 @@ def gaussian_epsilon(sigma: float, delta: float) -> float:
     """Exact epsilon of one Gaussian mechanism with sensitivity 1 (Balle and Wang 2018)."""
 
     def delta_at(eps: float) -> float:
-        return stats.norm.cdf(1 / (2 * sigma) - eps * sigma) - math.exp(eps) * stats.norm.cdf(-1 / (2 * sigma) - eps * sigma)
+        return stats.norm.cdf(1 / (2 * sigma) - eps * sigma) - math.exp(eps) * stats.norm.cdf(
+            -1 / (2 * sigma) - eps * sigma
+        )
 
     return optimize.brentq(lambda eps: delta_at(eps) - delta, 0, 100, xtol=1e-12)
 
@@ -55,7 +57,9 @@ def tamper(folder: Path, *statements: str, keep_triggers: bool = True, rehash: b
         for values in con.execute(f"SELECT {', '.join(COLUMNS)} FROM releases ORDER BY id").fetchall():
             row = replace(LedgerRow(*values), prev_hash=previous)
             previous = row.compute_hash()
-            con.execute("UPDATE releases SET prev_hash = ?, row_hash = ? WHERE id = ?", (row.prev_hash, previous, row.id))
+            con.execute(
+                "UPDATE releases SET prev_hash = ?, row_hash = ? WHERE id = ?", (row.prev_hash, previous, row.id)
+            )
     if keep_triggers:
         for _, sql in triggers:
             con.execute(sql)

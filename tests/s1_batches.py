@@ -28,12 +28,8 @@ def random_s1_batch(
     bert = torch.zeros(batch, width, config.bert_dim, dtype=dtype)
     semantic_ids = torch.full((batch, steps), EOS, dtype=torch.long)
     for i, (x_len, y_len) in enumerate(zip(phoneme_lengths, semantic_lengths, strict=True)):
-        phoneme_ids[i, width - x_len :] = torch.randint(
-            1, config.phoneme_vocab_size, (x_len,), generator=generator
-        )
-        bert[i, width - x_len :] = torch.randn(
-            x_len, config.bert_dim, generator=generator, dtype=dtype
-        )
+        phoneme_ids[i, width - x_len :] = torch.randint(1, config.phoneme_vocab_size, (x_len,), generator=generator)
+        bert[i, width - x_len :] = torch.randn(x_len, config.bert_dim, generator=generator, dtype=dtype)
         semantic_ids[i, :y_len] = torch.randint(0, EOS, (y_len,), generator=generator)
     return S1Batch(
         phoneme_ids=phoneme_ids,

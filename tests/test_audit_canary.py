@@ -107,8 +107,9 @@ def test_both_kinds_share_the_audit_error_so_one_run_in_20_fails_at_95_percent(c
     audit = run_canary_audit(cache, spec, seed=1)
     assert [r.kind for r in audit.results] == [WHITE_BOX, BLACK_BOX]
     assert all(math.isclose(r.bound.confidence, 1 - 0.05 / 2) for r in audit.results)
-    (alone,) = run_canary_audit(cache, CanaryAuditSpec(white_box=40, black_box=0, noise_multiplier=1.0,
-                                                       sample_rate=0.2, steps=3), seed=1).results
+    (alone,) = run_canary_audit(
+        cache, CanaryAuditSpec(white_box=40, black_box=0, noise_multiplier=1.0, sample_rate=0.2, steps=3), seed=1
+    ).results
     assert math.isclose(alone.bound.confidence, 0.95)
 
 
@@ -152,8 +153,12 @@ def test_white_box_optimizer_injects_exactly_clip_norm_before_the_noise():
     member = torch.tensor([True, True, False, True, False, True])
     canaries = WhiteBoxCanaries(table, rows, cols, member, noise_multiplier=0.0, sample_rate=0.5)
     private = make_private(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0, clip_norm=0.5,
-        expected_batch_size=2.0, noise_generator=torch.Generator().manual_seed(0),
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=0.0,
+        clip_norm=0.5,
+        expected_batch_size=2.0,
+        noise_generator=torch.Generator().manual_seed(0),
         optimizer_class=functools.partial(CanaryDPOptimizer, canaries=canaries),
     )
     data = torch.tensor([[1, 2], [2, 3], [3, 1]])
@@ -182,8 +187,12 @@ def test_white_box_canary_on_a_data_row_is_refused():
         model[0].weight, torch.tensor([1, 2]), torch.tensor([0, 0]), member, noise_multiplier=1.0, sample_rate=0.5
     )
     private = make_private(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, clip_norm=1.0,
-        expected_batch_size=1.0, noise_generator=torch.Generator().manual_seed(0),
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=1.0,
+        clip_norm=1.0,
+        expected_batch_size=1.0,
+        noise_generator=torch.Generator().manual_seed(0),
         optimizer_class=functools.partial(CanaryDPOptimizer, canaries=canaries),
     )
     private.module(torch.tensor([[1, 3]])).sum().backward()
@@ -196,10 +205,16 @@ def test_noisy_released_values_have_the_claimed_spread():
     model = _embedding_model()
     m = 32  # every coordinate of the 8 unused rows
     rows, cols = free_coordinates(10, 4, used_ids={1}, count=m, generator=torch.Generator().manual_seed(0))
-    canaries = WhiteBoxCanaries(model[0].weight, rows, cols, torch.zeros(m, dtype=torch.bool), noise_multiplier=0.0, sample_rate=0.5)
+    canaries = WhiteBoxCanaries(
+        model[0].weight, rows, cols, torch.zeros(m, dtype=torch.bool), noise_multiplier=0.0, sample_rate=0.5
+    )
     private = make_private(
-        model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.7, clip_norm=3.0,
-        expected_batch_size=1.0, noise_generator=torch.Generator().manual_seed(0),
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        noise_multiplier=0.7,
+        clip_norm=3.0,
+        expected_batch_size=1.0,
+        noise_generator=torch.Generator().manual_seed(0),
         optimizer_class=functools.partial(CanaryDPOptimizer, canaries=canaries),
     )
     for _ in range(50):
@@ -212,9 +227,16 @@ def test_noisy_released_values_have_the_claimed_spread():
 
 
 def test_spec_refuses_bad_settings():
-    for bad in (dict(white_box=0, black_box=0), dict(white_box=1), dict(noise_multiplier=-1.0),
-                dict(sample_rate=0.0), dict(steps=0), dict(confidence=1.0), dict(accountant="moments"),
-                dict(device="tpu?")):
+    for bad in (
+        dict(white_box=0, black_box=0),
+        dict(white_box=1),
+        dict(noise_multiplier=-1.0),
+        dict(sample_rate=0.0),
+        dict(steps=0),
+        dict(confidence=1.0),
+        dict(accountant="moments"),
+        dict(device="tpu?"),
+    ):
         with pytest.raises(ConfigError):
             CanaryAuditSpec(**bad)
     with pytest.raises(ConfigError, match="free coordinates"):

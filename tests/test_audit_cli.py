@@ -28,7 +28,9 @@ def simulation(tmp_path_factory) -> Path:
                 ledger.append(release(r, client, noise=noise), budget=Budget(8.0), accountant="rdp")
     with Ledger(root / "server") as ledger:
         for r in range(3):
-            ledger.append(release(r, "population", noise=1.1, sample_rate=0.5, steps=1, unit="speaker"), accountant="rdp")
+            ledger.append(
+                release(r, "population", noise=1.1, sample_rate=0.5, steps=1, unit="speaker"), accountant="rdp"
+            )
     return root
 
 
@@ -111,6 +113,8 @@ def test_unusable_input_exits_2(tmp_path, capsys):
 @pytest.mark.slow
 def test_console_script(simulation):
     script = Path(sys.executable).parent / "fedvox-audit"
-    done = subprocess.run([str(script), str(simulation), "--json"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    done = subprocess.run(
+        [str(script), str(simulation), "--json"], capture_output=True, text=True, timeout=600, cwd=REPO
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["ok"] is True

@@ -152,8 +152,15 @@ def test_budget_overruns_are_flagged(tmp_path):
 
 def test_unaccountable_mechanisms_are_flagged(tmp_path):
     gan = Release.shared_batch(
-        run_id="run-1", round=0, client_id="alice", stage="s2", unit="utterance", sample_rate=0.05, steps=20,
-        delta=DELTA, components=(Component("generator", 1.5, 1.0), Component("discriminator", 2.0, 1.0)),
+        run_id="run-1",
+        round=0,
+        client_id="alice",
+        stage="s2",
+        unit="utterance",
+        sample_rate=0.05,
+        steps=20,
+        delta=DELTA,
+        components=(Component("generator", 1.5, 1.0), Component("discriminator", 2.0, 1.0)),
     )
     with Ledger(tmp_path) as ledger:
         ledger.append(gan, accountant="rdp")
@@ -161,7 +168,8 @@ def test_unaccountable_mechanisms_are_flagged(tmp_path):
     assert kinds(audit_ledger(tmp_path)) == set()
     tamper(
         tmp_path,
-        "UPDATE releases SET components = '[{\"name\":\"generator\",\"noise_multiplier\":1.5,\"clip_norm\":1.0}]' WHERE id = 1",
+        "UPDATE releases SET components = "
+        '\'[{"name":"generator","noise_multiplier":1.5,"clip_norm":1.0}]\' WHERE id = 1',
         "UPDATE releases SET mechanism = 'laplace' WHERE id = 2",
         rehash=True,
     )
@@ -173,8 +181,15 @@ def test_unaccountable_mechanisms_are_flagged(tmp_path):
 
 def test_shared_batch_rows_recompute_through_dp_accounting_composition(tmp_path):
     gan = Release.shared_batch(
-        run_id="run-1", round=0, client_id="alice", stage="s2", unit="utterance", sample_rate=0.1, steps=30,
-        delta=DELTA, components=(Component("generator", 1.5, 1.0), Component("discriminator", 2.0, 1.0)),
+        run_id="run-1",
+        round=0,
+        client_id="alice",
+        stage="s2",
+        unit="utterance",
+        sample_rate=0.1,
+        steps=30,
+        delta=DELTA,
+        components=(Component("generator", 1.5, 1.0), Component("discriminator", 2.0, 1.0)),
     )
     with Ledger(tmp_path) as ledger:
         row = ledger.append(gan, accountant="rdp")

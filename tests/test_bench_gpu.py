@@ -16,7 +16,11 @@ def test_gpu_script_dry_run_on_cpu_writes_one_report(tmp_path: Path) -> None:
     out = tmp_path / "gpu"
     done = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu.sh"), "--device", "cpu", "--quick", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=1800, env={**os.environ, "PYTHON": sys.executable},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "PYTHON": sys.executable},
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "gpu.json").read_text())

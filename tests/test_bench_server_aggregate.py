@@ -21,10 +21,14 @@ def test_streamed_fedavg_equals_flowers_uniform_mean_of_rebased_updates():
 
     # Flower's rule on every update re-based onto the fp32 global model, all held at once.
     rebased = [
-        RecordDict({
-            ARRAYS: to_record({n: state[n] + (t.float() - sent[n]) for n, t in from_record(r.content[ARRAYS]).items()}, "fp32"),
-            METRICS: MetricRecord({"weight": 1.0}),  # devices send no example count: uniform weights
-        })
+        RecordDict(
+            {
+                ARRAYS: to_record(
+                    {n: state[n] + (t.float() - sent[n]) for n, t in from_record(r.content[ARRAYS]).items()}, "fp32"
+                ),
+                METRICS: MetricRecord({"weight": 1.0}),  # devices send no example count: uniform weights
+            }
+        )
         for r in replies
     ]
     expected = from_record(aggregate_arrayrecords(rebased, "weight"))

@@ -22,7 +22,6 @@ from tests.extractor_fixtures import write_roberta
 transformers = pytest.importorskip("transformers")
 
 
-
 @pytest.fixture(scope="module")
 def roberta(tmp_path_factory) -> Path:
     return write_roberta(tmp_path_factory.mktemp("models") / "chinese-roberta-wwm-ext-large")

@@ -22,8 +22,25 @@ from tests.prepared import prepared_cache
 
 TRANSCRIPT = "Hello world, this is a test."  # the first line of write_good_set's list
 UNWRITABLE = Path("/sys/fedvox-owner-test")  # mkdir fails here even for root
-TRAIN = ["train", "--stage", "s1", "--steps", "4", "--checkpoint-every", "2", "--noise-multiplier", "1.0",
-         "--logical-batch", "4", "--seed", "3", "--device", "cpu", "--physical-batch", "4"]
+TRAIN = [
+    "train",
+    "--stage",
+    "s1",
+    "--steps",
+    "4",
+    "--checkpoint-every",
+    "2",
+    "--noise-multiplier",
+    "1.0",
+    "--logical-batch",
+    "4",
+    "--seed",
+    "3",
+    "--device",
+    "cpu",
+    "--physical-batch",
+    "4",
+]
 
 
 def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
@@ -190,9 +207,18 @@ def test_a_rejected_line_does_not_make_a_valid_line_of_the_same_recording_a_dupl
     first = (listed / "good.list").read_text().splitlines()[0]
     audio, speaker, language, _ = first.split("|")
     (listed / "dup.list").write_text(f"{audio}|{speaker}|{language}|\n{first}\n{first}\n", encoding="utf-8")
-    code, output = cli(monkeypatch, capsys, "prepare", str(listed / "dup.list"), "--out", str(tmp_path / "c"),
-                       "--model-config", "tiny", "--json")
-    report, _ = json.JSONDecoder().raw_decode(output[output.index("{"):])
+    code, output = cli(
+        monkeypatch,
+        capsys,
+        "prepare",
+        str(listed / "dup.list"),
+        "--out",
+        str(tmp_path / "c"),
+        "--model-config",
+        "tiny",
+        "--json",
+    )
+    report, _ = json.JSONDecoder().raw_decode(output[output.index("{") :])
     assert code == 0 and report["accepted"] == 1
     assert {r["line"]: r["reason"] for r in report["rejected"]} == {1: "empty_text", 3: "duplicate_entry"}
     assert "same file as line 2" in next(r["message"] for r in report["rejected"] if r["line"] == 3)
@@ -256,8 +282,18 @@ def test_status_reads_a_ledger_in_a_folder_it_cannot_write(data, tmp_path, monke
     from fedvox.shared.privacy.ledger import Release
 
     with Ledger(folder) as ledger:
-        ledger.append(Release(run_id="r", round=1, client_id="c", stage="s1", unit="utterance",
-                              mechanism=M(1.0, 0.5, 3), delta=1e-5, clip_norm=1.0))
+        ledger.append(
+            Release(
+                run_id="r",
+                round=1,
+                client_id="c",
+                stage="s1",
+                unit="utterance",
+                mechanism=M(1.0, 0.5, 3),
+                delta=1e-5,
+                clip_norm=1.0,
+            )
+        )
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: False if mode == os.W_OK else real_access(path, mode))
     code, output = cli(monkeypatch, capsys, "status", "--data", str(folder))
@@ -269,8 +305,16 @@ def test_status_reads_a_ledger_in_a_folder_it_cannot_write(data, tmp_path, monke
 
 def test_one_vocabulary_old_names_work_hidden_and_help_reads_whole(monkeypatch, capsys):
     _, output = cli(monkeypatch, capsys, "train", "--help")
-    for name in ("--model-config", "--learning-rate", "--clip-norm", "--budget-epsilon", "--pretrained",
-                 "--logical-batch", "--threads", "--strict"):
+    for name in (
+        "--model-config",
+        "--learning-rate",
+        "--clip-norm",
+        "--budget-epsilon",
+        "--pretrained",
+        "--logical-batch",
+        "--threads",
+        "--strict",
+    ):
         assert name in output, name
     for old in ("--lr ", "--clip ", "--budget ", "--init ", "--batch "):
         assert old not in output, old

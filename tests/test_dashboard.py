@@ -25,8 +25,14 @@ from fedvox.shared.runconfig import RunConfig
 from tests.federation_kit import LocalGrid, initial_state, make_client_app
 
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--no-first-run", "--disable-sync", "--hide-scrollbars",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--hide-scrollbars",
 ]
 
 
@@ -36,10 +42,15 @@ def home(tmp_path_factory):
     two rounds with evaluation and speaker-level DP, and a stranger's key waiting."""
     root = tmp_path_factory.mktemp("dashboard")
     home = init_home(root / "home", ["localhost"], host="127.0.0.1")
-    config = RunConfig.from_flat({
-        "checkpoint-dir": str(home.run_dir), "num-server-rounds": 2, "learning-rate": 0.05,
-        "speaker-dp.enabled": True, "client-budget-epsilon": 50.0,
-    })
+    config = RunConfig.from_flat(
+        {
+            "checkpoint-dir": str(home.run_dir),
+            "num-server-rounds": 2,
+            "learning-rate": 0.05,
+            "speaker-dp.enabled": True,
+            "client-budget-epsilon": 50.0,
+        }
+    )
     write_run_config(home, config)
     grid = LocalGrid(make_client_app(root / "clients"), num_nodes=2)
     registry = Registry(home)
@@ -113,10 +124,11 @@ def test_updates_stream_and_a_waiting_device_is_registered_only_by_a_deliberate_
     token = credential(source)
     server, url = serve_dashboard(source, register=lambda fp, name: register_key(copy, fp, name, None))
     try:
-        with httpx.stream("GET", url.split("?")[0] + "api/events", headers={"authorization": f"Bearer {token}"},
-                          timeout=60) as events:
+        with httpx.stream(
+            "GET", url.split("?")[0] + "api/events", headers={"authorization": f"Bearer {token}"}, timeout=60
+        ) as events:
             first = next(line for line in events.iter_lines() if line.startswith("data: "))
-        assert json.loads(first[len("data: "):])["committed"] == 2
+        assert json.loads(first[len("data: ") :])["committed"] == 2
     finally:
         server.stop()
     app = dashboard_app(source, token, ["testserver"], register=lambda fp, name: register_key(copy, fp, name, None))
@@ -134,8 +146,12 @@ def _chromium() -> str:
     if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"],
-                       env=env, capture_output=True, timeout=1200)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"],
+            env=env,
+            capture_output=True,
+            timeout=1200,
+        )
         found = shutil.which("chromium")
     if found is None:
         pytest.skip("headless Chromium is not installed and cannot be (not root, or apt-get has no chromium)")
@@ -145,7 +161,9 @@ def _chromium() -> str:
 def _browse(chromium: str, url: str, profile, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, url],
-        capture_output=True, text=True, timeout=180,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
 
 
@@ -166,12 +184,13 @@ def test_the_page_renders_rounds_epsilon_per_device_and_devices_in_chromium(home
         epsilon = re.search(r'<figure id="epsilon-chart"[^>]*data-series="([^"]*)"', dom)
         series = json.loads(epsilon.group(1).replace("&quot;", '"'))
         assert {name: series[name][-1][1] for name in ("alice", "bob")} == {
-            name: _last_epsilon(home, name) for name in ("alice", "bob")}
-        chart = dom[dom.index('<figure id="epsilon-chart"'):]
-        assert "<canvas" in chart[:chart.index("</figure>")]  # uPlot drew it
+            name: _last_epsilon(home, name) for name in ("alice", "bob")
+        }
+        chart = dom[dom.index('<figure id="epsilon-chart"') :]
+        assert "<canvas" in chart[: chart.index("</figure>")]  # uPlot drew it
         devices_table = re.search(r'<table id="devices">(.*?)</table>', dom, re.S).group(1)
         for name in ("alice", "bob"):
-            assert f"<td class=\"text\">{name}</td>" in devices_table
+            assert f'<td class="text">{name}</td>' in devices_table
             assert f"{_last_epsilon(home, name):.3f}" in devices_table
         assert fingerprint_of_waiting(home) in dom
 

@@ -18,8 +18,12 @@ def _tone(freq: float, rate: int, seconds: float = 1.0) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "fmt, subtype, rate, atol",
-    [("WAV", "PCM_16", 22050, 1e-4), ("WAV", "FLOAT", 16000, 0.0), ("FLAC", "PCM_24", 44100, 1e-6),
-     ("OGG", "VORBIS", 48000, 0.05)],
+    [
+        ("WAV", "PCM_16", 22050, 1e-4),
+        ("WAV", "FLOAT", 16000, 0.0),
+        ("FLAC", "PCM_24", 44100, 1e-6),
+        ("OGG", "VORBIS", 48000, 0.05),
+    ],
 )
 def test_formats_and_rates_decode_to_the_samples_written(tmp_path, fmt, subtype, rate, atol):
     wave = _tone(440, rate)

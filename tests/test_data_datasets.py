@@ -27,8 +27,7 @@ from tests.data_fixtures import write_good_set
 def cache(tmp_path_factory) -> FeatureCache:
     root = tmp_path_factory.mktemp("cache")
     list_file = write_good_set(root / "data", source="pseudo", repeat=2)
-    prepare(list_file, root / "out", tokenizer=tokenizer_spec(), symbols_version="v2",
-            workers=1, show_progress=False)
+    prepare(list_file, root / "out", tokenizer=tokenizer_spec(), symbols_version="v2", workers=1, show_progress=False)
     return FeatureCache(root / "out")
 
 
@@ -47,8 +46,12 @@ def test_each_prepared_utterance_appears_exactly_once(cache):
 def test_s1_drops_what_gpt_sovits_s1_drops(cache):
     item = cache.read_index().items[0]
     seconds = item.semantic_tokens / 25
-    odd = [replace(item, phonemes=int(30 * seconds)), replace(item, phonemes=int(2 * seconds)),
-           replace(item, semantic_tokens=55 * 25, phonemes=200), item]
+    odd = [
+        replace(item, phonemes=int(30 * seconds)),
+        replace(item, phonemes=int(2 * seconds)),
+        replace(item, semantic_tokens=55 * 25, phonemes=200),
+        item,
+    ]
     assert S1Dataset(cache, odd).items == (item,)
 
 
@@ -63,7 +66,7 @@ def test_s1_batches_left_pad_phonemes_and_end_semantics_with_eos(cache):
     for row, example in enumerate(examples):
         n, t = len(example.phoneme_ids), len(example.semantic_ids)
         assert batch.phoneme_lengths[row] == n and batch.semantic_lengths[row] == t
-        assert torch.equal(batch.phoneme_ids[row, width - n:], example.phoneme_ids)
+        assert torch.equal(batch.phoneme_ids[row, width - n :], example.phoneme_ids)
         assert not batch.phoneme_ids[row, : width - n].any()
         assert torch.equal(batch.semantic_ids[row, :t], example.semantic_ids)
         assert (batch.semantic_ids[row, t:] == EOS).all()
@@ -82,12 +85,14 @@ def test_s2_batches_carry_two_spectrogram_frames_per_token(cache):
     assert isinstance(batch, S2Batch) and batch.sv_embedding is None
     assert torch.equal(batch.spec_lengths, 2 * batch.semantic_lengths)
     assert torch.equal(batch.wave_lengths, 640 * batch.spec_lengths)
-    assert batch.spec.shape[-1] == 2 * batch.semantic_ids.shape[-1] and batch.wave.shape[-1] == 640 * batch.spec.shape[-1]
+    assert (
+        batch.spec.shape[-1] == 2 * batch.semantic_ids.shape[-1] and batch.wave.shape[-1] == 640 * batch.spec.shape[-1]
+    )
     for row, example in enumerate(examples):
         t, x = len(example.semantic_ids), len(example.phoneme_ids)
         assert torch.equal(batch.semantic_ids[row, :t], example.semantic_ids) and not batch.semantic_ids[row, t:].any()
-        assert torch.equal(batch.spec[row, :, : 2 * t], example.spec) and not batch.spec[row, :, 2 * t:].any()
-        assert torch.equal(batch.wave[row, :, : 1280 * t], example.wave) and not batch.wave[row, :, 1280 * t:].any()
+        assert torch.equal(batch.spec[row, :, : 2 * t], example.spec) and not batch.spec[row, :, 2 * t :].any()
+        assert torch.equal(batch.wave[row, :, : 1280 * t], example.wave) and not batch.wave[row, :, 1280 * t :].any()
         assert torch.equal(batch.phoneme_ids[row, :x], example.phoneme_ids) and not batch.phoneme_ids[row, x:].any()
     out = SynthesizerTrn(s2_config("tiny"))(batch, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out.wave_hat).all()

@@ -165,7 +165,9 @@ def test_command_line_success(good_set, tmp_path):
     """The installed console script, as a device owner runs it."""
     done = subprocess.run(
         [str(CLIENT), "prepare", str(good_set), "--out", str(tmp_path / "ok"), "--model-config", "tiny", "--json"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["accepted"] == 6 and "6 accepted" in done.stderr

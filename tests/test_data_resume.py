@@ -22,8 +22,9 @@ CLIENT = Path(sys.executable).with_name("fedvox-client")
 
 
 def _prepare(list_file: Path, out: Path, workers: int = 1):
-    return prepare(list_file, out, tokenizer=tokenizer_spec(), symbols_version="v2",
-                   workers=workers, show_progress=False)
+    return prepare(
+        list_file, out, tokenizer=tokenizer_spec(), symbols_version="v2", workers=workers, show_progress=False
+    )
 
 
 def _snapshot(out: Path) -> dict[str, bytes]:
@@ -46,7 +47,8 @@ def test_killed_prepare_resumes_where_it_stopped(many, tmp_path):
     out = tmp_path / "out"
     process = subprocess.Popen(
         [str(CLIENT), "prepare", str(list_file), "--out", str(out), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 240

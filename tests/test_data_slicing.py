@@ -30,14 +30,25 @@ def _tone(seconds: float, seed: int = 0) -> np.ndarray:
 
 def _recording(*parts: tuple[str, float]) -> torch.Tensor:
     return torch.from_numpy(
-        np.concatenate([_tone(s, i) if kind == "speech" else np.zeros(int(s * RATE), np.float32)
-                        for i, (kind, s) in enumerate(parts)])
+        np.concatenate(
+            [
+                _tone(s, i) if kind == "speech" else np.zeros(int(s * RATE), np.float32)
+                for i, (kind, s) in enumerate(parts)
+            ]
+        )
     )
 
 
 def test_cuts_only_long_silences_after_long_enough_clips() -> None:
-    wave = _recording(("speech", 5.0), ("silence", 1.0), ("speech", 5.0), ("silence", 0.2), ("speech", 2.0),
-                      ("silence", 0.4), ("speech", 3.0))
+    wave = _recording(
+        ("speech", 5.0),
+        ("silence", 1.0),
+        ("speech", 5.0),
+        ("silence", 0.2),
+        ("speech", 2.0),
+        ("silence", 0.4),
+        ("speech", 3.0),
+    )
     slices = find_slices(wave)
     # 1 s silence after 5 s: cut, at most 0.5 s of silence kept on each side; the 0.2 s pause is
     # too short; the 0.4 s pause comes 7.2 s into the clip, so it is cut too

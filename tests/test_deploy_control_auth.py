@@ -55,8 +55,10 @@ def test_a_control_call_without_the_home_token_is_refused(server, token):
     key = public_key_to_bytes(ec.generate_private_key(ec.SECP384R1()).public_key())
     stranger = _stranger(process.address, token)
     try:
-        for call in (lambda: stranger.ListRuns(ListRunsRequest()),
-                     lambda: stranger.RegisterNode(RegisterNodeRequest(public_key=key, name="intruder"))):
+        for call in (
+            lambda: stranger.ListRuns(ListRunsRequest()),
+            lambda: stranger.RegisterNode(RegisterNodeRequest(public_key=key, name="intruder")),
+        ):
             with pytest.raises(httpx.HTTPStatusError) as refused:
                 call()
             assert refused.value.response.status_code == 401
@@ -78,11 +80,13 @@ def test_the_home_owner_is_answered_and_every_key_the_superlink_holds_is_listed(
 
 def test_the_runtime_api_hands_a_run_to_no_one_but_the_home_superexec(server):
     """Only the SuperExec holding the home's secret may take a run's task (and so act as its ServerApp)."""
-    home, process = server
+    _, process = server
     version = dict(RuntimeVersionMetadata.from_local_component("flwr-serverapp").as_metadata())
     response = httpx.post(
-        f"https://{process.address}/v1/runtime/acquire-task", content=AcquireTaskRequest().SerializeToString(),
-        headers={"content-type": PROTOBUF_MEDIA_TYPE, "accept": PROTOBUF_MEDIA_TYPE, **version}, verify=False,
+        f"https://{process.address}/v1/runtime/acquire-task",
+        content=AcquireTaskRequest().SerializeToString(),
+        headers={"content-type": PROTOBUF_MEDIA_TYPE, "accept": PROTOBUF_MEDIA_TYPE, **version},
+        verify=False,
     )
     assert response.status_code == 401 and response.json()["code"] == ApiErrorCode.RUNTIME_AUTHENTICATION_FAILED
     assert process.superexec.poll() is None  # the home's own SuperExec runs, with the secret

@@ -49,7 +49,9 @@ def test_device_keys_are_read_from_their_line_or_file_and_only_nist_ecdsa_is_acc
 def test_fingerprints_match_ssh_keygen(tmp_path):
     key = ec.generate_private_key(ec.SECP256R1())
     (tmp_path / "node.pub").write_text(_line(key) + "\n")
-    printed = subprocess.run(["ssh-keygen", "-lf", str(tmp_path / "node.pub")], capture_output=True, text=True, check=True)
+    printed = subprocess.run(
+        ["ssh-keygen", "-lf", str(tmp_path / "node.pub")], capture_output=True, text=True, check=True
+    )
     assert printed.stdout.split()[1] == fingerprint(key.public_key())
 
 
@@ -82,20 +84,58 @@ def test_the_device_report_joins_node_ids_with_what_each_round_recorded(home):
     registry.record_node("bob", 22)
     registry.record_node("bob", 23)  # the server's database was reset: a new node id
     rounds = [
-        {"round": 1, "clients": [
-            {"node-id": 11, "accepted": True, "client-id": "client-a", "profile": "cpu-fp32", "epsilon-spent": 1.5, "epsilon-budget": 8.0},
-            {"node-id": 22, "accepted": False, "client-id": "client-b", "profile": "cuda-bf16", "epsilon-spent": 0.0, "epsilon-budget": 9.0},
-        ]},
-        {"round": 2, "clients": [
-            {"node-id": 11, "accepted": True, "client-id": "client-a", "profile": "cpu-fp32", "epsilon-spent": 2.5, "epsilon-budget": 8.0},
-            {"node-id": 23, "accepted": True, "client-id": "client-b", "profile": "cuda-bf16", "epsilon-spent": 1.0, "epsilon-budget": 9.0},
-        ]},
+        {
+            "round": 1,
+            "clients": [
+                {
+                    "node-id": 11,
+                    "accepted": True,
+                    "client-id": "client-a",
+                    "profile": "cpu-fp32",
+                    "epsilon-spent": 1.5,
+                    "epsilon-budget": 8.0,
+                },
+                {
+                    "node-id": 22,
+                    "accepted": False,
+                    "client-id": "client-b",
+                    "profile": "cuda-bf16",
+                    "epsilon-spent": 0.0,
+                    "epsilon-budget": 9.0,
+                },
+            ],
+        },
+        {
+            "round": 2,
+            "clients": [
+                {
+                    "node-id": 11,
+                    "accepted": True,
+                    "client-id": "client-a",
+                    "profile": "cpu-fp32",
+                    "epsilon-spent": 2.5,
+                    "epsilon-budget": 8.0,
+                },
+                {
+                    "node-id": 23,
+                    "accepted": True,
+                    "client-id": "client-b",
+                    "profile": "cuda-bf16",
+                    "epsilon-spent": 1.0,
+                    "epsilon-budget": 9.0,
+                },
+            ],
+        },
         {"round": 3},  # a round no device trained in
     ]
     (home.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
 
     report = {d["name"]: d for d in device_report(home)}
-    assert (report["alice"]["rounds-joined"], report["alice"]["last-round"], report["alice"]["epsilon-spent"]) == (2, 2, 2.5)
+    assert (report["alice"]["rounds-joined"], report["alice"]["last-round"], report["alice"]["epsilon-spent"]) == (
+        2,
+        2,
+        2.5,
+    )
     assert (report["bob"]["rounds-joined"], report["bob"]["node-id"], report["bob"]["profile"]) == (1, 23, "cuda-bf16")
     assert report["alice"]["status"] == "server stopped" and report["carol"]["status"] == "not authorised yet"
     assert report["carol"]["rounds-joined"] == 0 and report["carol"]["epsilon-spent"] is None

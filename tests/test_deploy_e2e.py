@@ -94,26 +94,53 @@ def test_two_enrolled_devices_train_two_rounds_and_only_the_update_leaves_them(p
 
     # Garbage on the public port while the federation runs: each attempt costs one connection.
     garbage = throw_garbage(f"127.0.0.1:{home.settings().port}", home, tmp_path)
-    assert any(o.startswith("expired client certificate: fleet 4") and o.endswith("control 404") for o in garbage), garbage
+    assert any(o.startswith("expired client certificate: fleet 4") and o.endswith("control 404") for o in garbage), (
+        garbage
+    )
     assert "wrong CA: ConnectError" in garbage, garbage
 
     # A third device whose key nobody registered: Flower's own SuperNode is refused at once ...
     stranger_home = DeviceHome.at(tmp_path / "stranger")
     stranger_key, _ = device_key(stranger_home)
     stranger = spawn(
-        [flower_command("flower-supernode"), "--superlink", address, "--root-certificates", str(home.ca_cert),
-         "--auth-supernode-private-key", str(stranger_home.key), "--port", str(free_port()),
-         "--node-config", f"data-path='{devices['alice'][1]}'"],
-        tmp_path / "stranger.out", env=flower_env(stranger_home.flwr_home),
+        [
+            flower_command("flower-supernode"),
+            "--superlink",
+            address,
+            "--root-certificates",
+            str(home.ca_cert),
+            "--auth-supernode-private-key",
+            str(stranger_home.key),
+            "--port",
+            str(free_port()),
+            "--node-config",
+            f"data-path='{devices['alice'][1]}'",
+        ],
+        tmp_path / "stranger.out",
+        env=flower_env(stranger_home.flwr_home),
     )
     processes.append(stranger)
     assert stranger.wait(timeout=180) != 0
     assert "Failed to activate SuperNode" in (tmp_path / "stranger.out").read_text()
     # ... and fedvox's check says why, in one line.
     check = subprocess.run(
-        [str(BIN / "fedvox-client"), "enroll", "--server", address, "--root-cert", str(home.ca_cert),
-         "--data", str(devices["alice"][1]), "--home", str(tmp_path / "stranger"), "--check"],
-        capture_output=True, text=True, env=ENV, timeout=180,
+        [
+            str(BIN / "fedvox-client"),
+            "enroll",
+            "--server",
+            address,
+            "--root-cert",
+            str(home.ca_cert),
+            "--data",
+            str(devices["alice"][1]),
+            "--home",
+            str(tmp_path / "stranger"),
+            "--check",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=180,
     )
     assert check.returncode == 2 and "does not know this device's key: the operator must register it" in check.stderr
 
@@ -221,7 +248,7 @@ def _assert_replies_carry_only_updates_and_metrics(exchanges, home, data_folders
         for item in cache.read_index().items[:3]:
             tensors = cache.load_item(item.id)
             wave = tensors["wave"].numpy().astype(np.int16).tobytes()
-            forbidden += [wave[i:i + 64] for i in range(0, len(wave) - 64, len(wave) // 8)]
+            forbidden += [wave[i : i + 64] for i in range(0, len(wave) - 64, len(wave) // 8)]
             forbidden.append(tensors["phoneme_ids"].numpy().tobytes())
     leaked = [f[:40] for f in forbidden if f and f in sent]
     assert not leaked, leaked

@@ -65,7 +65,10 @@ def test_the_register_command_is_what_the_operator_pastes(tmp_path):
     assert public_key_to_bytes(parse_public_key(quoted)) == public_key_to_bytes(key.public_key())
     # The machine's host name stays on the device; only the name its owner chose goes out.
     assert quoted.endswith(" fedvox@alice") and socket.gethostname() not in command.replace("fedvox@alice", "")
-    assert public_line(key).endswith(" fedvox") and socket.gethostname() not in DeviceHome.at(tmp_path).public_key.read_text()
+    assert (
+        public_line(key).endswith(" fedvox")
+        and socket.gethostname() not in DeviceHome.at(tmp_path).public_key.read_text()
+    )
 
 
 def test_server_addresses_are_checked():
@@ -78,8 +81,13 @@ def test_server_addresses_are_checked():
 
 def test_the_node_config_reaches_the_client_app_as_flower_parses_it(tmp_path):
     enrollment = Enrollment(
-        server="127.0.0.1:9443", root_cert=tmp_path / "ca.crt", data=tmp_path / "my data's cache",
-        ledger=tmp_path / "ledger", budget_epsilon=8, profile={"threads": 1, "device": "cpu"}, name=None,
+        server="127.0.0.1:9443",
+        root_cert=tmp_path / "ca.crt",
+        data=tmp_path / "my data's cache",
+        ledger=tmp_path / "ledger",
+        budget_epsilon=8,
+        profile={"threads": 1, "device": "cpu"},
+        name=None,
     )
     path = tmp_path / "node-config.toml"
     path.write_text(tomli_w.dumps(enrollment.node_config()))
@@ -94,7 +102,9 @@ def test_the_node_config_reaches_the_client_app_as_flower_parses_it(tmp_path):
 def _tls_listener(cert, key):
     """The fedvox gateway with ``cert`` on a free port; nothing behind it (the SuperLink is down)."""
     port = free_port()
-    server = GatewayServer(FleetGateway(f"127.0.0.1:{free_port()}", cert.parent / "ca.crt"), "127.0.0.1", port, cert, key)
+    server = GatewayServer(
+        FleetGateway(f"127.0.0.1:{free_port()}", cert.parent / "ca.crt"), "127.0.0.1", port, cert, key
+    )
     server.start()
     try:
         yield f"127.0.0.1:{port}"
@@ -149,9 +159,13 @@ def test_an_expired_server_certificate_is_a_mismatch(homes, device, tmp_path):
     leaf_key = ec.generate_private_key(ec.SECP256R1())
     past = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
     expired = (
-        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca.subject).public_key(leaf_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(past).not_valid_after(past + dt.timedelta(days=1))
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca.subject)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(past)
+        .not_valid_after(past + dt.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
         .sign(ca_key, hashes.SHA256())
     )

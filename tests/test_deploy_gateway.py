@@ -38,17 +38,20 @@ def test_fleet_calls_are_forwarded_with_their_body_and_signature_headers(fake):
     assert forwarded.url.host == "127.0.0.1"  # never the client's Host header
 
 
-@pytest.mark.parametrize("method, path", [
-    ("POST", "/v1/control/start-run"),  # would run code on the server
-    ("POST", "/v1/control/register-node"),  # would authorise any device
-    ("POST", "/v1/runtime/acquire-task"),  # would take the ServerApp's task and every reply
-    ("POST", "/v1/runtime/pull-messages"),
-    ("GET", "/v1/fleet/pull-messages"),
-    ("POST", "/health"),
-    ("POST", "/docs"),
-    ("POST", "/v1/fleet/pull-messages/../../control/start-run"),
-    ("POST", "/v1/fleet/%2e%2e/control/start-run"),
-])
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("POST", "/v1/control/start-run"),  # would run code on the server
+        ("POST", "/v1/control/register-node"),  # would authorise any device
+        ("POST", "/v1/runtime/acquire-task"),  # would take the ServerApp's task and every reply
+        ("POST", "/v1/runtime/pull-messages"),
+        ("GET", "/v1/fleet/pull-messages"),
+        ("POST", "/health"),
+        ("POST", "/docs"),
+        ("POST", "/v1/fleet/pull-messages/../../control/start-run"),
+        ("POST", "/v1/fleet/%2e%2e/control/start-run"),
+    ],
+)
 def test_everything_but_the_fleet_api_is_refused_before_the_superlink(fake, method, path):
     client, superlink, gateway = fake
     reply = client.request(method, path, content=b"x")

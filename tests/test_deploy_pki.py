@@ -68,14 +68,24 @@ def test_name_matching_follows_tls_rules():
 def test_an_operator_brings_their_own_certificate_and_it_is_checked_first(tmp_path):
     mine = init_home(tmp_path / "mine", ["voice.example.org"])
     with pytest.raises(DeploymentError, match=r"not valid for other.example.org"):
-        init_home(tmp_path / "home", ["other.example.org"],
-                  bring_ca=mine.ca_cert, bring_cert=mine.server_cert, bring_key=mine.server_key)
+        init_home(
+            tmp_path / "home",
+            ["other.example.org"],
+            bring_ca=mine.ca_cert,
+            bring_cert=mine.server_cert,
+            bring_key=mine.server_key,
+        )
     assert not (tmp_path / "home").exists()  # nothing half-made
     with pytest.raises(ConfigError, match="all of --ca-cert, --cert and --key"):
         init_home(tmp_path / "home", ["voice.example.org"], bring_ca=mine.ca_cert)
 
-    home = init_home(tmp_path / "home", ["voice.example.org"],
-                     bring_ca=mine.ca_cert, bring_cert=mine.server_cert, bring_key=mine.server_key)
+    home = init_home(
+        tmp_path / "home",
+        ["voice.example.org"],
+        bring_ca=mine.ca_cert,
+        bring_cert=mine.server_cert,
+        bring_key=mine.server_key,
+    )
     assert not home.ca_key.exists() and _mode(home.server_key) == 0o600
     assert home.server_cert.read_bytes() == mine.server_cert.read_bytes()
     with pytest.raises(DeploymentError, match="uses a certificate you brought"):
@@ -104,8 +114,19 @@ def test_the_loopback_certificate_is_for_127_0_0_1_and_its_ca_key_is_never_kept(
 
 def test_init_from_the_command_line_with_a_run_configuration(tmp_path):
     (tmp_path / "run.toml").write_text("num-server-rounds = 7\n[dp]\nclip-norm = 0.5\n")
-    result = runner.invoke(app, ["init", str(tmp_path / "home"), "--name", "localhost", "--port", "9444",
-                                 "--run-config", str(tmp_path / "run.toml")])
+    result = runner.invoke(
+        app,
+        [
+            "init",
+            str(tmp_path / "home"),
+            "--name",
+            "localhost",
+            "--port",
+            "9444",
+            "--run-config",
+            str(tmp_path / "run.toml"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     config = ServerHome(tmp_path / "home").run_config()
     assert (config.num_server_rounds, config.dp.clip_norm) == (7, 0.5)

@@ -21,8 +21,19 @@ def test_probe_prints_facts_and_the_profile_with_reasons():
     result = invoke()
     assert result.exit_code == 0, result.output
     facts = probe()
-    for text in ("Device facts", "Resource profile", "backend", facts.backend, facts.cpu_isa, "RAM",
-                 "physical batch", "precision", "checkpointing", "threads", "physical core"):
+    for text in (
+        "Device facts",
+        "Resource profile",
+        "backend",
+        facts.backend,
+        facts.cpu_isa,
+        "RAM",
+        "physical batch",
+        "precision",
+        "checkpointing",
+        "threads",
+        "physical core",
+    ):
         assert text in result.output
 
 
@@ -52,7 +63,7 @@ def test_probe_plans_for_a_reference_device():
 
 def test_probe_overrides_by_flag_and_file(tmp_path):
     settings = tmp_path / "client.toml"
-    settings.write_text("[profile]\nphysical-batch = 3\nthreads = 1\nprecision = \"fp32\"\n")
+    settings.write_text('[profile]\nphysical-batch = 3\nthreads = 1\nprecision = "fp32"\n')
     report = json.loads(invoke("--profile-file", str(settings), "--physical-batch", "2", "--json").output)
     chosen = report["profile"]
     assert (chosen["physical_batch"], chosen["threads"], chosen["precision"]) == (2, 1, "fp32")

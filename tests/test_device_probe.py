@@ -24,7 +24,19 @@ from fedvox.shared.errors import ConfigError
 
 CU130 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
 CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
-ROCM = ["gfx900", "gfx906", "gfx908", "gfx90a", "gfx942", "gfx1030", "gfx1100", "gfx1101", "gfx1102", "gfx1200", "gfx1201"]
+ROCM = [
+    "gfx900",
+    "gfx906",
+    "gfx908",
+    "gfx90a",
+    "gfx942",
+    "gfx1030",
+    "gfx1100",
+    "gfx1101",
+    "gfx1102",
+    "gfx1200",
+    "gfx1201",
+]
 
 
 class _DeviceContext:
@@ -38,8 +50,18 @@ class _DeviceContext:
         self.cuda.current = 0
 
 
-def fake_torch(*, gpu=None, hip=None, archs=(), mps=None, isa="AVX2", avx512_bf16=False, amx=False,
-               mkldnn_bf16=False, cpu_helpers=True):
+def fake_torch(
+    *,
+    gpu=None,
+    hip=None,
+    archs=(),
+    mps=None,
+    isa="AVX2",
+    avx512_bf16=False,
+    amx=False,
+    mkldnn_bf16=False,
+    cpu_helpers=True,
+):
     """The slice of torch's API that ``probe`` reads, with torch's own rules for bf16."""
     cuda = SimpleNamespace(current=0, bf16_calls=[])
     cuda.is_available = lambda: gpu is not None
@@ -90,8 +112,9 @@ def fake_psutil(physical=8, logical=16, ram_gib=32, affinity=None):
 
 
 def fake_platform(machine="x86_64", system="Linux", release="6.8.0", processor=""):
-    return SimpleNamespace(machine=lambda: machine, system=lambda: system, release=lambda: release,
-                           processor=lambda: processor)
+    return SimpleNamespace(
+        machine=lambda: machine, system=lambda: system, release=lambda: release, processor=lambda: processor
+    )
 
 
 def nvidia(name, gib, major, minor):
@@ -107,8 +130,11 @@ def run_probe(tmp_path, torch_module, index=0, **host):
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Fake CPU 9000\n")
     machine = host.pop("machine", "x86_64")
     return probe(
-        index, torch_module=torch_module, psutil_module=fake_psutil(**host),
-        platform_module=fake_platform(machine), cpuinfo_path=cpuinfo,
+        index,
+        torch_module=torch_module,
+        psutil_module=fake_psutil(**host),
+        platform_module=fake_platform(machine),
+        cpuinfo_path=cpuinfo,
     )
 
 
@@ -185,14 +211,21 @@ def test_rocm_bf16_comes_from_the_architecture_not_from_torch(tmp_path, gcn, arc
 
 def test_rocm_families():
     assert [rocm_family(g) for g in ("gfx908", "gfx950", "gfx1151", "gfx1036", "gfx906", "gfx803", "gfx1")] == [
-        "cdna1", "cdna4", "rdna3.5", "rdna2", "gcn5", "gcn4", "unknown",
+        "cdna1",
+        "cdna4",
+        "rdna3.5",
+        "rdna2",
+        "gcn5",
+        "gcn4",
+        "unknown",
     ]
 
 
 # ---------------------------------------------------------------------- Apple, CPUs
 def test_apple_silicon_reports_mps_with_unified_memory(tmp_path):
-    tm = fake_torch(mps={"name": "Apple M2 Pro", "memory": int(21.3 * GiB), "macos": 15}, isa="DEFAULT",
-                    mkldnn_bf16=True)
+    tm = fake_torch(
+        mps={"name": "Apple M2 Pro", "memory": int(21.3 * GiB), "macos": 15}, isa="DEFAULT", mkldnn_bf16=True
+    )
     facts = run_probe(tmp_path, tm, machine="arm64", physical=10, logical=10, ram_gib=32)
     assert facts.backend == "mps" and facts.device_name == "Apple M2 Pro"
     assert facts.total_memory == int(21.3 * GiB) and facts.cpu_arch == "arm64"

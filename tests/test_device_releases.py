@@ -9,10 +9,10 @@ import json
 import shutil
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from flwr.app import Message, MessageType, RecordDict
 from flwr.common.serde import recorddict_to_proto
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fedvox.client.app import app as client_app
 from fedvox.client.identity import bind_ledger, client_identity, move_ledger
@@ -27,8 +27,16 @@ from fedvox.shared.wire import to_record
 from tests.federation_kit import LocalGrid
 from tests.prepared import prepared_cache
 
-FIELDS_OF_A_STATUS = {"client-id", "outcome", "reason", "detail", "profile", "epsilon-spent", "epsilon-budget",
-                      "epsilon-next"}
+FIELDS_OF_A_STATUS = {
+    "client-id",
+    "outcome",
+    "reason",
+    "detail",
+    "profile",
+    "epsilon-spent",
+    "epsilon-budget",
+    "epsilon-next",
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +53,15 @@ def data(cache, tmp_path):
 
 
 def config(data, **overrides) -> RunConfig:
-    flat = {"data-root": str(data.parent), "local-steps": 2, "logical-batch": 4, "learning-rate": 0.01,
-            "dp.noise-multiplier": 1.0, "dp.sample-rate": 0.4, "num-server-rounds": 3}
+    flat = {
+        "data-root": str(data.parent),
+        "local-steps": 2,
+        "logical-batch": 4,
+        "learning-rate": 0.01,
+        "dp.noise-multiplier": 1.0,
+        "dp.sample-rate": 0.4,
+        "num-server-rounds": 3,
+    }
     return RunConfig.from_flat({**flat, **overrides})
 
 
@@ -55,7 +70,9 @@ def message(cfg: RunConfig, kind: str, *, server_round: int = 1, run_id: str = "
     if lora_shift:
         state = {k: v + lora_shift for k, v in state.items()}
     plan = Plan(cfg, server_round=server_round, run_id=run_id, attempt="a").to_record()
-    return Message(RecordDict({ARRAYS: to_record(state, "fp16"), CONFIG: plan}), dst_node_id=GRID.node_ids[0], message_type=kind)
+    return Message(
+        RecordDict({ARRAYS: to_record(state, "fp16"), CONFIG: plan}), dst_node_id=GRID.node_ids[0], message_type=kind
+    )
 
 
 GRID = LocalGrid(client_app, num_nodes=1)  # sets Flower's task identity, which messages need
@@ -169,8 +186,20 @@ def test_the_owner_sets_budget_and_delta_and_a_plan_asking_for_more_is_refused(d
 
 
 # ---------------------------------------------------------------------- any sequence of server messages
-MESSAGES = st.sampled_from(["train", "train-replay", "train-new-model", "train-new-attempt", "train-next-round",
-                            "evaluate", "evaluate-replay", "evaluate-new-model", "greedy-plan", "other-delta"])
+MESSAGES = st.sampled_from(
+    [
+        "train",
+        "train-replay",
+        "train-new-model",
+        "train-new-attempt",
+        "train-next-round",
+        "evaluate",
+        "evaluate-replay",
+        "evaluate-new-model",
+        "greedy-plan",
+        "other-delta",
+    ]
+)
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

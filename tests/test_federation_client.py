@@ -43,9 +43,17 @@ def data_root(tmp_path_factory):
 
 def _config(data_root, tmp_path, **overrides):
     flat = {
-        "checkpoint-dir": str(tmp_path / "run"), "data-root": str(data_root), "num-server-rounds": 2,
-        "local-steps": 2, "logical-batch": 4, "learning-rate": 0.01, "min-clients": 2,
-        "client-budget-epsilon": 100.0, "dp.noise-multiplier": 0.8, "dp.sample-rate": 0.4, "evaluate": True,
+        "checkpoint-dir": str(tmp_path / "run"),
+        "data-root": str(data_root),
+        "num-server-rounds": 2,
+        "local-steps": 2,
+        "logical-batch": 4,
+        "learning-rate": 0.01,
+        "min-clients": 2,
+        "client-budget-epsilon": 100.0,
+        "dp.noise-multiplier": 0.8,
+        "dp.sample-rate": 0.4,
+        "evaluate": True,
         "dp.loss-noise-multiplier": 2.0,
     }
     return RunConfig.from_flat({**flat, **overrides})
@@ -76,8 +84,9 @@ def test_a_federation_of_real_clients_trains_charges_and_evaluates(data_root, tm
 
 def _train(grid, config, arrays, run_id):
     plan = Plan(config, server_round=1, run_id=run_id, attempt="a").to_record()
-    message = Message(RecordDict({ARRAYS: arrays, CONFIG: plan}), dst_node_id=grid.node_ids[0],
-                      message_type=MessageType.TRAIN)
+    message = Message(
+        RecordDict({ARRAYS: arrays, CONFIG: plan}), dst_node_id=grid.node_ids[0], message_type=MessageType.TRAIN
+    )
     (reply,) = grid.send_and_receive([message])
     return reply, ClientStatus.from_record(reply.content.config_records[STATUS])
 
@@ -101,7 +110,7 @@ def test_a_client_refuses_a_round_its_budget_cannot_cover(data_root, tmp_path):
         owner_budget(ledger, client_identity(folder), num_examples=10, epsilon=0.5)
     grid = LocalGrid(client_app, num_nodes=1)
     try:
-        reply, status = _train(grid, config, to_record(initial_subset(config), "fp16"), run_id="poor")
+        _, status = _train(grid, config, to_record(initial_subset(config), "fp16"), run_id="poor")
     finally:
         with Ledger(folder) as ledger:
             owner_budget(ledger, client_identity(folder), num_examples=10, epsilon=100.0)

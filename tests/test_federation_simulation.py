@@ -23,17 +23,28 @@ pytestmark = pytest.mark.slow  # starts Ray worker processes
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("federation")
-    config = RunConfig.from_flat({
-        "checkpoint-dir": str(root / "run"), "num-server-rounds": 3, "min-clients": 3,
-        "learning-rate": 0.05, "local-steps": 3, "client-budget-epsilon": 50.0,
-        "speaker-dp.enabled": True, "speaker-dp.noise-multiplier": 0.3, "speaker-dp.clip-norm": 1.0,
-        "round-timeout": 120.0, "evaluate": True,  # the kit's ClientApp releases its loss un-noised
-    })
+    config = RunConfig.from_flat(
+        {
+            "checkpoint-dir": str(root / "run"),
+            "num-server-rounds": 3,
+            "min-clients": 3,
+            "learning-rate": 0.05,
+            "local-steps": 3,
+            "client-budget-epsilon": 50.0,
+            "speaker-dp.enabled": True,
+            "speaker-dp.noise-multiplier": 0.3,
+            "speaker-dp.clip-norm": 1.0,
+            "round-timeout": 120.0,
+            "evaluate": True,  # the kit's ClientApp releases its loss un-noised
+        }
+    )
     server_app = make_server_app(config, initial_state=initial_state(), seed=11, export=False)
     client_app = make_client_app(root / "clients", behaviours={NAN: "nan"}, budgets={POOR: 0.5})
     started = time.monotonic()
     run_simulation(
-        server_app, client_app, num_supernodes=5,
+        server_app,
+        client_app,
+        num_supernodes=5,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
     )
     print(f"simulation wall time {time.monotonic() - started:.1f} s")

@@ -22,7 +22,11 @@ def test_the_mixed_fleet_holds_every_device_kind_the_issue_names():
     assert names["apple-cpu"].facts.backend == "mps"
     assert names["arm-cpu"].facts.cpu_arch == "arm64" and names["arm-cpu"].facts.backend == "cpu"
     assert names["amd-rdna3"].facts.gfx_arch.startswith("gfx11")
-    assert {round(names[n].facts.total_memory / 2**30) for n in ("nvidia-24gb", "nvidia-12gb", "nvidia-6gb")} == {24, 12, 6}
+    assert {round(names[n].facts.total_memory / 2**30) for n in ("nvidia-24gb", "nvidia-12gb", "nvidia-6gb")} == {
+        24,
+        12,
+        6,
+    }
 
 
 @pytest.mark.parametrize("n", [1, 3, 8, 100, 1000])
@@ -51,8 +55,7 @@ def test_round_draws_are_deterministic_and_follow_the_dropout_probability():
     slowdowns = [math.log(d.slowdown) for d in draws]
     assert abs(sum(slowdowns) / len(slowdowns)) < 0.05
     never = replace(device, dropout=0.0, jitter=0.0)
-    assert all(not round_draw(never, 7, p, 1).dropped and round_draw(never, 7, p, 1).slowdown == 1.0
-               for p in range(50))
+    assert all(not round_draw(never, 7, p, 1).dropped and round_draw(never, 7, p, 1).slowdown == 1.0 for p in range(50))
 
 
 def test_a_slow_device_misses_a_deadline_set_by_the_median_client():

@@ -70,8 +70,9 @@ def experiment(tmp_path_factory) -> dict[str, Path]:
 
 def _import(files: dict[str, Path], out: Path, exp: Path | None = None):
     spec = tokenizer_spec(files["hubert"], files["s2"], "cpu")
-    return import_experiment(files["list"], exp or files["exp"], out, tokenizer=spec, symbols_version="v2",
-                             show_progress=False)
+    return import_experiment(
+        files["list"], exp or files["exp"], out, tokenizer=spec, symbols_version="v2", show_progress=False
+    )
 
 
 def test_experiment_imports_with_its_features(experiment, tmp_path) -> None:
@@ -105,7 +106,9 @@ def test_missing_and_mismatched_files_are_rejected_with_reasons(experiment, tmp_
     report = _import(experiment, tmp_path / "cache", exp)
     assert report.accepted == 0
     assert [r.reason for r in report.rejected] == [
-        Reason.MISSING_FEATURES, Reason.MISMATCHED_FEATURES, Reason.MISMATCHED_FEATURES,
+        Reason.MISSING_FEATURES,
+        Reason.MISMATCHED_FEATURES,
+        Reason.MISMATCHED_FEATURES,
     ]
     assert "not what the given s2 makes" in report.rejected[1].message
     assert "3-bert/a_0003.wav.pt has shape [1024, 3]" in report.rejected[2].message
@@ -113,5 +116,11 @@ def test_missing_and_mismatched_files_are_rejected_with_reasons(experiment, tmp_
 
 def test_the_tokenizer_weights_are_required(experiment, tmp_path) -> None:
     with pytest.raises(ConfigError, match="needs --hubert and --s2"):
-        import_experiment(experiment["list"], experiment["exp"], tmp_path, tokenizer=tokenizer_spec(),
-                          symbols_version="v2", show_progress=False)
+        import_experiment(
+            experiment["list"],
+            experiment["exp"],
+            tmp_path,
+            tokenizer=tokenizer_spec(),
+            symbols_version="v2",
+            show_progress=False,
+        )

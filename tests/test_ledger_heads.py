@@ -77,10 +77,15 @@ def test_a_truncated_ledger_passes_the_chain_audit_but_not_the_signed_heads(tmp_
 
 def test_the_server_records_signed_heads_and_the_audit_holds_a_device_to_them(tmp_path):
     """End to end: replies carry signed heads, rounds record them, ``fedvox-audit --heads`` checks."""
-    config = RunConfig.from_flat({
-        "checkpoint-dir": str(tmp_path / "run"), "num-server-rounds": 2, "local-steps": 1, "min-clients": 2,
-        "wire-precision": "fp32",
-    })
+    config = RunConfig.from_flat(
+        {
+            "checkpoint-dir": str(tmp_path / "run"),
+            "num-server-rounds": 2,
+            "local-steps": 1,
+            "min-clients": 2,
+            "wire-precision": "fp32",
+        }
+    )
     FederatedRun(config, initial_state(), seed=0).execute(LocalGrid(make_client_app(tmp_path / "clients"), num_nodes=2))
 
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

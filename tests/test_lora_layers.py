@@ -52,9 +52,7 @@ def test_linear_starts_neutral_and_merges_exactly() -> None:
     assert not layer.base.weight.requires_grad and layer.lora_A.weight.requires_grad
 
 
-@pytest.mark.parametrize(
-    "index", [0, 1, 2], ids=["strided-dilated", "same-reflect", "weight-normed"]
-)
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["strided-dilated", "same-reflect", "weight-normed"])
 def test_conv1d_starts_neutral_and_merges_exactly(index: int) -> None:
     base = _convs()[index]
     fresh = _convs()[index]  # same geometry and parametrization, to load the merged state into
@@ -92,9 +90,7 @@ class _Batch:
 class _ConvNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.conv = wrap_with_lora(
-            weight_norm(nn.Conv1d(3, 8, 5, padding=4, dilation=2)), rank=2, alpha=4.0
-        )
+        self.conv = wrap_with_lora(weight_norm(nn.Conv1d(3, 8, 5, padding=4, dilation=2)), rank=2, alpha=4.0)
         self.proj = wrap_with_lora(nn.Linear(8, 2), rank=2, alpha=4.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,9 +103,7 @@ def test_conv_and_linear_adapters_have_exact_per_sample_grads() -> None:
     for layer in (model.conv, model.proj):
         _randomise_adapters(layer)
     model.double()
-    batch = _Batch(
-        torch.randn(4, 3, 11, dtype=torch.float64), torch.randn(4, 11, 2, dtype=torch.float64)
-    )
+    batch = _Batch(torch.randn(4, 3, 11, dtype=torch.float64), torch.randn(4, 11, 2, dtype=torch.float64))
 
     def loss(m: nn.Module, b: _Batch) -> torch.Tensor:
         return (m(b.x) - b.y).pow(2).sum(dim=(1, 2))

@@ -12,8 +12,11 @@ def _config() -> dict:
 
 
 def test_every_package_folder_is_listed_under_fedvox() -> None:
-    folders = {f"fedvox.{p.parent.relative_to(ROOT).as_posix().replace('/', '.')}"
-               for top in TOPS for p in (ROOT / top).rglob("__init__.py")}
+    folders = {
+        f"fedvox.{p.parent.relative_to(ROOT).as_posix().replace('/', '.')}"
+        for top in TOPS
+        for p in (ROOT / top).rglob("__init__.py")
+    }
     assert folders == set(_config()["packages"])
 
 
@@ -27,8 +30,12 @@ def test_imports_resolve_to_this_checkout() -> None:
     import fedvox.shared
     import fedvox.simulations
 
-    for module, top in ((fedvox.shared, "shared"), (fedvox.client, "client"),
-                        (fedvox.server, "server"), (fedvox.simulations, "simulations")):
+    for module, top in (
+        (fedvox.shared, "shared"),
+        (fedvox.client, "client"),
+        (fedvox.server, "server"),
+        (fedvox.simulations, "simulations"),
+    ):
         assert Path(module.__file__).resolve().parent == ROOT / top
 
 

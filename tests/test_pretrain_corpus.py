@@ -12,8 +12,9 @@ from fedvox.simulations.pretrain import corpus
 from fedvox.simulations.pretrain.corpus import CorpusConfig, corpus_voices, generate_corpus, plan_corpus
 from fedvox.simulations.speakers import SpeakersConfig, _espeak_version, _make_speaker, sentence_pools
 
-needs_engines = pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("flite") is None,
-                                   reason="espeak-ng and flite are not installed")
+needs_engines = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None or shutil.which("flite") is None, reason="espeak-ng and flite are not installed"
+)
 
 
 @needs_engines
@@ -25,8 +26,12 @@ def test_corpus_voices_are_stock_and_never_a_simulated_speaker():
     for voice in voices:
         if voice.engine == "espeak-ng":
             assert (stock / voice.voice.split("+")[1]).is_file(), voice.voice  # a file espeak-ng ships
-    simulated = [_make_speaker(SpeakersConfig(seed=seed), role, i)
-                 for seed in (0, 1) for role in ("client", "unseen") for i in range(50)]
+    simulated = [
+        _make_speaker(SpeakersConfig(seed=seed), role, i)
+        for seed in (0, 1)
+        for role in ("client", "unseen")
+        for i in range(50)
+    ]
     corpus_args = {v.voice for v in voices}
     for speaker in simulated:
         assert f"{speaker.accent}+{speaker.name}" not in corpus_args

@@ -33,8 +33,9 @@ class Killed(Exception):
 
 @pytest.mark.parametrize("stage", ["s1", "s2"])
 def test_a_killed_run_resumes_to_the_uninterrupted_result(stage, cache, tmp_path, monkeypatch):
-    plan = StagePlan(stage, model_config="tiny", steps=4, batch_size=2, warmup=2, eval_every=2,
-                     eval_utterances=2, disc_start=1)
+    plan = StagePlan(
+        stage, model_config="tiny", steps=4, batch_size=2, warmup=2, eval_every=2, eval_utterances=2, disc_start=1
+    )
     straight = train_stage(plan, cache, cache, tmp_path / "straight", torch.device("cpu"))
 
     real_step, calls = train._step, []
@@ -66,20 +67,32 @@ def test_resuming_with_other_settings_is_refused(cache, tmp_path):
     plan = StagePlan("s1", model_config="tiny", steps=1, batch_size=2, eval_every=1, eval_utterances=2)
     train_stage(plan, cache, cache, tmp_path, torch.device("cpu"))
     with pytest.raises(ConfigError, match="batch_size"):
-        train_stage(StagePlan("s1", model_config="tiny", steps=2, batch_size=3, eval_every=1), cache, cache,
-                    tmp_path, torch.device("cpu"))
-    longer = train_stage(StagePlan("s1", model_config="tiny", steps=2, batch_size=2, eval_every=1, eval_utterances=2),
-                         cache, cache, tmp_path, torch.device("cpu"))
+        train_stage(
+            StagePlan("s1", model_config="tiny", steps=2, batch_size=3, eval_every=1),
+            cache,
+            cache,
+            tmp_path,
+            torch.device("cpu"),
+        )
+    longer = train_stage(
+        StagePlan("s1", model_config="tiny", steps=2, batch_size=2, eval_every=1, eval_utterances=2),
+        cache,
+        cache,
+        tmp_path,
+        torch.device("cpu"),
+    )
     assert longer.step == 2  # training longer is allowed
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("flite") is None,
-                    reason="espeak-ng and flite are not installed")
+@pytest.mark.skipif(
+    shutil.which("espeak-ng") is None or shutil.which("flite") is None, reason="espeak-ng and flite are not installed"
+)
 def test_pretrain_writes_provenance_and_an_export_that_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus, "ESPEAK_VARIANTS", ("m2",))
     monkeypatch.setattr(corpus, "FLITE_VOICES", ("awb",))
-    plans = [StagePlan(s, model_config="tiny", steps=2, batch_size=2, eval_every=2, eval_utterances=2)
-             for s in ("s1", "s2")]
+    plans = [
+        StagePlan(s, model_config="tiny", steps=2, batch_size=2, eval_every=2, eval_utterances=2) for s in ("s1", "s2")
+    ]
     provenance = pretrain(tmp_path / "out", CorpusConfig(utterances=3, valid=1, workers=1), plans, device="cpu")
     assert provenance["code"]["git_commit"] and provenance["corpus"]["voices"] == 3
     assert provenance["corpus"]["totals"]["train"]["utterances"] == 6 and provenance["features"]["tokenizer"]

@@ -29,7 +29,12 @@ DELTA = 1e-5
 def google(history: list[tuple[float, float, int]], delta: float) -> tuple[float, float]:
     """(PLD, RDP) epsilon of a history with dp-accounting."""
     event = dp_accounting.ComposedDpEvent(
-        [dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)), n) for s, q, n in history]
+        [
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)), n
+            )
+            for s, q, n in history
+        ]
     )
     pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
     rdp = rdp_privacy_accountant.RdpAccountant()
@@ -57,7 +62,9 @@ def test_published_opacus_values():
 
 def test_cross_accountant_agreement_on_heterogeneous_history():
     rng = np.random.default_rng(3)
-    history = [(float(rng.uniform(0.8, 3.0)), float(rng.uniform(0.005, 0.2)), int(rng.integers(5, 120))) for _ in range(4)]
+    history = [
+        (float(rng.uniform(0.8, 3.0)), float(rng.uniform(0.005, 0.2)), int(rng.integers(5, 120))) for _ in range(4)
+    ]
     mechanisms = [Mechanism(*h) for h in history]
     pld, rdp_google = google(history, DELTA)
     prv = epsilon(mechanisms, DELTA, "prv")
@@ -94,7 +101,16 @@ def test_degenerate_mechanisms(accountant):
 
 @pytest.mark.parametrize(
     "args",
-    [(-1.0, 0.1, 1), (math.nan, 0.1, 1), (math.inf, 0.1, 1), (1.0, 1.5, 1), (1.0, -0.1, 1), (1.0, 0.1, -1), (1.0, 0.1, 2.5), (1.0, 0.1, True)],
+    [
+        (-1.0, 0.1, 1),
+        (math.nan, 0.1, 1),
+        (math.inf, 0.1, 1),
+        (1.0, 1.5, 1),
+        (1.0, -0.1, 1),
+        (1.0, 0.1, -1),
+        (1.0, 0.1, 2.5),
+        (1.0, 0.1, True),
+    ],
 )
 def test_invalid_mechanisms_are_refused(args):
     with pytest.raises(ConfigError):
@@ -193,7 +209,9 @@ def test_shared_batch_rule_matches_dp_accounting_and_beats_naive_composition():
     # dp-accounting's RDP accountant applies its own effective-noise rule to a Poisson-sampled
     # composition of Gaussians (Mironov et al. 2019, section 3): the same number.
     joint = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(s) for s in sigmas])),
+        dp_accounting.PoissonSampledDpEvent(
+            q, dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(s) for s in sigmas])
+        ),
         steps,
     )
     google_rdp = rdp_privacy_accountant.RdpAccountant().compose(joint).get_epsilon(DELTA)

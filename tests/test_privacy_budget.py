@@ -27,7 +27,9 @@ def test_refusal_says_what_was_spent_what_it_would_cost_and_what_to_change(tmp_p
         after = epsilon([*ledger.history("alice", "utterance"), planned], DELTA, "rdp")
         assert f"from {spent:.3f} to {after:.3f}" in message
         assert "budget 3" in message and "nothing was trained or charged" in message
-        sigma = calibrate_noise_multiplier(3.0, DELTA, sample_rate=0.05, steps=200, history=ledger.history("alice", "utterance"), accountant="rdp")
+        sigma = calibrate_noise_multiplier(
+            3.0, DELTA, sample_rate=0.05, steps=200, history=ledger.history("alice", "utterance"), accountant="rdp"
+        )
         assert f"raise noise_multiplier to at least {sigma:.3f}" in message
         steps = int(message.split("run at most ")[1].split()[0])
         assert epsilon([*ledger.history("alice", "utterance"), Mechanism(0.7, 0.05, steps)], DELTA, "rdp") <= 3.0

@@ -35,14 +35,32 @@ def test_rows_record_every_column_and_the_cumulative_epsilon(tmp_path):
         assert ledger.history("alice", "utterance") == [Mechanism(1.0, 0.05, 20), Mechanism(1.4, 0.05, 20)]
         head = ledger.head()
     assert COLUMNS[:17] == (
-        "id", "created_at", "run_id", "round", "client_id", "stage", "unit", "mechanism", "noise_multiplier",
-        "sample_rate", "steps", "clip_norm", "components", "delta", "accountant", "accountant_version", "epsilon",
+        "id",
+        "created_at",
+        "run_id",
+        "round",
+        "client_id",
+        "stage",
+        "unit",
+        "mechanism",
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+        "clip_norm",
+        "components",
+        "delta",
+        "accountant",
+        "accountant_version",
+        "epsilon",
     )
     assert first.epsilon == epsilon([Mechanism(1.0, 0.05, 20)], DELTA, "rdp")
     assert second.epsilon == epsilon([Mechanism(1.0, 0.05, 20), Mechanism(1.4, 0.05, 20)], DELTA, "rdp")
     assert second.epsilon > first.epsilon
     assert (first.mechanism, first.clip_norm, first.components, first.accountant_version) == (
-        "poisson_gaussian", 1.0, "[]", accountant_version()
+        "poisson_gaussian",
+        1.0,
+        "[]",
+        accountant_version(),
     )
     assert first.code_version.startswith("fedvox ")
     rows = read_rows(tmp_path)
@@ -91,8 +109,15 @@ def test_one_delta_and_accountant_per_client_and_unit(tmp_path):
 
 def test_shared_batch_release_records_its_components(tmp_path):
     gan = Release.shared_batch(
-        run_id="run-1", round=0, client_id="alice", stage="s2", unit="utterance", sample_rate=0.05, steps=20,
-        delta=DELTA, components=(Component("generator", 1.5, 1.0), Component("discriminator", 2.0, 0.5)),
+        run_id="run-1",
+        round=0,
+        client_id="alice",
+        stage="s2",
+        unit="utterance",
+        sample_rate=0.05,
+        steps=20,
+        delta=DELTA,
+        components=(Component("generator", 1.5, 1.0), Component("discriminator", 2.0, 0.5)),
     )
     with Ledger(tmp_path) as ledger:
         row = ledger.append(gan, accountant="rdp")
@@ -119,8 +144,14 @@ def test_shared_batch_release_records_its_components(tmp_path):
 )
 def test_invalid_releases_are_refused(change, match):
     fields = {
-        "run_id": "r", "round": 0, "client_id": "c", "stage": "s1", "unit": "utterance",
-        "mechanism": Mechanism(1.0, 0.1, 1), "delta": DELTA, "clip_norm": 1.0,
+        "run_id": "r",
+        "round": 0,
+        "client_id": "c",
+        "stage": "s1",
+        "unit": "utterance",
+        "mechanism": Mechanism(1.0, 0.1, 1),
+        "delta": DELTA,
+        "clip_norm": 1.0,
     }
     with pytest.raises(ConfigError, match=match):
         Release(**{**fields, **change})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from fedvox.client.device import REFERENCE_DEVICES
-from fedvox.client.profiles import ProfileOverrides, ResourceProfile, select_profile
 from fedvox.client.dp.engine import make_private, poisson_sample, run_logical_step
+from fedvox.client.profiles import ProfileOverrides, ResourceProfile, select_profile
 from fedvox.shared.models.config import s1_config
 from fedvox.shared.models.s1 import Text2SemanticDecoder, s1_loss
 from fedvox.shared.models.subsets import SubsetSpec, apply_subset
@@ -33,11 +33,17 @@ def one_logical_step(profile: ResourceProfile, indices: torch.Tensor) -> list[to
     model.to(profile.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     private = make_private(
-        model, torch.optim.SGD(trainable, lr=1.0), noise_multiplier=1.0, clip_norm=0.5,
-        expected_batch_size=EXAMPLES * 0.5, noise_generator=torch.Generator().manual_seed(7),
+        model,
+        torch.optim.SGD(trainable, lr=1.0),
+        noise_multiplier=1.0,
+        clip_norm=0.5,
+        expected_batch_size=EXAMPLES * 0.5,
+        noise_generator=torch.Generator().manual_seed(7),
         loss_scale=profile.loss_scale,
     )
-    data = random_s1_batch(CONFIG, [5, 9, 3, 7, 4, 8, 6, 5, 9, 2, 7, 3], [11, 6, 14, 8, 9, 12, 5, 10, 7, 13, 6, 9], seed=1)
+    data = random_s1_batch(
+        CONFIG, [5, 9, 3, 7, 4, 8, 6, 5, 9, 2, 7, 3], [11, 6, 14, 8, 9, 12, 5, 10, 7, 13, 6, 9], seed=1
+    )
 
     def accumulate(chunk: torch.Tensor) -> dict[str, float]:
         dtype = profile.autocast_dtype
@@ -54,8 +60,12 @@ def one_logical_step(profile: ResourceProfile, indices: torch.Tensor) -> list[to
 def test_two_profiles_give_the_same_update():
     roomy = select_profile(REFERENCE_DEVICES["x86-avx2"], "s1", "tiny", "lora", logical_batch=6)
     small = select_profile(
-        REFERENCE_DEVICES["raspberry-pi5"], "s1", "tiny", "lora",
-        ProfileOverrides(physical_batch=2, checkpointing=True), logical_batch=6,
+        REFERENCE_DEVICES["raspberry-pi5"],
+        "s1",
+        "tiny",
+        "lora",
+        ProfileOverrides(physical_batch=2, checkpointing=True),
+        logical_batch=6,
     )
     assert roomy.precision == small.precision == "fp32" and not roomy.checkpointing
     indices = poisson_sample(EXAMPLES, 0.5, torch.Generator().manual_seed(3))

@@ -33,17 +33,35 @@ RUNTIME = 256 * MiB
 
 
 def row(stage="s1", config="v2", subset="lora", precision="fp32", checkpointing=False, device="cpu", mib=100):
-    return {"device": device, "stage": stage, "config": config, "subset": subset, "precision": precision,
-            "checkpointing": checkpointing, "activation_bytes": mib * MiB, "host": "test host", "torch": "2.14.1"}
+    return {
+        "device": device,
+        "stage": stage,
+        "config": config,
+        "subset": subset,
+        "precision": precision,
+        "checkpointing": checkpointing,
+        "activation_bytes": mib * MiB,
+        "host": "test host",
+        "torch": "2.14.1",
+    }
 
 
 @pytest.fixture
 def table(monkeypatch):
     """A synthetic activation table with round numbers (the shipped one is checked separately)."""
-    rows = [row(stage=stage, config=config, subset=subset, precision=precision, checkpointing=ckpt,
-                mib=(400 if subset == "full" else 300) // (2 if precision == "bf16" else 1) // (3 if ckpt else 1))
-            for stage, config, subset, precision, ckpt in itertools.product(
-                ("s1", "s2"), ("tiny", "v2", "v2Pro", "v2ProPlus"), ("lora", "full"), ("fp32", "bf16"), (False, True))]
+    rows = [
+        row(
+            stage=stage,
+            config=config,
+            subset=subset,
+            precision=precision,
+            checkpointing=ckpt,
+            mib=(400 if subset == "full" else 300) // (2 if precision == "bf16" else 1) // (3 if ckpt else 1),
+        )
+        for stage, config, subset, precision, ckpt in itertools.product(
+            ("s1", "s2"), ("tiny", "v2", "v2Pro", "v2ProPlus"), ("lora", "full"), ("fp32", "bf16"), (False, True)
+        )
+    ]
     monkeypatch.setattr(profiles, "_memory_rows", lambda: tuple(rows))
     return rows
 
@@ -103,7 +121,9 @@ def test_logical_batch_caps_the_physical_batch(table):
 
 def test_more_memory_never_means_a_smaller_batch(table):
     batches = [
-        select_profile(replace(REFERENCE_DEVICES["rtx3060"], total_memory=int(gib * GiB)), "s1", "v2", "full").physical_batch
+        select_profile(
+            replace(REFERENCE_DEVICES["rtx3060"], total_memory=int(gib * GiB)), "s1", "v2", "full"
+        ).physical_batch
         for gib in (4, 6, 8, 12, 16, 24, 48, 80)
     ]
     assert batches == sorted(batches) and batches[0] < batches[-1]
@@ -122,7 +142,9 @@ def test_checkpointing_turns_on_only_when_memory_is_short(table):
     assert not roomy.checkpointing and "enough for logical batches up to 17" in roomy.reasons["checkpointing"]
     tight = select_profile(REFERENCE_DEVICES["rtx2060"], "s1", "v2", "full", logical_batch=8)
     assert tight.checkpointing and "parameter-free" in tight.reasons["checkpointing"]
-    plain = select_profile(REFERENCE_DEVICES["rtx2060"], "s1", "v2", "full", ProfileOverrides(checkpointing=False), logical_batch=8)
+    plain = select_profile(
+        REFERENCE_DEVICES["rtx2060"], "s1", "v2", "full", ProfileOverrides(checkpointing=False), logical_batch=8
+    )
     assert tight.physical_batch > plain.physical_batch
 
 
@@ -147,8 +169,12 @@ def test_gpu_figures_are_flagged_as_estimates_until_measured_on_a_gpu(table):
 
 
 def test_activation_lookup_rules():
-    rows = (row(config="v2", precision="bf16", mib=7), row(config="v2", subset="full", mib=9),
-            row(stage="s2", config="v2", mib=11), row(config="v2", device="cuda", precision="bf16", mib=5))
+    rows = (
+        row(config="v2", precision="bf16", mib=7),
+        row(config="v2", subset="full", mib=9),
+        row(stage="s2", config="v2", mib=11),
+        row(config="v2", device="cuda", precision="bf16", mib=5),
+    )
     lookup = lambda *args: activation_cost(*args, table=rows).bytes_per_sample // MiB  # noqa: E731
     assert lookup("s1", "v2Pro", SubsetSpec("lora"), "fp16", False, "cpu") == 7  # same architecture, same mixed class
     assert lookup("s1", "v1", SubsetSpec("lora"), "bf16", False, "cpu") == 7  # v1 differs in vocabulary only
@@ -160,7 +186,9 @@ def test_activation_lookup_rules():
 
 
 def test_the_shipped_table_covers_every_profile_the_cpu_can_choose():
-    for stage, config, subset, precision in itertools.product(("s1", "s2"), CONFIG_NAMES, ("lora", "full"), ("fp32", "bf16")):
+    for stage, config, subset, precision in itertools.product(
+        ("s1", "s2"), CONFIG_NAMES, ("lora", "full"), ("fp32", "bf16")
+    ):
         for checkpointing in (False, True) if stage == "s1" else (False,):
             cost = activation_cost(stage, config, SubsetSpec(subset), precision, checkpointing, "cpu")
             assert cost.measured_on == "cpu" and not cost.estimate

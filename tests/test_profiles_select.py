@@ -18,8 +18,14 @@ def facts_of(name: str, **changes) -> DeviceFacts:
 
 def profile(facts: DeviceFacts, overrides: ProfileOverrides | None = None, **kwargs):
     kwargs.setdefault("logical_batch", 8)
-    return select_profile(facts, kwargs.pop("stage", "s1"), kwargs.pop("config", "tiny"),
-                          kwargs.pop("subset", "lora"), overrides, **kwargs)
+    return select_profile(
+        facts,
+        kwargs.pop("stage", "s1"),
+        kwargs.pop("config", "tiny"),
+        kwargs.pop("subset", "lora"),
+        overrides,
+        **kwargs,
+    )
 
 
 # ---------------------------------------------------------------------- NVIDIA
@@ -40,8 +46,19 @@ def test_nvidia_memory_tiers(name, expected):
     assert REFERENCE_DEVICES[name].device_name in chosen.reasons["device"]
 
 
-@pytest.mark.parametrize(("gib", "tier"), [(79.2, "24gb+"), (23.5, "24gb+"), (15.9, "12gb"), (11.76, "12gb"),
-                                           (7.79, "8gb"), (5.79, "4gb"), (3.82, "4gb"), (1.95, "lt4gb")])
+@pytest.mark.parametrize(
+    ("gib", "tier"),
+    [
+        (79.2, "24gb+"),
+        (23.5, "24gb+"),
+        (15.9, "12gb"),
+        (11.76, "12gb"),
+        (7.79, "8gb"),
+        (5.79, "4gb"),
+        (3.82, "4gb"),
+        (1.95, "lt4gb"),
+    ],
+)
 def test_tiers_round_torch_sizes_to_the_marketed_ones(gib, tier):
     assert gpu_tier(int(gib * GiB)) == tier
 
@@ -132,7 +149,10 @@ def test_apple_silicon_opt_in_uses_mps_in_fp32():
     chosen = profile(REFERENCE_DEVICES["m2"], ProfileOverrides(allow_mps=True))
     assert chosen.device == "mps" and chosen.name == "apple-mps-fp32" and "opted in" in chosen.reasons["device"]
     assert profile(REFERENCE_DEVICES["m2"], ProfileOverrides(device="mps")).device == "mps"
-    assert profile(REFERENCE_DEVICES["m2"], ProfileOverrides(allow_mps=True, precision="fp16")).loss_scale == FP16_LOSS_SCALE
+    assert (
+        profile(REFERENCE_DEVICES["m2"], ProfileOverrides(allow_mps=True, precision="fp16")).loss_scale
+        == FP16_LOSS_SCALE
+    )
 
 
 @pytest.mark.parametrize(
@@ -167,7 +187,12 @@ def test_every_override_is_honoured_and_said_so():
     pins = ProfileOverrides(device="cpu", precision="fp32", physical_batch=3, checkpointing=True, threads=1)
     chosen = profile(REFERENCE_DEVICES["rtx3060"], pins)
     assert (chosen.device, chosen.precision, chosen.physical_batch, chosen.checkpointing, chosen.threads) == (
-        "cpu", "fp32", 3, True, 1)
+        "cpu",
+        "fp32",
+        3,
+        True,
+        1,
+    )
     assert all("pinned by override" in reason for reason in chosen.reasons.values())
 
 

@@ -7,8 +7,12 @@ from fedvox.shared.errors import ConfigError
 from fedvox.simulations.pseudo_speech import SAMPLE_RATE, PseudoVoice, synthesize
 from fedvox.simulations.speaker_id import mfcc_statistics, speaker_id_accuracy
 
-EN = ["The birch canoe slid on the smooth planks.", "Glue the sheet to the dark blue background.",
-      "It is easy to tell the depth of a well.", "These days a chicken leg is a rare dish."]
+EN = [
+    "The birch canoe slid on the smooth planks.",
+    "Glue the sheet to the dark blue background.",
+    "It is easy to tell the depth of a well.",
+    "These days a chicken leg is a rare dish.",
+]
 ZH = ["老师，您好！", "今天天气很好。", "我们去公园散步吧。", "他是一位谦虚的学者。"]
 
 
@@ -75,16 +79,20 @@ def test_the_text_not_the_seed_decides_what_is_said():
         frames = np.abs(wave[: len(wave) // 320 * 320]).reshape(-1, 320).mean(axis=1)
         return np.interp(np.linspace(0, 1, 200), np.linspace(0, 1, len(frames)), frames)
 
-    first, again, other = (envelope(synthesize(t, "zh", voice, seed=s))
-                           for t, s in ((ZH[1], 0), (ZH[1], 1), (ZH[3], 0)))
+    first, again, other = (
+        envelope(synthesize(t, "zh", voice, seed=s)) for t, s in ((ZH[1], 0), (ZH[1], 1), (ZH[3], 0))
+    )
     assert np.corrcoef(first, again)[0, 1] > np.corrcoef(first, other)[0, 1]
 
 
-@pytest.mark.parametrize("text, language, message", [
-    ("hello", "fr", "language"),
-    ("123 456", "en", "no speakable"),
-    ("", "zh", "no speakable"),
-])
+@pytest.mark.parametrize(
+    "text, language, message",
+    [
+        ("hello", "fr", "language"),
+        ("123 456", "en", "no speakable"),
+        ("", "zh", "no speakable"),
+    ],
+)
 def test_bad_input_is_a_config_error(text, language, message):
     with pytest.raises(ConfigError, match=message):
         synthesize(text, language, PseudoVoice.from_seed(0), seed=0)

@@ -42,7 +42,10 @@ def test_identical_audio_is_the_same_voice_and_a_different_voice_scores_lower(tm
     other_voice, _ = _speak(tmp_path, "espeak-ng", "en-gb+f4", OTHER)
     e = speaker.embed(a, rate)
     assert speaker.similarity(e, speaker.embed(a.copy(), rate)) == pytest.approx(1.0, abs=1e-5)
-    same, other = speaker.similarity(e, speaker.embed(same_voice, rate)), speaker.similarity(e, speaker.embed(other_voice, rate))
+    same, other = (
+        speaker.similarity(e, speaker.embed(same_voice, rate)),
+        speaker.similarity(e, speaker.embed(other_voice, rate)),
+    )
     assert same > other + 0.05, (same, other)
 
 

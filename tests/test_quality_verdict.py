@@ -13,14 +13,22 @@ def _quality(federated_gain: float) -> dict:
     base = {key: 0.60 + 0.01 * n for n, key in enumerate(items)}
 
     def scores(shift: float) -> dict:
-        return {key: {"similarity": value + shift, "wer": 0.5, "mcd": 8.0 - shift, "speech": 0.9}
-                for key, value in base.items()}
+        return {
+            key: {"similarity": value + shift, "wer": 0.5, "mcd": 8.0 - shift, "speech": 0.9}
+            for key, value in base.items()
+        }
 
     return {
-        "items": items, "clients": speakers, "unseen": [],
+        "items": items,
+        "clients": speakers,
+        "unseen": [],
         "speakers": {"base": None, "federated": None, "local only": speakers},
-        "scores": {"recordings": scores(0.3), "base": scores(0.0), "federated": scores(federated_gain),
-                   "local only": scores(0.0)},
+        "scores": {
+            "recordings": scores(0.3),
+            "base": scores(0.0),
+            "federated": scores(federated_gain),
+            "local only": scores(0.0),
+        },
     }
 
 
@@ -30,8 +38,12 @@ def test_a_measured_gain_is_called_with_its_interval_and_no_gain_is_called_none(
     assert (first.first, first.second) == ("federated", "local only")
     assert abs(first.differences["similarity"].mean - 0.07) < 1e-9
     sentence = first.sentence("similarity", " at epsilon 8")
-    assert sentence.startswith("The federated model is closer to the speakers' voices than local-only training at "
-                               "epsilon 8") and "+0.070 ± 0.000" in sentence
+    assert (
+        sentence.startswith(
+            "The federated model is closer to the speakers' voices than local-only training at epsilon 8"
+        )
+        and "+0.070 ± 0.000" in sentence
+    )
     assert "spectrally closer" in first.sentence("mcd")
     assert "not measurably different in intelligibility" in first.sentence("wer")
     same = summary.comparisons(_quality(0.0))[0]
@@ -51,16 +63,39 @@ def test_levels_are_only_given_for_models_scored_on_every_speaker_of_the_set():
 def test_epsilon_spent_on_updates_the_server_did_not_use_is_counted_per_client():
     events = [{"round": r, "partition": 0, "client-id": "c0", "outcome": "ok", "class": "cpu"} for r in (1, 2)]
     events += [{"round": r, "partition": 1, "client-id": "c1", "outcome": "straggler", "class": "slow"} for r in (1, 2)]
-    metrics = [{"round": r, "clients": [{"client-id": "c0", "accepted": True}, {"client-id": "c1", "accepted": False}]}
-               for r in (1, 2)]
+    metrics = [
+        {"round": r, "clients": [{"client-id": "c0", "accepted": True}, {"client-id": "c1", "accepted": False}]}
+        for r in (1, 2)
+    ]
     run = RunData(
-        name="run", folder=Path("."), spec={}, config=RunConfig(), completed=2, calibration={}, timings={},
-        peak_rss=0, fleet={}, clients=[{"partition": 0, "class": "cpu"}, {"partition": 1, "class": "slow"}],
-        metrics=metrics, events=events, evaluation={}, utterance_epsilon={0: {1: 3.0, 2: 5.0}, 1: {1: 3.0, 2: 5.0}},
-        speaker_epsilon={}, sample=None, quality=None, host_load={},
+        name="run",
+        folder=Path("."),
+        spec={},
+        config=RunConfig(),
+        completed=2,
+        calibration={},
+        timings={},
+        peak_rss=0,
+        fleet={},
+        clients=[{"partition": 0, "class": "cpu"}, {"partition": 1, "class": "slow"}],
+        metrics=metrics,
+        events=events,
+        evaluation={},
+        utterance_epsilon={0: {1: 3.0, 2: 5.0}, 1: {1: 3.0, 2: 5.0}},
+        speaker_epsilon={},
+        sample=None,
+        quality=None,
+        host_load={},
     )
     accounts = client_accounts(run)
-    assert accounts[0] | {"outcomes": None} == {"class": "cpu", "trained": 2, "accepted": 2, "epsilon": 5.0,
-                                                "epsilon-unused": 0.0, "speaker-epsilon": None, "outcomes": None}
+    assert accounts[0] | {"outcomes": None} == {
+        "class": "cpu",
+        "trained": 2,
+        "accepted": 2,
+        "epsilon": 5.0,
+        "epsilon-unused": 0.0,
+        "speaker-epsilon": None,
+        "outcomes": None,
+    }
     assert accounts[1]["accepted"] == 0 and accounts[1]["epsilon-unused"] == 5.0
     assert accounts[1]["outcomes"] == {"straggler": 2}

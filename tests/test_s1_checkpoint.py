@@ -39,9 +39,7 @@ OFFICIAL = {"v2": torch.float16, "v1": torch.float32}
 
 
 def _official_file(path: Path, version: str, dtype: torch.dtype) -> dict:
-    weight = {
-        k: t.to(dtype) for k, t in random_official_state_dict(f"s1_{version}", seed=1).items()
-    }
+    weight = {k: t.to(dtype) for k, t in random_official_state_dict(f"s1_{version}", seed=1).items()}
     content = {"weight": weight, "config": official_config(s1_config(version)), "info": "GPT-e15"}
     write_torch_file(content, path)
     return content
@@ -71,9 +69,7 @@ def official_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_official_keys_and_shapes_match_manifest(version: str) -> None:
-    expected = {
-        key: tuple(spec["shape"]) for key, spec in manifest(f"s1_{version}")["tensors"].items()
-    }
+    expected = {key: tuple(spec["shape"]) for key, spec in manifest(f"s1_{version}")["tensors"].items()}
     shapes = official_shapes(s1_config(version))
     assert list(shapes) == list(expected)  # same keys in the same order
     assert shapes == expected
@@ -111,9 +107,7 @@ def test_split_order_is_q_k_v_like_torch_multihead_attention() -> None:
     }
     model = Text2SemanticDecoder(config).eval()
     attention = model.h.layers[0].self_attn
-    state = {
-        k.removeprefix("h.layers.0.self_attn."): v for k, v in official_to_fedvox(official).items()
-    }
+    state = {k.removeprefix("h.layers.0.self_attn."): v for k, v in official_to_fedvox(official).items()}
     attention.load_state_dict(state, strict=True)
     x = torch.randn(2, 5, config.dim)
     causal = torch.ones(5, 5, dtype=torch.bool).tril()
@@ -206,9 +200,7 @@ def test_safetensors_round_trip_and_stage_check(tmp_path: Path) -> None:
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
     from fedvox.shared.models.interop import save_safetensors
 
-    save_safetensors(
-        {"x": torch.zeros(1)}, tmp_path / "other.safetensors", metadata={"stage": "s2"}
-    )
+    save_safetensors({"x": torch.zeros(1)}, tmp_path / "other.safetensors", metadata={"stage": "s2"})
     with pytest.raises(CheckpointError, match="not a fedvox s1 model file"):
         load_s1_safetensors(tmp_path / "other.safetensors")
 
@@ -220,9 +212,7 @@ def test_load_into_an_existing_model_before_the_subset(tmp_path: Path) -> None:
     load_official_s1_into(model, tmp_path / "tiny.ckpt")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
     with pytest.raises(CheckpointError, match="use config 'tiny'"):
-        load_official_s1_into(
-            Text2SemanticDecoder(s1_config("tiny", layers=1)), tmp_path / "tiny.ckpt"
-        )
+        load_official_s1_into(Text2SemanticDecoder(s1_config("tiny", layers=1)), tmp_path / "tiny.ckpt")
     apply_subset(model, SubsetSpec("lora"))
     with pytest.raises(CheckpointError, match="first, then apply"):
         load_official_s1_into(model, tmp_path / "tiny.ckpt")

@@ -21,9 +21,7 @@ def model() -> Text2SemanticDecoder:
     return Text2SemanticDecoder(CONFIG)
 
 
-def _inputs(
-    seed: int = 0, phonemes: int = 12, prompt: int = 9
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _inputs(seed: int = 0, phonemes: int = 12, prompt: int = 9) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return (
         torch.randint(1, CONFIG.phoneme_vocab_size, (phonemes,), generator=g),
@@ -73,15 +71,11 @@ def test_stops_at_eos_once_allowed(model: Text2SemanticDecoder) -> None:
     _always_eos(model)
     phonemes, bert, prompt = _inputs()
     assert generate(model, phonemes, bert, prompt, min_new_tokens=0).numel() == 0
-    tokens = generate(
-        model, phonemes, bert, prompt, min_new_tokens=3, generator=torch.Generator().manual_seed(0)
-    )
+    tokens = generate(model, phonemes, bert, prompt, min_new_tokens=3, generator=torch.Generator().manual_seed(0))
     assert tokens.numel() == 3 and (tokens < EOS).all()
 
 
-def test_respects_max_new_tokens(
-    model: Text2SemanticDecoder, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_respects_max_new_tokens(model: Text2SemanticDecoder, caplog: pytest.LogCaptureFixture) -> None:
     phonemes, bert, prompt = _inputs()
     with caplog.at_level(logging.WARNING, logger="fedvox.shared.models.s1"):
         tokens = generate(model, phonemes, bert, prompt, max_new_tokens=7, min_new_tokens=7)
@@ -113,9 +107,7 @@ def test_same_seed_same_tokens(model: Text2SemanticDecoder) -> None:
 def test_reference_free_and_restores_training_mode(model: Text2SemanticDecoder) -> None:
     phonemes, _, _ = _inputs()
     model.train()
-    tokens = generate(
-        model, phonemes, None, torch.empty(0, dtype=torch.long), max_new_tokens=5, min_new_tokens=5
-    )
+    tokens = generate(model, phonemes, None, torch.empty(0, dtype=torch.long), max_new_tokens=5, min_new_tokens=5)
     assert tokens.numel() == 5
     assert model.training
 

@@ -47,9 +47,7 @@ def test_prefix_lm_mask_structure() -> None:
 def test_per_sample_loss_does_not_depend_on_batch_padding() -> None:
     torch.manual_seed(0)
     model = Text2SemanticDecoder(TINY).double().eval()
-    batch = random_s1_batch(
-        TINY, [9, 4, 1], [12, 5, 0], seed=1, dtype=torch.float64, extra_padding=3
-    )
+    batch = random_s1_batch(TINY, [9, 4, 1], [12, 5, 0], seed=1, dtype=torch.float64, extra_padding=3)
     together = s1_loss(model, batch).per_sample
     for i in range(len(batch)):
         alone = s1_loss(model, unpadded(batch, i)).per_sample
@@ -116,9 +114,7 @@ def test_deepcopy_is_independent(subset: SubsetSpec | None) -> None:
     with torch.no_grad():
         for param in twin.parameters():
             param.add_(1.0)
-    assert all(
-        not torch.equal(a, b) for a, b in zip(twin.parameters(), model.parameters(), strict=True)
-    )
+    assert all(not torch.equal(a, b) for a, b in zip(twin.parameters(), model.parameters(), strict=True))
 
 
 def test_bf16_autocast_forward_and_backward() -> None:

@@ -32,9 +32,7 @@ def _model(subset: SubsetSpec, checkpointing: bool) -> Text2SemanticDecoder:
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "attention-checkpointing"])
 def test_full_subset_per_sample_grads_are_exact(checkpointing: bool) -> None:
     model = _model(SubsetSpec("full"), checkpointing)
-    batch = random_s1_batch(
-        CONFIG, [6, 3, 1], [8, 4, 0], seed=1, dtype=torch.float64, extra_padding=1
-    )
+    batch = random_s1_batch(CONFIG, [6, 3, 1], [8, 4, 0], seed=1, dtype=torch.float64, extra_padding=1)
     checked = assert_per_sample_grads_match(model, _per_sample_loss, batch, rtol=1e-5)
     assert checked == sum(1 for _ in model.parameters())
 

@@ -59,8 +59,11 @@ def test_generator_imports_strictly_and_round_trips_bit_exactly(version: str, tm
     # A fine-tuned export as process_ckpt.savee writes it: fp16, no enc_q, Pro versions tagged.
     finetuned = {k: v.half() for k, v in official.items() if "enc_q" not in k}
     hps = official_hparams(s2_config(version))
-    write_torch_file({"weight": finetuned, "config": hps, "info": "8epoch_96iteration"},
-                     tmp_path / "in.pth", version if version in TAGS else None)
+    write_torch_file(
+        {"weight": finetuned, "config": hps, "info": "8epoch_96iteration"},
+        tmp_path / "in.pth",
+        version if version in TAGS else None,
+    )
     raw = (tmp_path / "in.pth").read_bytes()
     assert raw[:2] == TAGS.get(version, b"PK")
     model = load_generator(tmp_path / "in.pth")  # version from the tag or the embedding rows
@@ -137,7 +140,9 @@ def test_version_detection_follows_gpt_sovits() -> None:
 def test_wrong_files_and_configs_fail_with_clear_messages(tmp_path) -> None:
     v1 = _shapes_only("s2G_v1")
     write_torch_file({"weight": {k: v.half() for k, v in v1.items()}}, tmp_path / "v1.pth")
-    with pytest.raises(CheckpointError, match=r"enc_p.text_embedding.weight.*\[322, 192\].*\[732, 192\].*s2_config\('v1'\)"):
+    with pytest.raises(
+        CheckpointError, match=r"enc_p.text_embedding.weight.*\[322, 192\].*\[732, 192\].*s2_config\('v1'\)"
+    ):
         load_generator(tmp_path / "v1.pth", s2_config("v2"))
 
     model = SynthesizerTrn(s2_config("v1"))

@@ -79,8 +79,7 @@ def test_per_sample_losses_do_not_depend_on_the_rest_of_the_batch() -> None:
         d_together = discriminator_losses(d, batch, out, config)
         for i in range(len(batch)):
             alone = unpadded(batch, i)
-            out_i = g(alone, slice_starts=step.slice_starts[i : i + 1],
-                      posterior_noise=step.posterior_noise[i : i + 1])
+            out_i = g(alone, slice_starts=step.slice_starts[i : i + 1], posterior_noise=step.posterior_noise[i : i + 1])
             losses_i = generator_losses(d, alone, out_i, config)
             for name, value in losses_i.items():
                 torch.testing.assert_close(value[0], together[name][i], rtol=1e-6, atol=1e-6)
@@ -223,8 +222,7 @@ def test_decode_speaks_a_finite_waveform_of_the_expected_length(speed: float) ->
     codes = torch.randint(0, 1024, (1, 10))
     phonemes = torch.randint(1, 700, (1, 7))
     refer = random_s2_batch(TINY, [9], [1]).spec
-    wave = g.decode(codes, phonemes, refer, noise_scale=0.5, speed=speed,
-                    generator=torch.Generator().manual_seed(0))
+    wave = g.decode(codes, phonemes, refer, noise_scale=0.5, speed=speed, generator=torch.Generator().manual_seed(0))
     frames = 20 if speed == 1.0 else int(20 / speed) + 1
     assert wave.shape == (1, 1, frames * HOP_LENGTH)
     assert bool(torch.isfinite(wave).all()) and wave.abs().max() <= 1.0 and wave.std() > 0

@@ -58,6 +58,7 @@ def _generator_loss(discriminator: MultiPeriodDiscriminator):
         with frozen(discriminator):
             out = model(step.batch, slice_starts=step.slice_starts, posterior_noise=step.posterior_noise)
             return generator_losses(discriminator, step.batch, out, CONFIG)["total"]
+
     return loss
 
 
@@ -83,8 +84,11 @@ def test_discriminator_per_sample_gradients_are_exact(models, step, gsm_class) -
     with torch.no_grad():
         out = generator(step.batch, slice_starts=step.slice_starts, posterior_noise=step.posterior_noise)
     checked = assert_per_sample_grads_match(
-        discriminator, lambda d, s: discriminator_losses(d, s.batch, s.out, CONFIG),
-        DiscriminatorStep(step.batch, out), rtol=RTOL, gsm_class=gsm_class,
+        discriminator,
+        lambda d, s: discriminator_losses(d, s.batch, s.out, CONFIG),
+        DiscriminatorStep(step.batch, out),
+        rtol=RTOL,
+        gsm_class=gsm_class,
     )
     assert checked == len(list(discriminator.parameters()))
 
@@ -121,9 +125,7 @@ def test_pro_extras_per_sample_gradients_are_exact() -> None:
             out = model(s.batch, slice_starts=s.slice_starts, posterior_noise=s.posterior_noise)
             return generator_losses(discriminator, s.batch, out, config)["total"]
 
-    checked = assert_per_sample_grads_match(
-        generator, loss, step, rtol=RTOL, gsm_class=DirectGradSampleModule
-    )
+    checked = assert_per_sample_grads_match(generator, loss, step, rtol=RTOL, gsm_class=DirectGradSampleModule)
     assert checked == 5 + len(list(generator.ref_enc.parameters()))
 
 

@@ -27,16 +27,35 @@ from fedvox.shared.models.interop import random_official_state_dict, write_torch
 from fedvox.shared.semantic import HUBERT_INPUT_SCALE, HubertTokenizer, load_hubert, tokenizer_spec
 
 TINY = {
-    "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
-    "conv_dim": [16] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2],
-    "conv_bias": False, "feat_extract_norm": "group", "num_conv_pos_embeddings": 16,
-    "num_conv_pos_embedding_groups": 4, "do_stable_layer_norm": False, "layer_norm_eps": 1e-5,
-    "hidden_act": "gelu", "feat_extract_activation": "gelu", "feat_proj_layer_norm": True,
-    "architectures": ["HubertModel"], "model_type": "hubert",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "conv_dim": [16] * 7,
+    "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
+    "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+    "conv_bias": False,
+    "feat_extract_norm": "group",
+    "num_conv_pos_embeddings": 16,
+    "num_conv_pos_embedding_groups": 4,
+    "do_stable_layer_norm": False,
+    "layer_norm_eps": 1e-5,
+    "hidden_act": "gelu",
+    "feat_extract_activation": "gelu",
+    "feat_proj_layer_norm": True,
+    "architectures": ["HubertModel"],
+    "model_type": "hubert",
 }
-BASE = {**TINY, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-        "intermediate_size": 3072, "conv_dim": [512] * 7, "num_conv_pos_embeddings": 128,
-        "num_conv_pos_embedding_groups": 16}
+BASE = {
+    **TINY,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "conv_dim": [512] * 7,
+    "num_conv_pos_embeddings": 128,
+    "num_conv_pos_embedding_groups": 16,
+}
 
 
 def hf_state(cfg: dict, seed: int = 0, parametrized: bool = False) -> dict[str, torch.Tensor]:
@@ -62,7 +81,8 @@ def hf_state(cfg: dict, seed: int = 0, parametrized: bool = False) -> dict[str, 
     pos = "encoder.pos_conv_embed.conv."
     g_name, v_name = (
         ("parametrizations.weight.original0", "parametrizations.weight.original1")
-        if parametrized else ("weight_g", "weight_v")
+        if parametrized
+        else ("weight_g", "weight_v")
     )
     state[pos + g_name] = rand(1, 1, kernel, scale=0.2, offset=1.0)
     state[pos + v_name] = rand(hidden, hidden // groups, kernel)
@@ -100,21 +120,35 @@ def hf_reference(state: dict[str, torch.Tensor], cfg: dict, wave: torch.Tensor) 
     for i, stride in enumerate(cfg["conv_stride"]):
         x = F.conv1d(x, state[f"feature_extractor.conv_layers.{i}.conv.weight"], stride=stride)
         if i == 0:
-            x = F.group_norm(x, x.shape[1], state["feature_extractor.conv_layers.0.layer_norm.weight"],
-                             state["feature_extractor.conv_layers.0.layer_norm.bias"])
+            x = F.group_norm(
+                x,
+                x.shape[1],
+                state["feature_extractor.conv_layers.0.layer_norm.weight"],
+                state["feature_extractor.conv_layers.0.layer_norm.bias"],
+            )
         x = F.gelu(x)
-    x = F.layer_norm(x.transpose(1, 2), (x.shape[1],), state["feature_projection.layer_norm.weight"],
-                     state["feature_projection.layer_norm.bias"])
+    x = F.layer_norm(
+        x.transpose(1, 2),
+        (x.shape[1],),
+        state["feature_projection.layer_norm.weight"],
+        state["feature_projection.layer_norm.bias"],
+    )
     x = F.linear(x, state["feature_projection.projection.weight"], state["feature_projection.projection.bias"])
     g, v = state["encoder.pos_conv_embed.conv.weight_g"], state["encoder.pos_conv_embed.conv.weight_v"]
     weight = g * v / v.norm(dim=(0, 1), keepdim=True)  # weight_norm(dim=2)
     kernel = cfg["num_conv_pos_embeddings"]
-    pos = F.conv1d(x.transpose(1, 2), weight, state["encoder.pos_conv_embed.conv.bias"],
-                   padding=kernel // 2, groups=cfg["num_conv_pos_embedding_groups"])
+    pos = F.conv1d(
+        x.transpose(1, 2),
+        weight,
+        state["encoder.pos_conv_embed.conv.bias"],
+        padding=kernel // 2,
+        groups=cfg["num_conv_pos_embedding_groups"],
+    )
     pos = pos[:, :, :-1] if kernel % 2 == 0 else pos
     hidden = cfg["hidden_size"]
-    x = F.layer_norm(x + F.gelu(pos).transpose(1, 2), (hidden,), state["encoder.layer_norm.weight"],
-                     state["encoder.layer_norm.bias"])
+    x = F.layer_norm(
+        x + F.gelu(pos).transpose(1, 2), (hidden,), state["encoder.layer_norm.weight"], state["encoder.layer_norm.bias"]
+    )
     heads = cfg["num_attention_heads"]
     for i in range(cfg["num_hidden_layers"]):
         p = f"encoder.layers.{i}."
@@ -187,7 +221,7 @@ def test_real_hubert_base_layout_equals_torchaudio_hubert_base(gpt_sovits_weight
         elif key == "encoder.pos_conv_embed.conv.weight_v":
             key = "encoder.transformer.pos_conv_embed.conv.parametrizations.weight.original1"
         elif key.startswith("encoder."):
-            key = "encoder.transformer." + key[len("encoder."):]
+            key = "encoder.transformer." + key[len("encoder.") :]
         renamed[key] = tensor
     direct.load_state_dict(renamed, strict=True)
     wave = torch.randn(1, 16000, generator=torch.Generator().manual_seed(2)) * 0.1
@@ -247,8 +281,7 @@ def test_prepare_with_hubert_records_its_tokenizer_and_its_codes(gpt_sovits_weig
     sf.write(tmp_path / "a.wav", wave, 24000, subtype="FLOAT")
     (tmp_path / "a.list").write_text("a.wav|spk|en|Hello there, world.\n", encoding="utf-8")
     spec = tokenizer_spec(hubert_dir, s2_path)
-    report = prepare(tmp_path / "a.list", tmp_path / "out", tokenizer=spec, symbols_version="v2",
-                     show_progress=False)
+    report = prepare(tmp_path / "a.list", tmp_path / "out", tokenizer=spec, symbols_version="v2", show_progress=False)
     assert report.accepted == 1 and report.tokenizer == spec.name
     cache = FeatureCache(tmp_path / "out")
     item = cache.read_index().items[0]

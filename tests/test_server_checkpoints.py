@@ -18,7 +18,11 @@ EVALUATORS = ["client-a", "client-b"]
 
 
 def _save(
-    store: RoundCheckpoints, server_round: int, val_loss: float | None, *, aggregated: bool = True,
+    store: RoundCheckpoints,
+    server_round: int,
+    val_loss: float | None,
+    *,
+    aggregated: bool = True,
     evaluators: list[str] = EVALUATORS,
 ) -> None:
     metrics = {} if val_loss is None else {"val-loss": val_loss, "aggregated": aggregated, "val-clients": evaluators}
@@ -51,7 +55,9 @@ def test_the_best_round_aggregated_and_is_compared_only_with_rounds_the_same_dev
     _save(store, 3, 0.4, aggregated=False, evaluators=["client-a"])
     assert store.best_round() == 2
     assert store.export_choice() == (
-        2, "lowest validation loss (2.5) of the aggregated rounds from round 1 on, all evaluated by the same 2 device(s)")
+        2,
+        "lowest validation loss (2.5) of the aggregated rounds from round 1 on, all evaluated by the same 2 device(s)",
+    )
     # A third device evaluates from round 4 on: its losses cannot be compared with rounds 1-2.
     _save(store, 4, 2.9, evaluators=[*EVALUATORS, "client-c"])
     _save(store, 5, 2.7, evaluators=[*EVALUATORS, "client-c"])
@@ -66,7 +72,10 @@ def test_without_a_comparable_loss_the_newest_aggregated_round_is_exported(tmp_p
     store.save(1, _state(1), {"metrics": {"aggregated": True}})
     store.save(2, _state(2), {"metrics": {"aggregated": False}})
     assert store.best_round() is None
-    assert store.export_choice() == (1, "newest round whose aggregation changed the model (no comparable validation loss)")
+    assert store.export_choice() == (
+        1,
+        "newest round whose aggregation changed the model (no comparable validation loss)",
+    )
 
 
 def test_tensors_without_their_json_are_not_a_committed_round(tmp_path):

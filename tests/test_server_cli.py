@@ -19,10 +19,15 @@ runner = CliRunner()
 
 
 def test_status_reports_the_newest_round_and_every_speakers_epsilon(tmp_path):
-    config = RunConfig.from_flat({
-        "checkpoint-dir": str(tmp_path / "run"), "num-server-rounds": 2, "learning-rate": 0.05,
-        "speaker-dp.enabled": True, "client-budget-epsilon": 50.0,
-    })
+    config = RunConfig.from_flat(
+        {
+            "checkpoint-dir": str(tmp_path / "run"),
+            "num-server-rounds": 2,
+            "learning-rate": 0.05,
+            "speaker-dp.enabled": True,
+            "client-budget-epsilon": 50.0,
+        }
+    )
     FederatedRun(config, initial_state(), seed=0).execute(LocalGrid(make_client_app(tmp_path / "c"), num_nodes=2))
 
     result = runner.invoke(app, ["status", str(tmp_path / "run"), "--json"])
@@ -48,7 +53,9 @@ def test_status_of_a_resumed_home_counts_toward_the_raised_round_target(tmp_path
     home = init_home(tmp_path / "home", ["localhost"])
     eight = RunConfig().with_overrides({"num-server-rounds": 8, "checkpoint-dir": str(home.run_dir)})
     store = RoundCheckpoints(home.run_dir / "checkpoints", keep=3)
-    store.save(8, {"w": torch.zeros(2)}, {"run-id": "r", "run-config": eight.to_flat(), "metrics": {"aggregated": True}})
+    store.save(
+        8, {"w": torch.zeros(2)}, {"run-id": "r", "run-config": eight.to_flat(), "metrics": {"aggregated": True}}
+    )
     write_run_config(home, eight.with_overrides({"num-server-rounds": 11}))  # then `start --resume`
 
     with server_running(home):

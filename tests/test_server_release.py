@@ -62,11 +62,21 @@ def _releases(sent: list[Message]) -> dict[int, set[str]]:
 
 @pytest.fixture
 def config(tmp_path):
-    return RunConfig.from_flat({
-        "checkpoint-dir": str(tmp_path / "run"), "num-server-rounds": 3, "local-steps": 1, "min-clients": 2,
-        "clients-per-round": 2, "wire-precision": "fp32", "client-budget-epsilon": 50.0, "evaluate": True,
-        "speaker-dp.enabled": True, "speaker-dp.noise-multiplier": 0.5, "speaker-dp.clip-norm": 1.0,
-    })
+    return RunConfig.from_flat(
+        {
+            "checkpoint-dir": str(tmp_path / "run"),
+            "num-server-rounds": 3,
+            "local-steps": 1,
+            "min-clients": 2,
+            "clients-per-round": 2,
+            "wire-precision": "fp32",
+            "client-budget-epsilon": 50.0,
+            "evaluate": True,
+            "speaker-dp.enabled": True,
+            "speaker-dp.noise-multiplier": 0.5,
+            "speaker-dp.clip-norm": 1.0,
+        }
+    )
 
 
 def test_a_crash_after_the_broadcast_cannot_release_a_round_twice_under_one_charge(tmp_path, config):

@@ -30,8 +30,13 @@ from tests.federation_kit import (
 
 def _config(tmp_path, **overrides):
     flat = {
-        "checkpoint-dir": str(tmp_path / "run"), "num-server-rounds": 1, "learning-rate": 0.05,
-        "local-steps": 3, "min-clients": 2, "wire-precision": "fp32", "keep-checkpoints": 2,
+        "checkpoint-dir": str(tmp_path / "run"),
+        "num-server-rounds": 1,
+        "learning-rate": 0.05,
+        "local-steps": 3,
+        "min-clients": 2,
+        "wire-precision": "fp32",
+        "keep-checkpoints": 2,
     }
     flat.update(overrides)
     return RunConfig.from_flat(flat)
@@ -109,7 +114,12 @@ def test_speaker_level_dp_noise_has_the_calibrated_scale_and_clipping_bounds_eac
     assert factors == [pytest.approx(2.0 / norms[0]), 1.0]
     clipped_sum = {"w": like["w"] + factors[0] * big["w"] + factors[1] * small["w"]}
     release = noised_mean(
-        clipped_sum, participants=2, clipped=1, clip_norm=2.0, noise_multiplier=0.8, expected_clients=4.0,
+        clipped_sum,
+        participants=2,
+        clipped=1,
+        clip_norm=2.0,
+        noise_multiplier=0.8,
+        expected_clients=4.0,
         generator=generator,
     )
 
@@ -121,10 +131,17 @@ def test_speaker_level_dp_noise_has_the_calibrated_scale_and_clipping_bounds_eac
 
 
 def test_speaker_level_dp_charges_every_eligible_speaker_once_per_round(tmp_path):
-    config = _config(tmp_path, **{
-        "num-server-rounds": 2, "clients-per-round": 2, "client-budget-epsilon": 50.0,
-        "speaker-dp.enabled": True, "speaker-dp.noise-multiplier": 0.7, "speaker-dp.clip-norm": 0.5,
-    })
+    config = _config(
+        tmp_path,
+        **{
+            "num-server-rounds": 2,
+            "clients-per-round": 2,
+            "client-budget-epsilon": 50.0,
+            "speaker-dp.enabled": True,
+            "speaker-dp.noise-multiplier": 0.7,
+            "speaker-dp.clip-norm": 0.5,
+        },
+    )
     grid = LocalGrid(make_client_app(tmp_path / "clients", budgets={3: 0.5}), num_nodes=4)
     _run(config, grid, seed=3)
 
@@ -138,10 +155,14 @@ def test_speaker_level_dp_charges_every_eligible_speaker_once_per_round(tmp_path
         assert row.epsilon == pytest.approx(epsilon([Mechanism(0.7, q, 1)] * row.round, config.speaker_dp.delta))
     # Flower's own RDP accountant for the same Poisson subsampled Gaussian is an independent,
     # looser bound: it must not fall below the ledger's PRV value, nor be far above it.
-    flower = RdpAccountant(PrivacyConfig(
-        target_delta=config.speaker_dp.delta, population_size=4,
-        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE, sampling_method=SamplingMethod.POISSON,
-    ))
+    flower = RdpAccountant(
+        PrivacyConfig(
+            target_delta=config.speaker_dp.delta,
+            population_size=4,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.POISSON,
+        )
+    )
     flower.compose(GaussianPrivacyEvent(0.7, 2, 4), count=2)
     ledger_epsilon = rows[-1].epsilon
     assert ledger_epsilon <= flower.get_epsilon(config.speaker_dp.delta) <= 1.3 * ledger_epsilon
@@ -223,7 +244,9 @@ def test_an_error_reply_names_the_node_its_message_went_to_not_the_superlink(tmp
     (row,) = _metrics(config)
     assert row["rejects"] == {"error": 1}
     failed = [c for c in row["clients"] if not c["accepted"]]
-    assert [c["node-id"] for c in failed] == [grid.gone] and SUPERLINK_NODE_ID not in {c["node-id"] for c in row["clients"]}
+    assert [c["node-id"] for c in failed] == [grid.gone] and SUPERLINK_NODE_ID not in {
+        c["node-id"] for c in row["clients"]
+    }
     assert f"node {grid.gone} replied with an error: " in caplog.text and "node 1 replied" not in caplog.text
 
 
@@ -255,8 +278,9 @@ def test_speaker_dp_mean_clips_each_received_update_before_noising():
             expected[n] += delta[n] * min(1.0, 2.0 / norm)
     assert got.release.participants == 3 and got.release.clipped == 2
     for name in sent:
-        torch.testing.assert_close(got.state[name].double(), global_state[name].double() + expected[name] / 4.0,
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            got.state[name].double(), global_state[name].double() + expected[name] / 4.0, rtol=0, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("max_misses", [2, 0])
@@ -266,8 +290,11 @@ def test_a_client_whose_updates_always_come_late_is_benched_after_max_misses(tmp
     _run(config, grid)
 
     late = grid.node_ids[2]
-    trained_rounds = [m.content.config_records["config"]["server-round"] for m in grid.sent
-                      if m.metadata.message_type == "train" and m.metadata.dst_node_id == late]
+    trained_rounds = [
+        m.content.config_records["config"]["server-round"]
+        for m in grid.sent
+        if m.metadata.message_type == "train" and m.metadata.dst_node_id == late
+    ]
     with Ledger(tmp_path / "clients" / "client-2") as ledger:
         charged = [r.round for r in ledger.rows(unit="utterance")]
     rows = _metrics(config)

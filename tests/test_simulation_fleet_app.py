@@ -31,14 +31,23 @@ PROFILE = {"profile.threads": 1}
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("fleet")
     fleet = Fleet("test", (STEADY, FLAKY, SLOW), deadline_factor=2.0)
-    clients = [VirtualClient(p, d, f"{d.name}-fp32", 4, "fp32", False, 2**20, dict(PROFILE))
-               for p, d in enumerate(DEVICES)]
-    app = fleet_client_app(FleetMod(fleet, clients, seed=5, events_dir=root / "events"),
-                           make_client_app(root / "clients"))
-    config = RunConfig.from_flat({
-        "checkpoint-dir": str(root / "run"), "num-server-rounds": 2, "min-clients": 2, "local-steps": 2,
-        "learning-rate": 0.05, "client-budget-epsilon": 50.0, "round-timeout": 60.0,
-    })
+    clients = [
+        VirtualClient(p, d, f"{d.name}-fp32", 4, "fp32", False, 2**20, dict(PROFILE)) for p, d in enumerate(DEVICES)
+    ]
+    app = fleet_client_app(
+        FleetMod(fleet, clients, seed=5, events_dir=root / "events"), make_client_app(root / "clients")
+    )
+    config = RunConfig.from_flat(
+        {
+            "checkpoint-dir": str(root / "run"),
+            "num-server-rounds": 2,
+            "min-clients": 2,
+            "local-steps": 2,
+            "learning-rate": 0.05,
+            "client-budget-epsilon": 50.0,
+            "round-timeout": 60.0,
+        }
+    )
     grid = LocalGrid(app, num_nodes=len(DEVICES))
     FederatedRun(config, initial_state(), seed=3).execute(grid)
     metrics = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -55,8 +64,10 @@ def test_dropped_and_late_clients_do_not_stall_the_rounds(federation):
 
 def test_events_record_each_outcome_with_measured_and_simulated_times(federation):
     _, _, _, events = federation
-    assert outcome_counts(events) == {1: {"ok": 3, "dropout": 1, "straggler": 1},
-                                      2: {"ok": 3, "dropout": 1, "straggler": 1}}
+    assert outcome_counts(events) == {
+        1: {"ok": 3, "dropout": 1, "straggler": 1},
+        2: {"ok": 3, "dropout": 1, "straggler": 1},
+    }
     by = {(e["round"], e["partition"]): e for e in events}
     assert by[(1, 3)]["outcome"] == "dropout" and "host-s" not in by[(1, 3)]  # never trained
     late, ok = by[(1, 4)], by[(1, 0)]
@@ -84,20 +95,30 @@ def test_the_mod_hands_each_node_its_profile_overrides(federation):
 
 
 def test_without_a_deadline_a_dropout_holds_the_round_until_its_timeout():
-    events = [{"round": 1, "partition": 0, "outcome": "ok", "simulated-s": 4.0, "deadline-s": None},
-              {"round": 1, "partition": 1, "outcome": "dropout"},
-              {"round": 2, "partition": 0, "outcome": "ok", "simulated-s": 5.0, "deadline-s": None},
-              {"round": 2, "partition": 1, "outcome": "refused-budget"}]
+    events = [
+        {"round": 1, "partition": 0, "outcome": "ok", "simulated-s": 4.0, "deadline-s": None},
+        {"round": 1, "partition": 1, "outcome": "dropout"},
+        {"round": 2, "partition": 0, "outcome": "ok", "simulated-s": 5.0, "deadline-s": None},
+        {"round": 2, "partition": 1, "outcome": "refused-budget"},
+    ]
     assert simulated_round_times(events, round_timeout=300.0) == {1: 300.0, 2: 5.0}
 
 
 def test_a_device_that_cannot_train_refuses_every_message_as_a_device_refusal(tmp_path):
-    client = VirtualClient(0, replace(STEADY, name="tiny-gpu"), "none", 0, "", False, 0,
-                           refusal="does not fit in memory")
-    app = fleet_client_app(FleetMod(Fleet("f", (STEADY,)), [client, client], 0, tmp_path / "events"),
-                           make_client_app(tmp_path / "clients"))
+    client = VirtualClient(
+        0, replace(STEADY, name="tiny-gpu"), "none", 0, "", False, 0, refusal="does not fit in memory"
+    )
+    app = fleet_client_app(
+        FleetMod(Fleet("f", (STEADY,)), [client, client], 0, tmp_path / "events"), make_client_app(tmp_path / "clients")
+    )
     (tmp_path / "clients" / "client-0").mkdir(parents=True)
-    config = RunConfig.from_flat({"checkpoint-dir": str(tmp_path / "run"), "num-server-rounds": 1,
-                                  "min-clients": 1, "data-root": str(tmp_path / "clients")})
+    config = RunConfig.from_flat(
+        {
+            "checkpoint-dir": str(tmp_path / "run"),
+            "num-server-rounds": 1,
+            "min-clients": 1,
+            "data-root": str(tmp_path / "clients"),
+        }
+    )
     FederatedRun(config, initial_state(), seed=1).execute(LocalGrid(app, num_nodes=1))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nobody eligible: the run stops cleanly

@@ -39,8 +39,14 @@ def _free_port() -> int:
 
 
 def _ray(*args: str, env: dict) -> None:
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], check=True, env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=180)
+    subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", *args],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        timeout=180,
+    )
 
 
 def _stop(temp_dir: str) -> None:
@@ -67,11 +73,17 @@ def cluster():
     temp_dir = tempfile.mkdtemp(prefix="/tmp/fvray-")  # short: Ray's socket paths have a length limit
     port = _free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "FLWR_TELEMETRY_ENABLED": "0"}
-    common = ["--num-cpus=1", "--num-gpus=0", "--node-ip-address=127.0.0.1", "--object-store-memory=100000000",
-              "--disable-usage-stats"]
+    common = [
+        "--num-cpus=1",
+        "--num-gpus=0",
+        "--node-ip-address=127.0.0.1",
+        "--object-store-memory=100000000",
+        "--disable-usage-stats",
+    ]
     try:
-        _ray("start", "--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=false", *common,
-             env=env)
+        _ray(
+            "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=false", *common, env=env
+        )
         _ray("start", f"--address=127.0.0.1:{port}", *common, env=env)
         time.sleep(2)
         yield f"127.0.0.1:{port}"
@@ -83,11 +95,36 @@ def test_a_simulation_on_a_two_node_ray_cluster_runs_clients_on_both_nodes(clust
     fleet = tmp_path / "steady.toml"
     fleet.write_text(FLEET)
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, [
-        "run", "--speakers", "2", "--utterances", "5", "--rounds", "2", "--lang", "en", "--fleet", str(fleet),
-        "--local-baselines", "0", "--no-central-baseline", "--quality-sentences", "0", "--workers", "2",
-        "--ray-address", cluster, "--out", str(out), "--run-config", "local-steps=1 logical-batch=2",
-    ], catch_exceptions=False)
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--speakers",
+            "2",
+            "--utterances",
+            "5",
+            "--rounds",
+            "2",
+            "--lang",
+            "en",
+            "--fleet",
+            str(fleet),
+            "--local-baselines",
+            "0",
+            "--no-central-baseline",
+            "--quality-sentences",
+            "0",
+            "--workers",
+            "2",
+            "--ray-address",
+            cluster,
+            "--out",
+            str(out),
+            "--run-config",
+            "local-steps=1 logical-batch=2",
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     folder = out / "runs" / "run"
     events = read_events(folder / "events")

@@ -33,15 +33,34 @@ def simulation(tmp_path_factory):
     fleet = root / "flaky.toml"
     fleet.write_text(FLEET)
     out = root / "out"
-    result = CliRunner().invoke(app, [
-        "run", "--speakers", "3", "--utterances", "6", "--rounds", "2", "--fleet", str(fleet), "--epsilon", "8",
-        "--local-baselines", "1", "--out", str(out),
-        "--run-config", "local-steps=2 logical-batch=2 learning-rate=0.01",
-    ], catch_exceptions=False)
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--speakers",
+            "3",
+            "--utterances",
+            "6",
+            "--rounds",
+            "2",
+            "--fleet",
+            str(fleet),
+            "--epsilon",
+            "8",
+            "--local-baselines",
+            "1",
+            "--out",
+            str(out),
+            "--run-config",
+            "local-steps=2 logical-batch=2 learning-rate=0.01",
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     folder = out / "runs" / "run"
-    flaky = next(c["partition"] for c in json.loads((folder / "fleet.json").read_text())["clients"]
-                 if c["class"] == "flaky")
+    flaky = next(
+        c["partition"] for c in json.loads((folder / "fleet.json").read_text())["clients"] if c["class"] == "flaky"
+    )
     return out, folder, flaky
 
 

@@ -29,8 +29,7 @@ needs_espeak = pytest.mark.skipif(
     not HAS_ESPEAK,
     reason="espeak-ng is NOT installed: espeak-ng speaker tests skipped (apt-get install espeak-ng)",
 )
-SMALL = SpeakersConfig(n_speakers=4, utterances=3, language="mix", seed=5, heldout_utterances=1,
-                       unseen_speakers=1)
+SMALL = SpeakersConfig(n_speakers=4, utterances=3, language="mix", seed=5, heldout_utterances=1, unseen_speakers=1)
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -57,8 +56,14 @@ def test_layout_lists_and_audio_follow_the_contract(espeak_set):
     out, manifest = espeak_set
     assert manifest["complete"] and manifest["engine"]["name"] == "espeak-ng"
     assert manifest["engine"]["fallback"] is False and manifest["engine"]["version"]
-    assert sorted(p.name for p in out.iterdir()) == ["clients", "heldout_seen.list", "heldout_unseen.list",
-                                                     "manifest.json", "train.list", "unseen"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "clients",
+        "heldout_seen.list",
+        "heldout_unseen.list",
+        "manifest.json",
+        "train.list",
+        "unseen",
+    ]
     speakers = {s["name"]: s for s in manifest["speakers"]}
     assert [s["role"] for s in speakers.values()] == ["client"] * 4 + ["unseen"]
     assert {s["language"] for s in speakers.values()} == {"en", "zh"}
@@ -104,8 +109,7 @@ def test_espeak_speakers_are_distinct(espeak_set):
     out, manifest = espeak_set
     check = manifest["speaker_check"]
     assert check["speakers"] == 5 and check["accuracy"] >= 0.75 > 3 * check["chance"]
-    pitch = {s["name"]: int(s["voice"]["variant_file"].split("pitch ")[1].split()[0])
-             for s in manifest["speakers"]}
+    pitch = {s["name"]: int(s["voice"]["variant_file"].split("pitch ")[1].split()[0]) for s in manifest["speakers"]}
     f0 = {name: _median_f0(out, name, manifest) for name in ("spk000", "spk001")}  # a man and a woman
     assert f0["spk001"] > 1.3 * f0["spk000"]
     assert abs(f0["spk000"] / pitch["spk000"] - 1) < 0.6
@@ -134,10 +138,10 @@ def test_more_speakers_than_espeaks_349_voice_list_still_load(tmp_path):
     _prepare_espeak_data(tmp_path / "espeak", speakers)
     first, last = speakers[0], speakers[1]
     text = "The birch canoe slid on the smooth planks."
-    plain = _espeak(_Utterance(dataclasses.replace(last, name="none"), "train", "x.wav", text, (0,)),
-                    str(tmp_path / "espeak"))
-    waves = [_espeak(_Utterance(s, "train", "x.wav", text, (0,)), str(tmp_path / "espeak"))
-             for s in (first, last)]
+    plain = _espeak(
+        _Utterance(dataclasses.replace(last, name="none"), "train", "x.wav", text, (0,)), str(tmp_path / "espeak")
+    )
+    waves = [_espeak(_Utterance(s, "train", "x.wav", text, (0,)), str(tmp_path / "espeak")) for s in (first, last)]
     assert all(len(w) > 32000 for w in waves)
     assert not np.array_equal(waves[0], waves[1])
     assert len(plain) != len(waves[1]) or not np.array_equal(plain, waves[1])  # the variant was applied
@@ -158,11 +162,11 @@ def test_without_espeak_it_falls_back_to_pseudo_speech_and_says_so(tmp_path, mon
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
     out = tmp_path / "out"
-    config = SpeakersConfig(n_speakers=3, utterances=4, language="mix", zipf=2.0, heldout_utterances=1,
-                            unseen_speakers=0, workers=1)
+    config = SpeakersConfig(
+        n_speakers=3, utterances=4, language="mix", zipf=2.0, heldout_utterances=1, unseen_speakers=0, workers=1
+    )
     manifest = generate_speakers(out, config)
-    assert manifest["engine"] == {"name": "pseudo-speech", "fallback": True,
-                                  "reason": "espeak-ng not found on PATH"}
+    assert manifest["engine"] == {"name": "pseudo-speech", "fallback": True, "reason": "espeak-ng not found on PATH"}
     assert "FALLING BACK TO PSEUDO-SPEECH" in caplog.text
     counts = [s["train"]["utterances"] for s in manifest["speakers"]]
     assert sum(counts) == 12 and min(counts) >= MIN_UTTERANCES and len(set(counts)) > 1
@@ -185,8 +189,9 @@ def test_refuses_a_foreign_folder_and_replaces_only_its_own_output(tmp_path):
     assert _files(foreign) == {"me.wav": b"precious"}
 
     out = tmp_path / "sim"
-    tiny = SpeakersConfig(n_speakers=2, utterances=2, heldout_utterances=1, unseen_speakers=1,
-                          engine="pseudo-speech", workers=1)
+    tiny = SpeakersConfig(
+        n_speakers=2, utterances=2, heldout_utterances=1, unseen_speakers=1, engine="pseudo-speech", workers=1
+    )
     generate_speakers(out, tiny)
     (out / "notes.txt").write_text("mine")
     generate_speakers(out, SpeakersConfig(**{**tiny.__dict__, "n_speakers": 1, "unseen_speakers": 0}))
@@ -196,12 +201,20 @@ def test_refuses_a_foreign_folder_and_replaces_only_its_own_output(tmp_path):
     assert not (out / ".espeak").exists()
 
 
-@pytest.mark.parametrize("change, option", [
-    ({"n_speakers": 0}, "--n"), ({"utterances": 0}, "--utterances"), ({"language": "fr"}, "--lang"),
-    ({"zipf": -1.0}, "--zipf"), ({"zipf": 1.0, "utterances": 2}, "--utterances"), ({"seed": -1}, "--seed"),
-    ({"heldout_utterances": 0, "unseen_speakers": 1}, "--unseen-speakers"), ({"engine": "say"}, "--engine"),
-    ({"workers": 0}, "--workers"),
-])
+@pytest.mark.parametrize(
+    "change, option",
+    [
+        ({"n_speakers": 0}, "--n"),
+        ({"utterances": 0}, "--utterances"),
+        ({"language": "fr"}, "--lang"),
+        ({"zipf": -1.0}, "--zipf"),
+        ({"zipf": 1.0, "utterances": 2}, "--utterances"),
+        ({"seed": -1}, "--seed"),
+        ({"heldout_utterances": 0, "unseen_speakers": 1}, "--unseen-speakers"),
+        ({"engine": "say"}, "--engine"),
+        ({"workers": 0}, "--workers"),
+    ],
+)
 def test_bad_options_are_one_config_error_naming_the_option(change, option, tmp_path):
     with pytest.raises(ConfigError, match=option):
         generate_speakers(tmp_path / "x", SpeakersConfig(**{**SpeakersConfig().__dict__, **change}))
@@ -210,9 +223,28 @@ def test_bad_options_are_one_config_error_naming_the_option(change, option, tmp_
 
 def test_cli_generates_and_reports(tmp_path):
     out = tmp_path / "cli"
-    result = CliRunner().invoke(app, ["speakers", "--n", "2", "--utterances", "2", "--out", str(out),
-                                      "--lang", "en", "--unseen-speakers", "1", "--heldout-utterances", "1",
-                                      "--engine", "pseudo-speech", "--workers", "1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "speakers",
+            "--n",
+            "2",
+            "--utterances",
+            "2",
+            "--out",
+            str(out),
+            "--lang",
+            "en",
+            "--unseen-speakers",
+            "1",
+            "--heldout-utterances",
+            "1",
+            "--engine",
+            "pseudo-speech",
+            "--workers",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "2 clients + 1 unseen speakers, 7 utterances" in result.output
     manifest = json.loads((out / "manifest.json").read_text())
@@ -238,7 +270,11 @@ def test_every_sentence_phonemizes_and_every_line_parses_in_the_data_pipeline(tm
         for sentence in _sentences(language):
             assert phonemize(sentence, language, "v2").ids, sentence
     out = tmp_path / "out"
-    generate_speakers(out, SpeakersConfig(n_speakers=2, utterances=2, heldout_utterances=1, unseen_speakers=1,
-                                          engine="pseudo-speech", workers=1))
+    generate_speakers(
+        out,
+        SpeakersConfig(
+            n_speakers=2, utterances=2, heldout_utterances=1, unseen_speakers=1, engine="pseudo-speech", workers=1
+        ),
+    )
     for list_file in [*out.glob("*.list"), *out.glob("*/*/*.list")]:
         assert all(isinstance(entry, Entry) for entry in read_list(list_file)), list_file

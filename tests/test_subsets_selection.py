@@ -54,9 +54,7 @@ class _WithFrozenQuantizer(nn.Module):
 
 
 def test_full_trains_everything_but_frozen_prefixes() -> None:
-    assert len(_trainable(apply_subset(_model(), SubsetSpec("full")))) == len(
-        list(_model().parameters())
-    )
+    assert len(_trainable(apply_subset(_model(), SubsetSpec("full")))) == len(list(_model().parameters()))
     model = apply_subset(_WithFrozenQuantizer(), SubsetSpec("full"))
     assert _trainable(model) == ["encoder.weight", "encoder.bias", "head.weight", "head.bias"]
 
@@ -139,9 +137,7 @@ def test_trainable_state_round_trips_between_models() -> None:
     load_trainable_state_dict(receiver, state)
     sender.eval()
     receiver.eval()
-    torch.testing.assert_close(
-        s1_loss(receiver, BATCH).per_sample, s1_loss(sender, BATCH).per_sample
-    )
+    torch.testing.assert_close(s1_loss(receiver, BATCH).per_sample, s1_loss(sender, BATCH).per_sample)
     snapshot = {k: v.clone() for k, v in state.items()}
     with torch.no_grad():
         for p in sender.parameters():

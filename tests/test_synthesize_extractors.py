@@ -55,11 +55,19 @@ def test_bert_features_for_zh_pieces_only(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(synthesis, "generate", fake_generate)
     reference = 0.1 * torch.randn(32000, generator=torch.Generator().manual_seed(1))
     with pytest.raises(ConfigError, match="no semantic tokens"):
-        synthesize(voice, "你好。", "zh", reference, FallbackTokenizer(), reference_text="Hello there.",
-                   reference_language="en", bert=extractor)
+        synthesize(
+            voice,
+            "你好。",
+            "zh",
+            reference,
+            FallbackTokenizer(),
+            reference_text="Hello there.",
+            reference_language="en",
+            bert=extractor,
+        )
     prompt = synthesis.phonemize("Hello there.", "en")
     target = synthesis.phonemize("你好。", "zh")
     bert = features[0]
     assert bert.shape == (len(prompt.ids) + len(target.ids), 1024)
     assert not bert[: len(prompt.ids)].any()  # en prompt: zeros, as get_bert_inf
-    assert torch.equal(bert[len(prompt.ids):], extractor.features(target.norm_text, target.word2ph))
+    assert torch.equal(bert[len(prompt.ids) :], extractor.features(target.norm_text, target.word2ph))

@@ -75,8 +75,20 @@ def test_v1_and_v2_share_ids_for_the_same_phones():
 
 @pytest.mark.parametrize(
     "code, expected",
-    [("zh", "zh"), ("ZH", "zh"), ("EN", "en"), ("En", "en"), (" en ", "en"), ("JP", "ja"), ("jp", "ja"),
-     ("JA", "ja"), ("KO", "ko"), ("Ko", "ko"), ("YUE", "yue"), ("Yue", "yue")],
+    [
+        ("zh", "zh"),
+        ("ZH", "zh"),
+        ("EN", "en"),
+        ("En", "en"),
+        (" en ", "en"),
+        ("JP", "ja"),
+        ("jp", "ja"),
+        ("JA", "ja"),
+        ("KO", "ko"),
+        ("Ko", "ko"),
+        ("YUE", "yue"),
+        ("Yue", "yue"),
+    ],
 )
 def test_language_codes(code, expected):
     assert normalize_language(code) == expected
@@ -104,8 +116,14 @@ def test_empty_text(text):
 
 @pytest.mark.parametrize(
     "text, language, hint",
-    [("。！？", "zh", ""), ("……", "zh", ""), ("Hello world", "zh", "use language 'en'"), ("...!?", "en", ""),
-     ("你好", "en", "use language 'zh'"), ("@#^&*", "en", "")],
+    [
+        ("。！？", "zh", ""),
+        ("……", "zh", ""),
+        ("Hello world", "zh", "use language 'en'"),
+        ("...!?", "en", ""),
+        ("你好", "en", "use language 'zh'"),
+        ("@#^&*", "en", ""),
+    ],
 )
 def test_text_with_nothing_to_pronounce(text, language, hint):
     with pytest.raises(TextError) as info:
@@ -135,7 +153,10 @@ def test_deterministic_across_processes():
         "print(json.dumps([phonemize(x, 'zh' if i < 4 else 'en').ids for i, x in enumerate(t)]))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(texts)], capture_output=True, text=True, check=True,
+        [sys.executable, "-c", script, json.dumps(texts)],
+        capture_output=True,
+        text=True,
+        check=True,
         cwd=Path(__file__).resolve().parents[1],
     )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == here

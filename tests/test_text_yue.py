@@ -16,11 +16,19 @@ pytest.importorskip("ToJyutping")
     [
         ("你好。", "你好.", ["Yn", "Yei5", "Yh", "You2", "."], [2, 2, 1]),
         # ngo5 hai6 hoeng1 gong2 jan4; traditional 係 is simplified first, as upstream's normaliser does
-        ("我係香港人！", "我系香港人!", ["Yng", "Yo5", "Yh", "Yai6", "Yh", "Yoeng1", "Yg", "Yong2", "Yj", "Yan4", "!"],
-         [2, 2, 2, 2, 2, 1]),
+        (
+            "我係香港人！",
+            "我系香港人!",
+            ["Yng", "Yo5", "Yh", "Yai6", "Yh", "Yoeng1", "Yg", "Yong2", "Yj", "Yan4", "!"],
+            [2, 2, 2, 2, 2, 1],
+        ),
         # numbers are written out (saam1); aai3 splits at the first listed initial "aa"; m4 repeats its initial
-        ("3個，嗌唔？", "三个,嗌唔?", ["Ys", "Yaam1", "Yg", "Yo3", ",", "Yaa", "Yi3", "Ym", "Ym4", "?"],
-         [2, 2, 1, 2, 2, 1]),
+        (
+            "3個，嗌唔？",
+            "三个,嗌唔?",
+            ["Ys", "Yaam1", "Yg", "Yo3", ",", "Yaa", "Yi3", "Ym", "Ym4", "?"],
+            [2, 2, 1, 2, 2, 1],
+        ),
         # quotes become ' and are dropped; "nga" keeps "ng" as its initial
         ("「牙」", "牙", ["Yng", "Yaa4"], [2]),
     ],

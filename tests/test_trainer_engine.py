@@ -33,9 +33,13 @@ def _train_one_step(
         x = x.clone()
         x[poison] = float("nan")
     private = make_private(
-        model, torch.optim.SGD(model.parameters(), lr=0.1),
-        noise_multiplier=noise, clip_norm=clip, expected_batch_size=N * 0.5,
-        noise_generator=torch.Generator().manual_seed(7), loss_scale=loss_scale,
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=noise,
+        clip_norm=clip,
+        expected_batch_size=N * 0.5,
+        noise_generator=torch.Generator().manual_seed(7),
+        loss_scale=loss_scale,
     )
     indices = poisson_sample(N, 0.5, torch.Generator().manual_seed(3))
     if drop is not None:
@@ -84,12 +88,19 @@ def test_plain_gradscaler_with_opacus_scales_the_update():
         x, y = _data()
         start = [p.detach().clone() for p in model.parameters()]
         private = make_private(
-            model, torch.optim.SGD(model.parameters(), lr=1e-4), noise_multiplier=0.0,
-            clip_norm=1e6, expected_batch_size=N, noise_generator=torch.Generator().manual_seed(0),
+            model,
+            torch.optim.SGD(model.parameters(), lr=1e-4),
+            noise_multiplier=0.0,
+            clip_norm=1e6,
+            expected_batch_size=N,
+            noise_generator=torch.Generator().manual_seed(0),
         )
         stock = DPOptimizer(
-            private.optimizer.original_optimizer, noise_multiplier=0.0, max_grad_norm=1e6,
-            expected_batch_size=N, loss_reduction="mean",
+            private.optimizer.original_optimizer,
+            noise_multiplier=0.0,
+            max_grad_norm=1e6,
+            expected_batch_size=N,
+            loss_reduction="mean",
         )
         scaler = torch.amp.GradScaler("cpu", init_scale=scale, enabled=use_scaler)
         loss = (private.module(x) - y).pow(2).sum()
@@ -115,8 +126,12 @@ def test_nonfinite_samples_are_reported_in_stats():
     x, y = _data()
     x[0] = float("inf")
     private = make_private(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, clip_norm=1.0,
-        expected_batch_size=4, noise_generator=torch.Generator().manual_seed(0),
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=1.0,
+        clip_norm=1.0,
+        expected_batch_size=4,
+        noise_generator=torch.Generator().manual_seed(0),
     )
     idx = torch.arange(4)
 
@@ -142,8 +157,12 @@ def test_empty_poisson_batch_still_releases_noise():
     model = _model()
     before = copy.deepcopy(model)
     private = make_private(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, clip_norm=1.0,
-        expected_batch_size=4, noise_generator=torch.Generator().manual_seed(0),
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=1.0,
+        clip_norm=1.0,
+        expected_batch_size=4,
+        noise_generator=torch.Generator().manual_seed(0),
     )
     outcome = run_logical_step(torch.empty(0, dtype=torch.long), 4, lambda i: {}, [private.optimizer])
     assert outcome.batch_size == 0

@@ -136,8 +136,12 @@ def _linear_step(physical: int, fail_once_after_forward: bool) -> list[torch.Ten
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(12, 6, generator=g), torch.randn(12, 3, generator=g)
     private = make_private(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, clip_norm=0.5,
-        expected_batch_size=12, noise_generator=torch.Generator().manual_seed(7),
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=1.0,
+        clip_norm=0.5,
+        expected_batch_size=12,
+        noise_generator=torch.Generator().manual_seed(7),
     )
     failures = [fail_once_after_forward]
 

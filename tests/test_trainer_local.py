@@ -21,8 +21,27 @@ from fedvox.shared.models.subsets import SubsetSpec
 from fedvox.shared.privacy.ledger import Ledger
 from tests.prepared import prepared_cache
 
-TRAIN = ["train", "--stage", "s1", "--steps", "6", "--checkpoint-every", "2", "--noise-multiplier", "1.0",
-         "--logical-batch", "4", "--seed", "3", "--budget-epsilon", "50", "--device", "cpu", "--physical-batch", "4"]
+TRAIN = [
+    "train",
+    "--stage",
+    "s1",
+    "--steps",
+    "6",
+    "--checkpoint-every",
+    "2",
+    "--noise-multiplier",
+    "1.0",
+    "--logical-batch",
+    "4",
+    "--seed",
+    "3",
+    "--budget-epsilon",
+    "50",
+    "--device",
+    "cpu",
+    "--physical-batch",
+    "4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +52,9 @@ def data(tmp_path_factory):
 def _cli(*args: str, home: Path | None = None) -> subprocess.Popen:
     code = "from fedvox.client.cli import main; main()"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"FEDVOX_HOME": str(home)} if home else {})}
-    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=env)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+    )
 
 
 def _copy(src, dst):
@@ -47,8 +67,10 @@ def _copy(src, dst):
 def test_killed_run_resumes_without_double_charging(data, tmp_path):
     whole_data, killed_data = _copy(data, tmp_path / "whole"), _copy(data, tmp_path / "killed")
     # The same recordings: the uninterrupted run is another owner's (another home), or it is refused.
-    assert _cli(*TRAIN, "--data", str(whole_data), "--out", str(tmp_path / "w"), home=tmp_path / "other").wait(
-        timeout=600) == 0
+    assert (
+        _cli(*TRAIN, "--data", str(whole_data), "--out", str(tmp_path / "w"), home=tmp_path / "other").wait(timeout=600)
+        == 0
+    )
 
     proc = _cli(*TRAIN, "--data", str(killed_data), "--out", str(tmp_path / "k"))
     deadline = time.time() + 600
@@ -72,18 +94,62 @@ def test_killed_run_resumes_without_double_charging(data, tmp_path):
 
 def test_budget_refusal_is_one_clear_error_and_trains_nothing(data, tmp_path):
     folder = _copy(data, tmp_path / "d")
-    result = CliRunner().invoke(app, [*TRAIN[:-8], "--budget-epsilon", "0.5", "--seed", "1", "--device", "cpu",
-                                      "--data", str(folder), "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        app,
+        [
+            *TRAIN[:-8],
+            "--budget-epsilon",
+            "0.5",
+            "--seed",
+            "1",
+            "--device",
+            "cpu",
+            "--data",
+            str(folder),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert result.exit_code != 0
     assert "budget" in str(result.exception) + result.output
     assert Ledger(folder).rows() == []
     # nothing was trained under the refused settings, so the same --out takes new ones
-    retry = CliRunner().invoke(app, [*TRAIN[:-8], "--budget-epsilon", "50", "--seed", "1", "--device", "cpu",
-                                     "--data", str(folder), "--out", str(tmp_path / "o")])
+    retry = CliRunner().invoke(
+        app,
+        [
+            *TRAIN[:-8],
+            "--budget-epsilon",
+            "50",
+            "--seed",
+            "1",
+            "--device",
+            "cpu",
+            "--data",
+            str(folder),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert retry.exit_code == 0, retry.output
     assert [r.round for r in Ledger(folder).rows()] == [1, 2, 3]
-    changed = CliRunner().invoke(app, [*TRAIN[:-8], "--budget-epsilon", "50", "--seed", "1", "--device", "cpu",
-                                       "--learning-rate", "0.01", "--data", str(folder), "--out", str(tmp_path / "o")])
+    changed = CliRunner().invoke(
+        app,
+        [
+            *TRAIN[:-8],
+            "--budget-epsilon",
+            "50",
+            "--seed",
+            "1",
+            "--device",
+            "cpu",
+            "--learning-rate",
+            "0.01",
+            "--data",
+            str(folder),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert changed.exit_code != 0 and "other settings" in str(changed.exception) + changed.output
 
 
@@ -96,9 +162,22 @@ def test_synthesize_speaks_with_trained_models(data, tmp_path):
     reference = next((data.parent / "recordings").glob("*.wav"))
     out = tmp_path / "spoken.wav"
     # a training run's folder is enough: its export/fedvox/ model is found (not also export/gpt-sovits/)
-    result = runner.invoke(app, ["synthesize", "--model", str(tmp_path / "run"), "--model",
-                                 str(tmp_path / "s2"), "--text", "Hello there.", "--ref", str(reference),
-                                 "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "synthesize",
+            "--model",
+            str(tmp_path / "run"),
+            "--model",
+            str(tmp_path / "s2"),
+            "--text",
+            "Hello there.",
+            "--ref",
+            str(reference),
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     wave, rate = sf.read(out)
     assert rate == 32000 and len(wave) >= 640 and abs(wave).max() > 0

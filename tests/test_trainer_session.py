@@ -35,8 +35,13 @@ def _s1_trainer(cache, ledger_dir, *, physical=8, subset="lora", privacy=None, s
             module.dropout = 0.0
     task = S1Task(model, S1Dataset(cache), CPU)
     return Trainer(
-        task, Ledger(ledger_dir), "client-a", privacy or PrivacyPlan(noise_multiplier=1.0, budget_epsilon=50.0),
-        physical_batch=physical, noise_seed=seed, sample_seed=seed,
+        task,
+        Ledger(ledger_dir),
+        "client-a",
+        privacy or PrivacyPlan(noise_multiplier=1.0, budget_epsilon=50.0),
+        physical_batch=physical,
+        noise_seed=seed,
+        sample_seed=seed,
     )
 
 
@@ -105,16 +110,24 @@ def test_target_epsilon_calibrates_the_noise_over_the_planned_rounds(cache, tmp_
     trainer = _s1_trainer(cache, tmp_path, privacy=privacy)
     plan = RoundPlan(steps=2, logical_batch=4, learning_rate=1e-2, planned_steps=6)
     for round_ in (1, 2, 3):
-        row = trainer.train(RoundPlan(**{**plan.__dict__, "planned_steps": 6 - 2 * (round_ - 1)}),
-                            run_id="r", round=round_).row
+        row = trainer.train(
+            RoundPlan(**{**plan.__dict__, "planned_steps": 6 - 2 * (round_ - 1)}), run_id="r", round=round_
+        ).row
     assert 2.9 <= row.epsilon <= 3.0
 
 
 def test_s2_pair_is_one_shared_batch_release(cache, tmp_path):
     pair = build_model("s2", "tiny", SubsetSpec(kind="lora", lora_rank=2), seed=0)
     task = S2Task(pair, S2Dataset(cache), CPU)
-    trainer = Trainer(task, Ledger(tmp_path), "client-s2", PrivacyPlan(noise_multiplier=1.0, budget_epsilon=100.0),
-                      physical_batch=4, noise_seed=1, sample_seed=1)
+    trainer = Trainer(
+        task,
+        Ledger(tmp_path),
+        "client-s2",
+        PrivacyPlan(noise_multiplier=1.0, budget_epsilon=100.0),
+        physical_batch=4,
+        noise_seed=1,
+        sample_seed=1,
+    )
     result = trainer.train(RoundPlan(steps=2, logical_batch=4, learning_rate=1e-3), run_id="r", round=1)
     assert result.row.mechanism == "poisson_gaussian_shared_batch"
     sigmas = [p.optimizer.noise_multiplier for p in trainer.private.values()]

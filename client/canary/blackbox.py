@@ -42,9 +42,7 @@ class BlackBoxCanaries:
         self.member = member.bool()
 
     @classmethod
-    def draw(
-        cls, member: torch.Tensor, symbols_version: str, generator: torch.Generator
-    ) -> BlackBoxCanaries:
+    def draw(cls, member: torch.Tensor, symbols_version: str, generator: torch.Generator) -> BlackBoxCanaries:
         """One canary per entry of ``member``, tokens from ``generator``."""
         texts = [torch.tensor(phonemize(t, "en", symbols_version).ids, dtype=torch.long) for t in CANARY_TEXTS]
         examples = []
@@ -65,7 +63,9 @@ class BlackBoxCanaries:
         return {int(i) for e in self.examples for i in e.phoneme_ids}
 
     @torch.no_grad()
-    def losses(self, model: torch.nn.Module, device: torch.device, precision: str, batch_size: int = 32) -> torch.Tensor:
+    def losses(
+        self, model: torch.nn.Module, device: torch.device, precision: str, batch_size: int = 32
+    ) -> torch.Tensor:
         """Each canary's summed cross-entropy (its tokens and EOS) under ``model`` in eval mode."""
         was_training = model.training
         model.eval()

@@ -79,9 +79,15 @@ def _table(audit: CanaryAudit) -> Table:
         table.add_column(name, justify="left" if name in ("canaries", "status") else "right")
     for result in audit.results:
         table.add_row(
-            result.kind, str(result.canaries), str(result.included), str(result.bound.best.guesses),
-            str(result.bound.best.correct), f"{result.bound.epsilon:.3f}", f"{result.bound.cap:.3f}",
-            format_epsilon(audit.theoretical_epsilon), _status(audit, result),
+            result.kind,
+            str(result.canaries),
+            str(result.included),
+            str(result.bound.best.guesses),
+            str(result.bound.best.correct),
+            f"{result.bound.epsilon:.3f}",
+            f"{result.bound.cap:.3f}",
+            format_epsilon(audit.theoretical_epsilon),
+            _status(audit, result),
         )
     return table
 
@@ -96,19 +102,21 @@ def _status(audit: CanaryAudit, result: CanaryResult) -> str:
 
 def to_json(audit: CanaryAudit) -> dict[str, Any]:
     """Machine-readable audit; non-finite numbers are written as the string ``"inf"``."""
-    return json_safe({
-        "ok": audit.ok,
-        "seed": audit.seed,
-        "settings": asdict(audit.spec),
-        "data_examples": audit.data_examples,
-        "training_examples": audit.training_examples,
-        "epsilon": audit.epsilon,
-        "epsilon_pld": audit.epsilon_pld,
-        "theoretical_epsilon": audit.theoretical_epsilon,
-        "canaries": [_result(r) for r in audit.results],
-        "findings": [{"kind": f.kind, "message": f.message} for f in audit.findings],
-        "timings": dict(audit.timings),
-    })
+    return json_safe(
+        {
+            "ok": audit.ok,
+            "seed": audit.seed,
+            "settings": asdict(audit.spec),
+            "data_examples": audit.data_examples,
+            "training_examples": audit.training_examples,
+            "epsilon": audit.epsilon,
+            "epsilon_pld": audit.epsilon_pld,
+            "theoretical_epsilon": audit.theoretical_epsilon,
+            "canaries": [_result(r) for r in audit.results],
+            "findings": [{"kind": f.kind, "message": f.message} for f in audit.findings],
+            "timings": dict(audit.timings),
+        }
+    )
 
 
 def _result(result: CanaryResult) -> dict[str, Any]:

@@ -197,8 +197,12 @@ def run_canary_audit(
         table = model.ar_text_embedding.weight
         rows, cols = free_coordinates(table.shape[0], table.shape[1], used, spec.white_box, draws)
         white_box = WhiteBoxCanaries(
-            table, rows, cols, white_box_member,
-            noise_multiplier=spec.noise_multiplier, sample_rate=spec.sample_rate,
+            table,
+            rows,
+            cols,
+            white_box_member,
+            noise_multiplier=spec.noise_multiplier,
+            sample_rate=spec.sample_rate,
         )
     dataset = CanaryDataset(
         data, black_box.included_examples if black_box else [], white_box.included if white_box else 0
@@ -211,16 +215,25 @@ def run_canary_audit(
         # The audit fixes the mechanism itself (_CanaryTrainer.mechanism), so the plan has no
         # noise and no target of its own, and no budget: the DP-off control must run too.
         privacy = PrivacyPlan(
-            clip_norm=spec.clip_norm, delta=spec.delta, budget_epsilon=math.inf,
-            noise_multiplier=None, target_epsilon=math.inf, accountant=spec.accountant,
+            clip_norm=spec.clip_norm,
+            delta=spec.delta,
+            budget_epsilon=math.inf,
+            noise_multiplier=None,
+            target_epsilon=math.inf,
+            accountant=spec.accountant,
         )
         extra = {"optimizer_class": functools.partial(CanaryDPOptimizer, canaries=white_box)} if white_box else {}
         trainer = _CanaryTrainer(
-            task, ledger, f"canary-audit-{seed}", privacy,
+            task,
+            ledger,
+            f"canary-audit-{seed}",
+            privacy,
             physical_batch=spec.physical_batch,
             monitor=_ProgressMonitor(on_step or (lambda: None)),
-            noise_seed=seed, sample_seed=seed + 1,
-            noise_multiplier=spec.noise_multiplier, sample_rate=spec.sample_rate,
+            noise_seed=seed,
+            sample_seed=seed + 1,
+            noise_multiplier=spec.noise_multiplier,
+            sample_rate=spec.sample_rate,
             **extra,
         )
         try:
@@ -233,8 +246,13 @@ def run_canary_audit(
             ledger.close()
     row = release.row
     audit = CanaryAudit(
-        spec=spec, seed=seed, data_examples=len(data), training_examples=len(dataset),
-        epsilon=row.epsilon, epsilon_pld=_pld_epsilon(row, spec.delta), results=[],
+        spec=spec,
+        seed=seed,
+        data_examples=len(data),
+        training_examples=len(dataset),
+        epsilon=row.epsilon,
+        epsilon_pld=_pld_epsilon(row, spec.delta),
+        results=[],
         timings={"training_s": training_s, "step_s": release.metrics["step_time_s"]},
     )
     ties = torch.Generator().manual_seed(seed + 3)
@@ -245,11 +263,19 @@ def run_canary_audit(
     if white_box is not None:
         if white_box.steps != spec.steps:
             raise ConfigError(f"white-box canaries were scored at {white_box.steps} of {spec.steps} steps")
-        audit.results.append(_result(
-            WHITE_BOX, white_box.scores, white_box.member, spec, confidence, ties,
-            "log-likelihood ratio of the released noisy gradients, summed over steps"
-            if spec.noise_multiplier > 0 else "sum of the released gradients over steps",
-        ))
+        audit.results.append(
+            _result(
+                WHITE_BOX,
+                white_box.scores,
+                white_box.member,
+                spec,
+                confidence,
+                ties,
+                "log-likelihood ratio of the released noisy gradients, summed over steps"
+                if spec.noise_multiplier > 0
+                else "sum of the released gradients over steps",
+            )
+        )
     if black_box is not None:
         drop = initial_loss - black_box.losses(model, device, "fp32")
         audit.results.append(
@@ -261,15 +287,25 @@ def run_canary_audit(
 
 
 def _result(
-    kind: str, scores: torch.Tensor, member: torch.Tensor, spec: CanaryAuditSpec, confidence: float,
-    ties: torch.Generator, score: str,
+    kind: str,
+    scores: torch.Tensor,
+    member: torch.Tensor,
+    spec: CanaryAuditSpec,
+    confidence: float,
+    ties: torch.Generator,
+    score: str,
 ) -> CanaryResult:
     bound = one_run_bound(scores, member, delta=spec.delta, confidence=confidence, generator=ties)
     return CanaryResult(
-        kind=kind, canaries=len(member), included=int(member.sum()), bound=bound,
+        kind=kind,
+        canaries=len(member),
+        included=int(member.sum()),
+        bound=bound,
         mean_score_in=float(scores[member].mean()) if member.any() else math.nan,
         mean_score_out=float(scores[~member].mean()) if (~member).any() else math.nan,
-        score=score, scores=scores, member=member,
+        score=score,
+        scores=scores,
+        member=member,
     )
 
 
@@ -291,24 +327,34 @@ def _findings(audit: CanaryAudit) -> list[CanaryFinding]:
     if audit.spec.noise_multiplier > 0:
         for result in audit.results:
             if result.bound.epsilon > audit.theoretical_epsilon:
-                findings.append(CanaryFinding(VIOLATION, (
-                    f"{result.kind} canaries show epsilon >= {result.bound.epsilon:.3f} at "
-                    f"{100 * result.bound.confidence:g}% confidence, above the accountant's "
-                    f"{audit.theoretical_epsilon:.3f}: the training is less private than accounted "
-                    "(a bug in clipping, noise, sampling or accounting; or the "
-                    f"{100 * (1 - audit.spec.confidence):g}% chance that the audit's bounds are wrong, so rerun "
-                    "with another --seed before concluding)"
-                )))
+                findings.append(
+                    CanaryFinding(
+                        VIOLATION,
+                        (
+                            f"{result.kind} canaries show epsilon >= {result.bound.epsilon:.3f} at "
+                            f"{100 * result.bound.confidence:g}% confidence, above the accountant's "
+                            f"{audit.theoretical_epsilon:.3f}: the training is less private than accounted "
+                            "(a bug in clipping, noise, sampling or accounting; or the "
+                            f"{100 * (1 - audit.spec.confidence):g}% chance that the audit's bounds are wrong, so "
+                            "rerun "
+                            "with another --seed before concluding)"
+                        ),
+                    )
+                )
         return findings
     white = next((r for r in audit.results if r.kind == WHITE_BOX), None)
     if white is not None and white.bound.epsilon < POWER_FRACTION * white.bound.cap:
         spec = audit.spec
         seen = 1 - (1 - spec.sample_rate) ** spec.steps
-        findings.append(CanaryFinding(NO_POWER, (
-            f"without noise the white-box canaries show only epsilon >= {white.bound.epsilon:.3f} "
-            f"(these canaries can show up to {white.bound.cap:.3f}): injected gradients do not reach "
-            f"the released update, or too few steps sample them (an IN canary is sampled at least "
-            f"once with probability {seen:.3f}; raise --steps or --sample-rate)"
-        )))
+        findings.append(
+            CanaryFinding(
+                NO_POWER,
+                (
+                    f"without noise the white-box canaries show only epsilon >= {white.bound.epsilon:.3f} "
+                    f"(these canaries can show up to {white.bound.cap:.3f}): injected gradients do not reach "
+                    f"the released update, or too few steps sample them (an IN canary is sampled at least "
+                    f"once with probability {seen:.3f}; raise --steps or --sample-rate)"
+                ),
+            )
+        )
     return findings
-

@@ -102,7 +102,9 @@ class FeatureCache:
             "semantic_ids": features.semantic_ids,
             "phoneme_ids": features.phoneme_ids,
         }
-        tensors |= {name: tensor for name, tensor in (("bert", features.bert), ("sv", features.sv)) if tensor is not None}
+        tensors |= {
+            name: tensor for name, tensor in (("bert", features.bert), ("sv", features.sv)) if tensor is not None
+        }
         try:  # one metadata entry: safetensors writes several in a random order, one is reproducible
             save_safetensors(tensors, self.item_path(item), {"item": {"id": item, **metadata}})
         except OSError as exc:
@@ -172,10 +174,7 @@ class FeatureCache:
         a killed run may have left (here and in ``items/``)."""
         for path in [*self.root.glob(".*.tmp"), *self.items_dir.glob(".*.tmp")]:
             path.unlink(missing_ok=True)
-        stale = [
-            path for path in self.items_dir.glob(f"*{ITEM_SUFFIX}")
-            if path.name[: -len(ITEM_SUFFIX)] not in keep
-        ]
+        stale = [path for path in self.items_dir.glob(f"*{ITEM_SUFFIX}") if path.name[: -len(ITEM_SUFFIX)] not in keep]
         for path in stale:
             path.unlink(missing_ok=True)
         return len(stale)

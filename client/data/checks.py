@@ -35,13 +35,9 @@ def check_audio(wave: torch.Tensor, sample_rate: int, limits: AudioLimits, where
         raise Rejected(Reason.NON_FINITE_SAMPLES, f"{where}: {bad} samples are NaN or infinite")
     duration = wave.numel() / sample_rate
     if duration <= limits.min_duration_s:
-        raise Rejected(
-            Reason.TOO_SHORT, f"{where}: {duration:.2f} s is not longer than {limits.min_duration_s} s"
-        )
+        raise Rejected(Reason.TOO_SHORT, f"{where}: {duration:.2f} s is not longer than {limits.min_duration_s} s")
     if duration >= limits.max_duration_s:
-        raise Rejected(
-            Reason.TOO_LONG, f"{where}: {duration:.1f} s is not shorter than {limits.max_duration_s} s"
-        )
+        raise Rejected(Reason.TOO_LONG, f"{where}: {duration:.1f} s is not shorter than {limits.max_duration_s} s")
     loudest = _loudest_frame_dbfs(wave, sample_rate)
     if loudest < limits.silence_dbfs:
         raise Rejected(
@@ -52,8 +48,7 @@ def check_audio(wave: torch.Tensor, sample_rate: int, limits: AudioLimits, where
     if clipped > limits.max_clipped_fraction:
         raise Rejected(
             Reason.CLIPPED_AUDIO,
-            f"{where}: {clipped:.2%} of samples are at full scale "
-            f"(more than {limits.max_clipped_fraction:.2%})",
+            f"{where}: {clipped:.2%} of samples are at full scale (more than {limits.max_clipped_fraction:.2%})",
         )
     return duration
 

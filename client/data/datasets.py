@@ -76,8 +76,11 @@ class S1Dataset(_CacheDataset):
         super().__init__(cache, items)
         kept = tuple(item for item in self.items if _s1_usable(item))
         if len(kept) < len(self.items):
-            log.info("s1: %d of %d utterances dropped (length or phonemes per second out of range)",
-                     len(self.items) - len(kept), len(self.items))
+            log.info(
+                "s1: %d of %d utterances dropped (length or phonemes per second out of range)",
+                len(self.items) - len(kept),
+                len(self.items),
+            )
         self.items = kept
 
     def __getitem__(self, index: int) -> S1Example:
@@ -164,6 +167,13 @@ def collate_s2(examples: Sequence[S2Example]) -> S2Batch:
         raise DataError("some s2 examples have speaker embeddings and some do not; prepare the cache again with --sv")
     sv = torch.stack([e.sv_embedding for e in examples]) if all(with_sv) else None
     return S2Batch(
-        semantic_ids, semantic_lengths, spec, spec_lengths, wave, wave_lengths,
-        phoneme_ids, phoneme_lengths, sv,
+        semantic_ids,
+        semantic_lengths,
+        spec,
+        spec_lengths,
+        wave,
+        wave_lengths,
+        phoneme_ids,
+        phoneme_lengths,
+        sv,
     )

@@ -50,9 +50,7 @@ def from_pcm16(pcm: torch.Tensor) -> torch.Tensor:
     return pcm.float() / PCM_SCALE
 
 
-def featurize(
-    wave: torch.Tensor, sample_rate: int, phoneme_ids: list[int], tokenizer: SemanticTokenizer
-) -> Features:
+def featurize(wave: torch.Tensor, sample_rate: int, phoneme_ids: list[int], tokenizer: SemanticTokenizer) -> Features:
     """Resample a checked mono recording to 32 kHz, normalise, tokenize and trim."""
     mixed = loudness_mix(resample(wave.float(), sample_rate, SAMPLE_RATE))
     codes = tokenizer.encode(mixed)

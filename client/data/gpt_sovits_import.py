@@ -88,8 +88,10 @@ def import_experiment(
     has_bert = any((folder / "3-bert" / f"{name}.pt").is_file() for name in names)
     has_sv = any((folder / "7-sv_cn" / f"{name}.pt").is_file() for name in names)
     settings = FeatureSettings(
-        tokenizer=tokenizer.name, symbols_version=symbols_version,
-        bert=IMPORTED_BERT if has_bert else "", sv=IMPORTED_SV if has_sv else "",
+        tokenizer=tokenizer.name,
+        symbols_version=symbols_version,
+        bert=IMPORTED_BERT if has_bert else "",
+        sv=IMPORTED_SV if has_sv else "",
     )
     from fedvox.shared.models.s2.checkpoint import load_generator  # Opacus import: only when used
 
@@ -126,8 +128,15 @@ def import_experiment(
             cache.write_index(settings, accepted)
             stale = cache.prune({item.id for item in accepted})
         report = PrepareReport.build(
-            list_file=Path(list_file), out=cache.root, tokenizer=tokenizer.name, accepted=accepted,
-            rejected=rejected, featurised=len(accepted), featurise_s=elapsed, workers=1, stale_removed=stale,
+            list_file=Path(list_file),
+            out=cache.root,
+            tokenizer=tokenizer.name,
+            accepted=accepted,
+            rejected=rejected,
+            featurised=len(accepted),
+            featurise_s=elapsed,
+            workers=1,
+            stale_removed=stale,
             notes=notes,
         )
         report.write(cache.root)
@@ -135,8 +144,15 @@ def import_experiment(
 
 
 def _import_one(
-    entry: Entry, name: str, folder: Path, texts: dict[str, _Text], codes: dict[str, list[int]],
-    s2: torch.nn.Module, known_phones: dict[str, int], settings: FeatureSettings, limits: AudioLimits,
+    entry: Entry,
+    name: str,
+    folder: Path,
+    texts: dict[str, _Text],
+    codes: dict[str, list[int]],
+    s2: torch.nn.Module,
+    known_phones: dict[str, int],
+    settings: FeatureSettings,
+    limits: AudioLimits,
     cache: FeatureCache,
 ) -> CachedItem:
     where = f"line {entry.line}: {name}"
@@ -183,20 +199,33 @@ def _import_one(
         sv = _load_tensor(sv_path, where, (1, SV_DIM))[0]
     tokens = min(semantic.numel(), wave.numel() // SAMPLES_PER_TOKEN)
     features = Features(
-        wave=to_pcm16(wave[: tokens * SAMPLES_PER_TOKEN]), semantic_ids=semantic[:tokens].to(torch.int16),
+        wave=to_pcm16(wave[: tokens * SAMPLES_PER_TOKEN]),
+        semantic_ids=semantic[:tokens].to(torch.int16),
         phoneme_ids=torch.tensor(phones_to_ids(text.phones, settings.symbols_version), dtype=torch.int16),
-        bert=bert, sv=sv,
+        bert=bert,
+        sv=sv,
     )
     item = item_id(hashlib.sha256(data).hexdigest(), entry.language, entry.text, settings)
     metadata = {
-        "tokenizer": settings.tokenizer, "symbols_version": settings.symbols_version, "language": entry.language,
-        "duration_s": round(duration_s, 4), "phones": text.phones, "word2ph": text.word2ph,
-        "norm_text": text.norm_text, "imported": "gpt-sovits",
+        "tokenizer": settings.tokenizer,
+        "symbols_version": settings.symbols_version,
+        "language": entry.language,
+        "duration_s": round(duration_s, 4),
+        "phones": text.phones,
+        "word2ph": text.word2ph,
+        "norm_text": text.norm_text,
+        "imported": "gpt-sovits",
     }
     cache.write_item(item, features, metadata)
     return CachedItem(
-        id=item, source=entry.audio_path, line=entry.line, speaker=entry.speaker, language=entry.language,
-        duration_s=metadata["duration_s"], semantic_tokens=tokens, phonemes=len(text.phones),
+        id=item,
+        source=entry.audio_path,
+        line=entry.line,
+        speaker=entry.speaker,
+        language=entry.language,
+        duration_s=metadata["duration_s"],
+        semantic_tokens=tokens,
+        phonemes=len(text.phones),
     )
 
 
@@ -207,10 +236,13 @@ def _load_tensor(path: Path, where: str, shape: tuple[int | None, ...]) -> torch
     except FileNotFoundError:
         raise Rejected(Reason.MISSING_FEATURES, f"{where}: no {path.parent.name}/{path.name}") from None
     except Exception as exc:  # torch raises several types for damaged or non-tensor files
-        raise Rejected(Reason.MISMATCHED_FEATURES, f"{where}: cannot read {path.parent.name}/{path.name} "
-                       f"({type(exc).__name__})") from None
-    if not isinstance(tensor, torch.Tensor) or tensor.ndim != len(shape) or any(
-        want is not None and have != want for have, want in zip(tensor.shape, shape, strict=True)
+        raise Rejected(
+            Reason.MISMATCHED_FEATURES, f"{where}: cannot read {path.parent.name}/{path.name} ({type(exc).__name__})"
+        ) from None
+    if (
+        not isinstance(tensor, torch.Tensor)
+        or tensor.ndim != len(shape)
+        or any(want is not None and have != want for have, want in zip(tensor.shape, shape, strict=True))
     ):
         got = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise Rejected(

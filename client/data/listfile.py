@@ -48,11 +48,7 @@ def read_list(path: str | os.PathLike[str]) -> list[Entry | Rejection]:
         ) from None
     except OSError as exc:
         raise DataError(f"cannot read list file {path}: {exc.strerror}") from None
-    return [
-        parse_line(raw, number)
-        for number, raw in enumerate(text.splitlines(), start=1)
-        if raw.strip()
-    ]
+    return [parse_line(raw, number) for number, raw in enumerate(text.splitlines(), start=1) if raw.strip()]
 
 
 def parse_line(raw: str, line: int) -> Entry | Rejection:
@@ -60,7 +56,9 @@ def parse_line(raw: str, line: int) -> Entry | Rejection:
     fields = raw.rstrip("\r\n").split("|", 3)
     if len(fields) != 4:
         return Rejection(
-            line, "", Reason.MALFORMED_LINE,
+            line,
+            "",
+            Reason.MALFORMED_LINE,
             f"line {line}: expected 4 fields audio_path|speaker|language|text, found {len(fields)}",
         )
     audio_path, speaker, language, text = (field.strip() for field in fields)

@@ -83,9 +83,7 @@ def prepare(
     list_file = Path(list_file)
     entries = read_list(list_file)
     if not entries:
-        raise DataError(
-            f"list file {list_file} has no entries; write one audio_path|speaker|language|text per line"
-        )
+        raise DataError(f"list file {list_file} has no entries; write one audio_path|speaker|language|text per line")
     root = Path(data_root) if data_root is not None else list_file.parent
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder; pass an existing --data-root")
@@ -97,8 +95,13 @@ def prepare(
         cached, jobs, rejected, sources, twins = _plan(
             entries, list_file.parent, root, cache, settings, lambda: bar.advance(checking), slicing
         )
-        log.info("%d entries: %d already prepared, %d to featurise, %d rejected",
-                 len(entries), len(cached), len(jobs), len(rejected))
+        log.info(
+            "%d entries: %d already prepared, %d to featurise, %d rejected",
+            len(entries),
+            len(cached),
+            len(jobs),
+            len(rejected),
+        )
         started = time.perf_counter()
         outcomes: list[CachedItem | Rejection] = []
         task = bar.add_task("featurising", total=len(jobs), visible=show_progress and bool(jobs))
@@ -118,9 +121,15 @@ def prepare(
             cache.write_index(settings, accepted)
             stale = cache.prune({item.id for item in accepted})
         report = PrepareReport.build(
-            list_file=list_file, out=cache.root, tokenizer=tokenizer.name, accepted=accepted,
-            rejected=rejected, featurised=featurised, featurise_s=featurise_s,
-            workers=_pool_size(len(jobs), workers, tokenizer, extractors), stale_removed=stale,
+            list_file=list_file,
+            out=cache.root,
+            tokenizer=tokenizer.name,
+            accepted=accepted,
+            rejected=rejected,
+            featurised=featurised,
+            featurise_s=featurise_s,
+            workers=_pool_size(len(jobs), workers, tokenizer, extractors),
+            stale_removed=stale,
             notes=extractors.notes(accepted),
         )
         report.write(cache.root)
@@ -138,8 +147,13 @@ class Source:
 
 
 def _plan(
-    entries: Sequence[Entry | Rejection], list_dir: Path, root: Path, cache: FeatureCache,
-    settings: FeatureSettings, advance: Callable[[], object], slicing: bool = False,
+    entries: Sequence[Entry | Rejection],
+    list_dir: Path,
+    root: Path,
+    cache: FeatureCache,
+    settings: FeatureSettings,
+    advance: Callable[[], object],
+    slicing: bool = False,
 ) -> tuple[list[CachedItem], list[Job], list[Rejection], dict[int, Source], list[tuple[Entry, str]]]:
     """Resolve and hash every entry; split into cached items and jobs (one job per distinct item).
 
@@ -249,9 +263,14 @@ def _hash_file(path: Path, where: str) -> str:
 
 def _cached_item(entry: Entry, item: str, duration_s: float, lengths: dict[str, int]) -> CachedItem:
     return CachedItem(
-        id=item, source=entry.audio_path, line=entry.line, speaker=entry.speaker,
-        language=entry.language, duration_s=duration_s,
-        semantic_tokens=lengths["semantic_ids"], phonemes=lengths["phoneme_ids"],
+        id=item,
+        source=entry.audio_path,
+        line=entry.line,
+        speaker=entry.speaker,
+        language=entry.language,
+        duration_s=duration_s,
+        semantic_tokens=lengths["semantic_ids"],
+        phonemes=lengths["phoneme_ids"],
     )
 
 
@@ -271,7 +290,11 @@ _worker: _Worker | None = None
 
 
 def _init_worker(
-    spec: TokenizerSpec, root: Path, settings: FeatureSettings, limits: AudioLimits, threads: int,
+    spec: TokenizerSpec,
+    root: Path,
+    settings: FeatureSettings,
+    limits: AudioLimits,
+    threads: int,
     extractors: ExtractorSpecs,
 ) -> None:
     global _worker
@@ -297,8 +320,13 @@ def _pool_size(jobs: int, workers: int | None, spec: TokenizerSpec, extractors: 
 
 
 def _run(
-    jobs: Sequence[Job], spec: TokenizerSpec, cache: FeatureCache, settings: FeatureSettings,
-    limits: AudioLimits, workers: int | None, extractors: ExtractorSpecs,
+    jobs: Sequence[Job],
+    spec: TokenizerSpec,
+    cache: FeatureCache,
+    settings: FeatureSettings,
+    limits: AudioLimits,
+    workers: int | None,
+    extractors: ExtractorSpecs,
 ) -> Iterator[CachedItem | Rejection]:
     """Featurise ``jobs`` in order, here or in ``workers`` processes of one thread each."""
     if not jobs:
@@ -314,7 +342,9 @@ def _run(
         return
     context = multiprocessing.get_context("spawn")  # fork is unsafe once torch has started threads
     with ProcessPoolExecutor(
-        size, mp_context=context, initializer=_init_worker,
+        size,
+        mp_context=context,
+        initializer=_init_worker,
         initargs=(spec, cache.root, settings, limits, 1, extractors),
     ) as pool:
         yield from pool.map(_featurise, jobs, chunksize=4)
@@ -345,9 +375,13 @@ def _featurise(job: Job) -> CachedItem | Rejection:
         message = f"{where}: {type(exc).__name__}: {exc}"
         return Rejection(entry.line, entry.audio_path, Reason.FEATURE_ERROR, message)
     metadata = {
-        "tokenizer": _worker.settings.tokenizer, "symbols_version": _worker.settings.symbols_version,
-        "language": entry.language, "duration_s": round(duration_s, 4),
-        "phones": phoneme_ids.phones, "word2ph": phoneme_ids.word2ph, "norm_text": phoneme_ids.norm_text,
+        "tokenizer": _worker.settings.tokenizer,
+        "symbols_version": _worker.settings.symbols_version,
+        "language": entry.language,
+        "duration_s": round(duration_s, 4),
+        "phones": phoneme_ids.phones,
+        "word2ph": phoneme_ids.word2ph,
+        "norm_text": phoneme_ids.norm_text,
     }
     _worker.cache.write_item(job.item, features, metadata)
     lengths = {"semantic_ids": features.semantic_ids.numel(), "phoneme_ids": features.phoneme_ids.numel()}

@@ -41,19 +41,35 @@ class PrepareReport:
 
     @classmethod
     def build(
-        cls, *, list_file: Path, out: Path, tokenizer: str, accepted: Sequence[CachedItem],
-        rejected: Sequence[Rejection], featurised: int, featurise_s: float, workers: int,
-        stale_removed: int, notes: Sequence[str] = (),
+        cls,
+        *,
+        list_file: Path,
+        out: Path,
+        tokenizer: str,
+        accepted: Sequence[CachedItem],
+        rejected: Sequence[Rejection],
+        featurised: int,
+        featurise_s: float,
+        workers: int,
+        stale_removed: int,
+        notes: Sequence[str] = (),
     ) -> PrepareReport:
         ordered = sorted(rejected, key=lambda r: r.line)
         return cls(
-            list_file=str(list_file), out=str(out), tokenizer=tokenizer, accepted=len(accepted),
+            list_file=str(list_file),
+            out=str(out),
+            tokenizer=tokenizer,
+            accepted=len(accepted),
             total_duration_s=round(sum(item.duration_s for item in accepted), 3),
             languages=dict(sorted(Counter(item.language for item in accepted).items())),
             speakers=dict(sorted(Counter(item.speaker for item in accepted).items())),
             reasons=dict(sorted(Counter(str(r.reason) for r in ordered).items())),
-            rejected=ordered, featurised=featurised, reused=len(accepted) - featurised,
-            featurise_s=round(featurise_s, 3), workers=workers, stale_removed=stale_removed,
+            rejected=ordered,
+            featurised=featurised,
+            reused=len(accepted) - featurised,
+            featurise_s=round(featurise_s, 3),
+            workers=workers,
+            stale_removed=stale_removed,
             notes=list(notes),
         )
 

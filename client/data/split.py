@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from fedvox.client.data.cache import CachedItem
 from fedvox.shared.errors import ConfigError
 
-
 HELD_OUT_FRACTION = 0.1
 """Share of a client's utterances held out for validation (never trained on), wherever it trains."""
 

@@ -122,7 +122,11 @@ class FedvoxDPOptimizer(DPOptimizer):
                 p.grad = noise.add_(summed).view_as(p)
             else:
                 noise = torch.normal(
-                    mean=0, std=std, size=summed.shape, device=summed.device, generator=self.generator,
+                    mean=0,
+                    std=std,
+                    size=summed.shape,
+                    device=summed.device,
+                    generator=self.generator,
                     dtype=summed.dtype,
                 )
                 p.grad = noise.add_(summed).view_as(p)

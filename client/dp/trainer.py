@@ -66,7 +66,9 @@ class PrivacyPlan:
         multiplier is used as given."""
         calibrated = dp.target_epsilon > 0
         return cls(
-            clip_norm=dp.clip_norm, delta=dp.delta if delta is None else delta, budget_epsilon=budget_epsilon,
+            clip_norm=dp.clip_norm,
+            delta=dp.delta if delta is None else delta,
+            budget_epsilon=budget_epsilon,
             noise_multiplier=None if calibrated else dp.noise_multiplier,
             target_epsilon=dp.target_epsilon if calibrated else None,
         )
@@ -126,7 +128,8 @@ class Trainer:
     ``noise_seed``/``sample_seed`` make a run reproducible (tests, simulations); leave them unset
     in deployment so the noise comes from the operating system's secret randomness: noise an
     adversary can predict protects nothing. ``noise_key`` (32 secret bytes, per release:
-    :meth:`reseed`) draws the noise from a ChaCha20 stream instead of torch's generator. ``optimizer_class`` builds each part's DP optimizer
+    :meth:`reseed`) draws the noise from a ChaCha20 stream instead of torch's generator. ``optimizer_class`` builds
+    each part's DP optimizer
     (a subclass of :class:`FedvoxDPOptimizer`; the canary audit's injects white-box canaries).
     """
 
@@ -161,9 +164,13 @@ class Trainer:
             for group in optimizer.param_groups:  # relative rates (s2's text side) survive re-planning
                 group["lr_scale"] = group["lr"]
             self.private[name] = make_private(
-                module, optimizer,
-                noise_multiplier=1.0, clip_norm=privacy.clip_norm, expected_batch_size=1.0,
-                noise_generator=self.noise_generator, loss_scale=task.loss_scale,
+                module,
+                optimizer,
+                noise_multiplier=1.0,
+                clip_norm=privacy.clip_norm,
+                expected_batch_size=1.0,
+                noise_generator=self.noise_generator,
+                loss_scale=task.loss_scale,
                 optimizer_class=optimizer_class,
             )
         self.wrapped = {name: p.module for name, p in self.private.items()}
@@ -203,8 +210,11 @@ class Trainer:
         if self.privacy.noise_multiplier is not None:
             return Mechanism(self.privacy.noise_multiplier, q, plan.steps)
         sigma = calibrate_noise_multiplier(
-            self.privacy.target_epsilon, self.privacy.delta, sample_rate=q,
-            steps=max(plan.planned_steps, plan.steps), history=self.history(excluding),
+            self.privacy.target_epsilon,
+            self.privacy.delta,
+            sample_rate=q,
+            steps=max(plan.planned_steps, plan.steps),
+            history=self.history(excluding),
             accountant=self.privacy.accountant,
         )
         return Mechanism(sigma, q, plan.steps)
@@ -222,8 +232,13 @@ class Trainer:
         key = (run_id, round)
         mechanism = self.mechanism(plan, excluding=key)
         subject = f"client {self.client_id!r} (utterance level)"
-        self.budget.check(self.history(excluding=key), mechanism, delta=self.privacy.delta,
-                          accountant=self.privacy.accountant, subject=subject)
+        self.budget.check(
+            self.history(excluding=key),
+            mechanism,
+            delta=self.privacy.delta,
+            accountant=self.privacy.accountant,
+            subject=subject,
+        )
         part_sigma = mechanism.noise_multiplier * math.sqrt(len(self.private))
         expected_batch = mechanism.sample_rate * self.num_examples
         for private in self.private.values():
@@ -245,7 +260,8 @@ class Trainer:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(step_seed)
                 outcome = run_logical_step(
-                    indices, self.physical_batch,
+                    indices,
+                    self.physical_batch,
                     lambda chunk, seed=step_seed: self.task.accumulate(self.wrapped, chunk, seed),
                     [p.optimizer for p in self.private.values()],
                 )
@@ -269,7 +285,9 @@ class Trainer:
             "epsilon": row.epsilon,
             **peak_memory(self.task.device),
         }
-        return ReleaseResult(trainable_state_dict(self.task.model), row, mechanism.noise_multiplier, mechanism.sample_rate, metrics)
+        return ReleaseResult(
+            trainable_state_dict(self.task.model), row, mechanism.noise_multiplier, mechanism.sample_rate, metrics
+        )
 
     def evaluate(self, dataset, batch_size: int = 8) -> dict[str, float]:
         """Validation means over every utterance of ``dataset`` (no noise: it is never released
@@ -315,8 +333,11 @@ class Trainer:
             for name, private in self.private.items()
         )
         return Release.shared_batch(
-            **common, sample_rate=mechanism.sample_rate, steps=mechanism.steps,
-            delta=self.privacy.delta, components=components,
+            **common,
+            sample_rate=mechanism.sample_rate,
+            steps=mechanism.steps,
+            delta=self.privacy.delta,
+            components=components,
         )
 
     def _step_metrics(self, outcome, elapsed: float) -> dict[str, float]:

@@ -126,13 +126,18 @@ def train_local(
     bind_ledger(data_dir, data_dir, home)
     run = _write_run_record(out_dir, spec, previous, run_id)
     torch.set_num_threads(profile.threads)
-    model = build_model(spec.stage, spec.model_config, spec.subset_spec, seed=spec.model_seed,
-                        pretrained=spec.pretrained)
+    model = build_model(
+        spec.stage, spec.model_config, spec.subset_spec, seed=spec.model_seed, pretrained=spec.pretrained
+    )
     task = build_task(spec.stage, model, train_set, profile)
     monitor = TrainingMonitor(out_dir / "logs")
     log.info("logs: %s (TensorBoard: tensorboard --logdir %s)", monitor.log_dir, monitor.log_dir / "tensorboard")
     trainer = Trainer(
-        task, Ledger(data_dir), client_id, spec.privacy, physical_batch=profile.physical_batch,
+        task,
+        Ledger(data_dir),
+        client_id,
+        spec.privacy,
+        physical_batch=profile.physical_batch,
         monitor=monitor,
     )
     seeds = ReleaseBook(data_dir).seeds if seed is None else _fixed_seeds(seed)
@@ -145,8 +150,9 @@ def train_local(
             monitor.on_step = bar.update
             for segment in range(first, segments + 1):
                 steps = min(spec.checkpoint_every, spec.steps - trainer.steps_done)
-                plan = RoundPlan(steps, spec.logical_batch, spec.learning_rate,
-                                 planned_steps=spec.steps - trainer.steps_done)
+                plan = RoundPlan(
+                    steps, spec.logical_batch, spec.learning_rate, planned_steps=spec.steps - trainer.steps_done
+                )
                 release = seeds(f"{run['run_id']}/{segment}")
                 trainer.reseed(release.noise, release.sample, release.noise_key)
                 result = trainer.train(plan, run_id=run["run_id"], round=segment)
@@ -154,8 +160,13 @@ def train_local(
                 validation = trainer.evaluate(val_set) if len(val_set) else {}
                 monitor.log(trainer.steps_done, {f"val_{k}": v for k, v in validation.items()}, kind="validation")
                 monitor.log(trainer.steps_done, {"epsilon": result.row.epsilon}, kind="privacy")
-                summary.update(steps=trainer.steps_done, epsilon=result.row.epsilon, delta=spec.privacy.delta,
-                               train=result.metrics, validation=validation)
+                summary.update(
+                    steps=trainer.steps_done,
+                    epsilon=result.row.epsilon,
+                    delta=spec.privacy.delta,
+                    train=result.metrics,
+                    validation=validation,
+                )
                 log.info("step %d: epsilon %.3f%s", trainer.steps_done, result.row.epsilon, _for_people(validation))
         if "epsilon" not in summary:  # killed between the last checkpoint and the export
             summary.update(steps=trainer.steps_done, epsilon=trainer.spent(), delta=spec.privacy.delta)
@@ -180,7 +191,8 @@ def plan_run(
     path = ledger_file(data_dir)
     rows = read_rows(path) if path.is_file() else []
     history = [
-        row.to_mechanism() for row in rows
+        row.to_mechanism()
+        for row in rows
         if row.client_id == client_id and row.unit == UNIT and not (row.run_id == run_id and row.round >= first)
     ]
     privacy = spec.privacy
@@ -188,13 +200,22 @@ def plan_run(
     steps = spec.steps - steps_done
     sigma = privacy.noise_multiplier
     if sigma is None:
-        sigma = calibrate_noise_multiplier(privacy.target_epsilon, privacy.delta, sample_rate=sample_rate,
-                                           steps=steps, history=history, accountant=privacy.accountant)
+        sigma = calibrate_noise_multiplier(
+            privacy.target_epsilon,
+            privacy.delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            history=history,
+            accountant=privacy.accountant,
+        )
     mechanism = Mechanism(sigma, sample_rate, steps)
     spent = epsilon(history, privacy.delta, privacy.accountant)
     try:
         after = Budget(privacy.budget_epsilon).check(
-            history, mechanism, delta=privacy.delta, accountant=privacy.accountant,
+            history,
+            mechanism,
+            delta=privacy.delta,
+            accountant=privacy.accountant,
             subject=f"the run's {steps} remaining steps ({client_id}, utterance level)",
         )
     except BudgetExceededError as exc:
@@ -206,8 +227,15 @@ def plan_run(
     log.info(
         "privacy: noise multiplier %.3g, sample rate %.3g (expected batch %.3g of %d utterances), %d steps: "
         "epsilon %.3f -> %.3f of the budget %g at delta %g (checked now, before training)",
-        sigma, sample_rate, sample_rate * num_examples, num_examples, steps, spent, after,
-        privacy.budget_epsilon, privacy.delta,
+        sigma,
+        sample_rate,
+        sample_rate * num_examples,
+        num_examples,
+        steps,
+        spent,
+        after,
+        privacy.budget_epsilon,
+        privacy.delta,
     )
     return mechanism
 

@@ -20,8 +20,15 @@ class S1Task(Task):
 
     stage = "s1"
 
-    def __init__(self, model: Text2SemanticDecoder, dataset: S1Dataset, device: torch.device,
-                 precision: str = "fp32", loss_scale: float = 1.0, checkpointing: bool = False) -> None:
+    def __init__(
+        self,
+        model: Text2SemanticDecoder,
+        dataset: S1Dataset,
+        device: torch.device,
+        precision: str = "fp32",
+        loss_scale: float = 1.0,
+        checkpointing: bool = False,
+    ) -> None:
         super().__init__(device, precision, loss_scale)
         self.model = model.to(device)
         self.model.set_attention_checkpointing(checkpointing)
@@ -30,8 +37,9 @@ class S1Task(Task):
     @classmethod
     def for_profile(cls, model: Text2SemanticDecoder, dataset: S1Dataset, profile: ResourceProfile) -> S1Task:
         """The task on the profile's device, precision and attention checkpointing."""
-        return cls(model, dataset, torch.device(profile.device), profile.precision, profile.loss_scale,
-                   profile.checkpointing)
+        return cls(
+            model, dataset, torch.device(profile.device), profile.precision, profile.loss_scale, profile.checkpointing
+        )
 
     def parts(self) -> dict[str, nn.Module]:
         return {"s1": self.model}

@@ -29,8 +29,14 @@ class S2Task(Task):
 
     stage = "s2"
 
-    def __init__(self, pair: SoVITSPair, dataset: S2Dataset, device: torch.device,
-                 precision: str = "fp32", loss_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        pair: SoVITSPair,
+        dataset: S2Dataset,
+        device: torch.device,
+        precision: str = "fp32",
+        loss_scale: float = 1.0,
+    ) -> None:
         super().__init__(device, precision, loss_scale)
         self.pair = self.model = pair.to(device)
         self.dataset = dataset

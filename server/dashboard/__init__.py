@@ -22,8 +22,12 @@ def serve_dashboard(
     # Bound to every interface, any Host name may be right (the token still guards it).
     hosts = None if host in ("0.0.0.0", "::", "") else list(dict.fromkeys([host, "127.0.0.1", "localhost"]))
     token = credential(source)
-    server = GatewayServer(dashboard_app(source, token, hosts, register), host, port,
-                           announce="dashboard on http://{address}/ (needs the token printed with it)")
+    server = GatewayServer(
+        dashboard_app(source, token, hosts, register),
+        host,
+        port,
+        announce="dashboard on http://{address}/ (needs the token printed with it)",
+    )
     server.start()
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     return server, f"http://{shown}:{port}/?token={token}"

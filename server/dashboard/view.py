@@ -229,7 +229,9 @@ def _devices(source: Source, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
         device["rounds-left"] = rounds_left(entry)
         if "rounds-joined" not in device:
             device["rounds-joined"] = sum(
-                1 for row in rows for e in row.get("clients", [])
+                1
+                for row in rows
+                for e in row.get("clients", [])
                 if e.get("client-id") == device["name"] and e.get("accepted")
             )
     return devices
@@ -277,9 +279,16 @@ def _profiles(devices: list[dict[str, Any]], run: Run) -> list[dict[str, Any]]:
     name each device reported."""
     fleet = _json(run.sim_dir / "fleet.json") if run.sim_dir else None
     if fleet:
-        return [{"client": f"client-{c['partition']}", "device": c.get("device"), "profile": c.get("profile"),
-                 "precision": c.get("precision"), "physical-batch": c.get("physical-batch")}
-                for c in fleet.get("clients", [])]
+        return [
+            {
+                "client": f"client-{c['partition']}",
+                "device": c.get("device"),
+                "profile": c.get("profile"),
+                "precision": c.get("precision"),
+                "physical-batch": c.get("physical-batch"),
+            }
+            for c in fleet.get("clients", [])
+        ]
     return [{"client": d["name"], "profile": d.get("profile")} for d in devices if d.get("profile")]
 
 

@@ -85,8 +85,11 @@ def dashboard_app(source: Source, token: str, hosts: list[str] | None, register:
         if not allowed(request):
             return PlainTextResponse(REFUSED, status_code=401)
         data = await run_in_threadpool(snapshot, source, request.query_params.get("run"))
-        return Response(_page(data), media_type="text/html; charset=utf-8",
-                        headers={"content-security-policy": CSP, "cache-control": "no-store"})
+        return Response(
+            _page(data),
+            media_type="text/html; charset=utf-8",
+            headers={"content-security-policy": CSP, "cache-control": "no-store"},
+        )
 
     async def api_snapshot(request: Request) -> Response:
         return JSONResponse(await run_in_threadpool(snapshot, source, request.query_params.get("run")))
@@ -154,7 +157,8 @@ def _page(data: dict[str, Any]) -> str:
     template = (STATIC / "index.html").read_text()
     embedded = json.dumps(data).replace("<", "\\u003c")  # nothing in it can close the script element
     return template.replace("{{title}}", html.escape(f"fedvox: {Path(data['folder']).name}")).replace(
-        "{{snapshot}}", embedded)
+        "{{snapshot}}", embedded
+    )
 
 
 __all__ = ["credential", "dashboard_app"]

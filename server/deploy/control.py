@@ -15,7 +15,6 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +83,12 @@ class Control:
     def __init__(self, address: str, root_certificate: Path, token_file: Path) -> None:
         self.address = address
         self.client = ControlHttpClient.from_server_address(
-            address, False, Path(root_certificate).read_bytes(),
+            address,
+            False,
+            Path(root_certificate).read_bytes(),
             interceptors=[
-                RuntimeVersionHttpInterceptor(component_name="flwr CLI"), BearerToken(read_token(token_file))
+                RuntimeVersionHttpInterceptor(component_name="flwr CLI"),
+                BearerToken(read_token(token_file)),
             ],
         )
 
@@ -113,8 +115,14 @@ class Control:
             response = self.client.StartRun(request)
         if not response.HasField("run_id"):
             raise DeploymentError(f"the SuperLink at {self.address} did not start the run")
-        log.info("submitted %s %s (FAB %s, %.1f MB) as run %d", fab_id, version, fab.hash_str[:8],
-                 len(fab_bytes) / 1e6, response.run_id)
+        log.info(
+            "submitted %s %s (FAB %s, %.1f MB) as run %d",
+            fab_id,
+            version,
+            fab.hash_str[:8],
+            len(fab_bytes) / 1e6,
+            response.run_id,
+        )
         return int(response.run_id)
 
     def runs(self) -> list[RunState]:
@@ -151,4 +159,4 @@ class Control:
             raise DeploymentError(f"cannot {what}: the SuperLink refused: {detail}") from exc
 
 
-__all__ = ["FINISHED", "Control", "SuperNode", "RunState", "app_bundle"]
+__all__ = ["FINISHED", "Control", "RunState", "SuperNode", "app_bundle"]

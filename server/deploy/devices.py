@@ -85,7 +85,9 @@ class Registry:
                         raise DeploymentError(f"this key is already registered as {device.name!r}")
                     return device, False
                 if device.name == name:
-                    raise DeploymentError(f"the name {name!r} is taken by another key ({device.fingerprint}); choose another --name")
+                    raise DeploymentError(
+                        f"the name {name!r} is taken by another key ({device.fingerprint}); choose another --name"
+                    )
             device = Device(name, ssh_text(key), key_print, dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
             devices.append(device)
         return device, True
@@ -209,31 +211,44 @@ def device_report(
     for node in nodes or []:
         if node.status != "unregistered" and node.public_key not in known:
             key = serialization.load_pem_public_key(node.public_key)
-            report.append({
-                "name": UNKNOWN_DEVICE, "fingerprint": fingerprint(key), "node-id": node.node_id,
-                "status": node.status, "rounds-joined": 0, "last-round": None, "client-id": None,
-                "profile": None, "epsilon-spent": None, "epsilon-budget": None, "registered": None,
-            })
+            report.append(
+                {
+                    "name": UNKNOWN_DEVICE,
+                    "fingerprint": fingerprint(key),
+                    "node-id": node.node_id,
+                    "status": node.status,
+                    "rounds-joined": 0,
+                    "last-round": None,
+                    "client-id": None,
+                    "profile": None,
+                    "epsilon-spent": None,
+                    "epsilon-budget": None,
+                    "registered": None,
+                }
+            )
             log.warning("node %d holds a key that is not in %s (%s)", node.node_id, registry.path, fingerprint(key))
     for device in registry.devices():
         mine = set(device.node_ids)
         entries = [(r, e) for r, clients in rounds for e in clients if e.get("node-id") in mine]
         accepted = sorted({r for r, e in entries if e.get("accepted")})
         last = entries[-1][1] if entries else {}
-        report.append({
-            "name": device.name,
-            "fingerprint": device.fingerprint,
-            "node-id": device.node_ids[-1] if device.node_ids else None,
-            "status": status.get(device.node_ids[-1], "unknown") if nodes is not None and device.node_ids else
-            ("not authorised yet" if not device.node_ids else unknown),
-            "rounds-joined": len(accepted),
-            "last-round": accepted[-1] if accepted else None,
-            "client-id": last.get("client-id"),
-            "profile": last.get("profile"),
-            "epsilon-spent": last.get("epsilon-spent"),
-            "epsilon-budget": last.get("epsilon-budget"),
-            "registered": device.registered,
-        })
+        report.append(
+            {
+                "name": device.name,
+                "fingerprint": device.fingerprint,
+                "node-id": device.node_ids[-1] if device.node_ids else None,
+                "status": status.get(device.node_ids[-1], "unknown")
+                if nodes is not None and device.node_ids
+                else ("not authorised yet" if not device.node_ids else unknown),
+                "rounds-joined": len(accepted),
+                "last-round": accepted[-1] if accepted else None,
+                "client-id": last.get("client-id"),
+                "profile": last.get("profile"),
+                "epsilon-spent": last.get("epsilon-spent"),
+                "epsilon-budget": last.get("epsilon-budget"),
+                "registered": device.registered,
+            }
+        )
     return report
 
 

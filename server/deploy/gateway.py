@@ -5,7 +5,8 @@ register devices, submit runs, i.e. run code on the server) and Runtime (the Ser
 process: acquire the run's task, pull every client reply). Out of the box the open-source
 SuperLink authenticates callers of neither; fedvox adds a Control token and SuperExec
 authentication (:mod:`server.deploy.control_auth`, :mod:`server.deploy.launcher`), and still keeps
-the SuperLink on 127.0.0.1 and puts this gateway on the public address: it terminates TLS with the server certificate devices
+the SuperLink on 127.0.0.1 and puts this gateway on the public address: it terminates TLS with the server
+certificate devices
 check, forwards ``POST /v1/fleet/<call>`` unchanged (SuperNode authentication is a signature in
 the request headers, which the SuperLink verifies) and answers everything else with 404.
 
@@ -43,17 +44,31 @@ PUBLIC_KEY_HEADER = "flwr-public-key"  # Flower's SuperNode authentication: the 
 MAX_BODY_BYTES = 64 * 2**20
 """A Fleet request carries at most one 5 MB array chunk (Flower's chunk size) plus framing."""
 UPSTREAM_TIMEOUT_S = 300.0
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "transfer-encoding", "upgrade", "host", "content-length", "content-encoding",
-})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "content-encoding",
+    }
+)
 
 
 class FleetGateway:
     """ASGI app forwarding the Fleet API to ``upstream`` (``127.0.0.1:PORT``, TLS by ``upstream_ca``)."""
 
     def __init__(
-        self, upstream: str, upstream_ca: Path, transport: httpx.AsyncBaseTransport | None = None,
+        self,
+        upstream: str,
+        upstream_ca: Path,
+        transport: httpx.AsyncBaseTransport | None = None,
         on_refused_key: Callable[[bytes], None] | None = None,
     ) -> None:
         self.upstream = f"https://{upstream}"
@@ -78,8 +93,12 @@ class FleetGateway:
         path = request.url.path
         if request.method != "POST" or not FLEET_PATH.fullmatch(path):
             self.refused += 1
-            log.warning("gateway: refused %s %s from %s (only the Fleet API is served here)",
-                        request.method, path[:80], _peer(request))
+            log.warning(
+                "gateway: refused %s %s from %s (only the Fleet API is served here)",
+                request.method,
+                path[:80],
+                _peer(request),
+            )
             return PlainTextResponse("not found\n", status_code=404)
         try:
             body = await _read_body(request)
@@ -114,8 +133,11 @@ class FleetGateway:
             if message["type"] == "lifespan.startup":
                 verify = ssl.create_default_context(cafile=str(self.upstream_ca)) if self.transport is None else True
                 self.client = httpx.AsyncClient(
-                    base_url=self.upstream, verify=verify, timeout=UPSTREAM_TIMEOUT_S,
-                    limits=httpx.Limits(max_connections=64), transport=self.transport,
+                    base_url=self.upstream,
+                    verify=verify,
+                    timeout=UPSTREAM_TIMEOUT_S,
+                    limits=httpx.Limits(max_connections=64),
+                    transport=self.transport,
                 )
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -130,14 +152,26 @@ class GatewayServer:
     (TLS with the server certificate), or the dashboard (plain HTTP on loopback: no certificate)."""
 
     def __init__(
-        self, gateway: Any, host: str, port: int, certfile: Path | None = None, keyfile: Path | None = None,
+        self,
+        gateway: Any,
+        host: str,
+        port: int,
+        certfile: Path | None = None,
+        keyfile: Path | None = None,
         announce: str = "devices connect to {address} (TLS; Fleet API only)",
     ) -> None:
         self.gateway, self.host, self.port, self.announce = gateway, host, port, announce
         tls = {"ssl_certfile": str(certfile), "ssl_keyfile": str(keyfile)} if certfile is not None else {}
         config = uvicorn.Config(
-            gateway, host=host, port=port, **tls,
-            log_config=None, access_log=False, lifespan="on", ws="none", timeout_keep_alive=30,
+            gateway,
+            host=host,
+            port=port,
+            **tls,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            ws="none",
+            timeout_keep_alive=30,
             h11_max_incomplete_event_size=64 * 1024,
         )
         self.server = uvicorn.Server(config)

@@ -58,9 +58,8 @@ class ServerSettings:
     names: tuple[str, ...] = ()
 
     def to_toml(self) -> str:
-        return (
-            "# fedvox server settings (fedvox-server start --host/--port override host and port)\n"
-            + tomli_w.dumps({"host": self.host, "port": self.port, "names": list(self.names)})
+        return "# fedvox server settings (fedvox-server start --host/--port override host and port)\n" + tomli_w.dumps(
+            {"host": self.host, "port": self.port, "names": list(self.names)}
         )
 
 
@@ -93,7 +92,9 @@ class ServerHome:
     def require(self) -> ServerHome:
         """This home, or a :class:`DeploymentError` if ``fedvox-server init`` never made it."""
         if not self.settings_file.is_file():
-            raise DeploymentError(f"{self.root} is not a fedvox server home; create it with `fedvox-server init {self.root}`")
+            raise DeploymentError(
+                f"{self.root} is not a fedvox server home; create it with `fedvox-server init {self.root}`"
+            )
         return self
 
     def settings(self) -> ServerSettings:
@@ -101,7 +102,9 @@ class ServerHome:
             data = tomllib.loads(self.settings_file.read_text())
             return ServerSettings(host=str(data["host"]), port=int(data["port"]), names=tuple(data.get("names", ())))
         except (OSError, KeyError, ValueError, TypeError, tomllib.TOMLDecodeError) as exc:
-            raise DeploymentError(f"cannot read {self.settings_file}: {exc}; fix it or run init again in a new folder") from exc
+            raise DeploymentError(
+                f"cannot read {self.settings_file}: {exc}; fix it or run init again in a new folder"
+            ) from exc
 
     def run_config(self) -> RunConfig:
         """The run configuration, validated, with ``checkpoint-dir`` set to this home's run folder."""
@@ -210,12 +213,21 @@ def ensure_link_certificate(home: ServerHome) -> None:
 
 
 def _issue(home: ServerHome, names: list[str]) -> None:
-    key, cert = pki.issue_server_certificate(pki.load_private_key(home.ca_key), pki.load_certificate(home.ca_cert), names)
+    key, cert = pki.issue_server_certificate(
+        pki.load_private_key(home.ca_key), pki.load_certificate(home.ca_cert), names
+    )
     pki.write_private_key(home.server_key, key)
     pki.write_certificate(home.server_cert, cert)
 
 
 __all__ = [
-    "DEFAULT_HOST", "DEFAULT_PORT", "ServerHome", "ServerSettings", "default_names", "ensure_link_certificate",
-    "init_home", "renew", "write_run_config",
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "ServerHome",
+    "ServerSettings",
+    "default_names",
+    "ensure_link_certificate",
+    "init_home",
+    "renew",
+    "write_run_config",
 ]

@@ -121,7 +121,11 @@ class ServerProcess:
     """One ``fedvox-server start``: launch, watch, stop (see the module docstring)."""
 
     def __init__(
-        self, home: ServerHome, host: str | None = None, port: int | None = None, resume: bool = False,
+        self,
+        home: ServerHome,
+        host: str | None = None,
+        port: int | None = None,
+        resume: bool = False,
         dashboard: tuple[str, int] | None = ("127.0.0.1", 0),
     ) -> None:
         self.home = home.require()
@@ -184,8 +188,11 @@ class ServerProcess:
                 self.names[node_id] = device.name
             waiting = WaitingRoom(self.home)
             self.gateway = GatewayServer(
-                FleetGateway(self.address, self.home.internal_ca, on_refused_key=waiting.note), self.host, self.port,
-                self.home.server_cert, self.home.server_key,
+                FleetGateway(self.address, self.home.internal_ca, on_refused_key=waiting.note),
+                self.host,
+                self.port,
+                self.home.server_cert,
+                self.home.server_key,
             )
             self.gateway.start()
             self._start_dashboard()
@@ -196,9 +203,14 @@ class ServerProcess:
             self._write_state()
             log.info(
                 "run %d: %s %s (%s), %d rounds, min %d clients; %s %s",
-                self.run_id, self.config.stage, self.config.model_config, self.config.subset,
-                self.config.num_server_rounds, self.config.min_clients,
-                "resuming" if self.resume else "starting", self.home.run_dir,
+                self.run_id,
+                self.config.stage,
+                self.config.model_config,
+                self.config.subset,
+                self.config.num_server_rounds,
+                self.config.min_clients,
+                "resuming" if self.resume else "starting",
+                self.home.run_dir,
             )
             self.log_thread = threading.Thread(target=self._stream_serverapp_log, name="serverapp-log", daemon=True)
             self.log_thread.start()
@@ -235,7 +247,9 @@ class ServerProcess:
         for process in psutil.process_iter(["pid", "cmdline"]):
             cmdline = " ".join(process.info["cmdline"] or [])
             if any(c in cmdline for c in commands) and any(m in cmdline for m in marks):
-                log.warning("stopping %s (pid %d) left by a previous server", cmdline.split()[1].rsplit("/", 1)[-1], process.pid)
+                log.warning(
+                    "stopping %s (pid %d) left by a previous server", cmdline.split()[1].rsplit("/", 1)[-1], process.pid
+                )
                 stop_tree(process.pid)
 
     def _start_superlink(self) -> None:
@@ -243,25 +257,42 @@ class ServerProcess:
         self.address = f"127.0.0.1:{internal}"
         self.home.logs.mkdir(parents=True, exist_ok=True)
         command = [  # Flower's flower-superlink with the home's Control API token (control_auth)
-            sys.executable, "-m", SUPERLINK_MODULE,
-            "--ssl-ca-certfile", str(self.home.internal_ca),
-            "--ssl-certfile", str(self.home.link_cert),
-            "--ssl-keyfile", str(self.home.link_key),
+            sys.executable,
+            "-m",
+            SUPERLINK_MODULE,
+            "--ssl-ca-certfile",
+            str(self.home.internal_ca),
+            "--ssl-certfile",
+            str(self.home.link_cert),
+            "--ssl-keyfile",
+            str(self.home.link_key),
             "--enable-supernode-auth",
-            "--host", "127.0.0.1", "--port", str(internal),
-            "--database", str(self.home.database),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(internal),
+            "--database",
+            str(self.home.database),
             "--disable-runtime-dependency-installation",
             # ServerApps are launched by our own SuperExec, which proves itself with the home's
             # secret: the Runtime API then hands a run's task to no one else (_start_superexec)
-            "--isolation", "process", "--superexec-auth-secret-file", str(self.home.superexec_secret),
+            "--isolation",
+            "process",
+            "--superexec-auth-secret-file",
+            str(self.home.superexec_secret),
         ]
         ensure_token(self.home.control_token)
         ensure_token(self.home.superexec_secret)
         env = {**flower_env(self.home.flwr_home), TOKEN_FILE_ENV: str(self.home.control_token)}
         with open(self.home.logs / "superlink.log", "ab") as out:
             self.superlink = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, env=env,
-                cwd=self.home.root, start_new_session=True, preexec_fn=die_with_parent,
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.home.root,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         log.info("SuperLink (pid %d) on %s, state in %s", self.superlink.pid, self.address, self.home.database)
         self.control = Control(self.address, self.home.internal_ca, self.home.control_token)
@@ -269,7 +300,8 @@ class ServerProcess:
         while True:
             if self.superlink.poll() is not None:
                 raise DeploymentError(
-                    f"the SuperLink exited with status {self.superlink.returncode}; see {self.home.logs / 'superlink.log'}"
+                    f"the SuperLink exited with status {self.superlink.returncode}; see "
+                    f"{self.home.logs / 'superlink.log'}"
                 )
             try:
                 self.control.runs()
@@ -285,15 +317,24 @@ class ServerProcess:
         the home's secret (the SuperLink would start an unauthenticated one itself)."""
         command = [
             flower_command("flower-superexec"),
-            "--root-certificates", str(self.home.internal_ca),
-            "--runtime-api-address", self.address,
-            "--superexec-auth-secret-file", str(self.home.superexec_secret),
-            "--parent-pid", str(self.superlink.pid),
+            "--root-certificates",
+            str(self.home.internal_ca),
+            "--runtime-api-address",
+            self.address,
+            "--superexec-auth-secret-file",
+            str(self.home.superexec_secret),
+            "--parent-pid",
+            str(self.superlink.pid),
         ]
         with open(self.home.logs / "superlink.log", "ab") as out:
             self.superexec = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, env=flower_env(self.home.flwr_home),
-                cwd=self.home.root, start_new_session=True, preexec_fn=die_with_parent,
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=flower_env(self.home.flwr_home),
+                cwd=self.home.root,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         log.info("SuperExec (pid %d) authenticated by %s", self.superexec.pid, self.home.superexec_secret.name)
 
@@ -333,9 +374,14 @@ class ServerProcess:
         """``state/server.json``; ``stopping``: the SuperLink is winding down (it waits for devices'
         connections to close, up to a minute), so commands read the home's files instead of asking it."""
         info = {
-            "pid": os.getpid(), "host": self.host, "port": self.port, "superlink": self.address,
+            "pid": os.getpid(),
+            "host": self.host,
+            "port": self.port,
+            "superlink": self.address,
             "superlink-pid": self.superlink.pid if self.superlink else None,
-            "run-id": self.run_id, "started": self.started, "stopping": stopping,
+            "run-id": self.run_id,
+            "started": self.started,
+            "stopping": stopping,
         }
         atomic_write_text(self.home.server_state, json.dumps(info, indent=1) + "\n")
 
@@ -406,7 +452,7 @@ class ServerProcess:
 
     def _report_rounds(self) -> None:
         lines = self._metric_lines()
-        for line in lines[self.rounds_logged:]:
+        for line in lines[self.rounds_logged :]:
             if not line.strip():
                 continue
             row = json.loads(line)
@@ -424,11 +470,17 @@ class ServerProcess:
         done = rounds[-1] if rounds else 0
         target = self.config.num_server_rounds
         if state.sub_status == "completed" and done >= target:
-            log.info("run %d completed: %d rounds; export with `fedvox-server export %s`", self.run_id, done, self.home.root)
+            log.info(
+                "run %d completed: %d rounds; export with `fedvox-server export %s`", self.run_id, done, self.home.root
+            )
             return 0
         log.error(
             "run %d ended (%s) after round %d of %d%s; see %s, then --resume",
-            self.run_id, state.sub_status or "?", done, target, f": {state.details}" if state.details else "",
+            self.run_id,
+            state.sub_status or "?",
+            done,
+            target,
+            f": {state.details}" if state.details else "",
             self.home.logs / "run.log",
         )
         return 1
@@ -442,7 +494,9 @@ class ServerProcess:
             with open(self.home.logs / "run.log", "a") as out:
                 while not self.stopping.is_set():
                     try:
-                        for response in control.client.StreamLogs(StreamLogsRequest(run_id=self.run_id, after_timestamp=after)):
+                        for response in control.client.StreamLogs(
+                            StreamLogsRequest(run_id=self.run_id, after_timestamp=after)
+                        ):
                             out.write(response.log_output)
                             out.flush()
                             for level, line in console.lines(response.log_output):

@@ -78,9 +78,7 @@ def issue_server_certificate(
         .add_extension(_key_usage(cert_sign=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     return key, cert
@@ -144,7 +142,10 @@ def check_server_pair(
     when = at or _now()
     for what, c, path in (("server certificate", cert, cert_path), ("CA certificate", ca, ca_path)):
         if when < c.not_valid_before_utc:
-            raise DeploymentError(f"the {what} {path} is not valid before {c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check this machine's clock")
+            raise DeploymentError(
+                f"the {what} {path} is not valid before {c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check this "
+                "machine's clock"
+            )
         if when > c.not_valid_after_utc:
             raise DeploymentError(
                 f"the {what} {path} expired on {c.not_valid_after_utc:%Y-%m-%d}; issue a new one "
@@ -201,9 +202,15 @@ def _is_ip(name: str) -> bool:
 
 def _key_usage(cert_sign: bool) -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=not cert_sign, content_commitment=False, key_encipherment=False,
-        data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign, crl_sign=cert_sign,
-        encipher_only=False, decipher_only=False,
+        digital_signature=not cert_sign,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 
@@ -212,6 +219,13 @@ def _now() -> dt.datetime:
 
 
 __all__ = [
-    "check_server_pair", "covers", "create_ca", "issue_server_certificate", "load_certificate",
-    "load_private_key", "subject_names", "write_certificate", "write_private_key",
+    "check_server_pair",
+    "covers",
+    "create_ca",
+    "issue_server_certificate",
+    "load_certificate",
+    "load_private_key",
+    "subject_names",
+    "write_certificate",
+    "write_private_key",
 ]

@@ -25,7 +25,6 @@ from fedvox.shared.stages import recipe
 log = logging.getLogger(__name__)
 
 
-
 class SoVITSPair(nn.Module):
     """The s2 generator and discriminator, trained together on the same Poisson batches."""
 
@@ -59,8 +58,9 @@ def build_model(
 def require_config(found: str, wanted: str, path: str | Path) -> None:
     """Refuse a pretrained file whose model config is not the run's."""
     if found != wanted:
-        raise ConfigError(f"{path} holds a {found!r} model but model-config is {wanted!r}; set model-config = "
-                          f"{found!r}")
+        raise ConfigError(
+            f"{path} holds a {found!r} model but model-config is {wanted!r}; set model-config = {found!r}"
+        )
 
 
 def export_gpt_sovits(model: nn.Module, folder: str | Path, *, half: bool = False) -> list[Path]:

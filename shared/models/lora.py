@@ -82,10 +82,7 @@ class LoRAConv1d(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The adapter as a dense ``[out, in, kernel]`` weight update."""
-        return (
-            torch.einsum("or,rik->oik", self.lora_B.weight[:, :, 0], self.lora_A.weight)
-            * self.scaling
-        )
+        return torch.einsum("or,rik->oik", self.lora_B.weight[:, :, 0], self.lora_A.weight) * self.scaling
 
 
 LoRALayer = LoRALinear | LoRAConv1d

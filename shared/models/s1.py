@@ -110,9 +110,7 @@ class SelfAttention(nn.Module):
             nn.init.zeros_(proj.bias)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
         batch, length, dim = x.shape
         q, k, v = (
             proj(x).view(batch, length, self.heads, -1).transpose(1, 2)
@@ -146,9 +144,7 @@ class TransformerLayer(nn.Module):
         self.norm2 = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
         x = self.norm1(x + self.dropout(self.self_attn(x, mask, cache)))
         ffn = self.linear2(self.dropout(F.relu(self.linear1(x))))
         return self.norm2(x + self.dropout(ffn))
@@ -161,9 +157,7 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.layers))
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, caches: list[KVCache] | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, caches: list[KVCache] | None = None) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, None if caches is None else caches[i])
         return x
@@ -225,12 +219,8 @@ class Text2SemanticDecoder(nn.Module):
     def embed_semantic(self, semantic_ids: torch.Tensor, start: int) -> torch.Tensor:
         """``[B, Y, dim]`` semantic inputs at positions ``start, start + 1, ...``."""
         batch, length = semantic_ids.shape
-        positions = torch.arange(start, start + length, device=semantic_ids.device).expand(
-            batch, length
-        )
-        return self.dropout(
-            self.ar_audio_embedding(semantic_ids) + self.ar_audio_position(positions)
-        )
+        positions = torch.arange(start, start + length, device=semantic_ids.device).expand(batch, length)
+        return self.dropout(self.ar_audio_embedding(semantic_ids) + self.ar_audio_position(positions))
 
     # ------------------------------------------------------------------ subset protocol
     def module_groups(self) -> dict[str, tuple[str, ...]]:
@@ -272,12 +262,8 @@ def prefix_lm_mask(
     total = phoneme_width + semantic_width
     rows = torch.arange(total, device=device)
     is_phoneme = rows < phoneme_width
-    structure = is_phoneme.unsqueeze(0) | (
-        ~is_phoneme.unsqueeze(1) & (rows.unsqueeze(0) <= rows.unsqueeze(1))
-    )
-    phoneme_real = rows[:phoneme_width].unsqueeze(0) >= (phoneme_width - phoneme_lengths).unsqueeze(
-        1
-    )
+    structure = is_phoneme.unsqueeze(0) | (~is_phoneme.unsqueeze(1) & (rows.unsqueeze(0) <= rows.unsqueeze(1)))
+    phoneme_real = rows[:phoneme_width].unsqueeze(0) >= (phoneme_width - phoneme_lengths).unsqueeze(1)
     semantic_real = rows[:semantic_width].unsqueeze(0) < semantic_lengths.unsqueeze(1)
     key_real = torch.cat([phoneme_real, semantic_real], dim=1)
     return (structure.unsqueeze(0) & key_real.unsqueeze(1)).unsqueeze(1)
@@ -352,15 +338,13 @@ def generate(
     ``bert_features`` ``[X, 1024]`` (``None``: zeros, as for non-Chinese text) and ``prompt_ids``
     ``[P]`` the reference audio's semantic tokens (may be empty). Returns the new tokens ``[N]``
     without the prompt and without EOS. Decoding stops when the sampled token or the most likely
-    token after the repetition penalty is EOS, as upstream (never in the first ``min_new_tokens``) or after ``max_new_tokens`` (default: the
+    token after the repetition penalty is EOS, as upstream (never in the first ``min_new_tokens``) or after
+    ``max_new_tokens`` (default: the
     config's ``max_sec`` of speech). ``top_k`` defaults to the config's official value.
     """
     config = model.config
     if phoneme_ids.ndim != 1 or phoneme_ids.numel() == 0:
-        raise DataError(
-            "generate() needs a non-empty 1-D phoneme id tensor, got shape "
-            f"{tuple(phoneme_ids.shape)}"
-        )
+        raise DataError(f"generate() needs a non-empty 1-D phoneme id tensor, got shape {tuple(phoneme_ids.shape)}")
     device = model.ar_predict_layer.weight.device
     max_new_tokens = config.max_semantic_tokens if max_new_tokens is None else max_new_tokens
     top_k = config.top_k if top_k is None else top_k
@@ -384,9 +368,7 @@ def generate(
         new_tokens: list[int] = []
         for step in range(max_new_tokens):
             if step:  # feed the previous token, at semantic position prefix + step - 1
-                step_input = model.embed_semantic(
-                    history[-1:].unsqueeze(0), start=prefix + step - 1
-                )
+                step_input = model.embed_semantic(history[-1:].unsqueeze(0), start=prefix + step - 1)
                 hidden = model.h(step_input, None, caches)
             logits = model.ar_predict_layer(hidden[0, -1]).float()
             if step < min_new_tokens:

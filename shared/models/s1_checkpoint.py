@@ -137,13 +137,9 @@ def config_from_official(yaml_config: Mapping[str, Any]) -> S1Config:
         }
         embedding_dim = int(model["embedding_dim"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(
-            f"checkpoint config has no usable 'model' section ({exc!r})"
-        ) from None
+        raise CheckpointError(f"checkpoint config has no usable 'model' section ({exc!r})") from None
     if embedding_dim != fields["dim"]:
-        raise CheckpointError(
-            f"checkpoint config has embedding_dim {embedding_dim} != hidden_dim {fields['dim']}"
-        )
+        raise CheckpointError(f"checkpoint config has embedding_dim {embedding_dim} != hidden_dim {fields['dim']}")
     if vocab not in SYMBOLS_FOR_VOCAB:
         raise CheckpointError(
             f"checkpoint config has phoneme_vocab_size {vocab}; fedvox's text frontend knows "
@@ -171,15 +167,9 @@ def read_official_s1(
     """``(weight, yaml config or None, info or None)`` of a GPT-SoVITS s1 ``.ckpt``."""
     obj, _ = read_torch_file(path)
     if not isinstance(obj, Mapping):
-        raise CheckpointError(
-            f"{path} holds a {type(obj).__name__}, not a GPT-SoVITS s1 checkpoint dict"
-        )
-    weight = obj.get(
-        "weight", obj.get("state_dict")
-    )  # exported .ckpt, or a Lightning training ckpt
-    if not isinstance(weight, Mapping) or not all(
-        isinstance(t, torch.Tensor) for t in weight.values()
-    ):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a GPT-SoVITS s1 checkpoint dict")
+    weight = obj.get("weight", obj.get("state_dict"))  # exported .ckpt, or a Lightning training ckpt
+    if not isinstance(weight, Mapping) or not all(isinstance(t, torch.Tensor) for t in weight.values()):
         raise CheckpointError(
             f"{path} has no 'weight' tensor dict (keys: {sorted(obj)[:6]}); pass a GPT-SoVITS s1 "
             "(GPT) .ckpt such as s1bert25hz-5kh-longer-epoch=12-step=369668.ckpt"
@@ -202,11 +192,7 @@ def load_official_s1(path: str | Path, config: S1Config | None = None) -> Text2S
     """
     weight, yaml_config, _ = read_official_s1(path)
     if config is None:
-        config = (
-            config_from_official(yaml_config)
-            if yaml_config is not None
-            else _config_from_shapes(weight, path)
-        )
+        config = config_from_official(yaml_config) if yaml_config is not None else _config_from_shapes(weight, path)
     _check_official_keys(weight, config, path)
     model = _build(config, official_to_fedvox(weight))
     log.info("loaded GPT-SoVITS s1 checkpoint %s (config %s)", path, config.name)
@@ -242,17 +228,13 @@ def save_official_s1(
     ``yaml_config`` is the imported file's config, to keep it unchanged; by default it is derived
     from ``model.config``.
     """
-    weight = OrderedDict(
-        (k, t.to(dtype)) for k, t in fedvox_to_official(merged_state_dict(model)).items()
-    )
+    weight = OrderedDict((k, t.to(dtype)) for k, t in fedvox_to_official(merged_state_dict(model)).items())
     config = dict(yaml_config) if yaml_config is not None else official_config(model.config)
     write_torch_file({"weight": weight, "config": config, "info": info}, path)
 
 
 # ---------------------------------------------------------------------- fedvox safetensors
-def save_s1_safetensors(
-    model: Text2SemanticDecoder, path: str | Path, dtype: torch.dtype | None = None
-) -> None:
+def save_s1_safetensors(model: Text2SemanticDecoder, path: str | Path, dtype: torch.dtype | None = None) -> None:
     """Write ``model`` (LoRA merged, fedvox key names) and its config as safetensors."""
     state = merged_state_dict(model)
     if dtype is not None:
@@ -271,17 +253,13 @@ def load_s1_safetensors(path: str | Path) -> Text2SemanticDecoder:
     try:
         config = S1Config(**metadata["config"])
     except TypeError as exc:
-        raise CheckpointError(
-            f"{path} has an s1 config this fedvox version cannot read: {exc}"
-        ) from None
+        raise CheckpointError(f"{path} has an s1 config this fedvox version cannot read: {exc}") from None
     _check_fedvox_keys(config, state, path)
     return _build(config, state)
 
 
 # ---------------------------------------------------------------------- checks
-def _check_official_keys(
-    weight: Mapping[str, torch.Tensor], config: S1Config, path: str | Path
-) -> None:
+def _check_official_keys(weight: Mapping[str, torch.Tensor], config: S1Config, path: str | Path) -> None:
     expected = official_shapes(config)
     missing = [key for key in expected if key not in weight]
     unexpected = [key for key in weight if key not in expected]
@@ -295,8 +273,7 @@ def _check_official_keys(
         found = tuple(weight[key].shape)
         if found != shape:
             raise CheckpointError(
-                f"{path}: {key} has shape {found}, config {config.name!r} expects {shape}; "
-                f"{_suggest_config(weight)}"
+                f"{path}: {key} has shape {found}, config {config.name!r} expects {shape}; {_suggest_config(weight)}"
             )
 
 
@@ -328,17 +305,14 @@ def _shapes_match(weight: Mapping[str, torch.Tensor], config: S1Config) -> bool:
     )
 
 
-def _check_fedvox_keys(
-    config: S1Config, state: Mapping[str, torch.Tensor], path: str | Path
-) -> None:
+def _check_fedvox_keys(config: S1Config, state: Mapping[str, torch.Tensor], path: str | Path) -> None:
     with torch.device("meta"):
         expected = Text2SemanticDecoder(config).state_dict()
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     if missing or unexpected:
         raise CheckpointError(
-            f"{path} does not match s1 config {config.name!r}: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}"
+            f"{path} does not match s1 config {config.name!r}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     for key, tensor in expected.items():
         if tensor.shape != state[key].shape:

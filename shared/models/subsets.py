@@ -67,9 +67,7 @@ class SubsetSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in SUBSET_KINDS:
-            raise ConfigError(
-                f"unknown subset kind {self.kind!r}; use one of {', '.join(SUBSET_KINDS)}"
-            )
+            raise ConfigError(f"unknown subset kind {self.kind!r}; use one of {', '.join(SUBSET_KINDS)}")
         if self.kind == "groups" and not self.groups:
             raise ConfigError("a 'groups' subset needs at least one group name")
         if self.kind == "full" and self.groups:
@@ -88,9 +86,7 @@ def apply_subset(model: M, spec: SubsetSpec) -> M:
             "frozen_prefixes(); see shared/models/subsets.py"
         )
     if any(isinstance(m, LoRALayer) for m in model.modules()):
-        raise ConfigError(
-            "LoRA adapters are already in this model; apply a subset to a fresh model"
-        )
+        raise ConfigError("LoRA adapters are already in this model; apply a subset to a fresh model")
     frozen = model.frozen_prefixes()
     group_prefixes = _group_prefixes(model, spec.groups)
 
@@ -115,19 +111,13 @@ def apply_subset(model: M, spec: SubsetSpec) -> M:
             )
         for name in targets:
             parent, attr = _parent(model, name)
-            setattr(
-                parent, attr, wrap_with_lora(getattr(parent, attr), spec.lora_rank, spec.lora_alpha)
-            )
+            setattr(parent, attr, wrap_with_lora(getattr(parent, attr), spec.lora_rank, spec.lora_alpha))
     return model
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{name: tensor}`` of every trainable parameter, detached copies: what goes on the wire."""
-    return {
-        name: param.detach().clone()
-        for name, param in _unwrap(model).named_parameters()
-        if param.requires_grad
-    }
+    return {name: param.detach().clone() for name, param in _unwrap(model).named_parameters() if param.requires_grad}
 
 
 @torch.no_grad()
@@ -160,11 +150,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     formats. The model is not modified.
     """
     model = _unwrap(model)
-    adapted = {
-        f"{name}.": module
-        for name, module in model.named_modules()
-        if isinstance(module, LoRALayer)
-    }
+    adapted = {f"{name}.": module for name, module in model.named_modules() if isinstance(module, LoRALayer)}
     merged: dict[str, torch.Tensor] = {}
     emitted: set[str] = set()
     for key, tensor in model.state_dict().items():
@@ -182,8 +168,7 @@ def _group_prefixes(model: SubsetModel, names: tuple[str, ...]) -> tuple[str, ..
     unknown = [name for name in names if name not in groups]
     if unknown:
         raise ConfigError(
-            f"unknown module group(s) {unknown} for {type(model).__name__}; "
-            f"choose from {', '.join(sorted(groups))}"
+            f"unknown module group(s) {unknown} for {type(model).__name__}; choose from {', '.join(sorted(groups))}"
         )
     return tuple(prefix for name in names for prefix in groups[name])
 

@@ -162,7 +162,9 @@ def _rdp_curve(sigma: float, q: float) -> np.ndarray:
     from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis import rdp as rdp_analysis
 
-    curve = np.asarray(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS))
+    curve = np.asarray(
+        rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+    )
     curve.flags.writeable = False
     return curve
 

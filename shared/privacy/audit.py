@@ -214,14 +214,15 @@ def dp_events(row: LedgerRow) -> tuple[dp_accounting.DpEvent, dp_accounting.DpEv
         sigmas = _component_noise(row.components)
         if not math.isclose(shared_batch_noise_multiplier(sigmas), mechanism.noise_multiplier, rel_tol=1e-9):
             raise ConfigError(
-                f"noise_multiplier {mechanism.noise_multiplier} is not the effective noise of its "
-                f"components {sigmas}"
+                f"noise_multiplier {mechanism.noise_multiplier} is not the effective noise of its components {sigmas}"
             )
         joint = dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(s) for s in sigmas])
     elif row.clip_norm is None or not row.clip_norm > 0:
         raise ConfigError(f"clip_norm {row.clip_norm} is not > 0")
     return tuple(
-        dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(mechanism.sample_rate, g), mechanism.steps)
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(mechanism.sample_rate, g), mechanism.steps
+        )
         for g in (joint, single)
     )
 
@@ -338,8 +339,15 @@ def recompute(
 def _accounted_fields(row: LedgerRow) -> tuple:
     """The fields that determine a row's epsilon (not its id, time, hashes or recorded epsilon)."""
     return (
-        row.mechanism, row.noise_multiplier, row.sample_rate, row.steps, row.clip_norm,
-        row.components, row.unit, row.accountant, row.delta,
+        row.mechanism,
+        row.noise_multiplier,
+        row.sample_rate,
+        row.steps,
+        row.clip_norm,
+        row.components,
+        row.unit,
+        row.accountant,
+        row.delta,
     )
 
 
@@ -398,7 +406,9 @@ def audit_ledger(
         )
         if len({(row.delta, row.accountant) for row in group}) > 1:
             findings.append(
-                LedgerFinding(INTEGRITY, name, "rows mix deltas or accountants for one client and unit", client_id, unit)
+                LedgerFinding(
+                    INTEGRITY, name, "rows mix deltas or accountants for one client and unit", client_id, unit
+                )
             )
         recompute(account, tolerance, cache)
         accounts.append(account)
@@ -473,9 +483,9 @@ __all__ = [
     "UNACCOUNTABLE",
     "UNDER_REPORTED",
     "Account",
-    "LedgerFinding",
     "Implied",
     "LedgerAudit",
+    "LedgerFinding",
     "audit_ledger",
     "dp_events",
     "implied",

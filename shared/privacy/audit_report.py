@@ -62,8 +62,7 @@ def render(audits: Sequence[LedgerAudit], console: Console) -> None:
     accounts = [account for audit in audits for account in audit.accounts]
     if any(account.delta != account.recorded_delta for account in accounts):
         console.print(
-            "PLD and RDP columns are at the audit's --delta; recorded epsilons were checked at "
-            "their own delta."
+            "PLD and RDP columns are at the audit's --delta; recorded epsilons were checked at their own delta."
         )
     findings = [finding for audit in audits for finding in audit.all_findings]
     for finding in findings:
@@ -84,8 +83,19 @@ def render(audits: Sequence[LedgerAudit], console: Console) -> None:
 def _table(audit: LedgerAudit) -> Table:
     table = Table(title=f"privacy ledger {audit.path}", box=box.SIMPLE_HEAD, header_style="bold")
     for column in (
-        "client", "unit", "releases", "steps", "noise", "sample rate", "delta",
-        "recorded ε", "PLD ε", "RDP ε", "budget", "remaining", "status",
+        "client",
+        "unit",
+        "releases",
+        "steps",
+        "noise",
+        "sample rate",
+        "delta",
+        "recorded ε",
+        "PLD ε",
+        "RDP ε",
+        "budget",
+        "remaining",
+        "status",
     ):
         table.add_column(column, justify="left" if column in ("client", "unit", "status") else "right")
     for account in audit.accounts:

@@ -55,8 +55,7 @@ class Budget:
     ) -> str:
         if spent >= self.epsilon:
             return (
-                "The budget is used up: this client cannot train on this data again unless its "
-                "owner raises the budget."
+                "The budget is used up: this client cannot train on this data again unless its owner raises the budget."
             )
         steps = _max_steps(self.epsilon, history, planned, delta, accountant)
         try:

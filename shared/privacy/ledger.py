@@ -381,8 +381,12 @@ class Ledger:
                 "INSERT INTO budgets (set_at, client_id, epsilon, delta) VALUES (?, ?, ?, ?)",
                 (now, budget.client_id, float(budget.epsilon), float(budget.delta)),
             )
-        log.info("privacy ledger: owner budget of %s set to epsilon %g at delta %g",
-                 budget.client_id, budget.epsilon, budget.delta)
+        log.info(
+            "privacy ledger: owner budget of %s set to epsilon %g at delta %g",
+            budget.client_id,
+            budget.epsilon,
+            budget.delta,
+        )
         return replace(budget, set_at=now)
 
     def append(
@@ -417,7 +421,9 @@ class Ledger:
                 )
             else:
                 cumulative = epsilon((*history, release.mechanism), release.delta, accountant)
-            last = self._con.execute("SELECT id, created_at, row_hash FROM releases ORDER BY id DESC LIMIT 1").fetchone()
+            last = self._con.execute(
+                "SELECT id, created_at, row_hash FROM releases ORDER BY id DESC LIMIT 1"
+            ).fetchone()
             last_id, last_time, last_hash = last if last else (0, "", GENESIS_HASH)
             now = datetime.now(UTC).isoformat(timespec="microseconds")
             row = LedgerRow(
@@ -450,7 +456,13 @@ class Ledger:
             )
         log.info(
             "privacy ledger: %s %s round %d %s-level epsilon %.4f (delta %g, %s)",
-            row.client_id, row.stage, row.round, row.unit, row.epsilon, row.delta, row.accountant,
+            row.client_id,
+            row.stage,
+            row.round,
+            row.unit,
+            row.epsilon,
+            row.delta,
+            row.accountant,
         )
         return row
 
@@ -479,13 +491,24 @@ class Ledger:
 def _same_release(row: LedgerRow, release: Release, accountant: str) -> LedgerRow:
     """The existing row if it records exactly ``release``; a conflict otherwise."""
     recorded = (
-        row.mechanism, row.noise_multiplier, row.sample_rate, row.steps, row.clip_norm,
-        row.components, row.delta, row.accountant,
+        row.mechanism,
+        row.noise_multiplier,
+        row.sample_rate,
+        row.steps,
+        row.clip_norm,
+        row.components,
+        row.delta,
+        row.accountant,
     )
     asked = (
-        release.kind, release.mechanism.noise_multiplier, release.mechanism.sample_rate,
-        release.mechanism.steps, release.clip_norm, _components_json(release.components),
-        release.delta, accountant,
+        release.kind,
+        release.mechanism.noise_multiplier,
+        release.mechanism.sample_rate,
+        release.mechanism.steps,
+        release.clip_norm,
+        _components_json(release.components),
+        release.delta,
+        accountant,
     )
     if recorded != asked:
         raise PrivacyError(

@@ -214,6 +214,13 @@ def _metrics_files(paths: Iterable[Path]) -> list[Path]:
 
 
 __all__ = [
-    "LEDGER_HEAD", "METRICS_FILE", "SIGNING_KEY_FILE", "SignedHead", "check_heads", "head_record", "recorded_heads",
-    "sign_head", "signing_key",
+    "LEDGER_HEAD",
+    "METRICS_FILE",
+    "SIGNING_KEY_FILE",
+    "SignedHead",
+    "check_heads",
+    "head_record",
+    "recorded_heads",
+    "sign_head",
+    "signing_key",
 ]

@@ -33,8 +33,9 @@ class SecureGaussian:
         self._key = key
         self.draws = 0
 
-    def normal(self, shape: torch.Size | tuple[int, ...], std: float, *, device: torch.device,
-               dtype: torch.dtype) -> torch.Tensor:
+    def normal(
+        self, shape: torch.Size | tuple[int, ...], std: float, *, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
         """A tensor of ``N(0, std^2)`` values."""
         count = math.prod(shape)
         pairs = (count + 1) // 2

@@ -37,10 +37,38 @@ _ADDED = {"chatgpt": ("CH", "AE1", "T", "JH", "IY1", "P", "IY1", "T", "IY1")}
 # GPT-SoVITS's corrections to g2p_en's homograph list: (verb-tag reading, other reading, tag).
 _HOMOGRAPH_FIXES = {
     "read": (("R", "IY1", "D"), ("R", "EH1", "D"), "VBP"),
-    "complex": (tuple(["K", "AH0", "M", "P", "L", "EH1", "K", "S"]), tuple(["K", "AA1", "M", "P", "L", "EH0", "K", "S"]), "JJ"),
+    "complex": (
+        tuple(["K", "AH0", "M", "P", "L", "EH1", "K", "S"]),
+        tuple(["K", "AA1", "M", "P", "L", "EH0", "K", "S"]),
+        "JJ",
+    ),
 }
 _VERB_CONTEXT = frozenset(
-    ["to", "will", "would", "shall", "should", "can", "could", "may", "might", "must", "i", "you", "we", "they", "don't", "doesn't", "didn't", "won't", "wouldn't", "can't", "cannot", "couldn't", "shouldn't"]
+    [
+        "to",
+        "will",
+        "would",
+        "shall",
+        "should",
+        "can",
+        "could",
+        "may",
+        "might",
+        "must",
+        "i",
+        "you",
+        "we",
+        "they",
+        "don't",
+        "doesn't",
+        "didn't",
+        "won't",
+        "wouldn't",
+        "can't",
+        "cannot",
+        "couldn't",
+        "shouldn't",
+    ]
 )
 _VOICELESS = ("P", "T", "K", "F", "TH", "HH")
 _SIBILANTS = ("S", "Z", "SH", "ZH", "CH", "JH")

@@ -24,11 +24,18 @@ from fedvox.shared.text.symbols import PUNCTUATION
 
 _FULL_WIDTH = str.maketrans({"。": ".", "！": "!", "？": "?"})
 _UNITS = {
-    "m": ("meter", "meters"), "km": ("kilometer", "kilometers"),
-    "km/h": ("kilometer per hour", "kilometers per hour"), "ft": ("feet", "feet"),
-    "L": ("liter", "liters"), "tbsp": ("tablespoon", "tablespoons"), "tsp": ("teaspoon", "teaspoons"),
-    "h": ("hour", "hours"), "min": ("minute", "minutes"), "s": ("second", "seconds"),
-    "°C": ("degree celsius", "degrees celsius"), "°F": ("degree fahrenheit", "degrees fahrenheit"),
+    "m": ("meter", "meters"),
+    "km": ("kilometer", "kilometers"),
+    "km/h": ("kilometer per hour", "kilometers per hour"),
+    "ft": ("feet", "feet"),
+    "L": ("liter", "liters"),
+    "tbsp": ("tablespoon", "tablespoons"),
+    "tsp": ("teaspoon", "teaspoons"),
+    "h": ("hour", "hours"),
+    "min": ("minute", "minutes"),
+    "s": ("second", "seconds"),
+    "°C": ("degree celsius", "degrees celsius"),
+    "°F": ("degree fahrenheit", "degrees fahrenheit"),
 }
 _SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹ˣʸⁿ"
 _OPERAND = rf"((-?)((\d+)(\.\d+)?[{_SUPERSCRIPTS}]*)|(\.\d+[{_SUPERSCRIPTS}]*)|([A-Za-z][{_SUPERSCRIPTS}]*))"
@@ -52,9 +59,7 @@ _ORDINAL = re.compile(r"[0-9]+(st|nd|rd|th)")
 _NUMBER = re.compile(r"[0-9]+")
 _NOT_KEPT = re.compile(r"[^ A-Za-z'.,?!\-]")
 _INNER_CAPITAL = re.compile(r"(?<!^)(?<![\s])([A-Z])")
-_REPEATED_PUNCTUATION = re.compile(
-    r"([{0}\s])([{0}])+".format("".join(re.escape(p) for p in PUNCTUATION))
-)
+_REPEATED_PUNCTUATION = re.compile(r"([{0}\s])([{0}])+".format("".join(re.escape(p) for p in PUNCTUATION)))
 
 
 @cache
@@ -90,7 +95,7 @@ def _measure(m: re.Match) -> str:
 
 
 def _money(m: re.Match, units: tuple[str, str, str, str]) -> str:
-    """"$6.24" -> "6 dollars and 24 cents" (numbers are written out later)."""
+    """ "$6.24" -> "6 dollars and 24 cents" (numbers are written out later)."""
     one, many, one_cent, many_cents = units
     parts = m.group(1).split(".")
     if len(parts) > 2:

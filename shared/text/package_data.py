@@ -16,9 +16,7 @@ def package_file(package: str, *parts: str) -> Path:
     """Path of ``parts`` inside installed ``package``; the package's code is never executed."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"{package} is not installed: `pip install {package}` (fedvox reads its data files)"
-        )
+        raise ModuleNotFoundError(f"{package} is not installed: `pip install {package}` (fedvox reads its data files)")
     path = Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the installed {package}: reinstall {package}")

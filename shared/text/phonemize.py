@@ -55,10 +55,7 @@ def _check_language(language: str) -> str:
         return code
     supported = ", ".join(SUPPORTED_LANGUAGES)
     if code in _UNSUPPORTED_WHY:
-        message = (
-            f"language {language!r} is not supported: {_UNSUPPORTED_WHY[code]}; "
-            f"fedvox phonemizes {supported}"
-        )
+        message = f"language {language!r} is not supported: {_UNSUPPORTED_WHY[code]}; fedvox phonemizes {supported}"
     else:
         message = (
             f"unknown language code {language!r}: fedvox phonemizes {supported} "

@@ -23,16 +23,88 @@ from fedvox.shared.text import zh_normalize
 from fedvox.shared.text.symbols import PUNCTUATION
 
 INITIALS = (
-    "aa", "aai", "aak", "aap", "aat", "aau", "ai", "au", "ap", "at", "ak", "a", "p", "b", "e", "ts", "t", "dz", "d",
-    "kw", "k", "gw", "g", "f", "h", "l", "m", "ng", "n", "s", "y", "w", "c", "z", "j", "ong", "on", "ou", "oi", "ok",
-    "o", "uk", "ung", "sp", "spl", "spn", "sil",
+    "aa",
+    "aai",
+    "aak",
+    "aap",
+    "aat",
+    "aau",
+    "ai",
+    "au",
+    "ap",
+    "at",
+    "ak",
+    "a",
+    "p",
+    "b",
+    "e",
+    "ts",
+    "t",
+    "dz",
+    "d",
+    "kw",
+    "k",
+    "gw",
+    "g",
+    "f",
+    "h",
+    "l",
+    "m",
+    "ng",
+    "n",
+    "s",
+    "y",
+    "w",
+    "c",
+    "z",
+    "j",
+    "ong",
+    "on",
+    "ou",
+    "oi",
+    "ok",
+    "o",
+    "uk",
+    "ung",
+    "sp",
+    "spl",
+    "spn",
+    "sil",
 )
 """GPT-SoVITS ``cantonese.INITIALS``, in its order (the first prefix match wins). Interop data."""
 
 _PUNCTUATION_MAP = {
-    "：": ",", "；": ",", "，": ",", "。": ".", "！": "!", "？": "?", "\n": ".", "·": ",", "、": ",", "...": "…",
-    "$": ".", "“": "'", "”": "'", '"': "'", "‘": "'", "’": "'", "（": "'", "）": "'", "(": "'", ")": "'",
-    "《": "'", "》": "'", "【": "'", "】": "'", "[": "'", "]": "'", "—": "-", "～": "-", "~": "-", "「": "'", "」": "'",
+    "：": ",",
+    "；": ",",
+    "，": ",",
+    "。": ".",
+    "！": "!",
+    "？": "?",
+    "\n": ".",
+    "·": ",",
+    "、": ",",
+    "...": "…",
+    "$": ".",
+    "“": "'",
+    "”": "'",
+    '"': "'",
+    "‘": "'",
+    "’": "'",
+    "（": "'",
+    "）": "'",
+    "(": "'",
+    ")": "'",
+    "《": "'",
+    "》": "'",
+    "【": "'",
+    "】": "'",
+    "[": "'",
+    "]": "'",
+    "—": "-",
+    "～": "-",
+    "~": "-",
+    "「": "'",
+    "」": "'",
 }
 _PUNCTUATION_RE = re.compile("|".join(re.escape(mark) for mark in _PUNCTUATION_MAP))
 _NOT_KEPT = re.compile("[^\u4e00-\u9fa5" + re.escape("".join(PUNCTUATION)) + "]+")
@@ -65,7 +137,7 @@ def _split(syllable: str) -> list[str]:
         raise TextError(f"cannot split the jyutping syllable {syllable!r}", reason="unphonemizable_text")
     if base.startswith("nga"):
         initial = base[:2]
-    final = base[len(initial):] or initial[-1]
+    final = base[len(initial) :] or initial[-1]
     return [f"Y{initial}", f"Y{final}{tone}"]
 
 

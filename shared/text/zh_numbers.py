@@ -24,7 +24,7 @@ def _cardinal_parts(digits: str) -> list[str]:
 
 
 def cardinal(digits: str) -> str:
-    """"1005" -> 一千零五, "10" -> 十, "0" -> 零, "" -> ""."""
+    """ "1005" -> 一千零五, "10" -> 十, "0" -> 零, "" -> ""."""
     if not digits:
         return ""
     stripped = digits.lstrip("0")
@@ -37,7 +37,7 @@ def cardinal(digits: str) -> str:
 
 
 def digit_by_digit(digits: str, yao: bool = False) -> str:
-    """"2024" -> 二零二四; with ``yao`` 1 is read 幺 (phone numbers, codes)."""
+    """ "2024" -> 二零二四; with ``yao`` 1 is read 幺 (phone numbers, codes)."""
     text = "".join(DIGITS[int(d)] for d in digits)
     return text.replace("一", "幺") if yao else text
 

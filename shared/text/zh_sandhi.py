@@ -101,7 +101,14 @@ def _neutral(word: str, pos: str, finals: list[str]) -> list[str]:
         if word[j] == word[j - 1] and pos[:1] in {"n", "v", "a"} and word not in never:
             finals[j] = _with_tone(finals[j], "5")
     ge = word.find("个")
-    if (word[-1:] and word[-1] in _PARTICLES) or (word[-1:] and word[-1] in _STRUCTURAL) or (len(word) == 1 and word in "了着过" and pos in {"ul", "uz", "ug"}) or (len(word) > 1 and word[-1] in "们子" and pos in {"r", "n"} and word not in never) or (len(word) > 1 and word[-1] in "上下里" and pos in {"s", "l", "f"}) or (len(word) > 1 and word[-1] in "来去" and word[-2] in "上下进出回过起开"):
+    if (
+        (word[-1:] and word[-1] in _PARTICLES)
+        or (word[-1:] and word[-1] in _STRUCTURAL)
+        or (len(word) == 1 and word in "了着过" and pos in {"ul", "uz", "ug"})
+        or (len(word) > 1 and word[-1] in "们子" and pos in {"r", "n"} and word not in never)
+        or (len(word) > 1 and word[-1] in "上下里" and pos in {"s", "l", "f"})
+        or (len(word) > 1 and word[-1] in "来去" and word[-2] in "上下进出回过起开")
+    ):
         finals[-1] = _with_tone(finals[-1], "5")
     elif (ge >= 1 and (word[ge - 1].isnumeric() or word[ge - 1] in "几有两半多各整每做是")) or word == "个":
         finals[ge] = _with_tone(finals[ge], "5")  # 个 as a measure word
@@ -109,7 +116,7 @@ def _neutral(word: str, pos: str, finals: list[str]) -> list[str]:
         finals[-1] = _with_tone(finals[-1], "5")
 
     first, second = _halves(word)
-    parts = [finals[: len(first)], finals[len(first):]]
+    parts = [finals[: len(first)], finals[len(first) :]]
     for part, sub_word in zip(parts, (first, second), strict=True):
         if (sub_word in always or sub_word[-2:] in always) and part:
             part[-1] = _with_tone(part[-1], "5")
@@ -128,7 +135,7 @@ def _third(word: str, finals: list[str]) -> list[str]:
             elif len(first) == 1:  # 纸/老虎
                 finals[1] = _with_tone(finals[1], "2")
         else:
-            parts = [finals[: len(first)], finals[len(first):]]
+            parts = [finals[: len(first)], finals[len(first) :]]
             for i, part in enumerate(parts):
                 if _all_third(part) and len(part) == 2:  # 所有/人
                     part[0] = _with_tone(part[0], "2")
@@ -165,7 +172,7 @@ def _merge_bu(seg: Segment) -> Segment:
 
 
 def _merge_yi(seg: Segment) -> Segment:
-    """"听 一 听" -> "听一听"; a lone 一 joins the next word (GPT-SoVITS ``_merge_yi``).
+    """ "听 一 听" -> "听一听"; a lone 一 joins the next word (GPT-SoVITS ``_merge_yi``).
 
     GPT-SoVITS indexes its output by input position and gives up (keeps ``seg``) when that
     index runs past the output; the same happens here.

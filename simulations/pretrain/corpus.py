@@ -52,9 +52,34 @@ log = logging.getLogger(__name__)
 GENERATOR = "fedvox-sim pretrain corpus"
 MANIFEST = "manifest.json"
 ESPEAK_VARIANTS = (
-    "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5",
-    "adam", "Alicia", "Andy", "benjamin", "caleb", "david", "edward", "linda", "max", "Michael",
-    "paul", "robert", "steph", "travis", "victor",
+    "m1",
+    "m2",
+    "m3",
+    "m4",
+    "m5",
+    "m6",
+    "m7",
+    "m8",
+    "f1",
+    "f2",
+    "f3",
+    "f4",
+    "f5",
+    "adam",
+    "Alicia",
+    "Andy",
+    "benjamin",
+    "caleb",
+    "david",
+    "edward",
+    "linda",
+    "max",
+    "Michael",
+    "paul",
+    "robert",
+    "steph",
+    "travis",
+    "victor",
 )
 """Stock espeak-ng variants that sound like a human talker (robots, whisper and effects left out)."""
 FLITE_VOICES = ("awb", "rms", "slt", "kal16")
@@ -86,8 +111,7 @@ class CorpusConfig:
 
     def validate(self) -> None:
         if not 1 <= self.valid < self.utterances <= 5000:
-            raise ConfigError(f"--utterances must exceed --valid-utterances >= 1 (got {self.utterances}, "
-                              f"{self.valid})")
+            raise ConfigError(f"--utterances must exceed --valid-utterances >= 1 (got {self.utterances}, {self.valid})")
         if not set(self.languages) <= {"en", "zh"} or not self.languages:
             raise ConfigError(f"--corpus-lang must be en, zh or both, got {','.join(self.languages)}")
 
@@ -99,8 +123,15 @@ def corpus_voices(config: CorpusConfig) -> list[CorpusVoice]:
     for language in config.languages:
         for k, variant in enumerate(ESPEAK_VARIANTS):
             accent = ENGLISH_ACCENTS[k % len(ENGLISH_ACCENTS)] if language == "en" else MANDARIN_VOICE
-            voices.append(CorpusVoice(f"espeak-{accent}-{variant}".lower(), "espeak-ng", f"{accent}+{variant}",
-                                      language, int(rng.integers(150, 191))))
+            voices.append(
+                CorpusVoice(
+                    f"espeak-{accent}-{variant}".lower(),
+                    "espeak-ng",
+                    f"{accent}+{variant}",
+                    language,
+                    int(rng.integers(150, 191)),
+                )
+            )
     if "en" in config.languages:
         voices += [CorpusVoice(f"flite-{v}", "flite", v, "en", int(rng.integers(150, 191))) for v in FLITE_VOICES]
     return voices
@@ -149,27 +180,39 @@ def generate_corpus(out: str | Path, config: CorpusConfig) -> dict:
         return previous
     lines = plan_corpus(config)
     todo = [line for line in lines if not (out / line.wav).is_file()]
-    log.info("corpus: %d utterances of %d voices, %d to synthesise", len(lines),
-             len({line.voice.name for line in lines}), len(todo))
+    log.info(
+        "corpus: %d utterances of %d voices, %d to synthesise",
+        len(lines),
+        len({line.voice.name for line in lines}),
+        len(todo),
+    )
     with ThreadPoolExecutor(config.workers) as pool, progress() as bar:
         task = bar.add_task("synthesising corpus", total=len(todo))
         for _ in pool.map(lambda line: _render(line, out), todo):
             bar.advance(task)
     seconds = {line.wav: sf.info(str(out / line.wav)).duration for line in lines}
     for split in ("train", "valid"):
-        rows = [f"{line.wav}|{line.voice.name}|{line.voice.language}|{line.text}\n" for line in lines
-                if line.split == split]
+        rows = [
+            f"{line.wav}|{line.voice.name}|{line.voice.language}|{line.text}\n" for line in lines if line.split == split
+        ]
         atomic_write_text(out / f"{split}.list", "".join(rows))
     manifest = {
-        "generator": GENERATOR, "complete": True, "config": _config_entry(config),
+        "generator": GENERATOR,
+        "complete": True,
+        "config": _config_entry(config),
         "engines": {"espeak-ng": _version(["espeak-ng", "--version"]), "flite": _version(["flite", "--version"])},
-        "sample_rate": SAMPLE_RATE, "text_source": TEXT_SOURCE,
+        "sample_rate": SAMPLE_RATE,
+        "text_source": TEXT_SOURCE,
         "held_out": "no simulated speaker's voice (each is a random voice-variant file, none stock); "
-                    f"none of the simulation's held-out sentences (seed {SIMULATION_SEED})",
+        f"none of the simulation's held-out sentences (seed {SIMULATION_SEED})",
         "voices": [asdict(v) for v in corpus_voices(config)],
-        "totals": {split: {"utterances": sum(1 for line in lines if line.split == split),
-                           "seconds": round(sum(seconds[line.wav] for line in lines if line.split == split), 1)}
-                   for split in ("train", "valid")},
+        "totals": {
+            split: {
+                "utterances": sum(1 for line in lines if line.split == split),
+                "seconds": round(sum(seconds[line.wav] for line in lines if line.split == split), 1),
+            }
+            for split in ("train", "valid")
+        },
     }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest
@@ -206,15 +249,32 @@ def _render(line: _Line, out: Path) -> None:
     voice = line.voice
     if voice.engine == "espeak-ng":
         spoken = pinyin_for_espeak(line.text) if voice.language == "zh" else line.text
-        done = subprocess.run(["espeak-ng", "--stdout", "--stdin", "-v", voice.voice, "-s", str(voice.speed_wpm)],
-                              input=spoken.encode("utf-8"), capture_output=True, check=False)
+        done = subprocess.run(
+            ["espeak-ng", "--stdout", "--stdin", "-v", voice.voice, "-s", str(voice.speed_wpm)],
+            input=spoken.encode("utf-8"),
+            capture_output=True,
+            check=False,
+        )
         data = done.stdout
     else:
         with tempfile.TemporaryDirectory() as tmp:
             wav = Path(tmp) / "out.wav"
             stretch = f"{175.0 / voice.speed_wpm:.3f}"
-            done = subprocess.run(["flite", "-voice", voice.voice, "--setf", f"duration_stretch={stretch}",
-                                   "-t", line.text, "-o", str(wav)], capture_output=True, check=False)
+            done = subprocess.run(
+                [
+                    "flite",
+                    "-voice",
+                    voice.voice,
+                    "--setf",
+                    f"duration_stretch={stretch}",
+                    "-t",
+                    line.text,
+                    "-o",
+                    str(wav),
+                ],
+                capture_output=True,
+                check=False,
+            )
             data = wav.read_bytes() if wav.is_file() else b""
     try:
         wave, rate = sf.read(BytesIO(data), dtype="float64")
@@ -230,4 +290,3 @@ def _render(line: _Line, out: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         sf.write(tmp, wave, SAMPLE_RATE, subtype="PCM_16", format="WAV")
-

@@ -30,8 +30,9 @@ from fedvox.simulations.quality.intelligibility import transcribe, word_error_ra
 log = logging.getLogger(__name__)
 
 
-def evaluate_speech(corpus: Path, s1: Text2SemanticDecoder, s2: SynthesizerTrn, utterances: int = 8,
-                    seed: int = 0) -> dict:
+def evaluate_speech(
+    corpus: Path, s1: Text2SemanticDecoder, s2: SynthesizerTrn, utterances: int = 8, seed: int = 0
+) -> dict:
     """Mean WER of recordings, s2 resynthesis and s1+s2 synthesis over English validation utterances."""
     entries = [e for e in read_list(corpus / "valid.list") if isinstance(e, Entry) and e.language == "en"]
     first = list({e.speaker: e for e in reversed(entries)}.values())[::-1]  # one per voice, corpus order
@@ -49,14 +50,19 @@ def evaluate_speech(corpus: Path, s1: Text2SemanticDecoder, s2: SynthesizerTrn, 
             codes = tokenizer.encode(wave).unsqueeze(0)
             resynthesis = s2.decode(codes, phonemes, linear_spectrogram(reference).unsqueeze(0), generator=generator)
         spoken = synthesize(voice, entry.text, "en", reference, tokenizer, seed=seed + k).numpy()
-        rows.append({
-            "wer_recording": word_error_rate(entry.text, transcribe(wave.numpy(), SAMPLE_RATE)),
-            "wer_s2_resynthesis": word_error_rate(entry.text, transcribe(resynthesis[0, 0].numpy(), SAMPLE_RATE)),
-            "wer_text_to_speech": word_error_rate(entry.text, transcribe(spoken, SAMPLE_RATE)),
-            "tts_speech_fraction": speech_fraction(spoken, SAMPLE_RATE),
-            "tts_seconds": len(spoken) / SAMPLE_RATE,
-        })
-    return {"method": "pocketsphinx WER (jiwer) on English validation sentences of corpus voices; "
-                      "s2_resynthesis decodes the recording's own semantic codes",
-            "utterances": len(rows), "voices": sorted({e.speaker for e in chosen}),
-            "mean": {key: round(float(np.mean([r[key] for r in rows])), 4) for key in rows[0]}}
+        rows.append(
+            {
+                "wer_recording": word_error_rate(entry.text, transcribe(wave.numpy(), SAMPLE_RATE)),
+                "wer_s2_resynthesis": word_error_rate(entry.text, transcribe(resynthesis[0, 0].numpy(), SAMPLE_RATE)),
+                "wer_text_to_speech": word_error_rate(entry.text, transcribe(spoken, SAMPLE_RATE)),
+                "tts_speech_fraction": speech_fraction(spoken, SAMPLE_RATE),
+                "tts_seconds": len(spoken) / SAMPLE_RATE,
+            }
+        )
+    return {
+        "method": "pocketsphinx WER (jiwer) on English validation sentences of corpus voices; "
+        "s2_resynthesis decodes the recording's own semantic codes",
+        "utterances": len(rows),
+        "voices": sorted({e.speaker for e in chosen}),
+        "mean": {key: round(float(np.mean([r[key] for r in rows])), 4) for key in rows[0]},
+    }

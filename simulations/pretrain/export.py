@@ -31,8 +31,9 @@ MAX_STAGE_BYTES = 25 * 1024 * 1024
 BASE_FILES = {"s1": ("s1.safetensors",), "s2": ("s2G.safetensors", "s2D.safetensors")}
 
 
-def export_base(out: Path, target: Path, stages: tuple[str, ...] = ("s1", "s2"), which: str = BEST,
-                evaluate: int = 0) -> dict:
+def export_base(
+    out: Path, target: Path, stages: tuple[str, ...] = ("s1", "s2"), which: str = BEST, evaluate: int = 0
+) -> dict:
     """Write ``stages``' weights from the pretraining folder ``out`` into ``target``; returns the provenance.
 
     ``evaluate`` > 0 transcribes that many English validation utterances spoken by the exported
@@ -57,21 +58,31 @@ def export_base(out: Path, target: Path, stages: tuple[str, ...] = ("s1", "s2"),
             for p in paths:
                 p.unlink()
             limit = MAX_STAGE_BYTES / 2**20
-            raise CheckpointError(f"the {stage} base takes {size / 2**20:.1f} MiB, over the {limit:.0f} MiB a shipped "
-                                  "stage may take; choose a smaller config")
+            raise CheckpointError(
+                f"the {stage} base takes {size / 2**20:.1f} MiB, over the {limit:.0f} MiB a shipped "
+                "stage may take; choose a smaller config"
+            )
         for path in paths:
-            weights[path.name] = {"stage": stage, "step": step, "sha256": file_digest(path, 64),
-                                  "bytes": path.stat().st_size, "dtype": "float16"}
+            weights[path.name] = {
+                "stage": stage,
+                "step": step,
+                "sha256": file_digest(path, 64),
+                "bytes": path.stat().st_size,
+                "dtype": "float16",
+            }
         log.info("%s: exported step %d (%.1f MiB)", stage, step, size / 2**20)
     shipped = {**provenance, "exported": utc_now(), "exported_from": which, "weights": weights}
     if evaluate and "s1" in models and "s2" in models:
-        shipped["evaluation"] = evaluate_speech(out / "corpus", _fp16_round_trip(models["s1"]),
-                                                _fp16_round_trip(models["s2"]).generator, evaluate)
+        shipped["evaluation"] = evaluate_speech(
+            out / "corpus", _fp16_round_trip(models["s1"]), _fp16_round_trip(models["s2"]).generator, evaluate
+        )
     previous = target / PROVENANCE
     if previous.is_file():  # a stage not re-exported keeps its earlier record
         old = json.loads(previous.read_text(encoding="utf-8"))
-        shipped["weights"] = {**{k: v for k, v in old.get("weights", {}).items() if v["stage"] not in stages},
-                              **weights}
+        shipped["weights"] = {
+            **{k: v for k, v in old.get("weights", {}).items() if v["stage"] not in stages},
+            **weights,
+        }
         for stage, record in old.get("stages", {}).items():
             if stage not in stages:
                 shipped["stages"][stage] = record
@@ -97,4 +108,3 @@ def _write(model: torch.nn.Module, target: Path) -> list[Path]:
     save_model(model.generator, paths[0], dtype=torch.float16)
     save_model(model.discriminator, paths[1], dtype=torch.float16)
     return paths
-

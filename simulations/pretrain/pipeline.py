@@ -40,8 +40,14 @@ PROVENANCE = "provenance.json"
 SYMBOLS_VERSION = "v2"
 
 
-def pretrain(out: Path, corpus: CorpusConfig, plans: list[StagePlan], *, device: str | None = None,
-             checkpoint_seconds: float = 300.0) -> dict:
+def pretrain(
+    out: Path,
+    corpus: CorpusConfig,
+    plans: list[StagePlan],
+    *,
+    device: str | None = None,
+    checkpoint_seconds: float = 300.0,
+) -> dict:
     """Build (or continue) the corpus, its features and each planned stage; returns the provenance."""
     out = Path(out).absolute()
     manifest = generate_corpus(out / "corpus", corpus)
@@ -52,6 +58,7 @@ def pretrain(out: Path, corpus: CorpusConfig, plans: list[StagePlan], *, device:
     provenance.update(_header(manifest, corpus, chosen))
     command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
     for plan in plans:
+
         def checkpointed(state: TrainState, plan: StagePlan = plan) -> None:
             # Another stage may train in another process: merge into the file's current content.
             current = read_provenance(out)
@@ -65,8 +72,15 @@ def pretrain(out: Path, corpus: CorpusConfig, plans: list[StagePlan], *, device:
             atomic_write_text(out / PROVENANCE, json.dumps(current, indent=2) + "\n")
             provenance.update(current)
 
-        state = train_stage(plan, caches["train"], caches["valid"], out / plan.stage, chosen, checkpoint_seconds,
-                            on_checkpoint=checkpointed)
+        state = train_stage(
+            plan,
+            caches["train"],
+            caches["valid"],
+            out / plan.stage,
+            chosen,
+            checkpoint_seconds,
+            on_checkpoint=checkpointed,
+        )
         checkpointed(state)
     return provenance
 
@@ -76,8 +90,9 @@ def prepare_features(out: Path) -> dict[str, Path]:
     caches = {}
     for split in ("train", "valid"):
         cache = out / "features" / split
-        report = prepare(out / "corpus" / f"{split}.list", cache, tokenizer=tokenizer_spec(),
-                         symbols_version=SYMBOLS_VERSION)
+        report = prepare(
+            out / "corpus" / f"{split}.list", cache, tokenizer=tokenizer_spec(), symbols_version=SYMBOLS_VERSION
+        )
         if report.accepted == 0:
             raise DataError(f"prepare accepted none of the corpus's {split} list; see {cache / 'report.txt'}")
         caches[split] = cache
@@ -87,9 +102,15 @@ def prepare_features(out: Path) -> dict[str, Path]:
 def stage_record(plan: StagePlan, state: TrainState) -> dict:
     """The provenance of one stage: its plan, config, steps, time, losses and evaluations."""
     config = recipe(plan.stage).config(plan.model_config)
-    return {"plan": asdict(plan), "config": config.to_dict(), "steps_done": state.step,
-            "train_seconds": round(state.seconds, 1), "best": state.best,
-            "last": state.history[-1] if state.history else None, "history": state.history}
+    return {
+        "plan": asdict(plan),
+        "config": config.to_dict(),
+        "steps_done": state.step,
+        "train_seconds": round(state.seconds, 1),
+        "best": state.best,
+        "last": state.history[-1] if state.history else None,
+        "history": state.history,
+    }
 
 
 def read_provenance(out: Path) -> dict:
@@ -100,9 +121,11 @@ def read_provenance(out: Path) -> dict:
 def code_version() -> dict:
     """The git commit of the fedvox checkout this runs from, and whether it had local changes."""
     root = Path(__file__).resolve().parents[2]
+
     def git(*args: str) -> str:
         done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=False)
         return done.stdout.strip() if done.returncode == 0 else ""
+
     commit = git("rev-parse", "HEAD")
     return {"git_commit": commit or "unknown (not a git checkout)", "dirty": bool(git("status", "--porcelain"))}
 
@@ -110,14 +133,25 @@ def code_version() -> dict:
 def _header(manifest: dict, corpus: CorpusConfig, device: torch.device) -> dict:
     totals = manifest["totals"]
     return {
-        "code": code_version(), "python": platform.python_version(), "torch": torch.__version__,
-        "device": str(device), "threads": torch.get_num_threads(), "host": platform.node(),
-        "seeds": {"corpus": corpus.seed}, "started": utc_now(),
-        "corpus": {"config": manifest["config"], "engines": manifest["engines"], "held_out": manifest["held_out"],
-                   "voices": len(manifest["voices"]),
-                   "voices_by_language": {lang: sum(v["language"] == lang for v in manifest["voices"])
-                                          for lang in ("en", "zh")},
-                   "totals": totals, "text_source": manifest["text_source"]},
+        "code": code_version(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "host": platform.node(),
+        "seeds": {"corpus": corpus.seed},
+        "started": utc_now(),
+        "corpus": {
+            "config": manifest["config"],
+            "engines": manifest["engines"],
+            "held_out": manifest["held_out"],
+            "voices": len(manifest["voices"]),
+            "voices_by_language": {
+                lang: sum(v["language"] == lang for v in manifest["voices"]) for lang in ("en", "zh")
+            },
+            "totals": totals,
+            "text_source": manifest["text_source"],
+        },
         "features": {"tokenizer": tokenizer_spec().name, "symbols_version": SYMBOLS_VERSION},
     }
 

@@ -90,9 +90,15 @@ class TrainState:
     running: dict[str, float]  # exponential moving averages of the training metrics
 
 
-def train_stage(plan: StagePlan, train_cache: Path, valid_cache: Path, folder: Path, device: torch.device,
-                checkpoint_seconds: float = 300.0, on_checkpoint: Callable[[TrainState], None] | None = None
-                ) -> TrainState:
+def train_stage(
+    plan: StagePlan,
+    train_cache: Path,
+    valid_cache: Path,
+    folder: Path,
+    device: torch.device,
+    checkpoint_seconds: float = 300.0,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
+) -> TrainState:
     """Train (or continue training) ``plan.stage`` into ``folder``; returns the final state.
 
     ``on_checkpoint`` is called after every checkpoint (the pipeline refreshes its provenance).
@@ -126,13 +132,22 @@ def train_stage(plan: StagePlan, train_cache: Path, valid_cache: Path, folder: P
             shown = state.running.get("loss_per_token", state.running.get("g_mel", state.running.get("loss", 0.0)))
             bar.update(task_id, completed=state.step, description=f"{plan.stage} pretraining (loss {shown:.3f})")
             if state.step % LOG_EVERY == 0:  # progress for logs, where the bar is not drawn
-                log.info("%s step %d/%d: %.1f s/step, training loss %.3f", plan.stage, state.step, plan.steps,
-                         (state.seconds - start_seconds) / (state.step - first_step), shown)
+                log.info(
+                    "%s step %d/%d: %.1f s/step, training loss %.3f",
+                    plan.stage,
+                    state.step,
+                    plan.steps,
+                    (state.seconds - start_seconds) / (state.step - first_step),
+                    shown,
+                )
             if state.step % plan.eval_every == 0 or state.step == plan.steps:
-                record = {"step": state.step, "seconds": round(state.seconds, 1),
-                          "learning_rate": plan.learning_rate_at(state.step - 1),
-                          "train": {k: round(v, 4) for k, v in state.running.items()},
-                          "valid": evaluate(task, valid, eval_indices)}
+                record = {
+                    "step": state.step,
+                    "seconds": round(state.seconds, 1),
+                    "learning_rate": plan.learning_rate_at(state.step - 1),
+                    "train": {k: round(v, 4) for k, v in state.running.items()},
+                    "valid": evaluate(task, valid, eval_indices),
+                }
                 state.history.append(record)
                 log.info("%s step %d: train %s valid %s", plan.stage, state.step, record["train"], record["valid"])
                 if state.best is None or record["valid"]["loss"] < state.best["valid_loss"]:
@@ -152,8 +167,9 @@ def batch_indices(plan: StagePlan, step: int, size: int) -> torch.Tensor:
     return torch.from_numpy(rng.choice(size, size=min(plan.batch_size, size), replace=False)).long()
 
 
-def _step(task: Task, optimizers: dict[str, torch.optim.Optimizer], plan: StagePlan, step: int,
-          size: int) -> dict[str, float]:
+def _step(
+    task: Task, optimizers: dict[str, torch.optim.Optimizer], plan: StagePlan, step: int, size: int
+) -> dict[str, float]:
     """One non-private step on the batch of ``step``; returns the summed metrics."""
     indices = batch_indices(plan, step, size)
     step_seed = plan.seed * 1_000_003 + _STAGE_CODE[plan.stage] * 100_000_007 + step
@@ -190,15 +206,19 @@ def _reconstruction_step(task: Task, indices: torch.Tensor, step_seed: int) -> d
     kl = kl_loss(out.z_p, out.logs_q, out.m_p, out.logs_p, out.mask) * config.c_kl
     total = mel + kl + out.commitment
     total.sum().backward()
-    return {"loss_sum": float(total.detach().sum()), "g_mel_sum": float(mel.detach().sum()),
-            "g_kl_sum": float(kl.detach().sum()), "examples": float(len(indices))}
+    return {
+        "loss_sum": float(total.detach().sum()),
+        "g_mel_sum": float(mel.detach().sum()),
+        "g_kl_sum": float(kl.detach().sum()),
+        "examples": float(len(indices)),
+    }
 
 
 def evaluate(task: Task, dataset, indices: torch.Tensor, chunk: int = 8) -> dict[str, float]:
     """Validation means over ``indices`` (s1: loss per token and top-3 accuracy; s2: mel L1 and KL)."""
     sums: dict[str, float] = {}
     for start in range(0, len(indices), chunk):
-        for key, value in task.evaluate(dataset, indices[start:start + chunk]).items():
+        for key, value in task.evaluate(dataset, indices[start : start + chunk]).items():
             sums[key] = sums.get(key, 0.0) + value
     means = task.means(sums)
     means["loss"] = means[recipe(task.stage).headline_metric]  # what "best" compares
@@ -211,11 +231,27 @@ def load_weights(folder: Path, which: str = BEST) -> tuple[dict, int]:
     return saved["model"], int(saved["step"])
 
 
-def _save_state(path: Path, task: Task, optimizers: dict[str, torch.optim.Optimizer], state: TrainState,
-                plan: StagePlan, on_checkpoint: Callable[[TrainState], None] | None) -> None:
-    _save(path, {"plan": asdict(plan), "step": state.step, "model": task.model.state_dict(),
-                 "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
-                 "history": state.history, "seconds": state.seconds, "best": state.best, "running": state.running})
+def _save_state(
+    path: Path,
+    task: Task,
+    optimizers: dict[str, torch.optim.Optimizer],
+    state: TrainState,
+    plan: StagePlan,
+    on_checkpoint: Callable[[TrainState], None] | None,
+) -> None:
+    _save(
+        path,
+        {
+            "plan": asdict(plan),
+            "step": state.step,
+            "model": task.model.state_dict(),
+            "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+            "history": state.history,
+            "seconds": state.seconds,
+            "best": state.best,
+            "running": state.running,
+        },
+    )
     if on_checkpoint is not None:
         on_checkpoint(state)
 
@@ -235,13 +271,22 @@ def _read(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"cannot read the pretraining state {path}: {exc}; train the stage first "
-                              "(fedvox-sim pretrain), or delete a damaged state to start over") from None
+        raise CheckpointError(
+            f"cannot read the pretraining state {path}: {exc}; train the stage first "
+            "(fedvox-sim pretrain), or delete a damaged state to start over"
+        ) from None
 
 
 def _state(saved: dict) -> TrainState:
-    return TrainState(saved["step"], saved["model"], saved["optimizers"], saved["history"], saved["seconds"],
-                      saved["best"], saved.get("running", {}))
+    return TrainState(
+        saved["step"],
+        saved["model"],
+        saved["optimizers"],
+        saved["history"],
+        saved["seconds"],
+        saved["best"],
+        saved.get("running", {}),
+    )
 
 
 def _load_state(path: Path, plan: StagePlan) -> TrainState | None:
@@ -250,7 +295,8 @@ def _load_state(path: Path, plan: StagePlan) -> TrainState | None:
     saved = _read(path)
     changed = sorted(k for k in saved["plan"] if saved["plan"][k] != asdict(plan).get(k) and k not in _EXTENSIBLE)
     if changed:
-        raise ConfigError(f"{path} was trained with other settings ({', '.join(changed)}); pass the same "
-                          "options to continue, or another --out to start over")
+        raise ConfigError(
+            f"{path} was trained with other settings ({', '.join(changed)}); pass the same "
+            "options to continue, or another --out to start over"
+        )
     return _state(saved)
-

@@ -58,8 +58,11 @@ class SpeechCheck:
 
     @property
     def is_speech(self) -> bool:
-        return (self.rms_dbfs >= MIN_RMS_DBFS and self.distinct_values >= MIN_DISTINCT_VALUES
-                and self.speech_fraction >= MIN_SPEECH_FRACTION)
+        return (
+            self.rms_dbfs >= MIN_RMS_DBFS
+            and self.distinct_values >= MIN_DISTINCT_VALUES
+            and self.speech_fraction >= MIN_SPEECH_FRACTION
+        )
 
     @property
     def reason(self) -> str:

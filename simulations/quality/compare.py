@@ -61,13 +61,25 @@ def speak(config: RunConfig, contender: Contender, items: Sequence[TestItem], se
         if contender.speakers is not None and item.speaker not in contender.speakers:
             continue
         try:
-            wave = synthesize(voice, item.text, item.language, read_reference(item.prompt), tokenizer,
-                              reference_text=item.prompt_text, reference_language=item.language, seed=seed,
-                              max_seconds=min(MAX_SECONDS, LENGTH_FACTOR * _seconds(item) + 1.0))
+            wave = synthesize(
+                voice,
+                item.text,
+                item.language,
+                read_reference(item.prompt),
+                tokenizer,
+                reference_text=item.prompt_text,
+                reference_language=item.language,
+                seed=seed,
+                max_seconds=min(MAX_SECONDS, LENGTH_FACTOR * _seconds(item) + 1.0),
+            )
         except FedvoxError as exc:  # e.g. s1 produced no tokens: the model said nothing
             log.debug("%s said nothing for one item: %s", contender.name, exc)
-            scores[item.key] = {"similarity": None, "wer": 1.0 if item.language == "en" else None,
-                                "mcd": None, "speech": 0.0}
+            scores[item.key] = {
+                "similarity": None,
+                "wer": 1.0 if item.language == "en" else None,
+                "mcd": None,
+                "speech": 0.0,
+            }
             continue
         scores[item.key] = scoring.score(wave.numpy(), SAMPLE_RATE, item)
     return scores
@@ -88,8 +100,13 @@ def score_recordings(items: Sequence[TestItem], cache: Path | None) -> dict[str,
     return scores
 
 
-def evaluate_speech(config: RunConfig, items: Sequence[TestItem], contenders: Sequence[Contender],
-                    seed: int = 0, recordings_cache: Path | None = None) -> dict[str, Any]:
+def evaluate_speech(
+    config: RunConfig,
+    items: Sequence[TestItem],
+    contenders: Sequence[Contender],
+    seed: int = 0,
+    recordings_cache: Path | None = None,
+) -> dict[str, Any]:
     """Scores of the recordings (reused across runs through ``recordings_cache``) and of every
     contender on ``items``, with timings."""
     from fedvox.shared.cli import progress
@@ -113,10 +130,13 @@ def evaluate_speech(config: RunConfig, items: Sequence[TestItem], contenders: Se
         everyone = c.speakers is None or speakers.get(c.name, set()) is None
         speakers[c.name] = None if everyone else speakers.get(c.name, set()) | c.speakers
     return {
-        "items": {item.key: {"speaker": item.speaker, "language": item.language, "index": item.index}
-                  for item in items},
+        "items": {
+            item.key: {"speaker": item.speaker, "language": item.language, "index": item.index} for item in items
+        },
         "speakers": {name: sorted(s) if s is not None else None for name, s in speakers.items()},
-        "scores": scores, "seconds": seconds, "total-seconds": time.perf_counter() - started,
+        "scores": scores,
+        "seconds": seconds,
+        "total-seconds": time.perf_counter() - started,
     }
 
 

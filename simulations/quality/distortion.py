@@ -35,14 +35,14 @@ def mel_cepstrum(wave: np.ndarray, sample_rate: int) -> np.ndarray:
         wave = librosa.resample(wave, orig_sr=sample_rate, target_sr=SAMPLE_RATE)
     if np.abs(wave).max(initial=0.0) > 0:
         wave, _ = librosa.effects.trim(wave, top_db=TRIM_DB)
-    mel = librosa.feature.melspectrogram(y=wave, sr=SAMPLE_RATE, n_fft=WINDOW, hop_length=HOP, n_mels=N_MELS,
-                                         power=1.0)
+    mel = librosa.feature.melspectrogram(y=wave, sr=SAMPLE_RATE, n_fft=WINDOW, hop_length=HOP, n_mels=N_MELS, power=1.0)
     log_mel = np.log(np.maximum(mel, 1e-5))
     return dct(log_mel, type=2, norm="ortho", axis=0)[1 : N_CEPSTRA + 1].T
 
 
-def mel_cepstral_distortion(wave: np.ndarray, reference: np.ndarray, sample_rate: int,
-                            reference_rate: int | None = None) -> float:
+def mel_cepstral_distortion(
+    wave: np.ndarray, reference: np.ndarray, sample_rate: int, reference_rate: int | None = None
+) -> float:
     """MCD in dB between ``wave`` and ``reference`` (the same sentence), DTW-aligned."""
     import librosa
 

@@ -59,18 +59,28 @@ def test_items(speaker_name: str, folder: Path, limit: int | None = None) -> lis
     Item ``i`` is prompted with held-out recording ``i + 1`` (cyclically); the voice is every
     held-out recording except the item's own. A speaker needs two held-out recordings.
     """
-    rows = [line.split("|", 3) for line in (folder / "heldout.list").read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    rows = [
+        line.split("|", 3)
+        for line in (folder / "heldout.list").read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
     if len(rows) < 2:
         return []
     items = []
     for i, (path, _, language, text) in enumerate(rows[: limit or len(rows)]):
         j = (i + 1) % len(rows)
-        items.append(TestItem(
-            speaker=speaker_name, index=i, language=language, text=text, recording=folder / path,
-            prompt=folder / rows[j][0], prompt_text=rows[j][3],
-            voice=tuple(folder / row[0] for k, row in enumerate(rows) if k != i),
-        ))
+        items.append(
+            TestItem(
+                speaker=speaker_name,
+                index=i,
+                language=language,
+                text=text,
+                recording=folder / path,
+                prompt=folder / rows[j][0],
+                prompt_text=rows[j][3],
+                voice=tuple(folder / row[0] for k, row in enumerate(rows) if k != i),
+            )
+        )
     return items
 
 
@@ -149,12 +159,12 @@ class Estimate:
         return self.low > TOLERANCE or self.high < -TOLERANCE
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"mean": self.mean, "low": self.low, "high": self.high, "speakers": self.speakers,
-                "items": self.items}
+        return {"mean": self.mean, "low": self.low, "high": self.high, "speakers": self.speakers, "items": self.items}
 
 
-def cluster_bootstrap(values: Mapping[str, float | None], cluster: Callable[[str], str] = lambda k: k.split("#")[0],
-                      seed: int = 0) -> Estimate | None:
+def cluster_bootstrap(
+    values: Mapping[str, float | None], cluster: Callable[[str], str] = lambda k: k.split("#")[0], seed: int = 0
+) -> Estimate | None:
     """Mean of ``values`` (by item key) over clusters (speakers), with a percentile bootstrap CI.
 
     Each speaker's items are averaged first, so every speaker weighs the same whatever its
@@ -188,5 +198,16 @@ def by_metric(scores: Iterable[tuple[str, Mapping[str, float | None]]]) -> dict[
     return out
 
 
-__all__ = ["HIGHER_IS_BETTER", "METRICS", "Estimate", "TestItem", "by_metric", "cluster_bootstrap",
-           "paired_differences", "score", "score_recording", "test_items", "voice_of"]
+__all__ = [
+    "HIGHER_IS_BETTER",
+    "METRICS",
+    "Estimate",
+    "TestItem",
+    "by_metric",
+    "cluster_bootstrap",
+    "paired_differences",
+    "score",
+    "score_recording",
+    "test_items",
+    "voice_of",
+]

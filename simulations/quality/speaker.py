@@ -72,8 +72,11 @@ def encoder() -> GE2EEncoder:
 def _mel(wave: np.ndarray) -> np.ndarray:
     import librosa
 
-    return librosa.feature.melspectrogram(y=wave, sr=SAMPLE_RATE, n_fft=WINDOW, hop_length=HOP,
-                                          n_mels=N_MELS).astype(np.float32).T
+    return (
+        librosa.feature.melspectrogram(y=wave, sr=SAMPLE_RATE, n_fft=WINDOW, hop_length=HOP, n_mels=N_MELS)
+        .astype(np.float32)
+        .T
+    )
 
 
 def prepare(wave: np.ndarray, sample_rate: int) -> np.ndarray:

@@ -39,11 +39,17 @@ NAMES = {  # in sentences
 DECIMALS = {"similarity": 3, "wer": 2, "mcd": 2, "speech": 2}
 METRIC_NAMES = {"similarity": "speaker similarity", "wer": "WER", "mcd": "MCD (dB)", "speech": "speech fraction"}
 WORDS = {  # (better, worse, no difference)
-    "similarity": ("closer to the speakers' voices than", "further from the speakers' voices than",
-                   "not measurably different in voice from"),
+    "similarity": (
+        "closer to the speakers' voices than",
+        "further from the speakers' voices than",
+        "not measurably different in voice from",
+    ),
     "wer": ("more intelligible than", "less intelligible than", "not measurably different in intelligibility from"),
-    "mcd": ("spectrally closer to the recordings than", "spectrally further from the recordings than",
-            "not measurably different in spectral distance from"),
+    "mcd": (
+        "spectrally closer to the recordings than",
+        "spectrally further from the recordings than",
+        "not measurably different in spectral distance from",
+    ),
     "speech": ("more speech-like than", "less speech-like than", "not measurably different in speech activity from"),
 }
 
@@ -71,10 +77,12 @@ class Comparison:
             relation = same
         d = DECIMALS[metric]
         first = NAMES[self.first][0].upper() + NAMES[self.first][1:]
-        return (f"{first} is {relation} {NAMES[self.second]}{context} on the {self.group} "
-                f"({estimate.speakers} speaker(s), {estimate.items} sentence(s)): {METRIC_NAMES[metric]} "
-                f"{estimate.mean:+.{d}f} ± {estimate.half_width:.{d}f} "
-                f"(95 % CI {estimate.low:+.{d}f} to {estimate.high:+.{d}f}).")
+        return (
+            f"{first} is {relation} {NAMES[self.second]}{context} on the {self.group} "
+            f"({estimate.speakers} speaker(s), {estimate.items} sentence(s)): {METRIC_NAMES[metric]} "
+            f"{estimate.mean:+.{d}f} ± {estimate.half_width:.{d}f} "
+            f"(95 % CI {estimate.low:+.{d}f} to {estimate.high:+.{d}f})."
+        )
 
 
 def _only(scores: Mapping[str, Any], items: Mapping[str, Any], speakers: set[str]) -> dict[str, Any]:
@@ -110,17 +118,22 @@ def compare(quality: Mapping[str, Any], first: str, second: str, speakers: set[s
 def speaker_groups(quality: Mapping[str, Any]) -> dict[str, set[str]]:
     """The speaker sets tables are made on: clients with a local-only baseline, all clients, unseen."""
     local = set(quality["speakers"].get("local only") or [])
-    return {"clients": set(quality["clients"]), "clients that also trained alone": local,
-            "unseen speakers": set(quality["unseen"])}
+    return {
+        "clients": set(quality["clients"]),
+        "clients that also trained alone": local,
+        "unseen speakers": set(quality["unseen"]),
+    }
 
 
 def comparisons(quality: Mapping[str, Any]) -> list[Comparison]:
     """The comparisons a run is judged by, most important first."""
     groups = speaker_groups(quality)
-    wanted = [("federated", "local only", "clients that also trained alone"),
-              ("federated", "base", "clients"),
-              ("central", "federated", "clients"),
-              ("federated", "base", "unseen speakers")]
+    wanted = [
+        ("federated", "local only", "clients that also trained alone"),
+        ("federated", "base", "clients"),
+        ("central", "federated", "clients"),
+        ("federated", "base", "unseen speakers"),
+    ]
     found = [compare(quality, a, b, groups[g], g) for a, b, g in wanted]
     return [c for c in found if c is not None]
 

@@ -100,7 +100,9 @@ def _conv_transpose_weight_grad(layer: nn.ConvTranspose1d, x: torch.Tensor, dy: 
     return grad.reshape(x.shape[0], *layer.weight.shape)
 
 
-def weight_norm_conv_grad_sample(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor) -> GradSamples:
+def weight_norm_conv_grad_sample(
+    layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> GradSamples:
     """Per-sample gradients of ``bias``, ``g`` (original0) and ``v`` (original1) of a weight-normed conv."""
     g = layer.parametrizations.weight.original0
     v = layer.parametrizations.weight.original1
@@ -150,8 +152,11 @@ def weight_norm_key(module: nn.Module) -> type | None:
         parametrizations = module.parametrizations.weight
         base = next((t for t in _WEIGHT_NORM_KEYS if type(module).__bases__ == (t,)), None)
         if (
-            base is not None and len(parametrizations) == 1 and isinstance(parametrizations[0], _WeightNorm)
-            and parametrizations[0].dim == 0 and _default_geometry(module)
+            base is not None
+            and len(parametrizations) == 1
+            and isinstance(parametrizations[0], _WeightNorm)
+            and parametrizations[0].dim == 0
+            and _default_geometry(module)
         ):
             return _WEIGHT_NORM_KEYS[base]
     return None
@@ -167,6 +172,9 @@ def _default_geometry(module: nn.Module) -> bool:
 
 
 __all__ = [
-    "layer_norm_grad_sample", "relative_keys_grad_sample", "relative_values_grad_sample",
-    "weight_norm_conv_grad_sample", "weight_norm_key",
+    "layer_norm_grad_sample",
+    "relative_keys_grad_sample",
+    "relative_values_grad_sample",
+    "weight_norm_conv_grad_sample",
+    "weight_norm_key",
 ]

@@ -5,6 +5,12 @@ from fedvox.shared.models.s2.gan import discriminator_losses, frozen, generator_
 from fedvox.shared.models.s2.generator import S2Forward, SynthesizerTrn, draw_randomness, draw_slice_starts
 
 __all__ = [
-    "MultiPeriodDiscriminator", "S2Forward", "SynthesizerTrn",
-    "discriminator_losses", "draw_randomness", "draw_slice_starts", "frozen", "generator_losses",
+    "MultiPeriodDiscriminator",
+    "S2Forward",
+    "SynthesizerTrn",
+    "discriminator_losses",
+    "draw_randomness",
+    "draw_slice_starts",
+    "frozen",
+    "generator_losses",
 ]

@@ -71,7 +71,11 @@ class MultiHeadAttention(nn.Module):
     """1x1-conv multi-head attention over ``[B, C, T]``; relative positions when ``window`` is set."""
 
     def __init__(
-        self, channels: int, out_channels: int, n_heads: int, p_dropout: float = 0.0,
+        self,
+        channels: int,
+        out_channels: int,
+        n_heads: int,
+        p_dropout: float = 0.0,
         window: int | None = None,
     ) -> None:
         super().__init__()
@@ -111,9 +115,7 @@ class MultiHeadAttention(nn.Module):
 class FFN(nn.Module):
     """Position-wise conv feed-forward (kernel 3, 'same' padding), masked before each conv."""
 
-    def __init__(
-        self, channels: int, filter_channels: int, kernel_size: int, p_dropout: float
-    ) -> None:
+    def __init__(self, channels: int, filter_channels: int, kernel_size: int, p_dropout: float) -> None:
         super().__init__()
         self.pad = ((kernel_size - 1) // 2, kernel_size // 2)
         self.conv_1 = nn.Conv1d(channels, filter_channels, kernel_size)
@@ -129,8 +131,14 @@ class Encoder(nn.Module):
     """Post-norm transformer encoder (VITS ``attentions.Encoder``) on masked ``[B, C, T]``."""
 
     def __init__(
-        self, hidden: int, filter_channels: int, n_heads: int, n_layers: int, kernel_size: int,
-        p_dropout: float, window: int = 4,
+        self,
+        hidden: int,
+        filter_channels: int,
+        n_heads: int,
+        n_layers: int,
+        kernel_size: int,
+        p_dropout: float,
+        window: int = 4,
     ) -> None:
         super().__init__()
         self.drop = nn.Dropout(p_dropout)
@@ -138,9 +146,7 @@ class Encoder(nn.Module):
             MultiHeadAttention(hidden, hidden, n_heads, p_dropout, window) for _ in range(n_layers)
         )
         self.norm_layers_1 = nn.ModuleList(LayerNorm(hidden) for _ in range(n_layers))
-        self.ffn_layers = nn.ModuleList(
-            FFN(hidden, filter_channels, kernel_size, p_dropout) for _ in range(n_layers)
-        )
+        self.ffn_layers = nn.ModuleList(FFN(hidden, filter_channels, kernel_size, p_dropout) for _ in range(n_layers))
         self.norm_layers_2 = nn.ModuleList(LayerNorm(hidden) for _ in range(n_layers))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

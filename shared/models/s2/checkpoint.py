@@ -41,15 +41,33 @@ log = logging.getLogger(__name__)
 OFFICIAL_VERSIONS = ("v1", "v2", "v2Pro", "v2ProPlus")
 TAGGED_VERSIONS = ("v2Pro", "v2ProPlus")  # exports whose zip magic is replaced by a version tag
 
-_WEIGHT_NORM_IN = [(r"(.+)\.weight_g", r"\1.parametrizations.weight.original0"),
-                   (r"(.+)\.weight_v", r"\1.parametrizations.weight.original1")]
-_WEIGHT_NORM_OUT = [(r"(.+)\.parametrizations\.weight\.original0", r"\1.weight_g"),
-                    (r"(.+)\.parametrizations\.weight\.original1", r"\1.weight_v")]
+_WEIGHT_NORM_IN = [
+    (r"(.+)\.weight_g", r"\1.parametrizations.weight.original0"),
+    (r"(.+)\.weight_v", r"\1.parametrizations.weight.original1"),
+]
+_WEIGHT_NORM_OUT = [
+    (r"(.+)\.parametrizations\.weight\.original0", r"\1.weight_g"),
+    (r"(.+)\.parametrizations\.weight\.original1", r"\1.weight_v"),
+]
 
-G_IMPORT_RULES = [*_WEIGHT_NORM_IN, (r"(.+)\.(emb_rel_[kv])", r"\1.\2.weight"), (r"quantizer\.vq\.layers\.0\._codebook\.(.+)", r"quantizer.\1"), (r"ref_enc\.spectral\.(\d+)\.fc\.(.+)", r"ref_enc.spectral.\1.\2"), (r"ref_enc\.temporal\.(\d+)\.conv1\.conv\.(.+)", r"ref_enc.temporal.\1.conv1.\2"), (r"ref_enc\.fc\.fc\.(.+)", r"ref_enc.fc.\1")]
+G_IMPORT_RULES = [
+    *_WEIGHT_NORM_IN,
+    (r"(.+)\.(emb_rel_[kv])", r"\1.\2.weight"),
+    (r"quantizer\.vq\.layers\.0\._codebook\.(.+)", r"quantizer.\1"),
+    (r"ref_enc\.spectral\.(\d+)\.fc\.(.+)", r"ref_enc.spectral.\1.\2"),
+    (r"ref_enc\.temporal\.(\d+)\.conv1\.conv\.(.+)", r"ref_enc.temporal.\1.conv1.\2"),
+    (r"ref_enc\.fc\.fc\.(.+)", r"ref_enc.fc.\1"),
+]
 """Official s2G key -> fedvox key (first full match wins)."""
 
-G_EXPORT_RULES = [*_WEIGHT_NORM_OUT, (r"(.+)\.(emb_rel_[kv])\.weight", r"\1.\2"), (r"quantizer\.(inited|cluster_size|embed|embed_avg)", r"quantizer.vq.layers.0._codebook.\1"), (r"ref_enc\.spectral\.(\d+)\.(weight|bias)", r"ref_enc.spectral.\1.fc.\2"), (r"ref_enc\.temporal\.(\d+)\.conv1\.(weight|bias)", r"ref_enc.temporal.\1.conv1.conv.\2"), (r"ref_enc\.fc\.(weight|bias)", r"ref_enc.fc.fc.\1")]
+G_EXPORT_RULES = [
+    *_WEIGHT_NORM_OUT,
+    (r"(.+)\.(emb_rel_[kv])\.weight", r"\1.\2"),
+    (r"quantizer\.(inited|cluster_size|embed|embed_avg)", r"quantizer.vq.layers.0._codebook.\1"),
+    (r"ref_enc\.spectral\.(\d+)\.(weight|bias)", r"ref_enc.spectral.\1.fc.\2"),
+    (r"ref_enc\.temporal\.(\d+)\.conv1\.(weight|bias)", r"ref_enc.temporal.\1.conv1.conv.\2"),
+    (r"ref_enc\.fc\.(weight|bias)", r"ref_enc.fc.fc.\1"),
+]
 """fedvox s2G key -> official key."""
 
 POSTERIOR_PREFIX = "enc_q."
@@ -93,7 +111,9 @@ def read_official(path: str | Path) -> OfficialCheckpoint:
 
 
 def detect_version(
-    weight: Mapping[str, torch.Tensor], tag: str | None, config: Mapping[str, Any] | None = None,
+    weight: Mapping[str, torch.Tensor],
+    tag: str | None,
+    config: Mapping[str, Any] | None = None,
     path: str | Path = "checkpoint",
 ) -> str:
     """The s2 version of an official state dict, decided as GPT-SoVITS does.
@@ -239,23 +259,42 @@ def load_generator(path: str | Path, config: S2Config | None = None) -> Synthesi
     model = SynthesizerTrn(config)
     missing = load_official_state(model, ckpt.weight, ckpt.version, allow_missing=(POSTERIOR_PREFIX,))
     if missing:
-        log.warning(
-            "%s has no enc_q (a fine-tuned export): the posterior encoder starts from scratch", path
-        )
+        log.warning("%s has no enc_q (a fine-tuned export): the posterior encoder starts from scratch", path)
     return model.float()
 
 
 _HPS_MODEL_FIELDS = (
-    "inter_channels", "hidden_channels", "filter_channels", "n_heads", "n_layers", "kernel_size", "p_dropout",
-    "resblock_kernel_sizes", "resblock_dilation_sizes", "upsample_rates", "upsample_initial_channel",
-    "upsample_kernel_sizes", "gin_channels",
+    "inter_channels",
+    "hidden_channels",
+    "filter_channels",
+    "n_heads",
+    "n_layers",
+    "kernel_size",
+    "p_dropout",
+    "resblock_kernel_sizes",
+    "resblock_dilation_sizes",
+    "upsample_rates",
+    "upsample_initial_channel",
+    "upsample_kernel_sizes",
+    "gin_channels",
 )
 """``hps.model`` entries that are :class:`S2Config` fields of the same name and meaning."""
 
-_TRAINING_ONLY = frozenset({
-    "name", "p_dropout", "style_dropout", "segment_frames", "c_mel", "c_kl", "c_fm", "text_low_lr_rate",
-    "disc_periods", "disc_channels", "disc_s_channels",
-})
+_TRAINING_ONLY = frozenset(
+    {
+        "name",
+        "p_dropout",
+        "style_dropout",
+        "segment_frames",
+        "c_mel",
+        "c_kl",
+        "c_fm",
+        "text_low_lr_rate",
+        "disc_periods",
+        "disc_channels",
+        "disc_s_channels",
+    }
+)
 """S2Config fields that do not change the generator's tensors."""
 
 
@@ -313,14 +352,20 @@ def official_hparams(config: S2Config) -> dict[str, Any]:
     model = dict(official["model"])
     model.update({key: _plain(getattr(config, key)) for key in _HPS_MODEL_FIELDS}, version=config.version)
     train = {
-        "segment_size": config.segment_samples, "c_mel": config.c_mel, "c_kl": config.c_kl,
+        "segment_size": config.segment_samples,
+        "c_mel": config.c_mel,
+        "c_kl": config.c_kl,
         "text_low_lr_rate": config.text_low_lr_rate,
     }
     return {"train": train, "data": dict(official["data"]), "model": model}
 
 
 def export_generator(
-    model: SynthesizerTrn, path: str | Path, *, info: str = "fedvox", half: bool = True,
+    model: SynthesizerTrn,
+    path: str | Path,
+    *,
+    info: str = "fedvox",
+    half: bool = True,
     include_posterior: bool = False,
 ) -> None:
     """Write ``model`` as a GPT-SoVITS s2G ``.pth`` (``process_ckpt.savee`` layout).
@@ -397,8 +442,20 @@ def _tuple(value: Any) -> Any:
 
 
 __all__ = [
-    "G_EXPORT_RULES", "G_IMPORT_RULES", "OfficialCheckpoint", "config_from_hparams", "detect_version",
-    "export_discriminator", "export_generator", "load_discriminator", "load_generator",
-    "load_model", "load_official_state", "official_hparams", "read_official", "save_model",
-    "to_fedvox", "to_official",
+    "G_EXPORT_RULES",
+    "G_IMPORT_RULES",
+    "OfficialCheckpoint",
+    "config_from_hparams",
+    "detect_version",
+    "export_discriminator",
+    "export_generator",
+    "load_discriminator",
+    "load_generator",
+    "load_model",
+    "load_official_state",
+    "official_hparams",
+    "read_official",
+    "save_model",
+    "to_fedvox",
+    "to_official",
 ]

@@ -23,12 +23,13 @@ class Decoder(nn.Module):
         self.resblocks = nn.ModuleList()
         for i, (rate, kernel) in enumerate(zip(c.upsample_rates, c.upsample_kernel_sizes, strict=True)):
             c_in, c_out = channels // 2**i, channels // 2 ** (i + 1)
-            self.ups.append(weight_normed(nn.ConvTranspose1d(
-                c_in, c_out, kernel, rate, padding=(kernel - rate) // 2
-            ), init_std=0.01))
+            self.ups.append(
+                weight_normed(
+                    nn.ConvTranspose1d(c_in, c_out, kernel, rate, padding=(kernel - rate) // 2), init_std=0.01
+                )
+            )
             self.resblocks.extend(
-                ResBlock1(c_out, k, d)
-                for k, d in zip(c.resblock_kernel_sizes, c.resblock_dilation_sizes, strict=True)
+                ResBlock1(c_out, k, d) for k, d in zip(c.resblock_kernel_sizes, c.resblock_dilation_sizes, strict=True)
             )
         self.conv_post = nn.Conv1d(c_out, 1, 7, padding=3, bias=False)
         self.cond = nn.Conv1d(c.gin_channels, channels, 1)

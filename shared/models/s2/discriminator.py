@@ -81,9 +81,10 @@ class MultiPeriodDiscriminator(nn.Module):
         )
 
     def module_groups(self) -> dict[str, tuple[str, ...]]:
-        return {"scale": ("discriminators.0",), "periods": tuple(
-            f"discriminators.{i}" for i in range(1, len(self.discriminators))
-        )}
+        return {
+            "scale": ("discriminators.0",),
+            "periods": tuple(f"discriminators.{i}" for i in range(1, len(self.discriminators))),
+        }
 
     def lora_targets(self) -> tuple[str, ...]:
         """None: the discriminator is small next to G and trains in full (its 2-D convs have no LoRA)."""

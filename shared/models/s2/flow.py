@@ -12,7 +12,12 @@ class PosteriorEncoder(nn.Module):
     """Linear spectrogram -> posterior ``N(m_q, exp(logs_q))`` and a sample ``z`` of it."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, hidden: int, kernel_size: int, n_layers: int,
+        self,
+        in_channels: int,
+        out_channels: int,
+        hidden: int,
+        kernel_size: int,
+        n_layers: int,
         gin_channels: int,
     ) -> None:
         super().__init__()
@@ -43,9 +48,7 @@ class Flip(nn.Module):
 class ResidualCouplingLayer(nn.Module):
     """Mean-only affine coupling: ``x1 += m(x0)``, with ``m`` a conditioned WaveNet."""
 
-    def __init__(
-        self, channels: int, hidden: int, kernel_size: int, n_layers: int, gin_channels: int
-    ) -> None:
+    def __init__(self, channels: int, hidden: int, kernel_size: int, n_layers: int, gin_channels: int) -> None:
         super().__init__()
         self.half_channels = channels // 2
         self.pre = nn.Conv1d(self.half_channels, hidden, 1)
@@ -55,9 +58,7 @@ class ResidualCouplingLayer(nn.Module):
         assert self.post.bias is not None
         nn.init.zeros_(self.post.bias)
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, g: torch.Tensor, reverse: bool = False
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, g: torch.Tensor, reverse: bool = False) -> torch.Tensor:
         x0, x1 = x.split(self.half_channels, dim=1)
         m = self.post(self.enc(self.pre(x0) * mask, mask, g)) * mask
         x1 = (x1 - m) * mask if reverse else m + x1 * mask
@@ -68,7 +69,12 @@ class ResidualCouplingBlock(nn.Module):
     """``n_flows`` x (coupling layer, flip); volume-preserving, so no log-determinant is needed."""
 
     def __init__(
-        self, channels: int, hidden: int, kernel_size: int, n_layers: int, n_flows: int,
+        self,
+        channels: int,
+        hidden: int,
+        kernel_size: int,
+        n_layers: int,
+        n_flows: int,
         gin_channels: int,
     ) -> None:
         super().__init__()
@@ -77,10 +83,8 @@ class ResidualCouplingBlock(nn.Module):
             self.flows.append(ResidualCouplingLayer(channels, hidden, kernel_size, n_layers, gin_channels))
             self.flows.append(Flip())
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, g: torch.Tensor, reverse: bool = False
-    ) -> torch.Tensor:
-        for flow in (reversed(self.flows) if reverse else self.flows):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, g: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        for flow in reversed(self.flows) if reverse else self.flows:
             x = flow(x) if isinstance(flow, Flip) else flow(x, mask, g, reverse)
         return x
 

@@ -45,9 +45,7 @@ def real_slices(batch: S2Batch, out: S2Forward, config: S2Config) -> tuple[torch
     return wave, spec
 
 
-def discriminator_losses(
-    discriminator: nn.Module, batch: S2Batch, out: S2Forward, config: S2Config
-) -> torch.Tensor:
+def discriminator_losses(discriminator: nn.Module, batch: S2Batch, out: S2Forward, config: S2Config) -> torch.Tensor:
     """Per-sample LSGAN loss of D ``[B]`` (generated waves detached: this step trains D only)."""
     wave, _ = real_slices(batch, out, config)
     real, _ = discriminator(wave)

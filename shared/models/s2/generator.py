@@ -93,16 +93,22 @@ class SynthesizerTrn(nn.Module):
         self.enc_p = TextEncoder(c)
         self.dec = Decoder(c)
         self.enc_q = PosteriorEncoder(
-            c.spec_channels, c.inter_channels, c.hidden_channels, c.posterior_kernel,
-            c.posterior_layers, c.gin_channels,
-        )
-        self.flow = ResidualCouplingBlock(
-            c.inter_channels, c.hidden_channels, c.flow_kernel, c.flow_layers, c.flow_count,
+            c.spec_channels,
+            c.inter_channels,
+            c.hidden_channels,
+            c.posterior_kernel,
+            c.posterior_layers,
             c.gin_channels,
         )
-        self.ref_enc = MelStyleEncoder(
-            c.ref_enc_bins, c.gin_channels, hidden=c.style_hidden, dropout=c.style_dropout
+        self.flow = ResidualCouplingBlock(
+            c.inter_channels,
+            c.hidden_channels,
+            c.flow_kernel,
+            c.flow_layers,
+            c.flow_count,
+            c.gin_channels,
         )
+        self.ref_enc = MelStyleEncoder(c.ref_enc_bins, c.gin_channels, hidden=c.style_hidden, dropout=c.style_dropout)
         self.ssl_proj = nn.Conv1d(c.ssl_dim, c.ssl_dim, 2, stride=2)  # 50 Hz HuBERT -> 25 Hz
         self.quantizer = FrozenQuantizer(c.codebook_size, c.ssl_dim)
         if c.sv_dim is not None:  # v2Pro/v2ProPlus
@@ -121,9 +127,7 @@ class SynthesizerTrn(nn.Module):
             "posterior": ("enc_q",),
             "flow": ("flow",),
             "decoder": ("dec",),
-            "norms": tuple(
-                name for name, module in self.named_modules() if isinstance(module, LayerNorm)
-            ),
+            "norms": tuple(name for name, module in self.named_modules() if isinstance(module, LayerNorm)),
         }
         if self.config.is_pro:
             groups["speaker"] = ("sv_emb", "prelu", "ge_to512")
@@ -176,7 +180,10 @@ class SynthesizerTrn(nn.Module):
         return ge, self.ge_to512(ge.squeeze(-1)).unsqueeze(-1)
 
     def content(
-        self, semantic_ids: torch.Tensor, frames: int, ssl_features: torch.Tensor | None,
+        self,
+        semantic_ids: torch.Tensor,
+        frames: int,
+        ssl_features: torch.Tensor | None,
         semantic_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """50 Hz codebook content ``[B, 768, frames]`` and per-sample commitment loss ``[B]``."""
@@ -198,8 +205,12 @@ class SynthesizerTrn(nn.Module):
     # -- training -------------------------------------------------------------------------------
 
     def forward(
-        self, batch: S2Batch, *, ssl_features: torch.Tensor | None = None,
-        slice_starts: torch.Tensor | None = None, posterior_noise: torch.Tensor | None = None,
+        self,
+        batch: S2Batch,
+        *,
+        ssl_features: torch.Tensor | None = None,
+        slice_starts: torch.Tensor | None = None,
+        posterior_noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> S2Forward:
         """Training forward on a padded batch.
@@ -246,8 +257,13 @@ class SynthesizerTrn(nn.Module):
 
     @torch.no_grad()
     def decode(
-        self, codes: torch.Tensor, phoneme_ids: torch.Tensor, refer_spec: torch.Tensor,
-        sv: torch.Tensor | None = None, noise_scale: float = 0.5, speed: float = 1.0,
+        self,
+        codes: torch.Tensor,
+        phoneme_ids: torch.Tensor,
+        refer_spec: torch.Tensor,
+        sv: torch.Tensor | None = None,
+        noise_scale: float = 0.5,
+        speed: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Speak: codes ``[B, T25]`` + phonemes ``[B, X]`` in the voice of ``refer_spec [B, 1025, Tr]``.

@@ -68,7 +68,10 @@ def mel_loss(spec_slice: torch.Tensor, wave_hat: torch.Tensor) -> torch.Tensor:
 
 
 def kl_loss(
-    z_p: torch.Tensor, logs_q: torch.Tensor, m_p: torch.Tensor, logs_p: torch.Tensor,
+    z_p: torch.Tensor,
+    logs_q: torch.Tensor,
+    m_p: torch.Tensor,
+    logs_p: torch.Tensor,
     mask: torch.Tensor,
 ) -> torch.Tensor:
     """KL(q || p) of the flowed posterior sample, summed over channels and each sample's frames,
@@ -79,6 +82,9 @@ def kl_loss(
 
 
 __all__ = [
-    "discriminator_loss", "feature_matching_loss", "generator_adversarial_loss", "kl_loss",
+    "discriminator_loss",
+    "feature_matching_loss",
+    "generator_adversarial_loss",
+    "kl_loss",
     "mel_loss",
 ]

@@ -59,9 +59,7 @@ class LayerNorm(nn.Module):
 class WN(nn.Module):
     """Non-causal WaveNet stack with a global condition (VITS), used by ``enc_q`` and the flow."""
 
-    def __init__(
-        self, hidden: int, kernel_size: int, dilation_rate: int, n_layers: int, gin_channels: int
-    ) -> None:
+    def __init__(self, hidden: int, kernel_size: int, dilation_rate: int, n_layers: int, gin_channels: int) -> None:
         super().__init__()
         self.hidden = hidden
         self.cond_layer = weight_normed(nn.Conv1d(gin_channels, 2 * hidden * n_layers, 1))
@@ -69,10 +67,17 @@ class WN(nn.Module):
         self.res_skip_layers = nn.ModuleList()
         for i in range(n_layers):
             dilation = dilation_rate**i
-            self.in_layers.append(weight_normed(nn.Conv1d(
-                hidden, 2 * hidden, kernel_size, dilation=dilation,
-                padding=same_padding(kernel_size, dilation),
-            )))
+            self.in_layers.append(
+                weight_normed(
+                    nn.Conv1d(
+                        hidden,
+                        2 * hidden,
+                        kernel_size,
+                        dilation=dilation,
+                        padding=same_padding(kernel_size, dilation),
+                    )
+                )
+            )
             out = 2 * hidden if i < n_layers - 1 else hidden  # the last layer has no residual half
             self.res_skip_layers.append(weight_normed(nn.Conv1d(hidden, out, 1)))
 
@@ -95,15 +100,14 @@ class ResBlock1(nn.Module):
     def __init__(self, channels: int, kernel_size: int, dilations: tuple[int, ...]) -> None:
         super().__init__()
         self.convs1 = nn.ModuleList(
-            weight_normed(nn.Conv1d(
-                channels, channels, kernel_size, dilation=d, padding=same_padding(kernel_size, d)
-            ), init_std=0.01)
+            weight_normed(
+                nn.Conv1d(channels, channels, kernel_size, dilation=d, padding=same_padding(kernel_size, d)),
+                init_std=0.01,
+            )
             for d in dilations
         )
         self.convs2 = nn.ModuleList(
-            weight_normed(nn.Conv1d(
-                channels, channels, kernel_size, padding=same_padding(kernel_size)
-            ), init_std=0.01)
+            weight_normed(nn.Conv1d(channels, channels, kernel_size, padding=same_padding(kernel_size)), init_std=0.01)
             for _ in dilations
         )
 

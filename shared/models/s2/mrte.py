@@ -19,8 +19,12 @@ class MRTE(nn.Module):
         self.c_post = nn.Conv1d(hidden, content_channels, 1)
 
     def forward(
-        self, content: torch.Tensor, content_mask: torch.Tensor, text: torch.Tensor,
-        text_mask: torch.Tensor, ge: torch.Tensor,
+        self,
+        content: torch.Tensor,
+        content_mask: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        ge: torch.Tensor,
     ) -> torch.Tensor:
         """``content [B, C, T]``, ``text [B, C, X]``, ``ge [B, hidden, 1]`` -> ``[B, C, T]``."""
         attn_mask = text_mask.unsqueeze(2) * content_mask.unsqueeze(-1)

@@ -44,9 +44,7 @@ class FrozenQuantizer(nn.Module):
         """Codes ``[B, T]`` -> codebook vectors ``[B, dim, T]``."""
         return F.embedding(codes, self.embed).transpose(1, 2)
 
-    def forward(
-        self, features: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Straight-through quantisation of ``features [B, dim, T]`` with ``mask [B, 1, T]``.
 
         Returns ``(quantized, codes, commitment)``: ``quantized`` carries the gradient to

@@ -62,14 +62,23 @@ class MelStyleEncoder(nn.Module):
     """Spectral MLP -> 2 gated convs -> self-attention -> projection -> masked mean over time."""
 
     def __init__(
-        self, in_bins: int, out_channels: int, hidden: int = 128, kernel_size: int = 5,
-        n_heads: int = 2, dropout: float = 0.1,
+        self,
+        in_bins: int,
+        out_channels: int,
+        hidden: int = 128,
+        kernel_size: int = 5,
+        n_heads: int = 2,
+        dropout: float = 0.1,
     ) -> None:
         super().__init__()
         self.in_bins = in_bins
         self.spectral = nn.Sequential(
-            nn.Linear(in_bins, hidden), nn.Mish(), nn.Dropout(dropout),
-            nn.Linear(hidden, hidden), nn.Mish(), nn.Dropout(dropout),
+            nn.Linear(in_bins, hidden),
+            nn.Mish(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.Mish(),
+            nn.Dropout(dropout),
         )
         self.temporal = nn.ModuleList(Conv1dGLU(hidden, kernel_size, dropout) for _ in range(2))
         self.slf_attn = StyleAttention(hidden, n_heads, dropout)

@@ -21,8 +21,13 @@ class TextEncoder(nn.Module):
         c = config
         hidden = c.hidden_channels
         encoder = functools.partial(
-            Encoder, hidden, filter_channels=c.filter_channels, n_heads=c.n_heads,
-            kernel_size=c.kernel_size, p_dropout=c.p_dropout, window=c.window_size,
+            Encoder,
+            hidden,
+            filter_channels=c.filter_channels,
+            n_heads=c.n_heads,
+            kernel_size=c.kernel_size,
+            p_dropout=c.p_dropout,
+            window=c.window_size,
         )
         self.inter_channels = c.inter_channels
         self.ssl_proj = nn.Conv1d(c.ssl_dim, hidden, 1)
@@ -34,8 +39,13 @@ class TextEncoder(nn.Module):
         self.proj = nn.Conv1d(hidden, 2 * c.inter_channels, 1)
 
     def forward(
-        self, content: torch.Tensor, mask: torch.Tensor, phoneme_ids: torch.Tensor,
-        phoneme_mask: torch.Tensor, ge: torch.Tensor, speed: float = 1.0,
+        self,
+        content: torch.Tensor,
+        mask: torch.Tensor,
+        phoneme_ids: torch.Tensor,
+        phoneme_mask: torch.Tensor,
+        ge: torch.Tensor,
+        speed: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``content [B, 768, T]`` (50 Hz), ``phoneme_ids [B, X]``, ``ge [B, mrte_hidden, 1]``.
 
