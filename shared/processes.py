@@ -4,7 +4,8 @@ Flower's processes start further processes by name (``flower-superexec``, then o
 ``flwr-serverapp`` per run or one ``flwr-clientapp`` per message), so they get this
 interpreter's scripts first on ``PATH``, fedvox's offline environment (no telemetry, update
 check or dependency installation) and their own ``FLWR_HOME``. They die with the fedvox command
-that started them, and stopping one stops everything below it.
+that started them, stopping one stops everything below it, and the SuperExec reaps the app
+processes it starts (Flower's own leaves them ``<defunct>``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import importlib.metadata
 import os
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,9 +29,7 @@ from fedvox.shared.cli import OFFLINE_ENV
 def flower_env(flwr_home: Path) -> dict[str, str]:
     """The environment for a Flower process with its state in ``flwr_home``."""
     env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(flwr_home), "PYTHONUNBUFFERED": "1"}
-    scripts = [str(Path(sys.executable).parent)]
-    if not (Path(sys.executable).parent / "flower-superexec").is_file():
-        scripts.insert(0, str(_flower_launchers(flwr_home / "bin")))
+    scripts = [str(_flower_launchers(flwr_home / "bin")), str(Path(sys.executable).parent)]
     env["PATH"] = os.pathsep.join([*scripts, env.get("PATH", "")])
     return env
 
@@ -39,21 +39,41 @@ def _flower_launchers(folder: Path) -> Path:
 
     An environment that sees Flower without having its scripts (a virtual environment over the
     system's site packages) would find the system's scripts on ``PATH``; their interpreter has no
-    fedvox, so the ServerApp and ClientApp could not import it.
+    fedvox, so the ServerApp and ClientApp could not import it. ``flower-superexec`` reaps its
+    abandoned children first (:func:`reap_abandoned_children`).
     """
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     for entry in importlib.metadata.distribution("flwr").entry_points:
         if entry.group != "console_scripts":
             continue
+        reaper = "import fedvox.shared.processes as p; p.reap_abandoned_children()\n"
         text = (
             f"#!{sys.executable}\nimport importlib, sys\n"
-            f"sys.exit(importlib.import_module({entry.module!r}).{entry.attr}())\n"
+            + (reaper if entry.name == "flower-superexec" else "")
+            + f"sys.exit(importlib.import_module({entry.module!r}).{entry.attr}())\n"
         )
         script = folder / entry.name
         if not script.is_file() or script.read_text() != text:
             atomic_write_text(script, text)
             os.chmod(script, 0o700)
     return folder
+
+
+def reap_abandoned_children() -> None:
+    """Reap, as each child exits, the children this process started and then let go of.
+
+    Flower's SuperExec starts every ``flwr-clientapp`` / ``flwr-serverapp`` with a bare
+    ``subprocess.Popen(args)`` and drops the object, so nothing waits for it. CPython then keeps
+    the dropped ``Popen`` in ``subprocess._active`` and reaps it only at the *next* ``Popen()``
+    call: every app that finished since the last launch (all of them once a run ends) stays
+    ``<defunct>`` until the SuperNode stops. On SIGCHLD this runs that same routine
+    (``subprocess._cleanup``) at once. It polls only the dropped ``Popen`` objects, each through
+    its own ``waitpid`` lock, so a child Flower still holds and waits for (``poll``/``wait``, e.g.
+    a dependency install) keeps its exit status for Flower; a blanket ``waitpid(-1)`` or
+    ``SIGCHLD = SIG_IGN`` would hand Flower status 0 for it instead (and ``SIG_IGN`` is inherited
+    by the apps).
+    """
+    signal.signal(signal.SIGCHLD, lambda _signum, _frame: subprocess._cleanup())  # type: ignore[attr-defined]
 
 
 def flower_command(name: str) -> str:
@@ -94,4 +114,4 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-__all__ = ["die_with_parent", "flower_command", "flower_env", "free_port", "stop_tree"]
+__all__ = ["die_with_parent", "flower_command", "flower_env", "free_port", "reap_abandoned_children", "stop_tree"]

@@ -1,0 +1,77 @@
+"""Flower's SuperExec, started through fedvox's launcher, leaves no ``<defunct>`` app processes.
+
+The fake SuperExec below starts its apps exactly as Flower's ``SubprocessExecutor.launch`` does
+(a bare ``subprocess.Popen(args)``, dropped at once) and also holds one child it waits for, as
+Flower's dependency installer does: that child's exit status must still reach it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fedvox.shared.processes import flower_env
+
+APPS = 4
+
+FAKE_SUPEREXEC = textwrap.dedent(
+    f"""
+    import subprocess, sys, time
+    if sys.argv[1] == "reap":
+        from fedvox.shared.processes import reap_abandoned_children
+        reap_abandoned_children()
+    held = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5); raise SystemExit(3)"])
+    for _ in range({APPS}):
+        subprocess.Popen([sys.executable, "-c", "pass"])  # Flower's launch: nobody keeps the Popen
+    print("launched", flush=True)
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:  # Flower's main loop: poll the SuperLink, sleep
+        time.sleep(0.2)
+    print("held child exit status", held.wait(), flush=True)
+    time.sleep(30)
+    """
+)
+
+
+def _zombies_after_exit(mode: str) -> tuple[int, str]:
+    """Zombie children of the fake SuperExec once all its apps have exited, and what it printed."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", FAKE_SUPEREXEC, mode],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline()]
+        lines.append(process.stdout.readline())  # after the held child is waited for
+        children = psutil.Process(process.pid).children()
+        return sum(child.status() == psutil.STATUS_ZOMBIE for child in children), "".join(lines)
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process states read from /proc")
+def test_superexec_reaps_its_apps_and_keeps_the_held_childs_status() -> None:
+    zombies, printed = _zombies_after_exit("reap")
+    assert zombies == 0
+    assert "held child exit status 3" in printed
+    unreaped, _ = _zombies_after_exit("flower")  # the defect, without the reaper
+    assert unreaped == APPS
+
+
+def test_flower_env_starts_the_superexec_through_the_reaping_launcher(tmp_path: Path) -> None:
+    env = flower_env(tmp_path / "flwr")
+    superexec = shutil.which("flower-superexec", path=env["PATH"])
+    assert superexec is not None and Path(superexec).parent == tmp_path / "flwr" / "bin"
+    text = Path(superexec).read_text()
+    assert text.startswith(f"#!{sys.executable}\n") and "reap_abandoned_children()" in text
+    assert os.access(superexec, os.X_OK)
+    subprocess.run([superexec, "--help"], env=env, check=True, capture_output=True, timeout=60)
