@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import psutil
@@ -40,6 +41,14 @@ FAKE_SUPEREXEC = textwrap.dedent(
 )
 
 
+def _status(process: psutil.Process) -> str:
+    """A process's state; a child reaped while we looked is as good as gone."""
+    try:
+        return process.status()
+    except psutil.NoSuchProcess:
+        return psutil.STATUS_DEAD
+
+
 def _zombies_after_exit(mode: str) -> tuple[int, str]:
     """Zombie children of the fake SuperExec once all its apps have exited, and what it printed."""
     process = subprocess.Popen(
@@ -51,8 +60,13 @@ def _zombies_after_exit(mode: str) -> tuple[int, str]:
         assert process.stdout is not None
         lines = [process.stdout.readline()]
         lines.append(process.stdout.readline())  # after the held child is waited for
-        children = psutil.Process(process.pid).children()
-        return sum(child.status() == psutil.STATUS_ZOMBIE for child in children), "".join(lines)
+        deadline = time.monotonic() + 60  # a loaded machine may still be starting an app
+        while True:
+            states = [_status(child) for child in psutil.Process(process.pid).children()]
+            settled = all(state in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) for state in states)
+            if settled or time.monotonic() > deadline:
+                return states.count(psutil.STATUS_ZOMBIE), "".join(lines)
+            time.sleep(0.2)
     finally:
         process.kill()
         process.wait()
