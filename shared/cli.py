@@ -15,11 +15,12 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from types import TracebackType
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from fedvox.shared.errors import FedvoxError, Interrupted
 
@@ -107,7 +108,7 @@ class StepProgress:
         self._first = done
         self._start = self._last = time.monotonic()
         self._bar: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
 
     def __enter__(self) -> StepProgress:
         if self.visible and not self.lines:
@@ -116,13 +117,15 @@ class StepProgress:
             self._task = self._bar.add_task(self.what, total=self.total, completed=self._first)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
         if self._bar is not None:
-            self._bar.__exit__(*exc)
+            self._bar.__exit__(kind, error, trace)
 
     def update(self, done: int, *_: object) -> str | None:
         """Record ``done`` units; returns the line printed, if one was due."""
-        if self._bar is not None:
+        if self._bar is not None and self._task is not None:
             self._bar.update(self._task, completed=done)
             return None
         now = time.monotonic()
