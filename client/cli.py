@@ -71,17 +71,31 @@ def prepare(
     max_clipped: float = typer.Option(
         0.001, min=0.0, max=1.0, help="Reject a recording with more than this fraction of full-scale samples."
     ),
+    budget_epsilon: float | None = typer.Option(
+        None,
+        "--budget-epsilon",
+        help="Your utterance-level epsilon budget for these recordings, kept in their ledger (default: the recorded "
+        "one, else 10).",
+    ),
+    delta: float | None = typer.Option(
+        None,
+        "--delta",
+        help="Delta of their (epsilon, delta) guarantee (default: the recorded one, else min(1e-5, 1/(10 N)) rounded "
+        "down to a power of ten).",
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
 ) -> None:
     """Check every recording of LIST, featurise the good ones into --out, and explain each rejection.
 
     Recordings are only read, never modified or sent anywhere. Without --hubert/--s2-tokens,
-    semantic tokens come from fedvox's offline fallback tokenizer (see docs/data.md).
+    semantic tokens come from fedvox's offline fallback tokenizer (see docs/data.md). Your privacy
+    budget (--budget-epsilon, --delta) is recorded in the recordings' ledger; run again to change it.
     """
     from fedvox.client.data.checks import AudioLimits
     from fedvox.client.data.extractors import ExtractorSpecs
     from fedvox.client.data.prepare import prepare as run_prepare
+    from fedvox.client.owner import prepared_budget
     from fedvox.shared.bert import bert_spec
     from fedvox.shared.errors import DataError, Interrupted
     from fedvox.shared.models.config import s1_config
@@ -131,6 +145,11 @@ def prepare(
             f"none of the {len(report.rejected)} entries of {list_file} was accepted ({reasons}); "
             f"see {out / 'report.txt'} for each entry and its fix"
         )
+    owner, ledger = prepared_budget(out, epsilon=budget_epsilon, delta=delta)
+    _say(
+        f"privacy budget of these recordings: epsilon {owner.epsilon:g} at delta {owner.delta:g} "
+        f"(yours to set, with --budget-epsilon/--delta; ledger in {ledger})"
+    )
 
 
 @app.command(name="slice")
@@ -289,11 +308,17 @@ def train(
     logical_batch: int = typer.Option(8, "--logical-batch", min=1, help="Expected (logical) Poisson batch size."),
     learning_rate: float = typer.Option(1e-3, "--learning-rate", help="Learning rate."),
     clip_norm: float = typer.Option(1.0, "--clip-norm", help="Per-utterance gradient clip norm."),
-    delta: float = typer.Option(1e-5, help="Delta of the (epsilon, delta) guarantee."),
-    budget_epsilon: float = typer.Option(
-        10.0,
+    delta: float | None = typer.Option(
+        None,
+        "--delta",
+        help="Delta of the (epsilon, delta) guarantee: the owner's recorded one (set here only while none is; "
+        "default min(1e-5, 1/(10 N)) rounded down to a power of ten).",
+    ),
+    budget_epsilon: float | None = typer.Option(
+        None,
         "--budget-epsilon",
-        help="This data folder's utterance-level epsilon budget: the whole run is checked against it before step 1.",
+        help="Utterance-level epsilon budget the whole run is checked against before step 1: the owner's recorded "
+        "one, or lower (set here only while none is; default 10).",
     ),
     checkpoint_every: int = typer.Option(
         20, min=1, help="Steps per checkpoint (each checkpoint is one ledger release)."
@@ -317,15 +342,17 @@ def train(
 ) -> None:
     """Fine-tune a stage on your prepared recordings with DP-SGD, locally (nothing leaves the device).
 
-    The whole run is checked against --budget-epsilon before step 1: a run that does not fit is
-    refused and costs nothing. Every checkpoint is a privacy release charged to the data folder's
-    ledger. A stopped or refused run continues when the same command is run again.
+    The whole run is checked against the owner's budget (recorded by prepare; --budget-epsilon
+    may lower it) before step 1: a run that does not fit is refused and costs nothing. Every
+    checkpoint is a privacy release charged to the data folder's ledger at the owner's delta. A
+    stopped or refused run continues when the same command is run again.
     """
     import json
 
     from fedvox.client.device import probe as probe_device
     from fedvox.client.dp import PrivacyPlan
     from fedvox.client.local import LocalTrainingSpec, train_local
+    from fedvox.client.owner import run_budget
     from fedvox.client.profiles import ProfileOverrides, select_profile
     from fedvox.shared.errors import ConfigError, Interrupted
 
@@ -335,14 +362,15 @@ def train(
     for flag, value in (("--epsilon", epsilon), ("--noise-multiplier", noise_multiplier)):
         if value is not None and not value > 0:
             raise ConfigError(f"{flag} must be > 0 (got {value:g}): without noise there is no privacy guarantee")
-    if epsilon is not None and epsilon > budget_epsilon:
+    owner, first = run_budget(data, epsilon=budget_epsilon, delta=delta)
+    if epsilon is not None and epsilon > owner.epsilon:
         raise ConfigError(
-            f"--epsilon {epsilon:g} is above --budget-epsilon {budget_epsilon:g}; lower --epsilon or raise the budget"
+            f"--epsilon {epsilon:g} is above the budget {owner.epsilon:g}; lower --epsilon or raise the budget"
         )
     privacy = PrivacyPlan(
         clip_norm=clip_norm,
-        delta=delta,
-        budget_epsilon=budget_epsilon,
+        delta=owner.delta,
+        budget_epsilon=owner.epsilon,
         noise_multiplier=noise_multiplier,
         target_epsilon=epsilon,
     )
@@ -369,7 +397,7 @@ def train(
         f"{profile.precision}, physical batch {profile.physical_batch}, {profile.threads} threads"
     )
     try:
-        summary = train_local(data, out, spec, profile, seed=seed, strict=strict)
+        summary = train_local(data, out, spec, profile, seed=seed, strict=strict, first_budget=owner if first else None)
     except KeyboardInterrupt:
         raise Interrupted(
             f"nothing past the last checkpoint is kept or charged; run the same command again to resume {out}"

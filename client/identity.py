@@ -117,6 +117,12 @@ def bind_ledger(data_dir: str | Path, ledger_dir: str | Path, home: str | Path |
     return ident.client_id
 
 
+def bound_ledger(data_dir: str | Path, home: str | Path | None = None) -> Path | None:
+    """The ledger folder the folder's recordings are charged in, or ``None`` if none is recorded yet."""
+    path = fedvox_home(home) / REGISTRY / f"{identity(data_dir).recordings}.json"
+    return Path(json.loads(path.read_text())["ledger"]) if path.is_file() else None
+
+
 def move_ledger(data_dir: str | Path, target: str | Path, home: str | Path | None = None) -> Path:
     """Move the identity's ledger (and its release book) to ``target`` and record the new place
     (only record it, if the owner already moved the ledger there)."""
@@ -166,4 +172,4 @@ def _wave_hash(cache: FeatureCache, item: str) -> str:
     return hashlib.sha256(wave.numpy().tobytes()).hexdigest()
 
 
-__all__ = ["Identity", "bind_ledger", "client_identity", "fedvox_home", "identity", "move_ledger"]
+__all__ = ["Identity", "bind_ledger", "bound_ledger", "client_identity", "fedvox_home", "identity", "move_ledger"]

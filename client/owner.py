@@ -8,8 +8,20 @@ reason, and nothing is trained or charged.
 
 from __future__ import annotations
 
-from fedvox.shared.errors import BudgetExceededError, ConfigError
-from fedvox.shared.privacy.ledger import DEFAULT_BUDGET_EPSILON, Ledger, OwnerBudget, default_delta
+from dataclasses import replace
+from pathlib import Path
+
+from fedvox.client.data.cache import FeatureCache
+from fedvox.client.identity import bind_ledger, bound_ledger, identity
+from fedvox.shared.errors import BudgetExceededError, ConfigError, PrivacyError
+from fedvox.shared.privacy.ledger import (
+    DEFAULT_BUDGET_EPSILON,
+    Ledger,
+    OwnerBudget,
+    default_delta,
+    ledger_file,
+    read_owner_budget,
+)
 from fedvox.shared.runconfig import RunConfig
 
 
@@ -41,6 +53,59 @@ def owner_budget(
     return ledger.set_owner_budget(wanted)
 
 
+def prepared_budget(
+    data_dir: str | Path, *, epsilon: float | None = None, delta: float | None = None, home: str | Path | None = None
+) -> tuple[OwnerBudget, Path]:
+    """Record the owner's budget for a prepared folder's recordings (``prepare``), and where.
+
+    It goes to the recordings' one ledger (:func:`bind_ledger`): the one already recorded for
+    them, else the data folder's. Unset values keep the recorded ones (else the defaults). Raises
+    :class:`PrivacyError` if ``delta`` would change the delta of releases already made.
+    """
+    ledger = bound_ledger(data_dir, home) or Path(data_dir).expanduser().resolve()
+    client_id = bind_ledger(data_dir, ledger, home)
+    utterances = len(FeatureCache(data_dir).read_index().items)
+    with Ledger(ledger) as book:
+        try:
+            return owner_budget(book, client_id, utterances, epsilon=epsilon, delta=delta), ledger
+        except PrivacyError as exc:
+            raise PrivacyError(f"--delta: {exc}") from None
+
+
+def run_budget(
+    data_dir: str | Path, *, epsilon: float | None = None, delta: float | None = None
+) -> tuple[OwnerBudget, bool]:
+    """The budget a local run on ``data_dir`` is held to, and whether it is a first one to record.
+
+    Reads only (a refused run writes nothing). With an owner budget in the data folder's ledger,
+    its delta is used and ``epsilon`` may only lower its epsilon for this run; raising it is the
+    owner's act (``prepare --budget-epsilon``). Without one, the given values (else the defaults)
+    become the owner's once the run is accepted. Raises :class:`ConfigError` otherwise.
+    """
+    utterances = len(FeatureCache(data_dir).read_index().items)  # first: it names a folder that is not one
+    client_id = identity(data_dir).client_id
+    recorded = read_owner_budget(data_dir, client_id)
+    if recorded is None:
+        return OwnerBudget(
+            client_id,
+            epsilon if epsilon is not None else DEFAULT_BUDGET_EPSILON,
+            delta if delta is not None else default_delta(utterances),
+        ), True
+    where = ledger_file(data_dir)
+    if delta is not None and delta != recorded.delta:
+        raise ConfigError(
+            f"--delta {delta:g} differs from the owner's delta {recorded.delta:g} for these recordings (in {where}); "
+            "drop --delta: every release of the recordings is accounted at one delta"
+        )
+    if epsilon is not None and epsilon > recorded.epsilon:
+        raise ConfigError(
+            f"--budget-epsilon {epsilon:g} is above the owner's budget {recorded.epsilon:g} for these recordings "
+            f"(in {where}); the owner raises it with `fedvox-client prepare LIST --out {data_dir} "
+            f"--budget-epsilon {epsilon:g}`, or drop --budget-epsilon"
+        )
+    return (recorded if epsilon is None else replace(recorded, epsilon=epsilon)), False
+
+
 def check_plan(owner: OwnerBudget, config: RunConfig) -> None:
     """Refuse a plan that asks a device for more epsilon than its owner allows."""
     asked = max(config.client_budget_epsilon, config.dp.target_epsilon)
@@ -54,4 +119,4 @@ def check_plan(owner: OwnerBudget, config: RunConfig) -> None:
         )
 
 
-__all__ = ["check_plan", "owner_budget"]
+__all__ = ["check_plan", "owner_budget", "prepared_budget", "run_budget"]

@@ -15,6 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from fedvox.client.cli import app
+from fedvox.client.identity import identity
 from fedvox.shared.models.factory import build_model, export_fedvox
 from fedvox.shared.models.interop import load_safetensors
 from fedvox.shared.models.subsets import SubsetSpec
@@ -151,6 +152,36 @@ def test_budget_refusal_is_one_clear_error_and_trains_nothing(data, tmp_path):
         ],
     )
     assert changed.exit_code != 0 and "other settings" in str(changed.exception) + changed.output
+
+
+def test_train_holds_to_the_owner_budget_and_delta_that_prepare_recorded(data, tmp_path):
+    folder, runner = _copy(data, tmp_path / "d"), CliRunner()
+    listed = data.parent / "recordings" / "good.list"
+    prepare = ["prepare", str(listed), "--out", str(folder)]  # reuses the copied features
+    prepared = runner.invoke(app, [*prepare, "--budget-epsilon", "20", "--delta", "1e-6"])
+    assert prepared.exit_code == 0, prepared.output
+    client_id = identity(folder).client_id
+    assert (Ledger(folder).owner_budget(client_id).epsilon, Ledger(folder).owner_budget(client_id).delta) == (20, 1e-6)
+
+    run = [*TRAIN[:-8], "--seed", "1", "--device", "cpu", "--data", str(folder)]
+    trained = runner.invoke(app, [*run, "--out", str(tmp_path / "o")])
+    assert trained.exit_code == 0, trained.output
+    assert "at delta 1e-06" in trained.output
+    assert [r.delta for r in Ledger(folder).rows()] == [1e-6] * 3  # the owner's delta, not train's default
+
+    for flags, why in (
+        (["--budget-epsilon", "30"], "--budget-epsilon 30 is above the owner's budget 20"),
+        (["--delta", "1e-5"], "--delta 1e-05 differs from the owner's delta 1e-06"),
+    ):
+        refused = runner.invoke(app, [*run, *flags, "--out", str(tmp_path / "refused")])
+        assert refused.exit_code != 0 and why in str(refused.exception) + refused.output
+        assert not (tmp_path / "refused").exists() and len(Ledger(folder).rows()) == 3
+
+    # raising is the owner's act: prepare again (append-only budget rows); unset values keep the recorded ones
+    assert runner.invoke(app, [*prepare, "--budget-epsilon", "30"]).exit_code == 0
+    assert runner.invoke(app, prepare).exit_code == 0
+    raised = Ledger(folder).owner_budget(client_id)
+    assert (raised.epsilon, raised.delta) == (30, 1e-6)
 
 
 def test_synthesize_speaks_with_trained_models(data, tmp_path):

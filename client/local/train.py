@@ -44,7 +44,7 @@ from fedvox.shared.models.interop import save_safetensors
 from fedvox.shared.models.subsets import SubsetSpec, trainable_state_dict
 from fedvox.shared.privacy.accounting import Mechanism, calibrate_noise_multiplier, epsilon
 from fedvox.shared.privacy.budget import Budget
-from fedvox.shared.privacy.ledger import Ledger, ledger_file, read_rows
+from fedvox.shared.privacy.ledger import Ledger, OwnerBudget, ledger_file, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ def train_local(
     keep_checkpoints: int = 3,
     home: str | Path | None = None,
     strict: bool = False,
+    first_budget: OwnerBudget | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a local DP fine-tuning; returns a summary (also in ``OUT/summary.json``).
 
@@ -107,7 +108,8 @@ def train_local(
     ``strict`` refuses a run that cannot learn (:func:`usefulness`) instead of warning.
     ``keep_checkpoints`` segment checkpoints are kept (a simulation's local baseline keeps one per
     round to score each). ``home`` is the fedvox home recording the recordings' one ledger (the
-    data folder's; :func:`client.identity.bind_ledger`).
+    data folder's; :func:`client.identity.bind_ledger`). ``first_budget``, the owner's budget
+    where none was recorded yet, is recorded with the binding once the run is accepted.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     previous = _previous_run(out_dir, spec)
@@ -124,6 +126,9 @@ def train_local(
         for warning in usefulness(whole, len(train_set), strict=strict):
             log.warning("%s", warning)
     bind_ledger(data_dir, data_dir, home)
+    if first_budget is not None:
+        with Ledger(data_dir) as book:
+            book.set_owner_budget(first_budget)
     run = _write_run_record(out_dir, spec, previous, run_id)
     torch.set_num_threads(profile.threads)
     model = build_model(
@@ -221,8 +226,9 @@ def plan_run(
     except BudgetExceededError as exc:
         needed = epsilon((*history, mechanism), privacy.delta, privacy.accountant)
         raise BudgetExceededError(
-            f"{exc} Nothing was written either: raise --budget-epsilon to {needed:.3f} or more and run the same "
-            "command again, or change --steps or the noise as above."
+            f"{exc} Nothing was written either: raise --budget-epsilon to {needed:.3f} or more (once the owner's "
+            "budget is recorded, with `fedvox-client prepare`) and run the same command again, or change --steps "
+            "or the noise as above."
         ) from None
     log.info(
         "privacy: noise multiplier %.3g, sample rate %.3g (expected batch %.3g of %d utterances), %d steps: "

@@ -271,6 +271,25 @@ def read_rows(path: str | os.PathLike[str]) -> list[LedgerRow]:
             raise LedgerIntegrityError(f"{file} is not a readable fedvox privacy ledger: {exc}") from exc
 
 
+_OWNER_BUDGET_QUERY = (
+    "SELECT client_id, epsilon, delta, set_at FROM budgets WHERE client_id = ? ORDER BY id DESC LIMIT 1"
+)
+
+
+def read_owner_budget(path: str | os.PathLike[str], client_id: str) -> OwnerBudget | None:
+    """The owner's latest budget for ``client_id`` in the ledger at ``path``, read without writing
+    (``None`` when there is no ledger or no budget yet), so a refused run leaves nothing behind."""
+    file = ledger_file(path)
+    if not file.is_file():
+        return None
+    with _read_only(file) as con:
+        try:
+            row = con.execute(_OWNER_BUDGET_QUERY, (client_id,)).fetchone()
+        except sqlite3.OperationalError:  # a ledger from before owner budgets: none recorded
+            return None
+    return OwnerBudget(*row) if row else None
+
+
 def read_triggers(path: str | os.PathLike[str]) -> set[str]:
     """Names of the triggers present in the ledger (the audit checks the append-only ones)."""
     file = ledger_file(path)
@@ -352,10 +371,7 @@ class Ledger:
 
     def owner_budget(self, client_id: str) -> OwnerBudget | None:
         """The owner's latest budget for ``client_id``, or ``None`` if none was set."""
-        row = self._con.execute(
-            "SELECT client_id, epsilon, delta, set_at FROM budgets WHERE client_id = ? ORDER BY id DESC LIMIT 1",
-            (client_id,),
-        ).fetchone()
+        row = self._con.execute(_OWNER_BUDGET_QUERY, (client_id,)).fetchone()
         return OwnerBudget(*row) if row else None
 
     # ------------------------------------------------------------------ writing
@@ -605,6 +621,7 @@ __all__ = [
     "Release",
     "default_delta",
     "ledger_file",
+    "read_owner_budget",
     "read_rows",
     "read_triggers",
 ]
