@@ -1,7 +1,7 @@
 """Which s2 parameters should fine-tuning train? Held-out mel change per transmitted byte, on the base.
 
-    python -m bench.s2_subsets --base /work/fedvox-pretrain/export/s2G.safetensors --steps 20
-    python -m bench.s2_subsets --base /work/fedvox-pretrain/s2/best.pt --config base
+    python -m bench.s2_subsets --base out/pretrain/export/s2G.safetensors --steps 20
+    python -m bench.s2_subsets --base out/pretrain/s2/best.pt --config base
 
 One simulated speaker (``fedvox-sim speakers``, never in the pretraining corpus) is prepared; each
 candidate subset of the pretrained generator is fine-tuned on its training utterances for
