@@ -40,8 +40,7 @@ def server(tmp_path_factory):
     process._start_superlink()  # returns once the owner's Control calls are answered
     yield home, process
     process.control.close()
-    stop_tree(process.superexec.pid)
-    stop_tree(process.superlink.pid)
+    stop_tree(process.superexec.pid, process.superlink.pid)
 
 
 def _stranger(address: str, token: str | None = None) -> ControlHttpClient:

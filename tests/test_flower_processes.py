@@ -1,4 +1,5 @@
-"""Flower's SuperExec, started through fedvox's launcher, leaves no ``<defunct>`` app processes.
+"""Flower's SuperExec, started through fedvox's launcher, leaves no ``<defunct>`` app processes,
+and stopping several process trees that ignore SIGTERM costs one timeout, not one per tree.
 
 The fake SuperExec below starts its apps exactly as Flower's ``SubprocessExecutor.launch`` does
 (a bare ``subprocess.Popen(args)``, dropped at once) and also holds one child it waits for, as
@@ -18,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedvox.shared.processes import flower_env
+from fedvox.shared.processes import flower_env, stop_tree
 
 APPS = 4
 
@@ -89,3 +90,26 @@ def test_flower_env_starts_the_superexec_through_the_reaping_launcher(tmp_path: 
     assert text.startswith(f"#!{sys.executable}\n") and "reap_abandoned_children()" in text
     assert os.access(superexec, os.X_OK)
     subprocess.run([superexec, "--help"], env=env, check=True, capture_output=True, timeout=60)
+
+
+STUBBORN = (
+    "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)']); time.sleep(120)"
+)
+
+
+def test_stop_tree_stops_several_stubborn_trees_within_one_timeout() -> None:
+    roots = [subprocess.Popen([sys.executable, "-c", STUBBORN]) for _ in range(3)]
+    deadline = time.monotonic() + 30
+    while any(len(psutil.Process(r.pid).children()) < 1 for r in roots) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    everyone = [p for r in roots for p in (psutil.Process(r.pid), *psutil.Process(r.pid).children(recursive=True))]
+    assert len(everyone) == 6
+    started = time.monotonic()
+    stop_tree(*(r.pid for r in roots), timeout=1.0)
+    took = time.monotonic() - started
+    for root in roots:
+        root.wait(timeout=5)
+    assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert took < 2.5, f"stopping three trees took {took:.1f} s; one 1 s timeout each would be over 3 s"

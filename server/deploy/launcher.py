@@ -386,24 +386,23 @@ class ServerProcess:
         atomic_write_text(self.home.server_state, json.dumps(info, indent=1) + "\n")
 
     def _shutdown(self) -> None:
+        began = time.monotonic()
         self.stopping.set()
         if self.lock_fd is not None and self.superlink is not None:
             self._write_state(stopping=True)
         if self.gateway is not None:
             self.gateway.stop()
-        if self.superexec is not None:
-            stop_tree(self.superexec.pid)
         if self.dashboard is not None:
             self.dashboard.stop()
         if self.dashboard_control is not None:
             self.dashboard_control.close()
-        if self.superlink is not None:
-            stop_tree(self.superlink.pid)
+        stop_tree(*(p.pid for p in (self.superexec, self.superlink) if p is not None))
         if self.control is not None:
             self.control.close()
         self.home.server_state.unlink(missing_ok=True)
         if self.lock_fd is not None:
             os.close(self.lock_fd)
+        log.info("server stopped in %.1f s", time.monotonic() - began)
 
     # ------------------------------------------------------------------ watching
     def _watch(self) -> int:
