@@ -402,7 +402,8 @@ class ServerProcess:
         self.home.server_state.unlink(missing_ok=True)
         if self.lock_fd is not None:
             os.close(self.lock_fd)
-        log.info("server stopped in %.1f s", time.monotonic() - began)
+        if self.superlink is not None:
+            log.info("server stopped in %.1f s", time.monotonic() - began)
 
     # ------------------------------------------------------------------ watching
     def _watch(self) -> int:
