@@ -51,7 +51,7 @@ import torch
 from fedvox.client.device import DeviceFacts, GiB, rocm_family
 from fedvox.shared.errors import ConfigError, DeviceError
 from fedvox.shared.models.config import CONFIG_NAMES
-from fedvox.shared.models.subsets import SubsetSpec
+from fedvox.shared.models.subsets import SubsetKind, SubsetSpec
 from fedvox.shared.stages import STAGES, recipe
 
 log = logging.getLogger(__name__)
@@ -357,7 +357,7 @@ def select_profile(
     facts: DeviceFacts,
     stage: str = "s1",
     model_config: str = "tiny",
-    subset: str | SubsetSpec = "lora",
+    subset: SubsetKind | SubsetSpec = "lora",
     overrides: ProfileOverrides | None = None,
     *,
     logical_batch: float | None = None,
@@ -459,7 +459,7 @@ def _gpu_problem(facts: DeviceFacts) -> str | None:
         targets = " ".join(facts.torch_archs) or "nothing"
         if facts.backend == "rocm":  # only RDNA2 variants (gfx1031, gfx1032, ...) get here
             fix = "HSA_OVERRIDE_GFX_VERSION=10.3.0 makes it load gfx1030 code (unsupported by AMD)"
-        elif facts.compute_capability >= (5, 0):
+        elif facts.compute_capability is not None and facts.compute_capability >= (5, 0):
             fix = "current CUDA wheels start at sm_75; a cu126 PyTorch wheel still has kernels for it"
         else:
             fix = "no current PyTorch wheel supports it"

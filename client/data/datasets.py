@@ -162,10 +162,10 @@ def collate_s2(examples: Sequence[S2Example]) -> S2Batch:
         spec[row, :, : example.spec.shape[-1]] = example.spec
         wave[row, :, : example.wave.shape[-1]] = example.wave
         phoneme_ids[row, : len(example.phoneme_ids)] = example.phoneme_ids
-    with_sv = [e.sv_embedding is not None for e in examples]
-    if any(with_sv) and not all(with_sv):
+    embeddings = [e.sv_embedding for e in examples if e.sv_embedding is not None]
+    if embeddings and len(embeddings) < len(examples):
         raise DataError("some s2 examples have speaker embeddings and some do not; prepare the cache again with --sv")
-    sv = torch.stack([e.sv_embedding for e in examples]) if all(with_sv) else None
+    sv = torch.stack(embeddings) if embeddings else None
     return S2Batch(
         semantic_ids,
         semantic_lengths,

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -30,12 +32,22 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+class Examples(Protocol):
+    """A map-style dataset of known length: the trainer samples indices into it."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
+
+
 class Task(ABC):
     """One stage's training and evaluation step, independent of how batches are split."""
 
     stage: str
     model: nn.Module
     """Everything the task trains (s1: the GPT; s2: the generator/discriminator pair)."""
+    dataset: Examples
+    """The training examples the trainer's Poisson batches index."""
 
     def __init__(self, device: torch.device, precision: str, loss_scale: float) -> None:
         self.device = device
@@ -51,11 +63,11 @@ class Task(ABC):
         """The (non-private) optimizer that DP-SGD wraps for part ``name``."""
 
     @abstractmethod
-    def accumulate(self, wrapped: dict[str, nn.Module], indices: torch.Tensor, step_seed: int) -> dict[str, float]:
+    def accumulate(self, wrapped: Mapping[str, nn.Module], indices: torch.Tensor, step_seed: int) -> dict[str, float]:
         """Forward + backward over examples ``indices`` through the Opacus-wrapped ``parts``."""
 
     @abstractmethod
-    def evaluate(self, dataset, indices: torch.Tensor) -> dict[str, float]:
+    def evaluate(self, dataset: Examples, indices: torch.Tensor) -> dict[str, float]:
         """Validation sums over ``indices`` of ``dataset`` (keys ending in ``_sum`` or counts)."""
 
     def means(self, sums: dict[str, float]) -> dict[str, float]:
@@ -74,4 +86,4 @@ class Task(ABC):
             loss.backward()
 
 
-__all__ = ["Task", "autocast"]
+__all__ = ["Examples", "Task", "autocast"]

@@ -19,6 +19,7 @@ subsampled Gaussian with the effective noise multiplier (docs/privacy.md). Each 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -209,6 +210,7 @@ class Trainer:
         q = self.sample_rate(plan.logical_batch) if plan.sample_rate is None else plan.sample_rate
         if self.privacy.noise_multiplier is not None:
             return Mechanism(self.privacy.noise_multiplier, q, plan.steps)
+        assert self.privacy.target_epsilon is not None  # a PrivacyPlan holds exactly one of the two
         sigma = calibrate_noise_multiplier(
             self.privacy.target_epsilon,
             self.privacy.delta,
@@ -229,11 +231,11 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def train(self, plan: RoundPlan, *, run_id: str, round: int) -> ReleaseResult:
         """Run one release; raises :class:`BudgetExceededError` before training if it cannot afford it."""
-        key = (run_id, round)
-        mechanism = self.mechanism(plan, excluding=key)
+        this_release = (run_id, round)
+        mechanism = self.mechanism(plan, excluding=this_release)
         subject = f"client {self.client_id!r} (utterance level)"
         self.budget.check(
-            self.history(excluding=key),
+            self.history(excluding=this_release),
             mechanism,
             delta=self.privacy.delta,
             accountant=self.privacy.accountant,
@@ -262,7 +264,7 @@ class Trainer:
                 outcome = run_logical_step(
                     indices,
                     self.physical_batch,
-                    lambda chunk, seed=step_seed: self.task.accumulate(self.wrapped, chunk, seed),
+                    functools.partial(self.task.accumulate, self.wrapped, step_seed=step_seed),
                     [p.optimizer for p in self.private.values()],
                 )
             self.physical_batch = outcome.physical_batch_size
@@ -325,15 +327,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ internals
     def _release(self, mechanism: Mechanism, run_id: str, round: int) -> Release:
-        common = dict(run_id=run_id, round=round, client_id=self.client_id, stage=self.task.stage, unit=UNIT)
         if len(self.private) == 1:
-            return Release(**common, mechanism=mechanism, delta=self.privacy.delta, clip_norm=self.privacy.clip_norm)
+            return Release(
+                run_id=run_id,
+                round=round,
+                client_id=self.client_id,
+                stage=self.task.stage,
+                unit=UNIT,
+                mechanism=mechanism,
+                delta=self.privacy.delta,
+                clip_norm=self.privacy.clip_norm,
+            )
         components = tuple(
             Component(name, private.optimizer.noise_multiplier, self.privacy.clip_norm)
             for name, private in self.private.items()
         )
         return Release.shared_batch(
-            **common,
+            run_id=run_id,
+            round=round,
+            client_id=self.client_id,
+            stage=self.task.stage,
+            unit=UNIT,
             sample_rate=mechanism.sample_rate,
             steps=mechanism.steps,
             delta=self.privacy.delta,
@@ -371,6 +385,7 @@ def _proximal_term(params: list[torch.nn.Parameter], mu: float):
 
     def hook(optimizer) -> None:
         for p, anchor in zip(params, anchors, strict=True):
+            assert p.grad is not None  # the DP optimizer has just set every parameter's noisy gradient
             p.grad.add_(p.detach() - anchor, alpha=mu)
 
     return hook

@@ -10,16 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
 from fedvox.client.data.cache import FeatureCache
 from fedvox.client.data.datasets import S1Dataset, S2Dataset
 from fedvox.client.data.split import holdout_split
-from fedvox.client.dp.task import Task
+from fedvox.client.dp.task import Examples, Task
 from fedvox.client.profiles import ResourceProfile
 from fedvox.client.stages.s1 import S1Task
 from fedvox.client.stages.s2 import S2Task
 from fedvox.shared.stages import recipe
+
+CacheDataset = S1Dataset | S2Dataset
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,12 @@ def client_stage(stage: str) -> ClientStage:
     return CLIENT_STAGES[recipe(stage).name]
 
 
-def build_task(stage: str, model: torch.nn.Module, dataset: Dataset, profile: ResourceProfile) -> Task:
+def build_task(stage: str, model: torch.nn.Module, dataset: Examples, profile: ResourceProfile) -> Task:
     """The stage's task on the profile's device and precision."""
     return client_stage(stage).task.for_profile(model, dataset, profile)
 
 
-def datasets(stage: str, data_dir: Path, validation_fraction: float) -> tuple[Dataset, Dataset]:
+def datasets(stage: str, data_dir: Path, validation_fraction: float) -> tuple[CacheDataset, CacheDataset]:
     """``(train, validation)`` datasets of the prepared cache, split deterministically."""
     cache = FeatureCache(data_dir)
     train_items, val_items = holdout_split(cache.read_index().items, validation_fraction)

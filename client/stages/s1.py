@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
-from fedvox.client.data.datasets import S1Dataset, collate_s1
-from fedvox.client.dp.task import Task, autocast
+from fedvox.client.data.datasets import collate_s1
+from fedvox.client.dp.task import Examples, Task, autocast
 from fedvox.client.profiles import ResourceProfile
 from fedvox.shared.models.batches import S1Batch
 from fedvox.shared.models.s1 import Text2SemanticDecoder, s1_loss
@@ -23,7 +25,7 @@ class S1Task(Task):
     def __init__(
         self,
         model: Text2SemanticDecoder,
-        dataset: S1Dataset,
+        dataset: Examples,
         device: torch.device,
         precision: str = "fp32",
         loss_scale: float = 1.0,
@@ -35,8 +37,10 @@ class S1Task(Task):
         self.dataset = dataset
 
     @classmethod
-    def for_profile(cls, model: Text2SemanticDecoder, dataset: S1Dataset, profile: ResourceProfile) -> S1Task:
+    def for_profile(cls, model: nn.Module, dataset: Examples, profile: ResourceProfile) -> S1Task:
         """The task on the profile's device, precision and attention checkpointing."""
+        if not isinstance(model, Text2SemanticDecoder):
+            raise TypeError(f"the s1 task trains a Text2SemanticDecoder, not a {type(model).__name__}")
         return cls(
             model, dataset, torch.device(profile.device), profile.precision, profile.loss_scale, profile.checkpointing
         )
@@ -51,7 +55,7 @@ class S1Task(Task):
     def batch(self, indices: torch.Tensor) -> S1Batch:
         return collate_s1([self.dataset[int(i)] for i in indices]).to(self.device)
 
-    def accumulate(self, wrapped, indices, step_seed):
+    def accumulate(self, wrapped: Mapping[str, nn.Module], indices: torch.Tensor, step_seed: int) -> dict[str, float]:
         batch = self.batch(indices)
         with autocast(self.device, self.precision):
             out = s1_loss(wrapped["s1"], batch)
@@ -73,7 +77,7 @@ class S1Task(Task):
         return means
 
     @torch.no_grad()
-    def evaluate(self, dataset, indices):
+    def evaluate(self, dataset: Examples, indices: torch.Tensor) -> dict[str, float]:
         self.model.eval()
         try:
             batch = collate_s1([dataset[int(i)] for i in indices]).to(self.device)

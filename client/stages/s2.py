@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
-from fedvox.client.data.datasets import S2Dataset, collate_s2
-from fedvox.client.dp.task import Task, autocast
+from fedvox.client.data.datasets import collate_s2
+from fedvox.client.dp.task import Examples, Task, autocast
 from fedvox.client.profiles import ResourceProfile
 from fedvox.shared.models.batches import S2Batch
 from fedvox.shared.models.factory import SoVITSPair
@@ -32,7 +34,7 @@ class S2Task(Task):
     def __init__(
         self,
         pair: SoVITSPair,
-        dataset: S2Dataset,
+        dataset: Examples,
         device: torch.device,
         precision: str = "fp32",
         loss_scale: float = 1.0,
@@ -42,8 +44,10 @@ class S2Task(Task):
         self.dataset = dataset
 
     @classmethod
-    def for_profile(cls, pair: SoVITSPair, dataset: S2Dataset, profile: ResourceProfile) -> S2Task:
+    def for_profile(cls, pair: nn.Module, dataset: Examples, profile: ResourceProfile) -> S2Task:
         """The task on the profile's device and precision."""
+        if not isinstance(pair, SoVITSPair):
+            raise TypeError(f"the s2 task trains a SoVITSPair, not a {type(pair).__name__}")
         return cls(pair, dataset, torch.device(profile.device), profile.precision, profile.loss_scale)
 
     @property
@@ -54,13 +58,16 @@ class S2Task(Task):
         return {"generator": self.pair.generator, "discriminator": self.pair.discriminator}
 
     def optimizer(self, name: str, module: nn.Module, learning_rate: float) -> torch.optim.Optimizer:
-        if name == "generator":
+        groups: list[dict]
+        if isinstance(module, SynthesizerTrn):  # the generator's own learning-rate groups
             groups = module.param_groups(learning_rate)
         else:
             groups = [{"params": [p for p in module.parameters() if p.requires_grad], "lr": learning_rate}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=S2_BETAS, eps=1e-9, weight_decay=0.01)
 
-    def batch(self, dataset, indices: torch.Tensor, step_seed: int) -> tuple[S2Batch, torch.Tensor, torch.Tensor]:
+    def batch(
+        self, dataset: Examples, indices: torch.Tensor, step_seed: int
+    ) -> tuple[S2Batch, torch.Tensor, torch.Tensor]:
         """The collated batch plus per-example slice starts and posterior noise."""
         examples = [dataset[int(i)] for i in indices]
         batch = collate_s2(examples)
@@ -77,7 +84,7 @@ class S2Task(Task):
             noise[row, :, : n.shape[-1]] = n
         return batch.to(self.device), torch.tensor(starts, device=self.device), noise.to(self.device)
 
-    def accumulate(self, wrapped, indices, step_seed):
+    def accumulate(self, wrapped: Mapping[str, nn.Module], indices: torch.Tensor, step_seed: int) -> dict[str, float]:
         batch, starts, noise = self.batch(self.dataset, indices, step_seed)
         generator, discriminator = wrapped["generator"], wrapped["discriminator"]
         config = self.generator.config
@@ -98,7 +105,7 @@ class S2Task(Task):
         return sums
 
     @torch.no_grad()
-    def evaluate(self, dataset, indices):
+    def evaluate(self, dataset: Examples, indices: torch.Tensor) -> dict[str, float]:
         """Mel reconstruction and KL of held-out utterances (fixed randomness across rounds)."""
         self.pair.eval()
         try:

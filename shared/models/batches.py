@@ -13,13 +13,14 @@ batch-level normalisation), which DP-SGD's per-sample clipping requires.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Self
 
 import torch
 
 
 @dataclass
 class _Batch:
-    def to(self, device: torch.device | str) -> _Batch:
+    def to(self, device: torch.device | str) -> Self:
         moved = {
             f.name: (v.to(device) if isinstance(v, torch.Tensor) else v)
             for f in fields(self)
@@ -31,7 +32,7 @@ class _Batch:
         first = getattr(self, fields(self)[0].name)
         return int(first.shape[0])
 
-    def select(self, index: torch.Tensor | slice) -> _Batch:
+    def select(self, index: torch.Tensor | slice) -> Self:
         """Rows ``index`` of the batch (padding is kept; lengths stay exact)."""
         picked = {
             f.name: (v[index] if isinstance(v, torch.Tensor) else v)

@@ -20,6 +20,8 @@ global table; :func:`weight_norm_key` instead maps each weight-normed conv to a 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler
@@ -75,14 +77,26 @@ def relative_values_grad_sample(
 # -- weight-normed convolutions -------------------------------------------------------------------
 
 
+WeightNormedConv = nn.Conv1d | nn.Conv2d | nn.ConvTranspose1d
+"""The convolutions :func:`weight_norm_key` admits under ``parametrizations.weight_norm``."""
+
+
+def _padding(layer: WeightNormedConv) -> tuple[int, ...]:
+    """The layer's padding as numbers (:func:`_default_geometry` admits no ``"same"``/``"valid"``)."""
+    if isinstance(layer.padding, str):
+        raise TypeError(f"{type(layer).__name__} padding {layer.padding!r}: the per-sample formula needs numbers")
+    return layer.padding
+
+
 def _conv_weight_grad(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """Per-sample ``dW [B, out, in / groups, *kernel]`` of a (grouped) Conv1d/Conv2d."""
+    kernel: tuple[int, ...]
     if isinstance(layer, nn.Conv1d):
         x = x.unsqueeze(2)
         kernel, dilation = (1, *layer.kernel_size), (1, *layer.dilation)
-        padding, stride = (0, *layer.padding), (1, *layer.stride)
+        padding, stride = (0, *_padding(layer)), (1, *layer.stride)
     else:
-        kernel, dilation, padding, stride = layer.kernel_size, layer.dilation, layer.padding, layer.stride
+        kernel, dilation, padding, stride = layer.kernel_size, layer.dilation, _padding(layer), layer.stride
     patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, in*k, L]
     b, groups = x.shape[0], layer.groups
     patches = patches.view(b, groups, -1, patches.shape[-1])
@@ -94,18 +108,24 @@ def _conv_weight_grad(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, dy: torch.T
 def _conv_transpose_weight_grad(layer: nn.ConvTranspose1d, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """Per-sample ``dW [B, in, out, k]`` of a ConvTranspose1d: input x output-gradient patches."""
     patches = F.unfold(
-        dy.unsqueeze(2), (1, layer.kernel_size[0]), padding=(0, layer.padding[0]), stride=(1, layer.stride[0])
+        dy.unsqueeze(2), (1, layer.kernel_size[0]), padding=(0, _padding(layer)[0]), stride=(1, layer.stride[0])
     )  # [B, out*k, T_in]: the output positions each input step wrote to
     grad = torch.einsum("bit,bqt->biq", x, patches)
     return grad.reshape(x.shape[0], *layer.weight.shape)
 
 
+def _weight_parametrizations(module: nn.Module) -> parametrize.ParametrizationList:
+    """The parametrizations of ``module.weight`` (torch types ``module.parametrizations`` only as
+    a submodule)."""
+    return cast(parametrize.ParametrizationList, cast(nn.ModuleDict, module.parametrizations)["weight"])
+
+
 def weight_norm_conv_grad_sample(
-    layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
+    layer: WeightNormedConv, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> GradSamples:
     """Per-sample gradients of ``bias``, ``g`` (original0) and ``v`` (original1) of a weight-normed conv."""
-    g = layer.parametrizations.weight.original0
-    v = layer.parametrizations.weight.original1
+    weight = _weight_parametrizations(layer)
+    g, v = cast(nn.Parameter, weight.original0), cast(nn.Parameter, weight.original1)
     dtype = _compute_dtype(backprops, v)
     x, dy = activations[0].to(dtype), backprops.to(dtype)
     if isinstance(layer, nn.ConvTranspose1d):
@@ -120,8 +140,8 @@ def weight_norm_conv_grad_sample(
     # dv = scale * (dW - dg * u), in place on dW (no longer needed) to spare two full-size temporaries
     d_v = rows.mul_(scale[:, None]).addcmul_((d_g * scale)[..., None], unit.flatten(1), value=-1)
     d_v = d_v.view_as(d_weight)
-    grads = {g: d_g.view(-1, *g.shape), v: d_v}
-    if layer.bias is not None and layer.bias.requires_grad:
+    grads: GradSamples = {g: d_g.view(-1, *g.shape), v: d_v}
+    if isinstance(layer.bias, nn.Parameter) and layer.bias.requires_grad:
         grads[layer.bias] = dy.flatten(2).sum(-1)
     return {param: grad for param, grad in grads.items() if param.requires_grad}
 
@@ -149,7 +169,7 @@ register_grad_sampler(list(_WEIGHT_NORM_KEYS.values()))(weight_norm_conv_grad_sa
 def weight_norm_key(module: nn.Module) -> type | None:
     """The fixed key of a weight-normed conv the formulas above cover, else ``None``."""
     if parametrize.is_parametrized(module, "weight"):
-        parametrizations = module.parametrizations.weight
+        parametrizations = _weight_parametrizations(module)
         base = next((t for t in _WEIGHT_NORM_KEYS if type(module).__bases__ == (t,)), None)
         if (
             base is not None
