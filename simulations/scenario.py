@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from fedvox.shared.errors import ConfigError
-from fedvox.shared.runconfig import flatten
+from fedvox.shared.settings import flatten
 from fedvox.shared.stages import STAGES
 from fedvox.simulations.speakers import SpeakersConfig
 
