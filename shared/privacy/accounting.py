@@ -25,8 +25,9 @@ import logging
 import math
 import numbers
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -135,11 +136,36 @@ def _epsilon(entries: tuple[tuple[float, float, int], ...], delta: float, accoun
 
 def _opacus_epsilon(entries: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
     # Opacus (and torch under it) load on first use, so tools that only read ledgers start fast.
+    import scipy.fft
     from opacus.accountants import create_accountant
 
     engine = create_accountant(accountant)
     engine.history = list(entries)
-    return float(engine.get_epsilon(delta))
+    with scipy.fft.set_backend(_PlanFreeFFT, only=True):
+        return float(engine.get_epsilon(delta))
+
+
+class _PlanFreeFFT:
+    """A ``scipy.fft`` backend that transforms with ``numpy.fft``, which keeps no plans.
+
+    ``scipy.fft`` keeps the plans (twiddle factors) of its 16 most recent transform lengths for
+    the life of the process. The PRV accountant composes on a grid whose length grows with the
+    steps accounted (about 1400 points per step, 0.7 M at 500), so a training process that
+    re-accounts its ledger at every release kept plans for lengths it never uses again (180 MiB
+    by 500 steps): the resident memory of ``fedvox-client train`` grew with every segment
+    (docs/performance.md). numpy's pocketfft plans per call; the epsilons are bit-identical.
+    """
+
+    __ua_domain__ = "numpy.scipy.fft"
+
+    @staticmethod
+    def __ua_function__(method: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        transform = getattr(np.fft, method.__name__, None)
+        # Both libraries take (x, n or s, axis or axes, norm) first; the rest are scipy's hints.
+        if transform is None or len(args) > 4 or kwargs.get("plan") is not None:
+            return NotImplemented
+        hints = ("overwrite_x", "workers", "plan")
+        return transform(*args, **{key: value for key, value in kwargs.items() if key not in hints})
 
 
 def _rdp_epsilon(entries: tuple[tuple[float, float, int], ...], delta: float) -> float:
