@@ -39,9 +39,7 @@ def test_known_sentences(text: str, norm_text: str, phones: list[str], word2ph: 
     assert UNK not in result.phones and len(result.ids) == sum(word2ph)
 
 
-def test_v1_has_no_cantonese_and_ko_says_why() -> None:
+def test_v1_has_no_cantonese() -> None:
     with pytest.raises(TextError, match="v2 symbol table only") as caught:
         phonemize("你好", "yue", "v1")
     assert caught.value.reason == "unsupported_language"
-    with pytest.raises(TextError, match="--from-gpt-sovits"):
-        phonemize("text", "ko")

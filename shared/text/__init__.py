@@ -1,4 +1,4 @@
-"""Text frontend: transcripts -> GPT-SoVITS phoneme ids (zh, en, yue, ja), offline.
+"""Text frontend: transcripts -> GPT-SoVITS phoneme ids (zh, en, yue, ja, ko), offline.
 
 ``phonemize(text, language, symbols_version)`` is the entry point; see docs/text.md.
 """

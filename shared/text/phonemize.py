@@ -14,21 +14,18 @@ import re
 from dataclasses import dataclass
 
 from fedvox.shared.errors import TextError
-from fedvox.shared.text import en, en_normalize, ja, yue, zh, zh_normalize
+from fedvox.shared.text import en, en_normalize, ja, ko, yue, zh, zh_normalize
 from fedvox.shared.text.symbols import PUNCTUATION, UNK, check_symbols_version, phones_to_ids, symbol_to_id
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_LANGUAGES = ("zh", "en", "yue", "ja")
+SUPPORTED_LANGUAGES = ("zh", "en", "yue", "ja", "ko")
 GPT_SOVITS_LANGUAGES = ("zh", "en", "ja", "ko", "yue")
 _ALIASES = {"jp": "ja"}  # GPT-SoVITS v1 list files write JP
-_UNSUPPORTED_WHY = {
-    "ko": "fedvox has no Korean frontend yet (GPT-SoVITS's g2pk2 + MeCab path is not ported); "
-    "a GPT-SoVITS experiment folder with Korean phones imports with prepare --from-gpt-sovits",
-}
+_V2_ONLY = ("yue", "ko")  # their phones exist in the v2 table only
 # Pause marks of clean_text's special zh symbols: "￥" -> SP2, "^" -> SP3.
 _ZH_PAUSE_MARKS = (("￥", "SP2"), ("^", "SP3"))
-_SILENT = frozenset(PUNCTUATION) | {"SP", "SP2", "SP3"}
+_SILENT = frozenset(PUNCTUATION) | {"SP", "SP2", "SP3", ko.SPACE, ko.OTHER}
 _MIN_EN_PHONES = 4
 
 
@@ -53,15 +50,11 @@ def _check_language(language: str) -> str:
     code = normalize_language(language)
     if code in SUPPORTED_LANGUAGES:
         return code
-    supported = ", ".join(SUPPORTED_LANGUAGES)
-    if code in _UNSUPPORTED_WHY:
-        message = f"language {language!r} is not supported: {_UNSUPPORTED_WHY[code]}; fedvox phonemizes {supported}"
-    else:
-        message = (
-            f"unknown language code {language!r}: fedvox phonemizes {supported} "
-            "(GPT-SoVITS codes zh, en, ja, ko, yue; v1 list files may write ZH, EN, JP)"
-        )
-    raise TextError(message, reason="unsupported_language")
+    raise TextError(
+        f"unknown language code {language!r}: fedvox phonemizes {', '.join(SUPPORTED_LANGUAGES)} "
+        "(GPT-SoVITS's codes; v1 list files may write ZH, EN, JP)",
+        reason="unsupported_language",
+    )
 
 
 def _zh(text: str, symbols_version: str) -> tuple[list[str], list[int], str]:
@@ -86,6 +79,10 @@ def _ja(text: str, symbols_version: str) -> tuple[list[str], None, str]:
     return ja.g2p(norm_text), None, norm_text
 
 
+def _ko(text: str, symbols_version: str) -> tuple[list[str], None, str]:
+    return ko.g2p(text), None, text  # upstream has no Korean normaliser: norm_text is the text
+
+
 def _en(text: str, symbols_version: str) -> tuple[list[str], None, str]:
     norm_text = en_normalize.normalize(text)
     phones = en.g2p(norm_text)
@@ -94,13 +91,13 @@ def _en(text: str, symbols_version: str) -> tuple[list[str], None, str]:
     return phones, None, norm_text
 
 
-_READERS = {"zh": _zh, "en": _en, "yue": _yue, "ja": _ja}
+_READERS = {"zh": _zh, "en": _en, "yue": _yue, "ja": _ja, "ko": _ko}
 
 
 def phonemize(text: str, language: str, symbols_version: str = "v2") -> Phonemes:
     """Phoneme ids of ``text`` as GPT-SoVITS's frontend makes them (g2pW-free zh path).
 
-    ``language`` is a GPT-SoVITS code (``zh``, ``en``, ``yue``, ``ja``; v1 ``ZH``, ``EN``, ``JP`` accepted);
+    ``language`` is a GPT-SoVITS code (``zh``, ``en``, ``yue``, ``ja``, ``ko``; v1 ``ZH``, ``EN``, ``JP`` accepted);
     ``symbols_version`` is ``v1`` or ``v2`` (v2, v2Pro and v2ProPlus models). Raises
     :class:`TextError` with ``reason`` ``empty_text``, ``unsupported_language`` or
     ``unphonemizable_text``, and :class:`ConfigError` for an unknown ``symbols_version``.
@@ -109,9 +106,9 @@ def phonemize(text: str, language: str, symbols_version: str = "v2") -> Phonemes
     code = _check_language(language)
     if not text.strip():
         raise TextError("the text is empty: write the transcript of the recording", reason="empty_text")
-    if code == "yue" and symbols_version == "v1":
+    if code in _V2_ONLY and symbols_version == "v1":
         raise TextError(
-            "Cantonese phones exist in the v2 symbol table only (v2, v2Pro, v2ProPlus models), not in v1",
+            f"{code} phones exist in the v2 symbol table only (v2, v2Pro, v2ProPlus models), not in v1",
             reason="unsupported_language",
         )
     phones, word2ph, norm_text = _READERS[code](text, symbols_version)
