@@ -16,7 +16,9 @@ The device decides what leaves it (docs/privacy.md, "What a device releases"):
   (:mod:`client.releases`): it answers a question it already answered with the stored reply
   bytes, and charges its ledger under its own release id before any reply leaves;
 - nothing data-dependent leaves un-noised: no loss, count, memory or time; the epsilons in the
-  status depend on plan values only (the plan fixes the sample rate ``q``, not ``N``);
+  status are the *federation account* (:func:`client.releases.answers_a_server`), which depends
+  on plan values only (the plan fixes the sample rate ``q``, not ``N``): the owner's local
+  training, accounted at ``q = B/N``, is checked against the budget but never reported;
 - the budget and delta are the owner's (:mod:`client.owner`), never the plan's: a plan that asks
   for more is refused with the reason; at most :data:`MAX_EVALUATIONS_PER_ROUND` evaluations are
   answered per run and round.
@@ -64,7 +66,7 @@ from fedvox.client.identity import bind_ledger
 from fedvox.client.loss_release import loss_mechanism, noisy_mean_loss, utterance_losses
 from fedvox.client.owner import check_plan, owner_budget
 from fedvox.client.profiles import ProfileOverrides, ResourceProfile, select_profile
-from fedvox.client.releases import Entry, ReleaseBook, ReleaseSeeds, message_digest
+from fedvox.client.releases import Entry, ReleaseBook, ReleaseSeeds, answers_a_server, message_digest
 from fedvox.client.stages import build_task, datasets
 from fedvox.shared.cli import set_offline_env
 from fedvox.shared.errors import (
@@ -212,6 +214,7 @@ class PlanSession:
             noise_seed=seeds.noise if seeds else None,
             sample_seed=seeds.sample if seeds else None,
             noise_key=seeds.noise_key if seeds else None,
+            account=answers_a_server,
         )
         rounds_left = config.num_server_rounds - plan.server_round + 1
         self.round_plan = RoundPlan(
@@ -231,7 +234,8 @@ class PlanSession:
             raise Refusal("model", f"the received model does not match the plan's: {exc}") from None
 
     def status(self, **overrides: object) -> ClientStatus:
-        """This node's status: every epsilon in it depends on plan values and the ledger, not on ``N``."""
+        """This node's status: its epsilons are the federation account's, which depend on plan
+        values only, not on ``N`` (local training rows are not in it)."""
         try:
             epsilon_next = self.trainer.projected_epsilon(self.round_plan)
         except BudgetExceededError:  # a target-epsilon plan with no room left: no round fits
@@ -277,7 +281,7 @@ def train(msg: Message, context: Context) -> Message:
                 session.round_plan, run_id=session.release_id(entry), round=plan.server_round
             )
         except BudgetExceededError as exc:
-            raise Refusal("budget", str(exc)) from None
+            raise _budget_refusal(exc) from None
         arrays = to_record(result.state, plan.config.wire_precision)
         metrics = MetricRecord(
             {  # sizes fixed by the plan; nothing that depends on the recordings
@@ -329,10 +333,21 @@ def evaluate(msg: Message, context: Context) -> Message:
             )
             session.ledger.append(release, accountant=trainer.privacy.accountant, budget=budget)
         except BudgetExceededError as exc:
-            raise Refusal("budget", str(exc)) from None
+            raise _budget_refusal(exc) from None
         return _content(session.status(), metrics=MetricRecord({"val-loss": loss}))
 
     return _handle(msg, context, run, release="evaluate")
+
+
+def _budget_refusal(exc: BudgetExceededError) -> Refusal:
+    """A release the whole ledger cannot afford: its figures (which count local training, hence
+    ``N``) stay in the device's log; the server learns only that the owner's budget is used up."""
+    log.error("%s", exc)
+    return Refusal(
+        "budget",
+        "this release does not fit the owner's budget with the device's other releases "
+        "(the figures stay on the device: `fedvox-client budget`)",
+    )
 
 
 def _handle(

@@ -30,6 +30,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,11 +43,14 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: d
 
 from fedvox.shared.atomic import atomic_path, atomic_write_text
 from fedvox.shared.errors import PrivacyError
+from fedvox.shared.privacy.ledger import LedgerRow
 
 FOLDER = "releases"
 KEY_FILE = "release.key"
 KEEP_REPLIES = 8
 """Answers kept for replays (a LoRA subset is a few MB each); older questions are trained again."""
+_RELEASE_RUN_ID = re.compile(r"/r-[0-9a-f]{16}\Z")
+"""The end of a ledger run id that a server's message made: ``<plan run id>/<release id>``."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,17 @@ def message_digest(message: Message) -> str:
         else:
             raise PrivacyError(f"cannot identify a message holding a {type(record).__name__} record")
     return digest.hexdigest()
+
+
+def answers_a_server(row: LedgerRow) -> bool:
+    """Whether a ledger row is a release this device made for a server's message (train or
+    evaluate), as opposed to its owner's local training (``local-...``, accounted at ``q = B/N``).
+
+    These rows are the *federation account*: every parameter of theirs is the plan's or a public
+    constant, so the epsilon they compose to depends on no private value (docs/privacy.md). The
+    release id is the device's, so no plan run id makes a local row look like one or back.
+    """
+    return _RELEASE_RUN_ID.search(row.run_id) is not None
 
 
 @dataclass(frozen=True)
@@ -143,7 +158,7 @@ class ReleaseBook:
         """The release for ``digest``: the one begun before (a crash), or a new one, recorded now."""
         entry = self.entry(digest)
         if entry is None:
-            entry = Entry(f"r-{secrets.token_hex(8)}", kind, run_id, server_round)
+            entry = Entry(f"r-{secrets.token_hex(8)}", kind, run_id, server_round)  # see _RELEASE_RUN_ID
             atomic_write_text(self.root / f"{digest}.json", json.dumps(asdict(entry)) + "\n")
         return entry
 
@@ -187,4 +202,12 @@ class ReleaseBook:
         return path.read_bytes()
 
 
-__all__ = ["KEEP_REPLIES", "Entry", "ReleaseBook", "ReleaseSeeds", "message_digest", "release_seeds"]
+__all__ = [
+    "KEEP_REPLIES",
+    "Entry",
+    "ReleaseBook",
+    "ReleaseSeeds",
+    "answers_a_server",
+    "message_digest",
+    "release_seeds",
+]

@@ -16,10 +16,12 @@ from hypothesis import strategies as st
 
 from fedvox.client.app import app as client_app
 from fedvox.client.identity import bind_ledger, client_identity, move_ledger
+from fedvox.client.owner import owner_budget
 from fedvox.client.releases import FOLDER
 from fedvox.server.model import initial_subset
 from fedvox.shared.errors import PrivacyError
-from fedvox.shared.privacy.ledger import Ledger
+from fedvox.shared.privacy.accounting import Mechanism, calibrate_noise_multiplier
+from fedvox.shared.privacy.ledger import Ledger, Release
 from fedvox.shared.privacy.ledger_head import LEDGER_HEAD, SignedHead
 from fedvox.shared.protocol import ARRAYS, CONFIG, METRICS, STATUS, TRAIN_METRICS, ClientStatus, Plan
 from fedvox.shared.runconfig import RunConfig
@@ -249,3 +251,57 @@ def test_a_second_ledger_for_the_same_recordings_is_refused_and_a_move_is_explic
     _, status = send(message(config(data), MessageType.TRAIN))
     assert (status.outcome, status.reason) == ("refused", "budget") and "another ledger" in status.detail
     assert str(tmp_path) not in status.detail  # no local path leaves the device
+
+
+# ---------------------------------------------------------------------- local training stays on the device
+def local_run(data, steps: int, reach: float | None = None) -> float:
+    """Charge ``data``'s ledger with a local `train` run (q = logical batch / N), as the CLI does,
+    at noise 1 or the noise that makes it ``reach`` that epsilon; returns the ledger's total."""
+    client_id = client_identity(data)
+    bind_ledger(data, data, data.parent / ".fedvox")
+    q = 4 / len(json.loads((data / "index.json").read_text())["items"])
+    with Ledger(data) as ledger:
+        owner = owner_budget(ledger, client_id, 10)
+        sigma = 1.0 if reach is None else calibrate_noise_multiplier(reach, owner.delta, sample_rate=q, steps=steps)
+        release = Release(
+            run_id="local-0123456789ab",
+            round=0,
+            client_id=client_id,
+            stage="s1",
+            unit="utterance",
+            mechanism=Mechanism(sigma, q, steps),
+            delta=owner.delta,
+            clip_norm=1.0,
+        )
+        return ledger.append(release).epsilon
+
+
+def test_what_the_server_sees_does_not_depend_on_local_training_at_q_b_over_n(cache, tmp_path):
+    """Local rows are accounted at q = B/N: their epsilon (hence N) must not reach the server."""
+    folders = {}
+    for name in ("federated-only", "also-local"):
+        folders[name] = tmp_path / name / "client-0"
+        shutil.copytree(cache, folders[name])
+    local_total = local_run(folders["also-local"], steps=1)
+    for cfg in ({}, {"dp.target-epsilon": 6.0}):  # a given noise, and one calibrated to a target
+        statuses = {name: send(message(config(data, **cfg), MessageType.TRAIN))[1] for name, data in folders.items()}
+        assert all(status.ok for status in statuses.values())
+        plain, local = statuses["federated-only"], statuses["also-local"]
+        assert (local.epsilon_spent, local.epsilon_next) == (plain.epsilon_spent, plain.epsilon_next)
+        # The same noise in both updates: a calibration against the local rows would name N.
+        noise = {name: rows(data)[-1].noise_multiplier for name, data in folders.items()}
+        assert noise["also-local"] == noise["federated-only"]
+    # The device's own total still counts every release: local training is charged.
+    assert rows(folders["also-local"])[-1].epsilon > max(local_total, rows(folders["federated-only"])[-1].epsilon)
+
+
+def test_a_budget_refusal_caused_by_local_training_gives_the_server_no_epsilon_of_it(cache, tmp_path):
+    data = tmp_path / "local" / "client-0"
+    shutil.copytree(cache, data)
+    total = local_run(data, steps=20, reach=9.5)  # nearly the owner's whole budget
+    assert 9.0 < total < 10.0
+    _, status = send(message(config(data), MessageType.TRAIN))
+    assert (status.outcome, status.reason) == ("refused", "budget")
+    assert status.epsilon_spent == 0.0 and status.epsilon_next < status.epsilon_budget  # the federation's own
+    assert f"{total:.3f}" not in status.detail and f"{10.0 - total:.3f}" not in status.detail
+    assert len(rows(data)) == 1  # nothing trained or charged

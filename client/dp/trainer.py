@@ -5,9 +5,10 @@ update, or a local checkpoint). :class:`Trainer` produces one release at a time:
 
 1. plan the mechanism: the plan's sample rate (federated rounds, so epsilon does not depend on
    ``N``) or ``logical_batch / N`` (local runs), the noise multiplier given or
-   calibrated so the client's ledger history plus everything still planned reaches the target
-   epsilon;
-2. refuse before any compute if the release would take the client past its budget;
+   calibrated so the trainer's *account* (the ledger rows it reports on: every row for a local
+   run, only the federation's rows in a federation) plus everything still planned reaches the
+   target epsilon;
+2. refuse before any compute if the release would take the client's whole ledger past its budget;
 3. run the steps (Poisson logical batches, physical batches from the device profile);
 4. append the release to the ledger (idempotent per ``(run_id, round)``; the ledger re-checks the
    budget under its write lock) before the result is returned.
@@ -98,7 +99,7 @@ class RoundPlan:
     learning_rate: float
     planned_steps: int = 0  # steps the target epsilon must still cover, this release included
     proximal_mu: float = 0.0  # FedProx: pull towards the weights the release started from
-    sample_rate: float | None = None  # the plan's Poisson rate; None: logical_batch / N (local runs)
+    sample_rate: float | None = None  # the plan's Poisson rate (the sum is divided by logical_batch); None: B / N
 
     def __post_init__(self) -> None:
         for name in ("steps", "logical_batch"):
@@ -126,6 +127,11 @@ class ReleaseResult:
 class Trainer:
     """Trains one task for one client, one privacy-accounted release at a time.
 
+    ``account`` picks the ledger rows that :meth:`spent`, :meth:`projected_epsilon` and the
+    calibration of a target epsilon count (default: all); the budget is always checked against
+    all of them. A federation passes :func:`client.releases.answers_a_server`, so nothing the
+    server sees is computed from local rows accounted at ``q = B/N``.
+
     ``noise_seed``/``sample_seed`` make a run reproducible (tests, simulations); leave them unset
     in deployment so the noise comes from the operating system's secret randomness: noise an
     adversary can predict protects nothing. ``noise_key`` (32 secret bytes, per release:
@@ -147,8 +153,10 @@ class Trainer:
         sample_seed: int | None = None,
         noise_key: bytes | None = None,
         optimizer_class: Callable[..., FedvoxDPOptimizer] = FedvoxDPOptimizer,
+        account: Callable[[LedgerRow], bool] | None = None,
     ) -> None:
         self.task, self.ledger, self.client_id, self.privacy = task, ledger, client_id, privacy
+        self.account = account
         self.physical_batch = physical_batch
         self.monitor = monitor or TrainingMonitor(None)
         self.budget = Budget(privacy.budget_epsilon)
@@ -193,8 +201,9 @@ class Trainer:
     def sample_rate(self, logical_batch: int) -> float:
         return min(1.0, logical_batch / self.num_examples)
 
-    def history(self, excluding: tuple[str, int] | None = None) -> list[Mechanism]:
-        """The client's utterance-level releases, without the one keyed ``(run_id, round)``.
+    def history(self, excluding: tuple[str, int] | None = None, *, account: bool = False) -> list[Mechanism]:
+        """The client's utterance-level releases (``account``: only the trainer's account), without
+        the one keyed ``(run_id, round)``.
 
         Excluding the release being (re)made matters after a kill between the ledger append and
         the checkpoint: the redone release must be planned and checked as it was the first time.
@@ -202,7 +211,8 @@ class Trainer:
         return [
             row.to_mechanism()
             for row in self.ledger.rows(self.client_id, UNIT)
-            if excluding is None or (row.run_id, row.round) != excluding
+            if (excluding is None or (row.run_id, row.round) != excluding)
+            and not (account and self.account is not None and not self.account(row))
         ]
 
     def mechanism(self, plan: RoundPlan, excluding: tuple[str, int] | None = None) -> Mechanism:
@@ -216,17 +226,21 @@ class Trainer:
             self.privacy.delta,
             sample_rate=q,
             steps=max(plan.planned_steps, plan.steps),
-            history=self.history(excluding),
+            history=self.history(excluding, account=True),
             accountant=self.privacy.accountant,
         )
         return Mechanism(sigma, q, plan.steps)
 
     def projected_epsilon(self, plan: RoundPlan) -> float:
-        """Cumulative utterance-level epsilon after this release (no budget check)."""
-        return epsilon((*self.history(), self.mechanism(plan)), self.privacy.delta, self.privacy.accountant)
+        """The account's utterance-level epsilon after this release (no budget check)."""
+        history = (*self.history(account=True), self.mechanism(plan))
+        return epsilon(history, self.privacy.delta, self.privacy.accountant)
 
     def spent(self) -> float:
-        return self.ledger.spent(self.client_id, UNIT)
+        """The account's utterance-level epsilon (the ledger's total when the account is every row)."""
+        if self.account is None:
+            return self.ledger.spent(self.client_id, UNIT)
+        return epsilon(self.history(account=True), self.privacy.delta, self.privacy.accountant)
 
     # ------------------------------------------------------------------ training
     def train(self, plan: RoundPlan, *, run_id: str, round: int) -> ReleaseResult:
@@ -242,7 +256,10 @@ class Trainer:
             subject=subject,
         )
         part_sigma = mechanism.noise_multiplier * math.sqrt(len(self.private))
-        expected_batch = mechanism.sample_rate * self.num_examples
+        # The noisy sum is divided by a public constant where the plan fixes q: q * N would scale
+        # every coordinate of the released update by the private N (AdamW hides it, bar its eps).
+        public = plan.sample_rate is not None
+        expected_batch = plan.logical_batch if public else mechanism.sample_rate * self.num_examples
         for private in self.private.values():
             private.optimizer.noise_multiplier = part_sigma
             private.optimizer.expected_batch_size = expected_batch
