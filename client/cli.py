@@ -636,6 +636,60 @@ def status(
         )
 
 
+@app.command()
+def budget(
+    data: Path = typer.Option(..., "--data", help="Feature cache folder written by `fedvox-client prepare`."),
+    epsilon: float | None = typer.Option(
+        None, "--epsilon", help="Set your utterance-level epsilon budget for these recordings (raise or lower)."
+    ),
+    delta: float | None = typer.Option(
+        None, "--delta", help="Set the delta of the budget (only before the recordings' first release)."
+    ),
+    home: Path | None = typer.Option(
+        None, "--home", help="fedvox home recording where the ledger is (default: $FEDVOX_HOME or ~/.fedvox)."
+    ),
+    json_output: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Show (and with --epsilon/--delta set) your privacy budget for these recordings and what is spent.
+
+    Spent is shown per kind of run: federations (what servers are told), your own local training
+    (never reported to a server), and both together, which is what the budget is checked against.
+    """
+    import json
+    from dataclasses import asdict
+
+    from fedvox.client.enroll import DeviceHome
+    from fedvox.client.owner import budget_report, prepared_budget
+    from fedvox.shared.errors import ConfigError
+
+    data = data.expanduser().resolve()
+    if epsilon is not None or delta is not None:
+        enrolled = DeviceHome.at(home).enrolled_budget(data)
+        if epsilon is not None and enrolled is not None and enrolled != epsilon:
+            raise ConfigError(
+                f"this device's enrollment sets budget-epsilon {enrolled:g} for these recordings and its SuperNode "
+                f"records it again at every message; stop it and run `fedvox-client enroll ... --budget-epsilon "
+                f"{epsilon:g}` instead"
+            )
+        prepared_budget(data, epsilon=epsilon, delta=delta, home=home)
+    report = budget_report(data, home)
+    if json_output:
+        fields = {**asdict(report), "ledger": str(report.ledger), "remaining": report.remaining}
+        typer.echo(json.dumps(fields, indent=1))
+        return
+    _say(f"recordings {report.client_id}, ledger in {report.ledger}")
+    owner = report.owner
+    if owner is None:
+        _say("budget: none recorded yet (the first release records epsilon 10 at a default delta); set it: --epsilon")
+    else:
+        _say(f"budget: epsilon {owner.epsilon:g} at delta {owner.delta:g} (yours, set {owner.set_at})")
+    for name, account in (("federations", report.federated), ("local training", report.local)):
+        _say(f"spent in {name}: epsilon {account.epsilon:.3f} ({account.releases} releases, {account.runs} runs)")
+    _say(f"spent together: epsilon {report.total:.3f} (composed, not summed; the budget is checked against this)")
+    if owner is not None:
+        _say(f"remaining: epsilon {report.remaining:.3f} of {owner.epsilon:g}")
+
+
 @app.command("ledger-move")
 def ledger_move(
     data: Path = typer.Option(..., "--data", help="Feature cache folder of the recordings whose ledger moves."),

@@ -110,6 +110,16 @@ class DeviceHome:
                 "device"
             ) from None
 
+    def enrolled_budget(self, data: Path) -> float | None:
+        """The ``budget-epsilon`` this device's enrollment gives for the data folder ``data``, if any:
+        its SuperNode records that value in the ledger again at every message."""
+        try:
+            config = tomllib.loads(self.node_config.read_text())
+        except (OSError, tomllib.TOMLDecodeError):
+            return None
+        same = Path(str(config.get("data-path", ""))).expanduser().resolve() == data.expanduser().resolve()
+        return float(config["budget-epsilon"]) if same and "budget-epsilon" in config else None
+
     def save_node_id(self, server: str, node_id: int) -> None:
         atomic_write_text(self.state, json.dumps({"server": server, "node-id": node_id}) + "\n")
 

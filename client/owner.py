@@ -8,21 +8,28 @@ reason, and nothing is trained or charged.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fedvox.client.data.cache import FeatureCache
 from fedvox.client.identity import bind_ledger, bound_ledger, identity
+from fedvox.client.releases import answers_a_server
 from fedvox.shared.errors import BudgetExceededError, ConfigError, PrivacyError
+from fedvox.shared.privacy.accounting import epsilon as compose
 from fedvox.shared.privacy.ledger import (
     DEFAULT_BUDGET_EPSILON,
+    UNITS,
     Ledger,
+    LedgerRow,
     OwnerBudget,
     default_delta,
     ledger_file,
     read_owner_budget,
+    read_rows,
 )
 from fedvox.shared.runconfig import RunConfig
+
+UNIT = UNITS[0]  # the owner's budget is the utterance-level one
 
 
 def owner_budget(
@@ -106,6 +113,61 @@ def run_budget(
     return (recorded if epsilon is None else replace(recorded, epsilon=epsilon)), False
 
 
+@dataclass(frozen=True)
+class Account:
+    """Some of a client's utterance-level releases: how many, in how many runs, their epsilon together."""
+
+    releases: int
+    runs: int
+    epsilon: float
+
+
+@dataclass(frozen=True)
+class BudgetReport:
+    """What the owner of some recordings has allowed and spent (``fedvox-client budget``).
+
+    ``federated`` is the federation account (releases made for server messages: what servers are
+    told), ``local`` the owner's own ``train`` runs, ``total`` the ledger's figure for all of them,
+    which is what the budget is checked against (composed, not summed: less than the sum).
+    """
+
+    client_id: str
+    ledger: Path
+    owner: OwnerBudget | None
+    federated: Account
+    local: Account
+    total: float
+
+    @property
+    def remaining(self) -> float | None:
+        return None if self.owner is None else max(self.owner.epsilon - self.total, 0.0)
+
+
+def budget_report(data_dir: str | Path, home: str | Path | None = None) -> BudgetReport:
+    """Read (never write) the owner's budget and spending for a prepared folder's recordings."""
+    client_id = identity(data_dir).client_id
+    ledger = bound_ledger(data_dir, home) or Path(data_dir).expanduser().resolve()
+    file = ledger_file(ledger)
+    owner = read_owner_budget(file, client_id)
+    rows = [r for r in read_rows(file) if r.client_id == client_id and r.unit == UNIT] if file.is_file() else []
+
+    def account(chosen: list[LedgerRow]) -> Account:
+        if not chosen:
+            return Account(0, 0, 0.0)
+        history = [row.to_mechanism() for row in chosen]
+        total = compose(history, chosen[0].delta, chosen[0].accountant)
+        return Account(len(chosen), len({row.run_id.split("/")[0] for row in chosen}), total)
+
+    return BudgetReport(
+        client_id,
+        ledger,
+        owner,
+        account([r for r in rows if answers_a_server(r)]),
+        account([r for r in rows if not answers_a_server(r)]),
+        rows[-1].epsilon if rows else 0.0,
+    )
+
+
 def check_plan(owner: OwnerBudget, config: RunConfig) -> None:
     """Refuse a plan that asks a device for more epsilon than its owner allows."""
     asked = max(config.client_budget_epsilon, config.dp.target_epsilon)
@@ -119,4 +181,4 @@ def check_plan(owner: OwnerBudget, config: RunConfig) -> None:
         )
 
 
-__all__ = ["check_plan", "owner_budget", "prepared_budget", "run_budget"]
+__all__ = ["Account", "BudgetReport", "budget_report", "check_plan", "owner_budget", "prepared_budget", "run_budget"]

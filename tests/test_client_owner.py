@@ -332,3 +332,50 @@ def test_one_vocabulary_old_names_work_hidden_and_help_reads_whole(monkeypatch, 
         for command in group.registered_commands:
             first = command.callback.__doc__.strip().split("\n\n")[0]
             assert "\n" not in first and first.endswith("."), first
+
+
+# ---------------------------------------------------------------- 10. the owner's budget, in one command
+
+
+def test_budget_shows_and_sets_the_owners_budget_and_spending_per_kind_of_run(data, tmp_path, monkeypatch, capsys):
+    import os
+
+    from fedvox.client.identity import client_identity
+    from fedvox.shared.privacy.ledger import Release
+
+    folder = fresh(data, tmp_path / "data")
+    code, output = cli(monkeypatch, capsys, "budget", "--data", str(folder))
+    assert code == 0 and "budget: none recorded yet" in output and "spent together: epsilon 0.000" in output, output
+
+    code, output = cli(monkeypatch, capsys, "budget", "--data", str(folder), "--epsilon", "6", "--delta", "1e-6")
+    assert code == 0 and "budget: epsilon 6 at delta 1e-06" in output, output
+
+    client = client_identity(folder)
+    federated, local = Mechanism(2.0, 0.05, 10), Mechanism(1.0, 0.4, 3)
+    with Ledger(folder) as ledger:
+        for run_id, mechanism in (("run/r-0123456789abcdef", federated), ("local-0123456789ab", local)):
+            release = Release(run_id, 1, client, "s1", "utterance", mechanism, 1e-6, 1.0)
+            total = ledger.append(release).epsilon
+    code, output = cli(monkeypatch, capsys, "budget", "--data", str(folder))
+    assert code == 0, output
+    assert f"spent in federations: epsilon {epsilon([federated], 1e-6):.3f} (1 releases, 1 runs)" in output
+    assert f"spent in local training: epsilon {epsilon([local], 1e-6):.3f} (1 releases, 1 runs)" in output
+    assert f"spent together: epsilon {total:.3f}" in output and f"remaining: epsilon {6 - total:.3f} of 6" in output
+
+    # Raise and lower: the owner's; the delta of released rows: refused, one line naming --delta.
+    for value in ("8", "0.5"):
+        code, output = cli(monkeypatch, capsys, "budget", "--data", str(folder), "--epsilon", value)
+        assert code == 0 and f"budget: epsilon {value} at delta 1e-06" in output, output
+    assert "remaining: epsilon 0.000 of 0.5" in output
+    for args, says in ((("--delta", "1e-5"), "--delta"), (("--epsilon", "0"), "epsilon > 0")):
+        code, output = cli(monkeypatch, capsys, "budget", "--data", str(folder), *args)
+        assert code != 0 and len(error_lines(output)) == 1 and says in error_lines(output)[0], output
+        assert "Traceback" not in output
+    # An enrolled SuperNode would record its own budget again: changing it here is refused, naming enroll.
+    device = Path(os.environ["FEDVOX_HOME"]) / "device"
+    device.mkdir(parents=True)
+    (device / "node-config.toml").write_text(f"data-path = {json.dumps(str(folder))}\nbudget-epsilon = 0.5\n")
+    code, output = cli(monkeypatch, capsys, "budget", "--data", str(folder), "--epsilon", "9")
+    assert code != 0 and len(error_lines(output)) == 1 and "fedvox-client enroll" in output, output
+    with Ledger(folder) as ledger:
+        assert ledger.owner_budget(client).epsilon == 0.5
