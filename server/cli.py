@@ -326,7 +326,10 @@ def export(
         if format_ == "safetensors":
             paths = export_fedvox(model, folder / "fedvox")
         else:
-            paths = export_gpt_sovits(model, folder / "gpt-sovits", half=True)
+            try:
+                paths = export_gpt_sovits(model, folder / "gpt-sovits", half=True)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc}: --format safetensors") from None
     for path in paths:
         say(f"wrote {path} (round {chosen})")
 

@@ -1,7 +1,9 @@
 """``fedvox-server status`` and ``export`` on real run directories."""
 
 import json
+import re
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -10,6 +12,7 @@ from fedvox.server.cli import app
 from fedvox.server.deploy.home import init_home, write_run_config
 from fedvox.server.model import initial_subset
 from fedvox.server.run import FederatedRun
+from fedvox.shared.cli import EXIT_USER_ERROR, run_cli
 from fedvox.shared.models.s1_checkpoint import load_official_s1
 from fedvox.shared.runconfig import RunConfig
 from tests.deploy_kit import server_running
@@ -47,6 +50,21 @@ def test_export_writes_the_chosen_round_as_a_gpt_sovits_checkpoint(tmp_path):
     assert result.exit_code == 0, result.output
     assert load_official_s1(tmp_path / "out" / "gpt-sovits" / "s1.ckpt").config.name == "tiny"
     assert (tmp_path / "out" / "fedvox" / "s1.safetensors").is_file()
+
+
+def test_export_of_an_unofficial_architecture_names_the_format_that_holds_it(tmp_path, capsys):
+    # tiny s2 is fedvox's own size: GPT-SoVITS could not rebuild it from a .pth. The operator is
+    # told the flag to use, never a Python function to call (issue 18, item 10).
+    config = RunConfig().with_overrides({"stage": "s2"})
+    store = RoundCheckpoints(tmp_path / "checkpoints", keep=3)
+    store.save(1, initial_subset(config), {"run-config": config.to_flat(), "metrics": {"val-loss": 1.0}})
+
+    with pytest.raises(SystemExit) as exited:
+        run_cli(app, ["export", str(tmp_path), "--format", "gpt-sovits", "--out", str(tmp_path / "out")])
+    assert exited.value.code == EXIT_USER_ERROR
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("error: the 'tiny' s2 model is not an official GPT-SoVITS architecture")
+    assert message.endswith("--format safetensors") and not re.search(r"\w\(\)", message), message
 
 
 def test_status_of_a_resumed_home_counts_toward_the_raised_round_target(tmp_path):

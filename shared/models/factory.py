@@ -116,5 +116,5 @@ def export_all(model: nn.Module, folder: str | Path) -> list[Path]:
     try:
         paths += export_gpt_sovits(model, folder / "gpt-sovits", half=True)
     except CheckpointError as exc:
-        log.info("no GPT-SoVITS export: %s", exc)
+        log.info("no GPT-SoVITS export (the fedvox one holds the model): %s", exc)
     return paths

@@ -398,7 +398,7 @@ def _require_official_architecture(config: S2Config) -> None:
         raise CheckpointError(
             f"the {config.name!r} s2 model is not an official GPT-SoVITS architecture "
             f"({', '.join(differing[:4])} differ from {config.version}), so GPT-SoVITS could not "
-            "rebuild it; save it with save_model() (safetensors) instead"
+            "rebuild it; export it in fedvox's safetensors format instead"
         )
 
 

@@ -173,8 +173,9 @@ class SynthesizerTrn(nn.Module):
             return ge, ge
         if sv_embedding is None:
             raise DataError(
-                f"{self.config.name} needs the 20480-d speaker-verification embedding "
-                "(S2Batch.sv_embedding); extract it in preprocessing or use a v1/v2 model"
+                f"{self.config.name} needs each utterance's 20480-d speaker-verification embedding: run "
+                "`fedvox-client prepare` with --sv (GPT-SoVITS's sv/pretrained_eres2netv2w24s4ep4.ckpt), or use a "
+                "v1/v2 model"
             )
         ge = self.prelu(ge + self.sv_emb(sv_embedding).unsqueeze(-1))
         return ge, self.ge_to512(ge.squeeze(-1)).unsqueeze(-1)
