@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,bert,ja,yue,ko,auto]'  # the optional frontends too, so their tests run
 	@touch $@
 
-# The main job: a small federated simulation on embedded defaults (8 speakers, 3 rounds, tiny s1).
+# The main job: a small federated simulation on embedded defaults (8 speakers, 3 rounds, LoRA on the shipped base s1).
 # Running it again reuses what is done and rebuilds the report; a fresh SIM_OUT starts over.
 SIM_OUT ?= out/sim
 sim: $(STAMP)

@@ -88,6 +88,7 @@ def run_config(stage: str, config: str, subset: str, wire: str, aggregation: str
         {
             "stage": stage,
             "model-config": config,
+            "pretrained": "",  # a seeded base: aggregation does not depend on the weights
             "subset": subset,
             "min-clients": 1,
             "wire-precision": wire,

@@ -324,7 +324,10 @@ def train(
         20, min=1, help="Steps per checkpoint (each checkpoint is one ledger release)."
     ),
     pretrained: Path | None = typer.Option(
-        None, "--pretrained", help="Start from a GPT-SoVITS checkpoint (s1 .ckpt or s2G .pth) instead of a seeded init."
+        None,
+        "--pretrained",
+        help="Start from fedvox-base (fedvox's shipped base; --model-config base), a GPT-SoVITS checkpoint "
+        "(s1 .ckpt or s2G .pth) or a fedvox export (.safetensors) instead of a seeded init.",
     ),
     model_seed: int = typer.Option(0, help="Seed of the initial model (server and clients must agree)."),
     seed: int | None = typer.Option(

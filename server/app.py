@@ -1,8 +1,10 @@
-"""The fedvox ServerApp: ``flwr run .`` (``[tool.flwr.app.components] serverapp``) starts here.
+"""The fedvox federation server as a Flower ServerApp.
 
-Under ``flwr run`` the run configuration arrives in ``context.run_config`` (the defaults of
-``[tool.flwr.app.config]`` plus ``--run-config`` overrides). An in-process simulation does not
-pass one through the context, so :func:`make_server_app` binds a :class:`RunConfig` directly.
+``flwr run .`` starts :mod:`fedvox.simulations.app` (``[tool.flwr.app.components] serverapp``),
+which reads the run configuration from ``context.run_config`` (the defaults of
+``[tool.flwr.app.config]`` plus ``--run-config`` overrides) and calls :func:`serve`. An in-process
+simulation does not pass one through the context, so :func:`make_server_app` binds a
+:class:`RunConfig` directly.
 """
 
 from __future__ import annotations
@@ -63,12 +65,4 @@ def make_server_app(
     return server_app
 
 
-app = ServerApp()
-
-
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    serve(grid, RunConfig.from_flat(context.run_config))
-
-
-__all__ = ["app", "make_server_app", "serve"]
+__all__ = ["make_server_app", "serve"]

@@ -59,12 +59,16 @@ RESUMABLE_KEYS = frozenset({"num-server-rounds", "round-timeout", "keep-checkpoi
 """Run-configuration keys a resumed run may change; any other change needs a new run."""
 
 
+def fedvox_home() -> Path:
+    """``$FEDVOX_HOME``, default ``~/.fedvox``: where runs without a checkpoint-dir go."""
+    return Path(os.environ.get("FEDVOX_HOME", Path.home() / ".fedvox")).expanduser()
+
+
 def run_directory(config: RunConfig) -> Path:
-    """``checkpoint-dir``, or a fresh folder under ``$FEDVOX_HOME/runs`` (default ``~/.fedvox``)."""
+    """``checkpoint-dir``, or a fresh folder under ``$FEDVOX_HOME/runs``."""
     if config.checkpoint_dir:
         return Path(config.checkpoint_dir).expanduser().resolve()
-    home = Path(os.environ.get("FEDVOX_HOME", Path.home() / ".fedvox")).expanduser()
-    return home / "runs" / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+    return fedvox_home() / "runs" / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
 class FederatedRun:
@@ -91,6 +95,7 @@ class FederatedRun:
         self.store = RoundCheckpoints(self.run_dir / "checkpoints", config.keep_checkpoints)
         self.attempt = uuid.uuid4().hex
         self.completed = -1  # last committed round; -1 before the initial checkpoint
+        self.stopped: str | None = None  # why the run stopped before its last round
         self.strategy: FedvoxStrategy | None = None
         self.speaker: SpeakerAccounting | None = None
         self.round_log: RoundLog | None = None
@@ -149,6 +154,7 @@ class FederatedRun:
                     timeout=self.config.round_timeout,
                 )
             except FederationError as exc:
+                self.stopped = str(exc)
                 log.warning("stopping after round %d: %s", self.completed, exc)
         finally:
             self.round_log.close()
@@ -222,4 +228,4 @@ def _check_resumable(stored: Mapping[str, Any], config: RunConfig) -> None:
         )
 
 
-__all__ = ["RESUMABLE_KEYS", "FederatedRun", "run_directory"]
+__all__ = ["RESUMABLE_KEYS", "FederatedRun", "fedvox_home", "run_directory"]

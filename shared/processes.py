@@ -46,11 +46,11 @@ def _flower_launchers(folder: Path) -> Path:
     for entry in importlib.metadata.distribution("flwr").entry_points:
         if entry.group != "console_scripts":
             continue
-        reaper = "import fedvox.shared.processes as p; p.reap_abandoned_children()\n"
-        text = (
-            f"#!{sys.executable}\nimport importlib, sys\n"
+        reaper = "    import fedvox.shared.processes as p; p.reap_abandoned_children()\n"
+        text = (  # guarded like pip's own scripts: a spawned worker re-imports the script as __mp_main__
+            f"#!{sys.executable}\nimport importlib, sys\nif __name__ == '__main__':\n"
             + (reaper if entry.name == "flower-superexec" else "")
-            + f"sys.exit(importlib.import_module({entry.module!r}).{entry.attr}())\n"
+            + f"    sys.exit(importlib.import_module({entry.module!r}).{entry.attr}())\n"
         )
         script = folder / entry.name
         if not script.is_file() or script.read_text() != text:

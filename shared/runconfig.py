@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Self, cast
 
 from pydantic import Field, model_validator
 
-from fedvox.shared.models.config import CONFIG_NAMES
+from fedvox.shared.models.config import CONFIG_NAMES, SHIPPED_BASE, SHIPPED_BASE_CONFIG, shipped_base_mismatch
 from fedvox.shared.settings import choice, dump, flatten, parse, read_toml, settings, unflatten
 from fedvox.shared.stages import STAGES
 
@@ -70,7 +70,7 @@ class SpeakerDP:
 @settings(WHAT)
 class RunConfig:
     stage: Annotated[str, choice(STAGES)] = "s1"
-    model_config: Annotated[str, choice(CONFIG_NAMES)] = "tiny"
+    model_config: Annotated[str, choice(CONFIG_NAMES)] = SHIPPED_BASE_CONFIG
     subset: Annotated[str, choice(SUBSETS)] = "lora"
     lora_rank: Annotated[int, Positive] = 8
     lora_alpha: float = 16.0
@@ -90,7 +90,8 @@ class RunConfig:
     checkpoint_dir: str = ""
     keep_checkpoints: Annotated[int, Positive] = 3
     model_seed: int = 0
-    pretrained: str = ""  # GPT-SoVITS checkpoint of the frozen base (s1 .ckpt, s2G .pth); "": seeded init
+    # the frozen base: fedvox's shipped one, a GPT-SoVITS checkpoint (s1 .ckpt, s2G .pth) or fedvox export; "": seeded
+    pretrained: str = SHIPPED_BASE
     data_root: str = ""
     round_timeout: Annotated[float, Positive] = 3600.0
     max_misses: Annotated[
@@ -107,6 +108,9 @@ class RunConfig:
     @model_validator(mode="after")
     def _across_keys(self) -> Self:
         """Checks that involve several keys (each message names them)."""
+        mismatch = shipped_base_mismatch(self.model_config, self.pretrained)
+        if mismatch:
+            raise ValueError(mismatch)
         if self.clients_per_round and self.clients_per_round < self.min_clients:
             raise ValueError(
                 f"clients-per-round ({self.clients_per_round}) is below min-clients "

@@ -248,14 +248,17 @@ def pretrain(
 @app.command("pretrain-export")
 def pretrain_export(
     source: Path = typer.Option(..., "--from", help="A `fedvox-sim pretrain` state folder."),
-    target: Path = typer.Option(..., "--to", help="Where the base goes (e.g. shared/models/base)."),
+    target: Path | None = typer.Option(
+        None, "--to", help="Where the base goes (default: the shipped base in this installation, shared/models/base)."
+    ),
     stages: str = typer.Option("s1,s2", "--stages", help="Stages to export: s1, s2 or s1,s2."),
     evaluate: int = typer.Option(6, "--evaluate", min=0, help="English validation utterances to transcribe (0: none)."),
 ) -> None:
     """Ship the pretrained base: best weights as fp16 safetensors, provenance with hashes and WER."""
+    from fedvox.shared.models.factory import BASE_DIR
     from fedvox.simulations.pretrain.export import export_base
 
-    folder = target
+    folder = target or BASE_DIR
     chosen = tuple(s.strip() for s in stages.split(",") if s.strip())
     shipped = export_base(source, folder, chosen, evaluate=evaluate)
     for name, entry in shipped["weights"].items():

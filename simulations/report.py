@@ -718,8 +718,9 @@ def _sample_text(run: RunData, out: Path) -> str:
     text = (
         f'[`{folder}/{s["wav"]}`]({folder}/{s["wav"]}) ({s["seconds"]:.1f} s): "{s["text"]}" ({s["language"]}) '
         f"in the voice of {s['speaker']}'s held-out recording `{Path(s['reference']).name}`, by the global "
-        f"{s['trained-stage']} model of round {s['round']} with a **fresh, untrained {s['fresh-stage']} model of "
-        f"the same seed** (this run trained {s['trained-stage']} only)."
+        f"{s['trained-stage']} model of round {s['round']} with "
+        f"**{s.get('partner', 'a fresh, untrained ' + s['fresh-stage'] + ' model of the same seed')}** "
+        f"(this run trained {s['trained-stage']} only)."
     )
     check = s.get("speech-check")
     if check:

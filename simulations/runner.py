@@ -119,7 +119,7 @@ def simulate(
     torch.set_num_threads(host.threads)
     with memory:
         if speakers_dir is None:
-            _timed(timings, "speakers", lambda: _speakers(speakers_root, speakers))
+            _timed(timings, "speakers", lambda: generate_or_reuse_speakers(speakers_root, speakers))
         symbols = s1_config(_model_config(scenario)).symbols_version
         data = _timed(
             timings, "features", lambda: prepare_speakers(speakers_root, speakers.n_speakers, out / "features", symbols)
@@ -172,7 +172,7 @@ def _claim(out: Path, scenario: Scenario, speakers: SpeakersConfig, speakers_roo
     )
 
 
-def _speakers(root: Path, config: SpeakersConfig) -> None:
+def generate_or_reuse_speakers(root: Path, config: SpeakersConfig) -> None:
     """Generate the speakers, or keep an earlier identical set."""
     try:
         manifest = read_manifest(root)
@@ -631,6 +631,7 @@ def sample(config: RunConfig, folder: Path, data: SpeakerData, final_round: int)
                 "round": final_round,
                 "trained-stage": config.stage,
                 "fresh-stage": result.fresh_stage,
+                "partner": result.partner,
                 "speaker": speaker["name"],
             },
             indent=1,

@@ -1,10 +1,11 @@
 """A synthesised sample from the final global model: WAV plus spectrogram PNG.
 
 Speaking needs both stages (s1 turns text into semantic tokens, s2 turns tokens into a
-waveform), and a run trains one. The stage that was not trained is a fresh model of the run's
-config built from the same seed, exactly as every client builds its frozen base, and the report
-says so: with a fresh (untrained) partner stage, and with tiny configs and a few rounds, the
-sample shows that the pipeline works end to end, not what a trained voice sounds like.
+waveform), and a run trains one. The stage that was not trained comes from the shipped base
+when the run fine-tunes it (``pretrained = "fedvox-base"`` names both stages); otherwise it is a
+fresh model of the run's config built from the same seed, exactly as every client builds its
+frozen base, and the report says so: with a fresh (untrained) partner stage the sample shows
+that the pipeline works end to end, not what a trained voice sounds like.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from fedvox.client.synthesize import Voice, read_reference, synthesize, write_wave
 from fedvox.shared.atomic import atomic_path
 from fedvox.shared.audio import SAMPLE_RATE, mel_spectrogram
+from fedvox.shared.models.config import SHIPPED_BASE
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import load_trainable_state_dict
 from fedvox.shared.runconfig import RunConfig
@@ -38,21 +40,36 @@ class Sample:
     language: str
     reference: Path
     seconds: float
-    fresh_stage: str  # the stage that was not trained (a fresh model of the same seed)
+    fresh_stage: str  # the stage that was not trained
+    partner: str  # where that stage came from, in words (the shipped base, or a fresh seeded model)
 
 
 def partner_stage(config: RunConfig) -> str:
-    """The stage a run does not train (a fresh model of the run's seed when speaking)."""
+    """The stage a run does not train (the shipped base's, or a fresh model of the run's seed)."""
     return next(stage for stage in STAGES if stage != config.stage)
 
 
+def partner_pretrained(config: RunConfig) -> str | None:
+    """Where the partner stage comes from: the shipped base covers both stages; a checkpoint
+    file given as ``pretrained`` is the trained stage's only, so the partner is then fresh."""
+    return SHIPPED_BASE if config.pretrained == SHIPPED_BASE else None
+
+
 def build_voice(config: RunConfig, state: Mapping[str, torch.Tensor]) -> Voice:
-    """Both stages: the run's trained stage with trainable subset ``state``, its partner fresh."""
-    trained = build_model(config.stage, config.model_config, config.subset_spec, seed=config.model_seed)
+    """Both stages: the run's trained stage with trainable subset ``state``, and its partner."""
+    trained = build_model(
+        config.stage,
+        config.model_config,
+        config.subset_spec,
+        seed=config.model_seed,
+        pretrained=config.pretrained or None,
+    )
     load_trainable_state_dict(trained, state)
     other = partner_stage(config)
-    fresh = build_model(other, config.model_config, config.subset_spec, seed=config.model_seed)
-    models = {config.stage: trained, other: fresh}
+    partner = build_model(
+        other, config.model_config, config.subset_spec, seed=config.model_seed, pretrained=partner_pretrained(config)
+    )
+    models = {config.stage: trained, other: partner}
     return Voice(**{stage: recipe(stage).voice_model(model).eval() for stage, model in models.items()})
 
 
@@ -81,8 +98,12 @@ def synthesise_sample(
     )
     wav, png = out / "sample.wav", out / "sample.png"
     write_wave(wave, wav)
-    plot_spectrogram(wave, png, f"{text[:60]} ({language}; trained {config.stage}, fresh {other})")
-    return Sample(wav, png, text, language, reference, wave.numel() / SAMPLE_RATE, other)
+    shipped = partner_pretrained(config) is not None
+    plot_spectrogram(
+        wave, png, f"{text[:60]} ({language}; trained {config.stage}, {'base' if shipped else 'fresh'} {other})"
+    )
+    partner = f"the shipped base's {other}" if shipped else f"a fresh, untrained {other} model of the same seed"
+    return Sample(wav, png, text, language, reference, wave.numel() / SAMPLE_RATE, other, partner)
 
 
 def plot_spectrogram(wave: torch.Tensor, path: Path, title: str) -> None:
@@ -109,4 +130,12 @@ def plot_spectrogram(wave: torch.Tensor, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["MAX_SECONDS", "Sample", "build_voice", "partner_stage", "plot_spectrogram", "synthesise_sample"]
+__all__ = [
+    "MAX_SECONDS",
+    "Sample",
+    "build_voice",
+    "partner_pretrained",
+    "partner_stage",
+    "plot_spectrogram",
+    "synthesise_sample",
+]

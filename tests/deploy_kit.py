@@ -40,10 +40,12 @@ from fedvox.server.deploy.pki import write_certificate, write_private_key
 from fedvox.shared.cli import OFFLINE_ENV
 from fedvox.shared.processes import free_port
 from fedvox.shared.runconfig import RunConfig
+from tests.tiny import TINY
 
 BIN = Path(sys.executable).parent
 RUN_CONFIG = {
     # Two quick rounds of tiny s1: a query and two trainings per device, no evaluation.
+    **TINY,
     "num-server-rounds": 2,
     "local-steps": 2,
     "logical-batch": 4,

@@ -37,6 +37,7 @@ from fedvox.shared.privacy.ledger_head import LEDGER_HEAD, SIGNING_KEY_FILE, hea
 from fedvox.shared.protocol import ARRAYS, CONFIG, METRICS, REFUSED, STATUS, ClientStatus, Plan
 from fedvox.shared.runconfig import RunConfig
 from fedvox.shared.wire import from_record, record_bytes, to_record
+from tests.tiny import TINY
 
 DIM = 8
 TRUE_W = torch.linspace(-1.0, 1.0, DIM)
@@ -277,6 +278,7 @@ def _main(run_dir: str, client_root: str, rounds: str, hold_round: str = "0") ->
 def kill_test_config(run_dir: str | Path, rounds: int) -> RunConfig:
     return RunConfig.from_flat(
         {
+            **TINY,
             "num-server-rounds": rounds,
             "checkpoint-dir": str(run_dir),
             "aggregation": "fedadam",

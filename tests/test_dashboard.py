@@ -23,6 +23,7 @@ from fedvox.server.run import FederatedRun
 from fedvox.shared.device_keys import fingerprint, ssh_text
 from fedvox.shared.runconfig import RunConfig
 from tests.federation_kit import LocalGrid, initial_state, make_client_app
+from tests.tiny import TINY
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -44,6 +45,7 @@ def home(tmp_path_factory):
     home = init_home(root / "home", ["localhost"], host="127.0.0.1")
     config = RunConfig.from_flat(
         {
+            **TINY,
             "checkpoint-dir": str(home.run_dir),
             "num-server-rounds": 2,
             "learning-rate": 0.05,

@@ -29,7 +29,7 @@ def test_init_makes_a_ca_a_server_certificate_for_every_name_and_keeps_keys_priv
     assert set(pki.subject_names(cert)) == {"voice.example.org", "192.0.2.7"}
     assert home.settings().port == 9555 and home.settings().names == ("voice.example.org", "192.0.2.7")
     config = home.run_config()
-    assert config.checkpoint_dir == str(home.run_dir) and config.model_config == "tiny"
+    assert config.checkpoint_dir == str(home.run_dir) and config.model_config == "base"
     # Python's own TLS stack accepts the pair as a server and trusts it through the CA.
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(home.server_cert, home.server_key)

@@ -28,6 +28,7 @@ from fedvox.shared.runconfig import RunConfig
 from fedvox.shared.wire import to_record
 from tests.federation_kit import LocalGrid
 from tests.prepared import prepared_cache
+from tests.tiny import TINY
 
 FIELDS_OF_A_STATUS = {
     "client-id",
@@ -56,6 +57,7 @@ def data(cache, tmp_path):
 
 def config(data, **overrides) -> RunConfig:
     flat = {
+        **TINY,
         "data-root": str(data.parent),
         "local-steps": 2,
         "logical-batch": 4,

@@ -22,6 +22,7 @@ from fedvox.shared.runconfig import RunConfig
 from fedvox.shared.wire import to_record
 from tests.federation_kit import LocalGrid
 from tests.prepared import prepared_cache
+from tests.tiny import TINY
 
 NO_DATA = 2
 
@@ -43,6 +44,7 @@ def data_root(tmp_path_factory):
 
 def _config(data_root, tmp_path, **overrides):
     flat = {
+        **TINY,
         "checkpoint-dir": str(tmp_path / "run"),
         "data-root": str(data_root),
         "num-server-rounds": 2,

@@ -15,6 +15,7 @@ from fedvox.server.app import make_server_app
 from fedvox.shared.privacy.ledger import Ledger
 from fedvox.shared.runconfig import RunConfig
 from tests.federation_kit import initial_state, make_client_app
+from tests.tiny import TINY
 
 NAN, POOR = 3, 4
 pytestmark = pytest.mark.slow  # starts Ray worker processes
@@ -25,6 +26,7 @@ def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("federation")
     config = RunConfig.from_flat(
         {
+            **TINY,
             "checkpoint-dir": str(root / "run"),
             "num-server-rounds": 3,
             "min-clients": 3,

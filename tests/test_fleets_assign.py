@@ -11,6 +11,7 @@ from fedvox.client.profiles import select_profile
 from fedvox.shared.errors import ConfigError
 from fedvox.shared.runconfig import RunConfig
 from fedvox.simulations.fleets import NAMED_FLEETS, DeviceClass, host_settings, load_fleet, plan_clients, round_draw
+from tests.tiny import TINY
 
 MIXED = load_fleet("mixed")
 CPU_HOST = replace(reference_device("x86-avx2"), physical_cores=2, logical_cores=2)
@@ -74,7 +75,7 @@ def test_transfer_time_counts_both_directions_and_the_latency():
 
 
 def test_clients_train_with_their_devices_batch_and_a_precision_the_host_has():
-    config = RunConfig()
+    config = RunConfig().with_overrides(TINY)
     clients = plan_clients(MIXED, 30, 0, config, CPU_HOST, workers=2)
     for client in clients:
         overrides = client.node_config
@@ -132,7 +133,7 @@ def test_a_custom_fleet_file_with_written_out_facts(tmp_path):
 def test_where_memory_binds_6_gb_12_gb_and_cpu_devices_run_different_batches():
     """With a v2-sized s1 trained in full (not the tiny config: every class fits it whole), the
     simulated memory decides what each class runs: physical batch, precision, checkpointing."""
-    config = RunConfig().with_overrides({"model-config": "v2", "subset": "full", "logical-batch": 32})
+    config = RunConfig().with_overrides({"model-config": "v2", "pretrained": "", "subset": "full", "logical-batch": 32})
     plan = {c.device.name: c for c in plan_clients(MIXED, 2 * len(MIXED.classes), 0, config, CPU_HOST, 2)}
     six, twelve, cpu = plan["nvidia-6gb"], plan["nvidia-12gb"], plan["x86-cpu"]
     assert len({six.physical_batch, twelve.physical_batch, cpu.physical_batch}) == 3

@@ -23,6 +23,7 @@ from fedvox.shared.privacy.ledger_head import SIGNING_KEY_FILE, SignedHead, chec
 from fedvox.shared.runconfig import RunConfig
 from tests.federation_kit import LocalGrid, initial_state, make_client_app
 from tests.privacy_ledgers import DELTA, release, tamper
+from tests.tiny import TINY
 
 
 def _ledger_with_heads(folder, rounds=3):
@@ -79,6 +80,7 @@ def test_the_server_records_signed_heads_and_the_audit_holds_a_device_to_them(tm
     """End to end: replies carry signed heads, rounds record them, ``fedvox-audit --heads`` checks."""
     config = RunConfig.from_flat(
         {
+            **TINY,
             "checkpoint-dir": str(tmp_path / "run"),
             "num-server-rounds": 2,
             "local-steps": 1,

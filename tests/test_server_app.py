@@ -9,6 +9,7 @@ from fedvox.server.model import build_global_model, export_model, initial_subset
 from fedvox.shared.models.s1_checkpoint import load_official_s1
 from fedvox.shared.models.subsets import load_trainable_state_dict, merged_state_dict
 from fedvox.shared.runconfig import RunConfig
+from tests.tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ def test_flwr_run_config_overrides_reach_the_validated_config():
 
 
 def test_the_initial_subset_is_what_every_client_rebuilds_from_the_model_seed():
-    config = RunConfig()
+    config = RunConfig().with_overrides(TINY)
     first, again = initial_subset(config), initial_subset(config)
     other_seed = initial_subset(config.with_overrides({"model-seed": 1}))
     assert first.keys() == again.keys() == other_seed.keys() and all("lora" in k for k in first)
@@ -35,7 +36,7 @@ def test_the_initial_subset_is_what_every_client_rebuilds_from_the_model_seed():
 
 
 def test_the_global_subset_exports_as_a_gpt_sovits_s1_checkpoint_with_lora_merged(tmp_path):
-    config = RunConfig()
+    config = RunConfig().with_overrides(TINY)
     subset = {k: v + 0.01 * torch.randn_like(v) for k, v in initial_subset(config).items()}  # B != 0
     paths = export_model(config, subset, tmp_path)
     path = tmp_path / "gpt-sovits" / "s1.ckpt"

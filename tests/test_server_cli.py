@@ -17,6 +17,7 @@ from fedvox.shared.models.s1_checkpoint import load_official_s1
 from fedvox.shared.runconfig import RunConfig
 from tests.deploy_kit import server_running
 from tests.federation_kit import LocalGrid, initial_state, make_client_app
+from tests.tiny import TINY
 
 runner = CliRunner()
 
@@ -24,6 +25,7 @@ runner = CliRunner()
 def test_status_reports_the_newest_round_and_every_speakers_epsilon(tmp_path):
     config = RunConfig.from_flat(
         {
+            **TINY,
             "checkpoint-dir": str(tmp_path / "run"),
             "num-server-rounds": 2,
             "learning-rate": 0.05,
@@ -42,7 +44,7 @@ def test_status_reports_the_newest_round_and_every_speakers_epsilon(tmp_path):
 
 
 def test_export_writes_the_chosen_round_as_a_gpt_sovits_checkpoint(tmp_path):
-    config = RunConfig()
+    config = RunConfig().with_overrides(TINY)
     store = RoundCheckpoints(tmp_path / "checkpoints", keep=3)
     store.save(1, initial_subset(config), {"run-config": config.to_flat(), "metrics": {"val-loss": 1.0}})
 
@@ -69,7 +71,7 @@ def test_export_of_an_unofficial_architecture_names_the_format_that_holds_it(tmp
 
 def test_status_of_a_resumed_home_counts_toward_the_raised_round_target(tmp_path):
     home = init_home(tmp_path / "home", ["localhost"])
-    eight = RunConfig().with_overrides({"num-server-rounds": 8, "checkpoint-dir": str(home.run_dir)})
+    eight = RunConfig().with_overrides({**TINY, "num-server-rounds": 8, "checkpoint-dir": str(home.run_dir)})
     store = RoundCheckpoints(home.run_dir / "checkpoints", keep=3)
     store.save(
         8, {"w": torch.zeros(2)}, {"run-id": "r", "run-config": eight.to_flat(), "metrics": {"aggregated": True}}

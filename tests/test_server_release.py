@@ -18,6 +18,7 @@ from fedvox.shared.privacy.ledger import Ledger
 from fedvox.shared.protocol import ARRAYS, CONFIG, SERVER_ROUND
 from fedvox.shared.runconfig import RunConfig
 from tests.federation_kit import LocalGrid, initial_state, make_client_app
+from tests.tiny import TINY
 
 CRASH_ROUND = 2
 
@@ -64,6 +65,7 @@ def _releases(sent: list[Message]) -> dict[int, set[str]]:
 def config(tmp_path):
     return RunConfig.from_flat(
         {
+            **TINY,
             "checkpoint-dir": str(tmp_path / "run"),
             "num-server-rounds": 3,
             "local-steps": 1,

@@ -26,10 +26,12 @@ from tests.federation_kit import (
     initial_state,
     make_client_app,
 )
+from tests.tiny import TINY
 
 
 def _config(tmp_path, **overrides):
     flat = {
+        **TINY,
         "checkpoint-dir": str(tmp_path / "run"),
         "num-server-rounds": 1,
         "learning-rate": 0.05,

@@ -18,6 +18,7 @@ from fedvox.simulations.fleet_app import FleetMod, fleet_client_app, read_events
 from fedvox.simulations.fleets import DeviceClass, Fleet, VirtualClient
 from fedvox.simulations.report import outcome_counts, simulated_round_times
 from tests.federation_kit import LocalGrid, initial_state, make_client_app
+from tests.tiny import TINY
 
 HOST = reference_device("x86-avx2")
 STEADY = DeviceClass("steady", HOST, 3, speed=1.0)
@@ -39,6 +40,7 @@ def federation(tmp_path_factory):
     )
     config = RunConfig.from_flat(
         {
+            **TINY,
             "checkpoint-dir": str(root / "run"),
             "num-server-rounds": 2,
             "min-clients": 2,
@@ -114,6 +116,7 @@ def test_a_device_that_cannot_train_refuses_every_message_as_a_device_refusal(tm
     (tmp_path / "clients" / "client-0").mkdir(parents=True)
     config = RunConfig.from_flat(
         {
+            **TINY,
             "checkpoint-dir": str(tmp_path / "run"),
             "num-server-rounds": 1,
             "min-clients": 1,

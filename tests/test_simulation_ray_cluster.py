@@ -121,7 +121,7 @@ def test_a_simulation_on_a_two_node_ray_cluster_runs_clients_on_both_nodes(clust
             "--out",
             str(out),
             "--run-config",
-            "local-steps=1 logical-batch=2",
+            "local-steps=1 logical-batch=2 model-config='tiny' pretrained=''",
         ],
         catch_exceptions=False,
     )

@@ -52,7 +52,7 @@ def simulation(tmp_path_factory):
             "--out",
             str(out),
             "--run-config",
-            "local-steps=2 logical-batch=2 learning-rate=0.01",
+            "local-steps=2 logical-batch=2 learning-rate=0.01 model-config='tiny' pretrained=''",
         ],
         catch_exceptions=False,
     )

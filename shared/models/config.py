@@ -21,6 +21,12 @@ SEMANTIC_CODES = 1024
 
 EOS = SEMANTIC_CODES
 
+SHIPPED_BASE = "fedvox-base"
+"""The ``pretrained`` value that names fedvox's own pretrained base (``shared/models/base``,
+made by ``fedvox-sim pretrain``); the factory resolves it to each stage's file."""
+SHIPPED_BASE_CONFIG = "base"
+"""The model config the shipped base was trained in."""
+
 PHONEME_VOCAB = {"v1": 322, "v2": 732}
 """Symbol-table sizes of GPT-SoVITS v1 (``symbols.py``) and v2+ (``symbols2.py``)."""
 
@@ -213,6 +219,16 @@ def s2_config(name: str, **overrides: Any) -> S2Config:
     return replace(_lookup(_S2, name, "s2"), **overrides)
 
 
+def shipped_base_mismatch(model_config: str, pretrained: object) -> str | None:
+    """Why the shipped base does not fit ``model_config`` (it was trained in one config), or None."""
+    if pretrained == SHIPPED_BASE and model_config != SHIPPED_BASE_CONFIG:
+        return (
+            f"pretrained = {SHIPPED_BASE!r} is a {SHIPPED_BASE_CONFIG!r} model but model-config is {model_config!r}; "
+            f'set model-config = {SHIPPED_BASE_CONFIG!r}, or pretrained = "" for a seeded {model_config!r} model'
+        )
+    return None
+
+
 def _lookup(table: dict[str, Any], name: str, stage: str) -> Any:
     try:
         return table[name]
@@ -225,8 +241,11 @@ __all__ = [
     "EOS",
     "PHONEME_VOCAB",
     "SEMANTIC_CODES",
+    "SHIPPED_BASE",
+    "SHIPPED_BASE_CONFIG",
     "S1Config",
     "S2Config",
     "s1_config",
     "s2_config",
+    "shipped_base_mismatch",
 ]

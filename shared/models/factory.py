@@ -1,8 +1,9 @@
 """Build the model a stage trains, identically on every machine.
 
 Only the trainable subset ever travels; the frozen base is rebuilt from (stage, model config,
-subset, LoRA shape, seed) — or loaded from a released GPT-SoVITS checkpoint — so a server and
-its clients agree on it without shipping it. What each stage builds is its recipe's
+subset, LoRA shape, seed) — or loaded from fedvox's shipped base (``pretrained = "fedvox-base"``),
+a released GPT-SoVITS checkpoint or a fedvox export — so a server and its clients agree on it
+without shipping it. What each stage builds is its recipe's
 (:mod:`fedvox.shared.stages`).
 """
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from fedvox.shared.errors import CheckpointError, ConfigError
+from fedvox.shared.models.config import SHIPPED_BASE, shipped_base_mismatch
 from fedvox.shared.models.s1 import Text2SemanticDecoder
 from fedvox.shared.models.s1_checkpoint import save_official_s1, save_s1_safetensors
 from fedvox.shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn
@@ -23,6 +25,10 @@ from fedvox.shared.models.subsets import SubsetSpec, merged_state_dict
 from fedvox.shared.stages import recipe
 
 log = logging.getLogger(__name__)
+
+BASE_DIR = Path(__file__).resolve().parent / "base"
+"""fedvox's shipped pretrained base (package data): ``s1.safetensors``, ``s2G.safetensors``,
+``s2D.safetensors`` and the ``provenance.json`` that says how they were made."""
 
 
 class SoVITSPair(nn.Module):
@@ -47,12 +53,30 @@ def build_model(
     The base is initialised from ``seed`` (deterministic on CPU for a given torch version) or,
     with ``pretrained``, loaded from a GPT-SoVITS checkpoint or a fedvox safetensors export (such
     as the base ``fedvox-sim pretrain-export`` writes), as the stage's recipe says
-    (:mod:`fedvox.shared.stages`).
+    (:mod:`fedvox.shared.stages`); ``"fedvox-base"`` is the shipped base (:func:`shipped_base`).
     """
     stage_recipe = recipe(stage)
+    if pretrained == SHIPPED_BASE:
+        pretrained = shipped_base(stage, model_config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return stage_recipe.build(stage_recipe.config(model_config), subset, pretrained)
+
+
+def shipped_base(stage: str, model_config: str) -> Path:
+    """The file of ``stage`` in fedvox's shipped base; refuses another model config and a checkout
+    without the files, saying how to make them."""
+    mismatch = shipped_base_mismatch(model_config, SHIPPED_BASE)
+    if mismatch:
+        raise ConfigError(mismatch)
+    path = BASE_DIR / recipe(stage).base_file
+    if not path.is_file():
+        raise CheckpointError(
+            f"fedvox's pretrained base is missing ({path.name} in {BASE_DIR}); make it with `fedvox-sim pretrain "
+            f"--out out/pretrain` then `fedvox-sim pretrain-export --from out/pretrain --to {BASE_DIR}`, "
+            'or set pretrained to a GPT-SoVITS checkpoint or "" (a seeded model)'
+        )
+    return path
 
 
 def require_config(found: str, wanted: str, path: str | Path) -> None:

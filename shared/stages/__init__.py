@@ -43,6 +43,8 @@ class StageRecipe:
     """The named config presets (``tiny``, ``v2``, ...) as the stage's config dataclass."""
     build: Callable[[Any, SubsetSpec, str | Path | None], nn.Module]
     """``build(config, subset, pretrained)``: the trained model (seeded by the caller), subset applied."""
+    base_file: str
+    """The stage's file in fedvox's shipped base (``shared/models/base``; s2's ``s2D`` lies beside)."""
     voice_model: Callable[[nn.Module], nn.Module]
     """The module a voice runs from a trained model (s2: the generator of the pair)."""
     load_for_voice: Callable[[Path, dict[str, str] | None], list[nn.Module] | None]

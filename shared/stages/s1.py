@@ -43,6 +43,7 @@ RECIPE = StageRecipe(
     headline_description="cross-entropy per semantic token",
     config=s1_config,
     build=build,
+    base_file="s1.safetensors",
     voice_model=lambda model: model,
     load_for_voice=load_for_voice,
 )

@@ -72,6 +72,7 @@ RECIPE = StageRecipe(
     headline_description="mel L1 + KL per utterance",
     config=s2_config,
     build=build,
+    base_file="s2G.safetensors",
     voice_model=voice_model,
     load_for_voice=load_for_voice,
 )
