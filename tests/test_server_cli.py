@@ -57,7 +57,7 @@ def test_export_writes_the_chosen_round_as_a_gpt_sovits_checkpoint(tmp_path):
 def test_export_of_an_unofficial_architecture_names_the_format_that_holds_it(tmp_path, capsys):
     # tiny s2 is fedvox's own size: GPT-SoVITS could not rebuild it from a .pth. The operator is
     # told the flag to use, never a Python function to call (issue 18, item 10).
-    config = RunConfig().with_overrides({"stage": "s2"})
+    config = RunConfig().with_overrides({**TINY, "stage": "s2"})
     store = RoundCheckpoints(tmp_path / "checkpoints", keep=3)
     store.save(1, initial_subset(config), {"run-config": config.to_flat(), "metrics": {"val-loss": 1.0}})
 
