@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.train_rss                       # tiny s1, logical batch 2, 500 steps
     .venv/bin/python -m bench.train_rss --stage s2 --steps 200
+    .venv/bin/python -m bench.train_rss --epsilon 4 --steps 150 --checkpoint-every 10   # calibrated noise
 
 Prepares 12 pseudo-speech utterances (``simulations.pseudo_speech``, no system dependency), then
 runs ``fedvox-client train`` in its own process as an owner would (a release and checkpoint every
@@ -81,6 +82,9 @@ def main(
     steps: int = typer.Option(500, min=2, help="DP steps."),
     logical_batch: int = typer.Option(2, "--logical-batch", min=1, help="Expected Poisson batch."),
     checkpoint_every: int = typer.Option(20, min=1, help="Steps per release and checkpoint (the CLI's default)."),
+    epsilon: float | None = typer.Option(
+        None, "--epsilon", help="Target epsilon: calibrate the noise as the README does (default: noise multiplier 1)."
+    ),
     warmup: int = typer.Option(50, min=0, help="Steps before the steady state."),
     window: int = typer.Option(50, min=1, help="Steps per median window (start and end)."),
     out: Path | None = typer.Option(None, help="JSON result file (default runs/bench/train_rss.json)."),
@@ -104,7 +108,8 @@ def main(
             str(CLIENT), "train", "--data", str(root / "data"), "--out", str(root / "run"),
             "--stage", stage, "--model-config", model_config, "--steps", str(steps),
             "--logical-batch", str(logical_batch), "--checkpoint-every", str(checkpoint_every),
-            "--noise-multiplier", "1.0", "--budget-epsilon", "1000000", "--seed", "0",
+            *(["--epsilon", str(epsilon)] if epsilon else ["--noise-multiplier", "1.0"]),
+            "--budget-epsilon", "1000000", "--seed", "0",
             "--device", "cpu", "--precision", "fp32", "--physical-batch", str(logical_batch), "--threads", "1",
         ]  # fmt: skip
         env = {
@@ -130,6 +135,7 @@ def main(
         "steps": steps,
         "logical_batch": logical_batch,
         "checkpoint_every": checkpoint_every,
+        "target_epsilon": epsilon,
         **verdict(rss, warmup, window),
         "peak_rss_mib": max(r["peak_rss_mib"] for r in train),
         "rss_mib": {str(step): round(value, 1) for step, value in sorted(rss.items())},
