@@ -47,10 +47,8 @@ def noisy_mean_loss(losses: torch.Tensor, *, clip: float, noise_multiplier: floa
     if not clip > 0:
         raise ConfigError(f"dp.loss-clip must be > 0, got {clip}")
     clipped = losses.detach().double().clamp(0.0, clip).div(clip)
-    noise = noise.normal((2,), float(noise_multiplier), device=torch.device("cpu"), dtype=torch.float64)
-    total = float(clipped.sum() + noise[0])
-    count = float(len(clipped) + noise[1])
-    return clip * total / max(count, 1.0)
+    total, count = noise.privatise(torch.stack((clipped.sum(), torch.tensor(float(len(clipped))))), noise_multiplier)
+    return clip * float(total) / max(float(count), 1.0)
 
 
 __all__ = ["loss_mechanism", "noisy_mean_loss", "utterance_losses"]

@@ -16,7 +16,9 @@ what fedvox needs around the clipping:
   empty).
 * **Secure noise.** With ``secure_noise`` set (deployment), the noise comes from a ChaCha20
   stream under a per-release secret key (:class:`fedvox.shared.privacy.noise.SecureGaussian`)
-  instead of torch's generator, which stays for seeded tests and experiments.
+  instead of torch's generator, which stays for seeded tests and experiments, and the noisy sum
+  is released on a grid exactly as ideal real-valued noise would give it (no floating-point
+  attack on the addition).
 """
 
 from __future__ import annotations
@@ -118,8 +120,7 @@ class FedvoxDPOptimizer(DPOptimizer):
             if std == 0:
                 p.grad = summed.clone().view_as(p)
             elif self.secure_noise is not None:
-                noise = self.secure_noise.normal(summed.shape, std, device=summed.device, dtype=summed.dtype)
-                p.grad = noise.add_(summed).view_as(p)
+                p.grad = self.secure_noise.privatise(summed, std).view_as(p)
             else:
                 noise = torch.normal(
                     mean=0,

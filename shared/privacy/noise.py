@@ -1,31 +1,64 @@
-"""Gaussian noise from a cryptographically secure, keyed stream (ChaCha20).
+"""Gaussian noise from a secret keyed stream (ChaCha20), released on a grid, safe from float attacks.
 
-torch's generators (Mersenne Twister on the CPU, Philox on CUDA) are fast but not secure: their
-state can be recovered from their outputs. DP noise must be unpredictable to anyone without the
-device's secret, and it must also be reproducible from that secret, so a release redone after a
-crash is the release already charged. :class:`SecureGaussian` gives both: its noise is a function
-of a 32-byte key (derived per release from the device's secret key, :mod:`client.releases`) and a
-draw counter, through the ChaCha20 keystream (``cryptography``), turned into normal deviates by
-the Box-Muller transform on 53-bit uniforms in float64 and cast to the parameter's dtype.
+Two things make textbook noise code unsafe for DP, and :class:`SecureGaussian` addresses both:
 
-Cost: ``bench/secure_noise.py`` (16 keystream bytes and one Box-Muller pair per two values).
+- **Predictable randomness.** torch's generators (Mersenne Twister, Philox) are not secure: their
+  state can be recovered from their outputs. Here the noise is a function of a 32-byte key
+  (derived per release from the device's secret key, :mod:`client.releases`) and a draw counter,
+  through the ChaCha20 keystream (``cryptography``); each draw has its own nonce, so no two draws
+  share keystream. The same key redoes the same release after a crash.
+- **Floating-point artefacts** (Mironov 2012 for Laplace; Jin et al. 2022 and Haney et al. 2022
+  for Box-Muller and other Gaussian samplers). ``x + noise`` computed in floating point has a set
+  of possible results that depends on ``x`` (which floats are reachable, and how often), so one
+  output can rule out a neighbouring input whatever the noise scale.
+  :meth:`SecureGaussian.privatise` instead releases exactly ``g * round((x + std * Z) / g)``
+  where ``Z`` is the *ideal* real-valued Box-Muller deviate of the real uniforms whose first
+  53 bits the keystream gives: rounding the ideal mechanism's output to a fixed grid is
+  post-processing, so the Gaussian mechanism's guarantee holds unchanged, without any epsilon or
+  delta adjustment. It is computed by interval refinement (Haney et al. 2022): float64 gives an
+  interval certain to contain ``(x + std * Z) / g`` (bounds widened by :data:`MARGIN`, far above
+  the few-ulp error of libm and IEEE arithmetic); where it holds one grid point, that is the
+  answer; the rare coordinates whose interval straddles a rounding boundary are redone with
+  mpmath's interval arithmetic on more keystream bits of the same uniforms until it does not.
+
+The grid ``g`` is a power of two :data:`GRID_BITS` binary orders below ``std`` (a public value),
+so every output is a grid point whatever ``x``, exact in float64 and in float32 up to
+``2^(24 - GRID_BITS) * std``. What is not covered (docs/privacy.md, "Floating point"): the
+sensitivity of ``x`` itself (the float32 clipped sum), and the time the computation takes.
+
+Cost: ``bench/secure_noise.py``.
 """
 
 from __future__ import annotations
 
 import math
 
+import mpmath
 import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from mpmath import iv
 
-from fedvox.shared.errors import ConfigError
+from fedvox.shared.errors import ConfigError, PrivacyError
 
 KEY_BYTES = 32
+GRID_BITS = 16
+"""The output grid is ``2^(floor(log2 std) - GRID_BITS)``: finer than any training can notice."""
+MARGIN = 2.0**-44
+"""Relative widening of the float64 bounds: libm's log, sqrt, cos, sin and IEEE arithmetic err by
+a few ulps (2^-52 each), so this covers their errors over a hundred times."""
+UNIFORM_BITS = 53
+_TRIG_SLACK = 2.0**-44
+"""cos and sin are 1-Lipschitz: over U2's interval (width 2 pi 2^-53) and the computed angle's
+rounding they move by less than 2^-48, and libm errs by an ulp more."""
+_EXACT_HALF = 2.0**50  # below it, adding 0.5 to a grid index in float64 is exact
+_CHUNK = 1 << 15  # Box-Muller pairs per vectorised block
+_REFINE_BITS = 64  # keystream bits added to each uniform per refinement
+_MAX_REFINEMENTS = 64  # each one is needed with probability about 2^-50: never reached
 
 
 class SecureGaussian:
-    """Normal deviates from ChaCha20 under ``key``: draw ``i`` uses nonce ``i`` (never reused)."""
+    """Gaussian noise under ``key``: draw ``i`` uses its own ChaCha20 nonce (module docstring)."""
 
     def __init__(self, key: bytes) -> None:
         if len(key) != KEY_BYTES:
@@ -33,22 +66,120 @@ class SecureGaussian:
         self._key = key
         self.draws = 0
 
-    def normal(
-        self, shape: torch.Size | tuple[int, ...], std: float, *, device: torch.device, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """A tensor of ``N(0, std^2)`` values."""
-        count = math.prod(shape)
-        pairs = (count + 1) // 2
-        nonce = self.draws.to_bytes(16, "little")
+    def privatise(self, x: torch.Tensor, std: float) -> torch.Tensor:
+        """``x + N(0, std^2 I)`` rounded to the grid of ``std``, exactly as for ideal noise; the
+        result has ``x``'s shape, dtype and device."""
+        if not (std > 0 and math.isfinite(std)):
+            raise ConfigError(f"the noise standard deviation must be finite and > 0, got {std}")
+        draw = self.draws
         self.draws += 1
-        stream = Cipher(algorithms.ChaCha20(self._key, nonce), mode=None).encryptor()
-        words = np.frombuffer(stream.update(bytes(16 * pairs)), dtype=np.uint64)
-        uniform = torch.from_numpy((words >> np.uint64(11)).astype(np.float64)) * 2.0**-53  # in [0, 1)
-        u1, u2 = 1.0 - uniform[:pairs], uniform[pairs:]  # u1 in (0, 1]: log is finite
-        radius = torch.sqrt(-2.0 * torch.log(u1))
-        angle = (2.0 * math.pi) * u2
-        values = torch.cat((radius * torch.cos(angle), radius * torch.sin(angle)))[:count]
-        return values.mul_(std).to(device=device, dtype=dtype).view(shape)
+        values = x.detach().to(device="cpu", dtype=torch.float64).reshape(-1).numpy()
+        count = values.size
+        if count == 0:
+            return x.detach().clone()
+        pairs = (count + 1) // 2
+        grid = grid_width(std)
+        words = np.frombuffer(_keystream(self._key, _draw_nonce(draw), 16 * pairs), dtype=np.uint64)
+        first = words[:pairs] >> np.uint64(64 - UNIFORM_BITS)  # U1's and U2's first 53 bits
+        second = words[pairs:] >> np.uint64(64 - UNIFORM_BITS)
+        points, unsure = np.empty(count), np.empty(count, dtype=bool)
+        for begin in range(0, pairs, _CHUNK):  # chunks that stay in cache
+            end = min(begin + _CHUNK, pairs)
+            radius, rise, cos, sin = _box_muller_bounds(first[begin:end], second[begin:end])
+            for part, trig in ((slice(begin, end), cos), (slice(pairs + begin, min(pairs + end, count)), sin)):
+                size = part.stop - part.start
+                points[part], unsure[part] = _round(values[part], radius[:size], rise[:size], trig[:size], std, grid)
+        for pair in np.unique(np.flatnonzero(unsure) % pairs):
+            members = [int(pair)] + ([int(pair) + pairs] if pair + pairs < count else [])
+            resolved = _refine(self._key, draw, int(pair), int(first[pair]), int(second[pair]), values[members], std)
+            points[members] = resolved
+        out = torch.from_numpy(np.where(np.isfinite(values), points * grid, values))  # k * 2^e: exact
+        return out.to(device=x.device, dtype=x.dtype).view(x.shape)
 
 
-__all__ = ["KEY_BYTES", "SecureGaussian"]
+def grid_width(std: float) -> float:
+    """The grid a release of noise ``std`` is rounded to (a function of public values only)."""
+    return 2.0 ** (math.floor(math.log2(std)) - GRID_BITS)
+
+
+def _box_muller_bounds(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, ...]:
+    """For real uniforms whose first 53 bits are ``first``/``second``: ``R = sqrt(-2 ln(1 - U1))``
+    at U1's lowest value, a bound on its rise over U1's interval, and ``cos``/``sin`` of the angle
+    ``2 pi U2`` (within :data:`_TRIG_SLACK`): ``Z = R * (cos, sin)``."""
+    scale = 2.0**-UNIFORM_BITS
+    u_low = first.astype(np.float64) * scale  # exact: integers below 2^53 times a power of two
+    with np.errstate(divide="ignore"):
+        radius = np.sqrt(-2.0 * np.log1p(-u_low))  # R grows with U1
+        # R' = 1 / ((1 - U1) R) is largest at an end of U1's interval: bound R's rise over it.
+        rise = scale / ((1.0 - u_low - scale) * radius)  # inf where U1 may reach 1 or R is 0: refined
+    angle = (2.0 * math.pi * scale) * (second.astype(np.float64) + 0.5)
+    return radius, rise, np.cos(angle), np.sin(angle)
+
+
+def _round(
+    values: np.ndarray, radius: np.ndarray, rise: np.ndarray, trig: np.ndarray, std: float, grid: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Grid indices of ``x + std * Z``, and where float64 cannot be sure of them (to refine)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        z = radius * trig
+        y = values + std * z
+        # Z's distance from radius * trig: the radius's rise times |trig|, the angle's slack times R.
+        spread = rise * (np.abs(trig) + _TRIG_SLACK) + (radius + rise) * _TRIG_SLACK
+        half = std * spread + MARGIN * (np.abs(values) + std * (np.abs(z) + spread + 1.0))
+        shifted = y / grid + 0.5  # exact division by a power of two
+        points = np.floor(shifted)
+        within = shifted - points  # where y lies between two rounding boundaries, in [0, 1): exact
+        reach = half / grid
+        # Correctly rounded + and - are monotone: these comparisons hold for the exact values too.
+        sure = (within - reach > 0.0) & (within + reach < 1.0) & (np.abs(shifted) < _EXACT_HALF)
+    return points, ~sure & np.isfinite(values)  # a non-finite sum stays so: the optimizer skips that step
+
+
+def _refine(key: bytes, draw: int, pair: int, first: int, second: int, values: np.ndarray, std: float) -> list[float]:
+    """Grid indices of one Box-Muller pair's coordinates, by interval arithmetic on ever more bits
+    of its uniforms (from the pair's own keystream), until each interval holds one index."""
+    grid = mpmath.mpf(grid_width(std))
+    u1, u2, bits = first, second, UNIFORM_BITS
+    saved = iv.prec
+    try:
+        for level in range(_MAX_REFINEMENTS):
+            more = np.frombuffer(_keystream(key, _refine_nonce(draw, pair, level), 16), dtype=np.uint64)
+            u1, u2, bits = (u1 << _REFINE_BITS) | int(more[0]), (u2 << _REFINE_BITS) | int(more[1]), bits + _REFINE_BITS
+            iv.prec = bits + 64
+            span1 = iv.mpf([u1, u1 + 1]) / iv.mpf(2) ** bits
+            span2 = iv.mpf([u2, u2 + 1]) / iv.mpf(2) ** bits
+            radius = iv.sqrt(-2 * iv.log(1 - span1))
+            angle = 2 * iv.pi * span2
+            found = []
+            for value, trig in zip(values, (iv.cos(angle), iv.sin(angle)), strict=False):
+                if not math.isfinite(value):  # the pair's other value; the caller keeps it as it is
+                    found.append(math.nan)
+                    continue
+                y = (iv.mpf(float(value)) + iv.mpf(std) * radius * trig) / grid + iv.mpf(0.5)
+                low, high = mpmath.floor(y.a), mpmath.floor(y.b)
+                if low != high or not mpmath.isfinite(low):
+                    break
+                found.append(float(low))
+            else:
+                return found
+    finally:
+        iv.prec = saved
+    raise PrivacyError(f"secure noise: draw {draw}, pair {pair} did not resolve after {_MAX_REFINEMENTS} refinements")
+
+
+def _keystream(key: bytes, nonce: bytes, size: int) -> bytes:
+    return Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor().update(bytes(size))
+
+
+def _draw_nonce(draw: int) -> bytes:
+    """``cryptography``'s 16-byte ChaCha20 nonce is a 4-byte block counter then the 12-byte nonce:
+    every draw starts at block 0 of a nonce of its own (a counter-only nonce would make draw
+    ``i + 1`` draw ``i``'s stream shifted by one block)."""
+    return bytes(4) + b"\x00" + draw.to_bytes(11, "little")
+
+
+def _refine_nonce(draw: int, pair: int, level: int) -> bytes:
+    return bytes(4) + b"\x01" + draw.to_bytes(4, "little") + pair.to_bytes(5, "little") + level.to_bytes(2, "little")
+
+
+__all__ = ["GRID_BITS", "KEY_BYTES", "MARGIN", "SecureGaussian", "grid_width"]
