@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedvox.shared.models.factory import build_model, export_all
+from fedvox.shared.models.factory import build_model, export_all, pretrained_file
 from fedvox.shared.models.subsets import load_trainable_state_dict, trainable_state_dict
 from fedvox.shared.runconfig import RunConfig
+from fedvox.shared.semantic import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,9 @@ def initial_subset(config: RunConfig) -> dict[str, torch.Tensor]:
 
 
 def base_identity(config: RunConfig) -> dict[str, Any]:
-    """What identifies the frozen base a checkpoint's subset belongs to."""
+    """What identifies the frozen base a checkpoint's subset belongs to (with the SHA-256 of the
+    pretrained file, so a checkpoint says which export of the shipped base it fine-tuned)."""
+    path = pretrained_file(config.stage, config.model_config, config.pretrained)
     return {
         "stage": config.stage,
         "model-config": config.model_config,
@@ -43,6 +46,7 @@ def base_identity(config: RunConfig) -> dict[str, Any]:
         "lora-rank": config.lora_rank,
         "lora-alpha": config.lora_alpha,
         "pretrained": config.pretrained,
+        "pretrained-sha256": file_digest(path, 64) if path is not None and path.is_file() else None,
     }
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedvox.server.model import base_identity
 from fedvox.shared.errors import CheckpointError, ConfigError
 from fedvox.shared.models import factory
 from fedvox.shared.models.config import SHIPPED_BASE
@@ -96,3 +97,16 @@ def test_the_base_loads_for_lora_and_full_fine_tuning(stage):
     loaded = (full if stage == "s1" else full.generator).state_dict()
     assert loaded.keys() == expected.keys() and all(torch.equal(v, expected[k]) for k, v in loaded.items())
     assert len(trainable_state_dict(full)) > len(adapters) / 2
+
+
+@shipped
+def test_every_checkpoint_names_the_export_of_the_base_it_fine_tunes():
+    provenance = json.loads((BASE_DIR / "provenance.json").read_text(encoding="utf-8"))
+    for stage, name in (("s1", "s1.safetensors"), ("s2", "s2G.safetensors")):
+        identity = base_identity(RunConfig().with_overrides({"stage": stage}))
+        assert identity["pretrained"] == SHIPPED_BASE
+        assert identity["pretrained-sha256"] == provenance["weights"][name]["sha256"]
+    assert (
+        base_identity(RunConfig().with_overrides({"model-config": "tiny", "pretrained": ""}))["pretrained-sha256"]
+        is None
+    )

@@ -56,11 +56,19 @@ def build_model(
     (:mod:`fedvox.shared.stages`); ``"fedvox-base"`` is the shipped base (:func:`shipped_base`).
     """
     stage_recipe = recipe(stage)
-    if pretrained == SHIPPED_BASE:
-        pretrained = shipped_base(stage, model_config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return stage_recipe.build(stage_recipe.config(model_config), subset, pretrained)
+        return stage_recipe.build(
+            stage_recipe.config(model_config), subset, pretrained_file(stage, model_config, pretrained)
+        )
+
+
+def pretrained_file(stage: str, model_config: str, pretrained: str | Path | None) -> Path | None:
+    """The file a run's ``pretrained`` value names for ``stage``: ``"fedvox-base"`` is the shipped
+    base's (:func:`shipped_base`), ``""``/``None`` none (a seeded model), anything else itself."""
+    if not pretrained:
+        return None
+    return shipped_base(stage, model_config) if pretrained == SHIPPED_BASE else Path(pretrained)
 
 
 def shipped_base(stage: str, model_config: str) -> Path:
