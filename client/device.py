@@ -25,14 +25,16 @@ import logging
 import os
 import platform
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Self
 
 import psutil
 import torch
+from pydantic import Field, model_validator
 
 from fedvox.shared.errors import ConfigError
+from fedvox.shared.settings import choice, parse, settings
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ Apple GPU; ``cpu``: no usable accelerator was found."""
 GiB = 2**30
 
 
-@dataclass(frozen=True)
+@settings("device facts")
 class DeviceFacts:
     """One machine as fedvox sees it. Build by hand for simulations and tests; :func:`probe` reads it.
 
@@ -51,9 +53,9 @@ class DeviceFacts:
     ``mps`` ``total_memory`` is Metal's recommended working set (unified memory).
     """
 
-    backend: str
+    backend: Annotated[str, choice(BACKENDS)]
     device_name: str
-    total_memory: int = 0
+    total_memory: Annotated[int, Field(ge=0)] = 0
     device_index: int = 0
     compute_capability: tuple[int, int] | None = None  # NVIDIA only
     gfx_arch: str | None = None  # AMD only, e.g. "gfx1100" (gcnArchName without feature flags)
@@ -66,34 +68,28 @@ class DeviceFacts:
     cpu_bf16: bool = False  # AVX512-BF16 / AMX on x86, FEAT_BF16 on ARM64
     physical_cores: int = 1
     logical_cores: int = 1
-    ram: int = 0
+    ram: Annotated[int, Field(ge=0)] = 0
     os: str = ""
     torch_version: str = ""
 
-    def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"device backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.compute_capability is not None:
-            if self.backend != "cuda":
-                raise ConfigError(f"compute_capability is an NVIDIA fact; this device's backend is {self.backend}")
-            object.__setattr__(self, "compute_capability", tuple(int(v) for v in self.compute_capability))
-            if len(self.compute_capability) != 2:
-                raise ConfigError(f"compute_capability must be (major, minor), got {self.compute_capability}")
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        """The facts each backend needs, and only those."""
+        if self.compute_capability is not None and self.backend != "cuda":
+            raise ValueError(f"compute_capability is an NVIDIA fact; this device's backend is {self.backend}")
         if self.gfx_arch is not None and self.backend != "rocm":
-            raise ConfigError(f"gfx_arch is an AMD fact; this device's backend is {self.backend}")
+            raise ValueError(f"gfx_arch is an AMD fact; this device's backend is {self.backend}")
         if self.backend == "rocm" and not self.gfx_arch:
-            raise ConfigError("a rocm device needs its gfx_arch (gcnArchName, e.g. 'gfx1100')")
+            raise ValueError("a rocm device needs its gfx_arch (gcnArchName, e.g. 'gfx1100')")
         if self.backend == "cuda" and self.compute_capability is None:
-            raise ConfigError("a cuda device needs its compute_capability, e.g. (8, 6)")
+            raise ValueError("a cuda device needs its compute_capability, e.g. (8, 6)")
         if self.backend in ("cuda", "rocm", "mps") and self.total_memory <= 0:
-            raise ConfigError(f"a {self.backend} device needs its total_memory in bytes")
+            raise ValueError(f"a {self.backend} device needs its total_memory in bytes")
         if self.physical_cores < 1 or self.logical_cores < self.physical_cores:
-            raise ConfigError(
+            raise ValueError(
                 f"cores must satisfy 1 <= physical ({self.physical_cores}) <= logical ({self.logical_cores})"
             )
-        if self.ram < 0 or self.total_memory < 0:
-            raise ConfigError("memory sizes must be >= 0 bytes")
-        object.__setattr__(self, "torch_archs", tuple(self.torch_archs))
+        return self
 
     @property
     def accelerator(self) -> bool:
@@ -108,20 +104,9 @@ class DeviceFacts:
         return values
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> DeviceFacts:
+    def from_dict(cls, values: Mapping[str, Any], where: str | Path = "") -> DeviceFacts:
         """Inverse of :meth:`to_dict` (e.g. a fleet file); unknown keys are a :class:`ConfigError`."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown device fact(s) {unknown}; known: {', '.join(sorted(known))}")
-        values = dict(values)
-        if values.get("compute_capability") is not None:
-            values["compute_capability"] = tuple(values["compute_capability"])
-        values["torch_archs"] = tuple(values.get("torch_archs", ()))
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise ConfigError(f"incomplete device facts: {exc}") from None
+        return parse(cls, values, where)
 
 
 # ---------------------------------------------------------------------- AMD architectures

@@ -40,18 +40,19 @@ import json
 import logging
 import math
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field, StrictBool, StrictInt
 
 from fedvox.client.device import DeviceFacts, GiB, rocm_family
 from fedvox.shared.errors import ConfigError, DeviceError
 from fedvox.shared.models.config import CONFIG_NAMES
 from fedvox.shared.models.subsets import SubsetKind, SubsetSpec
+from fedvox.shared.settings import accepts, choice, parse, read_toml, settings
 from fedvox.shared.stages import STAGES, recipe
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,11 @@ MEMORY_TABLE = Path(__file__).with_name("profile_memory.json")
 
 
 # ---------------------------------------------------------------------- overrides
-@dataclass(frozen=True)
+def _torch_device(value: str) -> bool:
+    return re.fullmatch(r"cpu|mps|cuda(:\d+)?", value) is not None
+
+
+@settings("profile")
 class ProfileOverrides:
     """Choices a user pins (by flag, or a ``[profile]`` table / node-config ``profile.*`` keys).
 
@@ -109,59 +114,34 @@ class ProfileOverrides:
     device there, with a :class:`ConfigError` that says what is wrong and what would work.
     """
 
-    device: str | None = None  # "cpu", "cuda", "cuda:N", "mps"
-    precision: str | None = None  # "bf16", "fp16", "fp32"
-    physical_batch: int | None = None
-    checkpointing: bool | None = None
-    threads: int | None = None
-    allow_mps: bool = False
-
-    def __post_init__(self) -> None:
-        if self.device is not None and not re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device):
-            raise ConfigError(f"profile device must be cpu, cuda, cuda:N or mps, got {self.device!r}")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise ConfigError(f"profile precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        for name in ("physical_batch", "threads"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"profile {name.replace('_', '-')} must be a positive integer, got {value!r}")
-        for name in ("checkpointing", "allow_mps"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, bool):
-                raise ConfigError(f"profile {name.replace('_', '-')} must be true or false, got {value!r}")
+    device: Annotated[str, accepts(_torch_device, "cpu, cuda, cuda:N or mps")] | None = None
+    precision: Annotated[str, choice(PRECISIONS)] | None = None
+    physical_batch: Annotated[StrictInt, Field(ge=1)] | None = None
+    checkpointing: StrictBool | None = None
+    threads: Annotated[StrictInt, Field(ge=1)] | None = None
+    allow_mps: StrictBool = False
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], prefix: str = "profile.") -> ProfileOverrides:
+    def from_mapping(
+        cls, values: Mapping[str, Any], prefix: str = "profile.", where: str | Path = ""
+    ) -> ProfileOverrides:
         """From config values: keys in kebab or snake case after ``prefix``.
 
         With the default prefix this reads Flower node-config keys (``profile.physical-batch``)
         and ignores the others (the data path, the ledger); ``prefix=""`` reads a ``[profile]``
         TOML table. An unknown key under the prefix is a :class:`ConfigError`.
         """
-        known = {f.name for f in fields(cls)}
-        picked: dict[str, Any] = {}
-        for key, value in values.items():
-            if not key.startswith(prefix):
-                continue
-            name = key[len(prefix) :].replace("-", "_")
-            if name not in known:
-                raise ConfigError(
-                    f"unknown profile setting {key!r}; known: " + ", ".join(k.replace("_", "-") for k in sorted(known))
-                )
-            picked[name] = value
-        return cls(**picked)
+        picked = {key.removeprefix(prefix): value for key, value in values.items() if key.startswith(prefix)}
+        return parse(cls, picked, where, prefix=prefix)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> ProfileOverrides:
         """From a TOML file's ``[profile]`` table (or its top level when it has none)."""
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read profile settings from {path}: {exc}") from exc
+        data = read_toml(path, "profile settings")
         table = data.get("profile", data)
         if not isinstance(table, Mapping):
             raise ConfigError(f"{path}: [profile] must be a table of settings")
-        return cls.from_mapping(table, prefix="")
+        return cls.from_mapping(table, prefix="", where=path)
 
     def merged(self, other: ProfileOverrides) -> ProfileOverrides:
         """``self`` with every choice ``other`` pins taking precedence (flags over a config file)."""

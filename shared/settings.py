@@ -1,5 +1,6 @@
-"""One way configuration becomes typed objects: the run configuration, device profiles, fleets
-and scenarios are all declared and validated here, so each states its keys, types and ranges once.
+"""One way configuration becomes typed objects: the run configuration, device facts and profile
+choices, fleets, speaker sets and scenarios are declared with :func:`settings`, so each states its
+keys, types and ranges once and is validated by the same code.
 
 A configuration class is a frozen dataclass decorated with :func:`settings`: pydantic validates
 every construction (keyword arguments in code, a TOML table, Flower's flat keys) against the
@@ -19,12 +20,13 @@ import tomllib
 import types
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, Union, dataclass_transform, get_args, get_origin
+from typing import Any, TypeVar, Union, dataclass_transform, get_args, get_origin
 
 import annotated_types
 import pydantic.dataclasses
 from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 from fedvox.shared.errors import ConfigError
 
@@ -36,22 +38,14 @@ def kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
-class _Settings(Protocol):
-    __pydantic_fields__: dict[str, FieldInfo]
-    __fedvox_what__: str
-
-
 @dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field, Field))
-def settings(what: str, *, strict: bool = False) -> Callable[[type[T]], type[T]]:
+def settings(what: str) -> Callable[[type[T]], type[T]]:
     """Make a class a validated, frozen configuration dataclass; ``what`` names it in errors.
 
-    ``strict`` takes values only of their declared type (an integer for an ``int``, ``true`` for
-    a ``bool``), as TOML files give them; without it numbers and booleans written as strings are
-    converted too (``--run-config`` values).
+    Values are converted where nothing is lost (``"2"`` or ``2.0`` for an ``int``, ``"true"`` for a
+    ``bool``); a field typed ``StrictInt``/``StrictBool`` takes its own type only, as TOML gives it.
     """
-    config = ConfigDict(
-        extra="forbid", alias_generator=kebab, validate_by_name=True, validate_by_alias=True, strict=strict
-    )
+    config = ConfigDict(extra="forbid", alias_generator=kebab, validate_by_name=True, validate_by_alias=True)
 
     def make(cls: type[T]) -> type[T]:
         made: Any = pydantic.dataclasses.dataclass(frozen=True, config=config)(cls)
@@ -71,26 +65,33 @@ def settings(what: str, *, strict: bool = False) -> Callable[[type[T]], type[T]]
     return make
 
 
-def choice(options: tuple[str, ...]) -> AfterValidator:
-    """A ``str`` field's check that its value is one of ``options`` (``Annotated[str, choice(...)]``)."""
+def accepts(test: Callable[[Any], bool], accepted: str) -> AfterValidator:
+    """A field's check beyond its type and range: ``Annotated[str, accepts(test, "cpu or mps")]``
+    refuses a value ``test`` rejects with "must be cpu or mps"."""
 
-    def check(value: str) -> str:
-        if value not in options:
-            raise ValueError(f"must be one of {', '.join(options)}")
+    def check(value: Any) -> Any:
+        if not test(value):
+            raise PydanticCustomError("accepts", "must be {accepted}", {"accepted": accepted})
         return value
 
     return AfterValidator(check)
 
 
-def parse(cls: type[T], values: Mapping[str, Any], where: str | Path = "") -> T:
+def choice(options: tuple[str, ...]) -> AfterValidator:
+    """A ``str`` field that takes one of ``options``."""
+    return accepts(options.__contains__, f"one of {', '.join(options)}")
+
+
+def parse(cls: type[T], values: Mapping[str, Any], where: str | Path = "", prefix: str = "") -> T:
     """Validate ``values`` (keys as in a TOML table, nested tables as mappings) into ``cls``.
 
-    ``where`` (a file) starts the message of the :class:`ConfigError` raised for a bad value.
+    ``where`` (a file) starts the message of the :class:`ConfigError` raised for a bad value;
+    ``prefix`` is what the keys were written under (``profile.`` in a node config).
     """
     try:
         return _adapter(cls).validate_python(values)
     except ValidationError as exc:
-        raise config_error(exc, cls, where) from None
+        raise config_error(exc, cls, where, prefix) from None
 
 
 def dump(obj: Any) -> dict[str, Any]:
@@ -135,13 +136,13 @@ def unflatten(flat: Mapping[str, Any], what: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- errors
-def config_error(exc: ValidationError, cls: Any, where: str | Path = "") -> ConfigError:
+def config_error(exc: ValidationError, cls: Any, where: str | Path = "", prefix: str = "") -> ConfigError:
     """One line for pydantic's first error: the file, the key, what it accepts, the value given."""
     errors = exc.errors(include_url=False)
     first = errors[0]
     what = getattr(cls, "__fedvox_what__", "setting")
     loc = tuple(str(part) for part in first["loc"])
-    key = ".".join(kebab(part) for part in loc)
+    key = prefix + ".".join(_name(cls, loc[: i + 1]) for i in range(len(loc)))
     message = _describe(first, cls, loc, what, key)
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
@@ -166,18 +167,22 @@ def _describe(error: Any, cls: Any, loc: tuple[str, ...], what: str, key: str) -
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         known = _keys(cls, loc[:-1])
         return f"unknown {what} key {key!r}" + (f"; known keys: {', '.join(known)}" if known else "")
-    if kind in ("missing", "missing_argument", "missing_keyword_only_argument"):
-        return f"{what} needs {key}"
-    if kind == "value_error":
-        reason = str(error["ctx"]["error"])
-        return f"{what} {key} {reason}, got {got!r}" if loc else f"{what}: {reason}"
     field = _walk(cls, loc)[0]
     hint = f" ({field.description})" if field is not None and field.description else ""
+    if kind in ("missing", "missing_argument", "missing_keyword_only_argument"):
+        return f"{what} needs {key}{hint}"
+    if kind == "too_short":
+        return f"{what} {key} must not be empty{hint}"
+    if kind == "accepts":
+        return f"{what} {key} {error['msg']}, got {got!r}"
+    if kind == "value_error":  # a check across keys: its message names them
+        reason = str(error["ctx"]["error"])
+        return f"{what} {key}: {reason}" if loc else f"{what}: {reason}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return f"{what} {key} must be {_bounds(field, error['ctx'])}{hint}, got {got!r}"
-    accepted = next((name for prefix, name in _TYPES.items() if kind.startswith(prefix)), None)
-    if accepted is not None:
-        return f"{what} {key} must be {accepted}{hint}, got {got!r}"
+    base, _, tail = kind.partition("_")
+    if base in _TYPES and tail in ("type", "exact_type", "parsing", "from_float"):
+        return f"{what} {key} must be {_TYPES[base]}{hint}, got {got!r}"
     return f"{what} {key}: {error['msg']}, got {got!r}"
 
 
@@ -211,20 +216,27 @@ def _walk(cls: Any, loc: tuple[str, ...]) -> tuple[FieldInfo | None, Any]:
         kind = _unwrap(kind)
         fields = getattr(kind, "__pydantic_fields__", None)
         if fields is None:
-            args = get_args(kind)
-            field, kind = None, (args[-1] if args else None)
+            items = [arg for arg in get_args(kind) if arg is not Ellipsis]  # dict[str, X], tuple[X, ...]
+            field, kind = None, (items[-1] if items else None)
             continue
-        field = fields.get(part) or next((f for n, f in fields.items() if kebab(n) == part), None)
+        by_position = list(fields.values())[int(part)] if part.isdigit() and int(part) < len(fields) else None
+        field = fields.get(part) or next((f for f in fields.values() if f.alias == part), by_position)
         if field is None:
             return None, None
         kind = field.annotation
     return field, kind
 
 
+def _name(cls: Any, loc: tuple[str, ...]) -> str:
+    """How a file writes the last key of ``loc``: a field's alias, else the key as given."""
+    field = _walk(cls, loc)[0]
+    return field.alias if field is not None and field.alias else loc[-1]
+
+
 def _keys(cls: Any, table: tuple[str, ...]) -> list[str]:
     """The keys known in ``table`` (where an unknown key was found)."""
     fields = getattr(_unwrap(_walk(cls, table)[1]), "__pydantic_fields__", {})
-    return [kebab(name) for name in fields]
+    return [field.alias or name for name, field in fields.items()]
 
 
 def _unwrap(kind: Any) -> Any:
@@ -244,4 +256,15 @@ def _adapter(cls: type) -> TypeAdapter[Any]:
     return _ADAPTERS[cls]
 
 
-__all__ = ["choice", "config_error", "dump", "flatten", "kebab", "parse", "read_toml", "settings", "unflatten"]
+__all__ = [
+    "accepts",
+    "choice",
+    "config_error",
+    "dump",
+    "flatten",
+    "kebab",
+    "parse",
+    "read_toml",
+    "settings",
+    "unflatten",
+]

@@ -47,19 +47,21 @@ def speakers(
     workers: int | None = typer.Option(None, "--workers", help="Processes (default: all usable CPUs)."),
 ) -> None:
     """Generate distinct synthetic speakers: 32 kHz WAVs, GPT-SoVITS lists and a manifest."""
+    from fedvox.shared.settings import parse
     from fedvox.simulations.speakers import SpeakersConfig, generate_speakers
 
-    config = SpeakersConfig(
-        n_speakers=n,
-        utterances=utterances,
-        language=lang,
-        seed=seed,
-        zipf=zipf,
-        heldout_utterances=heldout_utterances,
-        unseen_speakers=unseen_speakers,
-        engine=engine,
-        workers=workers,
-    )
+    options = {
+        "n": n,
+        "utterances": utterances,
+        "lang": lang,
+        "seed": seed,
+        "zipf": zipf,
+        "heldout-utterances": heldout_utterances,
+        "unseen-speakers": unseen_speakers,
+        "engine": engine,
+        "workers": workers,
+    }
+    config = parse(SpeakersConfig, options, prefix="--")  # a bad value is named as its option
     manifest = generate_speakers(out, config)
     totals, check = manifest["totals"], manifest["speaker_check"]
     engine_name = manifest["engine"]["name"] + (" (FALLBACK)" if manifest["engine"]["fallback"] else "")

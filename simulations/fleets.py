@@ -28,52 +28,68 @@ always gives the same fleet and the same dropouts.
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import Field, StrictFloat, model_validator
 
 from fedvox.client.device import DeviceFacts, reference_device
 from fedvox.client.profiles import ProfileOverrides, ResourceProfile, select_profile
 from fedvox.shared.errors import ConfigError, DeviceError
 from fedvox.shared.models.subsets import SubsetSpec
 from fedvox.shared.runconfig import RunConfig
+from fedvox.shared.settings import accepts, parse, read_toml, settings
 
 ASSIGN_STREAM = 11
 ROUND_STREAM = 12
 """Sub-streams of the seed (``np.random.default_rng([seed, stream, ...])``)."""
 
-_CLASS_KEYS = {
-    "reference",
-    "facts",
-    "share",
-    "speed",
-    "uplink-mbps",
-    "downlink-mbps",
-    "latency-s",
-    "dropout",
-    "jitter",
-}
-_FLEET_KEYS = {"name", "description", "deadline-factor", "devices"}
+Positive = Annotated[StrictFloat, Field(gt=0)]
+NonNegative = Annotated[StrictFloat, Field(ge=0)]
 
 
-@dataclass(frozen=True)
+def _no_deadline_or_a_multiple(factor: float) -> bool:
+    return factor == 0 or factor >= 1
+
+
+@settings("fleet")
 class DeviceClass:
-    """One kind of device in a fleet and how it behaves (module docstring)."""
+    """One kind of device in a fleet and how it behaves (module docstring).
+
+    In a fleet file it is a ``[devices.<name>]`` table with a ``reference`` device or a
+    ``[devices.<name>.facts]`` table, never both.
+    """
 
     name: str
     facts: DeviceFacts
-    share: float
-    speed: float = 1.0
-    uplink_mbps: float = 20.0
-    downlink_mbps: float = 100.0
-    latency_s: float = 0.05
-    dropout: float = 0.0
-    jitter: float = 0.0
+    share: Annotated[Positive, Field(description="its relative number of clients")]
+    speed: Positive = 1.0
+    uplink_mbps: Positive = 20.0
+    downlink_mbps: Positive = 100.0
+    latency_s: NonNegative = 0.05
+    dropout: Annotated[
+        StrictFloat, Field(ge=0, le=1, description="the probability that a selected client goes offline in a round")
+    ] = 0.0
+    jitter: NonNegative = 0.0
     reference: str = ""  # the client.device reference device it was built from, if any
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reference_or_facts(cls, data: Any) -> Any:
+        """A table names a reference device or writes out its facts."""
+        if not isinstance(data, Mapping):  # built in code, with its facts
+            return data
+        if ("reference" in data) == ("facts" in data):
+            raise ValueError('needs exactly one of reference = "<device>" or a [facts] table')
+        if "reference" in data:
+            try:
+                return {**data, "facts": reference_device(str(data["reference"]))}
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return data
 
     def transfer_s(self, bytes_down: float, bytes_up: float) -> float:
         """Seconds to receive the global model and send the update back."""
@@ -86,14 +102,32 @@ class DeviceClass:
         return compute_host_s / self.speed * slowdown + self.transfer_s(bytes_down, bytes_up)
 
 
-@dataclass(frozen=True)
+@settings("fleet")
 class Fleet:
-    """A named mix of device classes and the round deadline."""
+    """A named mix of device classes (keyed by name, as the ``[devices.<name>]`` tables) and the round deadline."""
 
     name: str
-    classes: tuple[DeviceClass, ...]
-    deadline_factor: float = 0.0
+    devices: Annotated[
+        dict[str, DeviceClass], Field(min_length=1, description="a [devices.<name>] table per class of device")
+    ]
+    deadline_factor: Annotated[
+        StrictFloat,
+        accepts(_no_deadline_or_a_multiple, "0 (no deadline) or >= 1 (a multiple of the median client's round time)"),
+    ] = 0.0
     description: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named_devices(cls, data: Any) -> Any:
+        """A device table's name is its key."""
+        if isinstance(data, Mapping) and isinstance(data.get("devices"), Mapping):
+            named = {k: {"name": k, **v} if isinstance(v, Mapping) else v for k, v in data["devices"].items()}
+            return {**data, "devices": named}
+        return data
+
+    @property
+    def classes(self) -> tuple[DeviceClass, ...]:
+        return tuple(self.devices.values())
 
     def counts(self, n: int) -> list[int]:
         """Clients per class for ``n`` clients: the shares, rounded by largest remainder."""
@@ -368,72 +402,13 @@ def load_fleet(name_or_path: str | Path) -> Fleet:
     path = Path(name_or_path)
     if not path.suffix == ".toml":
         raise ConfigError(f"unknown fleet {key!r}; use one of {', '.join(NAMED_FLEETS)} or a fleet .toml file")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read fleet file {path}: {exc}") from exc
-    return fleet_from_mapping(str(data.get("name", path.stem)), data, where=str(path))
+    data = read_toml(path, "fleet file")
+    return fleet_from_mapping(str(data.get("name", path.stem)), data, where=path)
 
 
-def fleet_from_mapping(name: str, data: Mapping[str, Any], where: str = "") -> Fleet:
+def fleet_from_mapping(name: str, data: Mapping[str, Any], where: str | Path = "") -> Fleet:
     """Validate and build a fleet; every problem names the key and the file."""
-    at = f" in {where}" if where else ""
-    unknown = sorted(set(data) - _FLEET_KEYS)
-    if unknown:
-        raise ConfigError(f"unknown fleet key(s) {unknown}{at}; known: {', '.join(sorted(_FLEET_KEYS))}")
-    devices = data.get("devices")
-    if not isinstance(devices, Mapping) or not devices:
-        raise ConfigError(f"fleet {name!r}{at} has no [devices.<name>] tables")
-    factor = _number(data.get("deadline-factor", 0.0), "deadline-factor", at)
-    if factor and factor < 1:
-        raise ConfigError(
-            f"deadline-factor{at} must be 0 (no deadline) or >= 1 (a multiple of the median client's "
-            f"round time), got {factor}"
-        )
-    classes = tuple(_device_class(key, value, at) for key, value in devices.items())
-    return Fleet(name=name, classes=classes, deadline_factor=factor, description=str(data.get("description", "")))
-
-
-def _device_class(name: str, data: Any, at: str) -> DeviceClass:
-    where = f"devices.{name}{at}"
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where} must be a table")
-    unknown = sorted(set(data) - _CLASS_KEYS)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; known: {', '.join(sorted(_CLASS_KEYS))}")
-    if ("reference" in data) == ("facts" in data):
-        raise ConfigError(f'{where} needs exactly one of reference = "<device>" or a [facts] table')
-    if "reference" in data:
-        facts = reference_device(str(data["reference"]))
-    elif isinstance(data["facts"], Mapping):
-        facts = DeviceFacts.from_dict(data["facts"])
-    else:
-        raise ConfigError(f"{where}.facts must be a table of device facts")
-    values = {
-        key: _number(data[key], key, f" ({where})") for key in _CLASS_KEYS - {"reference", "facts"} if key in data
-    }
-    for key in ("share", "speed", "uplink-mbps", "downlink-mbps"):
-        if key in values and not values[key] > 0:
-            raise ConfigError(f"{key} in {where} must be > 0, got {values[key]}")
-    if "share" not in values:
-        raise ConfigError(f"{where} needs a share (its relative number of clients)")
-    if not 0 <= values.get("dropout", 0.0) <= 1:
-        raise ConfigError(f"dropout in {where} must be a probability in [0, 1], got {values['dropout']}")
-    for key in ("latency-s", "jitter"):
-        if values.get(key, 0.0) < 0:
-            raise ConfigError(f"{key} in {where} must be >= 0, got {values[key]}")
-    return DeviceClass(
-        name=name,
-        facts=facts,
-        reference=str(data.get("reference", "")),
-        **{key.replace("-", "_"): value for key, value in values.items()},
-    )
-
-
-def _number(value: Any, key: str, at: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{key}{at} must be a number, got {value!r}")
-    return float(value)
+    return parse(Fleet, {**data, "name": name}, where)
 
 
 __all__ = [

@@ -42,14 +42,17 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from io import BytesIO
 from pathlib import Path
+from typing import Annotated, Self
 
 import numpy as np
 import soundfile as sf
+from pydantic import Field, StrictFloat, StrictInt, model_validator
 from scipy.signal import resample_poly
 
 from fedvox.shared.atomic import atomic_path, atomic_write_text
 from fedvox.shared.cli import progress
 from fedvox.shared.errors import ConfigError, DataError
+from fedvox.shared.settings import choice, settings
 from fedvox.simulations.pseudo_speech import SAMPLE_RATE, PseudoVoice, synthesize
 from fedvox.simulations.speaker_id import FEATURE_SIZE, mfcc_statistics, similar_speaker_pairs, speaker_id_accuracy
 
@@ -95,54 +98,33 @@ _TOP_LISTS = ("train.list", "heldout_seen.list", "heldout_unseen.list")
 _OUTPUTS = (MANIFEST, *_TOP_LISTS, "clients", "unseen", ".espeak")  # what a re-run replaces
 
 
-@dataclass(frozen=True)
+@settings("speakers")
 class SpeakersConfig:
-    """What to generate; each field is the command-line option of the same name."""
+    """What to generate; each field is the command-line option (and scenario key) of the same
+    name, ``n`` and ``lang`` for ``n_speakers`` and ``language``."""
 
-    n_speakers: int = 8  # clients
-    utterances: int = 20  # training utterances per client (the mean when zipf > 0)
-    language: str = "mix"  # en | zh | mix (half the speakers each, both sexes in each)
-    seed: int = 0
-    zipf: float = 0.0  # 0: equal counts; > 0: the client of rank r gets ~ r**-zipf of the total
-    heldout_utterances: int = 2  # per client and per unseen speaker
-    unseen_speakers: int = 2
-    engine: str = "auto"  # auto (espeak-ng, else pseudo-speech) | espeak-ng | pseudo-speech
-    workers: int | None = None  # processes; default: the CPUs this process may use
+    n_speakers: Annotated[StrictInt, Field(ge=1, le=MAX_SPEAKERS, alias="n")] = 8  # clients
+    utterances: Annotated[StrictInt, Field(ge=1, le=MAX_UTTERANCES)] = 20  # per client (the mean when zipf > 0)
+    language: Annotated[str, choice(LANGUAGES), Field(alias="lang")] = "mix"  # mix: half the speakers each
+    seed: Annotated[StrictInt, Field(ge=0)] = 0
+    zipf: Annotated[
+        StrictFloat, Field(ge=0, le=5, description="0: equal counts; > 0: the client of rank r gets ~ r**-zipf")
+    ] = 0.0
+    heldout_utterances: Annotated[StrictInt, Field(ge=0, le=100)] = 2  # per client and per unseen speaker
+    unseen_speakers: Annotated[StrictInt, Field(ge=0, le=MAX_SPEAKERS)] = 2
+    engine: Annotated[str, choice(ENGINES)] = "auto"  # auto: espeak-ng, else pseudo-speech
+    workers: Annotated[StrictInt, Field(ge=1)] | None = None  # processes; default: the CPUs this process may use
 
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first bad option and what it accepts."""
-        checks = [
-            (1 <= self.n_speakers <= MAX_SPEAKERS, f"--n must be 1..{MAX_SPEAKERS}, got {self.n_speakers}"),
-            (
-                1 <= self.utterances <= MAX_UTTERANCES,
-                f"--utterances must be 1..{MAX_UTTERANCES}, got {self.utterances}",
-            ),
-            (self.language in LANGUAGES, f"--lang must be one of {', '.join(LANGUAGES)}, got {self.language!r}"),
-            (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
-            (0.0 <= self.zipf <= 5.0, f"--zipf must be 0..5 (0 = equal amounts), got {self.zipf}"),
-            (
-                self.zipf == 0.0 or self.utterances >= MIN_UTTERANCES,
-                f"--utterances must be >= {MIN_UTTERANCES} with --zipf (every client keeps at least "
-                f"{MIN_UTTERANCES}), got {self.utterances}",
-            ),
-            (
-                0 <= self.heldout_utterances <= 100,
-                f"--heldout-utterances must be 0..100, got {self.heldout_utterances}",
-            ),
-            (
-                0 <= self.unseen_speakers <= MAX_SPEAKERS,
-                f"--unseen-speakers must be 0..{MAX_SPEAKERS}, got {self.unseen_speakers}",
-            ),
-            (
-                self.unseen_speakers == 0 or self.heldout_utterances > 0,
-                "--unseen-speakers needs --heldout-utterances >= 1 (unseen speakers have held-out data only)",
-            ),
-            (self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}"),
-            (self.workers is None or self.workers >= 1, f"--workers must be >= 1, got {self.workers}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+    @model_validator(mode="after")
+    def _across_keys(self) -> Self:
+        if self.zipf and self.utterances < MIN_UTTERANCES:
+            raise ValueError(
+                f"utterances must be >= {MIN_UTTERANCES} with zipf (every client keeps at least "
+                f"{MIN_UTTERANCES}), got {self.utterances}"
+            )
+        if self.unseen_speakers and not self.heldout_utterances:
+            raise ValueError("unseen-speakers needs heldout-utterances >= 1 (unseen speakers have held-out data only)")
+        return self
 
 
 @dataclass(frozen=True)
@@ -181,7 +163,6 @@ def generate_speakers(out: str | os.PathLike[str], config: SpeakersConfig) -> di
     Refuses a non-empty ``out`` that is not an earlier output of this command; an earlier
     output is replaced (only the entries this command writes are removed).
     """
-    config.validate()
     engine = _choose_engine(config.engine)
     out = Path(out).absolute()
     _claim_output_folder(out)

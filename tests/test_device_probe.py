@@ -299,7 +299,7 @@ def test_facts_round_trip_and_validation():
         DeviceFacts(backend="cpu", device_name="x", physical_cores=4, logical_cores=2)
     with pytest.raises(ConfigError, match="unknown device fact"):
         DeviceFacts.from_dict({"backend": "cpu", "device_name": "x", "vram": 3})
-    with pytest.raises(ConfigError, match="incomplete"):
+    with pytest.raises(ConfigError, match="device facts needs device-name"):
         DeviceFacts.from_dict({"backend": "cpu"})
 
 

@@ -61,7 +61,7 @@ def test_round_draws_are_deterministic_and_follow_the_dropout_probability():
 
 def test_a_slow_device_misses_a_deadline_set_by_the_median_client():
     fast, slow = (DeviceClass("fast", CPU_HOST, 1, speed=10.0), DeviceClass("slow", CPU_HOST, 1, speed=0.5))
-    fleet = replace(MIXED, classes=(fast, slow), deadline_factor=3.0)
+    fleet = replace(MIXED, devices={"fast": fast, "slow": slow}, deadline_factor=3.0)
     devices = [fast] * 9 + [slow]
     deadline = fleet.deadline_s(devices, compute_host_s=10.0, bytes_down=0, bytes_up=0)
     assert deadline == pytest.approx(3 * fast.duration_s(10.0, 0, 0))
@@ -99,13 +99,20 @@ def test_named_fleets_load_and_bad_fleet_files_say_what_is_wrong(tmp_path):
     with pytest.raises(ConfigError, match="unknown fleet 'nope'"):
         load_fleet("nope")
     cases = {
-        "[devices.a]\nreference = 'rtx3060'\nshare = 1\nspeed = 0": "speed .* must be > 0",
+        "[devices.a]\nreference = 'rtx3060'\nshare = 1\nspeed = 0": (
+            "fleet0.toml: fleet devices.a.speed must be > 0, got 0$"
+        ),
         "[devices.a]\nreference = 'rtx3060'\nshare = 1\ndropout = 1.5": "dropout .* probability",
-        "[devices.a]\nreference = 'rtx3060'\nshare = 1\ncolour = 'red'": "unknown key.*colour",
+        "[devices.a]\nreference = 'rtx3060'\nshare = 1\ncolour = 'red'": (
+            "unknown fleet key 'devices.a.colour'; known keys: name, facts, share"
+        ),
         "[devices.a]\nshare = 1": "exactly one of reference",
         "[devices.a]\nreference = 'gtx9999'\nshare = 1": "unknown reference device",
         "deadline-factor = 0.5\n[devices.a]\nreference = 'rtx3060'\nshare = 1": "deadline-factor",
-        "name = 'x'": "no \\[devices",
+        "name = 'x'": "needs devices \\(a \\[devices.<name>\\] table",
+        "[devices.a]\nshare = 1\n[devices.a.facts]\nbackend = 'tpu'\ndevice_name = 'x'": (
+            "fleet devices.a.facts.backend must be one of cuda, rocm, mps, cpu, got 'tpu'"
+        ),
     }
     for k, (text, message) in enumerate(cases.items()):
         path = tmp_path / f"fleet{k}.toml"

@@ -237,9 +237,9 @@ def test_overrides_the_device_cannot_honour(facts, overrides, message):
     [
         ({"device": "gpu"}, "cpu, cuda, cuda:N or mps"),
         ({"precision": "fp8"}, "bf16, fp16, fp32"),
-        ({"physical_batch": 0}, "positive integer"),
-        ({"physical_batch": True}, "positive integer"),
-        ({"threads": 2.5}, "positive integer"),
+        ({"physical_batch": 0}, "physical-batch must be >= 1, got 0"),
+        ({"physical_batch": True}, "physical-batch must be an integer, got True"),
+        ({"threads": 2.5}, "threads must be an integer, got 2.5"),
         ({"checkpointing": "yes"}, "true or false"),
     ],
 )
@@ -251,7 +251,7 @@ def test_override_values_are_validated(values, message):
 def test_overrides_from_node_config_and_toml(tmp_path):
     node = {"profile.physical-batch": 4, "profile.allow-mps": True, "data-path": "/data", "ledger": "x.db"}
     assert ProfileOverrides.from_mapping(node) == ProfileOverrides(physical_batch=4, allow_mps=True)
-    with pytest.raises(ConfigError, match=r"unknown profile setting 'profile.batch'.*physical-batch"):
+    with pytest.raises(ConfigError, match=r"unknown profile key 'profile.batch'; known keys: .*physical-batch"):
         ProfileOverrides.from_mapping({"profile.batch": 4})
     path = tmp_path / "client.toml"
     path.write_text('[profile]\ndevice = "cpu"\nthreads = 2\nphysical_batch = 8\n')
@@ -264,4 +264,7 @@ def test_overrides_from_node_config_and_toml(tmp_path):
         ProfileOverrides.from_toml(path)
     path.write_text('profile = "fast"\n')
     with pytest.raises(ConfigError, match="must be a table"):
+        ProfileOverrides.from_toml(path)
+    path.write_text("[profile]\nthreads = 0\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: profile threads must be >= 1, got 0$"):
         ProfileOverrides.from_toml(path)

@@ -31,7 +31,7 @@ PROFILE = {"profile.threads": 1}
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("fleet")
-    fleet = Fleet("test", (STEADY, FLAKY, SLOW), deadline_factor=2.0)
+    fleet = Fleet("test", {d.name: d for d in (STEADY, FLAKY, SLOW)}, deadline_factor=2.0)
     clients = [
         VirtualClient(p, d, f"{d.name}-fp32", 4, "fp32", False, 2**20, dict(PROFILE)) for p, d in enumerate(DEVICES)
     ]
@@ -111,7 +111,8 @@ def test_a_device_that_cannot_train_refuses_every_message_as_a_device_refusal(tm
         0, replace(STEADY, name="tiny-gpu"), "none", 0, "", False, 0, refusal="does not fit in memory"
     )
     app = fleet_client_app(
-        FleetMod(Fleet("f", (STEADY,)), [client, client], 0, tmp_path / "events"), make_client_app(tmp_path / "clients")
+        FleetMod(Fleet("f", {"steady": STEADY}), [client, client], 0, tmp_path / "events"),
+        make_client_app(tmp_path / "clients"),
     )
     (tmp_path / "clients" / "client-0").mkdir(parents=True)
     config = RunConfig.from_flat(

@@ -204,15 +204,15 @@ def test_refuses_a_foreign_folder_and_replaces_only_its_own_output(tmp_path):
 @pytest.mark.parametrize(
     "change, option",
     [
-        ({"n_speakers": 0}, "--n"),
-        ({"utterances": 0}, "--utterances"),
-        ({"language": "fr"}, "--lang"),
-        ({"zipf": -1.0}, "--zipf"),
-        ({"zipf": 1.0, "utterances": 2}, "--utterances"),
-        ({"seed": -1}, "--seed"),
-        ({"heldout_utterances": 0, "unseen_speakers": 1}, "--unseen-speakers"),
-        ({"engine": "say"}, "--engine"),
-        ({"workers": 0}, "--workers"),
+        ({"n_speakers": 0}, r"speakers n must be in \[1, 1000\], got 0"),
+        ({"utterances": 0}, r"speakers utterances must be in \[1, 2000\]"),
+        ({"language": "fr"}, r"speakers lang must be one of en, zh, mix, got 'fr'"),
+        ({"zipf": -1.0}, r"speakers zipf must be in \[0, 5\]"),
+        ({"zipf": 1.0, "utterances": 2}, "utterances must be >= 3 with zipf"),
+        ({"seed": -1}, "speakers seed must be >= 0"),
+        ({"heldout_utterances": 0, "unseen_speakers": 1}, "unseen-speakers needs heldout-utterances >= 1"),
+        ({"engine": "say"}, "speakers engine must be one of"),
+        ({"workers": 0}, "speakers workers must be >= 1"),
     ],
 )
 def test_bad_options_are_one_config_error_naming_the_option(change, option, tmp_path):
