@@ -21,11 +21,12 @@ import logging
 import math
 import secrets
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
 
 from fedvox.client.data.split import HELD_OUT_FRACTION
 from fedvox.client.dp import PrivacyPlan, RoundPlan, Trainer
@@ -45,13 +46,14 @@ from fedvox.shared.models.subsets import SubsetSpec, trainable_state_dict
 from fedvox.shared.privacy.accounting import Mechanism, calibrate_noise_multiplier, epsilon
 from fedvox.shared.privacy.budget import Budget
 from fedvox.shared.privacy.ledger import Ledger, OwnerBudget, ledger_file, read_rows
+from fedvox.shared.settings import flatten, settings
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 
 
-@dataclass(frozen=True)
+@settings("local training")
 class LocalTrainingSpec:
     """Everything that defines a local run (stored in ``OUT/run.json``; a resume must match it)."""
 
@@ -60,18 +62,14 @@ class LocalTrainingSpec:
     subset: str = "lora"
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    steps: int = 100
+    steps: Annotated[int, Field(ge=1)] = 100
     logical_batch: int = 8
     learning_rate: float = 1e-3
-    checkpoint_every: int = 20
+    checkpoint_every: Annotated[int, Field(ge=1)] = 20
     model_seed: int = 0
     pretrained: str | None = None
     validation_fraction: float = HELD_OUT_FRACTION
     privacy: PrivacyPlan = field(default_factory=PrivacyPlan)
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.checkpoint_every < 1:
-            raise ConfigError("steps and checkpoint-every must be at least 1")
 
     @property
     def subset_spec(self) -> SubsetSpec:
@@ -79,12 +77,6 @@ class LocalTrainingSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> LocalTrainingSpec:
-        values = dict(values)
-        values["privacy"] = PrivacyPlan(**values["privacy"])
-        return cls(**values)
 
 
 def train_local(
@@ -305,7 +297,7 @@ def _previous_run(out_dir: Path, spec: LocalTrainingSpec) -> dict[str, Any] | No
     if not path.is_file():
         return None
     run = json.loads(path.read_text())
-    differences = _differences(_flat(run["spec"]), _flat(json.loads(json.dumps(spec.to_dict()))))
+    differences = _differences(flatten(run["spec"]), flatten(json.loads(json.dumps(spec.to_dict()))))
     if not differences:
         return run
     if SegmentCheckpoints(out_dir / "checkpoints").steps():
@@ -316,16 +308,6 @@ def _previous_run(out_dir: Path, spec: LocalTrainingSpec) -> dict[str, Any] | No
     # No step was trained under the earlier settings: nothing was released, so these take its place.
     log.info("%s: no step was trained with its earlier settings; starting with these", out_dir)
     return None
-
-
-def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat |= _flat(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _differences(recorded: dict[str, Any], asked: dict[str, Any]) -> list[str]:
