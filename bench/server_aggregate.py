@@ -58,7 +58,7 @@ from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import SubsetSpec, trainable_state_dict
 from fedvox.shared.protocol import ARRAYS, METRICS, STATUS, ClientStatus
 from fedvox.shared.runconfig import RunConfig
-from fedvox.shared.wire import from_record, record_bytes, to_record
+from fedvox.shared.wire import encode_update, from_record, record_bytes, to_record
 
 app = typer.Typer(add_completion=False)
 
@@ -92,6 +92,7 @@ def run_config(stage: str, config: str, subset: str, wire: str, aggregation: str
             "subset": subset,
             "min-clients": 1,
             "wire-precision": wire,
+            "update-encoding": wire,  # updates as values: this figure predates int8 deltas
             "aggregation": aggregation,
             "speaker-dp.enabled": speaker_dp,
             "max-update-norm": 1e9,
@@ -111,11 +112,12 @@ def strategy_for(run: RunConfig) -> FedvoxStrategy:
     return FedvoxStrategy(run, build_aggregator(run), run_id="bench", attempt="a", seed=0, speaker=speaker)
 
 
-def updates(sent: dict[str, torch.Tensor], distinct: int, precision: str) -> list[ArrayRecord]:
-    """``distinct`` client updates: the received global plus a small, finite, different step."""
+def updates(sent: dict[str, torch.Tensor], distinct: int, encoding: str) -> list[ArrayRecord]:
+    """``distinct`` client updates: the received global plus a small, finite, different step,
+    encoded as ``client.app`` encodes them."""
     g = torch.Generator().manual_seed(0)
     return [
-        to_record({n: t + 1e-3 * torch.randn(t.shape, generator=g) for n, t in sent.items()}, precision)
+        encode_update({n: t + 1e-3 * torch.randn(t.shape, generator=g) for n, t in sent.items()}, sent, encoding, g)
         for _ in range(distinct)
     ]
 
@@ -146,7 +148,7 @@ def main(
     config: str = typer.Option("v2", help="model config"),
     subset: str = typer.Option("full", help="full or lora"),
     clients: int = typer.Option(100, help="client updates aggregated in the round"),
-    wire: str = typer.Option("fp16", help="wire precision of the updates"),
+    wire: str = typer.Option("fp16", help="wire precision of the global subset and the updates (fp16/fp32 values)"),
     aggregation: str = typer.Option("fedavg", help="fedavg, fedprox, fedadam, median, trimmed-mean"),
     speaker_dp: bool = typer.Option(False, help="speaker-level DP (clip + noise) instead of the plain rule"),
     distinct: int = typer.Option(4, help="distinct update records the replies share"),

@@ -5,7 +5,8 @@ Three handlers (``shared.protocol`` is the contract):
 - ``query``: report this node's status (device profile, the owner's utterance-level budget and
   the epsilon spent and reached after one round of the plan) without training;
 - ``train``: load the global subset, run one DP-SGD release of the plan (``fedvox.client.dp``),
-  reply with the updated subset in the wire precision;
+  reply with the update in the plan's ``update-encoding`` (by default its int4 delta against the
+  received subset, stochastically rounded with the release's own seed; :mod:`shared.wire`);
 - ``evaluate``: when the plan asks for it, release one noised validation loss of the global
   subset on held-out utterances (:mod:`client.loss_release`), charged like a training round.
 
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +88,7 @@ from fedvox.shared.privacy.ledger_head import LEDGER_HEAD, SIGNING_KEY_FILE, hea
 from fedvox.shared.privacy.noise import SecureGaussian
 from fedvox.shared.protocol import ARRAYS, CONFIG, METRICS, REFUSED, STATUS, ClientStatus, Plan
 from fedvox.shared.runconfig import RunConfig
-from fedvox.shared.wire import from_record, record_bytes, to_record
+from fedvox.shared.wire import encode_update, from_record, read_update, record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +284,9 @@ def train(msg: Message, context: Context) -> Message:
             )
         except BudgetExceededError as exc:
             raise _budget_refusal(exc) from None
-        arrays = to_record(result.state, plan.config.wire_precision)
+        received = read_update(msg.content.array_records[ARRAYS])  # views of the bytes that arrived
+        rounding = torch.Generator().manual_seed(session.seeds.rounding if session.seeds else secrets.randbits(63))
+        arrays = encode_update(result.state, received, plan.config.update_encoding, rounding)
         metrics = MetricRecord(
             {  # sizes fixed by the plan; nothing that depends on the recordings
                 "bytes-down": record_bytes(msg.content.array_records[ARRAYS]),

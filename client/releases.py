@@ -93,12 +93,13 @@ def answers_a_server(row: LedgerRow) -> bool:
 
 @dataclass(frozen=True)
 class ReleaseSeeds:
-    """A release's randomness: torch generator seeds (sampling, and noise where no key is used)
-    and the 32-byte key of its secure noise stream."""
+    """A release's randomness: torch generator seeds (sampling, noise where no key is used, and
+    the stochastic rounding of its update on the wire) and the 32-byte key of its secure noise stream."""
 
     noise: int
     sample: int
     noise_key: bytes
+    rounding: int
 
 
 def release_seeds(key: bytes, release_id: str) -> ReleaseSeeds:
@@ -111,8 +112,8 @@ def release_seeds(key: bytes, release_id: str) -> ReleaseSeeds:
     def derive(purpose: str) -> bytes:
         return hmac.new(key, f"{purpose}:{release_id}".encode(), hashlib.sha256).digest()
 
-    noise, sample = (int.from_bytes(derive(p)[:8], "big") >> 1 for p in ("noise", "sample"))
-    return ReleaseSeeds(noise, sample, derive("noise-key"))
+    noise, sample, rounding = (int.from_bytes(derive(p)[:8], "big") >> 1 for p in ("noise", "sample", "rounding"))
+    return ReleaseSeeds(noise, sample, derive("noise-key"), rounding)
 
 
 class ReleaseBook:

@@ -73,24 +73,33 @@ class RoundUpdates:
     def combine(self, coefficients: Sequence[float]) -> dict[str, torch.Tensor]:
         """``sum_i c_i * (update_i - sent)`` in fp32, one pass over each update's received bytes.
 
-        Summing ``c_i * update_i`` and subtracting ``(sum_i c_i) * sent`` once reads every update
-        exactly once, in place, and holds one fp32 model whatever the number of clients.
+        An int8 update is a delta, decoded one tensor at a time; for an update of values, summing
+        ``c_i * update_i`` and subtracting ``(sum_i c_i) * sent`` once reads it in place. Either
+        way every update is read exactly once and one fp32 model is held whatever the number of
+        clients.
         """
         total = {name: torch.zeros_like(t) for name, t in self.sent.items()}
+        values_weight = []  # the coefficients of updates of values (their ``sent`` is subtracted once)
         for coefficient, accepted in zip(coefficients, self.accepted, strict=True):
             update = read_update(accepted.reply.content.array_records[ARRAYS])
             for name, value in total.items():
                 value.add_(update[name], alpha=coefficient)
-        scale = math.fsum(coefficients)
-        for name, value in total.items():
-            value.sub_(self.sent[name], alpha=scale)
+            if not update.relative:
+                values_weight.append(coefficient)
+        if values_weight:
+            scale = math.fsum(values_weight)
+            for name, value in total.items():
+                value.sub_(self.sent[name], alpha=scale)
         return total
 
     def deltas(self) -> Iterator[dict[str, torch.Tensor]]:
         """Each update relative to what its client was sent, in fp32, one at a time."""
         for accepted in self.accepted:
             update = read_update(accepted.reply.content.array_records[ARRAYS])
-            yield {name: torch.sub(update[name], sent) for name, sent in self.sent.items()}
+            if update.relative:
+                yield {name: update[name] for name in self.sent}
+            else:
+                yield {name: torch.sub(update[name], sent) for name, sent in self.sent.items()}
 
     def rebased(self) -> list[Message]:
         """The replies made canonical for Flower's rules: each update applied to the fp32 global

@@ -5,8 +5,9 @@
 - selection (``configure_train``): query nodes it has not heard from, keep only clients whose
   reported budget covers the round, sample them (Poisson under speaker-level DP), and send the
   global trainable subset in the wire precision with the round plan;
-- screening (``aggregate_train``): parse every reply's status, validate its update against what
-  was sent (keys, shapes, dtypes, finite values, norm), count and log rejects;
+- screening (``aggregate_train``): parse every reply's status, validate its update (decoded from
+  the plan's ``update-encoding``) against what was sent (encoding, keys, shapes, dtypes, finite
+  values, norm), count and log rejects;
 - aggregation: the accepted updates go to its :class:`~fedvox.server.aggregators.Aggregator`
   (the mean, the speaker-level DP mean, Flower's median or trimmed mean, FedAdam on a mean);
 - commit: once a round's aggregate is made and *before any message carries it* (Flower sends it
@@ -435,7 +436,12 @@ class FedvoxStrategy(FedAvg):
         arrays = reply.content.array_records[ARRAYS]
         record.bytes_up += record_bytes(arrays)
         try:
-            norm = validate_update(self._sent, read_update(arrays), self.config.max_update_norm)
+            update = read_update(arrays)
+            if update.encoding != self.config.update_encoding:
+                raise UpdateRejected(
+                    f"encoding: the update is {update.encoding}, the plan asks for {self.config.update_encoding}"
+                )
+            norm = validate_update(self._sent, update, self.config.max_update_norm)
         except UpdateRejected as exc:
             reason = str(exc).split(":", 1)[0]
             record.rejects[reason] += 1

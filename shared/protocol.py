@@ -12,7 +12,9 @@ what was asked replies with ``outcome = "refused"`` and a reason code instead of
 
 Record keys:
 
-``arrays``   ArrayRecord, the trainable subset (fp16 or fp32; Flower cannot carry bf16)
+``arrays``   ArrayRecord, the trainable subset: the global one in ``wire-precision`` (fp16 or
+             fp32; Flower cannot carry bf16), an update in ``update-encoding`` (int4/int8 deltas, or
+             fp16/fp32 values; :mod:`fedvox.shared.wire`)
 ``config``   ConfigRecord, the round plan (server -> client)
 ``metrics``  MetricRecord, numbers (client -> server; only what the device may release:
              docs/privacy.md lists every field and how it is protected)
@@ -40,6 +42,12 @@ SERVER_ROUND = "server-round"
 """Plan key naming the round (Flower's strategies inject it too)."""
 RUN_ID = "run-id"
 """Plan key: the run's id, stable across server restarts (ledger rows are keyed by it)."""
+PROTOCOL = "protocol"
+"""Plan key: the version of this contract the server speaks (:data:`PROTOCOL_VERSION`)."""
+PROTOCOL_VERSION = 2
+"""2: updates travel in the plan's ``update-encoding`` (int4 deltas by default). A plan without
+the key is version 1 (updates as fp16/fp32 values), which a client of version 2 refuses: its
+quantised deltas would be read as values."""
 ATTEMPT = "attempt"
 """Plan key: the id of the server process sending it. A round redone after a restart is a new
 attempt: clients train and release again, so they must charge their budgets again."""
@@ -65,7 +73,7 @@ cannot run the plan, or its release policy does not allow it (e.g. a second eval
 _TYPES = {"str": str, "int": int, "float": float}
 
 # Plan keys that are not run-configuration keys.
-_PLAN_KEYS = (SERVER_ROUND, RUN_ID, ATTEMPT)
+_PLAN_KEYS = (SERVER_ROUND, RUN_ID, ATTEMPT, PROTOCOL)
 
 
 @dataclass(frozen=True)
@@ -140,12 +148,25 @@ class Plan:
 
     def to_record(self) -> ConfigRecord:
         record = ConfigRecord(self.config.to_flat())
-        record.update({SERVER_ROUND: self.server_round, RUN_ID: self.run_id, ATTEMPT: self.attempt})
+        record.update(
+            {
+                SERVER_ROUND: self.server_round,
+                RUN_ID: self.run_id,
+                ATTEMPT: self.attempt,
+                PROTOCOL: PROTOCOL_VERSION,
+            }
+        )
         return record
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Plan:
         """Parse a received plan; raises :class:`ProtocolError` or :class:`ConfigError`."""
+        version = record.get(PROTOCOL, 1)
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"the server speaks fedvox protocol {version}, this client {PROTOCOL_VERSION}: "
+                "run the same fedvox release on the server and its clients"
+            )
         missing = [key for key in _PLAN_KEYS if key not in record]
         if missing:
             raise ProtocolError(f"the round plan lacks {missing}; was it sent by a fedvox server?")
@@ -161,6 +182,8 @@ __all__ = [
     "METRICS",
     "OK",
     "OPTIONAL_EVALUATE_METRICS",
+    "PROTOCOL",
+    "PROTOCOL_VERSION",
     "REFUSAL_REASONS",
     "REFUSED",
     "RUN_ID",

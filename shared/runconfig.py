@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 SUBSETS = ("full", "lora")
 AGGREGATIONS = ("fedavg", "fedadam", "fedprox", "median", "trimmed-mean")
 WIRE_PRECISIONS = ("fp16", "fp32")
+UPDATE_ENCODINGS = ("int4", "int8", "fp16", "fp32")
+"""How a client's update travels (:mod:`fedvox.shared.wire`): int4/int8 deltas, or fp16/fp32 values."""
 WHAT = "run-config"
 
 Positive = Field(gt=0)
@@ -80,7 +82,9 @@ class RunConfig:
     local_steps: Annotated[int, Positive] = 5
     logical_batch: Annotated[int, Positive] = 8
     learning_rate: Annotated[float, Positive] = 1e-3
-    wire_precision: Annotated[str, choice(WIRE_PRECISIONS)] = "fp16"
+    wire_precision: Annotated[str, choice(WIRE_PRECISIONS)] = "fp16"  # the global subset sent to clients
+    # a client's update: int4/int8 deltas (stochastic rounding) or fp16/fp32 values (shared/wire.py)
+    update_encoding: Annotated[str, choice(UPDATE_ENCODINGS)] = "int4"
     aggregation: Annotated[str, choice(AGGREGATIONS)] = "fedavg"
     proximal_mu: float = 0.01
     trim_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.2

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
@@ -36,7 +36,7 @@ from fedvox.shared.privacy.ledger import Ledger, Release
 from fedvox.shared.privacy.ledger_head import LEDGER_HEAD, SIGNING_KEY_FILE, head_record
 from fedvox.shared.protocol import ARRAYS, CONFIG, METRICS, REFUSED, STATUS, ClientStatus, Plan
 from fedvox.shared.runconfig import RunConfig
-from fedvox.shared.wire import from_record, record_bytes, to_record
+from fedvox.shared.wire import encode_update, from_record, record_bytes
 from tests.tiny import TINY
 
 DIM = 8
@@ -115,7 +115,8 @@ def make_client_app(
             if not before.can_afford_round():
                 return refuse(msg, status(plan, client_id, ledger, budget, outcome=REFUSED, reason="budget"))
             x, y, _, _ = client_data(partition)
-            state = from_record(msg.content.array_records[ARRAYS])
+            received = from_record(msg.content.array_records[ARRAYS])
+            state = received
             for _ in range(plan.config.local_steps):
                 state = gradient_step(state, x, y, plan.config.learning_rate)
             try:
@@ -140,7 +141,8 @@ def make_client_app(
             after = status(plan, client_id, ledger, budget)
             if behaviour == "late":  # trained and charged, but the update came after the deadline
                 raise RuntimeError("this client's update always arrives too late")
-            arrays = misbehave(to_record(state, plan.config.wire_precision), behaviour)
+            rounding = torch.Generator().manual_seed(partition)
+            arrays = encode_update(misbehave(state, behaviour), received, plan.config.update_encoding, rounding)
             metrics = MetricRecord(
                 {"bytes-down": record_bytes(msg.content.array_records[ARRAYS]), "bytes-up": record_bytes(arrays)}
             )
@@ -183,17 +185,14 @@ def gradient_step(
     return {"linear.weight": weight, "linear.bias": bias}
 
 
-def misbehave(arrays: ArrayRecord, behaviour: str) -> ArrayRecord:
-    state = from_record(arrays)
+def misbehave(state: dict[str, torch.Tensor], behaviour: str) -> dict[str, torch.Tensor]:
     if behaviour == "nan":
         state["linear.weight"][0, 0] = float("nan")
     elif behaviour == "shape":
         state["linear.weight"] = torch.zeros(2, DIM)
     elif behaviour == "huge":
         state["linear.weight"] = state["linear.weight"] + 1e6
-    else:
-        return arrays
-    return to_record(state, "fp32")
+    return state
 
 
 class LocalGrid(Grid):

@@ -8,7 +8,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedvox.client.app import app as client_app
@@ -19,7 +18,7 @@ from fedvox.server.model import initial_subset
 from fedvox.shared.privacy.ledger import Ledger
 from fedvox.shared.protocol import ARRAYS, CONFIG, STATUS, ClientStatus, Plan
 from fedvox.shared.runconfig import RunConfig
-from fedvox.shared.wire import to_record
+from fedvox.shared.wire import from_record, read_update, to_record, validate_update
 from tests.federation_kit import LocalGrid
 from tests.prepared import prepared_cache
 from tests.tiny import TINY
@@ -122,16 +121,19 @@ def test_a_client_refuses_a_round_its_budget_cannot_cover(data_root, tmp_path):
         assert not [r for r in ledger.rows() if r.run_id.startswith("poor")]
 
 
-def test_a_client_replies_with_fp16_arrays_and_its_round_metrics(data_root, tmp_path):
+def test_a_client_replies_with_its_quantised_delta_and_its_round_metrics(data_root, tmp_path):
     config = _config(data_root, tmp_path)
+    assert config.update_encoding == "int4"  # the run default
     grid = LocalGrid(client_app, num_nodes=1)
     sent = initial_subset(config)
+    received = from_record(to_record(sent, "fp16"))
 
-    reply, status = _train(grid, config, to_record(sent, "fp16"), run_id="fp16")
+    reply, status = _train(grid, config, to_record(sent, "fp16"), run_id="int4")
     assert status.ok and status.epsilon_spent > 0 and status.profile
     arrays = reply.content.array_records[ARRAYS]
-    assert set(arrays) == set(sent) and {a.dtype for a in arrays.values()} == {"float16"}
+    assert set(arrays) == set(sent) and {a.stype.split("+")[0] for a in arrays.values()} == {"fedvox.int4-delta"}
     metrics = reply.content.metric_records["metrics"]
-    assert set(metrics) == {"bytes-down", "bytes-up"} and metrics["bytes-up"] == metrics["bytes-down"]
+    assert set(metrics) == {"bytes-down", "bytes-up"} and metrics["bytes-up"] < 0.35 * metrics["bytes-down"]
     assert isinstance(reply.content.config_records[STATUS], ConfigRecord)
-    assert any(not torch.equal(torch.from_numpy(arrays[k].numpy()).float(), sent[k].half().float()) for k in sent)
+    update = read_update(arrays)  # as the server screens it: a delta against what it sent
+    assert update.relative and validate_update(received, update) > 0

@@ -19,6 +19,7 @@ from fedvox.shared.errors import ConfigError
 from fedvox.shared.privacy.accounting import Mechanism, epsilon
 from fedvox.shared.privacy.ledger import Ledger
 from fedvox.shared.runconfig import RunConfig
+from fedvox.shared.wire import LEVELS
 from tests.federation_kit import (
     LocalGrid,
     client_data,
@@ -38,6 +39,7 @@ def _config(tmp_path, **overrides):
         "local-steps": 3,
         "min-clients": 2,
         "wire-precision": "fp32",
+        "update-encoding": "fp32",  # exact arithmetic; the int8 deltas have their own tests
         "keep-checkpoints": 2,
     }
     flat.update(overrides)
@@ -63,20 +65,26 @@ def _local_model(partition, config):
     return state
 
 
-def test_malformed_updates_are_rejected_with_their_reason_and_the_round_completes(tmp_path):
-    config = _config(tmp_path)
+@pytest.mark.parametrize("encoding", ["fp32", "int8", "int4"])
+def test_malformed_updates_are_rejected_with_their_reason_and_the_round_completes(tmp_path, encoding):
+    config = _config(tmp_path, **{"update-encoding": encoding})
     behaviours = {2: "nan", 3: "shape", 4: "huge"}
     run = _run(config, LocalGrid(make_client_app(tmp_path / "clients", behaviours), num_nodes=5))
 
     (row,) = _metrics(config)
     assert row["rejects"] == {"nonfinite": 1, "shape": 1, "norm": 1}
     assert row["participants"] == 2 and row["aggregated"] is True
-    # FedAvg of the two good clients only (equal example counts), applied to the fp32 global.
+    # FedAvg of the two good clients only (equal example counts), applied to the fp32 global;
+    # quantised deltas are each within one rounding step (their tensor's absmax / levels) of the exact ones.
     good = [_local_model(p, config) for p in (0, 1)]
     final = run.store.latest()
     assert final.round == 1
+    exact = {name: (good[0][name] + good[1][name]) / 2 for name in final.state}
     for name, value in final.state.items():
-        torch.testing.assert_close(value, (good[0][name] + good[1][name]) / 2)
+        step = max(float((g[name] - initial_state()[name]).abs().max()) for g in good) / LEVELS.get(encoding, 1e6)
+        torch.testing.assert_close(value, exact[name], rtol=0, atol=max(step, 1e-6))
+    rounded = any(not torch.equal(value, exact[name]) for name, value in final.state.items())
+    assert rounded == (encoding in LEVELS)  # a quantised update really went through the rounding
 
 
 def test_too_few_valid_updates_leave_the_global_model_unchanged(tmp_path):

@@ -1,10 +1,23 @@
-"""Wire format and update validation."""
+"""Wire format and update validation: values, int8 deltas, the screen on what was decoded."""
+
+import math
 
 import pytest
 import torch
+from flwr.app import Array
 
 from fedvox.shared.errors import ConfigError, UpdateRejected
-from fedvox.shared.wire import from_record, record_bytes, to_record, validate_update
+from fedvox.shared.wire import (
+    LEVELS,
+    dequantize,
+    encode_update,
+    from_record,
+    quantize,
+    read_update,
+    record_bytes,
+    to_record,
+    validate_update,
+)
 
 
 def _state():
@@ -52,3 +65,146 @@ def test_a_good_update_passes_and_reports_its_norm():
     update = {k: v + 0.1 for k, v in reference.items()}
     norm = validate_update(reference, update, max_update_norm=10.0)
     assert norm == pytest.approx(0.1 * (12 + 5) ** 0.5, rel=1e-5)
+
+
+# ---------------------------------------------------------------------- int8 deltas
+def _lora_pair():
+    """A LoRA factor pair's deltas (A: rank x in, B: out x rank), columns of B on different scales."""
+    g = torch.Generator().manual_seed(1)
+    return {
+        "proj.lora_A": 1e-3 * torch.randn(4, 64, generator=g),
+        "proj.lora_B": torch.randn(48, 4, generator=g) * torch.tensor([1e-4, 1e-3, 1e-2, 1e-1]),
+        "norm.bias": 1e-2 * torch.randn(16, generator=g),
+    }
+
+
+def _received(delta):
+    g = torch.Generator().manual_seed(2)
+    return {name: torch.randn(d.shape, generator=g).half().float() for name, d in delta.items()}
+
+
+@pytest.mark.parametrize("encoding", ["int8", "int4"])
+def test_delta_round_trip_stays_within_one_step_of_its_slice(encoding):
+    delta = _lora_pair()
+    received = _received(delta)
+    trained = {name: received[name] + d for name, d in delta.items()}
+    record = encode_update(trained, received, encoding, torch.Generator().manual_seed(0))
+    update = read_update(record)
+    assert update.encoding == encoding and update.relative
+    levels = LEVELS[encoding]
+    for name in delta:
+        exact = trained[name] - received[name]  # what fp32 arithmetic on the device gave
+        scales, _ = quantize(exact, levels, torch.Generator())
+        # one scale per rank component (A's rows, B's columns), one for a vector
+        assert scales.numel() == {"proj.lora_A": 4, "proj.lora_B": 4, "norm.bias": 1}[name]
+        step = exact.abs().amax(dim=1, keepdim=True) if name == "proj.lora_A" else exact.abs().amax(dim=0)
+        error = (update[name] - exact).abs()
+        assert bool((error <= step / levels * 1.0001).all())
+        assert update[name].dtype == torch.float32
+        assert error.max() > 0  # it really was rounded
+
+
+def test_int8_and_int4_payloads_are_a_quarter_and_an_eighth_of_fp32_before_deflate():
+    delta = _lora_pair()
+    received = _received(delta)
+    trained = {name: received[name] + d for name, d in delta.items()}
+    int8 = encode_update(trained, received, "int8", torch.Generator().manual_seed(0))
+    fp32 = encode_update(trained, received, "fp32", torch.Generator())
+    elements = sum(d.numel() for d in delta.values())
+    payload = sum(len(array.data) for array in int8.values())
+    assert payload <= elements + 4 * 9  # one byte a value, nine fp32 scales; deflated only if smaller
+    assert record_bytes(int8) < record_bytes(fp32) / 3.5
+    int4 = encode_update(trained, received, "int4", torch.Generator().manual_seed(0))
+    assert sum(len(array.data) for array in int4.values()) <= (elements + 3) // 2 + 4 * 9  # odd tensors pad a nibble
+
+
+def test_deflate_is_used_only_where_it_pays():
+    g = torch.Generator().manual_seed(3)
+    sparse = torch.zeros(32, 256)
+    sparse[:, :8] = torch.randn(32, 8, generator=g)  # mostly zero: deflates well
+    dense = torch.rand(32, 256, generator=g) * 2 - 1  # uniform over the range: 8 bits of entropy a value
+    zero = {"sparse": torch.zeros(32, 256), "dense": torch.zeros(32, 256)}
+    record = encode_update({"sparse": sparse, "dense": dense}, zero, "int8", torch.Generator().manual_seed(0))
+    assert record["sparse"].stype == "fedvox.int8-delta+deflate" and len(record["sparse"].data) < 32 * 256 / 4
+    assert record["dense"].stype == "fedvox.int8-delta"
+    decoded = read_update(record)
+    for name, value in {"sparse": sparse, "dense": dense}.items():
+        assert float((decoded[name] - value).abs().max()) <= float(value.abs().max()) / 127 * 1.0001
+
+
+@pytest.mark.parametrize("encoding", ["int8", "int4"])
+def test_stochastic_rounding_is_unbiased(encoding):
+    delta = _lora_pair()["proj.lora_B"]
+    levels = LEVELS[encoding]
+    draws = 2000
+    total = torch.zeros_like(delta, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(draws):
+        total += dequantize(*quantize(delta, levels, generator)).double()
+    mean = total / draws
+    # Each draw's error is zero-mean with |error| < step; the mean of n draws has std < step / (2 sqrt n).
+    step = (delta.abs().amax(dim=0) / levels).double()
+    assert bool(((mean - delta.double()).abs() <= 5 * step / (2 * draws**0.5)).all())
+    # Nearest rounding would be biased by up to half a step; this data has such offsets to find.
+    nearest = (torch.round(delta / (step.float())) * step.float()).double()
+    assert float((nearest - delta.double()).abs().max()) > 10 * float((mean - delta.double()).abs().max())
+
+
+def test_the_screen_reads_the_decoded_delta_and_its_norm():
+    delta = _lora_pair()
+    received = _received(delta)
+    trained = {name: received[name] + d for name, d in delta.items()}
+    update = read_update(encode_update(trained, received, "int8", torch.Generator().manual_seed(0)))
+    norm = validate_update(received, update, max_update_norm=10.0)
+    decoded = math.sqrt(sum(float(update[n].double().pow(2).sum()) for n in delta))
+    assert norm == pytest.approx(decoded, rel=1e-6)
+    assert norm == pytest.approx(math.sqrt(sum(float(d.pow(2).sum()) for d in delta.values())), rel=1e-2)
+    with pytest.raises(UpdateRejected, match=r"^norm:"):
+        validate_update(received, update, max_update_norm=0.5 * norm)
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda s: s["proj.lora_A"].__setitem__((0, 0), float("nan")), "nonfinite"),
+        (lambda s: s.__setitem__("proj.lora_A", torch.zeros(5, 64)), "shape"),
+        (lambda s: s.pop("norm.bias"), "keys"),
+    ],
+)
+def test_malformed_int8_updates_are_rejected_with_their_reason(mutate, reason):
+    received = _received(_lora_pair())
+    trained = {name: t + 1e-3 for name, t in received.items()}
+    mutate(trained)
+    with pytest.raises(UpdateRejected, match=f"^{reason}:"):
+        record = encode_update(
+            trained, {**received, "proj.lora_A": torch.zeros(trained["proj.lora_A"].shape)}, "int8", torch.Generator()
+        )
+        validate_update(received, read_update(record))
+
+
+def test_corrupt_or_foreign_arrays_are_rejected_as_encoding():
+    received = _received(_lora_pair())
+    record = encode_update({n: t + 1e-3 for n, t in received.items()}, received, "int8", torch.Generator())
+    array = record["proj.lora_A"]
+    record["proj.lora_A"] = Array(dtype="int8", shape=array.shape, stype=array.stype, data=array.data[:-1])
+    with pytest.raises(UpdateRejected, match=r"^encoding:"):
+        validate_update(received, read_update(record))
+    mixed = to_record(received, "fp16")
+    mixed["norm.bias"] = record["norm.bias"]
+    with pytest.raises(UpdateRejected, match=r"^encoding: the update mixes"):
+        read_update(mixed)
+    record["norm.bias"] = Array(dtype="int8", shape=(16,), stype="pickle", data=b"\x00" * 16)
+    with pytest.raises(UpdateRejected, match=r"^encoding:"):
+        read_update(record)
+
+
+def test_a_plan_of_another_protocol_version_is_refused_clearly():
+    from fedvox.shared.errors import ProtocolError
+    from fedvox.shared.protocol import PROTOCOL, PROTOCOL_VERSION, Plan
+    from fedvox.shared.runconfig import RunConfig
+
+    record = Plan(RunConfig(), 1, "run", "a").to_record()
+    assert record[PROTOCOL] == PROTOCOL_VERSION and Plan.from_record(record).config.update_encoding == "int4"
+    del record[PROTOCOL]  # a server from before int8 deltas
+    with pytest.raises(ProtocolError, match="server speaks fedvox protocol 1, this client 2"):
+        Plan.from_record(record)
