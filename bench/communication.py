@@ -1,6 +1,6 @@
 """Figure 3, communication: bytes one client moves per round, and what the update encoding costs the aggregate.
 
-    python -m bench.communication                                         # both parts, defaults below
+    python -m bench.communication                                         # sizes; the effect at s1 v2 r8
     python -m bench.communication --stage s1 --config v2 --lora-rank 4 --lora-rank 8 --lora-rank 16
     python -m bench.communication --effect-rank 0                         # sizes only
 
@@ -192,9 +192,9 @@ def main(
     stage: list[str] = typer.Option(["s1", "s2"], help="s1 and/or s2 (sizes)"),
     config: list[str] = typer.Option(["tiny", "v2"], help="model configs (sizes)"),
     lora_rank: list[int] = typer.Option([4, 8, 16], help="LoRA ranks (sizes; run default 8)"),
-    effect_rank: list[int] = typer.Option([4, 8, 16], help="s1 LoRA ranks trained for the effect (0: none)"),
+    effect_rank: list[int] = typer.Option([8], help="s1 LoRA ranks trained for the effect (0: none)"),
     effect_config: str = typer.Option("v2", help="s1 model config trained for the effect"),
-    clients: int = typer.Option(4, help="devices whose updates are averaged"),
+    clients: int = typer.Option(3, help="devices whose updates are averaged"),
     phonemes: int = typer.Option(16, help="phonemes per synthetic utterance"),
     tokens: int = typer.Option(48, help="semantic tokens per synthetic utterance"),
     out: Path = typer.Option(None, help="JSON path (default runs/bench/communication.json)"),
