@@ -38,16 +38,13 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
 from bench.common import host, interleaved, load_average, table, timing_key, write_json
-from fedvox.client.data.datasets import S1Example, S2Example
 from fedvox.client.dp.engine import make_private, run_logical_step
 from fedvox.client.dp.grad_sample import DirectGradSampleModule
 from fedvox.client.dp.optimizer import FedvoxDPOptimizer
 from fedvox.client.dp.task import Task, autocast
 from fedvox.client.stages import client_stage
 from fedvox.client.stages.s1 import S1Task
-from fedvox.shared.audio import HOP_LENGTH
 from fedvox.shared.cli import run_cli
-from fedvox.shared.models.config import EOS, PHONEME_VOCAB
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.s1 import s1_loss
 from fedvox.shared.models.subsets import SubsetSpec
@@ -59,23 +56,10 @@ LEARNING_RATE = 1e-5  # small: the weights barely move over the repeats
 
 
 def synthetic_dataset(stage: str, batch: int, phonemes: int, tokens: int, seed: int = 0) -> list:
-    """``batch`` utterances of exactly ``phonemes`` phonemes and ``tokens`` semantic tokens."""
+    """``batch`` of the stage's examples of exactly ``phonemes`` phonemes and ``tokens`` semantic tokens."""
     g = torch.Generator().manual_seed(seed)
-    vocab = PHONEME_VOCAB["v2"]
-    if stage == "s1":
-        return [
-            S1Example(torch.randint(1, vocab, (phonemes,), generator=g), torch.randint(0, EOS, (tokens,), generator=g))
-            for _ in range(batch)
-        ]
-    return [
-        S2Example(
-            semantic_ids=torch.randint(0, EOS, (tokens,), generator=g),
-            spec=torch.rand(1025, 2 * tokens, generator=g),
-            wave=0.1 * torch.randn(1, 2 * tokens * HOP_LENGTH, generator=g),
-            phoneme_ids=torch.randint(1, vocab, (phonemes,), generator=g),
-        )
-        for _ in range(batch)
-    ]
+    example = client_stage(stage).example
+    return [example.synthetic(phonemes, tokens, g) for _ in range(batch)]
 
 
 def build_task(stage: str, config: str, subset: str, dataset: list, device: torch.device, precision: str) -> Task:

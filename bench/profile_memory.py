@@ -240,7 +240,8 @@ def _jobs(args: argparse.Namespace) -> list[tuple[str, str, str, str, bool]]:
         for config in args.config or ARCHITECTURES[stage]:
             for subset in args.subset:
                 for precision in args.precision:
-                    for checkpointing in (False, True) if stage == "s1" else (False,):
+                    checkpointable = model_size(stage, config, SubsetSpec(subset)).checkpointable
+                    for checkpointing in (False, True) if checkpointable else (False,):
                         jobs.append((stage, config, subset, precision, checkpointing))
     return jobs
 

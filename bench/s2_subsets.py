@@ -24,7 +24,7 @@ import typer
 
 from fedvox.client.data.datasets import S2Dataset
 from fedvox.client.data.prepare import prepare
-from fedvox.client.stages import S2Task
+from fedvox.client.stages.s2 import S2Task
 from fedvox.shared.cli import run_cli
 from fedvox.shared.models.factory import SoVITSPair, build_model
 from fedvox.shared.models.subsets import SubsetSpec, apply_subset

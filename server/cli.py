@@ -324,10 +324,10 @@ def export(
         model = build_global_model(config)
         load_trainable_state_dict(model, checkpoint.state)
         if format_ == "safetensors":
-            paths = export_fedvox(model, folder / "fedvox")
+            paths = export_fedvox(config.stage, model, folder / "fedvox")
         else:
             try:
-                paths = export_gpt_sovits(model, folder / "gpt-sovits", half=True)
+                paths = export_gpt_sovits(config.stage, model, folder / "gpt-sovits", half=True)
             except CheckpointError as exc:
                 raise CheckpointError(f"{exc}: --format safetensors") from None
     for path in paths:

@@ -56,7 +56,7 @@ def export_model(config: RunConfig, subset: Mapping[str, torch.Tensor], folder: 
     architecture is an official one; returns the files written."""
     model = build_global_model(config)
     load_trainable_state_dict(model, subset)
-    paths = export_all(model, folder)
+    paths = export_all(config.stage, model, folder)
     log.info("exported %s", ", ".join(str(p) for p in paths))
     return paths
 

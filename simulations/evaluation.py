@@ -18,7 +18,6 @@ from torch.utils.data import Dataset
 
 from fedvox.client.dp.task import Task
 from fedvox.client.stages import client_stage
-from fedvox.shared.models.config import s1_config
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import load_trainable_state_dict
 from fedvox.shared.runconfig import RunConfig
@@ -69,16 +68,18 @@ class Evaluator:
 
 
 def reference_losses(config: RunConfig, training: Iterable[Dataset], heldout: Heldout) -> dict[str, Any]:
-    """Loss levels a model must beat, on the same held-out utterances (s1 only; {} for s2).
+    """Loss levels a model must beat, on the same held-out utterances, for a stage whose headline
+    metric is a cross-entropy per token (s1; {} for s2: its recipe's ``headline_vocabulary``).
 
     *uniform*: every semantic code and EOS equally likely, ``ln(vocabulary)``. *unigram*: each
     token at its frequency in the clients' training utterances (add-one smoothed, EOS once per
     utterance), per held-out token including EOS as the s1 loss counts it; the mean over
     speakers, as :meth:`Evaluator.losses`.
     """
-    if config.stage != "s1":
+    stage_recipe = recipe(config.stage)
+    if stage_recipe.headline_vocabulary is None:
         return {}
-    vocabulary = s1_config(config.model_config).semantic_vocab
+    vocabulary = stage_recipe.headline_vocabulary(stage_recipe.config(config.model_config))
     eos = vocabulary - 1
     counts = torch.ones(vocabulary, dtype=torch.float64)
     for dataset in training:

@@ -189,7 +189,7 @@ def test_synthesize_speaks_with_trained_models(data, tmp_path):
     runner = CliRunner()
     trained = runner.invoke(app, [*TRAIN, "--data", str(folder), "--out", str(tmp_path / "run")])
     assert trained.exit_code == 0, trained.output
-    export_fedvox(build_model("s2", "tiny", SubsetSpec(kind="full")), tmp_path / "s2")
+    export_fedvox("s2", build_model("s2", "tiny", SubsetSpec(kind="full")), tmp_path / "s2")
     reference = next((data.parent / "recordings").glob("*.wav"))
     out = tmp_path / "spoken.wav"
     # a training run's folder is enough: its export/fedvox/ model is found (not also export/gpt-sovits/)

@@ -9,7 +9,8 @@ import torch
 
 from fedvox.client.data.datasets import S1Dataset, S2Dataset
 from fedvox.client.dp.trainer import PrivacyPlan, RoundPlan, Trainer
-from fedvox.client.stages import S1Task, S2Task
+from fedvox.client.stages.s1 import S1Task
+from fedvox.client.stages.s2 import S2Task
 from fedvox.shared.errors import BudgetExceededError
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.s1 import SelfAttention

@@ -32,7 +32,7 @@ from fedvox.client.data.cache import FeatureCache
 from fedvox.client.data.datasets import S1Dataset, S1Example
 from fedvox.client.dp import PrivacyPlan, RoundPlan, Trainer
 from fedvox.client.dp.monitor import TrainingMonitor
-from fedvox.client.stages import S1Task
+from fedvox.client.stages.s1 import S1Task
 from fedvox.shared.errors import ConfigError, DataError
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import SubsetSpec

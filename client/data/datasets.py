@@ -17,11 +17,11 @@ from torch.utils.data import Dataset
 
 from fedvox.client.data.cache import CachedItem, FeatureCache
 from fedvox.client.data.features import from_pcm16
-from fedvox.shared.audio import SEMANTIC_RATE, linear_spectrogram
+from fedvox.shared.audio import HOP_LENGTH, SEMANTIC_RATE, SPEC_CHANNELS, linear_spectrogram
 from fedvox.shared.bert import BERT_DIM
 from fedvox.shared.errors import DataError
 from fedvox.shared.models.batches import S1Batch, S2Batch
-from fedvox.shared.models.config import EOS
+from fedvox.shared.models.config import EOS, PHONEME_VOCAB
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,14 @@ class S1Example:
     phoneme_ids: torch.Tensor  # long [X]
     semantic_ids: torch.Tensor  # long [T25]
     bert_features: torch.Tensor | None = None  # float [X, 1024]; None means zeros
+
+    @classmethod
+    def synthetic(cls, phonemes: int, tokens: int, generator: torch.Generator) -> S1Example:
+        """Random v2 phonemes and semantic codes of exactly these lengths (benchmarks)."""
+        return cls(
+            torch.randint(1, PHONEME_VOCAB["v2"], (phonemes,), generator=generator),
+            torch.randint(0, EOS, (tokens,), generator=generator),
+        )
 
 
 class S1Dataset(_CacheDataset):
@@ -109,6 +117,17 @@ class S2Example:
     wave: torch.Tensor  # float [1, 2 * T25 * 640]
     phoneme_ids: torch.Tensor  # long [X]
     sv_embedding: torch.Tensor | None = None  # float [20480] (prepare --sv), for v2Pro/v2ProPlus
+
+    @classmethod
+    def synthetic(cls, phonemes: int, tokens: int, generator: torch.Generator) -> S2Example:
+        """Random semantic codes, spectrogram, waveform and v2 phonemes of exactly these lengths,
+        without a speaker embedding (benchmarks)."""
+        return cls(
+            semantic_ids=torch.randint(0, EOS, (tokens,), generator=generator),
+            spec=torch.rand(SPEC_CHANNELS, 2 * tokens, generator=generator),
+            wave=0.1 * torch.randn(1, 2 * tokens * HOP_LENGTH, generator=generator),
+            phoneme_ids=torch.randint(1, PHONEME_VOCAB["v2"], (phonemes,), generator=generator),
+        )
 
 
 class S2Dataset(_CacheDataset):

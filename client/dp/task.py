@@ -70,6 +70,13 @@ class Task(ABC):
     def evaluate(self, dataset: Examples, indices: torch.Tensor) -> dict[str, float]:
         """Validation sums over ``indices`` of ``dataset`` (keys ending in ``_sum`` or counts)."""
 
+    def accumulate_without_adversary(self, indices: torch.Tensor, step_seed: int) -> tuple[dict[str, float], list[str]]:
+        """Non-private forward + backward of the losses that need no adversary, for pretraining's
+        first steps before a discriminator joins; returns the sums and the parts it trained. A
+        stage without an adversary (s1) trains all of itself, as :meth:`accumulate` does."""
+        parts = self.parts()
+        return self.accumulate(parts, indices, step_seed), list(parts)
+
     def means(self, sums: dict[str, float]) -> dict[str, float]:
         """Per-example means of summed step or evaluation metrics (keys ending in ``_sum``); a
         task adds its own (s1: per token)."""

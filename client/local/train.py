@@ -280,7 +280,7 @@ def export(model: torch.nn.Module, spec: LocalTrainingSpec, out_dir: Path) -> li
     """The trained subset (``subset.safetensors``) and the merged model (``export/``)."""
     path = out_dir / "subset.safetensors"
     save_safetensors(trainable_state_dict(model), path, metadata={"spec": spec.to_dict()})
-    return [path, *export_all(model, out_dir / "export")]
+    return [path, *export_all(spec.stage, model, out_dir / "export")]
 
 
 IDENTITY_EXEMPT = ("privacy.budget_epsilon",)

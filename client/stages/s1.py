@@ -7,9 +7,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from fedvox.client.data.datasets import collate_s1
+from fedvox.client.data.datasets import S1Dataset, S1Example, collate_s1
 from fedvox.client.dp.task import Examples, Task, autocast
 from fedvox.client.profiles import ResourceProfile
+from fedvox.client.stages import ClientStage
 from fedvox.shared.models.batches import S1Batch
 from fedvox.shared.models.s1 import Text2SemanticDecoder, s1_loss
 
@@ -94,4 +95,6 @@ class S1Task(Task):
         }
 
 
-__all__ = ["S1_BETAS", "S1Task"]
+CLIENT_STAGE = ClientStage(example=S1Example, dataset=S1Dataset, task=S1Task)
+
+__all__ = ["CLIENT_STAGE", "S1_BETAS", "S1Task"]

@@ -7,13 +7,16 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from fedvox.client.data.datasets import collate_s2
+from fedvox.client.data.datasets import S2Dataset, S2Example, collate_s2
 from fedvox.client.dp.task import Examples, Task, autocast
 from fedvox.client.profiles import ResourceProfile
+from fedvox.client.stages import ClientStage
 from fedvox.shared.models.batches import S2Batch
 from fedvox.shared.models.factory import SoVITSPair
 from fedvox.shared.models.s2 import discriminator_losses, frozen, generator_losses
+from fedvox.shared.models.s2.gan import real_slices
 from fedvox.shared.models.s2.generator import SynthesizerTrn
+from fedvox.shared.models.s2.losses import kl_loss, mel_loss
 
 S2_BETAS = (0.8, 0.99)
 """GPT-SoVITS's AdamW betas for s2 (eps 1e-9)."""
@@ -104,6 +107,25 @@ class S2Task(Task):
         sums["examples"] = float(len(indices))
         return sums
 
+    def accumulate_without_adversary(self, indices: torch.Tensor, step_seed: int) -> tuple[dict[str, float], list[str]]:
+        """The generator alone on mel L1, KL and the commitment loss (the discriminator has not
+        joined yet): non-private pretraining's first ``disc_start`` steps."""
+        batch, starts, noise = self.batch(self.dataset, indices, step_seed)
+        config = self.generator.config
+        out = self.generator(batch, slice_starts=starts, posterior_noise=noise)
+        _, spec = real_slices(batch, out, config)
+        mel = mel_loss(spec, out.wave_hat) * config.c_mel
+        kl = kl_loss(out.z_p, out.logs_q, out.m_p, out.logs_p, out.mask) * config.c_kl
+        total = mel + kl + out.commitment
+        total.sum().backward()
+        sums = {
+            "loss_sum": float(total.detach().sum()),
+            "g_mel_sum": float(mel.detach().sum()),
+            "g_kl_sum": float(kl.detach().sum()),
+            "examples": float(len(indices)),
+        }
+        return sums, ["generator"]
+
     @torch.no_grad()
     def evaluate(self, dataset: Examples, indices: torch.Tensor) -> dict[str, float]:
         """Mel reconstruction and KL of held-out utterances (fixed randomness across rounds)."""
@@ -127,4 +149,6 @@ def _example_generator(step_seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((step_seed * 1_000_003 + index) % (2**63 - 1))
 
 
-__all__ = ["S2_BETAS", "S2Task"]
+CLIENT_STAGE = ClientStage(example=S2Example, dataset=S2Dataset, task=S2Task)
+
+__all__ = ["CLIENT_STAGE", "S2_BETAS", "S2Task"]

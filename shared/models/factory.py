@@ -3,7 +3,7 @@
 Only the trainable subset ever travels; the frozen base is rebuilt from (stage, model config,
 subset, LoRA shape, seed) — or loaded from fedvox's shipped base (``pretrained = "fedvox-base"``),
 a released GPT-SoVITS checkpoint or a fedvox export — so a server and its clients agree on it
-without shipping it. What each stage builds is its recipe's
+without shipping it. What each stage builds, and how it exports, is its recipe's
 (:mod:`fedvox.shared.stages`).
 """
 
@@ -17,11 +17,8 @@ from torch import nn
 
 from fedvox.shared.errors import CheckpointError, ConfigError
 from fedvox.shared.models.config import SHIPPED_BASE, shipped_base_mismatch
-from fedvox.shared.models.s1 import Text2SemanticDecoder
-from fedvox.shared.models.s1_checkpoint import save_official_s1, save_s1_safetensors
 from fedvox.shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn
-from fedvox.shared.models.s2.checkpoint import export_discriminator, export_generator, save_model
-from fedvox.shared.models.subsets import SubsetSpec, merged_state_dict
+from fedvox.shared.models.subsets import SubsetSpec
 from fedvox.shared.stages import recipe
 
 log = logging.getLogger(__name__)
@@ -95,58 +92,34 @@ def require_config(found: str, wanted: str, path: str | Path) -> None:
         )
 
 
-def export_gpt_sovits(model: nn.Module, folder: str | Path, *, half: bool = False) -> list[Path]:
-    """Write ``model`` (LoRA merged) in GPT-SoVITS's own formats; returns the files written.
+def export_gpt_sovits(stage: str, model: nn.Module, folder: str | Path, *, half: bool = False) -> list[Path]:
+    """Write ``model`` (LoRA merged) in GPT-SoVITS's own formats, as the stage's recipe says;
+    returns the files written.
 
     s1: ``s1.ckpt``; s2: ``s2G.pth`` and ``s2D.pth``. ``half`` writes fp16, as GPT-SoVITS's own
     fine-tuning exports are.
     """
-    folder = Path(folder)
-    if isinstance(model, Text2SemanticDecoder):
-        plain = Text2SemanticDecoder(model.config)
-        plain.load_state_dict(merged_state_dict(model), strict=True)
-        path = folder / "s1.ckpt"
-        save_official_s1(plain, path, info="fedvox", dtype=torch.float16 if half else torch.float32)
-        return [path]
-    if not isinstance(model, SoVITSPair):
-        raise ConfigError(f"cannot export a {type(model).__name__}; expected an s1 or s2 model")
-    generator = SynthesizerTrn(model.generator.config)
-    generator.load_state_dict(merged_state_dict(model.generator), strict=True)
-    paths = [folder / "s2G.pth", folder / "s2D.pth"]
-    export_generator(generator, paths[0], half=half)
-    export_discriminator(model.discriminator, paths[1], half=half)
-    return paths
+    return recipe(stage).export_gpt_sovits(model, Path(folder), half)
 
 
-def export_fedvox(model: nn.Module, folder: str | Path) -> list[Path]:
-    """Write ``model`` (LoRA merged) as self-describing fedvox safetensors, any config (tiny too).
+def export_fedvox(stage: str, model: nn.Module, folder: str | Path) -> list[Path]:
+    """Write ``model`` (LoRA merged) as self-describing fedvox safetensors, any config (tiny too),
+    as the stage's recipe says; returns the files written.
 
     s1: ``s1.safetensors``; s2: ``s2G.safetensors`` and ``s2D.safetensors``. Each file carries
     its config, so it loads without knowing how it was trained.
     """
-    folder = Path(folder)
-    if isinstance(model, Text2SemanticDecoder):
-        path = folder / "s1.safetensors"
-        save_s1_safetensors(model, path)
-        return [path]
-    if not isinstance(model, SoVITSPair):
-        raise ConfigError(f"cannot export a {type(model).__name__}; expected an s1 or s2 model")
-    generator = SynthesizerTrn(model.generator.config)
-    generator.load_state_dict(merged_state_dict(model.generator), strict=True)
-    paths = [folder / "s2G.safetensors", folder / "s2D.safetensors"]
-    save_model(generator, paths[0])
-    save_model(model.discriminator, paths[1])
-    return paths
+    return recipe(stage).export_fedvox(model, Path(folder))
 
 
-def export_all(model: nn.Module, folder: str | Path) -> list[Path]:
+def export_all(stage: str, model: nn.Module, folder: str | Path) -> list[Path]:
     """Both exports, LoRA merged: fedvox safetensors in ``folder/fedvox`` (any config) and
     GPT-SoVITS's own files in ``folder/gpt-sovits`` (fp16, as its fine-tuning exports) when the
     architecture is an official one; returns the files written."""
     folder = Path(folder)
-    paths = export_fedvox(model, folder / "fedvox")
+    paths = export_fedvox(stage, model, folder / "fedvox")
     try:
-        paths += export_gpt_sovits(model, folder / "gpt-sovits", half=True)
+        paths += export_gpt_sovits(stage, model, folder / "gpt-sovits", half=True)
     except CheckpointError as exc:
         log.info("no GPT-SoVITS export (the fedvox one holds the model): %s", exc)
     return paths

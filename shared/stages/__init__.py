@@ -1,7 +1,7 @@
 """The two GPT-SoVITS stages as explicit recipes, looked up by name through one registry.
 
 A :class:`StageRecipe` declares what the server and every tool need to know about a stage: its
-config presets, how its model is built, its headline metric, its export files and its role in
+config presets, how its model is built, its headline metric, how it exports and its role in
 synthesis. The client-side parts (dataset, training task) are registered per stage beside the
 client (:mod:`fedvox.client.stages`). Nothing outside the recipes asks which stage it is.
 
@@ -39,6 +39,10 @@ class StageRecipe:
     headline_metric: str
     """The validation metric a run reports as its loss (the ClientApp's ``val-loss``)."""
     headline_description: str
+    headline_vocabulary: Callable[[Any], int] | None
+    """The vocabulary size (from the stage config) when the headline metric is a cross-entropy per
+    predicted token, the semantic codes with EOS last (s1), so that chance levels (uniform,
+    unigram) exist to compare it with; ``None`` when it is not (s2)."""
     config: Callable[[str], Any]
     """The named config presets (``tiny``, ``v2``, ...) as the stage's config dataclass."""
     build: Callable[[Any, SubsetSpec, str | Path | None], nn.Module]
@@ -50,6 +54,13 @@ class StageRecipe:
     load_for_voice: Callable[[Path, dict[str, str] | None], list[nn.Module] | None]
     """The models a voice uses in a file (given its safetensors metadata, if any): ``None`` if the
     file is not this stage's, ``[]`` if it is but holds nothing a voice needs."""
+    export_fedvox: Callable[[nn.Module, Path], list[Path]]
+    """``export_fedvox(model, folder)``: the trained model, LoRA merged, as self-describing fedvox
+    safetensors in ``folder`` (any config: each file carries its config); returns the files."""
+    export_gpt_sovits: Callable[[nn.Module, Path, bool], list[Path]]
+    """``export_gpt_sovits(model, folder, half)``: the trained model, LoRA merged, in GPT-SoVITS's
+    own files in ``folder`` (fp16 with ``half``); returns the files. Raises
+    :class:`~fedvox.shared.errors.CheckpointError` for an architecture GPT-SoVITS does not have."""
 
 
 def recipe(stage: str) -> StageRecipe:

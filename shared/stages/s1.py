@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
+from fedvox.shared.errors import ConfigError
 from fedvox.shared.models.config import S1Config, s1_config
 from fedvox.shared.models.factory import require_config
 from fedvox.shared.models.s1 import Text2SemanticDecoder
-from fedvox.shared.models.s1_checkpoint import load_official_s1, load_s1_safetensors
-from fedvox.shared.models.subsets import SubsetSpec, apply_subset
+from fedvox.shared.models.s1_checkpoint import (
+    load_official_s1,
+    load_s1_safetensors,
+    save_official_s1,
+    save_s1_safetensors,
+)
+from fedvox.shared.models.subsets import SubsetSpec, apply_subset, merged_state_dict
 from fedvox.shared.stages import StageRecipe
 
 
@@ -35,17 +42,42 @@ def load_for_voice(path: Path, meta: dict[str, str] | None) -> list[nn.Module] |
     return None
 
 
+def export_fedvox(model: nn.Module, folder: Path) -> list[Path]:
+    """``s1.safetensors``."""
+    path = folder / "s1.safetensors"
+    save_s1_safetensors(_decoder(model), path)
+    return [path]
+
+
+def export_gpt_sovits(model: nn.Module, folder: Path, half: bool) -> list[Path]:
+    """``s1.ckpt``, GPT-SoVITS's own checkpoint."""
+    plain = Text2SemanticDecoder(_decoder(model).config)
+    plain.load_state_dict(merged_state_dict(model), strict=True)
+    path = folder / "s1.ckpt"
+    save_official_s1(plain, path, info="fedvox", dtype=torch.float16 if half else torch.float32)
+    return [path]
+
+
+def _decoder(model: nn.Module) -> Text2SemanticDecoder:
+    if not isinstance(model, Text2SemanticDecoder):
+        raise ConfigError(f"cannot export a {type(model).__name__} as s1; expected a Text2SemanticDecoder")
+    return model
+
+
 RECIPE = StageRecipe(
     name="s1",
     title="GPT text-to-semantic",
     synthesis_role="text to semantic tokens",
     headline_metric="loss_per_token",
     headline_description="cross-entropy per semantic token",
+    headline_vocabulary=lambda config: config.semantic_vocab,
     config=s1_config,
     build=build,
     base_file="s1.safetensors",
     voice_model=lambda model: model,
     load_for_voice=load_for_voice,
+    export_fedvox=export_fedvox,
+    export_gpt_sovits=export_gpt_sovits,
 )
 
 __all__ = ["RECIPE"]

@@ -7,12 +7,19 @@ from typing import TypeVar
 
 from torch import nn
 
-from fedvox.shared.errors import CheckpointError
+from fedvox.shared.errors import CheckpointError, ConfigError
 from fedvox.shared.models.config import S2Config, s2_config
 from fedvox.shared.models.factory import SoVITSPair, require_config
 from fedvox.shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn
-from fedvox.shared.models.s2.checkpoint import load_discriminator, load_generator, load_model
-from fedvox.shared.models.subsets import SubsetSpec, apply_subset
+from fedvox.shared.models.s2.checkpoint import (
+    export_discriminator,
+    export_generator,
+    load_discriminator,
+    load_generator,
+    load_model,
+    save_model,
+)
+from fedvox.shared.models.subsets import SubsetSpec, apply_subset, merged_state_dict
 from fedvox.shared.stages import StageRecipe
 
 M = TypeVar("M", SynthesizerTrn, MultiPeriodDiscriminator)
@@ -64,17 +71,51 @@ def load_for_voice(path: Path, meta: dict[str, str] | None) -> list[nn.Module] |
     return None
 
 
+def export_fedvox(model: nn.Module, folder: Path) -> list[Path]:
+    """``s2G.safetensors`` and ``s2D.safetensors``."""
+    pair = _pair(model)
+    paths = [folder / "s2G.safetensors", folder / "s2D.safetensors"]
+    save_model(_merged_generator(pair), paths[0])
+    save_model(pair.discriminator, paths[1])
+    return paths
+
+
+def export_gpt_sovits(model: nn.Module, folder: Path, half: bool) -> list[Path]:
+    """``s2G.pth`` and ``s2D.pth``, GPT-SoVITS's own generator and discriminator files."""
+    pair = _pair(model)
+    paths = [folder / "s2G.pth", folder / "s2D.pth"]
+    export_generator(_merged_generator(pair), paths[0], half=half)
+    export_discriminator(pair.discriminator, paths[1], half=half)
+    return paths
+
+
+def _pair(model: nn.Module) -> SoVITSPair:
+    if not isinstance(model, SoVITSPair):
+        raise ConfigError(f"cannot export a {type(model).__name__} as s2; expected a SoVITSPair")
+    return model
+
+
+def _merged_generator(pair: SoVITSPair) -> SynthesizerTrn:
+    """The generator with its LoRA adapters folded in (the discriminator trains in full)."""
+    generator = SynthesizerTrn(pair.generator.config)
+    generator.load_state_dict(merged_state_dict(pair.generator), strict=True)
+    return generator
+
+
 RECIPE = StageRecipe(
     name="s2",
     title="SoVITS semantic-to-speech",
     synthesis_role="semantic tokens to speech",
     headline_metric="loss",
     headline_description="mel L1 + KL per utterance",
+    headline_vocabulary=None,
     config=s2_config,
     build=build,
     base_file="s2G.safetensors",
     voice_model=voice_model,
     load_for_voice=load_for_voice,
+    export_fedvox=export_fedvox,
+    export_gpt_sovits=export_gpt_sovits,
 )
 
 __all__ = ["RECIPE"]

@@ -2,10 +2,10 @@
 
 Both stages train from scratch with the same per-stage step code the federated clients run
 (each stage's task, :mod:`fedvox.client.stages`), but without DP: plain mini-batches,
-gradient clipping on the batch mean, AdamW, linear warm-up then cosine decay. s2 starts with
-the reconstruction losses alone (mel L1 and the prior/posterior KL) and adds the discriminator
-after ``disc_start`` steps: on a CPU, the GAN terms only pay off once the generator already
-reconstructs the mel.
+gradient clipping on the batch mean, AdamW, linear warm-up then cosine decay. A stage with an
+adversary (s2) starts with the losses that need none (mel L1 and the prior/posterior KL, its
+task's ``accumulate_without_adversary``) and adds the discriminator after ``disc_start`` steps: on
+a CPU, the GAN terms only pay off once the generator already reconstructs the mel.
 
 Resume is exact: the batch of step ``t`` and every random draw inside it come from generators
 keyed by (seed, stage, t), and the state file (weights, optimizer moments, step, history) is
@@ -27,22 +27,18 @@ import torch
 
 from fedvox.client.dp.task import Task
 from fedvox.client.stages import client_stage
-from fedvox.client.stages.s2 import S2Task
 from fedvox.shared.atomic import atomic_path
 from fedvox.shared.cli import progress
 from fedvox.shared.errors import CheckpointError, ConfigError
 from fedvox.shared.models.factory import build_model
-from fedvox.shared.models.s2.gan import real_slices
-from fedvox.shared.models.s2.losses import kl_loss, mel_loss
 from fedvox.shared.models.subsets import SubsetSpec
-from fedvox.shared.stages import recipe
+from fedvox.shared.stages import STAGES, recipe
 
 log = logging.getLogger(__name__)
 
 STATE = "state.pt"
 BEST = "best.pt"
 LOG_EVERY = 10
-_STAGE_CODE = {"s1": 1, "s2": 2}
 _EXTENSIBLE = ("steps", "eval_every")  # a resumed run may train longer (the cosine then stretches)
 
 
@@ -64,8 +60,7 @@ class StagePlan:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.stage not in _STAGE_CODE:
-            raise ConfigError(f"unknown stage {self.stage!r}; use s1 or s2")
+        recipe(self.stage)  # raises for an unknown stage
         if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1 or self.learning_rate <= 0:
             raise ConfigError("steps, batch size, evaluation interval and learning rate must be positive")
 
@@ -163,7 +158,7 @@ def train_stage(
 
 def batch_indices(plan: StagePlan, step: int, size: int) -> torch.Tensor:
     """The examples of step ``step``: a fresh draw without replacement, keyed by (seed, stage, step)."""
-    rng = np.random.default_rng([plan.seed, _STAGE_CODE[plan.stage], step])
+    rng = np.random.default_rng([plan.seed, _stage_code(plan.stage), step])
     return torch.from_numpy(rng.choice(size, size=min(plan.batch_size, size), replace=False)).long()
 
 
@@ -172,12 +167,11 @@ def _step(
 ) -> dict[str, float]:
     """One non-private step on the batch of ``step``; returns the summed metrics."""
     indices = batch_indices(plan, step, size)
-    step_seed = plan.seed * 1_000_003 + _STAGE_CODE[plan.stage] * 100_000_007 + step
+    step_seed = plan.seed * 1_000_003 + _stage_code(plan.stage) * 100_000_007 + step
     torch.manual_seed(step_seed)  # dropout
-    reconstruction_only = plan.stage == "s2" and step < plan.disc_start
-    if reconstruction_only:
-        sums = _reconstruction_step(task, indices, step_seed)
-        active = {"generator": optimizers["generator"]}
+    if step < plan.disc_start:
+        sums, trained = task.accumulate_without_adversary(indices, step_seed)
+        active = {name: optimizers[name] for name in trained}
     else:
         sums = task.accumulate(task.parts(), indices, step_seed)
         active = optimizers
@@ -195,23 +189,9 @@ def _step(
     return sums
 
 
-def _reconstruction_step(task: Task, indices: torch.Tensor, step_seed: int) -> dict[str, float]:
-    """s2 generator forward and backward on mel L1 and KL only (no discriminator yet)."""
-    assert isinstance(task, S2Task)
-    batch, starts, noise = task.batch(task.dataset, indices, step_seed)
-    config = task.generator.config
-    out = task.generator(batch, slice_starts=starts, posterior_noise=noise)
-    _, spec = real_slices(batch, out, config)
-    mel = mel_loss(spec, out.wave_hat) * config.c_mel
-    kl = kl_loss(out.z_p, out.logs_q, out.m_p, out.logs_p, out.mask) * config.c_kl
-    total = mel + kl + out.commitment
-    total.sum().backward()
-    return {
-        "loss_sum": float(total.detach().sum()),
-        "g_mel_sum": float(mel.detach().sum()),
-        "g_kl_sum": float(kl.detach().sum()),
-        "examples": float(len(indices)),
-    }
+def _stage_code(stage: str) -> int:
+    """The stage's number in pipeline order (s1: 1, s2: 2), which keys its random draws."""
+    return STAGES.index(stage) + 1
 
 
 def evaluate(task: Task, dataset, indices: torch.Tensor, chunk: int = 8) -> dict[str, float]:
