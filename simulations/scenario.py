@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, field, replace
+from dataclasses import field, replace
 from pathlib import Path
 from typing import Annotated, Any, Self
 
@@ -98,7 +98,7 @@ def build_scenario(path: str | Path | None, speakers: Mapping[str, Any], run: Ma
     """The scenario of ``path`` (or a single run), with explicit command-line values on top.
 
     ``speakers`` uses :class:`SpeakersConfig` field names, ``run`` :class:`RunSpec` field names;
-    values of ``None`` were not given. A bad value is named as the option (``--rounds``).
+    values of ``None`` were not given. A bad value is named by its scenario key.
     """
     given_speakers = {k: v for k, v in speakers.items() if v is not None}
     given_run = {k: v for k, v in run.items() if v is not None}
@@ -106,11 +106,8 @@ def build_scenario(path: str | Path | None, speakers: Mapping[str, Any], run: Ma
     config = {**given_run.pop("config", {})}
     return replace(
         scenario,
-        speakers=parse(SpeakersConfig, {**asdict(scenario.speakers), **given_speakers}, prefix="--"),
-        runs=tuple(
-            parse(RunSpec, {**asdict(r), **given_run, "config": {**r.config, **config}}, prefix="--")
-            for r in scenario.runs
-        ),
+        speakers=replace(scenario.speakers, **given_speakers),
+        runs=tuple(replace(r, **given_run, config={**r.config, **config}) for r in scenario.runs),
     )
 
 

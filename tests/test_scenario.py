@@ -58,7 +58,7 @@ def test_a_bad_value_names_the_file_the_table_and_the_key(tmp_path, change, mess
 
 
 def test_command_line_values_are_checked_too():
-    with pytest.raises(ConfigError, match=r"^run --rounds must be >= 1, got 0$"):
+    with pytest.raises(ConfigError, match=r"^run rounds must be >= 1, got 0$"):
         build_scenario(None, {}, {"rounds": 0})
     with pytest.raises(ConfigError, match=r"^speakers: utterances must be >= 3 with zipf"):
         build_scenario(None, {"zipf": 1.0, "utterances": 2}, {})
