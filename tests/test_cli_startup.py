@@ -11,7 +11,7 @@ CLIS = {
     "fedvox-sim": "fedvox.simulations.cli",
     "fedvox-audit": "fedvox.client.audit_cli",
 }
-HEAVY = ("torch", "opacus", "dp_accounting", "flwr", "ray")
+HEAVY = ("torch", "opacus", "dp_accounting", "flwr", "ray", "scipy.stats")
 
 
 @pytest.mark.parametrize("module", CLIS.values())

@@ -30,7 +30,6 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import stats
 
 from fedvox.shared.errors import ConfigError
 from fedvox.shared.privacy.accounting import ACCOUNTANTS, epsilon, shared_batch_noise_multiplier
@@ -437,6 +436,8 @@ def one_run_p_value(guesses: int, correct: int, epsilon: float, *, canaries: int
     Steinke, Nasr, Jagielski (2023), Theorem 3.1: ``P[Binomial(r, e^eps/(1+e^eps)) >= v]`` plus,
     for delta > 0, ``2 m delta max_i P[v-i <= Binomial(r, p) < v] / i`` with m canaries.
     """
+    from scipy import stats  # 2 s of imports: only the canary audit pays them, not `fedvox-audit --help`
+
     if not 0 <= correct <= guesses <= canaries:
         raise ConfigError(f"need 0 <= correct ({correct}) <= guesses ({guesses}) <= canaries ({canaries})")
     p = 1 / (1 + math.exp(-epsilon))
