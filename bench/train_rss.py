@@ -7,11 +7,14 @@
 Prepares 12 pseudo-speech utterances (``simulations.pseudo_speech``, no system dependency), then
 runs ``fedvox-client train`` in its own process as an owner would (a release and checkpoint every
 20 steps, the command's default; validation, TensorBoard and JSON logs; one thread, fixed seeds).
-Every step's record in ``logs/metrics.jsonl`` carries that process's resident set after the step
-(``rss_mib``, Linux ``/proc/self/statm``). The first ``--warmup`` steps fill the allocator's
-pools, oneDNN's kernel cache and the first checkpoint; the *start* is the median over the next
-``--window`` steps. Flat means every later step stays within 5 % of the start; the growth is
-the last window's median over the start's.
+Every step's record in ``logs/metrics.jsonl`` carries that process's resident set after the step,
+whole (``rss_mib``) and anonymous (``rss_anon_mib``: heap and tensors, what a leak grows; the
+libraries' file-backed pages, which the kernel drops and reloads under memory pressure, left out;
+Linux ``/proc/self/statm``). The first ``--warmup`` steps fill the allocator's pools, oneDNN's
+kernel cache and the first checkpoint; the *start* is the median over the next ``--window``
+steps. Flat means every later step's anonymous resident set stays within 5 % of the start; the
+growth is the last window's median over the start's. The whole resident set is judged alike and
+reported beside it.
 """
 
 from __future__ import annotations
@@ -124,9 +127,10 @@ def main(
             raise SystemExit(f"fedvox-client train exited {run.returncode}:\n{run.stderr[-4000:]}")
         records = [json.loads(line) for line in (root / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
-    rss = {r["step"]: r["rss_mib"] for r in train if "rss_mib" in r}
-    if not rss:
+    readings = {key: {r["step"]: r[key] for r in train if key in r} for key in ("rss_anon_mib", "rss_mib")}
+    if not all(readings.values()):
         raise typer.BadParameter("the run recorded no resident set (Linux only: /proc/self/statm)")
+    judged = {key: verdict(values, warmup, window) for key, values in readings.items()}
     result = {
         "host": facts,
         "load_average_end": load_average(),
@@ -136,28 +140,32 @@ def main(
         "logical_batch": logical_batch,
         "checkpoint_every": checkpoint_every,
         "target_epsilon": epsilon,
-        **verdict(rss, warmup, window),
+        "flat": judged["rss_anon_mib"]["flat"],
+        "anonymous": judged["rss_anon_mib"],
+        "whole": judged["rss_mib"],
         "peak_rss_mib": max(r["peak_rss_mib"] for r in train),
-        "rss_mib": {str(step): round(value, 1) for step, value in sorted(rss.items())},
+        **{key: {str(step): round(mib, 1) for step, mib in sorted(values.items())} for key, values in readings.items()},
     }
     path = write_json(result, out, "train_rss")
     print(
         table(
-            ["stage", "steps", f"RSS, steps {warmup + 1}-{warmup + window} (MiB)", "last window", "max", "flat"],
+            ["resident set", "steps", f"steps {warmup + 1}-{warmup + window} (MiB)", "last window", "max", "flat"],
             [
                 [
-                    stage,
+                    name,
                     steps,
-                    f"{result['start_mib']:.0f}",
-                    f"{result['end_mib']:.0f} ({result['growth']:+.1%})",
-                    f"{result['max_mib']:.0f} ({result['max_over_start']:+.1%})",
-                    "yes" if result["flat"] else "no",
+                    f"{v['start_mib']:.0f}",
+                    f"{v['end_mib']:.0f} ({v['growth']:+.1%})",
+                    f"{v['max_mib']:.0f} ({v['max_over_start']:+.1%})",
+                    "yes" if v["flat"] else "no",
                 ]
+                for name, v in (("anonymous", result["anonymous"]), ("whole", result["whole"]))
             ],
         )
     )
     print(
-        f"wrote {path}; load average {facts['load_average_start']:.1f} at the start, "
+        f"{stage} {model_config}; peak {result['peak_rss_mib']:.0f} MiB; wrote {path}; load average "
+        f"{facts['load_average_start']:.1f} at the start, "
         f"{result['load_average_end']:.1f} at the end"
     )
 

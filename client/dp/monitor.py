@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 def peak_memory(device: torch.device) -> dict[str, float]:
     """Memory in MiB: peak allocated/reserved on CUDA (ROCm); on CPU the peak resident set size,
-    and on Linux the current one."""
+    and on Linux the current one, whole and anonymous (heap and tensors, without the libraries'
+    file-backed pages, which the kernel drops and reloads under memory pressure)."""
     if device.type == "cuda":
         return {
             "peak_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20,
@@ -33,7 +34,10 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     readings = {"peak_rss_mib": rss / (2**20 if sys.platform == "darwin" else 2**10)}
     statm = Path("/proc/self/statm")
     if statm.exists():  # Linux: the resident set now, so growth over steps shows (the peak hides it)
-        readings["rss_mib"] = int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        resident, file_backed = (int(field) for field in statm.read_text().split()[1:3])
+        page = os.sysconf("SC_PAGE_SIZE") / 2**20
+        readings["rss_mib"] = resident * page
+        readings["rss_anon_mib"] = (resident - file_backed) * page
     return readings
 
 
