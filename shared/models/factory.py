@@ -102,14 +102,15 @@ def export_gpt_sovits(stage: str, model: nn.Module, folder: str | Path, *, half:
     return recipe(stage).export_gpt_sovits(model, Path(folder), half)
 
 
-def export_fedvox(stage: str, model: nn.Module, folder: str | Path) -> list[Path]:
+def export_fedvox(stage: str, model: nn.Module, folder: str | Path, *, half: bool = False) -> list[Path]:
     """Write ``model`` (LoRA merged) as self-describing fedvox safetensors, any config (tiny too),
     as the stage's recipe says; returns the files written.
 
     s1: ``s1.safetensors``; s2: ``s2G.safetensors`` and ``s2D.safetensors``. Each file carries
-    its config, so it loads without knowing how it was trained.
+    its config, so it loads without knowing how it was trained. ``half`` writes fp16, as the
+    shipped base is.
     """
-    return recipe(stage).export_fedvox(model, Path(folder))
+    return recipe(stage).export_fedvox(model, Path(folder), half)
 
 
 def export_all(stage: str, model: nn.Module, folder: str | Path) -> list[Path]:

@@ -54,9 +54,10 @@ class StageRecipe:
     load_for_voice: Callable[[Path, dict[str, str] | None], list[nn.Module] | None]
     """The models a voice uses in a file (given its safetensors metadata, if any): ``None`` if the
     file is not this stage's, ``[]`` if it is but holds nothing a voice needs."""
-    export_fedvox: Callable[[nn.Module, Path], list[Path]]
-    """``export_fedvox(model, folder)``: the trained model, LoRA merged, as self-describing fedvox
-    safetensors in ``folder`` (any config: each file carries its config); returns the files."""
+    export_fedvox: Callable[[nn.Module, Path, bool], list[Path]]
+    """``export_fedvox(model, folder, half)``: the trained model, LoRA merged, as self-describing
+    fedvox safetensors in ``folder`` (any config: each file carries its config; fp16 with
+    ``half``, as the shipped base); returns the files."""
     export_gpt_sovits: Callable[[nn.Module, Path, bool], list[Path]]
     """``export_gpt_sovits(model, folder, half)``: the trained model, LoRA merged, in GPT-SoVITS's
     own files in ``folder`` (fp16 with ``half``); returns the files. Raises

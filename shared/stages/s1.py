@@ -42,10 +42,10 @@ def load_for_voice(path: Path, meta: dict[str, str] | None) -> list[nn.Module] |
     return None
 
 
-def export_fedvox(model: nn.Module, folder: Path) -> list[Path]:
+def export_fedvox(model: nn.Module, folder: Path, half: bool) -> list[Path]:
     """``s1.safetensors``."""
     path = folder / "s1.safetensors"
-    save_s1_safetensors(_decoder(model), path)
+    save_s1_safetensors(_decoder(model), path, dtype=torch.float16 if half else None)
     return [path]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TypeVar
 
+import torch
 from torch import nn
 
 from fedvox.shared.errors import CheckpointError, ConfigError
@@ -71,12 +72,13 @@ def load_for_voice(path: Path, meta: dict[str, str] | None) -> list[nn.Module] |
     return None
 
 
-def export_fedvox(model: nn.Module, folder: Path) -> list[Path]:
+def export_fedvox(model: nn.Module, folder: Path, half: bool) -> list[Path]:
     """``s2G.safetensors`` and ``s2D.safetensors``."""
     pair = _pair(model)
     paths = [folder / "s2G.safetensors", folder / "s2D.safetensors"]
-    save_model(_merged_generator(pair), paths[0])
-    save_model(pair.discriminator, paths[1])
+    dtype = torch.float16 if half else None
+    save_model(_merged_generator(pair), paths[0], dtype=dtype)
+    save_model(pair.discriminator, paths[1], dtype=dtype)
     return paths
 
 

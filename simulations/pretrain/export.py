@@ -15,10 +15,7 @@ import torch
 
 from fedvox.shared.atomic import atomic_write_text
 from fedvox.shared.errors import CheckpointError, ConfigError
-from fedvox.shared.models.factory import SoVITSPair, build_model
-from fedvox.shared.models.s1 import Text2SemanticDecoder
-from fedvox.shared.models.s1_checkpoint import save_s1_safetensors
-from fedvox.shared.models.s2.checkpoint import save_model
+from fedvox.shared.models.factory import build_model, export_fedvox
 from fedvox.shared.models.subsets import SubsetSpec
 from fedvox.shared.semantic import file_digest
 from fedvox.simulations.pretrain.evaluate import evaluate_speech
@@ -28,7 +25,6 @@ from fedvox.simulations.pretrain.train import BEST, load_weights, read_state
 log = logging.getLogger(__name__)
 
 MAX_STAGE_BYTES = 25 * 1024 * 1024
-BASE_FILES = {"s1": ("s1.safetensors",), "s2": ("s2G.safetensors", "s2D.safetensors")}
 
 
 def export_base(
@@ -51,7 +47,7 @@ def export_base(
         state, step = load_weights(out / stage, which)
         model = build_model(stage, plan.model_config, SubsetSpec(kind="full"), seed=plan.seed)
         model.load_state_dict(state)
-        paths = _write(model, target)
+        paths = export_fedvox(stage, model, target, half=True)
         models[stage] = model
         size = sum(p.stat().st_size for p in paths)
         if size > MAX_STAGE_BYTES:
@@ -97,14 +93,3 @@ def _fp16_round_trip(model: torch.nn.Module) -> torch.nn.Module:
             if tensor.is_floating_point():
                 tensor.copy_(tensor.half().float())
     return model
-
-
-def _write(model: torch.nn.Module, target: Path) -> list[Path]:
-    if isinstance(model, Text2SemanticDecoder):
-        save_s1_safetensors(model, target / "s1.safetensors", dtype=torch.float16)
-        return [target / "s1.safetensors"]
-    assert isinstance(model, SoVITSPair)
-    paths = [target / name for name in BASE_FILES["s2"]]
-    save_model(model.generator, paths[0], dtype=torch.float16)
-    save_model(model.discriminator, paths[1], dtype=torch.float16)
-    return paths
