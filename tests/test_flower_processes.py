@@ -107,9 +107,9 @@ def test_stop_tree_stops_several_stubborn_trees_within_one_timeout() -> None:
     everyone = [p for r in roots for p in (psutil.Process(r.pid), *psutil.Process(r.pid).children(recursive=True))]
     assert len(everyone) == 6
     started = time.monotonic()
-    stop_tree(*(r.pid for r in roots), timeout=1.0)
+    stop_tree(*(r.pid for r in roots), timeout=2.0)
     took = time.monotonic() - started
     for root in roots:
         root.wait(timeout=5)
     assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert took < 2.5, f"stopping three trees took {took:.1f} s; one 1 s timeout each would be over 3 s"
+    assert took < 5.0, f"stopping three trees took {took:.1f} s; one 2 s timeout each would be over 6 s"
