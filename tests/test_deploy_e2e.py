@@ -231,7 +231,7 @@ def _assert_replies_carry_only_updates_and_metrics(exchanges, home, data_folders
             assert set(records.array_records) == {"arrays"} and set(records.metric_records) == {"metrics"}
             arrays: ArrayRecord = records.array_records["arrays"]
             assert {k: tuple(a.shape) for k, a in arrays.items()} == subset
-            assert {a.dtype for a in arrays.values()} == {"float16"}
+            assert {a.dtype for a in arrays.values()} == {config.update_encoding}  # int4 deltas by default
             metrics: MetricRecord = records.metric_records["metrics"]
             assert set(metrics) == TRAIN_METRICS
         else:

@@ -159,7 +159,7 @@ def test_wrong_files_and_configs_fail_with_clear_messages(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="'weight' state dict"):
         read_official(tmp_path / "other.pth")
 
-    with pytest.raises(CheckpointError, match="save_model"):
+    with pytest.raises(CheckpointError, match="export it in fedvox's safetensors format"):
         export_generator(SynthesizerTrn(s2_config("tiny")), tmp_path / "tiny.pth")
 
 
