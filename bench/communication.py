@@ -205,9 +205,8 @@ def main(
     rows = []
     for st, cfg in itertools.product(stage, config):
         full = full_model_bytes(st, cfg)
-        ranks = lora_rank if st == "s1" else lora_rank[:1]  # s2's LoRA subset is dominated by the discriminator
         for spec in [SubsetSpec(kind="full")] + [
-            SubsetSpec(kind="lora", lora_rank=r, lora_alpha=2.0 * r) for r in ranks
+            SubsetSpec(kind="lora", lora_rank=r, lora_alpha=2.0 * r) for r in lora_rank
         ]:
             rows.extend(size_rows(st, cfg, spec, full))
     s1_full = full_model_bytes("s1", effect_config)
