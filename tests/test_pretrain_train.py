@@ -17,7 +17,7 @@ from fedvox.shared.semantic import file_digest
 from fedvox.simulations.pretrain import corpus, train
 from fedvox.simulations.pretrain.corpus import CorpusConfig
 from fedvox.simulations.pretrain.export import export_base
-from fedvox.simulations.pretrain.pipeline import pretrain
+from fedvox.simulations.pretrain.pipeline import portable_command, pretrain
 from fedvox.simulations.pretrain.train import StagePlan, train_stage
 from tests.prepared import prepared_cache
 
@@ -115,3 +115,12 @@ def test_pretrain_writes_provenance_and_an_export_that_loads(tmp_path, monkeypat
     assert any(p.requires_grad for p in pair.generator.parameters())
     with pytest.raises(ConfigError, match="model-config"):
         build_model("s1", "base", SubsetSpec(kind="full"), pretrained=tmp_path / "base" / "s1.safetensors")
+
+
+def test_the_recorded_command_names_no_folder_of_this_machine(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = (tmp_path / "state").absolute()
+    argv = ["/opt/venv/bin/fedvox-sim", "pretrain", "--out", str(out), "--s1-steps", "3"]
+    assert portable_command(argv, out) == "fedvox-sim pretrain --out OUT --s1-steps 3"
+    assert portable_command(["fedvox-sim", "pretrain", "--out=state"], out) == "fedvox-sim pretrain --out=OUT"
+    assert portable_command(["fedvox-sim", "pretrain", "--out", "elsewhere"], out).endswith("--out elsewhere")

@@ -56,7 +56,7 @@ def pretrain(
     log.info("pretraining on %s with %d thread(s)", chosen, torch.get_num_threads())
     provenance = read_provenance(out)
     provenance.update(_header(manifest, corpus, chosen))
-    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    command = portable_command(sys.argv, out)
     for plan in plans:
 
         def checkpointed(state: TrainState, plan: StagePlan = plan) -> None:
@@ -83,6 +83,16 @@ def pretrain(
         )
         checkpointed(state)
     return provenance
+
+
+def portable_command(argv: list[str], out: Path) -> str:
+    """The command line as run, with the state folder written ``OUT``: the provenance ships inside
+    fedvox and must not name a folder of the machine that trained it."""
+    words = [Path(argv[0]).name]
+    for word in argv[1:]:
+        flag, equals, value = word.rpartition("=") if word.startswith("--") else ("", "", word)
+        words.append(f"{flag}{equals}OUT" if Path(value).absolute() == out else word)
+    return shlex.join(words)
 
 
 def prepare_features(out: Path) -> dict[str, Path]:
