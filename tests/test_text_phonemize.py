@@ -175,7 +175,7 @@ def test_throughput_after_warm_up():
     assert per_sentence < 0.05, f"{per_sentence * 1e3:.1f} ms per sentence"
 
 
-def test_auto_is_for_synthesis_only():
-    with pytest.raises(TextError, match="synthesis only") as info:
+def test_auto_is_read_run_by_run_not_by_phonemize():
+    with pytest.raises(TextError, match="phonemize_mixed") as info:
         phonemize("你好 hello", "auto")
     assert info.value.reason == "unsupported_language"

@@ -40,6 +40,7 @@ CACHE_FORMAT = 1
 ITEM_SUFFIX = ".safetensors"
 REQUIRED_TENSORS = frozenset({"wave", "semantic_ids", "phoneme_ids"})
 OPTIONAL_TENSORS = frozenset({"bert", "sv"})
+_OPTIONAL_SETTINGS = OPTIONAL_TENSORS | {"langdetect"}
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,12 @@ class FeatureSettings:
     format: int = CACHE_FORMAT
     bert: str = ""  # the BERT weights' name ("" none: zh reads zeros)
     sv: str = ""  # the speaker-verification weights' name ("" none)
+    langdetect: str = ""  # the language-identification model auto lines are cut with ("" the wheel's)
 
     def identity(self) -> dict[str, Any]:
-        """What item ids hash: unused extractors are left out, so caches made before they existed keep their ids."""
-        return {key: value for key, value in asdict(self).items() if value != "" or key not in OPTIONAL_TENSORS}
+        """What item ids hash: unset optional settings are left out, so caches made before they
+        existed keep their ids."""
+        return {key: value for key, value in asdict(self).items() if value != "" or key not in _OPTIONAL_SETTINGS}
 
 
 @dataclass(frozen=True)

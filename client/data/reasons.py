@@ -42,7 +42,10 @@ FIXES: dict[Reason, str] = {
     Reason.UNREADABLE_FILE: "check the file's permissions",
     Reason.DUPLICATE_ENTRY: "list each recording once",
     Reason.EMPTY_TEXT: "add the transcript after the last '|'",
-    Reason.UNSUPPORTED_LANGUAGE: "use a supported language code (zh, en, ja, ko, yue) and install its extra",
+    Reason.UNSUPPORTED_LANGUAGE: (
+        "use a supported language code (zh, en, ja, ko, yue; auto or auto_yue for mixed-language text) "
+        "and install its extra"
+    ),
     Reason.UNPHONEMIZABLE_TEXT: "check the transcript matches the language column",
     Reason.UNDECODABLE_AUDIO: "convert the recording to wav, flac or ogg",
     Reason.EMPTY_AUDIO: "re-export the recording; it holds no samples",

