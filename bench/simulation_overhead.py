@@ -9,7 +9,7 @@ scoring) for each way of sharing the machine, ``workers`` Ray actors x ``threads
 each in a fresh process so Ray and the imports start cold. The cores the federation holds
 (``workers`` x its wall time) are split by what the run's own records say:
 
-``training``   the clients' DP steps: each trained client-round's median step time x its steps;
+``training``   the clients' DP steps, as each ClientApp timed them (``train-s`` in the events);
 ``client``     the rest of the ClientApps' train handlers: loading data and model, accounting,
                packing the update;
 ``rounds``     the rest of every round: Flower's messaging, status queries, the server's
@@ -43,9 +43,15 @@ app = typer.Typer(add_completion=False)
 CONFIGS = "2x1,1x2,2x2,1x1"
 TARGET_OVERHEAD = 0.10
 """Issue 9's target: under 10% of a simulation's time outside training."""
+MODELS: dict[str, dict[str, Any]] = {
+    "tiny": {"model-config": "tiny", "pretrained": ""},  # a seeded tiny s1: the figures before the shipped base
+    "base": {},  # the run's defaults: LoRA on the shipped base s1, what `make sim` trains
+}
 
 
-def federation(speakers_dir: Path, out: Path, rounds: int, workers: int, threads: int) -> dict[str, Any]:
+def federation(
+    speakers_dir: Path, out: Path, rounds: int, workers: int, threads: int, model_config: str = "tiny"
+) -> dict[str, Any]:
     """Run one federation in this process; its wall time and the run's records split into shares."""
     from fedvox.client.device import probe
     from fedvox.shared.cli import set_offline_env
@@ -71,9 +77,9 @@ def federation(speakers_dir: Path, out: Path, rounds: int, workers: int, threads
         local_baselines=0,
         central_baseline=False,
         sample=False,
-        config={"model-config": "tiny", "pretrained": ""},  # the tiny s1 this bench measures
+        config=MODELS[model_config],
     )
-    folder = out / spec.name
+    folder = out / f"{spec.name}-{model_config}"
     config, _ = calibrate(run_config(spec, folder, len(data.clients)), data.client_caches)
     fleet = load_fleet(spec.fleet)
     clients = plan_clients(fleet, len(data.clients), 0, config, machine.facts, machine.workers)
@@ -87,7 +93,7 @@ def federation(speakers_dir: Path, out: Path, rounds: int, workers: int, threads
     trained = [e for e in read_events(folder / "events") if e.get("outcome") == "ok"]
     rounds_s = sum(m["round-time-s"] for m in metrics)
     handlers = sum(e["host-s"] for e in trained)
-    training = sum(e["compute-host-s"] for e in trained)
+    training = sum(e["train-s"] for e in trained)
     held = workers * wall
     shares = {
         "training": training / held,
@@ -96,7 +102,7 @@ def federation(speakers_dir: Path, out: Path, rounds: int, workers: int, threads
         "outside": workers * (wall - rounds_s) / held,
     }
     later = [m for m in metrics if m["round"] > 1]  # past the cold start: what each further round costs
-    later_training = sum(e["compute-host-s"] for e in trained if e["round"] > 1)
+    later_training = sum(e["train-s"] for e in trained if e["round"] > 1)
     later_s = sum(m["round-time-s"] for m in later)
     return {
         "workers": workers,
@@ -113,7 +119,7 @@ def federation(speakers_dir: Path, out: Path, rounds: int, workers: int, threads
         "shares": shares,
         "overhead": 1.0 - shares["training"],
         "later_rounds_overhead": 1.0 - later_training / (workers * later_s) if later else None,
-        "step_s_median": sorted(e["step-time-s"] for e in trained)[len(trained) // 2] if trained else None,
+        "step_s_median": sorted(e["train-s"] / e["steps"] for e in trained)[len(trained) // 2] if trained else None,
         "steps_per_round": trained[0]["steps"] if trained else None,
     }
 
@@ -133,6 +139,7 @@ def main(
     utterances: int = typer.Option(20, help="training utterances per generated speaker"),
     rounds: int = typer.Option(2, help="federated rounds"),
     configs: str = typer.Option(CONFIGS, help="comma-separated WORKERSxTHREADS"),
+    model_config: str = typer.Option("tiny", help="tiny (a seeded tiny s1) or base (the shipped base, make sim's)"),
     work: Path = typer.Option(None, help="working folder (default: a new temporary one)"),
     out: Path = typer.Option(None, help="JSON path (default runs/bench/simulation_overhead.json)"),
     one: str = typer.Option(None, hidden=True, help="run one configuration in this process (internal)"),
@@ -140,7 +147,7 @@ def main(
     work = (work or Path(tempfile.mkdtemp(prefix="fedvox-overhead-"))).absolute()
     if one:
         workers, threads = (int(v) for v in one.split("x"))
-        print(json.dumps(federation(speakers_dir, work, rounds, workers, threads)), flush=True)
+        print(json.dumps(federation(speakers_dir, work, rounds, workers, threads, model_config)), flush=True)
         return
     import torch
 
@@ -162,6 +169,8 @@ def main(
                 str(work),
                 "--one",
                 config,
+                "--model-config",
+                model_config,
             ],
             capture_output=True,
             text=True,
@@ -175,13 +184,18 @@ def main(
     document = {
         "figure": "simulation_overhead",
         "host": {**facts, "load_average_end": load_average()},
-        "setting": {"rounds": rounds, "speakers_dir": str(speakers_dir), "fleet": "uniform-cpu", "config": "tiny s1"},
+        "setting": {
+            "rounds": rounds,
+            "speakers_dir": str(speakers_dir),
+            "fleet": "uniform-cpu",
+            "config": f"{model_config} s1",
+        },
         "target_overhead": TARGET_OVERHEAD,
         "configurations": results,
     }
     path = write_json(document, out, "simulation_overhead")
     print(
-        f"{results[0]['clients']} speakers x {rounds} rounds, tiny s1, uniform-cpu fleet; {facts['cpu']}, "
+        f"{results[0]['clients']} speakers x {rounds} rounds, {model_config} s1, uniform-cpu fleet; {facts['cpu']}, "
         f"{facts['cores']} cores, load {facts['load_average_start']:.1f} -> {load_average():.1f}; {path}"
     )
     print(

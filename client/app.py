@@ -44,7 +44,8 @@ base model     ``pretrained`` (default: the run's path)           the run's ``pr
 their one ledger (:func:`client.identity.bind_ledger`, recorded in ``fedvox-home`` from the node
 config, ``<data-root>/.fedvox`` in simulation), so local training and every federated run that
 use the same recordings are charged to one budget. Everything that must outlive the process, the privacy
-ledger above all, lives on disk: in deployment every message runs in a fresh process.
+ledger above all, lives on disk: in deployment every message runs in a fresh process. A process
+that lives on (a simulation's Ray actor) keeps the base model it built (:mod:`client.warm`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from fedvox.client.owner import check_plan, owner_budget
 from fedvox.client.profiles import ProfileOverrides, ResourceProfile, select_profile
 from fedvox.client.releases import Entry, ReleaseBook, ReleaseSeeds, answers_a_server, message_digest
 from fedvox.client.stages import build_task, datasets
+from fedvox.client.warm import base_model
 from fedvox.shared.cli import set_offline_env
 from fedvox.shared.errors import (
     BudgetExceededError,
@@ -80,7 +82,6 @@ from fedvox.shared.errors import (
     FedvoxError,
     PrivacyError,
 )
-from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import load_trainable_state_dict
 from fedvox.shared.privacy.budget import Budget
 from fedvox.shared.privacy.ledger import Ledger, OwnerBudget, Release
@@ -94,6 +95,8 @@ log = logging.getLogger(__name__)
 
 MAX_EVALUATIONS_PER_ROUND = 1
 """Distinct evaluate messages a node answers per run and round (a replay gets the stored reply)."""
+LOCAL_TIMING = "fedvox.local-timing"
+"""Key in the node's own context state of the last train message's DP-step time (never sent)."""
 
 app = ClientApp()
 
@@ -198,7 +201,7 @@ class PlanSession:
         torch.set_num_threads(self.profile.threads)
         try:
             pretrained = (node.pretrained or config.pretrained) or None
-            model = build_model(config.stage, config.model_config, spec, seed=config.model_seed, pretrained=pretrained)
+            model = base_model(config.stage, config.model_config, spec, seed=config.model_seed, pretrained=pretrained)
         except (CheckpointError, ConfigError) as exc:
             raise Refusal("model", str(exc)) from None
         task = build_task(config.stage, model, self.train_set, self.profile)
@@ -284,6 +287,11 @@ def train(msg: Message, context: Context) -> Message:
             )
         except BudgetExceededError as exc:
             raise _budget_refusal(exc) from None
+        # The DP steps' own time, for this node only (node state never leaves it; a simulation's
+        # fleet mod reads it to split a message's time): nothing measured goes in the reply.
+        context.state[LOCAL_TIMING] = MetricRecord(
+            {"steps-s": result.metrics["steps_time_s"], "steps": float(plan.config.local_steps)}
+        )
         received = read_update(msg.content.array_records[ARRAYS])  # views of the bytes that arrived
         rounding = torch.Generator().manual_seed(session.seeds.rounding if session.seeds else secrets.randbits(63))
         arrays = encode_update(result.state, received, plan.config.update_encoding, rounding)
@@ -438,4 +446,4 @@ def _content(status: ClientStatus, **records: object) -> RecordDict:
     return content
 
 
-__all__ = ["MAX_EVALUATIONS_PER_ROUND", "NodeSetup", "PlanSession", "Refusal", "app"]
+__all__ = ["LOCAL_TIMING", "MAX_EVALUATIONS_PER_ROUND", "NodeSetup", "PlanSession", "Refusal", "app"]

@@ -15,7 +15,9 @@ simulated:
   counts as not used. Both replies are immediate, so a dropped client never stalls the round;
   the simulated clock charges the deadline for them instead.
 - it writes one JSON line per ``train`` message to ``events/client-<p>.jsonl``: the outcome, the
-  Ray node that ran it, and the measured and simulated figures the report is built from.
+  Ray node that ran it, and the measured and simulated figures the report is built from (the
+  message's time on the host, and the DP steps' part of it, which the ClientApp keeps in the
+  node's own context state).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
+from fedvox.client.app import LOCAL_TIMING
 from fedvox.client.identity import client_identity
 from fedvox.shared.errors import ProtocolError
 from fedvox.shared.protocol import CONFIG, METRICS, REFUSED, SERVER_ROUND, STATUS, ClientStatus, Plan
@@ -82,9 +85,13 @@ class FleetMod:
                 ),
                 reply_to=msg,
             )
+        if LOCAL_TIMING in context.state:  # the last message's; a replayed release trains nothing
+            del context.state[LOCAL_TIMING]
         started = time.perf_counter()
         reply = call_next(msg, context)
         event["host-s"] = time.perf_counter() - started
+        if LOCAL_TIMING in context.state:  # the DP steps alone, as the ClientApp measured them on the node
+            event["train-s"] = float(context.state.metric_records[LOCAL_TIMING]["steps-s"])
         event["peak-rss-bytes"] = _peak_rss_bytes()
         if reply.has_error():
             self._write(event | {"outcome": "error", "detail": reply.error.reason})

@@ -299,6 +299,7 @@ class Trainer:
             "examples_seen": sums.get("examples", 0.0),
             "steps": float(plan.steps),
             "step_time_s": statistics.median(step_times),
+            "steps_time_s": sum(step_times),
             "noise_multiplier": mechanism.noise_multiplier,
             "sample_rate": mechanism.sample_rate,
             "epsilon": row.epsilon,
