@@ -8,14 +8,13 @@ split changes how a step runs, never what it computes: the same seed gives the s
 any physical batch size, up to floating-point summation order.
 
 Per-sample gradients come from :class:`~fedvox.client.dp.grad_sample.PrivateGradSampleModule`
-(Opacus hooks, no functorch fallback for SoVITS's weight-normed convolutions, and a backward pass
+(lean per-layer hooks, no functorch fallback for SoVITS's weight-normed convolutions, and a backward pass
 that skips the summed gradients DP-SGD discards): call ``private.module.backward(loss)``.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,10 +25,6 @@ from fedvox.client.dp.optimizer import FedvoxDPOptimizer
 from fedvox.shared.errors import DeviceError
 
 log = logging.getLogger(__name__)
-
-# Opacus's full backward hooks fire on modules whose inputs need no gradient (embeddings, the first
-# layer); torch warns each time, although the per-sample gradients are exact (tests/per_sample.py).
-warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 
 @dataclass

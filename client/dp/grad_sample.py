@@ -1,9 +1,10 @@
-"""Per-sample gradients for DP-SGD: Opacus hooks, without the gradient DP-SGD throws away.
+"""Per-sample gradients for DP-SGD: lean hooks, without the gradient DP-SGD throws away.
 
 :class:`DirectGradSampleModule` is Opacus's ``GradSampleModule`` in hooks mode that finds every
 fedvox sampler (:mod:`fedvox.client.dp.samplers`, weight-normed convolutions included), so
-nothing falls back to functorch. :class:`PrivateGradSampleModule` adds one change to the
-backward pass. A plain ``loss.backward()`` makes autograd compute every parameter's *summed*
+nothing falls back to functorch. :class:`PrivateGradSampleModule`, the engine's, replaces
+Opacus's per-layer hooks by leaner ones (see the class) and changes the backward pass. A plain
+``loss.backward()`` makes autograd compute every parameter's *summed*
 gradient ``p.grad`` besides the per-sample gradients the hooks compute; DP-SGD never reads that
 sum (the optimizer replaces it by the noisy sum of clipped per-sample gradients), yet it costs a
 third of each layer's backward. :meth:`PrivateGradSampleModule.backward` asks autograd only for
@@ -19,12 +20,20 @@ it is violated, a module's hook may not fire and the optimizer raises instead of
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+from typing import Any, cast
+
 import torch
 from opacus import GradSampleModule
-from opacus.utils.module_utils import trainable_parameters
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
+from opacus.utils.module_utils import requires_grad, trainable_parameters
 from torch import nn
 
 from fedvox.client.dp.samplers import sampler_key
+
+Sampler = Callable[[nn.Module, list[torch.Tensor], torch.Tensor], dict[nn.Parameter, torch.Tensor]]
+"""A per-sample gradient formula: ``(layer, its inputs, its output gradient) -> {param: [B, *shape]}``."""
 
 
 class DirectGradSampleModule(GradSampleModule):
@@ -36,26 +45,94 @@ class DirectGradSampleModule(GradSampleModule):
 
 
 class PrivateGradSampleModule(DirectGradSampleModule):
-    """Hooks-mode per-sample gradients, back-propagated without the summed parameter gradients."""
+    """Per-sample gradients from one lean hook per layer, back-propagated without the summed
+    parameter gradients.
+
+    Opacus's hooks mode registers a *full* backward hook per layer, which wraps the layer's
+    inputs and outputs in extra autograd nodes on every forward, looks the layer's sampler up on
+    every backward, and accumulates each per-sample gradient into a freshly zeroed buffer. Here a
+    forward hook records the layer's inputs and puts a tensor hook on its output, which autograd
+    calls with exactly the output gradient the full hook would get; the sampler and the layer's
+    parameters are looked up once, and a per-sample gradient is stored as computed.
+    """
 
     def __init__(self, module: nn.Module, **kwargs) -> None:
-        super().__init__(module, **kwargs)
         self._targets: list[torch.Tensor] = []
+        self._layers: dict[nn.Module, tuple[Sampler, list[nn.Parameter]]] = {}
+        self._inputs: dict[nn.Module, list[list[torch.Tensor]]] = {}
+        """Each hooked layer's inputs, one list per forward use whose backward is still to come."""
+        self._pending: dict[nn.Parameter, int] = {}
+        """Forward uses of a parameter whose per-sample gradient has not been added yet."""
+        self._partial: dict[nn.Parameter, torch.Tensor] = {}
+        """Per-sample gradients summed over a parameter's uses so far in this pass."""
+        super().__init__(module, **kwargs)
 
-    def capture_activations_hook(self, module: nn.Module, forward_input, forward_output) -> None:
-        super().capture_activations_hook(module, forward_input, forward_output)
-        if not (self.hooks_enabled and module.training and torch.is_grad_enabled()):
+    def add_hooks(
+        self, *, loss_reduction: str = "sum", batch_first: bool = True, force_functorch: bool = False
+    ) -> None:
+        if loss_reduction != "sum" or not batch_first or force_functorch:
+            raise ValueError("PrivateGradSampleModule takes summed per-sample losses, batch first, no forced functorch")
+        if hasattr(self._module, "autograd_grad_sample_hooks"):
+            raise ValueError("Trying to add hooks twice to the same model")
+        self.autograd_grad_sample_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._module.autograd_grad_sample_hooks = self.autograd_grad_sample_hooks
+        for module in self.iterate_submodules(self._module):
+            sampler = self.GRAD_SAMPLERS.get(self._get_module_type(module))
+            if sampler is None:  # no direct formula: Opacus's functorch fallback
+                prepare_layer(module, batch_first=True)
+                sampler = ft_compute_per_sample_gradient
+            self._layers[module] = (sampler, list(module.parameters()))
+            self.autograd_grad_sample_hooks.append(module.register_forward_hook(self._record))
+        self.enable_hooks()
+
+    def _record(self, module: nn.Module, inputs: tuple, output: object) -> None:
+        """Forward hook: keep the layer's inputs and hook its output's gradient."""
+        if not (self.hooks_enabled and module.training and torch.is_grad_enabled() and requires_grad(module)):
             return
-        if any(isinstance(x, torch.Tensor) and x.requires_grad for x in forward_input):
-            return  # a trainable module below feeds it: its output gradient is on the way there
-        outputs = forward_output if isinstance(forward_output, (tuple, list)) else (forward_output,)
-        self._targets.extend(y for y in outputs if isinstance(y, torch.Tensor) and y.requires_grad)
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        if not (isinstance(outputs[0], torch.Tensor) and outputs[0].requires_grad):
+            return
+        self._inputs.setdefault(module, []).append([x.detach() for x in inputs])
+        for param in self._layers[module][1]:
+            if param.requires_grad:
+                self._pending[param] = self._pending.get(param, 0) + 1
+        outputs[0].register_hook(partial(self._per_sample, module))
+        if not any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
+            # no trainable module below feeds it: the pruned backward stops at its outputs
+            self._targets.extend(y for y in outputs if isinstance(y, torch.Tensor) and y.requires_grad)
 
-    def capture_backprops_hook(self, module: nn.Module, *args, **kwargs) -> None:
+    def _per_sample(self, module: nn.Module, grad_output: torch.Tensor) -> None:
+        """Tensor hook on a layer's output: the layer's per-sample gradients."""
         # A hook firing while outputs are still recorded means an ordinary ``loss.backward()``
         # consumed the pass: drop them (they would keep its tensors alive).
         self._targets.clear()
-        super().capture_backprops_hook(module, *args, **kwargs)
+        inputs = self._inputs[module].pop()
+        if not self.hooks_enabled:
+            return
+        sampler, params = self._layers[module]
+        for param, grad_sample in sampler(module, inputs, grad_output.detach()).items():
+            if param.requires_grad:
+                partial_sum = self._partial.get(param)
+                self._partial[param] = grad_sample if partial_sum is None else partial_sum + grad_sample
+        for param in params:
+            if param in self._pending:
+                self._pending[param] -= 1
+                if self._pending[param] == 0:
+                    del self._pending[param]
+                    self._promote(param, self._partial.pop(param))
+
+    @staticmethod
+    def _promote(param: nn.Parameter, grad_sample: torch.Tensor) -> None:
+        """Hand a pass's per-sample gradient over as Opacus does: ``param.grad_sample``, a tensor,
+        or a list after several passes without an optimizer step."""
+        opacus_param = cast(Any, param)  # Opacus's attribute, unknown to torch's types
+        previous = opacus_param.grad_sample
+        if previous is None:
+            opacus_param.grad_sample = grad_sample
+        else:
+            opacus_param.grad_sample = (
+                [*previous, grad_sample] if isinstance(previous, list) else [previous, grad_sample]
+            )
 
     def backward(self, loss: torch.Tensor) -> None:
         """Back-propagate ``loss`` for per-sample gradients only (``p.grad`` stays ``None``)."""
@@ -72,20 +149,13 @@ class PrivateGradSampleModule(DirectGradSampleModule):
     def reset_pass_state(self) -> None:
         """Forget a forward/backward pass that was cut short (e.g. by out-of-memory).
 
-        Opacus keeps per-module activations and per-parameter counters between a module's
-        forward and its backward hook; an interrupted pass leaves them behind, and the next pass
-        would then never complete its per-sample gradients.
+        The hooks keep each layer's inputs and each parameter's count of pending uses between
+        a layer's forward and its backward; an interrupted pass leaves them behind, and the next
+        pass would then never complete its per-sample gradients.
         """
-        self._targets = []
-        for module in self.iterate_submodules(self._module):
-            for name in ("activations", "max_batch_len"):
-                if hasattr(module, name):
-                    delattr(module, name)
-            for _, param in trainable_parameters(module):
-                param._forward_counter = 0
-                if hasattr(param, "_current_grad_sample"):
-                    del param._current_grad_sample
-                param.grad_sample = None
+        self._targets, self._inputs, self._pending, self._partial = [], {}, {}, {}
+        for _, param in trainable_parameters(self._module):
+            param.grad_sample = None
 
 
 __all__ = ["DirectGradSampleModule", "PrivateGradSampleModule"]

@@ -8,7 +8,7 @@ directly from the layer's input and output gradient:
 * :class:`RelativeKeys` / :class:`RelativeValues`: the output gradient (resp. the attention
   weights) gathered by relative offset, contracted with the queries (resp. the output gradient);
 * convolutions under ``parametrizations.weight_norm`` (Conv1d, Conv2d, ConvTranspose1d): the
-  per-sample weight gradient ``dW`` (input patches x output gradient, via ``unfold``), then the
+  per-sample weight gradient ``dW`` (:func:`fedvox.client.dp.samplers.conv.weight_grad`), then the
   chain rule through ``W = g v / ||v||``: ``dg = <dW, u>``, ``dv = (g / ||v||)(dW - dg u)``
   with ``u = v / ||v||`` (norms per output row, dim 0).
 
@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm
 
+from fedvox.client.dp.samplers import conv
 from fedvox.shared.models.s2.attentions import RelativeKeys, RelativeValues, _window_index
 from fedvox.shared.models.s2.modules import LayerNorm
 
@@ -81,39 +82,6 @@ WeightNormedConv = nn.Conv1d | nn.Conv2d | nn.ConvTranspose1d
 """The convolutions :func:`weight_norm_key` admits under ``parametrizations.weight_norm``."""
 
 
-def _padding(layer: WeightNormedConv) -> tuple[int, ...]:
-    """The layer's padding as numbers (:func:`_default_geometry` admits no ``"same"``/``"valid"``)."""
-    if isinstance(layer.padding, str):
-        raise TypeError(f"{type(layer).__name__} padding {layer.padding!r}: the per-sample formula needs numbers")
-    return layer.padding
-
-
-def _conv_weight_grad(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``dW [B, out, in / groups, *kernel]`` of a (grouped) Conv1d/Conv2d."""
-    kernel: tuple[int, ...]
-    if isinstance(layer, nn.Conv1d):
-        x = x.unsqueeze(2)
-        kernel, dilation = (1, *layer.kernel_size), (1, *layer.dilation)
-        padding, stride = (0, *_padding(layer)), (1, *layer.stride)
-    else:
-        kernel, dilation, padding, stride = layer.kernel_size, layer.dilation, _padding(layer), layer.stride
-    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, in*k, L]
-    b, groups = x.shape[0], layer.groups
-    patches = patches.view(b, groups, -1, patches.shape[-1])
-    dy = dy.reshape(b, groups, -1, patches.shape[-1])
-    grad = torch.einsum("bgol,bgil->bgoi", dy, patches)
-    return grad.reshape(b, *layer.weight.shape)
-
-
-def _conv_transpose_weight_grad(layer: nn.ConvTranspose1d, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``dW [B, in, out, k]`` of a ConvTranspose1d: input x output-gradient patches."""
-    patches = F.unfold(
-        dy.unsqueeze(2), (1, layer.kernel_size[0]), padding=(0, _padding(layer)[0]), stride=(1, layer.stride[0])
-    )  # [B, out*k, T_in]: the output positions each input step wrote to
-    grad = torch.einsum("bit,bqt->biq", x, patches)
-    return grad.reshape(x.shape[0], *layer.weight.shape)
-
-
 def _weight_parametrizations(module: nn.Module) -> parametrize.ParametrizationList:
     """The parametrizations of ``module.weight`` (torch types ``module.parametrizations`` only as
     a submodule)."""
@@ -128,10 +96,7 @@ def weight_norm_conv_grad_sample(
     g, v = cast(nn.Parameter, weight.original0), cast(nn.Parameter, weight.original1)
     dtype = _compute_dtype(backprops, v)
     x, dy = activations[0].to(dtype), backprops.to(dtype)
-    if isinstance(layer, nn.ConvTranspose1d):
-        d_weight = _conv_transpose_weight_grad(layer, x, dy)
-    else:
-        d_weight = _conv_weight_grad(layer, x, dy)
+    d_weight = conv.weight_grad(layer, x, dy)
     norm = torch.norm_except_dim(v, 2, 0).to(dtype)
     unit = v.to(dtype) / norm
     rows = d_weight.flatten(2)  # [B, dim0, rest]
@@ -176,19 +141,10 @@ def weight_norm_key(module: nn.Module) -> type | None:
             and len(parametrizations) == 1
             and isinstance(parametrizations[0], _WeightNorm)
             and parametrizations[0].dim == 0
-            and _default_geometry(module)
+            and conv.numeric_geometry(module)
         ):
             return _WEIGHT_NORM_KEYS[base]
     return None
-
-
-def _default_geometry(module: nn.Module) -> bool:
-    """What the formulas above assume: zero padding given as numbers, no output padding."""
-    if module.padding_mode != "zeros" or isinstance(module.padding, str):
-        return False
-    if isinstance(module, nn.ConvTranspose1d):
-        return module.groups == 1 and module.dilation == (1,) and module.output_padding == (0,)
-    return True
 
 
 __all__ = [
