@@ -72,3 +72,18 @@ def test_bert_features_for_zh_pieces_only(tmp_path: Path, monkeypatch) -> None:
     assert bert.shape == (len(prompt.ids) + len(target.ids), 1024)
     assert not bert[: len(prompt.ids)].any()  # en prompt: zeros, as get_bert_inf
     assert torch.equal(bert[len(prompt.ids) :], extractor.features(target.norm_text, target.word2ph))
+
+
+def test_the_prompt_tokens_are_made_with_upstreams_pause_after_the_reference(monkeypatch) -> None:
+    torch.manual_seed(0)
+    voice = Voice(Text2SemanticDecoder(s1_config("tiny")).eval(), SynthesizerTrn(s2_config("tiny")).eval())
+    tokenizer = FallbackTokenizer()
+    encoded = []
+    encode = tokenizer.encode
+    monkeypatch.setattr(tokenizer, "encode", lambda wave: encoded.append(wave) or encode(wave))
+    reference = 0.1 * torch.randn(32000, generator=torch.Generator().manual_seed(1))
+    synthesize(voice, "Hello there, world.", "en", reference, tokenizer, reference_text="Hello.", max_seconds=0.5)
+    # inference_webui/TTS.py: 9,600 zeros after the 16 kHz reference, i.e. 0.6 s (19,200 at 32 kHz)
+    (wave,) = encoded
+    assert wave.shape == (32000 + 19200,)
+    assert torch.equal(wave[:32000], reference) and not wave[32000:].any()
