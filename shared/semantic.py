@@ -46,6 +46,9 @@ FALLBACK_CEPSTRA = 20
 FALLBACK_DIM = 16
 FALLBACK_RANGE = 8.0  # natural-log mel floor below the utterance's peak (about 70 dB)
 FRAMES_PER_TOKEN = 2  # 50 Hz mel frames stacked into one 25 Hz token
+REFERENCE_PAUSE_SSL = 9_600
+"""Zeros GPT-SoVITS's inference appends to the 16 kHz reference before its prompt tokens
+(``int(32000 * 0.3)``: a count at 32 kHz's rate, so 0.6 s), so s1's prompt ends in a pause."""
 
 
 class SemanticTokenizer(Protocol):
@@ -54,6 +57,10 @@ class SemanticTokenizer(Protocol):
     name: str
 
     def encode(self, wave: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_reference(self, wave: torch.Tensor) -> torch.Tensor:
+        """The prompt codes of a synthesis reference, as GPT-SoVITS's inference makes them."""
+        ...
 
 
 # ---------------------------------------------------------------- offline fallback
@@ -97,6 +104,11 @@ class FallbackTokenizer:
         z = torch.nn.functional.normalize(stacked @ self.projection, dim=1)
         return (z @ self.codebook.T).argmax(dim=1)
 
+    def encode_reference(self, wave: torch.Tensor) -> torch.Tensor:
+        """:meth:`encode` of the reference followed by GPT-SoVITS's 0.6 s inference pause."""
+        pause = REFERENCE_PAUSE_SSL * SAMPLE_RATE // SSL_SAMPLE_RATE
+        return self.encode(torch.cat([wave.float(), wave.new_zeros(pause, dtype=torch.float32)]))
+
 
 # ---------------------------------------------------------------- GPT-SoVITS (HuBERT + s2 VQ)
 
@@ -123,6 +135,15 @@ class HubertTokenizer:
     @torch.inference_mode()
     def encode(self, wave: torch.Tensor) -> torch.Tensor:
         return self.s2.extract_latent(self.ssl_features(wave))[0].long().cpu()
+
+    @torch.inference_mode()
+    def encode_reference(self, wave: torch.Tensor) -> torch.Tensor:
+        """As GPT-SoVITS's inference (``get_tts_wav``): the reference at 16 kHz, unscaled (no
+        1145.14), with :data:`REFERENCE_PAUSE_SSL` zeros appended, through HuBERT and the VQ."""
+        wave16 = resample(wave.float().cpu(), SAMPLE_RATE, SSL_SAMPLE_RATE)
+        wave16 = torch.cat([wave16, wave16.new_zeros(REFERENCE_PAUSE_SSL)])
+        features, _ = self.hubert(wave16.unsqueeze(0).to(self.device))
+        return self.s2.extract_latent(features.transpose(1, 2))[0].long().cpu()
 
 
 @dataclass(frozen=True)

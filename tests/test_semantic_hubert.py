@@ -274,6 +274,20 @@ def test_semantic_codes_follow_gpt_sovits_3_get_semantic(gpt_sovits_weights, hub
     assert torch.equal(codes, expected)
 
 
+def test_reference_codes_follow_gpt_sovits_inference(gpt_sovits_weights, hubert_tokenizer):
+    _, _, hubert_state, s2_state = gpt_sovits_weights
+    wave = torch.sin(torch.linspace(0, 1000, 32000)) * 0.3
+    codes = hubert_tokenizer.encode_reference(wave)
+
+    # get_tts_wav: the 16 kHz reference, unscaled, then int(32000 * 0.3) zeros, through HuBERT ...
+    wave16 = torch.cat([resample(wave, 32000, 16000), torch.zeros(9600)])
+    ssl = hf_reference(hubert_state, BASE, wave16[None]).transpose(1, 2)
+    # ... and extract_latent
+    projected = F.conv1d(ssl, s2_state["ssl_proj.weight"], s2_state["ssl_proj.bias"], stride=2)
+    expected = torch.cdist(projected[0].T, s2_state["quantizer.vq.layers.0._codebook.embed"]).argmin(dim=1)
+    assert codes.shape == (39,) and torch.equal(codes, expected)
+
+
 @pytest.mark.slow
 def test_prepare_with_hubert_records_its_tokenizer_and_its_codes(gpt_sovits_weights, hubert_tokenizer, tmp_path):
     hubert_dir, s2_path, _, _ = gpt_sovits_weights

@@ -83,7 +83,8 @@ def test_the_prompt_tokens_are_made_with_upstreams_pause_after_the_reference(mon
     monkeypatch.setattr(tokenizer, "encode", lambda wave: encoded.append(wave) or encode(wave))
     reference = 0.1 * torch.randn(32000, generator=torch.Generator().manual_seed(1))
     synthesize(voice, "Hello there, world.", "en", reference, tokenizer, reference_text="Hello.", max_seconds=0.5)
-    # inference_webui/TTS.py: 9,600 zeros after the 16 kHz reference, i.e. 0.6 s (19,200 at 32 kHz)
+    # inference_webui/TTS.py: 9,600 zeros after the 16 kHz reference, i.e. 0.6 s (19,200 at 32 kHz);
+    # the fallback tokenizer's encode_reference encodes that at 32 kHz
     (wave,) = encoded
     assert wave.shape == (32000 + 19200,)
     assert torch.equal(wave[:32000], reference) and not wave[32000:].any()
