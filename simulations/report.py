@@ -47,6 +47,7 @@ class RunData:
     completed: int
     calibration: dict[str, Any]  # the target epsilon and the noise multiplier that meets it (if any)
     timings: dict[str, float]
+    spans: dict[str, list[float]]  # phase -> [start, end] in wall-clock seconds from the run's start
     peak_rss: int
     fleet: dict[str, Any]
     clients: list[dict[str, Any]]
@@ -84,6 +85,7 @@ def load_run(folder: Path) -> RunData:
         completed=run["completed-rounds"],
         calibration=run.get("calibration", {}),
         timings=run["timings-s"],
+        spans=run.get("spans-s", {}),
         peak_rss=run["peak-rss-bytes"],
         fleet=fleet,
         clients=fleet["clients"],
@@ -671,30 +673,33 @@ def _round_table(run: RunData, sim_times, real_times, counts, bytes_per_client) 
     )
 
 
+PHASE_NAMES = {"speech-quality": "speech-quality scoring"}
+
+
 def _timing_text(run: RunData, sim_times: Mapping[int, float]) -> str:
     t = run.timings
-    phases = ", ".join(f"{k} {v:.1f} s" for k, v in t.items())
-    alongside = "baselines-after-federation" in t  # the baselines overlapped the federation
-    total = sum(v for k, v in t.items() if not (alongside and k == "baselines"))
-    waited = t.get("baselines-after-federation", t.get("baselines", 0.0))
-    share = (
-        (
-            f"the baselines trained alongside the federation ({t.get('baselines', 0.0):.0f} s) and kept the run "
-            f"waiting {waited:.0f} s after it, {waited / total:.0%} of the total (they also slowed the federation "
-            "they shared the cores with; bench/baselines_cost.py measures their full cost)"
-            if alongside
-            else f"baselines {waited / total:.0%} of it"
+    if run.spans:
+        phases = ", ".join(
+            f"{PHASE_NAMES.get(k, k)} {start:.0f}-{end:.0f} s"
+            for k, (start, end) in sorted(run.spans.items(), key=lambda kv: kv[1])
         )
-        if total
-        else ""
-    )
+        measured = (
+            f"**Measured on this host**: the run took **{t['wall']:.0f} s** of wall clock: the federation "
+            f"{t.get('federation', 0.0):.0f} s, then {t['after-federation']:.0f} s waiting for the work beside it "
+            f"and after it. Phases, from the run's start: {phases} (the baselines and the speech-quality scoring "
+            "run in a pool of processes beside the federation, sharing the cores with it; "
+            "bench/baselines_cost.py measures what the baselines cost the run); peak resident memory of all "
+            f"processes {_mib(run.peak_rss)}"
+        )
+    elif t:  # a run folder from before the phases were timed as spans
+        phases = ", ".join(f"{k} {v:.1f} s" for k, v in t.items())
+        measured = (
+            f"**Measured on this host**: wall clock {phases} (peak resident memory of all processes "
+            f"{_mib(run.peak_rss)})"
+        )
+    else:
+        measured = "**Measured on this host**: no timings"
     load = run.host_load
-    measured = (
-        f"**Measured on this host**: wall clock {phases} (total {total:.0f} s; {share}; peak resident "
-        f"memory of all processes {_mib(run.peak_rss)})"
-        if total
-        else "**Measured on this host**: no timings"
-    )
     if load:
         measured += (
             f"; load average {load['mean']:.1f} (max {load['max']:.1f}) on {load['cores']} cores, "
@@ -858,9 +863,8 @@ def _quality_section(run: RunData, out: Path) -> str:
         )
         parts += [f"![speech quality]({png.relative_to(out)})", ""]
     parts.append(
-        f"Scoring took {quality['total-seconds']:.0f} s ("
-        + ", ".join(f"{k} {v:.0f} s" for k, v in quality["seconds"].items())
-        + ")."
+        f"Scoring took {quality['total-seconds']:.0f} s of wall clock, one job per model in the pool beside the "
+        "baselines (each job's own time: " + ", ".join(f"{k} {v:.0f} s" for k, v in quality["seconds"].items()) + ")."
     )
     return "\n".join(parts)
 

@@ -31,10 +31,8 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import nullcontext
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +44,7 @@ from fedvox.client.device import DeviceFacts, probe
 from fedvox.client.identity import client_identity
 from fedvox.client.owner import owner_budget
 from fedvox.client.stages import datasets
+from fedvox.server.checkpoints import RoundCheckpoints
 from fedvox.shared.atomic import atomic_write_text
 from fedvox.shared.cli import progress, set_offline_env
 from fedvox.shared.errors import ConfigError, FederationError
@@ -57,7 +56,10 @@ from fedvox.simulations.baselines import CENTRAL_STATE, CentralJob, LocalJob, ce
 from fedvox.simulations.evaluation import Evaluator, reference_losses
 from fedvox.simulations.features import SpeakerData, clone_cache, heldout_by_speaker, prepare_speakers, read_manifest
 from fedvox.simulations.fleets import VirtualClient, load_fleet, plan_clients
+from fedvox.simulations.quality.compare import Contender
+from fedvox.simulations.quality.scoring import TestItem, test_items
 from fedvox.simulations.scenario import RunSpec, Scenario
+from fedvox.simulations.sidework import SideWork, Spans
 from fedvox.simulations.speakers import SpeakersConfig, generate_speakers
 
 log = logging.getLogger(__name__)
@@ -294,7 +296,9 @@ def run_one(spec: RunSpec, data: SpeakerData, folder: Path, host: Host) -> None:
         set_owner_budget(config, clone_cache(cache, folder / "clients" / f"client-{p}"))
 
     timings: dict[str, float] = {}
+    spans = Spans()
     memory = PeakMemory()
+    run_started = time.time()
     with memory:
         log.info(
             "run %s: %d clients (%s fleet), %d rounds of %s %s",
@@ -305,56 +309,79 @@ def run_one(spec: RunSpec, data: SpeakerData, folder: Path, host: Host) -> None:
             config.stage,
             config.model_config,
         )
-        # The baselines need nothing from the federation: they train alongside it, in their own
-        # processes, and fill the cores while the federation waits on Ray and its clients. They
-        # start once a client has trained (Ray is up): on a loaded host, a raylet starting beside
-        # them timed out.
+        store = RoundCheckpoints(folder / "server" / "checkpoints", config.keep_checkpoints)
+        items = quality_items(spec, data)
+        side = SideWork(
+            config,
+            baseline_jobs(spec, config, data, clients, folder, host),
+            items,
+            base=None,
+            local_state=lambda result: local_contender(config, spec, folder, result),
+            central_state=folder / "baselines" / "central" / CENTRAL_STATE,
+            recordings_cache=folder.parent.parent / "features" / "recordings-quality.json",
+            seed=spec.seed,
+            workers=host.workers,
+            threads=host.threads,
+            spans=spans,
+        )
+        # The baselines and the scoring need nothing from the federation but its round 0 (the
+        # base): they run beside it in their own processes (simulations.sidework) and fill the
+        # cores while the federation waits on Ray and its clients. They start once a client has
+        # trained (Ray is up): on a loaded host, a raylet starting beside them timed out.
         federation_done, federation_failed = threading.Event(), threading.Event()
 
-        def alongside_federation() -> dict[str, Any]:
+        def alongside_federation() -> None:
             events = folder / "events"
             while not federation_done.is_set() and not (events.is_dir() and any(events.iterdir())):
                 federation_done.wait(1.0)
-            if federation_failed.is_set():
-                return {"local": [], "central": None}
-            return _timed(
-                timings, "baselines", lambda: baselines(spec, config, data, clients, folder, host, show_progress=False)
-            )
+            if not federation_failed.is_set() and items:
+                side.base = Contender("base", store.load(0).state)
+            side.run_baselines(federation_failed)
 
         with ThreadPoolExecutor(max_workers=1) as alongside:
             pending = alongside.submit(alongside_federation)
+            started = time.time()
             try:
-                completed = _timed(
-                    timings, "federation", lambda: federate(config, fleet, clients, spec.seed, folder, host)
-                )
+                completed = federate(config, fleet, clients, spec.seed, folder, host)
             except BaseException:
                 federation_failed.set()  # the error goes up at once, not after the baselines
+                side.close(cancel=True)
                 raise
             finally:
                 federation_done.set()
+                spans.add("federation", started, time.time())
+            if completed > 0:
+                side.federated(store.load(completed).state)
             heldout = {
                 "seen": heldout_by_speaker(config.stage, data.seen),
                 "unseen": heldout_by_speaker(config.stage, data.unseen),
             }
+            started = time.time()
             evaluation = {
-                "global": _timed(timings, "evaluation", lambda: score_rounds(config, folder, heldout)),
+                "global": score_rounds(config, folder, heldout),
                 "references": reference_losses(
                     config,
                     [datasets(config.stage, cache, HELD_OUT_FRACTION)[0] for cache in data.client_caches],
                     heldout,
                 ),
             }
-            started = time.perf_counter()
-            evaluation |= pending.result()
-            timings["baselines-after-federation"] = time.perf_counter() - started
+            spans.add("evaluation", started, time.time())
+            pending.result()
+        evaluation |= side.baselines
         atomic_write_text(folder / "evaluation.json", json.dumps(evaluation, indent=1) + "\n")
-        if spec.quality_sentences > 0 and completed > 0:
-            quality = _timed(
-                timings, "speech-quality", lambda: speech_quality(spec, config, data, folder, completed, evaluation)
-            )
+        quality = side.speech_quality()
+        side.close()
+        if quality is not None and completed > 0:
+            quality = {**quality_context(spec, data), **quality}
             atomic_write_text(folder / "quality.json", json.dumps(quality, indent=1) + "\n")
         if spec.sample and completed > 0:
-            _timed(timings, "sample", lambda: sample(config, folder, data, completed))
+            started = time.time()
+            sample(config, folder, data, completed)
+            spans.add("sample", started, time.time())
+    wall = time.time() - run_started
+    federation_end = spans.spans["federation"][1] - run_started
+    timings = {phase: end - start for phase, (start, end) in spans.spans.items()}
+    timings |= {"wall": wall, "after-federation": wall - federation_end}
     atomic_write_text(
         folder / "run.json",
         json.dumps(
@@ -364,6 +391,9 @@ def run_one(spec: RunSpec, data: SpeakerData, folder: Path, host: Host) -> None:
                 "calibration": calibration,
                 "completed-rounds": completed,
                 "timings-s": timings,
+                "spans-s": {
+                    phase: [start - run_started, end - run_started] for phase, (start, end) in spans.spans.items()
+                },
                 "peak-rss-bytes": memory.peak,
                 "host-load": memory.host_load,
             },
@@ -375,7 +405,6 @@ def run_one(spec: RunSpec, data: SpeakerData, folder: Path, host: Host) -> None:
 
 def federate(config: RunConfig, fleet, clients: list[VirtualClient], seed: int, folder: Path, host: Host) -> int:
     """Run the federation through Flower's simulation engine; returns the last committed round."""
-    from fedvox.server.checkpoints import RoundCheckpoints
 
     store = RoundCheckpoints(Path(config.checkpoint_dir) / "checkpoints", config.keep_checkpoints)
     latest = store.latest()
@@ -451,7 +480,6 @@ class _NoDeprecationNotice(logging.Filter):
 
 def score_rounds(config: RunConfig, folder: Path, heldout) -> dict[int, Any]:
     """Seen and unseen losses of every committed global model (round 0: the initial one)."""
-    from fedvox.server.checkpoints import RoundCheckpoints
 
     store = RoundCheckpoints(folder / "server" / "checkpoints", config.keep_checkpoints)
     evaluator = Evaluator(config, heldout)
@@ -465,17 +493,10 @@ def score_rounds(config: RunConfig, folder: Path, heldout) -> dict[int, Any]:
     return scores
 
 
-def baselines(
-    spec: RunSpec,
-    config: RunConfig,
-    data: SpeakerData,
-    clients: list[VirtualClient],
-    folder: Path,
-    host: Host,
-    show_progress: bool = True,
-) -> dict[str, Any]:
-    """Local-only baselines of the first ``spec.local_baselines`` clients, and the centralised one
-    (``show_progress=False`` while another progress bar runs: rich shows one at a time)."""
+def baseline_jobs(
+    spec: RunSpec, config: RunConfig, data: SpeakerData, clients: list[VirtualClient], folder: Path, host: Host
+) -> list[tuple[Callable, Any]]:
+    """Local-only baselines of the first ``spec.local_baselines`` clients, and the centralised one."""
     jobs: list[tuple[Callable, Any]] = []
     for client in clients[: spec.local_baselines]:
         if client.refusal:
@@ -513,83 +534,53 @@ def baselines(
                 ),
             )
         )
-    if not jobs:
-        return {"local": [], "central": None}
-    results: dict[str, Any] = {"local": [], "central": None}
-    with (
-        ProcessPoolExecutor(max_workers=min(host.workers, len(jobs)), mp_context=get_context("spawn")) as pool,
-        progress() if show_progress else nullcontext() as bar,
-    ):
-        task = bar.add_task("baselines", total=len(jobs)) if bar else None
-        futures = [(fn, pool.submit(fn, job)) for fn, job in jobs]
-        for fn, future in futures:
-            result = future.result()
-            if fn is central_baseline:
-                results["central"] = result
-            else:
-                results["local"].append(result)
-            if bar:
-                bar.advance(task)
-    log.info("baselines done: %d local-only, %s central", len(results["local"]), "one" if results["central"] else "no")
-    return results
+    return jobs
 
 
-def speech_quality(
-    spec: RunSpec, config: RunConfig, data: SpeakerData, folder: Path, final_round: int, evaluation: dict[str, Any]
-) -> dict[str, Any]:
-    """Synthesise the held-out sentences of every speaker with each model and score them.
-
-    Compared on the same items: the base (round 0), the federated model of ``final_round``,
-    each local-only baseline on its own speaker, and the centralised baseline; the recordings
-    are the ceiling. Clients and unseen speakers alike (the item says which).
-    """
-    from fedvox.server.checkpoints import RoundCheckpoints
-    from fedvox.simulations.quality.compare import Contender, evaluate_speech
-    from fedvox.simulations.quality.scoring import test_items
-
+def quality_items(spec: RunSpec, data: SpeakerData) -> list[TestItem]:
+    """The speech-quality test set: the first ``spec.quality_sentences`` held-out sentences of
+    every client and every unseen speaker (the item says which)."""
+    if spec.quality_sentences <= 0:
+        return []
     manifest = read_manifest(data.speakers_root)
     folders = {s["name"]: data.speakers_root / s["folder"] for s in manifest["speakers"]}
     unseen = [s["name"] for s in manifest["speakers"] if s["role"] != "client"]
-    items = [
+    return [
         item for name in [*data.clients, *unseen] for item in test_items(name, folders[name], spec.quality_sentences)
     ]
-    store = RoundCheckpoints(folder / "server" / "checkpoints", config.keep_checkpoints)
-    contenders = [Contender("base", store.load(0).state), Contender("federated", store.load(final_round).state)]
-    for entry in evaluation.get("local") or []:
-        step = spec.rounds * config.local_steps
-        path = (
-            folder
-            / "baselines"
-            / "local"
-            / f"client-{entry['partition']}"
-            / "train"
-            / "checkpoints"
-            / f"step-{step:08d}.pt"
-        )
-        state = torch.load(path, map_location="cpu", weights_only=True)["state"]
-        contenders.append(Contender("local only", state, frozenset([entry["speaker"]])))
-    central = folder / "baselines" / "central" / CENTRAL_STATE
-    if evaluation.get("central") and central.is_file():
-        contenders.append(Contender("central", torch.load(central, map_location="cpu", weights_only=True)))
-    training = {s["name"]: s["train"]["utterances"] for s in manifest["speakers"] if s["role"] == "client"}
+
+
+def quality_context(spec: RunSpec, data: SpeakerData) -> dict[str, Any]:
+    """What ``quality.json`` says about the speakers besides the scores."""
+    manifest = read_manifest(data.speakers_root)
     return {
         "run-seed": spec.seed,
         "clients": list(data.clients),
-        "unseen": unseen,
-        "training-utterances": training,
-        **evaluate_speech(
-            config,
-            items,
-            contenders,
-            seed=spec.seed,
-            recordings_cache=folder.parent.parent / "features" / "recordings-quality.json",
-        ),
+        "unseen": [s["name"] for s in manifest["speakers"] if s["role"] != "client"],
+        "training-utterances": {
+            s["name"]: s["train"]["utterances"] for s in manifest["speakers"] if s["role"] == "client"
+        },
     }
+
+
+def local_contender(config: RunConfig, spec: RunSpec, folder: Path, result: dict[str, Any]) -> Contender:
+    """A local-only baseline's final model, compared on its own speaker only."""
+    step = spec.rounds * config.local_steps
+    path = (
+        folder
+        / "baselines"
+        / "local"
+        / f"client-{result['partition']}"
+        / "train"
+        / "checkpoints"
+        / f"step-{step:08d}.pt"
+    )
+    state = torch.load(path, map_location="cpu", weights_only=True)["state"]
+    return Contender("local only", state, frozenset([result["speaker"]]))
 
 
 def sample(config: RunConfig, folder: Path, data: SpeakerData, final_round: int) -> None:
     """Synthesise a held-out sentence of the first client in its own voice with the final model."""
-    from fedvox.server.checkpoints import RoundCheckpoints
     from fedvox.shared.audio import read_audio
     from fedvox.simulations.quality.activity import check_speech
     from fedvox.simulations.sample import synthesise_sample

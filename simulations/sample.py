@@ -10,6 +10,7 @@ that the pipeline works end to end, not what a trained voice sounds like.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -56,7 +57,19 @@ def partner_pretrained(config: RunConfig) -> str | None:
 
 
 def build_voice(config: RunConfig, state: Mapping[str, torch.Tensor]) -> Voice:
-    """Both stages: the run's trained stage with trainable subset ``state``, and its partner."""
+    """Both stages: the run's trained stage with trainable subset ``state``, and its partner.
+
+    The two models are built once per process and configuration (the speech-quality scoring
+    speaks with many states of one model); each call loads ``state`` into the trained stage,
+    which replaces every trainable tensor, so a voice never keeps an earlier call's state."""
+    trained, voice = _voice_models(config)
+    load_trainable_state_dict(trained, state)
+    return voice
+
+
+@functools.lru_cache(maxsize=2)
+def _voice_models(config: RunConfig) -> tuple[torch.nn.Module, Voice]:
+    """The trained stage's model (as built) and the voice speaking with it and its partner."""
     trained = build_model(
         config.stage,
         config.model_config,
@@ -64,13 +77,12 @@ def build_voice(config: RunConfig, state: Mapping[str, torch.Tensor]) -> Voice:
         seed=config.model_seed,
         pretrained=config.pretrained or None,
     )
-    load_trainable_state_dict(trained, state)
     other = partner_stage(config)
     partner = build_model(
         other, config.model_config, config.subset_spec, seed=config.model_seed, pretrained=partner_pretrained(config)
     )
     models = {config.stage: trained, other: partner}
-    return Voice(**{stage: recipe(stage).voice_model(model).eval() for stage, model in models.items()})
+    return trained, Voice(**{stage: recipe(stage).voice_model(model).eval() for stage, model in models.items()})
 
 
 def synthesise_sample(

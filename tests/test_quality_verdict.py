@@ -75,6 +75,7 @@ def test_epsilon_spent_on_updates_the_server_did_not_use_is_counted_per_client()
         completed=2,
         calibration={},
         timings={},
+        spans={},
         peak_rss=0,
         fleet={},
         clients=[{"partition": 0, "class": "cpu"}, {"partition": 1, "class": "slow"}],

@@ -76,6 +76,22 @@ def test_the_report_its_plots_and_the_sample_are_written(simulation):
     assert summary["rounds"] == 2 and summary["simulated-time-s"] > 0
 
 
+def test_the_baselines_and_the_scoring_run_beside_the_federation_and_the_report_splits_the_wall_clock(simulation):
+    out, folder, _ = simulation
+    run = json.loads((folder / "run.json").read_text())
+    spans, timings = run["spans-s"], run["timings-s"]
+    assert {"federation", "baselines", "speech-quality", "evaluation", "sample"} <= set(spans)
+    assert spans["baselines"][0] < spans["federation"][1]  # started while the federation ran
+    assert spans["speech-quality"][1] <= timings["wall"] and spans["sample"][1] <= timings["wall"]
+    assert timings["after-federation"] == pytest.approx(timings["wall"] - spans["federation"][1])
+    quality = json.loads((folder / "quality.json").read_text())
+    assert list(quality["scores"]) == ["recordings", "base", "federated", "local only", "central"]
+    assert quality["speakers"]["local only"] == [
+        json.loads((folder / "evaluation.json").read_text())["local"][0]["speaker"]
+    ]
+    assert f"the run took **{timings['wall']:.0f} s** of wall clock" in (out / "report.md").read_text()
+
+
 def test_every_round_is_scored_on_seen_and_unseen_speakers_with_both_baselines(simulation):
     _, folder, _ = simulation
     evaluation = json.loads((folder / "evaluation.json").read_text())

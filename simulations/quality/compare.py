@@ -2,15 +2,16 @@
 
 Every model speaks every test item of the speakers it is compared on (held-out sentences, each
 prompted with another held-out recording of the same speaker) and each utterance is scored
-(:mod:`.scoring`). The recordings are scored too: the ceiling. The raw per-item scores are
-written, so intervals and verdicts are computed from the file (``simulations.report``).
+(:mod:`.scoring`). The recordings are scored too: the ceiling. Each model is one job
+(``simulations.sidework`` runs them beside the baselines); :func:`collect_speech` puts the raw
+per-item scores into one document, so intervals and verdicts are computed from the file
+(``simulations.report``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,35 +101,42 @@ def score_recordings(items: Sequence[TestItem], cache: Path | None) -> dict[str,
     return scores
 
 
-def evaluate_speech(
-    config: RunConfig,
-    items: Sequence[TestItem],
-    contenders: Sequence[Contender],
-    seed: int = 0,
-    recordings_cache: Path | None = None,
-) -> dict[str, Any]:
-    """Scores of the recordings (reused across runs through ``recordings_cache``) and of every
-    contender on ``items``, with timings."""
-    from fedvox.shared.cli import progress
+@dataclass(frozen=True)
+class Spoken:
+    """One contender's scores (:func:`speak`) and the seconds they took."""
 
-    started = time.perf_counter()
-    scores: dict[str, Any] = {}
-    seconds: dict[str, float] = {}
-    with progress() as bar:
-        task = bar.add_task("speech quality", total=len(contenders) + 1)
-        t = time.perf_counter()
-        scores[RECORDINGS] = score_recordings(items, recordings_cache)
-        seconds[RECORDINGS] = time.perf_counter() - t
-        bar.advance(task)
-        for contender in contenders:  # contenders of one name (each client's local model) share a column
-            t = time.perf_counter()
-            scores.setdefault(contender.name, {}).update(speak(config, contender, items, seed))
-            seconds[contender.name] = seconds.get(contender.name, 0.0) + time.perf_counter() - t
-            bar.advance(task)
+    name: str
+    speakers: frozenset[str] | None
+    scores: dict[str, Any]
+    seconds: float
+
+
+ORDER = ("base", "federated", "local only", "central")
+"""Column order of the models (then any other, by name)."""
+
+
+def collect_speech(
+    items: Sequence[TestItem],
+    recordings: dict[str, Any],
+    spoken: Sequence[Spoken],
+    recordings_seconds: float,
+    *,
+    wall_seconds: float,
+) -> dict[str, Any]:
+    """``quality.json``: the recordings' and every contender's scores on ``items``, the speakers
+    each model is compared on, and timings (``seconds``: each model's scoring, summed over its
+    jobs; ``total-seconds``: the wall clock from the first job's start to the last one's end)."""
+    rank = {name: i for i, name in enumerate(ORDER)}
+    scores: dict[str, Any] = {RECORDINGS: recordings}
+    seconds: dict[str, float] = {RECORDINGS: recordings_seconds}
     speakers: dict[str, set[str] | None] = {}
-    for c in contenders:
-        everyone = c.speakers is None or speakers.get(c.name, set()) is None
-        speakers[c.name] = None if everyone else speakers.get(c.name, set()) | c.speakers
+    for s in sorted(spoken, key=lambda s: (rank.get(s.name, len(ORDER)), s.name)):
+        scores.setdefault(s.name, {}).update(
+            s.scores
+        )  # contenders of one name (each client's local model) share a column
+        seconds[s.name] = seconds.get(s.name, 0.0) + s.seconds
+        everyone = s.speakers is None or speakers.get(s.name, set()) is None
+        speakers[s.name] = None if everyone else speakers.get(s.name, set()) | s.speakers
     return {
         "items": {
             item.key: {"speaker": item.speaker, "language": item.language, "index": item.index} for item in items
@@ -136,8 +144,8 @@ def evaluate_speech(
         "speakers": {name: sorted(s) if s is not None else None for name, s in speakers.items()},
         "scores": scores,
         "seconds": seconds,
-        "total-seconds": time.perf_counter() - started,
+        "total-seconds": wall_seconds,
     }
 
 
-__all__ = ["RECORDINGS", "Contender", "evaluate_speech", "score_recordings", "speak"]
+__all__ = ["ORDER", "RECORDINGS", "Contender", "Spoken", "collect_speech", "score_recordings", "speak"]
