@@ -21,7 +21,7 @@ from fedvox.client.data.reasons import FIXES, Reason
 from fedvox.shared.audio import read_audio
 from fedvox.shared.errors import DataError
 from fedvox.shared.semantic import FallbackTokenizer, tokenizer_spec
-from tests.data_fixtures import fingerprint, write_bad_set, write_good_set
+from tests.data_fixtures import fingerprint, speech, write_bad_set, write_good_set
 
 FALLBACK = tokenizer_spec()
 CLIENT = Path(sys.executable).with_name("fedvox-client")
@@ -88,6 +88,26 @@ def test_every_bad_entry_gets_its_reason_and_the_good_ones_pass(tmp_path):
     messages = {r.line: r.message for r in report.rejected}
     assert "same file as line 1" in messages[7] and "same audio as line 1" in messages[8]
     assert messages[4].startswith("line 4: missing.wav")
+
+
+def test_latin_letters_in_zh_transcripts_are_noted_and_read_in_auto_lines(tmp_path):
+    text = "我用iPhone拍照，今天天气很好。"
+    for name, seed in (("zh.wav", 1), ("auto.wav", 2)):
+        wave, rate = speech(text, "zh", "", seed, source="pseudo")
+        sf.write(tmp_path / name, wave, rate)
+    (tmp_path / "zh.list").write_text(f"zh.wav|spk|zh|{text}\n", encoding="utf-8")
+    (tmp_path / "auto.list").write_text(f"auto.wav|spk|auto|{text}\n", encoding="utf-8")
+    zh = run(tmp_path / "zh.list", tmp_path / "zh")
+    assert zh.accepted == 1 and any("1 zh/yue transcripts hold Latin letters" in note for note in zh.notes)
+    auto = run(tmp_path / "auto.list", tmp_path / "auto")
+    assert auto.accepted == 1 and not any("Latin" in note for note in auto.notes)
+    phones = {
+        out: FeatureCache(tmp_path / out).item_header(FeatureCache(tmp_path / out).read_index().items[0].id)["phones"]
+        for out in ("zh", "auto")
+    }
+    iphone = ["AY1", "F", "OW1", "N"]  # read as English in the auto line only, as GPT-SoVITS's inference reads it
+    assert phones["auto"][4:8] == iphone and "AY1" not in phones["zh"]
+    assert phones["zh"] == phones["auto"][:4] + phones["auto"][8:]
 
 
 def test_one_failing_utterance_does_not_stop_the_others(good_set, tmp_path):

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -139,7 +140,7 @@ def prepare(
             featurise_s=featurise_s,
             workers=_pool_size(len(jobs), workers, tokenizer, extractors),
             stale_removed=stale,
-            notes=extractors.notes(accepted),
+            notes=extractors.notes(accepted) + _latin_notes(entries, accepted),
         )
         report.write(cache.root)
     return report
@@ -419,6 +420,29 @@ def _read_unchanged(job: Job, where: str) -> bytes:
     if hashlib.sha256(data).hexdigest() != job.sha256:
         raise Rejected(Reason.UNREADABLE_FILE, f"{where}: changed while being prepared; run prepare again")
     return data
+
+
+_LATIN = re.compile("[A-Za-z]")
+_DROPS_LATIN = ("zh", "yue")
+
+
+def _latin_notes(entries: Sequence[Entry | Rejection], accepted: Sequence[CachedItem]) -> list[str]:
+    """Say how many accepted zh/yue transcripts hold Latin letters, which their frontends drop
+    (as ``1-get-text.py`` does) while GPT-SoVITS's inference reads them as English."""
+    lines = {item.line for item in accepted}
+    count = sum(
+        isinstance(entry, Entry)
+        and entry.line in lines
+        and entry.language in _DROPS_LATIN
+        and _LATIN.search(entry.text) is not None
+        for entry in entries
+    )
+    if not count:
+        return []
+    return [
+        f"{count} zh/yue transcripts hold Latin letters, which are not read (as in GPT-SoVITS's preparation; "
+        "its synthesis reads them as English): label those lines auto to read them as English"
+    ]
 
 
 def _phonemize(entry: Entry, symbols_version: str, langdetect: str | None, where: str) -> list[Phonemes]:
