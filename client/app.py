@@ -67,6 +67,7 @@ from fedvox.client.dp import PrivacyPlan, RoundPlan, Trainer
 from fedvox.client.dp.trainer import UNIT
 from fedvox.client.identity import bind_ledger
 from fedvox.client.loss_release import loss_mechanism, noisy_mean_loss, utterance_losses
+from fedvox.client.message_times import MessageClock
 from fedvox.client.owner import check_plan, owner_budget
 from fedvox.client.profiles import ProfileOverrides, ResourceProfile, select_profile
 from fedvox.client.releases import Entry, ReleaseBook, ReleaseSeeds, answers_a_server, message_digest
@@ -120,6 +121,7 @@ class NodeSetup:
     overrides: ProfileOverrides
     pretrained: str  # where this machine keeps the plan's GPT-SoVITS base checkpoint ("": the plan's path)
     signing_key: Path  # signs the ledger head in every reply (shared.privacy.ledger_head)
+    log_dir: Path | None = None  # the device's logs: each message's times (client.message_times)
 
     @classmethod
     def from_context(cls, context: Context, config: RunConfig) -> NodeSetup:
@@ -156,7 +158,9 @@ class NodeSetup:
         except ConfigError as exc:
             raise Refusal("device", str(exc)) from None
         signing_key = Path(str(node_config.get("signing-key", ledger / SIGNING_KEY_FILE))).expanduser()
-        return cls(client_id, data, ledger, budget, overrides, str(node_config.get("pretrained", "")), signing_key)
+        log_dir = Path(str(node_config["log-dir"])).expanduser() if "log-dir" in node_config else None
+        pretrained = str(node_config.get("pretrained", ""))
+        return cls(client_id, data, ledger, budget, overrides, pretrained, signing_key, log_dir)
 
 
 class PlanSession:
@@ -241,18 +245,21 @@ class PlanSession:
     def status(self, **overrides: object) -> ClientStatus:
         """This node's status: its epsilons are the federation account's, which depend on plan
         values only, not on ``N`` (local training rows are not in it)."""
-        try:
-            epsilon_next = self.trainer.projected_epsilon(self.round_plan)
-        except BudgetExceededError:  # a target-epsilon plan with no room left: no round fits
-            epsilon_next = math.inf
         return ClientStatus(
             client_id=self.node.client_id,
             profile=self.profile.name,
             epsilon_spent=self.trainer.spent(),
             epsilon_budget=self.owner.epsilon,
-            epsilon_next=epsilon_next,
+            epsilon_next=self.epsilon_next(),
             **overrides,
         )
+
+    def epsilon_next(self) -> float:
+        """The federation account's epsilon after one more round of the plan."""
+        try:
+            return self.trainer.projected_epsilon(self.round_plan)
+        except BudgetExceededError:  # a target-epsilon plan with no room left: no round fits
+            return math.inf
 
     def release_id(self, entry: Entry) -> str:
         """The ledger's run id of a release: the plan's run id and the device's own release id."""
@@ -266,19 +273,21 @@ class PlanSession:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, lambda session, _: _content(session.status()))
+    return _handle(msg, context, MessageClock("query"), lambda session, _: _content(session.status()))
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    clock = MessageClock("train")
+
     def run(session: PlanSession, entry: Entry | None) -> RecordDict:
         session.load_global(msg)
-        status = session.status()
-        if not status.can_afford_round():
+        epsilon_next = session.epsilon_next()  # (what the account has spent is not needed yet: each costs seconds)
+        if epsilon_next > session.owner.epsilon:
             raise Refusal(
                 "budget",
-                f"one more round would take epsilon to {status.epsilon_next:.3f}, "
-                f"past this node's budget {status.epsilon_budget:g}",
+                f"one more round would take epsilon to {epsilon_next:.3f}, "
+                f"past this node's budget {session.owner.epsilon:g}",
             )
         plan = session.plan
         try:
@@ -292,6 +301,7 @@ def train(msg: Message, context: Context) -> Message:
         context.state[LOCAL_TIMING] = MetricRecord(
             {"steps-s": result.metrics["steps_time_s"], "steps": float(plan.config.local_steps)}
         )
+        clock.training_s = result.metrics["steps_time_s"]  # and in the device's log (client.message_times)
         received = read_update(msg.content.array_records[ARRAYS])  # views of the bytes that arrived
         rounding = torch.Generator().manual_seed(session.seeds.rounding if session.seeds else secrets.randbits(63))
         arrays = encode_update(result.state, received, plan.config.update_encoding, rounding)
@@ -303,11 +313,13 @@ def train(msg: Message, context: Context) -> Message:
         )
         return _content(session.status(), arrays=arrays, metrics=metrics)
 
-    return _handle(msg, context, run, release="train")
+    return _handle(msg, context, clock, run, release="train")
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    clock = MessageClock("evaluate")
+
     def run(session: PlanSession, entry: Entry | None) -> RecordDict:
         config = session.plan.config
         if not config.evaluate:
@@ -348,7 +360,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             raise _budget_refusal(exc) from None
         return _content(session.status(), metrics=MetricRecord({"val-loss": loss}))
 
-    return _handle(msg, context, run, release="evaluate")
+    return _handle(msg, context, clock, run, release="evaluate")
 
 
 def _budget_refusal(exc: BudgetExceededError) -> Refusal:
@@ -365,6 +377,7 @@ def _budget_refusal(exc: BudgetExceededError) -> Refusal:
 def _handle(
     msg: Message,
     context: Context,
+    clock: MessageClock,
     run: Callable[[PlanSession, Entry | None], RecordDict],
     release: str | None = None,
 ) -> Message:
@@ -372,12 +385,15 @@ def _handle(
 
     A ``release`` message (train, evaluate) is answered under the device's release book: the
     stored reply if this exact message was answered before, otherwise a release id recorded
-    before any work, whose reply is stored before it is sent.
+    before any work, whose reply is stored before it is sent. ``clock`` records the message's
+    times in the device's log folder, if it has one.
     """
     set_offline_env()
     client_id = f"node-{context.node_id}"  # until the data folder's identity is known
+    node: NodeSetup | None = None
     try:
         plan = Plan.from_record(msg.content.config_records[CONFIG])
+        clock.run_id, clock.round = plan.run_id, plan.server_round
         node = NodeSetup.from_context(context, plan.config)
         client_id = node.client_id
         if release is None:
@@ -411,6 +427,8 @@ def _handle(
         log.warning("refusing %s: %s", msg.metadata.message_type, exc)
         status = ClientStatus(client_id=client_id, outcome=REFUSED, reason="model", detail=str(exc))
         return Message(_content(status), reply_to=msg)
+    finally:
+        clock.record(node.log_dir if node is not None else None)
 
 
 def _answer(

@@ -27,8 +27,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -49,6 +52,7 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from flwr.supernode.fleet_http_client import FleetHttpClient
 from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
 
+from fedvox.shared.app_host import HOST_ENV
 from fedvox.shared.atomic import atomic_path, atomic_write_text
 from fedvox.shared.errors import CertificateMismatch, ConfigError, DeploymentError, NotRegistered, ServerUnreachable
 from fedvox.shared.processes import die_with_parent, flower_command, flower_env, free_port, stop_tree
@@ -72,6 +76,16 @@ GAVE_UP = "Giving up reconnection"
 certificate changed). Its main thread then ends but the process does not exit (its local
 Runtime API threads keep it alive), so the supervisor ends it and checks the server again."""
 GAVE_UP_GRACE_S = 10.0
+CLIENTAPP_PRELOAD = (
+    "fedvox.client.app",
+    # what its handlers import on first use: torch's compiler stack (nn.init's first call imports
+    # torch._dynamo, about 2 s on 2 cores), the stages' trainers, the device key that signs
+    "torch._dynamo",
+    "fedvox.client.stages.s1",
+    "fedvox.client.stages.s2",
+    "fedvox.shared.device_keys",
+)
+"""What the ClientApp host imports once, so that no message waits for it (:mod:`shared.app_host`)."""
 
 
 @dataclass(frozen=True)
@@ -302,7 +316,11 @@ class Supervisor:
 
     def run(self) -> None:
         with self._locked():
-            node_config = {**self.enrollment.node_config(), "signing-key": str(self.home.key)}  # signs ledger heads
+            node_config = {  # the key signs ledger heads; the ClientApp keeps its messages' times in the logs
+                **self.enrollment.node_config(),
+                "signing-key": str(self.home.key),
+                "log-dir": str(self.home.logs),
+            }
             atomic_write_text(self.home.node_config, tomli_w.dumps(node_config))
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: self.stopping.set())
@@ -345,9 +363,11 @@ class Supervisor:
         return False
 
     def _supernode(self) -> int | None:
+        """One SuperNode (and its ClientApp host) until it exits or the supervisor stops."""
         e = self.enrollment
+        env = flower_env(self.home.flwr_home)
         command = [
-            flower_command("flower-supernode"),
+            flower_command("flower-supernode", env),
             "--superlink",
             e.server,
             "--root-certificates",
@@ -362,11 +382,12 @@ class Supervisor:
             str(free_port()),
         ]
         self.home.logs.mkdir(exist_ok=True)
+        host, host_dir = self._clientapp_host()
         self.process = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env=flower_env(self.home.flwr_home),
+            env={**env, HOST_ENV: str(host_dir / "host.sock")},
             start_new_session=True,
             preexec_fn=die_with_parent,
         )
@@ -379,9 +400,27 @@ class Supervisor:
                 log.warning("the SuperNode gave up its connection to %s; checking the server again", e.server)
                 break
         if self.process.poll() is None:  # stopping, or hung after giving up: Flower deactivates the node on SIGTERM
-            stop_tree(self.process.pid, timeout=20)
+            stop_tree(self.process.pid, host.pid, timeout=20)
+        else:
+            stop_tree(host.pid)
+        shutil.rmtree(host_dir, ignore_errors=True)
         reader.join(timeout=5)
         return self.process.returncode
+
+    def _clientapp_host(self) -> tuple[subprocess.Popen, Path]:
+        """The warm process this SuperNode's ClientApps are forked from (:mod:`shared.app_host`),
+        listening in a new 0700 folder; until it is ready they start as Flower starts them."""
+        folder = Path(tempfile.mkdtemp(prefix="fedvox-app-host-"))
+        with open(self.home.logs / "app-host.log", "ab") as out:
+            host = subprocess.Popen(
+                [sys.executable, "-m", "fedvox.shared.app_host", str(folder / "host.sock"), *CLIENTAPP_PRELOAD],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=flower_env(self.home.flwr_home),
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+        return host, folder
 
     def _relay(self, process: subprocess.Popen, gave_up: threading.Event) -> None:
         """The SuperNode's output into ``device/logs/supernode.log`` and this console."""

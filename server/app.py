@@ -17,6 +17,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedvox.server.model import base_identity, export_model, initial_subset
+from fedvox.server.prompt_grid import prompt
 from fedvox.server.run import FederatedRun
 from fedvox.shared.cli import set_offline_env
 from fedvox.shared.runconfig import RunConfig
@@ -40,7 +41,7 @@ def serve(
     set_offline_env()
     state = initial_subset(config) if initial_state is None else initial_state
     run = FederatedRun(config, state, base=base_identity(config), seed=seed)
-    run.execute(grid)
+    run.execute(prompt(grid))  # a deployment's replies are collected as they arrive
     if export and run.completed > 0:
         chosen, why = run.store.export_choice()
         log.info("exporting round %d: %s", chosen, why)

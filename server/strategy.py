@@ -77,6 +77,9 @@ class RoundRecord:
 
     server_round: int
     started: float = field(default_factory=time.monotonic)
+    server_s: float = 0.0
+    """Time spent in the strategy itself (selection, screening, aggregation, commit), not waiting
+    for devices."""
     selection: Selection | None = None
     eligible_clients: list[str] = field(default_factory=list)
     participants: list[str] = field(default_factory=list)
@@ -106,6 +109,7 @@ class RoundRecord:
         """Flat, JSON-ready metrics of the round (speaker epsilons are added at commit)."""
         out: dict[str, Any] = {
             "round-time-s": time.monotonic() - self.started,
+            "server-s": self.server_s,
             "participants": len(self.participants),
             "selected": len(self.selection.node_ids) if self.selection else 0,
             "eligible": self.selection.eligible if self.selection else 0,
@@ -190,6 +194,7 @@ class FedvoxStrategy(FedAvg):
         self._global: dict[str, torch.Tensor] = {}  # the fp32 global subset of the round in progress
         self._sent: dict[str, torch.Tensor] = {}  # the same, as clients received it (wire precision)
         self._outbox: list[Message] = []  # the messages of the step in progress: who each reply answers
+        self._nodes: list[int] = []  # the connected nodes of the last round
 
     def summary(self) -> None:
         log.info("aggregation: %s", self.aggregator.name)
@@ -207,7 +212,8 @@ class FedvoxStrategy(FedAvg):
             return []
         record = self.current = RoundRecord(server_round)
         nodes = self._connected_nodes(grid)
-        self._query(grid, self.book.unknown(nodes), server_round)
+        waited = time.monotonic() - record.started  # for devices: neither is the server's time
+        waited += self._query(grid, self.book.unknown(nodes), server_round)
         if self.population is None:
             self.population = len(nodes)
         rate = None
@@ -247,6 +253,7 @@ class FedvoxStrategy(FedAvg):
             len(nodes),
         )
         content = RecordDict({ARRAYS: wire, CONFIG: plan})
+        record.server_s += time.monotonic() - record.started - waited
         return self._send(
             [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in record.selection.node_ids]
         )
@@ -256,6 +263,7 @@ class FedvoxStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if server_round <= self.completed_round:
             return None, None
+        began = time.monotonic()
         record = self._record(server_round)
         replies = list(replies)
         if missing := len(record.selection.node_ids) - len(replies):
@@ -305,7 +313,9 @@ class FedvoxStrategy(FedAvg):
         metrics = self.train_metrics_aggr_fn(rows, self.weighted_by_key) if rows else MetricRecord()
         record.aggregated = True
         record.train = _numbers(metrics)
-        return to_record(aggregate.state, "fp32"), metrics
+        outcome = to_record(aggregate.state, "fp32")
+        record.server_s += time.monotonic() - began
+        return outcome, metrics
 
     # ------------------------------------------------------------------ evaluation and commit
     def configure_evaluate(
@@ -313,11 +323,13 @@ class FedvoxStrategy(FedAvg):
     ) -> Iterable[Message]:
         if server_round <= self.completed_round:
             return []
+        began = time.monotonic()
         record = self._record(server_round)
         record.outcome = arrays  # what Flower's loop made of the round
         if self.on_release is not None:  # charged and committed before these messages carry it
             self.on_release(record)
         if not self.config.evaluate:
+            record.server_s += time.monotonic() - began
             return []
         nodes = [n for n in grid.get_node_ids() if n in self.book.statuses and self.book.statuses[n].ok]
         wire = to_record(from_record(arrays), self.config.wire_precision)
@@ -325,12 +337,14 @@ class FedvoxStrategy(FedAvg):
         plan = self.plan(server_round).to_record()
         plan.update(config)
         content = RecordDict({ARRAYS: wire, CONFIG: plan})
+        record.server_s += time.monotonic() - began
         return self._send([Message(content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes])
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Summarize the validation replies, then end the round (the last step of Flower's round)."""
         if server_round <= self.completed_round:
             return None
+        began = time.monotonic()
         record = self._record(server_round)
         usable, evaluators = [], []
         for reply in replies:
@@ -342,6 +356,7 @@ class FedvoxStrategy(FedAvg):
         metrics = self.evaluate_metrics_aggr_fn(usable, self.weighted_by_key) if usable else None
         record.evaluate = _numbers(metrics)
         record.evaluators = sorted(evaluators)
+        record.server_s += time.monotonic() - began
         self._end_round(record)
         return metrics
 
@@ -359,9 +374,10 @@ class FedvoxStrategy(FedAvg):
 
     def _connected_nodes(self, grid: Grid) -> list[int]:
         """Connected node ids: at least ``min_clients`` (waiting up to ``round_timeout``), and no
-        longer growing between two polls, so nodes registering together are all counted."""
+        longer growing between two polls, so nodes registering together are all counted (the
+        previous round's nodes, all still there, need no second look)."""
         deadline = time.monotonic() + self.config.round_timeout
-        previous: list[int] = []
+        previous = self._nodes
         while len(nodes := sorted(grid.get_node_ids())) < self.config.min_clients or nodes != previous:
             if time.monotonic() > deadline:
                 raise FederationError(
@@ -370,19 +386,24 @@ class FedvoxStrategy(FedAvg):
                 )
             previous = nodes
             time.sleep(NODE_POLL_S)
+        self._nodes = nodes
         return nodes
 
-    def _query(self, grid: Grid, nodes: list[int], server_round: int) -> None:
-        """Ask ``nodes`` for their status (profile, data, budget under the next round's plan)."""
+    def _query(self, grid: Grid, nodes: list[int], server_round: int) -> float:
+        """Ask ``nodes`` for their status (profile, data, budget under the next round's plan);
+        returns how long the replies took (the devices' time, not the server's)."""
         if not nodes:
-            return
+            return 0.0
         plan = self.plan(server_round).to_record()
         messages = [Message(RecordDict({CONFIG: plan}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
         timeout = min(QUERY_TIMEOUT_S, self.config.round_timeout)
+        sent = time.monotonic()
         replies = list(grid.send_and_receive(self._send(messages), timeout=timeout))
+        waited = time.monotonic() - sent
         for reply in replies:
             self._status(reply, self._record(server_round))
         log.info("queried %d new client(s), %d answered", len(nodes), len(replies))
+        return waited
 
     def _send(self, messages: list[Message]) -> list[Message]:
         """Keep the step's messages (the grid gives them their ids as it sends them)."""

@@ -1,9 +1,10 @@
 """A real federation on 127.0.0.1: ``fedvox-server start`` and ``fedvox-client enroll`` processes
 over TLS with device authentication, Flower's SuperLink and SuperNodes underneath.
 
-Every ClientApp message starts a process that imports torch (about 7 s alone, more on a busy
-machine), so the federation is as small as the claims allow: tiny s1, two rounds, no evaluation
-(one query and two trainings per device).
+Every ClientApp message is a new process (forked from the device's warm ClientApp host once it
+is ready, else one that imports torch: about 7 s alone, more on a busy machine), so the
+federation is as small as the claims allow: tiny s1, two rounds, no evaluation (one query and
+two trainings per device).
 """
 
 import json
@@ -24,6 +25,7 @@ from typer.testing import CliRunner
 from fedvox.client.data.cache import FeatureCache
 from fedvox.client.enroll import DeviceHome, device_key
 from fedvox.client.identity import client_identity
+from fedvox.client.message_times import read_times
 from fedvox.server.checkpoints import RoundCheckpoints
 from fedvox.server.cli import app as server_cli
 from fedvox.server.model import initial_subset
@@ -102,9 +104,10 @@ def test_two_enrolled_devices_train_two_rounds_and_only_the_update_leaves_them(p
     # A third device whose key nobody registered: Flower's own SuperNode is refused at once ...
     stranger_home = DeviceHome.at(tmp_path / "stranger")
     stranger_key, _ = device_key(stranger_home)
+    stranger_env = flower_env(stranger_home.flwr_home)
     stranger = spawn(
         [
-            flower_command("flower-supernode"),
+            flower_command("flower-supernode", stranger_env),
             "--superlink",
             address,
             "--root-certificates",
@@ -117,7 +120,7 @@ def test_two_enrolled_devices_train_two_rounds_and_only_the_update_leaves_them(p
             f"data-path='{devices['alice'][1]}'",
         ],
         tmp_path / "stranger.out",
-        env=flower_env(stranger_home.flwr_home),
+        env=stranger_env,
     )
     processes.append(stranger)
     assert stranger.wait(timeout=180) != 0
@@ -175,6 +178,11 @@ def test_two_enrolled_devices_train_two_rounds_and_only_the_update_leaves_them(p
         mine = [h for h in heads if h.fingerprint == enrolled]  # so they share a client id; the keys differ)
         assert len(mine) == 2 and {h.client_id for h in mine} == {client_identity(data)}
         assert audit_ledger(data, heads=mine).all_findings == []
+        # Its messages' times stayed on it; the last training ran in a child of its warm ClientApp host,
+        # which got the launcher's environment (the launch time) with its streams.
+        trains = [t for t in read_times(device_home.logs) if t["kind"] == "train"]
+        assert [t["round"] for t in trains] == [1, 2] and all(t["training_s"] > 0 for t in trains)
+        assert 0 < trains[-1]["launched"] <= trains[-1]["forked"] <= trains[-1]["started"] <= trains[-1]["ended"]
 
     # The stranger never got past activation: no run, no FAB, no message, no model.
     stranger_pk = public_key_to_bytes(stranger_key.public_key())
@@ -272,9 +280,10 @@ def test_a_killed_device_rejoins_and_a_killed_server_resumes_without_counting_an
         processes.append(devices[name][0])
     alice, bob = devices["alice"], devices["bob"]
 
-    # Round 1: alice's SuperNode dies (power cut) while its ClientApp trains.
+    # Round 1: alice's SuperNode dies (power cut) while its ClientApp trains; the ClientApp goes with it.
     clientapp = _training_clientapp(tmp_path / "alice.out", *alice, nth=1)
     kill_tree(_supernode_of(alice[0]))
+    psutil.wait_procs([clientapp], timeout=15)
     assert not clientapp.is_running()
     wait_for(tmp_path / "alice.out", r"closed the session a previous SuperNode of this device left open", alice[0])
     wait_for(home.logs / "server.log", r"round 1 committed", server)
@@ -318,27 +327,23 @@ def _supernode_of(enroll_process):
 
 
 def _training_clientapp(out, enroll_process, data, nth, timeout=600.0):
-    """The ClientApp of the device's ``nth`` train message, once it has opened the privacy ledger
-    (model built, trainer ready: it trains, charges the ledger and replies next)."""
+    """The ClientApp process of the device's ``nth`` train message (Flower's, or a child of the
+    ClientApp host), once it has opened the privacy ledger (model built, trainer ready: it trains,
+    charges the ledger and replies next)."""
     started = r"Receiving: train message.*?Start `flwr-clientapp` process.*?"
     wait_for(out, "(?s)" + started * nth, enroll_process, timeout=timeout)
-    clientapps = [p for p in psutil.Process(enroll_process.pid).children(recursive=True) if _is_clientapp(p)]
-    assert clientapps, "no ClientApp under the enroll process"
-    clientapp = max(clientapps, key=lambda p: p.create_time())
     ledger = str(data / "privacy_ledger.sqlite")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            if any(f.path.startswith(ledger) for f in clientapp.open_files()):
-                return clientapp
-        except psutil.NoSuchProcess:
-            raise AssertionError("the ClientApp finished before it was seen training") from None
+        for process in psutil.Process(enroll_process.pid).children(recursive=True):
+            if _has_open(process, ledger):
+                return process
         time.sleep(0.05)
-    raise AssertionError("the ClientApp never opened the ledger")
+    raise AssertionError("no ClientApp under the enroll process opened the ledger")
 
 
-def _is_clientapp(process):
+def _has_open(process, path):
     try:
-        return "flwr-clientapp" in " ".join(process.cmdline())
-    except psutil.Error:  # exited meanwhile (a zombie until its parent reaps it)
+        return any(f.path.startswith(path) for f in process.open_files())
+    except psutil.Error:  # exited meanwhile
         return False

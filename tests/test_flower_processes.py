@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedvox.shared.processes import flower_env, stop_tree
+from fedvox.shared.processes import flower_command, flower_env, stop_tree
 
 APPS = 4
 
@@ -113,3 +113,19 @@ def test_stop_tree_stops_several_stubborn_trees_within_one_timeout() -> None:
         root.wait(timeout=5)
     assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert took < 5.0, f"stopping three trees took {took:.1f} s; one 2 s timeout each would be over 6 s"
+
+
+def test_flower_processes_ask_again_for_a_missing_message_object_after_a_tenth_of_a_second(tmp_path: Path) -> None:
+    env = flower_env(tmp_path / "flwr")
+    for name in ("flower-supernode", "flwr-serverapp", "flwr-clientapp"):
+        launcher = flower_command(name, env)
+        assert Path(launcher).parent == tmp_path / "flwr" / "bin"
+        assert "prompt_object_pulls()" in Path(launcher).read_text()
+    code = (
+        "import fedvox.shared.processes as p; from flwr.supercore.inflatable import inflatable_utils as u; "
+        "f = (u.pull_objects, u.pull_and_inflate_object_from_tree); "
+        "show = lambda: print([g.__kwdefaults__['initial_backoff'] for g in f]); show(); "
+        "p.prompt_object_pulls(); show()"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split("\n")[:2] == ["[1, 1]", "[0.1, 0.1]"], done.stdout + done.stderr

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 serverapp_log = logging.getLogger("fedvox.serverapp")
 
 POLL_S = 5.0
+"""How often the run, its devices and its rounds are looked at (the end of the run's log stream,
+which is the end of the run, is noticed at once)."""
 SUPERLINK_START_S = 120.0
 SUPERLINK_MODULE = "fedvox.server.deploy.control_auth"
 ANY_ADDRESS = ("0.0.0.0", "::", "")
@@ -315,8 +317,9 @@ class ServerProcess:
     def _start_superexec(self) -> None:
         """Flower's SuperExec, which starts each run's ServerApp, authenticated to the SuperLink by
         the home's secret (the SuperLink would start an unauthenticated one itself)."""
+        env = flower_env(self.home.flwr_home)
         command = [
-            flower_command("flower-superexec"),
+            flower_command("flower-superexec", env),
             "--root-certificates",
             str(self.home.internal_ca),
             "--runtime-api-address",
@@ -331,7 +334,7 @@ class ServerProcess:
                 command,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=flower_env(self.home.flwr_home),
+                env=env,
                 cwd=self.home.root,
                 start_new_session=True,
                 preexec_fn=die_with_parent,
@@ -396,9 +399,9 @@ class ServerProcess:
             self.dashboard.stop()
         if self.dashboard_control is not None:
             self.dashboard_control.close()
-        stop_tree(*(p.pid for p in (self.superexec, self.superlink) if p is not None))
-        if self.control is not None:
+        if self.control is not None:  # an open connection would hold the SuperLink's shutdown
             self.control.close()
+        stop_tree(*(p.pid for p in (self.superexec, self.superlink) if p is not None))
         self.home.server_state.unlink(missing_ok=True)
         if self.lock_fd is not None:
             os.close(self.lock_fd)
@@ -408,7 +411,7 @@ class ServerProcess:
     # ------------------------------------------------------------------ watching
     def _watch(self) -> int:
         while True:
-            time.sleep(POLL_S)
+            self.log_thread.join(timeout=POLL_S)  # ends with the run: then look at once
             if self.superlink.poll() is not None:
                 raise DeploymentError(
                     f"the SuperLink exited ({self.superlink.returncode}); see {self.home.logs / 'superlink.log'}. "
@@ -431,6 +434,8 @@ class ServerProcess:
             if state.status == FINISHED:
                 self.log_thread.join(timeout=15)  # the ServerApp's last words (why it stopped)
                 return self._finished(state)
+            if not self.log_thread.is_alive():  # the stream ended a moment before the run's status
+                time.sleep(0.5)
 
     def _report_nodes(self, nodes: list[SuperNode]) -> None:
         for node in nodes:
