@@ -133,8 +133,9 @@ def synthesize(
     )
     if codes.numel() == 0:
         raise ConfigError("the s1 model produced no semantic tokens for this text; try another seed or text")
-    spec = linear_spectrogram(reference.float()).unsqueeze(0)
-    embedding = sv.embed(reference).unsqueeze(0).float() if voice.s2.config.is_pro and sv else None
+    refer = _peak_limited(reference.float())
+    spec = linear_spectrogram(refer).unsqueeze(0)
+    embedding = sv.embed(refer).unsqueeze(0).float() if voice.s2.config.is_pro and sv else None
     wave = voice.s2.decode(
         codes.unsqueeze(0),
         torch.tensor([[i for piece in target for i in piece.ids]]),
@@ -150,6 +151,13 @@ def _read(text: str, language: str, symbols_version: str, langdetect: Path | Non
     """The phonemes of one sentence, one piece per language run, as GPT-SoVITS's inference reads it."""
     mode = normalize_language(language)
     return inference_phonemes(end_sentence(text, mode), mode, symbols_version, langdetect)
+
+
+def _peak_limited(wave: torch.Tensor) -> torch.Tensor:
+    """The reference as s2 and the speaker model read it (upstream's ``get_spepc``): a peak above 1
+    (a float recording) is divided by ``min(2, peak)``."""
+    peak = float(wave.abs().max())
+    return wave / min(2.0, peak) if peak > 1.0 else wave
 
 
 def read_reference(path: str | Path) -> torch.Tensor:

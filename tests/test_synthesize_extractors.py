@@ -88,3 +88,16 @@ def test_the_prompt_tokens_are_made_with_upstreams_pause_after_the_reference(mon
     (wave,) = encoded
     assert wave.shape == (32000 + 19200,)
     assert torch.equal(wave[:32000], reference) and not wave[32000:].any()
+
+
+def test_a_reference_louder_than_full_scale_is_scaled_down_for_s2_as_upstream(monkeypatch) -> None:
+    torch.manual_seed(0)
+    voice = Voice(Text2SemanticDecoder(s1_config("tiny")).eval(), SynthesizerTrn(s2_config("tiny")).eval())
+    monkeypatch.setattr(synthesis, "generate", lambda *a, **k: torch.zeros(4, dtype=torch.long))
+    specs = []
+    monkeypatch.setattr(synthesis, "linear_spectrogram", lambda wave: specs.append(wave) or torch.zeros(1025, 50))
+    reference = torch.randn(32000, generator=torch.Generator().manual_seed(1))
+    for peak, divisor in ((0.5, 1.0), (1.5, 1.5), (3.0, 2.0)):  # get_spepc: / min(2, peak) above 1
+        scaled = reference * peak / reference.abs().max()
+        synthesize(voice, "Hello there, world.", "en", scaled, FallbackTokenizer(), max_seconds=0.5)
+        torch.testing.assert_close(specs[-1], scaled / divisor)
