@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	fi
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,bert,ja,yue,ko]'  # the optional frontends too, so their tests run
+	$(BIN)/python -m pip install -q -e '.[dev,bert,ja,yue,ko,g2pw]'  # the optional frontends too, so their tests run
 	@touch $@
 
 # The main job: a small federated simulation on embedded defaults (8 speakers, 3 rounds, LoRA on the shipped base s1).

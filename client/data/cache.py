@@ -40,7 +40,7 @@ CACHE_FORMAT = 1
 ITEM_SUFFIX = ".safetensors"
 REQUIRED_TENSORS = frozenset({"wave", "semantic_ids", "phoneme_ids"})
 OPTIONAL_TENSORS = frozenset({"bert", "sv"})
-_OPTIONAL_SETTINGS = OPTIONAL_TENSORS | {"langdetect"}
+_OPTIONAL_SETTINGS = OPTIONAL_TENSORS | {"langdetect", "g2pw"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class FeatureSettings:
     bert: str = ""  # the BERT weights' name ("" none: zh reads zeros)
     sv: str = ""  # the speaker-verification weights' name ("" none)
     langdetect: str = ""  # the language-identification model auto lines are cut with ("" the wheel's)
+    g2pw: str = ""  # the g2pW model zh polyphones were read with ("" pypinyin)
 
     def identity(self) -> dict[str, Any]:
         """What item ids hash: unset optional settings are left out, so caches made before they

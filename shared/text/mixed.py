@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fedvox.shared.errors import ConfigError, TextError
+from fedvox.shared.text.g2pw import G2pwSpec
 from fedvox.shared.text.phonemize import Phonemes, is_silent, phonemize_run
 from fedvox.shared.text.symbols import check_symbols_version
 
@@ -279,7 +280,11 @@ def mode_runs(text: str, mode: str, model: str | Path | None = None) -> list[tup
 
 
 def phonemize_mixed(
-    text: str, mode: str = AUTO, symbols_version: str = "v2", model: str | Path | None = None
+    text: str,
+    mode: str = AUTO,
+    symbols_version: str = "v2",
+    model: str | Path | None = None,
+    g2pw: G2pwSpec | None = None,
 ) -> list[Phonemes]:
     """Phonemes of each language run of ``text`` in GPT-SoVITS inference language ``mode``
     (:func:`mode_runs`), each run read by ``clean_text``, as ``get_phones_and_bert`` reads it.
@@ -296,7 +301,7 @@ def phonemize_mixed(
     runs = []
     for language, part in mode_runs(re.sub(" {2,}", " ", text), code, model):
         if language in readable:
-            runs.append(phonemize_run(part, language, symbols_version))
+            runs.append(phonemize_run(part, language, symbols_version, g2pw))
         else:  # clean_text reads an unknown language as English " ": a pause
             runs.append(phonemize_run(" ", "en", symbols_version))
     if all(is_silent(run) for run in runs):
@@ -308,13 +313,17 @@ def phonemize_mixed(
 
 
 def inference_phonemes(
-    text: str, mode: str, symbols_version: str = "v2", model: str | Path | None = None
+    text: str,
+    mode: str,
+    symbols_version: str = "v2",
+    model: str | Path | None = None,
+    g2pw: G2pwSpec | None = None,
 ) -> list[Phonemes]:
     """:func:`phonemize_mixed` with inference's rule for short text: under :data:`MIN_INFERENCE_PHONES`
     phones, ``text`` is read again with a leading ``.`` (GPT-SoVITS's ``get_phones_and_bert``, once)."""
-    runs = phonemize_mixed(text, mode, symbols_version, model)
+    runs = phonemize_mixed(text, mode, symbols_version, model, g2pw)
     if sum(len(run.ids) for run in runs) < MIN_INFERENCE_PHONES:
-        runs = phonemize_mixed("." + re.sub(" {2,}", " ", text), mode, symbols_version, model)
+        runs = phonemize_mixed("." + re.sub(" {2,}", " ", text), mode, symbols_version, model, g2pw)
     return runs
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from fedvox.shared.errors import TextError
 from fedvox.shared.text import en, en_normalize, ja, ko, yue, zh, zh_normalize
+from fedvox.shared.text.g2pw import G2pwSpec
 from fedvox.shared.text.symbols import PUNCTUATION, UNK, check_symbols_version, phones_to_ids, symbol_to_id
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,12 @@ def _check_language(language: str) -> str:
     raise TextError(message, reason="unsupported_language")
 
 
-def _zh(text: str, symbols_version: str) -> tuple[list[str], list[int], str]:
+def _zh(text: str, symbols_version: str, g2pw: G2pwSpec | None = None) -> tuple[list[str], list[int], str]:
     pause = next(((mark, phone) for mark, phone in _ZH_PAUSE_MARKS if mark in text), None)
     if pause:  # clean_special: the mark is read as a comma, then every comma becomes the pause
         text = text.replace(pause[0], ",")
     norm_text = zh_normalize.normalize(text)
-    phones, word2ph = zh.g2p(norm_text, symbols_version)
+    phones, word2ph = zh.g2p(norm_text, symbols_version, g2pw.build() if g2pw else None)
     if pause:
         phones = [pause[1] if phone == "," else phone for phone in phones]
     return phones, word2ph, norm_text
@@ -94,14 +95,15 @@ def _en(text: str, symbols_version: str) -> tuple[list[str], None, str]:
     return phones, None, norm_text
 
 
-_READERS = {"zh": _zh, "en": _en, "yue": _yue, "ja": _ja, "ko": _ko}
+_READERS = {"en": _en, "yue": _yue, "ja": _ja, "ko": _ko}  # zh also takes the g2pW model
 
 
-def phonemize(text: str, language: str, symbols_version: str = "v2") -> Phonemes:
-    """Phoneme ids of ``text`` as GPT-SoVITS's frontend makes them (g2pW-free zh path).
+def phonemize(text: str, language: str, symbols_version: str = "v2", g2pw: G2pwSpec | None = None) -> Phonemes:
+    """Phoneme ids of ``text`` as GPT-SoVITS's frontend makes them.
 
     ``language`` is a GPT-SoVITS code (``zh``, ``en``, ``yue``, ``ja``, ``ko``; v1 ``ZH``, ``EN``, ``JP`` accepted);
-    ``symbols_version`` is ``v1`` or ``v2`` (v2, v2Pro and v2ProPlus models). Raises
+    ``symbols_version`` is ``v1`` or ``v2`` (v2, v2Pro and v2ProPlus models); ``g2pw`` reads v2
+    zh polyphones with GPT-SoVITS's g2pW model (else pypinyin). Raises
     :class:`TextError` with ``reason`` ``empty_text``, ``unsupported_language`` or
     ``unphonemizable_text``, and :class:`ConfigError` for an unknown ``symbols_version``.
     """
@@ -109,7 +111,7 @@ def phonemize(text: str, language: str, symbols_version: str = "v2") -> Phonemes
     code = _check_language(language)
     if not text.strip():
         raise TextError("the text is empty: write the transcript of the recording", reason="empty_text")
-    result = phonemize_run(text, code, symbols_version)
+    result = phonemize_run(text, code, symbols_version, g2pw)
     if is_silent(result):
         hint = ""
         if code == "zh" and re.search("[A-Za-z]", text):
@@ -129,7 +131,7 @@ def is_silent(phonemes: Phonemes) -> bool:
     return all(phone in _SILENT for phone in phonemes.phones)
 
 
-def phonemize_run(text: str, code: str, symbols_version: str) -> Phonemes:
+def phonemize_run(text: str, code: str, symbols_version: str, g2pw: G2pwSpec | None = None) -> Phonemes:
     """One run of text in one supported language (its GPT-SoVITS code), read as ``clean_text`` reads it.
 
     Unlike :func:`phonemize` it accepts a run with nothing to pronounce: a run of mixed-language
@@ -140,7 +142,11 @@ def phonemize_run(text: str, code: str, symbols_version: str) -> Phonemes:
             f"{code} phones exist in the v2 symbol table only (v2, v2Pro, v2ProPlus models), not in v1",
             reason="unsupported_language",
         )
-    phones, word2ph, norm_text = _READERS[code](text, symbols_version)
+    word2ph: list[int] | None
+    if code == "zh":
+        phones, word2ph, norm_text = _zh(text, symbols_version, g2pw)
+    else:
+        phones, word2ph, norm_text = _READERS[code](text, symbols_version)
     table = symbol_to_id(symbols_version)
     unknown = sorted({phone for phone in phones if phone not in table})
     if unknown:

@@ -1,12 +1,12 @@
-"""Mandarin g2p: GPT-SoVITS's pypinyin path (``chinese.py`` for v1, ``chinese2.py`` without g2pW
-for v2).
+"""Mandarin g2p: GPT-SoVITS's ``chinese.py`` (v1) and ``chinese2.py`` (v2, with g2pW when given
+its model, else its pypinyin path).
 
 Per chunk (the text is cut after each punctuation mark): jieba segments with parts of speech,
 the sandhi stage regroups words, pypinyin reads each word (its phrase dictionary picks the
-reading of polyphones), the tone rules change finals, v2 adds the erhua tone rule, and each
-syllable becomes an initial and a toned final through the opencpop-strict table. Every
-character of ``norm_text`` yields one ``word2ph`` entry: 2 phones per syllable, 1 per
-punctuation mark.
+reading of polyphones; with g2pW, :mod:`fedvox.shared.text.g2pw` reads the whole chunk), the tone
+rules change finals, v2 adds the erhua tone rule, and each syllable becomes an initial and a toned
+final through the opencpop-strict table. Every character of ``norm_text`` yields one ``word2ph``
+entry: 2 phones per syllable, 1 per punctuation mark.
 """
 
 from __future__ import annotations
@@ -17,11 +17,14 @@ from functools import cache, lru_cache
 from importlib import resources
 
 from pypinyin import Style, lazy_pinyin
+from pypinyin.contrib.tone_convert import to_finals_tone3, to_initials
 
 from fedvox.shared.errors import TextError
+from fedvox.shared.text.g2pw import G2pw, correct_pronunciation
 from fedvox.shared.text.symbols import PUNCTUATION
 from fedvox.shared.text.zh_sandhi import apply_sandhi, finals_tone3, merge_words, word_lists
 
+_LATIN = re.compile("[a-zA-Z]+")  # chinese2 drops Latin letters from each chunk
 _CHUNK_END = re.compile(r"(?<=[{}])\s*".format(re.escape("".join(PUNCTUATION))))
 # pypinyin writes some finals in their full form; the pinyin table uses the spelled form.
 _FINAL_SPELLING = {"uei": "ui", "iou": "iu", "uen": "un"}
@@ -107,23 +110,47 @@ def _syllable_phones(initial: str, final: str, text: str) -> list[str]:
     return [phones[0], phones[1] + tone]
 
 
-def g2p(norm_text: str, symbols_version: str) -> tuple[list[str], list[int]]:
-    """Phones and per-character phone counts of normalised zh text (see module docstring)."""
+def g2p(norm_text: str, symbols_version: str, g2pw: G2pw | None = None) -> tuple[list[str], list[int]]:
+    """Phones and per-character phone counts of normalised zh text (see module docstring).
+
+    With ``g2pw`` (v2 tables only: v1's ``chinese.py`` never used it) each chunk's syllables are
+    g2pW's readings after GPT-SoVITS's correction dictionary, as ``chinese2.py`` with
+    ``is_g2pw=True``; the sandhi and erhua rules then run on them as on pypinyin's.
+    """
     posseg = _posseg()
+    chunks = [_LATIN.sub("", chunk) for chunk in _CHUNK_END.split(norm_text) if chunk.strip()]
+    readings = None
+    if g2pw is not None and symbols_version != "v1":
+        readings = iter(g2pw.pinyins([chunk for chunk in chunks if chunk]))
     phones: list[str] = []
     word2ph: list[int] = []
-    for chunk in _CHUNK_END.split(norm_text):
-        if not chunk.strip():
+    for chunk in chunks:
+        if not chunk:
             continue
-        segments = merge_words([(pair.word, pair.flag) for pair in posseg.lcut(chunk)])
-        for word, pos in segments:
+        pinyins = next(readings) if readings is not None else []
+        end = 0
+        for word, pos in merge_words([(pair.word, pair.flag) for pair in posseg.lcut(chunk)]):
+            start, end = end, end + len(word)
             if pos == "eng":
                 continue
-            finals = apply_sandhi(word, pos, list(finals_tone3(word)))
+            if readings is not None:
+                initials, finals = _split_pinyins(correct_pronunciation(word, pinyins[start:end]))
+            else:
+                initials, finals = list(_initials(word)), list(finals_tone3(word))
+            finals = apply_sandhi(word, pos, finals)
             if symbols_version != "v1":
                 finals = _erhua(word, pos, finals)
-            for initial, final in zip(_initials(word), finals, strict=True):
+            for initial, final in zip(initials, finals, strict=True):
                 syllable = _syllable_phones(initial, final, norm_text)
                 phones += syllable
                 word2ph.append(len(syllable))
     return phones, word2ph
+
+
+def _split_pinyins(pinyins: list[str]) -> tuple[list[str], list[str]]:
+    """Toned pinyin -> initials and ``FINALS_TONE3`` finals (punctuation stays itself in both)."""
+    initials = [to_initials(pinyin) if pinyin[:1].isalpha() else pinyin for pinyin in pinyins]
+    finals = [
+        to_finals_tone3(pinyin, neutral_tone_with_five=True) if pinyin[:1].isalpha() else pinyin for pinyin in pinyins
+    ]
+    return initials, finals

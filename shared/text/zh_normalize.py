@@ -269,7 +269,8 @@ _AFTER_ARITHMETIC: tuple[Rule, ...] = (
 
 
 @cache
-def _to_simplified() -> Callable[[str], str]:
+def simplifier() -> Callable[[str], str]:
+    """Traditional -> simplified characters (OpenCC ``t2s``)."""
     import opencc  # opencc-python-reimplemented: pure Python, tables ship in the wheel
 
     return opencc.OpenCC("t2s").convert
@@ -284,7 +285,7 @@ def split_sentences(text: str) -> list[str]:
 
 def verbalize(sentence: str) -> str:
     """Write out numbers and symbols of one sentence in characters (``normalize_sentence``)."""
-    sentence = _to_simplified()(sentence).translate(_FULL_TO_HALF)
+    sentence = simplifier()(sentence).translate(_FULL_TO_HALF)
     for pattern, replace in _BEFORE_ARITHMETIC:
         sentence = pattern.sub(replace, sentence)
     while _ARITHMETIC.search(sentence):
