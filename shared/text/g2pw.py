@@ -6,7 +6,7 @@ was trained with), tokenising with the chinese-roberta-wwm-ext-large tokenizer. 
 it converts the text to Taiwan traditional characters (OpenCC ``s2tw``, the tables' script),
 asks the model about every polyphonic character (the text cut to 16 characters around the first
 and last of them), takes monophonic characters from the table and every other character from
-pypinyin; a correction dictionary (``data/g2pw_polyphonic.tsv``) then overrides whole words or
+pypinyin; a correction dictionary (``data/g2pw_polyphonic.txt``) then overrides whole words or
 single characters before the tone-sandhi rules run (in :mod:`fedvox.shared.text.zh`).
 
 Nothing is downloaded: the user points to the folder GPT-SoVITS ships. The model runs with
@@ -93,7 +93,7 @@ def g2pw_spec(model_dir: str | Path, tokenizer_dir: str | Path | None) -> G2pwSp
 @cache
 def corrections() -> dict[str, list[str]]:
     """GPT-SoVITS's correction dictionary (``polyphonic.rep`` then ``polyphonic-fix.rep``)."""
-    text = resources.files("fedvox.shared.text.data").joinpath("g2pw_polyphonic.tsv").read_text("utf-8")
+    text = resources.files("fedvox.shared.text.data").joinpath("g2pw_polyphonic.txt").read_text("utf-8")
     return {word: pinyins.split(" ") for word, pinyins in (line.split("\t") for line in text.splitlines())}
 
 
