@@ -258,3 +258,32 @@ def test_a_model_with_another_signature_is_refused(tmp_path: Path, bert_dir: Pat
     with pytest.raises(CheckpointError, match="is not GPT-SoVITS's g2pW model") as error:
         g2pw_spec(folder, bert_dir).build()
     assert "\n" not in str(error.value)
+
+
+def test_prepare_keys_the_cache_on_the_model_and_says_which_reader_was_used(spec: G2pwSpec, tmp_path: Path) -> None:
+    from fedvox.client.data.cache import FeatureCache
+    from fedvox.client.data.extractors import ExtractorSpecs
+    from fedvox.client.data.prepare import prepare
+    from fedvox.shared.bert import bert_spec
+    from fedvox.shared.semantic import file_digest, tokenizer_spec
+    from tests.data_fixtures import write_good_set
+    from tests.extractor_fixtures import write_roberta
+
+    roberta = write_roberta(tmp_path / "roberta")
+    good = write_good_set(tmp_path / "good", source="pseudo")
+    options = {
+        "tokenizer": tokenizer_spec(),
+        "symbols_version": "v2",
+        "workers": 1,
+        "show_progress": False,
+        "extractors": ExtractorSpecs(bert=bert_spec(roberta, "cpu")),
+    }
+    plain = prepare(good, tmp_path / "plain", **options)
+    read = prepare(good, tmp_path / "g2pw", g2pw=g2pw_spec(spec.model_dir, roberta), **options)
+    assert any("read by pypinyin (no --g2pw)" in note for note in plain.notes)
+    name = f"g2pw-{file_digest(spec.model_file)}"
+    assert any(f"read by g2pW ({name})" in note for note in read.notes)
+    index = FeatureCache(tmp_path / "g2pw").read_index()
+    assert index.settings.g2pw == name and FeatureCache(tmp_path / "plain").read_index().settings.g2pw == ""
+    zh = [item.id for item in index.items if item.language.lower() == "zh"]
+    assert zh and not set(zh) & {item.id for item in FeatureCache(tmp_path / "plain").read_index().items}

@@ -287,7 +287,8 @@ def phonemize_mixed(
     g2pw: G2pwSpec | None = None,
 ) -> list[Phonemes]:
     """Phonemes of each language run of ``text`` in GPT-SoVITS inference language ``mode``
-    (:func:`mode_runs`), each run read by ``clean_text``, as ``get_phones_and_bert`` reads it.
+    (:func:`mode_runs`), each run read by ``clean_text``, as ``get_phones_and_bert`` reads it
+    (zh runs with ``g2pw``'s model when given, as :func:`~fedvox.shared.text.phonemize`).
 
     Raises :class:`TextError` (``empty_text``, ``unsupported_language`` for a mode the model
     cannot read or a run whose frontend is not installed, ``unphonemizable_text`` when no run has
