@@ -496,6 +496,7 @@ def synthesize(
     setup_logging(verbose)
     check_output(out, ref, force=force)
     reference = read_reference(ref)  # before the models: a wrong --ref fails in a second, not after loading
+    polyphones = g2pw_spec(g2pw, bert) if g2pw else None  # a wrong --g2pw folder fails before the models load
     voice = load_models(list(model))
     wave = speak(
         voice,
@@ -509,7 +510,7 @@ def synthesize(
         bert=bert_spec(bert).build() if bert else None,
         sv=sv_spec(sv).build() if sv else None,
         langdetect=langdetect,
-        g2pw=g2pw_spec(g2pw, bert) if g2pw else None,
+        g2pw=polyphones,
     )
     write_wave(wave, out)
     console.print(f"wrote {out} ({wave.numel() / 32000:.2f} s)")

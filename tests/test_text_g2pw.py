@@ -287,3 +287,17 @@ def test_prepare_keys_the_cache_on_the_model_and_says_which_reader_was_used(spec
     assert index.settings.g2pw == name and FeatureCache(tmp_path / "plain").read_index().settings.g2pw == ""
     zh = [item.id for item in index.items if item.language.lower() == "zh"]
     assert zh and not set(zh) & {item.id for item in FeatureCache(tmp_path / "plain").read_index().items}
+
+
+def test_prepare_refuses_g2pw_without_bert(spec: G2pwSpec, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedvox.client.cli import app
+
+    listing = tmp_path / "voice.list"
+    listing.write_text("a.wav|me|zh|你好。\n", encoding="utf-8")
+    result = CliRunner().invoke(
+        app, ["prepare", str(listing), "--out", str(tmp_path / "cache"), "--g2pw", spec.model_dir]
+    )
+    assert isinstance(result.exception, ConfigError)  # run_cli prints it as one error: line, exit 2
+    assert "--g2pw needs --bert" in str(result.exception) and "\n" not in str(result.exception)
