@@ -73,3 +73,48 @@ def assert_per_sample_grads_match(
         err = (got - ref).flatten(1).norm(dim=1).max().item() / scale
         assert err <= rtol, f"{name}: relative per-sample gradient error {err:.2e} > {rtol:.0e}"
     return len(expected)
+
+
+def assert_clipped_sums_match(model: torch.nn.Module, loss_fn: LossFn, batch, rtol: float) -> dict[str, int]:
+    """Assert the DP engine's per-sample norms and clipped sums equal per-example autograd's.
+
+    The engine (``make_private``: explicit per-sample gradients and book-keeping records) runs
+    one noiseless step's clipping on ``batch`` with the clip norm at the median per-sample norm,
+    so some samples are clipped and some are not; its ``sum_i min(1, C / ||g_i||) g_i`` must equal
+    the one formed from per-example gradients, for every trainable tensor. Returns how many
+    tensors went through each path (``{"explicit": n, "book": m}``).
+    """
+    from fedvox.client.dp.engine import make_private
+
+    expected = reference_per_sample_grads(model, loss_fn, batch)
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in expected.values()]).sum(0).sqrt()
+    clip = float(norms.median())
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    private = make_private(
+        model,
+        torch.optim.SGD(list(params.values()), lr=0.0),
+        noise_multiplier=0.0,
+        clip_norm=clip,
+        expected_batch_size=1.0,
+        noise_generator=torch.Generator().manual_seed(0),
+    )
+    try:
+        private.module.backward(loss_fn(private.module, batch).sum())
+        paths = {
+            "explicit": sum(1 for p in params.values() if p.grad_sample is not None),
+            "book": sum(1 for p in params.values() if getattr(p, "book", None) is not None),
+        }
+        assert private.optimizer.pre_step()
+        engine_norms = torch.cat(private.optimizer.take_stats().norms)
+        torch.testing.assert_close(engine_norms, norms.to(engine_norms.dtype), rtol=rtol, atol=0.0)
+        for name, ref in expected.items():
+            want = torch.einsum("b,b...->...", factors.to(ref.dtype), ref)
+            got = params[name].grad
+            scale = max(float(ref.flatten(1).norm(dim=1).max()), 1e-3)
+            err = float((got - want).norm()) / scale
+            assert err <= rtol, f"{name}: relative clipped-sum error {err:.2e} > {rtol:.0e}"
+    finally:
+        private.close()
+        model.zero_grad(set_to_none=True)
+    return paths

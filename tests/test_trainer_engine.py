@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from fedvox.client.dp.engine import make_private, poisson_sample, run_logical_step
@@ -87,27 +88,20 @@ def test_plain_gradscaler_with_opacus_scales_the_update():
         model = _model()
         x, y = _data()
         start = [p.detach().clone() for p in model.parameters()]
-        private = make_private(
-            model,
-            torch.optim.SGD(model.parameters(), lr=1e-4),
-            noise_multiplier=0.0,
-            clip_norm=1e6,
-            expected_batch_size=N,
-            noise_generator=torch.Generator().manual_seed(0),
-        )
+        module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
         stock = DPOptimizer(
-            private.optimizer.original_optimizer,
+            torch.optim.SGD(model.parameters(), lr=1e-4),
             noise_multiplier=0.0,
             max_grad_norm=1e6,
             expected_batch_size=N,
             loss_reduction="mean",
         )
         scaler = torch.amp.GradScaler("cpu", init_scale=scale, enabled=use_scaler)
-        loss = (private.module(x) - y).pow(2).sum()
+        loss = (module(x) - y).pow(2).sum()
         scaler.scale(loss).backward()
         scaler.step(stock)
         results.append([p.detach() - s for p, s in zip(model.parameters(), start, strict=True)])
-        private.close()
+        module._close()
     ratio = results[1][0].norm() / results[0][0].norm()
     assert ratio == pytest.approx(scale, rel=1e-3)
 

@@ -1,10 +1,11 @@
-"""The DP engine's per-sample gradients: the pruned backward computes exactly Opacus's, and no sums.
+"""The DP engine's per-sample state: the pruned backward computes exactly an ordinary one's, and no sums.
 
 ``PrivateGradSampleModule.backward`` asks autograd only for what reaches the per-sample hooks.
-Each check runs the same forward twice on copies of one model: once with Opacus's ordinary
+Each check runs the same forward twice on copies of one model: once with an ordinary
 ``loss.backward()``, once with the pruned backward, and requires identical per-sample gradients
-(Opacus's own are checked against per-example autograd in tests/test_s1_per_sample.py and
-tests/test_s2_per_sample.py), with no summed ``p.grad`` computed by the pruned one.
+and book-keeping records (the samplers are checked against per-example autograd in
+tests/test_s1_per_sample.py and tests/test_s2_per_sample.py, the engine's clipped sums in
+tests/test_dp_book_keeping.py), with no summed ``p.grad`` computed by the pruned one.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from fedvox.shared.models.s2 import (
     generator_losses,
 )
 from fedvox.shared.models.subsets import SubsetSpec, apply_subset
-from tests.per_sample import assert_per_sample_grads_match
+from tests.per_sample import assert_clipped_sums_match
 from tests.s1_batches import random_s1_batch
 from tests.s2_batches import fixed_randomness, random_s2_batch
 
@@ -47,7 +48,11 @@ def _grad_samples(model: torch.nn.Module, loss_fn, pruned: bool) -> dict[str, to
             assert all(p.grad is None for p in trainable.values()), "the pruned backward computed p.grad"
         else:
             assert all(p.grad is not None for p in trainable.values())
-        return {n: p.grad_sample.detach().clone() for n, p in trainable.items()}
+        # per-sample gradients, or the book-keeping record the per-sample norms and sums come from
+        return {
+            n: [p.grad_sample] if p.grad_sample is not None else [t.clone() for t in p.book.samples]
+            for n, p in trainable.items()
+        }
     finally:
         gsm._close()
 
@@ -57,7 +62,7 @@ def _assert_pruned_equals_opacus(model: torch.nn.Module, loss_fn) -> None:
     actual = _grad_samples(copy.deepcopy(model), loss_fn, pruned=True)
     assert actual.keys() == expected.keys() and expected
     for name, value in expected.items():
-        assert torch.equal(actual[name], value), name
+        assert len(actual[name]) == len(value) and all(map(torch.equal, actual[name], value)), name
 
 
 def _s1_model(subset: SubsetSpec, checkpointing: bool = False) -> Text2SemanticDecoder:
@@ -83,10 +88,8 @@ def test_s1_pruned_backward_gives_opacus_per_sample_gradients(subset, checkpoint
 def test_s1_private_module_matches_per_example_autograd() -> None:
     batch = random_s1_batch(S1, [5, 2], [7, 3], seed=2, dtype=torch.float64)
     model = _s1_model(SubsetSpec("full"))
-    checked = assert_per_sample_grads_match(
-        model, lambda m, b: s1_loss(m, b).per_sample, batch, rtol=1e-5, gsm_class=PrivateGradSampleModule
-    )
-    assert checked == sum(1 for _ in model.parameters())
+    paths = assert_clipped_sums_match(model, lambda m, b: s1_loss(m, b).per_sample, batch, rtol=1e-5)
+    assert sum(paths.values()) == sum(1 for _ in model.parameters())
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +127,7 @@ def test_an_ordinary_backward_still_works_and_keeps_no_outputs_alive() -> None:
     try:
         s1_loss(gsm, batch).per_sample.sum().backward()
         assert gsm._targets == []
-        assert all(p.grad_sample is not None for p in model.parameters())
+        assert all(p.grad_sample is not None or p.book is not None for p in model.parameters())
     finally:
         gsm._close()
 

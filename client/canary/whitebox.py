@@ -138,7 +138,7 @@ class CanaryDPOptimizer(FedvoxDPOptimizer):
         # A physical batch holding only white-box canaries ran no backward: it adds no data
         # gradient. Before the last physical batch there is nothing to do; on the last one Opacus
         # needs that spelled out as an empty batch of per-sample gradients to reach the noise.
-        if all(getattr(p, "grad_sample", None) is None for p in self.params):
+        if not self.has_samples():
             if self._check_skip_next_step(pop_next=False):
                 self._check_skip_next_step()
                 self._is_last_step_skipped = True

@@ -30,6 +30,7 @@ from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare
 from opacus.utils.module_utils import requires_grad, trainable_parameters
 from torch import nn
 
+from fedvox.client.dp.book_keeping import Keeper, Record, keeper_for
 from fedvox.client.dp.samplers import sampler_key
 
 Sampler = Callable[[nn.Module, list[torch.Tensor], torch.Tensor], dict[nn.Parameter, torch.Tensor]]
@@ -54,17 +55,24 @@ class PrivateGradSampleModule(DirectGradSampleModule):
     forward hook records the layer's inputs and puts a tensor hook on its output, which autograd
     calls with exactly the output gradient the full hook would get; the sampler and the layer's
     parameters are looked up once, and a per-sample gradient is stored as computed.
+
+    Layers with a book-keeping path (:mod:`fedvox.client.dp.book_keeping`: linear layers where
+    the ghost norm is cheaper, weight-normed convolutions) leave a record in ``param.book``
+    instead of ``param.grad_sample``, when it is the parameter's only use since the optimizer's
+    last step; the DP optimizer reads both.
     """
 
     def __init__(self, module: nn.Module, **kwargs) -> None:
         self._targets: list[torch.Tensor] = []
-        self._layers: dict[nn.Module, tuple[Sampler, list[nn.Parameter]]] = {}
+        self._layers: dict[nn.Module, tuple[Sampler, tuple[Keeper, bool] | None, list[nn.Parameter]]] = {}
         self._inputs: dict[nn.Module, list[list[torch.Tensor]]] = {}
         """Each hooked layer's inputs, one list per forward use whose backward is still to come."""
         self._pending: dict[nn.Parameter, int] = {}
         """Forward uses of a parameter whose per-sample gradient has not been added yet."""
         self._partial: dict[nn.Parameter, torch.Tensor] = {}
         """Per-sample gradients summed over a parameter's uses so far in this pass."""
+        self._books: dict[nn.Module, Record] = {}
+        """Book-keeping records summed over a layer's uses so far in this pass."""
         super().__init__(module, **kwargs)
 
     def add_hooks(
@@ -81,7 +89,7 @@ class PrivateGradSampleModule(DirectGradSampleModule):
             if sampler is None:  # no direct formula: Opacus's functorch fallback
                 prepare_layer(module, batch_first=True)
                 sampler = ft_compute_per_sample_gradient
-            self._layers[module] = (sampler, list(module.parameters()))
+            self._layers[module] = (sampler, keeper_for(module), list(module.parameters()))
             self.autograd_grad_sample_hooks.append(module.register_forward_hook(self._record))
         self.enable_hooks()
 
@@ -93,7 +101,7 @@ class PrivateGradSampleModule(DirectGradSampleModule):
         if not (isinstance(outputs[0], torch.Tensor) and outputs[0].requires_grad):
             return
         self._inputs.setdefault(module, []).append([x.detach() for x in inputs])
-        for param in self._layers[module][1]:
+        for param in self._layers[module][2]:
             if param.requires_grad:
                 self._pending[param] = self._pending.get(param, 0) + 1
         outputs[0].register_hook(partial(self._per_sample, module))
@@ -109,7 +117,22 @@ class PrivateGradSampleModule(DirectGradSampleModule):
         inputs = self._inputs[module].pop()
         if not self.hooks_enabled:
             return
-        sampler, params = self._layers[module]
+        sampler, keeper, params = self._layers[module]
+        trainable = [p for p in params if p.requires_grad]
+        if keeper is not None and self._can_keep_books(module, trainable, additive=keeper[1]):
+            record = keeper[0](module, inputs, grad_output.detach())
+            if record is not None:
+                previous = self._books.pop(module, None)
+                record = record if previous is None else previous.plus(record)
+                for param in trainable:
+                    self._pending[param] -= 1
+                if self._pending[trainable[0]] > 0:
+                    self._books[module] = record
+                    return
+                for param in trainable:
+                    del self._pending[param]
+                    cast(Any, param).book = record
+                return
         for param, grad_sample in sampler(module, inputs, grad_output.detach()).items():
             if param.requires_grad:
                 partial_sum = self._partial.get(param)
@@ -120,6 +143,18 @@ class PrivateGradSampleModule(DirectGradSampleModule):
                 if self._pending[param] == 0:
                     del self._pending[param]
                     self._promote(param, self._partial.pop(param))
+
+    def _can_keep_books(self, module: nn.Module, trainable: list[nn.Parameter], additive: bool) -> bool:
+        """Whether the layer's trainable parameters have no per-sample state from another pass or
+        path, and, unless its records add over uses, this is their only use in this pass (a
+        :class:`~fedvox.client.dp.book_keeping.Record` holds one physical batch)."""
+        uses = {self._pending.get(p) for p in trainable}
+        if not trainable or len(uses) != 1 or (not additive and uses != {1}):
+            return False
+        return module in self._books or not any(
+            p in self._partial or getattr(p, "grad_sample", None) is not None or getattr(p, "book", None) is not None
+            for p in trainable
+        )
 
     @staticmethod
     def _promote(param: nn.Parameter, grad_sample: torch.Tensor) -> None:
@@ -153,9 +188,10 @@ class PrivateGradSampleModule(DirectGradSampleModule):
         a layer's forward and its backward; an interrupted pass leaves them behind, and the next
         pass would then never complete its per-sample gradients.
         """
-        self._targets, self._inputs, self._pending, self._partial = [], {}, {}, {}
+        self._targets, self._inputs, self._pending, self._partial, self._books = [], {}, {}, {}, {}
         for _, param in trainable_parameters(self._module):
             param.grad_sample = None
+            param.book = None
 
 
 __all__ = ["DirectGradSampleModule", "PrivateGradSampleModule"]

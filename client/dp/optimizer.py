@@ -25,10 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
 
+from fedvox.client.dp.book_keeping import Record
 from fedvox.shared.privacy.noise import SecureGaussian
 
 NORM_QUANTILES = (0.1, 0.5, 0.9, 0.99)
@@ -74,17 +76,68 @@ class FedvoxDPOptimizer(DPOptimizer):
         self.secure_noise: SecureGaussian | None = None
         """The release's secure noise source; ``None``: Opacus's draw from ``generator``."""
 
+    def per_sample_state(self) -> tuple[list[tuple[Any, torch.Tensor]], list[Record]]:
+        """This physical batch's per-sample state: ``(param, [B, numel] gradients)`` of parameters
+        with explicit per-sample gradients, and the book-keeping records of the others."""
+        explicit, records, seen = [], [], set()
+        for p in self.params:
+            record = getattr(p, "book", None)
+            if record is None:
+                explicit.append((p, self._get_flat_grad_sample(p)))
+                continue
+            if p.grad_sample is not None:
+                raise ValueError(
+                    "book-kept per-sample gradients of several backward passes: step the optimizer "
+                    "after each physical batch (run_logical_step does)"
+                )
+            if id(record) not in seen:
+                seen.add(id(record))
+                records.append(record)
+        return explicit, records
+
+    def has_samples(self) -> bool:
+        """Whether a backward pass left per-sample state since the last step."""
+        return any(
+            getattr(p, "grad_sample", None) is not None or getattr(p, "book", None) is not None for p in self.params
+        )
+
+    def pre_step(self, closure=None) -> bool:
+        """Opacus's pre-step, without its check through ``grad_samples`` (which book-kept
+        parameters do not have)."""
+        if not self.params:
+            return True
+        self.clip_and_accumulate()
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            return False
+        self.add_noise()
+        self.scale_grad()
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
+
     def clip_and_accumulate(self) -> None:
-        grad_samples = self.grad_samples
-        batch = len(grad_samples[0]) if grad_samples else 0
-        device = grad_samples[0].device if grad_samples else torch.device("cpu")
+        explicit, records = self.per_sample_state()
+        if explicit:
+            batch, device = len(explicit[0][1]), explicit[0][1].device
+        else:
+            batch, device = len(records[0].samples[0]), records[0].samples[0].device
         bad = None
         if batch == 0:
             clip_factor = torch.zeros(0, device=device)
         else:
-            # One fp32-accumulated pass per tensor, no full-size temporaries (bf16 ones included).
-            rows = [torch.linalg.vector_norm(g.reshape(batch, -1), dim=1, dtype=torch.float32) for g in grad_samples]
-            norms = torch.linalg.vector_norm(torch.stack(rows, dim=1), dim=1) / self.loss_scale
+            # One pass per tensor accumulated in fp32 or wider, no full-size temporaries (bf16 ones included).
+            dtype = torch.float32
+            for t in [g for _, g in explicit] + [r.samples[0] for r in records]:
+                dtype = torch.promote_types(dtype, t.dtype)
+            squares = torch.zeros(batch, device=device, dtype=dtype)
+            if explicit:
+                rows = [torch.linalg.vector_norm(g.reshape(batch, -1), dim=1, dtype=dtype) for _, g in explicit]
+                squares = torch.stack(rows, dim=1).pow(2).sum(1)
+            for record in records:
+                squares = squares + record.norms_sq().to(dtype)
+            norms = squares.sqrt() / self.loss_scale
             finite = torch.isfinite(norms)
             clip_factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
             clip_factor = torch.where(finite, clip_factor, torch.zeros_like(clip_factor))
@@ -96,16 +149,31 @@ class FedvoxDPOptimizer(DPOptimizer):
             if not bool(finite.all()):
                 bad = ~finite
 
-        for p, g in zip(self.params, grad_samples, strict=True):
+        for p, g in explicit:
             _check_processed_flag(p.grad_sample)
             g = g.to(p.dtype).reshape(batch, p.numel())
             if bad is not None:
                 # Zero the rows of non-finite samples before the weighted sum: 0 * inf is NaN.
                 g = torch.where(bad.unsqueeze(1), torch.zeros_like(g), g)
             # sum_i clip_factor[i] * g[i] as one matrix-vector product (accumulated in p.dtype)
-            grad = torch.mv(g.t(), clip_factor.to(device=g.device, dtype=p.dtype)).view_as(p)
-            p.summed_grad = grad if p.summed_grad is None else p.summed_grad.add_(grad)
+            self._accumulate(p, torch.mv(g.t(), clip_factor.to(device=g.device, dtype=p.dtype)).view_as(p))
             _mark_as_processed(p.grad_sample)
+        keep = None if bad is None else ~bad
+        for record in records:
+            for p, grad in zip(record.params, record.clipped_sums(clip_factor, keep), strict=True):
+                self._accumulate(p, grad.to(p.dtype))
+
+    @staticmethod
+    def _accumulate(p: Any, grad: torch.Tensor) -> None:
+        p.summed_grad = grad if p.summed_grad is None else p.summed_grad.add_(grad)
+
+    @property
+    def accumulated_iterations(self) -> int:
+        """Backward passes since the last step (a book-kept parameter holds exactly one)."""
+        for p in self.params:
+            if isinstance(p.grad_sample, list):
+                return len(p.grad_sample)
+        return 1
 
     def add_noise(self) -> None:
         """Opacus's noise draw (same generator calls, so the same noise), minus a zero-filled
@@ -160,10 +228,16 @@ class FedvoxDPOptimizer(DPOptimizer):
             return None
         return self.original_optimizer.step()
 
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Opacus's, and the book-keeping records with the per-sample gradients."""
+        super().zero_grad(set_to_none)
+        for p in self.params:
+            p.book = None
+
     def step_without_samples(self) -> None:
         """Release noise for an empty logical batch (every parameter's clipped sum is zero)."""
         for p in self.params:
-            p.grad_sample = None
+            p.grad_sample, p.book = None, None
             p.summed_grad = torch.zeros_like(p)
         self.add_noise()
         if self.loss_reduction == "mean":
@@ -179,7 +253,7 @@ class FedvoxDPOptimizer(DPOptimizer):
         self._step_skip_queue.clear()
         self._is_last_step_skipped = False
         for p in self.params:
-            p.grad_sample = None
+            p.grad_sample, p.book = None, None
             p.summed_grad = None
             p.grad = None
         self.stats = ClipStats()

@@ -20,6 +20,7 @@ global table; :func:`weight_norm_key` instead maps each weight-normed conv to a 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -88,26 +89,65 @@ def _weight_parametrizations(module: nn.Module) -> parametrize.ParametrizationLi
     return cast(parametrize.ParametrizationList, cast(nn.ModuleDict, module.parametrizations)["weight"])
 
 
-def weight_norm_conv_grad_sample(
+@dataclass
+class WeightNormGrads:
+    """A weight-normed conv's per-sample gradients before the chain rule into ``v``.
+
+    With ``W = g u``, ``u = v / ||v||`` (per output row): ``dg = <dW, u>`` and
+    ``dv = scale (dW - dg u)``, ``scale = g / ||v||``.
+    """
+
+    g: nn.Parameter
+    v: nn.Parameter
+    bias: nn.Parameter | None
+    """The trainable bias, if any."""
+    rows: torch.Tensor
+    """Per-sample ``dW`` by output row, ``[B, rows, rest]``."""
+    unit: torch.Tensor
+    """``u``, ``[rows, rest]``."""
+    scale: torch.Tensor
+    """``g / ||v||``, ``[rows]``."""
+    d_g: torch.Tensor
+    """Per-sample ``dg``, ``[B, rows]``."""
+    d_bias: torch.Tensor | None
+    """Per-sample bias gradient ``[B, out]``, if the bias is trainable."""
+
+
+def weight_norm_grads(
     layer: WeightNormedConv, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> GradSamples:
-    """Per-sample gradients of ``bias``, ``g`` (original0) and ``v`` (original1) of a weight-normed conv."""
+) -> WeightNormGrads:
+    """Per-sample ``dW`` and ``dg`` of a weight-normed conv (and its bias's)."""
     weight = _weight_parametrizations(layer)
     g, v = cast(nn.Parameter, weight.original0), cast(nn.Parameter, weight.original1)
     dtype = _compute_dtype(backprops, v)
     x, dy = activations[0].to(dtype), backprops.to(dtype)
-    d_weight = conv.weight_grad(layer, x, dy)
+    rows = conv.weight_grad(layer, x, dy).flatten(2)
     norm = torch.norm_except_dim(v, 2, 0).to(dtype)
-    unit = v.to(dtype) / norm
-    rows = d_weight.flatten(2)  # [B, dim0, rest]
-    d_g = torch.einsum("bor,or->bo", rows, unit.flatten(1))
-    scale = (g.to(dtype) / norm).flatten()
+    unit = (v.to(dtype) / norm).flatten(1)
+    bias = layer.bias if isinstance(layer.bias, nn.Parameter) and layer.bias.requires_grad else None
+    return WeightNormGrads(
+        g=g,
+        v=v,
+        bias=bias,
+        rows=rows,
+        unit=unit,
+        scale=(g.to(dtype) / norm).flatten(),
+        d_g=torch.einsum("bor,or->bo", rows, unit),
+        d_bias=dy.flatten(2).sum(-1) if bias is not None else None,
+    )
+
+
+def weight_norm_conv_grad_sample(
+    layer: WeightNormedConv, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> GradSamples:
+    """Per-sample gradients of ``bias``, ``g`` (original0) and ``v`` (original1) of a weight-normed conv."""
+    parts = weight_norm_grads(layer, activations, backprops)
+    scale, unit = parts.scale, parts.unit
     # dv = scale * (dW - dg * u), in place on dW (no longer needed) to spare two full-size temporaries
-    d_v = rows.mul_(scale[:, None]).addcmul_((d_g * scale)[..., None], unit.flatten(1), value=-1)
-    d_v = d_v.view_as(d_weight)
-    grads: GradSamples = {g: d_g.view(-1, *g.shape), v: d_v}
-    if isinstance(layer.bias, nn.Parameter) and layer.bias.requires_grad:
-        grads[layer.bias] = dy.flatten(2).sum(-1)
+    d_v = parts.rows.mul_(scale[:, None]).addcmul_((parts.d_g * scale)[..., None], unit, value=-1)
+    grads: GradSamples = {parts.g: parts.d_g.view(-1, *parts.g.shape), parts.v: d_v.view(-1, *parts.v.shape)}
+    if parts.bias is not None and parts.d_bias is not None:
+        grads[parts.bias] = parts.d_bias
     return {param: grad for param, grad in grads.items() if param.requires_grad}
 
 
@@ -148,9 +188,11 @@ def weight_norm_key(module: nn.Module) -> type | None:
 
 
 __all__ = [
+    "WeightNormGrads",
     "layer_norm_grad_sample",
     "relative_keys_grad_sample",
     "relative_values_grad_sample",
     "weight_norm_conv_grad_sample",
+    "weight_norm_grads",
     "weight_norm_key",
 ]
