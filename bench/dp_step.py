@@ -12,9 +12,11 @@ in one physical batch:
 ``plain``     non-private: forward, ``loss.backward()``, AdamW;
 ``opacus``    stock Opacus 1.6 hooks: ``GradSampleModule`` (SoVITS's weight-normed convolutions
               through its functorch fallback) and ``DPOptimizer``;
-``unpruned``  fedvox's samplers and ``FedvoxDPOptimizer`` with an ordinary ``loss.backward()``
-              (isolates what skipping the summed gradients buys);
-``fedvox``    the engine as clients run it (``client.dp.engine``);
+``unpruned``  fedvox's samplers under Opacus's hooks (``DirectGradSampleModule``) and
+              ``FedvoxDPOptimizer`` with an ordinary ``loss.backward()`` (isolates what the engine's
+              hooks, book-keeping and pruned backward buy);
+``fedvox``    the engine as clients run it (``client.dp.engine``: lean per-layer hooks, book-keeping
+              clipping with per-layer ghost norms or explicit per-sample gradients, pruned backward);
 ``ghost``     Opacus 1.6 ghost clipping (s1 only, not run unless asked for): per-sample gradient
               *norms* from activations and output gradients without the per-sample gradients,
               then a second backward of the clipped loss (``GradSampleModuleFastGradientClipping``).

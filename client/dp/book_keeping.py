@@ -123,7 +123,7 @@ def weight_norm_record(
 
     def sums(c: torch.Tensor, samples: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         c = c.to(samples[0].dtype)
-        summed_rows = torch.einsum("b,bor->or", c, samples[0])
+        summed_rows = (c @ samples[0].flatten(1)).view_as(unit)
         summed_g = c @ samples[1]
         summed_v = (summed_rows - summed_g[:, None] * unit) * scale[:, None]
         out = (summed_g.view_as(parts.g), summed_v.view_as(parts.v))

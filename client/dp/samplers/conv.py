@@ -65,11 +65,9 @@ def _conv_weight_grad(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, dy: torch.T
     else:
         patches = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=_padding(layer), stride=layer.stride)
     batch, groups, positions = x.shape[0], layer.groups, patches.shape[-1]  # patches [B, in * taps, L]
-    grad = torch.einsum(
-        "bgol,bgil->bgoi",
-        dy.reshape(batch, groups, -1, positions),
-        patches.reshape(batch, groups, -1, positions),
-    )
+    grad = torch.matmul(
+        dy.reshape(batch, groups, -1, positions), patches.reshape(batch, groups, -1, positions).transpose(2, 3)
+    )  # [B, groups, out / groups, in / groups * taps]
     return grad.reshape(batch, *layer.weight.shape)
 
 

@@ -132,7 +132,7 @@ def weight_norm_grads(
         rows=rows,
         unit=unit,
         scale=(g.to(dtype) / norm).flatten(),
-        d_g=torch.einsum("bor,or->bo", rows, unit),
+        d_g=torch.linalg.vecdot(rows, unit),
         d_bias=dy.flatten(2).sum(-1) if bias is not None else None,
     )
 
