@@ -4,10 +4,12 @@ For one sample, a convolution's weight gradient is the correlation of its (padde
 its output gradient: ``dW[o, i, j] = sum_t dy[o, t] * x[i, t * stride + j * dilation]``. For a
 whole batch that is one grouped convolution, with the samples as groups, the output gradients
 as kernels, and stride and dilation swapped. Opacus instead unfolds the input (``k`` copies of
-it, large for audio-length inputs) and multiplies per sample; the grouped convolution reads the
-input once and was 1.3-7x faster on the SoVITS shapes measured (docs/performance.md). A
-transposed convolution's weight gradient is the same correlation with input and output
-gradient's roles exchanged; a 1x1 convolution's is a batched matrix product.
+it, large for audio-length inputs) and multiplies per sample. On s2's layers (one CPU thread)
+the grouped convolution was 1.6-3.3x faster for kernels of 7-41 taps and for the transposed
+upsampling convolutions, unfolding up to 2x faster for 3-5 taps, so both are used (see
+:data:`GROUPED_CONV_MIN_KERNEL`). A transposed convolution's weight gradient is the same
+correlation with input and output gradient's roles exchanged; a 1x1 convolution's is a batched
+matrix product.
 
 :func:`conv_grad_sample` is the sampler of plain ``Conv1d``/``Conv2d``, found under the key
 :func:`conv_key` returns (Opacus's own registration for those types stays untouched);
@@ -44,8 +46,7 @@ def _padding(layer: Conv) -> tuple[int, ...]:
 
 
 GROUPED_CONV_MIN_KERNEL = 7
-"""Kernels this long or longer correlate as a grouped convolution; shorter ones unfold (measured
-on the SoVITS layers: the grouped convolution won 1.5-3x at kernels 7-41, unfolding at 3-5)."""
+"""Kernels with this many taps or more correlate as a grouped convolution; fewer unfold."""
 
 
 def _conv_weight_grad(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
