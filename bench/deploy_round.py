@@ -14,6 +14,7 @@ is split by the run's own records:
 ``process``     ClientApp process start: from the launch of the command that answers a message
                 to the fedvox handler's start (Python and torch imports, FAB install, pulling the
                 message), from the device's ``clientapp-times.jsonl`` (:mod:`client.message_times`);
+                the JSON also gives its ``handoff`` (launcher to the ClientApp host's fork);
 ``set-up``      the rest of the handler: data, model, accountant, encoding the update, ledger;
 ``training``    the handler's DP steps;
 ``transport``   what is left: Flower's polling (SuperNode, SuperExec, the ServerApp's reply
