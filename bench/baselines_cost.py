@@ -8,7 +8,8 @@ process into its own folder: once with the default local-only and central baseli
 alongside the federation, ``simulations.runner.run_one``) and once with none. The baselines'
 cost is the extra wall time, as a share of the run with them; the issue's target is at most
 30 %. The speech-quality scoring runs in both (it scores every model the run has), so its own
-share is printed too. Wall time on a shared machine: read the load averages recorded beside it.
+share (the wall-clock span of its jobs, which overlap the baselines and the federation) is
+printed too. Wall time on a shared machine: read the load averages recorded beside it.
 """
 
 from __future__ import annotations

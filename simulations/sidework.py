@@ -94,7 +94,7 @@ class SideWork:
         self.jobs = sorted(baselines, key=lambda job: job[0] is not central_baseline)  # the longest first
         self.base, self.local_state, self.central_state = base, local_state, central_state
         self.recordings_cache = recordings_cache
-        self.spans = spans
+        self.spans, self.workers = spans, workers
         self.pool = ProcessPoolExecutor(
             max_workers=workers, mp_context=get_context("spawn"), initializer=_start_worker, initargs=(threads,)
         )
@@ -140,8 +140,16 @@ class SideWork:
             self._score(Contender("federated", state))
 
     def _score(self, contender: Contender) -> None:
+        """One job per worker, each speaking a share of the contender's speakers (the federated
+        model is scored last, when the other jobs are done: split, it keeps every worker busy)."""
+        speakers = sorted(
+            {i.speaker for i in self.items if contender.speakers is None or i.speaker in contender.speakers}
+        )
+        shares = [speakers[k :: self.workers] for k in range(min(self.workers, len(speakers)))]
         with self._lock:
-            self.speech.append(self.pool.submit(_speak_job, self.config, contender, self.items, self.seed))
+            for share in shares:
+                items = [i for i in self.items if i.speaker in share]
+                self.speech.append(self.pool.submit(_speak_job, self.config, contender, items, self.seed))
 
     # ------------------------------------------------------------------ results
     def speech_quality(self) -> dict[str, Any] | None:
