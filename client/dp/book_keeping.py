@@ -109,23 +109,27 @@ def weight_norm_record(
     layer: s2.WeightNormedConv, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> Record | None:
     """The record of a weight-normed conv whose parameters all train."""
-    if not all(p.requires_grad for p in layer.parameters()):
+    g, v = s2.weight_norm_params(layer)
+    bias = layer.bias
+    if not (g.requires_grad and v.requires_grad and (bias is None or bias.requires_grad)):
         return None
     parts = s2.weight_norm_grads(layer, activations, backprops)
     unit, scale = parts.unit, parts.scale
+    scale_sq = scale * scale
 
     def norms(samples: tuple[torch.Tensor, ...]) -> torch.Tensor:
         rows, d_g = samples[0], samples[1]
         # ||dv||^2 = s^2 (||dW||^2 - dg^2) per row; clamped: rounding may cross zero when dW ~ dg u
-        row_sq = (rows.pow(2).sum(2) - d_g.pow(2)).clamp_(min=0)
-        norms_sq = d_g.pow(2).sum(1) + (row_sq * scale.pow(2)).sum(1)
-        return norms_sq if len(samples) == 2 else norms_sq + samples[2].pow(2).sum(1)
+        d_g_sq = d_g * d_g
+        row_sq = (torch.linalg.vecdot(rows, rows) - d_g_sq).clamp_(min=0)
+        norms_sq = row_sq.mul_(scale_sq).add_(d_g_sq).sum(1)
+        return norms_sq if len(samples) == 2 else norms_sq + torch.linalg.vecdot(samples[2], samples[2])
 
     def sums(c: torch.Tensor, samples: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         c = c.to(samples[0].dtype)
         summed_rows = (c @ samples[0].flatten(1)).view_as(unit)
         summed_g = c @ samples[1]
-        summed_v = (summed_rows - summed_g[:, None] * unit) * scale[:, None]
+        summed_v = summed_rows.addcmul_(summed_g[:, None], unit, value=-1).mul_(scale[:, None])
         out = (summed_g.view_as(parts.g), summed_v.view_as(parts.v))
         return out if len(samples) == 2 else (*out, c @ samples[2])
 

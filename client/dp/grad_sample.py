@@ -27,7 +27,7 @@ from typing import Any, cast
 import torch
 from opacus import GradSampleModule
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
-from opacus.utils.module_utils import requires_grad, trainable_parameters
+from opacus.utils.module_utils import trainable_parameters
 from torch import nn
 
 from fedvox.client.dp.book_keeping import Keeper, Record, keeper_for
@@ -95,15 +95,16 @@ class PrivateGradSampleModule(DirectGradSampleModule):
 
     def _record(self, module: nn.Module, inputs: tuple, output: object) -> None:
         """Forward hook: keep the layer's inputs and hook its output's gradient."""
-        if not (self.hooks_enabled and module.training and torch.is_grad_enabled() and requires_grad(module)):
+        if not (self.hooks_enabled and module.training and torch.is_grad_enabled()):
             return
+        trainable = [p for p in self._layers[module][2] if p.requires_grad]
         outputs = output if isinstance(output, (tuple, list)) else (output,)
-        if not (isinstance(outputs[0], torch.Tensor) and outputs[0].requires_grad):
+        if not (trainable and isinstance(outputs[0], torch.Tensor) and outputs[0].requires_grad):
             return
         self._inputs.setdefault(module, []).append([x.detach() for x in inputs])
-        for param in self._layers[module][2]:
-            if param.requires_grad:
-                self._pending[param] = self._pending.get(param, 0) + 1
+        pending = self._pending
+        for param in trainable:
+            pending[param] = pending.get(param, 0) + 1
         outputs[0].register_hook(partial(self._per_sample, module))
         if not any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
             # no trainable module below feeds it: the pruned backward stops at its outputs

@@ -123,6 +123,9 @@ class FedvoxDPOptimizer(DPOptimizer):
             batch, device = len(explicit[0][1]), explicit[0][1].device
         else:
             batch, device = len(records[0].samples[0]), records[0].samples[0].device
+        for p, _ in explicit:
+            _check_processed_flag(p.grad_sample)
+        small, large = _flat_buckets(explicit, batch)
         bad = None
         if batch == 0:
             clip_factor = torch.zeros(0, device=device)
@@ -131,12 +134,11 @@ class FedvoxDPOptimizer(DPOptimizer):
             dtype = torch.float32
             for t in [g for _, g in explicit] + [r.samples[0] for r in records]:
                 dtype = torch.promote_types(dtype, t.dtype)
-            squares = torch.zeros(batch, device=device, dtype=dtype)
-            if explicit:
-                rows = [torch.linalg.vector_norm(g.reshape(batch, -1), dim=1, dtype=dtype) for _, g in explicit]
-                squares = torch.stack(rows, dim=1).pow(2).sum(1)
-            for record in records:
-                squares = squares + record.norms_sq().to(dtype)
+            rows = [torch.linalg.vector_norm(g.reshape(batch, -1), dim=1, dtype=dtype) for _, g in large]
+            rows += [torch.linalg.vector_norm(bucket.flat, dim=1, dtype=dtype) for bucket in small]
+            parts = [torch.stack(rows, dim=1).pow(2).sum(1)] if rows else []
+            parts += [record.norms_sq().to(dtype) for record in records]
+            squares = torch.stack(parts).sum(0) if parts else torch.zeros(batch, device=device, dtype=dtype)
             norms = squares.sqrt() / self.loss_scale
             finite = torch.isfinite(norms)
             clip_factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
@@ -149,14 +151,13 @@ class FedvoxDPOptimizer(DPOptimizer):
             if not bool(finite.all()):
                 bad = ~finite
 
-        for p, g in explicit:
-            _check_processed_flag(p.grad_sample)
-            g = g.to(p.dtype).reshape(batch, p.numel())
-            if bad is not None:
-                # Zero the rows of non-finite samples before the weighted sum: 0 * inf is NaN.
-                g = torch.where(bad.unsqueeze(1), torch.zeros_like(g), g)
-            # sum_i clip_factor[i] * g[i] as one matrix-vector product (accumulated in p.dtype)
-            self._accumulate(p, torch.mv(g.t(), clip_factor.to(device=g.device, dtype=p.dtype)).view_as(p))
+        for p, g in large:
+            self._accumulate(p, _clipped_sum(g.to(p.dtype).reshape(batch, p.numel()), clip_factor, bad).view_as(p))
+        for bucket in small:
+            summed = _clipped_sum(bucket.flat, clip_factor, bad)
+            for p, grad in zip(bucket.params, summed.split([p.numel() for p in bucket.params]), strict=True):
+                self._accumulate(p, grad.view_as(p))
+        for p, _ in explicit:
             _mark_as_processed(p.grad_sample)
         keep = None if bad is None else ~bad
         for record in records:
@@ -190,15 +191,10 @@ class FedvoxDPOptimizer(DPOptimizer):
             elif self.secure_noise is not None:
                 p.grad = self.secure_noise.privatise(summed, std).view_as(p)
             else:
-                noise = torch.normal(
-                    mean=0,
-                    std=std,
-                    size=summed.shape,
-                    device=summed.device,
-                    generator=self.generator,
-                    dtype=summed.dtype,
-                )
-                p.grad = noise.add_(summed).view_as(p)
+                # torch.normal(0, std, size) is empty(size).normal_(0, std): the same draw, minus
+                # the keyword parsing that cost more than the draw on small tensors
+                noise = torch.empty_like(summed, memory_format=torch.contiguous_format)
+                p.grad = noise.normal_(0, std, generator=self.generator).add_(summed).view_as(p)
             _mark_as_processed(p.summed_grad)
 
     def scale_grad(self) -> None:
@@ -227,10 +223,14 @@ class FedvoxDPOptimizer(DPOptimizer):
         return self.original_optimizer.step()
 
     def zero_grad(self, set_to_none: bool = False) -> None:
-        """Opacus's, and the book-keeping records with the per-sample gradients."""
-        super().zero_grad(set_to_none)
+        """Opacus's (per-sample state always dropped, the clipped sums kept across a skipped
+        step), and the book-keeping records, in one pass over the parameters."""
+        keep_sums = self._is_last_step_skipped
         for p in self.params:
-            p.book = None
+            p.grad_sample, p.book = None, None
+            if not keep_sums:
+                p.summed_grad = None
+        self.original_optimizer.zero_grad(set_to_none)
 
     def step_without_samples(self) -> None:
         """Release noise for an empty logical batch (every parameter's clipped sum is zero)."""
@@ -262,3 +262,47 @@ class FedvoxDPOptimizer(DPOptimizer):
         """Return and reset the statistics gathered since the last call."""
         stats, self.stats = self.stats, ClipStats()
         return stats
+
+
+SMALL_TENSOR_NUMEL = 8192
+"""Per-sample gradients of tensors up to this size (per sample) are clipped as one flat ``[B, P]``
+buffer per dtype: one norm and one weighted sum for all of them instead of a few small calls per
+tensor (s2 has hundreds of biases, LayerNorm and small conv weights). The copy this costs is
+bounded by ``B`` times the small tensors' total size, a fraction of the larger ones'."""
+
+
+@dataclass
+class _FlatBucket:
+    params: list[Any]
+    flat: torch.Tensor
+    """``[B, sum of numels]``: the params' per-sample gradients side by side, in their dtype."""
+
+
+def _flat_buckets(
+    explicit: list[tuple[Any, torch.Tensor]], batch: int
+) -> tuple[list[_FlatBucket], list[tuple[Any, torch.Tensor]]]:
+    """Split explicit per-sample gradients into flat buckets of small tensors (by dtype and
+    device) and the larger ones, which stay as they are."""
+    groups: dict[tuple[torch.dtype, torch.device], list[tuple[Any, torch.Tensor]]] = {}
+    large = []
+    for p, g in explicit:
+        if p.numel() <= SMALL_TENSOR_NUMEL and g.dtype == p.dtype:
+            groups.setdefault((g.dtype, g.device), []).append((p, g))
+        else:
+            large.append((p, g))
+    buckets = []
+    for members in groups.values():
+        if len(members) == 1:
+            large.extend(members)
+            continue
+        flat = torch.cat([g.reshape(batch, p.numel()) for p, g in members], dim=1)
+        buckets.append(_FlatBucket([p for p, _ in members], flat))
+    return buckets, large
+
+
+def _clipped_sum(g: torch.Tensor, clip_factor: torch.Tensor, bad: torch.Tensor | None) -> torch.Tensor:
+    """``sum_i clip_factor[i] * g[i]`` of ``[B, n]`` gradients as one matrix-vector product in
+    ``g``'s dtype; rows of non-finite samples are zeroed first (0 * inf is NaN)."""
+    if bad is not None:
+        g = torch.where(bad.unsqueeze(1), torch.zeros_like(g), g)
+    return torch.mv(g.t(), clip_factor.to(device=g.device, dtype=g.dtype))

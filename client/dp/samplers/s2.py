@@ -113,12 +113,17 @@ class WeightNormGrads:
     """Per-sample bias gradient ``[B, out]``, if the bias is trainable."""
 
 
+def weight_norm_params(layer: WeightNormedConv) -> tuple[nn.Parameter, nn.Parameter]:
+    """``(g, v)``: the magnitude (original0) and direction (original1) of a weight-normed conv."""
+    weight = _weight_parametrizations(layer)
+    return cast(nn.Parameter, weight.original0), cast(nn.Parameter, weight.original1)
+
+
 def weight_norm_grads(
     layer: WeightNormedConv, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> WeightNormGrads:
     """Per-sample ``dW`` and ``dg`` of a weight-normed conv (and its bias's)."""
-    weight = _weight_parametrizations(layer)
-    g, v = cast(nn.Parameter, weight.original0), cast(nn.Parameter, weight.original1)
+    g, v = weight_norm_params(layer)
     dtype = _compute_dtype(backprops, v)
     x, dy = activations[0].to(dtype), backprops.to(dtype)
     rows = conv.weight_grad(layer, x, dy).flatten(2)
@@ -195,4 +200,5 @@ __all__ = [
     "weight_norm_conv_grad_sample",
     "weight_norm_grads",
     "weight_norm_key",
+    "weight_norm_params",
 ]
