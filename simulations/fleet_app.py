@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import sys
 import time
@@ -75,6 +76,7 @@ class FleetMod:
             "profile": client.profile,
             "slowdown": draw.slowdown,
             "node": _ray_node(),
+            "niceness": os.nice(0),  # the worker's CPU priority: a niced ClientApp loses to every other job
         }
         if draw.dropped:
             self._write(event | {"outcome": "dropout"})

@@ -412,6 +412,12 @@ def federate(config: RunConfig, fleet, clients: list[VirtualClient], seed: int, 
         log.info("the federation in %s finished earlier (round %d)", config.checkpoint_dir, latest.round)
         return latest.round
     _quiet_flower()  # before importing Flower: its state store logs while being imported
+    # Ray starts its workers at niceness 15 (its default, so that busy actors never slow the
+    # raylet); beside the baselines' and the scoring's processes (this process's niceness) the
+    # ClientApps then got a few percent of a shared core, and lost to any niced job of others:
+    # round-1 clients' DP steps took 5x as long once the pool had started. They run at this
+    # process's niceness, like the pool (a cluster given by --ray-address keeps its own setting).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     from flwr.simulation import run_simulation
 
     from fedvox.client.app import app as client_app
