@@ -54,7 +54,7 @@ from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import SubsetSpec, load_trainable_state_dict, trainable_state_dict
 from fedvox.shared.protocol import ARRAYS
 from fedvox.shared.runconfig import RunConfig
-from fedvox.shared.wire import LEVELS, delta_array, encode_update, from_record, record_bytes, to_record
+from fedvox.shared.wire import LEVELS, encode_update, from_wire, read_update, record_bytes, to_wire
 
 app = typer.Typer(add_completion=False)
 TARGET_FRACTION = 0.005
@@ -72,9 +72,10 @@ def size_rows(stage: str, config: str, spec: SubsetSpec, full_bytes: int) -> lis
     rows = []
     for encoding in ENCODINGS:
         if encoding in LEVELS:  # before deflate: its size does not depend on the values
-            record = ArrayRecord({n: delta_array(t, encoding, GENERATOR, deflate=False) for n, t in state.items()})
+            zero = {n: torch.zeros_like(t) for n, t in state.items()}
+            record = encode_update(state, zero, encoding, GENERATOR, deflate=False)
         else:
-            record = to_record(state, encoding)
+            record = to_wire(state, encoding)
         serialised = serialised_bytes(record)
         rows.append(
             {
@@ -142,8 +143,8 @@ def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def effect(config: str, rank: int, clients: int, plan: RunConfig, phonemes: int, tokens: int, full_bytes: int) -> dict:
     spec = SubsetSpec(kind="lora", lora_rank=rank, lora_alpha=2.0 * rank)
     base = build_model("s1", config, spec, seed=0)
-    down = to_record(trainable_state_dict(base), plan.wire_precision)
-    received = from_record(down)
+    down = to_wire(trainable_state_dict(base), plan.wire_precision)
+    received = from_wire(down)
     utterances = plan.logical_batch * plan.local_steps
     draws: list[list[dict[str, torch.Tensor]]] = [[], []]
     for client, draw in itertools.product(range(clients), range(2)):
@@ -178,7 +179,7 @@ def effect(config: str, rank: int, clients: int, plan: RunConfig, phonemes: int,
         row["encodings"][encoding] = {
             "up_payload_bytes": sum(record_bytes(r) for r in records) / clients,
             "up_serialised_bytes": up,
-            "deflated_tensors": sum(a.stype.endswith("+deflate") for r in records for a in r.values()) / clients,
+            "deflated_tensors": sum(read_update(r).deflated_tensors for r in records) / clients,
             "up_fraction_of_full_fp32": up / full_bytes,
             "round_fraction_of_full_fp32": (up + row["down_serialised_bytes"]) / full_bytes,
             "error_l2": error,

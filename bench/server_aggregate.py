@@ -58,7 +58,7 @@ from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import SubsetSpec, trainable_state_dict
 from fedvox.shared.protocol import ARRAYS, METRICS, STATUS, ClientStatus
 from fedvox.shared.runconfig import RunConfig
-from fedvox.shared.wire import encode_update, from_record, record_bytes, to_record
+from fedvox.shared.wire import encode_update, from_record, from_wire, read_update, record_bytes, to_record, to_wire
 
 app = typer.Typer(add_completion=False)
 
@@ -137,8 +137,9 @@ def read_once(replies: list[Message]) -> float:
     """Decode and reduce every array of every reply once; returns the checksum (kept live)."""
     total = 0.0
     for reply in replies:
-        for array in reply.content.array_records[ARRAYS].values():
-            total += float(np.sum(array.numpy(), dtype=np.float64))
+        update = read_update(reply.content.array_records[ARRAYS])
+        for name in update:
+            total += float(np.sum(update[name].numpy(), dtype=np.float64))
     return total
 
 
@@ -171,7 +172,7 @@ def main(
     for server_round in range(1, repeats + 2):
         messages = list(strategy.configure_train(server_round, global_record, ConfigRecord(), grid))
         if not records:
-            records = updates(from_record(to_record(from_record(global_record), wire)), distinct, wire)
+            records = updates(from_wire(to_wire(from_record(global_record), wire)), distinct, wire)
         replies = train_replies(messages, records)
         if server_round == 1:  # the memory round, untimed: fresh pages for every block are slow
             resident = _rss_bytes()

@@ -82,15 +82,19 @@ from fedvox.shared.errors import (
     DeviceError,
     FedvoxError,
     PrivacyError,
+    UpdateRejected,
 )
 from fedvox.shared.models.subsets import load_trainable_state_dict
+from fedvox.shared.privacy.accounting import remember_epsilons
 from fedvox.shared.privacy.budget import Budget
+from fedvox.shared.privacy.epsilon_store import FILE as EPSILON_FILE
+from fedvox.shared.privacy.epsilon_store import EpsilonStore
 from fedvox.shared.privacy.ledger import Ledger, OwnerBudget, Release
 from fedvox.shared.privacy.ledger_head import LEDGER_HEAD, SIGNING_KEY_FILE, head_record
 from fedvox.shared.privacy.noise import SecureGaussian
 from fedvox.shared.protocol import ARRAYS, CONFIG, METRICS, REFUSED, STATUS, ClientStatus, Plan
 from fedvox.shared.runconfig import RunConfig
-from fedvox.shared.wire import encode_update, from_record, read_update, record_bytes
+from fedvox.shared.wire import encode_update, from_wire, read_update, record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +183,7 @@ class PlanSession:
         except DataError as exc:
             raise Refusal("data", str(exc)) from None
         self.ledger = Ledger(node.ledger_path)
+        remember_epsilons(EpsilonStore(node.ledger_path / EPSILON_FILE))  # the last message asked the same
         try:
             self.owner: OwnerBudget = owner_budget(
                 self.ledger, node.client_id, len(self.train_set), epsilon=node.budget_epsilon
@@ -238,8 +243,8 @@ class PlanSession:
     def load_global(self, message: Message) -> None:
         """Load the received global subset; refuses if it is not this plan's model."""
         try:
-            load_trainable_state_dict(self.trainer.task.model, from_record(message.content.array_records[ARRAYS]))
-        except (KeyError, CheckpointError) as exc:
+            load_trainable_state_dict(self.trainer.task.model, from_wire(message.content.array_records[ARRAYS]))
+        except (KeyError, CheckpointError, UpdateRejected) as exc:
             raise Refusal("model", f"the received model does not match the plan's: {exc}") from None
 
     def status(self, **overrides: object) -> ClientStatus:

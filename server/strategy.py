@@ -61,7 +61,15 @@ from fedvox.shared.protocol import (
     Plan,
 )
 from fedvox.shared.runconfig import RunConfig
-from fedvox.shared.wire import from_record, read_update, record_bytes, to_record, validate_update
+from fedvox.shared.wire import (
+    from_record,
+    from_wire,
+    read_update,
+    record_bytes,
+    to_record,
+    to_wire,
+    validate_update,
+)
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +247,8 @@ class FedvoxStrategy(FedAvg):
         record.eligible_clients = sorted(self.book.client_id(n) for n in eligible)
 
         self._global = from_record(arrays)
-        wire = to_record(self._global, self.config.wire_precision)
-        self._sent = from_record(wire)
+        wire = to_wire(self._global, self.config.wire_precision)
+        self._sent = from_wire(wire)
         plan = self.plan(server_round).to_record()
         plan.update(config)  # what a caller of ``start`` adds to every train message
         record.bytes_down += record_bytes(wire) * len(record.selection.node_ids)
@@ -332,7 +340,7 @@ class FedvoxStrategy(FedAvg):
             record.server_s += time.monotonic() - began
             return []
         nodes = [n for n in grid.get_node_ids() if n in self.book.statuses and self.book.statuses[n].ok]
-        wire = to_record(from_record(arrays), self.config.wire_precision)
+        wire = to_wire(from_record(arrays), self.config.wire_precision)
         record.bytes_down += record_bytes(wire) * len(nodes)
         plan = self.plan(server_round).to_record()
         plan.update(config)

@@ -12,9 +12,9 @@ what was asked replies with ``outcome = "refused"`` and a reason code instead of
 
 Record keys:
 
-``arrays``   ArrayRecord, the trainable subset: the global one in ``wire-precision`` (fp16 or
-             fp32; Flower cannot carry bf16), an update in ``update-encoding`` (int4/int8 deltas, or
-             fp16/fp32 values; :mod:`fedvox.shared.wire`)
+``arrays``   ArrayRecord holding one packed array, the trainable subset: the global one in
+             ``wire-precision`` (fp16 or fp32; Flower cannot carry bf16), an update in
+             ``update-encoding`` (int4/int8 deltas, or fp16/fp32 values; :mod:`fedvox.shared.wire`)
 ``config``   ConfigRecord, the round plan (server -> client)
 ``metrics``  MetricRecord, numbers (client -> server; only what the device may release:
              docs/privacy.md lists every field and how it is protected)
@@ -44,10 +44,12 @@ RUN_ID = "run-id"
 """Plan key: the run's id, stable across server restarts (ledger rows are keyed by it)."""
 PROTOCOL = "protocol"
 """Plan key: the version of this contract the server speaks (:data:`PROTOCOL_VERSION`)."""
-PROTOCOL_VERSION = 2
-"""2: updates travel in the plan's ``update-encoding`` (int4 deltas by default). A plan without
-the key is version 1 (updates as fp16/fp32 values), which a client of version 2 refuses: its
-quantised deltas would be read as values."""
+PROTOCOL_VERSION = 3
+"""3: a subset (the global one down, an update up) travels as one packed array with a manifest
+(:mod:`fedvox.shared.wire`), not one array per tensor; a client or server of another version
+refuses the other's messages with a one-line error. 2: updates travel in the plan's
+``update-encoding`` (int4 deltas by default). A plan without the key is version 1 (updates as
+fp16/fp32 values)."""
 ATTEMPT = "attempt"
 """Plan key: the id of the server process sending it. A round redone after a restart is a new
 attempt: clients train and release again, so they must charge their budgets again."""

@@ -1,9 +1,16 @@
 """What travels between server and clients: the trainable subset, and how it is checked.
 
-Only the trainable subset of a model crosses the network, as a Flower ``ArrayRecord``.
+Only the trainable subset of a model crosses the network, packed as **one** array in a Flower
+``ArrayRecord`` (protocol 3). Flower sends every array as its own objects, one HTTPS request
+each across three hops, so a subset of 24 tensors cost ~50 requests a message; one packed array
+costs two. The array's ``dtype`` names the encoding, its ``stype`` is :data:`PACKED`, and its
+bytes are a little-endian ``uint32`` manifest length, the manifest (JSON: each tensor's name,
+shape, byte length and whether it is deflated, in order) and the tensors' bytes back to back.
+The manifest holds what the per-tensor arrays of protocol 2 said in their own fields (names,
+shapes, lengths, deflated or not): nothing new leaves a device.
 
 - **Down** (server to clients): the global subset's values in the run's ``wire-precision``,
-  fp16 or fp32 (Flower converts through numpy, which has no bf16).
+  fp16 or fp32, little-endian.
 - **Up** (a client's update), in the run's ``update-encoding``: ``fp16``/``fp32`` send the
   trained values; ``int4`` (the default) and ``int8`` send only the *delta* against the global subset the
   device received, quantised with one fp32 absmax scale per slice along the tensor's shorter
@@ -16,33 +23,36 @@ Before the server aggregates an update it reads it in place (:func:`read_update`
 the received bytes; a quantised tensor is decoded to fp32 one tensor at a time) and checks it
 against the subset it sent: same keys, same shapes, a floating dtype, finite values, and an
 L2 norm of the *difference* within a bound. A failed check names the reason so the server can
-log it and carry on with the other clients.
+log it and carry on with the other clients. The server's own records (its global model,
+checkpoints, Flower's aggregation) stay plain one-array-per-tensor records
+(:func:`to_record`, :func:`from_record`).
 """
 
 from __future__ import annotations
 
-import io
+import json
 import math
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
 from fedvox.shared.errors import ConfigError, UpdateRejected
+from fedvox.shared.protocol import PROTOCOL_VERSION
 from fedvox.shared.runconfig import UPDATE_ENCODINGS
 
 WIRE_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "fp32": torch.float32}
 LEVELS = {"int8": 127, "int4": 7}
 """Quantised delta encodings and their largest level: values ``-L..L``, symmetric so that zero is
 exact (int8: one byte a value; int4: two values a byte, each stored as ``value + 8``)."""
-DELTA_STYPES = {f"fedvox.{encoding}-delta": encoding for encoding in LEVELS}
-"""``Array.stype`` of a quantised delta: fp32 scales (little-endian), then the packed values."""
-DEFLATED = "+deflate"
-"""Suffix of ``Array.stype`` when those bytes are deflated (zlib)."""
-_NUMPY = "numpy.ndarray"
+PACKED = "fedvox.packed"
+"""``Array.stype`` of a packed subset (its ``dtype`` is the encoding: fp16, fp32, int8 or int4)."""
+_NUMPY_DTYPES = {"fp16": np.dtype("<f2"), "fp32": np.dtype("<f4")}
+_HEADER = 4
 
 
 def wire_dtype(name: str) -> torch.dtype:
@@ -56,7 +66,8 @@ def wire_dtype(name: str) -> torch.dtype:
 
 
 def to_record(state: Mapping[str, torch.Tensor], precision: str = "fp32") -> ArrayRecord:
-    """Pack a trainable state dict for the wire, casting floating tensors to ``precision``."""
+    """A plain Flower record, one array per tensor (the server's own state; never sent), floating
+    tensors cast to ``precision``."""
     dtype = wire_dtype(precision)
     packed = {
         name: (t.detach().to("cpu", dtype) if t.is_floating_point() else t.detach().cpu()).contiguous()
@@ -66,9 +77,49 @@ def to_record(state: Mapping[str, torch.Tensor], precision: str = "fp32") -> Arr
 
 
 def from_record(record: ArrayRecord, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Unpack an ``ArrayRecord`` of values into a state dict, floating tensors cast to ``dtype``."""
+    """Unpack a plain ``ArrayRecord`` into a state dict, floating tensors cast to ``dtype``."""
     state = record.to_torch_state_dict()
     return {name: (t.to(dtype) if t.is_floating_point() else t) for name, t in state.items()}
+
+
+# ---------------------------------------------------------------------- packing
+@dataclass(frozen=True)
+class Segment:
+    """One tensor's bytes in a packed subset."""
+
+    shape: tuple[int, ...]
+    data: memoryview
+    deflated: bool = False
+
+
+def pack(segments: Mapping[str, tuple[tuple[int, ...], bytes, bool]], encoding: str) -> ArrayRecord:
+    """One-array record of ``{name: (shape, bytes, deflated)}`` in ``encoding``."""
+    manifest = json.dumps(
+        {"tensors": [[name, list(shape), len(data), deflated] for name, (shape, data, deflated) in segments.items()]},
+        separators=(",", ":"),
+    ).encode()
+    body = b"".join([len(manifest).to_bytes(_HEADER, "little"), manifest, *(s[1] for s in segments.values())])
+    return ArrayRecord({"subset": Array(dtype=encoding, shape=(len(body),), stype=PACKED, data=body)})
+
+
+def to_wire(state: Mapping[str, torch.Tensor], precision: str = "fp32") -> ArrayRecord:
+    """The global subset for the wire: its values in ``precision``, packed as one array."""
+    dtype = wire_dtype(precision)
+    segments = {}
+    for name, value in state.items():
+        if not value.is_floating_point():
+            raise ConfigError(f"{name} is {value.dtype}: only floating tensors train, so only they travel")
+        data = value.detach().to("cpu", dtype).contiguous().numpy().astype(_NUMPY_DTYPES[precision], copy=False)
+        segments[name] = (tuple(value.shape), data.tobytes(), False)
+    return pack(segments, precision)
+
+
+def from_wire(record: ArrayRecord, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A received subset of values (:func:`to_wire`) as a state dict of new ``dtype`` tensors."""
+    received = read_update(record)
+    if received.relative:
+        raise UpdateRejected(f"encoding: expected values, got {received.encoding} deltas")
+    return {name: received[name].to(dtype, copy=True) for name in received}
 
 
 # ---------------------------------------------------------------------- a client's update
@@ -77,24 +128,26 @@ def encode_update(
     received: Mapping[str, torch.Tensor],
     encoding: str,
     generator: torch.Generator,
+    deflate: bool = True,
 ) -> ArrayRecord:
     """A client's update for the wire: ``trained`` in ``encoding``, relative to ``received``.
 
     ``received`` is the global subset as the device decoded it (read-only views are fine: it is
     only read, one tensor at a time); ``generator`` drives the stochastic rounding and must be
     the device's own randomness (never the server's, which could then predict the rounding).
+    ``deflate=False`` keeps every tensor raw (sizes that do not depend on the values).
     """
     if encoding in WIRE_DTYPES:
-        return to_record(trained, encoding)
+        return to_wire(trained, encoding)
     if encoding not in LEVELS:
         raise ConfigError(f"unknown update encoding {encoding!r}; use one of {', '.join(UPDATE_ENCODINGS)}")
-    arrays = {}
+    segments = {}
     for name, value in trained.items():
         if not value.is_floating_point():
             raise ConfigError(f"{name} is {value.dtype}: only floating tensors train, so only they travel")
         delta = value.detach().to("cpu", torch.float32) - received[name].float()
-        arrays[name] = delta_array(delta, encoding, generator)
-    return ArrayRecord(arrays)
+        segments[name] = (tuple(delta.shape), *delta_bytes(delta, encoding, generator, deflate))
+    return pack(segments, encoding)
 
 
 def quantize(delta: torch.Tensor, levels: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,15 +182,17 @@ def _slices(shape: tuple[int, ...]) -> tuple[int, int, bool]:
     return rows, columns, rows <= columns
 
 
-def delta_array(delta: torch.Tensor, encoding: str, generator: torch.Generator, deflate: bool = True) -> Array:
-    """One tensor's delta as a quantised ``Array`` (:func:`quantize`), deflated if that is smaller."""
+def delta_bytes(
+    delta: torch.Tensor, encoding: str, generator: torch.Generator, deflate: bool = True
+) -> tuple[bytes, bool]:
+    """One tensor's delta quantised (:func:`quantize`): fp32 scales then the packed values,
+    deflated if ``deflate`` and that is smaller; and whether it was."""
     scales, values = quantize(delta, LEVELS[encoding], generator)
     packed = values.numpy().tobytes() if encoding == "int8" else _pack_int4(values)
     payload = scales.numpy().astype("<f4").tobytes() + packed
-    stype = f"fedvox.{encoding}-delta"
     if deflate and len(deflated := zlib.compress(payload)) < len(payload):
-        stype, payload = stype + DEFLATED, deflated
-    return Array(dtype=encoding, shape=tuple(delta.shape), stype=stype, data=payload)
+        return deflated, True
+    return payload, False
 
 
 def _pack_int4(values: torch.Tensor) -> bytes:
@@ -154,80 +209,101 @@ def _unpack_int4(packed: torch.Tensor, count: int) -> torch.Tensor:
 
 
 class ReceivedUpdate(Mapping[str, torch.Tensor]):
-    """An update as the server reads it, in place.
+    """A packed subset as its receiver reads it, in place.
 
-    ``update[name]`` is the tensor's trained values, a read-only view of the received fp16/fp32
-    bytes, or, for a quantised update (``relative``), its fp32 delta against what was sent, decoded
-    on each access (one tensor at a time: a reader never holds a decoded update whole).
+    ``update[name]`` is the tensor's values, a read-only view of the received fp16/fp32 bytes,
+    or, for a quantised update (``relative``), its fp32 delta against what was sent, decoded on
+    each access (one tensor at a time: a reader never holds a decoded update whole).
     """
 
-    def __init__(self, arrays: Mapping[str, Array], encoding: str) -> None:
-        self._arrays = arrays
+    def __init__(self, segments: Mapping[str, Segment], encoding: str) -> None:
+        self._segments = segments
         self.encoding = encoding
         self.relative = encoding in LEVELS
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        array = self._arrays[name]
-        return _decode_delta(array, self.encoding) if self.relative else _view(array)
+        segment = self._segments[name]
+        return _decode_delta(segment, self.encoding) if self.relative else _view(segment, self.encoding)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._arrays)
+        return iter(self._segments)
 
     def __len__(self) -> int:
-        return len(self._arrays)
+        return len(self._segments)
+
+    @property
+    def deflated_tensors(self) -> int:
+        """How many of its tensors arrived deflated."""
+        return sum(segment.deflated for segment in self._segments.values())
 
 
 def read_update(record: ArrayRecord) -> ReceivedUpdate:
-    """The record as a :class:`ReceivedUpdate`, without copying the bytes that arrived.
+    """A packed record (:func:`pack`) as a :class:`ReceivedUpdate`, without copying its bytes.
 
-    Flower's ``Array.numpy`` copies each payload into a new array; a server that screens and
-    sums N updates only reads them, so it views the ``.npy`` bytes in place (never write to the
-    result). Its ``encoding`` is what the arrays say they are (``int8``, ``int4``, ``fp16``, ``fp32``,
-    or another numpy dtype the screen then refuses). Raises :class:`UpdateRejected`
-    (``encoding``) for arrays in no encoding fedvox sends, or in two at once.
+    Its ``encoding`` is the array's ``dtype`` (``int8``, ``int4``, ``fp16``, ``fp32``). Raises
+    :class:`UpdateRejected` (``encoding``) for anything else: a record of another protocol
+    (e.g. one array per tensor, fedvox protocol 2), an unknown encoding, or a manifest that
+    does not describe the bytes exactly.
     """
-    kinds = {_encoding(array) for array in record.values()}
-    if len(kinds) > 1:
-        raise UpdateRejected(f"encoding: the update mixes encodings ({', '.join(sorted(kinds))})")
-    return ReceivedUpdate(dict(record.items()), kinds.pop() if kinds else "fp32")
+    arrays = list(record.values())
+    if len(arrays) != 1 or arrays[0].stype != PACKED:
+        kinds = ", ".join(sorted({a.stype for a in arrays})) or "none"
+        raise UpdateRejected(
+            f"encoding: expected one {PACKED} array (fedvox protocol {PROTOCOL_VERSION}), got {len(arrays)} "
+            f"of type {kinds}: run the same fedvox release on the server and its clients"
+        )
+    array = arrays[0]
+    encoding = array.dtype
+    if encoding not in _NUMPY_DTYPES and encoding not in LEVELS:
+        raise UpdateRejected(f"encoding: {encoding!r} is not an encoding fedvox sends")
+    return ReceivedUpdate(_manifest(memoryview(array.data)), encoding)
 
 
-def _encoding(array: Array) -> str:
-    if (encoding := DELTA_STYPES.get(array.stype.removesuffix(DEFLATED))) is not None:
-        return encoding
-    if array.stype != _NUMPY:
-        raise UpdateRejected(f"encoding: arrays of type {array.stype!r} are not a fedvox update")
-    return {"float16": "fp16", "float32": "fp32"}.get(array.dtype, array.dtype)
-
-
-_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-
-
-def _view(array: Array) -> torch.Tensor:
+def _manifest(data: memoryview) -> dict[str, Segment]:
+    """The segments a packed array's manifest describes; they must tile its bytes exactly."""
     try:
-        stream = io.BytesIO(array.data)
-        version = np.lib.format.read_magic(stream)
-        header = _NPY_HEADERS.get(version)
-        if header is None:
-            raise ValueError(f".npy format version {version} is not one np.save writes for plain arrays")
-        shape, fortran_order, dtype = header(stream)
-        if fortran_order or dtype.hasobject:
-            raise ValueError(f"unsupported array layout ({dtype}, fortran order {fortran_order})")
-        count = math.prod(shape)
-        values = np.frombuffer(array.data, dtype=dtype, count=count, offset=stream.tell()).reshape(shape)
-    except (TypeError, ValueError) as exc:
-        raise UpdateRejected(f"dtype: the update cannot be decoded ({exc})") from exc
-    return _tensor(values)
+        if len(data) < _HEADER:
+            raise ValueError("no manifest")
+        size = int.from_bytes(data[:_HEADER], "little")
+        if _HEADER + size > len(data):
+            raise ValueError("the manifest runs past the array")
+        entries = json.loads(bytes(data[_HEADER : _HEADER + size]))["tensors"]
+        segments, offset = {}, _HEADER + size
+        for name, shape, length, deflated in entries:
+            if not isinstance(name, str) or name in segments:
+                raise ValueError("tensor names must be distinct strings")
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+                raise ValueError(f"{name}: bad shape {shape!r}")
+            if not isinstance(length, int) or length < 0 or offset + length > len(data):
+                raise ValueError(f"{name}: bad length {length!r}")
+            segments[name] = Segment(tuple(shape), data[offset : offset + length], bool(deflated))
+            offset += length
+        if offset != len(data):
+            raise ValueError(f"{len(data) - offset} bytes follow the last tensor")
+    except (ValueError, TypeError, KeyError) as exc:  # json's errors are ValueErrors
+        raise UpdateRejected(f"encoding: the packed subset's manifest is malformed ({exc})") from None
+    return segments
 
 
-def _decode_delta(array: Array, encoding: str) -> torch.Tensor:
-    shape = tuple(array.shape)
+def _view(segment: Segment, encoding: str) -> torch.Tensor:
+    dtype = _NUMPY_DTYPES[encoding]
+    count = math.prod(segment.shape)
+    if segment.deflated or len(segment.data) != count * dtype.itemsize:
+        raise UpdateRejected(
+            f"encoding: an {encoding} tensor of shape {segment.shape} needs {count * dtype.itemsize} raw bytes, "
+            f"got {len(segment.data)}{' deflated' if segment.deflated else ''}"
+        )
+    return _tensor(np.frombuffer(segment.data, dtype=dtype, count=count).reshape(segment.shape))
+
+
+def _decode_delta(segment: Segment, encoding: str) -> torch.Tensor:
+    shape = segment.shape
     rows, columns, per_row = _slices(shape)
     scales = rows if per_row else columns
     count = math.prod(shape)
     size = 4 * scales + (count if encoding == "int8" else (count + 1) // 2)
-    data = array.data
-    if array.stype.endswith(DEFLATED):
+    data: bytes | memoryview = segment.data
+    if segment.deflated:
         inflater = zlib.decompressobj()
         try:
             data = inflater.decompress(data, size + 1)  # never inflates past what the shape allows

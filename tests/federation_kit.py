@@ -36,7 +36,7 @@ from fedvox.shared.privacy.ledger import Ledger, Release
 from fedvox.shared.privacy.ledger_head import LEDGER_HEAD, SIGNING_KEY_FILE, head_record
 from fedvox.shared.protocol import ARRAYS, CONFIG, METRICS, REFUSED, STATUS, ClientStatus, Plan
 from fedvox.shared.runconfig import RunConfig
-from fedvox.shared.wire import encode_update, from_record, record_bytes
+from fedvox.shared.wire import encode_update, from_wire, record_bytes
 from tests.tiny import TINY
 
 DIM = 8
@@ -115,7 +115,7 @@ def make_client_app(
             if not before.can_afford_round():
                 return refuse(msg, status(plan, client_id, ledger, budget, outcome=REFUSED, reason="budget"))
             x, y, _, _ = client_data(partition)
-            received = from_record(msg.content.array_records[ARRAYS])
+            received = from_wire(msg.content.array_records[ARRAYS])
             state = received
             for _ in range(plan.config.local_steps):
                 state = gradient_step(state, x, y, plan.config.learning_rate)
@@ -154,7 +154,7 @@ def make_client_app(
         plan = Plan.from_record(msg.content.config_records[CONFIG])
         partition, client_id, ledger, budget = node(context)
         _, _, x_val, y_val = client_data(partition)
-        state = from_record(msg.content.array_records[ARRAYS])
+        state = from_wire(msg.content.array_records[ARRAYS])
         err = x_val @ state["linear.weight"][0] + state["linear.bias"] - y_val
         metrics = MetricRecord({"val-loss": float((err**2).mean())})  # un-noised: the kit tests the server
         with ledger:

@@ -8,7 +8,7 @@ from bench.server_aggregate import BenchGrid, run_config, strategy_for, train_re
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import SubsetSpec, trainable_state_dict
 from fedvox.shared.protocol import ARRAYS, METRICS
-from fedvox.shared.wire import from_record, to_record
+from fedvox.shared.wire import from_record, from_wire, to_record, to_wire
 
 
 def test_streamed_fedavg_equals_flowers_uniform_mean_of_rebased_updates():
@@ -16,7 +16,7 @@ def test_streamed_fedavg_equals_flowers_uniform_mean_of_rebased_updates():
     global_record = to_record(state, "fp32")
     strategy = strategy_for(run_config("s1", "tiny", "full", "fp16", "fedavg", speaker_dp=False))
     messages = list(strategy.configure_train(1, global_record, ConfigRecord(), BenchGrid(5)))
-    sent = from_record(to_record(state, "fp16"))
+    sent = from_wire(to_wire(state, "fp16"))
     replies = train_replies(messages, updates(sent, 3, "fp16"))
 
     # Flower's rule on every update re-based onto the fp32 global model, all held at once.
@@ -24,7 +24,7 @@ def test_streamed_fedavg_equals_flowers_uniform_mean_of_rebased_updates():
         RecordDict(
             {
                 ARRAYS: to_record(
-                    {n: state[n] + (t.float() - sent[n]) for n, t in from_record(r.content[ARRAYS]).items()}, "fp32"
+                    {n: state[n] + (t.float() - sent[n]) for n, t in from_wire(r.content[ARRAYS]).items()}, "fp32"
                 ),
                 METRICS: MetricRecord({"weight": 1.0}),  # devices send no example count: uniform weights
             }

@@ -25,7 +25,7 @@ from fedvox.shared.privacy.ledger import Ledger, Release
 from fedvox.shared.privacy.ledger_head import LEDGER_HEAD, SignedHead
 from fedvox.shared.protocol import ARRAYS, CONFIG, METRICS, STATUS, TRAIN_METRICS, ClientStatus, Plan
 from fedvox.shared.runconfig import RunConfig
-from fedvox.shared.wire import to_record
+from fedvox.shared.wire import to_wire
 from tests.federation_kit import LocalGrid
 from tests.prepared import prepared_cache
 from tests.tiny import TINY
@@ -75,7 +75,7 @@ def message(cfg: RunConfig, kind: str, *, server_round: int = 1, run_id: str = "
         state = {k: v + lora_shift for k, v in state.items()}
     plan = Plan(cfg, server_round=server_round, run_id=run_id, attempt="a").to_record()
     return Message(
-        RecordDict({ARRAYS: to_record(state, "fp16"), CONFIG: plan}), dst_node_id=GRID.node_ids[0], message_type=kind
+        RecordDict({ARRAYS: to_wire(state, "fp16"), CONFIG: plan}), dst_node_id=GRID.node_ids[0], message_type=kind
     )
 
 

@@ -18,7 +18,7 @@ from fedvox.server.model import initial_subset
 from fedvox.shared.privacy.ledger import Ledger
 from fedvox.shared.protocol import ARRAYS, CONFIG, STATUS, ClientStatus, Plan
 from fedvox.shared.runconfig import RunConfig
-from fedvox.shared.wire import from_record, read_update, to_record, validate_update
+from fedvox.shared.wire import PACKED, from_wire, read_update, to_wire, validate_update
 from tests.federation_kit import LocalGrid
 from tests.prepared import prepared_cache
 from tests.tiny import TINY
@@ -95,7 +95,7 @@ def _train(grid, config, arrays, run_id):
 def test_a_client_refuses_a_model_it_does_not_hold_and_charges_nothing(data_root, tmp_path):
     config = _config(data_root, tmp_path)
     grid = LocalGrid(client_app, num_nodes=1)
-    wrong = to_record(initial_subset(config.with_overrides({"lora-rank": 4})), "fp16")
+    wrong = to_wire(initial_subset(config.with_overrides({"lora-rank": 4})), "fp16")
 
     reply, status = _train(grid, config, wrong, run_id="wrong-model")
     assert (status.outcome, status.reason) == ("refused", "model") and "lora" in status.detail
@@ -111,7 +111,7 @@ def test_a_client_refuses_a_round_its_budget_cannot_cover(data_root, tmp_path):
         owner_budget(ledger, client_identity(folder), num_examples=10, epsilon=0.5)
     grid = LocalGrid(client_app, num_nodes=1)
     try:
-        _, status = _train(grid, config, to_record(initial_subset(config), "fp16"), run_id="poor")
+        _, status = _train(grid, config, to_wire(initial_subset(config), "fp16"), run_id="poor")
     finally:
         with Ledger(folder) as ledger:
             owner_budget(ledger, client_identity(folder), num_examples=10, epsilon=100.0)
@@ -126,14 +126,14 @@ def test_a_client_replies_with_its_quantised_delta_and_its_round_metrics(data_ro
     assert config.update_encoding == "int4"  # the run default
     grid = LocalGrid(client_app, num_nodes=1)
     sent = initial_subset(config)
-    received = from_record(to_record(sent, "fp16"))
+    received = from_wire(to_wire(sent, "fp16"))
 
-    reply, status = _train(grid, config, to_record(sent, "fp16"), run_id="int4")
+    reply, status = _train(grid, config, to_wire(sent, "fp16"), run_id="int4")
     assert status.ok and status.epsilon_spent > 0 and status.profile
     arrays = reply.content.array_records[ARRAYS]
-    assert set(arrays) == set(sent) and {a.stype.split("+")[0] for a in arrays.values()} == {"fedvox.int4-delta"}
+    assert [(a.stype, a.dtype) for a in arrays.values()] == [(PACKED, "int4")]  # one array a message
     metrics = reply.content.metric_records["metrics"]
     assert set(metrics) == {"bytes-down", "bytes-up"} and metrics["bytes-up"] < 0.35 * metrics["bytes-down"]
     assert isinstance(reply.content.config_records[STATUS], ConfigRecord)
     update = read_update(arrays)  # as the server screens it: a delta against what it sent
-    assert update.relative and validate_update(received, update) > 0
+    assert set(update) == set(sent) and update.relative and validate_update(received, update) > 0

@@ -265,14 +265,14 @@ def test_speaker_dp_mean_clips_each_received_update_before_noising():
 
     from fedvox.server.aggregators import Accepted, RoundUpdates, SpeakerDPMean
     from fedvox.shared.protocol import ARRAYS
-    from fedvox.shared.wire import read_update, to_record, validate_update
+    from fedvox.shared.wire import read_update, to_wire, validate_update
 
     global_state = {"w": torch.zeros(50_000), "b": torch.ones(7)}
     sent = {name: t.half().float() for name, t in global_state.items()}
     updates = [{"w": torch.full((50_000,), v), "b": torch.ones(7) + v} for v in (0.5, 1e-4, -0.2)]
     accepted = []
     for update in updates:
-        record = to_record(update, "fp16")
+        record = to_wire(update, "fp16")
         norm = validate_update(sent, read_update(record))
         reply = Message(RecordDict({ARRAYS: record}), dst_node_id=0, message_type=MessageType.TRAIN)
         accepted.append(Accepted(reply, None, {"num-examples": 1.0}, norm))

@@ -9,13 +9,17 @@ from flwr.app import Array
 from fedvox.shared.errors import ConfigError, UpdateRejected
 from fedvox.shared.wire import (
     LEVELS,
+    PACKED,
     dequantize,
     encode_update,
     from_record,
+    from_wire,
+    pack,
     quantize,
     read_update,
     record_bytes,
     to_record,
+    to_wire,
     validate_update,
 )
 
@@ -27,17 +31,19 @@ def _state():
 
 def test_fp16_round_trip_halves_the_payload_and_stays_close():
     state = _state()
-    fp32, fp16 = to_record(state, "fp32"), to_record(state, "fp16")
+    fp32, fp16 = to_wire(state, "fp32"), to_wire(state, "fp16")
+    assert [(a.stype, a.dtype) for a in fp16.values()] == [(PACKED, "fp16")]  # one array, whatever the subset
     assert record_bytes(fp16) < record_bytes(fp32)
-    back = from_record(fp16)
-    assert all(back[k].dtype == torch.float32 for k in state)
+    back = from_wire(fp16)
+    assert list(back) == list(state) and all(back[k].dtype == torch.float32 for k in state)
     assert all(torch.allclose(back[k], state[k], atol=1e-3) for k in state)
-    assert all(torch.equal(from_record(fp32)[k], state[k]) for k in state)
+    assert all(torch.equal(from_wire(fp32)[k], state[k]) for k in state)
+    assert all(torch.equal(from_record(to_record(state))[k], state[k]) for k in state)  # the server's own records
 
 
 def test_bf16_cannot_be_chosen_for_the_wire():
     with pytest.raises(ConfigError, match="bf16"):
-        to_record(_state(), "bf16")
+        to_wire(_state(), "bf16")
 
 
 @pytest.mark.parametrize(
@@ -111,11 +117,16 @@ def test_int8_and_int4_payloads_are_a_quarter_and_an_eighth_of_fp32_before_defla
     int8 = encode_update(trained, received, "int8", torch.Generator().manual_seed(0))
     fp32 = encode_update(trained, received, "fp32", torch.Generator())
     elements = sum(d.numel() for d in delta.values())
-    payload = sum(len(array.data) for array in int8.values())
-    assert payload <= elements + 4 * 9  # one byte a value, nine fp32 scales; deflated only if smaller
-    assert record_bytes(int8) < record_bytes(fp32) / 3.5
+    assert _tensor_bytes(int8) <= elements + 4 * 9  # one byte a value, nine fp32 scales; deflated only if smaller
+    assert _tensor_bytes(int8) < _tensor_bytes(fp32) / 3.5 and _tensor_bytes(fp32) == 4 * elements
     int4 = encode_update(trained, received, "int4", torch.Generator().manual_seed(0))
-    assert sum(len(array.data) for array in int4.values()) <= (elements + 3) // 2 + 4 * 9  # odd tensors pad a nibble
+    assert _tensor_bytes(int4) <= (elements + 3) // 2 + 4 * 9  # odd tensors pad a nibble
+
+
+def _tensor_bytes(record):
+    """A packed record's bytes after its manifest (a few dozen bytes a tensor: names and shapes)."""
+    (array,) = record.values()
+    return len(array.data) - 4 - int.from_bytes(array.data[:4], "little")
 
 
 def test_deflate_is_used_only_where_it_pays():
@@ -125,9 +136,13 @@ def test_deflate_is_used_only_where_it_pays():
     dense = torch.rand(32, 256, generator=g) * 2 - 1  # uniform over the range: 8 bits of entropy a value
     zero = {"sparse": torch.zeros(32, 256), "dense": torch.zeros(32, 256)}
     record = encode_update({"sparse": sparse, "dense": dense}, zero, "int8", torch.Generator().manual_seed(0))
-    assert record["sparse"].stype == "fedvox.int8-delta+deflate" and len(record["sparse"].data) < 32 * 256 / 4
-    assert record["dense"].stype == "fedvox.int8-delta"
     decoded = read_update(record)
+    assert decoded.deflated_tensors == 1  # the sparse one
+    assert record_bytes(record) < 32 * 256 * (1 + 1 / 4) + 4 * 64 + 200
+    raw = encode_update(
+        {"sparse": sparse, "dense": dense}, zero, "int8", torch.Generator().manual_seed(0), deflate=False
+    )
+    assert read_update(raw).deflated_tensors == 0 and record_bytes(raw) > record_bytes(record) + 32 * 256 / 2
     for name, value in {"sparse": sparse, "dense": dense}.items():
         assert float((decoded[name] - value).abs().max()) <= float(value.abs().max()) / 127 * 1.0001
 
@@ -182,20 +197,45 @@ def test_malformed_int8_updates_are_rejected_with_their_reason(mutate, reason):
         validate_update(received, read_update(record))
 
 
+def _repacked(record, data=None, dtype=None):
+    (array,) = record.values()
+    data = array.data if data is None else data
+    return type(record)({"subset": Array(dtype=dtype or array.dtype, shape=(len(data),), stype=array.stype, data=data)})
+
+
 def test_corrupt_or_foreign_arrays_are_rejected_as_encoding():
     received = _received(_lora_pair())
     record = encode_update({n: t + 1e-3 for n, t in received.items()}, received, "int8", torch.Generator())
-    array = record["proj.lora_A"]
-    record["proj.lora_A"] = Array(dtype="int8", shape=array.shape, stype=array.stype, data=array.data[:-1])
-    with pytest.raises(UpdateRejected, match=r"^encoding:"):
-        validate_update(received, read_update(record))
-    mixed = to_record(received, "fp16")
-    mixed["norm.bias"] = record["norm.bias"]
-    with pytest.raises(UpdateRejected, match=r"^encoding: the update mixes"):
-        read_update(mixed)
-    record["norm.bias"] = Array(dtype="int8", shape=(16,), stype="pickle", data=b"\x00" * 16)
-    with pytest.raises(UpdateRejected, match=r"^encoding:"):
-        read_update(record)
+    (array,) = record.values()
+    for corrupt in (
+        _repacked(record, data=array.data[:-1]),  # the manifest no longer tiles the bytes
+        _repacked(record, data=array.data + b"\x00"),
+        _repacked(record, data=b"\xff\xff\x00\x00" + array.data[4:]),  # a manifest longer than the array
+        _repacked(record, data=array.data[:4] + b"x" + array.data[5:]),  # not JSON
+        _repacked(record, dtype="float64"),
+        _repacked(record, dtype="int4"),  # int8 bytes read as int4: the sizes disagree
+    ):
+        with pytest.raises(UpdateRejected, match=r"^encoding:"):
+            validate_update(received, read_update(corrupt))
+    segments = {n: (tuple(t.shape), t.half().numpy().tobytes(), True) for n, t in received.items()}
+    with pytest.raises(UpdateRejected, match=r"^encoding: an fp16 tensor .* deflated"):
+        validate_update(received, read_update(pack(segments, "fp16")))
+    twice = pack({"a": ((1,), b"\x00\x00", False)}, "fp16")
+    (one,) = twice.values()
+    twice_data = one.data.replace(b'[["a",[1],2,false]]', b'[["a",[1],1,false],["a",[1],1,false]]')
+    twice_data = len(twice_data[4:].split(b"]]}")[0] + b"]]}").to_bytes(4, "little") + twice_data[4:]
+    with pytest.raises(UpdateRejected, match=r"^encoding: .*distinct"):
+        read_update(_repacked(twice, data=twice_data))
+
+
+def test_a_record_of_another_protocol_is_refused_clearly():
+    per_tensor = to_record(_state(), "fp16")  # protocol 2: one array per tensor
+    with pytest.raises(
+        UpdateRejected, match=r"^encoding: expected one fedvox.packed array \(fedvox protocol 3\), got 2"
+    ):
+        read_update(per_tensor)
+    with pytest.raises(UpdateRejected, match=r"^encoding: expected values"):
+        from_wire(encode_update(_state(), _state(), "int8", torch.Generator()))
 
 
 def test_a_plan_of_another_protocol_version_is_refused_clearly():
@@ -205,6 +245,9 @@ def test_a_plan_of_another_protocol_version_is_refused_clearly():
 
     record = Plan(RunConfig(), 1, "run", "a").to_record()
     assert record[PROTOCOL] == PROTOCOL_VERSION and Plan.from_record(record).config.update_encoding == "int4"
+    record[PROTOCOL] = 2  # a server that sends one array per tensor
+    with pytest.raises(ProtocolError, match="server speaks fedvox protocol 2, this client 3: run the same fedvox"):
+        Plan.from_record(record)
     del record[PROTOCOL]  # a server from before int8 deltas
-    with pytest.raises(ProtocolError, match="server speaks fedvox protocol 1, this client 2"):
+    with pytest.raises(ProtocolError, match="server speaks fedvox protocol 1, this client 3"):
         Plan.from_record(record)

@@ -25,6 +25,7 @@ import importlib.metadata
 import logging
 import math
 import numbers
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from fedvox.shared.errors import BudgetExceededError, ConfigError, PrivacyError
+from fedvox.shared.privacy.epsilon_store import EpsilonStore, question
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,16 @@ ACCOUNTANTS = ("prv", "rdp")
 DEFAULT_ACCOUNTANT = "prv"
 MAX_NOISE_MULTIPLIER = 1e4
 """Calibration gives up above this: the target is below what the accountant can certify."""
+STORE_AFTER_S = 0.05
+"""Evaluations slower than this are kept in the process's :class:`EpsilonStore`, if it has one."""
+_store: EpsilonStore | None = None
+
+
+def remember_epsilons(store: EpsilonStore | None) -> None:
+    """Keep this process's slow accountant answers in ``store`` (a device's own file), and read
+    them from it, so that the next message's process does not evaluate them again; ``None`` stops."""
+    global _store
+    _store = store
 
 
 @dataclass(frozen=True)
@@ -119,7 +131,20 @@ def epsilon(history: Iterable[Mechanism], delta: float, accountant: str = DEFAUL
 
 @functools.lru_cache(maxsize=512)
 def _epsilon(entries: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
-    # Cached: a budget check before a round and the ledger row after it ask the same question.
+    # Cached: a budget check before a round and the ledger row after it ask the same question;
+    # the store keeps the answer for the device's next process, which asks it again.
+    store = _store
+    key = question(entries, delta, accountant, accountant_version()) if store is not None else ""
+    if store is not None and (known := store.get(key)) is not None:
+        return known
+    began = time.perf_counter()
+    value = _evaluate(entries, delta, accountant)
+    if store is not None and math.isfinite(value) and time.perf_counter() - began > STORE_AFTER_S:
+        store.put(key, value)
+    return value
+
+
+def _evaluate(entries: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
     try:
         with warnings.catch_warnings():
             # RDP at tiny epsilon: "optimal order is the largest alpha" only says the bound is loose.
@@ -288,6 +313,7 @@ def calibrate_noise_multiplier(
     return sigma
 
 
+@functools.cache
 def accountant_version() -> str:
     """The library that computed the ledger's epsilons, for reproducibility."""
     return f"opacus {importlib.metadata.version('opacus')}"
