@@ -36,6 +36,7 @@ import warnings
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ LEVELS = {"int8": 127, "int4": 7}
 exact (int8: one byte a value; int4: two values a byte, each stored as ``value + 8``)."""
 PACKED = "fedvox.packed"
 """``Array.stype`` of a packed subset (its ``dtype`` is the encoding: fp16, fp32, int8 or int4)."""
-_NUMPY_DTYPES = {"fp16": np.dtype("<f2"), "fp32": np.dtype("<f4")}
+_NUMPY_DTYPES: dict[str, np.dtype[Any]] = {"fp16": np.dtype("<f2"), "fp32": np.dtype("<f4")}
 _HEADER = 4
 
 
@@ -103,10 +104,13 @@ def pack(segments: Mapping[str, tuple[tuple[int, ...], bytes, bool]], encoding: 
 
 
 def to_wire(state: Mapping[str, torch.Tensor], precision: str = "fp32") -> ArrayRecord:
-    """The global subset for the wire: its values in ``precision``, packed as one array."""
+    """The global subset for the wire: its values in ``precision``, packed as one array.
+
+    Tensors go in name order, so the same subset is the same bytes whatever the order of
+    ``state`` (a device's reply cache knows a question again by its bytes: client.releases)."""
     dtype = wire_dtype(precision)
     segments = {}
-    for name, value in state.items():
+    for name, value in sorted(state.items()):
         if not value.is_floating_point():
             raise ConfigError(f"{name} is {value.dtype}: only floating tensors train, so only they travel")
         data = value.detach().to("cpu", dtype).contiguous().numpy().astype(_NUMPY_DTYPES[precision], copy=False)
@@ -142,7 +146,7 @@ def encode_update(
     if encoding not in LEVELS:
         raise ConfigError(f"unknown update encoding {encoding!r}; use one of {', '.join(UPDATE_ENCODINGS)}")
     segments = {}
-    for name, value in trained.items():
+    for name, value in sorted(trained.items()):
         if not value.is_floating_point():
             raise ConfigError(f"{name} is {value.dtype}: only floating tensors train, so only they travel")
         delta = value.detach().to("cpu", torch.float32) - received[name].float()

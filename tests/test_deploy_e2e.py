@@ -35,6 +35,7 @@ from fedvox.shared.privacy.ledger import Ledger
 from fedvox.shared.privacy.ledger_head import LEDGER_HEAD, SignedHead, recorded_heads
 from fedvox.shared.processes import flower_command, flower_env, free_port
 from fedvox.shared.protocol import ClientStatus
+from fedvox.shared.wire import PACKED, read_update
 from tests.data_fixtures import GOOD
 from tests.deploy_kit import (
     BIN,
@@ -238,8 +239,10 @@ def _assert_replies_carry_only_updates_and_metrics(exchanges, home, data_folders
             trained += 1
             assert set(records.array_records) == {"arrays"} and set(records.metric_records) == {"metrics"}
             arrays: ArrayRecord = records.array_records["arrays"]
-            assert {k: tuple(a.shape) for k, a in arrays.items()} == subset
-            assert {a.dtype for a in arrays.values()} == {config.update_encoding}  # int4 deltas by default
+            (array,) = arrays.values()  # one packed array: the manifest tiles its bytes exactly
+            assert array.stype == PACKED and array.dtype == config.update_encoding  # int4 deltas by default
+            update = read_update(arrays)
+            assert {k: tuple(update[k].shape) for k in update} == subset
             metrics: MetricRecord = records.metric_records["metrics"]
             assert set(metrics) == TRAIN_METRICS
         else:

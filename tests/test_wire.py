@@ -251,3 +251,13 @@ def test_a_plan_of_another_protocol_version_is_refused_clearly():
     del record[PROTOCOL]  # a server from before int8 deltas
     with pytest.raises(ProtocolError, match="server speaks fedvox protocol 1, this client 3"):
         Plan.from_record(record)
+
+
+def test_the_same_subset_is_the_same_bytes_whatever_its_order():
+    state = _state()
+    backwards = dict(reversed(list(state.items())))
+    assert list(backwards) != list(state)
+    (a,), (b,) = to_wire(state, "fp16").values(), to_wire(backwards, "fp16").values()
+    assert a.data == b.data  # a device's reply cache knows a re-sent question by its bytes
+    up = [encode_update(s, state, "int8", torch.Generator().manual_seed(1)) for s in (state, backwards)]
+    assert up[0]["subset"].data == up[1]["subset"].data
