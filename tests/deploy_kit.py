@@ -33,6 +33,7 @@ from cryptography.x509.oid import NameOID
 from starlette.requests import Request
 from starlette.responses import Response
 
+from bench.deploy_round import RUN_CONFIG as ROUND_CONFIG
 from fedvox.server.deploy.control_auth import ensure_token
 from fedvox.server.deploy.gateway import FleetGateway, GatewayServer
 from fedvox.server.deploy.home import ServerHome, ensure_link_certificate, init_home, write_run_config
@@ -43,18 +44,9 @@ from fedvox.shared.runconfig import RunConfig
 from tests.tiny import TINY
 
 BIN = Path(sys.executable).parent
-RUN_CONFIG = {
-    # Two quick rounds of tiny s1: a query and two trainings per device, no evaluation.
-    **TINY,
-    "num-server-rounds": 2,
-    "local-steps": 2,
-    "logical-batch": 4,
-    "evaluate": False,
-    "client-budget-epsilon": 100.0,
-    "round-timeout": 600.0,
-    "dp.noise-multiplier": 0.8,
-    "dp.sample-rate": 0.4,
-}
+# Two quick rounds of tiny s1: a query and two trainings per device, no evaluation (the
+# federation bench/deploy_round.py times).
+RUN_CONFIG = {**ROUND_CONFIG, **TINY, "num-server-rounds": 2}
 TAG = ("FEDVOX_TEST_TAG", f"deploy-{os.getpid()}-{secrets.token_hex(4)}")
 """Marks every process a test starts (inherited by everything those start): :func:`sweep` finds
 what a test left behind by it, wherever in the process tree it ended up."""

@@ -16,7 +16,9 @@ import torch
 from fedvox.shared.audio import HOP_LENGTH, SAMPLE_RATE, linear_spectrogram
 from fedvox.shared.models.batches import S2Batch
 from fedvox.shared.models.config import S2Config
+from fedvox.shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn
 from fedvox.shared.models.s2.generator import S2Forward, draw_randomness
+from fedvox.shared.models.subsets import SubsetSpec, apply_subset
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -128,3 +130,14 @@ def fixed_randomness(
     """``batch`` with slice starts and posterior noise drawn once from ``seed``."""
     starts, noise = draw_randomness(batch.spec_lengths, config, torch.Generator().manual_seed(seed))
     return GeneratorStep(batch, starts, noise.to(dtype))
+
+
+def double_gan(config: S2Config) -> tuple[SynthesizerTrn, MultiPeriodDiscriminator, GeneratorStep]:
+    """A fully trainable float64 generator, its discriminator and a fixed 3-utterance step: the
+    setting exactness tests compare per-sample results in."""
+    torch.manual_seed(0)
+    generator = SynthesizerTrn(config).double()
+    apply_subset(generator, SubsetSpec("full"))
+    discriminator = MultiPeriodDiscriminator(config).double()
+    batch = random_s2_batch(config, [6, 5, 3], [7, 4, 2], seed=1, dtype=torch.float64)
+    return generator, discriminator, fixed_randomness(batch, config, seed=2, dtype=torch.float64)

@@ -15,12 +15,12 @@ from fedvox.client.dp import book_keeping
 from fedvox.client.dp.engine import make_private
 from fedvox.shared.models.config import s1_config, s2_config
 from fedvox.shared.models.s1 import Text2SemanticDecoder, s1_loss
-from fedvox.shared.models.s2 import MultiPeriodDiscriminator, SynthesizerTrn, frozen, generator_losses
+from fedvox.shared.models.s2 import frozen, generator_losses
 from fedvox.shared.models.s2.gan import discriminator_losses
 from fedvox.shared.models.subsets import SubsetSpec, apply_subset
 from tests.per_sample import assert_clipped_sums_match
 from tests.s1_batches import random_s1_batch
-from tests.s2_batches import DiscriminatorStep, fixed_randomness, random_s2_batch, single_thread  # noqa: F401
+from tests.s2_batches import DiscriminatorStep, double_gan, single_thread  # noqa: F401
 
 S1 = s1_config("tiny", dropout=0.0)
 S2 = s2_config("tiny", p_dropout=0.0, style_dropout=0.0)
@@ -64,12 +64,7 @@ def test_s1_lora_clipped_sums_are_exact() -> None:
 
 @pytest.fixture(scope="module")
 def s2_setup():
-    torch.manual_seed(0)
-    generator = SynthesizerTrn(S2).double()
-    apply_subset(generator, SubsetSpec("full"))
-    discriminator = MultiPeriodDiscriminator(S2).double()
-    batch = random_s2_batch(S2, [6, 5, 3], [7, 4, 2], seed=1, dtype=torch.float64)
-    return generator, discriminator, fixed_randomness(batch, S2, seed=2, dtype=torch.float64)
+    return double_gan(S2)
 
 
 def _weight_normed(model: torch.nn.Module) -> int:

@@ -20,8 +20,6 @@ from fedvox.client.dp.grad_sample import PrivateGradSampleModule
 from fedvox.shared.models.config import s1_config, s2_config
 from fedvox.shared.models.s1 import Text2SemanticDecoder, s1_loss
 from fedvox.shared.models.s2 import (
-    MultiPeriodDiscriminator,
-    SynthesizerTrn,
     discriminator_losses,
     frozen,
     generator_losses,
@@ -29,7 +27,7 @@ from fedvox.shared.models.s2 import (
 from fedvox.shared.models.subsets import SubsetSpec, apply_subset
 from tests.per_sample import assert_clipped_sums_match
 from tests.s1_batches import random_s1_batch
-from tests.s2_batches import fixed_randomness, random_s2_batch
+from tests.s2_batches import double_gan
 
 S1 = s1_config("tiny", dropout=0.0)
 S2 = s2_config("tiny", p_dropout=0.0, style_dropout=0.0)
@@ -94,12 +92,7 @@ def test_s1_private_module_matches_per_example_autograd() -> None:
 
 @pytest.fixture(scope="module")
 def s2_models():
-    torch.manual_seed(0)
-    generator = SynthesizerTrn(S2).double()
-    apply_subset(generator, SubsetSpec("full"))
-    discriminator = MultiPeriodDiscriminator(S2).double()
-    batch = random_s2_batch(S2, [6, 5, 3], [7, 4, 2], seed=1, dtype=torch.float64)
-    return generator, discriminator, fixed_randomness(batch, S2, seed=2, dtype=torch.float64)
+    return double_gan(S2)
 
 
 def test_s2_generator_pruned_backward_gives_opacus_per_sample_gradients(s2_models) -> None:
