@@ -23,7 +23,7 @@ from fedvox.shared.atomic import atomic_path
 from fedvox.shared.audio import SAMPLE_RATE, mel_spectrogram
 from fedvox.shared.models.config import SHIPPED_BASE
 from fedvox.shared.models.factory import build_model
-from fedvox.shared.models.subsets import load_trainable_state_dict
+from fedvox.shared.models.subsets import SubsetSpec, load_trainable_state_dict, merged_state_dict
 from fedvox.shared.runconfig import RunConfig
 from fedvox.shared.semantic import tokenizer_spec
 from fedvox.shared.stages import STAGES, recipe
@@ -56,33 +56,46 @@ def partner_pretrained(config: RunConfig) -> str | None:
     return SHIPPED_BASE if config.pretrained == SHIPPED_BASE else None
 
 
+PLAIN = SubsetSpec(kind="full")
+"""The subset voices are built with: none wrapped. A LoRA layer runs three matrix products where a
+plain one runs one, and s1 generates token by token, where per-call overhead dominates: the
+trained stage speaks with its adapters folded in (``merged_state_dict``), the partner without
+adapters (its own are zero)."""
+
+
 def build_voice(config: RunConfig, state: Mapping[str, torch.Tensor]) -> Voice:
     """Both stages: the run's trained stage with trainable subset ``state``, and its partner.
 
-    The two models are built once per process and configuration (the speech-quality scoring
-    speaks with many states of one model); each call loads ``state`` into the trained stage,
-    which replaces every trainable tensor, so a voice never keeps an earlier call's state."""
-    trained, voice = _voice_models(config)
+    The models are built once per process and configuration (the speech-quality scoring speaks
+    with many states of one model); each call loads ``state`` into the trained stage, which
+    replaces every trainable tensor, and folds it into the plain model that speaks, so a voice
+    never keeps an earlier call's state."""
+    trained, speaking, voice = _voice_models(config)
     load_trainable_state_dict(trained, state)
+    speaking.load_state_dict(merged_state_dict(trained))
     return voice
 
 
 @functools.lru_cache(maxsize=2)
-def _voice_models(config: RunConfig) -> tuple[torch.nn.Module, Voice]:
-    """The trained stage's model (as built) and the voice speaking with it and its partner."""
-    trained = build_model(
-        config.stage,
-        config.model_config,
-        config.subset_spec,
-        seed=config.model_seed,
-        pretrained=config.pretrained or None,
+def _voice_models(config: RunConfig) -> tuple[torch.nn.Module, torch.nn.Module, Voice]:
+    """The trained stage's model (as built, with its subset), the plain model of that stage that
+    speaks, and the voice speaking with it and its plain partner."""
+    trained, speaking = (
+        build_model(
+            config.stage, config.model_config, subset, seed=config.model_seed, pretrained=config.pretrained or None
+        )
+        for subset in (config.subset_spec, PLAIN)
     )
     other = partner_stage(config)
     partner = build_model(
-        other, config.model_config, config.subset_spec, seed=config.model_seed, pretrained=partner_pretrained(config)
+        other, config.model_config, PLAIN, seed=config.model_seed, pretrained=partner_pretrained(config)
     )
-    models = {config.stage: trained, other: partner}
-    return trained, Voice(**{stage: recipe(stage).voice_model(model).eval() for stage, model in models.items()})
+    models = {config.stage: speaking, other: partner}
+    return (
+        trained,
+        speaking,
+        Voice(**{stage: recipe(stage).voice_model(model).eval() for stage, model in models.items()}),
+    )
 
 
 def synthesise_sample(

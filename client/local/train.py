@@ -88,6 +88,7 @@ def train_local(
     seed: int | None = None,
     show_progress: bool = True,
     keep_checkpoints: int = 3,
+    exports: bool = True,
     home: str | Path | None = None,
     strict: bool = False,
     first_budget: OwnerBudget | None = None,
@@ -99,9 +100,11 @@ def train_local(
     command continues it once the budget is raised. A finished run is reported as it stands.
     ``strict`` refuses a run that cannot learn (:func:`usefulness`) instead of warning.
     ``keep_checkpoints`` segment checkpoints are kept (a simulation's local baseline keeps one per
-    round to score each). ``home`` is the fedvox home recording the recordings' one ledger (the
-    data folder's; :func:`client.identity.bind_ledger`). ``first_budget``, the owner's budget
-    where none was recorded yet, is recorded with the binding once the run is accepted.
+    round to score each). ``exports``: write the trained model in fedvox's and GPT-SoVITS's
+    formats at the end (a baseline scored from its checkpoints needs none). ``home`` is the fedvox
+    home recording the recordings' one ledger (the data folder's; :func:`client.identity.bind_ledger`).
+    ``first_budget``, the owner's budget where none was recorded yet, is recorded with the binding
+    once the run is accepted.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     previous = _previous_run(out_dir, spec)
@@ -169,7 +172,7 @@ def train_local(
             summary.update(steps=trainer.steps_done, epsilon=trainer.spent(), delta=spec.privacy.delta)
     finally:
         trainer.close()
-    summary["exports"] = [str(p) for p in export(model, spec, out_dir)]
+    summary["exports"] = [str(p) for p in export(model, spec, out_dir)] if exports else []
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
     return summary
 
