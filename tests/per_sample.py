@@ -115,6 +115,6 @@ def assert_clipped_sums_match(model: torch.nn.Module, loss_fn: LossFn, batch, rt
             err = float((got - want).norm()) / scale
             assert err <= rtol, f"{name}: relative clipped-sum error {err:.2e} > {rtol:.0e}"
     finally:
+        private.optimizer.zero_grad(set_to_none=True)  # per-sample state and records too: the model is reused
         private.close()
-        model.zero_grad(set_to_none=True)
     return paths

@@ -67,11 +67,29 @@ def s2_setup():
     return double_gan(S2)
 
 
-def _weight_normed(model: torch.nn.Module) -> int:
-    return sum(1 for n, _ in model.named_parameters() if n.endswith(("original0", "original1")))
+def _book_kept_weight_normed(model: torch.nn.Module) -> int:
+    """Tensors of the weight-normed convolutions large enough to keep books (the others' per-sample
+    gradients are explicit, clipped in the optimizer's flat buffer of small tensors)."""
+    layers = [
+        m
+        for m in model.modules()
+        if hasattr(m, "parametrizations")
+        and m.parametrizations.weight.original1.numel() > book_keeping.SMALL_TENSOR_NUMEL
+    ]
+    return sum(sum(1 for _ in m.parameters()) for m in layers)
 
 
-def test_s2_generator_clipped_sums_are_exact(s2_setup) -> None:
+SIZE_RULES = pytest.mark.parametrize("every_layer", [True, False], ids=["records-everywhere", "size-rule"])
+
+
+def _size_rule(every_layer: bool, monkeypatch) -> None:
+    if every_layer:  # every weight-normed conv keeps books, however small
+        monkeypatch.setattr(book_keeping, "SMALL_TENSOR_NUMEL", 0)
+
+
+@SIZE_RULES
+def test_s2_generator_clipped_sums_are_exact(s2_setup, every_layer: bool, monkeypatch) -> None:
+    _size_rule(every_layer, monkeypatch)
     generator, discriminator, step = s2_setup
 
     def loss(model, s) -> torch.Tensor:
@@ -80,10 +98,13 @@ def test_s2_generator_clipped_sums_are_exact(s2_setup) -> None:
             return generator_losses(discriminator, s.batch, out, S2)["total"]
 
     paths = assert_clipped_sums_match(generator, loss, step, rtol=RTOL)
-    assert paths["book"] >= _weight_normed(generator)
+    assert paths["book"] >= _book_kept_weight_normed(generator) > 0
+    assert paths["explicit"] > 0
 
 
-def test_s2_discriminator_clipped_sums_are_exact(s2_setup) -> None:
+@SIZE_RULES
+def test_s2_discriminator_clipped_sums_are_exact(s2_setup, every_layer: bool, monkeypatch) -> None:
+    _size_rule(every_layer, monkeypatch)
     generator, discriminator, step = s2_setup
     with torch.no_grad():
         out = generator(step.batch, slice_starts=step.slice_starts, posterior_noise=step.posterior_noise)
@@ -94,7 +115,9 @@ def test_s2_discriminator_clipped_sums_are_exact(s2_setup) -> None:
         DiscriminatorStep(step.batch, out),
         rtol=RTOL,
     )
-    assert paths["book"] == sum(1 for _ in discriminator.parameters())
+    every = sum(1 for _ in discriminator.parameters())
+    assert paths["book"] == (every if every_layer else _book_kept_weight_normed(discriminator))
+    assert paths["book"] + paths["explicit"] == every
 
 
 def test_a_second_backward_before_the_step_is_refused() -> None:

@@ -15,12 +15,16 @@ for its clipped sums. Per layer:
   against ``B T d_in d_out`` for the explicit gradient plus its memory passes;
   :func:`ghost_norm_is_cheaper` chooses by the layer's shape, and the explicit sampler runs
   otherwise.
-* weight-normed convolutions (:func:`weight_norm_record`): the per-sample ``dW`` is needed for
+* weight-normed convolutions with more than :data:`SMALL_TENSOR_NUMEL` weights
+  (:func:`weight_norm_record`): the per-sample ``dW`` is needed for
   the norm (a ghost norm over ``T^2`` loses for audio-length ``T``), but not the per-sample
   ``dv``: with ``dv = s (dW - dg u)`` and ``u`` a unit row, ``||dv||^2 = s^2 (||dW||^2 - dg^2)``
   per row, and ``sum_i c_i dv_i = s (sum_i c_i dW_i - (sum_i c_i dg_i) u)``: the chain rule
   runs once on the clipped sum instead of once per sample. A layer used several times in one
   pass (the discriminator sees real and generated audio) keeps the sum of its uses' ``dW``.
+  A smaller one takes the explicit path: its per-sample gradients join the optimizer's flat
+  buffer of small tensors, clipped with one norm and one product for all of them, where its
+  record would cost about fifteen small calls of its own (s2 has 52 such layers of 59).
 
 Records are exact (tests/test_dp_book_keeping.py checks norms and clipped sums against
 per-example autograd); they hold one physical batch, so the optimizer must step after each.
@@ -35,6 +39,13 @@ import torch
 from torch import nn
 
 from fedvox.client.dp.samplers import s2
+
+SMALL_TENSOR_NUMEL = 8192
+"""Per-sample gradients of tensors up to this size (per sample) are clipped as one flat ``[B, P]``
+buffer per dtype (:class:`~fedvox.client.dp.optimizer.FedvoxDPOptimizer`): one norm and one
+weighted sum for all of them instead of a few small calls per tensor (s2 has hundreds of biases,
+LayerNorm and small conv weights). The copy this costs is bounded by ``B`` times the small
+tensors' total size, a fraction of the larger ones'."""
 
 GHOST_NORM_FACTOR = 32.0
 """Ghost norm where ``T^2 (d_in + d_out) < GHOST_NORM_FACTOR * d_in * d_out``: on the 2-core AVX-512
@@ -145,12 +156,22 @@ explicit per-sample gradient."""
 
 
 def keeper_for(module: nn.Module) -> tuple[Keeper, bool] | None:
-    """The book-keeping path of ``module``'s type and whether its records add over uses, if any."""
+    """The book-keeping path of ``module`` and whether its records add over uses, if any (a
+    weight-normed conv only above :data:`SMALL_TENSOR_NUMEL` weights: the flat buffer clips a
+    smaller one's explicit gradients for less)."""
     if type(module) is nn.Linear:
         return linear_record, False  # type: ignore[return-value]
-    if s2.weight_norm_key(module) is not None:
+    if s2.weight_norm_key(module) is not None and s2.weight_norm_params(module)[1].numel() > SMALL_TENSOR_NUMEL:
         return weight_norm_record, True  # type: ignore[return-value]
     return None
 
 
-__all__ = ["GHOST_NORM_FACTOR", "Keeper", "Record", "ghost_norm_is_cheaper", "keeper_for", "linear_record"]
+__all__ = [
+    "GHOST_NORM_FACTOR",
+    "SMALL_TENSOR_NUMEL",
+    "Keeper",
+    "Record",
+    "ghost_norm_is_cheaper",
+    "keeper_for",
+    "linear_record",
+]

@@ -69,7 +69,8 @@ def _conv_weight_grad(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, dy: torch.T
     grad = torch.matmul(
         dy.reshape(batch, groups, -1, positions), patches.reshape(batch, groups, -1, positions).transpose(2, 3)
     )  # [B, groups, out / groups, in / groups * taps]
-    return grad.reshape(batch, *layer.weight.shape)
+    # the shape from the layer's geometry: under weight_norm, reading ``layer.weight`` recomputes it
+    return grad.reshape(batch, layer.out_channels, layer.in_channels // groups, *layer.kernel_size)
 
 
 def _correlate(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
