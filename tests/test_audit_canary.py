@@ -201,28 +201,35 @@ def test_white_box_canary_on_a_data_row_is_refused():
 
 
 def test_noisy_released_values_have_the_claimed_spread():
-    """With noise, OUT canaries' released values are N(0, sigma^2) in clip norms (what the score assumes)."""
-    model = _embedding_model()
-    m = 32  # every coordinate of the 8 unused rows
-    rows, cols = free_coordinates(10, 4, used_ids={1}, count=m, generator=torch.Generator().manual_seed(0))
-    canaries = WhiteBoxCanaries(
-        model[0].weight, rows, cols, torch.zeros(m, dtype=torch.bool), noise_multiplier=0.0, sample_rate=0.5
-    )
-    private = make_private(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.0),
-        noise_multiplier=0.7,
-        clip_norm=3.0,
-        expected_batch_size=1.0,
-        noise_generator=torch.Generator().manual_seed(0),
-        optimizer_class=functools.partial(CanaryDPOptimizer, canaries=canaries),
-    )
-    for _ in range(50):
-        private.module(torch.tensor([[1, 1]])).sum().backward()
-        private.optimizer.step()
-        private.optimizer.zero_grad(set_to_none=True)
+    """With noise, OUT canaries' released values are N(0, sigma^2) in clip norms (what the score assumes).
+
+    Four independent runs of 32 canaries: the spread of 128 scores is known to about 6 %, so the
+    band below holds for any seed (one run's 32 scores left about one seed in seven outside it).
+    """
+    scores = []
+    for seed in range(4):
+        model = _embedding_model()
+        m = 32  # every coordinate of the 8 unused rows
+        rows, cols = free_coordinates(10, 4, used_ids={1}, count=m, generator=torch.Generator().manual_seed(0))
+        canaries = WhiteBoxCanaries(
+            model[0].weight, rows, cols, torch.zeros(m, dtype=torch.bool), noise_multiplier=0.0, sample_rate=0.5
+        )
+        private = make_private(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            noise_multiplier=0.7,
+            clip_norm=3.0,
+            expected_batch_size=1.0,
+            noise_generator=torch.Generator().manual_seed(seed),
+            optimizer_class=functools.partial(CanaryDPOptimizer, canaries=canaries),
+        )
+        for _ in range(50):
+            private.module(torch.tensor([[1, 1]])).sum().backward()
+            private.optimizer.step()
+            private.optimizer.zero_grad(set_to_none=True)
+        scores.append(canaries.scores)
     # noise_multiplier 0 in the canaries makes the score the plain sum: 50 draws of N(0, 0.7^2) each
-    per_step_std = (canaries.scores / math.sqrt(50)).std()
+    per_step_std = (torch.cat(scores) / math.sqrt(50)).std()
     assert 0.55 < float(per_step_std) < 0.85
 
 

@@ -92,12 +92,14 @@ def linear_record(layer: nn.Linear, activations: list[torch.Tensor], backprops: 
     weight, bias = layer.weight, layer.bias
     if not isinstance(weight, nn.Parameter) or not weight.requires_grad:
         return None
-    dtype = torch.promote_types(backprops.dtype, weight.dtype)
     batch = backprops.shape[0]
+    if not ghost_norm_is_cheaper(
+        backprops.numel() // max(batch * layer.out_features, 1), layer.in_features, layer.out_features
+    ):
+        return None
+    dtype = torch.promote_types(backprops.dtype, weight.dtype)
     a = activations[0].to(dtype).reshape(batch, -1, layer.in_features)
     d = backprops.to(dtype).reshape(batch, -1, layer.out_features)
-    if not ghost_norm_is_cheaper(a.shape[1], layer.in_features, layer.out_features):
-        return None
     if isinstance(bias, nn.Parameter) and bias.requires_grad:
         return Record((weight, bias), (a, d, d.sum(1)), _linear_norms, _linear_sums, additive=False)
     return Record((weight,), (a, d), _linear_norms, _linear_sums, additive=False)

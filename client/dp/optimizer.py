@@ -75,6 +75,9 @@ class FedvoxDPOptimizer(DPOptimizer):
         """Called by :meth:`reset_logical_batch` (e.g. to clear the per-sample hooks' state)."""
         self.secure_noise: SecureGaussian | None = None
         """The release's secure noise source; ``None``: Opacus's draw from ``generator``."""
+        self._update_buffers: list[torch.Tensor] = []
+        """Tensors holding every ``p.grad`` after :meth:`add_noise` (its flat noise buffers, or
+        the gradients themselves), which the scaling and the finite check run over."""
 
     def per_sample_state(self) -> tuple[list[tuple[Any, torch.Tensor]], list[Record]]:
         """This physical batch's per-sample state: ``(param, [B, numel] gradients)`` of parameters
@@ -185,11 +188,12 @@ class FedvoxDPOptimizer(DPOptimizer):
         without two small calls per tensor, which cost more than the draw itself on s2's 303
         tensors. The secure source (deployment) privatises each tensor as before.
         """
+        params = self.params
         if self.secure_mode:
             super().add_noise()
+            self._update_buffers = [p.grad for p in params]
             return
         std = self.noise_multiplier * self.max_grad_norm
-        params = self.params
         for p in params:
             _check_processed_flag(p.summed_grad)
         if std == 0 or self.secure_noise is not None:
@@ -198,24 +202,28 @@ class FedvoxDPOptimizer(DPOptimizer):
                 p.grad = (
                     summed.clone() if self.secure_noise is None else self.secure_noise.privatise(summed, std)
                 ).view_as(p)
+            self._update_buffers = [p.grad for p in params]
         else:
             groups: dict[tuple[torch.dtype, torch.device], list[Any]] = {}
             for p in params:
                 groups.setdefault((p.summed_grad.dtype, p.summed_grad.device), []).append(p)
+            self._update_buffers = []
             for (dtype, device), members in groups.items():
                 flat = torch.empty(sum(p.numel() for p in members), dtype=dtype, device=device)
                 flat.normal_(0, std, generator=self.generator)
                 for p, noise in zip(members, flat.split([p.numel() for p in members]), strict=True):
                     p.grad = noise.view_as(p).add_(p.summed_grad)
+                self._update_buffers.append(flat)
         for p in params:
             _mark_as_processed(p.summed_grad)
 
     def scale_grad(self) -> None:
         """Opacus's division by the expected batch size, with the accumulation count read once:
         Opacus re-reads it (a pass over every parameter) for each parameter, O(P^2) in Python,
-        which cost more than the noise on a 400-tensor model; one fused call for all tensors."""
+        which cost more than the noise on a 400-tensor model; one call over the noisy update's
+        buffers (one per dtype after a flat noise draw)."""
         if self.loss_reduction == "mean":
-            torch._foreach_div_([p.grad for p in self.params], self.expected_batch_size * self.accumulated_iterations)
+            torch._foreach_div_(self._update_buffers, self.expected_batch_size * self.accumulated_iterations)
 
     def step(self, closure=None):
         """Clip/accumulate; on the last physical batch add noise and apply the update.
@@ -229,8 +237,8 @@ class FedvoxDPOptimizer(DPOptimizer):
                 closure()
         if not self.pre_step():
             return None
-        # NaN and inf survive a norm, so one fused reduction per tensor tells whether the update is finite.
-        if not bool(torch.stack(torch._foreach_norm([p.grad for p in self.params])).isfinite().all()):
+        # NaN and inf survive a norm, so one fused reduction per buffer tells whether the update is finite.
+        if not bool(torch.stack(torch._foreach_norm(self._update_buffers)).isfinite().all()):
             self.skipped_nonfinite_steps += 1
             return None
         return self.original_optimizer.step()
@@ -239,6 +247,7 @@ class FedvoxDPOptimizer(DPOptimizer):
         """Opacus's (per-sample state always dropped, the clipped sums kept across a skipped
         step), and the book-keeping records, in one pass over the parameters."""
         keep_sums = self._is_last_step_skipped
+        self._update_buffers = []  # a flat buffer stays alive only through the grads that view it
         for p in self.params:
             p.grad_sample, p.book = None, None
             if not keep_sums:
@@ -263,6 +272,7 @@ class FedvoxDPOptimizer(DPOptimizer):
         """Drop everything accumulated for the current logical batch (e.g. after an OOM)."""
         self._step_skip_queue.clear()
         self._is_last_step_skipped = False
+        self._update_buffers = []
         for p in self.params:
             p.grad_sample, p.book = None, None
             p.summed_grad = None
