@@ -169,8 +169,8 @@ class ModelSize:
 def model_size(stage: str, config: str, subset: SubsetSpec) -> ModelSize:
     """Count parameters on the real model classes, built on the meta device (no memory, ~0.1 s).
 
-    In s2 the subset applies to the generator; the discriminator trains in full in every run
-    (it is small next to G and has no LoRA targets).
+    In s2 the subset applies to the generator; the discriminator trains in full (it is small next
+    to G and has no LoRA targets) unless the subset's ``adversary`` is off.
     """
     _check_choice("stage", stage, STAGES)
     _check_choice("model config", config, CONFIG_NAMES)

@@ -69,6 +69,24 @@ class SpeakerDP:
     budget_epsilon: float = 0.0  # > 0: never select a speaker whose epsilon would pass this
 
 
+S2_LORA = ("decoder", "all")
+"""Which generator convs an s2 LoRA run adapts: the decoder's (the voice it renders), or every
+LoRA target (text side, flow and decoder; ``SynthesizerTrn.lora_targets``)."""
+
+
+@settings(WHAT)
+class S2Training:
+    """What an s2 (SoVITS) run trains; s1 runs ignore it.
+
+    The defaults are what moved the clients' voices under DP in simulation (docs/simulation.md):
+    LoRA on the decoder alone and no adversary, so the same epsilon spreads less noise over
+    fewer coordinates (one DP release per step instead of two) at half the compute per step.
+    """
+
+    lora: Annotated[str, choice(S2_LORA)] = "decoder"
+    adversarial: bool = False  # true: the discriminator trains beside the generator (GAN losses)
+
+
 @settings(WHAT)
 class RunConfig:
     stage: Annotated[str, choice(STAGES)] = "s1"
@@ -108,6 +126,7 @@ class RunConfig:
     evaluate: bool = False  # true: each round, clients release a DP validation loss (charged)
     dp: UtteranceDP = field(default_factory=UtteranceDP)
     speaker_dp: SpeakerDP = field(default_factory=SpeakerDP)
+    s2: S2Training = field(default_factory=S2Training)
 
     @model_validator(mode="after")
     def _across_keys(self) -> Self:
@@ -148,7 +167,14 @@ class RunConfig:
         """The trainable subset of the run's model, built here for every caller."""
         from fedvox.shared.models.subsets import SubsetKind, SubsetSpec  # torch: loaded when a model is built
 
-        return SubsetSpec(kind=cast("SubsetKind", self.subset), lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
+        s2 = self.stage == "s2"
+        return SubsetSpec(
+            kind=cast("SubsetKind", self.subset),
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            lora_groups=("decoder",) if s2 and self.subset == "lora" and self.s2.lora == "decoder" else (),
+            adversary=not s2 or self.s2.adversarial,
+        )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -181,4 +207,4 @@ def _positive(key: str, value: float, when: str) -> None:
         raise ValueError(f"{key} must be > 0 {when}, got {value}")
 
 
-__all__ = ["AGGREGATIONS", "RunConfig", "SpeakerDP", "UtteranceDP"]
+__all__ = ["AGGREGATIONS", "RunConfig", "S2Training", "SpeakerDP", "UtteranceDP"]

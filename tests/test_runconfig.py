@@ -28,7 +28,7 @@ def test_flat_form_round_trips_and_values_are_converted():
         ({"lora-rank": 1.5}, r"lora-rank must be an integer, got 1.5"),
         ({"evaluate": "maybe"}, r"evaluate must be true or false"),
         ({"dp": 3}, r"run-config dp must be a table"),
-        ({"colour": 1}, r"unknown run-config key 'colour'; known keys: stage, model-config, .*speaker-dp$"),
+        ({"colour": 1}, r"unknown run-config key 'colour'; known keys: stage, model-config, .*speaker-dp, s2$"),
         ({"dp.colour": 1}, r"unknown run-config key 'dp.colour'; known keys: noise-multiplier, "),
         ({"clients-per-round": 1}, r"clients-per-round \(1\) is below min-clients \(2\)"),
         ({"dp.noise-multiplier": 0}, r"needs dp.noise-multiplier > 0 or dp.target-epsilon > 0"),
@@ -57,3 +57,14 @@ def test_a_file_is_named_and_code_gets_the_same_checks(tmp_path):
         RunConfig(lora_rank=0)
     with pytest.raises(ConfigError, match="run-config stage must be one of"):
         dataclasses.replace(RunConfig(), stage="s9")
+
+
+def test_the_s2_table_shapes_only_an_s2_runs_subset():
+    s1, s2 = RunConfig(), RunConfig().with_overrides({"stage": "s2"})
+    assert (s1.subset_spec.lora_groups, s1.subset_spec.adversary) == ((), True)
+    assert (s2.subset_spec.lora_groups, s2.subset_spec.adversary) == (("decoder",), False)
+    gan = s2.with_overrides({"s2.lora": "all", "s2.adversarial": "true"}).subset_spec
+    assert (gan.lora_groups, gan.adversary) == ((), True)
+    assert s2.with_overrides({"subset": "full"}).subset_spec.lora_groups == ()
+    with pytest.raises(ConfigError, match=r"s2\.lora must be one of decoder, all"):
+        s2.with_overrides({"s2.lora": "flow"})

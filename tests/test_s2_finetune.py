@@ -30,6 +30,16 @@ def test_lora_reaches_the_decoder_and_the_speaker_conditioning():
     assert any(name.startswith("dec.cond") for name in trainable_state_dict(pair.generator))
 
 
+def test_decoder_lora_adapts_only_the_decoder_and_no_adversary_freezes_the_discriminator():
+    pair = build_model("s2", "tiny", SubsetSpec(kind="lora", lora_groups=("decoder",), adversary=False))
+    trained = trainable_state_dict(pair.generator)
+    assert trained and all(name.startswith("dec.") for name in trained)
+    assert any(name.startswith("dec.cond") for name in trained)
+    assert not trainable_state_dict(pair.discriminator)
+    every = trainable_state_dict(build_model("s2", "tiny", SubsetSpec(kind="lora")).generator)
+    assert set(trained) == {name for name in every if name.startswith("dec.")}
+
+
 def test_a_few_lora_steps_change_the_validation_mel_loss(dataset: S2Dataset):
     pair = build_model("s2", "tiny", SubsetSpec(kind="lora"), seed=3)
     task = S2Task(pair, dataset, torch.device("cpu"))

@@ -89,6 +89,8 @@ def test_groups_train_exactly_their_modules() -> None:
     [
         (SubsetSpec("groups", groups=("decoder",)), "unknown module group"),
         (SubsetSpec("lora", groups=("attention",)), "contain LoRA targets"),
+        (SubsetSpec("lora", lora_groups=("decoder",)), "unknown module group"),
+        (SubsetSpec("lora", lora_groups=("norms",)), "inside groups"),
     ],
 )
 def test_bad_subsets_are_refused(spec: SubsetSpec, message: str) -> None:
@@ -101,6 +103,8 @@ def test_spec_validation_and_protocol_check() -> None:
         SubsetSpec("adapters")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="at least one group"):
         SubsetSpec("groups")
+    with pytest.raises(ConfigError, match="only narrows a 'lora' subset"):
+        SubsetSpec("full", lora_groups=("head",))
     with pytest.raises(ConfigError, match="module_groups"):
         apply_subset(nn.Linear(2, 2), SubsetSpec("full"))
     model = apply_subset(_model(), SubsetSpec("lora"))

@@ -139,6 +139,30 @@ def test_s2_pair_is_one_shared_batch_release(cache, tmp_path):
     trainer.close()
 
 
+def test_s2_without_adversary_is_one_release_of_the_decoder_adapters(cache, tmp_path):
+    subset = SubsetSpec(kind="lora", lora_rank=2, lora_groups=("decoder",), adversary=False)
+    pair = build_model("s2", "tiny", subset, seed=0)
+    discriminator = {k: v.clone() for k, v in pair.discriminator.state_dict().items()}
+    task = S2Task(pair, S2Dataset(cache), CPU)
+    trainer = Trainer(
+        task,
+        Ledger(tmp_path),
+        "client-s2",
+        PrivacyPlan(noise_multiplier=1.0, budget_epsilon=100.0),
+        physical_batch=4,
+        noise_seed=1,
+        sample_seed=1,
+    )
+    result = trainer.train(RoundPlan(steps=2, logical_batch=4, learning_rate=1e-3), run_id="r", round=1)
+    q = 4 / len(task.dataset)
+    assert list(trainer.private) == ["generator"]
+    assert result.row.epsilon == pytest.approx(epsilon([Mechanism(1.0, q, 2)], 1e-5))  # sigma 1, not 1/sqrt(2)
+    assert result.metrics["g_mel"] > 0 and "d_loss" not in result.metrics
+    assert result.state and all(k.startswith("generator.dec.") and "lora" in k for k in result.state)
+    assert all(torch.equal(v, discriminator[k]) for k, v in pair.discriminator.state_dict().items())
+    trainer.close()
+
+
 def test_fedprox_term_pulls_towards_the_starting_weights(cache, tmp_path):
     def distance(mu):
         trainer = _s1_trainer(cache, tmp_path / f"mu{mu}", subset="full")

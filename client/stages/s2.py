@@ -57,7 +57,16 @@ class S2Task(Task):
     def generator(self) -> SynthesizerTrn:
         return self.pair.generator
 
+    @property
+    def adversarial(self) -> bool:
+        """Whether the discriminator trains (the run's subset says so, ``SubsetSpec.adversary``).
+        Without it the generator trains on its reconstruction losses alone: one DP release per
+        step instead of two, so the same epsilon leaves it less noise, and no discriminator pass."""
+        return any(p.requires_grad for p in self.pair.discriminator.parameters())
+
     def parts(self) -> dict[str, nn.Module]:
+        if not self.adversarial:
+            return {"generator": self.pair.generator}
         return {"generator": self.pair.generator, "discriminator": self.pair.discriminator}
 
     def optimizer(self, name: str, module: nn.Module, learning_rate: float) -> torch.optim.Optimizer:
@@ -88,6 +97,8 @@ class S2Task(Task):
         return batch.to(self.device), torch.tensor(starts, device=self.device), noise.to(self.device)
 
     def accumulate(self, wrapped: Mapping[str, nn.Module], indices: torch.Tensor, step_seed: int) -> dict[str, float]:
+        if "discriminator" not in wrapped:
+            return self._reconstruct(wrapped["generator"], indices, step_seed)
         batch, starts, noise = self.batch(self.dataset, indices, step_seed)
         generator, discriminator = wrapped["generator"], wrapped["discriminator"]
         config = self.generator.config
@@ -108,23 +119,28 @@ class S2Task(Task):
         return sums
 
     def accumulate_without_adversary(self, indices: torch.Tensor, step_seed: int) -> tuple[dict[str, float], list[str]]:
-        """The generator alone on mel L1, KL and the commitment loss (the discriminator has not
-        joined yet): non-private pretraining's first ``disc_start`` steps."""
+        """The generator alone on its reconstruction losses (the discriminator has not joined
+        yet): non-private pretraining's first ``disc_start`` steps."""
+        return self._reconstruct(self.generator, indices, step_seed), ["generator"]
+
+    def _reconstruct(self, generator: nn.Module, indices: torch.Tensor, step_seed: int) -> dict[str, float]:
+        """Forward + backward of mel L1, KL and the commitment loss through ``generator`` (the
+        model itself, or its DP wrapper) only."""
         batch, starts, noise = self.batch(self.dataset, indices, step_seed)
         config = self.generator.config
-        out = self.generator(batch, slice_starts=starts, posterior_noise=noise)
-        _, spec = real_slices(batch, out, config)
-        mel = mel_loss(spec, out.wave_hat) * config.c_mel
-        kl = kl_loss(out.z_p, out.logs_q, out.m_p, out.logs_p, out.mask) * config.c_kl
-        total = mel + kl + out.commitment
-        total.sum().backward()
-        sums = {
-            "loss_sum": float(total.detach().sum()),
-            "g_mel_sum": float(mel.detach().sum()),
-            "g_kl_sum": float(kl.detach().sum()),
+        with autocast(self.device, self.precision):
+            out = generator(batch, slice_starts=starts, posterior_noise=noise)
+            _, spec = real_slices(batch, out, config)
+            mel = mel_loss(spec, out.wave_hat) * config.c_mel
+            kl = kl_loss(out.z_p, out.logs_q, out.m_p, out.logs_p, out.mask) * config.c_kl
+            total = mel + kl + out.commitment
+        self._backward(total, generator)
+        return {
+            "loss_sum": float(total.detach().float().sum()),
+            "g_mel_sum": float(mel.detach().float().sum()),
+            "g_kl_sum": float(kl.detach().float().sum()),
             "examples": float(len(indices)),
         }
-        return sums, ["generator"]
 
     @torch.no_grad()
     def evaluate(self, dataset: Examples, indices: torch.Tensor) -> dict[str, float]:

@@ -58,12 +58,19 @@ class SubsetSpec:
 
     ``groups`` names the groups trained by a ``groups`` run; in a ``lora`` run they are trained
     in full beside the adapters (e.g. ``("norms",)``) and must not contain LoRA targets.
+    ``lora_groups`` keeps, in a ``lora`` run, only the LoRA targets inside these groups (empty:
+    every target): fewer adapters spread DP noise over fewer coordinates.
+    ``adversary`` is for a stage trained beside an adversary (s2's discriminator): ``False``
+    leaves it frozen, so the stage trains on its reconstruction losses alone (stages without
+    one ignore it).
     """
 
     kind: SubsetKind = "lora"
     lora_rank: int = 8
     lora_alpha: float = 16.0
     groups: tuple[str, ...] = field(default_factory=tuple)
+    lora_groups: tuple[str, ...] = field(default_factory=tuple)
+    adversary: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in SUBSET_KINDS:
@@ -72,6 +79,8 @@ class SubsetSpec:
             raise ConfigError("a 'groups' subset needs at least one group name")
         if self.kind == "full" and self.groups:
             raise ConfigError("a 'full' subset trains every group already; leave groups empty")
+        if self.kind != "lora" and self.lora_groups:
+            raise ConfigError(f"lora_groups only narrows a 'lora' subset, not a {self.kind!r} one; leave it empty")
 
 
 def apply_subset(model: M, spec: SubsetSpec) -> M:
@@ -96,13 +105,17 @@ def apply_subset(model: M, spec: SubsetSpec) -> M:
         return model
     _unfreeze(model, group_prefixes, frozen)
     if spec.kind == "lora":
+        within = _group_prefixes(model, spec.lora_groups) or ("",)
         targets = [
             name
             for name, _ in model.named_modules()
-            if name and _matches_any(name, model.lora_targets()) and not _under(name, frozen)
+            if name and _matches_any(name, model.lora_targets()) and _under(name, within) and not _under(name, frozen)
         ]
         if not targets:
-            raise ConfigError(f"no module of {type(model).__name__} matches its lora_targets()")
+            raise ConfigError(
+                f"no module of {type(model).__name__} matches its lora_targets()"
+                + (f" inside groups {list(spec.lora_groups)}" if spec.lora_groups else "")
+            )
         overlap = [name for name in targets if _under(name, group_prefixes)]
         if overlap:
             raise ConfigError(

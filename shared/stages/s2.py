@@ -28,8 +28,10 @@ M = TypeVar("M", SynthesizerTrn, MultiPeriodDiscriminator)
 
 def build(config: S2Config, subset: SubsetSpec, pretrained: str | Path | None) -> nn.Module:
     """Generator (with ``subset``) and discriminator (in full: it has no LoRA targets), trained
-    together because both read private audio. A pretrained ``s2G`` file (GPT-SoVITS ``.pth`` or
-    fedvox ``.safetensors``) brings its ``s2D`` sibling when there is one, as GPT-SoVITS names them."""
+    together because both read private audio; with ``subset.adversary`` off the discriminator is
+    frozen and the generator trains on its reconstruction losses alone (``client.stages.s2``). A
+    pretrained ``s2G`` file (GPT-SoVITS ``.pth`` or fedvox ``.safetensors``) brings its ``s2D``
+    sibling when there is one, as GPT-SoVITS names them."""
     if pretrained:
         fedvox_file = Path(pretrained).suffix == ".safetensors"
         generator = _load_fedvox(pretrained, SynthesizerTrn) if fedvox_file else load_generator(pretrained, config)
@@ -45,7 +47,10 @@ def build(config: S2Config, subset: SubsetSpec, pretrained: str | Path | None) -
             )
     else:
         generator, discriminator = SynthesizerTrn(config), MultiPeriodDiscriminator(config)
-    return SoVITSPair(apply_subset(generator, subset), apply_subset(discriminator, SubsetSpec(kind="full")))
+    apply_subset(discriminator, SubsetSpec(kind="full"))
+    if not subset.adversary:
+        discriminator.requires_grad_(False)
+    return SoVITSPair(apply_subset(generator, subset), discriminator)
 
 
 def _load_fedvox(path: str | Path, kind: type[M]) -> M:
