@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fedvox.shared.models.factory import build_model
@@ -11,9 +12,10 @@ from fedvox.shared.runconfig import RunConfig
 from fedvox.simulations.sample import build_voice
 
 
-def test_a_voice_speaks_with_plain_models_holding_the_state_it_was_given_last():
-    config = RunConfig().with_overrides({"model-config": "tiny", "pretrained": "", "stage": "s1"})
-    trained = build_model("s1", "tiny", config.subset_spec, seed=config.model_seed)
+@pytest.mark.parametrize("stage", ["s1", "s2"])
+def test_a_voice_speaks_with_plain_models_holding_the_state_it_was_given_last(stage):
+    config = RunConfig().with_overrides({"model-config": "tiny", "pretrained": "", "stage": stage})
+    trained = build_model(stage, "tiny", config.subset_spec, seed=config.model_seed)
     generator = torch.Generator().manual_seed(0)
     states = [
         {k: torch.randn(v.shape, generator=generator) for k, v in trainable_state_dict(trained).items()}
@@ -22,8 +24,10 @@ def test_a_voice_speaks_with_plain_models_holding_the_state_it_was_given_last():
     for state in states:
         voice = build_voice(config, state)
         load_trainable_state_dict(trained, state)
-        expected = merged_state_dict(trained)
-        spoken = voice.s1.state_dict()
-        assert spoken.keys() == expected.keys()
-        assert all(torch.equal(spoken[k], expected[k]) for k in expected)
+        merged = merged_state_dict(trained)
+        if stage == "s2":  # the voice speaks with the pair's generator
+            merged = {k.removeprefix("generator."): v for k, v in merged.items() if k.startswith("generator.")}
+        spoken = getattr(voice, stage).state_dict()
+        assert spoken.keys() == merged.keys()
+        assert all(torch.equal(spoken[k], merged[k]) for k in merged)
         assert not any(isinstance(m, LoRALinear | LoRAConv1d) for s in (voice.s1, voice.s2) for m in s.modules())
