@@ -163,7 +163,11 @@ def keeper_for(module: nn.Module) -> tuple[Keeper, bool] | None:
     smaller one's explicit gradients for less)."""
     if type(module) is nn.Linear:
         return linear_record, False  # type: ignore[return-value]
-    if s2.weight_norm_key(module) is not None and s2.weight_norm_params(module)[1].numel() > SMALL_TENSOR_NUMEL:
+    if (
+        isinstance(module, nn.Conv1d | nn.Conv2d | nn.ConvTranspose1d)
+        and s2.weight_norm_key(module) is not None
+        and s2.weight_norm_params(module)[1].numel() > SMALL_TENSOR_NUMEL
+    ):
         return weight_norm_record, True  # type: ignore[return-value]
     return None
 
