@@ -117,18 +117,20 @@ def test_target_epsilon_calibrates_the_noise_over_the_planned_rounds(cache, tmp_
     assert 2.9 <= row.epsilon <= 3.0
 
 
-def test_s2_pair_is_one_shared_batch_release(cache, tmp_path):
-    pair = build_model("s2", "tiny", SubsetSpec(kind="lora", lora_rank=2), seed=0)
-    task = S2Task(pair, S2Dataset(cache), CPU)
-    trainer = Trainer(
-        task,
-        Ledger(tmp_path),
+def _s2_trainer(pair, cache, ledger_dir) -> Trainer:
+    return Trainer(
+        S2Task(pair, S2Dataset(cache), CPU),
+        Ledger(ledger_dir),
         "client-s2",
         PrivacyPlan(noise_multiplier=1.0, budget_epsilon=100.0),
         physical_batch=4,
         noise_seed=1,
         sample_seed=1,
     )
+
+
+def test_s2_pair_is_one_shared_batch_release(cache, tmp_path):
+    trainer = _s2_trainer(build_model("s2", "tiny", SubsetSpec(kind="lora", lora_rank=2), seed=0), cache, tmp_path)
     result = trainer.train(RoundPlan(steps=2, logical_batch=4, learning_rate=1e-3), run_id="r", round=1)
     assert result.row.mechanism == "poisson_gaussian_shared_batch"
     sigmas = [p.optimizer.noise_multiplier for p in trainer.private.values()]
@@ -143,18 +145,9 @@ def test_s2_without_adversary_is_one_release_of_the_decoder_adapters(cache, tmp_
     subset = SubsetSpec(kind="lora", lora_rank=2, lora_groups=("decoder",), adversary=False)
     pair = build_model("s2", "tiny", subset, seed=0)
     discriminator = {k: v.clone() for k, v in pair.discriminator.state_dict().items()}
-    task = S2Task(pair, S2Dataset(cache), CPU)
-    trainer = Trainer(
-        task,
-        Ledger(tmp_path),
-        "client-s2",
-        PrivacyPlan(noise_multiplier=1.0, budget_epsilon=100.0),
-        physical_batch=4,
-        noise_seed=1,
-        sample_seed=1,
-    )
+    trainer = _s2_trainer(pair, cache, tmp_path)
     result = trainer.train(RoundPlan(steps=2, logical_batch=4, learning_rate=1e-3), run_id="r", round=1)
-    q = 4 / len(task.dataset)
+    q = 4 / len(trainer.task.dataset)
     assert list(trainer.private) == ["generator"]
     assert result.row.epsilon == pytest.approx(epsilon([Mechanism(1.0, q, 2)], 1e-5))  # sigma 1, not 1/sqrt(2)
     assert result.metrics["g_mel"] > 0 and "d_loss" not in result.metrics
