@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fedvox.shared.errors import TextError
-from fedvox.shared.text.symbols import symbol_to_id
+from fedvox.shared.text.symbols import CJK_PUNCTUATION_MAP, symbol_to_id
 
 LATIN_HANGUL = {
     "a": "에이",
@@ -75,7 +75,6 @@ COMPOUND_VOWELS = {
 }
 """GPT-SoVITS ``korean._hangul_divided``: compound vowels as two table vowels. Interop data."""
 
-_PUNCTUATION_MAP = {"：": ",", "；": ",", "，": ",", "。": ".", "！": "!", "？": "?", "\n": ".", "·": ",", "、": ","}
 SPACE = "空"
 OTHER = "停"
 
@@ -150,7 +149,7 @@ def _jamo(text: str) -> str:
 
 
 def _phone(char: str, table: dict[str, int]) -> str:
-    phone = _PUNCTUATION_MAP.get(char, SPACE if char == " " else char)
+    phone = CJK_PUNCTUATION_MAP.get(char, SPACE if char == " " else char)
     return phone if phone in table else OTHER
 
 

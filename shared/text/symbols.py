@@ -16,6 +16,9 @@ from fedvox.shared.errors import ConfigError
 SYMBOLS_VERSIONS = ("v1", "v2")
 PUNCTUATION = ("!", "?", "…", ",", ".", "-")
 """Punctuation phones GPT-SoVITS keeps (``symbols.punctuation``): pauses, not sounds."""
+CJK_PUNCTUATION_MAP = {"：": ",", "；": ",", "，": ",", "。": ".", "！": "!", "？": "?", "\n": ".", "·": ",", "、": ","}
+"""The full-width marks every GPT-SoVITS CJK front end (``rep_map``) maps to punctuation phones;
+each language extends it with its own. Interop data."""
 UNK = "UNK"
 
 

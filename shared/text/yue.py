@@ -20,7 +20,7 @@ from typing import Any
 
 from fedvox.shared.errors import TextError
 from fedvox.shared.text import zh_normalize
-from fedvox.shared.text.symbols import PUNCTUATION
+from fedvox.shared.text.symbols import CJK_PUNCTUATION_MAP, PUNCTUATION
 
 INITIALS = (
     "aa",
@@ -74,15 +74,7 @@ INITIALS = (
 """GPT-SoVITS ``cantonese.INITIALS``, in its order (the first prefix match wins). Interop data."""
 
 _PUNCTUATION_MAP = {
-    "：": ",",
-    "；": ",",
-    "，": ",",
-    "。": ".",
-    "！": "!",
-    "？": "?",
-    "\n": ".",
-    "·": ",",
-    "、": ",",
+    **CJK_PUNCTUATION_MAP,
     "...": "…",
     "$": ".",
     "“": "'",

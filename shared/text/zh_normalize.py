@@ -22,7 +22,7 @@ from collections.abc import Callable
 from functools import cache
 
 from fedvox.shared.text import zh_numbers as num
-from fedvox.shared.text.symbols import PUNCTUATION
+from fedvox.shared.text.symbols import CJK_PUNCTUATION_MAP, PUNCTUATION
 
 _SENTENCE_END = re.compile(r"([：、，；。？！,;?!][”’]?)")
 _SPLIT_DROP = re.compile(r"[—《》【】<>{}()（）#&@“”^_|\\]")
@@ -117,15 +117,7 @@ _SYMBOL_WORDS = {
 }
 # chinese2.rep_map: sentence punctuation -> the punctuation phones.
 _PUNCTUATION_MAP = {
-    "：": ",",
-    "；": ",",
-    "，": ",",
-    "。": ".",
-    "！": "!",
-    "？": "?",
-    "\n": ".",
-    "·": ",",
-    "、": ",",
+    **CJK_PUNCTUATION_MAP,
     "...": "…",
     "$": ".",
     "/": ",",
