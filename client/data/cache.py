@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 
 from fedvox.client.data.features import Features
+from fedvox.client.data.listfile import Entry
 from fedvox.shared.atomic import atomic_write_text
 from fedvox.shared.errors import CheckpointError, DataError
 from fedvox.shared.models.interop import load_safetensors, save_safetensors
@@ -73,6 +74,20 @@ class CachedItem:
     duration_s: float  # of the recording as submitted
     semantic_tokens: int
     phonemes: int
+
+    @classmethod
+    def of(cls, entry: Entry, item: str, duration_s: float, semantic_tokens: int, phonemes: int) -> CachedItem:
+        """The index row of list-file ``entry``, accepted and cached as ``item``."""
+        return cls(
+            id=item,
+            source=entry.audio_path,
+            line=entry.line,
+            speaker=entry.speaker,
+            language=entry.language,
+            duration_s=duration_s,
+            semantic_tokens=semantic_tokens,
+            phonemes=phonemes,
+        )
 
 
 @dataclass(frozen=True)

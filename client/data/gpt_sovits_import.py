@@ -217,16 +217,7 @@ def _import_one(
         "imported": "gpt-sovits",
     }
     cache.write_item(item, features, metadata)
-    return CachedItem(
-        id=item,
-        source=entry.audio_path,
-        line=entry.line,
-        speaker=entry.speaker,
-        language=entry.language,
-        duration_s=metadata["duration_s"],
-        semantic_tokens=tokens,
-        phonemes=len(text.phones),
-    )
+    return CachedItem.of(entry, item, metadata["duration_s"], tokens, len(text.phones))
 
 
 def _load_tensor(path: Path, where: str, shape: tuple[int | None, ...]) -> torch.Tensor:

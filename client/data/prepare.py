@@ -203,7 +203,10 @@ def _plan(
             planned.add(item)
             jobs.append(Job(entry, path, sha256, item, segment))
         else:
-            cached.append(_cached_item(entry, item, header["duration_s"], header["lengths"]))
+            lengths = header["lengths"]
+            cached.append(
+                CachedItem.of(entry, item, header["duration_s"], lengths["semantic_ids"], lengths["phoneme_ids"])
+            )
     return cached, jobs, rejected, sources, twins
 
 
@@ -274,19 +277,6 @@ def _hash_file(path: Path, where: str) -> str:
     except OSError as exc:
         raise Rejected(Reason.UNREADABLE_FILE, f"{where}: cannot read ({exc.strerror})") from None
     return digest.hexdigest()
-
-
-def _cached_item(entry: Entry, item: str, duration_s: float, lengths: dict[str, int]) -> CachedItem:
-    return CachedItem(
-        id=item,
-        source=entry.audio_path,
-        line=entry.line,
-        speaker=entry.speaker,
-        language=entry.language,
-        duration_s=duration_s,
-        semantic_tokens=lengths["semantic_ids"],
-        phonemes=lengths["phoneme_ids"],
-    )
 
 
 # ---------------------------------------------------------------- featurising (any process)
@@ -410,8 +400,9 @@ def _featurise(job: Job) -> CachedItem | Rejection:
     if entry.language in MIXED_TRANSCRIPTS:  # which phones each language run gave
         metadata["runs"] = [[run.language, len(run.ids)] for run in runs]
     _worker.cache.write_item(job.item, features, metadata)
-    lengths = {"semantic_ids": features.semantic_ids.numel(), "phoneme_ids": features.phoneme_ids.numel()}
-    return _cached_item(entry, job.item, metadata["duration_s"], lengths)
+    return CachedItem.of(
+        entry, job.item, metadata["duration_s"], features.semantic_ids.numel(), features.phoneme_ids.numel()
+    )
 
 
 def _cut(wave: torch.Tensor, sample_rate: int, segment: Segment, where: str) -> torch.Tensor:

@@ -286,16 +286,7 @@ class ServerProcess:
         ensure_token(self.home.control_token)
         ensure_token(self.home.superexec_secret)
         env = {**flower_env(self.home.flwr_home), TOKEN_FILE_ENV: str(self.home.control_token)}
-        with open(self.home.logs / "superlink.log", "ab") as out:
-            self.superlink = subprocess.Popen(
-                command,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=self.home.root,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
+        self.superlink = self._spawn(command, env)
         log.info("SuperLink (pid %d) on %s, state in %s", self.superlink.pid, self.address, self.home.database)
         self.control = Control(self.address, self.home.internal_ca, self.home.control_token)
         deadline = time.monotonic() + SUPERLINK_START_S
@@ -329,8 +320,14 @@ class ServerProcess:
             "--parent-pid",
             str(self.superlink.pid),
         ]
+        self.superexec = self._spawn(command, env)
+        log.info("SuperExec (pid %d) authenticated by %s", self.superexec.pid, self.home.superexec_secret.name)
+
+    def _spawn(self, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        """A Flower process of this server: its own session (a terminal's Ctrl-C reaches only us),
+        killed with us, its output appended to the home's ``superlink.log``."""
         with open(self.home.logs / "superlink.log", "ab") as out:
-            self.superexec = subprocess.Popen(
+            return subprocess.Popen(
                 command,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -339,7 +336,6 @@ class ServerProcess:
                 start_new_session=True,
                 preexec_fn=die_with_parent,
             )
-        log.info("SuperExec (pid %d) authenticated by %s", self.superexec.pid, self.home.superexec_secret.name)
 
     def _start_dashboard(self) -> None:
         """The live dashboard (:mod:`server.dashboard`): it reads the home and asks this SuperLink for
