@@ -94,6 +94,21 @@ def test_prv_is_opacus_prv_accountant():
     assert epsilon([Mechanism(*h) for h in history], DELTA, "prv") == reference.get_epsilon(DELTA)
 
 
+def test_prv_with_memoised_domain_curves_is_opacus_prv_accountant():
+    # PRV sizes its grid with RDP curves, which fedvox memoises per (sigma, q): a client's epsilon
+    # after each round of one plan (the curve known from the round before) and a calibration's
+    # search must give Opacus's floats, bit for bit, and leave Opacus's own classes unpatched.
+    from opacus.accountants.analysis.prv import domain
+
+    rounds = [[(1.1234, 4 / 9, 5 * r)] for r in (1, 2, 3, 6)]
+    histories = [*rounds, [(0.8, 0.1, 40), (1.557, 4 / 9, 25)]]  # in compact()'s order
+    for history in histories:
+        reference = PRVAccountant()
+        reference.history = history
+        assert epsilon([Mechanism(*h) for h in history], DELTA, "prv") == reference.get_epsilon(DELTA)
+    assert domain.RDPAccountant is RDPAccountant
+
+
 def _anonymous_resident_mib() -> float:
     resident, file_backed = (int(field) for field in Path("/proc/self/statm").read_text().split()[1:3])
     return (resident - file_backed) * os.sysconf("SC_PAGE_SIZE") / 2**20
