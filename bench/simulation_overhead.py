@@ -17,6 +17,11 @@ each in a fresh process so Ray and the imports start cold. The cores the federat
 ``outside``    before the first and after the last round: Ray start-up, the ServerApp's start,
                round 0's checkpoint, shut-down.
 
+Two figures say where the cores wait (from when each train message started and ended in its
+worker): ``idle``, the workers' share between a round's first message and its last reply spent
+without a message (the barrier; part of ``rounds``), and ``cold start``, the seconds from the
+federation's start to its first train message (Ray, the actors' imports, the status queries).
+
 The overhead is everything but ``training``; ``later rounds`` is the same share within the rounds
 after the first (no cold start: what each further round adds). On 2 cores the configurations are 2x1 (fedvox-sim's
 default), 1x2 (Flower's default of one ClientApp per two CPUs, with one thread per core), 2x2
@@ -85,7 +90,7 @@ def federation(
     clients = plan_clients(fleet, len(data.clients), 0, config, machine.facts, machine.workers)
     for p, cache in enumerate(data.client_caches):
         clone_cache(cache, folder / "clients" / f"client-{p}")
-    started = time.perf_counter()
+    began, started = time.time(), time.perf_counter()
     federate(config, fleet, clients, 0, folder, machine)
     wall = time.perf_counter() - started
 
@@ -121,6 +126,29 @@ def federation(
         "later_rounds_overhead": 1.0 - later_training / (workers * later_s) if later else None,
         "step_s_median": sorted(e["train-s"] / e["steps"] for e in trained)[len(trained) // 2] if trained else None,
         "steps_per_round": trained[0]["steps"] if trained else None,
+        **timeline(trained, began, workers, held),
+    }
+
+
+def timeline(trained: list[dict[str, Any]], began: float, workers: int, held: float) -> dict[str, Any]:
+    """Where the cores wait, from when each train message started and ended in its worker.
+
+    ``cold_start_s``: from the federation's start to the first train message (Ray's start, the
+    actors' imports, the ServerApp's start and round 0, the first status queries); ``idle``: the
+    workers' time between a round's first train message and its last reply without a message
+    (the barrier: a worker done while the other trains its last client), a part of ``rounds``.
+    """
+    if not trained:
+        return {"cold_start_s": None, "idle_share": None, "idle_s": []}
+    idle = []
+    for r in sorted({e["round"] for e in trained}):
+        events = [e for e in trained if e["round"] == r]
+        span = max(e["started"] + e["host-s"] for e in events) - min(e["started"] for e in events)
+        idle.append(workers * span - sum(e["host-s"] for e in events))
+    return {
+        "cold_start_s": min(e["started"] for e in trained) - began,
+        "idle_share": sum(idle) / held,
+        "idle_s": idle,
     }
 
 
@@ -211,6 +239,8 @@ def main(
                 "outside",
                 "overhead",
                 "later rounds",
+                "idle",
+                "cold start s",
             ),
             [
                 (
@@ -221,6 +251,8 @@ def main(
                     *(f"{r['shares'][k]:.0%}" for k in ("training", "client", "rounds", "outside")),
                     f"{r['overhead']:.0%}",
                     "" if r["later_rounds_overhead"] is None else f"{r['later_rounds_overhead']:.0%}",
+                    "" if r["idle_share"] is None else f"{r['idle_share']:.0%}",
+                    r["cold_start_s"],
                 )
                 for r in results
             ],

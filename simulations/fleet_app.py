@@ -15,9 +15,9 @@ simulated:
   counts as not used. Both replies are immediate, so a dropped client never stalls the round;
   the simulated clock charges the deadline for them instead.
 - it writes one JSON line per ``train`` message to ``events/client-<p>.jsonl``: the outcome, the
-  Ray node that ran it, and the measured and simulated figures the report is built from (the
-  message's time on the host, and the DP steps' part of it, which the ClientApp keeps in the
-  node's own context state).
+  Ray node and worker process that ran it and when it started, and the measured and simulated
+  figures the report is built from (the message's time on the host, and the DP steps' part of
+  it, which the ClientApp keeps in the node's own context state).
 """
 
 from __future__ import annotations
@@ -76,7 +76,9 @@ class FleetMod:
             "profile": client.profile,
             "slowdown": draw.slowdown,
             "node": _ray_node(),
+            "worker": os.getpid(),  # which ClientApp process (Ray actor) ran it: the rounds' timeline per core
             "niceness": os.nice(0),  # the worker's CPU priority: a niced ClientApp loses to every other job
+            "started": time.time(),  # wall clock, comparable across the simulation's processes
         }
         if draw.dropped:
             self._write(event | {"outcome": "dropout"})

@@ -6,6 +6,8 @@ deadline. No Ray here: ``tests/test_simulation_run.py`` runs the real engine onc
 """
 
 import json
+import os
+import time
 from dataclasses import replace
 
 import pytest
@@ -75,6 +77,8 @@ def test_events_record_each_outcome_with_measured_and_simulated_times(federation
     late, ok = by[(1, 4)], by[(1, 0)]
     assert late["outcome"] == "straggler" and late["simulated-s"] > late["deadline-s"]
     assert ok["simulated-s"] <= ok["deadline-s"] and ok["step-time-s"] > 0 and ok["steps"] == 2
+    assert ok["worker"] == os.getpid()  # the in-process grid: this process ran every message
+    assert by[(1, 0)]["started"] + by[(1, 0)]["host-s"] <= by[(2, 0)]["started"] <= time.time()
     times = simulated_round_times(events, round_timeout=60.0)
     # a late or missing client makes the server wait until the deadline
     assert times[1] == pytest.approx(max(e["deadline-s"] for e in events if e["round"] == 1 and "deadline-s" in e))
