@@ -45,6 +45,26 @@ class DirectGradSampleModule(GradSampleModule):
         return sampler_key(module)
 
 
+class _Layer:
+    """A hooked layer's plan, made once at wrap time (its sampler, book-keeping path and
+    parameters, and the hook on its outputs), and the inputs of its forward uses whose backward
+    is still to come."""
+
+    __slots__ = ("hook", "inputs", "keeper", "module", "params", "sampler")
+
+    def __init__(
+        self,
+        module: nn.Module,
+        sampler: Sampler,
+        keeper: tuple[Keeper, bool] | None,
+        per_sample: Callable[[_Layer, torch.Tensor], None],
+    ) -> None:
+        self.module, self.sampler, self.keeper = module, sampler, keeper
+        self.params = tuple(module.parameters())
+        self.inputs: list[list[torch.Tensor]] = []
+        self.hook = partial(per_sample, self)
+
+
 class PrivateGradSampleModule(DirectGradSampleModule):
     """Per-sample gradients from one lean hook per layer, back-propagated without the summed
     parameter gradients.
@@ -53,8 +73,10 @@ class PrivateGradSampleModule(DirectGradSampleModule):
     inputs and outputs in extra autograd nodes on every forward, looks the layer's sampler up on
     every backward, and accumulates each per-sample gradient into a freshly zeroed buffer. Here a
     forward hook records the layer's inputs and puts a tensor hook on its output, which autograd
-    calls with exactly the output gradient the full hook would get; the sampler and the layer's
-    parameters are looked up once, and a per-sample gradient is stored as computed.
+    calls with exactly the output gradient the full hook would get; the sampler, the layer's
+    parameters and the output hook are made once per layer (:class:`_Layer`), per-parameter
+    counts are keyed by ``id`` (a tensor's ``__hash__`` is a Python call), and a per-sample
+    gradient is stored as computed.
 
     Layers with a book-keeping path (:mod:`fedvox.client.dp.book_keeping`: linear layers where
     the ghost norm is cheaper, weight-normed convolutions) leave a record in ``param.book``
@@ -64,13 +86,11 @@ class PrivateGradSampleModule(DirectGradSampleModule):
 
     def __init__(self, module: nn.Module, **kwargs) -> None:
         self._targets: list[torch.Tensor] = []
-        self._layers: dict[nn.Module, tuple[Sampler, tuple[Keeper, bool] | None, list[nn.Parameter]]] = {}
-        self._inputs: dict[nn.Module, list[list[torch.Tensor]]] = {}
-        """Each hooked layer's inputs, one list per forward use whose backward is still to come."""
-        self._pending: dict[nn.Parameter, int] = {}
-        """Forward uses of a parameter whose per-sample gradient has not been added yet."""
-        self._partial: dict[nn.Parameter, torch.Tensor] = {}
-        """Per-sample gradients summed over a parameter's uses so far in this pass."""
+        self._layers: dict[nn.Module, _Layer] = {}
+        self._pending: dict[int, int] = {}
+        """Forward uses of a parameter (by ``id``) whose per-sample gradient has not been added yet."""
+        self._partial: dict[int, torch.Tensor] = {}
+        """Per-sample gradients (by parameter ``id``) summed over the parameter's uses so far in this pass."""
         self._books: dict[nn.Module, Record] = {}
         """Book-keeping records summed over a layer's uses so far in this pass."""
         super().__init__(module, **kwargs)
@@ -89,7 +109,7 @@ class PrivateGradSampleModule(DirectGradSampleModule):
             if sampler is None:  # no direct formula: Opacus's functorch fallback
                 prepare_layer(module, batch_first=True)
                 sampler = ft_compute_per_sample_gradient
-            self._layers[module] = (sampler, keeper_for(module), list(module.parameters()))
+            self._layers[module] = _Layer(module, sampler, keeper_for(module), self._per_sample)
             self.autograd_grad_sample_hooks.append(module.register_forward_hook(self._record))
         self.enable_hooks()
 
@@ -97,63 +117,77 @@ class PrivateGradSampleModule(DirectGradSampleModule):
         """Forward hook: keep the layer's inputs and hook its output's gradient."""
         if not (self.hooks_enabled and module.training and torch.is_grad_enabled()):
             return
-        trainable = [p for p in self._layers[module][2] if p.requires_grad]
+        layer = self._layers[module]
+        trainable = [p for p in layer.params if p.requires_grad]
         outputs = output if isinstance(output, (tuple, list)) else (output,)
         if not (trainable and isinstance(outputs[0], torch.Tensor) and outputs[0].requires_grad):
             return
-        self._inputs.setdefault(module, []).append([x.detach() for x in inputs])
+        layer.inputs.append([x.detach() for x in inputs])
         pending = self._pending
         for param in trainable:
-            pending[param] = pending.get(param, 0) + 1
-        outputs[0].register_hook(partial(self._per_sample, module))
+            key = id(param)
+            pending[key] = pending.get(key, 0) + 1
+        outputs[0].register_hook(layer.hook)
         if not any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
             # no trainable module below feeds it: the pruned backward stops at its outputs
             self._targets.extend(y for y in outputs if isinstance(y, torch.Tensor) and y.requires_grad)
 
-    def _per_sample(self, module: nn.Module, grad_output: torch.Tensor) -> None:
+    def _per_sample(self, layer: _Layer, grad_output: torch.Tensor) -> None:
         """Tensor hook on a layer's output: the layer's per-sample gradients."""
         # A hook firing while outputs are still recorded means an ordinary ``loss.backward()``
         # consumed the pass: drop them (they would keep its tensors alive).
         self._targets.clear()
-        inputs = self._inputs[module].pop()
+        inputs = layer.inputs.pop()
         if not self.hooks_enabled:
             return
-        sampler, keeper, params = self._layers[module]
-        trainable = [p for p in params if p.requires_grad]
-        if keeper is not None and self._can_keep_books(module, trainable, additive=keeper[1]):
-            record = keeper[0](module, inputs, grad_output.detach())
-            if record is not None:
-                previous = self._books.pop(module, None)
-                record = record if previous is None else previous.plus(record)
-                for param in trainable:
-                    self._pending[param] -= 1
-                if self._pending[trainable[0]] > 0:
-                    self._books[module] = record
+        module, keeper = layer.module, layer.keeper
+        if keeper is not None:
+            trainable = [p for p in layer.params if p.requires_grad]
+            if self._can_keep_books(module, trainable, additive=keeper[1]):
+                record = keeper[0](module, inputs, grad_output.detach())
+                if record is not None:
+                    self._keep(module, trainable, record)
                     return
-                for param in trainable:
-                    del self._pending[param]
-                    cast(Any, param).book = record
-                return
-        for param, grad_sample in sampler(module, inputs, grad_output.detach()).items():
-            if param.requires_grad:
-                partial_sum = self._partial.get(param)
-                self._partial[param] = grad_sample if partial_sum is None else partial_sum + grad_sample
-        for param in params:
-            if param in self._pending:
-                self._pending[param] -= 1
-                if self._pending[param] == 0:
-                    del self._pending[param]
-                    self._promote(param, self._partial.pop(param))
+        pending, partial_sums = self._pending, self._partial
+        for param, grad_sample in layer.sampler(module, inputs, grad_output.detach()).items():
+            key = id(param)
+            uses = pending.get(key)
+            if uses is None:  # not trainable in the forward pass
+                continue
+            previous = partial_sums.pop(key, None)
+            if previous is not None:
+                grad_sample = previous + grad_sample
+            if uses > 1:
+                pending[key], partial_sums[key] = uses - 1, grad_sample
+            else:
+                del pending[key]
+                self._promote(param, grad_sample)
+
+    def _keep(self, module: nn.Module, trainable: list[nn.Parameter], record: Record) -> None:
+        """Add a use's record to the layer's book; hand the book to its parameters after the last use."""
+        previous = self._books.pop(module, None)
+        record = record if previous is None else previous.plus(record)
+        pending = self._pending
+        for param in trainable:
+            pending[id(param)] -= 1
+        if pending[id(trainable[0])] > 0:
+            self._books[module] = record
+            return
+        for param in trainable:
+            del pending[id(param)]
+            cast(Any, param).book = record
 
     def _can_keep_books(self, module: nn.Module, trainable: list[nn.Parameter], additive: bool) -> bool:
         """Whether the layer's trainable parameters have no per-sample state from another pass or
         path, and, unless its records add over uses, this is their only use in this pass (a
         :class:`~fedvox.client.dp.book_keeping.Record` holds one physical batch)."""
-        uses = {self._pending.get(p) for p in trainable}
+        uses = {self._pending.get(id(p)) for p in trainable}
         if not trainable or len(uses) != 1 or (not additive and uses != {1}):
             return False
         return module in self._books or not any(
-            p in self._partial or getattr(p, "grad_sample", None) is not None or getattr(p, "book", None) is not None
+            id(p) in self._partial
+            or getattr(p, "grad_sample", None) is not None
+            or getattr(p, "book", None) is not None
             for p in trainable
         )
 
@@ -189,7 +223,9 @@ class PrivateGradSampleModule(DirectGradSampleModule):
         a layer's forward and its backward; an interrupted pass leaves them behind, and the next
         pass would then never complete its per-sample gradients.
         """
-        self._targets, self._inputs, self._pending, self._partial, self._books = [], {}, {}, {}, {}
+        self._targets, self._pending, self._partial, self._books = [], {}, {}, {}
+        for layer in self._layers.values():
+            layer.inputs.clear()
         for _, param in trainable_parameters(self._module):
             param.grad_sample = None
             param.book = None

@@ -6,10 +6,11 @@ whole batch that is one grouped convolution, with the samples as groups, the out
 as kernels, and stride and dilation swapped. Opacus instead unfolds the input (``k`` copies of
 it, large for audio-length inputs) and multiplies per sample. On s2's layers (one CPU thread)
 the grouped convolution was 1.6-3.3x faster for kernels of 7-41 taps and for the transposed
-upsampling convolutions, unfolding up to 2x faster for 3-5 taps, so both are used (see
-:data:`GROUPED_CONV_MIN_KERNEL`). A transposed convolution's weight gradient is the same
-correlation with input and output gradient's roles exchanged; a 1x1 convolution's is a batched
-matrix product.
+upsampling convolutions, so those correlate; shorter kernels (3-5 taps) multiply strided windows
+of the input, copied once (half the time of ``F.unfold`` building the same matrix on s2's 1-d
+layers, the same on its 2-d ones; see :data:`GROUPED_CONV_MIN_KERNEL`). A transposed
+convolution's weight gradient is the same correlation with input and output gradient's roles
+exchanged; a 1x1 convolution's is a batched matrix product.
 
 :func:`conv_grad_sample` is the sampler of plain ``Conv1d``/``Conv2d``, found under the key
 :func:`conv_key` returns (Opacus's own registration for those types stays untouched);
@@ -46,31 +47,46 @@ def _padding(layer: Conv) -> tuple[int, ...]:
 
 
 GROUPED_CONV_MIN_KERNEL = 7
-"""Kernels with this many taps or more correlate as a grouped convolution; fewer unfold."""
+"""Kernels with this many taps or more correlate as a grouped convolution (no ``taps`` copies of
+the input); fewer multiply the input's windows (:func:`_windows`)."""
 
 
 def _conv_weight_grad(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     taps = math.prod(layer.kernel_size)
     if taps >= GROUPED_CONV_MIN_KERNEL:
         return _correlate(layer, x, dy)
+    batch, groups = x.shape[0], layer.groups
     if taps == 1 and all(s == 1 for s in layer.stride) and not any(_padding(layer)):
-        patches = x.flatten(2)  # a 1x1 convolution: a batched matrix product, nothing to unfold
-    elif isinstance(layer, nn.Conv1d):
-        patches = F.unfold(
-            x.unsqueeze(2),
-            (1, *layer.kernel_size),
-            dilation=(1, *layer.dilation),
-            padding=(0, *_padding(layer)),
-            stride=(1, *layer.stride),
-        )
+        patches = x.flatten(2)  # a 1x1 convolution: a batched matrix product, nothing to copy
     else:
-        patches = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=_padding(layer), stride=layer.stride)
-    batch, groups, positions = x.shape[0], layer.groups, patches.shape[-1]  # patches [B, in * taps, L]
+        patches = _windows(layer, x, dy.shape[2:])
+    positions = patches.shape[-1]  # patches [B, in * taps, L]
     grad = torch.matmul(
         dy.reshape(batch, groups, -1, positions), patches.reshape(batch, groups, -1, positions).transpose(2, 3)
     )  # [B, groups, out / groups, in / groups * taps]
     # the shape from the layer's geometry: under weight_norm, reading ``layer.weight`` recomputes it
     return grad.reshape(batch, layer.out_channels, layer.in_channels // groups, *layer.kernel_size)
+
+
+def _windows(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, positions: torch.Size) -> torch.Tensor:
+    """``[B, in * taps, L]``: the padded input's value under each tap at each of the ``positions``.
+
+    One strided view of the (padded) input, tap ``j`` at position ``t`` reading
+    ``t * stride + j * dilation``, copied once by the reshape: the matrix ``F.unfold`` builds.
+    """
+    padding = _padding(layer)
+    padded = F.pad(x, [p for p in reversed(padding) for _ in range(2)]) if any(padding) else x
+    strides = padded.stride()[2:]
+    windows = padded.as_strided(
+        (*padded.shape[:2], *layer.kernel_size, *positions),
+        (
+            *padded.stride()[:2],
+            *(d * s for d, s in zip(layer.dilation, strides, strict=True)),
+            *(step * s for step, s in zip(layer.stride, strides, strict=True)),
+        ),
+        padded.storage_offset(),
+    )
+    return windows.reshape(x.shape[0], -1, math.prod(positions))
 
 
 def _correlate(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
