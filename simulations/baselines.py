@@ -36,6 +36,7 @@ from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import trainable_state_dict
 from fedvox.shared.privacy.ledger import Ledger
 from fedvox.shared.runconfig import RunConfig
+from fedvox.simulations import reuse
 from fedvox.simulations.evaluation import Evaluator
 from fedvox.simulations.features import heldout_by_speaker
 
@@ -65,6 +66,25 @@ class LocalJob:
     seen: Path
     seed: int
 
+    @property
+    def folder(self) -> Path:
+        """What the baseline writes: its data clone (with its ledger) and its training folder."""
+        return self.out.parent
+
+    def reuse_parts(self) -> dict[str, Any]:
+        """Everything the baseline's result depends on but the code and the base (:func:`.reuse.key`)."""
+        return {
+            "kind": "local only",
+            "speaker": self.speaker,
+            "config": reuse.settings(self.config),
+            "rounds": self.rounds,
+            "overrides": self.overrides,
+            "seed": self.seed,
+            "features": reuse.features_digest(self.data),
+            "seen": reuse.features_digest(self.seen),
+            "unseen": reuse.features_digest(self.unseen),
+        }
+
 
 @dataclass(frozen=True)
 class CentralJob:
@@ -81,10 +101,29 @@ class CentralJob:
     seed: int
     overrides: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def folder(self) -> Path:
+        return self.out
+
+    def reuse_parts(self) -> dict[str, Any]:
+        """As :meth:`LocalJob.reuse_parts`; no privacy settings (it trains without them)."""
+        return {
+            "kind": "central",
+            "config": reuse.settings(self.config, private=False),
+            "rounds": self.rounds,
+            "examples-per-step": self.examples_per_step,
+            "threads": self.threads,
+            "overrides": self.overrides,
+            "seed": self.seed,
+            "features": [reuse.features_digest(c) for c in self.caches],
+            "seen": reuse.features_digest(self.seen),
+            "unseen": reuse.features_digest(self.unseen),
+        }
+
 
 def local_baseline(job: LocalJob) -> dict[str, Any]:
     """Train one client alone for ``rounds * local-steps`` steps; score it after each round's worth."""
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     config = job.config
     spec = config.subset_spec
     profile = select_profile(
@@ -146,12 +185,13 @@ def local_baseline(job: LocalJob) -> dict[str, Any]:
         "epsilon": epsilons,
         "profile": profile.name,
         "seconds": time.perf_counter() - started,
+        "cpu-s": time.process_time() - cpu,
     }
 
 
 def central_baseline(job: CentralJob) -> dict[str, Any]:
     """Non-private training on every client's training split; scored every ``local-steps`` steps."""
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     config = job.config
     torch.manual_seed(job.seed)
     union = ConcatDataset([datasets(config.stage, cache, HELD_OUT_FRACTION)[0] for cache in job.caches])
@@ -205,6 +245,7 @@ def central_baseline(job: CentralJob) -> dict[str, Any]:
         "steps": job.rounds * config.local_steps,
         "examples": len(union),
         "seconds": time.perf_counter() - started,
+        "cpu-s": time.process_time() - cpu,
     }
     atomic_write_text(job.out / "summary.json", json.dumps(result, indent=1) + "\n")
     return result

@@ -414,6 +414,14 @@ def _utility_notes(run: RunData) -> str:
             f"{central['steps']} AdamW steps of {central['examples_per_step']} examples (as many as a round's "
             "participants process together), no clipping and no noise."
         )
+    reused = [f"client-{e['partition']}" for e in local if e.get("reused")] + (
+        ["the centralised model"] if central and central.get("reused") else []
+    )
+    if reused:
+        notes.append(
+            f"**Reused** from an earlier run in this folder with the same features, base, settings, seed and code "
+            f"(`reuse/`, not trained again): the baseline(s) of {', '.join(reused)}."
+        )
     return "\n".join(f"- {n}" for n in notes)
 
 
@@ -864,7 +872,14 @@ def _quality_section(run: RunData, out: Path) -> str:
         parts += [f"![speech quality]({png.relative_to(out)})", ""]
     parts.append(
         f"Scoring took {quality['total-seconds']:.0f} s of wall clock, one job per model in the pool beside the "
-        "baselines (each job's own time: " + ", ".join(f"{k} {v:.0f} s" for k, v in quality["seconds"].items()) + ")."
+        "baselines (each job's own time: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in quality["seconds"].items())
+        + ")."
+        + (
+            f" Reused from an earlier run with the same model, sentences and seed: {', '.join(quality['reused'])}."
+            if quality.get("reused")
+            else ""
+        )
     )
     return "\n".join(parts)
 

@@ -17,6 +17,7 @@ so the report can be rebuilt from the folder alone. Layout of ``OUT``::
     runs/<run>/evaluation.json          per-round losses of the global model and the baselines
     runs/<run>/baselines/               local-only and centralised training folders
     runs/<run>/sample/                  the synthesised sample (WAV, PNG)
+    reuse/<key>/                        baselines and scores later runs reuse (simulations.reuse)
 
 Running the same command again on the same ``OUT`` resumes: generated speakers and prepared
 features are reused, a finished federation is not run again, an interrupted one continues from
@@ -52,6 +53,7 @@ from fedvox.shared.models.config import s1_config
 from fedvox.shared.privacy.accounting import calibrate_noise_multiplier
 from fedvox.shared.privacy.ledger import Ledger
 from fedvox.shared.runconfig import RunConfig
+from fedvox.simulations import reuse
 from fedvox.simulations.baselines import CENTRAL_STATE, CentralJob, LocalJob, central_baseline, local_baseline
 from fedvox.simulations.evaluation import Evaluator, reference_losses
 from fedvox.simulations.features import SpeakerData, clone_cache, heldout_by_speaker, prepare_speakers, read_manifest
@@ -315,31 +317,29 @@ def run_one(spec: RunSpec, data: SpeakerData, folder: Path, host: Host) -> None:
             config,
             baseline_jobs(spec, config, data, clients, folder, host),
             items,
-            base=None,
             local_state=lambda result: local_contender(config, spec, folder, result),
             central_state=folder / "baselines" / "central" / CENTRAL_STATE,
             recordings_cache=folder.parent.parent / "features" / "recordings-quality.json",
+            reuse_root=folder.parent.parent / reuse.FOLDER,
             seed=spec.seed,
             workers=host.workers,
             threads=host.threads,
             spans=spans,
         )
         # The baselines and the scoring need nothing from the federation but its round 0 (the
-        # base): they run beside it in their own processes (simulations.sidework) and fill the
-        # cores while the federation waits on Ray and its clients. They start once a client has
-        # trained (Ray is up): on a loaded host, a raylet starting beside them timed out.
+        # base): they run beside it in their own niced processes (simulations.sidework) from the
+        # start, filling the cores while the federation waits on Ray and its clients. The base
+        # model is scored once a client has trained (its round 0 is written by then).
         federation_done, federation_failed = threading.Event(), threading.Event()
 
-        def alongside_federation() -> None:
+        def base_model() -> Contender | None:
             events = folder / "events"
             while not federation_done.is_set() and not (events.is_dir() and any(events.iterdir())):
                 federation_done.wait(1.0)
-            if not federation_failed.is_set() and items:
-                side.base = Contender("base", store.load(0).state)
-            side.run_baselines(federation_failed)
+            return None if federation_failed.is_set() else Contender("base", store.load(0).state)
 
         with ThreadPoolExecutor(max_workers=1) as alongside:
-            pending = alongside.submit(alongside_federation)
+            pending = alongside.submit(side.run_baselines, federation_failed, base_model)
             started = time.time()
             try:
                 completed = federate(config, fleet, clients, spec.seed, folder, host)

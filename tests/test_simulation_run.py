@@ -28,9 +28,8 @@ dropout = 1.0
 """
 
 
-@pytest.fixture(scope="module")
-def simulation(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sim")
+def _run(root):
+    """``fedvox-sim run`` on the test's fleet into ``root / "out"`` (the same command each time)."""
     fleet = root / "flaky.toml"
     fleet.write_text(FLEET)
     out = root / "out"
@@ -57,6 +56,12 @@ def simulation(tmp_path_factory):
         ],
         catch_exceptions=False,
     )
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def simulation(tmp_path_factory):
+    out, result = _run(tmp_path_factory.mktemp("sim"))
     assert result.exit_code == 0, result.output
     folder = out / "runs" / "run"
     flaky = next(
@@ -135,3 +140,21 @@ def test_the_report_can_be_rebuilt_from_the_folder(simulation):
     (out / "report.md").unlink()
     result = CliRunner().invoke(app, ["report", str(out)], catch_exceptions=False)
     assert result.exit_code == 0 and (out / "report.md").is_file()
+
+
+def test_the_same_command_again_reuses_the_baselines_and_their_scores(simulation):
+    out, folder, _ = simulation
+    before = json.loads((folder / "evaluation.json").read_text())
+    scores = json.loads((folder / "quality.json").read_text())["scores"]
+    _, result = _run(out.parent)
+    assert result.exit_code == 0, result.output
+    after = json.loads((folder / "evaluation.json").read_text())
+    (local,) = after["local"]
+    assert local["reused"] and after["central"]["reused"]
+    assert local["losses"] == before["local"][0]["losses"] and after["central"]["losses"] == before["central"]["losses"]
+    quality = json.loads((folder / "quality.json").read_text())
+    assert quality["reused"] == ["base", "central", "local only"]
+    assert all(quality["scores"][name] == scores[name] for name in quality["reused"])
+    with Ledger(folder / "baselines" / "local" / f"client-{local['partition']}" / "data") as ledger:
+        assert len(ledger.rows(unit="utterance")) == 2  # the baseline's own ledger came with it
+    assert "**Reused** from an earlier run" in (out / "report.md").read_text()

@@ -103,12 +103,14 @@ def score_recordings(items: Sequence[TestItem], cache: Path | None) -> dict[str,
 
 @dataclass(frozen=True)
 class Spoken:
-    """One contender's scores (:func:`speak`) and the seconds they took."""
+    """One contender's scores (:func:`speak`), the seconds they took and the CPU seconds they used."""
 
     name: str
     speakers: frozenset[str] | None
     scores: dict[str, Any]
     seconds: float
+    cpu_seconds: float = 0.0
+    reused: bool = False  # kept by an earlier run with the same model, items and seed (simulations.reuse)
 
 
 ORDER = ("base", "federated", "local only", "central")
@@ -122,19 +124,26 @@ def collect_speech(
     recordings_seconds: float,
     *,
     wall_seconds: float,
+    recordings_cpu_seconds: float = 0.0,
 ) -> dict[str, Any]:
     """``quality.json``: the recordings' and every contender's scores on ``items``, the speakers
     each model is compared on, and timings (``seconds``: each model's scoring, summed over its
-    jobs; ``total-seconds``: the wall clock from the first job's start to the last one's end)."""
+    jobs; ``cpu-seconds``: their processes' CPU time, likewise; ``reused``: models with scores from
+    an earlier run; ``total-seconds``: the wall clock from the first job's start to the last one's end)."""
     rank = {name: i for i, name in enumerate(ORDER)}
     scores: dict[str, Any] = {RECORDINGS: recordings}
     seconds: dict[str, float] = {RECORDINGS: recordings_seconds}
+    cpu: dict[str, float] = {RECORDINGS: recordings_cpu_seconds}
+    reused: set[str] = set()
     speakers: dict[str, set[str] | None] = {}
     for s in sorted(spoken, key=lambda s: (rank.get(s.name, len(ORDER)), s.name)):
         scores.setdefault(s.name, {}).update(
             s.scores
         )  # contenders of one name (each client's local model) share a column
         seconds[s.name] = seconds.get(s.name, 0.0) + s.seconds
+        cpu[s.name] = cpu.get(s.name, 0.0) + s.cpu_seconds
+        if s.reused:
+            reused.add(s.name)
         everyone = s.speakers is None or speakers.get(s.name, set()) is None
         speakers[s.name] = None if everyone else speakers.get(s.name, set()) | s.speakers
     return {
@@ -144,6 +153,8 @@ def collect_speech(
         "speakers": {name: sorted(s) if s is not None else None for name, s in speakers.items()},
         "scores": scores,
         "seconds": seconds,
+        "cpu-seconds": cpu,
+        "reused": sorted(reused),
         "total-seconds": wall_seconds,
     }
 
