@@ -134,9 +134,12 @@ class SideWork:
         self.recordings: Future | None = None
         self.baselines: dict[str, Any] = {"local": [], "central": None}
         self._lock = threading.Lock()
+        self._host: dict[str, Any] | None = None
 
     def _key(self, parts: dict[str, Any]) -> str:
-        return reuse.key({**parts, "base": reuse.base_digest(self.config), "host": probe().to_dict()})
+        if self._host is None:  # probed once: it asks the drivers
+            self._host = probe().to_dict()
+        return reuse.key({**parts, "base": reuse.base_digest(self.config), "host": self._host})
 
     # ------------------------------------------------------------------ submitting
     def run_baselines(self, cancelled: threading.Event, base: Callable[[], Contender | None]) -> None:
