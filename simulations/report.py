@@ -1015,6 +1015,8 @@ FILES_TEXT = """\
 - `runs/<run>/fleet.json`: each client's device, simulated profile and how this host ran it.
 - `runs/<run>/evaluation.json`, `summary.json`: the numbers behind the plots.
 - `runs/<run>/baselines/`: the local-only runs (`fedvox-client` layout) and the centralised one.
+- `reuse/`: trained baselines and models' scores that later runs in this folder reuse when
+  everything they depend on is the same (`simulations/reuse.py`); delete it to train them again.
 """
 
 
