@@ -72,13 +72,7 @@ def ceilings(
     from fedvox.simulations.sample import PLAIN, build_voice
 
     config = RunConfig()
-    base = build_model(
-        config.stage,
-        config.model_config,
-        config.subset_spec,
-        seed=config.model_seed,
-        pretrained=config.pretrained or None,
-    )
+    base = config.build_model()
     voice = build_voice(config, trainable_state_dict(base))
     if s2_weights is not None:  # the voice is built once per process: speak() below renders with this s2 too
         generator = recipe("s2").voice_model(build_model("s2", config.model_config, PLAIN, pretrained=s2_weights))

@@ -245,7 +245,6 @@ def _load(path: Path) -> dict[str, nn.Module]:
 
 def _load_round(path: Path) -> dict[str, nn.Module]:
     """A server round checkpoint: rebuild the run's model and load the global subset."""
-    from fedvox.shared.models.factory import build_model
     from fedvox.shared.models.subsets import load_trainable_state_dict
     from fedvox.shared.runconfig import RunConfig
 
@@ -253,7 +252,7 @@ def _load_round(path: Path) -> dict[str, nn.Module]:
     if "run-config" not in meta or "tensors" not in meta:
         raise CheckpointError(f"{path} is not a fedvox server round checkpoint")
     config = RunConfig.from_flat(meta["run-config"])
-    model = build_model(config.stage, config.model_config, config.subset_spec, seed=config.model_seed)
+    model = config.build_model()
     tensors, _ = load_safetensors(path.with_name(meta["tensors"]))
     load_trainable_state_dict(model, {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")})
     return {config.stage: recipe(config.stage).voice_model(model)}

@@ -304,7 +304,7 @@ def export(
 ) -> None:
     """Write a committed round's global model, LoRA merged, in GPT-SoVITS's and/or fedvox's format."""
     from fedvox.server.checkpoints import RoundCheckpoints
-    from fedvox.server.model import build_global_model, export_model
+    from fedvox.server.model import export_model
     from fedvox.shared.atomic import claim_folder
     from fedvox.shared.errors import CheckpointError, ConfigError
     from fedvox.shared.models.factory import export_fedvox, export_gpt_sovits
@@ -330,7 +330,7 @@ def export(
     if format_ is None:
         paths = export_model(config, checkpoint.state, folder)
     else:
-        model = build_global_model(config)
+        model = config.build_model()
         load_trainable_state_dict(model, checkpoint.state)
         if format_ == "safetensors":
             paths = export_fedvox(config.stage, model, folder / "fedvox")

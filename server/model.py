@@ -1,7 +1,7 @@
 """The global model of a run, and its export for GPT-SoVITS.
 
 Only the trainable subset travels and is checkpointed; the frozen base is rebuilt from the run
-configuration by :func:`shared.models.factory.build_model`, exactly as every client rebuilds it.
+configuration by :meth:`shared.runconfig.RunConfig.build_model`, exactly as every client rebuilds it.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from fedvox.shared.models.factory import build_model, export_all, pretrained_file
+from fedvox.shared.models.factory import export_all, pretrained_file
 from fedvox.shared.models.subsets import load_trainable_state_dict, trainable_state_dict
 from fedvox.shared.runconfig import RunConfig
 from fedvox.shared.semantic import file_digest
@@ -22,16 +21,9 @@ from fedvox.shared.semantic import file_digest
 log = logging.getLogger(__name__)
 
 
-def build_global_model(config: RunConfig) -> nn.Module:
-    """The run's model with its trainable subset applied (s2: the generator/discriminator pair)."""
-    spec = config.subset_spec
-    pretrained = config.pretrained or None
-    return build_model(config.stage, config.model_config, spec, seed=config.model_seed, pretrained=pretrained)
-
-
 def initial_subset(config: RunConfig) -> dict[str, torch.Tensor]:
     """The trainable subset a fresh run starts from (what the first round sends)."""
-    return trainable_state_dict(build_global_model(config))
+    return trainable_state_dict(config.build_model())
 
 
 def base_identity(config: RunConfig) -> dict[str, Any]:
@@ -54,11 +46,11 @@ def export_model(config: RunConfig, subset: Mapping[str, torch.Tensor], folder: 
     """The global model, LoRA merged: fedvox safetensors in ``folder/fedvox`` (any config), and
     GPT-SoVITS's own files in ``folder/gpt-sovits`` (fp16, as its fine-tuning exports) when the
     architecture is an official one; returns the files written."""
-    model = build_global_model(config)
+    model = config.build_model()
     load_trainable_state_dict(model, subset)
     paths = export_all(config.stage, model, folder)
     log.info("exported %s", ", ".join(str(p) for p in paths))
     return paths
 
 
-__all__ = ["base_identity", "build_global_model", "export_model", "initial_subset"]
+__all__ = ["base_identity", "export_model", "initial_subset"]

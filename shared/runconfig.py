@@ -21,6 +21,8 @@ from fedvox.shared.settings import choice, dump, flatten, parse, read_toml, sett
 from fedvox.shared.stages import STAGES
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from fedvox.shared.models.subsets import SubsetSpec
 
 SUBSETS = ("full", "lora")
@@ -175,6 +177,16 @@ class RunConfig:
             lora_alpha=self.lora_alpha,
             lora_groups=("decoder",) if s2 and self.subset == "lora" and self.s2.lora == "decoder" else (),
             adversary=not s2 or self.s2.adversarial,
+        )
+
+    def build_model(self) -> nn.Module:
+        """The run's model: its stage and config, from the base it fine-tunes (the shipped base, a
+        checkpoint, or its seed), with its trainable subset applied. Server, devices and every
+        simulated baseline build it here, so a trainable state saved by one loads into another's."""
+        from fedvox.shared.models.factory import build_model  # torch: loaded when a model is built
+
+        return build_model(
+            self.stage, self.model_config, self.subset_spec, seed=self.model_seed, pretrained=self.pretrained or None
         )
 
     # ------------------------------------------------------------------ construction

@@ -32,7 +32,6 @@ from fedvox.client.local import LocalTrainingSpec, train_local
 from fedvox.client.profiles import ProfileOverrides, select_profile
 from fedvox.client.stages import build_task, datasets
 from fedvox.shared.atomic import atomic_path, atomic_write_text
-from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import trainable_state_dict
 from fedvox.shared.privacy.ledger import Ledger
 from fedvox.shared.runconfig import RunConfig
@@ -201,13 +200,7 @@ def central_baseline(job: CentralJob) -> dict[str, Any]:
     profile = select_profile(
         probe(), config.stage, config.model_config, config.subset_spec, overrides, logical_batch=job.examples_per_step
     )
-    model = build_model(
-        config.stage,
-        config.model_config,
-        config.subset_spec,
-        seed=config.model_seed,
-        pretrained=config.pretrained or None,
-    )
+    model = config.build_model()
     task = build_task(config.stage, model, union, profile)
     parts = task.parts()
     optimizers = [task.optimizer(name, module, config.learning_rate) for name, module in parts.items()]

@@ -18,7 +18,6 @@ from torch.utils.data import Dataset
 
 from fedvox.client.dp.task import Task
 from fedvox.client.stages import client_stage
-from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import load_trainable_state_dict
 from fedvox.shared.runconfig import RunConfig
 from fedvox.shared.stages import recipe
@@ -40,13 +39,7 @@ class Evaluator:
     def __init__(self, config: RunConfig, heldout: Heldout) -> None:
         self.stage = config.stage
         self.heldout = heldout
-        model = build_model(
-            config.stage,
-            config.model_config,
-            config.subset_spec,
-            seed=config.model_seed,
-            pretrained=config.pretrained or None,
-        )
+        model = config.build_model()
         first = next(d for sets in heldout.values() for d in sets.values())
         cpu = torch.device("cpu")
         self.task: Task = client_stage(self.stage).task(model, first, cpu)

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from flwr.common.config import fuse_dicts, get_fused_config_from_dir, parse_config_args
 
-from fedvox.server.model import build_global_model, export_model, initial_subset
+from fedvox.server.model import export_model, initial_subset
 from fedvox.shared.models.s1_checkpoint import load_official_s1
 from fedvox.shared.models.subsets import load_trainable_state_dict, merged_state_dict
 from fedvox.shared.runconfig import RunConfig
@@ -42,8 +42,34 @@ def test_the_global_subset_exports_as_a_gpt_sovits_s1_checkpoint_with_lora_merge
     path = tmp_path / "gpt-sovits" / "s1.ckpt"
     assert set(paths) == {tmp_path / "fedvox" / "s1.safetensors", path}
 
-    reference = build_global_model(config)
+    reference = config.build_model()
     load_trainable_state_dict(reference, subset)
     loaded = load_official_s1(path).state_dict()
     for key, value in merged_state_dict(reference).items():
         torch.testing.assert_close(loaded[key], value.half().float(), rtol=0, atol=0)
+
+
+def test_a_round_checkpoint_speaks_with_the_base_its_run_fine_tuned(tmp_path):
+    """`fedvox-client synthesize --model round-NNNNN.json` rebuilds the run's pretrained base, not a
+    seeded model of the same config: the checkpoint holds only the trainable subset."""
+    from fedvox.client.synthesize import load_models
+    from fedvox.server.checkpoints import RoundCheckpoints
+    from fedvox.shared.models.factory import build_model, export_fedvox
+    from fedvox.shared.models.subsets import SubsetSpec
+
+    base = build_model("s1", "tiny", SubsetSpec(kind="full"), seed=7)
+    (pretrained,) = export_fedvox("s1", base, tmp_path / "base")
+    config = RunConfig().with_overrides({**TINY, "pretrained": str(pretrained)})
+    subset = {k: v + 0.01 * torch.randn_like(v) for k, v in initial_subset(config).items()}
+    store = RoundCheckpoints(tmp_path / "checkpoints", keep=2)
+    store.save(1, subset, {"run-config": config.to_flat()})
+
+    s2 = export_fedvox("s2", build_model("s2", "tiny", SubsetSpec(kind="full"), seed=0), tmp_path / "s2")[0]
+
+    voice = load_models([store.meta_path(1), s2])
+
+    expected = config.build_model()
+    load_trainable_state_dict(expected, subset)
+    spoken = merged_state_dict(voice.s1)
+    for key, value in merged_state_dict(expected).items():
+        torch.testing.assert_close(spoken[key], value, rtol=0, atol=0)
