@@ -27,6 +27,7 @@ import torch
 from fedvox.shared.atomic import atomic_write_text
 from fedvox.shared.models.factory import pretrained_file
 from fedvox.shared.runconfig import RunConfig
+from fedvox.shared.semantic import file_digest
 
 FOLDER = "reuse"
 RESULT = "result.json"
@@ -105,11 +106,10 @@ def features_digest(cache: Path | None) -> str:
     return digest.hexdigest()
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=1024)
 def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    _hash_files(digest, path.parent, [path])
-    return digest.hexdigest()
+    """A file's SHA-256, once per process (test items share their speaker's recordings)."""
+    return file_digest(path, 64)
 
 
 def base_digest(config: RunConfig) -> dict[str, str]:

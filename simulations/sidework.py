@@ -66,10 +66,10 @@ def _speak_job(config: RunConfig, contender: Contender, items: Sequence[TestItem
     }
 
 
-def _baseline_job(fn: Callable, job: Any, reuse_root: Path | None, name: str) -> dict[str, Any]:
-    """Train and score one baseline; keep it for later runs under ``name``."""
+def _baseline_job(fn: Callable, job: Any, reuse_root: Path | None, name: str | None) -> dict[str, Any]:
+    """Train and score one baseline; keep it for later runs under ``name`` (None: not kept)."""
     result = fn(job)
-    if reuse_root is not None:
+    if reuse_root is not None and name is not None:
         reuse.Store(reuse_root).keep(name, result, job.folder)
     return result
 
@@ -151,24 +151,25 @@ class SideWork:
         started = time.time()
         futures, kept = {}, []
         for fn, job in self.jobs:
+            if self.store is None:
+                futures[self.pool.submit(_baseline_job, fn, job, None, None)] = fn
+                continue
             name = self._key(job.reuse_parts())
-            result = self.store.result(name) if self.store is not None else None
+            result = self.store.result(name)
             if result is None:
-                root = self.store.root if self.store is not None else None
-                futures[self.pool.submit(_baseline_job, fn, job, root, name)] = (fn, name)
+                futures[self.pool.submit(_baseline_job, fn, job, self.store.root, name)] = fn
             else:
-                assert self.store is not None
                 self.store.restore(name, job.folder)
-                kept.append((fn, name, {**result, "reused": True}))
+                kept.append((fn, {**result, "reused": True}))
         if self.items:
             self.recordings = self.pool.submit(_recordings_job, self.items, self.recordings_cache)
             contender = base()
             if contender is not None and not cancelled.is_set():
                 self._score(contender)
-        for fn, name, result in kept:
-            self._trained(fn, name, result)
+        for fn, result in kept:
+            self._trained(fn, result)
         for future in as_completed(futures):
-            self._trained(*futures[future], future.result())
+            self._trained(futures[future], future.result())
         self.baselines["local"].sort(key=lambda r: r["partition"])
         if futures or kept:
             self.spans.add("baselines", started, time.time())
@@ -179,7 +180,7 @@ class SideWork:
                 len(kept),
             )
 
-    def _trained(self, fn: Callable, name: str, result: dict[str, Any]) -> None:
+    def _trained(self, fn: Callable, result: dict[str, Any]) -> None:
         """Record a finished baseline and score its model."""
         if fn is central_baseline:
             self.baselines["central"] = result
