@@ -29,8 +29,14 @@ $(STAMP): pyproject.toml
 	  fi; \
 	fi
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,bert,ja,yue,ko,g2pw]'  # the optional frontends too, so their tests run
+	$(BIN)/python -m pip install -q --upgrade pip || echo "warning: pip could not be upgraded; installing with the venv's pip"
+	@# The optional frontends too, so their tests run. A dropped download is resumed (PIP_RESUME_RETRIES, pip >= 25.1)
+	@# and the whole install retried twice, so one flaky connection does not fail a fresh set-up.
+	@for attempt in 1 2 3; do \
+	  PIP_RESUME_RETRIES=10 $(BIN)/python -m pip install -q -e '.[dev,bert,ja,yue,ko,g2pw]' && break; \
+	  if [ $$attempt = 3 ]; then echo "error: pip install failed 3 times; check the network or the package index, then run make again" >&2; exit 1; fi; \
+	  echo "pip install failed (attempt $$attempt of 3); retrying in 15 s" >&2; sleep 15; \
+	done
 	@touch $@
 
 # The main job: a small federated simulation on embedded defaults (8 speakers, 3 rounds, LoRA on the shipped base s1).
