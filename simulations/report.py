@@ -30,6 +30,7 @@ from fedvox.simulations import plots
 from fedvox.simulations.evaluation import mean_loss
 from fedvox.simulations.fleet_app import read_events
 from fedvox.simulations.quality import summary as quality_summary
+from fedvox.simulations.quality.scoring import MIN_SPEAKERS
 
 log = logging.getLogger(__name__)
 
@@ -795,10 +796,13 @@ def _verdict(run: RunData) -> str:
     for c in found:
         at = context if "local only" in (c.first, c.second) else ""
         lines.append("- " + c.sentence("similarity", at))
-    first = found[0] if found else None
-    if first is not None:
-        for metric in ("wer", "mcd"):
-            if sentence := first.sentence(metric, context if "local only" in (first.first, first.second) else ""):
+    # The other metrics: the headline comparison's WER and MCD whatever they say, and every
+    # difference that was measured (a spectral gain over the base, say) whichever comparison it is in.
+    for n, c in enumerate(found):
+        at = context if "local only" in (c.first, c.second) else ""
+        for metric in ("wer", "mcd", "speech"):
+            wanted = (n == 0 and metric != "speech") or c.called(metric)
+            if wanted and (sentence := c.sentence(metric, at)):
                 lines.append("- " + sentence)
     groups = quality_summary.speaker_groups(run.quality)
     levels = quality_summary.levels(run.quality, groups["clients"])
@@ -811,7 +815,8 @@ def _verdict(run: RunData) -> str:
         lines.append("- Reference levels of speaker similarity on the clients: " + ", ".join(reference) + ".")
     lines.append(
         "\nIntervals: 95 % percentile bootstrap over speakers (each speaker's sentences together); a "
-        "difference is called only when its interval excludes zero. Metrics and their limits: "
+        f"difference is called only when its interval excludes zero, on at least {MIN_SPEAKERS} speakers. "
+        "Metrics and their limits: "
         "docs/simulation.md."
     )
     return "\n".join(lines)

@@ -85,5 +85,8 @@ def test_cluster_bootstrap_weighs_speakers_equally_and_brackets_the_mean():
     assert estimate.low <= 0.5 <= estimate.high
     shifted = scoring.cluster_bootstrap({f"s{k}#0": 0.1 + 0.01 * k for k in range(10)})
     assert shifted.excludes_zero() and 0.1 < shifted.low < shifted.high < 0.2
+    lone = scoring.cluster_bootstrap({"a#0": 0.3, "a#1": 0.4})  # one speaker: a zero-width "interval"
+    assert lone.low == lone.high and not lone.excludes_zero()
+    assert not scoring.cluster_bootstrap({"a#0": 0.3, "b#0": 0.4}).excludes_zero()
     assert scoring.cluster_bootstrap({"a#0": None}) is None
     assert scoring.paired_differences({"a#0": 2.0, "b#0": 1.0}, {"a#0": 0.5, "c#0": 1.0}) == {"a#0": 1.5}

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from fedvox.shared.runconfig import RunConfig
 from fedvox.simulations.quality import summary
-from fedvox.simulations.report import RunData, client_accounts
+from fedvox.simulations.report import RunData, _verdict, client_accounts
 
 
 def _quality(federated_gain: float) -> dict:
@@ -60,6 +60,48 @@ def test_levels_are_only_given_for_models_scored_on_every_speaker_of_the_set():
     assert set(levels) == {"recordings", "base", "federated"}
 
 
+def _run(quality: dict | None = None, **fields) -> RunData:
+    defaults: dict = {
+        "name": "run",
+        "folder": Path("."),
+        "spec": {},
+        "config": RunConfig(),
+        "completed": 2,
+        "calibration": {"target-epsilon": 8.0},
+        "timings": {},
+        "spans": {},
+        "peak_rss": 0,
+        "fleet": {},
+        "clients": [],
+        "metrics": [],
+        "events": [],
+        "evaluation": {},
+        "utterance_epsilon": {},
+        "speaker_epsilon": {},
+        "sample": None,
+        "quality": quality,
+        "host_load": {},
+    }
+    return RunData(**(defaults | fields))
+
+
+def test_the_verdict_states_every_measured_difference_not_only_the_headline_comparisons():
+    quality = _quality(0.0)
+    for value in quality["scores"]["federated"].values():
+        value["mcd"] -= 1.0 + 0.01 * value["similarity"]  # spectrally closer than base and local only; same voice
+    verdict = _verdict(_run(quality))
+    assert "The federated model is not measurably different in voice from the base model on the clients" in verdict
+    assert "The federated model is spectrally closer to the recordings than the base model on the clients" in verdict
+    assert "local-only training at epsilon 8 on the clients that also trained alone (6 speaker(s)" in verdict
+    assert "speech-like" not in verdict  # equal everywhere: not called, and not the headline's metric
+    assert verdict.count("intelligibility") == 1  # the headline's WER, called or not; no other
+    two = _quality(0.07)
+    two["clients"] = two["speakers"]["local only"] = ["spk0", "spk1"]
+    two["items"] = {k: v for k, v in two["items"].items() if v["speaker"] in two["clients"]}
+    two["scores"] = {m: {k: v for k, v in s.items() if k in two["items"]} for m, s in two["scores"].items()}
+    assert "not measurably different in voice" in _verdict(_run(two)) and "too few speakers" in _verdict(_run(two))
+
+
 def test_epsilon_spent_on_updates_the_server_did_not_use_is_counted_per_client():
     events = [{"round": r, "partition": 0, "client-id": "c0", "outcome": "ok", "class": "cpu"} for r in (1, 2)]
     events += [{"round": r, "partition": 1, "client-id": "c1", "outcome": "straggler", "class": "slow"} for r in (1, 2)]
@@ -67,26 +109,12 @@ def test_epsilon_spent_on_updates_the_server_did_not_use_is_counted_per_client()
         {"round": r, "clients": [{"client-id": "c0", "accepted": True}, {"client-id": "c1", "accepted": False}]}
         for r in (1, 2)
     ]
-    run = RunData(
-        name="run",
-        folder=Path("."),
-        spec={},
-        config=RunConfig(),
-        completed=2,
+    run = _run(
         calibration={},
-        timings={},
-        spans={},
-        peak_rss=0,
-        fleet={},
         clients=[{"partition": 0, "class": "cpu"}, {"partition": 1, "class": "slow"}],
         metrics=metrics,
         events=events,
-        evaluation={},
         utterance_epsilon={0: {1: 3.0, 2: 5.0}, 1: {1: 3.0, 2: 5.0}},
-        speaker_epsilon={},
-        sample=None,
-        quality=None,
-        host_load={},
     )
     accounts = client_accounts(run)
     assert accounts[0] | {"outcomes": None} == {

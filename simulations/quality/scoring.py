@@ -33,6 +33,9 @@ BOOTSTRAP_SAMPLES = 2000
 CONFIDENCE = 0.95
 TOLERANCE = 1e-6
 """Differences smaller than this are float32 rounding of equal scores, not differences."""
+MIN_SPEAKERS = 3
+"""Fewest speakers a difference is called on: resampling one speaker gives a zero-width interval
+and two give at most three distinct means, so their "interval" only says the speakers agree."""
 
 
 @dataclass(frozen=True)
@@ -155,8 +158,9 @@ class Estimate:
         return (self.high - self.low) / 2
 
     def excludes_zero(self) -> bool:
-        """Whether the interval lies clear of zero (by more than float32 rounding of equal scores)."""
-        return self.low > TOLERANCE or self.high < -TOLERANCE
+        """Whether the interval lies clear of zero (by more than float32 rounding of equal scores),
+        on enough speakers (:data:`MIN_SPEAKERS`) for the interval to mean anything."""
+        return self.speakers >= MIN_SPEAKERS and (self.low > TOLERANCE or self.high < -TOLERANCE)
 
     def to_dict(self) -> dict[str, float | int]:
         return {"mean": self.mean, "low": self.low, "high": self.high, "speakers": self.speakers, "items": self.items}
@@ -201,6 +205,7 @@ def by_metric(scores: Iterable[tuple[str, Mapping[str, float | None]]]) -> dict[
 __all__ = [
     "HIGHER_IS_BETTER",
     "METRICS",
+    "MIN_SPEAKERS",
     "Estimate",
     "TestItem",
     "by_metric",

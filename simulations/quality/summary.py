@@ -17,6 +17,7 @@ from fedvox.simulations.quality.compare import RECORDINGS
 from fedvox.simulations.quality.scoring import (
     HIGHER_IS_BETTER,
     METRICS,
+    MIN_SPEAKERS,
     Estimate,
     cluster_bootstrap,
     paired_differences,
@@ -64,6 +65,11 @@ class Comparison:
     speakers: tuple[str, ...]
     differences: dict[str, Estimate | None]
 
+    def called(self, metric: str) -> bool:
+        """Whether ``metric``'s difference is measured (its interval excludes zero)."""
+        estimate = self.differences.get(metric)
+        return estimate is not None and estimate.excludes_zero()
+
     def sentence(self, metric: str, context: str = "") -> str:
         """A verdict in words with its numbers, e.g. "... is closer to ...: speaker similarity +0.07 ± 0.02 ..."."""
         estimate = self.differences.get(metric)
@@ -77,11 +83,14 @@ class Comparison:
             relation = same
         d = DECIMALS[metric]
         first = NAMES[self.first][0].upper() + NAMES[self.first][1:]
+        few = ""
+        if estimate.speakers < MIN_SPEAKERS:
+            few = f"; too few speakers to call a difference: {MIN_SPEAKERS} needed"
         return (
             f"{first} is {relation} {NAMES[self.second]}{context} on the {self.group} "
             f"({estimate.speakers} speaker(s), {estimate.items} sentence(s)): {METRIC_NAMES[metric]} "
             f"{estimate.mean:+.{d}f} ± {estimate.half_width:.{d}f} "
-            f"(95 % CI {estimate.low:+.{d}f} to {estimate.high:+.{d}f})."
+            f"(95 % CI {estimate.low:+.{d}f} to {estimate.high:+.{d}f}{few})."
         )
 
 
