@@ -203,6 +203,12 @@ def pretrain(
     s1_batch: int = typer.Option(16, "--s1-batch", help="s1 utterances per step."),
     s2_batch: int = typer.Option(8, "--s2-batch", help="s2 utterances per step."),
     s1_lr: float = typer.Option(1e-3, "--s1-lr", help="s1 peak learning rate."),
+    s1_prompt_pairs: int = typer.Option(
+        0,
+        "--s1-prompt-pairs",
+        min=0,
+        help="s1: also train each utterance N times prompted by another of its speaker, as inference prompts it.",
+    ),
     s2_lr: float = typer.Option(5e-4, "--s2-lr", help="s2 peak learning rate."),
     disc_start: int = typer.Option(
         1000, "--disc-start", help="s2 steps on mel and KL alone before the discriminator joins."
@@ -226,7 +232,9 @@ def pretrain(
         raise ConfigError(f"--stages must list s1 and/or s2, got {stages!r}")
     common = {"model_config": model_config, "eval_every": eval_every, "seed": seed}
     plans = {
-        "s1": StagePlan("s1", steps=s1_steps, batch_size=s1_batch, learning_rate=s1_lr, **common),
+        "s1": StagePlan(
+            "s1", steps=s1_steps, batch_size=s1_batch, learning_rate=s1_lr, prompt_pairs=s1_prompt_pairs, **common
+        ),
         "s2": StagePlan(
             "s2", steps=s2_steps, batch_size=s2_batch, learning_rate=s2_lr, disc_start=disc_start, **common
         ),

@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +33,15 @@ from fedvox.shared.errors import CheckpointError, ConfigError
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.subsets import SubsetSpec
 from fedvox.shared.stages import STAGES, recipe
+from fedvox.simulations.pretrain.prompted import PromptedPairs
 
 log = logging.getLogger(__name__)
 
 STATE = "state.pt"
 BEST = "best.pt"
 LOG_EVERY = 10
-_EXTENSIBLE = ("steps", "eval_every")  # a resumed run may train longer (the cosine then stretches)
+_EXTENSIBLE = ("steps", "eval_every", "prompt_pairs")  # a resumed run may train longer (the cosine then
+# stretches) and add prompted pairs (validation then changes: the best so far starts over)
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,15 @@ class StagePlan:
     eval_every: int = 100
     eval_utterances: int = 32
     disc_start: int = 0  # s2: steps with reconstruction losses only (0: the GAN from the start)
+    prompt_pairs: int = 0  # s1: prompted copies of each utterance drawn from besides it (:class:`PromptedPairs`)
     seed: int = 0
 
     def validate(self) -> None:
         recipe(self.stage)  # raises for an unknown stage
         if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1 or self.learning_rate <= 0:
             raise ConfigError("steps, batch size, evaluation interval and learning rate must be positive")
+        if self.prompt_pairs < 0 or (self.prompt_pairs and self.stage != "s1"):
+            raise ConfigError("prompted pairs are for s1 only, and their number cannot be negative")
 
     def learning_rate_at(self, step: int) -> float:
         """Linear warm-up to ``learning_rate``, then cosine decay to a tenth of it at ``steps``."""
@@ -83,6 +88,7 @@ class TrainState:
     seconds: float
     best: dict | None  # {"step", "valid_loss"} of the weights in best.pt
     running: dict[str, float]  # exponential moving averages of the training metrics
+    plan: dict = field(default_factory=dict)  # the plan the state was saved with
 
 
 def train_stage(
@@ -104,6 +110,10 @@ def train_stage(
     train, valid = dataset(train_cache), dataset(valid_cache)
     if not len(train) or not len(valid):
         raise ConfigError(f"no usable {plan.stage} utterances in {train_cache} or {valid_cache}")
+    eval_indices = torch.arange(min(plan.eval_utterances, len(valid)))
+    if plan.prompt_pairs:  # trained and validated as inference prompts it
+        eval_indices += len(valid)  # each validation utterance after a partner
+        train, valid = (PromptedPairs(d, plan.prompt_pairs, plan.seed) for d in (train, valid))
     model = build_model(plan.stage, plan.model_config, SubsetSpec(kind="full"), seed=plan.seed)
     task: Task = client_stage(plan.stage).task(model, train, device)
     optimizers = {name: task.optimizer(name, module, plan.learning_rate) for name, module in task.parts().items()}
@@ -113,7 +123,9 @@ def train_stage(
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(state.optimizers[name])
         log.info("%s: resuming at step %d of %d", plan.stage, state.step, plan.steps)
-    eval_indices = torch.arange(min(plan.eval_utterances, len(valid)))
+        if state.plan.get("prompt_pairs", 0) != plan.prompt_pairs:
+            log.info("%s: validation now on %s: the best so far starts over", plan.stage, _validated_on(plan))
+            state.best = None
     saved_at, first_step = time.monotonic(), state.step
     started, start_seconds = time.monotonic(), state.seconds
     with progress() as bar:
@@ -187,6 +199,10 @@ def _step(
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
     return sums
+
+
+def _validated_on(plan: StagePlan) -> str:
+    return "prompted pairs" if plan.prompt_pairs else "single utterances"
 
 
 def _stage_code(stage: str) -> int:
@@ -266,6 +282,7 @@ def _state(saved: dict) -> TrainState:
         saved["seconds"],
         saved["best"],
         saved.get("running", {}),
+        saved["plan"],
     )
 
 
