@@ -4,9 +4,10 @@ For each chosen validation utterance (an English voice of the corpus, a sentence
 on), three waveforms are transcribed by pocketsphinx and scored by word error rate against the
 text: the corpus recording itself (the ceiling the recogniser allows on this synthetic speech);
 s2 alone, decoding the recording's own semantic codes (what the SoVITS stage can say); and the
-full text-to-speech path, s1 then s2 (what the base says from text). The reference voice is
-another recording of the same voice. silero-vad's speech fraction of the text-to-speech output
-says whether it is speech at all.
+full text-to-speech path, s1 then s2 (what the base says from text), prompted as GPT-SoVITS's
+inference and the simulation's scoring prompt it: with another recording of the same voice and
+its transcript. silero-vad's speech fraction of the text-to-speech output says whether it is
+speech at all, and its length against the recording's whether s1 said the whole sentence.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ def evaluate_speech(
         with torch.inference_mode():
             codes = tokenizer.encode(wave).unsqueeze(0)
             resynthesis = s2.decode(codes, phonemes, linear_spectrogram(reference).unsqueeze(0), generator=generator)
-        spoken = synthesize(voice, entry.text, "en", reference, tokenizer, seed=seed + k).numpy()
+        prompt = references[entry.speaker]
+        spoken = synthesize(
+            voice, entry.text, "en", reference, tokenizer, reference_text=prompt.text, seed=seed + k
+        ).numpy()
         rows.append(
             {
                 "wer_recording": word_error_rate(entry.text, transcribe(wave.numpy(), SAMPLE_RATE)),
@@ -57,6 +61,7 @@ def evaluate_speech(
                 "wer_text_to_speech": word_error_rate(entry.text, transcribe(spoken, SAMPLE_RATE)),
                 "tts_speech_fraction": speech_fraction(spoken, SAMPLE_RATE),
                 "tts_seconds": len(spoken) / SAMPLE_RATE,
+                "tts_length_ratio": len(spoken) / len(wave),  # both 32 kHz
             }
         )
     return {
