@@ -116,6 +116,11 @@ def test_pretrain_writes_provenance_and_an_export_that_loads(tmp_path, monkeypat
     with pytest.raises(ConfigError, match="model-config"):
         build_model("s1", "base", SubsetSpec(kind="full"), pretrained=tmp_path / "base" / "s1.safetensors")
 
+    # one stage re-exported: the other's record stays, and the evaluation speaks with the pair as shipped
+    again = export_base(tmp_path / "out", tmp_path / "base", ("s1",), evaluate=1)
+    assert again["weights"]["s2G.safetensors"] == shipped["weights"]["s2G.safetensors"]
+    assert again["evaluation"]["utterances"] == 1 and again["evaluation"]["mean"]["tts_length_ratio"] > 0
+
 
 def test_the_recorded_command_names_no_folder_of_this_machine(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -11,13 +11,12 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
 from fedvox.shared.atomic import atomic_write_text
 from fedvox.shared.errors import CheckpointError, ConfigError
 from fedvox.shared.models.factory import build_model, export_fedvox
 from fedvox.shared.models.subsets import SubsetSpec
 from fedvox.shared.semantic import file_digest
+from fedvox.shared.stages import recipe
 from fedvox.simulations.pretrain.evaluate import evaluate_speech
 from fedvox.simulations.pretrain.pipeline import PROVENANCE, read_provenance, stage_record, utc_now
 from fedvox.simulations.pretrain.train import BEST, load_weights, read_state
@@ -32,15 +31,16 @@ def export_base(
 ) -> dict:
     """Write ``stages``' weights from the pretraining folder ``out`` into ``target``; returns the provenance.
 
-    ``evaluate`` > 0 transcribes that many English validation utterances spoken by the exported
-    pair (:mod:`simulations.pretrain.evaluate`) and records the word error rates.
+    ``evaluate`` > 0 transcribes that many English validation utterances spoken by the pair as
+    it now lies in ``target`` (:mod:`simulations.pretrain.evaluate`: the fp16 files, so a stage
+    exported alone is evaluated with the other stage already there) and records the figures.
     """
     provenance = read_provenance(out)
     if "corpus" not in provenance:
         raise ConfigError(f"{out} holds no pretraining provenance; run `fedvox-sim pretrain --out {out}` first")
     target.mkdir(parents=True, exist_ok=True)
     weights: dict[str, dict] = {}
-    models: dict[str, torch.nn.Module] = {}
+    model_config = "base"
     for stage in stages:
         plan, progress = read_state(out / stage)  # the freshest figures, even while it trains
         provenance.setdefault("stages", {}).setdefault(stage, {}).update(stage_record(plan, progress))
@@ -48,7 +48,7 @@ def export_base(
         model = build_model(stage, plan.model_config, SubsetSpec(kind="full"), seed=plan.seed)
         model.load_state_dict(state)
         paths = export_fedvox(stage, model, target, half=True)
-        models[stage] = model
+        model_config = plan.model_config
         size = sum(p.stat().st_size for p in paths)
         if size > MAX_STAGE_BYTES:
             for p in paths:
@@ -68,10 +68,10 @@ def export_base(
             }
         log.info("%s: exported step %d (%.1f MiB)", stage, step, size / 2**20)
     shipped = {**provenance, "exported": utc_now(), "exported_from": which, "weights": weights}
-    if evaluate and "s1" in models and "s2" in models:
-        shipped["evaluation"] = evaluate_speech(
-            out / "corpus", _fp16_round_trip(models["s1"]), _fp16_round_trip(models["s2"]).generator, evaluate
-        )
+    pair = {stage: target / recipe(stage).base_file for stage in ("s1", "s2")}
+    if evaluate and all(path.is_file() for path in pair.values()):
+        s1, s2 = (build_model(stage, model_config, SubsetSpec(kind="full"), pretrained=pair[stage]) for stage in pair)
+        shipped["evaluation"] = evaluate_speech(out / "corpus", s1, s2.generator, evaluate)
     previous = target / PROVENANCE
     if previous.is_file():  # a stage not re-exported keeps its earlier record
         old = json.loads(previous.read_text(encoding="utf-8"))
@@ -84,12 +84,3 @@ def export_base(
                 shipped["stages"][stage] = record
     atomic_write_text(previous, json.dumps(shipped, indent=2) + "\n")
     return shipped
-
-
-def _fp16_round_trip(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` as it is shipped: every floating-point tensor rounded to fp16 and back."""
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            if tensor.is_floating_point():
-                tensor.copy_(tensor.half().float())
-    return model
