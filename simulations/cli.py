@@ -204,10 +204,11 @@ def pretrain(
     s2_batch: int = typer.Option(8, "--s2-batch", help="s2 utterances per step."),
     s1_lr: float = typer.Option(1e-3, "--s1-lr", help="s1 peak learning rate."),
     s1_prompt_pairs: int = typer.Option(
-        0,
+        2,
         "--s1-prompt-pairs",
         min=0,
-        help="s1: also train each utterance N times prompted by another of its speaker, as inference prompts it.",
+        help="s1: also train each utterance N times prompted by another of its speaker, as inference prompts it "
+        "(0: single utterances only; such a base ends its prompted sentences early).",
     ),
     s2_lr: float = typer.Option(5e-4, "--s2-lr", help="s2 peak learning rate."),
     disc_start: int = typer.Option(
