@@ -792,17 +792,14 @@ def _verdict(run: RunData) -> str:
     found = quality_summary.comparisons(run.quality)
     target = run.calibration.get("target-epsilon")
     context = f" at epsilon {target:g}" if target else ""
-    lines = []
-    for c in found:
-        at = context if "local only" in (c.first, c.second) else ""
-        lines.append("- " + c.sentence("similarity", at))
+    at = [context if "local only" in (c.first, c.second) else "" for c in found]  # epsilon where it differs
+    lines = ["- " + c.sentence("similarity", a) for c, a in zip(found, at, strict=True)]
     # The other metrics: the headline comparison's WER and MCD whatever they say, and every
     # difference that was measured (a spectral gain over the base, say) whichever comparison it is in.
     for n, c in enumerate(found):
-        at = context if "local only" in (c.first, c.second) else ""
         for metric in ("wer", "mcd", "speech"):
             wanted = (n == 0 and metric != "speech") or c.called(metric)
-            if wanted and (sentence := c.sentence(metric, at)):
+            if wanted and (sentence := c.sentence(metric, at[n])):
                 lines.append("- " + sentence)
     groups = quality_summary.speaker_groups(run.quality)
     levels = quality_summary.levels(run.quality, groups["clients"])

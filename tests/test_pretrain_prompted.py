@@ -3,6 +3,7 @@ utterance of the same speaker, then the target), and a run that adds them when i
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -42,17 +43,26 @@ def test_each_utterance_is_also_prompted_by_another_of_its_own_speaker(cache):
     assert PromptedPairs(lonely, 1, seed=0).partner(len(lonely) + last) is None
 
 
+def _unbeatable_best(folder: Path) -> None:
+    """Mark the saved best as lower than any loss: only a reset lets a later step replace it."""
+    saved = torch.load(folder / "state.pt", weights_only=False)
+    saved["best"] = {"step": saved["step"], "valid_loss": -1.0}
+    torch.save(saved, folder / "state.pt")
+
+
 def test_a_resumed_s1_run_may_add_prompted_pairs_and_then_validates_on_them(cache, tmp_path):
     common = {"model_config": "tiny", "batch_size": 2, "eval_every": 1, "eval_utterances": 2}
-    first = train_stage(StagePlan("s1", steps=1, **common), cache, cache, tmp_path, torch.device("cpu"))
-    assert first.best == {"step": 1, "valid_loss": first.history[0]["valid"]["loss"]}
-    resumed = train_stage(
-        StagePlan("s1", steps=2, prompt_pairs=1, **common), cache, cache, tmp_path, torch.device("cpu")
-    )
+    train_stage(StagePlan("s1", steps=1, **common), cache, cache, tmp_path, torch.device("cpu"))
+    _unbeatable_best(tmp_path)
+    paired = StagePlan("s1", steps=2, prompt_pairs=1, **common)
+    resumed = train_stage(paired, cache, cache, tmp_path, torch.device("cpu"))
     # validation changed (each utterance after a partner): the best so far starts over at step 2
     assert resumed.best == {"step": 2, "valid_loss": resumed.history[1]["valid"]["loss"]}
     plan, _ = read_state(tmp_path)
     assert plan.prompt_pairs == 1
+    _unbeatable_best(tmp_path)  # same validation when resumed with the same pairs: the best stands
+    again = train_stage(replace(paired, steps=3), cache, cache, tmp_path, torch.device("cpu"))
+    assert again.best == {"step": 2, "valid_loss": -1.0}
     with pytest.raises(ConfigError, match="s1 only"):
         train_stage(
             StagePlan("s2", steps=1, prompt_pairs=1, **common), cache, cache, tmp_path / "s2", torch.device("cpu")

@@ -40,7 +40,6 @@ def export_base(
         raise ConfigError(f"{out} holds no pretraining provenance; run `fedvox-sim pretrain --out {out}` first")
     target.mkdir(parents=True, exist_ok=True)
     weights: dict[str, dict] = {}
-    model_config = "base"
     for stage in stages:
         plan, progress = read_state(out / stage)  # the freshest figures, even while it trains
         provenance.setdefault("stages", {}).setdefault(stage, {}).update(stage_record(plan, progress))
@@ -48,7 +47,6 @@ def export_base(
         model = build_model(stage, plan.model_config, SubsetSpec(kind="full"), seed=plan.seed)
         model.load_state_dict(state)
         paths = export_fedvox(stage, model, target, half=True)
-        model_config = plan.model_config
         size = sum(p.stat().st_size for p in paths)
         if size > MAX_STAGE_BYTES:
             for p in paths:
@@ -68,10 +66,6 @@ def export_base(
             }
         log.info("%s: exported step %d (%.1f MiB)", stage, step, size / 2**20)
     shipped = {**provenance, "exported": utc_now(), "exported_from": which, "weights": weights}
-    pair = {stage: target / recipe(stage).base_file for stage in ("s1", "s2")}
-    if evaluate and all(path.is_file() for path in pair.values()):
-        s1, s2 = (build_model(stage, model_config, SubsetSpec(kind="full"), pretrained=pair[stage]) for stage in pair)
-        shipped["evaluation"] = evaluate_speech(out / "corpus", s1, s2.generator, evaluate)
     previous = target / PROVENANCE
     if previous.is_file():  # a stage not re-exported keeps its earlier record
         old = json.loads(previous.read_text(encoding="utf-8"))
@@ -82,5 +76,10 @@ def export_base(
         for stage, record in old.get("stages", {}).items():
             if stage not in stages:
                 shipped["stages"][stage] = record
+    pair = {stage: target / recipe(stage).base_file for stage in ("s1", "s2")}
+    if evaluate and all(path.is_file() for path in pair.values()):
+        configs = {stage: shipped["stages"][stage]["plan"]["model_config"] for stage in pair}
+        s1, s2 = (build_model(s, configs[s], SubsetSpec(kind="full"), pretrained=path) for s, path in pair.items())
+        shipped["evaluation"] = evaluate_speech(out / "corpus", s1, s2.generator, evaluate)
     atomic_write_text(previous, json.dumps(shipped, indent=2) + "\n")
     return shipped

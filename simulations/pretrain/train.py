@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 STATE = "state.pt"
 BEST = "best.pt"
 LOG_EVERY = 10
-_EXTENSIBLE = ("steps", "eval_every", "prompt_pairs")  # a resumed run may train longer (the cosine then
-# stretches) and add prompted pairs (validation then changes: the best so far starts over)
+_EXTENSIBLE = ("steps", "eval_every", "prompt_pairs")
+"""Plan fields a resumed run may change: train longer (the cosine then stretches), validate at
+another interval, add or drop prompted pairs (validation changes with them: the best starts over)."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,8 @@ def train_stage(
             optimizer.load_state_dict(state.optimizers[name])
         log.info("%s: resuming at step %d of %d", plan.stage, state.step, plan.steps)
         if state.plan.get("prompt_pairs", 0) != plan.prompt_pairs:
-            log.info("%s: validation now on %s: the best so far starts over", plan.stage, _validated_on(plan))
+            shape = "prompted pairs" if plan.prompt_pairs else "single utterances"
+            log.info("%s: validation now on %s: the best so far starts over", plan.stage, shape)
             state.best = None
     saved_at, first_step = time.monotonic(), state.step
     started, start_seconds = time.monotonic(), state.seconds
@@ -199,10 +201,6 @@ def _step(
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
     return sums
-
-
-def _validated_on(plan: StagePlan) -> str:
-    return "prompted pairs" if plan.prompt_pairs else "single utterances"
 
 
 def _stage_code(stage: str) -> int:
