@@ -314,8 +314,17 @@ def train(
     model_config: str = typer.Option(
         DEFAULT_MODEL_CONFIG, "--model-config", help="Model config: tiny, v1, v2, v2Pro, v2ProPlus."
     ),
-    subset: str = typer.Option("lora", help="Trainable subset: lora or full."),
+    subset: str = typer.Option("lora", help="Trainable subset: lora, full, or groups (with --groups)."),
+    groups: str = typer.Option(
+        "", help="With --subset groups: module groups trained in full, comma-separated (e.g. decoder,ref_enc)."
+    ),
     lora_rank: int = typer.Option(8, min=1, help="LoRA rank."),
+    s2_lora: str = typer.Option(
+        "decoder", "--s2-lora", help="s2 LoRA targets: decoder (the voice) or all (text side, flow, decoder)."
+    ),
+    adversarial: bool = typer.Option(
+        False, "--adversarial/--no-adversarial", help="s2: train the discriminator beside the generator (GAN)."
+    ),
     epsilon: float | None = typer.Option(
         None, "--epsilon", help="Target epsilon (> 0) after all steps: the noise is calibrated to reach it."
     ),
@@ -375,6 +384,7 @@ def train(
     from fedvox.client.owner import run_budget
     from fedvox.client.profiles import ProfileOverrides, select_profile
     from fedvox.shared.errors import ConfigError, Interrupted
+    from fedvox.shared.runconfig import S2Training
 
     setup_logging(verbose)
     if (epsilon is None) == (noise_multiplier is None):
@@ -398,7 +408,9 @@ def train(
         stage=stage,
         model_config=model_config,
         subset=subset,
+        groups=groups,
         lora_rank=lora_rank,
+        s2=S2Training(lora=s2_lora, adversarial=adversarial),
         steps=steps,
         logical_batch=logical_batch,
         learning_rate=learning_rate,

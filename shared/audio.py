@@ -64,18 +64,24 @@ def resample(wave: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
     return _resampler(orig_rate, new_rate)(wave)
 
 
+# The cached constants below are built outside inference mode whatever the caller's mode: a
+# process that synthesised first (under torch.inference_mode) would otherwise keep inference
+# tensors that a later training step cannot use ("Inference tensors cannot be saved for backward").
 @lru_cache(maxsize=16)
+@torch.inference_mode(False)
 def _resampler(orig_rate: int, new_rate: int) -> T.Resample:
     # Building the sinc kernel costs as much as applying it to a few seconds of audio: keep it.
     return T.Resample(orig_rate, new_rate)
 
 
 @lru_cache(maxsize=8)
+@torch.inference_mode(False)
 def _window(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.hann_window(WIN_LENGTH, device=device, dtype=dtype)
 
 
 @lru_cache(maxsize=8)
+@torch.inference_mode(False)
 def _mel_basis(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     fbanks = AF.melscale_fbanks(
         n_freqs=SPEC_CHANNELS,

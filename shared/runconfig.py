@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from fedvox.shared.models.subsets import SubsetSpec
 
-SUBSETS = ("full", "lora")
+SUBSETS = ("full", "lora", "groups")
 AGGREGATIONS = ("fedavg", "fedadam", "fedprox", "median", "trimmed-mean")
 WIRE_PRECISIONS = ("fp16", "fp32")
 UPDATE_ENCODINGS = ("int4", "int8", "fp16", "fp32")
@@ -90,11 +90,33 @@ class S2Training:
     adversarial: bool = False  # true: the discriminator trains beside the generator (GAN losses)
 
 
+def group_names(groups: str) -> tuple[str, ...]:
+    """A ``groups`` setting (comma-separated module group names) as a tuple of names."""
+    return tuple(name.strip() for name in groups.split(",") if name.strip())
+
+
+def subset_spec(stage: str, subset: str, lora_rank: int, lora_alpha: float, groups: str, s2: S2Training) -> SubsetSpec:
+    """The trainable subset these settings name: one reading for federated and local runs alike."""
+    from fedvox.shared.models.subsets import SubsetKind, SubsetSpec  # torch: loaded when a model is built
+
+    is_s2 = stage == "s2"
+    return SubsetSpec(
+        kind=cast("SubsetKind", subset),
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        groups=group_names(groups),
+        lora_groups=("decoder",) if is_s2 and subset == "lora" and s2.lora == "decoder" else (),
+        adversary=not is_s2 or s2.adversarial,
+    )
+
+
 @settings(WHAT)
 class RunConfig:
     stage: Annotated[str, choice(STAGES)] = "s1"
     model_config: Annotated[str, choice(CONFIG_NAMES)] = SHIPPED_BASE_CONFIG
     subset: Annotated[str, choice(SUBSETS)] = "lora"
+    # subset = "groups": the model's module groups trained in full, comma-separated (s2: decoder, ref_enc, ...)
+    groups: str = ""
     lora_rank: Annotated[int, Positive] = 8
     lora_alpha: float = 16.0
     num_server_rounds: Annotated[int, Positive] = 3
@@ -147,6 +169,11 @@ class RunConfig:
                 "utterance-level DP needs dp.noise-multiplier > 0 or dp.target-epsilon > 0 "
                 "(training without noise gives no privacy guarantee)"
             )
+        if (self.subset == "groups") != bool(group_names(self.groups)):
+            raise ValueError(
+                f'groups ({self.groups!r}) names what a subset = "groups" run trains, and only that '
+                f"(subset is {self.subset!r}): set both, or neither"
+            )
         if self.evaluate:
             _positive("dp.loss-noise-multiplier", self.dp.loss_noise_multiplier, "with evaluate = true")
             _positive("dp.loss-clip", self.dp.loss_clip, "with evaluate = true")
@@ -168,16 +195,7 @@ class RunConfig:
     @property
     def subset_spec(self) -> SubsetSpec:
         """The trainable subset of the run's model, built here for every caller."""
-        from fedvox.shared.models.subsets import SubsetKind, SubsetSpec  # torch: loaded when a model is built
-
-        s2 = self.stage == "s2"
-        return SubsetSpec(
-            kind=cast("SubsetKind", self.subset),
-            lora_rank=self.lora_rank,
-            lora_alpha=self.lora_alpha,
-            lora_groups=("decoder",) if s2 and self.subset == "lora" and self.s2.lora == "decoder" else (),
-            adversary=not s2 or self.s2.adversarial,
-        )
+        return subset_spec(self.stage, self.subset, self.lora_rank, self.lora_alpha, self.groups, self.s2)
 
     def build_model(self) -> nn.Module:
         """The run's model: its stage and config, from the base it fine-tunes (the shipped base, a

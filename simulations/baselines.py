@@ -70,6 +70,28 @@ class LocalJob:
         """What the baseline writes: its data clone (with its ledger) and its training folder."""
         return self.out.parent
 
+    @property
+    def training(self) -> LocalTrainingSpec:
+        """The local run: the federation's model, subset, steps and privacy, for all its rounds."""
+        config = self.config
+        return LocalTrainingSpec(
+            stage=config.stage,
+            model_config=config.model_config,
+            subset=config.subset,
+            lora_rank=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            groups=config.groups,
+            s2=config.s2,
+            steps=self.rounds * config.local_steps,
+            logical_batch=config.logical_batch,
+            learning_rate=config.learning_rate,
+            checkpoint_every=config.local_steps,
+            model_seed=config.model_seed,
+            pretrained=config.pretrained or None,
+            validation_fraction=HELD_OUT_FRACTION,
+            privacy=PrivacyPlan.for_run(config.dp, budget_epsilon=config.client_budget_epsilon),
+        )
+
     def reuse_parts(self) -> dict[str, Any]:
         """Everything the baseline's result depends on but the code and the base (:func:`.reuse.key`)."""
         return {
@@ -123,30 +145,14 @@ class CentralJob:
 def local_baseline(job: LocalJob) -> dict[str, Any]:
     """Train one client alone for ``rounds * local-steps`` steps; score it after each round's worth."""
     started, cpu = time.perf_counter(), time.process_time()
-    config = job.config
-    spec = config.subset_spec
+    config, training = job.config, job.training
     profile = select_profile(
         probe(),
         config.stage,
         config.model_config,
-        spec,
+        training.subset_spec,
         ProfileOverrides.from_mapping(job.overrides),
         logical_batch=config.logical_batch,
-    )
-    training = LocalTrainingSpec(
-        stage=config.stage,
-        model_config=config.model_config,
-        subset=config.subset,
-        lora_rank=config.lora_rank,
-        lora_alpha=config.lora_alpha,
-        steps=job.rounds * config.local_steps,
-        logical_batch=config.logical_batch,
-        learning_rate=config.learning_rate,
-        checkpoint_every=config.local_steps,
-        model_seed=config.model_seed,
-        pretrained=config.pretrained or None,
-        validation_fraction=HELD_OUT_FRACTION,
-        privacy=PrivacyPlan.for_run(config.dp, budget_epsilon=config.client_budget_epsilon),
     )
     # A counterfactual owner who trained only locally: its own fedvox home, so the clone is not
     # taken for a second ledger of the federated client's recordings.

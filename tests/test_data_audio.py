@@ -61,3 +61,18 @@ def test_resampling_keeps_duration_and_pitch(orig, new):
     peak_hz = spectrum.abs().argmax().item() * new / out.numel()
     assert abs(peak_hz - 440) < 2
     assert resample(wave, orig, orig) is wave
+
+
+def test_spectrograms_train_after_synthesis_in_the_same_process():
+    """The cached window, mel basis and resampler are built outside inference mode: speaking first
+    (synthesis runs under torch.inference_mode) must not break a later training step."""
+    from fedvox.shared.audio import mel_spectrogram, resample
+
+    with torch.inference_mode():
+        mel_spectrogram(torch.randn(1, 8000, dtype=torch.float64))
+        resample(torch.randn(1, 8000), 16000, 24000)
+    wave = torch.randn(1, 8000, dtype=torch.float64, requires_grad=True)
+    mel_spectrogram(wave).sum().backward()
+    wave32 = torch.randn(1, 8000, requires_grad=True)
+    resample(wave32, 16000, 24000).sum().backward()
+    assert wave.grad is not None and wave32.grad is not None

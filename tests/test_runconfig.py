@@ -35,6 +35,8 @@ def test_flat_form_round_trips_and_values_are_converted():
         ({"evaluate": True, "dp.loss-clip": 0}, r"dp.loss-clip must be > 0 with evaluate = true"),
         ({"speaker-dp.enabled": True, "aggregation": "median"}, r"speaker-level DP needs a mean aggregation"),
         ({"speaker-dp.enabled": True, "speaker-dp.delta": 1}, r"speaker-dp.delta must be in \(0, 1\)"),
+        ({"subset": "groups"}, r"groups \(''\) names what a subset = \"groups\" run trains"),
+        ({"groups": "decoder"}, r"subset is 'lora'\): set both, or neither"),
         ({"learning-rate": 0, "dp.delta": 5}, r"learning-rate .*\(and 1 more problem\)$"),
     ],
 )
@@ -68,3 +70,15 @@ def test_the_s2_table_shapes_only_an_s2_runs_subset():
     assert s2.with_overrides({"subset": "full"}).subset_spec.lora_groups == ()
     with pytest.raises(ConfigError, match=r"s2\.lora must be one of decoder, all"):
         s2.with_overrides({"s2.lora": "flow"})
+
+
+def test_a_groups_subset_trains_exactly_its_module_groups():
+    config = RunConfig.from_flat(
+        {"stage": "s2", "model-config": "tiny", "pretrained": "", "subset": "groups"} | {"groups": " decoder, ref_enc "}
+    )
+    assert config.subset_spec.groups == ("decoder", "ref_enc")
+    trained = [name for name, p in config.build_model().named_parameters() if p.requires_grad]
+    assert trained and all(name.startswith(("generator.dec.", "generator.ref_enc.")) for name in trained)
+    assert any(".ref_enc." in name for name in trained) and any(".dec." in name for name in trained)
+    with pytest.raises(ConfigError, match=r"unknown module group\(s\) \['voice'\]"):
+        config.with_overrides({"groups": "voice"}).build_model()

@@ -101,3 +101,14 @@ def test_state_digest_tells_states_apart():
     assert reuse.state_digest(state) == reuse.state_digest({k: v.clone() for k, v in state.items()})
     assert reuse.state_digest(state) != reuse.state_digest({**state, "a": torch.tensor([0.0, 0.0, 1e-8])})
     assert reuse.state_digest(state) != reuse.state_digest({"a": state["a"]})
+
+
+def test_a_local_only_baseline_trains_the_federations_subset(tmp_path):
+    for overrides in ({}, {"stage": "s2"}, {"stage": "s2", "s2.lora": "all", "s2.adversarial": "true"}):
+        config = RunConfig().with_overrides(overrides)
+        local, _ = _jobs(tmp_path / str(len(overrides)), config)
+        assert local.training.subset_spec == config.subset_spec
+        assert local.training.steps == 3 * config.local_steps
+    groups = RunConfig().with_overrides({"stage": "s2", "subset": "groups", "groups": "decoder"})
+    local, _ = _jobs(tmp_path / "groups", groups)
+    assert local.training.subset_spec.groups == ("decoder",)

@@ -46,6 +46,7 @@ from fedvox.shared.models.subsets import SubsetSpec, trainable_state_dict
 from fedvox.shared.privacy.accounting import Mechanism, calibrate_noise_multiplier, epsilon
 from fedvox.shared.privacy.budget import Budget
 from fedvox.shared.privacy.ledger import Ledger, OwnerBudget, ledger_file, read_rows
+from fedvox.shared.runconfig import S2Training, subset_spec
 from fedvox.shared.settings import flatten, settings
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class LocalTrainingSpec:
     subset: str = "lora"
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    groups: str = ""  # subset = "groups": the module groups trained in full, comma-separated
+    s2: S2Training = field(default_factory=S2Training)  # what an s2 run trains, as in a federated one
     steps: Annotated[int, Field(ge=1)] = 100
     logical_batch: int = 8
     learning_rate: float = 1e-3
@@ -73,7 +76,7 @@ class LocalTrainingSpec:
 
     @property
     def subset_spec(self) -> SubsetSpec:
-        return SubsetSpec(kind=self.subset, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
+        return subset_spec(self.stage, self.subset, self.lora_rank, self.lora_alpha, self.groups, self.s2)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -288,6 +291,9 @@ def export(model: torch.nn.Module, spec: LocalTrainingSpec, out_dir: Path) -> li
 
 IDENTITY_EXEMPT = ("privacy.budget_epsilon",)
 """Settings a run may change between its segments: the budget is the owner's to raise."""
+EARLIER_SUBSET = {"groups": "", "s2.lora": "all", "s2.adversarial": True}
+"""What a run record written before these settings existed trained: every s2 LoRA target beside
+the discriminator (s1 runs ignore the s2 settings)."""
 
 
 def _previous_run(out_dir: Path, spec: LocalTrainingSpec) -> dict[str, Any] | None:
@@ -300,7 +306,12 @@ def _previous_run(out_dir: Path, spec: LocalTrainingSpec) -> dict[str, Any] | No
     if not path.is_file():
         return None
     run = json.loads(path.read_text())
-    differences = _differences(flatten(run["spec"]), flatten(json.loads(json.dumps(spec.to_dict()))))
+    recorded, asked = flatten(run["spec"]), flatten(json.loads(json.dumps(spec.to_dict())))
+    recorded = {**EARLIER_SUBSET, **recorded}
+    if spec.stage != "s2":
+        recorded = {k: v for k, v in recorded.items() if not k.startswith("s2.")}
+        asked = {k: v for k, v in asked.items() if not k.startswith("s2.")}
+    differences = _differences(recorded, asked)
     if not differences:
         return run
     if SegmentCheckpoints(out_dir / "checkpoints").steps():
