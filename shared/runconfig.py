@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Self, cast
 
 from pydantic import Field, model_validator
 
+from fedvox.shared.errors import ConfigError
 from fedvox.shared.models.config import CONFIG_NAMES, SHIPPED_BASE, SHIPPED_BASE_CONFIG, shipped_base_mismatch
 from fedvox.shared.settings import choice, dump, flatten, parse, read_toml, settings, unflatten
 from fedvox.shared.stages import STAGES
@@ -95,10 +96,23 @@ def group_names(groups: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in groups.split(",") if name.strip())
 
 
+def groups_mismatch(subset: str, groups: str) -> str | None:
+    """Why ``groups`` does not fit ``subset`` (None: it does): only a groups subset names groups, and it must."""
+    if (subset == "groups") == bool(group_names(groups)):
+        return None
+    return (
+        f"groups ({groups!r}) names the module groups a subset = 'groups' run trains, and only such a run "
+        f"(subset is {subset!r}): set both (e.g. --subset groups --groups decoder), or neither"
+    )
+
+
 def subset_spec(stage: str, subset: str, lora_rank: int, lora_alpha: float, groups: str, s2: S2Training) -> SubsetSpec:
     """The trainable subset these settings name: one reading for federated and local runs alike."""
     from fedvox.shared.models.subsets import SubsetKind, SubsetSpec  # torch: loaded when a model is built
 
+    mismatch = groups_mismatch(subset, groups)
+    if mismatch:
+        raise ConfigError(mismatch)
     is_s2 = stage == "s2"
     return SubsetSpec(
         kind=cast("SubsetKind", subset),
@@ -169,11 +183,9 @@ class RunConfig:
                 "utterance-level DP needs dp.noise-multiplier > 0 or dp.target-epsilon > 0 "
                 "(training without noise gives no privacy guarantee)"
             )
-        if (self.subset == "groups") != bool(group_names(self.groups)):
-            raise ValueError(
-                f'groups ({self.groups!r}) names what a subset = "groups" run trains, and only that '
-                f"(subset is {self.subset!r}): set both, or neither"
-            )
+        mismatch = groups_mismatch(self.subset, self.groups)
+        if mismatch:
+            raise ValueError(mismatch)
         if self.evaluate:
             _positive("dp.loss-noise-multiplier", self.dp.loss_noise_multiplier, "with evaluate = true")
             _positive("dp.loss-clip", self.dp.loss_clip, "with evaluate = true")

@@ -35,8 +35,11 @@ def test_flat_form_round_trips_and_values_are_converted():
         ({"evaluate": True, "dp.loss-clip": 0}, r"dp.loss-clip must be > 0 with evaluate = true"),
         ({"speaker-dp.enabled": True, "aggregation": "median"}, r"speaker-level DP needs a mean aggregation"),
         ({"speaker-dp.enabled": True, "speaker-dp.delta": 1}, r"speaker-dp.delta must be in \(0, 1\)"),
-        ({"subset": "groups"}, r"groups \(''\) names what a subset = \"groups\" run trains"),
-        ({"groups": "decoder"}, r"subset is 'lora'\): set both, or neither"),
+        ({"subset": "groups"}, r"groups \(''\) names the module groups a subset = 'groups' run trains"),
+        (
+            {"groups": "decoder"},
+            r"\(subset is 'lora'\): set both \(e.g. --subset groups --groups decoder\), or neither",
+        ),
         ({"learning-rate": 0, "dp.delta": 5}, r"learning-rate .*\(and 1 more problem\)$"),
     ],
 )
