@@ -16,9 +16,6 @@ import re
 from functools import cache, lru_cache
 from importlib import resources
 
-from pypinyin import Style, lazy_pinyin
-from pypinyin.contrib.tone_convert import to_finals_tone3, to_initials
-
 from fedvox.shared.errors import TextError
 from fedvox.shared.text.g2pw import G2pw, correct_pronunciation
 from fedvox.shared.text.symbols import PUNCTUATION
@@ -60,6 +57,8 @@ def _posseg():
 
 @lru_cache(maxsize=1 << 16)
 def _initials(word: str) -> tuple[str, ...]:
+    from pypinyin import Style, lazy_pinyin  # loaded on first use: its phrase tables cost 0.7 s of an import
+
     return tuple(lazy_pinyin(word, neutral_tone_with_five=True, style=Style.INITIALS))
 
 
@@ -149,6 +148,8 @@ def g2p(norm_text: str, symbols_version: str, g2pw: G2pw | None = None) -> tuple
 
 def _split_pinyins(pinyins: list[str]) -> tuple[list[str], list[str]]:
     """Toned pinyin -> initials and ``FINALS_TONE3`` finals (punctuation stays itself in both)."""
+    from pypinyin.contrib.tone_convert import to_finals_tone3, to_initials
+
     initials = [to_initials(pinyin) if pinyin[:1].isalpha() else pinyin for pinyin in pinyins]
     finals = [
         to_finals_tone3(pinyin, neutral_tone_with_five=True) if pinyin[:1].isalpha() else pinyin for pinyin in pinyins

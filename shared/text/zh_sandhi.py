@@ -18,8 +18,6 @@ import json
 from functools import cache, lru_cache
 from importlib import resources
 
-from pypinyin import Style, lazy_pinyin
-
 Segment = list[tuple[str, str]]
 
 _PARTICLES = "吧呢哈啊呐噻嘛吖嗨呐哦哒额滴哩哟喽啰耶喔诶"
@@ -37,6 +35,8 @@ def word_lists() -> dict[str, frozenset[str]]:
 @lru_cache(maxsize=1 << 16)
 def finals_tone3(word: str) -> tuple[str, ...]:
     """pypinyin finals with tone digits ("你好" -> ('i3', 'ao3')); non-Chinese runs stay as is."""
+    from pypinyin import Style, lazy_pinyin  # loaded on first use (zh._initials)
+
     return tuple(lazy_pinyin(word, neutral_tone_with_five=True, style=Style.FINALS_TONE3))
 
 
