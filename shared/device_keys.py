@@ -24,7 +24,7 @@ def parse_public_key(value: str) -> ec.EllipticCurvePublicKey:
     """A device key from its OpenSSH line (``ecdsa-sha2-nistp384 AAAA... comment``) or a file
     holding it; only NIST EC keys, the ones Flower's SuperNode authentication accepts."""
     text = value.strip()
-    if not text.startswith("ecdsa-") and Path(text).expanduser().is_file():
+    if not text.startswith("ecdsa-") and _is_file(text):
         text = Path(text).expanduser().read_text().strip()
     try:
         key = serialization.load_ssh_public_key(text.encode())
@@ -36,6 +36,15 @@ def parse_public_key(value: str) -> ec.EllipticCurvePublicKey:
     if not isinstance(key, ec.EllipticCurvePublicKey) or not uses_nist_ec_curve(key):
         raise ConfigError("SuperNode authentication needs an ECDSA key on a NIST curve (ssh-keygen -t ecdsa)")
     return key
+
+
+def _is_file(text: str) -> bool:
+    """Whether ``text`` names a file; a pasted key line of another type is no path (and can be
+    too long for one: ``is_file`` raises ENAMETOOLONG on a 372-character RSA line)."""
+    try:
+        return Path(text).expanduser().is_file()
+    except OSError:
+        return False
 
 
 def ssh_text(key: ec.EllipticCurvePublicKey) -> str:

@@ -43,6 +43,9 @@ def test_device_keys_are_read_from_their_line_or_file_and_only_nist_ecdsa_is_acc
             parse_public_key(_line(other))
     with pytest.raises(ConfigError, match="not an OpenSSH public key"):
         parse_public_key("ecdsa-sha2-nistp384 garbage")
+    rsa_line = "ssh-rsa " + "A" * 364  # no "/" in its base64: one path component past the 255-byte limit
+    with pytest.raises(ConfigError, match="not an OpenSSH public key"):
+        parse_public_key(rsa_line)
 
 
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen")
