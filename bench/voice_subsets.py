@@ -14,6 +14,7 @@ no noise, will not move it under DP-SGD either: this bounds what a federated s2 
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -77,8 +78,6 @@ def main(
     out: Path | None = typer.Option(None, help="JSON result path (default runs/bench/voice_subsets.json)."),
 ) -> None:
     """Speaker similarity, MCD and speech fraction of each fine-tuned subset against the base."""
-    import tempfile
-
     from fedvox.shared.models.subsets import trainable_state_dict
     from fedvox.simulations.quality import scoring
     from fedvox.simulations.quality.compare import Contender, speak
@@ -104,9 +103,10 @@ def main(
             config = candidate_config(name)
             started = time.perf_counter()
             trained = fine_tune(config, sim, steps, batch, seed, Path(scratch) / name)
-            spoken = by_metric(speak(config, Contender(name, trained.pop("state")), items, seed).items())
+            state = trained.pop("state")  # every trainable tensor: what the candidate trains
+            parameters = sum(t.numel() for t in state.values())
+            spoken = by_metric(speak(config, Contender(name, state), items, seed).items())
             differences = {m: cluster_bootstrap(paired_differences(spoken[m], base[m])) for m in METRICS}
-            parameters = sum(p.numel() for p in config.build_model().parameters() if p.requires_grad)
             results[name] = {
                 "overrides": CANDIDATES[name],
                 "trained-parameters": parameters,

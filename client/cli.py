@@ -316,7 +316,9 @@ def train(
     ),
     subset: str = typer.Option("lora", help="Trainable subset: lora, full, or groups (with --groups)."),
     groups: str = typer.Option(
-        "", help="With --subset groups: module groups trained in full, comma-separated (e.g. decoder,ref_enc)."
+        "",
+        help="Module groups trained in full, comma-separated (e.g. decoder,ref_enc): the whole subset with "
+        "--subset groups, or beside the adapters with lora (e.g. norms).",
     ),
     lora_rank: int = typer.Option(8, min=1, help="LoRA rank."),
     s2_lora: str = typer.Option(

@@ -35,7 +35,7 @@ def base_identity(config: RunConfig) -> dict[str, Any]:
         "model-config": config.model_config,
         "model-seed": config.model_seed,
         "subset": config.subset,
-        **({"groups": config.groups} if config.subset == "groups" else {}),
+        **({"groups": config.groups} if config.groups else {}),
         "lora-rank": config.lora_rank,
         "lora-alpha": config.lora_alpha,
         "pretrained": config.pretrained,

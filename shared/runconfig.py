@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Self, cast
 
 from pydantic import Field, model_validator
 
-from fedvox.shared.errors import ConfigError
 from fedvox.shared.models.config import CONFIG_NAMES, SHIPPED_BASE, SHIPPED_BASE_CONFIG, shipped_base_mismatch
 from fedvox.shared.settings import choice, dump, flatten, parse, read_toml, settings, unflatten
 from fedvox.shared.stages import STAGES
@@ -96,23 +95,10 @@ def group_names(groups: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in groups.split(",") if name.strip())
 
 
-def groups_mismatch(subset: str, groups: str) -> str | None:
-    """Why ``groups`` does not fit ``subset`` (None: it does): only a groups subset names groups, and it must."""
-    if (subset == "groups") == bool(group_names(groups)):
-        return None
-    return (
-        f"groups ({groups!r}) names the module groups a subset = 'groups' run trains, and only such a run "
-        f"(subset is {subset!r}): set both (e.g. --subset groups --groups decoder), or neither"
-    )
-
-
 def subset_spec(stage: str, subset: str, lora_rank: int, lora_alpha: float, groups: str, s2: S2Training) -> SubsetSpec:
     """The trainable subset these settings name: one reading for federated and local runs alike."""
     from fedvox.shared.models.subsets import SubsetKind, SubsetSpec  # torch: loaded when a model is built
 
-    mismatch = groups_mismatch(subset, groups)
-    if mismatch:
-        raise ConfigError(mismatch)
     is_s2 = stage == "s2"
     return SubsetSpec(
         kind=cast("SubsetKind", subset),
@@ -129,7 +115,8 @@ class RunConfig:
     stage: Annotated[str, choice(STAGES)] = "s1"
     model_config: Annotated[str, choice(CONFIG_NAMES)] = SHIPPED_BASE_CONFIG
     subset: Annotated[str, choice(SUBSETS)] = "lora"
-    # subset = "groups": the model's module groups trained in full, comma-separated (s2: decoder, ref_enc, ...)
+    # module groups trained in full, comma-separated: the whole subset with subset = "groups" (s2: decoder,
+    # ref_enc, ...), or beside the adapters with "lora" (e.g. norms); SubsetSpec checks the pair
     groups: str = ""
     lora_rank: Annotated[int, Positive] = 8
     lora_alpha: float = 16.0
@@ -183,9 +170,6 @@ class RunConfig:
                 "utterance-level DP needs dp.noise-multiplier > 0 or dp.target-epsilon > 0 "
                 "(training without noise gives no privacy guarantee)"
             )
-        mismatch = groups_mismatch(self.subset, self.groups)
-        if mismatch:
-            raise ValueError(mismatch)
         if self.evaluate:
             _positive("dp.loss-noise-multiplier", self.dp.loss_noise_multiplier, "with evaluate = true")
             _positive("dp.loss-clip", self.dp.loss_clip, "with evaluate = true")

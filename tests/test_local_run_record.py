@@ -31,9 +31,3 @@ def test_an_earlier_s2_run_trained_every_target_with_the_gan_and_resumes_only_so
         _previous_run(tmp_path / "run", spec)
     earlier = LocalTrainingSpec(stage="s2", s2={"lora": "all", "adversarial": True})
     assert _previous_run(tmp_path / "run", earlier)["run_id"] == "local-0"
-
-
-def test_groups_without_a_groups_subset_is_one_clear_error():
-    with pytest.raises(ConfigError, match=r"\(subset is 'lora'\): set both"):
-        _ = LocalTrainingSpec(stage="s2", groups="decoder").subset_spec
-    assert LocalTrainingSpec(stage="s2", subset="groups", groups="decoder").subset_spec.groups == ("decoder",)

@@ -35,11 +35,6 @@ def test_flat_form_round_trips_and_values_are_converted():
         ({"evaluate": True, "dp.loss-clip": 0}, r"dp.loss-clip must be > 0 with evaluate = true"),
         ({"speaker-dp.enabled": True, "aggregation": "median"}, r"speaker-level DP needs a mean aggregation"),
         ({"speaker-dp.enabled": True, "speaker-dp.delta": 1}, r"speaker-dp.delta must be in \(0, 1\)"),
-        ({"subset": "groups"}, r"groups \(''\) names the module groups a subset = 'groups' run trains"),
-        (
-            {"groups": "decoder"},
-            r"\(subset is 'lora'\): set both \(e.g. --subset groups --groups decoder\), or neither",
-        ),
         ({"learning-rate": 0, "dp.delta": 5}, r"learning-rate .*\(and 1 more problem\)$"),
     ],
 )
@@ -85,3 +80,9 @@ def test_a_groups_subset_trains_exactly_its_module_groups():
     assert any(".ref_enc." in name for name in trained) and any(".dec." in name for name in trained)
     with pytest.raises(ConfigError, match=r"unknown module group\(s\) \['voice'\]"):
         config.with_overrides({"groups": "voice"}).build_model()
+    with pytest.raises(ConfigError, match=r"needs at least one group name \(groups = \"decoder\", --groups decoder\)"):
+        _ = config.with_overrides({"groups": ""}).subset_spec
+    beside = config.with_overrides({"subset": "lora", "s2.lora": "decoder", "groups": "ref_enc"}).build_model()
+    trained = [name for name, p in beside.named_parameters() if p.requires_grad]
+    assert {n.split(".")[1] for n in trained} == {"dec", "ref_enc"}  # decoder adapters, the style encoder in full
+    assert all("lora" in n for n in trained if ".dec." in n) and not any("lora" in n for n in trained if "ref_enc" in n)

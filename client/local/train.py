@@ -63,7 +63,7 @@ class LocalTrainingSpec:
     subset: str = "lora"
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    groups: str = ""  # subset = "groups": the module groups trained in full, comma-separated
+    groups: str = ""  # module groups trained in full, comma-separated (RunConfig.groups)
     s2: S2Training = field(default_factory=S2Training)  # what an s2 run trains, as in a federated one
     steps: Annotated[int, Field(ge=1)] = 100
     logical_batch: int = 8

@@ -76,7 +76,7 @@ class SubsetSpec:
         if self.kind not in SUBSET_KINDS:
             raise ConfigError(f"unknown subset kind {self.kind!r}; use one of {', '.join(SUBSET_KINDS)}")
         if self.kind == "groups" and not self.groups:
-            raise ConfigError("a 'groups' subset needs at least one group name")
+            raise ConfigError('a groups subset needs at least one group name (groups = "decoder", --groups decoder)')
         if self.kind == "full" and self.groups:
             raise ConfigError("a 'full' subset trains every group already; leave groups empty")
         if self.kind != "lora" and self.lora_groups:
