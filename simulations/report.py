@@ -831,17 +831,19 @@ def _quality_section(run: RunData, out: Path) -> str:
         "*speech fraction* (silero-vad). Each cell: mean over speakers [95 % bootstrap interval].",
         "",
     ]
+    everyone_alone = groups.get(quality_summary.ALONE) == groups.get("clients")
     series = {}
     for group, speakers in groups.items():
         levels = quality_summary.levels(quality, speakers)
-        if not levels:
-            continue
+        if not levels or (group == quality_summary.ALONE and everyone_alone):
+            continue  # the clients' table says it
+        title = group.capitalize() + (", each also trained alone" if group == "clients" and everyone_alone else "")
         rows = [
             [quality_summary.LABELS.get(model, model), *(_estimate(metrics[m]) for m in quality_summary.METRIC_NAMES)]
             for model, metrics in levels.items()
         ]
         parts += [
-            f"**{group.capitalize()}** ({len(speakers)}):",
+            f"**{title}** ({len(speakers)}):",
             "",
             _table(["model", *quality_summary.METRIC_NAMES.values()], rows),
             "",

@@ -1,10 +1,11 @@
 """The report's speech-quality verdict and per-client accounts, from hand-made scores and events."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 from fedvox.shared.runconfig import RunConfig
 from fedvox.simulations.quality import summary
-from fedvox.simulations.report import RunData, _verdict, client_accounts
+from fedvox.simulations.report import RunData, _quality_section, _verdict, client_accounts
 
 
 def _quality(federated_gain: float) -> dict:
@@ -128,3 +129,13 @@ def test_epsilon_spent_on_updates_the_server_did_not_use_is_counted_per_client()
     }
     assert accounts[1]["accepted"] == 0 and accounts[1]["epsilon-unused"] == 5.0
     assert accounts[1]["outcomes"] == {"straggler": 2}
+
+
+def test_the_speech_quality_section_gives_one_clients_table_when_every_client_also_trained_alone(tmp_path: Path):
+    quality = {**_quality(0.07), "total-seconds": 1.0, "seconds": {"base": 1.0}}
+    run = SimpleNamespace(name="run", quality=quality)
+    text = _quality_section(run, tmp_path)  # type: ignore[arg-type]
+    assert "**Clients, each also trained alone** (6):" in text and "**Clients that also trained alone**" not in text
+    quality["speakers"]["local only"] = quality["clients"][:3]
+    text = _quality_section(run, tmp_path)  # type: ignore[arg-type]
+    assert "**Clients** (6):" in text and "**Clients that also trained alone** (3):" in text

@@ -124,12 +124,16 @@ def compare(quality: Mapping[str, Any], first: str, second: str, speakers: set[s
     return Comparison(first, second, group, tuple(sorted(speakers)), differences)
 
 
+ALONE = "clients that also trained alone"
+"""The speaker group every model was scored on, the local-only baselines included."""
+
+
 def speaker_groups(quality: Mapping[str, Any]) -> dict[str, set[str]]:
     """The speaker sets tables are made on: clients with a local-only baseline, all clients, unseen."""
     local = set(quality["speakers"].get("local only") or [])
     return {
         "clients": set(quality["clients"]),
-        "clients that also trained alone": local,
+        ALONE: local,
         "unseen speakers": set(quality["unseen"]),
     }
 
@@ -138,7 +142,7 @@ def comparisons(quality: Mapping[str, Any]) -> list[Comparison]:
     """The comparisons a run is judged by, most important first."""
     groups = speaker_groups(quality)
     wanted = [
-        ("federated", "local only", "clients that also trained alone"),
+        ("federated", "local only", ALONE),
         ("federated", "base", "clients"),
         ("central", "federated", "clients"),
         ("federated", "base", "unseen speakers"),
@@ -147,4 +151,4 @@ def comparisons(quality: Mapping[str, Any]) -> list[Comparison]:
     return [c for c in found if c is not None]
 
 
-__all__ = ["LABELS", "METRIC_NAMES", "Comparison", "compare", "comparisons", "levels", "speaker_groups"]
+__all__ = ["ALONE", "LABELS", "METRIC_NAMES", "Comparison", "compare", "comparisons", "levels", "speaker_groups"]
