@@ -424,22 +424,18 @@ def federate(config: RunConfig, fleet, clients: list[VirtualClient], seed: int, 
     from fedvox.server.app import make_server_app
     from fedvox.simulations.fleet_app import FleetMod, fleet_client_app
 
-    backend = backend_config(host, gpu=any(c.node_config.get("profile.device", "cpu") != "cpu" for c in clients))
-    start_ray(host, backend["init_args"])
     mod = FleetMod(fleet, clients, seed, folder / "events")
     try:
         run_simulation(
             server_app=make_server_app(config, seed=seed),
             client_app=fleet_client_app(mod, client_app),
             num_supernodes=len(clients),
-            backend_config=backend,
+            backend_config=backend_config(
+                host, gpu=any(c.node_config.get("profile.device", "cpu") != "cpu" for c in clients)
+            ),
         )
     except RuntimeError as exc:  # Flower wraps whatever stopped the simulation
         raise FederationError(f"the Flower simulation stopped: {exc}; see the log above") from exc
-    finally:
-        import ray
-
-        ray.shutdown()  # Flower's backend shuts it down too, unless the simulation never started it
     latest = store.latest()
     completed = latest.round if latest else 0
     if completed < config.num_server_rounds:
@@ -447,22 +443,6 @@ def federate(config: RunConfig, fleet, clients: list[VirtualClient], seed: int, 
             "the federation stopped after round %d of %d (see the log above)", completed, config.num_server_rounds
         )
     return completed
-
-
-def start_ray(host: Host, init_args: dict[str, Any]) -> None:
-    """Start this machine's Ray before Flower does, without Flower's runtime environment.
-
-    The raylet starts one worker per CPU at once. Flower's own start adds a runtime environment
-    (its driver's ``sys.path``) that those workers were not started with, so its actors waited
-    for new workers and the first ones started for nothing: 0.6-1.8 s of every federation's cold
-    start here (docs/performance.md). ``fedvox`` is installed, so the workers import it without.
-    A cluster given by ``--ray-address`` is Flower's to join.
-    """
-    if host.ray_address:
-        return
-    import ray
-
-    ray.init(**init_args)
 
 
 def backend_config(host: Host, gpu: bool) -> dict[str, Any]:

@@ -9,7 +9,6 @@ import json
 import os
 
 import pytest
-import ray
 from typer.testing import CliRunner
 
 from fedvox.shared.privacy.ledger import Ledger
@@ -121,7 +120,6 @@ def test_a_client_that_always_drops_out_does_not_stall_a_round(simulation):
     events = [json.loads(line) for line in (folder / "events" / f"client-{flaky}.jsonl").read_text().splitlines()]
     assert [e["outcome"] for e in events] == ["dropout", "dropout"]
     assert all(e["niceness"] == os.nice(0) for e in events)  # Ray's workers at this process's priority
-    assert not ray.is_initialized()  # fedvox-sim started this machine's Ray, and stopped it
 
 
 def test_ledgers_hold_one_release_per_trained_round_and_baselines_charge_their_own(simulation):
