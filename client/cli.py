@@ -451,7 +451,7 @@ def synthesize(
         ...,
         "--model",
         help="s1 and s2 models: files (.ckpt/.pth/.safetensors, round-N.json) or folders (a training run, an "
-        "export); repeat.",
+        "export); repeat. fedvox-base: the shipped base, for the stage the others do not give.",
     ),
     text: str = typer.Option(..., help="What to say."),
     ref: Path = typer.Option(..., "--ref", help="Reference recording whose voice to use."),

@@ -23,6 +23,8 @@ from fedvox.shared.atomic import atomic_path, refuse_overwrite
 from fedvox.shared.audio import SAMPLE_RATE, linear_spectrogram, read_audio, resample
 from fedvox.shared.bert import BertExtractor
 from fedvox.shared.errors import CheckpointError, ConfigError
+from fedvox.shared.models.config import SHIPPED_BASE, SHIPPED_BASE_CONFIG
+from fedvox.shared.models.factory import shipped_base
 from fedvox.shared.models.interop import load_safetensors
 from fedvox.shared.models.s1 import Text2SemanticDecoder, generate
 from fedvox.shared.models.s2 import SynthesizerTrn
@@ -53,19 +55,25 @@ def load_models(paths: list[str | Path]) -> Voice:
 
     Accepted: GPT-SoVITS ``.ckpt`` (s1) and s2G ``.pth``; fedvox ``s1.safetensors`` /
     ``s2G.safetensors`` (any config, as ``fedvox-client train`` and the server export them); a
-    server round checkpoint ``round-NNNNN.json``.
+    server round checkpoint ``round-NNNNN.json``; ``fedvox-base``, the shipped base, for each stage
+    the others do not give (a run fine-tunes one stage of it and speaks with the other).
     """
     found: dict[str, nn.Module] = {}
-    for path in _expand(paths):
+    for path in _expand([p for p in paths if str(p) != SHIPPED_BASE]):
         for stage, model in _load(path).items():
             if stage in found:
                 raise ConfigError(f"two {stage} models given ({path} and another); pass one of each")
             found[stage] = model
+    if any(str(p) == SHIPPED_BASE for p in paths):
+        for stage in STAGES:
+            if stage not in found:
+                found |= _load(shipped_base(stage, SHIPPED_BASE_CONFIG))
     missing = [stage for stage in STAGES if stage not in found]
     if missing:
         raise ConfigError(
             f"no {' and no '.join(missing)} model among {[str(p) for p in paths]}; synthesis needs an s1 "
-            "(GPT) and an s2 (SoVITS generator) model"
+            f"(GPT) and an s2 (SoVITS generator) model: add the run that trained it, or --model {SHIPPED_BASE} "
+            "for the shipped base's"
         )
     return Voice(**{stage: model.eval() for stage, model in found.items()})
 

@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 
 from fedvox.client.cli import app
 from fedvox.client.identity import identity
+from fedvox.client.synthesize import load_models
+from fedvox.shared.errors import ConfigError
 from fedvox.shared.models.factory import build_model, export_fedvox
 from fedvox.shared.models.interop import load_safetensors
 from fedvox.shared.models.subsets import SubsetSpec
@@ -212,3 +214,14 @@ def test_synthesize_speaks_with_trained_models(data, tmp_path):
     assert result.exit_code == 0, result.output
     wave, rate = sf.read(out)
     assert rate == 32000 and len(wave) >= 640 and abs(wave).max() > 0
+
+
+def test_the_shipped_base_speaks_the_stage_a_run_did_not_train(tmp_path):
+    tiny = build_model("s1", "tiny", SubsetSpec(kind="full"))
+    export_fedvox("s1", tiny, tmp_path / "s1")
+    with pytest.raises(ConfigError, match="--model fedvox-base for the shipped base's"):
+        load_models([tmp_path / "s1"])
+    voice = load_models([tmp_path / "s1", "fedvox-base"])  # the run's s1, the base's s2
+    assert voice.s1.config == tiny.config
+    assert voice.s2.config == build_model("s2", "base", SubsetSpec(kind="full")).generator.config
+    assert load_models(["fedvox-base"]).s1.config == build_model("s1", "base", SubsetSpec(kind="full")).config
