@@ -682,6 +682,9 @@ def _round_table(run: RunData, sim_times, real_times, counts, bytes_per_client) 
     )
 
 
+UNINFORMATIVE_WER = 0.8
+"""The recordings' own WER from which WER says nothing about the models: pocketsphinx scores
+espeak-ng's formant voices 0.8-1.0 on their own recordings (docs/simulation.md)."""
 PHASE_NAMES = {"speech-quality": "speech-quality scoring"}
 
 
@@ -810,6 +813,12 @@ def _verdict(run: RunData) -> str:
     ]
     if reference:
         lines.append("- Reference levels of speaker similarity on the clients: " + ", ".join(reference) + ".")
+    ceiling = levels.get("recordings", {}).get("wer")
+    if ceiling is not None and ceiling.mean >= UNINFORMATIVE_WER:
+        lines.append(
+            f"- WER cannot separate the models here: the recogniser misses most words of the recordings "
+            f"themselves (WER {ceiling.mean:.2f}), as on espeak-ng's formant voices (docs/simulation.md)."
+        )
     lines.append(
         "\nIntervals: 95 % percentile bootstrap over speakers (each speaker's sentences together); a "
         f"difference is called only when its interval excludes zero, on at least {MIN_SPEAKERS} speakers. "

@@ -139,3 +139,11 @@ def test_the_speech_quality_section_gives_one_clients_table_when_every_client_al
     quality["speakers"]["local only"] = quality["clients"][:3]
     text = _quality_section(run, tmp_path)  # type: ignore[arg-type]
     assert "**Clients** (6):" in text and "**Clients that also trained alone** (3):" in text
+
+
+def test_the_verdict_says_when_wer_cannot_separate_the_models():
+    quality = _quality(0.0)
+    assert "WER cannot separate" not in _verdict(_run(quality))  # the recordings' own WER 0.5
+    for value in quality["scores"]["recordings"].values():
+        value["wer"] = 0.95
+    assert "the recogniser misses most words of the recordings themselves (WER 0.95)" in _verdict(_run(quality))
