@@ -16,16 +16,17 @@ export RAY_USAGE_STATS_ENABLED := 0
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@if ! command -v espeak-ng >/dev/null 2>&1; then \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing espeak-ng (synthetic speakers)"; \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends espeak-ng >/dev/null) \
-	      || echo "warning: espeak-ng could not be installed; simulations fall back to pseudo-speech"; \
-	  elif command -v sudo >/dev/null 2>&1; then \
-	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends espeak-ng >/dev/null \
-	      || echo "warning: espeak-ng could not be installed; simulations fall back to pseudo-speech"; \
+	@# espeak-ng speaks the simulations' synthetic speakers; flite's CMU voices join it in the
+	@# corpus `fedvox-sim pretrain` makes the base from (docs/simulation.md).
+	@missing=""; for tool in espeak-ng flite; do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null 2>&1; then sudo=sudo; else sudo=none; fi; \
+	  if [ "$$sudo" = none ]; then \
+	    echo "warning:$$missing missing and not root; simulations fall back to pseudo-speech without espeak-ng, and fedvox-sim pretrain needs both"; \
 	  else \
-	    echo "warning: espeak-ng missing and not root; simulations fall back to pseudo-speech"; \
+	    echo "installing$$missing (synthetic speakers)"; \
+	    ($$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
+	      || echo "warning:$$missing could not be installed; simulations fall back to pseudo-speech without espeak-ng, and fedvox-sim pretrain needs both"; \
 	  fi; \
 	fi
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
