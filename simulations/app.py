@@ -73,7 +73,7 @@ def _simulated_nodes(grid: Grid) -> list[int]:
 def with_default_speakers(config: RunConfig, n_clients: int) -> RunConfig:
     """``config`` with a data-root of ``n_clients`` default synthetic speakers, in the run's folder."""
     from fedvox.simulations.features import clone_cache, prepare_speakers
-    from fedvox.simulations.runner import generate_or_reuse_speakers, set_owner_budget
+    from fedvox.simulations.runner import generate_or_reuse_speakers, set_owner_budget, smallest_client
     from fedvox.simulations.speakers import SpeakersConfig
 
     root = fedvox_home() / "simulation" / f"default-{n_clients}"
@@ -85,7 +85,31 @@ def with_default_speakers(config: RunConfig, n_clients: int) -> RunConfig:
     config = config.with_overrides({"checkpoint-dir": str(run_dir), "data-root": str(run_dir / "clients")})
     for p, cache in enumerate(data.client_caches):
         set_owner_budget(config, clone_cache(cache, Path(config.data_root) / f"client-{p}"))
+    warn_small_batches(config, smallest_client(config, data.client_caches))
     return config
 
 
-__all__ = ["app", "run_app", "with_default_speakers"]
+def warn_small_batches(config: RunConfig, smallest: int) -> None:
+    """Say so when the plan's sample rate gives the smallest client less than half its logical batch.
+
+    The run configuration's ``dp.sample-rate`` is made for devices with thousands of utterances;
+    on the default speakers (18 training utterances) its 0.05 is an expected batch of 0.9, where the
+    noise swamps every step. ``fedvox-sim run`` sizes the rate to the data instead (``calibrate``).
+    """
+    expected = config.dp.sample_rate * smallest
+    if expected >= config.logical_batch / 2:
+        return
+    rate = min(1.0, config.logical_batch / max(smallest, 1))
+    log.warning(
+        "dp.sample-rate %g gives the smallest client (%d training utterances) an expected batch of %.1f, "
+        "not the plan's logical batch of %d: the DP noise will swamp each step. To plan as fedvox-sim does, "
+        'pass --run-config "dp.sample-rate=%.3f dp.target-epsilon=8"',
+        config.dp.sample_rate,
+        smallest,
+        expected,
+        config.logical_batch,
+        rate,
+    )
+
+
+__all__ = ["app", "run_app", "warn_small_batches", "with_default_speakers"]

@@ -215,6 +215,11 @@ def run_config(spec: RunSpec, folder: Path, n_clients: int) -> RunConfig:
     return base.with_overrides({**values, **spec.config})
 
 
+def smallest_client(config: RunConfig, caches: tuple[Path, ...]) -> int:
+    """The fewest training utterances any client has: what a plan's sample rate is sized by."""
+    return min(len(datasets(config.stage, cache, HELD_OUT_FRACTION)[0]) for cache in caches)
+
+
 def calibrate(
     config: RunConfig, caches: tuple[Path, ...], *, keep_sample_rate: bool = False
 ) -> tuple[RunConfig, dict[str, Any]]:
@@ -232,7 +237,7 @@ def calibrate(
     or below the target (identical to what each computes for itself when their data are equal).
     """
     started = time.perf_counter()
-    smallest = min(len(datasets(config.stage, cache, HELD_OUT_FRACTION)[0]) for cache in caches)
+    smallest = smallest_client(config, caches)
     sample_rate = config.dp.sample_rate if keep_sample_rate else min(1.0, config.logical_batch / max(smallest, 1))
     config = config.with_overrides({"dp.sample-rate": sample_rate})
     if config.dp.target_epsilon <= 0:

@@ -4,6 +4,7 @@ no round fails with the reason."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from flwr.app import Context
@@ -13,7 +14,7 @@ from flwr.simulation import run_simulation
 from fedvox.client.app import app as client_app
 from fedvox.shared.errors import FederationError
 from fedvox.shared.runconfig import RunConfig
-from fedvox.simulations.app import run_app
+from fedvox.simulations.app import run_app, warn_small_batches
 from tests.federation_kit import LocalGrid, make_client_app
 from tests.tiny import TINY
 
@@ -50,3 +51,14 @@ def test_without_a_data_root_a_local_simulation_trains_on_the_default_speakers(t
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [1] and metrics[0]["participants"] == 2
     assert (run / "export" / "fedvox" / "s1.safetensors").is_file()
+
+
+def test_a_bare_run_says_when_its_sample_rate_leaves_the_smallest_client_a_batch_of_one(caplog):
+    config = RunConfig()  # dp.sample-rate 0.05, logical batch 8: made for devices with thousands of utterances
+    with caplog.at_level(logging.WARNING, logger="fedvox.simulations.app"):
+        warn_small_batches(config, 18)  # the default speakers' training utterances
+    assert "expected batch of 0.9" in caplog.text and "dp.sample-rate=0.444 dp.target-epsilon=8" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedvox.simulations.app"):
+        warn_small_batches(config, 2000)
+    assert caplog.text == ""
