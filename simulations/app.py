@@ -99,16 +99,19 @@ def warn_small_batches(config: RunConfig, smallest: int) -> None:
     expected = config.dp.sample_rate * smallest
     if expected >= config.logical_batch / 2:
         return
+    from fedvox.simulations.scenario import RunSpec
+
     rate = min(1.0, config.logical_batch / max(smallest, 1))
     log.warning(
         "dp.sample-rate %g gives the smallest client (%d training utterances) an expected batch of %.1f, "
         "not the plan's logical batch of %d: the DP noise will swamp each step. To plan as fedvox-sim does, "
-        'pass --run-config "dp.sample-rate=%.3f dp.target-epsilon=8"',
+        'pass --run-config "dp.sample-rate=%.3f dp.target-epsilon=%g"',
         config.dp.sample_rate,
         smallest,
         expected,
         config.logical_batch,
         rate,
+        RunSpec().epsilon,
     )
 
 

@@ -685,6 +685,7 @@ def _round_table(run: RunData, sim_times, real_times, counts, bytes_per_client) 
 UNINFORMATIVE_WER = 0.8
 """The recordings' own WER from which WER says nothing about the models: pocketsphinx scores
 espeak-ng's formant voices 0.8-1.0 on their own recordings (docs/simulation.md)."""
+
 PHASE_NAMES = {"speech-quality": "speech-quality scoring"}
 
 
