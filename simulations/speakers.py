@@ -103,7 +103,9 @@ class SpeakersConfig:
     """What to generate; each field is the command-line option (and scenario key) of the same
     name, ``n`` and ``lang`` for ``n_speakers`` and ``language``."""
 
-    n_speakers: Annotated[StrictInt, Field(ge=1, le=MAX_SPEAKERS, alias="n")] = 8  # clients
+    n_speakers: Annotated[
+        StrictInt, Field(ge=1, le=MAX_SPEAKERS, alias="n", description="the clients; --speakers of fedvox-sim run")
+    ] = 8
     utterances: Annotated[StrictInt, Field(ge=1, le=MAX_UTTERANCES)] = 20  # per client (the mean when zipf > 0)
     language: Annotated[str, choice(LANGUAGES), Field(alias="lang")] = "mix"  # mix: half the speakers each
     seed: Annotated[StrictInt, Field(ge=0)] = 0

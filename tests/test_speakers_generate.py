@@ -204,7 +204,7 @@ def test_refuses_a_foreign_folder_and_replaces_only_its_own_output(tmp_path):
 @pytest.mark.parametrize(
     "change, option",
     [
-        ({"n_speakers": 0}, r"speakers n must be in \[1, 1000\], got 0"),
+        ({"n_speakers": 0}, r"speakers n must be in \[1, 1000\] \(the clients; --speakers of fedvox-sim run\), got 0"),
         ({"utterances": 0}, r"speakers utterances must be in \[1, 2000\]"),
         ({"language": "fr"}, r"speakers lang must be one of en, zh, mix, got 'fr'"),
         ({"zipf": -1.0}, r"speakers zipf must be in \[0, 5\]"),
