@@ -44,7 +44,7 @@ def test_runs_read_on_top_of_the_run_table_and_options_on_top_of_the_file(tmp_pa
         (("clients-per-round = 2", "clients-per-round = -1"), r"\[\[runs\]\] #2: run clients-per-round must be >= 0"),
         (("rounds = 2", "rounds = 2.5"), r"sweep.toml \[run\]: run rounds must be an integer, got 2.5"),
         (("rounds = 2", "colour = 2"), r"\[run\]: unknown run key 'colour'; known keys: name, rounds"),
-        (("n = 4", "n = 0"), r"sweep.toml: scenario speakers.n must be in \[1, 1000\], got 0"),
+        (("n = 4", "n = 0"), r"sweep.toml: scenario speakers.n must be in \[1, 1000\] \(the clients; .*\), got 0"),
         (('name = "eps-8"', 'name = "eps-1"'), r"scenario: runs share a name: \['eps-1', 'eps-1'\]"),
         (('name = "eps-8"', 'name = "a/b"'), r"run name must be letters, digits"),
         (("[run.config]", "[run.colour]"), r"\[run\]: unknown run key 'colour'"),
