@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from fedvox.shared.errors import DataError
 from fedvox.shared.models.batches import S1Batch
 from fedvox.shared.models.config import S1Config
+from fedvox.shared.models.dropout import Dropout, dropout
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,14 @@ class SelfAttention(nn.Module):
 def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float
 ) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    """SDPA; with dropout on the CPU, the math path SDPA takes there, with the cheaper mask of
+    :mod:`~fedvox.shared.models.dropout`."""
+    if dropout_p == 0.0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    scores = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return dropout(scores.softmax(-1), dropout_p) @ v
 
 
 class TransformerLayer(nn.Module):
@@ -142,7 +150,7 @@ class TransformerLayer(nn.Module):
         self.linear2 = nn.Linear(config.ffn_dim, config.dim)
         self.norm1 = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
         self.norm2 = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
         x = self.norm1(x + self.dropout(self.self_attn(x, mask, cache)))
@@ -176,7 +184,7 @@ class Text2SemanticDecoder(nn.Module):
         self.ar_audio_position = SinePositionalEmbedding(config.dim)
         self.h = TransformerEncoder(config)
         self.ar_predict_layer = nn.Linear(config.dim, config.semantic_vocab, bias=False)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.set_attention_checkpointing(attention_checkpointing)
 
     def set_attention_checkpointing(self, enabled: bool) -> None:

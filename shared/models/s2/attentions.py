@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedvox.shared.errors import ConfigError
+from fedvox.shared.models.dropout import Dropout
 from fedvox.shared.models.s2.modules import LayerNorm
 
 MASKED_SCORE = -1e4
@@ -87,7 +88,7 @@ class MultiHeadAttention(nn.Module):
         self.conv_k = nn.Conv1d(channels, channels, 1)
         self.conv_v = nn.Conv1d(channels, channels, 1)
         self.conv_o = nn.Conv1d(channels, out_channels, 1)
-        self.drop = nn.Dropout(p_dropout)
+        self.drop = Dropout(p_dropout)
         for conv in (self.conv_q, self.conv_k, self.conv_v):
             nn.init.xavier_uniform_(conv.weight)
         self.emb_rel_k = RelativeKeys(window, self.k_channels) if window else None
@@ -120,7 +121,7 @@ class FFN(nn.Module):
         self.pad = ((kernel_size - 1) // 2, kernel_size // 2)
         self.conv_1 = nn.Conv1d(channels, filter_channels, kernel_size)
         self.conv_2 = nn.Conv1d(filter_channels, channels, kernel_size)
-        self.drop = nn.Dropout(p_dropout)
+        self.drop = Dropout(p_dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.drop(torch.relu(self.conv_1(F.pad(x * mask, self.pad))))
@@ -141,7 +142,7 @@ class Encoder(nn.Module):
         window: int = 4,
     ) -> None:
         super().__init__()
-        self.drop = nn.Dropout(p_dropout)
+        self.drop = Dropout(p_dropout)
         self.attn_layers = nn.ModuleList(
             MultiHeadAttention(hidden, hidden, n_heads, p_dropout, window) for _ in range(n_layers)
         )

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedvox.shared.models.dropout import Dropout
+
 
 class Conv1dGLU(nn.Module):
     """Residual gated conv: ``x + dropout(a * sigmoid(b))`` with ``[a, b] = conv1(x)``."""
@@ -23,7 +25,7 @@ class Conv1dGLU(nn.Module):
     def __init__(self, channels: int, kernel_size: int, dropout: float) -> None:
         super().__init__()
         self.conv1 = nn.Conv1d(channels, 2 * channels, kernel_size, padding=kernel_size // 2)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.conv1(x).chunk(2, dim=1)
@@ -41,8 +43,8 @@ class StyleAttention(nn.Module):
         self.w_vs = nn.Linear(channels, channels)
         self.fc = nn.Linear(channels, channels)
         self.temperature = math.sqrt(channels)
-        self.attn_dropout = nn.Dropout(dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.attn_dropout = Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
@@ -75,10 +77,10 @@ class MelStyleEncoder(nn.Module):
         self.spectral = nn.Sequential(
             nn.Linear(in_bins, hidden),
             nn.Mish(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Linear(hidden, hidden),
             nn.Mish(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
         )
         self.temporal = nn.ModuleList(Conv1dGLU(hidden, kernel_size, dropout) for _ in range(2))
         self.slf_attn = StyleAttention(hidden, n_heads, dropout)
