@@ -137,7 +137,7 @@ def _attend(
     scores = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return dropout(scores.softmax(-1), dropout_p) @ v
+    return dropout(scores.softmax(-1, dtype=q.dtype), dropout_p) @ v  # under autocast, in its dtype as SDPA's
 
 
 class TransformerLayer(nn.Module):
