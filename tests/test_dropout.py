@@ -1,22 +1,27 @@
-"""The CPU dropout's mask: its rate, its scale, its gradient, its seed, and s1's attention path."""
+"""The CPU dropout: its rate, its scale, its gradient, its seed, and s1's attention path."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from fedvox.shared.models.dropout import Dropout, dropout, keep_mask
+from fedvox.shared.models.dropout import Dropout, dropout
 from fedvox.shared.models.s1 import _attend
+
+SCALE_0_1 = 65536 / (65536 - 6554)
+"""1 / keep probability for p = 0.1 on the 2^-16 grid."""
 
 
 def test_keep_rate_and_scale_match_the_drop_probability() -> None:
     torch.manual_seed(0)
-    keep, scale = keep_mask(torch.Size([1000, 1000]), 0.1, torch.device("cpu"))
+    y = dropout(torch.ones(1000, 1000), 0.1)
+    kept = y != 0
     # 10^6 Bernoulli(0.9) draws: standard deviation of the mean 3e-4
-    assert abs(keep.float().mean().item() - 0.9) < 2e-3
-    assert scale == 65536 / (65536 - 6554)
+    assert abs(kept.float().mean().item() - 0.9) < 2e-3
+    assert torch.all(y[kept] == torch.tensor(SCALE_0_1, dtype=torch.float32))
     # every 16-bit lane of the 64-bit words is uniform, not only the low ones
-    lanes = keep.flatten()[: 4 * (keep.numel() // 4)].view(-1, 4).float().mean(0)
+    lanes = kept.flatten().view(-1, 4).float().mean(0)
     assert torch.all((lanes - 0.9).abs() < 4e-3)
 
 
@@ -25,20 +30,21 @@ def test_dropout_keeps_scaled_values_drops_to_zero_and_is_unbiased() -> None:
     x = torch.rand(400, 500) + 0.5
     y = dropout(x, 0.3)
     kept = y != 0
-    _, scale = keep_mask(torch.Size([1]), 0.3, x.device)
-    torch.testing.assert_close(y[kept], x[kept] * scale, rtol=0, atol=0)
+    scale = 65536 / (65536 - round(0.3 * 65536))
+    torch.testing.assert_close(y[kept], x[kept] * scale, rtol=1e-7, atol=0)
     assert abs(kept.float().mean().item() - 0.7) < 5e-3
     assert abs(y.mean().item() / x.mean().item() - 1) < 1e-2
 
 
-def test_gradient_flows_through_kept_elements_only() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_flows_through_kept_elements_only(dtype: torch.dtype) -> None:
     torch.manual_seed(2)
-    x = torch.randn(64, 64, requires_grad=True)
-    y = dropout(x, 0.5)
-    y.sum().backward()
+    x = torch.randn(64, 64, dtype=dtype, requires_grad=True)
+    y = dropout(x, 0.1)
+    assert y.dtype == dtype
+    y.backward(torch.full_like(y, 2.0))
     assert x.grad is not None
-    _, scale = keep_mask(torch.Size([1]), 0.5, x.device)
-    expected = torch.where(y != 0, torch.tensor(scale), torch.tensor(0.0))
+    expected = torch.where(y != 0, 2.0 * SCALE_0_1, 0.0).to(dtype)
     torch.testing.assert_close(x.grad, expected, rtol=0, atol=0)
 
 

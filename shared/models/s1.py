@@ -134,9 +134,9 @@ def _attend(
     :mod:`~fedvox.shared.models.dropout`."""
     if dropout_p == 0.0 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    scores = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if mask is not None:  # added in place: masked_fill is an unvectorised pass on the CPU
+        scores.add_(torch.where(mask, 0.0, float("-inf")))
     return dropout(scores.softmax(-1, dtype=q.dtype), dropout_p) @ v  # under autocast, in its dtype as SDPA's
 
 
