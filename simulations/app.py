@@ -99,9 +99,9 @@ def warn_small_batches(config: RunConfig, smallest: int) -> None:
     expected = config.dp.sample_rate * smallest
     if expected >= config.logical_batch / 2:
         return
+    from fedvox.simulations.runner import sized_sample_rate
     from fedvox.simulations.scenario import RunSpec
 
-    rate = min(1.0, config.logical_batch / max(smallest, 1))
     log.warning(
         "dp.sample-rate %g gives the smallest client (%d training utterances) an expected batch of %.1f, "
         "not the plan's logical batch of %d: the DP noise will swamp each step. To plan as fedvox-sim does, "
@@ -110,7 +110,7 @@ def warn_small_batches(config: RunConfig, smallest: int) -> None:
         smallest,
         expected,
         config.logical_batch,
-        rate,
+        sized_sample_rate(config, smallest),
         RunSpec().epsilon,
     )
 

@@ -220,6 +220,11 @@ def smallest_client(config: RunConfig, caches: tuple[Path, ...]) -> int:
     return min(len(datasets(config.stage, cache, HELD_OUT_FRACTION)[0]) for cache in caches)
 
 
+def sized_sample_rate(config: RunConfig, smallest: int) -> float:
+    """The Poisson rate that gives the smallest client an expected logical batch."""
+    return min(1.0, config.logical_batch / max(smallest, 1))
+
+
 def calibrate(
     config: RunConfig, caches: tuple[Path, ...], *, keep_sample_rate: bool = False
 ) -> tuple[RunConfig, dict[str, Any]]:
@@ -238,7 +243,7 @@ def calibrate(
     """
     started = time.perf_counter()
     smallest = smallest_client(config, caches)
-    sample_rate = config.dp.sample_rate if keep_sample_rate else min(1.0, config.logical_batch / max(smallest, 1))
+    sample_rate = config.dp.sample_rate if keep_sample_rate else sized_sample_rate(config, smallest)
     config = config.with_overrides({"dp.sample-rate": sample_rate})
     if config.dp.target_epsilon <= 0:
         return config, {}

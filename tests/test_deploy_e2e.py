@@ -270,7 +270,7 @@ def test_a_killed_device_rejoins_and_a_killed_server_resumes_without_counting_an
 ):
     # 100 local steps, not 2: a ClientApp must still be training when the test sees it open the
     # ledger and kills it (2 steps of the tiny s1 took about 1 s, which the kill could miss); more
-    # noise keeps the two rounds' epsilon (about 27) inside the devices' budget of 100
+    # noise keeps the two rounds' epsilon (33 measured) inside the devices' budget of 100
     home = server_home(tmp_path / "server", **{"local-steps": 100, "dp.noise-multiplier": 1.5})
     address = f"127.0.0.1:{home.settings().port}"
     for name in ("alice", "bob"):  # registered before the server starts: authorised when it does

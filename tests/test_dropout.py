@@ -61,6 +61,13 @@ def test_seeded_masks_repeat_and_eval_mode_is_the_identity() -> None:
     assert dropout(x, 0.0) is x
 
 
+def test_a_drop_probability_beyond_the_grid_falls_back_to_torch() -> None:
+    """p within 2^-17 of 1 rounds to dropping every level: no scale exists, torch's dropout runs."""
+    torch.manual_seed(5)
+    assert torch.count_nonzero(dropout(torch.ones(1000), 1 - 1e-7)) == 0
+    assert torch.count_nonzero(dropout(torch.ones(1000), 1.0)) == 0
+
+
 def test_attention_math_path_equals_sdpa_when_nothing_is_dropped() -> None:
     """p below 2^-17 rounds to no drop: the CPU path must then be SDPA without dropout."""
     torch.manual_seed(4)

@@ -47,11 +47,11 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)``, with the cheaper mask on the CPU."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or not 0.0 < p < 1.0:
+    dropped = round(p * _LEVELS)
+    if x.device.type != "cpu" or p < 0.0 or dropped >= _LEVELS:  # p within 2^-17 of 1: no keep level
         return F.dropout(x, p, training)
     numel = x.numel()
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-    dropped = round(p * _LEVELS)
     words16 = words.view(torch.int16)[:numel].view(x.shape)
     return _Dropout.apply(x, words16, dropped - _LEVELS // 2, _LEVELS / (_LEVELS - dropped))
 
