@@ -8,7 +8,6 @@ than wall time and is the figure reported there; on CUDA the wall time after a s
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import json
 import os
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from fedvox.client.host import M_MMAP_THRESHOLD, mallopt
 from fedvox.shared.atomic import atomic_write_text
 
 RESULTS = Path("runs/bench")
@@ -83,7 +83,6 @@ def reset_peak_rss() -> bool:
         return False
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 LIVE_MEMORY_THRESHOLD = 64 * 2**10
 """Blocks this large or larger are mmapped and unmapped on free: RSS follows live memory."""
 HEAP_REUSE_THRESHOLD = 32 * 2**20
@@ -98,10 +97,7 @@ def set_mmap_threshold(size: int) -> bool:
     heap kept from earlier work, but allocation is slower (every block is fresh pages): measure
     memory and time in separate passes.
     """
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, size))
-    except (OSError, AttributeError):
-        return False
+    return mallopt(M_MMAP_THRESHOLD, size)
 
 
 def interleaved(

@@ -44,6 +44,7 @@ from fedvox.client.dp.engine import make_private, run_logical_step
 from fedvox.client.dp.grad_sample import DirectGradSampleModule
 from fedvox.client.dp.optimizer import FedvoxDPOptimizer
 from fedvox.client.dp.task import Task, autocast
+from fedvox.client.host import prepare_training_process
 from fedvox.client.stages import client_stage
 from fedvox.client.stages.s1 import S1Task
 from fedvox.shared.cli import run_cli
@@ -175,7 +176,7 @@ def main(
 ) -> None:
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*(Full backward hook|Secure RNG|Using a non-full backward).*")
-    torch.set_num_threads(threads)
+    prepare_training_process(threads)  # as every training process (client.host)
     dev = torch.device(device)
     names = [v for v in variants.split(",") if v]
     if unknown := set(names) - set(VARIANTS + OPTIONAL_VARIANTS):

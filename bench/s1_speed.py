@@ -19,6 +19,7 @@ import torch
 import typer
 from opacus import GradSampleModule
 
+from fedvox.client.host import prepare_training_process
 from fedvox.shared.cli import run_cli
 from fedvox.shared.models.batches import S1Batch
 from fedvox.shared.models.config import EOS, s1_config
@@ -61,7 +62,7 @@ def main(
 ) -> None:
     logging.disable(logging.WARNING)  # generation warns that it stopped without EOS, by design
     warnings.filterwarnings("ignore", message="Full backward hook")  # Opacus, harmless
-    torch.set_num_threads(threads)
+    prepare_training_process(threads)  # as every training process (client.host)
     torch.manual_seed(0)
     cfg = s1_config(config)
     model = Text2SemanticDecoder(cfg)

@@ -24,6 +24,7 @@ import typer
 from opacus import GradSampleModule
 
 from fedvox.client.dp.grad_sample import DirectGradSampleModule
+from fedvox.client.host import prepare_training_process
 from fedvox.shared.audio import HOP_LENGTH, SAMPLE_RATE, linear_spectrogram
 from fedvox.shared.cli import run_cli
 from fedvox.shared.models.batches import S2Batch
@@ -81,7 +82,7 @@ def main(
     decode_tokens: int = typer.Option(100, help="tokens synthesised for the real-time factor (4 s)"),
 ) -> None:
     warnings.filterwarnings("ignore", message="Full backward hook")  # Opacus, harmless
-    torch.set_num_threads(threads)
+    prepare_training_process(threads)  # as every training process (client.host)
     torch.manual_seed(0)
     cfg = s2_config(config)
     generator, discriminator = SynthesizerTrn(cfg), MultiPeriodDiscriminator(cfg)

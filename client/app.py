@@ -65,6 +65,7 @@ from fedvox.client.data.split import HELD_OUT_FRACTION
 from fedvox.client.device import probe
 from fedvox.client.dp import PrivacyPlan, RoundPlan, Trainer
 from fedvox.client.dp.trainer import UNIT
+from fedvox.client.host import prepare_training_process
 from fedvox.client.identity import bind_ledger
 from fedvox.client.loss_release import loss_mechanism, noisy_mean_loss, utterance_losses
 from fedvox.client.message_times import MessageClock
@@ -207,7 +208,7 @@ class PlanSession:
             )
         except (ConfigError, DeviceError) as exc:
             raise Refusal("device", str(exc)) from None
-        torch.set_num_threads(self.profile.threads)
+        prepare_training_process(self.profile.threads)
         try:
             pretrained = (node.pretrained or config.pretrained) or None
             model = base_model(config.stage, config.model_config, spec, seed=config.model_seed, pretrained=pretrained)

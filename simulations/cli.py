@@ -219,15 +219,13 @@ def pretrain(
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)."),
 ) -> None:
     """Pretrain the shipped base non-privately on a public synthetic corpus (resumable)."""
-    import torch
-
+    from fedvox.client.host import prepare_training_process
     from fedvox.shared.errors import ConfigError
     from fedvox.simulations.pretrain.corpus import CorpusConfig
     from fedvox.simulations.pretrain.pipeline import pretrain as run_pretrain
     from fedvox.simulations.pretrain.train import StagePlan
 
-    if threads:
-        torch.set_num_threads(threads)
+    prepare_training_process(threads)
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
     if not chosen or not set(chosen) <= {"s1", "s2"}:
         raise ConfigError(f"--stages must list s1 and/or s2, got {stages!r}")

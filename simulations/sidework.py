@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from fedvox.client.device import probe
+from fedvox.client.host import prepare_training_process
 from fedvox.shared.runconfig import RunConfig
 from fedvox.simulations import reuse
 from fedvox.simulations.baselines import central_baseline
@@ -50,7 +51,7 @@ runs on what the federation leaves idle and on every core once it is done."""
 
 
 def _start_worker(threads: int, niceness: int) -> None:
-    torch.set_num_threads(threads)
+    prepare_training_process(threads)
     os.nice(niceness)
 
 

@@ -32,6 +32,7 @@ from fedvox.client.data.split import HELD_OUT_FRACTION
 from fedvox.client.dp import PrivacyPlan, RoundPlan, Trainer
 from fedvox.client.dp.monitor import TrainingMonitor
 from fedvox.client.dp.trainer import UNIT
+from fedvox.client.host import prepare_training_process
 from fedvox.client.identity import bind_ledger, identity
 from fedvox.client.local.checkpoints import SegmentCheckpoints
 from fedvox.client.profiles import ResourceProfile
@@ -128,7 +129,7 @@ def train_local(
         with Ledger(data_dir) as book:
             book.set_owner_budget(first_budget)
     run = _write_run_record(out_dir, spec, previous, run_id)
-    torch.set_num_threads(profile.threads)
+    prepare_training_process(profile.threads)
     model = build_model(
         spec.stage, spec.model_config, spec.subset_spec, seed=spec.model_seed, pretrained=spec.pretrained
     )

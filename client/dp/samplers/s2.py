@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm
 
-from fedvox.client.dp.samplers import conv
+from fedvox.client.dp.samplers import conv, dense
 from fedvox.shared.models.s2.attentions import RelativeKeys, RelativeValues, _window_index
 from fedvox.shared.models.s2.modules import LayerNorm
 
@@ -45,8 +45,8 @@ def _compute_dtype(backprops: torch.Tensor, param: torch.Tensor) -> torch.dtype:
 def layer_norm_grad_sample(layer: LayerNorm, activations: list[torch.Tensor], backprops: torch.Tensor) -> GradSamples:
     dtype = _compute_dtype(backprops, layer.gamma)
     x, dy = activations[0].to(dtype), backprops.to(dtype)
-    xhat = F.layer_norm(x.transpose(1, -1), (x.shape[1],), eps=layer.eps).transpose(1, -1)
-    return {layer.gamma: (xhat * dy).flatten(2).sum(-1), layer.beta: dy.flatten(2).sum(-1)}
+    xhat = dense.normalized(x, (1,), layer.eps)  # over channels, without F.layer_norm's transposes
+    return {layer.gamma: xhat.mul_(dy).flatten(2).sum(-1), layer.beta: dy.flatten(2).sum(-1)}
 
 
 def _by_offset(x: torch.Tensor, window: int) -> torch.Tensor:
