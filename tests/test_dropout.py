@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fedvox.shared.models.dropout import Dropout, dropout
-from fedvox.shared.models.s1 import _attend
+from fedvox.shared.models.s1 import _attend, attention_bias
 
 SCALE_0_1 = 65536 / (65536 - 6554)
 """1 / keep probability for p = 0.1 on the 2^-16 grid."""
@@ -76,4 +76,17 @@ def test_attention_math_path_equals_sdpa_when_nothing_is_dropped() -> None:
     mask[..., 0] = True  # no empty row
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(_attend(q, k, v, mask, 1e-6), expected, rtol=1e-5, atol=1e-6)
+    # the encoder hands its layers the mask as a bias, made once per pass
+    torch.testing.assert_close(_attend(q, k, v, attention_bias(mask), 1e-6), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(_attend(q, k, v, None, 1e-6), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_attention_bias_is_zero_where_attended_and_vanishes_under_softmax_elsewhere() -> None:
+    mask = torch.tensor([[True, False, True], [False, True, False]])
+    bias = attention_bias(mask)
+    assert bias.dtype == torch.float32 and bool((bias[mask] == 0).all())
+    probabilities = (torch.randn(2, 3) * 50 + bias).softmax(-1)
+    assert bool((probabilities[~mask] == 0).all())
+    scores = torch.randn(2, 3).bfloat16().add_(bias)  # as under autocast: in place, in bf16
+    probabilities = scores.softmax(-1)
+    assert not probabilities.isnan().any() and bool((probabilities[~mask] == 0).all())
