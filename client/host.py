@@ -5,13 +5,13 @@ A training step allocates and frees the same large temporaries every step: the l
 gradient, and under DP-SGD the per-sample gradients and the noise. glibc's malloc serves blocks
 above its mmap threshold with fresh pages and hands free memory at the heap's top back to the
 kernel above its trim threshold; both thresholds adapt only after large frees. On s1 tiny's DP
-step that still cost about 950 page faults per step, about 4 ms of a 64 ms step (2-core AVX-512
+step that still cost 950-2,350 page faults per step, about 4 ms of a 64 ms step (2-core AVX-512
 host, one thread); the non-private step, whose blocks recur at the same sizes, had none.
 :func:`keep_freed_memory` fixes the thresholds from the start, the mmap threshold at glibc's
 adaptive maximum and the trim threshold at :data:`TRIM_THRESHOLD` (the effect PyTorch's CPU
 tuning guide gets by preloading jemalloc or tcmalloc). The peak resident set stays where it was
-(887 against 891 MB over the same steps); a user's own ``MALLOC_*`` or ``GLIBC_TUNABLES``
-settings are left alone.
+(891 MB with it against 887 MB without, over the same steps); a user's own ``MALLOC_*`` or
+``GLIBC_TUNABLES`` settings are left alone.
 """
 
 from __future__ import annotations
