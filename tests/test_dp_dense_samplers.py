@@ -56,6 +56,17 @@ def test_layer_norm_per_sample_gradients_are_exact(normalized_shape, bias) -> No
         assert torch.allclose(got[layer.bias], want["bias"])
 
 
+def test_linear_gradients_take_the_output_gradients_dtype() -> None:
+    """Under bf16 autocast a layer after a LayerNorm gets float32 inputs and bf16 output gradients:
+    the product runs in bf16, as autocast's own weight gradient and Opacus's formula do."""
+    layer = nn.Linear(8, 4)
+    x, dy = torch.randn(2, 3, 8), torch.randn(2, 3, 4)
+    got = dense.linear_grad_sample(layer, [x], dy.bfloat16())
+    assert got[layer.weight].dtype == torch.bfloat16
+    want = dense.linear_grad_sample(layer, [x.bfloat16().float()], dy.bfloat16().float())[layer.weight]
+    torch.testing.assert_close(got[layer.weight].float(), want, rtol=2e-2, atol=2e-2)
+
+
 def test_layer_norm_gradients_stay_in_float32_under_bf16_inputs() -> None:
     layer = nn.LayerNorm(8)
     x, dy = torch.randn(2, 3, 8).bfloat16(), torch.randn(2, 3, 8).bfloat16()

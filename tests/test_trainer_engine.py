@@ -163,3 +163,24 @@ def test_empty_poisson_batch_still_releases_noise():
     moved = [not torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters(), strict=True)]
     assert all(moved)
     private.close()
+
+
+def test_lower_precision_per_sample_gradients_are_clipped_in_the_parameters_precision():
+    """bf16 per-sample gradients of float32 parameters (bf16 autocast) join the flat buffer
+    converted: the clipped sums are float32 and equal the float32 arithmetic on the bf16 values."""
+    from fedvox.client.dp.optimizer import FedvoxDPOptimizer
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(shape)) for shape in ((4, 3), (5,), (2, 2))]
+    optimizer = FedvoxDPOptimizer(
+        torch.optim.SGD(params, lr=0.1), noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=3
+    )
+    samples = [torch.randn(3, *p.shape).bfloat16() * 2 for p in params]
+    for p, g in zip(params, samples, strict=True):
+        p.grad_sample = g
+    optimizer.clip_and_accumulate()
+    flat = torch.cat([g.float().flatten(1) for g in samples], dim=1)
+    factors = (1.0 / (flat.norm(dim=1) + 1e-6)).clamp(max=1.0)
+    for p, g in zip(params, samples, strict=True):
+        assert p.summed_grad.dtype == torch.float32
+        torch.testing.assert_close(p.summed_grad, torch.einsum("b,b...->...", factors, g.float()))

@@ -301,13 +301,14 @@ class _FlatBucket:
 def _flat_buckets(
     explicit: list[tuple[Any, torch.Tensor]], batch: int
 ) -> tuple[list[_FlatBucket], list[tuple[Any, torch.Tensor]]]:
-    """Split explicit per-sample gradients into flat buckets of small tensors (by dtype and
-    device) and the larger ones, which stay as they are."""
+    """Split explicit per-sample gradients into flat buckets of small tensors (by the parameters'
+    dtype and device, gradients in a lower precision converted as they are copied in: bf16
+    autocast leaves most of s1's) and the larger ones, which stay as they are."""
     groups: dict[tuple[torch.dtype, torch.device], list[tuple[Any, torch.Tensor]]] = {}
     large = []
     for p, g in explicit:
-        if p.numel() <= SMALL_TENSOR_NUMEL and g.dtype == p.dtype:
-            groups.setdefault((g.dtype, g.device), []).append((p, g))
+        if p.numel() <= SMALL_TENSOR_NUMEL and torch.promote_types(g.dtype, p.dtype) == p.dtype:
+            groups.setdefault((p.dtype, g.device), []).append((p, g))
         else:
             large.append((p, g))
     buckets = []
@@ -315,7 +316,7 @@ def _flat_buckets(
         if len(members) == 1:
             large.extend(members)
             continue
-        flat = torch.cat([g.reshape(batch, p.numel()) for p, g in members], dim=1)
+        flat = torch.cat([g.reshape(batch, p.numel()).to(p.dtype) for p, g in members], dim=1)
         buckets.append(_FlatBucket([p for p, _ in members], flat))
     return buckets, large
 

@@ -25,11 +25,13 @@ def normalized(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tens
 
 
 def linear_grad_sample(layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor) -> GradSamples:
-    """``dW_i = sum_t d_t a_t^T`` as one ``bmm`` over the positions, ``db_i = sum_t d_t``."""
+    """``dW_i = sum_t d_t a_t^T`` as one ``bmm`` over the positions, ``db_i = sum_t d_t``; in the
+    output gradient's dtype, as Opacus's formula and autocast's own weight gradients (under bf16
+    autocast a layer after a LayerNorm sees float32 inputs: promoting those products to float32
+    made them 2x slower and s1 tiny's bf16 DP step 1.23x plain instead of 1.16-1.18x)."""
     batch = backprops.shape[0]
-    dtype = torch.promote_types(backprops.dtype, activations[0].dtype)
-    a = activations[0].to(dtype).reshape(batch, -1, layer.in_features)
-    d = backprops.to(dtype).reshape(batch, -1, layer.out_features)
+    a = activations[0].to(backprops.dtype).reshape(batch, -1, layer.in_features)
+    d = backprops.reshape(batch, -1, layer.out_features)
     grads: GradSamples = {}
     if isinstance(layer.weight, nn.Parameter) and layer.weight.requires_grad:
         grads[layer.weight] = torch.bmm(d.transpose(1, 2), a)
