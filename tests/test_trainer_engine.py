@@ -10,6 +10,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from fedvox.client.dp.engine import make_private, poisson_sample, run_logical_step
+from fedvox.client.dp.optimizer import FedvoxDPOptimizer, _flat_buckets
 
 N, D_IN, D_OUT = 24, 6, 3
 
@@ -168,8 +169,6 @@ def test_empty_poisson_batch_still_releases_noise():
 def test_lower_precision_per_sample_gradients_are_clipped_in_the_parameters_precision():
     """bf16 per-sample gradients of float32 parameters (bf16 autocast) join the flat buffer
     converted: the clipped sums are float32 and equal the float32 arithmetic on the bf16 values."""
-    from fedvox.client.dp.optimizer import FedvoxDPOptimizer
-
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.zeros(shape)) for shape in ((4, 3), (5,), (2, 2))]
     optimizer = FedvoxDPOptimizer(
@@ -178,6 +177,8 @@ def test_lower_precision_per_sample_gradients_are_clipped_in_the_parameters_prec
     samples = [torch.randn(3, *p.shape).bfloat16() * 2 for p in params]
     for p, g in zip(params, samples, strict=True):
         p.grad_sample = g
+    buckets, large = _flat_buckets(list(zip(params, samples, strict=True)), batch=3)
+    assert not large and len(buckets) == 1 and buckets[0].flat.dtype == torch.float32  # one buffer, converted
     optimizer.clip_and_accumulate()
     flat = torch.cat([g.float().flatten(1) for g in samples], dim=1)
     factors = (1.0 / (flat.norm(dim=1) + 1e-6)).clamp(max=1.0)

@@ -59,9 +59,8 @@ class SinePositionalEmbedding(nn.Module):
     grad sampler for it); on the CPU the sines cost more than the layer's whole backward.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.dim = dim
         self.alpha = nn.Parameter(torch.ones(1))
 
     def forward(self, table: torch.Tensor) -> torch.Tensor:
@@ -194,9 +193,9 @@ class Text2SemanticDecoder(nn.Module):
         self.config = config
         self.bert_proj = nn.Linear(config.bert_dim, config.dim)
         self.ar_text_embedding = nn.Embedding(config.phoneme_vocab_size, config.dim)
-        self.ar_text_position = SinePositionalEmbedding(config.dim)
+        self.ar_text_position = SinePositionalEmbedding()
         self.ar_audio_embedding = nn.Embedding(config.semantic_vocab, config.dim)
-        self.ar_audio_position = SinePositionalEmbedding(config.dim)
+        self.ar_audio_position = SinePositionalEmbedding()
         self.h = TransformerEncoder(config)
         self.ar_predict_layer = nn.Linear(config.dim, config.semantic_vocab, bias=False)
         self.dropout = Dropout(config.dropout)
