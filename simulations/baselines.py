@@ -47,7 +47,7 @@ CHUNK = 16
 """Most examples per forward/backward pass of the centralised baseline. A step's examples are
 sorted by length and passed in chunks of similar length: the sum of per-example losses is the
 same, but a 64-example step padded to its longest utterance (s1 sequences of the default speakers
-run 85-283 positions) took 1.5-4x as long here as sorted chunks of 16 (docs/simulation.md)."""
+run 85-283 positions) took 1.5-4x as long as sorted chunks of 16 on the 2-core CPU host."""
 
 
 @dataclass(frozen=True)

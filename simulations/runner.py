@@ -472,9 +472,10 @@ def backend_config(host: Host, gpu: bool) -> dict[str, Any]:
 
 def _quiet_flower() -> None:
     """Keep Flower's warnings only: it logs every round's metrics twice (its handler and ours),
-    warns that ``run_simulation`` is deprecated in favour of ``flwr run`` (docs/simulation.md
-    says why fedvox-sim runs in process) and that federated evaluation is off (the simulator
-    scores the global model itself), and its state store logs its database plugins."""
+    warns that ``run_simulation`` is deprecated in favour of ``flwr run`` (fedvox-sim runs the
+    federation in its own process, beside the side-work pool it shares the cores with) and that
+    federated evaluation is off (the simulator scores the global model itself), and its state
+    store logs its database plugins."""
     flwr = logging.getLogger("flwr")
     flwr.propagate = False
     if not logging.getLogger().isEnabledFor(logging.DEBUG):
