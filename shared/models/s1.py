@@ -337,7 +337,10 @@ def s1_loss(model: nn.Module, batch: S1Batch) -> S1Loss:
     token_ce = F.cross_entropy(full_precision.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
     per_sample = token_ce.masked_fill(~real, 0.0).sum(dim=1)
     with torch.no_grad():
-        hit = (logits.topk(3, dim=-1).indices == targets.unsqueeze(-1)).any(dim=-1)
+        # In the top 3 when fewer than 3 logits beat the target's (a tie counts for the target):
+        # one comparison pass, 0.9 against topk's 1.9 ms at the tiny config's batch on the CPU.
+        above = logits > logits.gather(-1, targets.unsqueeze(-1))
+        hit = above.sum(dim=-1, dtype=torch.int32) < 3
         counted = real & (targets != eos)
         top3_correct = (hit & counted).sum()
     return S1Loss(per_sample, real.sum(dim=1), top3_correct, counted.sum())
