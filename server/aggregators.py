@@ -11,7 +11,10 @@ once from the run configuration by :func:`build_aggregator`:
 - :class:`FlowerRule`: a Flower strategy's own ``aggregate_train`` (the median, the trimmed mean) on
   the updates re-based onto the fp32 global model;
 - :class:`ServerAdam`: Flower's FedAdam server step on the aggregate of an inner rule (the mean,
-  or under speaker-level DP the noised mean), its moments checkpointed.
+  or under speaker-level DP the noised mean), its moments checkpointed;
+- :class:`ServerStep`: any other rule's move scaled by ``server-step``, DP-FedAvg's server
+  learning rate (McMahan et al. 2018): the mean of ``n`` noisy updates carries ``1/sqrt(n)`` of
+  one client's DP noise, so the server may take a longer step than any client could alone.
 
 Memory: the means decode one update at a time, so they add a few fp32 models whatever the number
 of clients (``bench/server_aggregate.py``). Only Flower's median and trimmed mean, which need
@@ -229,23 +232,43 @@ class ServerAdam(Aggregator):
             setattr(self.adam, moment, values or None)
 
 
-def build_aggregator(config: RunConfig) -> Aggregator:
-    """The rule ``config.aggregation`` names, on the DP mean when speaker-level DP is on.
+class ServerStep(Aggregator):
+    """``inner``'s aggregate moved ``step`` times as far from the global model. Under speaker-level
+    DP the noised mean is scaled after its release: post-processing, privacy unchanged."""
 
-    The run configuration already refuses speaker-level DP with the median or trimmed mean.
+    def __init__(self, inner: Aggregator, step: float) -> None:
+        self.inner = inner
+        self.step = step
+        self.name = f"{inner.name} x {step:g}"
+
+    def aggregate(self, updates: RoundUpdates) -> Aggregate:
+        inner = self.inner.aggregate(updates)
+        state = {name: torch.lerp(updates.global_state[name], value, self.step) for name, value in inner.state.items()}
+        return Aggregate(state, inner.release)
+
+
+def build_aggregator(config: RunConfig) -> Aggregator:
+    """The rule ``config.aggregation`` names, on the DP mean when speaker-level DP is on, its move
+    scaled by ``server-step`` where that is not 1.
+
+    The run configuration already refuses speaker-level DP with the median or trimmed mean, and a
+    server step with FedAdam (which has its own).
     """
     dp = config.speaker_dp
     mean: Aggregator = SpeakerDPMean(dp.clip_norm, dp.noise_multiplier) if dp.enabled else WeightedMean()
-    if config.aggregation in ("fedavg", "fedprox"):
-        return mean
     if config.aggregation == "fedadam":
         adam = FedAdam(eta=config.server_learning_rate, eta_l=config.learning_rate, weighted_by_key=WEIGHT_KEY)
         return ServerAdam(mean, adam)
-    if config.aggregation == "median":
-        return FlowerRule(FedMedian(weighted_by_key=WEIGHT_KEY))
-    if config.aggregation == "trimmed-mean":
-        return FlowerRule(FedTrimmedAvg(beta=config.trim_fraction, weighted_by_key=WEIGHT_KEY))
-    raise ConfigError(f"unknown aggregation {config.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+    rule: Aggregator
+    if config.aggregation in ("fedavg", "fedprox"):
+        rule = mean
+    elif config.aggregation == "median":
+        rule = FlowerRule(FedMedian(weighted_by_key=WEIGHT_KEY))
+    elif config.aggregation == "trimmed-mean":
+        rule = FlowerRule(FedTrimmedAvg(beta=config.trim_fraction, weighted_by_key=WEIGHT_KEY))
+    else:
+        raise ConfigError(f"unknown aggregation {config.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+    return rule if config.server_step == 1 else ServerStep(rule, config.server_step)
 
 
 __all__ = [
@@ -256,6 +279,7 @@ __all__ = [
     "FlowerRule",
     "RoundUpdates",
     "ServerAdam",
+    "ServerStep",
     "SpeakerDPMean",
     "WeightedMean",
     "build_aggregator",

@@ -132,7 +132,9 @@ class RunConfig:
     aggregation: Annotated[str, choice(AGGREGATIONS)] = "fedavg"
     proximal_mu: float = 0.01
     trim_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.2
-    server_learning_rate: float = 0.01
+    server_learning_rate: float = 0.01  # fedadam's Adam step
+    # every rule but fedadam: the global model moves server-step times the aggregate's move
+    server_step: Annotated[float, Positive] = 1.0
     max_update_norm: Annotated[float, Positive] = 1e3
     client_budget_epsilon: Annotated[float, Positive] = 10.0
     checkpoint_dir: str = ""
@@ -169,6 +171,11 @@ class RunConfig:
             raise ValueError(
                 "utterance-level DP needs dp.noise-multiplier > 0 or dp.target-epsilon > 0 "
                 "(training without noise gives no privacy guarantee)"
+            )
+        if self.aggregation == "fedadam" and self.server_step != 1:
+            raise ValueError(
+                f"server-step ({self.server_step}) scales the move of a mean, median or trimmed mean; "
+                "fedadam steps with server-learning-rate instead: leave server-step at 1"
             )
         if self.evaluate:
             _positive("dp.loss-noise-multiplier", self.dp.loss_noise_multiplier, "with evaluate = true")

@@ -362,12 +362,13 @@ def _overview(run: RunData) -> str:
         if c.speaker_dp.enabled
         else "speaker-level DP off"
     )
+    step = f" with server step {c.server_step:g}" if c.server_step != 1 else ""
     return (
         f"{len(run.clients)} clients ({run.fleet['fleet']['name']} fleet, seed {spec['seed']}), "
         f"{c.num_server_rounds} rounds of {c.stage} `{c.model_config}` ({c.subset}"
         f"{f' r={c.lora_rank}' if c.subset == 'lora' else ''}), up to "
         f"{c.clients_per_round or len(run.clients)} clients per round, {c.local_steps} local DP-SGD steps of "
-        f"logical batch {c.logical_batch}, learning rate {c.learning_rate:g}, {c.aggregation}; DP-SGD: {dp}, "
+        f"logical batch {c.logical_batch}, learning rate {c.learning_rate:g}, {c.aggregation}{step}; DP-SGD: {dp}, "
         f"clip {c.dp.clip_norm:g}, delta {c.dp.delta:g}, budget {c.client_budget_epsilon:g}; {speaker}."
     )
 

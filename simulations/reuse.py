@@ -45,6 +45,7 @@ FEDERATION_ONLY = frozenset(
         "proximal-mu",
         "trim-fraction",
         "server-learning-rate",
+        "server-step",
         "max-update-norm",
         "checkpoint-dir",
         "keep-checkpoints",

@@ -36,6 +36,8 @@ def test_flat_form_round_trips_and_values_are_converted():
         ({"speaker-dp.enabled": True, "aggregation": "median"}, r"speaker-level DP needs a mean aggregation"),
         ({"speaker-dp.enabled": True, "speaker-dp.delta": 1}, r"speaker-dp.delta must be in \(0, 1\)"),
         ({"learning-rate": 0, "dp.delta": 5}, r"learning-rate .*\(and 1 more problem\)$"),
+        ({"server-step": 0}, r"server-step must be > 0, got 0"),
+        ({"aggregation": "fedadam", "server-step": 2}, r"fedadam steps with server-learning-rate instead"),
     ],
 )
 def test_bad_values_name_the_key_and_what_it_accepts(flat, message):

@@ -3,6 +3,7 @@
 import pytest
 
 from fedvox.shared.errors import ConfigError
+from fedvox.simulations.runner import LEARNING_RATE, SERVER_STEP, run_config
 from fedvox.simulations.scenario import build_scenario, read_scenario
 from fedvox.simulations.speakers import SpeakersConfig
 
@@ -62,3 +63,12 @@ def test_command_line_values_are_checked_too():
         build_scenario(None, {}, {"rounds": 0})
     with pytest.raises(ConfigError, match=r"^speakers: utterances must be >= 3 with zipf"):
         build_scenario(None, {"zipf": 1.0, "utterances": 2}, {})
+
+
+def test_a_run_takes_the_simulations_own_defaults_unless_its_config_says_otherwise(tmp_path):
+    (default,) = build_scenario(None, {}, {}).runs
+    config = run_config(default, tmp_path, n_clients=8)
+    assert (config.learning_rate, config.server_step) == (LEARNING_RATE, SERVER_STEP) != (1e-3, 1.0)
+    (custom,) = build_scenario(None, {}, {"config": {"server-step": 1.0, "learning-rate": 0.001}}).runs
+    config = run_config(custom, tmp_path, n_clients=8)
+    assert (config.learning_rate, config.server_step) == (0.001, 1.0)

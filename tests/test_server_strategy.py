@@ -12,7 +12,14 @@ from flwr.serverapp import RdpAccountant
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 
-from fedvox.server.aggregators import FlowerRule, ServerAdam, SpeakerDPMean, WeightedMean, build_aggregator
+from fedvox.server.aggregators import (
+    FlowerRule,
+    ServerAdam,
+    ServerStep,
+    SpeakerDPMean,
+    WeightedMean,
+    build_aggregator,
+)
 from fedvox.server.run import FederatedRun
 from fedvox.server.speaker_dp import clip_factors, noised_mean
 from fedvox.shared.errors import ConfigError
@@ -195,6 +202,26 @@ def test_each_aggregation_is_one_rule_object_with_fedadam_on_the_mean_it_wraps(t
     median, trimmed = rule(aggregation="median"), rule(aggregation="trimmed-mean", **{"trim-fraction": 0.3})
     assert isinstance(median, FlowerRule) and type(median.rule) is FedMedian
     assert isinstance(trimmed, FlowerRule) and isinstance(trimmed.rule, FedTrimmedAvg) and trimmed.rule.beta == 0.3
+    stepped = rule(aggregation="median", **{"server-step": 2.5})
+    assert isinstance(stepped, ServerStep) and stepped.step == 2.5 and isinstance(stepped.inner, FlowerRule)
+
+
+@pytest.mark.parametrize("speaker_dp", [False, True])
+def test_a_server_step_moves_the_global_model_that_multiple_of_the_rules_move(tmp_path, speaker_dp):
+    dp = (
+        {"speaker-dp.enabled": True, "speaker-dp.clip-norm": 1e3, "speaker-dp.noise-multiplier": 1e-9}
+        if speaker_dp
+        else {}
+    )
+    plain = _run(_config(tmp_path / "1", **dp), LocalGrid(make_client_app(tmp_path / "c1"), num_nodes=2))
+    config = _config(tmp_path / "3", **dp, **{"server-step": 3.0})
+    stepped = _run(config, LocalGrid(make_client_app(tmp_path / "c3"), num_nodes=2))
+    start = initial_state()
+    for name, value in stepped.store.latest().state.items():
+        mean_move = plain.store.latest().state[name] - start[name]
+        assert mean_move.abs().max() > 0
+        torch.testing.assert_close(value - start[name], 3.0 * mean_move, rtol=1e-4, atol=1e-6)
+    assert stepped.strategy.aggregator.name == ("speaker-dp-mean" if speaker_dp else "mean") + " x 3"
 
 
 def test_fedadam_takes_flowers_adam_step_on_the_screened_mean(tmp_path):
