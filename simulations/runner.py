@@ -78,8 +78,8 @@ held-out loss fell by 0.012 nats/token at 0.005, 0.007 at 0.003, 0.006 at 0.01 (
 SERVER_STEP = 2.0
 """The simulation's default ``server-step``: the global model moves twice the clients' mean update.
 Measured on the default run (docs/simulation.md): the seen held-out loss fell 0.003-0.004 in 4
-runs at 1, 0.009 and 0.012 in 2 runs at 2, 0.007-0.015 in 3 runs at 3, and rose 0.45 at 8, where
-the noise it also scales takes over."""
+runs at 1, 0.005-0.012 in 3 runs at 2, 0.007-0.015 in 3 runs at 3, and rose 0.45 at 8, where the
+noise it also scales takes over."""
 
 
 @dataclass(frozen=True)
