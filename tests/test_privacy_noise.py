@@ -56,17 +56,36 @@ def test_the_release_is_the_ideal_gaussian_rounded_to_the_public_grid(dtype):
         assert int(indices[i]) == ideal_grid_index(float(x[i]), std, 0, i, count), i
 
 
+def test_the_keystream_read_in_chunks_from_any_offset_is_the_one_stream():
+    whole = np.frombuffer(noise._keystream(KEY, noise._draw_nonce(3), 8 * 5000), dtype=np.uint64) >> 11
+    for offset in (0, 8, 8 * 7, 8 * 8, 8 * 2501):  # within and across ChaCha20's 64-byte blocks
+        reader = noise._Keystream(KEY, noise._draw_nonce(3), offset)
+        words = np.concatenate([reader.uniforms(n) for n in (1, 100, 999)])
+        assert np.array_equal(words, whole[offset // 8 : offset // 8 + 1100]), offset
+
+
+def test_a_release_across_chunks_is_the_ideal_gaussian_at_every_chunk_edge():
+    std, count = 0.5, 4 * noise._CHUNK + 3  # odd: the last pair has no sine half
+    x = torch.randn(count, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = SecureGaussian(KEY).privatise(x, std)
+    pairs, chunk = (count + 1) // 2, noise._CHUNK
+    for i in (0, chunk - 1, chunk, 2 * chunk, pairs - 1, pairs, pairs + chunk - 1, pairs + chunk, count - 1):
+        assert round(float(out[i]) / grid_width(std)) == ideal_grid_index(float(x[i]), std, 0, i, count), i
+
+
 def test_values_near_a_rounding_boundary_are_refined_to_the_ideal_answer(monkeypatch):
     std, count = 1.0, 64
     grid = grid_width(std)
     x = torch.tensor([_boundary_x(i, count, std) for i in range(count)], dtype=torch.float64)
+    x[count - 1] = math.inf  # pair 31's other half: refined with it, and left as it is
     refined: list[int] = []
     real_refine = noise._refine
     monkeypatch.setattr(noise, "_refine", lambda *args: refined.append(args[2]) or real_refine(*args))
     out = SecureGaussian(KEY).privatise(x, std)
     assert len(set(refined)) == (count + 1) // 2  # float64 could not decide any pair: all refined
-    for i in range(count):
+    for i in range(count - 1):
         assert round(float(out[i]) / grid) == ideal_grid_index(float(x[i]), std, 0, i, count), i
+    assert math.isinf(float(out[count - 1]))
 
 
 def _boundary_x(i: int, count: int, std: float) -> float:

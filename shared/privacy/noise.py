@@ -53,6 +53,8 @@ _TRIG_SLACK = 2.0**-44
 rounding they move by less than 2^-48, and libm errs by an ulp more."""
 _EXACT_HALF = 2.0**50  # below it, adding 0.5 to a grid index in float64 is exact
 _CHUNK = 1 << 15  # Box-Muller pairs per vectorised block
+_BLOCK = 64  # ChaCha20's block, in bytes
+_ZEROS = memoryview(bytes(8 * _CHUNK))  # the plaintext whose encryption is the keystream
 _REFINE_BITS = 64  # keystream bits added to each uniform per refinement
 _MAX_REFINEMENTS = 64  # each one is needed with probability about 2^-50: never reached
 
@@ -73,28 +75,35 @@ class SecureGaussian:
             raise ConfigError(f"the noise standard deviation must be finite and > 0, got {std}")
         draw = self.draws
         self.draws += 1
-        values = x.detach().to(device="cpu", dtype=torch.float64).reshape(-1).numpy()
-        count = values.size
+        source = x.detach().reshape(-1).to("cpu")
+        count = source.numel()
         if count == 0:
             return x.detach().clone()
         pairs = (count + 1) // 2
         grid = grid_width(std)
-        words = np.frombuffer(_keystream(self._key, _draw_nonce(draw), 16 * pairs), dtype=np.uint64)
-        first = words[:pairs] >> np.uint64(64 - UNIFORM_BITS)  # U1's and U2's first 53 bits
-        second = words[pairs:] >> np.uint64(64 - UNIFORM_BITS)
-        points, unsure = np.empty(count), np.empty(count, dtype=bool)
+        out = torch.empty(count, dtype=x.dtype)
+        # Pair i's U1 is keystream word i, its U2 word pairs + i: two readers of the one stream.
+        streams = [_Keystream(self._key, _draw_nonce(draw), offset) for offset in (0, 8 * pairs)]
+        unsure: dict[int, tuple[int, int]] = {}
         for begin in range(0, pairs, _CHUNK):  # chunks that stay in cache
             end = min(begin + _CHUNK, pairs)
-            radius, rise, cos, sin = _box_muller_bounds(first[begin:end], second[begin:end])
-            for part, trig in ((slice(begin, end), cos), (slice(pairs + begin, min(pairs + end, count)), sin)):
-                size = part.stop - part.start
-                points[part], unsure[part] = _round(values[part], radius[:size], rise[:size], trig[:size], std, grid)
-        for pair in np.unique(np.flatnonzero(unsure) % pairs):
-            members = [int(pair)] + ([int(pair) + pairs] if pair + pairs < count else [])
-            resolved = _refine(self._key, draw, int(pair), int(first[pair]), int(second[pair]), values[members], std)
-            points[members] = resolved
-        out = torch.from_numpy(np.where(np.isfinite(values), points * grid, values))  # k * 2^e: exact
-        return out.to(device=x.device, dtype=x.dtype).view(x.shape)
+            first, second = (stream.uniforms(end - begin) for stream in streams)
+            radius, trig, reach = _box_muller_bounds(first, second, std, grid)
+            for offset, angle in ((begin, trig[0]), (pairs + begin, trig[1])):
+                size = min(end - begin, count - offset)  # the last sine half may be one short
+                values = source[offset : offset + size].to(torch.float64).numpy()
+                points, doubt = _round(values, radius[:size], angle[:size], reach[:size], std, grid)
+                out[offset : offset + size] = torch.from_numpy(points).mul_(grid)  # k * 2^e: exact
+                for i in np.flatnonzero(doubt).tolist():
+                    unsure[begin + i] = int(first[i]), int(second[i])
+        for pair, (u1, u2) in sorted(unsure.items()):
+            members = [pair] + ([pair + pairs] if pair + pairs < count else [])
+            values = source[members].to(torch.float64).numpy()
+            resolved = _refine(self._key, draw, pair, u1, u2, values, std)
+            for member, value, point in zip(members, values, resolved, strict=True):
+                if math.isfinite(value):  # a non-finite sum stays as it is: the optimizer skips that step
+                    out[member] = point * grid
+        return out.to(device=x.device).view(x.shape)
 
 
 def grid_width(std: float) -> float:
@@ -102,36 +111,42 @@ def grid_width(std: float) -> float:
     return 2.0 ** (math.floor(math.log2(std)) - GRID_BITS)
 
 
-def _box_muller_bounds(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, ...]:
+def _box_muller_bounds(first: np.ndarray, second: np.ndarray, std: float, grid: float) -> tuple[np.ndarray, ...]:
     """For real uniforms whose first 53 bits are ``first``/``second``: ``R = sqrt(-2 ln(1 - U1))``
-    at U1's lowest value, a bound on its rise over U1's interval, and ``cos``/``sin`` of the angle
-    ``2 pi U2`` (within :data:`_TRIG_SLACK`): ``Z = R * (cos, sin)``."""
+    at U1's lowest value, ``cos``/``sin`` of the angle ``2 pi U2`` (within :data:`_TRIG_SLACK`),
+    so ``Z = R * (cos, sin)``, and the pair's share of the error bound on ``(x + std Z) / grid``
+    in grid cells, whatever ``x`` (:func:`_round` adds ``x``'s)."""
     scale = 2.0**-UNIFORM_BITS
     u_low = first.astype(np.float64) * scale  # exact: integers below 2^53 times a power of two
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):
         radius = np.sqrt(-2.0 * np.log1p(-u_low))  # R grows with U1
         # R' = 1 / ((1 - U1) R) is largest at an end of U1's interval: bound R's rise over it.
         rise = scale / ((1.0 - u_low - scale) * radius)  # inf where U1 may reach 1 or R is 0: refined
-    angle = (2.0 * math.pi * scale) * (second.astype(np.float64) + 0.5)
-    return radius, rise, np.cos(angle), np.sin(angle)
+        # Z's distance from R * trig: the rise times |trig| <= 1, the angle's slack times R.
+        spread = rise * (1.0 + 2.0 * _TRIG_SLACK) + (radius + rise) * _TRIG_SLACK
+        reach = (std / grid) * (spread + MARGIN * (radius * (1.0 + _TRIG_SLACK) + spread + 1.0))
+    angle = torch.from_numpy(second.astype(np.float64)).add_(0.5).mul_(2.0 * math.pi * scale)
+    trig = torch.stack((torch.cos(angle), torch.sin(angle))).numpy()  # SLEEF: within an ulp, 3x numpy's speed
+    return radius, trig, reach
 
 
 def _round(
-    values: np.ndarray, radius: np.ndarray, rise: np.ndarray, trig: np.ndarray, std: float, grid: float
+    values: np.ndarray, radius: np.ndarray, trig: np.ndarray, reach: np.ndarray, std: float, grid: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Grid indices of ``x + std * Z``, and where float64 cannot be sure of them (to refine)."""
     with np.errstate(invalid="ignore", over="ignore"):
-        z = radius * trig
-        y = values + std * z
-        # Z's distance from radius * trig: the radius's rise times |trig|, the angle's slack times R.
-        spread = rise * (np.abs(trig) + _TRIG_SLACK) + (radius + rise) * _TRIG_SLACK
-        half = std * spread + MARGIN * (np.abs(values) + std * (np.abs(z) + spread + 1.0))
-        shifted = y / grid + 0.5  # exact division by a power of two
+        shifted = values + std * (radius * trig)
+        shifted *= 1.0 / grid  # exact: a power of two
+        shifted += 0.5
         points = np.floor(shifted)
         within = shifted - points  # where y lies between two rounding boundaries, in [0, 1): exact
-        reach = half / grid
+        margin = np.abs(values)
+        margin *= MARGIN / grid
+        margin += reach
         # Correctly rounded + and - are monotone: these comparisons hold for the exact values too.
-        sure = (within - reach > 0.0) & (within + reach < 1.0) & (np.abs(shifted) < _EXACT_HALF)
+        sure = within - margin > 0.0
+        sure &= within + margin < 1.0
+        sure &= np.abs(shifted) < _EXACT_HALF
     return points, ~sure & np.isfinite(values)  # a non-finite sum stays so: the optimizer skips that step
 
 
@@ -169,6 +184,25 @@ def _refine(key: bytes, draw: int, pair: int, first: int, second: int, values: n
 
 def _keystream(key: bytes, nonce: bytes, size: int) -> bytes:
     return Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor().update(bytes(size))
+
+
+class _Keystream:
+    """The ChaCha20 keystream of ``nonce`` from byte ``offset`` on, read as 53-bit uniforms into one
+    reused buffer: fresh pages for a whole draw's keystream cost more than the cipher itself."""
+
+    def __init__(self, key: bytes, nonce: bytes, offset: int) -> None:
+        block, skip = divmod(offset, _BLOCK)
+        counter = int.from_bytes(nonce[:4], "little") + block  # cryptography's nonce: counter first
+        start = counter.to_bytes(4, "little") + nonce[4:]
+        self._cipher = Cipher(algorithms.ChaCha20(key, start), mode=None).encryptor()
+        self._buffer = bytearray(8 * _CHUNK + _BLOCK)
+        self._cipher.update_into(_ZEROS[:skip], self._buffer)
+
+    def uniforms(self, count: int) -> np.ndarray:
+        """The next ``count`` keystream words' first 53 bits (``count`` at most :data:`_CHUNK`)."""
+        size = 8 * count
+        self._cipher.update_into(_ZEROS[:size], self._buffer)
+        return np.frombuffer(self._buffer, dtype=np.uint64, count=count) >> np.uint64(64 - UNIFORM_BITS)
 
 
 def _draw_nonce(draw: int) -> bytes:
