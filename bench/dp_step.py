@@ -15,8 +15,11 @@ in one physical batch:
 ``unpruned``  fedvox's samplers under Opacus's hooks (``DirectGradSampleModule``) and
               ``FedvoxDPOptimizer`` with an ordinary ``loss.backward()`` (isolates what the engine's
               hooks, book-keeping and pruned backward buy);
-``fedvox``    the engine as clients run it (``client.dp.engine``: lean per-layer hooks, book-keeping
-              clipping with per-layer ghost norms or explicit per-sample gradients, pruned backward);
+``fedvox``    the engine (``client.dp.engine``: lean per-layer hooks, book-keeping clipping with
+              per-layer ghost norms or explicit per-sample gradients, pruned backward), its noise
+              from torch's generator, as in seeded experiments and tests;
+``secure``    the step as clients run it: ``fedvox`` with the noise from the release's ChaCha20
+              stream, released on a grid (``shared.privacy.noise.SecureGaussian``);
 ``ghost``     Opacus 1.6 ghost clipping (s1 only, not run unless asked for): per-sample gradient
               *norms* from activations and output gradients without the per-sample gradients,
               then a second backward of the clipped loss (``GradSampleModuleFastGradientClipping``).
@@ -28,6 +31,7 @@ Variants are timed in turn, order rotated each repeat; ratios are of medians in 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import warnings
 from pathlib import Path
@@ -51,9 +55,10 @@ from fedvox.shared.cli import run_cli
 from fedvox.shared.models.factory import build_model
 from fedvox.shared.models.s1 import s1_loss
 from fedvox.shared.models.subsets import SubsetSpec
+from fedvox.shared.privacy.noise import SecureGaussian
 
 app = typer.Typer(add_completion=False)
-VARIANTS = ("plain", "opacus", "unpruned", "fedvox")
+VARIANTS = ("plain", "opacus", "unpruned", "fedvox", "secure")
 OPTIONAL_VARIANTS = ("ghost",)
 LEARNING_RATE = 1e-5  # small: the weights barely move over the repeats
 
@@ -89,7 +94,7 @@ def step_variant(name: str, task: Task, batch: int, physical: int, device: torch
     noise = torch.Generator(device).manual_seed(0)
     if name == "ghost":
         return ghost_step(task, optimizers, batch, physical, noise)
-    if name == "fedvox":
+    if name in ("fedvox", "secure"):
         privates = {
             part: make_private(
                 module,
@@ -103,6 +108,9 @@ def step_variant(name: str, task: Task, batch: int, physical: int, device: torch
         }
         wrapped = {part: p.module for part, p in privates.items()}
         dp_optimizers = [p.optimizer for p in privates.values()]
+        if name == "secure":  # one key per part, as the trainer derives them from a release's key
+            for part, p in privates.items():
+                p.optimizer.secure_noise = SecureGaussian(hashlib.sha256(f"bench/{part}".encode()).digest())
     else:
         wrapper, optimizer_class = {
             "opacus": (GradSampleModule, DPOptimizer),

@@ -50,7 +50,7 @@ def rows(report: dict[str, Any]) -> list[tuple[object, ...]]:
     out: list[tuple[object, ...]] = []
     for s in report["dp_step"]:
         timing = s["timing"]
-        for variant in ("plain", "opacus", "fedvox"):
+        for variant in ("plain", "opacus", "fedvox", "secure"):
             if f"{variant}_{timing}_median" in s:
                 out.append(
                     (

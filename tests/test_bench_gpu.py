@@ -27,7 +27,8 @@ def test_gpu_script_dry_run_on_cpu_writes_one_report(tmp_path: Path) -> None:
     settings = {(s["stage"], s["precision"]) for s in report["dp_step"]}
     assert settings == {("s1", "bf16"), ("s1", "fp32"), ("s2", "bf16")}
     for setting in report["dp_step"]:
-        assert setting["plain_ratio_to_plain"] == 1.0 and setting["fedvox_ratio_to_plain"] > 0
+        assert setting["plain_ratio_to_plain"] == 1.0
+        assert setting["fedvox_ratio_to_plain"] > 0 and setting["secure_ratio_to_plain"] > 0
     assert [row["device"] for row in report["profile_fit"]] == ["x86-avx2"]
     assert report["train"]["steps"] == 2 and report["train"]["wall_s"] >= 0
     assert "DP training run s1" in done.stdout

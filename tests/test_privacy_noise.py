@@ -59,7 +59,7 @@ def test_the_release_is_the_ideal_gaussian_rounded_to_the_public_grid(dtype):
 def test_the_keystream_read_in_chunks_from_any_offset_is_the_one_stream():
     whole = np.frombuffer(noise._keystream(KEY, noise._draw_nonce(3), 8 * 5000), dtype=np.uint64) >> 11
     for offset in (0, 8, 8 * 7, 8 * 8, 8 * 2501):  # within and across ChaCha20's 64-byte blocks
-        reader = noise._Keystream(KEY, noise._draw_nonce(3), offset)
+        reader = noise._Keystream(KEY, noise._draw_nonce(3), offset, 999)
         words = np.concatenate([reader.uniforms(n) for n in (1, 100, 999)])
         assert np.array_equal(words, whole[offset // 8 : offset // 8 + 1100]), offset
 

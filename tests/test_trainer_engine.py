@@ -11,6 +11,7 @@ from opacus.optimizers import DPOptimizer
 
 from fedvox.client.dp.engine import make_private, poisson_sample, run_logical_step
 from fedvox.client.dp.optimizer import FedvoxDPOptimizer, _flat_buckets
+from fedvox.shared.privacy.noise import SecureGaussian
 
 N, D_IN, D_OUT = 24, 6, 3
 
@@ -163,6 +164,29 @@ def test_empty_poisson_batch_still_releases_noise():
     assert outcome.batch_size == 0
     moved = [not torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters(), strict=True)]
     assert all(moved)
+    private.close()
+
+
+def test_secure_noise_privatises_all_clipped_sums_of_a_dtype_in_one_draw():
+    """Each parameter's update is its slice of one ``SecureGaussian`` release over the
+    concatenated sums (zeros here: an empty batch), divided by the expected batch size."""
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    private = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=1.5,
+        clip_norm=1.0,
+        expected_batch_size=4,
+        noise_generator=torch.Generator().manual_seed(0),
+    )
+    key = bytes(range(32))
+    private.optimizer.secure_noise = SecureGaussian(key)
+    run_logical_step(torch.empty(0, dtype=torch.long), 4, lambda i: {}, [private.optimizer])
+    sizes = [p.numel() for p in model.parameters()]
+    expected = SecureGaussian(key).privatise(torch.zeros(sum(sizes)), 1.5).split(sizes)
+    for p, old, noise in zip(model.parameters(), before, expected, strict=True):
+        assert torch.equal(p.detach(), old.add(noise.view_as(p) / 4, alpha=-0.1))
     private.close()
 
 

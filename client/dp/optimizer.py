@@ -182,12 +182,12 @@ class FedvoxDPOptimizer(DPOptimizer):
     def add_noise(self) -> None:
         """Gaussian noise of std ``noise_multiplier * max_grad_norm`` on every clipped sum.
 
-        From torch's generator the noise of all parameters of one dtype and device is one draw
-        into one flat buffer, and each ``p.grad`` a view of it: the same independent Gaussian
-        coordinates as Opacus's draw per tensor (in another order of the generator's stream),
-        without two small calls per tensor, which cost more than the draw itself on s2's 303
-        tensors; the clipped sums are added by one ``_foreach_add_``. The secure source
-        (deployment) privatises each tensor as before.
+        The noise of all parameters of one dtype and device is one draw into one flat buffer,
+        and each ``p.grad`` a view of it: the same independent Gaussian coordinates as Opacus's
+        draw per tensor (in another order of the stream), without the calls per tensor, which
+        cost more than the draw itself on s2's 303 tensors. From torch's generator the clipped
+        sums are added by one ``_foreach_add_``; the secure source (deployment) privatises their
+        concatenation in one call.
         """
         params = self.params
         if self.secure_mode:
@@ -197,12 +197,9 @@ class FedvoxDPOptimizer(DPOptimizer):
         std = self.noise_multiplier * self.max_grad_norm
         for p in params:
             _check_processed_flag(p.summed_grad)
-        if std == 0 or self.secure_noise is not None:
+        if std == 0:
             for p in params:
-                summed = p.summed_grad
-                p.grad = (
-                    summed.clone() if self.secure_noise is None else self.secure_noise.privatise(summed, std)
-                ).view_as(p)
+                p.grad = p.summed_grad.clone().view_as(p)
             self._update_buffers = [p.grad for p in params]
         else:
             groups: dict[tuple[torch.dtype, torch.device], list[Any]] = {}
@@ -210,11 +207,14 @@ class FedvoxDPOptimizer(DPOptimizer):
                 groups.setdefault((p.summed_grad.dtype, p.summed_grad.device), []).append(p)
             self._update_buffers = []
             for (dtype, device), members in groups.items():
-                flat = torch.empty(sum(p.numel() for p in members), dtype=dtype, device=device)
-                flat.normal_(0, std, generator=self.generator)
-                noises = flat.split([p.numel() for p in members])
-                grads = [noise.view_as(p) for p, noise in zip(members, noises, strict=True)]
-                torch._foreach_add_(grads, [p.summed_grad for p in members])
+                sizes = [p.numel() for p in members]
+                if self.secure_noise is None:
+                    flat = torch.empty(sum(sizes), dtype=dtype, device=device).normal_(0, std, generator=self.generator)
+                    grads = [noise.view_as(p) for p, noise in zip(members, flat.split(sizes), strict=True)]
+                    torch._foreach_add_(grads, [p.summed_grad for p in members])
+                else:
+                    flat = self.secure_noise.privatise(torch.cat([p.summed_grad.reshape(-1) for p in members]), std)
+                    grads = [noisy.view_as(p) for p, noisy in zip(members, flat.split(sizes), strict=True)]
                 for p, grad in zip(members, grads, strict=True):
                     p.grad = grad
                 self._update_buffers.append(flat)

@@ -83,7 +83,7 @@ class SecureGaussian:
         grid = grid_width(std)
         out = torch.empty(count, dtype=x.dtype)
         # Pair i's U1 is keystream word i, its U2 word pairs + i: two readers of the one stream.
-        streams = [_Keystream(self._key, _draw_nonce(draw), offset) for offset in (0, 8 * pairs)]
+        streams = [_Keystream(self._key, _draw_nonce(draw), offset, min(pairs, _CHUNK)) for offset in (0, 8 * pairs)]
         unsure: dict[int, tuple[int, int]] = {}
         for begin in range(0, pairs, _CHUNK):  # chunks that stay in cache
             end = min(begin + _CHUNK, pairs)
@@ -188,18 +188,19 @@ def _keystream(key: bytes, nonce: bytes, size: int) -> bytes:
 
 class _Keystream:
     """The ChaCha20 keystream of ``nonce`` from byte ``offset`` on, read as 53-bit uniforms into one
-    reused buffer: fresh pages for a whole draw's keystream cost more than the cipher itself."""
+    reused buffer of ``capacity`` words: fresh pages for a whole draw's keystream cost more than
+    the cipher itself."""
 
-    def __init__(self, key: bytes, nonce: bytes, offset: int) -> None:
+    def __init__(self, key: bytes, nonce: bytes, offset: int, capacity: int) -> None:
         block, skip = divmod(offset, _BLOCK)
         counter = int.from_bytes(nonce[:4], "little") + block  # cryptography's nonce: counter first
         start = counter.to_bytes(4, "little") + nonce[4:]
         self._cipher = Cipher(algorithms.ChaCha20(key, start), mode=None).encryptor()
-        self._buffer = bytearray(8 * _CHUNK + _BLOCK)
+        self._buffer = bytearray(8 * capacity + _BLOCK)
         self._cipher.update_into(_ZEROS[:skip], self._buffer)
 
     def uniforms(self, count: int) -> np.ndarray:
-        """The next ``count`` keystream words' first 53 bits (``count`` at most :data:`_CHUNK`)."""
+        """The next ``count`` keystream words' first 53 bits (``count`` at most the capacity)."""
         size = 8 * count
         self._cipher.update_into(_ZEROS[:size], self._buffer)
         return np.frombuffer(self._buffer, dtype=np.uint64, count=count) >> np.uint64(64 - UNIFORM_BITS)
