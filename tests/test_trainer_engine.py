@@ -63,6 +63,18 @@ def _train_one_step(
     return params, outcome, private.optimizer
 
 
+def _private_sgd(model: torch.nn.Module, noise_multiplier: float = 1.0):
+    """``model`` made private with SGD (lr 0.1), clip 1 and an expected batch of 4."""
+    return make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=noise_multiplier,
+        clip_norm=1.0,
+        expected_batch_size=4,
+        noise_generator=torch.Generator().manual_seed(0),
+    )
+
+
 def _close(a, b, rtol):
     return all(torch.allclose(p, q, rtol=rtol, atol=rtol) for p, q in zip(a, b, strict=True))
 
@@ -121,14 +133,7 @@ def test_nonfinite_samples_are_reported_in_stats():
     model = _model()
     x, y = _data()
     x[0] = float("inf")
-    private = make_private(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        noise_multiplier=1.0,
-        clip_norm=1.0,
-        expected_batch_size=4,
-        noise_generator=torch.Generator().manual_seed(0),
-    )
+    private = _private_sgd(model)
     idx = torch.arange(4)
 
     def accumulate(i):
@@ -152,14 +157,7 @@ def test_out_of_memory_retries_with_a_smaller_physical_batch():
 def test_empty_poisson_batch_still_releases_noise():
     model = _model()
     before = copy.deepcopy(model)
-    private = make_private(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        noise_multiplier=1.0,
-        clip_norm=1.0,
-        expected_batch_size=4,
-        noise_generator=torch.Generator().manual_seed(0),
-    )
+    private = _private_sgd(model)
     outcome = run_logical_step(torch.empty(0, dtype=torch.long), 4, lambda i: {}, [private.optimizer])
     assert outcome.batch_size == 0
     moved = [not torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters(), strict=True)]
@@ -172,14 +170,7 @@ def test_secure_noise_privatises_all_clipped_sums_of_a_dtype_in_one_draw():
     concatenated sums (zeros here: an empty batch), divided by the expected batch size."""
     model = _model()
     before = [p.detach().clone() for p in model.parameters()]
-    private = make_private(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        noise_multiplier=1.5,
-        clip_norm=1.0,
-        expected_batch_size=4,
-        noise_generator=torch.Generator().manual_seed(0),
-    )
+    private = _private_sgd(model, noise_multiplier=1.5)
     key = bytes(range(32))
     private.optimizer.secure_noise = SecureGaussian(key)
     run_logical_step(torch.empty(0, dtype=torch.long), 4, lambda i: {}, [private.optimizer])
