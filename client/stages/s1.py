@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fedvox.client.data.datasets import S1Dataset, S1Example, collate_s1
-from fedvox.client.dp.task import Examples, Task, autocast
+from fedvox.client.dp.task import Examples, Task, adamw, autocast
 from fedvox.client.profiles import ResourceProfile
 from fedvox.client.stages import ClientStage
 from fedvox.shared.models.batches import S1Batch
@@ -51,7 +51,7 @@ class S1Task(Task):
 
     def optimizer(self, name: str, module: nn.Module, learning_rate: float) -> torch.optim.Optimizer:
         params = [p for p in module.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=learning_rate, betas=S1_BETAS, weight_decay=0.01)
+        return adamw([{"params": params}], learning_rate, betas=S1_BETAS, weight_decay=0.01)
 
     def batch(self, indices: torch.Tensor) -> S1Batch:
         return collate_s1([self.dataset[int(i)] for i in indices]).to(self.device)

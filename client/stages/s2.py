@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fedvox.client.data.datasets import S2Dataset, S2Example, collate_s2
-from fedvox.client.dp.task import Examples, Task, autocast
+from fedvox.client.dp.task import Examples, Task, adamw, autocast
 from fedvox.client.profiles import ResourceProfile
 from fedvox.client.stages import ClientStage
 from fedvox.shared.models.batches import S2Batch
@@ -75,7 +75,7 @@ class S2Task(Task):
             groups = module.param_groups(learning_rate)
         else:
             groups = [{"params": [p for p in module.parameters() if p.requires_grad], "lr": learning_rate}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=S2_BETAS, eps=1e-9, weight_decay=0.01)
+        return adamw(groups, learning_rate, betas=S2_BETAS, eps=1e-9, weight_decay=0.01)
 
     def batch(
         self, dataset: Examples, indices: torch.Tensor, step_seed: int
