@@ -126,7 +126,9 @@ def _box_muller_bounds(first: np.ndarray, second: np.ndarray, std: float, grid: 
         spread = rise * (1.0 + 2.0 * _TRIG_SLACK) + (radius + rise) * _TRIG_SLACK
         reach = (std / grid) * (spread + MARGIN * (radius * (1.0 + _TRIG_SLACK) + spread + 1.0))
     angle = torch.from_numpy(second.astype(np.float64)).add_(0.5).mul_(2.0 * math.pi * scale)
-    trig = torch.stack((torch.cos(angle), torch.sin(angle))).numpy()  # SLEEF: within an ulp, 3x numpy's speed
+    trig = np.empty((2, angle.numel()))
+    torch.cos(angle, out=torch.from_numpy(trig[0]))  # SLEEF: within an ulp, 3x numpy's speed
+    torch.sin(angle, out=torch.from_numpy(trig[1]))
     return radius, trig, reach
 
 
