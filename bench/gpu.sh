@@ -7,8 +7,10 @@
 #
 # Figure 1, DP step / non-private step: s1 v2 (batch 16, 100 phonemes + 250 tokens) in bf16 and
 # fp32, s2 v2 (batch 8, its 20480-sample training slices) in bf16, every engine variant of
-# bench.dp_step, interleaved. Figure 2, memory: the GPU profiles' DP steps in processes capped to
-# 6, 8, 12 and 24 GB (rtx2060, rtx3070, rtx3060, rtx4090; bench.profile_fit). A short DP training
+# bench.dp_step, interleaved, and the secure noise alone on the device at s1 v2's LoRA and full
+# sizes, checked to release exactly what the CPU does (bench.secure_noise). Figure 2, memory: the
+# GPU profiles' DP steps in processes capped to 6, 8, 12 and 24 GB (rtx2060, rtx3070, rtx3060,
+# rtx4090; bench.profile_fit). A short DP training
 # run: fedvox-client train on pseudo-speech speakers, with the profile the probe picks (bf16 on a
 # bf16 GPU). Then bench.gpu_report gathers everything into gpu.json and prints the table.
 #
@@ -44,11 +46,13 @@ if [ "$quick" = 1 ]; then
   s2=(--config tiny --batch 2 --tokens 40 --repeats 1)
   fit=(--device x86-avx2 --config tiny --steps 1)
   speakers=(--n 1 --utterances 6 --heldout-utterances 1 --unseen-speakers 0) steps=2
+  noise=(--params 1000 70000 --repeats 1)
 else
   s1=(--config v2 --batch 16 --phonemes 100 --tokens 250 --repeats 20)
   s2=(--config v2 --batch 8 --tokens 150 --repeats 10)
   fit=(--device rtx2060 --device rtx3070 --device rtx3060 --device rtx4090 --config v2 --subset full)
   speakers=(--n 1 --utterances 40 --heldout-utterances 2 --unseen-speakers 0) steps=30
+  noise=(--params 1769472 77606402 --repeats 5)  # s1 v2's LoRA subset and full model
 fi
 
 for precision in bf16 fp32; do
@@ -58,6 +62,8 @@ for precision in bf16 fp32; do
 done
 log "figure 1: s2 DP step, bf16"
 "$PYTHON" -m bench.dp_step --stage s2 --device "$device" --precision bf16 "${s2[@]}" --out "$out/dp_step-s2-bf16.json"
+log "figure 1: secure noise on the device, checked against the CPU's"
+"$PYTHON" -m bench.secure_noise --device "$device" "${noise[@]}" --out "$out/secure_noise.json"
 log "figure 2: memory per GPU profile"
 "$PYTHON" -m bench.profile_fit --stage s1 "${fit[@]}" --out "$out/profile_fit-s1.json"
 

@@ -30,6 +30,7 @@ def gather(folder: Path) -> dict[str, Any]:
     steps = [json.loads(p.read_text()) for p in sorted(folder.glob("dp_step-*.json"))]
     fits = [json.loads(p.read_text()) for p in sorted(folder.glob("profile_fit-*.json"))]
     train = folder / "train.json"
+    noise = folder / "secure_noise.json"
     if not steps:
         raise SystemExit(f"no dp_step-*.json in {folder}: run bench/gpu.sh first")
     return {
@@ -41,6 +42,7 @@ def gather(folder: Path) -> dict[str, Any]:
             for s in steps
         ],
         "profile_fit": [row for f in fits for row in f["rows"]],
+        "secure_noise": json.loads(noise.read_text()) if noise.is_file() else None,
         "train": json.loads(train.read_text()) if train.is_file() else None,
     }
 
@@ -69,6 +71,11 @@ def rows(report: dict[str, Any]) -> list[tuple[object, ...]]:
                 r["peak_over_allowance"],
             )
         )
+    if noise := report["secure_noise"]:
+        for r in noise["results"]:
+            same = "same as the CPU's" if r["same_as_cpu"] else "DIFFERS from the CPU's"
+            seconds = r["chacha20"][noise["timing"]]
+            out.append((f"secure noise, {r['params']:,} values", same, f"{seconds * 1e3:.1f} ms", ""))
     if train := report["train"]:
         out.append(("DP training run s1", f"{train['steps']} steps", f"{train['wall_s']} s", ""))
     return out

@@ -2,9 +2,11 @@
 rounded to a grid exactly as ideal noise would give it) against torch's generator plus an addition.
 
 Every DP step adds one Gaussian value to each trainable parameter's clipped sum. Timed per call
-on ``--params`` values (interleaved, CPU time on a CPU), with the trainable-subset sizes of the
-s1 LoRA configs as defaults, and the share of a DP step it adds is ``docs/performance.md``'s
-figure 1 divided by these. Run: ``python -m bench.secure_noise``.
+on ``--params`` values (interleaved, CPU time on a CPU, wall time on CUDA), with the
+trainable-subset sizes of the s1 LoRA configs as defaults; ``bench.dp_step``'s ``secure``
+variant times it inside a step. On an accelerator the arithmetic runs on the device, and each
+size's release is also checked to be identical to the CPU's (the same ideal grid points).
+Run: ``python -m bench.secure_noise`` (``--device cuda`` in ``bench/gpu.sh``).
 """
 
 from __future__ import annotations
@@ -45,10 +47,14 @@ def main(argv: list[str] | None = None) -> None:
             device,
         )
         torch_s, secure_s = timed["torch"][key], timed["chacha20"][key]
-        results.append({"params": count, "torch": timed["torch"], "chacha20": timed["chacha20"]})
-        rows.append((f"{count:,}", f"{torch_s * 1e3:.1f}", f"{secure_s * 1e3:.1f}", f"{secure_s / torch_s:.1f}x"))
+        release = SecureGaussian(bytes(32)).privatise(summed, 1.0).cpu()
+        identical = torch.equal(release, SecureGaussian(bytes(32)).privatise(summed.cpu(), 1.0))
+        results.append({"params": count, **timed, "same_as_cpu": identical})
+        rows.append(
+            (f"{count:,}", f"{torch_s * 1e3:.1f}", f"{secure_s * 1e3:.1f}", f"{secure_s / torch_s:.1f}x", identical)
+        )
     path = write_json({"host": host(device), "timing": key, "results": results}, args.out, "secure_noise")
-    print(table(("values per call", f"torch ms ({key})", "privatise ms", "ratio"), rows))
+    print(table(("values per call", f"torch ms ({key})", "privatise ms", "ratio", "same as the CPU's"), rows))
     print(f"written to {path}")
 
 

@@ -30,5 +30,7 @@ def test_gpu_script_dry_run_on_cpu_writes_one_report(tmp_path: Path) -> None:
         assert setting["plain_ratio_to_plain"] == 1.0
         assert setting["fedvox_ratio_to_plain"] > 0 and setting["secure_ratio_to_plain"] > 0
     assert [row["device"] for row in report["profile_fit"]] == ["x86-avx2"]
+    assert [r["params"] for r in report["secure_noise"]["results"]] == [1000, 70000]
+    assert all(r["same_as_cpu"] for r in report["secure_noise"]["results"])
     assert report["train"]["steps"] == 2 and report["train"]["wall_s"] >= 0
     assert "DP training run s1" in done.stdout

@@ -17,6 +17,15 @@ from fedvox.shared.privacy.noise import UNIFORM_BITS, SecureGaussian, grid_width
 KEY = bytes(range(32))
 
 
+@pytest.fixture(params=["numpy", "torch"])
+def arithmetic(request, monkeypatch):
+    """Each release test runs both ways: numpy (the CPU) and torch (an accelerator; here on the CPU)."""
+    if request.param == "torch":
+        monkeypatch.setattr(noise, "_NUMPY_DEVICES", frozenset())
+        monkeypatch.setattr(noise, "_DEVICE_CHUNK", noise._CHUNK)  # the chunk edges tested below
+    return request.param
+
+
 def ideal_grid_index(x: float, std: float, draw: int, index: int, count: int) -> int:
     """``round((x + std * Z) / g)`` for the real Box-Muller deviate of the keystream's uniforms,
     with 53 + 4 * 64 of their bits at 400-bit precision (a tie at that depth has probability 2^-300)."""
@@ -44,7 +53,7 @@ def test_consecutive_draws_share_no_keystream():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_release_is_the_ideal_gaussian_rounded_to_the_public_grid(dtype):
+def test_the_release_is_the_ideal_gaussian_rounded_to_the_public_grid(dtype, arithmetic):
     std, count = 0.75, 301
     x = (torch.randn(count, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
     out = SecureGaussian(KEY).privatise(x, std)
@@ -62,9 +71,12 @@ def test_the_keystream_read_in_chunks_from_any_offset_is_the_one_stream():
         reader = noise._Keystream(KEY, noise._draw_nonce(3), offset, 999)
         words = np.concatenate([reader.uniforms(n) for n in (1, 100, 999)])
         assert np.array_equal(words, whole[offset // 8 : offset // 8 + 1100]), offset
+    many = 2 * noise._CHUNK + 5  # more than one read of the plaintext's zeros
+    long = np.frombuffer(noise._keystream(KEY, noise._draw_nonce(4), 8 * many), dtype=np.uint64) >> 11
+    assert np.array_equal(noise._Keystream(KEY, noise._draw_nonce(4), 0, many).uniforms(many), long)
 
 
-def test_a_release_across_chunks_is_the_ideal_gaussian_at_every_chunk_edge():
+def test_a_release_across_chunks_is_the_ideal_gaussian_at_every_chunk_edge(arithmetic):
     std, count = 0.5, 4 * noise._CHUNK + 3  # odd: the last pair has no sine half
     x = torch.randn(count, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     out = SecureGaussian(KEY).privatise(x, std)
@@ -73,7 +85,7 @@ def test_a_release_across_chunks_is_the_ideal_gaussian_at_every_chunk_edge():
         assert round(float(out[i]) / grid_width(std)) == ideal_grid_index(float(x[i]), std, 0, i, count), i
 
 
-def test_values_near_a_rounding_boundary_are_refined_to_the_ideal_answer(monkeypatch):
+def test_values_near_a_rounding_boundary_are_refined_to_the_ideal_answer(monkeypatch, arithmetic):
     std, count = 1.0, 64
     grid = grid_width(std)
     x = torch.tensor([_boundary_x(i, count, std) for i in range(count)], dtype=torch.float64)
@@ -104,7 +116,7 @@ def _boundary_x(i: int, count: int, std: float) -> float:
         return float(mpmath.mpf(7.5) * grid_width(std) - z)  # the boundary between cells 7 and 8
 
 
-def test_non_finite_sums_stay_non_finite_and_the_std_must_be_positive():
+def test_non_finite_sums_stay_non_finite_and_the_std_must_be_positive(arithmetic):
     out = SecureGaussian(KEY).privatise(torch.tensor([1.0, math.inf, math.nan]), 1.0)
     assert math.isfinite(float(out[0])) and math.isinf(float(out[1])) and math.isnan(float(out[2]))
     with pytest.raises(Exception, match="standard deviation"):

@@ -26,12 +26,17 @@ so every output is a grid point whatever ``x``, exact in float64 and in float32 
 ``2^(24 - GRID_BITS) * std``. What is not covered (docs/privacy.md, "Floating point"): the
 sensitivity of ``x`` itself (the float32 clipped sum), and the time the computation takes.
 
-Cost: ``bench/secure_noise.py``.
+Where it runs: the keystream is made on the CPU; the float64 arithmetic runs in numpy for a
+tensor on the CPU and in torch on the tensor's own device otherwise (CUDA's float64 ``log1p``,
+``sqrt``, ``sin`` and ``cos`` err by at most 2 ulps, within :data:`MARGIN`), so an accelerator's
+sums never make a round trip through the host. Both give the same grid points (tested on the
+CPU; ``bench/gpu.sh`` checks a GPU's against the CPU's). Cost: ``bench/secure_noise.py``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import mpmath
 import numpy as np
@@ -52,8 +57,13 @@ _TRIG_SLACK = 2.0**-44
 """cos and sin are 1-Lipschitz: over U2's interval (width 2 pi 2^-53) and the computed angle's
 rounding they move by less than 2^-48, and libm errs by an ulp more."""
 _EXACT_HALF = 2.0**50  # below it, adding 0.5 to a grid index in float64 is exact
-_CHUNK = 1 << 15  # Box-Muller pairs per vectorised block
+_CHUNK = 1 << 15  # Box-Muller pairs per vectorised block on the CPU: they stay in cache
+_DEVICE_CHUNK = 1 << 20  # on an accelerator: about 100 MB of float64 temporaries at a time
+_NUMPY_DEVICES = frozenset({"cpu"})
+"""Where the arithmetic runs in numpy (faster there than torch); elsewhere in torch, on the
+tensor's own device, with only the keystream made on the CPU."""
 _BLOCK = 64  # ChaCha20's block, in bytes
+Array = Any  # a numpy array (on the CPU) or a torch tensor (on an accelerator)
 _ZEROS = memoryview(bytes(8 * _CHUNK))  # the plaintext whose encryption is the keystream
 _REFINE_BITS = 64  # keystream bits added to each uniform per refinement
 _MAX_REFINEMENTS = 64  # each one is needed with probability about 2^-50: never reached
@@ -75,35 +85,42 @@ class SecureGaussian:
             raise ConfigError(f"the noise standard deviation must be finite and > 0, got {std}")
         draw = self.draws
         self.draws += 1
-        source = x.detach().reshape(-1).to("cpu")
+        source = x.detach().reshape(-1)
         count = source.numel()
         if count == 0:
             return x.detach().clone()
+        host = source.device.type in _NUMPY_DEVICES
+        chunk = _CHUNK if host else _DEVICE_CHUNK
         pairs = (count + 1) // 2
         grid = grid_width(std)
-        out = torch.empty(count, dtype=x.dtype)
+        out = torch.empty(count, dtype=x.dtype, device=source.device)
         # Pair i's U1 is keystream word i, its U2 word pairs + i: two readers of the one stream.
-        streams = [_Keystream(self._key, _draw_nonce(draw), offset, min(pairs, _CHUNK)) for offset in (0, 8 * pairs)]
+        streams = [_Keystream(self._key, _draw_nonce(draw), offset, min(pairs, chunk)) for offset in (0, 8 * pairs)]
         unsure: dict[int, tuple[int, int]] = {}
-        for begin in range(0, pairs, _CHUNK):  # chunks that stay in cache
-            end = min(begin + _CHUNK, pairs)
+        for begin in range(0, pairs, chunk):
+            end = min(begin + chunk, pairs)
             first, second = (stream.uniforms(end - begin) for stream in streams)
-            radius, trig, reach = _box_muller_bounds(first, second, std, grid)
+            u1s, u2s = (
+                words.astype(np.float64) if host else _to_device(words, source.device) for words in (first, second)
+            )
+            radius, trig, reach = _box_muller_bounds(u1s, u2s, std, grid)
             for offset, angle in ((begin, trig[0]), (pairs + begin, trig[1])):
                 size = min(end - begin, count - offset)  # the last sine half may be one short
-                values = source[offset : offset + size].to(torch.float64).numpy()
-                points, doubt = _round(values, radius[:size], angle[:size], reach[:size], std, grid)
-                out[offset : offset + size] = torch.from_numpy(points).mul_(grid)  # k * 2^e: exact
-                for i in np.flatnonzero(doubt).tolist():
+                values = source[offset : offset + size].to(torch.float64)
+                points, doubt = _round(
+                    values.numpy() if host else values, radius[:size], angle[:size], reach[:size], std, grid
+                )
+                out[offset : offset + size] = (torch.from_numpy(points) if host else points).mul_(grid)  # k * 2^e
+                for i in (np.flatnonzero(doubt) if host else torch.nonzero(doubt).flatten()).tolist():
                     unsure[begin + i] = int(first[i]), int(second[i])
         for pair, (u1, u2) in sorted(unsure.items()):
             members = [pair] + ([pair + pairs] if pair + pairs < count else [])
-            values = source[members].to(torch.float64).numpy()
-            resolved = _refine(self._key, draw, pair, u1, u2, values, std)
-            for member, value, point in zip(members, values, resolved, strict=True):
+            sums = source[members].to(device="cpu", dtype=torch.float64).numpy()
+            resolved = _refine(self._key, draw, pair, u1, u2, sums, std)
+            for member, value, point in zip(members, sums, resolved, strict=True):
                 if math.isfinite(value):  # a non-finite sum stays as it is: the optimizer skips that step
                     out[member] = point * grid
-        return out.to(device=x.device).view(x.shape)
+        return out.view(x.shape)
 
 
 def grid_width(std: float) -> float:
@@ -111,45 +128,61 @@ def grid_width(std: float) -> float:
     return 2.0 ** (math.floor(math.log2(std)) - GRID_BITS)
 
 
-def _box_muller_bounds(first: np.ndarray, second: np.ndarray, std: float, grid: float) -> tuple[np.ndarray, ...]:
-    """For real uniforms whose first 53 bits are ``first``/``second``: ``R = sqrt(-2 ln(1 - U1))``
-    at U1's lowest value, ``cos``/``sin`` of the angle ``2 pi U2`` (within :data:`_TRIG_SLACK`),
-    so ``Z = R * (cos, sin)``, and the pair's share of the error bound on ``(x + std Z) / grid``
-    in grid cells, whatever ``x`` (:func:`_round` adds ``x``'s)."""
+def _box_muller_bounds(first: Array, second: Array, std: float, grid: float) -> tuple[Array, Array, Array]:
+    """For real uniforms whose first 53 bits are ``first``/``second`` (as float64, overwritten:
+    numpy arrays on the CPU, tensors on an accelerator): ``R = sqrt(-2 ln(1 - U1))`` at U1's lowest value,
+    ``cos``/``sin`` of the angle ``2 pi U2`` (within :data:`_TRIG_SLACK`), so ``Z = R * (cos,
+    sin)``, and the pair's share of the error bound on ``(x + std Z) / grid`` in grid cells,
+    whatever ``x`` (:func:`_round` adds ``x``'s)."""
+    xp = _namespace(first)
     scale = 2.0**-UNIFORM_BITS
-    u_low = first.astype(np.float64) * scale  # exact: integers below 2^53 times a power of two
+    u_low = first
+    u_low *= scale  # exact: integers below 2^53 times a power of two
     with np.errstate(divide="ignore", invalid="ignore"):
-        radius = np.sqrt(-2.0 * np.log1p(-u_low))  # R grows with U1
+        radius = xp.sqrt(-2.0 * xp.log1p(-u_low))  # R grows with U1
         # R' = 1 / ((1 - U1) R) is largest at an end of U1's interval: bound R's rise over it.
         rise = scale / ((1.0 - u_low - scale) * radius)  # inf where U1 may reach 1 or R is 0: refined
         # Z's distance from R * trig: the rise times |trig| <= 1, the angle's slack times R.
         spread = rise * (1.0 + 2.0 * _TRIG_SLACK) + (radius + rise) * _TRIG_SLACK
         reach = (std / grid) * (spread + MARGIN * (radius * (1.0 + _TRIG_SLACK) + spread + 1.0))
-    angle = torch.from_numpy(second.astype(np.float64)).add_(0.5).mul_(2.0 * math.pi * scale)
-    trig = np.empty((2, angle.numel()))
-    torch.cos(angle, out=torch.from_numpy(trig[0]))  # SLEEF: within an ulp, 3x numpy's speed
-    torch.sin(angle, out=torch.from_numpy(trig[1]))
+    angle = second
+    angle += 0.5
+    angle *= 2.0 * math.pi * scale
+    if xp is torch:
+        return radius, torch.stack((torch.cos(angle), torch.sin(angle))), reach
+    trig = np.empty((2, angle.size))  # torch's SLEEF kernels: within an ulp, 3x numpy's speed
+    torch.cos(torch.from_numpy(angle), out=torch.from_numpy(trig[0]))
+    torch.sin(torch.from_numpy(angle), out=torch.from_numpy(trig[1]))
     return radius, trig, reach
 
 
-def _round(
-    values: np.ndarray, radius: np.ndarray, trig: np.ndarray, reach: np.ndarray, std: float, grid: float
-) -> tuple[np.ndarray, np.ndarray]:
+def _round(values: Array, radius: Array, trig: Array, reach: Array, std: float, grid: float) -> tuple[Array, Array]:
     """Grid indices of ``x + std * Z``, and where float64 cannot be sure of them (to refine)."""
+    xp = _namespace(values)
     with np.errstate(invalid="ignore", over="ignore"):
         shifted = values + std * (radius * trig)
         shifted *= 1.0 / grid  # exact: a power of two
         shifted += 0.5
-        points = np.floor(shifted)
+        points = xp.floor(shifted)
         within = shifted - points  # where y lies between two rounding boundaries, in [0, 1): exact
-        margin = np.abs(values)
+        margin = xp.abs(values)
         margin *= MARGIN / grid
         margin += reach
         # Correctly rounded + and - are monotone: these comparisons hold for the exact values too.
         sure = within - margin > 0.0
         sure &= within + margin < 1.0
-        sure &= np.abs(shifted) < _EXACT_HALF
-    return points, ~sure & np.isfinite(values)  # a non-finite sum stays so: the optimizer skips that step
+        sure &= xp.abs(shifted) < _EXACT_HALF
+    return points, ~sure & xp.isfinite(values)  # a non-finite sum stays so: the optimizer skips that step
+
+
+def _namespace(array: Array) -> Any:
+    """numpy for numpy arrays, torch for tensors: the functions used here are named alike in both."""
+    return np if isinstance(array, np.ndarray) else torch
+
+
+def _to_device(words: np.ndarray, device: torch.device) -> torch.Tensor:
+    """53-bit integers as float64 on ``device`` (exact: below 2^53)."""
+    return torch.from_numpy(words.view(np.int64)).to(device).double()
 
 
 def _refine(key: bytes, draw: int, pair: int, first: int, second: int, values: np.ndarray, std: float) -> list[float]:
@@ -198,13 +231,15 @@ class _Keystream:
         counter = int.from_bytes(nonce[:4], "little") + block  # cryptography's nonce: counter first
         start = counter.to_bytes(4, "little") + nonce[4:]
         self._cipher = Cipher(algorithms.ChaCha20(key, start), mode=None).encryptor()
-        self._buffer = bytearray(8 * capacity + _BLOCK)
+        self._buffer = bytearray(8 * capacity)
         self._cipher.update_into(_ZEROS[:skip], self._buffer)
 
     def uniforms(self, count: int) -> np.ndarray:
         """The next ``count`` keystream words' first 53 bits (``count`` at most the capacity)."""
-        size = 8 * count
-        self._cipher.update_into(_ZEROS[:size], self._buffer)
+        view = memoryview(self._buffer)
+        for start in range(0, 8 * count, len(_ZEROS)):
+            size = min(len(_ZEROS), 8 * count - start)
+            self._cipher.update_into(_ZEROS[:size], view[start : start + size])
         return np.frombuffer(self._buffer, dtype=np.uint64, count=count) >> np.uint64(64 - UNIFORM_BITS)
 
 
