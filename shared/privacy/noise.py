@@ -46,6 +46,8 @@ from mpmath import iv
 
 from fedvox.shared.errors import ConfigError, PrivacyError
 
+Array = Any
+"""A numpy array (the arithmetic on the CPU) or a torch tensor (on an accelerator)."""
 KEY_BYTES = 32
 GRID_BITS = 16
 """The output grid is ``2^(floor(log2 std) - GRID_BITS)``: finer than any training can notice."""
@@ -63,7 +65,6 @@ _NUMPY_DEVICES = frozenset({"cpu"})
 """Where the arithmetic runs in numpy (faster there than torch); elsewhere in torch, on the
 tensor's own device, with only the keystream made on the CPU."""
 _BLOCK = 64  # ChaCha20's block, in bytes
-Array = Any  # a numpy array (on the CPU) or a torch tensor (on an accelerator)
 _ZEROS = memoryview(bytes(8 * _CHUNK))  # the plaintext whose encryption is the keystream
 _REFINE_BITS = 64  # keystream bits added to each uniform per refinement
 _MAX_REFINEMENTS = 64  # each one is needed with probability about 2^-50: never reached
@@ -130,10 +131,10 @@ def grid_width(std: float) -> float:
 
 def _box_muller_bounds(first: Array, second: Array, std: float, grid: float) -> tuple[Array, Array, Array]:
     """For real uniforms whose first 53 bits are ``first``/``second`` (as float64, overwritten:
-    numpy arrays on the CPU, tensors on an accelerator): ``R = sqrt(-2 ln(1 - U1))`` at U1's lowest value,
-    ``cos``/``sin`` of the angle ``2 pi U2`` (within :data:`_TRIG_SLACK`), so ``Z = R * (cos,
-    sin)``, and the pair's share of the error bound on ``(x + std Z) / grid`` in grid cells,
-    whatever ``x`` (:func:`_round` adds ``x``'s)."""
+    numpy arrays on the CPU, tensors on an accelerator): ``R = sqrt(-2 ln(1 - U1))`` at U1's
+    lowest value, ``cos``/``sin`` of the angle ``2 pi U2`` (within :data:`_TRIG_SLACK`), so
+    ``Z = R * (cos, sin)``, and the pair's share of the error bound on ``(x + std Z) / grid`` in
+    grid cells, whatever ``x`` (:func:`_round` adds ``x``'s)."""
     xp = _namespace(first)
     scale = 2.0**-UNIFORM_BITS
     u_low = first
